@@ -1,0 +1,268 @@
+//! Names and configurations of every JetStream resource CIM creates: streams, consumers, KV and
+//! object buckets, chosen per tier (replicas 1 on a leaf, 3 on the cluster).
+
+use std::{fmt, str::FromStr, time::Duration};
+
+use async_nats::jetstream::{
+    object_store,
+    stream::{self, DiscardPolicy, RetentionPolicy, StorageType},
+};
+
+use crate::{
+    ContractError,
+    subject::{self, Component},
+    token::validate_name,
+};
+
+/// Where a service runs; decides replication.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Tier {
+    /// One host: nats-server with JetStream and all services. Streams have one replica.
+    #[default]
+    Leaf,
+    /// The 3-node cluster: streams have three replicas (R3).
+    Cluster,
+}
+
+impl Tier {
+    pub const fn replicas(self) -> usize {
+        match self {
+            Tier::Leaf => 1,
+            Tier::Cluster => 3,
+        }
+    }
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Tier::Leaf => "leaf",
+            Tier::Cluster => "cluster",
+        }
+    }
+}
+
+impl fmt::Display for Tier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Tier {
+    type Err = ContractError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "leaf" => Ok(Tier::Leaf),
+            "cluster" => Ok(Tier::Cluster),
+            other => Err(ContractError::UnknownTier(other.to_string())),
+        }
+    }
+}
+
+/// Window in which a repeated `Nats-Msg-Id` is dropped as a duplicate: long enough for a
+/// client to retry through a reconnect.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// What a stream is for; decides its retention.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamRole {
+    /// The component's history: kept forever, immutable (no delete, no purge).
+    Events,
+    /// Messages that could not be processed, with their reason; kept forever, deletable by an
+    /// operator once handled.
+    DeadLetters,
+}
+
+/// A stream a component owns.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StreamSpec {
+    pub component: Component,
+    pub role: StreamRole,
+    pub name: String,
+    pub subjects: Vec<String>,
+    pub description: String,
+}
+
+impl StreamSpec {
+    /// The JetStream configuration for this stream on `tier`.
+    pub fn config(&self, tier: Tier) -> stream::Config {
+        let (deny_delete, deny_purge) = match self.role {
+            StreamRole::Events => (true, true),
+            StreamRole::DeadLetters => (false, false),
+        };
+        stream::Config {
+            name: self.name.clone(),
+            description: Some(self.description.clone()),
+            subjects: self.subjects.clone(),
+            retention: RetentionPolicy::Limits,
+            // Nothing is dropped by limits: history only leaves JetStream through the storage
+            // manager once it is archived and verified.
+            max_age: Duration::ZERO,
+            max_messages: -1,
+            max_bytes: -1,
+            discard: DiscardPolicy::New,
+            storage: StorageType::File,
+            num_replicas: tier.replicas(),
+            duplicate_window: DUPLICATE_WINDOW,
+            allow_direct: true,
+            deny_delete,
+            deny_purge,
+            ..Default::default()
+        }
+    }
+}
+
+/// An object store bucket a component owns.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ObjectBucketSpec {
+    pub component: Component,
+    pub bucket: String,
+    pub description: String,
+}
+
+impl ObjectBucketSpec {
+    pub fn config(&self, tier: Tier) -> object_store::Config {
+        object_store::Config {
+            bucket: self.bucket.clone(),
+            description: Some(self.description.clone()),
+            storage: StorageType::File,
+            num_replicas: tier.replicas(),
+            ..Default::default()
+        }
+    }
+
+    /// The stream JetStream keeps the bucket in.
+    pub fn stream_name(&self) -> String {
+        format!("OBJ_{}", self.bucket)
+    }
+}
+
+/// `CIM_<COMPONENT>_EVENTS`.
+pub fn events_stream(component: Component) -> StreamSpec {
+    StreamSpec {
+        component,
+        role: StreamRole::Events,
+        name: format!("CIM_{}_EVENTS", component.upper()),
+        subjects: vec![subject::events_of(component)],
+        description: format!("every event of {component}, in order; the source of truth"),
+    }
+}
+
+/// `CIM_<COMPONENT>_DLQ`.
+pub fn dead_letter_stream(component: Component) -> StreamSpec {
+    StreamSpec {
+        component,
+        role: StreamRole::DeadLetters,
+        name: format!("CIM_{}_DLQ", component.upper()),
+        subjects: vec![subject::dead_letters_of(component)],
+        description: format!("messages {component} could not process, with the reason"),
+    }
+}
+
+/// All streams a component owns and provisions.
+pub fn streams(component: Component) -> Vec<StreamSpec> {
+    vec![events_stream(component), dead_letter_stream(component)]
+}
+
+/// All object buckets a component owns and provisions.
+pub fn object_buckets(component: Component) -> Vec<ObjectBucketSpec> {
+    match component {
+        Component::InformationUnit => vec![ObjectBucketSpec {
+            component,
+            bucket: "cim_iu_content".to_string(),
+            description: "unit content, keyed by CID".to_string(),
+        }],
+        Component::PluginHost => vec![ObjectBucketSpec {
+            component,
+            bucket: "cim_plugin_artifacts".to_string(),
+            description: "plugin modules, keyed by name@version, with digest".to_string(),
+        }],
+        _ => Vec::new(),
+    }
+}
+
+/// Durable consumer name `<component>-<purpose>`, shared by all instances of a service.
+pub fn consumer(component: Component, purpose: &str) -> Result<String, ContractError> {
+    let name = format!("{}-{purpose}", component.token());
+    validate_name("consumer", &name)?;
+    Ok(name)
+}
+
+/// KV bucket name `cim_<component>_<purpose>`.
+pub fn kv_bucket(component: Component, purpose: &str) -> Result<String, ContractError> {
+    let name = format!("cim_{}_{purpose}", component.token());
+    validate_name("kv bucket", &name)?;
+    Ok(name)
+}
+
+/// Queue group of a component's request/reply endpoints: every instance joins it.
+pub fn queue_group(component: Component) -> String {
+    format!("cim-{}", component.token())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replicas_follow_the_tier() {
+        let spec = events_stream(Component::InformationUnit);
+        assert_eq!(spec.config(Tier::Leaf).num_replicas, 1);
+        assert_eq!(spec.config(Tier::Cluster).num_replicas, 3);
+        for b in object_buckets(Component::InformationUnit) {
+            assert_eq!(b.config(Tier::Leaf).num_replicas, 1);
+            assert_eq!(b.config(Tier::Cluster).num_replicas, 3);
+        }
+        assert_eq!("cluster".parse::<Tier>().unwrap(), Tier::Cluster);
+        assert!("edge".parse::<Tier>().is_err());
+    }
+
+    #[test]
+    fn event_streams_keep_everything_and_are_immutable() {
+        let c = events_stream(Component::Registry).config(Tier::Leaf);
+        assert_eq!(c.name, "CIM_REGISTRY_EVENTS");
+        assert_eq!(c.subjects, vec!["cim.evt.registry.>".to_string()]);
+        assert_eq!(c.retention, RetentionPolicy::Limits);
+        assert_eq!(c.max_age, Duration::ZERO);
+        assert_eq!((c.max_messages, c.max_bytes), (-1, -1));
+        assert_eq!(c.storage, StorageType::File);
+        assert_eq!(c.duplicate_window, DUPLICATE_WINDOW);
+        assert!(c.deny_delete && c.deny_purge);
+        let d = dead_letter_stream(Component::Registry).config(Tier::Leaf);
+        assert!(!d.deny_delete);
+        assert_eq!(d.subjects, vec!["cim.dlq.registry.>".to_string()]);
+    }
+
+    #[test]
+    fn every_name_is_valid_and_unique() {
+        let mut names = std::collections::HashSet::new();
+        for c in Component::ALL {
+            for s in streams(c) {
+                validate_name("stream", &s.name).unwrap();
+                assert!(names.insert(s.name.clone()), "duplicate {}", s.name);
+            }
+            for b in object_buckets(c) {
+                validate_name("bucket", &b.bucket).unwrap();
+                assert!(names.insert(b.stream_name()));
+            }
+        }
+        assert_eq!(consumer(Component::PipelineEngine, "steps").unwrap(), "pipeline-steps");
+        assert!(consumer(Component::PipelineEngine, "a.b").is_err());
+        assert_eq!(kv_bucket(Component::InformationUnit, "units").unwrap(), "cim_iu_units");
+        assert!(kv_bucket(Component::InformationUnit, "a b").is_err());
+    }
+
+    #[test]
+    fn stream_subjects_do_not_overlap() {
+        let all: Vec<String> = Component::ALL
+            .into_iter()
+            .flat_map(streams)
+            .flat_map(|s| s.subjects)
+            .collect();
+        for (i, a) in all.iter().enumerate() {
+            for b in &all[i + 1..] {
+                let pa = a.trim_end_matches('>');
+                let pb = b.trim_end_matches('>');
+                assert!(!pa.starts_with(pb) && !pb.starts_with(pa), "{a} overlaps {b}");
+            }
+        }
+    }
+}

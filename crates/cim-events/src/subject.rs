@@ -1,0 +1,317 @@
+//! The subject scheme: every NATS subject CIM uses is built here and nowhere else.
+//!
+//! ```text
+//! cim.evt.<component>.<aggregate>.<id>.<action>   events, stored in the component's event stream
+//! cim.cmd.<component>.<action>                    commands (request/reply, queue group)
+//! cim.qry.<component>.<query>                     queries (request/reply, queue group)
+//! cim.svc.<component>.<instance>.<lifecycle>      announce / heartbeat / goodbye (core NATS)
+//! cim.dlq.<component>.<origin>                    dead letters, stored with their reason
+//! ```
+//!
+//! An aggregate's events share the prefix `cim.evt.<component>.<aggregate>.<id>`, so the filter
+//! `cim.evt.<component>.<aggregate>.<id>.*` names exactly one aggregate's history. Writers use it
+//! with `Nats-Expected-Last-Subject-Sequence` + `Nats-Expected-Last-Subject-Sequence-Subject`
+//! for per-aggregate optimistic concurrency, and `Nats-Msg-Id` (the envelope id) for
+//! exactly-once publishing within the stream's duplicate window.
+
+use std::fmt;
+
+use crate::{ContractError, token::validate_token};
+
+/// First token of every CIM subject.
+pub const ROOT: &str = "cim";
+
+/// The seven components. The token is what appears in subjects and resource names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Component {
+    InformationUnit,
+    Registry,
+    PipelineEngine,
+    PluginHost,
+    StorageManager,
+    UiGateway,
+    IntegrationHub,
+}
+
+impl Component {
+    pub const ALL: [Component; 7] = [
+        Component::InformationUnit,
+        Component::Registry,
+        Component::PipelineEngine,
+        Component::PluginHost,
+        Component::StorageManager,
+        Component::UiGateway,
+        Component::IntegrationHub,
+    ];
+
+    /// The subject token (short, lowercase).
+    pub const fn token(self) -> &'static str {
+        match self {
+            Component::InformationUnit => "iu",
+            Component::Registry => "registry",
+            Component::PipelineEngine => "pipeline",
+            Component::PluginHost => "plugin",
+            Component::StorageManager => "storage",
+            Component::UiGateway => "gateway",
+            Component::IntegrationHub => "hub",
+        }
+    }
+
+    /// The service (crate and binary) name.
+    pub const fn service_name(self) -> &'static str {
+        match self {
+            Component::InformationUnit => "information-unit",
+            Component::Registry => "registry",
+            Component::PipelineEngine => "pipeline-engine",
+            Component::PluginHost => "plugin-host",
+            Component::StorageManager => "storage-manager",
+            Component::UiGateway => "ui-gateway",
+            Component::IntegrationHub => "integration-hub",
+        }
+    }
+
+    /// Name under which the component registers with the NATS micro services protocol
+    /// (`$SRV.PING.<name>` etc.).
+    pub fn micro_name(self) -> String {
+        format!("cim-{}", self.token())
+    }
+
+    /// Resolves a service name or a subject token.
+    pub fn parse(s: &str) -> Result<Component, ContractError> {
+        Component::ALL
+            .into_iter()
+            .find(|c| c.token() == s || c.service_name() == s)
+            .ok_or_else(|| ContractError::UnknownComponent(s.to_string()))
+    }
+
+    /// Upper-case token used in stream names.
+    pub(crate) fn upper(self) -> String {
+        self.token().to_ascii_uppercase()
+    }
+}
+
+impl fmt::Display for Component {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.service_name())
+    }
+}
+
+/// The kind of message, the second token of every subject.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Event,
+    Command,
+    Query,
+    Service,
+    DeadLetter,
+}
+
+impl Kind {
+    pub const fn token(self) -> &'static str {
+        match self {
+            Kind::Event => "evt",
+            Kind::Command => "cmd",
+            Kind::Query => "qry",
+            Kind::Service => "svc",
+            Kind::DeadLetter => "dlq",
+        }
+    }
+}
+
+/// Lifecycle messages a service instance publishes about itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lifecycle {
+    Announce,
+    Heartbeat,
+    Goodbye,
+}
+
+impl Lifecycle {
+    pub const ALL: [Lifecycle; 3] = [Lifecycle::Announce, Lifecycle::Heartbeat, Lifecycle::Goodbye];
+
+    pub const fn token(self) -> &'static str {
+        match self {
+            Lifecycle::Announce => "announce",
+            Lifecycle::Heartbeat => "heartbeat",
+            Lifecycle::Goodbye => "goodbye",
+        }
+    }
+}
+
+fn join(parts: &[&str]) -> String {
+    parts.join(".")
+}
+
+/// `cim.evt.<component>.<aggregate>.<id>.<action>`: one event of one aggregate.
+pub fn event(
+    component: Component,
+    aggregate: &str,
+    id: &str,
+    action: &str,
+) -> Result<String, ContractError> {
+    validate_token("aggregate", aggregate)?;
+    validate_token("aggregate id", id)?;
+    validate_token("action", action)?;
+    Ok(join(&[ROOT, Kind::Event.token(), component.token(), aggregate, id, action]))
+}
+
+/// `cim.evt.<component>.<aggregate>.<id>.*`: the whole history of one aggregate. Used for the
+/// per-aggregate optimistic concurrency check and to replay one aggregate.
+pub fn aggregate_filter(
+    component: Component,
+    aggregate: &str,
+    id: &str,
+) -> Result<String, ContractError> {
+    validate_token("aggregate", aggregate)?;
+    validate_token("aggregate id", id)?;
+    Ok(join(&[ROOT, Kind::Event.token(), component.token(), aggregate, id, "*"]))
+}
+
+/// `cim.evt.<component>.<aggregate>.*.<action>`: one kind of event across all aggregates of a
+/// type (what a pipeline trigger subscribes to).
+pub fn action_filter(
+    component: Component,
+    aggregate: &str,
+    action: &str,
+) -> Result<String, ContractError> {
+    validate_token("aggregate", aggregate)?;
+    validate_token("action", action)?;
+    Ok(join(&[ROOT, Kind::Event.token(), component.token(), aggregate, "*", action]))
+}
+
+/// `cim.evt.<component>.>`: every event of a component; the subjects of its event stream.
+pub fn events_of(component: Component) -> String {
+    join(&[ROOT, Kind::Event.token(), component.token(), ">"])
+}
+
+/// `cim.cmd.<component>.<action>`.
+pub fn command(component: Component, action: &str) -> Result<String, ContractError> {
+    validate_token("command", action)?;
+    Ok(join(&[ROOT, Kind::Command.token(), component.token(), action]))
+}
+
+/// `cim.qry.<component>.<query>`.
+pub fn query(component: Component, query: &str) -> Result<String, ContractError> {
+    validate_token("query", query)?;
+    Ok(join(&[ROOT, Kind::Query.token(), component.token(), query]))
+}
+
+/// `cim.svc.<component>.<instance>.<lifecycle>`.
+pub fn lifecycle(
+    component: Component,
+    instance: &str,
+    what: Lifecycle,
+) -> Result<String, ContractError> {
+    validate_token("instance id", instance)?;
+    Ok(join(&[ROOT, Kind::Service.token(), component.token(), instance, what.token()]))
+}
+
+/// `cim.svc.>`: every lifecycle message of every instance (what the registry listens to).
+pub fn all_lifecycle() -> String {
+    join(&[ROOT, Kind::Service.token(), ">"])
+}
+
+/// `cim.dlq.<component>.<origin>`: a dead letter from `origin` (a consumer or endpoint name).
+pub fn dead_letter(component: Component, origin: &str) -> Result<String, ContractError> {
+    validate_token("dead-letter origin", origin)?;
+    Ok(join(&[ROOT, Kind::DeadLetter.token(), component.token(), origin]))
+}
+
+/// `cim.dlq.<component>.>`: the subjects of a component's dead-letter stream.
+pub fn dead_letters_of(component: Component) -> String {
+    join(&[ROOT, Kind::DeadLetter.token(), component.token(), ">"])
+}
+
+/// The parts of an event subject, parsed back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventSubject {
+    pub component: Component,
+    pub aggregate: String,
+    pub id: String,
+    pub action: String,
+}
+
+/// Parses `cim.evt.<component>.<aggregate>.<id>.<action>`.
+pub fn parse_event(subject: &str) -> Result<EventSubject, ContractError> {
+    let bad = |reason: &'static str| ContractError::InvalidSubject {
+        subject: subject.escape_debug().to_string(),
+        reason,
+    };
+    let parts: Vec<&str> = subject.split('.').collect();
+    let [root, kind, component, aggregate, id, action] = parts.as_slice() else {
+        return Err(bad("an event subject has exactly 6 tokens"));
+    };
+    if *root != ROOT || *kind != Kind::Event.token() {
+        return Err(bad("an event subject starts with 'cim.evt.'"));
+    }
+    let component = Component::parse(component)?;
+    for (what, v) in [("aggregate", aggregate), ("aggregate id", id), ("action", action)] {
+        validate_token(what, v)?;
+    }
+    Ok(EventSubject {
+        component,
+        aggregate: aggregate.to_string(),
+        id: id.to_string(),
+        action: action.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builds_every_kind_of_subject() {
+        let iu = Component::InformationUnit;
+        assert_eq!(event(iu, "unit", "u1", "created").unwrap(), "cim.evt.iu.unit.u1.created");
+        assert_eq!(aggregate_filter(iu, "unit", "u1").unwrap(), "cim.evt.iu.unit.u1.*");
+        assert_eq!(action_filter(iu, "unit", "created").unwrap(), "cim.evt.iu.unit.*.created");
+        assert_eq!(events_of(iu), "cim.evt.iu.>");
+        assert_eq!(command(iu, "create").unwrap(), "cim.cmd.iu.create");
+        assert_eq!(query(iu, "get").unwrap(), "cim.qry.iu.get");
+        assert_eq!(
+            lifecycle(Component::Registry, "i-1", Lifecycle::Heartbeat).unwrap(),
+            "cim.svc.registry.i-1.heartbeat"
+        );
+        assert_eq!(all_lifecycle(), "cim.svc.>");
+        assert_eq!(dead_letter(Component::PipelineEngine, "steps").unwrap(), "cim.dlq.pipeline.steps");
+        assert_eq!(dead_letters_of(Component::IntegrationHub), "cim.dlq.hub.>");
+    }
+
+    #[test]
+    fn event_subjects_parse_back() {
+        let s = event(Component::PluginHost, "plugin", "ocr", "pushed").unwrap();
+        let p = parse_event(&s).unwrap();
+        assert_eq!(p.component, Component::PluginHost);
+        assert_eq!((p.aggregate.as_str(), p.id.as_str(), p.action.as_str()), ("plugin", "ocr", "pushed"));
+        assert!(parse_event("cim.evt.iu.unit.created").is_err());
+        assert!(parse_event("cim.cmd.iu.unit.u1.created").is_err());
+        assert!(parse_event("cim.evt.nope.unit.u1.created").is_err());
+    }
+
+    #[test]
+    fn every_builder_rejects_bad_tokens() {
+        let iu = Component::InformationUnit;
+        for bad in ["", "a.b", "*", ">", "a b", "\n"] {
+            assert!(event(iu, bad, "id", "x").is_err(), "{bad:?}");
+            assert!(event(iu, "unit", bad, "x").is_err(), "{bad:?}");
+            assert!(event(iu, "unit", "id", bad).is_err(), "{bad:?}");
+            assert!(aggregate_filter(iu, "unit", bad).is_err(), "{bad:?}");
+            assert!(action_filter(iu, "unit", bad).is_err(), "{bad:?}");
+            assert!(command(iu, bad).is_err(), "{bad:?}");
+            assert!(query(iu, bad).is_err(), "{bad:?}");
+            assert!(lifecycle(iu, bad, Lifecycle::Announce).is_err(), "{bad:?}");
+            assert!(dead_letter(iu, bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn components_resolve_by_token_and_service_name() {
+        for c in Component::ALL {
+            assert_eq!(Component::parse(c.token()).unwrap(), c);
+            assert_eq!(Component::parse(c.service_name()).unwrap(), c);
+            crate::token::validate_name("micro name", &c.micro_name()).unwrap();
+        }
+        assert!(Component::parse("nope").is_err());
+    }
+}

@@ -1,0 +1,1 @@
+//! cim-runtime
