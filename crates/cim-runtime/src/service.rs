@@ -1,0 +1,509 @@
+//! The life of a service instance: connect, provision, serve endpoints over the NATS micro
+//! services protocol, announce and beat, report health, and shut down gracefully.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use async_nats::{HeaderMap, Message, jetstream, service::ServiceExt};
+use bytes::Bytes;
+use cim_events::{
+    CONTRACT_VERSION, Component, Envelope, Payload,
+    envelope::source,
+    payload::encode,
+    proto::runtime::{DescribeReply, ServiceAnnounced, ServiceHeartbeat, ServiceStopped, StreamState},
+    resources,
+    subject::{self, Lifecycle},
+};
+use futures::StreamExt;
+use tokio::sync::{Notify, Semaphore};
+use tracing::Instrument;
+
+use crate::{
+    config::Settings,
+    http,
+    metrics::{EndpointLabels, Metrics},
+    provision::{self, ProvisionError},
+    telemetry,
+};
+
+/// An error reply: a code (HTTP-like: 400 bad request, 404, 409 conflict, 500, 503) and a
+/// one-line description. Sent with the micro protocol's `Nats-Service-Error(-Code)` headers.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{code} {message}")]
+pub struct ServiceError {
+    pub code: u16,
+    pub message: String,
+}
+
+impl ServiceError {
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        ServiceError { code: 400, message: message.into() }
+    }
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        ServiceError { code: 503, message: message.into() }
+    }
+    pub fn internal(message: impl Into<String>) -> Self {
+        ServiceError { code: 500, message: message.into() }
+    }
+}
+
+/// A successful reply.
+#[derive(Clone, Debug, Default)]
+pub struct Reply {
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn proto<M: prost::Message>(m: &M) -> Reply {
+        Reply { headers: HeaderMap::new(), body: Bytes::from(m.encode_to_vec()) }
+    }
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+type HandlerFn = Arc<dyn Fn(Ctx, Message) -> BoxFuture<Result<Reply, ServiceError>> + Send + Sync>;
+
+/// What a running instance shares with its handlers.
+#[derive(Clone)]
+pub struct Ctx(Arc<Shared>);
+
+struct Shared {
+    def: ServiceDef,
+    settings: Settings,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    metrics: Metrics,
+    ready: AtomicBool,
+    started: Instant,
+    http_addr: SocketAddr,
+    subjects: Vec<String>,
+}
+
+impl std::fmt::Debug for Ctx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ctx").field("instance", &self.0.settings.instance_id).finish()
+    }
+}
+
+impl Ctx {
+    pub fn client(&self) -> &async_nats::Client {
+        &self.0.client
+    }
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.0.js
+    }
+    pub fn settings(&self) -> &Settings {
+        &self.0.settings
+    }
+    pub fn metrics(&self) -> &Metrics {
+        &self.0.metrics
+    }
+    pub fn is_ready(&self) -> bool {
+        self.0.ready.load(Ordering::SeqCst)
+    }
+    /// `ce-source` of messages this instance produces.
+    pub fn source(&self) -> String {
+        let s = &self.0.settings;
+        source(&s.node, s.component.service_name(), &s.instance_id)
+    }
+
+    fn announcement(&self) -> ServiceAnnounced {
+        let s = &self.0.settings;
+        ServiceAnnounced {
+            component: s.component.token().to_string(),
+            service: s.component.service_name().to_string(),
+            version: self.0.def.version.to_string(),
+            instance_id: s.instance_id.clone(),
+            node: s.node.clone(),
+            contract_version: CONTRACT_VERSION,
+            capabilities: self.0.def.capabilities.clone(),
+            subjects: self.0.subjects.clone(),
+            http_addr: self.0.http_addr.to_string(),
+        }
+    }
+
+    /// Publishes a payload with a fresh root envelope and the current trace context.
+    pub async fn publish_root<P: Payload>(&self, subject: String, payload: &P) -> Result<(), async_nats::PublishError> {
+        let (mut headers, body) = encode(&Envelope::root::<P>(self.source()), payload);
+        telemetry::inject_current(&mut headers);
+        self.0.client.publish_with_headers(subject, headers, body).await
+    }
+}
+
+/// A request/reply endpoint a service serves.
+pub struct Endpoint {
+    name: String,
+    subject: String,
+    handler: HandlerFn,
+}
+
+impl Endpoint {
+    /// `name` labels metrics and the micro protocol's stats; `subject` comes from `cim-events`.
+    pub fn new<F, Fut>(name: &str, subject: String, handler: F) -> Endpoint
+    where
+        F: Fn(Ctx, Message) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Reply, ServiceError>> + Send + 'static,
+    {
+        Endpoint { name: name.to_string(), subject, handler: Arc::new(move |c, m| Box::pin(handler(c, m))) }
+    }
+}
+
+/// What a service is: its component, version and capabilities.
+#[derive(Clone, Debug)]
+pub struct ServiceDef {
+    pub component: Component,
+    pub version: &'static str,
+    pub description: &'static str,
+    pub capabilities: Vec<String>,
+}
+
+/// A service ready to run: its definition and endpoints.
+pub struct Service {
+    def: ServiceDef,
+    endpoints: Vec<Endpoint>,
+}
+
+impl Service {
+    pub fn new(def: ServiceDef) -> Service {
+        Service { def, endpoints: Vec::new() }
+    }
+
+    pub fn endpoint(mut self, e: Endpoint) -> Service {
+        self.endpoints.push(e);
+        self
+    }
+
+    /// Runs until `shutdown` completes, then stops taking work, lets in-flight requests finish
+    /// within the grace period, says goodbye and drains the connection.
+    pub async fn run(self, settings: Settings, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let component = settings.component;
+        let metrics = Metrics::new(component.service_name(), &settings.instance_id);
+        let health = http::Health::new(metrics.clone());
+        let listener = tokio::net::TcpListener::bind(settings.http_listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {} for health and metrics: {e}", settings.http_listen))?;
+        let http_addr = listener.local_addr()?;
+        let stop_http = Arc::new(Notify::new());
+        let http_task = tokio::spawn(http::serve(listener, health.clone(), stop_http.clone()));
+        tracing::info!(service = component.service_name(), instance = %settings.instance_id, %http_addr, "starting");
+
+        tokio::pin!(shutdown);
+        let reconnected = Arc::new(Notify::new());
+        let client = tokio::select! {
+            c = connect(&settings, &metrics, reconnected.clone()) => c?,
+            _ = &mut shutdown => {
+                tracing::info!("shutdown requested before NATS was reachable");
+                stop_http.notify_one();
+                let _ = http_task.await;
+                return Ok(());
+            }
+        };
+        let js = match &settings.js_domain {
+            Some(domain) => jetstream::with_domain(client.clone(), domain),
+            None => jetstream::new(client.clone()),
+        };
+        tokio::select! {
+            r = provision_with_retry(&js, component, &settings) => r?,
+            _ = &mut shutdown => {
+                stop_http.notify_one();
+                let _ = client.drain().await;
+                let _ = http_task.await;
+                return Ok(());
+            }
+        }
+
+        let describe_subject = subject::query(component, "describe")?;
+        let mut endpoints = self.endpoints;
+        endpoints.push(Endpoint::new("describe", describe_subject, describe));
+        let subjects = endpoints.iter().map(|e| e.subject.clone()).collect();
+        let ctx = Ctx(Arc::new(Shared {
+            def: self.def.clone(),
+            settings: settings.clone(),
+            client: client.clone(),
+            js: js.clone(),
+            metrics: metrics.clone(),
+            ready: AtomicBool::new(false),
+            started: Instant::now(),
+            http_addr,
+            subjects,
+        }));
+
+        let metadata = HashMap::from([
+            ("instance".to_string(), settings.instance_id.clone()),
+            ("node".to_string(), settings.node.clone()),
+            ("tier".to_string(), settings.tier.to_string()),
+            ("contract_version".to_string(), CONTRACT_VERSION.to_string()),
+            ("http".to_string(), http_addr.to_string()),
+        ]);
+        let micro = client
+            .service_builder()
+            .description(self.def.description)
+            .queue_group(resources::queue_group(component))
+            .metadata(metadata)
+            .start(component.micro_name(), self.def.version)
+            .await
+            .map_err(|e| anyhow::anyhow!("starting the micro service: {e}"))?;
+
+        let permits = Arc::new(Semaphore::new(settings.max_in_flight));
+        let stop_serving = Arc::new(Notify::new());
+        let mut servers = Vec::new();
+        for e in endpoints {
+            let nats_endpoint = micro
+                .endpoint_builder()
+                .name(&e.name)
+                .add(&e.subject)
+                .await
+                .map_err(|err| anyhow::anyhow!("adding endpoint {}: {err}", e.subject))?;
+            servers.push(tokio::spawn(serve_endpoint(nats_endpoint, e, ctx.clone(), permits.clone(), stop_serving.clone())));
+        }
+
+        // Readiness, heartbeats and re-provisioning run until shutdown.
+        let watch = tokio::spawn(watch_health(ctx.clone(), health.clone(), reconnected));
+        let announce = lifecycle_subject(&ctx, Lifecycle::Announce)?;
+        let span = tracing::info_span!("announce");
+        ctx.publish_root(announce, &ctx.announcement()).instrument(span).await?;
+        tracing::info!(subjects = ?ctx.0.subjects, "serving");
+
+        shutdown.await;
+        tracing::info!(grace = ?settings.shutdown_grace, "shutting down: no new work");
+        ctx.0.ready.store(false, Ordering::SeqCst);
+        health.set_ready(false);
+        watch.abort();
+        stop_serving.notify_waiters();
+        for s in servers {
+            let _ = s.await;
+        }
+        let all = settings.max_in_flight as u32;
+        match tokio::time::timeout(settings.shutdown_grace, permits.acquire_many(all)).await {
+            Ok(_) => tracing::info!("in-flight work finished"),
+            Err(_) => tracing::warn!(left = all as usize - permits.available_permits(), "grace period over; abandoning in-flight work (it will be redelivered)"),
+        }
+        let goodbye = ServiceStopped {
+            component: component.token().to_string(),
+            instance_id: settings.instance_id.clone(),
+            reason: "shutdown".to_string(),
+        };
+        let _ = ctx.publish_root(lifecycle_subject(&ctx, Lifecycle::Goodbye)?, &goodbye).await;
+        let _ = micro.stop().await;
+        if tokio::time::timeout(settings.shutdown_grace, client.drain()).await.is_err() {
+            tracing::warn!("draining the NATS connection timed out");
+        }
+        stop_http.notify_one();
+        let _ = http_task.await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+fn lifecycle_subject(ctx: &Ctx, what: Lifecycle) -> Result<String, cim_events::ContractError> {
+    subject::lifecycle(ctx.0.settings.component, &ctx.0.settings.instance_id, what)
+}
+
+async fn connect(settings: &Settings, metrics: &Metrics, reconnected: Arc<Notify>) -> anyhow::Result<async_nats::Client> {
+    let name = format!("{}/{}", settings.component.service_name(), settings.instance_id);
+    let mut opts = async_nats::ConnectOptions::new()
+        .name(name)
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .reconnect_delay_callback(|attempts| {
+            // 0, 100ms, 200ms, 400ms, ... capped at 5s
+            let ms = 100u64.saturating_mul(1 << attempts.min(6) as u64) / 2;
+            Duration::from_millis(ms.min(5000))
+        });
+    if let Some(creds) = &settings.nats_creds {
+        opts = opts
+            .credentials_file(creds)
+            .await
+            .map_err(|e| anyhow::anyhow!("reading NATS credentials {}: {e}", creds.display()))?;
+    }
+    let m = metrics.clone();
+    opts = opts.event_callback(move |event| {
+        let m = m.clone();
+        let reconnected = reconnected.clone();
+        async move {
+            match event {
+                async_nats::Event::Connected => {
+                    m.nats_connected.set(1);
+                    m.nats_reconnects.inc();
+                    reconnected.notify_one();
+                    tracing::info!("connected to NATS");
+                }
+                async_nats::Event::Disconnected => {
+                    m.nats_connected.set(0);
+                    reconnected.notify_one();
+                    tracing::warn!("disconnected from NATS; reconnecting");
+                }
+                other => tracing::debug!(event = %other, "nats event"),
+            }
+        }
+    });
+    let addrs: Vec<async_nats::ServerAddr> =
+        settings.nats_urls.iter().map(|u| u.parse()).collect::<Result<_, _>>()?;
+    let client = opts.connect(addrs).await?;
+    let mut waited = Duration::ZERO;
+    let step = Duration::from_millis(50);
+    while client.connection_state() != async_nats::connection::State::Connected {
+        tokio::time::sleep(step).await;
+        waited += step;
+        if waited.as_millis() % 10_000 == 0 {
+            tracing::warn!(urls = ?settings.nats_urls, waited_s = waited.as_secs(), "still waiting for NATS");
+        }
+    }
+    metrics.nats_connected.set(1);
+    Ok(client)
+}
+
+async fn provision_with_retry(js: &jetstream::Context, component: Component, settings: &Settings) -> anyhow::Result<()> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match provision::provision(js, component, settings.tier).await {
+            Ok(()) => return Ok(()),
+            Err(e @ ProvisionError::Destructive { .. }) => return Err(e.into()),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?delay, "provisioning failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn serve_endpoint(
+    mut nats_endpoint: async_nats::service::endpoint::Endpoint,
+    e: Endpoint,
+    ctx: Ctx,
+    permits: Arc<Semaphore>,
+    stop: Arc<Notify>,
+) {
+    let labels = EndpointLabels { endpoint: e.name.clone() };
+    loop {
+        let request = tokio::select! {
+            r = nats_endpoint.next() => match r { Some(r) => r, None => break },
+            _ = stop.notified() => break,
+        };
+        // Back-pressure: wait for a slot before taking the next request off the subscription.
+        let Ok(permit) = permits.clone().acquire_owned().await else { break };
+        let (ctx, handler, labels) = (ctx.clone(), e.handler.clone(), labels.clone());
+        tokio::spawn(async move {
+            let m = ctx.metrics().clone();
+            m.in_flight.inc();
+            let started = Instant::now();
+            let span = tracing::info_span!("request", endpoint = %labels.endpoint, subject = %request.message.subject);
+            telemetry::continue_trace(&span, request.message.headers.as_ref());
+            let result = handler(ctx.clone(), request.message.clone()).instrument(span.clone()).await;
+            let mut headers = HeaderMap::new();
+            span.in_scope(|| telemetry::inject_current(&mut headers));
+            let outcome = match result {
+                Ok(reply) => {
+                    for (k, vs) in reply.headers.iter() {
+                        for v in vs {
+                            headers.append(k.clone(), v.clone());
+                        }
+                    }
+                    request.respond_with_headers(Ok(reply.body), headers).await
+                }
+                Err(err) => {
+                    m.errors.get_or_create(&labels).inc();
+                    tracing::debug!(parent: &span, code = err.code, error = %err.message, "request failed");
+                    let micro_err = async_nats::service::error::Error { status: err.message, code: err.code as usize };
+                    request.respond_with_headers(Err(micro_err), headers).await
+                }
+            };
+            if let Err(e) = outcome {
+                tracing::warn!(error = %e, "could not send reply");
+            }
+            m.requests.get_or_create(&labels).inc();
+            m.latency.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+            m.in_flight.dec();
+            drop(permit);
+        });
+    }
+    let _ = nats_endpoint.stop().await;
+}
+
+/// Keeps the readiness flag true only while NATS is connected and every owned stream answers;
+/// re-provisions a stream that disappeared; publishes heartbeats.
+async fn watch_health(ctx: Ctx, health: http::Health, reconnected: Arc<Notify>) {
+    let settings = ctx.settings().clone();
+    let heartbeat = lifecycle_subject(&ctx, Lifecycle::Heartbeat).ok();
+    let owned = provision::owned_stream_names(settings.component);
+    loop {
+        let ready = check_ready(&ctx, &owned).await;
+        ctx.0.ready.store(ready, Ordering::SeqCst);
+        health.set_ready(ready);
+        if let Some(subject) = &heartbeat
+            && ctx.client().connection_state() == async_nats::connection::State::Connected
+        {
+            let beat = ServiceHeartbeat {
+                component: settings.component.token().to_string(),
+                instance_id: settings.instance_id.clone(),
+                uptime_ms: ctx.0.started.elapsed().as_millis() as u64,
+                ready,
+                in_flight: ctx.metrics().in_flight.get().max(0) as u64,
+            };
+            let _ = ctx.publish_root(subject.clone(), &beat).await;
+        }
+        // Check again soon after a (re)connect, else on the heartbeat interval.
+        let interval = if ready { settings.heartbeat_interval } else { settings.heartbeat_interval.min(Duration::from_millis(500)) };
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = reconnected.notified() => {}
+        }
+    }
+}
+
+async fn check_ready(ctx: &Ctx, owned: &[String]) -> bool {
+    if ctx.client().connection_state() != async_nats::connection::State::Connected {
+        return false;
+    }
+    for name in owned {
+        let ok = tokio::time::timeout(Duration::from_secs(2), ctx.jetstream().get_stream(name)).await;
+        match ok {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(stream = %name, error = %e, "owned stream not usable; re-provisioning");
+                if let Err(e) = provision::provision(ctx.jetstream(), ctx.settings().component, ctx.settings().tier).await {
+                    tracing::warn!(error = %e, "re-provisioning failed");
+                }
+                return false;
+            }
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
+/// `cim.qry.<component>.describe`: the instance, what it owns and the state of those streams.
+async fn describe(ctx: Ctx, msg: Message) -> Result<Reply, ServiceError> {
+    if !msg.payload.is_empty() {
+        return Err(ServiceError::bad_request("describe takes an empty request body"));
+    }
+    let mut streams = Vec::new();
+    for name in provision::owned_stream_names(ctx.settings().component) {
+        let mut stream = ctx
+            .jetstream()
+            .get_stream(&name)
+            .await
+            .map_err(|e| ServiceError::unavailable(format!("stream {name}: {e}")))?;
+        let info = stream.info().await.map_err(|e| ServiceError::unavailable(format!("stream {name}: {e}")))?;
+        streams.push(StreamState {
+            name,
+            messages: info.state.messages,
+            bytes: info.state.bytes,
+            first_sequence: info.state.first_sequence,
+            last_sequence: info.state.last_sequence,
+            replicas: info.config.num_replicas as u32,
+            leader: info.cluster.as_ref().and_then(|c| c.leader.clone()).unwrap_or_default(),
+        });
+    }
+    Ok(Reply::proto(&DescribeReply { service: Some(ctx.announcement()), streams, ready: ctx.is_ready() }))
+}

@@ -1,0 +1,144 @@
+//! Waiting for conditions with a deadline (never a fixed sleep), and free ports.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::net::{Ipv4Addr, TcpListener};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use anyhow::{Result, anyhow};
+use tokio::time::Instant;
+
+const FIRST_PAUSE: Duration = Duration::from_millis(10);
+const MAX_PAUSE: Duration = Duration::from_millis(200);
+
+/// Calls `f` until it returns `Ok`, pausing 10 ms, growing to 200 ms, between attempts.
+///
+/// After `timeout` it gives up with an error whose message names `what` and whose cause
+/// (shown by `{:#}`) is the last error `f` returned. An attempt still running at the deadline
+/// is cancelled, so a hanging attempt cannot stretch the wait.
+///
+/// ```no_run
+/// # async fn demo(client: async_nats::Client) -> anyhow::Result<()> {
+/// use std::time::Duration;
+/// let js = async_nats::jetstream::new(client);
+/// let info = cim_testkit::eventually(Duration::from_secs(10), "stream ORDERS to exist", || async {
+///     Ok(js.get_stream("ORDERS").await?.cached_info().clone())
+/// })
+/// .await?;
+/// # let _ = info; Ok(()) }
+/// ```
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    poll(timeout, what, || {
+        let attempt = f();
+        async move {
+            match attempt.await {
+                Ok(v) => Attempt::Done(v),
+                Err(e) => Attempt::Retry(e),
+            }
+        }
+    })
+    .await
+}
+
+/// `eventually!(timeout, "what", { body })`: [`eventually`] with an async block as the attempt.
+/// The body evaluates to `anyhow::Result<T>` and may use `?`; it runs again on each attempt.
+#[macro_export]
+macro_rules! eventually {
+    ($timeout:expr, $what:expr, $body:expr $(,)?) => {
+        $crate::eventually($timeout, $what, || async { $body }).await
+    };
+}
+
+/// The outcome of one poll attempt; `Fail` stops at once (e.g. the server process exited).
+pub(crate) enum Attempt<T> {
+    Done(T),
+    Retry(anyhow::Error),
+    Fail(anyhow::Error),
+}
+
+pub(crate) async fn poll<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Attempt<T>>,
+{
+    let start = Instant::now();
+    let deadline = start + timeout;
+    let mut pause = FIRST_PAUSE;
+    let mut attempts = 0u32;
+    let mut last: anyhow::Error;
+    loop {
+        attempts += 1;
+        // Give even a late attempt a little time, so a zero timeout still tries once.
+        let budget = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(50));
+        match tokio::time::timeout(budget, f()).await {
+            Ok(Attempt::Done(v)) => return Ok(v),
+            Ok(Attempt::Retry(e)) => last = e,
+            Ok(Attempt::Fail(e)) => return Err(e.context(format!("while waiting for {what}"))),
+            Err(_) => last = anyhow!("attempt still running at the deadline"),
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(last.context(format!(
+                "timed out after {:?} ({attempts} attempts) waiting for {what}",
+                now - start
+            )));
+        }
+        tokio::time::sleep(pause.min(deadline - now)).await;
+        pause = (pause * 2).min(MAX_PAUSE);
+    }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0, read, drop).
+///
+/// Ports handed out before by this process are skipped, so servers started together never
+/// get the same port. Another process can still take it before the server binds; starts
+/// with generated ports retry on "address already in use".
+pub fn free_port() -> u16 {
+    static HANDED_OUT: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
+    let handed_out = HANDED_OUT.get_or_init(Default::default);
+    loop {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0");
+        let port = listener.local_addr().expect("local_addr of a bound listener").port();
+        let mut seen = handed_out.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if seen.insert(port) {
+            return port;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn eventually_retries_until_ok_and_names_what_on_timeout() {
+        let mut n = 0;
+        let v = eventually(Duration::from_secs(5), "three tries", || {
+            n += 1;
+            let n = n;
+            async move { if n >= 3 { Ok(n) } else { Err(anyhow!("only {n}")) } }
+        })
+        .await
+        .unwrap();
+        assert_eq!(v, 3);
+
+        let err = eventually(Duration::from_millis(50), "the impossible", || async {
+            Err::<(), _>(anyhow!("nope"))
+        })
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains("the impossible"), "{err:#}");
+        assert!(format!("{err:#}").contains("nope"), "{err:#}");
+    }
+
+    #[test]
+    fn free_ports_are_distinct() {
+        let ports: HashSet<u16> = (0..50).map(|_| free_port()).collect();
+        assert_eq!(ports.len(), 50);
+    }
+}
