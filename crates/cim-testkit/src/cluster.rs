@@ -85,14 +85,18 @@ impl NatsClusterBuilder {
 
     async fn start_once(&self) -> Result<NatsCluster> {
         let cluster_ports: Vec<u16> = (0..self.size).map(|_| free_port()).collect();
-        let routes: Vec<String> =
-            cluster_ports.iter().map(|p| format!("nats-route://127.0.0.1:{p}")).collect();
         let mut nodes = Vec::with_capacity(self.size);
         for (i, cluster_port) in cluster_ports.iter().enumerate() {
+            // A route to itself is tolerated but logs "Duplicate Route" churn.
+            let routes: Vec<String> = cluster_ports
+                .iter()
+                .filter(|p| *p != cluster_port)
+                .map(|p| format!("nats-route://127.0.0.1:{p}"))
+                .collect();
             let mut b = NatsServer::builder()
                 .server_name(&format!("{}-n{}", self.name, i + 1))
                 .jetstream_domain(&self.domain)
-                .cluster(&self.name, *cluster_port, routes.clone())
+                .cluster(&self.name, *cluster_port, routes)
                 .leaf_listen()
                 .startup_timeout(self.startup_timeout);
             if !self.extra_config.is_empty() {

@@ -18,15 +18,21 @@ const MAX_PAUSE: Duration = Duration::from_millis(200);
 /// (shown by `{:#}`) is the last error `f` returned. An attempt still running at the deadline
 /// is cancelled, so a hanging attempt cannot stretch the wait.
 ///
+/// `f` is a plain closure returning a future (`|| async { ... }`), which keeps the wait
+/// `Send` (an `AsyncFnMut` bound would not be, on current Rust). An attempt therefore cannot
+/// hold a mutable borrow of captured state: fetch a fresh handle inside the attempt instead
+/// (e.g. `js.get_stream(name)` rather than a captured `&mut Stream`).
+///
 /// ```no_run
-/// # async fn demo(client: async_nats::Client) -> anyhow::Result<()> {
+/// # async fn demo(js: async_nats::jetstream::Context) -> anyhow::Result<()> {
 /// use std::time::Duration;
-/// let js = async_nats::jetstream::new(client);
-/// let info = cim_testkit::eventually(Duration::from_secs(10), "stream ORDERS to exist", || async {
-///     Ok(js.get_stream("ORDERS").await?.cached_info().clone())
+/// cim_testkit::eventually(Duration::from_secs(10), "3 messages in ORDERS", || async {
+///     let n = js.get_stream("ORDERS").await?.info().await?.state.messages;
+///     anyhow::ensure!(n == 3, "{n} messages");
+///     Ok(())
 /// })
 /// .await?;
-/// # let _ = info; Ok(()) }
+/// # Ok(()) }
 /// ```
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> Result<T>
 where
@@ -127,6 +133,21 @@ mod tests {
         .unwrap();
         assert_eq!(v, 3);
 
+        // Usable inside spawned tasks: the future is Send for Send captures.
+        let spawned = tokio::spawn(async {
+            let mut tries = 0u32;
+            eventually(Duration::from_secs(5), "spawned", || {
+                tries += 1;
+                let t = tries;
+                async move {
+                    tokio::task::yield_now().await;
+                    if t >= 2 { Ok(t) } else { Err(anyhow!("again")) }
+                }
+            })
+            .await
+        });
+        assert_eq!(spawned.await.unwrap().unwrap(), 2);
+
         let err = eventually(Duration::from_millis(50), "the impossible", || async {
             Err::<(), _>(anyhow!("nope"))
         })
@@ -134,6 +155,15 @@ mod tests {
         .unwrap_err();
         assert!(err.to_string().contains("the impossible"), "{err:#}");
         assert!(format!("{err:#}").contains("nope"), "{err:#}");
+    }
+
+    fn assert_send<T: Send>(_: T) {}
+
+    #[test]
+    fn server_starts_are_send() {
+        assert_send(crate::NatsServer::start());
+        assert_send(crate::NatsCluster::start(3));
+        assert_send(crate::S3Server::start());
     }
 
     #[test]

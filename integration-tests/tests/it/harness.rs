@@ -109,6 +109,22 @@ async fn builder_options_reach_the_server_config() -> Result<()> {
     Ok(())
 }
 
+#[tokio::test]
+async fn startup_failures_fail_fast_and_show_the_server_log() -> Result<()> {
+    let start = Instant::now();
+    let err = NatsServer::builder().extra_config("max_payload: banana").start().await.unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("did not become ready") && msg.contains("exited"), "{msg}");
+    assert!(msg.contains("banana"), "the log tail names the bad setting: {msg}");
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = taken.local_addr()?.port();
+    let err = NatsServer::builder().port(port).start().await.unwrap_err();
+    assert!(format!("{err:#}").contains("address already in use"), "{err:#}");
+    assert!(start.elapsed() < Duration::from_secs(10), "an exiting server is not waited for");
+    Ok(())
+}
+
 #[test]
 fn a_server_dies_with_the_thread_that_started_it() -> Result<()> {
     // The thread leaks the server (no Drop), then ends: PR_SET_PDEATHSIG must kill it.
@@ -162,14 +178,13 @@ async fn cluster_r3_stream_survives_losing_its_leader() -> Result<()> {
     assert_eq!(ack.sequence, 6);
 
     let js = jetstream::new(cluster.connect().await);
-    let mut events = js.get_stream("EVENTS").await?;
-    let info = events.info().await?;
+    let info = js.get_stream("EVENTS").await?.cached_info().clone();
     assert_eq!(info.state.messages, 6);
     assert_ne!(info.cluster.as_ref().and_then(|c| c.leader.as_deref()), Some(leader.as_str()));
 
     cluster.restart_node(victim).await?;
     eventually(WAIT, "the restarted node to be a current EVENTS replica again", || async {
-        let info = events.info().await?;
+        let info = js.get_stream("EVENTS").await?.cached_info().clone();
         let cluster_info = info.cluster.as_ref().context("no cluster info")?;
         let names: Vec<&str> = cluster_info.replicas.iter().map(|p| p.name.as_str()).collect();
         ensure!(cluster_info.replicas.iter().all(|p| p.current && !p.offline), "replicas {names:?}");

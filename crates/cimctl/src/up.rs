@@ -1,0 +1,338 @@
+//! `cimctl up`: a whole leaf node on this machine — nats-server with JetStream in a data
+//! directory and all seven services — supervised until Ctrl-C, then stopped in order
+//! (services drain first, NATS last).
+
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::{ExitCode, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use cim_events::Component;
+use nix::{sys::signal::Signal, unistd::Pid};
+use tokio::process::{Child, Command};
+
+/// Exit code for invalid arguments.
+const EXIT_USAGE: u8 = 64;
+
+#[derive(clap::Args, Debug)]
+pub struct UpArgs {
+    /// Directory for NATS data, generated configuration and logs.
+    #[arg(long, env = "CIM_DATA_DIR", default_value = ".cim")]
+    data_dir: PathBuf,
+
+    /// Client port of the leaf's nats-server. If it is taken, a free port is used instead
+    /// (and printed). 0 always picks a free port.
+    #[arg(long, env = "CIM_UP_NATS_PORT", default_value_t = 4222)]
+    nats_port: u16,
+
+    /// JetStream fsync policy: `always` (every write is on disk before it is acknowledged) or
+    /// an interval such as `1s` or `2m` (faster, but a power loss can lose acknowledged writes).
+    #[arg(long, env = "CIM_UP_SYNC", default_value = "always")]
+    sync: String,
+
+    /// Directory with the service binaries. Default: cimctl's own directory, then PATH.
+    #[arg(long, env = "CIM_BIN_DIR")]
+    bin_dir: Option<PathBuf>,
+
+    /// How long to wait for NATS and every service to become ready, in seconds.
+    #[arg(long, default_value_t = 120)]
+    ready_timeout: u64,
+}
+
+struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+    health: Option<String>,
+}
+
+pub async fn run(args: UpArgs) -> Result<ExitCode> {
+    if !valid_sync(&args.sync) {
+        eprintln!("cimctl up: invalid --sync {:?}: use `always` or an interval such as 1s, 500ms, 2m", args.sync);
+        return Ok(ExitCode::from(EXIT_USAGE));
+    }
+    let nats_bin = cim_testkit::nats_server_binary()?;
+    let binaries = find_service_binaries(args.bin_dir.as_deref())?;
+
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
+    let data_dir = args.data_dir.canonicalize()?;
+    let logs = data_dir.join("logs");
+    let store = data_dir.join("nats").join("jetstream");
+    std::fs::create_dir_all(&logs)?;
+    std::fs::create_dir_all(&store)?;
+
+    let nats_port = pick_port(args.nats_port);
+    let monitor_port = pick_port(8222);
+    let conf = data_dir.join("nats").join("nats.conf");
+    std::fs::write(&conf, nats_config(nats_port, monitor_port, &store, &args.sync))?;
+    check_config(&nats_bin, &conf).await?;
+    let nats_url = format!("nats://127.0.0.1:{nats_port}");
+    std::fs::write(data_dir.join("nats.url"), &nats_url)?;
+
+    let mut procs = Vec::new();
+    let nats_log = logs.join("nats-server.log");
+    let child = spawn(Command::new(&nats_bin).arg("-c").arg(&conf), &nats_log)
+        .with_context(|| format!("starting {}", nats_bin.display()))?;
+    procs.push(Proc { name: "nats-server".into(), child, log: nats_log, health: None });
+
+    let deadline = Instant::now() + Duration::from_secs(args.ready_timeout);
+    let monitor = format!("127.0.0.1:{monitor_port}");
+    if let Err(e) = wait_healthy(&mut procs, &monitor, "/healthz?js-enabled-only=true", deadline).await {
+        stop_all(&mut procs).await;
+        return Err(e);
+    }
+
+    for (component, bin) in &binaries {
+        let name = component.service_name();
+        let port = cim_testkit::free_port();
+        let log = logs.join(format!("{name}.log"));
+        let mut cmd = Command::new(bin);
+        cmd.env("CIM_NATS_URL", &nats_url)
+            .env("CIM_TIER", "leaf")
+            .env("CIM_HTTP_LISTEN", format!("127.0.0.1:{port}"))
+            .env_remove("CIM_NATS_CREDS")
+            .env_remove("CIM_JS_DOMAIN")
+            .env_remove("CIM_INSTANCE_ID");
+        let child = spawn(&mut cmd, &log).with_context(|| format!("starting {}", bin.display()))?;
+        procs.push(Proc { name: name.to_string(), child, log, health: Some(format!("127.0.0.1:{port}")) });
+    }
+    for i in 1..procs.len() {
+        let addr = procs[i].health.clone().unwrap_or_default();
+        if let Err(e) = wait_healthy(&mut procs, &addr, "/readyz", deadline).await {
+            stop_all(&mut procs).await;
+            return Err(e.context(format!("{} did not become ready; see {}", procs[i].name, procs[i].log.display())));
+        }
+    }
+
+    println!("{}", summary(&data_dir, &nats_url, &monitor, &procs));
+    println!("Press Ctrl-C to stop.");
+
+    let outcome = supervise(&mut procs).await;
+    println!("stopping: services first, then NATS");
+    stop_all(&mut procs).await;
+    match outcome {
+        None => {
+            println!("CIM leaf node stopped");
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(msg) => {
+            eprintln!("cimctl up: {msg}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn valid_sync(s: &str) -> bool {
+    if s == "always" {
+        return true;
+    }
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    n.parse::<u64>().is_ok_and(|n| n > 0) && matches!(unit, "ms" | "s" | "m" | "h")
+}
+
+/// The leaf's nats-server configuration, with the durability choice explained where an
+/// operator will read it.
+fn nats_config(port: u16, monitor_port: u16, store: &Path, sync: &str) -> String {
+    let mut c = String::new();
+    let _ = writeln!(c, "# Written by `cimctl up` for a CIM leaf node. Regenerated on every start.");
+    let _ = writeln!(c, "server_name: cim-leaf");
+    let _ = writeln!(c, "listen: 127.0.0.1:{port}");
+    let _ = writeln!(c, "http: 127.0.0.1:{monitor_port}");
+    let _ = writeln!(c, "jetstream {{");
+    let _ = writeln!(c, "  store_dir: {:?}", store.display().to_string());
+    let _ = writeln!(c, "  # The leaf's own JetStream domain, so a cluster can source its streams across domains.");
+    let _ = writeln!(c, "  domain: leaf");
+    let _ = writeln!(c, "  # Durability: nats-server fsyncs its stream files only every 2 minutes by default, and");
+    let _ = writeln!(c, "  # Jepsen's 2025 analysis of NATS 2.12 showed acknowledged writes lost on power failure under");
+    let _ = writeln!(c, "  # that default. A leaf is a single node with no replicas to recover from, and CIM's history");
+    let _ = writeln!(c, "  # is its source of truth, so a write is acknowledged only once it is on disk. `--sync`");
+    let _ = writeln!(c, "  # trades that for throughput; see docs/operations.md.");
+    let _ = writeln!(c, "  sync_interval: {sync}");
+    let _ = writeln!(c, "}}");
+    c
+}
+
+async fn check_config(nats_bin: &Path, conf: &Path) -> Result<()> {
+    let out = Command::new(nats_bin).arg("-c").arg(conf).arg("-t").output().await?;
+    if !out.status.success() {
+        bail!(
+            "generated NATS configuration {} is invalid: {}{}",
+            conf.display(),
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn pick_port(preferred: u16) -> u16 {
+    if preferred != 0 && std::net::TcpListener::bind(("127.0.0.1", preferred)).is_ok() {
+        return preferred;
+    }
+    let port = cim_testkit::free_port();
+    if preferred != 0 {
+        println!("note: port {preferred} is in use; using {port}");
+    }
+    port
+}
+
+fn find_service_binaries(bin_dir: Option<&Path>) -> Result<Vec<(Component, PathBuf)>> {
+    let own_dir = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf));
+    let path_dirs: Vec<PathBuf> = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    let dirs: Vec<PathBuf> = match bin_dir {
+        Some(d) => vec![d.to_path_buf()],
+        None => own_dir.into_iter().chain(path_dirs).collect(),
+    };
+    let mut found = Vec::new();
+    let mut missing = Vec::new();
+    for c in Component::ALL {
+        match dirs.iter().map(|d| d.join(c.service_name())).find(|p| p.is_file()) {
+            Some(p) => found.push((c, p)),
+            None => missing.push(c.service_name()),
+        }
+    }
+    if !missing.is_empty() {
+        let looked = match bin_dir {
+            Some(d) => d.display().to_string(),
+            None => "next to cimctl and on PATH".to_string(),
+        };
+        bail!(
+            "service binaries not found ({looked}): {}; build them with `cargo build --workspace --bins` \
+             (or run `cargo xtask up`, which builds and starts everything)",
+            missing.join(", ")
+        );
+    }
+    Ok(found)
+}
+
+fn spawn(cmd: &mut Command, log: &Path) -> Result<Child> {
+    let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let err = out.try_clone()?;
+    // Own process group: Ctrl-C reaches cimctl only, which then stops everything in order.
+    Ok(cmd.stdin(Stdio::null()).stdout(out).stderr(err).process_group(0).kill_on_drop(true).spawn()?)
+}
+
+/// Polls `GET path` on `addr` until 200, failing early if any process has exited.
+async fn wait_healthy(procs: &mut [Proc], addr: &str, path: &str, deadline: Instant) -> Result<()> {
+    let mut delay = Duration::from_millis(20);
+    loop {
+        if let Some(msg) = exited(procs) {
+            bail!(msg);
+        }
+        if let Ok(r) = cim_testkit::http_get(addr, path).await
+            && r.status == 200
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("http://{addr}{path} not ready before the deadline");
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(500));
+    }
+}
+
+fn exited(procs: &mut [Proc]) -> Option<String> {
+    for p in procs.iter_mut() {
+        if let Ok(Some(status)) = p.child.try_wait() {
+            return Some(format!("{} exited unexpectedly ({status}); see {}", p.name, p.log.display()));
+        }
+    }
+    None
+}
+
+/// Waits for Ctrl-C / SIGTERM (returns None) or for a process to die (returns why).
+async fn supervise(procs: &mut [Proc]) -> Option<String> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        return Some("cannot install signal handlers".into());
+    };
+    loop {
+        tokio::select! {
+            _ = int.recv() => return None,
+            _ = term.recv() => return None,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                if let Some(msg) = exited(procs) {
+                    return Some(msg);
+                }
+            }
+        }
+    }
+}
+
+/// SIGTERM to every service (they drain), wait; then NATS. Anything still alive after its
+/// grace period is killed.
+async fn stop_all(procs: &mut [Proc]) {
+    let (nats, services) = procs.split_at_mut(1);
+    for p in services.iter_mut() {
+        signal(&p.child, Signal::SIGTERM);
+    }
+    for p in services.iter_mut() {
+        stop_one(p, Duration::from_secs(20)).await;
+    }
+    for p in nats.iter_mut() {
+        signal(&p.child, Signal::SIGTERM);
+        stop_one(p, Duration::from_secs(10)).await;
+    }
+}
+
+fn signal(child: &Child, sig: Signal) {
+    if let Some(pid) = child.id() {
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), sig);
+    }
+}
+
+async fn stop_one(p: &mut Proc, grace: Duration) {
+    match tokio::time::timeout(grace, p.child.wait()).await {
+        Ok(Ok(status)) if status.success() => println!("  {:<18} stopped", p.name),
+        Ok(Ok(status)) => println!("  {:<18} stopped ({status})", p.name),
+        Ok(Err(e)) => println!("  {:<18} could not be awaited: {e}", p.name),
+        Err(_) => {
+            let _ = p.child.kill().await;
+            println!("  {:<18} killed after {grace:?}", p.name);
+        }
+    }
+}
+
+fn summary(data_dir: &Path, nats_url: &str, monitor: &str, procs: &[Proc]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "CIM leaf node is up");
+    let _ = writeln!(s, "  data        {}", data_dir.display());
+    let _ = writeln!(s, "  nats        {nats_url}  (monitoring http://{monitor}, JetStream domain leaf)");
+    let _ = writeln!(s, "  use it      export CIM_NATS_URL={nats_url}");
+    let _ = writeln!(s);
+    let _ = writeln!(s, "  {:<18} {:>7}  {:<36} log", "process", "pid", "health");
+    for p in procs {
+        let health = p.health.as_ref().map(|h| format!("http://{h}/readyz")).unwrap_or_else(|| format!("http://{monitor}/healthz"));
+        let _ = writeln!(s, "  {:<18} {:>7}  {:<36} {}", p.name, p.child.id().unwrap_or(0), health, p.log.display());
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sync_values() {
+        for ok in ["always", "1s", "500ms", "2m"] {
+            assert!(valid_sync(ok), "{ok}");
+        }
+        for bad in ["", "never", "0s", "1x", "s"] {
+            assert!(!valid_sync(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn config_states_its_durability_choice() {
+        let c = nats_config(4222, 8222, Path::new("/data/js"), "always");
+        assert!(c.contains("sync_interval: always"));
+        assert!(c.contains("Jepsen"));
+        assert!(c.contains("store_dir: \"/data/js\""));
+    }
+}
