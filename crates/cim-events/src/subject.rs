@@ -222,6 +222,25 @@ pub fn dead_letters_of(component: Component) -> String {
     join(&[ROOT, Kind::DeadLetter.token(), component.token(), ">"])
 }
 
+/// A verb of the NATS micro services protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MicroVerb {
+    Ping,
+    Info,
+    Stats,
+}
+
+/// `$SRV.<PING|INFO|STATS>.cim-<component>`: discovery and stats of every instance of a
+/// component, answered by the runtime through the NATS micro services protocol.
+pub fn micro(verb: MicroVerb, component: Component) -> String {
+    let verb = match verb {
+        MicroVerb::Ping => "PING",
+        MicroVerb::Info => "INFO",
+        MicroVerb::Stats => "STATS",
+    };
+    format!("$SRV.{verb}.{}", component.micro_name())
+}
+
 /// The parts of an event subject, parsed back.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EventSubject {
@@ -276,6 +295,8 @@ mod tests {
         assert_eq!(all_lifecycle(), "cim.svc.>");
         assert_eq!(dead_letter(Component::PipelineEngine, "steps").unwrap(), "cim.dlq.pipeline.steps");
         assert_eq!(dead_letters_of(Component::IntegrationHub), "cim.dlq.hub.>");
+        assert_eq!(micro(MicroVerb::Ping, iu), "$SRV.PING.cim-iu");
+        assert_eq!(micro(MicroVerb::Stats, Component::UiGateway), "$SRV.STATS.cim-gateway");
     }
 
     #[test]

@@ -292,7 +292,14 @@ impl Service {
             instance_id: settings.instance_id.clone(),
             reason: "shutdown".to_string(),
         };
-        let _ = ctx.publish_root(lifecycle_subject(&ctx, Lifecycle::Goodbye)?, &goodbye).await;
+        let said_goodbye = async {
+            ctx.publish_root(lifecycle_subject(&ctx, Lifecycle::Goodbye)?, &goodbye).await?;
+            ctx.client().flush().await?;
+            anyhow::Ok(())
+        };
+        if let Err(e) = tokio::time::timeout(Duration::from_secs(2), said_goodbye).await.unwrap_or_else(|_| Err(anyhow::anyhow!("timed out"))) {
+            tracing::warn!(error = %e, "could not say goodbye");
+        }
         let _ = micro.stop().await;
         if tokio::time::timeout(settings.shutdown_grace, client.drain()).await.is_err() {
             tracing::warn!("draining the NATS connection timed out");
@@ -450,7 +457,7 @@ async fn watch_health(ctx: Ctx, health: http::Health, reconnected: Arc<Notify>) 
                 ready,
                 in_flight: ctx.metrics().in_flight.get().max(0) as u64,
             };
-            let _ = ctx.publish_root(subject.clone(), &beat).await;
+            let _ = ctx.publish_root(subject.clone(), &beat).instrument(tracing::info_span!("heartbeat")).await;
         }
         // Check again soon after a (re)connect, else on the heartbeat interval.
         let interval = if ready { settings.heartbeat_interval } else { settings.heartbeat_interval.min(Duration::from_millis(500)) };

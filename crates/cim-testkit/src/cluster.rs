@@ -103,9 +103,16 @@ impl NatsClusterBuilder {
                 b = b.extra_config(&self.extra_config);
             }
             // Each node is ready (JetStream enabled) before the meta group has a leader.
-            nodes.push(b.start().await.with_context(|| format!("starting node {} of cluster {}", i + 1, self.name))?);
+            nodes.push(
+                b.start()
+                    .await
+                    .with_context(|| format!("starting node {} of cluster {}", i + 1, self.name))?,
+            );
         }
-        let cluster = NatsCluster { nodes, opts: self.clone() };
+        let cluster = NatsCluster {
+            nodes,
+            opts: self.clone(),
+        };
         cluster.wait_formed(true, self.startup_timeout).await?;
         Ok(cluster)
     }
@@ -113,6 +120,11 @@ impl NatsClusterBuilder {
 
 /// A JetStream cluster of `n` nats-servers on 127.0.0.1, each with its own store dir, a
 /// JetStream domain (default `hub`) and a leaf node listener. Dropping it kills every node.
+///
+/// Timing: nats-server's Raft election timeout is a fixed 4-9 s (not configurable), so a
+/// start takes 0.5-9 s, and after killing a stream's or the meta group's leader the next
+/// write succeeds only after a new election; wait for it with [`crate::eventually()`]
+/// (20 s is a safe bound), retrying publishes with a message id to avoid duplicates.
 #[derive(Debug)]
 pub struct NatsCluster {
     nodes: Vec<NatsServer>,
@@ -166,8 +178,18 @@ impl NatsCluster {
 
     pub async fn try_connect(&self) -> Result<async_nats::Client> {
         // Running nodes first: the initial connect does not always try every server.
-        let mut urls: Vec<String> = self.nodes.iter().filter(|n| n.is_running()).map(NatsServer::url).collect();
-        urls.extend(self.nodes.iter().filter(|n| !n.is_running()).map(NatsServer::url));
+        let mut urls: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|n| n.is_running())
+            .map(NatsServer::url)
+            .collect();
+        urls.extend(
+            self.nodes
+                .iter()
+                .filter(|n| !n.is_running())
+                .map(NatsServer::url),
+        );
         test_connect_options()
             .retain_servers_order()
             .connect(urls)
@@ -189,7 +211,9 @@ impl NatsCluster {
 
     /// The index of the node with this `server_name` (as JetStream reports leaders).
     pub fn node_index(&self, server_name: &str) -> Option<usize> {
-        self.nodes.iter().position(|n| n.server_name() == server_name)
+        self.nodes
+            .iter()
+            .position(|n| n.server_name() == server_name)
     }
 
     /// SIGKILLs node `i`; the others keep running. Does not wait for a new leader.
@@ -207,7 +231,11 @@ impl NatsCluster {
 
     /// The current JetStream meta leader's server name, as node `i`'s `/jsz` reports it.
     pub async fn meta_leader(&self) -> Result<String> {
-        let running = self.nodes.iter().find(|n| n.is_running()).ok_or_else(|| anyhow!("no node is running"))?;
+        let running = self
+            .nodes
+            .iter()
+            .find(|n| n.is_running())
+            .ok_or_else(|| anyhow!("no node is running"))?;
         let jsz = running.monitor_json("/jsz").await?;
         match jsz["meta_cluster"]["leader"].as_str() {
             Some(l) if !l.is_empty() => Ok(l.to_owned()),
@@ -218,7 +246,10 @@ impl NatsCluster {
     /// Waits until the running nodes form a healthy cluster (see [`NatsClusterBuilder::start`]);
     /// returns the meta leader's name. With `require_all`, a node that is not running fails at once.
     pub async fn wait_formed(&self, require_all: bool, timeout: Duration) -> Result<String> {
-        let what = format!("cluster {} to form with a JetStream meta leader", self.name());
+        let what = format!(
+            "cluster {} to form with a JetStream meta leader",
+            self.name()
+        );
         poll(timeout, &what, || async {
             if require_all && let Some(dead) = self.nodes.iter().find(|n| !n.is_running()) {
                 return Attempt::Fail(anyhow!(
@@ -246,7 +277,9 @@ impl NatsCluster {
             }
             match &leader {
                 None => leader = Some(l.to_owned()),
-                Some(seen) if seen != l => bail!("nodes disagree on the meta leader ({seen} vs {l})"),
+                Some(seen) if seen != l => {
+                    bail!("nodes disagree on the meta leader ({seen} vs {l})")
+                }
                 Some(_) => {}
             }
         }
@@ -256,19 +289,31 @@ impl NatsCluster {
             .find(|n| n.server_name() == leader)
             .ok_or_else(|| anyhow!("meta leader {leader} is not a running node"))?;
         let jsz = leader_node.monitor_json("/jsz").await?;
-        let replicas = jsz["meta_cluster"]["replicas"].as_array().cloned().unwrap_or_default();
+        let replicas = jsz["meta_cluster"]["replicas"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         for node in running.iter().filter(|n| n.server_name() != leader) {
-            let current = replicas
-                .iter()
-                .any(|r| r["name"].as_str() == Some(node.server_name()) && r["current"].as_bool() == Some(true));
+            let current = replicas.iter().any(|r| {
+                r["name"].as_str() == Some(node.server_name())
+                    && r["current"].as_bool() == Some(true)
+            });
             if !current {
-                bail!("meta leader {leader} does not see {} as a current peer yet", node.server_name());
+                bail!(
+                    "meta leader {leader} does not see {} as a current peer yet",
+                    node.server_name()
+                );
             }
         }
         for node in &running {
             let r = node.monitor_get("/healthz").await?;
             if r.status != 200 {
-                bail!("{} /healthz answered {}: {}", node.server_name(), r.status, r.text());
+                bail!(
+                    "{} /healthz answered {}: {}",
+                    node.server_name(),
+                    r.status,
+                    r.text()
+                );
             }
         }
         let client = self.try_connect().await?;
@@ -300,8 +345,12 @@ pub async fn start_leaf(cluster: &NatsCluster, domain: &str) -> Result<NatsServe
         .startup_timeout(cluster.opts.startup_timeout)
         .start()
         .await?;
-    let hub = async_nats::jetstream::with_domain(leaf.try_connect().await?, cluster.jetstream_domain());
-    let what = format!("the hub's JetStream domain {:?} to answer through leaf {domain}", cluster.jetstream_domain());
+    let hub =
+        async_nats::jetstream::with_domain(leaf.try_connect().await?, cluster.jetstream_domain());
+    let what = format!(
+        "the hub's JetStream domain {:?} to answer through leaf {domain}",
+        cluster.jetstream_domain()
+    );
     eventually(cluster.opts.startup_timeout, &what, || async {
         hub.query_account().await?;
         Ok(())

@@ -20,7 +20,10 @@ pub struct HttpResponse {
 impl HttpResponse {
     pub fn header(&self, name: &str) -> Option<&str> {
         let name = name.to_ascii_lowercase();
-        self.headers.iter().find(|(k, _)| *k == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn text(&self) -> String {
@@ -49,7 +52,11 @@ async fn get_inner(addr: &str, path: &str) -> Result<HttpResponse> {
 
 fn parse_response(raw: &[u8]) -> Result<HttpResponse> {
     let Some(head_end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
-        bail!("no complete HTTP header in {} bytes: {:?}", raw.len(), String::from_utf8_lossy(raw));
+        bail!(
+            "no complete HTTP header in {} bytes: {:?}",
+            raw.len(),
+            String::from_utf8_lossy(raw)
+        );
     };
     let head = String::from_utf8_lossy(&raw[..head_end]);
     let mut lines = head.split("\r\n");
@@ -61,7 +68,9 @@ fn parse_response(raw: &[u8]) -> Result<HttpResponse> {
     if !version.starts_with("HTTP/") {
         bail!("bad status line {status_line:?}");
     }
-    let status: u16 = code.parse().with_context(|| format!("bad status line {status_line:?}"))?;
+    let status: u16 = code
+        .parse()
+        .with_context(|| format!("bad status line {status_line:?}"))?;
     let headers: Vec<(String, String)> = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
@@ -70,8 +79,16 @@ fn parse_response(raw: &[u8]) -> Result<HttpResponse> {
     let chunked = headers
         .iter()
         .any(|(k, v)| k == "transfer-encoding" && v.to_ascii_lowercase().contains("chunked"));
-    let body = if chunked { dechunk(rest)? } else { rest.to_vec() };
-    Ok(HttpResponse { status, headers, body })
+    let body = if chunked {
+        dechunk(rest)?
+    } else {
+        rest.to_vec()
+    };
+    Ok(HttpResponse {
+        status,
+        headers,
+        body,
+    })
 }
 
 fn dechunk(mut data: &[u8]) -> Result<Vec<u8>> {

