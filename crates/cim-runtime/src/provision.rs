@@ -214,7 +214,7 @@ mod tests {
     #[test]
     fn harmless_changes_are_applied() {
         let mut d = base();
-        d.subjects.push("cim.evt.extra.>".into());
+        d.subjects.push(cim_events::subject::events_of(Component::Registry));
         d.num_replicas = 3;
         d.duplicate_window = Duration::from_secs(300);
         d.description = Some("new".into());
@@ -229,7 +229,7 @@ mod tests {
     #[test]
     fn destructive_changes_are_refused_with_every_reason() {
         let mut d = base();
-        d.subjects = vec!["cim.evt.other.>".into()];
+        d.subjects = vec![cim_events::subject::events_of(Component::Registry)];
         d.retention = stream::RetentionPolicy::WorkQueue;
         d.max_age = Duration::from_secs(60);
         d.max_bytes = 1024;

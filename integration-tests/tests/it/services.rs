@@ -90,28 +90,39 @@ async fn all_seven_start_provision_answer_and_stop_on_sigterm() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_service_reconnects_after_nats_restarts() -> Result<()> {
+async fn all_seven_reconnect_after_nats_restarts() -> Result<()> {
     let mut nats = NatsServer::start().await?;
-    let mut svc = ServiceProc::start(Component::Registry, &nats.url(), &[])?;
     let client = nats.connect().await;
-    let d = wait_ready(&client, &svc).await?;
-    let http = d.service.unwrap().http_addr;
+    let mut procs = Vec::new();
+    for c in Component::ALL {
+        procs.push(ServiceProc::start(c, &nats.url(), &[])?);
+    }
+    let mut health = Vec::new();
+    for p in &procs {
+        health.push(wait_ready(&client, p).await?.service.unwrap().http_addr);
+    }
 
     nats.stop();
-    eventually(READY, "readyz 503 while NATS is down", || async {
-        let r = http_get(&http, "/readyz").await?;
-        anyhow::ensure!(r.status == 503, "readyz {}", r.status);
-        Ok(())
-    })
-    .await?;
-    assert!(http_get(&http, "/livez").await?.status == 200, "alive while NATS is down");
+    for http in &health {
+        eventually(READY, "readyz 503 while NATS is down", || async {
+            let r = http_get(http, "/readyz").await?;
+            anyhow::ensure!(r.status == 503, "readyz {}", r.status);
+            Ok(())
+        })
+        .await?;
+        assert!(http_get(http, "/livez").await?.status == 200, "alive while NATS is down");
+    }
 
     nats.restart().await?;
     let client = nats.connect().await;
-    wait_ready(&client, &svc).await?;
-    let metrics = http_get(&http, "/metrics").await?.text();
-    assert!(metrics.contains("cim_nats_reconnects_total"), "{metrics}");
-    assert!(svc.terminate(Duration::from_secs(20)).await?.success());
+    for (p, http) in procs.iter().zip(&health) {
+        wait_ready(&client, p).await?;
+        let metrics = http_get(http, "/metrics").await?.text();
+        assert!(metrics.contains("cim_nats_reconnects_total"), "{metrics}");
+    }
+    for p in &mut procs {
+        assert!(p.terminate(Duration::from_secs(20)).await?.success(), "{}", p.log());
+    }
     Ok(())
 }
 
