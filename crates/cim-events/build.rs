@@ -4,6 +4,7 @@ fn main() -> std::io::Result<()> {
     let protos = [
         "proto/cim/runtime/v1/runtime.proto",
         "proto/cim/runtime/v1/legacy.proto",
+        "proto/cim/iu/v1/iu.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

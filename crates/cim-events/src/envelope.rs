@@ -98,29 +98,44 @@ pub fn new_id() -> Uuid {
 impl Envelope {
     /// A message that starts a new chain: `id == correlation == causation`.
     pub fn root<P: Payload>(source: impl Into<String>) -> Envelope {
+        Envelope::new_root(P::TYPE, Schema::of::<P>(), source)
+    }
+
+    /// A message caused by `parent`: same correlation id, causation = parent's id.
+    pub fn caused_by<P: Payload>(parent: &Envelope, source: impl Into<String>) -> Envelope {
+        Envelope::new_caused_by(parent, P::TYPE, Schema::of::<P>(), source)
+    }
+
+    /// [`Envelope::root`] for a payload type chosen at run time.
+    pub fn new_root(kind: &str, schema: Schema, source: impl Into<String>) -> Envelope {
         let id = new_id();
         Envelope {
             id,
             correlation_id: id,
             causation_id: id,
-            kind: P::TYPE.to_string(),
+            kind: kind.to_string(),
             source: source.into(),
             time: OffsetDateTime::now_utc(),
-            schema: Schema::of::<P>(),
+            schema,
         }
     }
 
-    /// A message caused by `parent`: same correlation id, causation = parent's id.
-    pub fn caused_by<P: Payload>(parent: &Envelope, source: impl Into<String>) -> Envelope {
+    /// [`Envelope::caused_by`] for a payload type chosen at run time.
+    pub fn new_caused_by(parent: &Envelope, kind: &str, schema: Schema, source: impl Into<String>) -> Envelope {
         Envelope {
             id: new_id(),
             correlation_id: parent.correlation_id,
             causation_id: parent.id,
-            kind: P::TYPE.to_string(),
+            kind: kind.to_string(),
             source: source.into(),
             time: OffsetDateTime::now_utc(),
-            schema: Schema::of::<P>(),
+            schema,
         }
+    }
+
+    /// Unix milliseconds of `time`.
+    pub fn time_ms(&self) -> i64 {
+        (self.time.unix_timestamp_nanos() / 1_000_000) as i64
     }
 
     pub fn id(&self) -> Uuid {

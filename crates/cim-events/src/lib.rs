@@ -8,13 +8,16 @@
 //!
 //! No other crate spells a subject, stream, consumer or bucket name as a literal.
 
+pub mod cid;
 pub mod envelope;
+pub mod iu;
 pub mod payload;
 pub mod reference;
 pub mod resources;
 pub mod subject;
 pub mod token;
 
+pub use cid::Cid;
 pub use envelope::{Envelope, Schema};
 pub use payload::{Payload, Upcasters};
 pub use resources::Tier;
@@ -29,6 +32,10 @@ pub mod proto {
         #![allow(missing_docs, clippy::all)]
         include!(concat!(env!("OUT_DIR"), "/cim.runtime.v1.rs"));
     }
+    pub mod iu {
+        #![allow(missing_docs, clippy::all)]
+        include!(concat!(env!("OUT_DIR"), "/cim.iu.v1.rs"));
+    }
 }
 
 /// Everything the contract can refuse.
@@ -42,6 +49,8 @@ pub enum ContractError {
     UnknownComponent(String),
     #[error("unknown tier {0:?} (expected leaf or cluster)")]
     UnknownTier(String),
+    #[error("invalid CID {0}")]
+    InvalidCid(String),
     #[error("invalid envelope: {0}")]
     InvalidEnvelope(String),
     #[error("expected payload type {expected}, found {found}")]

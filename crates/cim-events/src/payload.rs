@@ -37,6 +37,20 @@ payload!(ServiceHeartbeat, "cim.runtime.service.heartbeat", 1);
 payload!(ServiceStopped, "cim.runtime.service.stopped", 1);
 payload!(DescribeReply, "cim.runtime.describe.reply", 1);
 
+use crate::proto::iu;
+payload!(iu::UnitCreated, "cim.iu.unit.created", 1);
+payload!(iu::UnitVersioned, "cim.iu.unit.versioned", 1);
+payload!(iu::UnitTagged, "cim.iu.unit.tagged", 1);
+payload!(iu::UnitUntagged, "cim.iu.unit.untagged", 1);
+payload!(iu::UnitAttributesSet, "cim.iu.unit.attributes_set", 1);
+payload!(iu::UnitLinked, "cim.iu.unit.linked", 1);
+payload!(iu::UnitUnlinked, "cim.iu.unit.unlinked", 1);
+payload!(iu::UnitDeleted, "cim.iu.unit.deleted", 1);
+payload!(iu::UnitTypeRegistered, "cim.iu.type.registered", 1);
+payload!(iu::ContentStored, "cim.iu.content.stored", 1);
+payload!(iu::ContentCorrupted, "cim.iu.content.corrupted", 1);
+payload!(iu::ContentCollected, "cim.iu.content.collected", 1);
+
 /// One step of an upcasting path: bytes of `(type, version)` to bytes of `version + 1`.
 pub type UpcastFn = fn(&[u8]) -> Result<Vec<u8>, ContractError>;
 

@@ -4,7 +4,7 @@
 use std::{fmt, str::FromStr, time::Duration};
 
 use async_nats::jetstream::{
-    object_store,
+    kv, object_store,
     stream::{self, DiscardPolicy, RetentionPolicy, StorageType},
 };
 
@@ -135,6 +135,53 @@ impl ObjectBucketSpec {
     }
 }
 
+/// A KV bucket a component owns: a projection (rebuildable from events) or a cache.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KvBucketSpec {
+    pub component: Component,
+    pub bucket: String,
+    pub description: String,
+    /// Entries expire after this long (0 = never).
+    pub max_age: Duration,
+}
+
+impl KvBucketSpec {
+    pub fn config(&self, tier: Tier) -> kv::Config {
+        kv::Config {
+            bucket: self.bucket.clone(),
+            description: self.description.clone(),
+            history: 1,
+            max_age: self.max_age,
+            storage: StorageType::File,
+            num_replicas: tier.replicas(),
+            ..Default::default()
+        }
+    }
+
+    /// The stream JetStream keeps the bucket in.
+    pub fn stream_name(&self) -> String {
+        format!("KV_{}", self.bucket)
+    }
+}
+
+/// All KV buckets a component owns and provisions.
+pub fn kv_buckets(component: Component) -> Vec<KvBucketSpec> {
+    let spec = |purpose: &str, description: &str, max_age: Duration| KvBucketSpec {
+        component,
+        bucket: format!("cim_{}_{purpose}", component.token()),
+        description: description.to_string(),
+        max_age,
+    };
+    match component {
+        Component::InformationUnit => vec![
+            spec(crate::iu::KV_UNITS, "projection: current state of every unit, and the checkpoint", Duration::ZERO),
+            spec(crate::iu::KV_TYPES, "projection: registered unit types and their schemas", Duration::ZERO),
+            spec(crate::iu::KV_REQUESTS, "results of commands by request id, for idempotent retries (24h)", crate::iu::REQUEST_MEMORY),
+        ],
+        _ => Vec::new(),
+    }
+}
+
 /// `CIM_<COMPONENT>_EVENTS`.
 pub fn events_stream(component: Component) -> StreamSpec {
     StreamSpec {
@@ -167,7 +214,7 @@ pub fn object_buckets(component: Component) -> Vec<ObjectBucketSpec> {
     match component {
         Component::InformationUnit => vec![ObjectBucketSpec {
             component,
-            bucket: "cim_iu_content".to_string(),
+            bucket: crate::iu::CONTENT_BUCKET.to_string(),
             description: "unit content, keyed by CID".to_string(),
         }],
         Component::PluginHost => vec![ObjectBucketSpec {
@@ -242,6 +289,11 @@ mod tests {
             for b in object_buckets(c) {
                 validate_name("bucket", &b.bucket).unwrap();
                 assert!(names.insert(b.stream_name()));
+            }
+            for b in kv_buckets(c) {
+                validate_name("bucket", &b.bucket).unwrap();
+                assert!(names.insert(b.stream_name()));
+                assert_eq!(b.config(Tier::Cluster).num_replicas, 3);
             }
         }
         assert_eq!(consumer(Component::PipelineEngine, "steps").unwrap(), "pipeline-steps");

@@ -241,6 +241,19 @@ pub fn micro(verb: MicroVerb, component: Component) -> String {
     format!("$SRV.{verb}.{}", component.micro_name())
 }
 
+/// `$O.<bucket>.C.<nuid>`: the chunks of one object in JetStream's object store layout.
+pub fn object_chunks(bucket: &str, nuid: &str) -> Result<String, ContractError> {
+    crate::token::validate_name("object bucket", bucket)?;
+    validate_token("object nuid", nuid)?;
+    Ok(format!("$O.{bucket}.C.{nuid}"))
+}
+
+/// `$O.<bucket>.C.>`: every chunk subject of a bucket.
+pub fn all_object_chunks(bucket: &str) -> Result<String, ContractError> {
+    crate::token::validate_name("object bucket", bucket)?;
+    Ok(format!("$O.{bucket}.C.>"))
+}
+
 /// The parts of an event subject, parsed back.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EventSubject {

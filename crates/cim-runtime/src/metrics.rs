@@ -16,6 +16,11 @@ pub struct EndpointLabels {
     pub endpoint: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProjectionLabels {
+    pub projection: String,
+}
+
 /// The service's metrics; cheap to clone.
 #[derive(Clone)]
 pub struct Metrics {
@@ -27,6 +32,10 @@ pub struct Metrics {
     pub ready: Gauge<i64, AtomicI64>,
     pub nats_connected: Gauge<i64, AtomicI64>,
     pub nats_reconnects: Counter<u64, AtomicU64>,
+    /// Events in the log not yet applied to a projection.
+    pub projection_lag: Family<ProjectionLabels, Gauge<i64, AtomicI64>>,
+    /// Stream sequence a projection has applied up to.
+    pub projection_checkpoint: Family<ProjectionLabels, Gauge<i64, AtomicI64>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -54,6 +63,8 @@ impl Metrics {
         let ready = Gauge::<i64, AtomicI64>::default();
         let nats_connected = Gauge::<i64, AtomicI64>::default();
         let nats_reconnects = Counter::<u64, AtomicU64>::default();
+        let projection_lag = Family::<ProjectionLabels, Gauge<i64, AtomicI64>>::default();
+        let projection_checkpoint = Family::<ProjectionLabels, Gauge<i64, AtomicI64>>::default();
         registry.register("requests", "Requests handled, by endpoint", requests.clone());
         registry.register("request_errors", "Requests answered with an error, by endpoint", errors.clone());
         registry.register("request_duration_seconds", "Time to handle a request, by endpoint", latency.clone());
@@ -61,6 +72,8 @@ impl Metrics {
         registry.register("ready", "1 when the service is ready (NATS connected, streams usable)", ready.clone());
         registry.register("nats_connected", "1 while connected to NATS", nats_connected.clone());
         registry.register("nats_reconnects", "Reconnections to NATS since start", nats_reconnects.clone());
+        registry.register("projection_lag", "Events not yet applied to a projection", projection_lag.clone());
+        registry.register("projection_checkpoint", "Stream sequence a projection has applied up to", projection_checkpoint.clone());
         Metrics {
             registry: Arc::new(registry),
             requests,
@@ -70,6 +83,8 @@ impl Metrics {
             ready,
             nats_connected,
             nats_reconnects,
+            projection_lag,
+            projection_checkpoint,
         }
     }
 

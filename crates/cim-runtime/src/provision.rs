@@ -4,7 +4,7 @@
 use async_nats::jetstream::{self, stream};
 use cim_events::{
     Component, Tier,
-    resources::{self, ObjectBucketSpec, StreamSpec},
+    resources::{self, KvBucketSpec, ObjectBucketSpec, StreamSpec},
 };
 
 /// What provisioning did to one resource.
@@ -129,17 +129,27 @@ pub async fn ensure_stream(js: &jetstream::Context, desired: stream::Config) -> 
     }
 }
 
-/// Creates an object bucket, or checks the existing one's stream like any other stream.
-pub async fn ensure_object_bucket(js: &jetstream::Context, spec: &ObjectBucketSpec, tier: Tier) -> Result<Outcome, ProvisionError> {
-    let stream_name = spec.stream_name();
+/// Creates a bucket (object or KV) through `create`, or checks the existing bucket's stream like
+/// any other stream: replicas follow the tier, nothing destructive is changed.
+async fn ensure_bucket<F, Fut, E>(
+    js: &jetstream::Context,
+    label: String,
+    stream_name: String,
+    tier: Tier,
+    create: F,
+) -> Result<Outcome, ProvisionError>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: std::error::Error + Send + Sync + 'static,
+{
     match js.get_stream(&stream_name).await {
         Ok(mut existing) => {
             let info = existing.info().await.map_err(|e| js_err("info", &stream_name)(Box::new(e)))?;
             let mut desired = info.config.clone();
             desired.num_replicas = tier.replicas();
-            desired.description = spec.config(tier).description;
             match diff_stream(&info.config, &desired) {
-                Err(changes) => Err(ProvisionError::Destructive { resource: format!("object bucket {}", spec.bucket), changes }),
+                Err(changes) => Err(ProvisionError::Destructive { resource: label, changes }),
                 Ok(c) if c.is_empty() => Ok(Outcome::Unchanged),
                 Ok(c) => {
                     js.update_stream(desired).await.map_err(|e| js_err("update", &stream_name)(Box::new(e)))?;
@@ -148,13 +158,25 @@ pub async fn ensure_object_bucket(js: &jetstream::Context, spec: &ObjectBucketSp
             }
         }
         Err(e) if is_not_found(&e) => {
-            js.create_object_store(spec.config(tier))
-                .await
-                .map_err(|e| js_err("create object bucket", &spec.bucket)(Box::new(e)))?;
+            create().await.map_err(|e| js_err("create", &label)(Box::new(e)))?;
             Ok(Outcome::Created)
         }
         Err(e) => Err(js_err("get", &stream_name)(Box::new(e))),
     }
+}
+
+pub async fn ensure_object_bucket(js: &jetstream::Context, spec: &ObjectBucketSpec, tier: Tier) -> Result<Outcome, ProvisionError> {
+    ensure_bucket(js, format!("object bucket {}", spec.bucket), spec.stream_name(), tier, || async {
+        js.create_object_store(spec.config(tier)).await.map(|_| ())
+    })
+    .await
+}
+
+pub async fn ensure_kv_bucket(js: &jetstream::Context, spec: &KvBucketSpec, tier: Tier) -> Result<Outcome, ProvisionError> {
+    ensure_bucket(js, format!("kv bucket {}", spec.bucket), spec.stream_name(), tier, || async {
+        js.create_key_value(spec.config(tier)).await.map(|_| ())
+    })
+    .await
 }
 
 fn is_not_found(e: &jetstream::context::GetStreamError) -> bool {
@@ -171,6 +193,7 @@ pub fn owned_stream_names(component: Component) -> Vec<String> {
         .into_iter()
         .map(|s| s.name)
         .chain(resources::object_buckets(component).iter().map(ObjectBucketSpec::stream_name))
+        .chain(resources::kv_buckets(component).iter().map(KvBucketSpec::stream_name))
         .collect()
 }
 
@@ -184,6 +207,10 @@ pub async fn provision(js: &jetstream::Context, component: Component, tier: Tier
     for spec in resources::object_buckets(component) {
         let outcome = ensure_object_bucket(js, &spec, tier).await?;
         log_outcome("object bucket", &spec.bucket, &outcome);
+    }
+    for spec in resources::kv_buckets(component) {
+        let outcome = ensure_kv_bucket(js, &spec, tier).await?;
+        log_outcome("kv bucket", &spec.bucket, &outcome);
     }
     Ok(())
 }

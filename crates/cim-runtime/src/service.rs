@@ -48,6 +48,12 @@ impl ServiceError {
     pub fn bad_request(message: impl Into<String>) -> Self {
         ServiceError { code: 400, message: message.into() }
     }
+    pub fn not_found(message: impl Into<String>) -> Self {
+        ServiceError { code: 404, message: message.into() }
+    }
+    pub fn conflict(message: impl Into<String>) -> Self {
+        ServiceError { code: 409, message: message.into() }
+    }
     pub fn unavailable(message: impl Into<String>) -> Self {
         ServiceError { code: 503, message: message.into() }
     }
@@ -85,7 +91,9 @@ struct Shared {
     ready: AtomicBool,
     started: Instant,
     http_addr: SocketAddr,
-    subjects: Vec<String>,
+    subjects: std::sync::OnceLock<Vec<String>>,
+    stopping: tokio::sync::watch::Sender<bool>,
+    background: std::sync::Mutex<Vec<(String, tokio::task::JoinHandle<()>)>>,
 }
 
 impl std::fmt::Debug for Ctx {
@@ -116,6 +124,23 @@ impl Ctx {
         source(&s.node, s.component.service_name(), &s.instance_id)
     }
 
+    /// Resolves once the service starts shutting down; background loops select on it.
+    pub async fn stopping(&self) {
+        let mut rx = self.0.stopping.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        *self.0.stopping.borrow()
+    }
+
+    /// Runs `fut` until shutdown; at shutdown it gets the grace period to notice
+    /// [`Ctx::stopping`] and return, then it is aborted.
+    pub fn spawn(&self, name: &str, fut: impl Future<Output = ()> + Send + 'static) {
+        let handle = tokio::spawn(fut);
+        self.0.background.lock().unwrap_or_else(|e| e.into_inner()).push((name.to_string(), handle));
+    }
+
     fn announcement(&self) -> ServiceAnnounced {
         let s = &self.0.settings;
         ServiceAnnounced {
@@ -126,7 +151,7 @@ impl Ctx {
             node: s.node.clone(),
             contract_version: CONTRACT_VERSION,
             capabilities: self.0.def.capabilities.clone(),
-            subjects: self.0.subjects.clone(),
+            subjects: self.0.subjects.get().cloned().unwrap_or_default(),
             http_addr: self.0.http_addr.to_string(),
         }
     }
@@ -166,19 +191,34 @@ pub struct ServiceDef {
     pub capabilities: Vec<String>,
 }
 
-/// A service ready to run: its definition and endpoints.
+type SetupFn = Box<dyn FnOnce(Ctx) -> BoxFuture<anyhow::Result<Vec<Endpoint>>> + Send>;
+
+/// A service ready to run: its definition, endpoints, and an optional setup step.
 pub struct Service {
     def: ServiceDef,
     endpoints: Vec<Endpoint>,
+    setup: Option<SetupFn>,
 }
 
 impl Service {
     pub fn new(def: ServiceDef) -> Service {
-        Service { def, endpoints: Vec::new() }
+        Service { def, endpoints: Vec::new(), setup: None }
     }
 
     pub fn endpoint(mut self, e: Endpoint) -> Service {
         self.endpoints.push(e);
+        self
+    }
+
+    /// Runs once NATS is connected and everything is provisioned, before any endpoint serves:
+    /// builds the component's state, starts its background work ([`Ctx::spawn`]) and returns
+    /// its endpoints. An error stops the service.
+    pub fn setup<F, Fut>(mut self, f: F) -> Service
+    where
+        F: FnOnce(Ctx) -> Fut + Send + 'static,
+        Fut: Future<Output = anyhow::Result<Vec<Endpoint>>> + Send + 'static,
+    {
+        self.setup = Some(Box::new(move |ctx| Box::pin(f(ctx))));
         self
     }
 
@@ -221,10 +261,7 @@ impl Service {
             }
         }
 
-        let describe_subject = subject::query(component, "describe")?;
-        let mut endpoints = self.endpoints;
-        endpoints.push(Endpoint::new("describe", describe_subject, describe));
-        let subjects = endpoints.iter().map(|e| e.subject.clone()).collect();
+        let (stopping, _) = tokio::sync::watch::channel(false);
         let ctx = Ctx(Arc::new(Shared {
             def: self.def.clone(),
             settings: settings.clone(),
@@ -234,8 +271,16 @@ impl Service {
             ready: AtomicBool::new(false),
             started: Instant::now(),
             http_addr,
-            subjects,
+            subjects: std::sync::OnceLock::new(),
+            stopping,
+            background: std::sync::Mutex::new(Vec::new()),
         }));
+        let mut endpoints = self.endpoints;
+        if let Some(setup) = self.setup {
+            endpoints.extend(setup(ctx.clone()).await?);
+        }
+        endpoints.push(Endpoint::new("describe", subject::query(component, "describe")?, describe));
+        let _ = ctx.0.subjects.set(endpoints.iter().map(|e| e.subject.clone()).collect());
 
         let metadata = HashMap::from([
             ("instance".to_string(), settings.instance_id.clone()),
@@ -271,7 +316,7 @@ impl Service {
         let announce = lifecycle_subject(&ctx, Lifecycle::Announce)?;
         let span = tracing::info_span!("announce");
         ctx.publish_root(announce, &ctx.announcement()).instrument(span).await?;
-        tracing::info!(subjects = ?ctx.0.subjects, "serving");
+        tracing::info!(subjects = ?ctx.0.subjects.get(), "serving");
 
         shutdown.await;
         tracing::info!(grace = ?settings.shutdown_grace, "shutting down: no new work");
@@ -286,6 +331,14 @@ impl Service {
         match tokio::time::timeout(settings.shutdown_grace, permits.acquire_many(all)).await {
             Ok(_) => tracing::info!("in-flight work finished"),
             Err(_) => tracing::warn!(left = all as usize - permits.available_permits(), "grace period over; abandoning in-flight work (it will be redelivered)"),
+        }
+        let _ = ctx.0.stopping.send(true);
+        let background = std::mem::take(&mut *ctx.0.background.lock().unwrap_or_else(|e| e.into_inner()));
+        for (name, mut handle) in background {
+            if tokio::time::timeout(settings.shutdown_grace, &mut handle).await.is_err() {
+                tracing::warn!(task = %name, "background task did not stop within the grace period; aborting");
+                handle.abort();
+            }
         }
         let goodbye = ServiceStopped {
             component: component.token().to_string(),
@@ -349,6 +402,8 @@ async fn connect(settings: &Settings, metrics: &Metrics, reconnected: Arc<Notify
                     reconnected.notify_one();
                     tracing::warn!("disconnected from NATS; reconnecting");
                 }
+                async_nats::Event::ServerError(e) => tracing::warn!(error = %e, "NATS server error (e.g. authorization or permission violation)"),
+                async_nats::Event::ClientError(e) => tracing::warn!(error = %e, "NATS client error"),
                 other => tracing::debug!(event = %other, "nats event"),
             }
         }

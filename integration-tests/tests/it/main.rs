@@ -1,5 +1,6 @@
 //! The one integration-test binary: every module runs against real processes.
 
+mod auth;
 mod common;
 mod harness;
 mod otlp;

@@ -23,6 +23,7 @@ fn owned_streams(c: Component) -> Vec<(String, bool)> {
         .into_iter()
         .map(|s| (s.name, false))
         .chain(resources::object_buckets(c).iter().map(|b| (b.stream_name(), true)))
+        .chain(resources::kv_buckets(c).iter().map(|b| (b.stream_name(), true)))
         .collect()
 }
 

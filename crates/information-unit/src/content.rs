@@ -1,0 +1,179 @@
+//! Content in the JetStream object store: verification against the CID, and the collection
+//! rules that reclaim storage nobody can reach.
+//!
+//! Collection rules (each run every `--iu-collect-interval`; docs/information-units.md):
+//! 1. an upload (`upload.<uuid>`) older than `--iu-orphan-grace` was never committed: deleted;
+//! 2. chunks whose object has no metadata (an upload cut off mid-way), last written longer than
+//!    the grace ago: purged;
+//! 3. content no unit references any more — every unit whose versions include it is deleted —
+//!    and whose object and tombstones are older than `--iu-content-retention`: deleted.
+//!    Rule 3 only runs while the projection is current, so it never acts on a partial view.
+//!
+//! Every collection is recorded as a `cim.evt.iu.content.<object>.collected` event.
+
+use std::{collections::HashSet, sync::Arc, time::Duration};
+
+use async_nats::jetstream::object_store::{self, ObjectStore};
+use cim_events::{Cid, cid::CidHasher, iu, proto::iu::ContentCollected};
+use futures::StreamExt;
+use prost::Message as _;
+use tokio::io::AsyncReadExt;
+
+use crate::app::App;
+
+#[derive(Debug)]
+pub enum VerifyError {
+    Missing,
+    Mismatch(String),
+    Other(String),
+}
+
+/// Reads the object stored for `cid` to the end and checks its bytes against the CID.
+pub async fn verify(store: &ObjectStore, cid: &Cid) -> Result<(), VerifyError> {
+    let info = match store.info(cid.to_string()).await {
+        Ok(i) => i,
+        Err(e) if e.kind() == object_store::InfoErrorKind::NotFound => return Err(VerifyError::Missing),
+        Err(e) => return Err(VerifyError::Other(e.to_string())),
+    };
+    if info.digest.as_deref() != Some(cid.to_object_digest().as_str()) {
+        return Err(VerifyError::Mismatch(format!("stored digest {:?} is not the CID's", info.digest)));
+    }
+    let mut object = store.get(cid.to_string()).await.map_err(|e| VerifyError::Other(e.to_string()))?;
+    let mut hasher = CidHasher::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        match object.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => hasher.update(&buf[..n]),
+            // async-nats reports its own digest check failing as a read error
+            Err(e) if e.to_string().contains("digest") => return Err(VerifyError::Mismatch(e.to_string())),
+            Err(e) => return Err(VerifyError::Other(e.to_string())),
+        }
+    }
+    let actual = hasher.finish();
+    if actual != *cid {
+        return Err(VerifyError::Mismatch(format!("bytes hash to {actual}")));
+    }
+    Ok(())
+}
+
+fn age(modified: Option<time::OffsetDateTime>) -> Duration {
+    modified
+        .map(|m| (time::OffsetDateTime::now_utc() - m).unsigned_abs())
+        .unwrap_or(Duration::ZERO)
+}
+
+impl App {
+    async fn record_collected(&self, object: &str, size: u64, reason: &str) {
+        tracing::info!(object, size, reason, "collected");
+        let event = ContentCollected { object: object.to_string(), size, reason: reason.to_string() };
+        let token = object.replace('.', "_");
+        let Ok(subject) = iu::content_event(&token, iu::action::COLLECTED) else { return };
+        let mut headers = async_nats::HeaderMap::new();
+        cim_events::Envelope::root::<ContentCollected>(self.ctx.source()).write_headers(&mut headers);
+        if let Ok(ack) = self.js.publish_with_headers(subject, headers, event.encode_to_vec().into()).await {
+            let _ = ack.await;
+        }
+    }
+
+    /// One pass of the collection rules; returns how many objects it reclaimed.
+    pub async fn collect_once(&self) -> anyhow::Result<usize> {
+        let grace = self.opts.orphan_grace;
+        let mut collected = 0;
+        let mut live_nuids = HashSet::new();
+        let mut stored = Vec::new();
+        let mut list = self.content.list().await?;
+        while let Some(info) = list.next().await {
+            let info = info?;
+            live_nuids.insert(info.nuid.clone());
+            stored.push(info);
+        }
+        // Rule 1: uploads never committed.
+        for info in stored.iter().filter(|i| i.name.starts_with(iu::UPLOAD_PREFIX)) {
+            if age(info.modified) > grace {
+                self.content.delete(&info.name).await?;
+                self.record_collected(&info.name, info.size as u64, "upload never committed").await;
+                collected += 1;
+            }
+        }
+        // Rule 2: chunks without metadata.
+        let stream_name = cim_events::resources::object_buckets(cim_events::Component::InformationUnit)
+            .first()
+            .map(|b| b.stream_name())
+            .unwrap_or_default();
+        let stream = self.js.get_stream(&stream_name).await?;
+        let filter = cim_events::subject::all_object_chunks(iu::CONTENT_BUCKET)?;
+        let info = stream.info_with_subjects(&filter).await?;
+        let prefix = filter.trim_end_matches('>');
+        let subjects: Vec<String> = {
+            let mut names = Vec::new();
+            let mut s = info;
+            while let Some(page) = s.next().await {
+                let (subject, _) = page?;
+                names.push(subject);
+            }
+            names
+        };
+        for subject in subjects {
+            let nuid = subject.trim_start_matches(prefix);
+            if live_nuids.contains(nuid) {
+                continue;
+            }
+            let last = stream.get_last_raw_message_by_subject(&subject).await;
+            let old = match &last {
+                Ok(m) => age(Some(m.time)) > grace,
+                Err(_) => false,
+            };
+            if old {
+                let purged = stream.purge().filter(&subject).await?;
+                self.record_collected(nuid, purged.purged, "chunks of an interrupted upload").await;
+                collected += 1;
+            }
+        }
+        // Rule 3: content no live unit references.
+        let status = self.status_numbers().await;
+        if let Some((0, false)) = status {
+            let retention = self.opts.content_retention;
+            let units = self.index.snapshot();
+            let referenced: HashSet<String> = units
+                .iter()
+                .filter(|u| !u.deleted || age(ms_to_time(u.updated_ms)) <= retention)
+                .flat_map(|u| u.versions.iter().map(|v| v.cid.clone()))
+                .collect();
+            for info in stored.iter().filter(|i| i.name.parse::<Cid>().is_ok()) {
+                if !referenced.contains(&info.name) && age(info.modified) > retention {
+                    self.content.delete(&info.name).await?;
+                    self.record_collected(&info.name, info.size as u64, "no live unit references it").await;
+                    collected += 1;
+                }
+            }
+        }
+        Ok(collected)
+    }
+
+    /// (lag, rebuilding) of the projection, if it can be read.
+    async fn status_numbers(&self) -> Option<(u64, bool)> {
+        let reply = self.status().await.ok()?;
+        let s = cim_events::proto::iu::ProjectionStatus::decode(reply.body).ok()?;
+        Some((s.lag, s.rebuilding))
+    }
+
+    /// Runs the collection rules every interval until shutdown.
+    pub async fn run_collector(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.opts.collect_interval) => {}
+                _ = self.ctx.stopping() => return,
+            }
+            match self.collect_once().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(collected = n, "collection pass done"),
+                Err(e) => tracing::warn!(error = %e, "collection pass failed; will retry"),
+            }
+        }
+    }
+}
+
+fn ms_to_time(ms: i64) -> Option<time::OffsetDateTime> {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok()
+}
