@@ -65,7 +65,40 @@ pub fn markdown() -> String {
         }
     }
     let _ = writeln!(w);
-    let _ = writeln!(w, "Consumers are named `<component>-<purpose>` and KV buckets `cim_<component>_<purpose>`.\n");
+    let _ = writeln!(w, "## KV buckets\n");
+    let _ = writeln!(w, "| bucket | stream | owner | entries expire | purpose |");
+    let _ = writeln!(w, "| --- | --- | --- | --- | --- |");
+    for c in Component::ALL {
+        for b in resources::kv_buckets(c) {
+            let ttl = if b.max_age.is_zero() { "never".to_string() } else { format!("{}h", b.max_age.as_secs() / 3600) };
+            let _ = writeln!(w, "| `{}` | `{}` | {} | {} | {} |", b.bucket, b.stream_name(), c.service_name(), ttl, b.description);
+        }
+    }
+    let _ = writeln!(w);
+    let _ = writeln!(w, "Consumers are named `<component>-<purpose>` (e.g. `{}`) and KV buckets `cim_<component>_<purpose>`.\n", crate::iu::projector_consumer());
+
+    let _ = writeln!(w, "## Information units\n");
+    let _ = writeln!(w, "Payloads: `crates/cim-events/proto/cim/iu/v1/iu.proto`. Content lives in `{}` under its CID (CIDv1, raw, sha2-256, base32); uploads in progress are named `{}<uuid>`.\n", crate::iu::CONTENT_BUCKET, crate::iu::UPLOAD_PREFIX);
+    let _ = writeln!(w, "| kind | subject |");
+    let _ = writeln!(w, "| --- | --- |");
+    for a in [crate::iu::action::CREATED, crate::iu::action::VERSIONED, crate::iu::action::TAGGED, crate::iu::action::UNTAGGED, crate::iu::action::ATTRIBUTES_SET, crate::iu::action::LINKED, crate::iu::action::UNLINKED, crate::iu::action::DELETED] {
+        let _ = writeln!(w, "| event | `cim.evt.iu.{}.<unit-id>.{a}` |", crate::iu::UNIT);
+    }
+    let _ = writeln!(w, "| event | `cim.evt.iu.{}.<name>.{}` |", crate::iu::TYPE, crate::iu::action::REGISTERED);
+    for a in [crate::iu::action::STORED, crate::iu::action::CORRUPTED, crate::iu::action::COLLECTED] {
+        let _ = writeln!(w, "| event | `cim.evt.iu.{}.<cid>.{a}` |", crate::iu::CONTENT);
+    }
+    for c in crate::iu::cmd::ALL {
+        if let Ok(s) = crate::iu::command(c) {
+            let _ = writeln!(w, "| command | `{s}` |");
+        }
+    }
+    for q in crate::iu::qry::ALL {
+        if let Ok(s) = crate::iu::query(q) {
+            let _ = writeln!(w, "| query | `{s}` |");
+        }
+    }
+    let _ = writeln!(w);
 
     let _ = writeln!(w, "## Queries every service answers\n");
     let _ = writeln!(w, "| subject | request | reply |");
