@@ -248,6 +248,13 @@ pub fn object_chunks(bucket: &str, nuid: &str) -> Result<String, ContractError> 
     Ok(format!("$O.{bucket}.C.{nuid}"))
 }
 
+/// `$O.<bucket>.M.<base64url(name)>`: the metadata of one object (JetStream's layout).
+pub fn object_meta(bucket: &str, name: &str) -> Result<String, ContractError> {
+    use base64::Engine;
+    crate::token::validate_name("object bucket", bucket)?;
+    Ok(format!("$O.{bucket}.M.{}", base64::engine::general_purpose::URL_SAFE.encode(name)))
+}
+
 /// `$O.<bucket>.C.>`: every chunk subject of a bucket.
 pub fn all_object_chunks(bucket: &str) -> Result<String, ContractError> {
     crate::token::validate_name("object bucket", bucket)?;

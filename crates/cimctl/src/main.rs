@@ -2,6 +2,7 @@
 //! the project's benchmarks against a raw baseline measured in the same run.
 
 mod bench;
+mod iu;
 mod up;
 
 use std::process::ExitCode;
@@ -21,6 +22,8 @@ enum Command {
     Up(up::UpArgs),
     /// Run the benchmarks and print a Markdown table (each scenario beside its raw baseline).
     Bench(bench::BenchArgs),
+    /// Information units: put, get, ls, show, history, tag, untag, link, unlink, rm, type
+    Iu(iu::IuArgs),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +47,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Up(args) => up::run(args).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::Iu(args) => iu::run(args).await,
         }
     });
     match result {

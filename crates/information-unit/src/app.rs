@@ -15,7 +15,7 @@ use bytes::Bytes;
 use cim_events::{
     Cid, Envelope, Payload, Schema,
     envelope::H_MSG_ID,
-    iu,
+    iu, resources,
     proto::iu::{
         CommandHeader, CommandResult, ContentCommitted, ContentCorrupted, ContentStored, GetHistory, GetLinks, GetType,
         GetUnit, History, HistoryEntry, IncomingLink, Link, Links, ListUnits, Provenance, Unit, UnitAttributesSet,
@@ -151,7 +151,8 @@ impl App {
                 Err(e) => return Err(internal("reading events")(Box::new(e))),
             };
             let env = Envelope::from_headers(&msg.headers).map_err(|e| ServiceError::internal(format!("event {} has {e}", msg.sequence)))?;
-            let time_ms = (msg.time.unix_timestamp_nanos() / 1_000_000) as i64;
+            // The envelope's time: the same clock the write-through projection used.
+            let time_ms = env.time_ms();
             let stop = match until {
                 Until::Now => false,
                 Until::Version(v) => msg.sequence > v,
@@ -321,6 +322,7 @@ impl App {
 
     async fn content_exists(&self, cid: &Cid) -> Result<u64, ServiceError> {
         match self.content.info(cid.to_string()).await {
+            Ok(info) if info.deleted => Err(ServiceError::not_found(format!("content {cid} is not stored (removed); upload it again"))),
             Ok(info) if info.digest.as_deref() == Some(cid.to_object_digest().as_str()) => Ok(info.size as u64),
             Ok(_) => Err(ServiceError::bad_request(format!("content {cid} is stored with a different digest; re-upload it"))),
             Err(e) if e.kind() == object_store::InfoErrorKind::NotFound => {
@@ -564,7 +566,8 @@ impl App {
             return Err(ServiceError::bad_request(format!("{:?} is not an upload name ({}<uuid>)", c.upload, iu::UPLOAD_PREFIX)));
         }
         let info = match self.content.info(&c.upload).await {
-            Ok(i) => i,
+            Ok(i) if !i.deleted => i,
+            Ok(_) => return Err(ServiceError::not_found(format!("upload {} was removed", c.upload))),
             Err(e) if e.kind() == object_store::InfoErrorKind::NotFound => {
                 return Err(ServiceError::not_found(format!("upload {} does not exist (unfinished, or already committed)", c.upload)));
             }
@@ -576,6 +579,10 @@ impl App {
         let name = cid.to_string();
         let deduplicated = loop {
             match self.content.info(&name).await {
+                Ok(existing) if existing.deleted => {
+                    // Only a tombstone of earlier (quarantined or collected) bytes: clear it.
+                    self.purge_object_meta(&name).await?;
+                }
                 Ok(existing) if existing.digest == info.digest => break true,
                 Ok(_) => {
                     // A different object under this CID: never serve it; keep the honest bytes.
@@ -594,8 +601,8 @@ impl App {
             }
         };
         if deduplicated {
-            if let Err(e) = self.content.delete(&c.upload).await {
-                tracing::warn!(upload = %c.upload, error = %e, "could not drop a duplicate upload; collection will");
+            if let Err(e) = self.remove_object(&c.upload).await {
+                tracing::warn!(upload = %c.upload, error = %e.message, "could not drop a duplicate upload; collection will");
             }
         } else {
             let event = ContentStored { cid: name.clone(), size };
@@ -617,11 +624,32 @@ impl App {
         self.publish(subject, None, ContentCorrupted::TYPE, event.encode_to_vec(), None, None)
             .await
             .map_err(|e| ServiceError::unavailable(format!("recording corruption: {e:?}")))?;
-        match self.content.delete(cid.to_string()).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == object_store::DeleteErrorKind::NotFound => Ok(()),
-            Err(e) => Err(internal("removing corrupt content")(Box::new(e))),
+        self.remove_object(&cid.to_string()).await
+    }
+
+    /// Deletes an object completely: its chunks and its metadata (no tombstone is left).
+    pub async fn remove_object(&self, name: &str) -> Result<(), ServiceError> {
+        match self.content.delete(name).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == object_store::DeleteErrorKind::NotFound => {}
+            Err(e) => return Err(internal("removing an object")(Box::new(e))),
         }
+        self.purge_object_meta(name).await
+    }
+
+    async fn purge_object_meta(&self, name: &str) -> Result<(), ServiceError> {
+        let subject = cim_events::subject::object_meta(iu::CONTENT_BUCKET, name).map_err(|e| ServiceError::internal(e.to_string()))?;
+        let stream = self.content_stream().await?;
+        stream.purge().filter(subject).await.map_err(|e| internal("purging object metadata")(Box::new(e)))?;
+        Ok(())
+    }
+
+    pub async fn content_stream(&self) -> Result<jetstream::stream::Stream, ServiceError> {
+        let name = resources::object_buckets(cim_events::Component::InformationUnit)
+            .first()
+            .map(|b| b.stream_name())
+            .unwrap_or_default();
+        self.js.get_stream(&name).await.map_err(|e| internal("content stream")(Box::new(e)))
     }
 
     /// A reader says the bytes of a CID are wrong: check them; if so, record and remove them.

@@ -31,6 +31,7 @@ pub enum VerifyError {
 /// Reads the object stored for `cid` to the end and checks its bytes against the CID.
 pub async fn verify(store: &ObjectStore, cid: &Cid) -> Result<(), VerifyError> {
     let info = match store.info(cid.to_string()).await {
+        Ok(i) if i.deleted => return Err(VerifyError::Missing),
         Ok(i) => i,
         Err(e) if e.kind() == object_store::InfoErrorKind::NotFound => return Err(VerifyError::Missing),
         Err(e) => return Err(VerifyError::Other(e.to_string())),
@@ -85,23 +86,22 @@ impl App {
         let mut list = self.content.list().await?;
         while let Some(info) = list.next().await {
             let info = info?;
-            live_nuids.insert(info.nuid.clone());
+            if !info.deleted {
+                live_nuids.insert(info.nuid.clone());
+            }
             stored.push(info);
         }
         // Rule 1: uploads never committed.
         for info in stored.iter().filter(|i| i.name.starts_with(iu::UPLOAD_PREFIX)) {
-            if age(info.modified) > grace {
-                self.content.delete(&info.name).await?;
+            // A deleted upload (a client gave up) leaves only a tombstone: clear it too.
+            if info.deleted || age(info.modified) > grace {
+                self.remove_object(&info.name).await.map_err(|e| anyhow::anyhow!(e.message))?;
                 self.record_collected(&info.name, info.size as u64, "upload never committed").await;
                 collected += 1;
             }
         }
         // Rule 2: chunks without metadata.
-        let stream_name = cim_events::resources::object_buckets(cim_events::Component::InformationUnit)
-            .first()
-            .map(|b| b.stream_name())
-            .unwrap_or_default();
-        let stream = self.js.get_stream(&stream_name).await?;
+        let stream = self.content_stream().await.map_err(|e| anyhow::anyhow!(e.message))?;
         let filter = cim_events::subject::all_object_chunks(iu::CONTENT_BUCKET)?;
         let info = stream.info_with_subjects(&filter).await?;
         let prefix = filter.trim_end_matches('>');
@@ -140,9 +140,9 @@ impl App {
                 .filter(|u| !u.deleted || age(ms_to_time(u.updated_ms)) <= retention)
                 .flat_map(|u| u.versions.iter().map(|v| v.cid.clone()))
                 .collect();
-            for info in stored.iter().filter(|i| i.name.parse::<Cid>().is_ok()) {
+            for info in stored.iter().filter(|i| !i.deleted && i.name.parse::<Cid>().is_ok()) {
                 if !referenced.contains(&info.name) && age(info.modified) > retention {
-                    self.content.delete(&info.name).await?;
+                    self.remove_object(&info.name).await.map_err(|e| anyhow::anyhow!(e.message))?;
                     self.record_collected(&info.name, info.size as u64, "no live unit references it").await;
                     collected += 1;
                 }

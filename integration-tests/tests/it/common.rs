@@ -66,6 +66,10 @@ impl ServiceProc {
         std::fs::read_to_string(self.log.path()).unwrap_or_default()
     }
 
+    pub fn pid(&self) -> i32 {
+        self.child.id().map(|p| p as i32).unwrap_or(0)
+    }
+
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
         if let Some(pid) = self.child.id() {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);

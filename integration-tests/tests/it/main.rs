@@ -3,6 +3,7 @@
 mod auth;
 mod common;
 mod harness;
+mod iu;
 mod otlp;
 mod services;
 mod up;

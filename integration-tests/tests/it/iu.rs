@@ -1,0 +1,505 @@
+//! The information-unit service end to end, as a real process against real nats-servers:
+//! content round trips (small and 1 GiB), dedupe, optimistic concurrency, idempotent retries,
+//! rebuild by replay, time travel, corruption, crashes mid-upload, bad input, and R3.
+
+use std::{collections::BTreeMap, pin::Pin, task::Poll, time::Duration};
+
+use anyhow::Result;
+use async_nats::jetstream;
+use cim_events::{Cid, Component, cid::CidHasher, iu, proto::iu::*, resources};
+use cim_iu_client::{IuClient, IuError, NoProgress, header, header_with_id};
+use cim_testkit::{NatsCluster, NatsServer, eventually};
+use futures::StreamExt;
+use nix::sys::signal::Signal;
+use prost::Message as _;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::common::{READY, ServiceProc, wait_ready};
+
+const C: Component = Component::InformationUnit;
+
+async fn start(nats: &NatsServer, args: &[&str]) -> Result<(ServiceProc, IuClient)> {
+    let svc = ServiceProc::start(C, &nats.url(), args)?;
+    let client = nats.connect().await;
+    wait_ready(&client, &svc).await?;
+    Ok((svc, IuClient::new(client)))
+}
+
+fn create(cid: &str, name: &str) -> CreateUnit {
+    CreateUnit { cid: cid.into(), name: name.into(), media_type: "text/plain".into(), ..Default::default() }
+}
+
+async fn event_count(js: &jetstream::Context, filter: &str) -> Result<u64> {
+    let stream = js.get_stream(resources::events_stream(C).name).await?;
+    let info = stream.info_with_subjects(filter).await?;
+    let mut n = 0;
+    let mut info = info;
+    while let Some(s) = info.next().await {
+        n += s?.1 as u64;
+    }
+    Ok(n)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn small_units_round_trip_with_metadata_links_history_and_ranges() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    let (_svc, iu) = start(&nats, &[]).await?;
+    let body = b"hello, information unit".to_vec();
+    let committed = iu.put_bytes(&body).await?;
+    assert_eq!(committed.cid, Cid::of(&body).to_string());
+    assert!(!committed.deduplicated);
+
+    let mut c = create(&committed.cid, "greeting.txt");
+    c.tags = vec!["demo".into()];
+    c.attributes.insert("lang".into(), "en".into());
+    let a = iu.create(c).await?;
+    let other = iu.create(create(&committed.cid, "other.txt")).await?;
+    iu.link(LinkUnit { header: header(0), unit_id: other.unit_id.clone(), link: Some(Link { kind: "cites".into(), target: a.unit_id.clone() }) }).await?;
+
+    let unit = iu.unit(&a.unit_id).await?;
+    assert_eq!(unit.name, "greeting.txt");
+    assert_eq!(unit.cid, committed.cid);
+    assert_eq!(unit.size, body.len() as u64);
+    assert_eq!(unit.tags, vec!["demo"]);
+    assert_eq!(unit.attributes.get("lang").map(String::as_str), Some("en"));
+    let prov = unit.created_by.unwrap();
+    assert!(!prov.correlation_id.is_empty() && prov.source.contains("information-unit"));
+
+    assert_eq!(iu.get_bytes(&unit.cid, None).await?, body);
+    assert_eq!(iu.get_bytes(&unit.cid, Some((7, 18))).await?, b"information".to_vec());
+
+    let links = iu.links(&a.unit_id).await?;
+    assert_eq!(links.incoming.len(), 1);
+    assert_eq!(links.incoming[0].source, other.unit_id);
+
+    // a new version chains to its predecessor
+    let v2 = iu.put_bytes(b"hello again").await?;
+    let r = iu.new_version(NewVersion { header: header(unit.version), unit_id: a.unit_id.clone(), cid: v2.cid.clone(), ..Default::default() }).await?;
+    let unit = iu.unit(&a.unit_id).await?;
+    assert_eq!(unit.version, r.version);
+    assert_eq!(unit.versions.len(), 2);
+    assert_eq!(unit.versions[1].previous_cid, committed.cid);
+
+    let history = iu.history(&a.unit_id).await?;
+    assert_eq!(history.entries.len(), 2);
+    assert!(history.entries[1].summary.contains("new version"), "{:?}", history.entries[1]);
+
+    // listing and filters
+    eventually(READY, "both units listed", || async {
+        let all = iu.list(ListUnits::default()).await?;
+        anyhow::ensure!(all.units.len() == 2, "{} listed", all.units.len());
+        let tagged = iu.list(ListUnits { tag: "demo".into(), ..Default::default() }).await?;
+        anyhow::ensure!(tagged.units.len() == 1);
+        let prefixed = iu.list(ListUnits { name_prefix: "oth".into(), ..Default::default() }).await?;
+        anyhow::ensure!(prefixed.units.len() == 1 && prefixed.units[0].unit_id == other.unit_id);
+        Ok(())
+    })
+    .await?;
+
+    // delete is a tombstone: gone from lists, still in history
+    iu.delete(DeleteUnit { header: header(0), unit_id: other.unit_id.clone(), reason: "test".into() }).await?;
+    assert!(iu.unit(&other.unit_id).await?.deleted);
+    let err = iu.tag(TagUnit { header: header(0), unit_id: other.unit_id.clone(), tags: vec!["x".into()] }).await.unwrap_err();
+    assert!(matches!(err, IuError::NotFound(_)), "{err}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn identical_content_is_stored_once() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    let (_svc, iu) = start(&nats, &[]).await?;
+    let first = iu.put_bytes(b"same bytes").await?;
+    let second = iu.put_bytes(b"same bytes").await?;
+    assert_eq!(first.cid, second.cid);
+    assert!(second.deduplicated);
+    let store = jetstream::new(nats.connect().await).get_object_store(iu::CONTENT_BUCKET).await?;
+    let mut names = Vec::new();
+    let mut list = store.list().await?;
+    while let Some(o) = list.next().await {
+        names.push(o?.name);
+    }
+    assert_eq!(names, vec![first.cid.clone()], "one object, no leftover upload");
+    let js = jetstream::new(nats.connect().await);
+    assert_eq!(event_count(&js, &iu::content_event(&first.cid, iu::action::STORED)?).await?, 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_updates_with_the_same_expected_version_give_one_conflict() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    let (_svc, iu) = start(&nats, &[]).await?;
+    let c = iu.put_bytes(b"x").await?;
+    let u = iu.create(create(&c.cid, "x")).await?;
+    let tag = |t: &str| TagUnit { header: header(u.version), unit_id: u.unit_id.clone(), tags: vec![t.into()] };
+    let (a, b) = tokio::join!(iu.tag(tag("a")), iu.tag(tag("b")));
+    let (ok, err) = match (a, b) {
+        (Ok(ok), Err(e)) | (Err(e), Ok(ok)) => (ok, e),
+        other => panic!("expected exactly one success: {other:?}"),
+    };
+    assert!(matches!(err, IuError::Conflict(_)), "{err}");
+    let unit = iu.unit(&u.unit_id).await?;
+    assert_eq!(unit.version, ok.version);
+    assert_eq!(unit.tags.len(), 1, "the loser wrote nothing: {:?}", unit.tags);
+    // a stale expected version is refused outright
+    let stale = iu.tag(tag("c")).await.unwrap_err();
+    assert!(matches!(stale, IuError::Conflict(_)), "{stale}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retried_command_returns_the_first_result_and_writes_once() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    let (_svc, iu) = start(&nats, &[]).await?;
+    let c = iu.put_bytes(b"idem").await?;
+    let mut cmd = create(&c.cid, "idem");
+    cmd.header = header_with_id("req-create-1", 0);
+    let first = iu.create(cmd.clone()).await?;
+    let again = iu.create(cmd).await?;
+    assert_eq!(first.unit_id, again.unit_id);
+    assert_eq!(first.version, again.version);
+    assert!(again.replayed && !first.replayed);
+
+    let tag = TagUnit { header: header_with_id("req-tag-1", 0), unit_id: first.unit_id.clone(), tags: vec!["t".into()] };
+    let (x, y) = tokio::join!(iu.tag(tag.clone()), iu.tag(tag));
+    assert_eq!(x?.version, y?.version);
+    let js = jetstream::new(nats.connect().await);
+    assert_eq!(event_count(&js, &iu::unit_history(&first.unit_id)?).await?, 2, "created + tagged, nothing twice");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn get_as_of_a_version_or_a_time() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    let (_svc, iu) = start(&nats, &[]).await?;
+    let c = iu.put_bytes(b"tt").await?;
+    let u = iu.create(create(&c.cid, "before")).await?;
+    let t1 = iu.unit(&u.unit_id).await?.updated_ms;
+    let tagged = iu.tag(TagUnit { header: header(0), unit_id: u.unit_id.clone(), tags: vec!["later".into()] }).await?;
+    let at_v1 = iu.get_unit(GetUnit { unit_id: u.unit_id.clone(), at_version: u.version, ..Default::default() }).await?;
+    assert!(at_v1.tags.is_empty());
+    assert_eq!(at_v1.version, u.version);
+    let at_t1 = iu.get_unit(GetUnit { unit_id: u.unit_id.clone(), at_time_ms: t1, ..Default::default() }).await?;
+    assert!(at_t1.tags.is_empty(), "{at_t1:?}");
+    let now = iu.unit(&u.unit_id).await?;
+    assert_eq!(now.tags, vec!["later"]);
+    assert_eq!(now.version, tagged.version);
+    let before = iu.get_unit(GetUnit { unit_id: u.unit_id.clone(), at_time_ms: 1, ..Default::default() }).await.unwrap_err();
+    assert!(matches!(before, IuError::NotFound(_)));
+    Ok(())
+}
+
+/// Every unit state in the KV projection.
+async fn kv_states(js: &jetstream::Context) -> Result<BTreeMap<String, Unit>> {
+    let kv = js.get_key_value(resources::kv_bucket(C, iu::KV_UNITS)?).await?;
+    let mut keys = kv.keys().await?;
+    let mut out = BTreeMap::new();
+    while let Some(k) = keys.next().await {
+        let k = k?;
+        if k.starts_with("u.")
+            && let Some(v) = kv.get(&k).await?
+        {
+            out.insert(k, Unit::decode(v)?);
+        }
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replay_rebuilds_identical_projections_after_the_kv_is_deleted() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    let (mut svc, iu) = start(&nats, &[]).await?;
+    let js = jetstream::new(nats.connect().await);
+    let c = iu.put_bytes(b"replay").await?;
+    let c2 = iu.put_bytes(b"replay v2").await?;
+    let mut ids: Vec<String> = Vec::new();
+    for i in 0..20 {
+        let u = iu.create(create(&c.cid, &format!("u{i}"))).await?;
+        iu.tag(TagUnit { header: header(0), unit_id: u.unit_id.clone(), tags: vec![format!("t{}", i % 3)] }).await?;
+        if i % 4 == 0 {
+            iu.new_version(NewVersion { header: header(0), unit_id: u.unit_id.clone(), cid: c2.cid.clone(), ..Default::default() }).await?;
+        }
+        if i > 0 && (i - 1) % 7 != 0 {
+            iu.link(LinkUnit { header: header(0), unit_id: u.unit_id.clone(), link: Some(Link { kind: "next-of".into(), target: ids[i - 1].clone() }) }).await?;
+        }
+        if i % 7 == 0 {
+            iu.delete(DeleteUnit { header: header(0), unit_id: u.unit_id.clone(), reason: "r".into() }).await?;
+        }
+        ids.push(u.unit_id);
+    }
+    eventually(READY, "projection caught up", || async {
+        let s = iu.status().await?;
+        anyhow::ensure!(s.lag == 0 && s.checkpoint == s.stream_last_sequence, "{s:?}");
+        Ok(())
+    })
+    .await?;
+    let before = kv_states(&js).await?;
+    assert_eq!(before.len(), 20);
+
+    // 1. stop, delete the projection, start: the service replays the stream
+    assert!(svc.terminate(Duration::from_secs(20)).await?.success());
+    js.delete_key_value(resources::kv_bucket(C, iu::KV_UNITS)?).await?;
+    let (_svc2, iu) = start(&nats, &[]).await?;
+    eventually(READY, "projection rebuilt after the KV was deleted", || async {
+        let s = iu.status().await?;
+        anyhow::ensure!(s.lag == 0 && s.checkpoint == s.stream_last_sequence, "{s:?}");
+        anyhow::ensure!(kv_states(&js).await? == before, "projection differs");
+        Ok(())
+    })
+    .await?;
+
+    // 2. rebuild on demand while running
+    iu.rebuild().await?;
+    eventually(READY, "projection rebuilt on demand", || async {
+        let s = iu.status().await?;
+        anyhow::ensure!(s.lag == 0 && s.checkpoint == s.stream_last_sequence, "{s:?}");
+        anyhow::ensure!(kv_states(&js).await? == before, "projection differs");
+        anyhow::ensure!(iu.list(ListUnits { include_deleted: true, page_size: 1000, ..Default::default() }).await?.units.len() == 20);
+        Ok(())
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn content_that_does_not_match_its_cid_is_detected_recorded_and_removed() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    let (svc, iu) = start(&nats, &[]).await?;
+    let js = jetstream::new(nats.connect().await);
+    let store = js.get_object_store(iu::CONTENT_BUCKET).await?;
+    // Bytes B stored under the CID of A (as a lying client or a damaged store would leave them).
+    let claimed = Cid::of(b"the real bytes");
+    store.put(claimed.to_string().as_str(), &mut &b"other bytes"[..]).await?;
+    let err = iu.get_bytes(&claimed.to_string(), None).await.unwrap_err();
+    assert!(matches!(err, IuError::Corrupt { .. }), "{err}");
+    eventually(READY, "corruption recorded and the object removed", || async {
+        anyhow::ensure!(event_count(&js, &iu::content_event(&claimed.to_string(), iu::action::CORRUPTED)?).await? >= 1);
+        anyhow::ensure!(store.info(claimed.to_string()).await.is_err(), "object still there");
+        Ok(())
+    })
+    .await
+    .map_err(|e| e.context(svc.log()))?;
+    // the honest bytes can be stored again under their CID
+    let again = iu.put_bytes(b"the real bytes").await?;
+    assert_eq!(again.cid, claimed.to_string());
+    assert_eq!(iu.get_bytes(&again.cid, None).await?, b"the real bytes");
+    // a false report is refused: the service reads the bytes back itself
+    let err = iu.report_corrupt(&again.cid, "I say so").await.unwrap_err();
+    assert!(matches!(err, IuError::Conflict(_)), "{err}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_gets_a_clear_error_and_writes_nothing() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    let (svc, iu) = start(&nats, &[]).await?;
+    let js = jetstream::new(nats.connect().await);
+    let c = iu.put_bytes(b"valid").await?;
+    let u = iu.create(create(&c.cid, "ok")).await?;
+    let schema = r#"{"attributes": {"pages": {"type": "integer", "required": true, "min": 1}}, "additional_attributes": false}"#;
+    iu.register_type(RegisterType { header: header(0), name: "book".into(), schema_json: schema.into() }).await?;
+    let events_before = event_count(&js, "cim.evt.iu.>").await?;
+
+    let bad_request = |e: IuError, want: &str| {
+        assert!(matches!(e, IuError::BadRequest(_)), "{want}: {e}");
+        assert!(e.to_string().contains(want), "{want}: {e}");
+    };
+    let not_found = |e: IuError, want: &str| {
+        assert!(matches!(e, IuError::NotFound(_)), "{want}: {e}");
+        assert!(e.to_string().contains(want), "{want}: {e}");
+    };
+    bad_request(iu.create(create(&c.cid, "")).await.unwrap_err(), "name is empty");
+    bad_request(iu.create(create(&c.cid, "a\u{7}b")).await.unwrap_err(), "control");
+    bad_request(iu.create(create(&c.cid, "../etc/passwd")).await.unwrap_err(), "path separator");
+    bad_request(iu.create(CreateUnit { media_type: "nonsense".into(), ..create(&c.cid, "x") }).await.unwrap_err(), "media type");
+    bad_request(iu.create(CreateUnit { tags: vec!["a b".into()], ..create(&c.cid, "x") }).await.unwrap_err(), "tag");
+    let mut bad_attr = create(&c.cid, "x");
+    bad_attr.attributes.insert("bad key".into(), "v".into());
+    bad_request(iu.create(bad_attr).await.unwrap_err(), "attribute name");
+    let mut huge = create(&c.cid, "x");
+    for i in 0..40 {
+        huge.attributes.insert(format!("k{i}"), "x".repeat(4000));
+    }
+    bad_request(iu.create(huge).await.unwrap_err(), "metadata is");
+    bad_request(iu.create(create("not-a-cid", "x")).await.unwrap_err(), "CID");
+    not_found(iu.create(create(&Cid::of(b"never uploaded").to_string(), "x")).await.unwrap_err(), "not stored");
+    not_found(iu.create(CreateUnit { unit_type: "novel".into(), ..create(&c.cid, "x") }).await.unwrap_err(), "not registered");
+    bad_request(iu.create(CreateUnit { unit_type: "book".into(), ..create(&c.cid, "x") }).await.unwrap_err(), "pages is required");
+    let mut wrong = CreateUnit { unit_type: "book".into(), ..create(&c.cid, "x") };
+    wrong.attributes.insert("pages".into(), "zero".into());
+    bad_request(iu.create(wrong).await.unwrap_err(), "not an integer");
+    let mut dangling = create(&c.cid, "x");
+    dangling.links.push(Link { kind: "cites".into(), target: "no-such-unit".into() });
+    not_found(iu.create(dangling).await.unwrap_err(), "does not exist");
+    not_found(iu.link(LinkUnit { header: header(0), unit_id: u.unit_id.clone(), link: Some(Link { kind: "cites".into(), target: "ghost".into() }) }).await.unwrap_err(), "ghost");
+    let stale = iu.tag(TagUnit { header: header(u.version + 100), unit_id: u.unit_id.clone(), tags: vec!["t".into()] }).await.unwrap_err();
+    assert!(matches!(stale, IuError::Conflict(_)), "{stale}");
+    bad_request(iu.register_type(RegisterType { header: header(0), name: "broken".into(), schema_json: "{".into() }).await.unwrap_err(), "schema");
+    not_found(iu.commit(&format!("{}{}", iu::UPLOAD_PREFIX, uuid_like())).await.unwrap_err(), "does not exist");
+    bad_request(iu.commit("../../etc").await.unwrap_err(), "not an upload name");
+    // undecodable request bodies
+    let raw = nats.connect().await.request(iu::command(iu::cmd::CREATE)?, vec![0xff, 0xff, 0xff].into()).await?;
+    assert_eq!(raw.headers.unwrap().get("Nats-Service-Error-Code").unwrap().as_str(), "400");
+
+    assert_eq!(event_count(&js, "cim.evt.iu.>").await?, events_before, "nothing was written");
+    assert!(wait_ready(&nats.connect().await, &svc).await.is_ok(), "still serving");
+    Ok(())
+}
+
+fn uuid_like() -> String {
+    "0190b5a0-7f2e-7c1a-9c3e-2f1d4b6a8c9e".to_string()
+}
+
+/// Deterministic pseudo-random bytes, generated on the fly (never held in memory).
+struct Generated {
+    left: u64,
+    state: u64,
+    hasher: CidHasher,
+}
+
+impl Generated {
+    fn new(size: u64) -> Generated {
+        Generated { left: size, state: 0x9e37_79b9_7f4a_7c15, hasher: CidHasher::new() }
+    }
+}
+
+impl AsyncRead for Generated {
+    fn poll_read(mut self: Pin<&mut Self>, _: &mut std::task::Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let n = (buf.remaining() as u64).min(self.left).min(64 * 1024) as usize;
+        let mut chunk = vec![0u8; n];
+        for b in chunk.chunks_mut(8) {
+            self.state ^= self.state << 13;
+            self.state ^= self.state >> 7;
+            self.state ^= self.state << 17;
+            let bytes = self.state.to_le_bytes();
+            b.copy_from_slice(&bytes[..b.len()]);
+        }
+        self.hasher.update(&chunk);
+        buf.put_slice(&chunk);
+        self.left -= n as u64;
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// A writer that only hashes.
+struct HashSink(CidHasher, u64);
+
+impl AsyncWrite for HashSink {
+    fn poll_write(mut self: Pin<&mut Self>, _: &mut std::task::Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        self.0.update(buf);
+        self.1 += buf.len() as u64;
+        Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_one_gib_unit_round_trips_with_bounded_memory() -> Result<()> {
+    const SIZE: u64 = 1 << 30;
+    let nats = NatsServer::start().await?;
+    let (svc, iu) = start(&nats, &[]).await?;
+    let mut source = Generated::new(SIZE);
+    let committed = iu.put_content(&mut source, &mut NoProgress).await?;
+    let expected = std::mem::take(&mut source.hasher).finish();
+    assert_eq!(committed.cid, expected.to_string());
+    assert_eq!(committed.size, SIZE);
+    let u = iu.create(CreateUnit { media_type: "application/octet-stream".into(), ..create(&committed.cid, "big.bin") }).await?;
+    let mut sink = HashSink(CidHasher::new(), 0);
+    iu.get_content(&iu.unit(&u.unit_id).await?.cid, None, &mut sink, &mut NoProgress).await?;
+    assert_eq!(sink.1, SIZE);
+    assert_eq!(sink.0.finish(), expected, "downloaded bytes hash to the CID");
+    // The service never held the content: its resident memory stayed small.
+    let rss = rss_kib(svc.pid()).unwrap_or(0);
+    assert!(rss < 128 * 1024, "service RSS {rss} KiB");
+    Ok(())
+}
+
+fn rss_kib(pid: i32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn interrupted_uploads_leave_no_unit_and_are_collected() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    let (_svc, iu) = start(&nats, &["--iu-orphan-grace", "1s", "--iu-collect-interval", "500ms"]).await?;
+    let js = jetstream::new(nats.connect().await);
+    // A client dies mid-upload: cimctl is SIGKILLed while streaming a large file.
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("big.bin");
+    {
+        let f = std::fs::File::create(&file)?;
+        f.set_len(256 << 20)?;
+    }
+    let mut put = tokio::process::Command::new(crate::common::bin("cimctl"))
+        .args(["iu", "--nats-url", &nats.url(), "put"])
+        .arg(&file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let obj_stream = resources::object_buckets(C)[0].stream_name();
+    eventually(READY, "upload under way", || async {
+        let info = js.get_stream(&obj_stream).await?.info().await?.state.bytes;
+        anyhow::ensure!(info > 4 << 20, "{info} bytes so far");
+        Ok(())
+    })
+    .await?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(put.id().unwrap() as i32), Signal::SIGKILL)?;
+    put.wait().await?;
+    assert!(iu.list(ListUnits::default()).await?.units.is_empty(), "no visible unit");
+    eventually(Duration::from_secs(30), "the leftover chunks collected", || async {
+        let state = js.get_stream(&obj_stream).await?.info().await?.state.clone();
+        anyhow::ensure!(state.messages == 0, "{} messages left", state.messages);
+        Ok(())
+    })
+    .await?;
+    // The service was up all along and a new upload works.
+    let c = iu.put_bytes(b"after the crash").await?;
+    iu.create(create(&c.cid, "after")).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_service_killed_mid_upload_restarts_into_a_consistent_store() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    let (mut svc, iu) = start(&nats, &["--instance-id", "iu-a"]).await?;
+    // The upload goes to JetStream directly; the service dies before the commit.
+    let upload = iu.upload(&mut Generated::new(32 << 20), &mut NoProgress).await?;
+    svc.signal(Signal::SIGKILL);
+    svc.wait(Duration::from_secs(10)).await?;
+    let commit = {
+        let iu = iu.clone();
+        let name = upload.name.clone();
+        tokio::spawn(async move { iu.commit(&name).await })
+    };
+    let (_svc2, _) = start(&nats, &["--instance-id", "iu-a"]).await?;
+    let committed = commit.await??;
+    let u = iu.create(create(&committed.cid, "survivor")).await?;
+    let mut sink = HashSink(CidHasher::new(), 0);
+    iu.get_content(&committed.cid, None, &mut sink, &mut NoProgress).await?;
+    assert_eq!(sink.1, 32 << 20);
+    assert_eq!(iu.unit(&u.unit_id).await?.cid, committed.cid);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn units_work_on_a_three_node_cluster_with_r3() -> Result<()> {
+    let cluster = NatsCluster::start(3).await?;
+    let svc = ServiceProc::start(C, &cluster.urls().join(","), &["--tier", "cluster"])?;
+    let client = cluster.connect().await;
+    wait_ready(&client, &svc).await?;
+    let js = jetstream::new(client.clone());
+    for name in [resources::events_stream(C).name, resources::object_buckets(C)[0].stream_name(), resources::kv_buckets(C)[0].stream_name()] {
+        assert_eq!(js.get_stream(&name).await?.info().await?.config.num_replicas, 3, "{name}");
+    }
+    let iu = IuClient::new(client);
+    let c = iu.put_bytes(b"replicated").await?;
+    let u = iu.create(create(&c.cid, "r3")).await?;
+    assert_eq!(iu.get_bytes(&iu.unit(&u.unit_id).await?.cid, None).await?, b"replicated");
+    Ok(())
+}
