@@ -697,7 +697,12 @@ async fn get(
     let read = match output {
         None => {
             let stdout = tokio::io::stdout();
-            iu.get_content(&cid, range, stdout, &mut bar).await?
+            match iu.get_content(&cid, range, stdout, &mut bar).await {
+                Ok(read) => read,
+                // The reader went away (`cimctl iu get X | head`): not an error of ours.
+                Err(cim_iu_client::IuError::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
         }
         Some(path) => {
             let dir = match path.parent() {

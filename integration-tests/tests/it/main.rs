@@ -1,6 +1,7 @@
 //! The one integration-test binary: every module runs against real processes.
 
 mod auth;
+mod cli;
 mod common;
 mod harness;
 mod iu;
