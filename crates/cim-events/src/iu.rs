@@ -55,7 +55,8 @@ pub mod qry {
     pub const LINKS: &str = "links";
     pub const TYPE: &str = "type";
     pub const STATUS: &str = "status";
-    pub const ALL: [&str; 6] = [GET, HISTORY, LIST, LINKS, TYPE, STATUS];
+    pub const VALIDATE: &str = "validate";
+    pub const ALL: [&str; 7] = [GET, HISTORY, LIST, LINKS, TYPE, STATUS, VALIDATE];
 }
 
 /// KV bucket purposes (`cim_iu_<purpose>`).

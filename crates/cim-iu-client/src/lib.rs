@@ -556,6 +556,11 @@ impl IuClient {
         self.query(iu::qry::LINKS, &GetLinks { unit_id: unit_id.to_string() }).await
     }
 
+    /// Would `attributes` be accepted for `unit_type`? Writes nothing.
+    pub async fn validate(&self, unit_type: &str, attributes: std::collections::HashMap<String, String>) -> Result<cim_events::proto::iu::Validation, IuError> {
+        self.query(iu::qry::VALIDATE, &cim_events::proto::iu::ValidateAttributes { unit_type: unit_type.to_string(), attributes }).await
+    }
+
     pub async fn get_type(&self, name: &str) -> Result<UnitType, IuError> {
         self.query(iu::qry::TYPE, &GetType { name: name.to_string() }).await
     }

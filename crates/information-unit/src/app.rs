@@ -712,6 +712,22 @@ impl App {
         Ok(Reply::proto(&Links { outgoing: unit.links, incoming }))
     }
 
+    /// `cim.qry.iu.validate`: checks attributes against a unit type without writing anything.
+    pub async fn validate(&self, msg: Message) -> Result<Reply, ServiceError> {
+        let q: cim_events::proto::iu::ValidateAttributes = decode(&msg)?;
+        let attrs: BTreeMap<String, String> = q.attributes.into_iter().collect();
+        let mut problems = Vec::new();
+        if let Err(e) = domain::validate_attributes(&attrs) {
+            problems.push(e.to_string());
+        }
+        match self.check_type(&q.unit_type, &attrs).await {
+            Ok(()) => {}
+            Err(e) if e.code == 400 => problems.push(e.message),
+            Err(e) => return Err(e),
+        }
+        Ok(Reply::proto(&cim_events::proto::iu::Validation { valid: problems.is_empty(), problems }))
+    }
+
     pub async fn get_type(&self, msg: Message) -> Result<Reply, ServiceError> {
         let q: GetType = decode(&msg)?;
         let (_, t) = self.load_type(&q.name).await?.ok_or_else(|| ServiceError::not_found(format!("unit type {} is not registered", q.name)))?;

@@ -120,5 +120,6 @@ async fn setup(ctx: cim_runtime::Ctx, args: IuArgs) -> anyhow::Result<Vec<Endpoi
         endpoint!(query, qry::LINKS, |a, m| a.links(m).await),
         endpoint!(query, qry::TYPE, |a, m| a.get_type(m).await),
         endpoint!(query, qry::STATUS, |a, _m| a.status().await),
+        endpoint!(query, qry::VALIDATE, |a, m| a.validate(m).await),
     ])
 }

@@ -340,7 +340,19 @@ async fn bad_input_gets_a_clear_error_and_writes_nothing() -> Result<()> {
     let raw = nats.connect().await.request(iu::command(iu::cmd::CREATE)?, vec![0xff, 0xff, 0xff].into()).await?;
     assert_eq!(raw.headers.unwrap().get("Nats-Service-Error-Code").unwrap().as_str(), "400");
 
+    // validation without writing, and schema checks on set_attributes
+    let v = iu.validate("book", [("pages".to_string(), "0".to_string())].into()).await?;
+    assert!(!v.valid && v.problems.iter().any(|p| p.contains("below 1")), "{v:?}");
+    assert!(iu.validate("book", [("pages".to_string(), "3".to_string())].into()).await?.valid);
     assert_eq!(event_count(&js, "cim.evt.iu.>").await?, events_before, "nothing was written");
+
+    let mut book = CreateUnit { unit_type: "book".into(), ..create(&c.cid, "a book") };
+    book.attributes.insert("pages".into(), "3".into());
+    let b = iu.create(book).await?;
+    bad_request(iu.set_attributes(SetAttributes { header: header(0), unit_id: b.unit_id.clone(), set: [("pages".to_string(), "0".to_string())].into(), remove: vec![] }).await.unwrap_err(), "below 1");
+    bad_request(iu.set_attributes(SetAttributes { header: header(0), unit_id: b.unit_id.clone(), set: Default::default(), remove: vec!["pages".into()] }).await.unwrap_err(), "pages is required");
+    iu.set_attributes(SetAttributes { header: header(0), unit_id: b.unit_id.clone(), set: [("pages".to_string(), "5".to_string())].into(), remove: vec![] }).await?;
+    assert_eq!(iu.unit(&b.unit_id).await?.attributes.get("pages").map(String::as_str), Some("5"));
     assert!(wait_ready(&nats.connect().await, &svc).await.is_ok(), "still serving");
     Ok(())
 }
