@@ -128,16 +128,28 @@ impl App {
             iu::UNIT => {
                 let event = UnitEvent::decode(&env.schema.name, &msg.payload)?;
                 let key = iu::unit_key(&subject.id).map_err(|e| e.to_string())?;
-                let current = match self.units.get(&key).await.map_err(|e| e.to_string())? {
-                    Some(b) => Some(Unit::decode(b).map_err(|e| e.to_string())?),
-                    None => None,
-                };
-                if current.as_ref().is_some_and(|c| c.version >= seq) {
-                    return Ok(());
+                // Read once, apply, compare-and-set; a concurrent write-through wins the race
+                // and the next round sees it (and usually finds the event already applied).
+                for _ in 0..5 {
+                    let (current, revision) = match self.units.entry(&key).await.map_err(|e| e.to_string())? {
+                        Some(e) if e.operation == kv::Operation::Put => (Some(Unit::decode(e.value).map_err(|e| e.to_string())?), Some(e.revision)),
+                        Some(e) => (None, Some(e.revision)),
+                        None => (None, None),
+                    };
+                    if current.as_ref().is_some_and(|c| c.version >= seq) {
+                        return Ok(());
+                    }
+                    let Some(next) = domain::apply(current, &event, &meta) else { return Ok(()) };
+                    let bytes = next.encode_to_vec().into();
+                    let written = match revision {
+                        Some(r) => self.units.update(&key, bytes, r).await.is_ok(),
+                        None => self.units.create(&key, bytes).await.is_ok(),
+                    };
+                    if written {
+                        return Ok(());
+                    }
                 }
-                if let Some(next) = domain::apply(current, &event, &meta) {
-                    store_if_newer(&self.units, &key, &next).await?;
-                }
+                return Err(format!("could not write {key}: too much contention"));
             }
             iu::TYPE if env.schema.name == UnitTypeRegistered::TYPE => {
                 let r = UnitTypeRegistered::decode(msg.payload.clone()).map_err(|e| e.to_string())?;
