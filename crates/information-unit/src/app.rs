@@ -206,6 +206,16 @@ impl App {
             .map_err(|e| ServiceError::unavailable(format!("writing the projection: {e}")))
     }
 
+    /// Writes the state of a unit just created: nobody can have written its key before, except
+    /// the projector racing us with the same state.
+    async fn store_new_unit(&self, unit: &Unit) -> Result<(), ServiceError> {
+        let key = iu::unit_key(&unit.unit_id).map_err(|e| ServiceError::internal(e.to_string()))?;
+        match self.units.create(&key, unit.encode_to_vec().into()).await {
+            Ok(_) => Ok(()),
+            Err(_) => self.store_unit(unit).await,
+        }
+    }
+
     pub async fn load_type(&self, name: &str) -> Result<Option<(TypeSchema, UnitType)>, ServiceError> {
         let key = iu::type_key(name).map_err(|e| ServiceError::bad_request(e.to_string()))?;
         let t = match self.types.get(&key).await {
@@ -276,13 +286,18 @@ impl App {
         F: Fn(&Unit) -> Result<UnitEvent, Rejection>,
     {
         let header = header.unwrap_or_default();
-        if let Some(r) = self.remembered(&header).await? {
-            return Ok(Reply::proto(&r));
-        }
         let parent = Self::parent_envelope(msg)?;
         let filter = iu::unit_history(unit_id).map_err(|e| ServiceError::bad_request(e.to_string()))?;
+        let (remembered, first) = tokio::join!(self.remembered(&header), self.load_unit(unit_id));
+        if let Some(r) = remembered? {
+            return Ok(Reply::proto(&r));
+        }
+        let mut first = Some(first);
         for attempt in 0..3 {
-            let state = if attempt == 0 { self.load_unit(unit_id).await? } else { self.replay_unit(unit_id, Until::Now).await? };
+            let state = match first.take() {
+                Some(loaded) => loaded?,
+                None => self.replay_unit(unit_id, Until::Now).await?,
+            };
             let state = state.ok_or_else(|| ServiceError::not_found(format!("unit {unit_id} does not exist")))?;
             if header.expected_version != 0 && header.expected_version != state.version {
                 return Err(ServiceError::conflict(format!(
@@ -305,9 +320,9 @@ impl App {
                     }
                     let meta = EventMeta { version: ack.sequence, provenance: provenance(&env) };
                     let new_state = domain::apply(Some(state), &event, &meta).unwrap_or_default();
-                    self.store_unit(&new_state).await?;
                     let result = CommandResult { unit_id: unit_id.to_string(), version: ack.sequence, cid: new_state.cid.clone(), replayed: false };
-                    self.remember(&header, &result).await;
+                    let (stored, ()) = tokio::join!(self.store_unit(&new_state), self.remember(&header, &result));
+                    stored?;
                     return Ok(Reply::proto(&result));
                 }
                 Err(PublishFailure::Conflict) if header.expected_version == 0 && attempt < 2 => continue,
@@ -361,9 +376,6 @@ impl App {
     pub async fn create(&self, msg: Message) -> Result<Reply, ServiceError> {
         let c: cim_events::proto::iu::CreateUnit = decode(&msg)?;
         let header = c.header.clone().unwrap_or_default();
-        if let Some(r) = self.remembered(&header).await? {
-            return Ok(Reply::proto(&r));
-        }
         if header.expected_version != 0 {
             return Err(ServiceError::bad_request("a new unit has no version to expect"));
         }
@@ -376,9 +388,19 @@ impl App {
         if c.links.len() > domain::MAX_LINKS {
             return Err(ServiceError::bad_request(format!("more than {} links", domain::MAX_LINKS)));
         }
-        self.check_type(&c.unit_type, &attrs).await?;
-        let size = self.content_exists(&cid).await?;
-        self.require_targets(&c.links).await?;
+        // The lookups are independent: one round trip's latency, not four.
+        let (remembered, typed, size, targets) = tokio::join!(
+            self.remembered(&header),
+            self.check_type(&c.unit_type, &attrs),
+            self.content_exists(&cid),
+            self.require_targets(&c.links),
+        );
+        if let Some(r) = remembered? {
+            return Ok(Reply::proto(&r));
+        }
+        typed?;
+        let size = size?;
+        targets?;
         let unit_id = cim_events::envelope::new_id().to_string();
         let event = UnitEvent::Created(UnitCreated {
             unit_id: unit_id.clone(),
@@ -411,9 +433,9 @@ impl App {
             return Ok(Reply::proto(&r.await?));
         }
         let state = domain::apply(None, &event, &EventMeta { version: ack.sequence, provenance: provenance(&env) }).unwrap_or_default();
-        self.store_unit(&state).await?;
         let result = CommandResult { unit_id, version: ack.sequence, cid: cid.to_string(), replayed: false };
-        self.remember(&header, &result).await;
+        let (stored, ()) = tokio::join!(self.store_new_unit(&state), self.remember(&header, &result));
+        stored?;
         Ok(Reply::proto(&result))
     }
 

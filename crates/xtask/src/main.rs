@@ -3,7 +3,8 @@
 //! - `test`:  build every binary (the integration tests run the real service processes), then
 //!            run the whole suite with cargo-nextest (or `cargo test` when nextest is absent).
 //! - `up`:    build every binary, then `cimctl up` (a leaf node with all services).
-//! - `bench`: build in release mode and run `cimctl bench`, writing docs/bench-latest.md.
+//! - `bench`: build every binary in release mode (the information-unit scenarios run the real
+//!            service), then run `cimctl bench`, writing docs/bench-latest.md.
 
 use std::process::{Command, ExitCode};
 
@@ -64,7 +65,7 @@ fn up(rest: &[String]) -> Result<(), String> {
 }
 
 fn bench(rest: &[String]) -> Result<(), String> {
-    run(cargo().args(["build", "--release", "-p", "cimctl"]))?;
+    run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
     let exe = target_dir().join("release").join("cimctl");
     let mut args = vec!["bench".to_string()];
     if !rest.iter().any(|a| a == "--out") {

@@ -282,6 +282,25 @@ async fn content_that_does_not_match_its_cid_is_detected_recorded_and_removed() 
     let again = iu.put_bytes(b"the real bytes").await?;
     assert_eq!(again.cid, claimed.to_string());
     assert_eq!(iu.get_bytes(&again.cid, None).await?, b"the real bytes");
+    // Bytes that do not match a correct-looking record: metadata says CID(A), chunks hold B.
+    let honest = Cid::of(b"bytes the record promises");
+    store.put(honest.to_string().as_str(), &mut &b"bytes actually stored"[..]).await?;
+    let mut info = store.info(honest.to_string()).await?;
+    info.digest = Some(honest.to_object_digest());
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Rollup", "sub");
+    js.publish_with_headers(cim_events::subject::object_meta(iu::CONTENT_BUCKET, &honest.to_string())?, headers, serde_json::to_vec(&info)?.into())
+        .await?
+        .await?;
+    let err = iu.get_bytes(&honest.to_string(), None).await.unwrap_err();
+    assert!(matches!(err, IuError::Corrupt { .. }), "{err}");
+    eventually(READY, "the mismatching chunks recorded and removed", || async {
+        anyhow::ensure!(event_count(&js, &iu::content_event(&honest.to_string(), iu::action::CORRUPTED)?).await? >= 1);
+        anyhow::ensure!(store.info(honest.to_string()).await.is_err(), "object still there");
+        Ok(())
+    })
+    .await?;
+
     // a false report is refused: the service reads the bytes back itself
     let err = iu.report_corrupt(&again.cid, "I say so").await.unwrap_err();
     assert!(matches!(err, IuError::Conflict(_)), "{err}");
