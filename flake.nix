@@ -118,13 +118,16 @@
         // {
           nats-leaf = ./nixos-modules/nats-leaf.nix;
           nats-cluster-node = ./nixos-modules/nats-cluster-node.nix;
+          nats-auth = ./nixos-modules/nats-auth.nix;
 
-          # Every service module (all off until enabled) and both NATS profiles.
+          # Every service module (all off until enabled), both NATS profiles and the
+          # per-service NATS users.
           default = {
             key = "cim-flake#nixosModules.default";
             imports = map (name: self.nixosModules.${name}) serviceNames ++ [
               self.nixosModules.nats-leaf
               self.nixosModules.nats-cluster-node
+              self.nixosModules.nats-auth
             ];
           };
 

@@ -33,6 +33,13 @@ let
 
   httpPort = 9700 + index;
   credentialsInside = "/run/cim/nats.creds";
+  environmentInside = "/run/cim/service.env";
+  nonStorePath = types.nullOr (
+    types.pathWith {
+      inStore = false;
+      absolute = true;
+    }
+  );
 in
 {
   options.cim.containers.${name} = {
@@ -45,17 +52,24 @@ in
     };
 
     natsCredentialsFile = mkOption {
-      type = types.nullOr (
-        types.pathWith {
-          inStore = false;
-          absolute = true;
-        }
-      );
+      type = nonStorePath;
       default = null;
       example = "/run/keys/cim-${name}.creds";
       description = ''
         NATS credentials file on the host. It is bind-mounted read-only into the container
         and handed to the service with `LoadCredential=`; it never enters the Nix store.
+      '';
+    };
+
+    environmentFile = mkOption {
+      type = nonStorePath;
+      default = null;
+      example = "/run/keys/cim-${name}.env";
+      description = ''
+        Environment file on the host (e.g. `CIM_NATS_URL` with the service's NATS user and
+        password, see `services.cim.nats-auth`). It is bind-mounted read-only into the
+        container and becomes the service's `environmentFile`. The URL must name the host's
+        address as the containers see it (`cim.containers.hostAddress`).
       '';
     };
   };
@@ -84,6 +98,12 @@ in
             hostPath = cfg.natsCredentialsFile;
             isReadOnly = true;
           };
+        }
+        // optionalAttrs (cfg.environmentFile != null) {
+          ${environmentInside} = {
+            hostPath = cfg.environmentFile;
+            isReadOnly = true;
+          };
         };
 
       config = {
@@ -94,6 +114,7 @@ in
           package = hostConfig.services.cim.${name}.package;
           natsUrl = shared.natsUrl;
           natsCredentialsFile = if cfg.natsCredentialsFile != null then credentialsInside else null;
+          environmentFile = if cfg.environmentFile != null then environmentInside else null;
           jetstreamDomain = shared.jetstreamDomain;
           tier = shared.tier;
           # Reachable from the host over the veth pair (for health checks and scraping).

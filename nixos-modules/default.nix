@@ -1,6 +1,7 @@
-# All CIM NixOS modules: the seven services (each off until `services.cim.<name>.enable`)
-# and the two NATS host profiles (off until `services.cim.nats-leaf.enable` or
-# `services.cim.nats-cluster-node.enable`).
+# All CIM NixOS modules: the seven services (each off until `services.cim.<name>.enable`),
+# the two NATS host profiles (off until `services.cim.nats-leaf.enable` or
+# `services.cim.nats-cluster-node.enable`), and the per-service NATS users (off until
+# `services.cim.nats-auth.enable`).
 {
   imports = [
     ./information-unit.nix
@@ -12,5 +13,6 @@
     ./integration-hub.nix
     ./nats-leaf.nix
     ./nats-cluster-node.nix
+    ./nats-auth.nix
   ];
 }

@@ -4,8 +4,8 @@
 # Builds on nixpkgs' `services.nats`; everything not covered here can still be set through
 # `services.nats.settings`.
 #
-# Not done yet (a later issue): TLS and authentication on the route and leaf-node ports, and
-# the NATS accounts/users that give each service its own identity. Until then keep these
+# Each service's own NATS identity on the client port: ./nats-auth.nix. Not done yet (a later
+# issue): TLS and authentication on the route and leaf-node ports. Until then keep these
 # ports on a private network (`openFirewall` opens them on every interface).
 { config, lib, ... }:
 

@@ -85,6 +85,24 @@ in
       '';
     };
 
+    environmentFile = mkOption {
+      # Like natsCredentialsFile: a string, so that the file stays out of the Nix store.
+      type = types.nullOr (
+        types.pathWith {
+          inStore = false;
+          absolute = true;
+        }
+      );
+      default = null;
+      example = "/run/keys/cim-${name}.env";
+      description = ''
+        File of `KEY=value` lines that systemd reads (as root) when the unit starts
+        (`EnvironmentFile=`); its settings override the unit's own environment. For secrets,
+        e.g. this service's NATS user and password from `services.cim.nats-auth`:
+        `CIM_NATS_URL=nats://${name}:<password>@127.0.0.1:4222`. It never enters the Nix store.
+      '';
+    };
+
     jetstreamDomain = mkOption {
       type = types.nullOr token;
       default = null;
@@ -250,6 +268,9 @@ in
         }
         // optionalAttrs (cfg.natsCredentialsFile != null) {
           LoadCredential = "nats.creds:${cfg.natsCredentialsFile}";
+        }
+        // optionalAttrs (cfg.environmentFile != null) {
+          EnvironmentFile = cfg.environmentFile;
         };
     };
   };

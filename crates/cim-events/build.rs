@@ -5,6 +5,8 @@ fn main() -> std::io::Result<()> {
         "proto/cim/runtime/v1/runtime.proto",
         "proto/cim/runtime/v1/legacy.proto",
         "proto/cim/iu/v1/iu.proto",
+        "proto/cim/registry/v1/registry.proto",
+        "proto/cim/plugin/v1/plugin.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

@@ -1,19 +1,28 @@
-# Evaluates the CIM modules and the flake's wiring against ./stubs.nix (real nixpkgs lib,
-# stand-ins for NixOS and nixpkgs packages). Run through ./check.sh, which writes the
-# rendered units and nats configs out and checks them with systemd-analyze and nats-server.
+# Evaluates the CIM modules, the example hosts and the flake's outputs against stand-ins
+# (./stub: our own minimal lib and module evaluator, stand-in NixOS options, a stand-in
+# nixpkgs with a stub builder), and renders what NixOS would write: unit files and nats-server
+# configs. integration-tests/tests/it/nix.rs compares the result with ./golden, runs
+# `systemd-analyze verify` on the units and `nats-server -t` on the configs.
+#
+#   nix-instantiate --eval --strict --json nixos-modules/tests/eval.nix --argstr pkgDir /x
+#
+# On a machine with nixpkgs, `--arg lib 'import <nixpkgs/lib>'` evaluates the same against
+# the real lib (the NixOS options stay stand-ins).
 {
-  # nixpkgs' lib, e.g. `import /path/to/nixpkgs/lib`.
-  lib,
-  # A directory with bin/<service> to stand in for the packages in ExecStart=.
-  pkgDir,
+  lib ? import ./stub/lib.nix,
+  # Stands in for every package's store path in ExecStart= (the test points it at the real
+  # binaries for systemd-analyze).
+  pkgDir ? "/nix/store/00000000000000000000000000000000-cim-under-test",
   natsHasHostOption ? false,
 }:
 
 let
   repo = ../..;
-  stubs = import ./stubs.nix { inherit lib natsHasHostOption; };
+  nixpkgs = import ./stub/nixpkgs.nix { inherit lib natsHasHostOption; };
+  inherit (nixpkgs.nixos) eval;
   render = import ./render.nix { inherit lib; };
   names = import ../service-names.nix;
+  fixture = import ./auth-fixture.nix;
 
   pkg = {
     type = "derivation";
@@ -27,7 +36,7 @@ let
     "10.0.0.13"
   ];
 
-  leaf = stubs.eval [
+  leafModules = [
     ../.
     ../hosts/common.nix
     (import ../hosts/leaf.nix { inherit hubAddresses; })
@@ -37,10 +46,38 @@ let
       services.cim.nats-leaf.hubCredentialsFile = "/run/keys/cim-leaf-hub.creds";
     }
   ];
+  leaf = eval leafModules;
+
+  # The leaf with one NATS user per service (hashes from the test fixture) and each
+  # service's password in an environment file.
+  leafWithAuth = eval (
+    leafModules
+    ++ [
+      {
+        services.cim = lib.genAttrs names (name: {
+          environmentFile = "/run/keys/cim-${name}.env";
+        });
+      }
+      {
+        services.cim.nats-auth = {
+          enable = true;
+          services = lib.genAttrs names (name: {
+            passwordHash = fixture.${name}.hash;
+          });
+          extraUsers = [
+            {
+              user = "admin";
+              passwordHash = fixture.admin.hash;
+            }
+          ];
+        };
+      }
+    ]
+  );
 
   clusterNode =
     index:
-    stubs.eval [
+    eval [
       ../.
       ../hosts/common.nix
       (import ../hosts/cluster-node.nix {
@@ -51,48 +88,30 @@ let
     ];
 
   # A leaf host whose services all run in containers (none on the host itself).
-  containerHost = stubs.eval [
+  containerHost = eval [
     (repo + "/containers")
     ../hosts/common.nix
     (import ../hosts/leaf.nix { hubAddresses = [ ]; })
     packages
     { cim.containers = lib.genAttrs names (_: { enable = true; }); }
-    { cim.containers.storage-manager.natsCredentialsFile = "/run/keys/cim-storage-manager.creds"; }
+    {
+      cim.containers.storage-manager.natsCredentialsFile = "/run/keys/cim-storage-manager.creds";
+      cim.containers.registry.environmentFile = "/run/keys/cim-registry.env";
+    }
     { services.cim = lib.genAttrs names (_: { enable = lib.mkForce false; }); }
   ];
 
-  # The flake's outputs with a stand-in nixpkgs input: real lib, stub packages,
-  # nixosSystem = the stub evaluation. Checks names and wiring, builds nothing.
+  # The flake's outputs with the stand-in nixpkgs input. Checks names and wiring; builds
+  # nothing.
   flake =
     let
-      mkPkgs = system: {
-        stdenv.hostPlatform.system = system;
-        rustPlatform.buildRustPackage =
-          args: stubs.fakePkg "${args.pname}-${args.version}" // { inherit args; };
-        mkShell = args: args;
-      }
-      // lib.genAttrs [
-        "protobuf"
-        "cargo"
-        "rustc"
-        "clippy"
-        "rustfmt"
-        "cargo-nextest"
-        "nats-server"
-      ] stubs.fakePkg;
-      nixpkgs = {
-        lib = lib // {
-          nixosSystem = args: stubs.eval args.modules;
-        };
-        legacyPackages = lib.genAttrs [
-          "x86_64-linux"
-          "aarch64-linux"
-        ] mkPkgs;
+      self = (import (repo + "/flake.nix")).outputs {
+        inherit self;
+        nixpkgs = { inherit (nixpkgs) lib legacyPackages; };
       };
-      self = (import (repo + "/flake.nix")).outputs { inherit self nixpkgs; };
       # nixosModules.containers next to nixosModules.default, as a host would import them:
       # the module keys must make the second import a no-op.
-      containersFromFlake = stubs.eval [
+      containersFromFlake = eval [
         self.nixosModules.containers
         self.nixosModules.default
         ../hosts/common.nix
@@ -108,7 +127,9 @@ let
         lib.mapAttrs (
           _: p: {
             inherit (p) name;
-            cargoBuildFlags = p.args.cargoBuildFlags;
+            inherit (p.args) pname cargoBuildFlags doCheck;
+            src = p.args.src.files or (toString p.args.src);
+            cargoLock = toString p.args.cargoLock.lockFile == toString (repo + "/Cargo.lock");
             mainProgram = p.args.meta.mainProgram or null;
           }
         )
@@ -124,69 +145,11 @@ let
       containerRegistryExecStart =
         containersFromFlake.config.containers.cim-registry.config.systemd.services.cim-registry.serviceConfig.ExecStart;
     };
-
-  # Definitions the options must refuse (true = refused, as wanted) or accept (false).
-  refused =
-    let
-      try =
-        def:
-        let
-          r = stubs.eval [
-            ../registry.nix
-            {
-              system.stateVersion = "26.05";
-              services.cim.registry = {
-                enable = true;
-                package = pkg;
-              }
-              // def;
-            }
-          ];
-          env = r.config.systemd.services.cim-registry.environment;
-        in
-        !(builtins.tryEval (builtins.deepSeq env env)).success;
-    in
-    lib.mapAttrs (_: try) {
-      credentialsAsNixPath = {
-        natsCredentialsFile = ./stubs.nix;
-      };
-      credentialsInStore = {
-        natsCredentialsFile = "/nix/store/00000000000000000000000000000000-creds";
-      };
-      credentialsRelative = {
-        natsCredentialsFile = "keys/registry.creds";
-      };
-      nodeWithDot = {
-        node = "a.b";
-      };
-      domainWithWildcard = {
-        jetstreamDomain = "leaf*";
-      };
-      heartbeatWithSpace = {
-        heartbeatInterval = "5 s";
-      };
-      tierUnknown = {
-        tier = "edge";
-      };
-      maxInFlightZero = {
-        maxInFlight = 0;
-      };
-    }
-    // lib.mapAttrs (_: def: !(try def)) {
-      acceptsCredentialsPath = {
-        natsCredentialsFile = "/run/keys/registry.creds";
-      };
-      acceptsNode = {
-        node = "leaf-1_a";
-      };
-      acceptsHeartbeatMs = {
-        heartbeatInterval = "250ms";
-      };
-    };
 in
 {
   systems = {
     leaf = render.system leaf.config;
+    leaf-auth = render.system leafWithAuth.config;
     cluster-node-1 = render.system (clusterNode 1).config;
     cluster-node-2 = render.system (clusterNode 2).config;
     cluster-node-3 = render.system (clusterNode 3).config;
@@ -196,17 +159,20 @@ in
     name: c: lib.nameValuePair "container-${name}" (render.system c.config)
   ) containerHost.config.containers;
 
-  containers = lib.mapAttrs (_: c: {
-    inherit (c)
-      autoStart
-      privateNetwork
-      hostAddress
-      localAddress
-      bindMounts
-      ;
-  }) containerHost.config.containers;
-  containerHostFirewall = containerHost.config.networking.firewall.interfaces;
-  clusterFirewall = (clusterNode 1).config.networking.firewall.allowedTCPPorts;
+  hosts = {
+    containers = lib.mapAttrs (_: c: {
+      inherit (c)
+        autoStart
+        privateNetwork
+        hostAddress
+        localAddress
+        bindMounts
+        ;
+    }) containerHost.config.containers;
+    containerHostFirewall = containerHost.config.networking.firewall.interfaces;
+    containerHostTmpfiles = containerHost.config.systemd.tmpfiles.rules;
+    clusterFirewall = (clusterNode 1).config.networking.firewall.allowedTCPPorts;
+  };
 
-  inherit flake refused;
+  inherit flake;
 }

@@ -1,19 +1,23 @@
 # The example topology (three hub nodes, one leaf connected to them) from the same modules,
-# moved onto loopback ports and temporary store directories so that ./check.sh --live can
-# run it with real nats-servers and a real service binary.
+# moved onto loopback ports and temporary store directories, with one NATS user per service
+# (./auth-fixture.nix) on every server, so that integration-tests/tests/it/nix.rs can run it
+# with real nats-servers and real service binaries.
 {
-  lib,
+  lib ? import ./stub/lib.nix,
   pkgDir,
   # Directory for the JetStream stores.
   base,
-  # First port of the range used: +1..3 client ports of the hub, +10 the leaf's.
-  clientPorts ? 24220,
+  # Free loopback ports, as a JSON object: node<i>.{client,cluster,leafnode,monitor,http}
+  # for i = 1..3 and leaf.{client,monitor,http}.
+  portsJSON,
 }:
 
 let
-  stubs = import ./stubs.nix { inherit lib; };
+  nixpkgs = import ./stub/nixpkgs.nix { inherit lib; };
   render = import ./render.nix { inherit lib; };
   names = import ../service-names.nix;
+  fixture = import ./auth-fixture.nix;
+  ports = builtins.fromJSON portsJSON;
   pkg = {
     type = "derivation";
     name = "cim-under-test";
@@ -25,10 +29,33 @@ let
     2
     3
   ];
+  node = i: ports."node${toString i}";
 
-  node =
+  auth.imports = [
+    {
+      services.cim = lib.genAttrs names (name: {
+        environmentFile = "/run/keys/cim-${name}.env";
+      });
+    }
+    {
+    services.cim.nats-auth = {
+      enable = true;
+      services = lib.genAttrs names (name: {
+        passwordHash = fixture.${name}.hash;
+      });
+      extraUsers = [
+        {
+          user = "admin";
+          passwordHash = fixture.admin.hash;
+        }
+      ];
+    };
+    }
+  ];
+
+  hubNode =
     i:
-    stubs.eval [
+    nixpkgs.nixos.eval [
       ../.
       ../hosts/common.nix
       (import ../hosts/cluster-node.nix {
@@ -36,46 +63,54 @@ let
         addresses = [ "127.0.0.1" ];
       })
       packages
+      auth
       {
+        services.cim.nats-auth.leafnodePasswordHash = fixture.leaf.hash;
         services.cim.nats-cluster-node = {
           listenAddress = "127.0.0.1";
-          port = clientPorts + i;
-          clusterPort = clientPorts + 2000 + i;
-          leafnodePort = clientPorts + 3000 + i;
-          monitorListen = "127.0.0.1:${toString (clientPorts + 4000 + i)}";
-          routes = lib.mkForce (map (j: "nats-route://127.0.0.1:${toString (clientPorts + 2000 + j)}") hub);
+          port = (node i).client;
+          clusterPort = (node i).cluster;
+          leafnodePort = (node i).leafnode;
+          monitorListen = "127.0.0.1:${toString (node i).monitor}";
+          routes = lib.mkForce (map (j: "nats-route://127.0.0.1:${toString (node j).cluster}") hub);
         };
         services.nats.dataDir = "${base}/node${toString i}";
-        services.cim.registry.httpListen = "127.0.0.1:${toString (clientPorts + 5000 + i)}";
+        services.cim.registry.httpListen = "127.0.0.1:${toString (node i).http}";
       }
     ];
 
-  leaf = stubs.eval [
+  leaf = nixpkgs.nixos.eval [
     ../.
     ../hosts/common.nix
     (import ../hosts/leaf.nix { hubAddresses = [ ]; })
     packages
+    auth
     {
       services.cim.nats-leaf = {
-        port = clientPorts + 10;
-        monitorListen = "127.0.0.1:${toString (clientPorts + 4010)}";
-        hubUrls = map (j: "nats-leaf://127.0.0.1:${toString (clientPorts + 3000 + j)}") hub;
+        port = ports.leaf.client;
+        monitorListen = "127.0.0.1:${toString ports.leaf.monitor}";
+        hubUrls = map (j: "nats-leaf://leaf:${fixture.leaf.password}@127.0.0.1:${toString (node j).leafnode}") hub;
       };
       services.nats.dataDir = "${base}/leaf";
-      services.cim.registry.httpListen = "127.0.0.1:${toString (clientPorts + 5010)}";
+      services.cim.registry.httpListen = "127.0.0.1:${toString ports.leaf.http}";
     }
   ];
 
-  summary = system: {
-    inherit (render.system system.config) nats;
-    registryUnit = (render.system system.config).units.cim-registry;
-    monitor = system.config.services.nats.settings.http;
-    registryHttp = system.config.services.cim.registry.httpListen;
-  };
+  summary =
+    system:
+    let
+      rendered = render.system system.config;
+    in
+    {
+      inherit (rendered) nats;
+      registryUnit = rendered.units.cim-registry;
+      monitor = system.config.services.nats.settings.http;
+    };
 in
 {
-  node1 = summary (node 1);
-  node2 = summary (node 2);
-  node3 = summary (node 3);
+  node1 = summary (hubNode 1);
+  node2 = summary (hubNode 2);
+  node3 = summary (hubNode 3);
   leaf = summary leaf;
+  passwords = lib.mapAttrs (_: u: u.password) fixture;
 }

@@ -12,7 +12,9 @@ pub mod cid;
 pub mod envelope;
 pub mod iu;
 pub mod payload;
+pub mod plugin;
 pub mod reference;
+pub mod registry;
 pub mod resources;
 pub mod subject;
 pub mod token;
@@ -35,6 +37,14 @@ pub mod proto {
     pub mod iu {
         #![allow(missing_docs, clippy::all)]
         include!(concat!(env!("OUT_DIR"), "/cim.iu.v1.rs"));
+    }
+    pub mod registry {
+        #![allow(missing_docs, clippy::all)]
+        include!(concat!(env!("OUT_DIR"), "/cim.registry.v1.rs"));
+    }
+    pub mod plugin {
+        #![allow(missing_docs, clippy::all)]
+        include!(concat!(env!("OUT_DIR"), "/cim.plugin.v1.rs"));
     }
 }
 

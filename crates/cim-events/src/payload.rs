@@ -11,7 +11,8 @@ use crate::{
     ContractError,
     envelope::{Envelope, Schema},
     proto::runtime::{
-        DescribeReply, ServiceAnnounced, ServiceAnnouncedV1, ServiceHeartbeat, ServiceStopped,
+        DescribeReply, DrainRequested, ServiceAnnounced, ServiceAnnouncedV1, ServiceDrained, ServiceHeartbeat,
+        ServiceStopped,
     },
 };
 
@@ -36,6 +37,18 @@ payload!(ServiceAnnounced, "cim.runtime.service.announced", 2);
 payload!(ServiceHeartbeat, "cim.runtime.service.heartbeat", 1);
 payload!(ServiceStopped, "cim.runtime.service.stopped", 1);
 payload!(DescribeReply, "cim.runtime.describe.reply", 1);
+payload!(ServiceDrained, "cim.runtime.service.drained", 1);
+payload!(DrainRequested, "cim.runtime.drain.requested", 1);
+
+use crate::proto::registry as reg;
+payload!(reg::InstanceRegistered, "cim.registry.instance.registered", 1);
+payload!(reg::InstanceDrained, "cim.registry.instance.drained", 1);
+payload!(reg::InstanceStopped, "cim.registry.instance.stopped", 1);
+payload!(reg::InstanceLost, "cim.registry.instance.lost", 1);
+payload!(reg::InstanceDuplicated, "cim.registry.instance.duplicated", 1);
+payload!(reg::NodeEnrolled, "cim.registry.node.enrolled", 1);
+payload!(reg::NodeStateChanged, "cim.registry.node.state_changed", 1);
+payload!(reg::DesiredSet, "cim.registry.desired.set", 1);
 
 use crate::proto::iu;
 payload!(iu::UnitCreated, "cim.iu.unit.created", 1);
@@ -50,6 +63,13 @@ payload!(iu::UnitTypeRegistered, "cim.iu.type.registered", 1);
 payload!(iu::ContentStored, "cim.iu.content.stored", 1);
 payload!(iu::ContentCorrupted, "cim.iu.content.corrupted", 1);
 payload!(iu::ContentCollected, "cim.iu.content.collected", 1);
+
+use crate::proto::plugin;
+payload!(plugin::PluginPushed, "cim.plugin.plugin.pushed", 1);
+payload!(plugin::PluginRemoved, "cim.plugin.plugin.removed", 1);
+payload!(plugin::PluginAnnounced, "cim.plugin.announced", 1);
+payload!(plugin::InvokeRequest, "cim.plugin.invoke.request", 1);
+payload!(plugin::InvokeReply, "cim.plugin.invoke.reply", 1);
 
 /// One step of an upcasting path: bytes of `(type, version)` to bytes of `version + 1`.
 pub type UpcastFn = fn(&[u8]) -> Result<Vec<u8>, ContractError>;
@@ -163,7 +183,7 @@ mod tests {
 
     #[test]
     fn current_version_decodes_directly() {
-        let msg = ServiceHeartbeat { component: "iu".into(), instance_id: "i".into(), uptime_ms: 5, ready: true, in_flight: 0 };
+        let msg = ServiceHeartbeat { component: "iu".into(), instance_id: "i".into(), uptime_ms: 5, ready: true, in_flight: 0, ..Default::default() };
         let env = Envelope::root::<ServiceHeartbeat>("/x");
         let (h, body) = encode(&env, &msg);
         let (back_env, back) = decode::<ServiceHeartbeat>(Some(&h), &body, &Upcasters::default()).unwrap();

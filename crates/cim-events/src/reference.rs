@@ -8,7 +8,7 @@ use crate::{
     Component, Tier,
     envelope::HEADERS,
     payload::Payload,
-    proto::runtime::{DescribeReply, ServiceAnnounced, ServiceHeartbeat, ServiceStopped},
+    proto::runtime::{DescribeReply, DrainRequested, ServiceAnnounced, ServiceDrained, ServiceHeartbeat, ServiceStopped},
     resources::{self, DUPLICATE_WINDOW},
     subject::{self, Lifecycle},
 };
@@ -29,6 +29,7 @@ pub fn markdown() -> String {
     let _ = writeln!(w, "| lifecycle | `cim.svc.<component>.<instance>.<announce\\|heartbeat\\|goodbye>` | core NATS |");
     let _ = writeln!(w, "| dead letter | `cim.dlq.<component>.<origin>` | JetStream, the component's dead-letter stream |");
     let _ = writeln!(w, "| discovery | `$SRV.PING\\|INFO\\|STATS[.<name>[.<id>]]` | NATS micro services protocol |");
+    let _ = writeln!(w, "| plugin | `cim.plg.<name>.<version-token>.<invoke\\|announce>` | request/reply, queue group `cim-plg-<name>-<version-token>`; announce on core NATS |");
     let _ = writeln!(w);
     let _ = writeln!(w, "Tokens (`<aggregate>`, `<id>`, `<action>`, `<instance>`, ...) are 1-128 printable ASCII characters without `.`, `*`, `>` or whitespace; anything else is refused before it reaches NATS.\n");
     let _ = writeln!(w, "Per-aggregate optimistic concurrency: publish with `Nats-Expected-Last-Subject-Sequence: <seq>` and `Nats-Expected-Last-Subject-Sequence-Subject: cim.evt.<component>.<aggregate>.<id>.*`. Exactly-once publishing: `Nats-Msg-Id` is the envelope id, de-duplicated within {}s.\n", DUPLICATE_WINDOW.as_secs());
@@ -100,6 +101,39 @@ pub fn markdown() -> String {
     }
     let _ = writeln!(w);
 
+    plugins(w);
+
+    let _ = writeln!(w, "## Registry\n");
+    let _ = writeln!(w, "Payloads: `crates/cim-events/proto/cim/registry/v1/registry.proto`. Instances announce themselves on their lifecycle subjects; the registry turns announcements, drains, goodbyes and missing heartbeats into events. Heartbeats are not events.\n");
+    let _ = writeln!(w, "| kind | subject |");
+    let _ = writeln!(w, "| --- | --- |");
+    for a in crate::registry::action::INSTANCE_ALL {
+        let _ = writeln!(w, "| event | `cim.evt.registry.{}.<instance-id>.{a}` |", crate::registry::INSTANCE);
+    }
+    for a in crate::registry::action::NODE_ALL {
+        let _ = writeln!(w, "| event | `cim.evt.registry.{}.<node>.{a}` |", crate::registry::NODE);
+    }
+    let _ = writeln!(w, "| event | `{}` |", crate::registry::desired_event());
+    for c in crate::registry::cmd::ALL {
+        if let Ok(s) = crate::registry::command(c) {
+            let _ = writeln!(w, "| command | `{s}` |");
+        }
+    }
+    for q in crate::registry::qry::ALL {
+        if let Ok(s) = crate::registry::query(q) {
+            let _ = writeln!(w, "| query | `{s}` |");
+        }
+    }
+    let _ = writeln!(w);
+    let _ = writeln!(w, "## Control of running instances\n");
+    let _ = writeln!(w, "Every instance subscribes to control messages addressed to all instances, to its node, and to itself (core NATS, no reply). Drain answers with the lifecycle message `drained` once nothing is in flight.\n");
+    let _ = writeln!(w, "| subject | payload | effect |");
+    let _ = writeln!(w, "| --- | --- | --- |");
+    let _ = writeln!(w, "| `{}` | empty | every instance announces itself again |", subject::control_all(subject::ControlAction::Announce));
+    let _ = writeln!(w, "| `cim.ctl.instance.<instance>.{}` | empty | one instance announces itself again |", subject::ControlAction::Announce.token());
+    let _ = writeln!(w, "| `cim.ctl.node.<node>.{}` | `{}` v{} | every instance on the node stops its endpoints and background intake, finishes in-flight work and publishes `cim.svc.<component>.<instance>.drained` |", subject::ControlAction::Drain.token(), DrainRequested::TYPE, DrainRequested::SCHEMA_VERSION);
+    let _ = writeln!(w);
+
     let _ = writeln!(w, "## Queries every service answers\n");
     let _ = writeln!(w, "| subject | request | reply |");
     let _ = writeln!(w, "| --- | --- | --- |");
@@ -122,10 +156,47 @@ pub fn markdown() -> String {
     let _ = writeln!(w, "| type | current version | upcast from |");
     let _ = writeln!(w, "| --- | --- | --- |");
     let _ = writeln!(w, "| `{}` | {} | v1 (`ServiceAnnouncedV1`) |", ServiceAnnounced::TYPE, ServiceAnnounced::SCHEMA_VERSION);
-    for (t, v) in [(ServiceHeartbeat::TYPE, ServiceHeartbeat::SCHEMA_VERSION), (ServiceStopped::TYPE, ServiceStopped::SCHEMA_VERSION), (DescribeReply::TYPE, DescribeReply::SCHEMA_VERSION)] {
+    for (t, v) in [(ServiceHeartbeat::TYPE, ServiceHeartbeat::SCHEMA_VERSION), (ServiceStopped::TYPE, ServiceStopped::SCHEMA_VERSION), (DescribeReply::TYPE, DescribeReply::SCHEMA_VERSION), (ServiceDrained::TYPE, ServiceDrained::SCHEMA_VERSION), (DrainRequested::TYPE, DrainRequested::SCHEMA_VERSION)] {
+        let _ = writeln!(w, "| `{t}` | {v} | - |");
+    }
+    use crate::proto::registry as reg;
+    for (t, v) in [
+        (reg::InstanceRegistered::TYPE, reg::InstanceRegistered::SCHEMA_VERSION),
+        (reg::InstanceDrained::TYPE, reg::InstanceDrained::SCHEMA_VERSION),
+        (reg::InstanceStopped::TYPE, reg::InstanceStopped::SCHEMA_VERSION),
+        (reg::InstanceLost::TYPE, reg::InstanceLost::SCHEMA_VERSION),
+        (reg::InstanceDuplicated::TYPE, reg::InstanceDuplicated::SCHEMA_VERSION),
+        (reg::NodeEnrolled::TYPE, reg::NodeEnrolled::SCHEMA_VERSION),
+        (reg::NodeStateChanged::TYPE, reg::NodeStateChanged::SCHEMA_VERSION),
+        (reg::DesiredSet::TYPE, reg::DesiredSet::SCHEMA_VERSION),
+    ] {
         let _ = writeln!(w, "| `{t}` | {v} | - |");
     }
     o
+}
+
+fn plugins(w: &mut String) {
+    use crate::plugin;
+    let _ = writeln!(w, "## Plugins\n");
+    let _ = writeln!(w, "Payloads: `crates/cim-events/proto/cim/plugin/v1/plugin.proto`; the contract for plugin authors is `docs/plugins.md`. Modules live in `{}` as `<name>@<version>` (uploads in progress: `{}<uuid>`). A version appears in subjects as its token: `.` becomes `_` (`1.2.0` is `1_2_0`).\n", plugin::ARTIFACTS_BUCKET, plugin::UPLOAD_PREFIX);
+    let _ = writeln!(w, "| kind | subject | payload |");
+    let _ = writeln!(w, "| --- | --- | --- |");
+    let _ = writeln!(w, "| invoke one version | `cim.{}.<name>.<version-token>.invoke` | `InvokeRequest` → `InvokeReply` |", plugin::KIND);
+    let _ = writeln!(w, "| announcement | `{}` | `PluginAnnounced` |", plugin::all_announcements());
+    let _ = writeln!(w, "| event | `cim.evt.plugin.{}.<name>.{}` | `PluginPushed` |", plugin::AGGREGATE, plugin::action::PUSHED);
+    let _ = writeln!(w, "| event | `cim.evt.plugin.{}.<name>.{}` | `PluginRemoved` |", plugin::AGGREGATE, plugin::action::REMOVED);
+    let payloads = [(plugin::cmd::PUSH, "`PushPlugin` → `PushReply`"), (plugin::cmd::REMOVE, "`RemovePlugin` → `RemoveReply`"), (plugin::cmd::INVOKE, "`InvokeRequest` (by `plugin[@version]` or `capability`) → `InvokeReply`")];
+    for (c, p) in payloads {
+        if let Ok(s) = plugin::command(c) {
+            let _ = writeln!(w, "| command | `{s}` | {p} |");
+        }
+    }
+    for (q, p) in [(plugin::qry::LIST, "`ListPlugins` → `ListReply`"), (plugin::qry::STATS, "empty → `StatsReply`")] {
+        if let Ok(s) = plugin::query(q) {
+            let _ = writeln!(w, "| query | `{s}` | {p} |");
+        }
+    }
+    let _ = writeln!(w);
 }
 
 #[cfg(test)]

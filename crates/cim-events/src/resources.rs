@@ -178,6 +178,15 @@ pub fn kv_buckets(component: Component) -> Vec<KvBucketSpec> {
             spec(crate::iu::KV_TYPES, "projection: registered unit types and their schemas", Duration::ZERO),
             spec(crate::iu::KV_REQUESTS, "results of commands by request id, for idempotent retries (24h)", crate::iu::REQUEST_MEMORY),
         ],
+        Component::Registry => vec![
+            spec(crate::registry::KV_INSTANCES, "projection: every service instance, its node and state, and the checkpoint", Duration::ZERO),
+            spec(crate::registry::KV_NODES, "projection: the node inventory and lifecycle, and the desired state", Duration::ZERO),
+        ],
+        Component::PluginHost => vec![spec(
+            crate::plugin::KV_REFERENCES,
+            "references to plugin versions (key <name>.<version-token>.<referrer>), written by the pipeline engine; a referenced version cannot be removed",
+            Duration::ZERO,
+        )],
         _ => Vec::new(),
     }
 }
@@ -219,7 +228,7 @@ pub fn object_buckets(component: Component) -> Vec<ObjectBucketSpec> {
         }],
         Component::PluginHost => vec![ObjectBucketSpec {
             component,
-            bucket: "cim_plugin_artifacts".to_string(),
+            bucket: crate::plugin::ARTIFACTS_BUCKET.to_string(),
             description: "plugin modules, keyed by name@version, with digest".to_string(),
         }],
         _ => Vec::new(),

@@ -6,6 +6,7 @@
 //! cim.qry.<component>.<query>                     queries (request/reply, queue group)
 //! cim.svc.<component>.<instance>.<lifecycle>      announce / heartbeat / goodbye (core NATS)
 //! cim.dlq.<component>.<origin>                    dead letters, stored with their reason
+//! cim.ctl.<all|node.<node>|instance.<id>>.<action> control of running instances (core NATS)
 //! ```
 //!
 //! An aggregate's events share the prefix `cim.evt.<component>.<aggregate>.<id>`, so the filter
@@ -104,6 +105,7 @@ pub enum Kind {
     Query,
     Service,
     DeadLetter,
+    Control,
 }
 
 impl Kind {
@@ -114,6 +116,7 @@ impl Kind {
             Kind::Query => "qry",
             Kind::Service => "svc",
             Kind::DeadLetter => "dlq",
+            Kind::Control => "ctl",
         }
     }
 }
@@ -124,18 +127,103 @@ pub enum Lifecycle {
     Announce,
     Heartbeat,
     Goodbye,
+    /// The instance finished draining: it takes no new work and holds none.
+    Drained,
 }
 
 impl Lifecycle {
-    pub const ALL: [Lifecycle; 3] = [Lifecycle::Announce, Lifecycle::Heartbeat, Lifecycle::Goodbye];
+    pub const ALL: [Lifecycle; 4] = [Lifecycle::Announce, Lifecycle::Heartbeat, Lifecycle::Goodbye, Lifecycle::Drained];
 
     pub const fn token(self) -> &'static str {
         match self {
             Lifecycle::Announce => "announce",
             Lifecycle::Heartbeat => "heartbeat",
             Lifecycle::Goodbye => "goodbye",
+            Lifecycle::Drained => "drained",
         }
     }
+
+    /// Parses the last token of a lifecycle subject.
+    pub fn parse(token: &str) -> Option<Lifecycle> {
+        Lifecycle::ALL.into_iter().find(|l| l.token() == token)
+    }
+}
+
+/// What a control message asks of running instances (`cim.ctl.…`, core NATS, no reply).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ControlAction {
+    /// Publish the announcement again (the registry asks after it starts or meets a stranger).
+    Announce,
+    /// Stop taking new work, finish what is held, report `drained`.
+    Drain,
+}
+
+impl ControlAction {
+    pub const ALL: [ControlAction; 2] = [ControlAction::Announce, ControlAction::Drain];
+
+    pub const fn token(self) -> &'static str {
+        match self {
+            ControlAction::Announce => "announce",
+            ControlAction::Drain => "drain",
+        }
+    }
+
+    pub fn parse(token: &str) -> Option<ControlAction> {
+        ControlAction::ALL.into_iter().find(|a| a.token() == token)
+    }
+}
+
+/// `cim.ctl.all.<action>`: addressed to every instance of every service.
+pub fn control_all(action: ControlAction) -> String {
+    join(&[ROOT, Kind::Control.token(), "all", action.token()])
+}
+
+/// `cim.ctl.node.<node>.<action>`: addressed to every instance on one node.
+pub fn control_node(node: &str, action: ControlAction) -> Result<String, ContractError> {
+    validate_token("node", node)?;
+    Ok(join(&[ROOT, Kind::Control.token(), "node", node, action.token()]))
+}
+
+/// `cim.ctl.instance.<instance>.<action>`: addressed to one instance.
+pub fn control_instance(instance: &str, action: ControlAction) -> Result<String, ContractError> {
+    validate_token("instance id", instance)?;
+    Ok(join(&[ROOT, Kind::Control.token(), "instance", instance, action.token()]))
+}
+
+/// The three filters an instance subscribes to for control messages addressed to it.
+pub fn control_filters(node: &str, instance: &str) -> Result<[String; 3], ContractError> {
+    validate_token("node", node)?;
+    validate_token("instance id", instance)?;
+    let ctl = Kind::Control.token();
+    Ok([
+        join(&[ROOT, ctl, "all", "*"]),
+        join(&[ROOT, ctl, "node", node, "*"]),
+        join(&[ROOT, ctl, "instance", instance, "*"]),
+    ])
+}
+
+/// The parts of a lifecycle subject, parsed back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LifecycleSubject {
+    pub component: Component,
+    pub instance: String,
+    pub what: Lifecycle,
+}
+
+/// Parses `cim.svc.<component>.<instance>.<lifecycle>`.
+pub fn parse_lifecycle(subject: &str) -> Result<LifecycleSubject, ContractError> {
+    let bad = |reason: &'static str| ContractError::InvalidSubject { subject: subject.escape_debug().to_string(), reason };
+    let parts: Vec<&str> = subject.split('.').collect();
+    let [root, kind, component, instance, what] = parts.as_slice() else {
+        return Err(bad("a lifecycle subject has exactly 5 tokens"));
+    };
+    if *root != ROOT || *kind != Kind::Service.token() {
+        return Err(bad("a lifecycle subject starts with 'cim.svc.'"));
+    }
+    let component = Component::parse(component)?;
+    validate_token("instance id", instance)?;
+    let what = Lifecycle::parse(what).ok_or_else(|| bad("unknown lifecycle action"))?;
+    Ok(LifecycleSubject { component, instance: instance.to_string(), what })
 }
 
 fn join(parts: &[&str]) -> String {
@@ -317,6 +405,22 @@ mod tests {
         assert_eq!(dead_letters_of(Component::IntegrationHub), "cim.dlq.hub.>");
         assert_eq!(micro(MicroVerb::Ping, iu), "$SRV.PING.cim-iu");
         assert_eq!(micro(MicroVerb::Stats, Component::UiGateway), "$SRV.STATS.cim-gateway");
+    }
+
+    #[test]
+    fn control_and_lifecycle_subjects() {
+        assert_eq!(control_all(ControlAction::Announce), "cim.ctl.all.announce");
+        assert_eq!(control_node("n1", ControlAction::Drain).unwrap(), "cim.ctl.node.n1.drain");
+        assert_eq!(control_instance("i-1", ControlAction::Announce).unwrap(), "cim.ctl.instance.i-1.announce");
+        assert_eq!(control_filters("n1", "i-1").unwrap(), ["cim.ctl.all.*".to_string(), "cim.ctl.node.n1.*".into(), "cim.ctl.instance.i-1.*".into()]);
+        assert!(control_node("a.b", ControlAction::Drain).is_err());
+        let s = lifecycle(Component::InformationUnit, "iu-1", Lifecycle::Drained).unwrap();
+        assert_eq!(s, "cim.svc.iu.iu-1.drained");
+        let p = parse_lifecycle(&s).unwrap();
+        assert_eq!((p.component, p.instance.as_str(), p.what), (Component::InformationUnit, "iu-1", Lifecycle::Drained));
+        assert!(parse_lifecycle("cim.svc.iu.iu-1").is_err());
+        assert!(parse_lifecycle("cim.svc.nope.i.announce").is_err());
+        assert!(parse_lifecycle("cim.svc.iu.i.explode").is_err());
     }
 
     #[test]

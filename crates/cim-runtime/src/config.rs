@@ -71,6 +71,24 @@ pub struct Settings {
     pub max_in_flight: usize,
 }
 
+impl Settings {
+    /// The NATS URLs with any `user:password@` replaced, for logs.
+    pub fn redacted_urls(&self) -> Vec<String> {
+        self.nats_urls.iter().map(|u| redact_url(u)).collect()
+    }
+}
+
+/// `nats://user:secret@host:4222` → `nats://***@host:4222`.
+pub fn redact_url(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((_, host)) => format!("{scheme}://***@{host}"),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}
+
 /// Why a configuration was refused; printed as one line before exiting with 64.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -89,7 +107,7 @@ impl CommonArgs {
             return Err(bad("--nats-url (CIM_NATS_URL) is empty".into()));
         }
         for url in &nats_urls {
-            check_nats_url(url).map_err(|e| bad(format!("--nats-url (CIM_NATS_URL) {url:?}: {e}")))?;
+            check_nats_url(url).map_err(|e| bad(format!("--nats-url (CIM_NATS_URL) {:?}: {e}", redact_url(url))))?;
         }
         if let Some(creds) = &self.nats_creds {
             std::fs::File::open(creds).map_err(|e| {
@@ -268,6 +286,16 @@ mod tests {
             assert!(err.contains(want), "{args:?}: {err}");
             assert!(!err.contains('\n'), "one line: {err}");
         }
+    }
+
+    #[test]
+    fn passwords_in_urls_never_reach_logs_or_errors() {
+        assert_eq!(redact_url("nats://svc:s3cret@h:4222"), "nats://***@h:4222");
+        assert_eq!(redact_url("nats://h:4222"), "nats://h:4222");
+        let err = parse(&["--nats-url", "nats://svc:s3cret@h:notaport"]).unwrap_err();
+        assert!(!err.contains("s3cret"), "{err}");
+        let s = parse(&["--nats-url", "nats://svc:s3cret@h:4222"]).unwrap();
+        assert!(!format!("{:?}", s.redacted_urls()).contains("s3cret"));
     }
 
     #[test]

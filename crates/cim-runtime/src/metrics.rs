@@ -36,6 +36,8 @@ pub struct Metrics {
     pub projection_lag: Family<ProjectionLabels, Gauge<i64, AtomicI64>>,
     /// Stream sequence a projection has applied up to.
     pub projection_checkpoint: Family<ProjectionLabels, Gauge<i64, AtomicI64>>,
+    /// 1 once the instance was told to drain.
+    pub draining: Gauge<i64, AtomicI64>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -74,6 +76,8 @@ impl Metrics {
         registry.register("nats_reconnects", "Reconnections to NATS since start", nats_reconnects.clone());
         registry.register("projection_lag", "Events not yet applied to a projection", projection_lag.clone());
         registry.register("projection_checkpoint", "Stream sequence a projection has applied up to", projection_checkpoint.clone());
+        let draining = Gauge::<i64, AtomicI64>::default();
+        registry.register("draining", "1 once the instance was told to drain (its node is being drained)", draining.clone());
         Metrics {
             registry: Arc::new(registry),
             requests,
@@ -85,6 +89,7 @@ impl Metrics {
             nats_reconnects,
             projection_lag,
             projection_checkpoint,
+            draining,
         }
     }
 

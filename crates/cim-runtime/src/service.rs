@@ -19,9 +19,11 @@ use cim_events::{
     CONTRACT_VERSION, Component, Envelope, Payload,
     envelope::source,
     payload::encode,
-    proto::runtime::{DescribeReply, ServiceAnnounced, ServiceHeartbeat, ServiceStopped, StreamState},
+    proto::runtime::{
+        DescribeReply, DrainRequested, ServiceAnnounced, ServiceDrained, ServiceHeartbeat, ServiceStopped, StreamState,
+    },
     resources,
-    subject::{self, Lifecycle},
+    subject::{self, ControlAction, Lifecycle},
 };
 use futures::StreamExt;
 use tokio::sync::{Notify, Semaphore};
@@ -94,6 +96,11 @@ struct Shared {
     subjects: std::sync::OnceLock<Vec<String>>,
     stopping: tokio::sync::watch::Sender<bool>,
     background: std::sync::Mutex<Vec<(String, tokio::task::JoinHandle<()>)>>,
+    /// Fresh per process start, so the registry tells a restart from a duplicate instance id.
+    incarnation: String,
+    /// Told to drain (takes no new work); `drained` once nothing is held any more.
+    draining: AtomicBool,
+    drained: AtomicBool,
 }
 
 impl std::fmt::Debug for Ctx {
@@ -124,7 +131,8 @@ impl Ctx {
         source(&s.node, s.component.service_name(), &s.instance_id)
     }
 
-    /// Resolves once the service starts shutting down; background loops select on it.
+    /// Resolves once the service stops taking work — at shutdown, or when its node is drained
+    /// — so background loops that select on it stop their intake and return.
     pub async fn stopping(&self) {
         let mut rx = self.0.stopping.subscribe();
         let _ = rx.wait_for(|s| *s).await;
@@ -132,6 +140,21 @@ impl Ctx {
 
     pub fn is_stopping(&self) -> bool {
         *self.0.stopping.borrow()
+    }
+
+    /// True once the instance was told to drain (its node is being drained).
+    pub fn is_draining(&self) -> bool {
+        self.0.draining.load(Ordering::SeqCst)
+    }
+
+    /// True once a drain finished: no endpoints, no background intake, nothing in flight.
+    pub fn is_drained(&self) -> bool {
+        self.0.drained.load(Ordering::SeqCst)
+    }
+
+    /// This process's incarnation id (see [`ServiceAnnounced::incarnation`]).
+    pub fn incarnation(&self) -> &str {
+        &self.0.incarnation
     }
 
     /// Runs `fut` until shutdown; at shutdown it gets the grace period to notice
@@ -153,6 +176,8 @@ impl Ctx {
             capabilities: self.0.def.capabilities.clone(),
             subjects: self.0.subjects.get().cloned().unwrap_or_default(),
             http_addr: self.0.http_addr.to_string(),
+            incarnation: self.0.incarnation.clone(),
+            heartbeat_interval_ms: s.heartbeat_interval.as_millis() as u64,
         }
     }
 
@@ -274,6 +299,9 @@ impl Service {
             subjects: std::sync::OnceLock::new(),
             stopping,
             background: std::sync::Mutex::new(Vec::new()),
+            incarnation: uuid::Uuid::now_v7().simple().to_string(),
+            draining: AtomicBool::new(false),
+            drained: AtomicBool::new(false),
         }));
         let mut endpoints = self.endpoints;
         if let Some(setup) = self.setup {
@@ -299,7 +327,8 @@ impl Service {
             .map_err(|e| anyhow::anyhow!("starting the micro service: {e}"))?;
 
         let permits = Arc::new(Semaphore::new(settings.max_in_flight));
-        let stop_serving = Arc::new(Notify::new());
+        // A watch, not a Notify: an endpoint busy waiting for a permit must still see it later.
+        let (stop_serving, _) = tokio::sync::watch::channel(false);
         let mut servers = Vec::new();
         for e in endpoints {
             let nats_endpoint = micro
@@ -308,7 +337,7 @@ impl Service {
                 .add(&e.subject)
                 .await
                 .map_err(|err| anyhow::anyhow!("adding endpoint {}: {err}", e.subject))?;
-            servers.push(tokio::spawn(serve_endpoint(nats_endpoint, e, ctx.clone(), permits.clone(), stop_serving.clone())));
+            servers.push(tokio::spawn(serve_endpoint(nats_endpoint, e, ctx.clone(), permits.clone(), stop_serving.subscribe())));
         }
 
         // Readiness, heartbeats and re-provisioning run until shutdown.
@@ -318,32 +347,41 @@ impl Service {
         ctx.publish_root(announce, &ctx.announcement()).instrument(span).await?;
         tracing::info!(subjects = ?ctx.0.subjects.get(), "serving");
 
-        shutdown.await;
-        tracing::info!(grace = ?settings.shutdown_grace, "shutting down: no new work");
-        ctx.0.ready.store(false, Ordering::SeqCst);
-        health.set_ready(false);
-        watch.abort();
-        stop_serving.notify_waiters();
-        for s in servers {
-            let _ = s.await;
-        }
-        let all = settings.max_in_flight as u32;
-        match tokio::time::timeout(settings.shutdown_grace, permits.acquire_many(all)).await {
-            Ok(_) => tracing::info!("in-flight work finished"),
-            Err(_) => tracing::warn!(left = all as usize - permits.available_permits(), "grace period over; abandoning in-flight work (it will be redelivered)"),
-        }
-        let _ = ctx.0.stopping.send(true);
-        let background = std::mem::take(&mut *ctx.0.background.lock().unwrap_or_else(|e| e.into_inner()));
-        for (name, mut handle) in background {
-            if tokio::time::timeout(settings.shutdown_grace, &mut handle).await.is_err() {
-                tracing::warn!(task = %name, "background task did not stop within the grace period; aborting");
-                handle.abort();
+        // Control messages (re-announce, drain) until shutdown.
+        let mut control = match subscribe_control(&ctx).await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot subscribe to control messages; drain and re-announce are unavailable");
+                None
+            }
+        };
+        loop {
+            let next = async {
+                match control.as_mut() {
+                    Some(c) => c.next().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = &mut shutdown => break,
+                m = next => match m {
+                    Some(m) => {
+                        let span = tracing::info_span!("control", subject = %m.subject);
+                        telemetry::continue_trace(&span, m.headers.as_ref());
+                        on_control(&ctx, &health, &stop_serving, &mut servers, &permits, m).instrument(span).await;
+                    }
+                    None => control = None,
+                },
             }
         }
+        tracing::info!(grace = ?settings.shutdown_grace, "shutting down: no new work");
+        watch.abort();
+        stop_intake(&ctx, &health, &stop_serving, &mut servers, &permits).await;
         let goodbye = ServiceStopped {
             component: component.token().to_string(),
             instance_id: settings.instance_id.clone(),
             reason: "shutdown".to_string(),
+            incarnation: ctx.0.incarnation.clone(),
         };
         let said_goodbye = async {
             ctx.publish_root(lifecycle_subject(&ctx, Lifecycle::Goodbye)?, &goodbye).await?;
@@ -410,6 +448,13 @@ async fn connect(settings: &Settings, metrics: &Metrics, reconnected: Arc<Notify
     });
     let addrs: Vec<async_nats::ServerAddr> =
         settings.nats_urls.iter().map(|u| u.parse()).collect::<Result<_, _>>()?;
+    // async-nats does not log in with a URL's user:password by itself; the deployment passes a
+    // service's identity that way (CIM_NATS_URL from an environment file kept out of the store).
+    if let Some(addr) = addrs.iter().find(|a| a.has_user_pass())
+        && let (Some(user), Some(password)) = (addr.username(), addr.password())
+    {
+        opts = opts.user_and_password(user.to_string(), password.to_string());
+    }
     let client = opts.connect(addrs).await?;
     let mut waited = Duration::ZERO;
     let step = Duration::from_millis(50);
@@ -417,7 +462,7 @@ async fn connect(settings: &Settings, metrics: &Metrics, reconnected: Arc<Notify
         tokio::time::sleep(step).await;
         waited += step;
         if waited.as_millis() % 10_000 == 0 {
-            tracing::warn!(urls = ?settings.nats_urls, waited_s = waited.as_secs(), "still waiting for NATS");
+            tracing::warn!(urls = ?settings.redacted_urls(), waited_s = waited.as_secs(), "still waiting for NATS");
         }
     }
     metrics.nats_connected.set(1);
@@ -444,13 +489,16 @@ async fn serve_endpoint(
     e: Endpoint,
     ctx: Ctx,
     permits: Arc<Semaphore>,
-    stop: Arc<Notify>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let labels = EndpointLabels { endpoint: e.name.clone() };
     loop {
+        if *stop.borrow() {
+            break;
+        }
         let request = tokio::select! {
             r = nats_endpoint.next() => match r { Some(r) => r, None => break },
-            _ = stop.notified() => break,
+            _ = stop.wait_for(|s| *s) => break,
         };
         // Back-pressure: wait for a slot before taking the next request off the subscription.
         let Ok(permit) = permits.clone().acquire_owned().await else { break };
@@ -499,7 +547,8 @@ async fn watch_health(ctx: Ctx, health: http::Health, reconnected: Arc<Notify>) 
     let heartbeat = lifecycle_subject(&ctx, Lifecycle::Heartbeat).ok();
     let owned = provision::owned_stream_names(settings.component);
     loop {
-        let ready = check_ready(&ctx, &owned).await;
+        // A draining instance is alive but takes no work: not ready.
+        let ready = check_ready(&ctx, &owned).await && !ctx.is_draining();
         ctx.0.ready.store(ready, Ordering::SeqCst);
         health.set_ready(ready);
         if let Some(subject) = &heartbeat
@@ -511,6 +560,10 @@ async fn watch_health(ctx: Ctx, health: http::Health, reconnected: Arc<Notify>) 
                 uptime_ms: ctx.0.started.elapsed().as_millis() as u64,
                 ready,
                 in_flight: ctx.metrics().in_flight.get().max(0) as u64,
+                incarnation: ctx.0.incarnation.clone(),
+                draining: ctx.is_draining(),
+                drained: ctx.is_drained(),
+                node: settings.node.clone(),
             };
             let _ = ctx.publish_root(subject.clone(), &beat).instrument(tracing::info_span!("heartbeat")).await;
         }
@@ -568,4 +621,109 @@ async fn describe(ctx: Ctx, msg: Message) -> Result<Reply, ServiceError> {
         });
     }
     Ok(Reply::proto(&DescribeReply { service: Some(ctx.announcement()), streams, ready: ctx.is_ready() }))
+}
+
+/// Subscribes to the control messages addressed to every instance, this node and this instance.
+async fn subscribe_control(ctx: &Ctx) -> anyhow::Result<futures::stream::SelectAll<async_nats::Subscriber>> {
+    let s = ctx.settings();
+    let mut all = futures::stream::SelectAll::new();
+    for filter in subject::control_filters(&s.node, &s.instance_id)? {
+        all.push(ctx.client().subscribe(filter).await?);
+    }
+    ctx.client().flush().await?;
+    Ok(all)
+}
+
+/// Acts on one control message: re-announce, or drain (once; a repeated drain request repeats
+/// the `drained` report, in case the first was missed).
+async fn on_control(
+    ctx: &Ctx,
+    health: &http::Health,
+    stop_serving: &tokio::sync::watch::Sender<bool>,
+    servers: &mut Vec<tokio::task::JoinHandle<()>>,
+    permits: &Arc<Semaphore>,
+    m: Message,
+) {
+    let action = m.subject.rsplit('.').next().and_then(ControlAction::parse);
+    match action {
+        Some(ControlAction::Announce) => {
+            if let Ok(subject) = lifecycle_subject(ctx, Lifecycle::Announce)
+                && let Err(e) = ctx.publish_root(subject, &ctx.announcement()).await
+            {
+                tracing::warn!(error = %e, "could not re-announce");
+            }
+        }
+        Some(ControlAction::Drain) => {
+            let reason = cim_events::payload::decode::<DrainRequested>(m.headers.as_ref(), &m.payload, &cim_events::Upcasters::default())
+                .map(|(_, d)| d.reason)
+                .unwrap_or_default();
+            let abandoned = if ctx.0.draining.swap(true, Ordering::SeqCst) {
+                0
+            } else {
+                tracing::info!(%reason, "draining: no new work");
+                ctx.metrics().draining.set(1);
+                let abandoned = stop_intake(ctx, health, stop_serving, servers, permits).await;
+                ctx.0.drained.store(true, Ordering::SeqCst);
+                tracing::info!(abandoned, "drained");
+                abandoned
+            };
+            if !ctx.is_drained() {
+                return;
+            }
+            let s = ctx.settings();
+            let drained = ServiceDrained {
+                component: s.component.token().to_string(),
+                instance_id: s.instance_id.clone(),
+                incarnation: ctx.0.incarnation.clone(),
+                node: s.node.clone(),
+                abandoned,
+            };
+            if let Ok(subject) = lifecycle_subject(ctx, Lifecycle::Drained)
+                && let Err(e) = ctx.publish_root(subject, &drained).await
+            {
+                tracing::warn!(error = %e, "could not report drained");
+            }
+        }
+        None => tracing::debug!(subject = %m.subject, "unknown control message ignored"),
+    }
+}
+
+/// Stops taking work: readiness false, endpoints unsubscribed, in-flight requests finished
+/// within the grace period, background loops told to stop and awaited. Returns how many
+/// requests were abandoned. Safe to call again (after a drain, at shutdown).
+async fn stop_intake(
+    ctx: &Ctx,
+    health: &http::Health,
+    stop_serving: &tokio::sync::watch::Sender<bool>,
+    servers: &mut Vec<tokio::task::JoinHandle<()>>,
+    permits: &Arc<Semaphore>,
+) -> u64 {
+    let settings = ctx.settings();
+    ctx.0.ready.store(false, Ordering::SeqCst);
+    health.set_ready(false);
+    let _ = stop_serving.send(true);
+    for s in servers.drain(..) {
+        let _ = s.await;
+    }
+    let all = settings.max_in_flight as u32;
+    let abandoned = match tokio::time::timeout(settings.shutdown_grace, permits.acquire_many(all)).await {
+        Ok(_) => {
+            tracing::info!("in-flight work finished");
+            0
+        }
+        Err(_) => {
+            let left = all as usize - permits.available_permits();
+            tracing::warn!(left, "grace period over; abandoning in-flight work (it will be redelivered)");
+            left as u64
+        }
+    };
+    let _ = ctx.0.stopping.send(true);
+    let background = std::mem::take(&mut *ctx.0.background.lock().unwrap_or_else(|e| e.into_inner()));
+    for (name, mut handle) in background {
+        if tokio::time::timeout(settings.shutdown_grace, &mut handle).await.is_err() {
+            tracing::warn!(task = %name, "background task did not stop within the grace period; aborting");
+            handle.abort();
+        }
+    }
+    abandoned
 }

@@ -294,9 +294,12 @@ impl NatsCluster {
             .cloned()
             .unwrap_or_default();
         for node in running.iter().filter(|n| n.server_name() != leader) {
+            // Current and not offline: placement of R3 assets refuses peers the meta leader
+            // still counts as offline ("no suitable peers for placement").
             let current = replicas.iter().any(|r| {
                 r["name"].as_str() == Some(node.server_name())
                     && r["current"].as_bool() == Some(true)
+                    && r["offline"].as_bool() != Some(true)
             });
             if !current {
                 bail!(

@@ -2,7 +2,12 @@
 //! the project's benchmarks against a raw baseline measured in the same run.
 
 mod bench;
+mod bench_plugin;
+mod bench_registry;
+mod deploy;
 mod iu;
+mod ops;
+mod plugin;
 mod up;
 
 use std::process::ExitCode;
@@ -24,6 +29,22 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Information units: put, get, ls, show, history, tag, untag, link, unlink, rm, type
     Iu(iu::IuArgs),
+    /// Plugins: push, ls, invoke, rm
+    Plugin(plugin::PluginArgs),
+    /// Benchmark plugin invocation against a raw NATS round trip (starts its own nats-server and plugin-host).
+    BenchPlugin(bench_plugin::BenchPluginArgs),
+    /// Deployment artefacts derived from the contract, e.g. `deploy nats-permissions --json`.
+    Deploy(deploy::DeployArgs),
+    /// What is desired, what runs, where work is routed, stream health, and why anything is not converging.
+    Status(ops::StatusArgs),
+    /// Capacity: does a placement fit (`check FILE [--propose]`), make it the desired state (`apply FILE`).
+    Placement(ops::PlacementArgs),
+    /// Nodes: enroll, schedule, drain, decommission, ls.
+    Node(ops::NodeArgs),
+    /// The component registry: ls, find --capability X.
+    Registry(ops::RegistryArgs),
+    /// Benchmark the registry with 1,000 simulated instances, and `status` on a 3-node cluster.
+    BenchRegistry(bench_registry::BenchRegistryArgs),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +69,14 @@ fn main() -> ExitCode {
             Command::Up(args) => up::run(args).await,
             Command::Bench(args) => bench::run(args).await,
             Command::Iu(args) => iu::run(args).await,
+            Command::Plugin(args) => plugin::run(args).await,
+            Command::BenchPlugin(args) => bench_plugin::run(args).await,
+            Command::Deploy(args) => deploy::run(args).await,
+            Command::Status(args) => ops::status(args).await,
+            Command::Placement(args) => ops::placement(args).await,
+            Command::Node(args) => ops::node(args).await,
+            Command::Registry(args) => ops::registry(args).await,
+            Command::BenchRegistry(args) => bench_registry::run(args).await,
         }
     });
     match result {

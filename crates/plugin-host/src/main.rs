@@ -2,5 +2,8 @@
 
 fn main() -> std::process::ExitCode {
     let config: plugin_host::Config = cim_runtime::parse_or_exit();
-    cim_runtime::service_main(plugin_host::COMPONENT, &config.common, plugin_host::run)
+    let common = config.common.clone();
+    cim_runtime::service_main(plugin_host::COMPONENT, &common, move |settings, shutdown| {
+        plugin_host::run(config, settings, shutdown)
+    })
 }

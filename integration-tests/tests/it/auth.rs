@@ -154,3 +154,30 @@ async fn a_service_denied_its_lifecycle_subjects_cannot_announce() -> Result<()>
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_service_logs_in_with_the_user_and_password_in_its_url_and_never_logs_the_password() -> Result<()> {
+    let nats = NatsServer::builder()
+        .extra_config("authorization { users = [ { user: \"registry\", password: \"s3cret-pw\" }, { user: \"probe\", password: \"probe-pw\" } ] }")
+        .start()
+        .await?;
+    let url = |user: &str, pw: &str| format!("nats://{user}:{pw}@127.0.0.1:{}", nats.port());
+    let probe = async_nats::ConnectOptions::with_user_and_password("probe".into(), "probe-pw".into())
+        .connect(format!("127.0.0.1:{}", nats.port()))
+        .await?;
+    let svc = ServiceProc::start(Component::Registry, &url("registry", "s3cret-pw"), &[])?;
+    wait_ready(&probe, &svc).await?;
+
+    // A wrong password: alive, never ready, and the log says why without the password.
+    let wrong = ServiceProc::start(Component::Registry, &url("registry", "not-the-pw"), &["--instance-id", "registry-wrong"])?;
+    eventually(Duration::from_secs(20), "an authorization error in the log", || async {
+        let log = wrong.log();
+        anyhow::ensure!(log.to_lowercase().contains("authorization"), "{log}");
+        Ok(())
+    })
+    .await?;
+    for log in [svc.log(), wrong.log()] {
+        assert!(!log.contains("s3cret-pw") && !log.contains("not-the-pw"), "a password reached the log:\n{log}");
+    }
+    Ok(())
+}

@@ -306,8 +306,12 @@ async fn leaf_node_has_its_own_domain_and_reaches_the_hub() -> Result<()> {
     );
 
     let hub = jetstream::with_domain(client, "hub");
-    hub.create_stream(stream_config("CENTRAL", "central.>", 3))
-        .await?;
+    // Through a leaf, the hub's peer states can lag a moment behind the cluster's own view.
+    eventually(Duration::from_secs(20), "an R3 stream created in the hub from the leaf", || async {
+        hub.create_stream(stream_config("CENTRAL", "central.>", 3)).await?;
+        Ok(())
+    })
+    .await?;
     let ack = hub
         .publish("central.x", "from the leaf".into())
         .await?

@@ -1,10 +1,12 @@
-# Stand-ins for the NixOS options that the CIM modules read or set, built from the real
-# nixpkgs `lib` (types, merging, mkIf/mkDefault/mkForce), so that the modules can be evaluated
-# on a machine without nixpkgs. These are NOT NixOS: only the shapes and merge behaviour of
-# the few options involved. On a Nix machine, `nix flake check` against real nixpkgs (and
-# later the NixOS VM tests) replaces all of this.
+# Stand-ins for the NixOS options that the CIM modules read or set (no nixpkgs code): the
+# shapes, types and merge behaviour of those few options, declared with `lib` (the stand-in
+# ./lib.nix, or nixpkgs' real lib on a machine that has it). This is NOT NixOS: the real
+# `systemd.services`, `services.nats` and `containers` modules are only exercised on a Nix
+# machine (docs/deploy.md, "What remains unverified").
 {
   lib,
+  # The package set the modules see as `pkgs` (./nixpkgs.nix's legacyPackages.<system>).
+  pkgs,
   # Some nixpkgs versions of services.nats have a `host` option that sets settings.host;
   # the profiles must work with and without it.
   natsHasHostOption ? false,
@@ -13,7 +15,7 @@
 let
   inherit (lib) mkOption types;
 
-  # pkgs.formats.json { }.type
+  # pkgs.formats.json { }.type: any JSON value; attribute sets merge, lists concatenate.
   jsonValue =
     types.nullOr (
       types.oneOf [
@@ -30,8 +32,8 @@ let
       description = "JSON value";
     };
 
-  # nixos/lib/systemd-unit-options.nix `unitOption`, simplified: lists concatenate, scalars
-  # must agree.
+  # A systemd unit setting (nixos/lib/systemd-unit-options.nix, simplified): lists
+  # concatenate, scalars must agree.
   unitOption = types.oneOf [
     types.bool
     types.int
@@ -40,18 +42,6 @@ let
     types.package
     (types.listOf types.str)
   ];
-
-  fakePkg = name: {
-    type = "derivation";
-    inherit name;
-    outPath = "/nix/store/00000000000000000000000000000000-${name}";
-    meta.mainProgram = name;
-  };
-
-  pkgs = {
-    stdenv.hostPlatform.system = "x86_64-linux";
-    nats-server = fakePkg "nats-server";
-  };
 
   serviceType = types.submodule {
     options = {
@@ -90,19 +80,18 @@ let
     };
   };
 
-  baseModules = [
-    nixosStub
-    natsStub
-  ];
-
   eval =
     modules:
     lib.evalModules {
-      modules = baseModules ++ modules;
+      modules = [
+        nixosOptions
+        natsModule
+      ]
+      ++ modules;
       specialArgs = { inherit pkgs; };
     };
 
-  nixosStub = {
+  nixosOptions = {
     options = {
       assertions = mkOption {
         type = types.listOf types.unspecified;
@@ -155,14 +144,6 @@ let
       nixpkgs.hostPlatform = mkOption {
         type = types.str;
         default = "x86_64-linux";
-      };
-      users.users = mkOption {
-        type = types.attrsOf types.anything;
-        default = { };
-      };
-      users.groups = mkOption {
-        type = types.attrsOf types.anything;
-        default = { };
       };
 
       # nixos/modules/virtualisation/nixos-containers.nix, the options used. Like the real
@@ -229,56 +210,54 @@ let
   };
 
   # nixos/modules/services/networking/nats.nix: its options and the settings it derives.
-  natsStub =
+  natsModule =
     { config, ... }:
     let
       cfg = config.services.nats;
     in
     {
-      options.services.nats =
-        {
-          enable = lib.mkEnableOption "NATS";
-          user = mkOption {
-            type = types.str;
-            default = "nats";
-          };
-          group = mkOption {
-            type = types.str;
-            default = "nats";
-          };
-          serverName = mkOption {
-            type = types.str;
-            default = "nats";
-          };
-          jetstream = lib.mkEnableOption "JetStream";
-          port = mkOption {
-            type = types.port;
-            default = 4222;
-          };
-          dataDir = mkOption {
-            type = types.path;
-            default = "/var/lib/nats";
-          };
-          settings = mkOption {
-            type = jsonValue;
-            default = { };
-          };
-        }
-        // lib.optionalAttrs natsHasHostOption {
-          host = mkOption {
-            type = types.str;
-            default = "127.0.0.1";
-          };
+      options.services.nats = {
+        enable = lib.mkEnableOption "NATS";
+        user = mkOption {
+          type = types.str;
+          default = "nats";
         };
+        group = mkOption {
+          type = types.str;
+          default = "nats";
+        };
+        serverName = mkOption {
+          type = types.str;
+          default = "nats";
+        };
+        jetstream = lib.mkEnableOption "JetStream";
+        port = mkOption {
+          type = types.port;
+          default = 4222;
+        };
+        dataDir = mkOption {
+          type = types.path;
+          default = "/var/lib/nats";
+        };
+        settings = mkOption {
+          type = jsonValue;
+          default = { };
+        };
+      }
+      // lib.optionalAttrs natsHasHostOption {
+        host = mkOption {
+          type = types.str;
+          default = "127.0.0.1";
+        };
+      };
 
       config = lib.mkIf cfg.enable {
-        services.nats.settings =
-          {
-            server_name = cfg.serverName;
-            port = cfg.port;
-            jetstream = lib.optionalAttrs cfg.jetstream { store_dir = cfg.dataDir; };
-          }
-          // lib.optionalAttrs natsHasHostOption { host = cfg.host; };
+        services.nats.settings = {
+          server_name = cfg.serverName;
+          port = cfg.port;
+          jetstream = lib.optionalAttrs cfg.jetstream { store_dir = cfg.dataDir; };
+        }
+        // lib.optionalAttrs natsHasHostOption { host = cfg.host; };
         systemd.services.nats = {
           description = "NATS messaging system";
           serviceConfig = {
@@ -291,9 +270,5 @@ let
     };
 in
 {
-  inherit
-    eval
-    pkgs
-    fakePkg
-    ;
+  inherit eval;
 }

@@ -1,0 +1,222 @@
+//! `cimctl deploy`: what a deployment derives from the contract in `cim-events`.
+//!
+//! `cimctl deploy nats-permissions --json` prints, for every service, the NATS publish and
+//! subscribe permissions of its own identity, built from the subjects, streams and buckets
+//! `cim-events` assigns to that service (never spelled here). The NixOS modules read the
+//! committed copy in `nixos-modules/nats-permissions.json`; an integration test fails when
+//! that copy is stale (`CIM_BLESS=1` rewrites it).
+//!
+//! A service may:
+//! - publish its own events, lifecycle messages and dead letters (`cim.evt|svc|dlq.<token>.>`);
+//! - receive its own commands and queries (`cim.cmd|qry.<token>.>`), the micro services
+//!   protocol's discovery requests (`$SRV.<verb>`, `$SRV.<verb>.cim-<token>[.<id>]`) and
+//!   control messages (`cim.ctl.all.*`, `cim.ctl.node.*.*`, `cim.ctl.instance.*.*`);
+//! - answer any request it received (`allow_responses`), and receive replies to its own
+//!   requests (`_INBOX.>`);
+//! - use the JetStream API on its own streams and buckets only, with or without a JetStream
+//!   domain (`$JS.API.…` and `$JS.<domain>.API.…`): its event and dead-letter streams can be
+//!   created, updated, read and consumed but not deleted or purged (history is immutable);
+//!   its KV and object buckets fully; and read its account's JetStream information;
+//! - plus, for the registry, what it does with the others: listen to every lifecycle message
+//!   (`cim.svc.>`), ask any component's instances to describe themselves
+//!   (`cim.qry.<token>.describe`), and send control messages (`cim.ctl.>`).
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use cim_events::{
+    Component,
+    resources::{self, StreamRole},
+    subject::{self, ControlAction, Lifecycle, MicroVerb},
+};
+use serde_json::{Value, json};
+
+/// The command that writes `nixos-modules/nats-permissions.json`.
+pub const GENERATED_BY: &str = "cimctl deploy nats-permissions --json";
+
+#[derive(clap::Args, Debug)]
+pub struct DeployArgs {
+    #[command(subcommand)]
+    command: DeployCommand,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum DeployCommand {
+    /// Per-service NATS permissions (publish/subscribe allow lists), from cim-events.
+    NatsPermissions {
+        /// Print JSON (what nixos-modules/nats-permissions.json holds) instead of a listing.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub async fn run(args: DeployArgs) -> Result<ExitCode> {
+    match args.command {
+        DeployCommand::NatsPermissions { json } => {
+            let all = all_permissions()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                for c in Component::ALL {
+                    let p = permissions(c)?;
+                    println!("{} (user {}):", c.service_name(), c.service_name());
+                    for (what, list) in [("publish", &p.publish), ("subscribe", &p.subscribe)] {
+                        for s in list {
+                            println!("  {what:<9} {s}");
+                        }
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// The allow lists of one service's NATS identity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Permissions {
+    pub publish: Vec<String>,
+    pub subscribe: Vec<String>,
+}
+
+/// `{"generated_by": …, "services": {"<service>": {"publish": {"allow": […]}, "subscribe":
+/// {"allow": […]}, "allow_responses": true}}}`: each service's entry is a nats-server
+/// `permissions` block as it is.
+pub fn all_permissions() -> Result<Value> {
+    let mut services = serde_json::Map::new();
+    for c in Component::ALL {
+        let p = permissions(c)?;
+        services.insert(
+            c.service_name().to_string(),
+            json!({
+                "publish": { "allow": p.publish },
+                "subscribe": { "allow": p.subscribe },
+                "allow_responses": true,
+            }),
+        );
+    }
+    Ok(json!({ "generated_by": GENERATED_BY, "services": services }))
+}
+
+/// The first `tokens` tokens of `subject`, then `>`: the wildcard of everything below them.
+fn below(subject: &str, tokens: usize) -> String {
+    let head: Vec<&str> = subject.split('.').take(tokens).collect();
+    format!("{}.>", head.join("."))
+}
+
+/// The JetStream API prefixes a client may use: without a domain, and with any domain.
+const JS_API: [&str; 2] = ["$JS.API", "$JS.*.API"];
+
+/// Permissions of `component`'s own identity.
+pub fn permissions(component: Component) -> Result<Permissions> {
+    let mut publish = vec![
+        subject::events_of(component),
+        below(&subject::lifecycle(component, "instance", Lifecycle::Announce)?, 3),
+        subject::dead_letters_of(component),
+    ];
+    let mut subscribe = vec![
+        below(&subject::command(component, "action")?, 3),
+        below(&subject::query(component, "query")?, 3),
+    ];
+    for verb in [MicroVerb::Ping, MicroVerb::Info, MicroVerb::Stats] {
+        let own = subject::micro(verb, component); // $SRV.PING.cim-<token>
+        let all: Vec<&str> = own.split('.').take(2).collect(); // $SRV.PING
+        subscribe.push(all.join("."));
+        subscribe.push(own.clone());
+        subscribe.push(format!("{own}.>"));
+    }
+    // Control messages for every instance, its node or itself; node and instance ids are only
+    // known at run time, so those tokens become wildcards.
+    let (node, instance) = ("node-placeholder", "instance-placeholder");
+    for filter in subject::control_filters(node, instance)? {
+        let tokens: Vec<&str> = filter.split('.').map(|t| if t == node || t == instance { "*" } else { t }).collect();
+        subscribe.push(tokens.join("."));
+    }
+    subscribe.push("_INBOX.>".to_string());
+    // What the registry does with the others: it listens to every lifecycle message, asks any
+    // instance to describe itself, and sends control messages (re-announce, drain).
+    if component == Component::Registry {
+        subscribe.push(subject::all_lifecycle());
+        publish.push(below(&subject::control_all(ControlAction::Announce), 2));
+        for other in Component::ALL {
+            publish.push(subject::query(other, "describe")?);
+        }
+    }
+
+    // Streams: the event history and dead letters may not be deleted or purged by the
+    // service; its buckets (projections, caches, content) it manages fully.
+    let mut streams: Vec<(String, bool)> = resources::streams(component)
+        .into_iter()
+        .map(|s| (s.name, s.role == StreamRole::Events || s.role == StreamRole::DeadLetters))
+        .collect();
+    for kv in resources::kv_buckets(component) {
+        // JetStream's KV layout: puts go to `$KV.<bucket>.<key>`; async-nats sends them through
+        // the API prefix when a domain is set (`$JS.<domain>.API.$KV.<bucket>.<key>`).
+        publish.push(format!("$KV.{}.>", kv.bucket));
+        publish.push(format!("{}.$KV.{}.>", JS_API[1], kv.bucket));
+        streams.push((kv.stream_name(), false));
+    }
+    for obj in resources::object_buckets(component) {
+        publish.push(below(&subject::all_object_chunks(&obj.bucket)?, 2));
+        streams.push((obj.stream_name(), false));
+    }
+    // Account information (limits and usage; read-only): creating a KV bucket asks for it.
+    for api in JS_API {
+        publish.push(format!("{api}.INFO"));
+    }
+    for (stream, protected) in &streams {
+        for api in JS_API {
+            if *protected {
+                for verb in ["INFO", "CREATE", "UPDATE"] {
+                    publish.push(format!("{api}.STREAM.{verb}.{stream}"));
+                }
+                publish.push(format!("{api}.STREAM.MSG.GET.{stream}"));
+            } else {
+                publish.push(format!("{api}.STREAM.*.{stream}"));
+                publish.push(format!("{api}.STREAM.MSG.*.{stream}"));
+            }
+            publish.push(format!("{api}.DIRECT.GET.{stream}"));
+            publish.push(format!("{api}.DIRECT.GET.{stream}.>"));
+            publish.push(format!("{api}.CONSUMER.CREATE.{stream}"));
+            for verb in ["CREATE", "DURABLE.CREATE", "INFO", "DELETE", "MSG.NEXT"] {
+                publish.push(format!("{api}.CONSUMER.{verb}.{stream}.>"));
+            }
+            for verb in ["NAMES", "LIST"] {
+                publish.push(format!("{api}.CONSUMER.{verb}.{stream}"));
+            }
+        }
+        publish.push(format!("$JS.ACK.{stream}.>"));
+        publish.push(format!("$JS.FC.{stream}.>"));
+    }
+    Ok(Permissions { publish, subscribe })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_subjects_only() {
+        let p = permissions(Component::Registry).unwrap();
+        assert!(p.publish.contains(&"cim.evt.registry.>".to_string()));
+        assert!(p.publish.contains(&"cim.svc.registry.>".to_string()));
+        assert!(p.publish.contains(&"cim.dlq.registry.>".to_string()));
+        assert!(p.subscribe.contains(&"cim.qry.registry.>".to_string()));
+        assert!(p.subscribe.contains(&"cim.svc.>".to_string()), "the registry listens to lifecycle");
+        assert!(p.subscribe.contains(&"$SRV.PING.cim-registry".to_string()));
+        for other in Component::ALL.into_iter().filter(|c| *c != Component::Registry) {
+            let token = other.token();
+            let describe = subject::query(other, "describe").unwrap();
+            assert!(p.publish.contains(&describe), "the registry asks {token} to describe itself");
+            assert!(
+                !p.publish.iter().chain(&p.subscribe).filter(|s| **s != describe).any(|s| s.contains(&format!(".{token}.")) || s.contains(&format!("_{}_", token.to_ascii_uppercase()))),
+                "registry's permissions mention {token}: {p:?}"
+            );
+        }
+        let iu = permissions(Component::InformationUnit).unwrap();
+        assert!(!iu.subscribe.contains(&"cim.svc.>".to_string()));
+        assert!(iu.publish.contains(&"$O.cim_iu_content.>".to_string()), "{:?}", iu.publish);
+        assert!(iu.publish.iter().any(|s| s == "$JS.*.API.STREAM.*.KV_cim_iu_units"));
+        assert!(!iu.publish.iter().any(|s| s == "$JS.API.STREAM.*.CIM_IU_EVENTS"), "history is not deletable");
+    }
+}

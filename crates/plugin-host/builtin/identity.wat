@@ -1,0 +1,21 @@
+;; identity: returns its input unchanged, with its metadata copied to nothing. The smallest useful
+;; plugin: a connectivity check and the benchmark's trivial plugin.
+(module
+  (import "cim" "input_len" (func $len (result i32)))
+  (import "cim" "input_read" (func $read (param i32)))
+  (import "cim" "output" (func $out (param i32 i32)))
+  (memory (export "memory") 1)
+  (func $ensure (param $bytes i32) (result i32)
+    (local $need i32)
+    (local.set $need (i32.shr_u (i32.add (local.get $bytes) (i32.const 65535)) (i32.const 16)))
+    (if (i32.gt_u (local.get $need) (memory.size))
+      (then (if (i32.eq (memory.grow (i32.sub (local.get $need) (memory.size))) (i32.const -1))
+        (then (return (i32.const 0))))))
+    (i32.const 1))
+  (func (export "cim_invoke") (result i32)
+    (local $n i32)
+    (local.set $n (call $len))
+    (if (i32.eqz (call $ensure (local.get $n))) (then (return (i32.const 2))))
+    (call $read (i32.const 0))
+    (call $out (i32.const 0) (local.get $n))
+    (i32.const 0)))

@@ -1,0 +1,646 @@
+//! The Nix deployment (`flake.nix`, `nixos-modules/`, `containers/`), checked on a machine
+//! without nixpkgs: Debian's `nix-instantiate` evaluates the files against our own stand-in
+//! lib and NixOS options (`nixos-modules/tests/stub/`), and real tools check what comes out:
+//! `systemd-analyze verify` the units, `nats-server -t` the NATS configs, real nats-servers
+//! (a 3-node hub and a leaf) the topology and each service's NATS identity, a real service
+//! binary that it runs with its generated permissions. See docs/deploy.md for what remains
+//! unverified (building with nixpkgs, NixOS VM tests, containers).
+//!
+//! Golden files: `nixos-modules/tests/golden/`; `CIM_BLESS=1` rewrites them (and the
+//! generated `nixos-modules/nats-permissions.json`) after a reviewed change.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, ensure};
+use cim_events::{Component, Tier, resources, subject};
+use futures::StreamExt;
+use serde_json::Value;
+
+use crate::common::{self, ServiceProc};
+
+/// The committed generated permissions of one service (nixos-modules/nats-permissions.json).
+fn generated_permissions(service: &str) -> Value {
+    let text = std::fs::read_to_string(repo().join("nixos-modules/nats-permissions.json")).unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    v["services"][service].clone()
+}
+
+/// What every package's store path is replaced by in the golden units.
+const FAKE_PKG: &str = "/nix/store/00000000000000000000000000000000-cim-under-test";
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
+}
+
+fn tests_dir() -> PathBuf {
+    repo().join("nixos-modules/tests")
+}
+
+fn bless() -> bool {
+    std::env::var_os("CIM_BLESS").is_some_and(|v| v == "1")
+}
+
+/// A tool CI installs (`.ci/run`); missing, the test fails with the hint.
+fn tool(name: &str, install: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{name} not found on PATH; install it: {install}"))
+}
+
+/// `nix-instantiate` on the `dummy://` store: evaluation only, so it needs no writable
+/// /nix (and copies nothing anywhere).
+fn nix_instantiate() -> Command {
+    let mut cmd = Command::new(tool("nix-instantiate", "apt-get install -y nix-bin"));
+    cmd.args(["--store", "dummy://"]);
+    cmd
+}
+
+fn run(cmd: &mut Command) -> Result<std::process::Output> {
+    cmd.output().with_context(|| format!("running {cmd:?}"))
+}
+
+/// `nix-instantiate --eval --strict --json FILE --argstr k v ...`; the error carries stderr.
+fn nix_eval(file: &str, args: &[(&str, &str)]) -> Result<Value> {
+    let mut cmd = nix_instantiate();
+    cmd.args(["--eval", "--strict", "--json"]).arg(tests_dir().join(file));
+    for (k, v) in args {
+        cmd.args(["--argstr", k, v]);
+    }
+    let out = run(&mut cmd)?;
+    ensure!(out.status.success(), "nix-instantiate {file} {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+fn eval_default(extra: &[(&str, &str)]) -> Result<Value> {
+    let mut args = vec![("pkgDir", FAKE_PKG)];
+    args.extend_from_slice(extra);
+    nix_eval("eval.nix", &args)
+}
+
+fn service_names() -> Vec<&'static str> {
+    Component::ALL.iter().map(|c| c.service_name()).collect()
+}
+
+/// A directory `bin/<service>` → the real binaries in target/<profile>, standing in for the
+/// packages in ExecStart=.
+fn package_dir(dir: &Path) -> Result<PathBuf> {
+    let pkg = dir.join("pkg");
+    std::fs::create_dir_all(pkg.join("bin"))?;
+    for name in service_names() {
+        std::os::unix::fs::symlink(common::bin(name), pkg.join("bin").join(name))?;
+    }
+    Ok(pkg)
+}
+
+#[test]
+fn nix_every_file_parses() {
+    let root = repo();
+    let mut files = vec![root.join("flake.nix")];
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.extension().is_some_and(|x| x == "nix") {
+                out.push(p);
+            }
+        }
+    }
+    walk(&root.join("nixos-modules"), &mut files);
+    walk(&root.join("containers"), &mut files);
+    files.sort();
+    assert!(files.len() >= 30, "only {} .nix files found", files.len());
+    let mut failed = Vec::new();
+    for f in &files {
+        let out = run(nix_instantiate().arg("--parse").arg(f)).unwrap();
+        if !out.status.success() {
+            failed.push(format!("{}: {}", f.display(), String::from_utf8_lossy(&out.stderr)));
+        }
+    }
+    assert!(failed.is_empty(), "{} of {} .nix files do not parse:\n{}", failed.len(), files.len(), failed.join("\n"));
+}
+
+#[test]
+fn nix_flake_outputs_evaluate_with_stand_in_inputs() {
+    let v = eval_default(&[]).unwrap();
+    let flake = &v["flake"];
+    let mut binaries = service_names();
+    binaries.push("cimctl");
+    for system in ["x86_64-linux", "aarch64-linux"] {
+        let packages = flake["packages"][system].as_object().unwrap();
+        let mut want: Vec<&str> = binaries.clone();
+        want.push("default");
+        want.sort();
+        assert_eq!(packages.keys().map(String::as_str).collect::<Vec<_>>(), want, "{system}");
+        for name in &binaries {
+            let p = &packages[*name];
+            assert_eq!(p["cargoBuildFlags"], serde_json::json!(["-p", name]), "{system} {name}");
+            assert_eq!(p["mainProgram"], *name);
+            assert_eq!(p["cargoLock"], true, "{name}: cargoLock.lockFile is ./Cargo.lock");
+            assert_eq!(p["doCheck"], false);
+        }
+        let all: Vec<String> = binaries.iter().flat_map(|b| ["-p".to_string(), b.to_string()]).collect();
+        assert_eq!(packages["default"]["cargoBuildFlags"], serde_json::json!(all));
+        assert_eq!(flake["checks"][system].as_array().unwrap().len(), want.len());
+    }
+    let modules: Vec<&str> = flake["nixosModules"].as_array().unwrap().iter().map(|m| m.as_str().unwrap()).collect();
+    for m in service_names().into_iter().chain(["nats-leaf", "nats-cluster-node", "nats-auth", "default", "containers"]) {
+        assert!(modules.contains(&m), "nixosModules.{m} missing: {modules:?}");
+    }
+    let hosts = flake["nixosConfigurations"].as_object().unwrap();
+    assert_eq!(hosts.keys().collect::<Vec<_>>(), ["cluster-node-1", "cluster-node-2", "cluster-node-3", "leaf"]);
+    for (name, host) in hosts {
+        let units = host["units"].as_array().unwrap();
+        assert_eq!(units.len(), 8, "{name}: seven services and nats: {units:?}");
+        assert!(host["registryExecStart"].as_str().unwrap().ends_with("-registry-0.1.0/bin/registry"), "{name}: {host}");
+        assert_eq!(host["systemPackages"], serde_json::json!(["cimctl-0.1.0"]));
+    }
+    assert!(flake["containerRegistryExecStart"].as_str().unwrap().ends_with("-registry-0.1.0/bin/registry"));
+    assert!(flake["devShell"].as_array().unwrap().contains(&Value::from("nats-server")));
+}
+
+/// Everything eval.nix renders, as files: `<system>/<unit>.service`, `<system>/nats.json`,
+/// `flake.json`, `hosts.json`.
+fn rendered_files(v: &Value) -> BTreeMap<String, String> {
+    let mut files = BTreeMap::new();
+    for (system, s) in v["systems"].as_object().unwrap() {
+        for (unit, text) in s["units"].as_object().unwrap() {
+            files.insert(format!("{system}/{unit}.service"), text.as_str().unwrap().to_string());
+        }
+        if let Some(nats) = s["nats"].as_str() {
+            let pretty: Value = serde_json::from_str(nats).unwrap();
+            files.insert(format!("{system}/nats.json"), serde_json::to_string_pretty(&pretty).unwrap() + "\n");
+        }
+    }
+    files.insert("flake.json".into(), serde_json::to_string_pretty(&v["flake"]).unwrap() + "\n");
+    files.insert("hosts.json".into(), serde_json::to_string_pretty(&v["hosts"]).unwrap() + "\n");
+    files
+}
+
+fn read_tree(root: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+                out.insert(rel, std::fs::read_to_string(&p).unwrap_or_default());
+            }
+        }
+    }
+    walk(root, root, &mut out);
+    out
+}
+
+#[test]
+fn nix_modules_render_the_golden_units_and_nats_configs() {
+    let v = eval_default(&[]).unwrap();
+    // nixpkgs versions differ in whether services.nats has a `host` option: same result.
+    let out = run(nix_instantiate()
+        .args(["--eval", "--strict", "--json"])
+        .arg(tests_dir().join("eval.nix"))
+        .args(["--argstr", "pkgDir", FAKE_PKG, "--arg", "natsHasHostOption", "true"]))
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let with_host: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["systems"], with_host["systems"], "output differs when services.nats has a `host` option");
+
+    let files = rendered_files(&v);
+    let golden = tests_dir().join("golden");
+    if bless() {
+        let _ = std::fs::remove_dir_all(&golden);
+        for (rel, text) in &files {
+            let p = golden.join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, text).unwrap();
+        }
+        return;
+    }
+    let committed = read_tree(&golden);
+    let missing: Vec<&String> = files.keys().filter(|k| !committed.contains_key(*k)).collect();
+    let extra: Vec<&String> = committed.keys().filter(|k| !files.contains_key(*k)).collect();
+    let mut differ = Vec::new();
+    for (rel, text) in &files {
+        if let Some(old) = committed.get(rel)
+            && old != text
+        {
+            let (a, b) = old.lines().zip(text.lines()).find(|(a, b)| a != b).unwrap_or(("(length)", "(length)"));
+            differ.push(format!("{rel}: golden `{a}`, now `{b}`"));
+        }
+    }
+    assert!(
+        missing.is_empty() && extra.is_empty() && differ.is_empty(),
+        "rendered output differs from nixos-modules/tests/golden (review, then CIM_BLESS=1 to accept):\nnew: {missing:?}\ngone: {extra:?}\nchanged:\n{}",
+        differ.join("\n")
+    );
+    // What the golden files must show in any case.
+    let unit = &files["leaf-auth/cim-registry.service"];
+    for line in [
+        "EnvironmentFile=/run/keys/cim-registry.env",
+        "MemoryMax=256M",
+        "CPUWeight=100",
+        "DynamicUser=true",
+        "NoNewPrivileges=true",
+        "CapabilityBoundingSet=",
+        "ProtectSystem=strict",
+        "RestrictAddressFamilies=AF_INET",
+        "SystemCallFilter=@system-service",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "cim-registry.service lacks {line}:\n{unit}");
+    }
+    assert!(files["leaf/cim-registry.service"].contains("LoadCredential=nats.creds:/run/keys/cim-registry.creds"));
+}
+
+#[test]
+fn nix_options_refuse_bad_definitions() {
+    let refused = [
+        ("unknownOption", "The option `services.cim.registry.maxInflight' does not exist"),
+        ("leafUnknownOption", "The option `services.cim.nats-leaf.jetstreamDomain' does not exist"),
+        ("authUnknownService", "The option `services.cim.nats-auth.services.nope' does not exist"),
+        ("maxInFlightZero", "`services.cim.registry.maxInFlight' is not of type `integer between 1 and 65536"),
+        ("cpuWeightTooHigh", "`services.cim.registry.cpuWeight' is not of type `integer between 1 and 10000"),
+        ("shutdownGraceNegative", "`services.cim.registry.shutdownGrace' is not of type `positive integer"),
+        ("leafPortOutOfRange", "`services.cim.nats-leaf.port' is not of type `16 bit unsigned integer"),
+        ("credentialsAsNixPath", "`services.cim.registry.natsCredentialsFile' is not of type `null or absolute non-store path"),
+        ("credentialsInStore", "`services.cim.registry.natsCredentialsFile' is not of type `null or absolute non-store path"),
+        ("credentialsRelative", "`services.cim.registry.natsCredentialsFile' is not of type `null or absolute non-store path"),
+        ("environmentFileInStore", "`services.cim.registry.environmentFile' is not of type `null or absolute non-store path"),
+        ("nodeWithDot", "`services.cim.registry.node' is not of type `null or string matching"),
+        ("domainWithWildcard", "`services.cim.registry.jetstreamDomain' is not of type `null or string matching"),
+        ("heartbeatWithSpace", "`services.cim.registry.heartbeatInterval' is not of type `string matching"),
+        ("tierUnknown", "`services.cim.registry.tier' is not of type `one of \"leaf\", \"cluster\"'"),
+        ("authPlaintextPassword", "`services.cim.nats-auth.services.registry.passwordHash' is not of type"),
+    ];
+    let mut wrong = Vec::new();
+    for (case, message) in refused {
+        match nix_eval("refuse.nix", &[("case", case)]) {
+            Ok(v) => wrong.push(format!("{case}: accepted, evaluated to {v}")),
+            Err(e) if !format!("{e:#}").contains(message) => wrong.push(format!("{case}: refused, but not with {message:?}: {e:#}")),
+            Err(_) => {}
+        }
+    }
+    for case in ["acceptsCredentialsPath", "acceptsNode", "acceptsHeartbeatMs", "acceptsLimits", "acceptsAuth"] {
+        if let Err(e) = nix_eval("refuse.nix", &[("case", case)]) {
+            wrong.push(format!("{case}: refused: {e:#}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+#[test]
+fn nix_rendered_units_pass_systemd_analyze_verify() {
+    let analyze = tool("systemd-analyze", "apt-get install -y systemd");
+    let dir = tempfile::tempdir().unwrap();
+    let pkg = package_dir(dir.path()).unwrap();
+    let v = eval_default(&[("pkgDir", pkg.to_str().unwrap())]).unwrap();
+    let mut checked = 0;
+    let mut problems = Vec::new();
+    for (system, s) in v["systems"].as_object().unwrap() {
+        let sys_dir = dir.path().join(system);
+        std::fs::create_dir_all(&sys_dir).unwrap();
+        let mut units = Vec::new();
+        for (unit, text) in s["units"].as_object().unwrap() {
+            if !unit.starts_with("cim-") {
+                continue; // nats.service is nixpkgs' unit, stood in here
+            }
+            let path = sys_dir.join(format!("{unit}.service"));
+            std::fs::write(&path, text.as_str().unwrap()).unwrap();
+            units.push(path);
+        }
+        if units.is_empty() {
+            continue;
+        }
+        checked += units.len();
+        let out = run(Command::new(&analyze).args(["verify", "--man=no"]).args(&units)).unwrap();
+        let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        if !out.status.success() || !said.trim().is_empty() {
+            problems.push(format!("{system}: {said}"));
+        }
+    }
+    assert!(checked >= 35, "only {checked} units rendered");
+    assert!(problems.is_empty(), "systemd-analyze verify (any output is a warning):\n{}", problems.join("\n"));
+}
+
+#[test]
+fn nix_rendered_nats_configs_pass_nats_server_test() {
+    let nats = cim_testkit::nats_server_binary().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let v = eval_default(&[]).unwrap();
+    let mut checked = Vec::new();
+    for (system, s) in v["systems"].as_object().unwrap() {
+        let Some(conf) = s["nats"].as_str() else { continue };
+        let path = dir.path().join(format!("{system}.json"));
+        std::fs::write(&path, conf).unwrap();
+        let out = run(Command::new(&nats).arg("-c").arg(&path).arg("-t")).unwrap();
+        assert!(
+            out.status.success(),
+            "nats-server -t {system}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        checked.push(system.clone());
+    }
+    for want in ["leaf", "leaf-auth", "cluster-node-1", "cluster-node-2", "cluster-node-3", "containers-host"] {
+        assert!(checked.contains(&want.to_string()), "no nats config for {want}: {checked:?}");
+    }
+}
+
+#[test]
+fn nix_nats_permissions_file_is_generated_from_cim_events() {
+    let out = run(Command::new(common::bin("cimctl")).args(["deploy", "nats-permissions", "--json"])).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let generated = String::from_utf8(out.stdout).unwrap();
+    let path = repo().join("nixos-modules/nats-permissions.json");
+    if bless() {
+        std::fs::write(&path, &generated).unwrap();
+        return;
+    }
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == generated,
+        "{} is stale: regenerate it with `cimctl deploy nats-permissions --json > {}` (or CIM_BLESS=1) and review the change",
+        path.display(),
+        path.display()
+    );
+    let v: Value = serde_json::from_str(&generated).unwrap();
+    let services = v["services"].as_object().unwrap();
+    assert_eq!(services.len(), 7);
+    for c in Component::ALL {
+        let p = &services[c.service_name()];
+        let publish: Vec<&str> = p["publish"]["allow"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+        assert!(publish.contains(&subject::events_of(c).as_str()), "{c}: {publish:?}");
+        for other in Component::ALL.into_iter().filter(|o| *o != c) {
+            assert!(!publish.contains(&subject::events_of(other).as_str()), "{c} may publish {other}'s events");
+        }
+    }
+}
+
+/// nats-server processes of the live test, SIGKILLed on drop.
+struct Servers {
+    children: Vec<(String, tokio::process::Child, PathBuf)>,
+}
+
+impl Servers {
+    fn start(&mut self, label: &str, conf: &Path, log: PathBuf) -> Result<()> {
+        let child = tokio::process::Command::new(cim_testkit::nats_server_binary()?)
+            .arg("-c")
+            .arg(conf)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::fs::File::create(&log)?)
+            .stderr(std::fs::File::create(log.with_extension("err"))?)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting nats-server {label}"))?;
+        self.children.push((label.to_string(), child, log));
+        Ok(())
+    }
+
+    fn logs(&self) -> String {
+        self.children
+            .iter()
+            .map(|(label, _, log)| {
+                let err = std::fs::read_to_string(log.with_extension("err")).unwrap_or_default();
+                let tail: Vec<&str> = err.lines().rev().take(8).collect();
+                format!("--- {label}:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+async fn monitor_json(addr: &str, path: &str) -> Result<Value> {
+    let r = cim_testkit::http_get(addr, path).await?;
+    ensure!(r.status == 200, "GET {path}: {}", r.status);
+    Ok(serde_json::from_slice(&r.body)?)
+}
+
+/// Connects as `user` and records every error the server sends (permission violations).
+async fn connect_as(url: &str, user: &str, password: &str) -> Result<(async_nats::Client, Arc<Mutex<Vec<String>>>)> {
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let seen = errors.clone();
+    let client = async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+        .event_callback(move |event| {
+            let seen = seen.clone();
+            async move {
+                if let async_nats::Event::ServerError(e) = event {
+                    seen.lock().unwrap().push(e.to_string());
+                }
+            }
+        })
+        .connect(url)
+        .await
+        .with_context(|| format!("connecting as {user}"))?;
+    Ok((client, errors))
+}
+
+/// The example topology on loopback, rendered by the modules (nixos-modules/tests/live.nix):
+/// three hub nodes form a JetStream cluster, the leaf connects to them, every server has one
+/// user per service with the generated permissions, and the leaf logs in to the hub's leaf-node
+/// port as `leaf`. Then a service identity cannot publish another service's events (nor
+/// subscribe to its commands, nor touch its streams).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nix_live_topology_with_per_service_identities() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pkg = package_dir(dir.path())?;
+    let port = cim_testkit::free_port;
+    let mut ports = serde_json::Map::new();
+    for i in 1..=3 {
+        ports.insert(
+            format!("node{i}"),
+            serde_json::json!({"client": port(), "cluster": port(), "leafnode": port(), "monitor": port(), "http": port()}),
+        );
+    }
+    ports.insert("leaf".into(), serde_json::json!({"client": port(), "monitor": port(), "http": port()}));
+    let live = nix_eval(
+        "live.nix",
+        &[
+            ("pkgDir", pkg.to_str().unwrap()),
+            ("base", dir.path().join("store").to_str().unwrap()),
+            ("portsJSON", &Value::Object(ports.clone()).to_string()),
+        ],
+    )?;
+    let servers_names = ["node1", "node2", "node3", "leaf"];
+    let mut servers = Servers { children: Vec::new() };
+    for name in servers_names {
+        let conf = dir.path().join(format!("{name}.json"));
+        std::fs::write(&conf, live[name]["nats"].as_str().context("nats config")?)?;
+        servers.start(name, &conf, dir.path().join(format!("{name}.log")))?;
+    }
+    let monitor = |name: &str| live[name]["monitor"].as_str().unwrap().to_string();
+    let password = |user: &str| live["passwords"][user].as_str().unwrap().to_string();
+    let url = |name: &str| format!("nats://127.0.0.1:{}", ports[name]["client"]);
+
+    // The hub forms: every node routes to the two others and JetStream has a meta leader.
+    cim_testkit::eventually(Duration::from_secs(60), "hub cluster formed", || async {
+        for i in 1..=3 {
+            let m = monitor(&format!("node{i}"));
+            let routez = monitor_json(&m, "/routez").await?;
+            let peers: std::collections::BTreeSet<String> = routez["routes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|r| r["remote_name"].as_str().map(String::from))
+                .collect();
+            ensure!(peers.len() == 2, "node{i} routes to {peers:?}");
+            let jsz = monitor_json(&m, "/jsz").await?;
+            ensure!(jsz["meta_cluster"]["leader"].as_str().is_some_and(|l| !l.is_empty()), "node{i}: no meta leader");
+            ensure!(jsz["config"]["domain"] == "hub", "node{i}: domain {}", jsz["config"]["domain"]);
+        }
+        Ok(())
+    })
+    .await
+    .with_context(|| servers.logs())?;
+    // The leaf connects to the hub and keeps its own domain, fsyncing every write.
+    cim_testkit::eventually(Duration::from_secs(60), "leaf connected to the hub", || async {
+        let leafz = monitor_json(&monitor("leaf"), "/leafz").await?;
+        ensure!(leafz["leafnodes"] == 1, "leaf has {} leaf connections", leafz["leafnodes"]);
+        let mut on_hub = 0;
+        for i in 1..=3 {
+            on_hub += monitor_json(&monitor(&format!("node{i}")), "/leafz").await?["leafnodes"].as_u64().unwrap_or(0);
+        }
+        ensure!(on_hub == 1, "the hub sees {on_hub} leaf connections");
+        let varz = monitor_json(&monitor("leaf"), "/varz").await?;
+        ensure!(varz["jetstream"]["config"]["domain"] == "leaf", "leaf domain {}", varz["jetstream"]["config"]["domain"]);
+        ensure!(varz["jetstream"]["config"]["sync_always"] == true, "leaf: sync_always {}", varz["jetstream"]["config"]["sync_always"]);
+        Ok(())
+    })
+    .await
+    .with_context(|| servers.logs())?;
+
+    // Without a user, nothing; with a wrong password, nothing.
+    ensure!(async_nats::connect(url("leaf")).await.is_err(), "anonymous client accepted");
+    ensure!(connect_as(&url("leaf"), "registry", "wrong").await.is_err(), "wrong password accepted");
+
+    // Every identity publishes one event of another service's, then one of its own. An
+    // observer sees each service's own event and none of the others' (a connection's messages
+    // arrive in order, so a forbidden one that got through would come first).
+    let (admin, _) = connect_as(&url("leaf"), "admin", &password("admin")).await?;
+    let mut observed = admin.subscribe("cim.evt.>").await?;
+    admin.flush().await?;
+    let mut identities = Vec::new();
+    for (i, c) in Component::ALL.into_iter().enumerate() {
+        let other = Component::ALL[(i + 1) % Component::ALL.len()];
+        let (client, errors) = connect_as(&url("leaf"), c.service_name(), &password(c.service_name())).await?;
+        client.publish(subject::event(other, "unit", "forged", "created")?, "forged".into()).await?;
+        client.publish(subject::event(c, "unit", "own", "created")?, "own".into()).await?;
+        client.flush().await?;
+        identities.push((c, other, client, errors));
+    }
+    let mut own = Vec::new();
+    while own.len() < Component::ALL.len() {
+        let msg = tokio::time::timeout(Duration::from_secs(10), observed.next())
+            .await
+            .with_context(|| format!("waiting for the services' own events; got {own:?}"))?
+            .context("observer subscription closed")?;
+        let parsed = subject::parse_event(&msg.subject)?;
+        ensure!(msg.payload.as_ref() == b"own", "a forged event got through: {} ({:?})", msg.subject, msg.payload);
+        own.push(parsed.component);
+    }
+    own.sort();
+    ensure!(own == Component::ALL.to_vec(), "own events seen: {own:?}");
+    for (c, other, _, errors) in &identities {
+        let forbidden = subject::event(*other, "unit", "forged", "created")?;
+        cim_testkit::eventually(Duration::from_secs(10), &format!("{c}: permission violation reported"), || async {
+            let seen = errors.lock().unwrap().clone();
+            ensure!(
+                seen.iter().any(|e| e.contains("Permissions Violation") && e.contains(&forbidden)),
+                "{c} got {seen:?}"
+            );
+            Ok(())
+        })
+        .await?;
+    }
+
+    // Nor may the registry listen to the information unit's commands, or touch its streams.
+    let (registry_client, registry_errors) = connect_as(&url("leaf"), "registry", &password("registry")).await?;
+    let _sub = registry_client.subscribe(subject::command(Component::InformationUnit, "create")?).await?;
+    let admin_js = async_nats::jetstream::with_domain(admin.clone(), "leaf");
+    let iu_events = resources::events_stream(Component::InformationUnit);
+    admin_js.create_stream(iu_events.config(Tier::Leaf)).await?;
+    let mut registry_js = async_nats::jetstream::with_domain(registry_client.clone(), "leaf");
+    registry_js.set_timeout(Duration::from_secs(2));
+    ensure!(registry_js.get_stream(&iu_events.name).await.is_err(), "registry read {}'s stream info", iu_events.name);
+    ensure!(
+        registry_js.publish(subject::event(Component::InformationUnit, "unit", "forged", "created")?, "x".into()).await?.await.is_err(),
+        "registry stored an event in {}",
+        iu_events.name
+    );
+    cim_testkit::eventually(Duration::from_secs(10), "registry's violations reported", || async {
+        let seen = registry_errors.lock().unwrap().clone();
+        for what in ["Subscription to \"cim.cmd.iu.create\"", "STREAM.INFO.CIM_IU_EVENTS"] {
+            ensure!(seen.iter().any(|e| e.contains("Permissions Violation") && e.contains(what)), "no violation for {what}: {seen:?}");
+        }
+        Ok(())
+    })
+    .await?;
+    let info = admin_js.get_stream(&iu_events.name).await?.info().await?.state.messages;
+    ensure!(info == 0, "{} holds {info} messages", iu_events.name);
+
+    drop(servers);
+    Ok(())
+}
+
+/// The real registry binary runs with exactly its generated permissions and becomes ready:
+/// it provisions its streams through the JetStream API of a domain, serves describe and
+/// `$SRV` requests, announces itself and exits 0 on SIGTERM, with no permission violation.
+///
+/// The services authenticate with a credentials file (`--nats-creds`, the modules'
+/// `natsCredentialsFile`), so this runs nats-server in operator mode with a user JWT that
+/// carries the generated lists. (The user/password identities of nats-auth.nix are checked
+/// against a real server in `nix_live_topology_with_per_service_identities`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nix_registry_runs_with_its_generated_permissions() -> Result<()> {
+    let mut op = cim_testkit::Operator::new();
+    let account = op.account_with_jetstream("CIM");
+    // The user JWT carries ~120 subjects: its CONNECT line is longer than nats-server's
+    // default max_control_line (4 KiB). Servers that take such creds need a larger one.
+    let server = cim_testkit::NatsServer::builder()
+        .operator(&op)
+        .jetstream_domain("leaf")
+        .extra_config("max_control_line: 32768")
+        .start()
+        .await?;
+    let p = generated_permissions(Component::Registry.service_name());
+    let list = |v: &Value| -> Vec<String> { v.as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect() };
+    let mut perms = cim_testkit::Permissions::all();
+    for s in list(&p["publish"]["allow"]) {
+        perms = perms.allow_publish(s);
+    }
+    for s in list(&p["subscribe"]["allow"]) {
+        perms = perms.allow_subscribe(s);
+    }
+    ensure!(p["allow_responses"] == true);
+    perms = perms.allow_responses();
+    let dir = tempfile::tempdir()?;
+    let creds = account.user("registry", perms).write_creds(dir.path())?;
+    let observer = account.user("admin", cim_testkit::Permissions::all()).connect(&server.url()).await?;
+
+    let mut svc = ServiceProc::start_with_env(
+        Component::Registry,
+        &server.url(),
+        &[],
+        &[("CIM_NATS_CREDS", creds.to_str().unwrap()), ("CIM_JS_DOMAIN", "leaf"), ("CIM_TIER", "leaf")],
+    )?;
+    common::wait_ready(&observer, &svc).await?;
+    let js = async_nats::jetstream::with_domain(observer.clone(), "leaf");
+    for spec in resources::streams(Component::Registry) {
+        js.get_stream(&spec.name).await.with_context(|| format!("{} not provisioned:\n{}", spec.name, svc.log()))?;
+    }
+    let status = svc.terminate(Duration::from_secs(30)).await?;
+    let log = svc.log();
+    ensure!(status.success(), "registry exited {status}:\n{log}");
+    ensure!(!log.contains("Permissions Violation") && !log.contains("permissions violation"), "registry hit its permissions:\n{log}");
+    Ok(())
+}

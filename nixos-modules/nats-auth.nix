@@ -1,0 +1,102 @@
+# One NATS identity per CIM service on this host's nats-server (either profile, or any
+# `services.nats`): a user named after the service, with the publish/subscribe permissions
+# that `cim-events` assigns to it. The permissions come from ./nats-permissions.json, which
+# `cimctl deploy nats-permissions --json` generates (an integration test fails when it is
+# stale); they are not written by hand here.
+#
+# Passwords: the server config (in the world-readable Nix store) holds only bcrypt hashes.
+# Each service gets its password from a root-only file outside the store, through its
+# `environmentFile` (systemd `EnvironmentFile=`), as
+#   CIM_NATS_URL=nats://<service>:<password>@127.0.0.1:4222
+#
+# Once users exist, nats-server refuses clients without one: give operators and tools
+# (`cimctl`) a user in `extraUsers`. It refuses leaf nodes without one too: on a hub node,
+# set `leafnodePasswordHash`, and let each leaf connect as `leaf` (the password goes into the
+# leaf's `hubUrls`, and so into its Nix store: see docs/deploy.md). Routes are not covered.
+{ config, lib, ... }:
+
+let
+  inherit (lib)
+    mkEnableOption
+    mkIf
+    mkOption
+    types
+    ;
+
+  cfg = config.services.cim.nats-auth;
+  names = import ./service-names.nix;
+  generated = lib.importJSON ./nats-permissions.json;
+
+  # What nats-server recognises as a bcrypt hash ($2a$, $2b$, $2x$, $2y$ and a cost).
+  bcryptHash = types.strMatching "[$]2[abxy][$][0-9]{2}[$][./A-Za-z0-9]{53}";
+
+  user = name: hash: {
+    user = name;
+    password = hash;
+  };
+in
+{
+  options.services.cim.nats-auth = {
+    enable = mkEnableOption "one NATS user per CIM service, with permissions generated from cim-events";
+
+    services = lib.genAttrs names (name: {
+      passwordHash = mkOption {
+        type = types.nullOr bcryptHash;
+        default = null;
+        example = "$2b$11$…";
+        description = ''
+          bcrypt hash of the `${name}` user's password (e.g. `mkpasswd -m bcrypt`). Null:
+          no user for ${name} on this server.
+        '';
+      };
+    });
+
+    leafnodePasswordHash = mkOption {
+      type = types.nullOr bcryptHash;
+      default = null;
+      description = ''
+        bcrypt hash of the password leaf nodes present on this server's leaf-node port, as
+        user `leaf` (`nats-leaf://leaf:<password>@<hub>:7422`). Null: no leaf-node user, and
+        nats-server then refuses leaf nodes that do not log in as one of the users above.
+      '';
+    };
+
+    extraUsers = mkOption {
+      type = types.listOf (
+        types.submodule {
+          options = {
+            user = mkOption { type = types.str; };
+            passwordHash = mkOption { type = bcryptHash; };
+            permissions = mkOption {
+              type = types.nullOr types.anything;
+              default = null;
+              description = "A nats-server `permissions` block; null allows everything.";
+            };
+          };
+        }
+      );
+      default = [ ];
+      example = [
+        {
+          user = "admin";
+          passwordHash = "$2b$11$…";
+        }
+      ];
+      description = "More users of this server, e.g. one for operators and `cimctl`.";
+    };
+  };
+
+  config = mkIf cfg.enable {
+    services.nats.settings.authorization.users =
+      map (name: user name cfg.services.${name}.passwordHash // { permissions = generated.services.${name}; }) (
+        builtins.filter (name: cfg.services.${name}.passwordHash != null) names
+      )
+      ++ map (
+        u: user u.user u.passwordHash // lib.optionalAttrs (u.permissions != null) { inherit (u) permissions; }
+      ) cfg.extraUsers;
+
+    services.nats.settings.leafnodes = mkIf (cfg.leafnodePasswordHash != null) {
+      authorization = user "leaf" cfg.leafnodePasswordHash;
+    };
+  };
+}
