@@ -174,8 +174,14 @@
         };
       });
 
-      # Building every package is the check for now. NixOS VM tests (boot a leaf and a
-      # three-node cluster, check the units come up ready) come with the deployment issue.
-      checks = forAllSystems (pkgs: self.packages.${pkgs.stdenv.hostPlatform.system});
+      # Every package builds, and on x86_64-linux the NixOS VM tests in nixos-modules/tests/vm.nix
+      # boot a leaf with all services and a three-node hub with a leaf attached (needs KVM).
+      checks = forAllSystems (
+        pkgs:
+        self.packages.${pkgs.stdenv.hostPlatform.system}
+        // lib.optionalAttrs (pkgs.stdenv.hostPlatform.system == "x86_64-linux") (
+          import ./nixos-modules/tests/vm.nix { inherit pkgs self; }
+        )
+      );
     };
 }

@@ -70,6 +70,8 @@ let
   optionals = cond: xs: if cond then xs else [ ];
   optionalAttrs = cond: set: if cond then set else { };
   optionalString = cond: s: if cond then s else "";
+  range = first: last: if first > last then [ ] else genList (n: first + n) (last - first + 1);
+  concatMapStrings = f: list: concatStringsSep "" (map f list);
   imap1 = f: list: genList (i: f (i + 1) (elemAt list i)) (length list);
   last = list: elemAt list (length list - 1);
   unique = foldl' (acc: x: if elem x acc then acc else acc ++ [ x ]) [ ];
@@ -646,6 +648,8 @@ let
       optionals
       optionalAttrs
       optionalString
+      range
+      concatMapStrings
       imap1
       last
       unique

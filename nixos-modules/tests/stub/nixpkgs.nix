@@ -33,6 +33,9 @@ let
           inherit (args) meta;
         };
       mkShell = args: args // { type = "shell"; };
+      inherit lib;
+      # VM tests only run on a Nix machine; here they are records of their arguments.
+      testers.runNixOSTest = args: fakePkg "vm-test-${args.name}" // { inherit args; };
     }
     // lib.genAttrs [
       "protobuf"
@@ -42,6 +45,7 @@ let
       "rustfmt"
       "cargo-nextest"
       "nats-server"
+      "curl"
     ] fakePkg;
 
   legacyPackages = lib.genAttrs systems mkPkgs;
