@@ -20,6 +20,12 @@
   # WebAssembly JIT compilers need pages that are writable and then executable; every other
   # service runs with MemoryDenyWriteExecute=true.
   needsJit ? false,
+  # The service's own options (`--<service>-<option>` flags), declared under
+  # `services.cim.<name>`: a function of `lib` returning option declarations ...
+  extraOptions ? (_lib: { }),
+  # ... and how they become the binary's `CIM_<SERVICE>_<OPTION>` variables (a function of
+  # `lib` and the service's config).
+  extraEnvironmentOf ? (_lib: _cfg: { }),
 }:
 
 {
@@ -48,7 +54,7 @@ let
   natsOnThisHost = config.services.nats.enable or false;
 in
 {
-  options.services.cim.${name} = {
+  options.services.cim.${name} = extraOptions lib // {
     enable = mkEnableOption "the CIM ${name} service";
 
     package = mkOption {
@@ -208,6 +214,7 @@ in
         }
         // optionalAttrs (cfg.jetstreamDomain != null) { CIM_JS_DOMAIN = cfg.jetstreamDomain; }
         // optionalAttrs (cfg.node != null) { CIM_NODE = cfg.node; }
+        // extraEnvironmentOf lib cfg
         // cfg.extraEnvironment;
 
       serviceConfig =

@@ -22,6 +22,17 @@ let
       // def;
     }
   ];
+  plugins = def: [
+    ../plugin-host.nix
+    {
+      system.stateVersion = "26.05";
+      services.cim.plugin-host = {
+        enable = true;
+        package = pkg;
+      }
+      // def;
+    }
+  ];
   leaf = def: [
     ../nats-leaf.nix
     {
@@ -62,6 +73,8 @@ let
     leafPortOutOfRange = leaf { port = 70000; };
     leafUnknownOption = leaf { jetstreamDomain = "leaf"; };
     authUnknownService = auth { services.nope.passwordHash = "$2b$04$UxnifOpOCx8IV7NujGs93OaMEqMMgIAPfD./EEXJHlfFlEOsHye2."; };
+    pluginMemoryWords = plugins { maxMemory = "lots"; };
+    pluginParallelismZero = plugins { parallelism = 0; };
     authPlaintextPassword = auth { services.registry.passwordHash = "hunter2"; };
 
     # accepted
@@ -72,6 +85,11 @@ let
       maxInFlight = 65536;
       cpuWeight = 10000;
       shutdownGrace = 1;
+    };
+    acceptsPluginLimits = plugins {
+      parallelism = 2;
+      maxMemory = "16MiB";
+      allowedDirectories.models = "/var/lib/models";
     };
     acceptsAuth = auth { services.registry.passwordHash = "$2b$04$UxnifOpOCx8IV7NujGs93OaMEqMMgIAPfD./EEXJHlfFlEOsHye2."; };
   };

@@ -290,6 +290,8 @@ fn nix_options_refuse_bad_definitions() {
         ("heartbeatWithSpace", "`services.cim.registry.heartbeatInterval' is not of type `string matching"),
         ("tierUnknown", "`services.cim.registry.tier' is not of type `one of \"leaf\", \"cluster\"'"),
         ("authPlaintextPassword", "`services.cim.nats-auth.services.registry.passwordHash' is not of type"),
+        ("pluginMemoryWords", "`services.cim.plugin-host.maxMemory' is not of type `string matching"),
+        ("pluginParallelismZero", "`services.cim.plugin-host.parallelism' is not of type `null or integer between 1 and 1024"),
     ];
     let mut wrong = Vec::new();
     for (case, message) in refused {
@@ -299,11 +301,17 @@ fn nix_options_refuse_bad_definitions() {
             Err(_) => {}
         }
     }
-    for case in ["acceptsCredentialsPath", "acceptsNode", "acceptsHeartbeatMs", "acceptsLimits", "acceptsAuth"] {
+    for case in ["acceptsCredentialsPath", "acceptsNode", "acceptsHeartbeatMs", "acceptsLimits", "acceptsAuth", "acceptsPluginLimits"] {
         if let Err(e) = nix_eval("refuse.nix", &[("case", case)]) {
             wrong.push(format!("{case}: refused: {e:#}"));
         }
     }
+    // The plugin host's own options reach its environment, and it may JIT.
+    let unit = &nix_eval("refuse.nix", &[("case", "acceptsPluginLimits")]).unwrap()["units"]["cim-plugin-host"];
+    assert_eq!(unit["environment"]["CIM_PLUGIN_PARALLELISM"], "2");
+    assert_eq!(unit["environment"]["CIM_PLUGIN_MAX_MEMORY"], "16MiB");
+    assert_eq!(unit["environment"]["CIM_PLUGIN_DIRS"], "models=/var/lib/models");
+    assert_eq!(unit["serviceConfig"]["MemoryDenyWriteExecute"], false);
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
 
