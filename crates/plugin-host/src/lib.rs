@@ -98,6 +98,8 @@ impl PluginArgs {
             max_timeout: self.plugin_max_timeout,
             max_output: 8 << 20,
             directories: self.plugin_dirs.iter().cloned().collect::<HashMap<_, _>>(),
+            // every running invocation, plus headroom for the built-ins' load-time checks
+            instances: (self.parallelism() as u32).saturating_add(16),
         }
     }
 
