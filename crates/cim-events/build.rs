@@ -7,6 +7,7 @@ fn main() -> std::io::Result<()> {
         "proto/cim/iu/v1/iu.proto",
         "proto/cim/registry/v1/registry.proto",
         "proto/cim/plugin/v1/plugin.proto",
+        "proto/cim/hub/v1/hub.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

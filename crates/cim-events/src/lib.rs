@@ -10,6 +10,8 @@
 
 pub mod cid;
 pub mod envelope;
+pub mod gateway;
+pub mod hub;
 pub mod iu;
 pub mod payload;
 pub mod plugin;
@@ -45,6 +47,10 @@ pub mod proto {
     pub mod plugin {
         #![allow(missing_docs, clippy::all)]
         include!(concat!(env!("OUT_DIR"), "/cim.plugin.v1.rs"));
+    }
+    pub mod hub {
+        #![allow(missing_docs, clippy::all)]
+        include!(concat!(env!("OUT_DIR"), "/cim.hub.v1.rs"));
     }
 }
 

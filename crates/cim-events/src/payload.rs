@@ -70,6 +70,12 @@ payload!(plugin::PluginRemoved, "cim.plugin.plugin.removed", 1);
 payload!(plugin::PluginAnnounced, "cim.plugin.announced", 1);
 payload!(plugin::InvokeRequest, "cim.plugin.invoke.request", 1);
 payload!(plugin::InvokeReply, "cim.plugin.invoke.reply", 1);
+payload!(crate::proto::hub::WebhookReceived, "cim.hub.webhook.received", 1);
+payload!(crate::proto::hub::DeliveryRecorded, "cim.hub.delivery.recorded", 1);
+payload!(crate::proto::hub::SubscriptionStateChanged, "cim.hub.subscription.state_changed", 1);
+payload!(crate::proto::hub::TableChanged, "cim.hub.sql.changed", 1);
+payload!(crate::proto::hub::MqttReceived, "cim.hub.mqtt.received", 1);
+payload!(crate::proto::hub::S3ObjectImported, "cim.hub.s3.imported", 1);
 
 /// One step of an upcasting path: bytes of `(type, version)` to bytes of `version + 1`.
 pub type UpcastFn = fn(&[u8]) -> Result<Vec<u8>, ContractError>;

@@ -102,6 +102,7 @@ pub fn markdown() -> String {
     let _ = writeln!(w);
 
     plugins(w);
+    hub(w);
 
     let _ = writeln!(w, "## Registry\n");
     let _ = writeln!(w, "Payloads: `crates/cim-events/proto/cim/registry/v1/registry.proto`. Instances announce themselves on their lifecycle subjects; the registry turns announcements, drains, goodbyes and missing heartbeats into events. Heartbeats are not events.\n");
@@ -173,6 +174,39 @@ pub fn markdown() -> String {
         let _ = writeln!(w, "| `{t}` | {v} | - |");
     }
     o
+}
+
+fn hub(w: &mut String) {
+    use crate::{hub, proto::hub::WebhookReceived};
+    let _ = writeln!(w, "## Integration hub\n");
+    let _ = writeln!(w, "Payloads: `crates/cim-events/proto/cim/hub/v1/hub.proto`; configuration and signatures: `docs/integration-hub.md`. Webhooks are signed the Standard Webhooks way: `{}: v1,<base64(HMAC-SHA256(key, id.timestamp.body))>` with `{}` and `{}`.\n", hub::H_WEBHOOK_SIGNATURE, hub::H_WEBHOOK_ID, hub::H_WEBHOOK_TIMESTAMP);
+    let _ = writeln!(w, "| kind | subject | payload |");
+    let _ = writeln!(w, "| --- | --- | --- |");
+    let _ = writeln!(w, "| event | `cim.evt.hub.{}.<source>.{}` | `{}` v{} |", hub::WEBHOOK, hub::action::RECEIVED, WebhookReceived::TYPE, WebhookReceived::SCHEMA_VERSION);
+    for a in [hub::action::DELIVERED, hub::action::DEAD_LETTERED] {
+        let _ = writeln!(w, "| event | `cim.evt.hub.{}.<subscription>.{a}` | `DeliveryRecorded` (the delivery log) |", hub::DELIVERY);
+    }
+    for a in [hub::action::PAUSED, hub::action::RESUMED] {
+        let _ = writeln!(w, "| event | `cim.evt.hub.{}.<subscription>.{a}` | `SubscriptionStateChanged` |", hub::SUBSCRIPTION);
+    }
+    let _ = writeln!(w, "| event | `cim.evt.hub.{}.<connector>.{}` | `TableChanged` (PostgreSQL trigger → outbox → event) |", hub::SQL, hub::action::CHANGED);
+    let _ = writeln!(w, "| event | `cim.evt.hub.{}.<connector>.{}` | `S3ObjectImported` (a new object became a unit) |", hub::S3, hub::action::IMPORTED);
+    let _ = writeln!(w, "| event | `cim.evt.hub.{}.<connector>.{}` | `MqttReceived` (MQTT topic → event) |", hub::MQTT, hub::action::RECEIVED);
+    let _ = writeln!(w, "| consumer | `hub-mqtt-<connector>` on the stream holding the publish filter | events → MQTT topic, QoS 1, one in flight |");
+    let _ = writeln!(w, "| consumer | `hub-pg-<connector>` on the stream holding the projection filter | events → table rows |");
+    let _ = writeln!(w, "| dead letter | `cim.dlq.hub.out-<subscription>` | the undeliverable event as it was, reason in `{}` |", hub::H_DEAD_LETTER_REASON);
+    let _ = writeln!(w, "| consumer | `hub-out-<subscription>` on the stream holding the filter | one in flight (ordered) |");
+    for c in hub::cmd::ALL {
+        if let Ok(s) = hub::command(c) {
+            let _ = writeln!(w, "| command | `{s}` | `SubscriptionCommand` → `SubscriptionStateChanged` |");
+        }
+    }
+    for q in hub::qry::ALL {
+        if let Ok(s) = hub::query(q) {
+            let _ = writeln!(w, "| query | `{s}` | JSON → JSON |");
+        }
+    }
+    let _ = writeln!(w);
 }
 
 fn plugins(w: &mut String) {

@@ -187,6 +187,16 @@ pub fn kv_buckets(component: Component) -> Vec<KvBucketSpec> {
             "references to plugin versions (key <name>.<version-token>.<referrer>), written by the pipeline engine; a referenced version cannot be removed",
             Duration::ZERO,
         )],
+        Component::IntegrationHub => vec![spec(
+            crate::hub::KV_WEBHOOK_IDS,
+            "delivery ids of accepted webhooks (key <source>.<hex(id)>), for de-duplication (24h)",
+            crate::hub::WEBHOOK_ID_MEMORY,
+        )],
+        Component::UiGateway => vec![spec(
+            crate::gateway::KV_TOKENS,
+            "API tokens of the gateway (key t.<id>): name, role and SHA-256 of the token, never the token",
+            Duration::ZERO,
+        )],
         _ => Vec::new(),
     }
 }
@@ -233,6 +243,19 @@ pub fn object_buckets(component: Component) -> Vec<ObjectBucketSpec> {
         }],
         _ => Vec::new(),
     }
+}
+
+/// `<STREAM>_FROM_<LEAF-DOMAIN>`: the cluster's R3 mirror of a leaf's stream (storage manager).
+pub fn leaf_mirror(stream: &str, leaf_domain: &str) -> Result<String, ContractError> {
+    let name = format!("{stream}_FROM_{}", leaf_domain.to_ascii_uppercase());
+    validate_name("stream", &name)?;
+    Ok(name)
+}
+
+/// `$JS.<domain>.API`: the JetStream API of another domain (a leaf's, across the leaf node
+/// connection), as a mirror's or source's external API prefix.
+pub fn domain_api_prefix(domain: &str) -> String {
+    format!("$JS.{domain}.API")
 }
 
 /// Durable consumer name `<component>-<purpose>`, shared by all instances of a service.

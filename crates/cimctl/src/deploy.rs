@@ -160,6 +160,51 @@ pub fn permissions(component: Component) -> Result<Permissions> {
         publish.push(below(&subject::all_object_chunks(&obj.bucket)?, 2));
         streams.push((obj.stream_name(), false));
     }
+    // The gateway, the door for people and programs: it sends the information unit's commands
+    // and queries and the registry's and plugin host's queries, moves unit content in the
+    // content bucket (as cim-iu-client does), and reads every other component's event stream
+    // with ordered consumers (live events).
+    if component == Component::UiGateway {
+        publish.push(below(&subject::command(Component::InformationUnit, "action")?, 3));
+        for other in [Component::InformationUnit, Component::Registry, Component::PluginHost] {
+            publish.push(below(&subject::query(other, "query")?, 3));
+        }
+        for obj in resources::object_buckets(Component::InformationUnit) {
+            publish.push(below(&subject::all_object_chunks(&obj.bucket)?, 2));
+            streams.push((obj.stream_name(), false));
+        }
+        for other in Component::ALL.into_iter().filter(|c| *c != component) {
+            let stream = resources::events_stream(other).name;
+            for api in JS_API {
+                publish.push(format!("{api}.STREAM.INFO.{stream}"));
+                publish.push(format!("{api}.CONSUMER.CREATE.{stream}"));
+                for verb in ["CREATE", "INFO", "DELETE", "MSG.NEXT"] {
+                    publish.push(format!("{api}.CONSUMER.{verb}.{stream}.>"));
+                }
+            }
+        }
+    }
+    // The storage manager archives every component's streams (events, dead letters, object
+    // buckets): it reads them with ordered consumers and direct gets (objects copied by name)
+    // and reads their configuration (the retention guard). Leaf mirrors on the cluster are created by an operator-level identity.
+    if component == Component::StorageManager {
+        for other in Component::ALL.into_iter().filter(|c| *c != component) {
+            let mut names: Vec<String> = resources::streams(other).into_iter().map(|s| s.name).collect();
+            names.extend(resources::object_buckets(other).into_iter().map(|b| b.stream_name()));
+            for stream in names {
+                for api in JS_API {
+                    publish.push(format!("{api}.STREAM.INFO.{stream}"));
+                    publish.push(format!("{api}.STREAM.MSG.GET.{stream}"));
+                    publish.push(format!("{api}.DIRECT.GET.{stream}"));
+                    publish.push(format!("{api}.DIRECT.GET.{stream}.>"));
+                    publish.push(format!("{api}.CONSUMER.CREATE.{stream}"));
+                    for verb in ["CREATE", "INFO", "DELETE", "MSG.NEXT"] {
+                        publish.push(format!("{api}.CONSUMER.{verb}.{stream}.>"));
+                    }
+                }
+            }
+        }
+    }
     // Account information (limits and usage; read-only): creating a KV bucket asks for it.
     for api in JS_API {
         publish.push(format!("{api}.INFO"));

@@ -1,13 +1,19 @@
 //! `cimctl`: the CIM command line. `up` runs a whole leaf node on this machine; `bench` runs
 //! the project's benchmarks against a raw baseline measured in the same run.
 
+mod archive;
 mod bench;
+mod bench_hub;
+mod bench_gateway;
 mod bench_plugin;
 mod bench_registry;
+mod bench_storage;
 mod deploy;
+mod integration;
 mod iu;
 mod ops;
 mod plugin;
+mod token;
 mod up;
 
 use std::process::ExitCode;
@@ -23,6 +29,12 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Rebuild a fresh JetStream from an S3 archive target (`--from NAME [--until SEQ|TIME] [--dry-run]`).
+    Restore(archive::RestoreArgs),
+    /// The S3 archive: `verify` every checksum, `status` (lag per stream and target).
+    Archive(archive::ArchiveArgs),
+    /// Benchmark the S3 archive and restore against raw PutObject and raw JetStream publish (own servers).
+    BenchStorage(bench_storage::BenchStorageArgs),
     /// Start a leaf node here: nats-server with JetStream and all seven services. Ctrl-C stops it.
     Up(up::UpArgs),
     /// Run the benchmarks and print a Markdown table (each scenario beside its raw baseline).
@@ -45,6 +57,14 @@ enum Command {
     Registry(ops::RegistryArgs),
     /// Benchmark the registry with 1,000 simulated instances, and `status` on a 3-node cluster.
     BenchRegistry(bench_registry::BenchRegistryArgs),
+    /// Benchmark the ui-gateway: HTTP vs direct NATS, download vs raw object store, SSE fan-out.
+    BenchGateway(bench_gateway::BenchGatewayArgs),
+    /// API tokens of the ui-gateway: create, revoke, ls.
+    Token(token::TokenArgs),
+    /// Integration hub: list, add, pause, resume, deliveries.
+    Integration(integration::IntegrationArgs),
+    /// Benchmark the integration hub: outbound deliveries and inbound webhooks vs raw baselines.
+    BenchHub(bench_hub::BenchHubArgs),
 }
 
 fn main() -> ExitCode {
@@ -66,6 +86,9 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Restore(args) => archive::restore(args).await,
+            Command::Archive(args) => archive::run(args).await,
+            Command::BenchStorage(args) => bench_storage::run(args).await,
             Command::Up(args) => up::run(args).await,
             Command::Bench(args) => bench::run(args).await,
             Command::Iu(args) => iu::run(args).await,
@@ -77,6 +100,10 @@ fn main() -> ExitCode {
             Command::Node(args) => ops::node(args).await,
             Command::Registry(args) => ops::registry(args).await,
             Command::BenchRegistry(args) => bench_registry::run(args).await,
+            Command::Token(args) => token::run(args).await,
+            Command::Integration(args) => integration::run(args).await,
+            Command::BenchHub(args) => bench_hub::run(args).await,
+            Command::BenchGateway(args) => bench_gateway::run(args).await,
         }
     });
     match result {

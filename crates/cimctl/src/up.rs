@@ -86,6 +86,9 @@ pub async fn run(args: UpArgs) -> Result<ExitCode> {
         return Err(e);
     }
 
+    // The gateway's public ports: the usual ones when free, else any (printed below).
+    let gateway = format!("127.0.0.1:{}", pick_port(8480));
+    let gateway_grpc = format!("127.0.0.1:{}", pick_port(8481));
     for (component, bin) in &binaries {
         let name = component.service_name();
         let port = cim_testkit::free_port();
@@ -97,6 +100,9 @@ pub async fn run(args: UpArgs) -> Result<ExitCode> {
             .env_remove("CIM_NATS_CREDS")
             .env_remove("CIM_JS_DOMAIN")
             .env_remove("CIM_INSTANCE_ID");
+        if *component == Component::UiGateway {
+            cmd.env("CIM_GATEWAY_LISTEN", &gateway).env("CIM_GATEWAY_GRPC_LISTEN", &gateway_grpc);
+        }
         let child = spawn(&mut cmd, &log).with_context(|| format!("starting {}", bin.display()))?;
         procs.push(Proc { name: name.to_string(), child, log, health: Some(format!("127.0.0.1:{port}")) });
     }
@@ -109,6 +115,7 @@ pub async fn run(args: UpArgs) -> Result<ExitCode> {
     }
 
     println!("{}", summary(&data_dir, &nats_url, &monitor, &procs));
+    println!("  web UI and HTTP API  http://{gateway}/   (gRPC {gateway_grpc}; create a token: cimctl token create)");
     println!("Press Ctrl-C to stop.");
 
     let outcome = supervise(&mut procs).await;

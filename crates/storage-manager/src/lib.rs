@@ -1,13 +1,29 @@
 //! The storage-manager service. Storage manager: leaf -> cluster -> S3 tiers, archive and restore.
 //!
-//! Today it runs on the shared runtime: it provisions the streams and buckets `cim-events`
-//! assigns to it, announces itself, answers `$SRV.*` and `cim.qry.<component>.describe`, and
-//! reports health. Its domain endpoints are added here as they are built.
+//! It runs on the shared runtime (provisioning, announce, `$SRV.*`, health) and archives every
+//! CIM stream (events, dead letters, object buckets) continuously to an ordered list of
+//! S3-compatible targets in the open format of docs/storage-manager.md. `restore` and
+//! `verify` read that format back (used by `cimctl restore` and `cimctl archive`).
+
+pub mod archive;
+pub mod format;
+pub mod guard;
+pub mod objects;
+pub mod restore;
+pub mod s3;
+pub mod target;
+pub mod tiers;
 
 use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
 
 use cim_events::Component;
 use cim_runtime::{CommonArgs, Service, ServiceDef, Settings};
+
+pub use archive::{ArchiveSettings, archived_streams};
+pub use s3::{S3Client, S3Error};
+pub use target::{Credentials, Target, TargetError};
 
 pub const COMPONENT: Component = Component::StorageManager;
 
@@ -17,6 +33,46 @@ pub const COMPONENT: Component = Component::StorageManager;
 pub struct Config {
     #[command(flatten)]
     pub common: CommonArgs,
+    /// An S3 archive target, in order (repeat, or separate with `;`):
+    /// `name=nas,endpoint=http://nas:9000,region=us-east-1,bucket=cim,path-style=true,prefix=leaf1,credentials-file=/run/secrets/nas`
+    /// (or `credentials-env=NAS` for `NAS_ACCESS_KEY_ID`/`NAS_SECRET_ACCESS_KEY`).
+    #[arg(long = "archive-target", env = "CIM_ARCHIVE_TARGETS", value_delimiter = ';')]
+    pub archive_targets: Vec<String>,
+    /// Cut a segment when its uncompressed records reach this many bytes.
+    #[arg(long, env = "CIM_ARCHIVE_SEGMENT_BYTES", default_value_t = 8 << 20)]
+    pub archive_segment_bytes: usize,
+    /// Cut a segment when its first record has waited this long (e.g. 1s, 500ms).
+    #[arg(long, env = "CIM_ARCHIVE_LINGER", default_value = "1s", value_parser = cim_runtime::config::parse_duration)]
+    pub archive_linger: Duration,
+    /// Longest wait between retries while a target is down.
+    /// Objects are also copied by name (CID) as plain S3 objects, in multipart parts of this
+    /// many bytes (at least 5 MiB).
+    #[arg(long, env = "CIM_ARCHIVE_PART_BYTES", default_value_t = 8 << 20)]
+    pub archive_part_bytes: usize,
+    /// How often object buckets are checked for objects to copy by name.
+    #[arg(long, env = "CIM_ARCHIVE_OBJECT_POLL", default_value = "5s", value_parser = cim_runtime::config::parse_duration)]
+    pub archive_object_poll: Duration,
+    /// On the cluster: a leaf's JetStream domain whose streams are mirrored here (repeat).
+    #[arg(long = "source-leaf", env = "CIM_SOURCE_LEAVES", value_delimiter = ',')]
+    pub source_leaves: Vec<String>,
+    #[arg(long, env = "CIM_ARCHIVE_RETRY_MAX", default_value = "30s", value_parser = cim_runtime::config::parse_duration)]
+    pub archive_retry_max: Duration,
+}
+
+impl Config {
+    /// The targets and archive settings, or a clear error (exit 64).
+    pub fn archive(&self) -> Result<(Vec<Target>, ArchiveSettings), TargetError> {
+        let targets = Target::parse_all(&self.archive_targets, &|k| std::env::var(k).ok())?;
+        let settings = ArchiveSettings {
+            segment_bytes: self.archive_segment_bytes.max(1024),
+            linger: self.archive_linger,
+            part_bytes: self.archive_part_bytes.max(objects::MIN_PART_BYTES),
+            object_poll: self.archive_object_poll,
+            retry_max: self.archive_retry_max,
+            ..ArchiveSettings::default()
+        };
+        Ok((targets, settings))
+    }
 }
 
 pub fn definition() -> ServiceDef {
@@ -24,11 +80,68 @@ pub fn definition() -> ServiceDef {
         component: COMPONENT,
         version: env!("CARGO_PKG_VERSION"),
         description: "Storage manager: leaf -> cluster -> S3 tiers, archive and restore",
-        capabilities: Vec::new(),
+        capabilities: vec!["archive".to_string()],
     }
 }
 
-/// Runs the service until `shutdown` resolves.
+/// Runs the service until `shutdown` resolves, archiving to `targets`.
+pub async fn run_with(
+    settings: Settings,
+    targets: Vec<Target>,
+    archive: ArchiveSettings,
+    leaves: Vec<String>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let clients = targets.into_iter().map(S3Client::new).collect::<Result<Vec<_>, _>>()?;
+    let archive = Arc::new(archive);
+    Service::new(definition())
+        .setup(move |ctx| async move {
+            // The retention guard: refuse to run over a stream that could drop unarchived data.
+            let mut refused = Vec::new();
+            for stream in archived_streams() {
+                if let Ok(mut s) = ctx.jetstream().get_stream(&stream).await
+                    && let Ok(info) = s.info().await
+                {
+                    refused.extend(guard::violations(&info.config));
+                }
+            }
+            if !refused.is_empty() {
+                anyhow::bail!("retention guard: {}", refused.join("; "));
+            }
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            {
+                let ctx = ctx.clone();
+                ctx.clone().spawn("archive-stop", async move {
+                    ctx.stopping().await;
+                    let _ = stop_tx.send(true);
+                });
+            }
+            if !leaves.is_empty() {
+                let streams = archived_streams();
+                tiers::ensure_mirrors(ctx.jetstream(), &leaves, &streams, ctx.settings().tier).await?;
+                ctx.spawn("leaf-mirrors", tiers::watch_mirrors(ctx.jetstream().clone(), leaves.clone(), streams, Duration::from_secs(10), stop_rx.clone()));
+            }
+            for s3 in &clients {
+                tracing::info!(target = %s3.target().name, endpoint = %s3.target().endpoint, bucket = %s3.target().bucket, "archiving");
+                for stream in archived_streams() {
+                    let name = format!("archive-{}-{stream}", s3.target().name);
+                    ctx.spawn(&name, archive::run_stream(ctx.jetstream().clone(), s3.clone(), stream, archive.clone(), stop_rx.clone()));
+                }
+                for c in Component::ALL {
+                    for b in cim_events::resources::object_buckets(c) {
+                        let name = format!("objects-{}-{}", s3.target().name, b.bucket);
+                        let task = objects::run_bucket(ctx.jetstream().clone(), s3.clone(), b.bucket, archive.part_bytes, archive.object_poll, stop_rx.clone());
+                        ctx.spawn(&name, task);
+                    }
+                }
+            }
+            Ok(Vec::new())
+        })
+        .run(settings, shutdown)
+        .await
+}
+
+/// Runs the service with no archive targets (provisioning, announce, health only).
 pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    Service::new(definition()).run(settings, shutdown).await
+    run_with(settings, Vec::new(), ArchiveSettings::default(), Vec::new(), shutdown).await
 }

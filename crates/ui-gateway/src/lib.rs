@@ -1,12 +1,19 @@
-//! The ui-gateway service. UI gateway: HTTP, gRPC and the web UI.
+//! The ui-gateway service: the door for people and programs.
 //!
-//! Today it runs on the shared runtime: it provisions the streams and buckets `cim-events`
-//! assigns to it, announces itself, answers `$SRV.*` and `cim.qry.<component>.describe`, and
-//! reports health. Its domain endpoints are added here as they are built.
+//! It runs on the shared runtime (provisioning, announcement, health on the runtime's port) and
+//! serves, on its own listener (`--gateway-listen`), the HTTP/JSON API over the services' NATS
+//! contracts, live events as Server-Sent Events, the OpenAPI document and the web UI. Callers
+//! authenticate with API tokens kept hashed in the `cim_gateway_tokens` KV bucket (created by
+//! `cimctl token create`); see docs/ui-gateway.md.
 
-use std::future::Future;
+pub mod api;
+pub mod auth;
+pub mod error;
+pub mod grpc;
 
-use cim_events::Component;
+use std::{future::Future, net::SocketAddr, sync::Arc};
+
+use cim_events::{Component, gateway, resources};
 use cim_runtime::{CommonArgs, Service, ServiceDef, Settings};
 
 pub const COMPONENT: Component = Component::UiGateway;
@@ -17,6 +24,76 @@ pub const COMPONENT: Component = Component::UiGateway;
 pub struct Config {
     #[command(flatten)]
     pub common: CommonArgs,
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+}
+
+/// Options of the gateway's API listener.
+#[derive(clap::Args, Clone, Debug)]
+pub struct GatewayArgs {
+    /// Address of the HTTP API and web UI (separate from the health port).
+    #[arg(long = "gateway-listen", env = "CIM_GATEWAY_LISTEN", default_value = "127.0.0.1:8480")]
+    pub listen: SocketAddr,
+    /// Address of the gRPC API (with reflection and health); empty = no gRPC.
+    #[arg(long = "gateway-grpc-listen", env = "CIM_GATEWAY_GRPC_LISTEN", default_value = "127.0.0.1:8481", value_parser = parse_optional_addr)]
+    pub grpc_listen: OptionalAddr,
+    /// Origins allowed by CORS, comma-separated (`*` = any; empty = same origin only).
+    #[arg(long = "gateway-cors-origins", env = "CIM_GATEWAY_CORS_ORIGINS", value_delimiter = ',', default_value = "")]
+    pub cors_origins: Vec<String>,
+    /// Largest JSON request body, in bytes.
+    #[arg(long = "gateway-max-json", env = "CIM_GATEWAY_MAX_JSON", default_value_t = 64 * 1024)]
+    pub max_json: usize,
+    /// Largest upload, in bytes.
+    #[arg(long = "gateway-max-upload", env = "CIM_GATEWAY_MAX_UPLOAD", default_value_t = 4 << 30)]
+    pub max_upload: u64,
+    /// Requests per second per token (bursts of twice that); 0 = unlimited.
+    #[arg(long = "gateway-rate-limit", env = "CIM_GATEWAY_RATE_LIMIT", default_value_t = 100)]
+    pub rate_limit: u32,
+}
+
+impl Default for GatewayArgs {
+    fn default() -> Self {
+        GatewayArgs {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8480)),
+            grpc_listen: OptionalAddr(Some(SocketAddr::from(([127, 0, 0, 1], 8481)))),
+            cors_origins: Vec::new(),
+            max_json: 64 * 1024,
+            max_upload: 4 << 30,
+            rate_limit: 100,
+        }
+    }
+}
+
+/// A listen address, or none (`off` or empty).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OptionalAddr(pub Option<SocketAddr>);
+
+/// Parses `host:port`, or `off`/empty for none.
+pub fn parse_optional_addr(s: &str) -> Result<OptionalAddr, String> {
+    match s.trim() {
+        "" | "off" => Ok(OptionalAddr(None)),
+        a => a.parse().map(|a| OptionalAddr(Some(a))).map_err(|e| format!("{a:?} is not host:port: {e}")),
+    }
+}
+
+/// Size limits of requests.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_json: usize,
+    pub max_upload: u64,
+}
+
+/// What every handler shares.
+pub struct AppState {
+    pub iu: cim_iu_client::IuClient,
+    pub nats: async_nats::Client,
+    pub js: async_nats::jetstream::Context,
+    pub tokens: async_nats::jetstream::kv::Store,
+    pub limiter: auth::RateLimiter,
+    pub cors_origins: Vec<String>,
+    pub limits: Limits,
+    /// Turns true when the service stops: open event streams end.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 pub fn definition() -> ServiceDef {
@@ -24,11 +101,92 @@ pub fn definition() -> ServiceDef {
         component: COMPONENT,
         version: env!("CARGO_PKG_VERSION"),
         description: "UI gateway: HTTP, gRPC and the web UI",
-        capabilities: Vec::new(),
+        capabilities: vec!["http-api".to_string()],
     }
 }
 
-/// Runs the service until `shutdown` resolves.
+/// Runs the service with default gateway options until `shutdown` resolves.
 pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    Service::new(definition()).run(settings, shutdown).await
+    run_with(settings, GatewayArgs::default(), shutdown).await
+}
+
+/// Runs the service until `shutdown` resolves.
+pub async fn run_with(settings: Settings, args: GatewayArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {} for the gateway api: {e}", args.listen))?;
+    let grpc = match args.grpc_listen.0 {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for the gateway grpc api: {e}"))?,
+        ),
+        None => None,
+    };
+    Service::new(definition()).setup(move |ctx| setup(ctx, args, listener, grpc)).run(settings, shutdown).await
+}
+
+async fn setup(
+    ctx: cim_runtime::Ctx,
+    args: GatewayArgs,
+    listener: tokio::net::TcpListener,
+    grpc: Option<tokio::net::TcpListener>,
+) -> anyhow::Result<Vec<cim_runtime::Endpoint>> {
+    let bucket = resources::kv_buckets(COMPONENT)
+        .into_iter()
+        .find(|b| b.bucket.ends_with(gateway::KV_TOKENS))
+        .map(|b| b.bucket)
+        .ok_or_else(|| anyhow::anyhow!("cim-events assigns the gateway no token bucket"))?;
+    let tokens = ctx.jetstream().get_key_value(&bucket).await.map_err(|e| anyhow::anyhow!("token bucket {bucket}: {e}"))?;
+    let iu = match &ctx.settings().js_domain {
+        Some(d) => cim_iu_client::IuClient::with_domain(ctx.client().clone(), d),
+        None => cim_iu_client::IuClient::new(ctx.client().clone()),
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let state = Arc::new(AppState {
+        iu,
+        nats: ctx.client().clone(),
+        js: ctx.jetstream().clone(),
+        tokens,
+        limiter: auth::RateLimiter::new(args.rate_limit),
+        cors_origins: args.cors_origins.into_iter().map(|o| o.trim().to_string()).filter(|o| !o.is_empty()).collect(),
+        limits: Limits { max_json: args.max_json, max_upload: args.max_upload },
+        stopping: stop_rx,
+    });
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "gateway api listening");
+    if let Some(grpc) = grpc {
+        tracing::info!(addr = %grpc.local_addr()?, "gateway grpc listening");
+        ctx.spawn("gateway-grpc", grpc::serve(state.clone(), grpc, ctx.clone()));
+    }
+    let app = api::router(state);
+    let c = ctx.clone();
+    ctx.spawn("gateway-http", async move {
+        let shutdown = async move {
+            c.stopping().await;
+            let _ = stop_tx.send(true);
+        };
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+            tracing::error!(error = %e, "gateway api server failed");
+        }
+    });
+    Ok(Vec::new())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn config_parses() {
+        let c = Config::try_parse_from(["ui-gateway", "--gateway-listen", "0.0.0.0:9000", "--gateway-grpc-listen", "off", "--gateway-cors-origins", "http://a,http://b"]).unwrap();
+        assert_eq!(c.gateway.listen.port(), 9000);
+        assert_eq!(c.gateway.grpc_listen, OptionalAddr(None));
+        assert_eq!(c.gateway.cors_origins, vec!["http://a", "http://b"]);
+        let d = Config::try_parse_from(["ui-gateway"]).unwrap();
+        assert_eq!(d.gateway.grpc_listen.0.map(|a| a.port()), Some(8481));
+        assert!(Config::try_parse_from(["ui-gateway", "--gateway-grpc-listen", "nope"]).is_err());
+    }
 }

@@ -48,8 +48,18 @@ impl ServiceProc {
 
     pub fn start_with_env(component: Component, nats_url: &str, args: &[&str], env: &[(&str, &str)]) -> Result<ServiceProc> {
         let log = tempfile::NamedTempFile::new()?;
+        // The gateway's public ports default to fixed numbers; tests run side by side.
+        let gateway_ports: &[&str] = if component == Component::UiGateway
+            && !args.iter().any(|a| a.starts_with("--gateway-listen"))
+            && !env.iter().any(|(k, _)| *k == "CIM_GATEWAY_LISTEN")
+        {
+            &["--gateway-listen", "127.0.0.1:0", "--gateway-grpc-listen", "127.0.0.1:0"]
+        } else {
+            &[]
+        };
         let child = Command::new(bin(component.service_name()))
             .args(["--nats-url", nats_url, "--heartbeat-interval", "200ms", "--shutdown-grace", "5s"])
+            .args(gateway_ports)
             .args(args)
             .envs(env.iter().copied())
             .env("RUST_LOG", "info")

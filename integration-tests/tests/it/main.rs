@@ -3,11 +3,14 @@
 mod auth;
 mod cli;
 mod common;
+mod gateway;
 mod harness;
+mod hub;
 mod iu;
 mod nix;
 mod otlp;
 mod registry;
 mod plugins;
 mod services;
+mod storage;
 mod up;

@@ -1,0 +1,296 @@
+//! `cimctl restore` and `cimctl archive verify|status`: read the storage manager's S3 archive
+//! back — into a fresh JetStream, through every checksum, or against the live streams' lag.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use async_nats::jetstream;
+use cim_events::{Component, Tier, resources};
+use storage_manager::archive::committed_position;
+use storage_manager::restore::{self, StreamReport, Until};
+use storage_manager::{S3Client, Target, archived_streams};
+
+/// Where the archive is and how to reach NATS.
+#[derive(clap::Args, Debug)]
+pub struct ArchiveConn {
+    /// The archive targets, as the storage manager is configured (repeat, or separate with `;`).
+    #[arg(long = "archive-target", env = "CIM_ARCHIVE_TARGETS", value_delimiter = ';', global = true)]
+    targets: Vec<String>,
+    #[arg(long, global = true, env = "CIM_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    /// NATS credentials file.
+    #[arg(long, global = true, env = "CIM_NATS_CREDS")]
+    nats_creds: Option<PathBuf>,
+    /// JetStream domain (e.g. `hub` for the cluster).
+    #[arg(long, global = true, env = "CIM_JS_DOMAIN")]
+    js_domain: Option<String>,
+}
+
+impl ArchiveConn {
+    fn targets(&self) -> Result<Vec<Target>> {
+        let t = Target::parse_all(&self.targets, &|k| std::env::var(k).ok())?;
+        if t.is_empty() {
+            bail!("no archive target: give --archive-target or CIM_ARCHIVE_TARGETS");
+        }
+        Ok(t)
+    }
+
+    /// `name` among the configured targets, or a full spec.
+    fn target(&self, name: &str) -> Result<Target> {
+        if name.contains('=') {
+            return Ok(Target::parse(name, &|k| std::env::var(k).ok())?);
+        }
+        let all = self.targets()?;
+        let names: Vec<String> = all.iter().map(|t| t.name.clone()).collect();
+        all.into_iter().find(|t| t.name == name).with_context(|| format!("no archive target named {name} (configured: {})", names.join(", ")))
+    }
+
+    async fn jetstream(&self) -> Result<jetstream::Context> {
+        let mut opts = async_nats::ConnectOptions::new().name("cimctl-archive");
+        if let Some(creds) = &self.nats_creds {
+            opts = opts.credentials_file(creds).await.with_context(|| format!("reading NATS credentials {}", creds.display()))?;
+        }
+        let urls: Vec<&str> = self.nats_url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
+        let client = tokio::time::timeout(Duration::from_secs(10), opts.connect(urls))
+            .await
+            .map_err(|_| anyhow::anyhow!("connecting to NATS at {}: timed out", cim_runtime_redact(&self.nats_url)))?
+            .with_context(|| format!("connecting to NATS at {}", cim_runtime_redact(&self.nats_url)))?;
+        Ok(match &self.js_domain {
+            Some(d) => jetstream::with_domain(client, d),
+            None => jetstream::new(client),
+        })
+    }
+}
+
+/// Hides `user:password@` in a URL.
+fn cim_runtime_redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
+        _ => url.to_string(),
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RestoreArgs {
+    /// The target to restore from: a configured target's name, or a full target spec.
+    #[arg(long)]
+    from: String,
+    /// Stop at a stream sequence (each stream restores up to and including it) or at a time
+    /// (RFC 3339: every message stored at or before it).
+    #[arg(long)]
+    until: Option<String>,
+    /// Read and check everything, publish nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Replication of the streams created (leaf: R1, cluster: R3).
+    #[arg(long, default_value = "leaf")]
+    tier: String,
+    #[command(flatten)]
+    conn: ArchiveConn,
+}
+
+fn parse_until(s: &str) -> Result<Until> {
+    if let Ok(seq) = s.parse::<u64>() {
+        return Ok(Until::Sequence(seq));
+    }
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .with_context(|| format!("--until {s:?} is neither a sequence number nor an RFC 3339 time"))?;
+    Ok(Until::Time(t.unix_timestamp_nanos()))
+}
+
+enum Kind {
+    Stream(Box<jetstream::stream::Config>),
+    Objects(jetstream::object_store::Config),
+}
+
+/// The contract's configuration for an archived stream name.
+fn stream_kind(name: &str, tier: Tier) -> Option<Kind> {
+    for c in Component::ALL {
+        if let Some(s) = resources::streams(c).into_iter().find(|s| s.name == name) {
+            return Some(Kind::Stream(Box::new(s.config(tier))));
+        }
+        if let Some(b) = resources::object_buckets(c).into_iter().find(|b| b.stream_name() == name) {
+            return Some(Kind::Objects(b.config(tier)));
+        }
+    }
+    None
+}
+
+pub async fn restore(args: RestoreArgs) -> Result<ExitCode> {
+    let until = args.until.as_deref().map(parse_until).transpose()?.unwrap_or(Until::All);
+    let tier: Tier = args.tier.parse().map_err(|e| anyhow::anyhow!("--tier: {e}"))?;
+    let s3 = S3Client::new(args.conn.target(&args.from)?)?;
+    let names = restore::archived_stream_names(&s3).await?;
+    if names.is_empty() {
+        bail!("target {} holds no archived stream under {:?}", s3.target().name, s3.target().prefix);
+    }
+    let js = args.conn.jetstream().await?;
+    let mut failed = false;
+    let mut total = (0u64, 0u64);
+    let started = std::time::Instant::now();
+    eprintln!("restoring {} streams from {}{}", names.len(), s3.target().name, if args.dry_run { " (dry run)" } else { "" });
+    for name in &names {
+        let Some(kind) = stream_kind(name, tier) else {
+            println!("{name}: NOT RESTORED: not a stream of the CIM contract");
+            failed = true;
+            continue;
+        };
+        if !args.dry_run {
+            let created = async {
+                let stream = match kind {
+                    Kind::Stream(cfg) => js.get_or_create_stream(*cfg).await.map_err(|e| e.to_string())?,
+                    Kind::Objects(cfg) => {
+                        let bucket = cfg.bucket.clone();
+                        if js.get_object_store(&bucket).await.is_err() {
+                            js.create_object_store(cfg).await.map_err(|e| e.to_string())?;
+                        }
+                        js.get_stream(name).await.map_err(|e| e.to_string())?
+                    }
+                };
+                let info = stream.get_info().await.map_err(|e| e.to_string())?;
+                if info.state.messages > 0 || info.state.last_sequence > 0 {
+                    return Err(format!("stream is not empty ({} messages): restore needs a fresh JetStream", info.state.messages));
+                }
+                Ok::<_, String>(())
+            }
+            .await;
+            if let Err(e) = created {
+                println!("{name}: NOT RESTORED: {e}");
+                failed = true;
+                continue;
+            }
+        }
+        let progress = |stream: &str, n: u64| eprintln!("  {stream}: {n} messages");
+        let r = restore::restore_stream(&s3, &js, name, until, args.dry_run, &progress).await;
+        total.0 += r.messages;
+        total.1 += r.bytes;
+        print_report(&r, if args.dry_run { "checked" } else { "restored" });
+        failed |= !r.problems.is_empty();
+    }
+    let secs = started.elapsed().as_secs_f64().max(1e-3);
+    println!(
+        "{} {} messages ({:.1} MB archived) in {:.1}s: {:.0} messages/s, {:.1} MB/s",
+        if args.dry_run { "checked" } else { "restored" },
+        total.0,
+        total.1 as f64 / 1e6,
+        secs,
+        total.0 as f64 / secs,
+        total.1 as f64 / 1e6 / secs
+    );
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+fn print_report(r: &StreamReport, verb: &str) {
+    if r.messages > 0 {
+        println!("{}: {verb} {} messages, sequences {}..{}, {} segments", r.stream, r.messages, r.first_seq, r.last_seq, r.segments);
+    } else {
+        println!("{}: {verb} 0 messages", r.stream);
+    }
+    for p in &r.problems {
+        println!("{}: PROBLEM: {p}", r.stream);
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ArchiveArgs {
+    #[command(subcommand)]
+    command: ArchiveCommand,
+    #[command(flatten)]
+    conn: ArchiveConn,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum ArchiveCommand {
+    /// Re-read every segment on every target (or one) and check every checksum and the chain.
+    Verify {
+        /// Only this target.
+        #[arg(long)]
+        target: Option<String>,
+    },
+    /// The archive lag of every stream on every target.
+    Status,
+}
+
+pub async fn run(args: ArchiveArgs) -> Result<ExitCode> {
+    match args.command {
+        ArchiveCommand::Verify { target } => {
+            let targets = match target {
+                Some(t) => vec![args.conn.target(&t)?],
+                None => args.conn.targets()?,
+            };
+            let mut failed = false;
+            for t in targets {
+                let s3 = S3Client::new(t)?;
+                let names = match restore::archived_stream_names(&s3).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        println!("{}: PROBLEM: {e}", s3.target().name);
+                        failed = true;
+                        continue;
+                    }
+                };
+                for name in names {
+                    let r = restore::verify_stream(&s3, &name).await;
+                    print!("{}/", s3.target().name);
+                    print_report(&r, "verified");
+                    failed |= !r.problems.is_empty();
+                }
+            }
+            println!("{}", if failed { "archive verify: PROBLEMS FOUND" } else { "archive verify: ok" });
+            Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+        }
+        ArchiveCommand::Status => {
+            let targets = args.conn.targets()?;
+            let js = args.conn.jetstream().await?;
+            let clients = targets.into_iter().map(S3Client::new).collect::<Result<Vec<_>, _>>()?;
+            println!("{:<32} {:<12} {:>12} {:>12} {:>10}", "STREAM", "TARGET", "STREAM LAST", "ARCHIVED", "LAG");
+            let mut behind = false;
+            for stream in archived_streams() {
+                let last = match js.get_stream(&stream).await {
+                    Ok(mut s) => match s.info().await {
+                        Ok(i) => i.state.last_sequence,
+                        Err(_) => continue,
+                    },
+                    Err(_) => continue, // not provisioned here
+                };
+                for s3 in &clients {
+                    match committed_position(s3, &stream).await {
+                        Ok((p, _)) => {
+                            let lag = last.saturating_sub(p);
+                            behind |= lag > 0;
+                            println!("{stream:<32} {:<12} {last:>12} {p:>12} {lag:>10}", s3.target().name);
+                        }
+                        Err(e) => {
+                            behind = true;
+                            println!("{stream:<32} {:<12} {last:>12} {:>12} {:>10}  ({e})", s3.target().name, "?", "?");
+                        }
+                    }
+                }
+            }
+            let _ = behind;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn until_is_a_sequence_or_a_time() {
+        assert_eq!(parse_until("42").unwrap(), Until::Sequence(42));
+        assert_eq!(parse_until("1970-01-01T00:00:01Z").unwrap(), Until::Time(1_000_000_000));
+        assert!(parse_until("yesterday").unwrap_err().to_string().contains("neither"));
+    }
+
+    #[test]
+    fn every_archived_stream_has_a_contract_config() {
+        for s in archived_streams() {
+            assert!(stream_kind(&s, Tier::Leaf).is_some(), "{s}");
+        }
+        assert!(stream_kind("NOPE", Tier::Leaf).is_none());
+    }
+}

@@ -1,0 +1,170 @@
+//! `cimctl bench-storage`: the storage manager's archive and restore beside raw baselines in
+//! the same run — archive throughput vs raw SigV4 PutObject of the same segment bytes to the
+//! same S3 server, restore rate vs raw JetStream publish of the same messages.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use async_nats::{HeaderMap, jetstream};
+use bytes::Bytes;
+use cim_events::{Component, Tier, resources};
+use cim_testkit::{NatsServer, S3Server};
+use storage_manager::archive::{self, ArchiveSettings, committed_position};
+use storage_manager::format::SegmentWriter;
+use storage_manager::restore::{self, Until};
+use storage_manager::{Credentials, S3Client, Target};
+
+#[derive(clap::Args, Debug)]
+pub struct BenchStorageArgs {
+    /// Events archived and restored.
+    #[arg(long, default_value_t = 50_000)]
+    events: u64,
+    /// Payload bytes per event (pseudo-random, so gzip does not flatter the figures).
+    #[arg(long, default_value_t = 512)]
+    payload: usize,
+    /// Segment size (raw bytes).
+    #[arg(long, default_value_t = 4 << 20)]
+    segment_bytes: usize,
+}
+
+fn payload(i: u64, len: usize) -> Bytes {
+    let mut x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    Bytes::from(
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect::<Vec<u8>>(),
+    )
+}
+
+async fn publish_all(js: &jetstream::Context, n: u64, len: usize) -> Result<()> {
+    let mut acks = std::collections::VecDeque::new();
+    for i in 0..n {
+        let subject = cim_events::subject::event(Component::InformationUnit, "unit", &format!("u{}", i % 1000), "tagged")?;
+        let mut h = HeaderMap::new();
+        let id = format!("bench-{i}");
+        h.insert("ce-id", id.as_str());
+        h.insert("Nats-Msg-Id", id.as_str());
+        acks.push_back(js.publish_with_headers(subject, h, payload(i, len)).await?);
+        if acks.len() >= 512 {
+            while acks.len() > 256 {
+                acks.pop_front().expect("non-empty").await?;
+            }
+        }
+    }
+    for a in acks {
+        a.await?;
+    }
+    Ok(())
+}
+
+pub async fn run(args: BenchStorageArgs) -> Result<ExitCode> {
+    let (nats, s3srv) = tokio::try_join!(NatsServer::start(), S3Server::start())?;
+    let js = jetstream::new(nats.connect().await);
+    let spec = resources::events_stream(Component::InformationUnit);
+    js.get_or_create_stream(spec.config(Tier::Leaf)).await?;
+    eprintln!("publishing {} events of {} bytes", args.events, args.payload);
+    publish_all(&js, args.events, args.payload).await?;
+    let target = |prefix: &str| Target {
+        name: "bench".into(),
+        endpoint: s3srv.endpoint(),
+        region: s3srv.region().into(),
+        bucket: "bench".into(),
+        prefix: prefix.into(),
+        path_style: true,
+        credentials: Credentials::new(s3srv.access_key(), s3srv.secret_key()),
+    };
+    let archive_c = S3Client::new(target("archive"))?;
+    archive_c.ensure_bucket().await?;
+    let raw_c = S3Client::new(target("raw"))?;
+
+    // Baseline: the same segments, built beforehand, PUT one after the other.
+    let stream = js.get_stream(&spec.name).await?;
+    let mut segments = Vec::new();
+    let mut w = SegmentWriter::new();
+    for seq in 1..=args.events {
+        let m = stream.get_raw_message(seq).await?;
+        let headers: Vec<(String, String)> =
+            m.headers.iter().flat_map(|(k, vs)| vs.iter().map(move |v| (k.to_string(), v.to_string()))).collect();
+        w.push(seq, m.time.unix_timestamp_nanos() as i64, m.subject.as_str(), &headers, &m.payload);
+        if w.raw_len() >= args.segment_bytes {
+            segments.push(std::mem::take(&mut w).finish(&spec.name, "raw/").0);
+        }
+    }
+    if !w.is_empty() {
+        segments.push(w.finish(&spec.name, "raw/").0);
+    }
+    let bytes: usize = segments.iter().map(Bytes::len).sum();
+    let t = Instant::now();
+    for (i, seg) in segments.iter().enumerate() {
+        raw_c.put(&format!("raw/seg-{i}"), seg.clone()).await?;
+    }
+    let raw_put = t.elapsed();
+
+    // The archiver, from nothing to caught up.
+    let settings = Arc::new(ArchiveSettings { segment_bytes: args.segment_bytes, linger: Duration::from_millis(200), ..Default::default() });
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let t = Instant::now();
+    let task = tokio::spawn(archive::run_stream(js.clone(), archive_c.clone(), spec.name.clone(), settings, stop_rx));
+    loop {
+        if committed_position(&archive_c, &spec.name).await?.0 >= args.events {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(600) {
+            bail!("the archive did not catch up within 10 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let archived = t.elapsed();
+    let _ = stop_tx.send(true);
+    let _ = task.await;
+
+    // Restore into a fresh server vs raw publish of the same messages into another.
+    let fresh = NatsServer::start().await?;
+    let fjs = jetstream::new(fresh.connect().await);
+    fjs.get_or_create_stream(spec.config(Tier::Leaf)).await?;
+    let t = Instant::now();
+    let r = restore::restore_stream(&archive_c, &fjs, &spec.name, Until::All, false, &|_, _| {}).await;
+    let restored = t.elapsed();
+    if !r.problems.is_empty() || r.messages != args.events {
+        bail!("restore: {} messages, problems {:?}", r.messages, r.problems);
+    }
+    let raw_srv = NatsServer::start().await?;
+    let rjs = jetstream::new(raw_srv.connect().await);
+    rjs.get_or_create_stream(spec.config(Tier::Leaf)).await?;
+    let t = Instant::now();
+    publish_all(&rjs, args.events, args.payload).await?;
+    let raw_pub = t.elapsed();
+
+    let mb = bytes as f64 / 1e6;
+    let n = args.events as f64;
+    println!("| scenario | storage manager | raw baseline | ratio |");
+    println!("| --- | ---: | ---: | ---: |");
+    println!(
+        "| archive MB/s ({} segments, {:.1} MB gzip) vs raw PutObject of the same bytes | {:.1} | {:.1} | {:.2} |",
+        segments.len(),
+        mb,
+        mb / archived.as_secs_f64(),
+        mb / raw_put.as_secs_f64(),
+        raw_put.as_secs_f64() / archived.as_secs_f64()
+    );
+    println!(
+        "| archive events/s | {:.0} | {:.0} | |",
+        n / archived.as_secs_f64(),
+        n / raw_put.as_secs_f64()
+    );
+    println!(
+        "| restore events/s vs raw JetStream publish | {:.0} | {:.0} | {:.2} |",
+        n / restored.as_secs_f64(),
+        n / raw_pub.as_secs_f64(),
+        raw_pub.as_secs_f64() / restored.as_secs_f64()
+    );
+    println!("| restore MB/s (archived bytes) | {:.1} | | |", r.bytes as f64 / 1e6 / restored.as_secs_f64());
+    Ok(ExitCode::SUCCESS)
+}

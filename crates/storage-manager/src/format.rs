@@ -1,0 +1,329 @@
+//! The archive format (documented in docs/storage-manager.md): gzip segments of
+//! length-prefixed records, a JSON manifest per segment, a cursor per stream, and the key
+//! layout inside a target's bucket.
+
+use std::io::{Read, Write};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::s3::hex;
+
+/// First bytes of every segment (after decompression).
+pub const SEGMENT_MAGIC: &[u8; 8] = b"CIMSEG1\n";
+/// Format tag of manifests and cursors.
+pub const MANIFEST_FORMAT: &str = "cim-archive-segment/1";
+pub const CURSOR_FORMAT: &str = "cim-archive-cursor/1";
+
+/// A decoded archive record: one JetStream message.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Record {
+    pub sequence: u64,
+    /// When the origin server stored the message, nanoseconds since the Unix epoch (UTC).
+    pub time_nanos: i64,
+    pub subject: String,
+    /// `(name, value)` in the order they were read; a name may repeat.
+    pub headers: Vec<(String, String)>,
+    pub payload: Bytes,
+}
+
+/// What is wrong with a segment or manifest. Names the object precisely.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum FormatError {
+    #[error("segment {key}: {message}")]
+    Corrupt { key: String, message: String },
+    #[error("manifest {key}: {message}")]
+    BadManifest { key: String, message: String },
+}
+
+/// Builds one segment in memory (bounded by the archiver's segment size).
+#[derive(Debug)]
+pub struct SegmentWriter {
+    raw: Vec<u8>,
+    pub first: u64,
+    pub last: u64,
+    pub count: u64,
+    pub first_time_nanos: i64,
+    pub last_time_nanos: i64,
+}
+
+impl Default for SegmentWriter {
+    fn default() -> Self {
+        SegmentWriter::new()
+    }
+}
+
+impl SegmentWriter {
+    pub fn new() -> SegmentWriter {
+        SegmentWriter { raw: SEGMENT_MAGIC.to_vec(), first: 0, last: 0, count: 0, first_time_nanos: 0, last_time_nanos: 0 }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Uncompressed size so far.
+    pub fn raw_len(&self) -> usize {
+        self.raw.len()
+    }
+
+    /// Appends a message. Sequences must increase (gaps are allowed: deleted messages).
+    pub fn push(&mut self, sequence: u64, time_nanos: i64, subject: &str, headers: &[(String, String)], payload: &[u8]) {
+        debug_assert!(self.count == 0 || sequence > self.last);
+        if self.count == 0 {
+            self.first = sequence;
+            self.first_time_nanos = time_nanos;
+        }
+        self.last = sequence;
+        self.last_time_nanos = time_nanos;
+        self.count += 1;
+        let header_block = encode_headers(headers);
+        self.raw.extend_from_slice(&sequence.to_be_bytes());
+        self.raw.extend_from_slice(&time_nanos.to_be_bytes());
+        put_bytes(&mut self.raw, subject.as_bytes());
+        put_bytes(&mut self.raw, &header_block);
+        put_bytes(&mut self.raw, payload);
+    }
+
+    /// Compresses the segment and describes it in its manifest.
+    pub fn finish(self, stream: &str, prefix: &str) -> (Bytes, Manifest) {
+        let raw_sha256 = hex(&Sha256::digest(&self.raw));
+        let mut gz = flate2::write::GzEncoder::new(Vec::with_capacity(self.raw.len() / 2), flate2::Compression::fast());
+        // Writing into a Vec cannot fail.
+        gz.write_all(&self.raw).expect("gzip into memory");
+        let compressed = gz.finish().expect("gzip into memory");
+        let manifest = Manifest {
+            format: MANIFEST_FORMAT.to_string(),
+            stream: stream.to_string(),
+            first_seq: self.first,
+            last_seq: self.last,
+            count: self.count,
+            first_time_nanos: self.first_time_nanos,
+            last_time_nanos: self.last_time_nanos,
+            segment_key: segment_key(prefix, stream, self.first, self.last),
+            segment_bytes: compressed.len() as u64,
+            segment_sha256: hex(&Sha256::digest(&compressed)),
+            raw_bytes: self.raw.len() as u64,
+            raw_sha256,
+            compression: "gzip".to_string(),
+        };
+        (Bytes::from(compressed), manifest)
+    }
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&(b.len() as u32).to_be_bytes());
+    out.extend_from_slice(b);
+}
+
+/// NATS wire header block (`NATS/1.0\r\nName: value\r\n…\r\n`), empty when there are none.
+fn encode_headers(headers: &[(String, String)]) -> Vec<u8> {
+    if headers.is_empty() {
+        return Vec::new();
+    }
+    let mut out = b"NATS/1.0\r\n".to_vec();
+    for (k, v) in headers {
+        out.extend_from_slice(k.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+fn decode_headers(block: &[u8]) -> Result<Vec<(String, String)>, String> {
+    if block.is_empty() {
+        return Ok(Vec::new());
+    }
+    let text = std::str::from_utf8(block).map_err(|_| "header block is not utf-8".to_string())?;
+    let mut lines = text.split("\r\n");
+    if lines.next() != Some("NATS/1.0") {
+        return Err("header block does not start with NATS/1.0".into());
+    }
+    let mut out = Vec::new();
+    for line in lines.filter(|l| !l.is_empty()) {
+        let (k, v) = line.split_once(": ").ok_or_else(|| format!("bad header line {line:?}"))?;
+        out.push((k.to_string(), v.to_string()));
+    }
+    Ok(out)
+}
+
+/// Checks a segment against its manifest (size, SHA-256 of the compressed and the raw bytes,
+/// magic, record count, first/last sequence) and decodes its records.
+pub fn decode_segment(manifest: &Manifest, compressed: &[u8]) -> Result<Vec<Record>, FormatError> {
+    let key = manifest.segment_key.clone();
+    let corrupt = |message: String| FormatError::Corrupt { key: key.clone(), message };
+    if compressed.len() as u64 != manifest.segment_bytes {
+        return Err(corrupt(format!("size {} differs from the manifest's {}", compressed.len(), manifest.segment_bytes)));
+    }
+    let sha = hex(&Sha256::digest(compressed));
+    if sha != manifest.segment_sha256 {
+        return Err(corrupt(format!("sha256 {sha} differs from the manifest's {}", manifest.segment_sha256)));
+    }
+    let mut raw = Vec::with_capacity(manifest.raw_bytes as usize);
+    flate2::read::GzDecoder::new(compressed).read_to_end(&mut raw).map_err(|e| corrupt(format!("gzip: {e}")))?;
+    if hex(&Sha256::digest(&raw)) != manifest.raw_sha256 {
+        return Err(corrupt("sha256 of the decompressed records differs from the manifest".into()));
+    }
+    if raw.len() < 8 || &raw[..8] != SEGMENT_MAGIC {
+        return Err(corrupt("not a cim segment (bad magic)".into()));
+    }
+    let mut records = Vec::new();
+    let mut at = 8usize;
+    let take = |at: &mut usize, n: usize| -> Result<&[u8], FormatError> {
+        let end = at.checked_add(n).filter(|&e| e <= raw.len()).ok_or_else(|| corrupt(format!("truncated record at byte {at}")))?;
+        let s = &raw[*at..end];
+        *at = end;
+        Ok(s)
+    };
+    while at < raw.len() {
+        let sequence = u64::from_be_bytes(take(&mut at, 8)?.try_into().expect("8 bytes"));
+        let time_nanos = i64::from_be_bytes(take(&mut at, 8)?.try_into().expect("8 bytes"));
+        let n = u32::from_be_bytes(take(&mut at, 4)?.try_into().expect("4 bytes")) as usize;
+        let subject = String::from_utf8(take(&mut at, n)?.to_vec()).map_err(|_| corrupt(format!("sequence {sequence}: subject is not utf-8")))?;
+        let n = u32::from_be_bytes(take(&mut at, 4)?.try_into().expect("4 bytes")) as usize;
+        let headers = decode_headers(take(&mut at, n)?).map_err(|m| corrupt(format!("sequence {sequence}: {m}")))?;
+        let n = u32::from_be_bytes(take(&mut at, 4)?.try_into().expect("4 bytes")) as usize;
+        let payload = Bytes::copy_from_slice(take(&mut at, n)?);
+        if let Some(prev) = records.last().map(|r: &Record| r.sequence)
+            && sequence <= prev
+        {
+            return Err(corrupt(format!("sequence {sequence} follows {prev}")));
+        }
+        records.push(Record { sequence, time_nanos, subject, headers, payload });
+    }
+    let (first, last) = (records.first().map(|r| r.sequence), records.last().map(|r| r.sequence));
+    if records.len() as u64 != manifest.count || first != Some(manifest.first_seq) || last != Some(manifest.last_seq) {
+        return Err(corrupt(format!(
+            "holds {} records {:?}..{:?}, the manifest says {} records {}..{}",
+            records.len(),
+            first,
+            last,
+            manifest.count,
+            manifest.first_seq,
+            manifest.last_seq
+        )));
+    }
+    Ok(records)
+}
+
+/// Describes one segment. Written after its segment: a manifest is the commit of a segment.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub stream: String,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub count: u64,
+    pub first_time_nanos: i64,
+    pub last_time_nanos: i64,
+    pub segment_key: String,
+    pub segment_bytes: u64,
+    pub segment_sha256: String,
+    pub raw_bytes: u64,
+    pub raw_sha256: String,
+    pub compression: String,
+}
+
+impl Manifest {
+    pub fn parse(key: &str, body: &[u8]) -> Result<Manifest, FormatError> {
+        let m: Manifest = serde_json::from_slice(body).map_err(|e| FormatError::BadManifest { key: key.to_string(), message: format!("{e}") })?;
+        if m.format != MANIFEST_FORMAT {
+            return Err(FormatError::BadManifest { key: key.to_string(), message: format!("unknown format {:?}", m.format) });
+        }
+        if m.first_seq > m.last_seq || m.count == 0 || m.count > m.last_seq - m.first_seq + 1 {
+            return Err(FormatError::BadManifest {
+                key: key.to_string(),
+                message: format!("inconsistent range {}..{} with {} records", m.first_seq, m.last_seq, m.count),
+            });
+        }
+        Ok(m)
+    }
+}
+
+/// The archive position of one stream on one target: everything up to `last_seq` is archived.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Cursor {
+    pub format: String,
+    pub stream: String,
+    pub target: String,
+    pub last_seq: u64,
+    pub manifest_key: String,
+    pub updated_unix_nanos: i64,
+}
+
+/// `<prefix>streams/<STREAM>/`
+pub fn stream_prefix(prefix: &str, stream: &str) -> String {
+    format!("{prefix}streams/{stream}/")
+}
+
+/// Sequences are zero-padded to 20 digits so keys sort in sequence order.
+pub fn segment_key(prefix: &str, stream: &str, first: u64, last: u64) -> String {
+    format!("{}segments/{first:020}-{last:020}.cimseg.gz", stream_prefix(prefix, stream))
+}
+
+pub fn manifest_key(prefix: &str, stream: &str, first: u64, last: u64) -> String {
+    format!("{}manifests/{first:020}-{last:020}.json", stream_prefix(prefix, stream))
+}
+
+pub fn manifests_prefix(prefix: &str, stream: &str) -> String {
+    format!("{}manifests/", stream_prefix(prefix, stream))
+}
+
+pub fn cursor_key(prefix: &str, stream: &str) -> String {
+    format!("{}cursor.json", stream_prefix(prefix, stream))
+}
+
+/// `(first, last)` of a manifest key, if it is one.
+pub fn parse_manifest_key(key: &str) -> Option<(u64, u64)> {
+    let name = key.rsplit('/').next()?.strip_suffix(".json")?;
+    let (a, b) = name.split_once('-')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> (Bytes, Manifest) {
+        let mut w = SegmentWriter::new();
+        w.push(3, 10, "cim.evt.a", &[("ce-id".into(), "1".into()), ("ce-id".into(), "2".into())], b"hello");
+        w.push(5, 11, "cim.evt.b", &[], b"");
+        w.finish("S", "p/")
+    }
+
+    #[test]
+    fn segments_round_trip() {
+        let (bytes, m) = sample();
+        assert_eq!((m.first_seq, m.last_seq, m.count), (3, 5, 2));
+        assert_eq!(m.segment_key, "p/streams/S/segments/00000000000000000003-00000000000000000005.cimseg.gz");
+        let records = decode_segment(&m, &bytes).unwrap();
+        assert_eq!(records[0].headers, vec![("ce-id".to_string(), "1".to_string()), ("ce-id".to_string(), "2".to_string())]);
+        assert_eq!(records[0].payload, Bytes::from_static(b"hello"));
+        assert_eq!(records[1].sequence, 5);
+        assert!(records[1].headers.is_empty());
+        let json = serde_json::to_vec(&m).unwrap();
+        assert_eq!(Manifest::parse("k", &json).unwrap(), m);
+    }
+
+    #[test]
+    fn corruption_is_named() {
+        let (bytes, m) = sample();
+        let mut bad = bytes.to_vec();
+        let n = bad.len();
+        bad[n / 2] ^= 0xff;
+        let e = decode_segment(&m, &bad).unwrap_err();
+        assert!(e.to_string().starts_with(&format!("segment {}: sha256", m.segment_key)), "{e}");
+        let e = decode_segment(&m, &bytes[..n - 1]).unwrap_err();
+        assert!(e.to_string().contains("size"), "{e}");
+        assert!(Manifest::parse("k", b"{}").unwrap_err().to_string().starts_with("manifest k:"));
+    }
+
+    #[test]
+    fn manifest_keys_parse() {
+        assert_eq!(parse_manifest_key(&manifest_key("", "S", 1, 20)), Some((1, 20)));
+        assert_eq!(parse_manifest_key("x/cursor.json"), None);
+    }
+}

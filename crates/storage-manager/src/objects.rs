@@ -1,0 +1,108 @@
+//! Objects by name (the content bucket's names are CIDs): besides the bucket's stream, every
+//! live object is copied to `<prefix>objects/<bucket>/<name>` as a plain S3 object, so the
+//! content is readable with any S3 tool. Streamed from the object store in parts (multipart
+//! upload above one part), so memory stays at one part whatever the size. Idempotent: an
+//! object already there with the same size is skipped, so a restart resumes where it was.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::io::AsyncReadExt;
+use tokio::sync::watch;
+
+use crate::s3::S3Client;
+
+/// S3's smallest part (except the last).
+pub const MIN_PART_BYTES: usize = 5 << 20;
+
+/// `<prefix>objects/<bucket>/<name>`
+pub fn object_key(prefix: &str, bucket: &str, name: &str) -> String {
+    format!("{prefix}objects/{bucket}/{name}")
+}
+
+/// Copies new objects of `bucket` to the target every `poll`, until `stop`.
+pub async fn run_bucket(js: jetstream::Context, s3: S3Client, bucket: String, part_bytes: usize, poll: Duration, mut stop: watch::Receiver<bool>) {
+    loop {
+        match sync_once(&js, &s3, &bucket, part_bytes, &stop).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(bucket = %bucket, target = %s3.target().name, objects = n, "objects archived by name"),
+            Err(e) => tracing::warn!(bucket = %bucket, target = %s3.target().name, error = %e, "object archive failed; retrying"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(poll) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// One pass: every live object not yet on the target. Returns how many were copied.
+pub async fn sync_once(js: &jetstream::Context, s3: &S3Client, bucket: &str, part_bytes: usize, stop: &watch::Receiver<bool>) -> Result<usize, String> {
+    let Ok(store) = js.get_object_store(bucket).await else { return Ok(0) };
+    let mut list = store.list().await.map_err(|e| e.to_string())?;
+    let mut names = Vec::new();
+    while let Some(info) = list.next().await {
+        let info = info.map_err(|e| e.to_string())?;
+        if !info.deleted {
+            names.push((info.name, info.size as u64));
+        }
+    }
+    let mut copied = 0;
+    for (name, size) in names {
+        if *stop.borrow() {
+            break;
+        }
+        let key = object_key(&s3.target().prefix, bucket, &name);
+        if s3.head(&key).await.map_err(|e| e.to_string())? == Some(size) {
+            continue;
+        }
+        let mut obj = store.get(&name).await.map_err(|e| format!("{name}: {e}"))?;
+        upload(s3, &key, &mut obj, part_bytes.max(MIN_PART_BYTES)).await.map_err(|e| format!("{name}: {e}"))?;
+        copied += 1;
+    }
+    Ok(copied)
+}
+
+/// Reads up to `n` bytes (fewer only at the end).
+async fn read_part<R: tokio::io::AsyncRead + Unpin>(r: &mut R, n: usize) -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; n];
+    let mut filled = 0;
+    while filled < n {
+        let k = r.read(&mut buf[filled..]).await?;
+        if k == 0 {
+            break;
+        }
+        filled += k;
+    }
+    buf.truncate(filled);
+    Ok(buf)
+}
+
+async fn upload<R: tokio::io::AsyncRead + Unpin>(s3: &S3Client, key: &str, r: &mut R, part: usize) -> Result<(), String> {
+    let first = read_part(r, part).await.map_err(|e| e.to_string())?;
+    if first.len() < part {
+        return s3.put(key, Bytes::from(first)).await.map_err(|e| e.to_string());
+    }
+    let id = s3.multipart_start(key).await.map_err(|e| e.to_string())?;
+    let result = async {
+        let mut etags = vec![s3.multipart_part(key, &id, 1, Bytes::from(first)).await.map_err(|e| e.to_string())?];
+        loop {
+            let next = read_part(r, part).await.map_err(|e| e.to_string())?;
+            if next.is_empty() {
+                break;
+            }
+            let last = next.len() < part;
+            etags.push(s3.multipart_part(key, &id, etags.len() as u32 + 1, Bytes::from(next)).await.map_err(|e| e.to_string())?);
+            if last {
+                break;
+            }
+        }
+        s3.multipart_complete(key, &id, &etags).await.map_err(|e| e.to_string())
+    }
+    .await;
+    if result.is_err() {
+        let _ = s3.multipart_abort(key, &id).await;
+    }
+    result
+}

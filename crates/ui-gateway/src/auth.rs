@@ -1,0 +1,205 @@
+//! Authentication (API tokens from the `cim_gateway_tokens` KV bucket, stored hashed),
+//! authorization (roles per route), per-token rate limits and CORS.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use async_nats::jetstream::kv;
+use axum::{
+    extract::{Request, State},
+    http::{HeaderMap, HeaderValue, Method, StatusCode, header},
+    middleware::Next,
+    response::{IntoResponse, Response},
+};
+use cim_events::gateway::{self, ApiToken, role};
+use prost::Message;
+
+use crate::{AppState, error::ApiError};
+
+/// Who is calling: the token's id, name and role. Put into the request's extensions.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub id: String,
+    pub name: String,
+    pub role: String,
+}
+
+/// The role a request needs, or `None` for public paths (the UI and the OpenAPI document).
+pub fn required_role(method: &Method, path: &str) -> Option<&'static str> {
+    let rest = path.strip_prefix("/api/")?;
+    if rest == "openapi.json" {
+        return None;
+    }
+    if rest.starts_with("v1/status") || rest.starts_with("v1/nodes") {
+        return Some(role::ADMIN);
+    }
+    if method == Method::GET || method == Method::HEAD {
+        Some(role::READER)
+    } else {
+        Some(role::WRITER)
+    }
+}
+
+/// The token of a request: `Authorization: Bearer <token>`, or `?access_token=` (for
+/// `EventSource` and download links, which cannot set headers).
+fn presented_token(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
+    if let Some(v) = headers.get(header::AUTHORIZATION) {
+        let v = v.to_str().ok()?;
+        return v.strip_prefix("Bearer ").map(|t| t.trim().to_string());
+    }
+    query?.split('&').find_map(|kv| kv.strip_prefix("access_token=").map(str::to_string))
+}
+
+/// Looks a presented token up: it must have the right shape, exist (not revoked) and match
+/// the stored hash.
+pub async fn verify(tokens: &kv::Store, presented: &str) -> Result<Caller, ApiError> {
+    let invalid = || ApiError::Unauthorized("invalid or revoked api token".to_string());
+    let id = gateway::token_id(presented).ok_or_else(invalid)?;
+    let key = gateway::token_key(id).map_err(|_| invalid())?;
+    let entry = tokens
+        .get(&key)
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("token store: {e}")))?
+        .ok_or_else(invalid)?;
+    let stored = ApiToken::decode(entry).map_err(|e| ApiError::Internal(format!("stored token {id} is undecodable: {e}")))?;
+    if !gateway::hashes_equal(&stored.sha256, &gateway::hash_token(presented)) {
+        return Err(invalid());
+    }
+    Ok(Caller { id: stored.id, name: stored.name, role: stored.role })
+}
+
+/// Per-token token buckets: `rate` requests per second, bursts of `2 × rate`.
+#[derive(Debug)]
+pub struct RateLimiter {
+    rate: f64,
+    buckets: Mutex<HashMap<String, (f64, Instant)>>,
+}
+
+impl RateLimiter {
+    pub fn new(rate: u32) -> RateLimiter {
+        RateLimiter { rate: rate as f64, buckets: Mutex::new(HashMap::new()) }
+    }
+
+    /// Takes one request from `id`'s bucket; `Err(seconds)` to wait when it is empty.
+    pub fn check(&self, id: &str) -> Result<(), u64> {
+        if self.rate <= 0.0 {
+            return Ok(());
+        }
+        let burst = (self.rate * 2.0).max(1.0);
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let (tokens, last) = buckets.entry(id.to_string()).or_insert((burst, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.rate).min(burst);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(((1.0 - *tokens) / self.rate).ceil().max(1.0) as u64)
+        }
+    }
+}
+
+/// Middleware: authenticate, authorize by role, rate limit.
+pub async fn authorize(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
+    let Some(needed) = required_role(req.method(), req.uri().path()) else {
+        return next.run(req).await;
+    };
+    let Some(presented) = presented_token(req.headers(), req.uri().query()) else {
+        return ApiError::Unauthorized("missing api token: send `Authorization: Bearer <token>`".to_string()).into_response();
+    };
+    let caller = match verify(&state.tokens, &presented).await {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    let (have, need) = (gateway::role_rank(&caller.role).unwrap_or(0), gateway::role_rank(needed).unwrap_or(u8::MAX));
+    if have < need {
+        return ApiError::Forbidden(format!(
+            "token {} has role {}; {} {} needs {needed}",
+            caller.id,
+            caller.role,
+            req.method(),
+            req.uri().path()
+        ))
+        .into_response();
+    }
+    if let Err(wait) = state.limiter.check(&caller.id) {
+        return ApiError::TooManyRequests(format!("rate limit of token {} exceeded; retry in {wait}s", caller.id), wait)
+            .into_response();
+    }
+    req.extensions_mut().insert(caller);
+    next.run(req).await
+}
+
+/// Middleware: CORS for the configured origins (`*` = any). Preflights are answered here.
+pub async fn cors(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let origin = req.headers().get(header::ORIGIN).cloned();
+    let allowed = origin.as_ref().and_then(|o| {
+        let o = o.to_str().ok()?;
+        state.cors_origins.iter().any(|a| a == "*" || a == o).then(|| HeaderValue::from_str(o).ok()).flatten()
+    });
+    let preflight = req.method() == Method::OPTIONS && req.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    let mut resp = if preflight {
+        if allowed.is_none() {
+            return ApiError::Forbidden("origin is not allowed by the gateway's cors configuration".to_string()).into_response();
+        }
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        next.run(req).await
+    };
+    if let Some(origin) = allowed {
+        let h = resp.headers_mut();
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        h.insert(header::VARY, HeaderValue::from_static("Origin"));
+        h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, HEAD, POST, DELETE, OPTIONS"));
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static("authorization, content-type, range, last-event-id"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            HeaderValue::from_static("content-range, content-length, accept-ranges, etag"),
+        );
+        h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_per_route() {
+        assert_eq!(required_role(&Method::GET, "/"), None);
+        assert_eq!(required_role(&Method::GET, "/api/openapi.json"), None);
+        assert_eq!(required_role(&Method::GET, "/api/v1/units"), Some(role::READER));
+        assert_eq!(required_role(&Method::POST, "/api/v1/units"), Some(role::WRITER));
+        assert_eq!(required_role(&Method::GET, "/api/v1/status"), Some(role::ADMIN));
+        assert_eq!(required_role(&Method::GET, "/api/v1/nodes"), Some(role::ADMIN));
+        assert_eq!(required_role(&Method::GET, "/api/nope"), Some(role::READER));
+    }
+
+    #[test]
+    fn tokens_from_header_or_query() {
+        let mut h = HeaderMap::new();
+        assert_eq!(presented_token(&h, Some("a=1&access_token=cimt_a_b")), Some("cimt_a_b".into()));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer cimt_x_y"));
+        assert_eq!(presented_token(&h, None), Some("cimt_x_y".into()));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert_eq!(presented_token(&h, None), None);
+    }
+
+    #[test]
+    fn rate_limit_refills() {
+        let l = RateLimiter::new(1);
+        assert!(l.check("a").is_ok());
+        assert!(l.check("a").is_ok());
+        assert!(l.check("a").is_err());
+        assert!(l.check("b").is_ok());
+        assert!(RateLimiter::new(0).check("a").is_ok());
+    }
+}

@@ -1,0 +1,534 @@
+//! Storage manager against real processes: nats-server, two `s3s-fs` S3 targets and the
+//! `storage-manager` binary. Archive with a crash mid-archive, verify, restore message by
+//! message and object by checksum, point-in-time restore, corruption named, S3 outage.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use async_nats::{HeaderMap, jetstream};
+use bytes::Bytes;
+use cim_events::{Component, Tier, resources};
+use cim_testkit::{NatsServer, S3Server, eventually};
+use sha2::{Digest, Sha256};
+use storage_manager::archive::committed_position;
+use storage_manager::restore::{self, Until};
+use storage_manager::{Credentials, S3Client, Target};
+use tokio::io::AsyncReadExt;
+
+use crate::common::{ServiceProc, wait_ready};
+
+const BUCKET: &str = "cim-archive";
+const WAIT: Duration = Duration::from_secs(90);
+
+fn target(s3: &S3Server, name: &str, prefix: &str) -> Target {
+    Target {
+        name: name.to_string(),
+        endpoint: s3.endpoint(),
+        region: s3.region().to_string(),
+        bucket: BUCKET.to_string(),
+        prefix: prefix.to_string(),
+        path_style: true,
+        credentials: Credentials::new(s3.access_key(), s3.secret_key()),
+    }
+}
+
+fn spec(s3: &S3Server, name: &str, prefix: &str, env: &str) -> String {
+    format!(
+        "name={name},endpoint={},region={},bucket={BUCKET},path-style=true,prefix={prefix},credentials-env={env}",
+        s3.endpoint(),
+        s3.region()
+    )
+}
+
+fn events_stream() -> String {
+    resources::events_stream(Component::InformationUnit).name
+}
+
+fn content_bucket() -> resources::ObjectBucketSpec {
+    resources::object_buckets(Component::InformationUnit).remove(0)
+}
+
+/// Creates the streams the test archives (normally the information-unit service does).
+async fn provision(js: &jetstream::Context) -> Result<()> {
+    js.get_or_create_stream(resources::events_stream(Component::InformationUnit).config(Tier::Leaf)).await?;
+    js.create_object_store(content_bucket().config(Tier::Leaf)).await?;
+    Ok(())
+}
+
+async fn publish_events(js: &jetstream::Context, from: u64, to: u64) -> Result<()> {
+    let mut acks = Vec::new();
+    for i in from..to {
+        let subject = cim_events::subject::event(Component::InformationUnit, "unit", &format!("u{}", i % 37), "tagged")?;
+        let mut h = HeaderMap::new();
+        let id = format!("0190-test-{i}");
+        h.insert("ce-id", id.as_str());
+        h.insert("Nats-Msg-Id", id.as_str());
+        h.insert("ce-type", "cim.iu.tagged");
+        h.append("x-repeat", "a");
+        h.append("x-repeat", "b");
+        let payload = Bytes::from(format!("event {i} {}", "x".repeat((i % 200) as usize)));
+        acks.push(js.publish_with_headers(subject, h, payload).await?);
+        if acks.len() >= 256 {
+            for a in acks.drain(..) {
+                a.await?;
+            }
+        }
+    }
+    for a in acks {
+        a.await?;
+    }
+    Ok(())
+}
+
+fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+async fn last_seq(js: &jetstream::Context, stream: &str) -> Result<u64> {
+    Ok(js.get_stream(stream).await?.info().await?.state.last_sequence)
+}
+
+async fn wait_archived(s3: &S3Client, stream: &str, last: u64) -> Result<()> {
+    eventually(WAIT, &format!("{stream} archived to {} up to {last}", s3.target().name), || async {
+        let (p, _) = committed_position(s3, stream).await?;
+        ensure!(p >= last, "at {p}");
+        Ok(())
+    })
+    .await
+}
+
+fn headers_of(h: &HeaderMap) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = h
+        .iter()
+        .flat_map(|(k, vs)| vs.iter().map(move |x| (k.to_string(), x.to_string())))
+        .filter(|(k, _)| !k.starts_with("Nats-Expected-"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Every message of `stream` in both servers: same sequence, subject, headers, payload.
+async fn compare_streams(a: &jetstream::Context, b: &jetstream::Context, stream: &str, upto: u64) -> Result<()> {
+    let (sa, sb) = (a.get_stream(stream).await?, b.get_stream(stream).await?);
+    let nb = sb.clone().info().await?.state.messages;
+    ensure!(nb == upto, "{stream}: restored holds {nb} messages, expected {upto}");
+    for seq in 1..=upto {
+        let ma = sa.get_raw_message(seq).await.with_context(|| format!("{stream} original seq {seq}"))?;
+        let mb = sb.get_raw_message(seq).await.with_context(|| format!("{stream} restored seq {seq}"))?;
+        ensure!(ma.subject == mb.subject, "{stream} seq {seq}: subject {} vs {}", ma.subject, mb.subject);
+        ensure!(ma.payload == mb.payload, "{stream} seq {seq}: payload differs");
+        ensure!(headers_of(&ma.headers) == headers_of(&mb.headers), "{stream} seq {seq}: headers {:?} vs {:?}", headers_of(&ma.headers), headers_of(&mb.headers));
+    }
+    Ok(())
+}
+
+async fn object_sha(js: &jetstream::Context, name: &str) -> Result<String> {
+    let store = js.get_object_store(&content_bucket().bucket).await?;
+    let mut obj = store.get(name).await?;
+    let mut buf = Vec::new();
+    obj.read_to_end(&mut buf).await?;
+    Ok(format!("{:x}", Sha256::digest(&buf)))
+}
+
+fn restore_env() -> impl Fn(&str, u64) + Sync {
+    |_s: &str, _n: u64| {}
+}
+
+/// Restores every archived stream from `s3` into a fresh server.
+async fn restore_into(s3: &S3Client, until: Until) -> Result<(NatsServer, Vec<restore::StreamReport>)> {
+    let fresh = NatsServer::start().await?;
+    let js = jetstream::new(fresh.connect().await);
+    provision(&js).await?;
+    let mut reports = Vec::new();
+    for stream in [events_stream(), content_bucket().stream_name()] {
+        reports.push(restore::restore_stream(s3, &js, &stream, until, false, &restore_env()).await);
+    }
+    Ok((fresh, reports))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn storage_archive_two_targets_crash_resume_restore() -> Result<()> {
+    let (nats, nas, wasabi) = tokio::try_join!(NatsServer::start(), S3Server::start(), S3Server::start())?;
+    let client = nats.connect().await;
+    let js = jetstream::new(client.clone());
+    provision(&js).await?;
+    let (nas_c, wasabi_c) = (S3Client::new(target(&nas, "nas", ""))?, S3Client::new(target(&wasabi, "wasabi", "leaf1"))?);
+    nas_c.ensure_bucket().await?;
+    wasabi_c.ensure_bucket().await?;
+
+    // Batch 1 and content (a multi-chunk object, a small one, an empty one).
+    publish_events(&js, 0, 300).await?;
+    let store = js.get_object_store(&content_bucket().bucket).await?;
+    let objects = [("big", pseudo_random(12 << 20, 7)), ("small", b"hello".to_vec()), ("empty", Vec::new())];
+    for (name, data) in &objects {
+        store.put(*name, &mut data.as_slice()).await?;
+    }
+
+    let args = [
+        "--archive-target".to_string(),
+        spec(&nas, "nas", "", "NAS"),
+        "--archive-target".to_string(),
+        spec(&wasabi, "wasabi", "leaf1", "WASABI"),
+        "--archive-segment-bytes".to_string(),
+        "8192".to_string(),
+        "--archive-linger".to_string(),
+        "100ms".to_string(),
+        "--archive-retry-max".to_string(),
+        "500ms".to_string(),
+        "--archive-object-poll".to_string(),
+        "200ms".to_string(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let env = [
+        ("NAS_ACCESS_KEY_ID", nas.access_key()),
+        ("NAS_SECRET_ACCESS_KEY", nas.secret_key()),
+        ("WASABI_ACCESS_KEY_ID", wasabi.access_key()),
+        ("WASABI_SECRET_ACCESS_KEY", wasabi.secret_key()),
+    ];
+    let mut svc = ServiceProc::start_with_env(Component::StorageManager, &nats.url(), &args, &env)?;
+    wait_ready(&client, &svc).await?;
+
+    // Batch 2 while archiving; crash the service (SIGKILL) once it is part-way through.
+    publish_events(&js, 300, 6000).await?;
+    let last = last_seq(&js, &events_stream()).await?;
+    assert_eq!(last, 6000);
+    eventually(WAIT, "the archive to pass batch 1", || async {
+        let (p, _) = committed_position(&nas_c, &events_stream()).await?;
+        ensure!(p > 300, "at {p}");
+        Ok(())
+    })
+    .await?;
+    svc.signal(nix::sys::signal::Signal::SIGKILL);
+    svc.wait(Duration::from_secs(10)).await?;
+    let at_crash = (
+        committed_position(&nas_c, &events_stream()).await?.0,
+        committed_position(&wasabi_c, &events_stream()).await?.0,
+    );
+    eprintln!("archive positions at the crash: nas {}, wasabi {} of {last}", at_crash.0, at_crash.1);
+    let log1 = svc.log();
+
+    let mut svc = ServiceProc::start_with_env(Component::StorageManager, &nats.url(), &args, &env)?;
+    wait_ready(&client, &svc).await?;
+    let obj_stream = content_bucket().stream_name();
+    let obj_last = last_seq(&js, &obj_stream).await?;
+    for s3 in [&nas_c, &wasabi_c] {
+        wait_archived(s3, &events_stream(), last).await?;
+        wait_archived(s3, &obj_stream, obj_last).await?;
+    }
+    // Objects by name (CID in the content bucket), the big one in multipart parts.
+    for s3 in [&nas_c, &wasabi_c] {
+        for (name, data) in &objects {
+            let key = storage_manager::objects::object_key(&s3.target().prefix, &content_bucket().bucket, name);
+            eventually(WAIT, &format!("{key} on {}", s3.target().name), || async {
+                let got = s3.get(&key).await?.context("not there yet")?;
+                ensure!(Sha256::digest(&got) == Sha256::digest(data), "{key}: content differs ({} bytes)", got.len());
+                Ok(())
+            })
+            .await?;
+        }
+    }
+    svc.terminate(Duration::from_secs(20)).await?;
+    let log2 = svc.log();
+    for log in [&log1, &log2] {
+        assert!(!log.contains(nas.secret_key()), "a secret reached the log");
+    }
+
+    // Verify: every checksum, contiguous, no duplicate.
+    for s3 in [&nas_c, &wasabi_c] {
+        let r = restore::verify_stream(s3, &events_stream()).await;
+        assert!(r.problems.is_empty(), "{}: {:?}", s3.target().name, r.problems);
+        assert_eq!((r.first_seq, r.last_seq, r.messages), (1, last, last), "{}", s3.target().name);
+        assert!(r.segments > 10, "expected many segments, got {}", r.segments);
+        let r = restore::verify_stream(s3, &obj_stream).await;
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+        assert_eq!(r.messages, obj_last);
+    }
+    assert!(at_crash.0 < last || at_crash.1 < last, "the crash should have hit mid-archive: {at_crash:?}");
+
+    // Restore from the second target into a fresh server: message by message, object by checksum.
+    let (fresh, reports) = restore_into(&wasabi_c, Until::All).await?;
+    for r in &reports {
+        assert!(r.problems.is_empty(), "{}: {:?}", r.stream, r.problems);
+    }
+    let fjs = jetstream::new(fresh.connect().await);
+    compare_streams(&js, &fjs, &events_stream(), last).await?;
+    compare_streams(&js, &fjs, &obj_stream, obj_last).await?;
+    for (name, data) in &objects {
+        assert_eq!(object_sha(&fjs, name).await?, format!("{:x}", Sha256::digest(data)), "object {name}");
+    }
+    drop(fresh);
+
+    // Point in time: by sequence, and by time (the store time of message 150).
+    let (fresh, reports) = restore_into(&nas_c, Until::Sequence(150)).await?;
+    assert_eq!(reports[0].messages, 150);
+    let fjs = jetstream::new(fresh.connect().await);
+    compare_streams(&js, &fjs, &events_stream(), 150).await?;
+    drop(fresh);
+    let t150 = js.get_stream(events_stream()).await?.get_raw_message(150).await?.time.unix_timestamp_nanos();
+    let t151 = js.get_stream(events_stream()).await?.get_raw_message(151).await?.time.unix_timestamp_nanos();
+    let (fresh, reports) = restore_into(&nas_c, Until::Time(t150)).await?;
+    let n = reports[0].messages;
+    if t151 > t150 {
+        assert_eq!(n, 150);
+    } else {
+        assert!(n >= 150, "{n}");
+    }
+    drop(fresh);
+
+    // Corruption: flip a byte of one segment, delete another; both named, nothing wrong restored.
+    let manifests = restore::manifests(&nas_c, &events_stream()).await?;
+    let (_, m3) = &manifests[3];
+    let (_, m5) = &manifests[5];
+    let p3 = nas.root().join(BUCKET).join(&m3.segment_key);
+    let mut bytes = std::fs::read(&p3)?;
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&p3, bytes)?;
+    std::fs::remove_file(nas.root().join(BUCKET).join(&m5.segment_key))?;
+    let r = restore::verify_stream(&nas_c, &events_stream()).await;
+    assert_eq!(r.problems.len(), 2, "{:?}", r.problems);
+    assert!(r.problems[0].contains(&m3.segment_key) && r.problems[0].contains("sha256"), "{:?}", r.problems);
+    assert!(r.problems[1].contains(&m5.segment_key) && r.problems[1].contains("missing"), "{:?}", r.problems);
+    let (fresh, reports) = restore_into(&nas_c, Until::All).await?;
+    assert_eq!(reports[0].messages, m3.first_seq - 1, "restore stops before the corrupt segment");
+    assert!(reports[0].problems[0].contains(&m3.segment_key), "{:?}", reports[0].problems);
+    let fjs = jetstream::new(fresh.connect().await);
+    compare_streams(&js, &fjs, &events_stream(), m3.first_seq - 1).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn storage_archive_rides_out_an_s3_outage() -> Result<()> {
+    let (nats, mut nas) = tokio::try_join!(NatsServer::start(), S3Server::start())?;
+    let client = nats.connect().await;
+    let js = jetstream::new(client.clone());
+    provision(&js).await?;
+    let nas_c = S3Client::new(target(&nas, "nas", "x"))?;
+    nas_c.ensure_bucket().await?;
+    publish_events(&js, 0, 100).await?;
+    let spec = spec(&nas, "nas", "x", "NAS");
+    let args = ["--archive-target", spec.as_str(), "--archive-linger", "50ms", "--archive-retry-max", "300ms"];
+    let env = [("NAS_ACCESS_KEY_ID", nas.access_key()), ("NAS_SECRET_ACCESS_KEY", nas.secret_key())];
+    let mut svc = ServiceProc::start_with_env(Component::StorageManager, &nats.url(), &args, &env)?;
+    wait_ready(&client, &svc).await?;
+    wait_archived(&nas_c, &events_stream(), 100).await?;
+
+    nas.kill();
+    publish_events(&js, 100, 400).await?;
+    eventually(WAIT, "the service to report failed uploads", || async {
+        if svc.log().contains("archive upload failed") {
+            Ok(())
+        } else {
+            bail!("no failure logged yet")
+        }
+    })
+    .await?;
+    nas.restart().await?;
+    wait_archived(&nas_c, &events_stream(), 400).await?;
+    let r = restore::verify_stream(&nas_c, &events_stream()).await;
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+    assert_eq!((r.first_seq, r.last_seq, r.messages), (1, 400, 400));
+
+    // Refused credentials: a second service with a wrong secret logs the refusal (not the secret).
+    svc.terminate(Duration::from_secs(20)).await?;
+    let bad_env = [("NAS_ACCESS_KEY_ID", nas.access_key()), ("NAS_SECRET_ACCESS_KEY", "wrong-secret-value")];
+    publish_events(&js, 400, 410).await?;
+    let svc = ServiceProc::start_with_env(Component::StorageManager, &nats.url(), &args, &bad_env)?;
+    wait_ready(&client, &svc).await?;
+    eventually(WAIT, "credentials refused to be reported", || async {
+        let log = svc.log();
+        ensure!(log.contains("403") || log.contains("SignatureDoesNotMatch") || log.contains("AccessDenied"), "not yet");
+        Ok(())
+    })
+    .await?;
+    assert!(!svc.log().contains("wrong-secret-value"));
+    assert_eq!(committed_position(&nas_c, &events_stream()).await?.0, 400);
+    Ok(())
+}
+
+async fn cimctl(args: &[&str], nats_url: &str, spec: &str, env: &[(&str, &str)]) -> Result<(bool, String)> {
+    let out = tokio::process::Command::new(crate::common::bin("cimctl"))
+        .args(args)
+        .env("CIM_NATS_URL", nats_url)
+        .env("CIM_ARCHIVE_TARGETS", spec)
+        .envs(env.iter().copied())
+        .output()
+        .await?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    Ok((out.status.success(), text))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn storage_cimctl_restore_verify_status() -> Result<()> {
+    let (nats, nas) = tokio::try_join!(NatsServer::start(), S3Server::start())?;
+    let client = nats.connect().await;
+    let js = jetstream::new(client.clone());
+    provision(&js).await?;
+    let nas_c = S3Client::new(target(&nas, "nas", "site"))?;
+    nas_c.ensure_bucket().await?;
+    publish_events(&js, 0, 500).await?;
+    let store = js.get_object_store(&content_bucket().bucket).await?;
+    let blob = pseudo_random(300_000, 3);
+    store.put("blob", &mut blob.as_slice()).await?;
+    let spec = spec(&nas, "nas", "site", "NAS");
+    let env = [("NAS_ACCESS_KEY_ID", nas.access_key()), ("NAS_SECRET_ACCESS_KEY", nas.secret_key())];
+    let args = ["--archive-target", spec.as_str(), "--archive-linger", "50ms", "--archive-segment-bytes", "20000"];
+    let mut svc = ServiceProc::start_with_env(Component::StorageManager, &nats.url(), &args, &env)?;
+    wait_ready(&client, &svc).await?;
+    let obj_stream = content_bucket().stream_name();
+    let obj_last = last_seq(&js, &obj_stream).await?;
+    wait_archived(&nas_c, &events_stream(), 500).await?;
+    wait_archived(&nas_c, &obj_stream, obj_last).await?;
+    svc.terminate(Duration::from_secs(20)).await?;
+
+    // status: lag 0 everywhere once archived; then lag shows new events.
+    publish_events(&js, 500, 520).await?;
+    let (ok, out) = cimctl(&["archive", "status"], &nats.url(), &spec, &env).await?;
+    assert!(ok, "{out}");
+    let line = out.lines().find(|l| l.starts_with(&events_stream())).context("events line")?;
+    assert_eq!(line.split_whitespace().collect::<Vec<_>>()[1..], ["nas", "520", "500", "20"], "{out}");
+    assert!(!out.contains(nas.secret_key()));
+
+    let (ok, out) = cimctl(&["archive", "verify"], &nats.url(), &spec, &env).await?;
+    assert!(ok && out.contains("archive verify: ok"), "{out}");
+
+    // dry run: reads and checks everything, publishes nothing.
+    let fresh = NatsServer::start().await?;
+    let (ok, out) = cimctl(&["restore", "--from", "nas", "--dry-run"], &fresh.url(), &spec, &env).await?;
+    assert!(ok, "{out}");
+    assert!(out.contains(&format!("{}: checked 500 messages", events_stream())), "{out}");
+    let fjs = jetstream::new(fresh.connect().await);
+    assert!(fjs.get_stream(events_stream()).await.is_err(), "a dry run created a stream");
+
+    // full restore, then the same again is refused (not a fresh JetStream).
+    let (ok, out) = cimctl(&["restore", "--from", "nas"], &fresh.url(), &spec, &env).await?;
+    assert!(ok, "{out}");
+    assert!(out.contains("messages/s"), "{out}");
+    compare_streams(&js, &fjs, &events_stream(), 500).await?;
+    compare_streams(&js, &fjs, &obj_stream, obj_last).await?;
+    assert_eq!(object_sha(&fjs, "blob").await?, format!("{:x}", Sha256::digest(&blob)));
+    let (ok, out) = cimctl(&["restore", "--from", "nas"], &fresh.url(), &spec, &env).await?;
+    assert!(!ok && out.contains("restore needs a fresh JetStream"), "{out}");
+    drop(fresh);
+
+    // point in time by sequence; a bad --until is refused clearly.
+    let fresh = NatsServer::start().await?;
+    let (ok, out) = cimctl(&["restore", "--from", "nas", "--until", "50"], &fresh.url(), &spec, &env).await?;
+    assert!(ok, "{out}");
+    let fjs = jetstream::new(fresh.connect().await);
+    compare_streams(&js, &fjs, &events_stream(), 50).await?;
+    let (ok, out) = cimctl(&["restore", "--from", "nas", "--until", "soon"], &fresh.url(), &spec, &env).await?;
+    assert!(!ok && out.contains("neither a sequence number nor an RFC 3339 time"), "{out}");
+    let (ok, out) = cimctl(&["restore", "--from", "elsewhere"], &fresh.url(), &spec, &env).await?;
+    assert!(!ok && out.contains("no archive target named elsewhere"), "{out}");
+
+    // a corrupt segment: verify names it and fails.
+    let (key, m) = restore::manifests(&nas_c, &events_stream()).await?.remove(1);
+    let path = nas.root().join(BUCKET).join(&m.segment_key);
+    let mut bytes = std::fs::read(&path)?;
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&path, bytes)?;
+    let (ok, out) = cimctl(&["archive", "verify"], &nats.url(), &spec, &env).await?;
+    assert!(!ok, "{out}");
+    assert!(out.contains(&format!("segment {}: sha256", m.segment_key)) && out.contains("PROBLEMS FOUND"), "{out}");
+    let _ = key;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_retention_guard_refuses_streams_that_drop_unarchived_data() -> Result<()> {
+    let (nats, nas) = tokio::try_join!(NatsServer::start(), S3Server::start())?;
+    let js = jetstream::new(nats.connect().await);
+    let mut cfg = resources::events_stream(Component::InformationUnit).config(Tier::Leaf);
+    cfg.max_age = Duration::from_secs(3600);
+    js.create_stream(cfg).await?;
+    let spec = spec(&nas, "nas", "", "NAS");
+    let env = [("NAS_ACCESS_KEY_ID", nas.access_key()), ("NAS_SECRET_ACCESS_KEY", nas.secret_key())];
+    let mut svc = ServiceProc::start_with_env(Component::StorageManager, &nats.url(), &["--archive-target", spec.as_str()], &env)?;
+    let status = svc.wait(WAIT).await?;
+    assert!(!status.success());
+    let log = svc.log();
+    assert!(log.contains(&format!("retention guard: stream {} has max_age 3600s", events_stream())), "{log}");
+
+    // A bad target spec is a configuration error (exit 64) that names the problem.
+    let mut svc = ServiceProc::start_with_env(Component::StorageManager, &nats.url(), &["--archive-target", "name=nas,endpoint=ftp://x,bucket=b"], &env)?;
+    let status = svc.wait(WAIT).await?;
+    assert_eq!(status.code(), Some(64), "{}", svc.log());
+    assert!(svc.log().contains("must start with http"), "{}", svc.log());
+    Ok(())
+}
+
+async fn messages_in(js: &jetstream::Context, stream: &str) -> Result<u64> {
+    Ok(js.get_stream(stream).await?.info().await?.state.messages)
+}
+
+fn leaf_builder(cluster: &cim_testkit::NatsCluster, store: &std::path::Path, uplink: bool) -> cim_testkit::NatsServerBuilder {
+    let b = NatsServer::builder().server_name("leaf-leaf1").jetstream_domain("leaf1").store_dir(store.to_path_buf());
+    if uplink { b.leaf_remotes(cluster.leaf_urls()) } else { b }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn storage_leaf_to_cluster_mirror_survives_uplink_outage() -> Result<()> {
+    let cluster = cim_testkit::NatsCluster::start(3).await?;
+    let store = tempfile::tempdir()?;
+    let mut leaf = leaf_builder(&cluster, store.path(), true).start().await?;
+    let ljs = jetstream::new(leaf.connect().await);
+    provision(&ljs).await?;
+    publish_events(&ljs, 0, 100).await?;
+
+    let urls = cluster.urls().join(",");
+    let mut svc = ServiceProc::start(Component::StorageManager, &urls, &["--tier", "cluster", "--source-leaf", "leaf1"])?;
+    let cclient = cluster.connect().await;
+    wait_ready(&cclient, &svc).await?;
+    let cjs = jetstream::new(cclient.clone());
+    let mirror = resources::leaf_mirror(&events_stream(), "leaf1")?;
+    eventually(WAIT, "the cluster mirror to hold the first 100 events", || async {
+        let n = messages_in(&cjs, &mirror).await?;
+        ensure!(n == 100, "{n}");
+        Ok(())
+    })
+    .await?;
+
+    // Uplink outage: the leaf runs on without its leaf node connection and keeps taking work.
+    leaf.kill();
+    drop(leaf);
+    let island = leaf_builder(&cluster, store.path(), false).start().await?;
+    let ijs = jetstream::new(island.connect().await);
+    publish_events(&ijs, 100, 300).await?;
+    assert_eq!(messages_in(&ijs, &events_stream()).await?, 300);
+    assert_eq!(messages_in(&cjs, &mirror).await?, 100, "the cluster cannot have seen the outage's events");
+    drop(ijs);
+    let mut island = island;
+    island.stop();
+    drop(island);
+
+    // The uplink returns: the cluster catches up with no gap and no duplicate.
+    let leaf = leaf_builder(&cluster, store.path(), true).start().await?;
+    let ljs = jetstream::new(leaf.connect().await);
+    publish_events(&ljs, 300, 320).await?;
+    eventually(WAIT, "the cluster mirror to catch up to 320", || async {
+        let n = messages_in(&cjs, &mirror).await?;
+        ensure!(n == 320, "{n}");
+        Ok(())
+    })
+    .await?;
+    let (sl, sc) = (ljs.get_stream(events_stream()).await?, cjs.get_stream(&mirror).await?);
+    for seq in 1..=320 {
+        let (a, b) = (sl.get_raw_message(seq).await?, sc.get_raw_message(seq).await?);
+        ensure!(a.subject == b.subject && a.payload == b.payload, "seq {seq} differs");
+        ensure!(headers_of(&a.headers) == headers_of(&b.headers), "seq {seq}: headers differ");
+    }
+    let replicas = cjs.get_stream(&mirror).await?.info().await?.config.num_replicas;
+    assert_eq!(replicas, 3);
+    svc.terminate(Duration::from_secs(20)).await?;
+    Ok(())
+}
