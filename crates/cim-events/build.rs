@@ -8,6 +8,7 @@ fn main() -> std::io::Result<()> {
         "proto/cim/registry/v1/registry.proto",
         "proto/cim/plugin/v1/plugin.proto",
         "proto/cim/hub/v1/hub.proto",
+        "proto/cim/pipeline/v1/pipeline.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

@@ -14,6 +14,7 @@ pub mod gateway;
 pub mod hub;
 pub mod iu;
 pub mod payload;
+pub mod pipeline;
 pub mod plugin;
 pub mod reference;
 pub mod registry;
@@ -51,6 +52,10 @@ pub mod proto {
     pub mod hub {
         #![allow(missing_docs, clippy::all)]
         include!(concat!(env!("OUT_DIR"), "/cim.hub.v1.rs"));
+    }
+    pub mod pipeline {
+        #![allow(missing_docs, clippy::all)]
+        include!(concat!(env!("OUT_DIR"), "/cim.pipeline.v1.rs"));
     }
 }
 

@@ -77,6 +77,20 @@ payload!(crate::proto::hub::TableChanged, "cim.hub.sql.changed", 1);
 payload!(crate::proto::hub::MqttReceived, "cim.hub.mqtt.received", 1);
 payload!(crate::proto::hub::S3ObjectImported, "cim.hub.s3.imported", 1);
 
+use crate::proto::pipeline as pl;
+payload!(pl::PipelineApplied, "cim.pipeline.pipeline.applied", 1);
+payload!(pl::PipelineRemoved, "cim.pipeline.pipeline.removed", 1);
+payload!(pl::RunRequested, "cim.pipeline.run.requested", 1);
+payload!(pl::RunStarted, "cim.pipeline.run.started", 1);
+payload!(pl::StepStarted, "cim.pipeline.run.step_started", 1);
+payload!(pl::StepCompleted, "cim.pipeline.run.step_completed", 1);
+payload!(pl::StepFailed, "cim.pipeline.run.step_failed", 1);
+payload!(pl::RunEmitted, "cim.pipeline.run.emitted", 1);
+payload!(pl::RunCompleted, "cim.pipeline.run.completed", 1);
+payload!(pl::RunFailed, "cim.pipeline.run.failed", 1);
+payload!(pl::RunCancelled, "cim.pipeline.run.cancelled", 1);
+payload!(pl::RunRetried, "cim.pipeline.run.retried", 1);
+
 /// One step of an upcasting path: bytes of `(type, version)` to bytes of `version + 1`.
 pub type UpcastFn = fn(&[u8]) -> Result<Vec<u8>, ContractError>;
 

@@ -192,6 +192,11 @@ pub fn kv_buckets(component: Component) -> Vec<KvBucketSpec> {
             "delivery ids of accepted webhooks (key <source>.<hex(id)>), for de-duplication (24h)",
             crate::hub::WEBHOOK_ID_MEMORY,
         )],
+        Component::PipelineEngine => vec![spec(
+            crate::pipeline::KV_SLOTS,
+            "concurrency slots of pipelines (key <pipeline>.<n>): leases held by the engine running a run, renewed while it runs, expiring when it dies",
+            crate::pipeline::SLOT_TTL,
+        )],
         Component::UiGateway => vec![spec(
             crate::gateway::KV_TOKENS,
             "API tokens of the gateway (key t.<id>): name, role and SHA-256 of the token, never the token",

@@ -424,13 +424,34 @@ impl IuClient {
 
     /// Sends a command: fills in a fresh UUIDv7 request id when it has none, and retries the
     /// very same request (same id) on timeout, no responders and 503.
-    pub async fn execute<C: IuCommand>(&self, mut command: C) -> Result<CommandResult, IuError> {
+    pub async fn execute<C: IuCommand>(&self, command: C) -> Result<CommandResult, IuError> {
+        self.execute_with(command, None).await
+    }
+
+    /// Like [`IuClient::execute`], on behalf of `parent`: the events the command writes inherit
+    /// its correlation id and take its id as causation (provenance of derived work).
+    pub async fn execute_caused_by<C: IuCommand>(&self, command: C, parent: &cim_events::Envelope) -> Result<CommandResult, IuError> {
+        self.execute_with(command, Some(parent.to_headers())).await
+    }
+
+    async fn execute_with<C: IuCommand>(&self, mut command: C, headers: Option<async_nats::HeaderMap>) -> Result<CommandResult, IuError> {
         let header = command.header_mut().get_or_insert_with(CommandHeader::default);
         if header.request_id.is_empty() {
             header.request_id = uuid::Uuid::now_v7().to_string();
         }
         let body = command.encode_to_vec();
-        self.call(iu::command(C::ENDPOINT), body.into(), self.timeout, Retry::Idempotent).await
+        let subject = iu::command(C::ENDPOINT).map_err(|e| IuError::Internal(e.to_string()))?;
+        let mut attempt = 0;
+        loop {
+            match self.request_with(&subject, headers.clone(), body.clone().into(), self.timeout).await {
+                Ok(msg) => return Ok(CommandResult::decode(msg.payload)?),
+                Err(e) if Retry::Idempotent.allows(&e) && attempt < self.retry_delays.len() => {
+                    tokio::time::sleep(self.retry_delays[attempt]).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     pub async fn create(&self, command: CreateUnit) -> Result<CommandResult, IuError> {
@@ -599,8 +620,15 @@ impl IuClient {
 
     /// One request; a reply carrying `Nats-Service-Error-Code` becomes the matching error.
     async fn request_raw(&self, subject: &str, body: Bytes, timeout: Duration) -> Result<async_nats::Message, IuError> {
+        self.request_with(subject, None, body, timeout).await
+    }
+
+    async fn request_with(&self, subject: &str, headers: Option<async_nats::HeaderMap>, body: Bytes, timeout: Duration) -> Result<async_nats::Message, IuError> {
         use async_nats::RequestErrorKind;
-        let request = async_nats::Request::new().payload(body).timeout(Some(timeout));
+        let mut request = async_nats::Request::new().payload(body).timeout(Some(timeout));
+        if let Some(h) = headers {
+            request = request.headers(h);
+        }
         let msg = self.client.send_request(subject.to_string(), request).await.map_err(|e| match e.kind() {
             RequestErrorKind::TimedOut => IuError::Timeout(format!("no reply on {subject} within {timeout:?}")),
             RequestErrorKind::NoResponders => {

@@ -12,6 +12,7 @@ mod deploy;
 mod integration;
 mod iu;
 mod ops;
+mod pipeline;
 mod plugin;
 mod token;
 mod up;
@@ -43,6 +44,10 @@ enum Command {
     Iu(iu::IuArgs),
     /// Plugins: push, ls, invoke, rm
     Plugin(plugin::PluginArgs),
+    /// Pipelines: apply FILE, ls, show, rm, start [--watch]
+    Pipeline(pipeline::PipelineArgs),
+    /// Pipeline runs: ls, show [--watch], cancel, retry
+    Run(pipeline::RunArgs),
     /// Benchmark plugin invocation against a raw NATS round trip (starts its own nats-server and plugin-host).
     BenchPlugin(bench_plugin::BenchPluginArgs),
     /// Deployment artefacts derived from the contract, e.g. `deploy nats-permissions --json`.
@@ -93,6 +98,8 @@ fn main() -> ExitCode {
             Command::Bench(args) => bench::run(args).await,
             Command::Iu(args) => iu::run(args).await,
             Command::Plugin(args) => plugin::run(args).await,
+            Command::Pipeline(args) => pipeline::pipeline(args).await,
+            Command::Run(args) => pipeline::run(args).await,
             Command::BenchPlugin(args) => bench_plugin::run(args).await,
             Command::Deploy(args) => deploy::run(args).await,
             Command::Status(args) => ops::status(args).await,

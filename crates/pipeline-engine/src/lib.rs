@@ -1,10 +1,20 @@
-//! The pipeline-engine service. Pipeline engine: event-triggered, durable processing.
+//! The pipeline-engine service: event-triggered, durable processing (docs/pipelines.md).
 //!
-//! Today it runs on the shared runtime: it provisions the streams and buckets `cim-events`
-//! assigns to it, announces itself, answers `$SRV.*` and `cim.qry.<component>.describe`, and
-//! reports health. Its domain endpoints are added here as they are built.
+//! - [`definition`]: the declarative pipeline document, its validation, triggers, templates.
+//! - [`state`]: runs and pipelines folded from `CIM_PIPELINE_EVENTS` (pure).
+//! - [`engine`]: the view every instance follows, the trigger worker (unit events → run
+//!   requests), the run worker (requests → steps → events), commands and queries.
+//!
+//! Every instance shares two durable consumers, `pipeline-triggers` (on `CIM_IU_EVENTS`) and
+//! `pipeline-runs` (run work items in `CIM_PIPELINE_EVENTS`), so adding an instance adds
+//! throughput and a killed instance's runs are redelivered to another, which resumes them from
+//! their events.
 
-use std::future::Future;
+pub mod definition;
+pub mod engine;
+pub mod state;
+
+use std::{future::Future, time::Duration};
 
 use cim_events::Component;
 use cim_runtime::{CommonArgs, Service, ServiceDef, Settings};
@@ -17,6 +27,29 @@ pub const COMPONENT: Component = Component::PipelineEngine;
 pub struct Config {
     #[command(flatten)]
     pub common: CommonArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+/// The engine's own options.
+#[derive(clap::Args, Clone, Debug)]
+pub struct EngineArgs {
+    /// Most runs this instance works on at once (over all pipelines).
+    #[arg(long = "pipeline-max-runs", env = "CIM_PIPELINE_MAX_RUNS", default_value_t = 16)]
+    pub max_runs: usize,
+    /// Largest unit content a step may read into memory (bytes).
+    #[arg(long = "pipeline-max-content", env = "CIM_PIPELINE_MAX_CONTENT", default_value_t = 64 * 1024 * 1024)]
+    pub max_content: u64,
+    /// How long a run's work item stays with an instance that stopped confirming progress
+    /// (a killed instance's runs move to another after this).
+    #[arg(long = "pipeline-ack-wait", env = "CIM_PIPELINE_ACK_WAIT", default_value = "10s", value_parser = cim_runtime::config::parse_duration)]
+    pub ack_wait: Duration,
+}
+
+impl Default for EngineArgs {
+    fn default() -> Self {
+        EngineArgs { max_runs: 16, max_content: 64 * 1024 * 1024, ack_wait: Duration::from_secs(10) }
+    }
 }
 
 pub fn definition() -> ServiceDef {
@@ -24,11 +57,19 @@ pub fn definition() -> ServiceDef {
         component: COMPONENT,
         version: env!("CARGO_PKG_VERSION"),
         description: "Pipeline engine: event-triggered, durable processing",
-        capabilities: Vec::new(),
+        capabilities: vec!["pipelines".to_string(), "runs".to_string()],
     }
 }
 
-/// Runs the service until `shutdown` resolves.
+/// Runs the service with default engine options until `shutdown` resolves.
 pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    Service::new(definition()).run(settings, shutdown).await
+    run_with(settings, EngineArgs::default(), shutdown).await
+}
+
+/// Runs the service until `shutdown` resolves.
+pub async fn run_with(settings: Settings, args: EngineArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    if args.max_runs == 0 {
+        anyhow::bail!("--pipeline-max-runs must be at least 1");
+    }
+    Service::new(definition()).setup(move |ctx| engine::setup(ctx, args)).run(settings, shutdown).await
 }

@@ -9,6 +9,7 @@ mod hub;
 mod iu;
 mod nix;
 mod otlp;
+mod pipelines;
 mod registry;
 mod plugins;
 mod services;
