@@ -652,7 +652,7 @@ impl Engine {
             .subscribe(pl::run_event(&run_id, action::CANCELLED).map_err(|e| e.to_string())?)
             .await
             .map_err(|e| e.to_string())?;
-        if !run.started {
+        if run.started_by != self.ctx.settings().instance_id {
             record!(action::STARTED, RunStarted { run_id: run_id.clone(), instance_id: self.ctx.settings().instance_id.clone() });
         }
         let mut unit: Option<Unit> = None;

@@ -57,8 +57,9 @@ pub struct Run {
     pub request: RunRequested,
     pub outputs: HashMap<String, StepCompleted>,
     pub failures: HashMap<String, u32>,
-    /// A `started` event since the last request or retry.
-    pub started: bool,
+    /// The instance of the last `started` event since the last request or retry (empty: none).
+    /// An instance that takes over a run (after a crash) records its own `started`.
+    pub started_by: String,
 }
 
 impl Run {
@@ -81,9 +82,9 @@ impl Run {
                 info.params = r.params.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
                 self.request = r;
             }
-            RunEvent::Started(_) => {
+            RunEvent::Started(s) => {
                 info.state = "running".into();
-                self.started = true;
+                self.started_by = s.instance_id;
             }
             RunEvent::StepStarted(s) => {
                 let step = step_mut(&mut info.steps, &s.step);
@@ -130,7 +131,7 @@ impl Run {
                 info.state = "queued".into();
                 info.error.clear();
                 self.failures.clear();
-                self.started = false;
+                self.started_by.clear();
                 for s in &mut info.steps {
                     if s.state != "completed" {
                         s.state = "pending".into();
@@ -265,7 +266,7 @@ mod tests {
         assert_eq!(run.info.error, "step a: boom");
         run.apply(RunEvent::Retried(RunRetried { run_id: "r1".into(), reason: "fixed".into() }), 7, 16, "c1");
         assert_eq!(run.info.state, "queued");
-        assert!(run.failures.is_empty() && !run.started);
+        assert!(run.failures.is_empty() && run.started_by.is_empty());
         run.apply(RunEvent::StepCompleted(StepCompleted { run_id: "r1".into(), step: "a".into(), attempt: 3, passed: true, units: vec!["u2".into()], ..Default::default() }), 8, 17, "c1");
         run.apply(RunEvent::Completed(RunCompleted { run_id: "r1".into(), units: vec!["u2".into()], outcome: "completed".into() }), 9, 18, "c1");
         assert_eq!(run.info.state, "completed");
