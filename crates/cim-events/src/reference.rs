@@ -102,6 +102,7 @@ pub fn markdown() -> String {
     let _ = writeln!(w);
 
     plugins(w);
+    pipelines(w);
     hub(w);
 
     let _ = writeln!(w, "## Registry\n");
@@ -207,6 +208,52 @@ fn hub(w: &mut String) {
         }
     }
     let _ = writeln!(w);
+}
+
+fn pipelines(w: &mut String) {
+    use crate::pipeline as pl;
+    let _ = writeln!(w, "## Pipelines\n");
+    let _ = writeln!(w, "Payloads: `crates/cim-events/proto/cim/pipeline/v1/pipeline.proto`; definitions and behaviour: `docs/pipelines.md`. Commands and queries take and return JSON (`cim_events::pipeline`).\n");
+    let _ = writeln!(w, "| kind | subject | payload |");
+    let _ = writeln!(w, "| --- | --- | --- |");
+    for a in [pl::action::APPLIED, pl::action::REMOVED] {
+        let _ = writeln!(w, "| event | `cim.evt.pipeline.{}.<name>.{a}` | `Pipeline{}` |", pl::PIPELINE, camel(a));
+    }
+    for a in pl::action::RUN_ALL {
+        let _ = writeln!(w, "| event | `cim.evt.pipeline.{}.<run-id>.{a}` | `{}` |", pl::RUN, run_payload(a));
+    }
+    let _ = writeln!(w, "| consumer | `{}` on `CIM_IU_EVENTS` (unit created, versioned, tagged, attributes set, linked) | unit events that may start runs |", pl::trigger_consumer());
+    let _ = writeln!(w, "| consumer | `{}` on `CIM_PIPELINE_EVENTS` (`requested`, `retried`) | run work items, one run per message |", pl::run_consumer());
+    for origin in [pl::DLQ_TRIGGERS, pl::DLQ_RUNS] {
+        if let Ok(s) = pl::dead_letter(origin) {
+            let _ = writeln!(w, "| dead letter | `{s}` | the message as it was, reason in `{}`, subject in `{}` |", pl::H_DEAD_LETTER_REASON, pl::H_ORIGINAL_SUBJECT);
+        }
+    }
+    for c in pl::cmd::ALL {
+        if let Ok(s) = pl::command(c) {
+            let _ = writeln!(w, "| command | `{s}` | JSON → JSON |");
+        }
+    }
+    for q in pl::qry::ALL {
+        if let Ok(s) = pl::query(q) {
+            let _ = writeln!(w, "| query | `{s}` | JSON → JSON |");
+        }
+    }
+    let _ = writeln!(w);
+}
+
+fn camel(a: &str) -> String {
+    a.split('_').map(|p| {
+        let mut c = p.chars();
+        c.next().map(|f| f.to_ascii_uppercase().to_string() + c.as_str()).unwrap_or_default()
+    }).collect()
+}
+
+fn run_payload(action: &str) -> String {
+    match action {
+        crate::pipeline::action::STEP_STARTED | crate::pipeline::action::STEP_COMPLETED | crate::pipeline::action::STEP_FAILED => camel(action),
+        other => format!("Run{}", camel(other)),
+    }
 }
 
 fn plugins(w: &mut String) {

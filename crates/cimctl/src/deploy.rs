@@ -205,6 +205,37 @@ pub fn permissions(component: Component) -> Result<Permissions> {
             }
         }
     }
+    // The pipeline engine: it reads unit events with its shared durable trigger consumer,
+    // sends the information unit's commands and queries and writes derived content to the
+    // content bucket (as cim-iu-client does), invokes plugins (by version or through the
+    // host's router), lists them to validate definitions, and writes the references that pin
+    // plugin versions; it hears its own runs' cancellations on core NATS.
+    if component == Component::PipelineEngine {
+        publish.push(below(&subject::command(Component::InformationUnit, "action")?, 3));
+        publish.push(below(&subject::query(Component::InformationUnit, "query")?, 3));
+        publish.push(cim_events::plugin::command(cim_events::plugin::cmd::INVOKE)?);
+        publish.push(cim_events::plugin::query(cim_events::plugin::qry::LIST)?);
+        publish.push(format!("{}.{}.*.*.invoke", subject::ROOT, cim_events::plugin::KIND));
+        subscribe.push(subject::events_of(Component::PipelineEngine));
+        for obj in resources::object_buckets(Component::InformationUnit) {
+            publish.push(below(&subject::all_object_chunks(&obj.bucket)?, 2));
+            streams.push((obj.stream_name(), false));
+        }
+        for kv in resources::kv_buckets(Component::PluginHost) {
+            publish.push(format!("$KV.{}.>", kv.bucket));
+            publish.push(format!("{}.$KV.{}.>", JS_API[1], kv.bucket));
+            streams.push((kv.stream_name(), false));
+        }
+        let stream = resources::events_stream(Component::InformationUnit).name;
+        for api in JS_API {
+            publish.push(format!("{api}.STREAM.INFO.{stream}"));
+            publish.push(format!("{api}.CONSUMER.CREATE.{stream}"));
+            for verb in ["CREATE", "DURABLE.CREATE", "INFO", "MSG.NEXT"] {
+                publish.push(format!("{api}.CONSUMER.{verb}.{stream}.>"));
+            }
+        }
+        publish.push(format!("$JS.ACK.{stream}.>"));
+    }
     // Account information (limits and usage; read-only): creating a KV bucket asks for it.
     for api in JS_API {
         publish.push(format!("{api}.INFO"));

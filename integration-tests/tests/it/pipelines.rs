@@ -571,3 +571,58 @@ async fn pipelines_run_on_a_three_node_cluster() -> Result<()> {
     assert!(cim.iu.unit(&unit).await?.tags.contains(&"normalized".to_string()));
     Ok(())
 }
+
+/// The engine with its own NATS identity, whose permissions are the generated ones in
+/// `nixos-modules/nats-permissions.json`: the shipped example runs end to end and nothing hits
+/// a permissions violation.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_engine_runs_with_its_generated_nats_permissions() -> Result<()> {
+    let mut op = cim_testkit::Operator::new();
+    let account = op.account_with_jetstream("CIM");
+    let server = NatsServer::builder().operator(&op).jetstream_domain("leaf").extra_config("max_control_line: 65536").start().await?;
+    let text = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../nixos-modules/nats-permissions.json"))?;
+    let p = serde_json::from_str::<serde_json::Value>(&text)?["services"][Component::PipelineEngine.service_name()].clone();
+    let mut perms = cim_testkit::Permissions::all().allow_responses();
+    for s in p["publish"]["allow"].as_array().context("publish")? {
+        perms = perms.allow_publish(s.as_str().unwrap_or_default());
+    }
+    for s in p["subscribe"]["allow"].as_array().context("subscribe")? {
+        perms = perms.allow_subscribe(s.as_str().unwrap_or_default());
+    }
+    let dir = tempfile::tempdir()?;
+    let engine_creds = account.user("pipeline-engine", perms).write_creds(dir.path())?;
+    let admin = account.user("admin", cim_testkit::Permissions::all());
+    let admin_creds = admin.write_creds(dir.path())?;
+    let client = admin.connect(&server.url()).await?;
+    let env_admin = [("CIM_NATS_CREDS", admin_creds.to_str().unwrap_or_default()), ("CIM_JS_DOMAIN", "leaf")];
+    let mut others = Vec::new();
+    for c in [Component::InformationUnit, Component::PluginHost] {
+        let svc = ServiceProc::start_with_env(c, &server.url(), &[], &env_admin)?;
+        wait_ready(&client, &svc).await?;
+        others.push(svc);
+    }
+    let mut engine = ServiceProc::start_with_env(
+        Component::PipelineEngine,
+        &server.url(),
+        &[],
+        &[("CIM_NATS_CREDS", engine_creds.to_str().unwrap_or_default()), ("CIM_JS_DOMAIN", "leaf")],
+    )?;
+    wait_ready(&client, &engine).await?;
+    let cim = Cim { url: server.url(), iu: IuClient::with_domain(client.clone(), "leaf"), client, engines: Vec::new(), _others: others };
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/pipelines/text-ingest.json");
+    let out = Command::new(bin("cimctl")).args(["pipeline", "apply", &path.to_string_lossy(), "--nats-url", &cim.url]).envs(env_admin).output().await?;
+    ensure!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), engine.log());
+    let unit = cim.put(b"permitted   text\n", "p.txt", "text/plain").await?;
+    let run = eventually!(LONG, "the run completes", {
+        let runs = cim.runs("text-ingest").await?;
+        let r = runs.iter().find(|r| r.unit_id == unit).context("no run yet")?;
+        ensure!(r.state == "completed", "run is {} {}\n{}", r.state, r.error, engine.log());
+        Ok(r.clone())
+    })?;
+    assert_eq!(run.units.len(), 2, "{run:?}");
+    let status = engine.terminate(Duration::from_secs(30)).await?;
+    let log = engine.log();
+    assert!(status.success(), "pipeline-engine exited {status}:\n{log}");
+    assert!(!log.to_lowercase().contains("permissions violation"), "pipeline-engine hit its permissions:\n{log}");
+    Ok(())
+}
