@@ -5,6 +5,7 @@ mod archive;
 mod bench;
 mod bench_hub;
 mod bench_gateway;
+mod bench_pipeline;
 mod bench_plugin;
 mod bench_registry;
 mod bench_storage;
@@ -48,6 +49,8 @@ enum Command {
     Pipeline(pipeline::PipelineArgs),
     /// Pipeline runs: ls, show [--watch], cancel, retry
     Run(pipeline::RunArgs),
+    /// Benchmark the pipeline engine: trigger → completed latency vs raw round trips, runs/s with 1 and 2 engines.
+    BenchPipeline(bench_pipeline::BenchPipelineArgs),
     /// Benchmark plugin invocation against a raw NATS round trip (starts its own nats-server and plugin-host).
     BenchPlugin(bench_plugin::BenchPluginArgs),
     /// Deployment artefacts derived from the contract, e.g. `deploy nats-permissions --json`.
@@ -101,6 +104,7 @@ fn main() -> ExitCode {
             Command::Pipeline(args) => pipeline::pipeline(args).await,
             Command::Run(args) => pipeline::run(args).await,
             Command::BenchPlugin(args) => bench_plugin::run(args).await,
+            Command::BenchPipeline(args) => bench_pipeline::run(args).await,
             Command::Deploy(args) => deploy::run(args).await,
             Command::Status(args) => ops::status(args).await,
             Command::Placement(args) => ops::placement(args).await,
