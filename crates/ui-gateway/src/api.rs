@@ -1,6 +1,6 @@
 //! The HTTP/JSON API: units (over `cim-iu-client`), components, nodes and status (over the
-//! registry's queries), plugins (over the plugin host's), live events (SSE) and the OpenAPI
-//! document.
+//! registry's queries), plugins (over the plugin host's), pipelines and runs (over the pipeline
+//! engine's JSON commands and queries), live events (SSE) and the OpenAPI document.
 
 use std::{collections::HashMap, convert::Infallible, io, sync::Arc, time::Duration};
 
@@ -14,7 +14,9 @@ use axum::{
     routing::{get, post},
 };
 use cim_events::{
-    Component, plugin,
+    Component,
+    pipeline::{self as pl, ApplyReply, ApplyRequest, PipelineInfo, PipelineList, PipelineRef, RemoveRequest, RunInfo, RunList, RunRef, RunsRequest, StartRequest},
+    plugin,
     proto::{
         iu::{CreateUnit, GetUnit, Link, LinkUnit, ListUnits, NewVersion, TagUnit},
         plugin::{ListPlugins, ListReply},
@@ -52,6 +54,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/nodes", get(nodes))
         .route("/api/v1/status", get(status))
         .route("/api/v1/plugins", get(plugins))
+        .route("/api/v1/pipelines", get(list_pipelines).post(apply_pipeline))
+        .route("/api/v1/pipelines/{name}", get(get_pipeline).delete(remove_pipeline))
+        .route("/api/v1/pipelines/{name}/runs", post(start_run))
+        .route("/api/v1/runs", get(list_runs))
+        .route("/api/v1/runs/{id}", get(get_run))
+        .route("/api/v1/runs/{id}/cancel", post(cancel_run))
+        .route("/api/v1/runs/{id}/retry", post(retry_run))
         .route("/api/v1/events", get(events))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -368,9 +377,12 @@ async fn download(State(s): State<Arc<AppState>>, Path(id): Path<String>, Query(
 
 // ---- registry and plugins ----
 
-async fn request<Q: Message, R: Message + Default>(s: &AppState, subject: Result<String, cim_events::ContractError>, q: &Q, who: &str) -> Result<R, ApiError> {
+/// Sends one request on a service's contract; no responders → 503, no answer in time → 504,
+/// and the micro protocol's error headers (`Nats-Service-Error-Code` 400/404/409/503) → the
+/// same HTTP status with the service's message.
+async fn send(s: &AppState, subject: Result<String, cim_events::ContractError>, payload: bytes::Bytes, who: &str) -> Result<bytes::Bytes, ApiError> {
     let subject = subject.map_err(|e| ApiError::Internal(e.to_string()))?;
-    let req = async_nats::Request::new().payload(q.encode_to_vec().into()).timeout(Some(Duration::from_secs(10)));
+    let req = async_nats::Request::new().payload(payload).timeout(Some(Duration::from_secs(10)));
     let msg = s.nats.send_request(subject.clone(), req).await.map_err(|e| match e.kind() {
         async_nats::RequestErrorKind::NoResponders => ApiError::Unavailable(format!("no {who} answers on {subject}")),
         async_nats::RequestErrorKind::TimedOut => ApiError::Timeout(format!("{who} did not answer on {subject} in time")),
@@ -379,7 +391,12 @@ async fn request<Q: Message, R: Message + Default>(s: &AppState, subject: Result
     if let Some(e) = cim_iu_client::IuError::from_reply_headers(msg.headers.as_ref()) {
         return Err(e.into());
     }
-    R::decode(msg.payload).map_err(|e| ApiError::BadGateway(format!("undecodable reply of {who}: {e}")))
+    Ok(msg.payload)
+}
+
+async fn request<Q: Message, R: Message + Default>(s: &AppState, subject: Result<String, cim_events::ContractError>, q: &Q, who: &str) -> Result<R, ApiError> {
+    let payload = send(s, subject, q.encode_to_vec().into(), who).await?;
+    R::decode(payload).map_err(|e| ApiError::BadGateway(format!("undecodable reply of {who}: {e}")))
 }
 
 fn instance_json(i: &Instance) -> Value {
@@ -446,6 +463,159 @@ async fn plugins(State(s): State<Arc<AppState>>, Query(q): Query<HashMap<String,
         })
         .collect();
     Ok(json_response(StatusCode::OK, json!({ "plugins": list })))
+}
+
+// ---- pipelines and runs ----
+
+const ENGINE: &str = "pipeline engine";
+
+/// A JSON request on the pipeline engine's contract (`cim_events::pipeline`); the reply is
+/// checked against its contract type, so what the API returns is what the contract says.
+macro_rules! engine_call {
+    ($s:expr, $subject:expr, $body:expr, $reply:ty) => {{
+        let body = serde_json::to_vec(&$body).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let payload = send(&$s, $subject, body.into(), ENGINE).await?;
+        serde_json::from_slice::<$reply>(&payload).map_err(|e| ApiError::BadGateway(format!("undecodable reply of the {ENGINE}: {e}")))?
+    }};
+}
+
+/// A contract type as the JSON response.
+macro_rules! contract_json {
+    ($status:expr, $v:expr) => {
+        json_response($status, serde_json::to_value($v).map_err(|e| ApiError::Internal(e.to_string()))?)
+    };
+}
+
+fn pipeline_name(name: &str) -> Result<&str, ApiError> {
+    pl::validate_name(name).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    Ok(name)
+}
+
+fn run_id(id: &str) -> Result<&str, ApiError> {
+    cim_events::token::validate_token("run id", id).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    Ok(id)
+}
+
+/// An optional JSON object body (empty = `{}`) with only the `allowed` fields.
+async fn optional_object(body: Body, limit: usize, allowed: &[&str]) -> Result<serde_json::Map<String, Value>, ApiError> {
+    let bytes = to_bytes(body, limit).await.map_err(|_| ApiError::TooLarge(format!("request body is larger than {limit} bytes")))?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(serde_json::Map::new());
+    }
+    let v: Value = serde_json::from_slice(&bytes).map_err(|e| ApiError::BadRequest(format!("malformed json: {e}")))?;
+    let Value::Object(m) = v else { return Err(ApiError::BadRequest("the body must be a json object".into())) };
+    if let Some(k) = m.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(ApiError::BadRequest(format!("unknown field {k:?} (allowed: {})", allowed.join(", "))));
+    }
+    Ok(m)
+}
+
+fn optional_string(m: &serde_json::Map<String, Value>, field: &str) -> Result<String, ApiError> {
+    match m.get(field) {
+        None | Some(Value::Null) => Ok(String::new()),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(_) => Err(ApiError::BadRequest(format!("field {field:?} must be a string"))),
+    }
+}
+
+async fn list_pipelines(State(s): State<Arc<AppState>>) -> ApiResult {
+    let r = engine_call!(s, pl::query(pl::qry::LIST), json!({}), PipelineList);
+    Ok(contract_json!(StatusCode::OK, r))
+}
+
+async fn get_pipeline(State(s): State<Arc<AppState>>, Path(name): Path<String>) -> ApiResult {
+    let req = PipelineRef { name: pipeline_name(&name)?.to_string() };
+    let r = engine_call!(s, pl::query(pl::qry::GET), req, PipelineInfo);
+    Ok(contract_json!(StatusCode::OK, r))
+}
+
+/// `POST /api/v1/pipelines` (body: the definition): validated and recorded by the engine;
+/// 201 when a new version was written, 200 when it was unchanged.
+async fn apply_pipeline(State(s): State<Arc<AppState>>, body: Body) -> ApiResult {
+    let definition = json_body(body, s.limits.max_json).await?;
+    if !definition.is_object() {
+        return Err(ApiError::BadRequest("the body must be a pipeline definition (a json object)".into()));
+    }
+    let r = engine_call!(s, pl::command(pl::cmd::APPLY), ApplyRequest { definition }, ApplyReply);
+    let status = if r.unchanged { StatusCode::OK } else { StatusCode::CREATED };
+    Ok(json_response(status, json!({ "name": r.name, "version": r.version, "unchanged": r.unchanged })))
+}
+
+async fn remove_pipeline(State(s): State<Arc<AppState>>, Path(name): Path<String>, Query(q): Query<HashMap<String, String>>) -> ApiResult {
+    let req = RemoveRequest { name: pipeline_name(&name)?.to_string(), reason: q.get("reason").cloned().unwrap_or_default() };
+    let r = engine_call!(s, pl::command(pl::cmd::REMOVE), req, ApplyReply);
+    Ok(json_response(StatusCode::OK, json!({ "name": r.name, "version": r.version, "unchanged": r.unchanged })))
+}
+
+/// `POST /api/v1/pipelines/{name}/runs` (body optional: `{"unit_id", "params": {k: v}}`): a manual run.
+async fn start_run(State(s): State<Arc<AppState>>, Path(name): Path<String>, body: Body) -> ApiResult {
+    let pipeline = pipeline_name(&name)?.to_string();
+    let m = optional_object(body, s.limits.max_json, &["unit_id", "params"]).await?;
+    let unit = optional_string(&m, "unit_id")?;
+    if !unit.is_empty() {
+        unit_id(&unit)?;
+    }
+    let mut params = std::collections::BTreeMap::new();
+    match m.get("params") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(p)) => {
+            for (k, v) in p {
+                check_label("param name", k)?;
+                let v = v.as_str().ok_or_else(|| ApiError::BadRequest(format!("param {k:?} must be a string")))?;
+                params.insert(k.clone(), v.to_string());
+            }
+        }
+        Some(_) => return Err(ApiError::BadRequest("field \"params\" must be an object of strings".into())),
+    }
+    let r = engine_call!(s, pl::command(pl::cmd::START), StartRequest { pipeline, unit_id: unit, params }, RunRef);
+    Ok(json_response(StatusCode::CREATED, json!({ "run_id": r.run_id })))
+}
+
+const RUN_STATES: [&str; 5] = ["queued", "running", "completed", "failed", "cancelled"];
+
+async fn list_runs(State(s): State<Arc<AppState>>, Query(q): Query<HashMap<String, String>>) -> ApiResult {
+    let mut req = RunsRequest::default();
+    if let Some(p) = q.get("pipeline").filter(|p| !p.is_empty()) {
+        req.pipeline = pipeline_name(p)?.to_string();
+    }
+    if let Some(st) = q.get("state").filter(|st| !st.is_empty()) {
+        if !RUN_STATES.contains(&st.as_str()) {
+            return Err(ApiError::BadRequest(format!("state {st:?} is not one of {}", RUN_STATES.join(", "))));
+        }
+        req.state = st.clone();
+    }
+    if let Some(u) = q.get("unit_id").filter(|u| !u.is_empty()) {
+        req.unit_id = unit_id(u)?.to_string();
+    }
+    if let Some(l) = q.get("limit") {
+        req.limit = l.parse::<u32>().map_err(|_| ApiError::BadRequest(format!("limit {l:?} is not a number")))?.min(1000);
+    }
+    let r = engine_call!(s, pl::query(pl::qry::RUNS), req, RunList);
+    Ok(contract_json!(StatusCode::OK, r))
+}
+
+async fn get_run(State(s): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult {
+    let req = RunRef { run_id: run_id(&id)?.to_string(), reason: String::new() };
+    let r = engine_call!(s, pl::query(pl::qry::RUN), req, RunInfo);
+    Ok(contract_json!(StatusCode::OK, r))
+}
+
+/// Cancel or retry (body optional: `{"reason"}`); the engine refuses with 409 what the run's
+/// state does not allow (cancel of an ended run, retry of one that neither failed nor was cancelled).
+async fn change_run(s: &AppState, id: &str, body: Body, command: &str) -> ApiResult {
+    let run_id = run_id(id)?.to_string();
+    let m = optional_object(body, s.limits.max_json, &["reason"]).await?;
+    let reason = optional_string(&m, "reason")?;
+    let r = engine_call!(s, pl::command(command), RunRef { run_id, reason }, RunInfo);
+    Ok(contract_json!(StatusCode::OK, r))
+}
+
+async fn cancel_run(State(s): State<Arc<AppState>>, Path(id): Path<String>, body: Body) -> ApiResult {
+    change_run(&s, &id, body, pl::cmd::CANCEL).await
+}
+
+async fn retry_run(State(s): State<Arc<AppState>>, Path(id): Path<String>, body: Body) -> ApiResult {
+    change_run(&s, &id, body, pl::cmd::RETRY).await
 }
 
 // ---- live events ----
@@ -517,6 +687,46 @@ mod tests {
         assert!(parse_range("bytes=5-1", 100).is_err());
         assert!(parse_range("items=0-1", 100).is_err());
         assert!(parse_range("bytes=0-1,3-4", 100).is_err());
+    }
+
+    /// Every route is in the OpenAPI document, with the role `auth::required_role` enforces.
+    #[test]
+    fn openapi_documents_every_route_with_its_role() {
+        let doc: Value = serde_json::from_str(OPENAPI).unwrap();
+        let routes = [
+            ("get", "/api/v1/whoami", "/api/v1/whoami"),
+            ("get", "/api/v1/units", "/api/v1/units"),
+            ("post", "/api/v1/units", "/api/v1/units"),
+            ("get", "/api/v1/units/{id}", "/api/v1/units/u"),
+            ("get", "/api/v1/units/{id}/history", "/api/v1/units/u/history"),
+            ("get", "/api/v1/units/{id}/links", "/api/v1/units/u/links"),
+            ("post", "/api/v1/units/{id}/links", "/api/v1/units/u/links"),
+            ("post", "/api/v1/units/{id}/tags", "/api/v1/units/u/tags"),
+            ("post", "/api/v1/units/{id}/versions", "/api/v1/units/u/versions"),
+            ("get", "/api/v1/units/{id}/content", "/api/v1/units/u/content"),
+            ("get", "/api/v1/components", "/api/v1/components"),
+            ("get", "/api/v1/nodes", "/api/v1/nodes"),
+            ("get", "/api/v1/status", "/api/v1/status"),
+            ("get", "/api/v1/plugins", "/api/v1/plugins"),
+            ("get", "/api/v1/pipelines", "/api/v1/pipelines"),
+            ("post", "/api/v1/pipelines", "/api/v1/pipelines"),
+            ("get", "/api/v1/pipelines/{name}", "/api/v1/pipelines/p"),
+            ("delete", "/api/v1/pipelines/{name}", "/api/v1/pipelines/p"),
+            ("post", "/api/v1/pipelines/{name}/runs", "/api/v1/pipelines/p/runs"),
+            ("get", "/api/v1/runs", "/api/v1/runs"),
+            ("get", "/api/v1/runs/{id}", "/api/v1/runs/r"),
+            ("post", "/api/v1/runs/{id}/cancel", "/api/v1/runs/r/cancel"),
+            ("post", "/api/v1/runs/{id}/retry", "/api/v1/runs/r/retry"),
+            ("get", "/api/v1/events", "/api/v1/events"),
+        ];
+        for (method, template, concrete) in routes {
+            let op = &doc["paths"][template][method];
+            assert!(op.is_object(), "{method} {template} is not documented");
+            let m: axum::http::Method = method.to_uppercase().parse().unwrap();
+            assert_eq!(op["x-cim-role"].as_str(), auth::required_role(&m, concrete), "{method} {template}");
+        }
+        let documented: usize = doc["paths"].as_object().unwrap().values().map(|p| p.as_object().unwrap().len()).sum();
+        assert_eq!(documented, routes.len(), "the document has operations the router does not");
     }
 
     #[test]

@@ -36,6 +36,11 @@ pub fn required_role(method: &Method, path: &str) -> Option<&'static str> {
     if rest.starts_with("v1/status") || rest.starts_with("v1/nodes") {
         return Some(role::ADMIN);
     }
+    // Pipeline definitions are configuration: applying and removing one changes what happens
+    // to every unit, so it takes an admin; starting, cancelling and retrying runs is writing.
+    if (method == Method::POST && rest == "v1/pipelines") || (method == Method::DELETE && rest.starts_with("v1/pipelines/")) {
+        return Some(role::ADMIN);
+    }
     if method == Method::GET || method == Method::HEAD {
         Some(role::READER)
     } else {
@@ -181,6 +186,12 @@ mod tests {
         assert_eq!(required_role(&Method::GET, "/api/v1/status"), Some(role::ADMIN));
         assert_eq!(required_role(&Method::GET, "/api/v1/nodes"), Some(role::ADMIN));
         assert_eq!(required_role(&Method::GET, "/api/nope"), Some(role::READER));
+        assert_eq!(required_role(&Method::GET, "/api/v1/pipelines"), Some(role::READER));
+        assert_eq!(required_role(&Method::POST, "/api/v1/pipelines"), Some(role::ADMIN));
+        assert_eq!(required_role(&Method::DELETE, "/api/v1/pipelines/x"), Some(role::ADMIN));
+        assert_eq!(required_role(&Method::POST, "/api/v1/pipelines/x/runs"), Some(role::WRITER));
+        assert_eq!(required_role(&Method::GET, "/api/v1/runs/r"), Some(role::READER));
+        assert_eq!(required_role(&Method::POST, "/api/v1/runs/r/cancel"), Some(role::WRITER));
     }
 
     #[test]
