@@ -302,27 +302,29 @@ impl Engine {
         Ok(ack.sequence)
     }
 
-    /// Stores a message that could not be processed in `CIM_PIPELINE_DLQ` with the reason.
-    async fn dead_letter(&self, origin: &str, subject: &str, headers: Option<&HeaderMap>, payload: Bytes, reason: &str) -> Result<(), String> {
-        let mut h = headers.cloned().unwrap_or_default();
-        // The original id must not make the dead letter a "duplicate" of anything.
-        h.insert(H_MSG_ID, format!("dlq-{}", uuid::Uuid::now_v7()).as_str());
-        h.insert(pl::H_DEAD_LETTER_REASON, one_line(reason).as_str());
-        h.insert(pl::H_ORIGINAL_SUBJECT, subject);
-        for k in ["Nats-Expected-Last-Subject-Sequence", "Nats-Expected-Last-Subject-Sequence-Subject"] {
-            h.insert(k, "");
-        }
-        let mut clean = HeaderMap::new();
-        for (k, vs) in h.iter() {
-            for v in vs {
-                if !v.as_str().is_empty() {
-                    clean.append(k.clone(), v.clone());
+    /// Stores a message that could not be processed in `CIM_PIPELINE_DLQ`, as it was, with the
+    /// reason and its subject. `run_seq` (the run's last sequence, 0 for poison) makes the dead
+    /// letter's `Nats-Msg-Id`, so writing it again after a crash does not store it twice.
+    async fn dead_letter(&self, origin: &str, m: &jetstream::Message, reason: &str, run_seq: u64) -> Result<(), String> {
+        let item_seq = m.info().map(|i| i.stream_sequence).unwrap_or_default();
+        let mut headers = HeaderMap::new();
+        if let Some(original) = &m.headers {
+            for (k, vs) in original.iter() {
+                let name: &str = k.as_ref();
+                if name == H_MSG_ID || name.starts_with("Nats-Expected") {
+                    continue;
+                }
+                for v in vs {
+                    headers.append(k.clone(), v.clone());
                 }
             }
         }
+        headers.insert(H_MSG_ID, format!("dlq-{origin}-{item_seq}-{run_seq}").as_str());
+        headers.insert(pl::H_DEAD_LETTER_REASON, one_line(reason).as_str());
+        headers.insert(pl::H_ORIGINAL_SUBJECT, m.subject.as_str());
         let subject = pl::dead_letter(origin).map_err(|e| e.to_string())?;
-        self.js.publish_with_headers(subject, clean, payload).await.map_err(|e| e.to_string())?.await.map_err(|e| e.to_string())?;
-        tracing::warn!(origin, original = subject_for_log(headers), reason, "dead-lettered");
+        self.js.publish_with_headers(subject, headers, m.payload.clone()).await.map_err(|e| e.to_string())?.await.map_err(|e| e.to_string())?;
+        tracing::warn!(origin, subject = %m.subject, reason, "dead-lettered");
         Ok(())
     }
 
@@ -403,7 +405,7 @@ impl Engine {
             Ok(Some(f)) => f,
             Ok(None) => return Ok(()),
             Err(reason) => {
-                return self.dead_letter(pl::DLQ_TRIGGERS, &m.subject, m.headers.as_ref(), m.payload.clone(), &reason).await;
+                return self.dead_letter(pl::DLQ_TRIGGERS, m, &reason, 0).await;
             }
         };
         let env = Envelope::from_headers(m.headers.as_ref().ok_or("no headers")?).map_err(|e| e.to_string())?;
@@ -501,13 +503,13 @@ impl Engine {
         loop {
             // Take only as much work as there are free run permits.
             let permit = tokio::select! {
-                _ = self.ctx.stopping() => return,
+                _ = self.ctx.stopping() => return self.idle().await,
                 p = self.runs.acquire() => match p { Ok(p) => p, Err(_) => return },
             };
             drop(permit);
             let free = self.runs.available_permits().max(1);
             let batch = tokio::select! {
-                _ = self.ctx.stopping() => return,
+                _ = self.ctx.stopping() => return self.idle().await,
                 b = consumer.fetch().max_messages(free).expires(Duration::from_secs(1)).messages() => b,
             };
             let mut batch = match batch {
@@ -528,6 +530,11 @@ impl Engine {
                 });
             }
         }
+    }
+
+    /// Waits until no run is in flight (a drained instance holds no work).
+    async fn idle(&self) {
+        let _ = self.runs.acquire_many(self.args.max_runs as u32).await;
     }
 
     async fn run_consumer(&self) -> anyhow::Result<jetstream::consumer::Consumer<pull::Config>> {
@@ -580,7 +587,7 @@ impl Engine {
         let run_id = match subject::parse_event(&m.subject) {
             Ok(s) => s.id,
             Err(e) => {
-                self.dead_letter(pl::DLQ_RUNS, &m.subject, m.headers.as_ref(), m.payload.clone(), &e.to_string()).await?;
+                self.dead_letter(pl::DLQ_RUNS, m, &e.to_string(), 0).await?;
                 return Ok(Duration::ZERO);
             }
         };
@@ -589,11 +596,11 @@ impl Engine {
                 Ok(Some(r)) => r,
                 Ok(None) => {
                     let reason = format!("run {run_id} has no requested event");
-                    self.dead_letter(pl::DLQ_RUNS, &m.subject, m.headers.as_ref(), m.payload.clone(), &reason).await?;
+                    self.dead_letter(pl::DLQ_RUNS, m, &reason, 0).await?;
                     return Ok(Duration::ZERO);
                 }
                 Err(e) if e.contains("does not decode") || e.contains("envelope") => {
-                    self.dead_letter(pl::DLQ_RUNS, &m.subject, m.headers.as_ref(), m.payload.clone(), &e).await?;
+                    self.dead_letter(pl::DLQ_RUNS, m, &e, 0).await?;
                     return Ok(Duration::ZERO);
                 }
                 Err(e) => return Err(e),
@@ -747,11 +754,14 @@ impl Engine {
         self.fail_at(&run.info.run_id, run.info.last_seq, parent, step, error, m).await
     }
 
-    /// The run failed: record it, then dead-letter its work item with the reason.
+    /// The run failed: dead-letter its work item with the reason, then record the failure (in
+    /// this order, so a crash between the two repeats the dead letter, de-duplicated, rather
+    /// than lose it).
     async fn fail_at(&self, run_id: &str, seq: u64, parent: &Envelope, step: &str, error: &str, m: &jetstream::Message) -> Result<(), Publish> {
-        self.publish_run(run_id, action::FAILED, &RunFailed { run_id: run_id.into(), step: step.into(), error: one_line(error) }, parent, seq).await?;
         let reason = format!("run {run_id} failed at step {step}: {error}");
-        self.dead_letter(pl::DLQ_RUNS, &m.subject, m.headers.as_ref(), m.payload.clone(), &reason).await.map_err(Publish::Failed)
+        self.dead_letter(pl::DLQ_RUNS, m, &reason, seq).await.map_err(Publish::Failed)?;
+        self.publish_run(run_id, action::FAILED, &RunFailed { run_id: run_id.into(), step: step.into(), error: one_line(error) }, parent, seq).await?;
+        Ok(())
     }
 
     // ---- concurrency slots ----
@@ -1335,10 +1345,6 @@ fn split_items(bytes: &[u8], split: &str) -> Result<Vec<Bytes>, String> {
 fn one_line(s: &str) -> String {
     let line: String = s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
     line.chars().take(1000).collect()
-}
-
-fn subject_for_log(headers: Option<&HeaderMap>) -> String {
-    headers.and_then(|h| h.get("ce-type")).map(|v| v.to_string()).unwrap_or_default()
 }
 
 fn hex(bytes: &[u8]) -> String {
