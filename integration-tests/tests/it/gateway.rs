@@ -2,8 +2,9 @@
 //! and a real nats-server: the HTTP API (units, byte ranges, tags, links, components, status,
 //! OpenAPI), the auth matrix with tokens from `cimctl token`, bad input that writes nothing,
 //! CORS, rate limits, live events over SSE with resume by `Last-Event-ID`, and the gRPC API
-//! through its generated client, with server reflection and the health service; and the web
-//! UI end to end in headless Chromium driven over WebDriver (chromedriver).
+//! through its generated client, with server reflection and the health service; pipelines and
+//! runs in front of a real plugin-host and pipeline-engine; and the web UI end to end in
+//! headless Chromium driven over WebDriver (chromedriver).
 
 use std::time::Duration;
 
@@ -15,11 +16,13 @@ use serde_json::Value;
 
 use crate::common::{ServiceProc, bin, wait_ready};
 
-/// A leaf: nats-server, information-unit, registry and the gateway on a free port.
+/// A leaf: nats-server, information-unit, registry and the gateway on a free port (and, for
+/// pipelines, plugin-host and pipeline-engine).
 struct Gateway {
     nats: NatsServer,
     _iu: ServiceProc,
     _registry: ServiceProc,
+    _others: Vec<ServiceProc>,
     gw: ServiceProc,
     base: String,
     grpc: String,
@@ -32,10 +35,21 @@ fn free_port() -> Result<u16> {
 
 impl Gateway {
     async fn start(extra: &[&str]) -> Result<Gateway> {
+        Self::start_with(extra, &[]).await
+    }
+
+    /// Also starts `others` (each waited for) before the gateway.
+    async fn start_with(extra: &[&str], others: &[Component]) -> Result<Gateway> {
         let nats = NatsServer::start().await?;
         let client = nats.connect().await;
         let iu = ServiceProc::start(Component::InformationUnit, &nats.url(), &[])?;
         let registry = ServiceProc::start(Component::Registry, &nats.url(), &[])?;
+        let mut started = Vec::new();
+        for c in others {
+            let svc = ServiceProc::start(*c, &nats.url(), &[])?;
+            wait_ready(&client, &svc).await?;
+            started.push(svc);
+        }
         let listen = format!("127.0.0.1:{}", free_port()?);
         let grpc = format!("127.0.0.1:{}", free_port()?);
         let mut args = vec!["--gateway-listen", listen.as_str(), "--gateway-grpc-listen", grpc.as_str()];
@@ -45,7 +59,7 @@ impl Gateway {
         wait_ready(&client, &registry).await?;
         wait_ready(&client, &gw).await?;
         let http = reqwest::Client::builder().no_proxy().build()?;
-        Ok(Gateway { nats, _iu: iu, _registry: registry, gw, base: format!("http://{listen}"), grpc: format!("http://{grpc}"), http })
+        Ok(Gateway { nats, _iu: iu, _registry: registry, _others: started, gw, base: format!("http://{listen}"), grpc: format!("http://{grpc}"), http })
     }
 
     async fn token(&self, name: &str, role: &str) -> Result<(String, String)> {
@@ -73,6 +87,30 @@ impl Gateway {
         let status = r.status().as_u16();
         let bytes = r.bytes().await?;
         Ok((status, serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))))
+    }
+
+    async fn send(&self, method: &str, token: &str, path: &str, body: impl Into<reqwest::Body>) -> Result<(u16, Value)> {
+        let r = self.http.request(method.parse()?, self.url(path)).bearer_auth(token).body(body).send().await?;
+        let status = r.status().as_u16();
+        let bytes = r.bytes().await?;
+        Ok((status, serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))))
+    }
+
+    /// Events in the pipeline engine's stream: what "nothing written" is for definitions.
+    async fn pipeline_events(&self) -> Result<u64> {
+        let js = async_nats::jetstream::new(self.nats.connect().await);
+        let mut events = js.get_stream(resources::events_stream(Component::PipelineEngine).name).await?;
+        Ok(events.info().await?.state.messages)
+    }
+
+    /// Waits until run `id` is in `state`.
+    async fn wait_run(&self, token: &str, id: &str, state: &str) -> Result<Value> {
+        eventually(Duration::from_secs(60), &format!("run {id} {state}"), || async {
+            let (s, run) = self.get(token, &format!("/api/v1/runs/{id}")).await?;
+            anyhow::ensure!(s == 200 && run["state"] == state, "{s} {run}");
+            Ok(run)
+        })
+        .await
     }
 
     /// Number of objects in the content bucket and events in the iu stream: what "nothing
@@ -181,6 +219,12 @@ async fn gateway_units_api_round_trip_with_ranges_links_and_system_views() -> Re
     let (s, p) = g.get(&writer, "/api/v1/plugins").await?;
     assert_eq!(s, 503, "{p}");
     assert!(p["error"].as_str().unwrap().contains("plugin host"), "{p}");
+    // No pipeline engine either: 503 naming it.
+    let (s, p) = g.get(&writer, "/api/v1/pipelines").await?;
+    assert_eq!(s, 503, "{p}");
+    assert!(p["error"].as_str().unwrap().contains("pipeline engine"), "{p}");
+    let (s, p) = g.get(&writer, "/api/v1/runs").await?;
+    assert_eq!(s, 503, "{p}");
 
     // The web UI is served.
     let r = g.http.get(g.url("/")).send().await?;
@@ -395,6 +439,165 @@ async fn gateway_live_events_resume_after_reconnect() -> Result<()> {
         .await?;
     let got = sse_events(&mut filtered, 3).await?;
     assert!(got.iter().all(|(_, d)| d["subject"].as_str().unwrap().ends_with(".created")));
+    Ok(())
+}
+
+/// Pipelines and runs through the gateway, in front of a real plugin-host and pipeline-engine:
+/// the shipped example applied over HTTP (admin only), triggered by an upload, its run and
+/// steps, live run events over SSE, refused definitions that write nothing, manual runs, and
+/// cancel/retry refused (409) where the run's state does not allow them.
+#[tokio::test(flavor = "multi_thread")]
+async fn gateway_pipelines_and_runs_over_the_engine() -> Result<()> {
+    use cim_events::pipeline as pl;
+    let g = Gateway::start_with(&[], &[Component::PluginHost, Component::PipelineEngine]).await?;
+    let (_, reader) = g.token("pl-reader", "reader").await?;
+    let (_, writer) = g.token("pl-writer", "writer").await?;
+    let (_, admin) = g.token("pl-admin", "admin").await?;
+    let example = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/pipelines/text-ingest.json"))?;
+
+    // Applying a definition is configuration: readers and writers are refused, nothing written.
+    for token in [&reader, &writer] {
+        let (s, e) = g.post(token, "/api/v1/pipelines", example.clone()).await?;
+        assert_eq!(s, 403, "{e}");
+        assert!(e["error"].as_str().unwrap().contains("needs admin"), "{e}");
+    }
+    assert_eq!(g.pipeline_events().await?, 0);
+    let (s, applied) = g.post(&admin, "/api/v1/pipelines", example.clone()).await?;
+    assert_eq!(s, 201, "{applied}");
+    assert_eq!((applied["name"].as_str(), applied["version"].as_u64(), applied["unchanged"].as_bool()), (Some("text-ingest"), Some(1), Some(false)));
+    let (s, again) = g.post(&admin, "/api/v1/pipelines", example.clone()).await?;
+    assert_eq!((s, again["unchanged"].as_bool()), (200, Some(true)), "{again}");
+    let (s, list) = g.get(&reader, "/api/v1/pipelines").await?;
+    assert_eq!(s, 200, "{list}");
+    assert_eq!(list["pipelines"][0]["name"], "text-ingest", "{list}");
+    let (s, one) = g.get(&reader, "/api/v1/pipelines/text-ingest").await?;
+    assert_eq!(s, 200, "{one}");
+    assert_eq!(one["definition"]["trigger"]["on"], "unit.created", "{one}");
+    assert_eq!(one["active"], true);
+
+    // Refused definitions: the engine's message, 400, and nothing written.
+    let written = g.pipeline_events().await?;
+    let bad: [(&str, &str); 5] = [
+        (r#"{"name":"bad","trigger":{"on":"unit.exploded"},"steps":[{"id":"t","tag":["x"]}]}"#, "unit.exploded"),
+        (r#"{"name":"bad","trigger":{"on":"manual"},"steps":[{"id":"p","plugin":"no-such-plugin@9.9.9"}]}"#, "unknown plugin"),
+        (r#"{"name":"bad","trigger":{"on":"manual"},"steps":[{"id":"t","tag":["x"]}],"surprise":1}"#, "surprise"),
+        ("{not json", "malformed json"),
+        ("[1,2]", "json object"),
+    ];
+    for (body, message) in bad {
+        let (s, e) = g.post(&admin, "/api/v1/pipelines", body).await?;
+        assert_eq!(s, 400, "{body}: {e}");
+        assert!(e["error"].as_str().is_some_and(|m| m.contains(message)), "{body}: {e}");
+    }
+    let (s, e) = g.get(&reader, "/api/v1/pipelines/bad").await?;
+    assert_eq!(s, 404, "{e}");
+    assert_eq!(g.pipeline_events().await?, written, "refused definitions wrote nothing");
+
+    // An uploaded text unit triggers a run that completes with its five steps.
+    let (s, created) = g.post(&writer, "/api/v1/units?name=notes.txt", "First line\r\nsecond line  \n").await?;
+    assert_eq!(s, 201, "{created}");
+    let unit = created["unit_id"].as_str().context("unit_id")?.to_string();
+    let (_, u) = g.get(&reader, &format!("/api/v1/units/{unit}")).await?;
+    assert!(u["media_type"].as_str().unwrap().starts_with("text/plain"), "{u}");
+    let run = eventually(Duration::from_secs(60), "a completed text-ingest run", || async {
+        let (s, runs) = g.get(&reader, "/api/v1/runs?pipeline=text-ingest").await?;
+        anyhow::ensure!(s == 200, "{s} {runs}");
+        let run = runs["runs"].as_array().unwrap().iter().find(|r| r["state"] == "completed").cloned();
+        run.with_context(|| format!("{runs}"))
+    })
+    .await?;
+    let id = run["run_id"].as_str().context("run_id")?.to_string();
+    assert_eq!(run["unit_id"], unit.as_str(), "{run}");
+    let (s, detail) = g.get(&reader, &format!("/api/v1/runs/{id}")).await?;
+    assert_eq!(s, 200, "{detail}");
+    let steps: Vec<(&str, &str)> = detail["steps"].as_array().unwrap().iter().map(|s| (s["step"].as_str().unwrap(), s["state"].as_str().unwrap())).collect();
+    assert_eq!(
+        steps,
+        [("normalize", "completed"), ("classify", "completed"), ("tag", "completed"), ("label", "completed"), ("summary", "completed")],
+        "{detail}"
+    );
+    let (_, filtered) = g.get(&reader, &format!("/api/v1/runs?state=completed&unit_id={unit}&limit=5")).await?;
+    assert!(filtered["runs"].as_array().unwrap().iter().any(|r| r["run_id"] == id.as_str()), "{filtered}");
+    let (_, counts) = g.get(&reader, "/api/v1/pipelines/text-ingest").await?;
+    assert_eq!(counts["runs"]["completed"], 1, "{counts}");
+
+    // The run's events are live events of component=pipeline.
+    let mut live = g
+        .http
+        .get(g.url("/api/v1/events"))
+        .query(&[("component", "pipeline"), ("after", "0"), ("filter", &pl::run_action(pl::action::COMPLETED)?)])
+        .bearer_auth(&reader)
+        .send()
+        .await?;
+    assert_eq!(live.status().as_u16(), 200);
+    let got = sse_events(&mut live, 1).await?;
+    assert_eq!(got[0].1["subject"], pl::run_event(&id, pl::action::COMPLETED)?.as_str(), "{got:?}");
+    drop(live);
+
+    // Bad queries and unknown runs.
+    for (path, want) in [
+        ("/api/v1/runs/0190a0a0-0000-7000-8000-000000000000".to_string(), 404),
+        ("/api/v1/runs/a.b".to_string(), 400),
+        ("/api/v1/runs?state=exploded".to_string(), 400),
+        ("/api/v1/runs?limit=many".to_string(), 400),
+        ("/api/v1/runs?pipeline=Not_A_Name".to_string(), 400),
+        ("/api/v1/pipelines/Not_A_Name".to_string(), 400),
+    ] {
+        let (s, e) = g.get(&reader, &path).await?;
+        assert_eq!(s, want, "{path}: {e}");
+        assert!(e["error"].is_string(), "{path}: {e}");
+    }
+
+    // A manual run about the unit: writers may start one, readers may not.
+    let body = format!(r#"{{"unit_id":"{unit}","params":{{"why":"test"}}}}"#);
+    let (s, e) = g.post(&reader, "/api/v1/pipelines/text-ingest/runs", body.clone()).await?;
+    assert_eq!(s, 403, "{e}");
+    let (s, started) = g.post(&writer, "/api/v1/pipelines/text-ingest/runs", body).await?;
+    assert_eq!(s, 201, "{started}");
+    let manual = started["run_id"].as_str().context("run_id")?.to_string();
+    let done = g.wait_run(&reader, &manual, "completed").await?;
+    assert_eq!((done["trigger"].as_str(), done["params"]["why"].as_str()), (Some("manual"), Some("test")), "{done}");
+    // An ended run cannot be cancelled, a completed one not retried.
+    let (s, e) = g.post(&writer, &format!("/api/v1/runs/{manual}/cancel"), "").await?;
+    assert_eq!(s, 409, "{e}");
+    assert!(e["error"].as_str().unwrap().contains("completed"), "{e}");
+    let (s, e) = g.post(&writer, &format!("/api/v1/runs/{manual}/retry"), "").await?;
+    assert_eq!(s, 409, "{e}");
+    let (s, e) = g.post(&reader, &format!("/api/v1/runs/{manual}/retry"), "").await?;
+    assert_eq!(s, 403, "{e}");
+    let (s, e) = g.post(&writer, "/api/v1/runs/0190a0a0-0000-7000-8000-000000000000/cancel", "").await?;
+    assert_eq!(s, 404, "{e}");
+
+    // A manual run without a unit fails (the first step reads unit.content); it can be retried,
+    // not cancelled.
+    let (s, started) = g.post(&writer, "/api/v1/pipelines/text-ingest/runs", "").await?;
+    assert_eq!(s, 201, "{started}");
+    let unitless = started["run_id"].as_str().context("run_id")?.to_string();
+    let failed = g.wait_run(&reader, &unitless, "failed").await?;
+    assert!(failed["error"].as_str().unwrap().contains("unit.content"), "{failed}");
+    let (s, e) = g.post(&writer, &format!("/api/v1/runs/{unitless}/cancel"), r#"{"reason":"too late"}"#).await?;
+    assert_eq!(s, 409, "{e}");
+    let (s, retried) = g.post(&writer, &format!("/api/v1/runs/{unitless}/retry"), r#"{"reason":"once more"}"#).await?;
+    assert_eq!(s, 200, "{retried}");
+    assert_eq!(retried["run_id"], unitless.as_str());
+    let (s, e) = g.post(&writer, &format!("/api/v1/runs/{unitless}/retry"), r#"{"bogus":1}"#).await?;
+    assert_eq!(s, 400, "{e}");
+    let (s, e) = g.post(&writer, "/api/v1/pipelines/nope/runs", "").await?;
+    assert_eq!(s, 404, "{e}");
+    let (s, e) = g.post(&writer, "/api/v1/pipelines/text-ingest/runs", r#"{"unit_id":"../x"}"#).await?;
+    assert_eq!(s, 400, "{e}");
+
+    // Removing is admin only; a removed pipeline is inactive, and removing it again is 404.
+    let (s, e) = g.send("DELETE", &writer, "/api/v1/pipelines/text-ingest", "").await?;
+    assert_eq!(s, 403, "{e}");
+    let (s, removed) = g.send("DELETE", &admin, "/api/v1/pipelines/text-ingest?reason=done", "").await?;
+    assert_eq!(s, 200, "{removed}");
+    let (s, e) = g.send("DELETE", &admin, "/api/v1/pipelines/text-ingest", "").await?;
+    assert_eq!(s, 404, "{e}");
+    let (_, gone) = g.get(&reader, "/api/v1/pipelines/text-ingest").await?;
+    assert_eq!(gone["active"], false, "{gone}");
+    let (s, e) = g.post(&writer, "/api/v1/pipelines/text-ingest/runs", "").await?;
+    assert_eq!(s, 404, "{e}");
     Ok(())
 }
 
