@@ -784,9 +784,14 @@ impl Browser {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn gateway_web_ui_end_to_end_in_headless_chromium() -> Result<()> {
-    let g = Gateway::start(&[]).await?;
+    let g = Gateway::start_with(&[], &[Component::PluginHost, Component::PipelineEngine]).await?;
     let (_, writer) = g.token("browser", "writer").await?;
+    let (_, admin) = g.token("browser-admin", "admin").await?;
     let browser = Browser::start().await?;
+    // The shipped example pipeline: the upload below triggers it, and its summary is linked to the upload.
+    let example = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/pipelines/text-ingest.json"))?;
+    let (s, applied) = g.post(&admin, "/api/v1/pipelines", example).await?;
+    assert_eq!(s, 201, "{applied}");
 
     // Log in.
     browser.cmd(reqwest::Method::POST, "/url", serde_json::json!({ "url": g.url("/") })).await?;
@@ -821,6 +826,29 @@ async fn gateway_web_ui_end_to_end_in_headless_chromium() -> Result<()> {
         .wait_js("tagged event in the live panel", &format!("return [...document.querySelectorAll('#events-log .event')].map(e => e.textContent).find(t => t.includes('{id}.tagged')) || ''"))
         .await?;
     assert!(line.as_str().unwrap().contains("cim.evt.iu.unit."), "{line}");
+
+    // The pipelines view: the run the upload triggered, updated live until completed, with its steps.
+    browser.click("#nav-pipelines").await?;
+    browser.wait_js("pipeline listed", "return [...document.querySelectorAll('.pipeline-row')].some(r => r.dataset.name === 'text-ingest')").await?;
+    browser.wait_js("runs live", "return document.getElementById('runs-live').textContent === '(live)'").await?;
+    browser
+        .wait_js("run completed", &format!("return [...document.querySelectorAll('.run-row')].some(r => r.textContent.includes('{}') && r.querySelector('.run-state').textContent === 'completed')", &id[..8]))
+        .await?;
+    browser.js("document.querySelector('.run-link').click()").await?;
+    let steps = browser.wait_js("steps shown", "const s = [...document.querySelectorAll('#run-steps .step-state')].map(e => e.textContent); return s.length === 5 && s.every(x => x === 'completed') && s.join(',')").await?;
+    assert_eq!(steps, "completed,completed,completed,completed,completed");
+    browser.wait_js("completed count", "return document.querySelector('.pipeline-row .count-completed').textContent === '1'").await?;
+
+    // The unit's links as a graph: the summary the run wrote points at it (summary-of).
+    browser.js("[...document.querySelectorAll('#run-rows .unit-link')][0].click()").await?;
+    browser.wait_js("detail shown again", "return document.getElementById('detail-name').textContent === 'browser-upload.txt'").await?;
+    let graph = browser
+        .wait_js("link graph drawn", "const g = document.getElementById('graph-svg'); return g && g.querySelectorAll('.node').length === 2 && [...g.querySelectorAll('.edge-label')].map(e => e.textContent).join(',')")
+        .await?;
+    assert_eq!(graph, "summary-of");
+    let titles = browser.js("return [...document.querySelectorAll('#graph-svg .node title')].map(t => t.textContent).join('|')").await?;
+    let titles = titles.as_str().context("node titles")?;
+    assert!(titles.starts_with("browser-upload.txt.summary.txt (") && titles.contains(&format!("|browser-upload.txt ({id})")), "{titles}");
 
     // The screenshot is a test artifact.
     let png = browser.cmd(reqwest::Method::GET, "/screenshot", Value::Null).await?;
