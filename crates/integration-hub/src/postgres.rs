@@ -131,8 +131,12 @@ pub async fn project(ctx: Ctx, js: jetstream::Context, pg: Postgres) {
                         let _ = m.double_ack().await;
                     }
                     Err(e) => {
-                        // Not written: give it back (redelivered in order of the stream).
+                        // Not written: give it back, and the rest of the batch with it (all
+                        // redelivered at once after the delay, not after the ack wait).
                         let _ = m.ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                        while let Some(Ok(rest)) = batch.next().await {
+                            let _ = rest.ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                        }
                         if !wait_retry(&ctx, &pg, "writing an event row", e).await {
                             return;
                         }
@@ -226,7 +230,7 @@ async fn move_batch(
     let rows = tx
         .query(&format!("SELECT id, tbl, op, row_json FROM {outbox} ORDER BY id LIMIT 100 FOR UPDATE SKIP LOCKED"), &[])
         .await?;
-    let mut last = 0i64;
+    let mut moved: Vec<i64> = Vec::with_capacity(rows.len());
     for row in &rows {
         let change = TableChanged { connector: pg.name.clone(), table: row.get(1), op: row.get(2), row_json: row.get(3), outbox_id: row.get(0) };
         let env = Envelope::root::<TableChanged>(ce_source.to_string());
@@ -234,10 +238,13 @@ async fn move_batch(
         env.write_headers(&mut headers);
         headers.insert(H_MSG_ID, hub::table_changed_msg_id(&pg.name, change.outbox_id).as_str());
         js.publish_with_headers(subject.to_string(), headers, change.encode_to_vec().into()).await?.await?;
-        last = change.outbox_id;
+        moved.push(change.outbox_id);
     }
-    if !rows.is_empty() {
-        tx.execute(&format!("DELETE FROM {outbox} WHERE id <= $1"), &[&last]).await?;
+    // Exactly the rows published: not `id <= last`, which would also delete rows this
+    // transaction never saw (committed out of id order after the SELECT, or locked by another
+    // instance and skipped) without publishing them.
+    if !moved.is_empty() {
+        tx.execute(&format!("DELETE FROM {outbox} WHERE id = ANY($1)"), &[&moved]).await?;
     }
     tx.commit().await?;
     Ok(rows.len())

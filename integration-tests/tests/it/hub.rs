@@ -684,6 +684,214 @@ async fn hub_postgres_connector_projects_events_into_a_table_and_table_changes_i
     Ok(())
 }
 
+// ---- PostgreSQL connector across a restart of a PostgreSQL of the test's own ----
+
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// `runuser -u postgres -- <PG_BIN>/<tool> args…`: initdb and postgres refuse to run as root.
+fn as_postgres(tool: &str, args: &[&str]) -> std::process::Command {
+    let mut c = std::process::Command::new("runuser");
+    c.args(["-u", "postgres", "--", &format!("{PG_BIN}/{tool}")]).args(args);
+    c
+}
+
+/// A PostgreSQL of this test only: a fresh cluster in a temporary directory, run by the
+/// `postgres` OS user on its own loopback port, socket in the directory. It may be stopped and
+/// started at will; it is stopped (immediately) when dropped. The machine's shared server on
+/// 5432 is never touched.
+struct PrivatePostgres {
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl PrivatePostgres {
+    async fn start() -> Result<PrivatePostgres> {
+        let dir = tempfile::Builder::new().prefix("cim-it-pg").tempdir_in("/tmp")?;
+        let out = std::process::Command::new("chown").arg("postgres:postgres").arg(dir.path()).output()?;
+        anyhow::ensure!(out.status.success(), "chown: {}", String::from_utf8_lossy(&out.stderr));
+        std::fs::create_dir(dir.path().join("sock"))?;
+        std::process::Command::new("chown").arg("postgres:postgres").arg(dir.path().join("sock")).output()?;
+        let data = dir.path().join("data");
+        let out = tokio::process::Command::from(as_postgres("initdb", &["-D", data.to_str().unwrap(), "-A", "trust", "-U", "postgres", "--no-sync"]))
+            .output()
+            .await
+            .context("running initdb")?;
+        anyhow::ensure!(out.status.success(), "initdb: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let pg = PrivatePostgres { dir, port: cim_testkit::free_port() };
+        pg.up().await?;
+        Ok(pg)
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").to_string_lossy().into_owned()
+    }
+
+    /// Starts the server and waits until it accepts connections.
+    async fn up(&self) -> Result<()> {
+        let opts = format!("-p {} -k {} -c listen_addresses=127.0.0.1", self.port, self.dir.path().join("sock").display());
+        let log = self.dir.path().join("postgres.log");
+        let out = tokio::process::Command::from(as_postgres("pg_ctl", &["-D", &self.data(), "-l", log.to_str().unwrap(), "-o", &opts, "-w", "-t", "60", "start"]))
+            .output()
+            .await?;
+        anyhow::ensure!(out.status.success(), "pg_ctl start: {}{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr), std::fs::read_to_string(&log).unwrap_or_default());
+        Ok(())
+    }
+
+    /// Stops the server the hard way (`-m immediate`: every connection cut, no checkpoint, crash
+    /// recovery at the next start), like a crash or a power cut of the database host.
+    async fn kill(&self) -> Result<()> {
+        let out = tokio::process::Command::from(as_postgres("pg_ctl", &["-D", &self.data(), "-m", "immediate", "-w", "stop"])).output().await?;
+        anyhow::ensure!(out.status.success(), "pg_ctl stop: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(())
+    }
+
+    fn url(&self) -> String {
+        format!("host=127.0.0.1 port={} user=postgres dbname=postgres", self.port)
+    }
+
+    async fn psql(&self, sql: &str) -> Result<String> {
+        let out = tokio::process::Command::new("psql")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-Atc", sql])
+            .output()
+            .await
+            .context("running psql")?;
+        anyhow::ensure!(out.status.success(), "psql {sql:?}: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = as_postgres("pg_ctl", &["-D", &self.data(), "-m", "immediate", "-w", "stop"]).output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hub_postgres_connector_loses_and_repeats_nothing_across_a_database_restart() -> Result<()> {
+    let pg = std::sync::Arc::new(PrivatePostgres::start().await?);
+    let nats = NatsServer::start().await?;
+    let js = jetstream::new(nats.connect().await);
+    iu_stream(&js).await?;
+    pg.psql("CREATE TABLE orders (id int PRIMARY KEY, item text NOT NULL)").await?;
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("hub.json");
+    std::fs::write(
+        &config,
+        serde_json::json!({ "postgres": [{
+            "name": "erp", "url_env": "CIM_TEST_PG_URL",
+            "project": { "filter": "cim.evt.iu.unit.*.created", "table": "cim_iu_events", "deliver": "all" },
+            "watch": ["orders"], "poll_ms": 20,
+        }]})
+        .to_string(),
+    )?;
+    let url = pg.url();
+    let env = [("CIM_TEST_PG_URL", url.as_str())];
+    let (svc, _) = start_hub(&nats, &config, &env).await?;
+
+    // Both ways at once: events published into the stream, rows inserted into the table (each
+    // insert retried until PostgreSQL confirms it; ON CONFLICT keeps a retry of an insert whose
+    // commit was not confirmed from inserting twice).
+    let publisher = {
+        let js = js.clone();
+        tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for n in 0..80 {
+                ids.push(publish_unit(&js, n).await?);
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            anyhow::Ok(ids)
+        })
+    };
+    let writer = {
+        let pg = pg.clone();
+        tokio::spawn(async move {
+            for id in 1..=40 {
+                while pg.psql(&format!("INSERT INTO orders VALUES ({id}, 'item {id}') ON CONFLICT DO NOTHING")).await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            anyhow::Ok(())
+        })
+    };
+    let changes = |js: jetstream::Context| async move {
+        let out: Vec<cim_events::proto::hub::TableChanged> = hub_events(&js, hub::table_changed("erp")?).await?.into_iter().map(|(_, c)| c).collect();
+        anyhow::Ok(out)
+    };
+    // Mid-stream: some rows and some changes have made it, more are on the way.
+    eventually(READY, "both directions flowing", || async {
+        let rows: usize = pg.psql("SELECT count(*) FROM cim_iu_events").await?.parse()?;
+        let moved = changes(js.clone()).await?.len();
+        anyhow::ensure!(rows >= 5 && moved >= 5, "{rows} rows, {moved} changes");
+        Ok(())
+    })
+    .await?;
+    pg.kill().await?;
+    assert!(!publisher.is_finished() && !writer.is_finished(), "stopped mid-stream");
+    // Down: more events arrive (the publisher goes on, and ten more after it).
+    let mut ids = publisher.await??;
+    for n in 100..110 {
+        ids.push(publish_unit(&js, n).await?);
+    }
+    let down_rows = {
+        let stream = js.get_stream(resources::events_stream(Component::InformationUnit).name).await?;
+        let info = stream.consumer_info(hub::projection_consumer("erp")?).await?;
+        info.num_pending + info.num_ack_pending as u64
+    };
+    assert!(down_rows >= 10, "events wait for the database: {down_rows}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    pg.up().await?;
+    // Back: the writer finishes, then rows are updated, inserted and deleted.
+    writer.await??;
+    pg.psql("UPDATE orders SET item = item || ' (changed)' WHERE id <= 5").await?;
+    pg.psql("INSERT INTO orders VALUES (100, 'late'), (101, 'later'); DELETE FROM orders WHERE id = 100").await?;
+
+    // Events → rows: every event exactly once, in stream order.
+    let rows = eventually(LONG_PG, "every event projected", || async {
+        let rows = pg.psql("SELECT event_id FROM cim_iu_events ORDER BY seq").await?;
+        anyhow::ensure!(rows.lines().count() >= ids.len(), "{} of {} rows", rows.lines().count(), ids.len());
+        Ok(rows)
+    })
+    .await?;
+    let got: Vec<&str> = rows.lines().collect();
+    assert_eq!(got, ids.iter().map(String::as_str).collect::<Vec<_>>(), "every event once, in order");
+
+    // Table changes → events: every change exactly once, in outbox order.
+    let mut expected: Vec<(String, i64)> = (1..=40).map(|id| ("INSERT".to_string(), id)).collect();
+    expected.extend((1..=5).map(|id| ("UPDATE".to_string(), id)));
+    expected.extend([("INSERT".to_string(), 100), ("INSERT".to_string(), 101), ("DELETE".to_string(), 100)]);
+    let got = eventually(LONG_PG, "every row change as an event", || async {
+        let got = changes(js.clone()).await?;
+        anyhow::ensure!(got.len() >= expected.len(), "{} of {} changes", got.len(), expected.len());
+        Ok(got)
+    })
+    .await?;
+    // Let a late repeat show itself before counting.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let got = { let again = changes(js.clone()).await?; assert_eq!(again.len(), got.len(), "no late repeats"); again };
+    assert!(got.windows(2).all(|w| w[0].outbox_id < w[1].outbox_id), "in outbox order, none repeated: {:?}", got.iter().map(|c| c.outbox_id).collect::<Vec<_>>());
+    let seen: Vec<(String, i64)> = got
+        .iter()
+        .map(|c| {
+            let row: serde_json::Value = serde_json::from_str(&c.row_json).unwrap_or_default();
+            (c.op.clone(), row["id"].as_i64().unwrap_or(-1))
+        })
+        .collect();
+    assert_eq!(seen, expected);
+    eventually(READY, "the outbox drained", || async {
+        anyhow::ensure!(pg.psql("SELECT count(*) FROM cim_outbox_erp").await? == "0");
+        Ok(())
+    })
+    .await?;
+    let log = svc.log();
+    assert!(log.contains("retrying"), "the hub saw the outage:\n{log}");
+    assert!(!log.contains("dbname=postgres"), "the connection string stays out of the log");
+    Ok(())
+}
+
+/// Long enough for a reconnect and the redelivery of events handed out before the outage.
+const LONG_PG: Duration = Duration::from_secs(90);
+
 // ---- MQTT connector, against our own Mosquitto (the system one is never restarted) ----
 
 /// A Mosquitto of this test: loopback, anonymous, persistent sessions in `dir`.
