@@ -19,7 +19,9 @@
 //!   its KV and object buckets fully; and read its account's JetStream information;
 //! - plus, for the registry, what it does with the others: listen to every lifecycle message
 //!   (`cim.svc.>`), ask any component's instances to describe themselves
-//!   (`cim.qry.<token>.describe`), and send control messages (`cim.ctl.>`).
+//!   (`cim.qry.<token>.describe`), and send control messages (`cim.ctl.>`);
+//! - plus, for the gateway, the pipeline engine, the storage manager and the integration hub,
+//!   what each does with the others (see `permissions`).
 
 use std::process::ExitCode;
 
@@ -236,6 +238,32 @@ pub fn permissions(component: Component) -> Result<Permissions> {
         }
         publish.push(format!("$JS.ACK.{stream}.>"));
     }
+    // The integration hub: webhooks with `target: unit` and the S3 import create units — the
+    // information unit's commands and queries, content in its content bucket (as cim-iu-client
+    // does); outbound subscriptions and the MQTT and PostgreSQL projections read any
+    // component's events (`cim.evt.<component>.…`) with their durable consumers
+    // (`hub-out-<name>`, `hub-mqtt-<name>`, `hub-pg-<name>`: created, looked up, fetched from
+    // and acknowledged, never deleted); every instance hears pause/resume on core NATS.
+    if component == Component::IntegrationHub {
+        publish.push(below(&subject::command(Component::InformationUnit, "action")?, 3));
+        publish.push(below(&subject::query(Component::InformationUnit, "query")?, 3));
+        subscribe.push(cim_events::hub::subscription_states());
+        for obj in resources::object_buckets(Component::InformationUnit) {
+            publish.push(below(&subject::all_object_chunks(&obj.bucket)?, 2));
+            streams.push((obj.stream_name(), false));
+        }
+        for other in Component::ALL.into_iter().filter(|c| *c != component) {
+            let stream = resources::events_stream(other).name;
+            for api in JS_API {
+                publish.push(format!("{api}.STREAM.INFO.{stream}"));
+                publish.push(format!("{api}.CONSUMER.CREATE.{stream}"));
+                for verb in ["CREATE", "DURABLE.CREATE", "INFO", "MSG.NEXT"] {
+                    publish.push(format!("{api}.CONSUMER.{verb}.{stream}.>"));
+                }
+            }
+            publish.push(format!("$JS.ACK.{stream}.>"));
+        }
+    }
     // Account information (limits and usage; read-only): creating a KV bucket asks for it.
     for api in JS_API {
         publish.push(format!("{api}.INFO"));
@@ -289,6 +317,12 @@ mod tests {
                 "registry's permissions mention {token}: {p:?}"
             );
         }
+        let hub = permissions(Component::IntegrationHub).unwrap();
+        assert!(hub.publish.contains(&"cim.cmd.iu.>".to_string()) && hub.publish.contains(&"$O.cim_iu_content.>".to_string()), "{:?}", hub.publish);
+        assert!(hub.publish.contains(&"$JS.*.API.CONSUMER.DURABLE.CREATE.CIM_IU_EVENTS.>".to_string()));
+        assert!(hub.publish.contains(&"$JS.ACK.CIM_IU_EVENTS.>".to_string()));
+        assert!(!hub.publish.iter().any(|s| s.contains("CONSUMER.DELETE.CIM_IU_EVENTS") || s.contains("STREAM.DELETE.CIM_IU_EVENTS") || s == "$JS.API.STREAM.*.CIM_IU_EVENTS"), "others' streams are read only");
+        assert!(hub.subscribe.contains(&"cim.evt.hub.subscription.>".to_string()));
         let iu = permissions(Component::InformationUnit).unwrap();
         assert!(!iu.subscribe.contains(&"cim.svc.>".to_string()));
         assert!(iu.publish.contains(&"$O.cim_iu_content.>".to_string()), "{:?}", iu.publish);

@@ -1097,3 +1097,114 @@ async fn hub_s3_import_turns_new_objects_into_units_once() -> Result<()> {
     assert!(!svc.log().contains(s3.secret_key()), "the secret key stays out of the log");
     Ok(())
 }
+
+// ---- the hub under exactly the NATS permissions `cimctl deploy nats-permissions` generates ----
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hub_runs_with_its_generated_nats_permissions() -> Result<()> {
+    let mut op = cim_testkit::Operator::new();
+    let account = op.account_with_jetstream("CIM");
+    let server = NatsServer::builder().operator(&op).jetstream_domain("leaf").extra_config("max_control_line: 65536").start().await?;
+    let text = std::fs::read_to_string(std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../nixos-modules/nats-permissions.json"))?;
+    let p = serde_json::from_str::<serde_json::Value>(&text)?["services"][C.service_name()].clone();
+    let mut perms = cim_testkit::Permissions::all().allow_responses();
+    for s in p["publish"]["allow"].as_array().context("publish")? {
+        perms = perms.allow_publish(s.as_str().unwrap_or_default());
+    }
+    for s in p["subscribe"]["allow"].as_array().context("subscribe")? {
+        perms = perms.allow_subscribe(s.as_str().unwrap_or_default());
+    }
+    let dir = tempfile::tempdir()?;
+    let hub_creds = account.user(C.service_name(), perms).write_creds(dir.path())?;
+    let admin = account.user("admin", cim_testkit::Permissions::all());
+    let admin_creds = admin.write_creds(dir.path())?;
+    let client = admin.connect(&server.url()).await?;
+    let iu_svc = ServiceProc::start_with_env(
+        Component::InformationUnit,
+        &server.url(),
+        &[],
+        &[("CIM_NATS_CREDS", admin_creds.to_str().unwrap_or_default()), ("CIM_JS_DOMAIN", "leaf")],
+    )?;
+    wait_ready(&client, &iu_svc).await?;
+    let pg = PrivatePostgres::start().await?;
+
+    // A webhook into units, a subscription and a PostgreSQL projection on unit events.
+    let rx = Receiver::start("127.0.0.1", vec![]).await?;
+    let config = dir.path().join("hub.json");
+    std::fs::write(
+        &config,
+        serde_json::json!({
+            "webhooks": [{ "name": "docs", "secret_env": "CIM_TEST_DOCS_SECRET", "target": "unit", "tags": ["inbox"] }],
+            "outbound_allow": ["127.0.0.1"],
+            "subscriptions": [sub("crm", &rx.url(), serde_json::json!({}))],
+            "postgres": [{ "name": "erp", "url_env": "CIM_TEST_PG_URL",
+                "project": { "filter": "cim.evt.iu.unit.*.created", "table": "cim_iu_events", "deliver": "all" } }],
+        })
+        .to_string(),
+    )?;
+    let url = pg.url();
+    let mut svc = ServiceProc::start_with_env(
+        C,
+        &server.url(),
+        &["--hub-config", config.to_str().unwrap(), "--hub-webhook-listen", "127.0.0.1:0"],
+        &[
+            ("CIM_NATS_CREDS", hub_creds.to_str().unwrap_or_default()),
+            ("CIM_JS_DOMAIN", "leaf"),
+            ("CIM_TEST_DOCS_SECRET", SECRET),
+            ("CIM_TEST_OUT_SECRET", SECRET),
+            ("CIM_TEST_PG_URL", url.as_str()),
+        ],
+    )?;
+    wait_ready(&client, &svc).await?;
+    let listing = request_json(&client, hub::query(hub::qry::SOURCES)?, serde_json::json!({})).await?;
+    let addr = listing["webhook_addr"].as_str().context("webhook_addr")?.to_string();
+
+    // Webhook → unit (content upload and the create command, as the hub's own identity).
+    let body = br#"{"title": "permitted"}"#;
+    let r = post(&addr, "/webhooks/docs", &signed(SECRET, "p-1", now(), body), body).await?;
+    assert_eq!(r.status, 202, "{}\n{}", r.body, svc.log());
+    let answer: serde_json::Value = serde_json::from_str(&r.body)?;
+    let unit_id = answer["unit_id"].as_str().context("unit_id")?.to_string();
+    let iu = IuClient::with_domain(client.clone(), "leaf");
+    let unit = eventually(READY, "the unit is projected", || async { Ok(iu.unit(&unit_id).await?) }).await?;
+    assert_eq!(iu.get_bytes(&unit.cid, None).await?, body);
+
+    // The unit's event → the subscription (durable consumer on the information unit's stream)
+    // and the projection.
+    eventually(READY, "the unit event delivered", || async {
+        let seen = rx.seen();
+        anyhow::ensure!(seen.iter().any(|s| s.header(hub::H_CIM_SUBJECT).is_some_and(|h| h.contains(&unit_id))), "{} requests\n{}", seen.len(), svc.log());
+        Ok(())
+    })
+    .await?;
+    let log = eventually(READY, "the delivery logged", || async {
+        let log = deliveries(&client, "crm").await?;
+        anyhow::ensure!(log.len() == 1, "{log:?}");
+        Ok(log)
+    })
+    .await?;
+    assert_eq!(log[0]["delivered"], true);
+    eventually(READY, "the unit event projected", || async {
+        let n = pg.psql("SELECT count(*) FROM cim_iu_events WHERE subject LIKE '%.created'").await?;
+        anyhow::ensure!(n == "1", "{n}\n{}", svc.log());
+        Ok(())
+    })
+    .await?;
+
+    // Pause and resume (events the hub writes and follows), and the pending count.
+    let pause = cim_events::proto::hub::SubscriptionCommand { subscription: "crm".into(), reason: "maintenance".into() };
+    let r = client.request(hub::command(hub::cmd::PAUSE)?, prost::Message::encode_to_vec(&pause).into()).await?;
+    let state: cim_events::proto::hub::SubscriptionStateChanged = prost::Message::decode(r.payload)?;
+    assert!(state.paused);
+    let v = request_json(&client, hub::query(hub::qry::SUBSCRIPTIONS)?, serde_json::json!({})).await?;
+    assert_eq!(v["subscriptions"][0]["pending"], 0, "{v}");
+    client.request(hub::command(hub::cmd::RESUME)?, prost::Message::encode_to_vec(&pause).into()).await?;
+
+    let status = svc.terminate(Duration::from_secs(30)).await?;
+    let log = svc.log();
+    assert!(status.success(), "integration-hub exited {status}:\n{log}");
+    assert!(!log.to_lowercase().contains("permissions violation"), "integration-hub hit its permissions:\n{log}");
+    let server_log = std::fs::read_to_string(server.log_path()).unwrap_or_default();
+    assert!(!server_log.to_lowercase().contains("violation"), "the server refused something:\n{server_log}");
+    Ok(())
+}
