@@ -162,13 +162,15 @@ pub fn permissions(component: Component) -> Result<Permissions> {
         publish.push(below(&subject::all_object_chunks(&obj.bucket)?, 2));
         streams.push((obj.stream_name(), false));
     }
-    // The gateway, the door for people and programs: it sends the information unit's commands
-    // and queries and the registry's and plugin host's queries, moves unit content in the
+    // The gateway, the door for people and programs: it sends the information unit's and the
+    // pipeline engine's commands and queries and the registry's and plugin host's queries, moves unit content in the
     // content bucket (as cim-iu-client does), and reads every other component's event stream
     // with ordered consumers (live events).
     if component == Component::UiGateway {
-        publish.push(below(&subject::command(Component::InformationUnit, "action")?, 3));
-        for other in [Component::InformationUnit, Component::Registry, Component::PluginHost] {
+        for commanded in [Component::InformationUnit, Component::PipelineEngine] {
+            publish.push(below(&subject::command(commanded, "action")?, 3));
+        }
+        for other in [Component::InformationUnit, Component::Registry, Component::PluginHost, Component::PipelineEngine] {
             publish.push(below(&subject::query(other, "query")?, 3));
         }
         for obj in resources::object_buckets(Component::InformationUnit) {

@@ -887,6 +887,8 @@ async fn gateway_runs_with_its_generated_nats_permissions() -> Result<()> {
     let env_admin = [("CIM_NATS_CREDS", admin_creds.to_str().unwrap()), ("CIM_JS_DOMAIN", "leaf")];
     let iu = ServiceProc::start_with_env(Component::InformationUnit, &server.url(), &[], &env_admin)?;
     wait_ready(&observer, &iu).await?;
+    let engine = ServiceProc::start_with_env(Component::PipelineEngine, &server.url(), &[], &env_admin)?;
+    wait_ready(&observer, &engine).await?;
     let listen = format!("127.0.0.1:{}", free_port()?);
     let mut gw = ServiceProc::start_with_env(
         Component::UiGateway,
@@ -916,6 +918,11 @@ async fn gateway_runs_with_its_generated_nats_permissions() -> Result<()> {
     assert_eq!(body, "permitted", "{}", gw.log());
     let list: Value = http.get(format!("{base}/api/v1/units")).bearer_auth(&token).send().await?.json().await?;
     assert_eq!(list["units"].as_array().map(Vec::len), Some(1), "{list}");
+    // The pipeline engine's queries go through too.
+    let r = http.get(format!("{base}/api/v1/pipelines")).bearer_auth(&token).send().await?;
+    assert_eq!(r.status().as_u16(), 200, "{}", gw.log());
+    let r = http.get(format!("{base}/api/v1/runs")).bearer_auth(&token).send().await?;
+    assert_eq!(r.status().as_u16(), 200, "{}", gw.log());
     let events = sse_events(&mut live, 2).await?;
     assert!(events[1].1["subject"].as_str().unwrap().ends_with(".created"), "{events:?}");
     drop(live);
