@@ -62,17 +62,7 @@ pub mod meta {
 
 /// Checks a plugin name: `[a-z0-9][a-z0-9-]*`, 1-64 characters.
 pub fn validate_name(name: &str) -> Result<(), ContractError> {
-    let bad = |reason| ContractError::InvalidToken { what: "plugin name", value: name.escape_debug().to_string(), reason };
-    if name.is_empty() || name.len() > 64 {
-        return Err(bad("must be 1-64 characters"));
-    }
-    if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
-        return Err(bad("only a-z, 0-9 and '-' are allowed"));
-    }
-    if name.starts_with('-') {
-        return Err(bad("must not start with '-'"));
-    }
-    Ok(())
+    crate::token::validate_slug("plugin name", name)
 }
 
 /// Checks a plugin version: 1-64 characters of `[0-9A-Za-z.+-]`, not starting or ending with

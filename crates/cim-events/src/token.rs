@@ -35,6 +35,22 @@ pub fn validate_token(what: &'static str, value: &str) -> Result<(), ContractErr
     Ok(())
 }
 
+/// Checks a lowercase name such as a plugin or pipeline name: `[a-z0-9][a-z0-9-]*`, 1-64
+/// characters (fits in a subject token, a KV key and an object name).
+pub fn validate_slug(what: &'static str, name: &str) -> Result<(), ContractError> {
+    let bad = |reason| ContractError::InvalidToken { what, value: name.escape_debug().to_string(), reason };
+    if name.is_empty() || name.len() > 64 {
+        return Err(bad("must be 1-64 characters"));
+    }
+    if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+        return Err(bad("only a-z, 0-9 and '-' are allowed"));
+    }
+    if name.starts_with('-') {
+        return Err(bad("must not start with '-'"));
+    }
+    Ok(())
+}
+
 /// Checks a name used for a stream, consumer or bucket: [`validate_token`] plus JetStream's
 /// stricter alphabet (`A-Z a-z 0-9 - _`), which also keeps names valid as file names.
 pub fn validate_name(what: &'static str, value: &str) -> Result<(), ContractError> {

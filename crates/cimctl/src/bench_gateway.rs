@@ -7,7 +7,7 @@
 //! - live-event fan-out: 100 SSE clients, each unit created reaches all of them (lag, deliveries/s).
 
 use std::{
-    process::{ExitCode, Stdio},
+    process::ExitCode,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -20,10 +20,9 @@ use cim_events::{
 };
 use cim_iu_client::{IuClient, proto::CreateUnit};
 use prost::Message as _;
-use tokio::{
-    io::AsyncReadExt,
-    process::{Child, Command},
-};
+use tokio::io::AsyncReadExt;
+
+use crate::bench::{quantile, spawn_sibling, until};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchGatewayArgs {
@@ -47,49 +46,8 @@ pub struct BenchGatewayArgs {
     sse_events: usize,
 }
 
-fn spawn(name: &str, args: &[&str]) -> Result<(Child, tempfile::NamedTempFile)> {
-    let exe = std::env::current_exe()?;
-    let bin = exe.parent().context("cimctl has no directory")?.join(name);
-    if !bin.is_file() {
-        bail!("{} is missing: build it with `cargo build --release --workspace --bins`", bin.display());
-    }
-    let log = tempfile::Builder::new().prefix("cimctl-bench-gateway-").suffix(".log").tempfile()?;
-    let child = Command::new(bin)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(log.reopen()?)
-        .stderr(log.reopen()?)
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {name}"))?;
-    Ok((child, log))
-}
-
-fn quantile(v: &mut [f64], q: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[((v.len() - 1) as f64 * q).round() as usize]
-}
-
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-async fn until<F, Fut>(what: &str, mut f: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !f().await {
-        if Instant::now() > deadline {
-            bail!("{what} within 60s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(())
 }
 
 pub async fn run(args: BenchGatewayArgs) -> Result<ExitCode> {
@@ -99,8 +57,8 @@ pub async fn run(args: BenchGatewayArgs) -> Result<ExitCode> {
     let iu = IuClient::new(client.clone());
     let port = free_port()?;
     let listen = format!("127.0.0.1:{port}");
-    let (_iu_proc, _l1) = spawn("information-unit", &["--nats-url", &url, "--max-in-flight", "1024"])?;
-    let (_gw_proc, _l2) = spawn(
+    let (_iu_proc, _l1) = spawn_sibling("information-unit", &["--nats-url", &url, "--max-in-flight", "1024"])?;
+    let (_gw_proc, _l2) = spawn_sibling(
         "ui-gateway",
         &["--nats-url", &url, "--gateway-listen", &listen, "--gateway-grpc-listen", "off", "--gateway-rate-limit", "0"],
     )?;

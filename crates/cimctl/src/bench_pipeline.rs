@@ -10,7 +10,7 @@
 
 use std::{
     collections::HashMap,
-    process::{ExitCode, Stdio},
+    process::ExitCode,
     time::{Duration, Instant},
 };
 
@@ -30,7 +30,8 @@ use cim_events::{
 use cim_iu_client::IuClient;
 use futures::StreamExt;
 use prost::Message as _;
-use tokio::process::{Child, Command};
+
+use crate::bench::{quantile, spawn_sibling, until};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchPipelineArgs {
@@ -40,47 +41,6 @@ pub struct BenchPipelineArgs {
     /// Units created at once for each throughput measurement.
     #[arg(long, default_value_t = 300)]
     burst: usize,
-}
-
-fn spawn(name: &str, args: &[&str]) -> Result<(Child, tempfile::NamedTempFile)> {
-    let exe = std::env::current_exe()?;
-    let bin = exe.parent().context("cimctl has no directory")?.join(name);
-    if !bin.is_file() {
-        bail!("{} is missing: build it with `cargo build --release --workspace --bins`", bin.display());
-    }
-    let log = tempfile::Builder::new().prefix("cimctl-bench-pipeline-").suffix(".log").tempfile()?;
-    let child = Command::new(bin)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(log.reopen()?)
-        .stderr(log.reopen()?)
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {name}"))?;
-    Ok((child, log))
-}
-
-async fn until<F, Fut>(what: &str, mut f: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !f().await {
-        if Instant::now() > deadline {
-            bail!("{what} within 60s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(())
-}
-
-fn quantile(v: &mut [f64], q: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[((v.len() - 1) as f64 * q).round() as usize]
 }
 
 /// Waits for `n` completed runs on `completed` (a core subscription to the engine's completions).
@@ -99,10 +59,10 @@ pub async fn run(args: BenchPipelineArgs) -> Result<ExitCode> {
     let url = nats.url();
     let client = nats.connect().await;
     let iu = IuClient::new(client.clone());
-    let (_iu, _l1) = spawn("information-unit", &["--nats-url", &url, "--max-in-flight", "1024", "--http-listen", "127.0.0.1:0"])?;
-    let (_ph, _l2) = spawn("plugin-host", &["--nats-url", &url, "--http-listen", "127.0.0.1:0"])?;
+    let (_iu, _l1) = spawn_sibling("information-unit", &["--nats-url", &url, "--max-in-flight", "1024", "--http-listen", "127.0.0.1:0"])?;
+    let (_ph, _l2) = spawn_sibling("plugin-host", &["--nats-url", &url, "--http-listen", "127.0.0.1:0"])?;
     let engine_args = ["--nats-url", url.as_str(), "--http-listen", "127.0.0.1:0", "--pipeline-max-runs", "64"];
-    let (_e1, _l3) = spawn("pipeline-engine", &engine_args)?;
+    let (_e1, _l3) = spawn_sibling("pipeline-engine", &engine_args)?;
     until("information-unit ready", || async { iu.status().await.is_ok() }).await?;
     let list = ListPlugins { name: "identity".into(), capability: String::new() }.encode_to_vec();
     until("plugin-host ready", || async {
@@ -180,7 +140,7 @@ pub async fn run(args: BenchPipelineArgs) -> Result<ExitCode> {
     let mut second = None;
     for engines in [1usize, 2] {
         if engines == 2 {
-            second = Some(spawn("pipeline-engine", &engine_args)?);
+            second = Some(spawn_sibling("pipeline-engine", &engine_args)?);
             // Wait until the second instance serves (both answer the micro-protocol ping).
             until("second engine serving", || async { count_instances(&client).await >= 2 }).await?;
         }

@@ -392,7 +392,7 @@ impl Engine {
             filter_subjects,
             ack_policy: AckPolicy::Explicit,
             ack_wait: Duration::from_secs(30),
-            deliver_policy: DeliverPolicy::New,
+            deliver_policy: DeliverPolicy::All,
             ..Default::default()
         };
         Ok(stream.get_or_create_consumer(&name, config).await?)
@@ -401,6 +401,22 @@ impl Engine {
     /// One unit event: a run request for every pipeline whose trigger matches. Undecodable
     /// events are dead-lettered (Ok: the event is handled); NATS failures are Err (redeliver).
     async fn trigger(&self, m: &jetstream::Message) -> Result<(), String> {
+        // Only events some active pipeline could want are looked into (the consumer starts at
+        // the beginning of the unit history, so a pipeline never misses an event that happened
+        // after it was applied, however late the consumer was created).
+        let action = m.subject.rsplit('.').next().unwrap_or_default();
+        let time_ms = m.info().map(|i| i.published.unix_timestamp_nanos() / 1_000_000).unwrap_or(i128::MAX) as i64;
+        let wanted = {
+            let view = self.view.read().await;
+            view.pipelines
+                .values()
+                .filter(|p| p.active)
+                .filter_map(|p| p.current())
+                .any(|v| v.definition.trigger.action() == Some(action) && time_ms + 1000 >= v.first_applied_ms)
+        };
+        if !wanted {
+            return Ok(());
+        }
         let facts = match self.facts(m).await {
             Ok(Some(f)) => f,
             Ok(None) => return Ok(()),

@@ -130,3 +130,40 @@ pub async fn wait_ready(client: &async_nats::Client, svc: &ServiceProc) -> Resul
 pub fn decode_lifecycle<P: cim_events::Payload>(msg: &async_nats::Message) -> Result<(Envelope, P)> {
     Ok(decode::<P>(msg.headers.as_ref(), &msg.payload, &Upcasters::default())?)
 }
+
+/// The permissions `component`'s own identity has in the committed, generated
+/// `nixos-modules/nats-permissions.json` (what a deployment gives it).
+pub fn generated_permissions(component: Component) -> Result<cim_testkit::Permissions> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../nixos-modules/nats-permissions.json");
+    let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
+    let p = serde_json::from_str::<serde_json::Value>(&text)?["services"][component.service_name()].clone();
+    let mut perms = cim_testkit::Permissions::all().allow_responses();
+    for s in p["publish"]["allow"].as_array().context("publish")? {
+        perms = perms.allow_publish(s.as_str().context("publish entry")?);
+    }
+    for s in p["subscribe"]["allow"].as_array().context("subscribe")? {
+        perms = perms.allow_subscribe(s.as_str().context("subscribe entry")?);
+    }
+    Ok(perms)
+}
+
+/// A WebAssembly plugin (WAT) that busy-waits on the WASI clock for the milliseconds in its
+/// metadata "ms" (1-9 digits), then returns.
+pub const SLEEPY_WAT: &str = r#"(module
+  (import "wasi_snapshot_preview1" "clock_time_get" (func $clock (param i32 i64 i32) (result i32)))
+  (import "cim" "meta_get" (func $meta (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "ms")
+  (func $now (result i64) (drop (call $clock (i32.const 1) (i64.const 0) (i32.const 64))) (i64.load (i32.const 64)))
+  (func (export "cim_invoke") (result i32)
+    (local $n i32) (local $i i32) (local $ms i64) (local $until i64)
+    (local.set $n (call $meta (i32.const 0) (i32.const 2) (i32.const 16) (i32.const 9)))
+    (block $done (loop $digits
+      (br_if $done (i32.ge_s (local.get $i) (local.get $n)))
+      (local.set $ms (i64.add (i64.mul (local.get $ms) (i64.const 10))
+        (i64.extend_i32_u (i32.sub (i32.load8_u (i32.add (i32.const 16) (local.get $i))) (i32.const 48)))))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br $digits)))
+    (local.set $until (i64.add (call $now) (i64.mul (local.get $ms) (i64.const 1000000))))
+    (loop $wait (br_if $wait (i64.lt_u (call $now) (local.get $until))))
+    (i32.const 0)))"#;

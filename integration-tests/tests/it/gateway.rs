@@ -870,15 +870,7 @@ async fn gateway_runs_with_its_generated_nats_permissions() -> Result<()> {
     let mut op = cim_testkit::Operator::new();
     let account = op.account_with_jetstream("CIM");
     let server = NatsServer::builder().operator(&op).jetstream_domain("leaf").extra_config("max_control_line: 65536").start().await?;
-    let text = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../nixos-modules/nats-permissions.json"))?;
-    let p = serde_json::from_str::<Value>(&text)?["services"][Component::UiGateway.service_name()].clone();
-    let mut perms = cim_testkit::Permissions::all().allow_responses();
-    for s in p["publish"]["allow"].as_array().context("publish")? {
-        perms = perms.allow_publish(s.as_str().unwrap());
-    }
-    for s in p["subscribe"]["allow"].as_array().context("subscribe")? {
-        perms = perms.allow_subscribe(s.as_str().unwrap());
-    }
+    let perms = crate::common::generated_permissions(Component::UiGateway)?;
     let dir = tempfile::tempdir()?;
     let gw_creds = account.user("ui-gateway", perms).write_creds(dir.path())?;
     let admin = account.user("admin", cim_testkit::Permissions::all());

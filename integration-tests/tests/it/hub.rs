@@ -1105,15 +1105,7 @@ async fn hub_runs_with_its_generated_nats_permissions() -> Result<()> {
     let mut op = cim_testkit::Operator::new();
     let account = op.account_with_jetstream("CIM");
     let server = NatsServer::builder().operator(&op).jetstream_domain("leaf").extra_config("max_control_line: 65536").start().await?;
-    let text = std::fs::read_to_string(std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../nixos-modules/nats-permissions.json"))?;
-    let p = serde_json::from_str::<serde_json::Value>(&text)?["services"][C.service_name()].clone();
-    let mut perms = cim_testkit::Permissions::all().allow_responses();
-    for s in p["publish"]["allow"].as_array().context("publish")? {
-        perms = perms.allow_publish(s.as_str().unwrap_or_default());
-    }
-    for s in p["subscribe"]["allow"].as_array().context("subscribe")? {
-        perms = perms.allow_subscribe(s.as_str().unwrap_or_default());
-    }
+    let perms = crate::common::generated_permissions(C)?;
     let dir = tempfile::tempdir()?;
     let hub_creds = account.user(C.service_name(), perms).write_creds(dir.path())?;
     let admin = account.user("admin", cim_testkit::Permissions::all());

@@ -20,7 +20,7 @@ use futures::StreamExt;
 use prost::Message as _;
 use tokio::process::Command;
 
-use crate::common::{ServiceProc, bin, wait_ready};
+use crate::common::{SLEEPY_WAT, ServiceProc, bin, wait_ready};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -159,27 +159,6 @@ fn example() -> Result<serde_json::Value> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/pipelines/text-ingest.json");
     Ok(serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| path.display().to_string())?)?)
 }
-
-/// Busy-waits on the WASI clock for the milliseconds in metadata "ms" (1-9 digits), then
-/// returns its input.
-const SLEEPY: &str = r#"(module
-  (import "wasi_snapshot_preview1" "clock_time_get" (func $clock (param i32 i64 i32) (result i32)))
-  (import "cim" "meta_get" (func $meta (param i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 1)
-  (data (i32.const 0) "ms")
-  (func $now (result i64) (drop (call $clock (i32.const 1) (i64.const 0) (i32.const 64))) (i64.load (i32.const 64)))
-  (func (export "cim_invoke") (result i32)
-    (local $n i32) (local $i i32) (local $ms i64) (local $until i64)
-    (local.set $n (call $meta (i32.const 0) (i32.const 2) (i32.const 16) (i32.const 9)))
-    (block $done (loop $digits
-      (br_if $done (i32.ge_s (local.get $i) (local.get $n)))
-      (local.set $ms (i64.add (i64.mul (local.get $ms) (i64.const 10))
-        (i64.extend_i32_u (i32.sub (i32.load8_u (i32.add (i32.const 16) (local.get $i))) (i32.const 48)))))
-      (local.set $i (i32.add (local.get $i) (i32.const 1)))
-      (br $digits)))
-    (local.set $until (i64.add (call $now) (i64.mul (local.get $ms) (i64.const 1000000))))
-    (loop $wait (br_if $wait (i64.lt_u (call $now) (local.get $until))))
-    (i32.const 0)))"#;
 
 const TRAP: &str = r#"(module (memory (export "memory") 1) (func (export "cim_invoke") (result i32) unreachable))"#;
 
@@ -415,7 +394,7 @@ async fn poison_messages_are_dead_lettered_and_the_engine_keeps_running() -> Res
 #[tokio::test(flavor = "multi_thread")]
 async fn a_running_run_can_be_cancelled() -> Result<()> {
     let (_nats, cim) = Cim::leaf(1, &[]).await?;
-    push(&cim, SLEEPY, "sleepy", "1.0.0", "").await?;
+    push(&cim, SLEEPY_WAT, "sleepy", "1.0.0", "").await?;
     cim.apply_ok(&serde_json::json!({
         "name": "slow", "trigger": {"on": "manual"},
         "steps": [
@@ -452,7 +431,7 @@ async fn a_running_run_can_be_cancelled() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_concurrency_limit_holds_across_two_engines() -> Result<()> {
     let (_nats, cim) = Cim::leaf(2, &[]).await?;
-    push(&cim, SLEEPY, "sleepy", "1.0.0", "").await?;
+    push(&cim, SLEEPY_WAT, "sleepy", "1.0.0", "").await?;
     cim.apply_ok(&serde_json::json!({
         "name": "one-at-a-time", "trigger": {"on": "manual"}, "concurrency": 1,
         "steps": [{"id": "wait", "plugin": "sleepy@1.0.0", "options": {"ms": "300"}, "input": "unit.content"}]
@@ -489,7 +468,7 @@ async fn killing_one_of_two_engines_mid_run_loses_no_run_and_repeats_no_effect()
     for id in ["engine-a", "engine-b"] {
         cim.add_engine(&["--pipeline-ack-wait", "2s", "--instance-id", id], &[]).await?;
     }
-    push(&cim, SLEEPY, "sleepy", "1.0.0", "").await?;
+    push(&cim, SLEEPY_WAT, "sleepy", "1.0.0", "").await?;
     cim.apply_ok(&serde_json::json!({
         "name": "derive", "trigger": {"on": "unit.created", "media_type": "text/*"},
         "steps": [
@@ -580,15 +559,7 @@ async fn the_engine_runs_with_its_generated_nats_permissions() -> Result<()> {
     let mut op = cim_testkit::Operator::new();
     let account = op.account_with_jetstream("CIM");
     let server = NatsServer::builder().operator(&op).jetstream_domain("leaf").extra_config("max_control_line: 65536").start().await?;
-    let text = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../nixos-modules/nats-permissions.json"))?;
-    let p = serde_json::from_str::<serde_json::Value>(&text)?["services"][Component::PipelineEngine.service_name()].clone();
-    let mut perms = cim_testkit::Permissions::all().allow_responses();
-    for s in p["publish"]["allow"].as_array().context("publish")? {
-        perms = perms.allow_publish(s.as_str().unwrap_or_default());
-    }
-    for s in p["subscribe"]["allow"].as_array().context("subscribe")? {
-        perms = perms.allow_subscribe(s.as_str().unwrap_or_default());
-    }
+    let perms = crate::common::generated_permissions(Component::PipelineEngine)?;
     let dir = tempfile::tempdir()?;
     let engine_creds = account.user("pipeline-engine", perms).write_creds(dir.path())?;
     let admin = account.user("admin", cim_testkit::Permissions::all());

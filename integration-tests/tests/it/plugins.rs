@@ -16,7 +16,7 @@ use cim_testkit::{NatsServer, eventually};
 use prost::Message as _;
 use tokio::process::Command;
 
-use crate::common::{ServiceProc, bin, wait_ready};
+use crate::common::{SLEEPY_WAT, ServiceProc, bin, wait_ready};
 
 const C: Component = Component::PluginHost;
 
@@ -98,26 +98,6 @@ fn constant(text: &str) -> String {
 fn body(code: &str) -> String {
     format!(r#"(module (memory (export "memory") 1) (func (export "cim_invoke") (result i32) {code}))"#)
 }
-
-/// Busy-waits on the WASI clock for the milliseconds in metadata "ms" (1-9 digits).
-const SLEEPY: &str = r#"(module
-  (import "wasi_snapshot_preview1" "clock_time_get" (func $clock (param i32 i64 i32) (result i32)))
-  (import "cim" "meta_get" (func $meta (param i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 1)
-  (data (i32.const 0) "ms")
-  (func $now (result i64) (drop (call $clock (i32.const 1) (i64.const 0) (i32.const 64))) (i64.load (i32.const 64)))
-  (func (export "cim_invoke") (result i32)
-    (local $n i32) (local $i i32) (local $ms i64) (local $until i64)
-    (local.set $n (call $meta (i32.const 0) (i32.const 2) (i32.const 16) (i32.const 9)))
-    (block $done (loop $digits
-      (br_if $done (i32.ge_s (local.get $i) (local.get $n)))
-      (local.set $ms (i64.add (i64.mul (local.get $ms) (i64.const 10))
-        (i64.extend_i32_u (i32.sub (i32.load8_u (i32.add (i32.const 16) (local.get $i))) (i32.const 48)))))
-      (local.set $i (i32.add (local.get $i) (i32.const 1)))
-      (br $digits)))
-    (local.set $until (i64.add (call $now) (i64.mul (local.get $ms) (i64.const 1000000))))
-    (loop $wait (br_if $wait (i64.lt_u (call $now) (local.get $until))))
-    (i32.const 0)))"#;
 
 fn sleep_request(name: &str, ms: u32) -> InvokeRequest {
     let mut r = by_name(name, "", b"");
@@ -268,7 +248,7 @@ async fn bad_plugins_fail_with_their_reason_and_the_host_keeps_serving() -> Resu
 async fn invocations_run_in_parallel_up_to_the_limit_and_saturation_is_refused() -> Result<()> {
     let nats = NatsServer::start().await?;
     let (_host, client) = start_host(&nats, &["--plugin-parallelism", "2", "--plugin-queue", "2"]).await?;
-    push_ok(&nats, SLEEPY, "sleepy", "1.0.0", &[]).await?;
+    push_ok(&nats, SLEEPY_WAT, "sleepy", "1.0.0", &[]).await?;
 
     // Four at once: two run, two wait their turn, all succeed.
     let calls: Vec<_> = (0..4).map(|_| route(&client, sleep_request("sleepy", 300))).collect();
