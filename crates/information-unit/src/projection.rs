@@ -190,6 +190,14 @@ impl App {
                     got += 1;
                     let Ok((seq, pending)) = m.info().map(|i| (i.stream_sequence, i.pending)) else { continue };
                     if let Err(e) = self.project(&m).await {
+                        // The bucket may be missing for a moment (a rebuild drops and recreates
+                        // it): then the event is not skipped but read again after repositioning.
+                        if self.units.status().await.is_err() {
+                            tracing::warn!(sequence = seq, error = %e, "projection bucket unavailable; repositioning");
+                            let _ = m.ack_with(jetstream::AckKind::Nak(Some(Duration::from_millis(200)))).await;
+                            tokio::select! { _ = tokio::time::sleep(Duration::from_millis(200)) => {}, _ = self.ctx.stopping() => return }
+                            break 'consume;
+                        }
                         // A poison event must not stop the projection: it is skipped and the
                         // reason is logged with its sequence (the event itself stays in the log).
                         tracing::error!(sequence = seq, error = %e, "event could not be projected; skipped");
