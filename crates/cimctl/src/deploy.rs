@@ -109,6 +109,24 @@ fn below(subject: &str, tokens: usize) -> String {
 /// The JetStream API prefixes a client may use: without a domain, and with any domain.
 const JS_API: [&str; 2] = ["$JS.API", "$JS.*.API"];
 
+/// Consumer verbs of a reader with durable consumers it never deletes.
+const DURABLE_READER: &[&str] = &["CREATE", "DURABLE.CREATE", "INFO", "MSG.NEXT"];
+
+/// Grants reading another component's `stream` through consumers: its info, consumer creation,
+/// the consumer `verbs`, and (`ack`) acknowledging what it fetched.
+fn read_with_consumers(publish: &mut Vec<String>, stream: &str, verbs: &[&str], ack: bool) {
+    for api in JS_API {
+        publish.push(format!("{api}.STREAM.INFO.{stream}"));
+        publish.push(format!("{api}.CONSUMER.CREATE.{stream}"));
+        for verb in verbs {
+            publish.push(format!("{api}.CONSUMER.{verb}.{stream}.>"));
+        }
+    }
+    if ack {
+        publish.push(format!("$JS.ACK.{stream}.>"));
+    }
+}
+
 /// Permissions of `component`'s own identity.
 pub fn permissions(component: Component) -> Result<Permissions> {
     let mut publish = vec![
@@ -178,14 +196,7 @@ pub fn permissions(component: Component) -> Result<Permissions> {
             streams.push((obj.stream_name(), false));
         }
         for other in Component::ALL.into_iter().filter(|c| *c != component) {
-            let stream = resources::events_stream(other).name;
-            for api in JS_API {
-                publish.push(format!("{api}.STREAM.INFO.{stream}"));
-                publish.push(format!("{api}.CONSUMER.CREATE.{stream}"));
-                for verb in ["CREATE", "INFO", "DELETE", "MSG.NEXT"] {
-                    publish.push(format!("{api}.CONSUMER.{verb}.{stream}.>"));
-                }
-            }
+            read_with_consumers(&mut publish, &resources::events_stream(other).name, &["CREATE", "INFO", "DELETE", "MSG.NEXT"], false);
         }
     }
     // The storage manager archives every component's streams (events, dead letters, object
@@ -230,15 +241,7 @@ pub fn permissions(component: Component) -> Result<Permissions> {
             publish.push(format!("{}.$KV.{}.>", JS_API[1], kv.bucket));
             streams.push((kv.stream_name(), false));
         }
-        let stream = resources::events_stream(Component::InformationUnit).name;
-        for api in JS_API {
-            publish.push(format!("{api}.STREAM.INFO.{stream}"));
-            publish.push(format!("{api}.CONSUMER.CREATE.{stream}"));
-            for verb in ["CREATE", "DURABLE.CREATE", "INFO", "MSG.NEXT"] {
-                publish.push(format!("{api}.CONSUMER.{verb}.{stream}.>"));
-            }
-        }
-        publish.push(format!("$JS.ACK.{stream}.>"));
+        read_with_consumers(&mut publish, &resources::events_stream(Component::InformationUnit).name, DURABLE_READER, true);
     }
     // The integration hub: webhooks with `target: unit` and the S3 import create units — the
     // information unit's commands and queries, content in its content bucket (as cim-iu-client
@@ -255,15 +258,7 @@ pub fn permissions(component: Component) -> Result<Permissions> {
             streams.push((obj.stream_name(), false));
         }
         for other in Component::ALL.into_iter().filter(|c| *c != component) {
-            let stream = resources::events_stream(other).name;
-            for api in JS_API {
-                publish.push(format!("{api}.STREAM.INFO.{stream}"));
-                publish.push(format!("{api}.CONSUMER.CREATE.{stream}"));
-                for verb in ["CREATE", "DURABLE.CREATE", "INFO", "MSG.NEXT"] {
-                    publish.push(format!("{api}.CONSUMER.{verb}.{stream}.>"));
-                }
-            }
-            publish.push(format!("$JS.ACK.{stream}.>"));
+            read_with_consumers(&mut publish, &resources::events_stream(other).name, DURABLE_READER, true);
         }
     }
     // Account information (limits and usage; read-only): creating a KV bucket asks for it.
