@@ -255,6 +255,14 @@ pub fn aggregate_filter(
     Ok(join(&[ROOT, Kind::Event.token(), component.token(), aggregate, id, "*"]))
 }
 
+/// Sets the per-aggregate optimistic-concurrency headers on a JetStream publish: the server
+/// stores the message only if the last message on `filter` (an [`aggregate_filter`]) has
+/// sequence `seq` (0: none yet), else it refuses with "wrong last sequence".
+pub fn expect_aggregate_sequence(headers: &mut async_nats::HeaderMap, filter: &str, seq: u64) {
+    headers.insert("Nats-Expected-Last-Subject-Sequence", seq.to_string().as_str());
+    headers.insert("Nats-Expected-Last-Subject-Sequence-Subject", filter);
+}
+
 /// `cim.evt.<component>.<aggregate>.*.<action>`: one kind of event across all aggregates of a
 /// type (what a pipeline trigger subscribes to).
 pub fn action_filter(

@@ -120,8 +120,7 @@ impl App {
             headers.insert(H_MSG_ID, id);
         }
         if let Some((filter, seq)) = &filter {
-            headers.insert("Nats-Expected-Last-Subject-Sequence", seq.to_string().as_str());
-            headers.insert("Nats-Expected-Last-Subject-Sequence-Subject", filter.as_str());
+            cim_events::subject::expect_aggregate_sequence(&mut headers, filter, *seq);
         }
         cim_runtime::telemetry::inject_current(&mut headers);
         let ack = self

@@ -285,8 +285,7 @@ impl Engine {
 
     async fn publish(&self, subject: String, mut headers: HeaderMap, body: Vec<u8>, expect: Option<(String, u64)>) -> Result<u64, Publish> {
         if let Some((filter, seq)) = &expect {
-            headers.insert("Nats-Expected-Last-Subject-Sequence", seq.to_string().as_str());
-            headers.insert("Nats-Expected-Last-Subject-Sequence-Subject", filter.as_str());
+            subject::expect_aggregate_sequence(&mut headers, filter, *seq);
         }
         cim_runtime::telemetry::inject_current(&mut headers);
         let ack = self

@@ -581,8 +581,7 @@ impl Host {
         let mut headers = env.to_headers();
         headers.insert("Nats-Msg-Id", env.id().to_string().as_str());
         let filter = plugin::history(name).map_err(|e| ServiceError::bad_request(e.to_string()))?;
-        headers.insert("Nats-Expected-Last-Subject-Sequence", expected.to_string().as_str());
-        headers.insert("Nats-Expected-Last-Subject-Sequence-Subject", filter.as_str());
+        cim_events::subject::expect_aggregate_sequence(&mut headers, &filter, expected);
         let ack = self
             .ctx
             .jetstream()

@@ -151,8 +151,7 @@ impl App {
             headers.insert(H_MSG_ID, id.as_str());
         }
         if let Some((filter, seq)) = &expect {
-            headers.insert("Nats-Expected-Last-Subject-Sequence", seq.to_string().as_str());
-            headers.insert("Nats-Expected-Last-Subject-Sequence-Subject", filter.as_str());
+            cim_events::subject::expect_aggregate_sequence(&mut headers, filter, *seq);
         }
         telemetry::inject_current(&mut headers);
         let ack = self
