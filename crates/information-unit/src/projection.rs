@@ -39,6 +39,15 @@ struct Position {
     generation: String,
 }
 
+/// Why an event was not applied.
+#[derive(Debug)]
+enum ProjectError {
+    /// The event itself can never be applied (undecodable, malformed subject or headers).
+    Poison(String),
+    /// The projection store failed or changed underneath; applying again later may succeed.
+    Store(String),
+}
+
 fn parse_checkpoint(v: &[u8]) -> Option<(String, u64)> {
     let s = std::str::from_utf8(v).ok()?;
     let (g, n) = s.split_once(':')?;
@@ -118,21 +127,22 @@ impl App {
     }
 
     /// Applies one stored event to the projections. Idempotent.
-    async fn project(&self, msg: &jetstream::Message) -> Result<(), String> {
-        let headers = msg.headers.as_ref().ok_or("event without headers")?;
-        let env = Envelope::from_headers(headers).map_err(|e| e.to_string())?;
-        let seq = msg.info().map_err(|e| e.to_string())?.stream_sequence;
+    async fn project(&self, msg: &jetstream::Message) -> Result<(), ProjectError> {
+        use ProjectError::{Poison, Store};
+        let headers = msg.headers.as_ref().ok_or_else(|| Poison("event without headers".into()))?;
+        let env = Envelope::from_headers(headers).map_err(|e| Poison(e.to_string()))?;
+        let seq = msg.info().map_err(|e| Poison(e.to_string()))?.stream_sequence;
         let meta = EventMeta { version: seq, provenance: provenance(&env) };
-        let subject = cim_events::subject::parse_event(&msg.subject).map_err(|e| e.to_string())?;
+        let subject = cim_events::subject::parse_event(&msg.subject).map_err(|e| Poison(e.to_string()))?;
         match subject.aggregate.as_str() {
             iu::UNIT => {
-                let event = UnitEvent::decode(&env.schema.name, &msg.payload)?;
-                let key = iu::unit_key(&subject.id).map_err(|e| e.to_string())?;
+                let event = UnitEvent::decode(&env.schema.name, &msg.payload).map_err(Poison)?;
+                let key = iu::unit_key(&subject.id).map_err(|e| Poison(e.to_string()))?;
                 // Read once, apply, compare-and-set; a concurrent write-through wins the race
                 // and the next round sees it (and usually finds the event already applied).
                 for _ in 0..5 {
-                    let (current, revision) = match self.units.entry(&key).await.map_err(|e| e.to_string())? {
-                        Some(e) if e.operation == kv::Operation::Put => (Some(Unit::decode(e.value).map_err(|e| e.to_string())?), Some(e.revision)),
+                    let (current, revision) = match self.units.entry(&key).await.map_err(|e| Store(e.to_string()))? {
+                        Some(e) if e.operation == kv::Operation::Put => (Some(Unit::decode(e.value).map_err(|e| Store(format!("stored state of {key}: {e}")))?), Some(e.revision)),
                         Some(e) => (None, Some(e.revision)),
                         None => (None, None),
                     };
@@ -149,12 +159,12 @@ impl App {
                         return Ok(());
                     }
                 }
-                return Err(format!("could not write {key}: too much contention"));
+                return Err(Store(format!("could not write {key}: too much contention")));
             }
             iu::TYPE if env.schema.name == UnitTypeRegistered::TYPE => {
-                let r = UnitTypeRegistered::decode(msg.payload.clone()).map_err(|e| e.to_string())?;
-                let key = iu::type_key(&r.name).map_err(|e| e.to_string())?;
-                store_if_newer(&self.types, &key, &UnitType { name: r.name, schema_json: r.schema_json, version: seq }).await?;
+                let r = UnitTypeRegistered::decode(msg.payload.clone()).map_err(|e| Poison(e.to_string()))?;
+                let key = iu::type_key(&r.name).map_err(|e| Poison(e.to_string()))?;
+                store_if_newer(&self.types, &key, &UnitType { name: r.name, schema_json: r.schema_json, version: seq }).await.map_err(Store)?;
             }
             _ => {} // content events change no projection
         }
@@ -189,18 +199,21 @@ impl App {
                     let Ok(m) = m else { break };
                     got += 1;
                     let Ok((seq, pending)) = m.info().map(|i| (i.stream_sequence, i.pending)) else { continue };
-                    if let Err(e) = self.project(&m).await {
-                        // The bucket may be missing for a moment (a rebuild drops and recreates
-                        // it): then the event is not skipped but read again after repositioning.
-                        if self.units.status().await.is_err() {
-                            tracing::warn!(sequence = seq, error = %e, "projection bucket unavailable; repositioning");
+                    match self.project(&m).await {
+                        Ok(()) => {}
+                        // The bucket may be missing or replaced for a moment (a rebuild drops
+                        // and recreates it) or contended: the event is never skipped for that,
+                        // but read again after repositioning.
+                        Err(ProjectError::Store(e)) => {
+                            tracing::warn!(sequence = seq, error = %e, "projection store unavailable; repositioning");
                             let _ = m.ack_with(jetstream::AckKind::Nak(Some(Duration::from_millis(200)))).await;
                             tokio::select! { _ = tokio::time::sleep(Duration::from_millis(200)) => {}, _ = self.ctx.stopping() => return }
                             break 'consume;
                         }
-                        // A poison event must not stop the projection: it is skipped and the
-                        // reason is logged with its sequence (the event itself stays in the log).
-                        tracing::error!(sequence = seq, error = %e, "event could not be projected; skipped");
+                        // A poison event (one that can never be decoded or applied) must not
+                        // stop the projection: it is skipped and the reason is logged with its
+                        // sequence (the event itself stays in the log).
+                        Err(ProjectError::Poison(e)) => tracing::error!(sequence = seq, error = %e, "event could not be projected; skipped"),
                     }
                     let _ = m.ack().await;
                     last = seq;
