@@ -846,7 +846,10 @@ async fn gateway_web_ui_end_to_end_in_headless_chromium() -> Result<()> {
         .wait_js("link graph drawn", "const g = document.getElementById('graph-svg'); return g && g.querySelectorAll('.node').length === 2 && [...g.querySelectorAll('.edge-label')].map(e => e.textContent).join(',')")
         .await?;
     assert_eq!(graph, "summary-of");
-    let titles = browser.js("return [...document.querySelectorAll('#graph-svg .node title')].map(t => t.textContent).join('|')").await?;
+    // Node titles carry the units' names (each looked up), summary first (it links to the unit).
+    let titles = browser
+        .wait_js("node titles", "const t = [...document.querySelectorAll('#graph-svg .node title')].map(t => t.textContent); return t.length === 2 && t.join('|')")
+        .await?;
     let titles = titles.as_str().context("node titles")?;
     assert!(titles.starts_with("browser-upload.txt.summary.txt (") && titles.contains(&format!("|browser-upload.txt ({id})")), "{titles}");
 
