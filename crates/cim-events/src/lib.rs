@@ -19,6 +19,7 @@ pub mod plugin;
 pub mod reference;
 pub mod registry;
 pub mod resources;
+pub mod storage;
 pub mod subject;
 pub mod token;
 

@@ -131,8 +131,13 @@ impl ObjectBucketSpec {
 
     /// The stream JetStream keeps the bucket in.
     pub fn stream_name(&self) -> String {
-        format!("OBJ_{}", self.bucket)
+        object_stream(&self.bucket)
     }
+}
+
+/// `OBJ_<bucket>`: the stream JetStream keeps an object bucket in.
+pub fn object_stream(bucket: &str) -> String {
+    format!("OBJ_{bucket}")
 }
 
 /// A KV bucket a component owns: a projection (rebuildable from events) or a cache.
@@ -197,12 +202,16 @@ pub fn kv_buckets(component: Component) -> Vec<KvBucketSpec> {
             "concurrency slots of pipelines (key <pipeline>.<n>): leases held by the engine running a run, renewed while it runs, expiring when it dies",
             crate::pipeline::SLOT_TTL,
         )],
+        Component::StorageManager => vec![spec(
+            crate::storage::KV_ARCHIVE,
+            "archive watermarks (keys target.<stream>.<target> and verified.<stream>): through which sequence each stream is archived and read back verified; nothing above verified.<stream> may be removed",
+            Duration::ZERO,
+        )],
         Component::UiGateway => vec![spec(
             crate::gateway::KV_TOKENS,
             "API tokens of the gateway (key t.<id>): name, role and SHA-256 of the token, never the token",
             Duration::ZERO,
         )],
-        _ => Vec::new(),
     }
 }
 

@@ -3,6 +3,7 @@
 //! A service binary is `main` → [`service_main`] → the service library's `run(settings,
 //! shutdown)`, which builds a [`Service`] (its [`ServiceDef`] and [`Endpoint`]s) and runs it.
 
+pub mod archive_guard;
 pub mod config;
 pub mod http;
 pub mod metrics;

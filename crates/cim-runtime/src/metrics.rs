@@ -21,6 +21,12 @@ pub struct ProjectionLabels {
     pub projection: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ArchiveLabels {
+    pub stream: String,
+    pub target: String,
+}
+
 /// The service's metrics; cheap to clone.
 #[derive(Clone)]
 pub struct Metrics {
@@ -38,6 +44,10 @@ pub struct Metrics {
     pub projection_checkpoint: Family<ProjectionLabels, Gauge<i64, AtomicI64>>,
     /// 1 once the instance was told to drain.
     pub draining: Gauge<i64, AtomicI64>,
+    /// Messages of a stream not yet archived and verified on a target (storage manager).
+    pub archive_lag: Family<ArchiveLabels, Gauge<i64, AtomicI64>>,
+    /// Stream sequence through which a stream is archived and verified on a target.
+    pub archive_verified: Family<ArchiveLabels, Gauge<i64, AtomicI64>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -78,6 +88,10 @@ impl Metrics {
         registry.register("projection_checkpoint", "Stream sequence a projection has applied up to", projection_checkpoint.clone());
         let draining = Gauge::<i64, AtomicI64>::default();
         registry.register("draining", "1 once the instance was told to drain (its node is being drained)", draining.clone());
+        let archive_lag = Family::<ArchiveLabels, Gauge<i64, AtomicI64>>::default();
+        let archive_verified = Family::<ArchiveLabels, Gauge<i64, AtomicI64>>::default();
+        registry.register("archive_lag", "Messages of a stream not yet archived and verified on a target", archive_lag.clone());
+        registry.register("archive_verified_sequence", "Stream sequence through which a stream is archived and verified on a target", archive_verified.clone());
         Metrics {
             registry: Arc::new(registry),
             requests,
@@ -90,6 +104,8 @@ impl Metrics {
             projection_lag,
             projection_checkpoint,
             draining,
+            archive_lag,
+            archive_verified,
         }
     }
 

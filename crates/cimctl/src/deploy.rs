@@ -261,6 +261,19 @@ pub fn permissions(component: Component) -> Result<Permissions> {
             read_with_consumers(&mut publish, &resources::events_stream(other).name, DURABLE_READER, true);
         }
     }
+    // The retention guard: the services that remove messages from an archived stream (unit
+    // content, plugin modules) read the storage manager's archive watermarks first.
+    if matches!(component, Component::InformationUnit | Component::PluginHost) {
+        for kv in resources::kv_buckets(Component::StorageManager) {
+            let stream = kv.stream_name();
+            for api in JS_API {
+                publish.push(format!("{api}.STREAM.INFO.{stream}"));
+                publish.push(format!("{api}.STREAM.MSG.GET.{stream}"));
+                publish.push(format!("{api}.DIRECT.GET.{stream}"));
+                publish.push(format!("{api}.DIRECT.GET.{stream}.>"));
+            }
+        }
+    }
     // Account information (limits and usage; read-only): creating a KV bucket asks for it.
     for api in JS_API {
         publish.push(format!("{api}.INFO"));

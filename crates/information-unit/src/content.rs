@@ -6,8 +6,13 @@
 //! 2. chunks whose object has no metadata (an upload cut off mid-way), last written longer than
 //!    the grace ago: purged;
 //! 3. content no unit references any more — every unit whose versions include it is deleted —
-//!    and whose object and tombstones are older than `--iu-content-retention`: deleted.
-//!    Rule 3 only runs while the projection is current, so it never acts on a partial view.
+//!    and whose object and tombstones are older than `--iu-content-retention`: deleted, but
+//!    only once the storage manager has verified its archive on every required target
+//!    (`cim_runtime::archive_guard`); until then it is kept. Rule 3 only runs while the
+//!    projection is current, so it never acts on a partial view.
+//!
+//! Rules 1 and 2 remove bytes that never became content of any unit (an upload that was
+//! never committed), so they do not wait for the archive.
 //!
 //! Every collection is recorded as a `cim.evt.iu.content.<object>.collected` event.
 
@@ -142,6 +147,12 @@ impl App {
                 .collect();
             for info in stored.iter().filter(|i| !i.deleted && i.name.parse::<Cid>().is_ok()) {
                 if !referenced.contains(&info.name) && age(info.modified) > retention {
+                    // The retention guard: content leaves JetStream only once its archive is
+                    // verified on every required target.
+                    if let Err(why) = cim_runtime::archive_guard::object_removable(&self.js, iu::CONTENT_BUCKET, &info.name).await {
+                        tracing::info!(object = %info.name, reason = %why, "unreferenced content kept until its archive is verified");
+                        continue;
+                    }
                     self.remove_object(&info.name).await.map_err(|e| anyhow::anyhow!(e.message))?;
                     self.record_collected(&info.name, info.size as u64, "no live unit references it").await;
                     collected += 1;

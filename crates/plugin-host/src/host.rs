@@ -50,6 +50,10 @@ impl Drop for Entry {
     }
 }
 
+/// How often modules of removed versions are checked for deletion (the retention guard may
+/// have held them back until their archive was verified).
+const REMOVED_MODULE_SWEEP: Duration = Duration::from_secs(30);
+
 #[derive(Default)]
 struct Catalog {
     /// Live versions by (name, version).
@@ -167,6 +171,16 @@ impl Host {
         if !args.no_builtins {
             host.push_builtins().await;
         }
+        let h = host.clone();
+        ctx.spawn("removed-modules", async move {
+            loop {
+                h.sweep_removed_modules().await;
+                tokio::select! {
+                    _ = tokio::time::sleep(REMOVED_MODULE_SWEEP) => {}
+                    _ = h.ctx.stopping() => break,
+                }
+            }
+        });
         Ok(host)
     }
 
@@ -550,12 +564,39 @@ impl Host {
         let subject = plugin::event(&req.name, plugin::action::REMOVED).map_err(|e| ServiceError::bad_request(e.to_string()))?;
         let seq = self.publish(subject, &req.name, expected, &event).await?;
         self.wait_applied(seq).await?;
-        if let Ok(object) = plugin::artifact_object(&req.name, &req.version)
-            && let Err(e) = self.bucket.delete(&object).await
-        {
-            tracing::warn!(%object, error = %e, "could not delete a removed module");
+        if let Ok(object) = plugin::artifact_object(&req.name, &req.version) {
+            self.drop_removed_module(&object).await;
         }
         Ok(Reply::proto(&RemoveReply { plugin: Some(info) }))
+    }
+
+    /// Deletes the module of a removed version from the artifacts bucket — once the storage
+    /// manager has verified its archive on every required target (the retention guard);
+    /// until then it stays, and [`Host::sweep_removed_modules`] tries again.
+    async fn drop_removed_module(&self, object: &str) {
+        match self.bucket.info(object).await {
+            Ok(i) if !i.deleted => {}
+            _ => return,
+        }
+        if let Err(why) = cim_runtime::archive_guard::object_removable(self.ctx.jetstream(), plugin::ARTIFACTS_BUCKET, object).await {
+            tracing::info!(%object, reason = %why, "module of a removed version kept until its archive is verified");
+            return;
+        }
+        match self.bucket.delete(object).await {
+            Ok(()) => tracing::info!(%object, "module of a removed version deleted"),
+            Err(e) => tracing::warn!(%object, error = %e, "could not delete a removed module"),
+        }
+    }
+
+    /// Every removed version whose module is still stored: deleted where the guard allows.
+    pub async fn sweep_removed_modules(&self) {
+        let removed: Vec<String> = {
+            let c = self.catalog.read().unwrap_or_else(|e| e.into_inner());
+            c.ever.keys().filter(|k| !c.versions.contains_key(*k)).filter_map(|(n, v)| plugin::artifact_object(n, v).ok()).collect()
+        };
+        for object in removed {
+            self.drop_removed_module(&object).await;
+        }
     }
 
     /// Who references a version (`cim_plugin_references`), described for people.

@@ -29,6 +29,10 @@ pub struct ArchiveSettings {
     pub part_bytes: usize,
     /// How often object buckets are checked for objects to copy by name.
     pub object_poll: Duration,
+    /// Targets that must all hold a verified copy before anything may be removed.
+    pub required: Vec<String>,
+    /// How often committed segments are read back and checked.
+    pub verify_interval: Duration,
 }
 
 impl Default for ArchiveSettings {
@@ -40,6 +44,8 @@ impl Default for ArchiveSettings {
             retry_max: Duration::from_secs(30),
             part_bytes: 8 << 20,
             object_poll: Duration::from_secs(5),
+            required: Vec::new(),
+            verify_interval: Duration::from_secs(5),
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod restore;
 pub mod s3;
 pub mod target;
 pub mod tiers;
+pub mod verified;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -57,18 +58,37 @@ pub struct Config {
     pub source_leaves: Vec<String>,
     #[arg(long, env = "CIM_ARCHIVE_RETRY_MAX", default_value = "30s", value_parser = cim_runtime::config::parse_duration)]
     pub archive_retry_max: Duration,
+    /// The targets that must hold a verified copy before anything may be removed from a
+    /// stream (names, comma-separated; default: every target).
+    #[arg(long = "archive-required", env = "CIM_ARCHIVE_REQUIRED", value_delimiter = ',')]
+    pub archive_required: Vec<String>,
+    /// How often committed segments are read back and checked (advancing the watermarks).
+    #[arg(long, env = "CIM_ARCHIVE_VERIFY_INTERVAL", default_value = "5s", value_parser = cim_runtime::config::parse_duration)]
+    pub archive_verify_interval: Duration,
 }
 
 impl Config {
     /// The targets and archive settings, or a clear error (exit 64).
     pub fn archive(&self) -> Result<(Vec<Target>, ArchiveSettings), TargetError> {
         let targets = Target::parse_all(&self.archive_targets, &|k| std::env::var(k).ok())?;
+        let required = if self.archive_required.is_empty() {
+            targets.iter().map(|t| t.name.clone()).collect()
+        } else {
+            for r in &self.archive_required {
+                if !targets.iter().any(|t| &t.name == r) {
+                    return Err(TargetError::UnknownRequired(r.clone()));
+                }
+            }
+            self.archive_required.clone()
+        };
         let settings = ArchiveSettings {
             segment_bytes: self.archive_segment_bytes.max(1024),
             linger: self.archive_linger,
             part_bytes: self.archive_part_bytes.max(objects::MIN_PART_BYTES),
             object_poll: self.archive_object_poll,
             retry_max: self.archive_retry_max,
+            required,
+            verify_interval: self.archive_verify_interval,
             ..ArchiveSettings::default()
         };
         Ok((targets, settings))
@@ -126,6 +146,15 @@ pub async fn run_with(
                 for stream in archived_streams() {
                     let name = format!("archive-{}-{stream}", s3.target().name);
                     ctx.spawn(&name, archive::run_stream(ctx.jetstream().clone(), s3.clone(), stream, archive.clone(), stop_rx.clone()));
+                }
+                let verify = verified::VerifySettings {
+                    required: Arc::new(archive.required.clone()),
+                    interval: archive.verify_interval,
+                    metrics: ctx.metrics().clone(),
+                };
+                for stream in archived_streams() {
+                    let name = format!("verify-{}-{stream}", s3.target().name);
+                    ctx.spawn(&name, verified::run_verifier(ctx.jetstream().clone(), s3.clone(), stream, verify.clone(), stop_rx.clone()));
                 }
                 for c in Component::ALL {
                     for b in cim_events::resources::object_buckets(c) {

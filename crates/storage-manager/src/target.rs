@@ -19,6 +19,8 @@ pub enum TargetError {
     Credentials { target: String, message: String },
     #[error("archive target name {0:?} is used twice")]
     Duplicate(String),
+    #[error("--archive-required names {0:?}, which is not an --archive-target")]
+    UnknownRequired(String),
 }
 
 /// An access key pair. `Debug` and `Display` never show the secret.

@@ -298,7 +298,7 @@ async fn a_restarted_host_serves_the_same_plugins() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_referenced_version_cannot_be_removed() -> Result<()> {
     let nats = NatsServer::start().await?;
-    let (_host, client) = start_host(&nats, &[]).await?;
+    let (host, client) = start_host(&nats, &[]).await?;
     push_ok(&nats, &constant("in use"), "stepper", "1.0.0", &[]).await?;
 
     // What the pipeline engine writes when a pipeline step uses stepper@1.0.0.
@@ -319,6 +319,12 @@ async fn a_referenced_version_cannot_be_removed() -> Result<()> {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let gone = route(&client, by_name("stepper", "1.0.0", b"")).await?;
     assert_eq!(status(&gone), Status::NotFound, "{}", message(&gone));
+    // The retention guard: with no verified archive of the artifacts bucket, the removed
+    // module's bytes stay in JetStream (storage.rs proves they go once the archive is verified).
+    let artifacts = js.get_object_store(plugin::ARTIFACTS_BUCKET).await?;
+    let object = plugin::artifact_object("stepper", "1.0.0")?;
+    assert!(!artifacts.info(&object).await?.deleted, "the module was deleted before its archive was verified");
+    assert!(host.log().contains("module of a removed version kept until its archive is verified"), "{}", host.log());
     // The version number stays bound to its digest after removal.
     let other = push(&nats, &constant("new bytes"), "stepper", "1.0.0", &[]).await?;
     assert!(String::from_utf8_lossy(&other.stderr).contains("immutable"), "{}", String::from_utf8_lossy(&other.stderr));

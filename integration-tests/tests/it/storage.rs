@@ -532,3 +532,116 @@ async fn storage_leaf_to_cluster_mirror_survives_uplink_outage() -> Result<()> {
     svc.terminate(Duration::from_secs(20)).await?;
     Ok(())
 }
+
+/// How many times `needle` is in the service's log so far.
+fn log_count(svc: &ServiceProc, needle: &str) -> usize {
+    svc.log().matches(needle).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn storage_content_leaves_jetstream_only_after_its_archive_is_verified_on_every_required_target() -> Result<()> {
+    use cim_events::proto::iu::{CreateUnit, DeleteUnit};
+    use cim_events::{iu, storage};
+    use cim_iu_client::{IuClient, header};
+    const KEPT: &str = "unreferenced content kept until its archive is verified";
+
+    let (nats, nas, mut wasabi) = tokio::try_join!(NatsServer::start(), S3Server::start(), S3Server::start())?;
+    let client = nats.connect().await;
+    let js = jetstream::new(client.clone());
+    // Content with no live unit is due for collection at once (retention 0s).
+    let iu_svc = ServiceProc::start(Component::InformationUnit, &nats.url(), &["--iu-content-retention", "0s", "--iu-collect-interval", "300ms"])?;
+    wait_ready(&client, &iu_svc).await?;
+    let iu_client = IuClient::new(client.clone());
+    let body = pseudo_random(300_000, 11);
+    let cid = iu_client.put_bytes(&body).await?.cid;
+    let unit = iu_client.create(CreateUnit { cid: cid.clone(), name: "doomed.bin".into(), media_type: "application/octet-stream".into(), ..Default::default() }).await?;
+    iu_client.delete(DeleteUnit { header: header(0), unit_id: unit.unit_id.clone(), reason: "test".into() }).await?;
+    let store = js.get_object_store(iu::CONTENT_BUCKET).await?;
+    let obj_stream = content_bucket().stream_name();
+    let meta_seq = js.get_stream(&obj_stream).await?.get_last_raw_message_by_subject(&cim_events::subject::object_meta(iu::CONTENT_BUCKET, &cid)?).await?.sequence;
+
+    // 1. No archive at all: collection holds the content back, and says why.
+    eventually(WAIT, "collection to hold back content with no archive", || async {
+        ensure!(log_count(&iu_svc, KEPT) >= 2, "not yet");
+        Ok(())
+    })
+    .await?;
+    assert!(iu_svc.log().contains("no verified archive of"), "{}", iu_svc.log());
+    assert!(!store.info(&cid).await?.deleted);
+
+    // 2. Two required targets, one of them down: the one that is up verifies its copy, but
+    //    the removal watermark needs both, so the content stays.
+    let (nas_c, wasabi_c) = (S3Client::new(target(&nas, "nas", "p"))?, S3Client::new(target(&wasabi, "wasabi", "p"))?);
+    nas_c.ensure_bucket().await?;
+    wasabi_c.ensure_bucket().await?;
+    wasabi.kill();
+    let args = [
+        "--archive-target".to_string(),
+        spec(&nas, "nas", "p", "NAS"),
+        "--archive-target".to_string(),
+        spec(&wasabi, "wasabi", "p", "WASABI"),
+        "--archive-linger".to_string(),
+        "100ms".to_string(),
+        "--archive-retry-max".to_string(),
+        "300ms".to_string(),
+        "--archive-verify-interval".to_string(),
+        "200ms".to_string(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let env = [
+        ("NAS_ACCESS_KEY_ID", nas.access_key()),
+        ("NAS_SECRET_ACCESS_KEY", nas.secret_key()),
+        ("WASABI_ACCESS_KEY_ID", wasabi.access_key()),
+        ("WASABI_SECRET_ACCESS_KEY", wasabi.secret_key()),
+    ];
+    let sm = ServiceProc::start_with_env(Component::StorageManager, &nats.url(), &args, &env)?;
+    let sm_http = wait_ready(&client, &sm).await?.service.context("describe without service")?.http_addr;
+    let marks = js.get_key_value(resources::kv_bucket(Component::StorageManager, storage::KV_ARCHIVE)?).await?;
+    let mark = |key: String| {
+        let marks = marks.clone();
+        async move {
+            Ok::<_, anyhow::Error>(match marks.get(key.as_str()).await? {
+                Some(v) => Some(serde_json::from_slice::<storage::Watermark>(&v)?.verified_seq),
+                None => None,
+            })
+        }
+    };
+    eventually(WAIT, "the nas copy of the content verified", || async {
+        let v = mark(storage::target_key(&obj_stream, "nas")?).await?;
+        ensure!(v.is_some_and(|v| v >= meta_seq), "nas verified through {v:?}, the object is at {meta_seq}");
+        Ok(())
+    })
+    .await?;
+    let seen = log_count(&iu_svc, KEPT);
+    eventually(WAIT, "another collection pass", || async {
+        ensure!(log_count(&iu_svc, KEPT) > seen, "not yet");
+        Ok(())
+    })
+    .await?;
+    assert_eq!(mark(storage::verified_key(&obj_stream)?).await?, None, "a removal watermark without the wasabi copy");
+    assert!(!store.info(&cid).await?.deleted, "content removed while a required target had no verified copy");
+
+    // 3. The second target comes back: both verify, the watermark passes the object, and the
+    //    collection removes it (recorded as an event); the archive can give it back.
+    wasabi.restart().await?;
+    eventually(WAIT, "the content collected once both copies are verified", || async {
+        ensure!(store.info(&cid).await.map(|i| i.deleted).unwrap_or(true), "still stored");
+        Ok(())
+    })
+    .await
+    .map_err(|e| e.context(sm.log()))?;
+    let through = mark(storage::verified_key(&obj_stream)?).await?.context("no removal watermark")?;
+    assert!(through >= meta_seq);
+    let events = js.get_stream(resources::events_stream(Component::InformationUnit).name).await?;
+    let collected = iu::content_event(&cid, iu::action::COLLECTED)?;
+    assert!(events.get_last_raw_message_by_subject(&collected).await.is_ok(), "no {collected} event");
+    let metrics = cim_testkit::http_get(&sm_http, "/metrics").await?.text();
+    let verified_line = format!("cim_archive_verified_sequence{{service=\"storage-manager\",instance=");
+    assert!(metrics.contains(&verified_line) && metrics.contains(&format!("stream=\"{obj_stream}\",target=\"wasabi\"}}")) && metrics.contains("cim_archive_lag{"), "{metrics}");
+
+    let (fresh, reports) = restore_into(&wasabi_c, Until::Sequence(meta_seq)).await?;
+    assert!(reports.iter().all(|r| r.problems.is_empty()), "{reports:?}");
+    let fjs = jetstream::new(fresh.connect().await);
+    assert_eq!(object_sha(&fjs, &cid).await?, format!("{:x}", Sha256::digest(&body)));
+    Ok(())
+}

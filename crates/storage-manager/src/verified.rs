@@ -1,0 +1,164 @@
+//! Verification of what the archiver committed, and the watermarks the retention guard reads.
+//!
+//! One task per stream and target follows the committed manifests in order, reads each segment
+//! back from the target and checks its size and SHA-256 against the manifest (the bytes the
+//! archiver hashed before uploading). Then it records, in `cim_storage_archive`:
+//! `target.<STREAM>.<target>` (verified through on this target) and `verified.<STREAM>` (the
+//! smallest over the required targets). Services remove nothing above `verified.<STREAM>`
+//! (`cim_runtime::archive_guard`). It also exports `cim_archive_lag` and
+//! `cim_archive_verified_sequence` per stream and target.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use cim_events::{Component, resources, storage};
+use cim_runtime::metrics::{ArchiveLabels, Metrics};
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::format::{self, Manifest};
+use crate::s3::{S3Client, hex};
+
+/// Why a segment does not count as verified.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("{0}")]
+    S3(#[from] crate::s3::S3Error),
+    #[error(transparent)]
+    Format(#[from] format::FormatError),
+    #[error("segment {0} is missing")]
+    Missing(String),
+    #[error("segment {key}: {message}")]
+    Mismatch { key: String, message: String },
+}
+
+/// Reads one committed segment back and checks it against its manifest.
+pub async fn check_segment(s3: &S3Client, manifest: &Manifest) -> Result<(), VerifyError> {
+    let key = &manifest.segment_key;
+    let body = s3.get(key).await?.ok_or_else(|| VerifyError::Missing(key.clone()))?;
+    if body.len() as u64 != manifest.segment_bytes {
+        return Err(VerifyError::Mismatch { key: key.clone(), message: format!("{} bytes, the manifest says {}", body.len(), manifest.segment_bytes) });
+    }
+    let sha = hex(&Sha256::digest(&body));
+    if sha != manifest.segment_sha256 {
+        return Err(VerifyError::Mismatch { key: key.clone(), message: format!("sha256 {sha} differs from the manifest's {}", manifest.segment_sha256) });
+    }
+    Ok(())
+}
+
+/// The watermark bucket, created by provisioning.
+async fn bucket(js: &jetstream::Context) -> Result<kv::Store, String> {
+    let name = resources::kv_bucket(Component::StorageManager, storage::KV_ARCHIVE).map_err(|e| e.to_string())?;
+    js.get_key_value(&name).await.map_err(|e| format!("{name}: {e}"))
+}
+
+async fn read_watermark(kv: &kv::Store, key: &str) -> Option<u64> {
+    let v = kv.get(key).await.ok()??;
+    serde_json::from_slice::<storage::Watermark>(&v).ok().map(|w| w.verified_seq)
+}
+
+async fn write_watermark(kv: &kv::Store, key: &str, w: &storage::Watermark) -> Result<(), String> {
+    let body = serde_json::to_vec(w).map_err(|e| e.to_string())?;
+    kv.put(key, body.into()).await.map(|_| ()).map_err(|e| format!("writing {key}: {e}"))
+}
+
+/// Everything a verifier task needs besides its stream and target.
+#[derive(Clone)]
+pub struct VerifySettings {
+    /// The targets that must all hold a verified copy before anything may be removed.
+    pub required: Arc<Vec<String>>,
+    pub interval: Duration,
+    pub metrics: Metrics,
+}
+
+/// Follows the manifests of `stream` on one target until `stop`, verifying every new segment
+/// and advancing the watermarks.
+pub async fn run_verifier(js: jetstream::Context, s3: S3Client, stream: String, settings: VerifySettings, mut stop: watch::Receiver<bool>) {
+    let target = s3.target().name.clone();
+    let labels = ArchiveLabels { stream: stream.clone(), target: target.clone() };
+    let (Ok(target_key), Ok(verified_key)) = (storage::target_key(&stream, &target), storage::verified_key(&stream)) else {
+        tracing::error!(stream = %stream, target = %target, "no watermark key for this stream and target");
+        return;
+    };
+    let mut verified: Option<u64> = None;
+    // The last manifest verified: listing resumes after it.
+    let mut after: Option<String> = None;
+    let mut failing: Option<String> = None;
+    loop {
+        let round = async {
+            let kv = bucket(&js).await?;
+            let through = match verified {
+                Some(v) => v,
+                None => read_watermark(&kv, &target_key).await.unwrap_or(0),
+            };
+            let prefix = format::manifests_prefix(&s3.target().prefix, &stream);
+            let keys = s3.list(&prefix, after.as_deref()).await.map_err(|e| e.to_string())?;
+            let mut now = through;
+            for key in keys {
+                let Some((_, last)) = format::parse_manifest_key(&key) else { continue };
+                if last <= now {
+                    after = Some(key);
+                    continue;
+                }
+                let body = s3.get(&key).await.map_err(|e| e.to_string())?.ok_or_else(|| format!("manifest {key} vanished"))?;
+                let manifest = Manifest::parse(&key, &body).map_err(|e| e.to_string())?;
+                if manifest.first_seq <= now {
+                    return Err(format!("manifest {key} overlaps what is verified (through {now})"));
+                }
+                check_segment(&s3, &manifest).await.map_err(|e| e.to_string())?;
+                now = manifest.last_seq;
+                after = Some(key);
+            }
+            if verified != Some(now) {
+                write_watermark(&kv, &target_key, &storage::Watermark::new(&stream, now, vec![target.clone()])).await?;
+                verified = Some(now);
+            }
+            // The removal watermark: the least over the required targets (absent while one of
+            // them has verified nothing yet).
+            let mut least: Option<u64> = Some(u64::MAX);
+            for r in settings.required.iter() {
+                let key = storage::target_key(&stream, r).map_err(|e| e.to_string())?;
+                least = match (least, read_watermark(&kv, &key).await) {
+                    (Some(l), Some(v)) => Some(l.min(v)),
+                    _ => None,
+                };
+            }
+            if let Some(least) = least.filter(|l| *l != u64::MAX && *l > 0)
+                && read_watermark(&kv, &verified_key).await != Some(least)
+            {
+                write_watermark(&kv, &verified_key, &storage::Watermark::new(&stream, least, settings.required.to_vec())).await?;
+                tracing::debug!(stream = %stream, verified = least, "removal watermark advanced");
+            }
+            let last = match js.get_stream(&stream).await {
+                Ok(mut s) => s.info().await.map(|i| i.state.last_sequence).unwrap_or(now),
+                Err(_) => now,
+            };
+            settings.metrics.archive_verified.get_or_create(&labels).set(now as i64);
+            settings.metrics.archive_lag.get_or_create(&labels).set(last.saturating_sub(now) as i64);
+            Ok::<(), String>(())
+        }
+        .await;
+        match round {
+            Ok(()) => {
+                if failing.take().is_some() {
+                    tracing::info!(stream = %stream, target = %target, "archive verification recovered");
+                }
+            }
+            Err(e) => {
+                // Logged once per distinct problem; the watermark stays where it was.
+                if failing.as_deref() != Some(e.as_str()) {
+                    tracing::warn!(stream = %stream, target = %target, error = %e, "archive verification failed; the watermark holds");
+                    failing = Some(e);
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(settings.interval) => {}
+            _ = stop.changed() => return,
+        }
+        if *stop.borrow() {
+            return;
+        }
+    }
+}
