@@ -220,6 +220,35 @@ fn cim_streams() -> Vec<(String, Component)> {
     v
 }
 
+/// One stream on one archive target, from the storage manager's watermarks.
+struct ArchiveRow {
+    stream: String,
+    target: String,
+    last_seq: u64,
+    verified_seq: u64,
+    lag: u64,
+}
+
+/// The archive lag per stream and target: the stream's last sequence against the sequence
+/// through which the storage manager has verified its copy on that target
+/// (`cim_storage_archive`, keys `target.<stream>.<target>`).
+async fn archive_lag(js: &async_nats::jetstream::Context, last_seqs: &BTreeMap<String, u64>, timeout: Duration) -> Vec<ArchiveRow> {
+    let mut rows = Vec::new();
+    let Ok(bucket) = resources::kv_bucket(Component::StorageManager, cim_events::storage::KV_ARCHIVE) else { return rows };
+    let Ok(Ok(kv)) = tokio::time::timeout(timeout, js.get_key_value(&bucket)).await else { return rows };
+    let Ok(Ok(mut keys)) = tokio::time::timeout(timeout, kv.keys()).await else { return rows };
+    while let Ok(Some(Ok(key))) = tokio::time::timeout(timeout, keys.next()).await {
+        let Some(rest) = key.strip_prefix("target.") else { continue };
+        let Ok(Ok(Some(v))) = tokio::time::timeout(timeout, kv.get(&key)).await else { continue };
+        let Ok(w) = serde_json::from_slice::<cim_events::storage::Watermark>(&v) else { continue };
+        let target = rest.strip_prefix(&format!("{}.", w.stream)).unwrap_or(rest).to_string();
+        let last_seq = last_seqs.get(&w.stream).copied().unwrap_or(w.verified_seq);
+        rows.push(ArchiveRow { lag: last_seq.saturating_sub(w.verified_seq), stream: w.stream, target, last_seq, verified_seq: w.verified_seq });
+    }
+    rows.sort_by(|a, b| (&a.stream, &a.target).cmp(&(&b.stream, &b.target)));
+    rows
+}
+
 pub async fn status(args: StatusArgs) -> Result<ExitCode> {
     let started = Instant::now();
     let timeout = args.conn.timeout();
@@ -248,6 +277,7 @@ pub async fn status(args: StatusArgs) -> Result<ExitCode> {
     let results = futures::future::join_all(checks).await;
     let mut streams = Vec::new();
     let mut consumers = Vec::new();
+    let mut last_seqs: BTreeMap<String, u64> = BTreeMap::new();
     for (name, owner, info) in results {
         let info = match info {
             Err(_) => {
@@ -269,6 +299,7 @@ pub async fn status(args: StatusArgs) -> Result<ExitCode> {
             }
             Ok(Ok(i)) => i,
         };
+        last_seqs.insert(name.clone(), info.state.last_sequence);
         let replicas = info.config.num_replicas;
         let (leader, mut current, mut peers, mut why) = match &info.cluster {
             Some(c) => (c.leader.clone().unwrap_or_default(), usize::from(c.leader.is_some()), Vec::new(), Vec::new()),
@@ -305,6 +336,12 @@ pub async fn status(args: StatusArgs) -> Result<ExitCode> {
                 }
                 consumers.push(ConsumerRow { stream: name.clone(), name: c.name, pending: c.num_pending, ack_pending: c.num_ack_pending, redelivered: c.num_redelivered, waiting: c.num_waiting });
             }
+        }
+    }
+    let archive = archive_lag(&js, &last_seqs, timeout).await;
+    for a in &archive {
+        if a.lag > args.lag_threshold {
+            problems.push((format!("archive of {} on {}", a.stream, a.target), format!("{} messages not yet archived and verified (threshold {})", a.lag, args.lag_threshold)));
         }
     }
     if let Some(o) = &overview {
@@ -353,7 +390,9 @@ pub async fn status(args: StatusArgs) -> Result<ExitCode> {
             "redelivered": c.redelivered, "waiting": c.waiting,
         })).collect::<Vec<_>>(),
         "described": overview.as_ref().map(|o| o.described.iter().map(|d| json!({"component": d.component, "instance": d.instance_id, "ready": d.ready, "error": d.error})).collect::<Vec<_>>()).unwrap_or_default(),
-        "archive": {"lag": null, "note": "storage-manager reports no archive lag yet"},
+        "archive": archive.iter().map(|a| json!({
+            "stream": a.stream, "target": a.target, "last_seq": a.last_seq, "verified_seq": a.verified_seq, "lag": a.lag,
+        })).collect::<Vec<_>>(),
         "problems": problems.iter().map(|(s, r)| json!({"subject": s, "reason": r})).collect::<Vec<_>>(),
     });
 
@@ -394,7 +433,16 @@ pub async fn status(args: StatusArgs) -> Result<ExitCode> {
         t.row(vec![c.stream.clone(), c.name.clone(), c.pending.to_string(), c.ack_pending.to_string(), c.redelivered.to_string(), c.waiting.to_string()]);
     }
     t.render(&mut out);
-    let _ = writeln!(out, "\nArchive lag: not reported (storage-manager reports no archive yet)");
+    if archive.is_empty() {
+        let _ = writeln!(out, "\nArchive: no watermarks (no storage manager with archive targets has verified anything here)");
+    } else {
+        let _ = writeln!(out, "\nArchive (verified copies per target):");
+        let mut t = Table::new(&["STREAM", "TARGET", "LAST SEQ", "VERIFIED", "LAG"]);
+        for a in &archive {
+            t.row(vec![a.stream.clone(), a.target.clone(), a.last_seq.to_string(), a.verified_seq.to_string(), a.lag.to_string()]);
+        }
+        t.render(&mut out);
+    }
     if problems.is_empty() {
         let _ = writeln!(out, "\nConverged: nothing to report.");
     } else {

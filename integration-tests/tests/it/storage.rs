@@ -639,6 +639,16 @@ async fn storage_content_leaves_jetstream_only_after_its_archive_is_verified_on_
     let verified_line = format!("cim_archive_verified_sequence{{service=\"storage-manager\",instance=");
     assert!(metrics.contains(&verified_line) && metrics.contains(&format!("stream=\"{obj_stream}\",target=\"wasabi\"}}")) && metrics.contains("cim_archive_lag{"), "{metrics}");
 
+    // `cimctl status` shows the verified copy of every stream on every target, and its lag.
+    let (_, out) = cimctl(&["status", "--json", "--timeout", "2"], &nats.url(), "", &[]).await?;
+    let json_start = out.find('{').context("no JSON")?;
+    let status: serde_json::Value = serde_json::Deserializer::from_str(&out[json_start..]).into_iter().next().context("no JSON")??;
+    let rows = status["archive"].as_array().context("no archive rows")?;
+    for t in ["nas", "wasabi"] {
+        let row = rows.iter().find(|r| r["stream"] == obj_stream.as_str() && r["target"] == t).with_context(|| format!("no {t} row: {status}"))?;
+        assert!(row["verified_seq"].as_u64() >= Some(meta_seq), "{row}");
+    }
+
     let (fresh, reports) = restore_into(&wasabi_c, Until::Sequence(meta_seq)).await?;
     assert!(reports.iter().all(|r| r.problems.is_empty()), "{reports:?}");
     let fjs = jetstream::new(fresh.connect().await);
