@@ -97,7 +97,35 @@ pub fn all_permissions() -> Result<Value> {
             }),
         );
     }
-    Ok(json!({ "generated_by": GENERATED_BY, "services": services }))
+    Ok(json!({
+        "generated_by": GENERATED_BY,
+        "services": services,
+        "leaf_mirrors": {
+            "service": Component::StorageManager.service_name(),
+            "placeholder": LEAF_PLACEHOLDER,
+            "publish": leaf_mirror_permissions()?,
+        },
+    }))
+}
+
+/// Stands for a leaf's JetStream domain, upper-cased as in mirror names, in `leaf_mirrors`.
+pub const LEAF_PLACEHOLDER: &str = "LEAF_DOMAIN";
+
+/// What the storage manager on the cluster needs beyond its own identity to keep the leaf
+/// mirrors (`--source-leaf`): create, update and read each `<STREAM>_FROM_<LEAF>`. Leaf
+/// domains are known only to a deployment, so the names carry [`LEAF_PLACEHOLDER`]; the
+/// cluster's NATS profile replaces it with each source leaf's upper-cased domain.
+pub fn leaf_mirror_permissions() -> Result<Vec<String>> {
+    let mut publish = Vec::new();
+    for stream in storage_manager::archived_streams() {
+        let mirror = resources::leaf_mirror(&stream, LEAF_PLACEHOLDER)?;
+        for api in JS_API {
+            for verb in ["INFO", "CREATE", "UPDATE"] {
+                publish.push(format!("{api}.STREAM.{verb}.{mirror}"));
+            }
+        }
+    }
+    Ok(publish)
 }
 
 /// The first `tokens` tokens of `subject`, then `>`: the wildcard of everything below them.
@@ -308,6 +336,20 @@ pub fn permissions(component: Component) -> Result<Permissions> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn leaf_mirror_permissions_name_every_mirror_the_storage_manager_creates() {
+        let template = leaf_mirror_permissions().unwrap();
+        let granted: Vec<String> = template.iter().map(|s| s.replace(LEAF_PLACEHOLDER, &"leaf1".to_ascii_uppercase())).collect();
+        for stream in storage_manager::archived_streams() {
+            let cfg = storage_manager::tiers::mirror_config(&stream, "leaf1", cim_events::Tier::Cluster).unwrap();
+            for verb in ["CREATE", "INFO"] {
+                let needed = format!("$JS.API.STREAM.{verb}.{}", cfg.name);
+                assert!(granted.contains(&needed), "{needed} missing");
+            }
+        }
+        assert!(granted.iter().all(|s| !s.contains('*') || s.starts_with("$JS.*.API.")), "{granted:?}");
+    }
 
     #[test]
     fn own_subjects_only() {
