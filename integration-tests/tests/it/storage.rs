@@ -154,6 +154,21 @@ async fn restore_into(s3: &S3Client, until: Until) -> Result<(NatsServer, Vec<re
     Ok((fresh, reports))
 }
 
+/// A storage manager archiving to `nas` and `wasabi` (each with its key prefix), credentials
+/// from the environment, plus `extra` arguments.
+fn start_two_targets(nats: &NatsServer, nas: (&S3Server, &str), wasabi: (&S3Server, &str), extra: &[&str]) -> Result<ServiceProc> {
+    let specs = [spec(nas.0, "nas", nas.1, "NAS"), spec(wasabi.0, "wasabi", wasabi.1, "WASABI")];
+    let mut args = vec!["--archive-target", specs[0].as_str(), "--archive-target", specs[1].as_str()];
+    args.extend_from_slice(extra);
+    let env = [
+        ("NAS_ACCESS_KEY_ID", nas.0.access_key()),
+        ("NAS_SECRET_ACCESS_KEY", nas.0.secret_key()),
+        ("WASABI_ACCESS_KEY_ID", wasabi.0.access_key()),
+        ("WASABI_SECRET_ACCESS_KEY", wasabi.0.secret_key()),
+    ];
+    ServiceProc::start_with_env(Component::StorageManager, &nats.url(), &args, &env)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn storage_archive_two_targets_crash_resume_restore() -> Result<()> {
     let (nats, nas, wasabi) = tokio::try_join!(NatsServer::start(), S3Server::start(), S3Server::start())?;
@@ -172,28 +187,8 @@ async fn storage_archive_two_targets_crash_resume_restore() -> Result<()> {
         store.put(*name, &mut data.as_slice()).await?;
     }
 
-    let args = [
-        "--archive-target".to_string(),
-        spec(&nas, "nas", "", "NAS"),
-        "--archive-target".to_string(),
-        spec(&wasabi, "wasabi", "leaf1", "WASABI"),
-        "--archive-segment-bytes".to_string(),
-        "8192".to_string(),
-        "--archive-linger".to_string(),
-        "100ms".to_string(),
-        "--archive-retry-max".to_string(),
-        "500ms".to_string(),
-        "--archive-object-poll".to_string(),
-        "200ms".to_string(),
-    ];
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let env = [
-        ("NAS_ACCESS_KEY_ID", nas.access_key()),
-        ("NAS_SECRET_ACCESS_KEY", nas.secret_key()),
-        ("WASABI_ACCESS_KEY_ID", wasabi.access_key()),
-        ("WASABI_SECRET_ACCESS_KEY", wasabi.secret_key()),
-    ];
-    let mut svc = ServiceProc::start_with_env(Component::StorageManager, &nats.url(), &args, &env)?;
+    let settings = ["--archive-segment-bytes", "8192", "--archive-linger", "100ms", "--archive-retry-max", "500ms", "--archive-object-poll", "200ms"];
+    let mut svc = start_two_targets(&nats, (&nas, ""), (&wasabi, "leaf1"), &settings)?;
     wait_ready(&client, &svc).await?;
 
     // Batch 2 while archiving; crash the service (SIGKILL) once it is part-way through.
@@ -215,7 +210,7 @@ async fn storage_archive_two_targets_crash_resume_restore() -> Result<()> {
     eprintln!("archive positions at the crash: nas {}, wasabi {} of {last}", at_crash.0, at_crash.1);
     let log1 = svc.log();
 
-    let mut svc = ServiceProc::start_with_env(Component::StorageManager, &nats.url(), &args, &env)?;
+    let mut svc = start_two_targets(&nats, (&nas, ""), (&wasabi, "leaf1"), &settings)?;
     wait_ready(&client, &svc).await?;
     let obj_stream = content_bucket().stream_name();
     let obj_last = last_seq(&js, &obj_stream).await?;
@@ -575,26 +570,7 @@ async fn storage_content_leaves_jetstream_only_after_its_archive_is_verified_on_
     nas_c.ensure_bucket().await?;
     wasabi_c.ensure_bucket().await?;
     wasabi.kill();
-    let args = [
-        "--archive-target".to_string(),
-        spec(&nas, "nas", "p", "NAS"),
-        "--archive-target".to_string(),
-        spec(&wasabi, "wasabi", "p", "WASABI"),
-        "--archive-linger".to_string(),
-        "100ms".to_string(),
-        "--archive-retry-max".to_string(),
-        "300ms".to_string(),
-        "--archive-verify-interval".to_string(),
-        "200ms".to_string(),
-    ];
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let env = [
-        ("NAS_ACCESS_KEY_ID", nas.access_key()),
-        ("NAS_SECRET_ACCESS_KEY", nas.secret_key()),
-        ("WASABI_ACCESS_KEY_ID", wasabi.access_key()),
-        ("WASABI_SECRET_ACCESS_KEY", wasabi.secret_key()),
-    ];
-    let sm = ServiceProc::start_with_env(Component::StorageManager, &nats.url(), &args, &env)?;
+    let sm = start_two_targets(&nats, (&nas, "p"), (&wasabi, "p"), &["--archive-linger", "100ms", "--archive-retry-max", "300ms", "--archive-verify-interval", "200ms"])?;
     let sm_http = wait_ready(&client, &sm).await?.service.context("describe without service")?.http_addr;
     let marks = js.get_key_value(resources::kv_bucket(Component::StorageManager, storage::KV_ARCHIVE)?).await?;
     let mark = |key: String| {
