@@ -26,6 +26,12 @@
   # ... and how they become the binary's `CIM_<SERVICE>_<OPTION>` variables (a function of
   # `lib` and the service's config).
   extraEnvironmentOf ? (_lib: _cfg: { }),
+  # ... and the files among them that systemd hands to the service with LoadCredential=
+  # (secrets, and files that should stay root-only): a function of `lib` and the service's
+  # config returning "ID:PATH" strings. The service reads each one as `%d/ID` (systemd
+  # expands %d in Environment= to /run/credentials/cim-<name>.service), so the variable that
+  # names the file must say `%d/ID`, never the host path. IDs must differ from `nats.creds`.
+  extraCredentialsOf ? (_lib: _cfg: [ ]),
 }:
 
 {
@@ -52,6 +58,16 @@ let
   token = types.strMatching "[!-)+--/-=?-~]{1,128}";
 
   natsOnThisHost = config.services.nats.enable or false;
+
+  # Every LoadCredential= of the unit, one line each: this service's NATS identity and the
+  # service module's own files.
+  credentials =
+    optional (cfg.natsCredentialsFile != null) "nats.creds:${cfg.natsCredentialsFile}"
+    ++ extraCredentialsOf lib cfg;
+  credentialIds = map (c: builtins.head (builtins.match "([^:]*):.*" c)) credentials;
+  duplicateIds = builtins.filter (
+    id: builtins.length (builtins.filter (x: x == id) credentialIds) > 1
+  ) credentialIds;
 in
 {
   options.services.cim.${name} = extraOptions lib // {
@@ -273,8 +289,12 @@ in
           ];
           SystemCallErrorNumber = "EPERM";
         }
-        // optionalAttrs (cfg.natsCredentialsFile != null) {
-          LoadCredential = "nats.creds:${cfg.natsCredentialsFile}";
+        // optionalAttrs (credentials != [ ]) {
+          LoadCredential =
+            if duplicateIds == [ ] then
+              credentials
+            else
+              throw "services.cim.${name}: the credential ID `${builtins.head duplicateIds}' is used twice in LoadCredential=";
         }
         // optionalAttrs (cfg.environmentFile != null) {
           EnvironmentFile = cfg.environmentFile;

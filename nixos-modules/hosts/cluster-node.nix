@@ -5,6 +5,9 @@
   index,
   # Addresses of all three nodes, this one included.
   addresses,
+  # JetStream domains of the leaves attached to the hub whose streams the cluster's storage
+  # managers mirror (`services.cim.storage-manager.sourceLeaves`), e.g. [ "leaf" ].
+  leafDomains ? [ ],
 }:
 
 { config, lib, ... }:
@@ -16,14 +19,15 @@ in
 {
   networking.hostName = lib.mkDefault "cim-node-${toString index}";
 
-  services.cim =
-    lib.genAttrs names (_: {
+  services.cim = lib.mkMerge [
+    (lib.genAttrs names (_: {
       enable = true;
       tier = "cluster";
       natsUrl = "nats://127.0.0.1:${toString node.port}";
       jetstreamDomain = node.domain;
-    })
-    // {
+    }))
+    { storage-manager.sourceLeaves = leafDomains; }
+    {
       nats-cluster-node = {
         enable = true;
         routes = map (address: "nats-route://${address}:${toString node.clusterPort}") addresses;
@@ -31,5 +35,6 @@ in
         # ports yet (a later issue): the nodes' network must be private.
         openFirewall = true;
       };
-    };
+    }
+  ];
 }

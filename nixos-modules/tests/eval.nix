@@ -45,6 +45,38 @@ let
       services.cim.registry.natsCredentialsFile = "/run/keys/cim-registry.creds";
       services.cim.nats-leaf.hubCredentialsFile = "/run/keys/cim-leaf-hub.creds";
     }
+    # Two archive targets, each with its credentials file (LoadCredential=, %d/archive-<name>
+    # in CIM_ARCHIVE_TARGETS), next to the storage manager's own NATS credentials.
+    {
+      services.cim.storage-manager = {
+        natsCredentialsFile = "/run/keys/cim-storage-manager.creds";
+        archiveTargets = [
+          {
+            name = "nas";
+            endpoint = "http://nas.local:9000";
+            bucket = "cim";
+            prefix = "leaf1";
+            credentialsFile = "/run/keys/cim-archive-nas";
+          }
+          {
+            name = "wasabi";
+            endpoint = "https://s3.eu-central-1.wasabisys.com";
+            region = "eu-central-1";
+            bucket = "cim-archive";
+            pathStyle = false;
+            credentialsFile = "/run/keys/cim-archive-wasabi";
+          }
+        ];
+        archiveRequired = [ "nas" ];
+        archivePartBytes = 16777216;
+      };
+      # The hub's configuration file and one secret it names, both from the host.
+      services.cim.integration-hub = {
+        configFile = "/etc/cim/hub.json";
+        secretFiles.shop = "/run/keys/cim-hub-shop";
+        webhookListen = "0.0.0.0:8470";
+      };
+    }
   ];
   leaf = eval leafModules;
 
@@ -83,6 +115,7 @@ let
       (import ../hosts/cluster-node.nix {
         inherit index;
         addresses = hubAddresses;
+        leafDomains = [ "leaf" ];
       })
       packages
     ];

@@ -33,6 +33,26 @@ let
       // def;
     }
   ];
+  service =
+    name: def: [
+      ../${name}.nix
+      {
+        system.stateVersion = "26.05";
+        services.cim.${name} = {
+          enable = true;
+          package = pkg;
+        }
+        // def;
+      }
+    ];
+  storage = service "storage-manager";
+  hub = service "integration-hub";
+  target = {
+    name = "nas";
+    endpoint = "http://nas.local:9000";
+    bucket = "cim";
+  };
+  storeFile = "${builtins.storeDir}/00000000000000000000000000000000-secret";
   leaf = def: [
     ../nats-leaf.nix
     {
@@ -76,6 +96,56 @@ let
     pluginMemoryWords = plugins { maxMemory = "lots"; };
     pluginParallelismZero = plugins { parallelism = 0; };
     authPlaintextPassword = auth { services.registry.passwordHash = "hunter2"; };
+    registryMissedBeatsZero = registry { missedBeats = 0; };
+    registryMinTtlWords = registry { minTtl = "a while"; };
+    archiveTargetNameWithDot = storage { archiveTargets = [ (target // { name = "n.a.s"; }) ]; };
+    archiveEndpointWithoutScheme = storage { archiveTargets = [ (target // { endpoint = "nas.local:9000"; }) ]; };
+    archiveBucketWithComma = storage { archiveTargets = [ (target // { bucket = "cim,x"; }) ]; };
+    archiveRegionWithPercent = storage { archiveTargets = [ (target // { region = "%d"; }) ]; };
+    archiveTargetUnknownKey = storage { archiveTargets = [ (target // { colour = "blue"; }) ]; };
+    archiveCredentialsInStore = storage { archiveTargets = [ (target // { credentialsFile = storeFile; }) ]; };
+    archiveCredentialsAsNixPath = storage { archiveTargets = [ (target // { credentialsFile = ./refuse.nix; }) ]; };
+    archiveCredentialsFileAndEnv = storage {
+      archiveTargets = [
+        (target // {
+          credentialsFile = "/run/keys/nas";
+          credentialsEnv = "NAS";
+        })
+      ];
+    };
+    archiveTargetTwice = storage { archiveTargets = [ target target ]; };
+    archiveRequiredUnknown = storage {
+      archiveTargets = [ target ];
+      archiveRequired = [ "wasabi" ];
+    };
+    archivePartBytesBelow5MiB = storage { archivePartBytes = 1048576; };
+    archiveSegmentBytesTiny = storage { archiveSegmentBytes = 10; };
+    archiveLingerWords = storage { archiveLinger = "soon"; };
+    sourceLeafWithDot = storage { sourceLeaves = [ "leaf.1" ]; };
+    hubConfigInStore = hub { configFile = storeFile; };
+    hubConfigAndSettings = hub {
+      configFile = "/etc/cim/hub.json";
+      settings = { };
+    };
+    hubSettingsUnknownKey = hub { settings.webhook = [ ]; };
+    hubSettingsNixPath = hub {
+      settings.webhooks = [
+        {
+          name = "shop";
+          secret_file = ./refuse.nix;
+        }
+      ];
+    };
+    hubSettingsStorePath = hub {
+      settings.subscriptions = [
+        {
+          name = "crm";
+          secret_file = storeFile;
+        }
+      ];
+    };
+    hubSecretFileInStore = hub { secretFiles.shop = storeFile; };
+    hubSecretIdWithSlash = hub { secretFiles."a/b" = "/run/keys/hub-ab"; };
 
     # accepted
     acceptsCredentialsPath = registry { natsCredentialsFile = "/run/keys/registry.creds"; };
@@ -91,6 +161,58 @@ let
       maxMemory = "16MiB";
       allowedDirectories.models = "/var/lib/models";
     };
+    acceptsArchiveTargets = storage {
+      natsCredentialsFile = "/run/keys/storage.creds";
+      archiveTargets = [
+        (target // { credentialsFile = "/run/keys/nas"; })
+        {
+          name = "wasabi_2";
+          endpoint = "https://s3.eu-central-1.wasabisys.com/";
+          region = "eu-central-1";
+          bucket = "cim-archive";
+          prefix = "site/leaf1/";
+          pathStyle = false;
+          credentialsEnv = "WASABI";
+        }
+      ];
+      archiveRequired = [
+        "nas"
+        "wasabi_2"
+      ];
+      archivePartBytes = 5242880;
+      archiveLinger = "500ms";
+      sourceLeaves = [
+        "leaf"
+        "leaf-2"
+      ];
+    };
+    acceptsHubSettings = hub {
+      settings = {
+        webhooks = [
+          {
+            name = "shop";
+            secret_file = "/run/credentials/cim-integration-hub.service/secret-shop";
+            target = "unit";
+            tags = [ "inbox" ];
+          }
+        ];
+        outbound_allow = [
+          "10.0.0.0/8"
+          "::1"
+        ];
+        subscriptions = [
+          {
+            name = "crm";
+            filter = "cim.evt.iu.unit.*.created";
+            url = "http://10.0.0.5:8080/cim";
+            secret_env = "CRM_SECRET";
+            max_attempts = 8;
+          }
+        ];
+      };
+      secretFiles.shop = "/run/keys/hub-shop";
+      environmentFile = "/run/keys/hub.env";
+    };
     acceptsAuth = auth { services.registry.passwordHash = "$2b$04$UxnifOpOCx8IV7NujGs93OaMEqMMgIAPfD./EEXJHlfFlEOsHye2."; };
   };
 
@@ -99,4 +221,10 @@ in
 {
   units = lib.mapAttrs (_: s: { inherit (s) environment serviceConfig; }) config.systemd.services;
   nats = config.services.nats.settings;
+  # What the hub's `settings` become (the file itself is only a store path here).
+  hubSettings =
+    let
+      s = config.services.cim.integration-hub.settings or null;
+    in
+    if s == null then null else builtins.removeAttrs s [ "_module" ];
 }

@@ -269,6 +269,30 @@ fn nix_modules_render_the_golden_units_and_nats_configs() {
         assert!(unit.lines().any(|l| l == line), "cim-registry.service lacks {line}:\n{unit}");
     }
     assert!(files["leaf/cim-registry.service"].contains("LoadCredential=nats.creds:/run/keys/cim-registry.creds"));
+    // Archive targets: each credentials file is a credential of its own, and the spec names it
+    // in the credentials directory (%d), never at its host path.
+    let unit = &files["leaf/cim-storage-manager.service"];
+    for line in [
+        "LoadCredential=nats.creds:/run/keys/cim-storage-manager.creds",
+        "LoadCredential=archive-nas:/run/keys/cim-archive-nas",
+        "LoadCredential=archive-wasabi:/run/keys/cim-archive-wasabi",
+        "Environment=\"CIM_ARCHIVE_TARGETS=name=nas,endpoint=http://nas.local:9000,region=us-east-1,bucket=cim,prefix=leaf1,path-style=true,credentials-file=%d/archive-nas;name=wasabi,endpoint=https://s3.eu-central-1.wasabisys.com,region=eu-central-1,bucket=cim-archive,path-style=false,credentials-file=%d/archive-wasabi\"",
+        "Environment=\"CIM_ARCHIVE_REQUIRED=nas\"",
+        "Environment=\"CIM_ARCHIVE_PART_BYTES=16777216\"",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "cim-storage-manager.service lacks {line}:\n{unit}");
+    }
+    assert!(!unit.contains("credentials-file=/run/keys"), "a host path in the spec:\n{unit}");
+    assert!(files["cluster-node-1/cim-storage-manager.service"].lines().any(|l| l == "Environment=\"CIM_SOURCE_LEAVES=leaf\""));
+    let unit = &files["leaf/cim-integration-hub.service"];
+    for line in [
+        "LoadCredential=hub-config:/etc/cim/hub.json",
+        "LoadCredential=secret-shop:/run/keys/cim-hub-shop",
+        "Environment=\"CIM_HUB_CONFIG=%d/hub-config\"",
+        "Environment=\"CIM_HUB_WEBHOOK_LISTEN=0.0.0.0:8470\"",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "cim-integration-hub.service lacks {line}:\n{unit}");
+    }
 }
 
 #[test]
@@ -292,6 +316,29 @@ fn nix_options_refuse_bad_definitions() {
         ("authPlaintextPassword", "`services.cim.nats-auth.services.registry.passwordHash' is not of type"),
         ("pluginMemoryWords", "`services.cim.plugin-host.maxMemory' is not of type `string matching"),
         ("pluginParallelismZero", "`services.cim.plugin-host.parallelism' is not of type `null or integer between 1 and 1024"),
+        ("registryMissedBeatsZero", "`services.cim.registry.missedBeats' is not of type `integer between 1 and 1000"),
+        ("registryMinTtlWords", "`services.cim.registry.minTtl' is not of type `string matching"),
+        ("archiveTargetNameWithDot", "`services.cim.storage-manager.archiveTargets.[1].name' is not of type `string matching"),
+        ("archiveEndpointWithoutScheme", "`services.cim.storage-manager.archiveTargets.[1].endpoint' is not of type `string matching"),
+        ("archiveBucketWithComma", "`services.cim.storage-manager.archiveTargets.[1].bucket' is not of type `string matching"),
+        ("archiveRegionWithPercent", "`services.cim.storage-manager.archiveTargets.[1].region' is not of type `string matching"),
+        ("archiveTargetUnknownKey", "The option `services.cim.storage-manager.archiveTargets.[1].colour' does not exist"),
+        ("archiveCredentialsInStore", "`services.cim.storage-manager.archiveTargets.[1].credentialsFile' is not of type `null or absolute non-store path"),
+        ("archiveCredentialsAsNixPath", "`services.cim.storage-manager.archiveTargets.[1].credentialsFile' is not of type `null or absolute non-store path"),
+        ("archiveCredentialsFileAndEnv", "target `nas' sets both credentialsFile and credentialsEnv"),
+        ("archiveTargetTwice", "archiveTargets: the name `nas' is used twice"),
+        ("archiveRequiredUnknown", "archiveRequired: `wasabi' is not the name of one of archiveTargets"),
+        ("archivePartBytesBelow5MiB", "`services.cim.storage-manager.archivePartBytes' is not of type `integer between 5242880 and 5368709120"),
+        ("archiveSegmentBytesTiny", "`services.cim.storage-manager.archiveSegmentBytes' is not of type `integer between 1024"),
+        ("archiveLingerWords", "`services.cim.storage-manager.archiveLinger' is not of type `string matching"),
+        ("sourceLeafWithDot", "`services.cim.storage-manager.sourceLeaves.[1]' is not of type `string matching"),
+        ("hubConfigInStore", "`services.cim.integration-hub.configFile' is not of type `null or absolute non-store path"),
+        ("hubConfigAndSettings", "services.cim.integration-hub: set settings or configFile, not both"),
+        ("hubSettingsUnknownKey", "The option `services.cim.integration-hub.settings.webhook' does not exist"),
+        ("hubSettingsNixPath", "`services.cim.integration-hub.settings.webhooks.[1]' is not of type `attribute set of JSON values without Nix or store paths"),
+        ("hubSettingsStorePath", "`services.cim.integration-hub.settings.subscriptions.[1]' is not of type `attribute set of JSON values without Nix or store paths"),
+        ("hubSecretFileInStore", "`services.cim.integration-hub.secretFiles.shop' is not of type `absolute non-store path"),
+        ("hubSecretIdWithSlash", "secretFiles: `a/b' is not a credential ID"),
     ];
     let mut wrong = Vec::new();
     for (case, message) in refused {
@@ -301,7 +348,16 @@ fn nix_options_refuse_bad_definitions() {
             Err(_) => {}
         }
     }
-    for case in ["acceptsCredentialsPath", "acceptsNode", "acceptsHeartbeatMs", "acceptsLimits", "acceptsAuth", "acceptsPluginLimits"] {
+    for case in [
+        "acceptsCredentialsPath",
+        "acceptsNode",
+        "acceptsHeartbeatMs",
+        "acceptsLimits",
+        "acceptsAuth",
+        "acceptsPluginLimits",
+        "acceptsArchiveTargets",
+        "acceptsHubSettings",
+    ] {
         if let Err(e) = nix_eval("refuse.nix", &[("case", case)]) {
             wrong.push(format!("{case}: refused: {e:#}"));
         }
@@ -312,6 +368,29 @@ fn nix_options_refuse_bad_definitions() {
     assert_eq!(unit["environment"]["CIM_PLUGIN_MAX_MEMORY"], "16MiB");
     assert_eq!(unit["environment"]["CIM_PLUGIN_DIRS"], "models=/var/lib/models");
     assert_eq!(unit["serviceConfig"]["MemoryDenyWriteExecute"], false);
+    // Archive targets: a file credential and an environment one, the lists comma-separated.
+    let unit = &nix_eval("refuse.nix", &[("case", "acceptsArchiveTargets")]).unwrap()["units"]["cim-storage-manager"];
+    assert_eq!(
+        unit["environment"]["CIM_ARCHIVE_TARGETS"],
+        "name=nas,endpoint=http://nas.local:9000,region=us-east-1,bucket=cim,path-style=true,credentials-file=%d/archive-nas;\
+         name=wasabi_2,endpoint=https://s3.eu-central-1.wasabisys.com/,region=eu-central-1,bucket=cim-archive,prefix=site/leaf1/,path-style=false,credentials-env=WASABI"
+    );
+    assert_eq!(unit["environment"]["CIM_ARCHIVE_REQUIRED"], "nas,wasabi_2");
+    assert_eq!(unit["environment"]["CIM_ARCHIVE_PART_BYTES"], "5242880");
+    assert_eq!(unit["environment"]["CIM_ARCHIVE_LINGER"], "500ms");
+    assert_eq!(unit["environment"]["CIM_SOURCE_LEAVES"], "leaf,leaf-2");
+    assert_eq!(unit["serviceConfig"]["LoadCredential"], serde_json::json!(["nats.creds:/run/keys/storage.creds", "archive-nas:/run/keys/nas"]));
+    // Hub settings become a file in the store that names its secrets; the secret file itself
+    // is a credential.
+    let v = nix_eval("refuse.nix", &[("case", "acceptsHubSettings")]).unwrap();
+    let unit = &v["units"]["cim-integration-hub"];
+    let config = unit["environment"]["CIM_HUB_CONFIG"].as_str().unwrap();
+    assert!(config.starts_with("/nix/store/") && config.ends_with("-cim-integration-hub.json"), "{config}");
+    assert_eq!(unit["serviceConfig"]["LoadCredential"], serde_json::json!(["secret-shop:/run/keys/hub-shop"]));
+    assert_eq!(v["hubSettings"]["webhooks"][0]["secret_file"], "/run/credentials/cim-integration-hub.service/secret-shop");
+    assert_eq!(v["hubSettings"]["outbound_allow"], serde_json::json!(["10.0.0.0/8", "::1"]));
+    assert_eq!(v["hubSettings"]["subscriptions"][0]["secret_env"], "CRM_SECRET");
+    assert_eq!(v["hubSettings"]["mqtt"], serde_json::json!([]));
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
 
