@@ -394,6 +394,102 @@ fn nix_options_refuse_bad_definitions() {
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
 
+/// Runs `service` with exactly `env` (plus nothing else) and NATS unreachable: Ok once it
+/// logs that it is starting (its configuration was accepted), Err with its output when it
+/// exits first (a refused configuration exits 64).
+fn starts_with_environment(service: &str, env: &BTreeMap<String, String>) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let log_path = dir.path().join("log");
+    let log = std::fs::File::create(&log_path)?;
+    let mut child = Command::new(common::bin(service))
+        .env_clear()
+        .envs(env)
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let outcome = loop {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if text.contains("starting service") {
+            break Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            break Err(anyhow::anyhow!("{service} exited with {status}: {text}"));
+        }
+        if std::time::Instant::now() > deadline {
+            break Err(anyhow::anyhow!("{service} neither started nor exited: {text}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    outcome
+}
+
+/// The environment a rendered unit gives its service, with %d (the credentials directory)
+/// replaced by `creds`, NATS unreachable and any free health port.
+fn unit_environment(unit: &Value, creds: &Path) -> BTreeMap<String, String> {
+    let mut env: BTreeMap<String, String> = unit["environment"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap().replace("%d", creds.to_str().unwrap())))
+        .collect();
+    env.insert("CIM_NATS_URL".into(), "nats://127.0.0.1:1".into());
+    env.insert("CIM_HTTP_LISTEN".into(), "127.0.0.1:0".into());
+    env.remove("CIM_NATS_CREDS");
+    env
+}
+
+#[test]
+fn nix_rendered_service_options_are_accepted_by_the_binaries() {
+    let creds = tempfile::tempdir().unwrap();
+    std::fs::write(creds.path().join("archive-nas"), "[default]\naws_access_key_id = AK\naws_secret_access_key = SK\n").unwrap();
+
+    // Archive targets, one with its credentials file in the credentials directory, one from
+    // the environment (as the environmentFile would give it).
+    let v = nix_eval("refuse.nix", &[("case", "acceptsArchiveTargets")]).unwrap();
+    let mut env = unit_environment(&v["units"]["cim-storage-manager"], creds.path());
+    env.insert("WASABI_ACCESS_KEY_ID".into(), "AK".into());
+    env.insert("WASABI_SECRET_ACCESS_KEY".into(), "SK".into());
+    starts_with_environment("storage-manager", &env).unwrap();
+    // The check can fail: a required target that is not one, as the binary sees it.
+    env.insert("CIM_ARCHIVE_REQUIRED".into(), "elsewhere".into());
+    let e = starts_with_environment("storage-manager", &env).unwrap_err();
+    assert!(format!("{e}").contains("exit status: 64"), "{e}");
+
+    // The hub's settings as the file Nix writes, its secret file in the credentials directory.
+    let v = nix_eval("refuse.nix", &[("case", "acceptsHubSettings")]).unwrap();
+    std::fs::write(creds.path().join("secret-shop"), "whsec_c2VjcmV0LWtleS1vZi10aGUtc2hvcA==\n").unwrap();
+    let settings = serde_json::to_string(&v["hubSettings"])
+        .unwrap()
+        .replace("/run/credentials/cim-integration-hub.service", creds.path().to_str().unwrap());
+    let config = creds.path().join("hub.json");
+    std::fs::write(&config, settings).unwrap();
+    let mut env = unit_environment(&v["units"]["cim-integration-hub"], creds.path());
+    env.insert("CIM_HUB_CONFIG".into(), config.to_str().unwrap().into());
+    env.insert("CIM_HUB_WEBHOOK_LISTEN".into(), "127.0.0.1:0".into());
+    env.insert("CRM_SECRET".into(), "crm-secret".into());
+    starts_with_environment("integration-hub", &env).unwrap();
+
+    // The registry's own options, from the rendered leaf.
+    let v = eval_default(&[]).unwrap();
+    let unit = v["systems"]["leaf"]["units"]["cim-registry"].as_str().unwrap();
+    let mut env = BTreeMap::new();
+    for line in unit.lines() {
+        if let Some(kv) = line.strip_prefix("Environment=\"").and_then(|l| l.strip_suffix('"'))
+            && let Some((k, v)) = kv.split_once('=')
+            && k.starts_with("CIM_REGISTRY_")
+        {
+            env.insert(k.to_string(), v.to_string());
+        }
+    }
+    assert_eq!(env.len(), 2, "{unit}");
+    env.insert("CIM_NATS_URL".into(), "nats://127.0.0.1:1".into());
+    env.insert("CIM_HTTP_LISTEN".into(), "127.0.0.1:0".into());
+    starts_with_environment("registry", &env).unwrap();
+}
+
 #[test]
 fn nix_rendered_units_pass_systemd_analyze_verify() {
     let analyze = tool("systemd-analyze", "apt-get install -y systemd");
