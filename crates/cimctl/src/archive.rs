@@ -203,7 +203,8 @@ pub struct ArchiveArgs {
 
 #[derive(clap::Subcommand, Debug)]
 enum ArchiveCommand {
-    /// Re-read every segment on every target (or one) and check every checksum and the chain.
+    /// Re-read every segment on every target (or one) and check every checksum and the chain,
+    /// and every copy of an object named by its CID against that CID.
     Verify {
         /// Only this target.
         #[arg(long)]
@@ -236,6 +237,26 @@ pub async fn run(args: ArchiveArgs) -> Result<ExitCode> {
                     print!("{}/", s3.target().name);
                     print_report(&r, "verified");
                     failed |= !r.problems.is_empty();
+                }
+                for c in cim_events::Component::ALL {
+                    for b in cim_events::resources::object_buckets(c) {
+                        let r = restore::verify_objects(&s3, &b.bucket).await;
+                        if r.verified + r.not_by_cid == 0 && r.problems.is_empty() {
+                            continue;
+                        }
+                        println!(
+                            "{}/objects/{}: verified {} copies by CID ({} bytes){}",
+                            s3.target().name,
+                            r.bucket,
+                            r.verified,
+                            r.bytes,
+                            if r.not_by_cid > 0 { format!(", {} not named by a CID (checked through the stream)", r.not_by_cid) } else { String::new() }
+                        );
+                        for p in &r.problems {
+                            println!("{}/objects/{}: PROBLEM: {p}", s3.target().name, r.bucket);
+                        }
+                        failed |= !r.problems.is_empty();
+                    }
                 }
             }
             println!("{}", if failed { "archive verify: PROBLEMS FOUND" } else { "archive verify: ok" });

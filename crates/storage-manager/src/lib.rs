@@ -45,7 +45,6 @@ pub struct Config {
     /// Cut a segment when its first record has waited this long (e.g. 1s, 500ms).
     #[arg(long, env = "CIM_ARCHIVE_LINGER", default_value = "1s", value_parser = cim_runtime::config::parse_duration)]
     pub archive_linger: Duration,
-    /// Longest wait between retries while a target is down.
     /// Objects are also copied by name (CID) as plain S3 objects, in multipart parts of this
     /// many bytes (at least 5 MiB).
     #[arg(long, env = "CIM_ARCHIVE_PART_BYTES", default_value_t = 8 << 20)]
@@ -56,6 +55,7 @@ pub struct Config {
     /// On the cluster: a leaf's JetStream domain whose streams are mirrored here (repeat).
     #[arg(long = "source-leaf", env = "CIM_SOURCE_LEAVES", value_delimiter = ',')]
     pub source_leaves: Vec<String>,
+    /// Longest wait between retries while a target is down.
     #[arg(long, env = "CIM_ARCHIVE_RETRY_MAX", default_value = "30s", value_parser = cim_runtime::config::parse_duration)]
     pub archive_retry_max: Duration,
     /// The targets that must hold a verified copy before anything may be removed from a

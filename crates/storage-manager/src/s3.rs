@@ -95,6 +95,25 @@ impl S3Client {
         }
     }
 
+    /// Reads the object as it streams in (memory stays at one network chunk) and returns its
+    /// size and SHA-256, or `None` when it does not exist.
+    pub async fn get_sha256(&self, key: &str) -> Result<Option<(u64, [u8; 32])>, S3Error> {
+        let mut resp = self.send(Method::GET, Some(key), &[], Bytes::new(), "get").await?;
+        match resp.status() {
+            StatusCode::NOT_FOUND => Ok(None),
+            s if s.is_success() => {
+                let mut hasher = Sha256::new();
+                let mut size = 0u64;
+                while let Some(chunk) = resp.chunk().await.map_err(|e| self.unreachable(e))? {
+                    size += chunk.len() as u64;
+                    hasher.update(&chunk);
+                }
+                Ok(Some((size, hasher.finalize().into())))
+            }
+            _ => Err(self.status_error("get", key, resp).await),
+        }
+    }
+
     /// Size of the object, or `None` when it does not exist.
     pub async fn head(&self, key: &str) -> Result<Option<u64>, S3Error> {
         let resp = self.send(Method::HEAD, Some(key), &[], Bytes::new(), "head").await?;

@@ -373,15 +373,25 @@ async fn storage_cimctl_restore_verify_status() -> Result<()> {
     let store = js.get_object_store(&content_bucket().bucket).await?;
     let blob = pseudo_random(300_000, 3);
     store.put("blob", &mut blob.as_slice()).await?;
+    // Content as the information unit keeps it: named by its CID.
+    let content = pseudo_random(200_000, 4);
+    let cid = cim_events::Cid::of(&content).to_string();
+    store.put(cid.as_str(), &mut content.as_slice()).await?;
     let spec = spec(&nas, "nas", "site", "NAS");
     let env = [("NAS_ACCESS_KEY_ID", nas.access_key()), ("NAS_SECRET_ACCESS_KEY", nas.secret_key())];
-    let args = ["--archive-target", spec.as_str(), "--archive-linger", "50ms", "--archive-segment-bytes", "20000"];
+    let args = ["--archive-target", spec.as_str(), "--archive-linger", "50ms", "--archive-segment-bytes", "20000", "--archive-object-poll", "200ms"];
     let mut svc = ServiceProc::start_with_env(Component::StorageManager, &nats.url(), &args, &env)?;
     wait_ready(&client, &svc).await?;
     let obj_stream = content_bucket().stream_name();
     let obj_last = last_seq(&js, &obj_stream).await?;
     wait_archived(&nas_c, &events_stream(), 500).await?;
     wait_archived(&nas_c, &obj_stream, obj_last).await?;
+    let copy_key = storage_manager::objects::object_key(&nas_c.target().prefix, &content_bucket().bucket, &cid);
+    eventually(WAIT, "the content copied by its CID", || async {
+        ensure!(nas_c.head(&copy_key).await?.is_some(), "not yet");
+        Ok(())
+    })
+    .await?;
     svc.terminate(Duration::from_secs(20)).await?;
 
     // status: lag 0 everywhere once archived; then lag shows new events.
@@ -394,6 +404,7 @@ async fn storage_cimctl_restore_verify_status() -> Result<()> {
 
     let (ok, out) = cimctl(&["archive", "verify"], &nats.url(), &spec, &env).await?;
     assert!(ok && out.contains("archive verify: ok"), "{out}");
+    assert!(out.contains(&format!("nas/objects/{}: verified 1 copies by CID (200000 bytes), 1 not named by a CID", content_bucket().bucket)), "{out}");
 
     // dry run: reads and checks everything, publishes nothing.
     let fresh = NatsServer::start().await?;
@@ -432,9 +443,15 @@ async fn storage_cimctl_restore_verify_status() -> Result<()> {
     let last = bytes.len() - 1;
     bytes[last] ^= 1;
     std::fs::write(&path, bytes)?;
+    // ... and a copy whose bytes no longer match the CID it is named by.
+    let copy_path = nas.root().join(BUCKET).join(&copy_key);
+    let mut bytes = std::fs::read(&copy_path)?;
+    bytes[0] ^= 1;
+    std::fs::write(&copy_path, bytes)?;
     let (ok, out) = cimctl(&["archive", "verify"], &nats.url(), &spec, &env).await?;
     assert!(!ok, "{out}");
     assert!(out.contains(&format!("segment {}: sha256", m.segment_key)) && out.contains("PROBLEMS FOUND"), "{out}");
+    assert!(out.contains(&format!("object {copy_key}: its bytes hash to")) && out.contains("not to the CID it is named by"), "{out}");
     let _ = key;
     Ok(())
 }
