@@ -34,6 +34,23 @@ let
     user = name;
     password = hash;
   };
+
+  # Mirror names carry the leaf domain upper-cased (cim_events::resources::leaf_mirror).
+  toUpper = builtins.replaceStrings (builtins.genList (i: builtins.substring i 1 "abcdefghijklmnopqrstuvwxyz") 26) (
+    builtins.genList (i: builtins.substring i 1 "ABCDEFGHIJKLMNOPQRSTUVWXYZ") 26
+  );
+  # The storage manager on the cluster also keeps one mirror per leaf and stream: the
+  # generated `leaf_mirrors` permissions, once per leaf domain.
+  mirrors = generated.leaf_mirrors;
+  permissionsOf =
+    name:
+    let
+      own = generated.services.${name};
+      extra = builtins.concatMap (
+        domain: map (builtins.replaceStrings [ mirrors.placeholder ] [ (toUpper domain) ]) mirrors.publish
+      ) cfg.leafMirrorDomains;
+    in
+    if name == mirrors.service && extra != [ ] then own // { publish.allow = own.publish.allow ++ extra; } else own;
 in
 {
   options.services.cim.nats-auth = {
@@ -50,6 +67,19 @@ in
         '';
       };
     });
+
+    leafMirrorDomains = mkOption {
+      type = types.listOf (types.strMatching "[A-Za-z0-9_-]{1,64}");
+      default = config.services.cim.storage-manager.sourceLeaves or [ ];
+      defaultText = lib.literalMD "`services.cim.storage-manager.sourceLeaves`";
+      example = [ "leaf1" ];
+      description = ''
+        Leaf JetStream domains whose streams the cluster's storage manager mirrors: its user
+        may create and read the mirror `<STREAM>_FROM_<DOMAIN>` of every archived stream of
+        each (the `leaf_mirrors` section of nats-permissions.json). Set it on every cluster
+        node, wherever the storage manager runs.
+      '';
+    };
 
     leafnodePasswordHash = mkOption {
       type = types.nullOr bcryptHash;
@@ -88,7 +118,7 @@ in
 
   config = mkIf cfg.enable {
     services.nats.settings.authorization.users =
-      map (name: user name cfg.services.${name}.passwordHash // { permissions = generated.services.${name}; }) (
+      map (name: user name cfg.services.${name}.passwordHash // { permissions = permissionsOf name; }) (
         builtins.filter (name: cfg.services.${name}.passwordHash != null) names
       )
       ++ map (

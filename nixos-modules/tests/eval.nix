@@ -120,6 +120,27 @@ let
       packages
     ];
 
+  # A cluster node with one NATS user per service: the storage manager's includes the
+  # mirrors of leaf `leaf` (from its sourceLeaves).
+  clusterNodeWithAuth = eval [
+    ../.
+    ../hosts/common.nix
+    (import ../hosts/cluster-node.nix {
+      index = 1;
+      addresses = hubAddresses;
+      leafDomains = [ "leaf" ];
+    })
+    packages
+    {
+      services.cim.nats-auth = {
+        enable = true;
+        services = lib.genAttrs names (name: {
+          passwordHash = fixture.${name}.hash;
+        });
+      };
+    }
+  ];
+
   # A leaf host whose services all run in containers (none on the host itself).
   containerHost = eval [
     (repo + "/containers")
@@ -186,6 +207,7 @@ in
     cluster-node-1 = render.system (clusterNode 1).config;
     cluster-node-2 = render.system (clusterNode 2).config;
     cluster-node-3 = render.system (clusterNode 3).config;
+    cluster-node-auth = render.system clusterNodeWithAuth.config;
     containers-host = render.system containerHost.config;
   }
   // lib.mapAttrs' (

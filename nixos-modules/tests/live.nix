@@ -61,6 +61,8 @@ let
       (import ../hosts/cluster-node.nix {
         index = i;
         addresses = [ "127.0.0.1" ];
+        # The storage manager mirrors the leaf: its NATS user may keep those mirrors.
+        leafDomains = [ "leaf" ];
       })
       packages
       auth

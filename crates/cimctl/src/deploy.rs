@@ -229,7 +229,8 @@ pub fn permissions(component: Component) -> Result<Permissions> {
     }
     // The storage manager archives every component's streams (events, dead letters, object
     // buckets): it reads them with ordered consumers and direct gets (objects copied by name)
-    // and reads their configuration (the retention guard). Leaf mirrors on the cluster are created by an operator-level identity.
+    // and reads their configuration (the retention guard). On the cluster it also keeps the leaf
+    // mirrors: `leaf_mirror_permissions`, per leaf domain.
     if component == Component::StorageManager {
         for other in Component::ALL.into_iter().filter(|c| *c != component) {
             let mut names: Vec<String> = resources::streams(other).into_iter().map(|s| s.name).collect();

@@ -578,6 +578,31 @@ fn nix_nats_permissions_file_is_generated_from_cim_events() {
     }
 }
 
+/// On a cluster node with per-service NATS users, the storage manager's user may keep the
+/// mirrors of the leaves it sources (`sourceLeaves = [ "leaf" ]`): every mirror it creates is
+/// granted, and no other user gets any.
+#[test]
+fn nix_cluster_storage_manager_user_may_keep_the_leaf_mirrors() {
+    let path = tests_dir().join("golden/cluster-node-auth/nats.json");
+    let conf: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let users = conf["authorization"]["users"].as_array().unwrap();
+    let publish_of = |name: &str| -> Vec<String> {
+        let u = users.iter().find(|u| u["user"] == name).unwrap_or_else(|| panic!("no user {name}"));
+        u["permissions"]["publish"]["allow"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect()
+    };
+    let sm = publish_of(Component::StorageManager.service_name());
+    for stream in storage_manager::archived_streams() {
+        let cfg = storage_manager::tiers::mirror_config(&stream, "leaf", cim_events::Tier::Cluster).unwrap();
+        for verb in ["CREATE", "INFO", "UPDATE"] {
+            let needed = format!("$JS.API.STREAM.{verb}.{}", cfg.name);
+            assert!(sm.contains(&needed), "storage-manager lacks {needed}");
+        }
+    }
+    for c in Component::ALL.into_iter().filter(|c| *c != Component::StorageManager) {
+        assert!(!publish_of(c.service_name()).iter().any(|s| s.contains("_FROM_")), "{c} may touch leaf mirrors");
+    }
+}
+
 /// nats-server processes of the live test, SIGKILLed on drop.
 struct Servers {
     children: Vec<(String, tokio::process::Child, PathBuf)>,
@@ -778,6 +803,27 @@ async fn nix_live_topology_with_per_service_identities() -> Result<()> {
     .await?;
     let info = admin_js.get_stream(&iu_events.name).await?.info().await?.state.messages;
     ensure!(info == 0, "{} holds {info} messages", iu_events.name);
+
+    // The real storage manager on the hub, as its own user, keeps the R3 mirror of the leaf's
+    // unit events: the generated leaf_mirrors permissions are enough to create it, and the
+    // leaf's events reach it across the leaf node connection.
+    let sm_user = Component::StorageManager.service_name();
+    let sm_url = format!("nats://{sm_user}:{}@127.0.0.1:{}", password(sm_user), ports["node1"]["client"]);
+    let sm = common::ServiceProc::start_with_env(Component::StorageManager, &sm_url, &["--tier", "cluster", "--source-leaf", "leaf"], &[("CIM_JS_DOMAIN", "hub")])?;
+    let (hub_admin, _) = connect_as(&url("node1"), "admin", &password("admin")).await?;
+    common::wait_ready(&hub_admin, &sm).await?;
+    admin_js.publish(subject::event(Component::InformationUnit, "unit", "u1", "created")?, "to the hub".into()).await?.await?;
+    let hub_js = async_nats::jetstream::with_domain(hub_admin.clone(), "hub");
+    let mirror = resources::leaf_mirror(&iu_events.name, "leaf")?;
+    cim_testkit::eventually(Duration::from_secs(60), "the leaf's event in the hub's mirror", || async {
+        let mut m = hub_js.get_stream(&mirror).await?;
+        let info = m.info().await?;
+        ensure!(info.state.messages == 1 && info.config.num_replicas == 3, "{} messages, R{}", info.state.messages, info.config.num_replicas);
+        Ok(())
+    })
+    .await
+    .with_context(|| sm.log())?;
+    ensure!(!sm.log().contains("Permissions Violation") && !sm.log().contains("permissions violation"), "{}", sm.log());
 
     drop(servers);
     Ok(())
