@@ -147,7 +147,7 @@ pub async fn run(args: BenchStorageArgs) -> Result<ExitCode> {
     println!("| scenario | storage manager | raw baseline | ratio |");
     println!("| --- | ---: | ---: | ---: |");
     println!(
-        "| archive MB/s ({} segments, {:.1} MB gzip) vs raw PutObject of the same bytes | {:.1} | {:.1} | {:.2} |",
+        "| archive MB/s ({} segments, {:.1} MB compressed) vs raw PutObject of the same bytes | {:.1} | {:.1} | {:.2} |",
         segments.len(),
         mb,
         mb / archived.as_secs_f64(),

@@ -170,19 +170,15 @@ pub async fn run_stream(js: jetstream::Context, s3: S3Client, stream: String, se
                             segment_started = Instant::now();
                         }
                         let nanos = (info.published.unix_timestamp_nanos()) as i64;
-                        let headers: Vec<(String, String)> = msg
+                        // Borrowed from the message: no copy of each name and value. Sorted by
+                        // (name, value): the header map's order is not stable.
+                        let mut headers: Vec<(&str, &str)> = msg
                             .headers
                             .as_ref()
-                            .map(|h| {
-                                let mut v: Vec<(String, String)> = h
-                                    .iter()
-                                    .flat_map(|(k, vs)| vs.iter().map(move |x| (k.to_string(), x.to_string())))
-                                    .collect();
-                                v.sort();
-                                v
-                            })
+                            .map(|h| h.iter().flat_map(|(k, vs)| vs.iter().map(move |x| (k.as_ref(), x.as_str()))).collect())
                             .unwrap_or_default();
-                        writer.push(seq, nanos, msg.subject.as_str(), &headers, &msg.payload);
+                        headers.sort_unstable();
+                        writer.push_borrowed(seq, nanos, msg.subject.as_str(), &headers, &msg.payload);
                         writer.raw_len() >= settings.segment_bytes
                     }
                 },

@@ -1,8 +1,8 @@
-//! The archive format (documented in docs/storage-manager.md): gzip segments of
-//! length-prefixed records, a JSON manifest per segment, a cursor per stream, and the key
-//! layout inside a target's bucket.
+//! The archive format (documented in docs/storage-manager.md): compressed segments (zstd;
+//! gzip in archives written before it) of length-prefixed records, a JSON manifest per
+//! segment, a cursor per stream, and the key layout inside a target's bucket.
 
-use std::io::{Read, Write};
+use std::io::Read;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -15,6 +15,11 @@ pub const SEGMENT_MAGIC: &[u8; 8] = b"CIMSEG1\n";
 /// Format tag of manifests and cursors.
 pub const MANIFEST_FORMAT: &str = "cim-archive-segment/1";
 pub const CURSOR_FORMAT: &str = "cim-archive-cursor/1";
+/// The manifest's `compression` of new segments. `"gzip"` (older segments) is still read.
+pub const COMPRESSION: &str = "zstd";
+/// zstd level 1: the fastest of the regular levels. Segments are written once and read rarely,
+/// and the archive must keep up with the stream, so speed wins over the last few percent.
+const ZSTD_LEVEL: i32 = 1;
 
 /// A decoded archive record: one JetStream message.
 #[derive(Clone, Debug, PartialEq)]
@@ -69,7 +74,15 @@ impl SegmentWriter {
     }
 
     /// Appends a message. Sequences must increase (gaps are allowed: deleted messages).
+    /// Headers are written in the order given.
     pub fn push(&mut self, sequence: u64, time_nanos: i64, subject: &str, headers: &[(String, String)], payload: &[u8]) {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        self.push_borrowed(sequence, time_nanos, subject, &headers, payload);
+    }
+
+    /// [`SegmentWriter::push`] with borrowed headers: the archiver's path, which encodes a
+    /// message without copying its header names and values.
+    pub fn push_borrowed(&mut self, sequence: u64, time_nanos: i64, subject: &str, headers: &[(&str, &str)], payload: &[u8]) {
         debug_assert!(self.count == 0 || sequence > self.last);
         if self.count == 0 {
             self.first = sequence;
@@ -78,21 +91,21 @@ impl SegmentWriter {
         self.last = sequence;
         self.last_time_nanos = time_nanos;
         self.count += 1;
-        let header_block = encode_headers(headers);
-        self.raw.extend_from_slice(&sequence.to_be_bytes());
-        self.raw.extend_from_slice(&time_nanos.to_be_bytes());
-        put_bytes(&mut self.raw, subject.as_bytes());
-        put_bytes(&mut self.raw, &header_block);
-        put_bytes(&mut self.raw, payload);
+        let raw = &mut self.raw;
+        raw.reserve(8 + 8 + 12 + subject.len() + header_block_len(headers) + payload.len());
+        raw.extend_from_slice(&sequence.to_be_bytes());
+        raw.extend_from_slice(&time_nanos.to_be_bytes());
+        put_bytes(raw, subject.as_bytes());
+        raw.extend_from_slice(&(header_block_len(headers) as u32).to_be_bytes());
+        encode_headers(raw, headers);
+        put_bytes(raw, payload);
     }
 
     /// Compresses the segment and describes it in its manifest.
     pub fn finish(self, stream: &str, prefix: &str) -> (Bytes, Manifest) {
         let raw_sha256 = hex(&Sha256::digest(&self.raw));
-        let mut gz = flate2::write::GzEncoder::new(Vec::with_capacity(self.raw.len() / 2), flate2::Compression::fast());
-        // Writing into a Vec cannot fail.
-        gz.write_all(&self.raw).expect("gzip into memory");
-        let compressed = gz.finish().expect("gzip into memory");
+        // Compressing from memory into memory fails only on allocation failure.
+        let compressed = zstd::bulk::compress(&self.raw, ZSTD_LEVEL).expect("zstd into memory");
         let manifest = Manifest {
             format: MANIFEST_FORMAT.to_string(),
             stream: stream.to_string(),
@@ -106,7 +119,7 @@ impl SegmentWriter {
             segment_sha256: hex(&Sha256::digest(&compressed)),
             raw_bytes: self.raw.len() as u64,
             raw_sha256,
-            compression: "gzip".to_string(),
+            compression: COMPRESSION.to_string(),
         };
         (Bytes::from(compressed), manifest)
     }
@@ -117,12 +130,23 @@ fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(b);
 }
 
-/// NATS wire header block (`NATS/1.0\r\nName: value\r\n…\r\n`), empty when there are none.
-fn encode_headers(headers: &[(String, String)]) -> Vec<u8> {
+const HEADER_LINE: &[u8] = b"NATS/1.0\r\n";
+
+/// Length of [`encode_headers`]' output.
+fn header_block_len(headers: &[(&str, &str)]) -> usize {
     if headers.is_empty() {
-        return Vec::new();
+        return 0;
     }
-    let mut out = b"NATS/1.0\r\n".to_vec();
+    HEADER_LINE.len() + headers.iter().map(|(k, v)| k.len() + 2 + v.len() + 2).sum::<usize>() + 2
+}
+
+/// Appends the NATS wire header block (`NATS/1.0\r\nName: value\r\n…\r\n`), nothing when
+/// there are no headers.
+fn encode_headers(out: &mut Vec<u8>, headers: &[(&str, &str)]) {
+    if headers.is_empty() {
+        return;
+    }
+    out.extend_from_slice(HEADER_LINE);
     for (k, v) in headers {
         out.extend_from_slice(k.as_bytes());
         out.extend_from_slice(b": ");
@@ -130,7 +154,6 @@ fn encode_headers(headers: &[(String, String)]) -> Vec<u8> {
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    out
 }
 
 fn decode_headers(block: &[u8]) -> Result<Vec<(String, String)>, String> {
@@ -162,8 +185,15 @@ pub fn decode_segment(manifest: &Manifest, compressed: &[u8]) -> Result<Vec<Reco
     if sha != manifest.segment_sha256 {
         return Err(corrupt(format!("sha256 {sha} differs from the manifest's {}", manifest.segment_sha256)));
     }
-    let mut raw = Vec::with_capacity(manifest.raw_bytes as usize);
-    flate2::read::GzDecoder::new(compressed).read_to_end(&mut raw).map_err(|e| corrupt(format!("gzip: {e}")))?;
+    // `raw_bytes` is only checked after decompressing: do not let it size a huge allocation.
+    let mut raw = Vec::with_capacity((manifest.raw_bytes as usize).min(256 << 20));
+    match manifest.compression.as_str() {
+        "zstd" => zstd::stream::read::Decoder::new(compressed)
+            .and_then(|mut d| d.read_to_end(&mut raw))
+            .map_err(|e| corrupt(format!("zstd: {e}")))?,
+        "gzip" => flate2::read::GzDecoder::new(compressed).read_to_end(&mut raw).map_err(|e| corrupt(format!("gzip: {e}")))?,
+        other => return Err(corrupt(format!("unknown compression {other:?}"))),
+    };
     if hex(&Sha256::digest(&raw)) != manifest.raw_sha256 {
         return Err(corrupt("sha256 of the decompressed records differs from the manifest".into()));
     }
@@ -261,7 +291,7 @@ pub fn stream_prefix(prefix: &str, stream: &str) -> String {
 
 /// Sequences are zero-padded to 20 digits so keys sort in sequence order.
 pub fn segment_key(prefix: &str, stream: &str, first: u64, last: u64) -> String {
-    format!("{}segments/{first:020}-{last:020}.cimseg.gz", stream_prefix(prefix, stream))
+    format!("{}segments/{first:020}-{last:020}.cimseg.zst", stream_prefix(prefix, stream))
 }
 
 pub fn manifest_key(prefix: &str, stream: &str, first: u64, last: u64) -> String {
@@ -298,7 +328,8 @@ mod tests {
     fn segments_round_trip() {
         let (bytes, m) = sample();
         assert_eq!((m.first_seq, m.last_seq, m.count), (3, 5, 2));
-        assert_eq!(m.segment_key, "p/streams/S/segments/00000000000000000003-00000000000000000005.cimseg.gz");
+        assert_eq!(m.segment_key, "p/streams/S/segments/00000000000000000003-00000000000000000005.cimseg.zst");
+        assert_eq!(m.compression, "zstd");
         let records = decode_segment(&m, &bytes).unwrap();
         assert_eq!(records[0].headers, vec![("ce-id".to_string(), "1".to_string()), ("ce-id".to_string(), "2".to_string())]);
         assert_eq!(records[0].payload, Bytes::from_static(b"hello"));
@@ -319,6 +350,58 @@ mod tests {
         let e = decode_segment(&m, &bytes[..n - 1]).unwrap_err();
         assert!(e.to_string().contains("size"), "{e}");
         assert!(Manifest::parse("k", b"{}").unwrap_err().to_string().starts_with("manifest k:"));
+    }
+
+    /// A segment as the archiver wrote it before zstd: gzip, `.cimseg.gz`.
+    fn gzip_sample() -> (Bytes, Manifest) {
+        use std::io::Write;
+        let mut w = SegmentWriter::new();
+        w.push(7, 12, "cim.evt.c", &[("a".into(), "x".into())], b"old");
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&w.raw).unwrap();
+        let compressed = gz.finish().unwrap();
+        let (_, mut m) = w.finish("S", "p/");
+        m.segment_key = m.segment_key.replace(".zst", ".gz");
+        m.segment_bytes = compressed.len() as u64;
+        m.segment_sha256 = hex(&Sha256::digest(&compressed));
+        m.compression = "gzip".into();
+        (Bytes::from(compressed), m)
+    }
+
+    #[test]
+    fn gzip_segments_still_decode() {
+        let (bytes, m) = gzip_sample();
+        let records = decode_segment(&m, &bytes).unwrap();
+        assert_eq!(records.len(), 1);
+        assert_eq!((records[0].sequence, records[0].subject.as_str()), (7, "cim.evt.c"));
+        assert_eq!(records[0].headers, vec![("a".to_string(), "x".to_string())]);
+        assert_eq!(records[0].payload, Bytes::from_static(b"old"));
+    }
+
+    #[test]
+    fn unknown_compression_is_named() {
+        let (bytes, mut m) = sample();
+        m.compression = "lz77".into();
+        let e = decode_segment(&m, &bytes).unwrap_err();
+        assert!(e.to_string().contains("unknown compression \"lz77\""), "{e}");
+        // A gzip manifest over zstd bytes: the right checksum, the wrong decoder.
+        let (bytes, mut m) = sample();
+        m.compression = "gzip".into();
+        assert!(decode_segment(&m, &bytes).unwrap_err().to_string().contains("gzip"));
+    }
+
+    #[test]
+    fn borrowed_and_owned_headers_encode_alike() {
+        let owned = [("b".to_string(), "2".to_string()), ("a".to_string(), "1".to_string())];
+        let mut a = SegmentWriter::new();
+        a.push(1, 2, "s", &owned, b"p");
+        let mut b = SegmentWriter::new();
+        b.push_borrowed(1, 2, "s", &[("b", "2"), ("a", "1")], b"p");
+        assert_eq!(a.raw, b.raw);
+        let block = b"NATS/1.0\r\nb: 2\r\na: 1\r\n\r\n";
+        assert!(a.raw.windows(block.len()).any(|w| w == block));
+        assert_eq!(header_block_len(&[("b", "2"), ("a", "1")]), block.len());
+        assert_eq!(header_block_len(&[]), 0);
     }
 
     #[test]
