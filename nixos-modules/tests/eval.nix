@@ -152,6 +152,46 @@ let
       cim.containers.storage-manager.natsCredentialsFile = "/run/keys/cim-storage-manager.creds";
       cim.containers.registry.environmentFile = "/run/keys/cim-registry.env";
     }
+    # The services' own options inside the containers: the storage manager's two archive
+    # targets with credentials files and the hub's configuration and secret files (each
+    # bind-mounted at its path, LoadCredential= inside), a plugin directory, and a registry
+    # with its own memory cap and CPU weight (which the container's unit follows) next to
+    # its own options.
+    {
+      cim.containers.storage-manager.service = {
+        archiveTargets = [
+          {
+            name = "nas";
+            endpoint = "http://nas.local:9000";
+            bucket = "cim";
+            prefix = "leaf1";
+            credentialsFile = "/run/keys/cim-archive-nas";
+          }
+          {
+            name = "wasabi";
+            endpoint = "https://s3.eu-central-1.wasabisys.com";
+            region = "eu-central-1";
+            bucket = "cim-archive";
+            pathStyle = false;
+            credentialsFile = "/run/keys/cim-archive-wasabi";
+          }
+        ];
+        archiveRequired = [ "nas" ];
+      };
+      cim.containers.integration-hub.service = {
+        configFile = "/etc/cim/hub.json";
+        secretFiles.shop = "/run/keys/cim-hub-shop";
+        webhookListen = "0.0.0.0:8470";
+      };
+      cim.containers.plugin-host.service.allowedDirectories.models = "/var/lib/models";
+      cim.containers.registry.service = {
+        memoryMax = "1G";
+        cpuWeight = 200;
+        missedBeats = 5;
+      };
+      # A second definition, from another module: merged inside like any other.
+      cim.containers.registry.service.minTtl = "2s";
+    }
     { services.cim = lib.genAttrs names (_: { enable = lib.mkForce false; }); }
   ];
 

@@ -1,7 +1,8 @@
 # Definitions the options must refuse, and a few they must accept: evaluates one case, e.g.
 #   nix-instantiate --eval --strict --json nixos-modules/tests/refuse.nix --argstr case maxInFlightZero
 # A refused case fails the evaluation with the module system's message (the integration test
-# checks the message); an accepted one prints the unit's environment.
+# checks the message); an accepted one prints the unit's environment (and any container's
+# bind mounts and units).
 {
   case,
   lib ? import ./stub/lib.nix,
@@ -53,6 +54,22 @@ let
     bucket = "cim";
   };
   storeFile = "${builtins.storeDir}/00000000000000000000000000000000-secret";
+  # A host with one service in its nixos-container (containers/), `def` under
+  # cim.containers.<name>.
+  container =
+    name: def: [
+      ../../containers
+      {
+        system.stateVersion = "26.05";
+        services.cim = lib.genAttrs (import ../service-names.nix) (_: {
+          package = pkg;
+        });
+        cim.containers.${name} = {
+          enable = true;
+        }
+        // def;
+      }
+    ];
   leaf = def: [
     ../nats-leaf.nix
     {
@@ -146,6 +163,19 @@ let
     };
     hubSecretFileInStore = hub { secretFiles.shop = storeFile; };
     hubSecretIdWithSlash = hub { secretFiles."a/b" = "/run/keys/hub-ab"; };
+    # In a container, the service module's own types check `service`.
+    containerServiceBadValue = container "registry" { service.maxInFlight = 0; };
+    containerServiceUnknownOption = container "registry" { service.maxInflight = 8; };
+    containerArchiveCredentialsInStore = container "storage-manager" {
+      service.archiveTargets = [ (target // { credentialsFile = storeFile; }) ];
+    };
+    containerHubConfigAsNixPath = container "integration-hub" { service.configFile = ./refuse.nix; };
+    containerHubSecretFileInStore = container "integration-hub" { service.secretFiles.shop = storeFile; };
+    containerServiceNatsUrl = container "registry" { service.natsUrl = "nats://10.0.0.1:4222"; };
+    containerServiceCredentials = container "registry" { service.natsCredentialsFile = "/run/keys/registry.creds"; };
+    containerCredentialsInStore = container "registry" { natsCredentialsFile = storeFile; };
+    containerMemoryMaxWords = container "registry" { memoryMax = "lots"; };
+    containerCpuWeightTooHigh = container "registry" { cpuWeight = 10001; };
 
     # accepted
     acceptsCredentialsPath = registry { natsCredentialsFile = "/run/keys/registry.creds"; };
@@ -213,6 +243,21 @@ let
       secretFiles.shop = "/run/keys/hub-shop";
       environmentFile = "/run/keys/hub.env";
     };
+    acceptsContainerService = container "storage-manager" {
+      natsCredentialsFile = "/run/keys/storage.creds";
+      service = {
+        archiveTargets = [
+          (target // { credentialsFile = "/run/keys/nas"; })
+          (target // {
+            name = "usb";
+            credentialsFile = "/run/keys/usb";
+          })
+        ];
+        memoryMax = "infinity";
+        cpuWeight = 50;
+        node = "leaf-1";
+      };
+    };
     acceptsAuth = auth { services.registry.passwordHash = "$2b$04$UxnifOpOCx8IV7NujGs93OaMEqMMgIAPfD./EEXJHlfFlEOsHye2."; };
   };
 
@@ -221,6 +266,11 @@ in
 {
   units = lib.mapAttrs (_: s: { inherit (s) environment serviceConfig; }) config.systemd.services;
   nats = config.services.nats.settings;
+  # Each container's bind mounts and the units inside it.
+  containers = lib.mapAttrs (_: c: {
+    inherit (c) bindMounts;
+    units = lib.mapAttrs (_: s: { inherit (s) environment serviceConfig; }) c.config.systemd.services;
+  }) config.containers;
   # What the hub's `settings` become (the file itself is only a store path here).
   hubSettings =
     let

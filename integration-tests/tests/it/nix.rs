@@ -293,6 +293,57 @@ fn nix_modules_render_the_golden_units_and_nats_configs() {
     ] {
         assert!(unit.lines().any(|l| l == line), "cim-integration-hub.service lacks {line}:\n{unit}");
     }
+
+    // Containers: the service's own options reach the unit inside, and every host file that
+    // unit loads with LoadCredential= is bind-mounted read-only at the same path.
+    let mounts = &v["hosts"]["containers"];
+    let unit = &files["container-cim-storage-manager/cim-storage-manager.service"];
+    for line in [
+        "LoadCredential=nats.creds:/run/cim/nats.creds",
+        "LoadCredential=archive-nas:/run/keys/cim-archive-nas",
+        "LoadCredential=archive-wasabi:/run/keys/cim-archive-wasabi",
+        "Environment=\"CIM_ARCHIVE_REQUIRED=nas\"",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "the container's cim-storage-manager.service lacks {line}:\n{unit}");
+    }
+    assert!(unit.contains("credentials-file=%d/archive-nas;") && !unit.contains("credentials-file=/run/keys"), "{unit}");
+    let unit = &files["container-cim-integration-hub/cim-integration-hub.service"];
+    for line in [
+        "LoadCredential=hub-config:/etc/cim/hub.json",
+        "LoadCredential=secret-shop:/run/keys/cim-hub-shop",
+        "Environment=\"CIM_HUB_CONFIG=%d/hub-config\"",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "the container's cim-integration-hub.service lacks {line}:\n{unit}");
+    }
+    let read_only = |container: &str, inside: &str, host: &str| {
+        let m = &mounts[container]["bindMounts"][inside];
+        assert_eq!(m["hostPath"], host, "{container}: bind mount {inside}: {m}");
+        assert_eq!(m["isReadOnly"], true, "{container}: bind mount {inside}: {m}");
+    };
+    read_only("cim-storage-manager", "/run/cim/nats.creds", "/run/keys/cim-storage-manager.creds");
+    read_only("cim-storage-manager", "/run/keys/cim-archive-nas", "/run/keys/cim-archive-nas");
+    read_only("cim-storage-manager", "/run/keys/cim-archive-wasabi", "/run/keys/cim-archive-wasabi");
+    read_only("cim-integration-hub", "/etc/cim/hub.json", "/etc/cim/hub.json");
+    read_only("cim-integration-hub", "/run/keys/cim-hub-shop", "/run/keys/cim-hub-shop");
+    read_only("cim-plugin-host", "/var/lib/models", "/var/lib/models");
+    read_only("cim-registry", "/run/cim/service.env", "/run/keys/cim-registry.env");
+    // Every LoadCredential= path inside any container is one of its bind mounts.
+    for (rel, unit) in files.iter().filter(|(k, _)| k.starts_with("container-cim-")) {
+        let container = rel.split('/').next().unwrap().strip_prefix("container-").unwrap();
+        for path in unit.lines().filter_map(|l| l.strip_prefix("LoadCredential=")).map(|c| c.split_once(':').unwrap().1) {
+            assert!(mounts[container]["bindMounts"][path].is_object(), "{rel} loads {path}, which {container} does not mount");
+        }
+    }
+    // The registry's own options and caps inside; its container's unit on the host follows
+    // them (plus room for the container's own processes).
+    let unit = &files["container-cim-registry/cim-registry.service"];
+    for line in ["MemoryMax=1G", "CPUWeight=200", "Environment=\"CIM_REGISTRY_MISSED_BEATS=5\"", "Environment=\"CIM_REGISTRY_MIN_TTL=2s\""] {
+        assert!(unit.lines().any(|l| l == line), "the container's cim-registry.service lacks {line}:\n{unit}");
+    }
+    let unit = &files["containers-host/container@cim-registry.service"];
+    assert!(unit.lines().any(|l| l == "MemoryMax=1152M") && unit.lines().any(|l| l == "CPUWeight=200"), "{unit}");
+    let unit = &files["containers-host/container@cim-storage-manager.service"];
+    assert!(unit.lines().any(|l| l == "MemoryMax=384M") && unit.lines().any(|l| l == "CPUWeight=100"), "{unit}");
 }
 
 #[test]
@@ -339,6 +390,16 @@ fn nix_options_refuse_bad_definitions() {
         ("hubSettingsStorePath", "`services.cim.integration-hub.settings.subscriptions.[1]' is not of type `attribute set of JSON values without Nix or store paths"),
         ("hubSecretFileInStore", "`services.cim.integration-hub.secretFiles.shop' is not of type `absolute non-store path"),
         ("hubSecretIdWithSlash", "secretFiles: `a/b' is not a credential ID"),
+        ("containerServiceBadValue", "`services.cim.registry.maxInFlight' is not of type `integer between 1 and 65536"),
+        ("containerServiceUnknownOption", "The option `services.cim.registry.maxInflight' does not exist"),
+        ("containerArchiveCredentialsInStore", "`services.cim.storage-manager.archiveTargets.[1].credentialsFile' is not of type `null or absolute non-store path"),
+        ("containerHubConfigAsNixPath", "`services.cim.integration-hub.configFile' is not of type `null or absolute non-store path"),
+        ("containerHubSecretFileInStore", "`services.cim.integration-hub.secretFiles.shop' is not of type `absolute non-store path"),
+        ("containerServiceNatsUrl", "cim.containers.registry.service.natsUrl (in"),
+        ("containerServiceCredentials", "set `cim.containers.registry.natsCredentialsFile`"),
+        ("containerCredentialsInStore", "`cim.containers.registry.natsCredentialsFile' is not of type `null or absolute non-store path"),
+        ("containerMemoryMaxWords", "`cim.containers.registry.memoryMax' is not of type `null or string matching"),
+        ("containerCpuWeightTooHigh", "`cim.containers.registry.cpuWeight' is not of type `integer between 1 and 10000"),
     ];
     let mut wrong = Vec::new();
     for (case, message) in refused {
@@ -357,6 +418,7 @@ fn nix_options_refuse_bad_definitions() {
         "acceptsPluginLimits",
         "acceptsArchiveTargets",
         "acceptsHubSettings",
+        "acceptsContainerService",
     ] {
         if let Err(e) = nix_eval("refuse.nix", &[("case", case)]) {
             wrong.push(format!("{case}: refused: {e:#}"));
@@ -391,6 +453,22 @@ fn nix_options_refuse_bad_definitions() {
     assert_eq!(v["hubSettings"]["outbound_allow"], serde_json::json!(["10.0.0.0/8", "::1"]));
     assert_eq!(v["hubSettings"]["subscriptions"][0]["secret_env"], "CRM_SECRET");
     assert_eq!(v["hubSettings"]["mqtt"], serde_json::json!([]));
+    // A container's service options: its archive targets' files are mounted and loaded, its
+    // node name is its own, and with no memory cap inside the container has none either.
+    let v = nix_eval("refuse.nix", &[("case", "acceptsContainerService")]).unwrap();
+    let c = &v["containers"]["cim-storage-manager"];
+    let unit = &c["units"]["cim-storage-manager"];
+    assert_eq!(
+        unit["serviceConfig"]["LoadCredential"],
+        serde_json::json!(["nats.creds:/run/cim/nats.creds", "archive-nas:/run/keys/nas", "archive-usb:/run/keys/usb"])
+    );
+    for path in ["/run/keys/nas", "/run/keys/usb"] {
+        assert_eq!(c["bindMounts"][path], serde_json::json!({"hostPath": path, "isReadOnly": true, "mountPoint": path}));
+    }
+    assert_eq!(c["bindMounts"]["/run/cim/nats.creds"]["hostPath"], "/run/keys/storage.creds");
+    assert_eq!(unit["environment"]["CIM_NODE"], "leaf-1");
+    assert_eq!(unit["serviceConfig"]["MemoryMax"], "infinity");
+    assert_eq!(v["units"]["container@cim-storage-manager"]["serviceConfig"], serde_json::json!({"CPUWeight": 50}));
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
 
