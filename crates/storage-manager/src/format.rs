@@ -173,11 +173,10 @@ fn decode_headers(block: &[u8]) -> Result<Vec<(String, String)>, String> {
     Ok(out)
 }
 
-/// Checks a segment against its manifest (size, SHA-256 of the compressed and the raw bytes,
-/// magic, record count, first/last sequence) and decodes its records.
-pub fn decode_segment(manifest: &Manifest, compressed: &[u8]) -> Result<Vec<Record>, FormatError> {
-    let key = manifest.segment_key.clone();
-    let corrupt = |message: String| FormatError::Corrupt { key: key.clone(), message };
+/// Checks that a stored segment is the one its manifest describes: its size and the SHA-256
+/// of its (compressed) bytes.
+pub fn check_stored(manifest: &Manifest, compressed: &[u8]) -> Result<(), FormatError> {
+    let corrupt = |message: String| FormatError::Corrupt { key: manifest.segment_key.clone(), message };
     if compressed.len() as u64 != manifest.segment_bytes {
         return Err(corrupt(format!("size {} differs from the manifest's {}", compressed.len(), manifest.segment_bytes)));
     }
@@ -185,6 +184,15 @@ pub fn decode_segment(manifest: &Manifest, compressed: &[u8]) -> Result<Vec<Reco
     if sha != manifest.segment_sha256 {
         return Err(corrupt(format!("sha256 {sha} differs from the manifest's {}", manifest.segment_sha256)));
     }
+    Ok(())
+}
+
+/// Checks a segment against its manifest (size, SHA-256 of the compressed and the raw bytes,
+/// magic, record count, first/last sequence) and decodes its records.
+pub fn decode_segment(manifest: &Manifest, compressed: &[u8]) -> Result<Vec<Record>, FormatError> {
+    let key = manifest.segment_key.clone();
+    let corrupt = |message: String| FormatError::Corrupt { key: key.clone(), message };
+    check_stored(manifest, compressed)?;
     // `raw_bytes` is only checked after decompressing: do not let it size a huge allocation.
     let mut raw = Vec::with_capacity((manifest.raw_bytes as usize).min(256 << 20));
     match manifest.compression.as_str() {

@@ -14,11 +14,10 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv};
 use cim_events::{Component, resources, storage};
 use cim_runtime::metrics::{ArchiveLabels, Metrics};
-use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use crate::format::{self, Manifest};
-use crate::s3::{S3Client, hex};
+use crate::s3::S3Client;
 
 /// Why a segment does not count as verified.
 #[derive(Debug, thiserror::Error)]
@@ -29,22 +28,13 @@ pub enum VerifyError {
     Format(#[from] format::FormatError),
     #[error("segment {0} is missing")]
     Missing(String),
-    #[error("segment {key}: {message}")]
-    Mismatch { key: String, message: String },
 }
 
-/// Reads one committed segment back and checks it against its manifest.
+/// Reads one committed segment back and checks it against its manifest (size and SHA-256).
 pub async fn check_segment(s3: &S3Client, manifest: &Manifest) -> Result<(), VerifyError> {
     let key = &manifest.segment_key;
     let body = s3.get(key).await?.ok_or_else(|| VerifyError::Missing(key.clone()))?;
-    if body.len() as u64 != manifest.segment_bytes {
-        return Err(VerifyError::Mismatch { key: key.clone(), message: format!("{} bytes, the manifest says {}", body.len(), manifest.segment_bytes) });
-    }
-    let sha = hex(&Sha256::digest(&body));
-    if sha != manifest.segment_sha256 {
-        return Err(VerifyError::Mismatch { key: key.clone(), message: format!("sha256 {sha} differs from the manifest's {}", manifest.segment_sha256) });
-    }
-    Ok(())
+    Ok(format::check_stored(manifest, &body)?)
 }
 
 /// The watermark bucket, created by provisioning.
@@ -85,9 +75,14 @@ pub async fn run_verifier(js: jetstream::Context, s3: S3Client, stream: String, 
     // The last manifest verified: listing resumes after it.
     let mut after: Option<String> = None;
     let mut failing: Option<String> = None;
+    // Looked up once it exists, not every round.
+    let mut store: Option<kv::Store> = None;
     loop {
         let round = async {
-            let kv = bucket(&js).await?;
+            let kv = match &store {
+                Some(kv) => kv.clone(),
+                None => store.insert(bucket(&js).await?).clone(),
+            };
             let through = match verified {
                 Some(v) => v,
                 None => read_watermark(&kv, &target_key).await.unwrap_or(0),
