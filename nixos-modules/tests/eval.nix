@@ -24,6 +24,26 @@ let
   names = import ../service-names.nix;
   fixture = import ./auth-fixture.nix;
 
+  # Two archive targets, each with its credentials file: the leaf's storage manager and the
+  # one in a container both get them.
+  archiveTargets = [
+    {
+      name = "nas";
+      endpoint = "http://nas.local:9000";
+      bucket = "cim";
+      prefix = "leaf1";
+      credentialsFile = "/run/keys/cim-archive-nas";
+    }
+    {
+      name = "wasabi";
+      endpoint = "https://s3.eu-central-1.wasabisys.com";
+      region = "eu-central-1";
+      bucket = "cim-archive";
+      pathStyle = false;
+      credentialsFile = "/run/keys/cim-archive-wasabi";
+    }
+  ];
+
   pkg = {
     type = "derivation";
     name = "cim-under-test";
@@ -50,23 +70,7 @@ let
     {
       services.cim.storage-manager = {
         natsCredentialsFile = "/run/keys/cim-storage-manager.creds";
-        archiveTargets = [
-          {
-            name = "nas";
-            endpoint = "http://nas.local:9000";
-            bucket = "cim";
-            prefix = "leaf1";
-            credentialsFile = "/run/keys/cim-archive-nas";
-          }
-          {
-            name = "wasabi";
-            endpoint = "https://s3.eu-central-1.wasabisys.com";
-            region = "eu-central-1";
-            bucket = "cim-archive";
-            pathStyle = false;
-            credentialsFile = "/run/keys/cim-archive-wasabi";
-          }
-        ];
+        inherit archiveTargets;
         archiveRequired = [ "nas" ];
         archivePartBytes = 16777216;
       };
@@ -159,23 +163,7 @@ let
     # its own options.
     {
       cim.containers.storage-manager.service = {
-        archiveTargets = [
-          {
-            name = "nas";
-            endpoint = "http://nas.local:9000";
-            bucket = "cim";
-            prefix = "leaf1";
-            credentialsFile = "/run/keys/cim-archive-nas";
-          }
-          {
-            name = "wasabi";
-            endpoint = "https://s3.eu-central-1.wasabisys.com";
-            region = "eu-central-1";
-            bucket = "cim-archive";
-            pathStyle = false;
-            credentialsFile = "/run/keys/cim-archive-wasabi";
-          }
-        ];
+        inherit archiveTargets;
         archiveRequired = [ "nas" ];
       };
       cim.containers.integration-hub.service = {
