@@ -1,5 +1,6 @@
 //! A JetStream cluster of real nats-servers on loopback, and leaf nodes attached to it.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -68,7 +69,8 @@ impl NatsClusterBuilder {
 
     /// Starts every node and waits until the cluster is formed: all nodes agree on a
     /// JetStream meta leader, the leader sees every other node as current, every node's
-    /// `/healthz` answers 200, and a client's JetStream account info request succeeds.
+    /// `/healthz` answers 200, a client's JetStream account info request succeeds, and a
+    /// replicated probe stream (R3, or one replica per node if fewer) can be placed.
     pub async fn start(self) -> Result<NatsCluster> {
         if self.size == 0 {
             bail!("a cluster needs at least one node");
@@ -320,10 +322,14 @@ impl NatsCluster {
             }
         }
         let client = self.try_connect().await?;
-        async_nats::jetstream::new(client)
-            .query_account()
+        let js = async_nats::jetstream::new(client);
+        js.query_account()
             .await
             .context("JetStream account info through the cluster")?;
+        // The peer list above is the meta group's Raft view; placement also needs the meta
+        // leader's statsz view of every peer, which can lag it ("no suitable peers for
+        // placement, peer offline"). Only a placed replicated stream proves both.
+        placement_probe(&js, running.len().min(3)).await?;
         Ok(leader)
     }
 
@@ -331,6 +337,31 @@ impl NatsCluster {
     pub async fn start_leaf(&self, domain: &str) -> Result<NatsServer> {
         start_leaf(self, domain).await
     }
+}
+
+/// Creates and deletes a memory stream with `replicas` replicas, so the cluster has shown
+/// it can place one; a failure is returned for the caller to retry.
+async fn placement_probe(js: &async_nats::jetstream::Context, replicas: usize) -> Result<()> {
+    static PROBES: AtomicU64 = AtomicU64::new(0);
+    let name = format!(
+        "TESTKIT_PROBE_{}_{}",
+        std::process::id(),
+        PROBES.fetch_add(1, Ordering::Relaxed)
+    );
+    let config = async_nats::jetstream::stream::Config {
+        name: name.clone(),
+        subjects: vec![format!("testkit.probe.{name}")],
+        num_replicas: replicas,
+        storage: async_nats::jetstream::stream::StorageType::Memory,
+        ..Default::default()
+    };
+    js.create_stream(config)
+        .await
+        .with_context(|| format!("placing an R{replicas} probe stream"))?;
+    js.delete_stream(&name)
+        .await
+        .with_context(|| format!("deleting the probe stream {name}"))?;
+    Ok(())
 }
 
 /// A single JetStream server in its own `domain`, a leaf node of `cluster` (one remote
