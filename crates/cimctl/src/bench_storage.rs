@@ -1,6 +1,8 @@
 //! `cimctl bench-storage`: the storage manager's archive and restore beside raw baselines in
 //! the same run — archive throughput vs raw SigV4 PutObject of the same segment bytes to the
-//! same S3 server, restore rate vs raw JetStream publish of the same messages.
+//! same S3 server and vs a bare ordered-consumer read of the same stream, the copy of a large
+//! object by name vs a raw multipart PutObject of the same bytes, restore rate vs raw
+//! JetStream publish of the same messages.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -9,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use async_nats::{HeaderMap, jetstream};
 use bytes::Bytes;
+use futures::StreamExt;
 use cim_events::{Component, Tier, resources};
 use cim_testkit::{NatsServer, S3Server};
 use storage_manager::archive::{self, ArchiveSettings, committed_position};
@@ -27,6 +30,12 @@ pub struct BenchStorageArgs {
     /// Segment size (raw bytes).
     #[arg(long, default_value_t = 4 << 20)]
     segment_bytes: usize,
+    /// Size of the object copied by name (MiB; 0 skips that scenario).
+    #[arg(long, default_value_t = 256)]
+    object_mib: usize,
+    /// Segments uploaded at the same time by the archiver.
+    #[arg(long, default_value_t = 2)]
+    uploads_in_flight: usize,
 }
 
 fn payload(i: u64, len: usize) -> Bytes {
@@ -107,8 +116,36 @@ pub async fn run(args: BenchStorageArgs) -> Result<ExitCode> {
     }
     let raw_put = t.elapsed();
 
+    // Read-side baseline: a bare ordered consumer over the same stream, nothing done per
+    // message but counting its bytes.
+    let t = Instant::now();
+    let mut read = 0u64;
+    let mut read_bytes = 0usize;
+    let mut messages = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
+        .await?
+        .messages()
+        .await?;
+    while read < args.events {
+        match messages.next().await {
+            Some(m) => {
+                let m = m?;
+                read_bytes += m.payload.len() + m.subject.len();
+                read += 1;
+            }
+            None => bail!("the ordered consumer ended after {read} messages"),
+        }
+    }
+    drop(messages);
+    let raw_read = t.elapsed();
+
     // The archiver, from nothing to caught up.
-    let settings = Arc::new(ArchiveSettings { segment_bytes: args.segment_bytes, linger: Duration::from_millis(200), ..Default::default() });
+    let settings = Arc::new(ArchiveSettings {
+        segment_bytes: args.segment_bytes,
+        linger: Duration::from_millis(200),
+        uploads_in_flight: args.uploads_in_flight,
+        ..Default::default()
+    });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let t = Instant::now();
     let task = tokio::spawn(archive::run_stream(js.clone(), archive_c.clone(), spec.name.clone(), settings, stop_rx));
@@ -124,6 +161,8 @@ pub async fn run(args: BenchStorageArgs) -> Result<ExitCode> {
     let archived = t.elapsed();
     let _ = stop_tx.send(true);
     let _ = task.await;
+
+    let object = if args.object_mib > 0 { Some(bench_object(&js, &archive_c, &raw_c, args.object_mib).await?) } else { None };
 
     // Restore into a fresh server vs raw publish of the same messages into another.
     let fresh = NatsServer::start().await?;
@@ -166,5 +205,68 @@ pub async fn run(args: BenchStorageArgs) -> Result<ExitCode> {
         raw_pub.as_secs_f64() / restored.as_secs_f64()
     );
     println!("| restore MB/s (archived bytes) | {:.1} | | |", r.bytes as f64 / 1e6 / restored.as_secs_f64());
+    println!(
+        "| archive events/s vs a bare ordered-consumer read ({:.1} MB of payload and subjects) | {:.0} | {:.0} | {:.2} |",
+        read_bytes as f64 / 1e6,
+        n / archived.as_secs_f64(),
+        n / raw_read.as_secs_f64(),
+        raw_read.as_secs_f64() / archived.as_secs_f64()
+    );
+    if let Some(o) = object {
+        println!(
+            "| {} MiB object copied by name (multipart, {} MiB parts) vs raw multipart PutObject, MB/s | {:.1} | {:.1} | {:.2} |",
+            o.mib,
+            PART_BYTES >> 20,
+            o.mb() / o.copy.as_secs_f64(),
+            o.mb() / o.raw.as_secs_f64(),
+            o.raw.as_secs_f64() / o.copy.as_secs_f64()
+        );
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The archiver's part size for objects copied by name (its default).
+const PART_BYTES: usize = 8 << 20;
+
+struct ObjectFigures {
+    mib: usize,
+    copy: Duration,
+    raw: Duration,
+}
+
+impl ObjectFigures {
+    fn mb(&self) -> f64 {
+        (self.mib << 20) as f64 / 1e6
+    }
+}
+
+/// One object of `mib` MiB in the content bucket: the archiver's copy by name (read from the
+/// object store while uploading) vs a raw multipart upload of the same bytes from memory.
+async fn bench_object(js: &jetstream::Context, archive_c: &S3Client, raw_c: &S3Client, mib: usize) -> Result<ObjectFigures> {
+    let spec = resources::object_buckets(Component::InformationUnit).into_iter().next().expect("the content bucket");
+    let store = js.create_object_store(spec.config(Tier::Leaf)).await?;
+    let body: Vec<u8> = (0..mib as u64).flat_map(|i| payload(i, 1 << 20)).collect();
+    eprintln!("putting a {mib} MiB object");
+    store.put("bench-object", &mut &body[..]).await?;
+
+    let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let t = Instant::now();
+    let copied = storage_manager::objects::sync_once(js, archive_c, &spec.bucket, PART_BYTES, &stop_rx)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let copy = t.elapsed();
+    if copied != 1 {
+        bail!("the object copy copied {copied} objects, not 1");
+    }
+
+    let t = Instant::now();
+    let key = "raw/object";
+    let id = raw_c.multipart_start(key).await?;
+    let mut etags = Vec::new();
+    for (i, part) in body.chunks(PART_BYTES).enumerate() {
+        etags.push(raw_c.multipart_part(key, &id, i as u32 + 1, Bytes::copy_from_slice(part)).await?);
+    }
+    raw_c.multipart_complete(key, &id, &etags).await?;
+    let raw = t.elapsed();
+    Ok(ObjectFigures { mib, copy, raw })
 }

@@ -1,8 +1,13 @@
 //! The continuous archive: one task per stream and target reads the stream in order from its
 //! durable cursor, cuts bounded segments, and commits each with segment → manifest → cursor.
+//! Up to `uploads_in_flight` segments are compressed and uploaded at once while reading goes
+//! on, but manifests and cursors are written strictly in sequence order: a segment's manifest
+//! waits for the previous segment's cursor, so the archive never shows a later range before an
+//! earlier one (a crash leaves at most unreferenced segment objects, overwritten on resume).
 //! S3 failures are retried with backoff (the lag grows, nothing is skipped); a restart
 //! resumes after the last committed manifest, so there is no gap and no duplicate.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,7 +15,8 @@ use async_nats::jetstream::{self, consumer::DeliverPolicy};
 use bytes::Bytes;
 use cim_events::{Component, resources};
 use futures::StreamExt;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
 
 use crate::format::{self, CURSOR_FORMAT, Cursor, SegmentWriter};
 use crate::s3::{S3Client, S3Error};
@@ -33,6 +39,9 @@ pub struct ArchiveSettings {
     pub required: Vec<String>,
     /// How often committed segments are read back and checked.
     pub verify_interval: Duration,
+    /// Segments compressed and uploaded at the same time per stream and target (at least 1;
+    /// memory per task is about `segment_bytes` times this plus one).
+    pub uploads_in_flight: usize,
 }
 
 impl Default for ArchiveSettings {
@@ -46,6 +55,7 @@ impl Default for ArchiveSettings {
             object_poll: Duration::from_secs(5),
             required: Vec::new(),
             verify_interval: Duration::from_secs(5),
+            uploads_in_flight: 2,
         }
     }
 }
@@ -104,9 +114,13 @@ pub async fn run_stream(js: jetstream::Context, s3: S3Client, stream: String, se
     };
     tracing::info!(stream = %stream, target = %target, position, "archive resumes");
     let mut writer = SegmentWriter::new();
-    // The last sequence handed to a commit; one commit runs while the next segment is read.
+    // The last sequence handed to a commit; up to `uploads_in_flight` commits run, oldest
+    // first, while the next segment is read.
     let mut handed = position;
-    let mut inflight: Option<tokio::task::JoinHandle<bool>> = None;
+    let mut inflight: VecDeque<JoinHandle<bool>> = VecDeque::new();
+    // Resolves when the newest commit has written its cursor: the next one's manifest waits on it.
+    let mut last_done: Option<oneshot::Receiver<bool>> = None;
+    let max_inflight = settings.uploads_in_flight.max(1);
     'consumer: loop {
         if *stop.borrow() {
             return;
@@ -140,13 +154,14 @@ pub async fn run_stream(js: jetstream::Context, s3: S3Client, stream: String, se
             let deadline = tokio::time::Instant::from_std(segment_started + settings.linger);
             let flush = tokio::select! {
                 _ = stop.changed() => {
-                    let previous_done = match inflight.take() {
-                        Some(t) => t.await.unwrap_or(false),
-                        None => true,
-                    };
+                    let mut previous_done = true;
+                    for t in inflight.drain(..) {
+                        previous_done &= t.await.unwrap_or(false);
+                    }
                     if previous_done && !writer.is_empty() {
                         // One attempt to save what was read; if it fails, the next run reads it again.
-                        let _ = commit(s3.clone(), stream.clone(), std::mem::take(&mut writer), stop.clone(), settings.clone(), true).await;
+                        let (done, _) = oneshot::channel();
+                        let _ = commit(s3.clone(), stream.clone(), std::mem::take(&mut writer), None, done, stop.clone(), settings.clone(), true).await;
                     }
                     return;
                 }
@@ -184,35 +199,54 @@ pub async fn run_stream(js: jetstream::Context, s3: S3Client, stream: String, se
                 },
             };
             if flush && !writer.is_empty() {
-                // Wait for the previous segment's commit (segments commit in order), then hand
-                // this one over and read on.
-                if let Some(t) = inflight.take()
-                    && !t.await.unwrap_or(false)
-                {
-                    return;
+                // With the pipeline full, wait for the oldest commit, then hand this segment
+                // over and read on. A commit gives up only when asked to stop.
+                while inflight.len() >= max_inflight {
+                    let oldest = inflight.pop_front().expect("non-empty");
+                    if !oldest.await.unwrap_or(false) {
+                        return;
+                    }
                 }
                 let full = std::mem::take(&mut writer);
                 handed = full.last;
-                inflight = Some(tokio::spawn(commit(s3.clone(), stream.clone(), full, stop.clone(), settings.clone(), false)));
+                let (done, done_rx) = oneshot::channel();
+                let previous = last_done.replace(done_rx);
+                inflight.push_back(tokio::spawn(commit(s3.clone(), stream.clone(), full, previous, done, stop.clone(), settings.clone(), false)));
                 segment_started = Instant::now();
             }
         }
     }
 }
 
-/// Uploads segment, manifest, cursor, retrying each until it succeeds. Returns false when
-/// asked to stop before it could (the next run re-reads the same messages).
+/// Compresses and uploads the segment, then — once `previous` (the commit before it) has
+/// written its cursor — the manifest and the cursor, retrying each until it succeeds, and
+/// reports on `done`. Returns false when asked to stop before it could, or when the previous
+/// commit did not finish (the next run re-reads the same messages).
+#[allow(clippy::too_many_arguments)]
 async fn commit(
     s3: S3Client,
     stream: String,
     writer: SegmentWriter,
+    previous: Option<oneshot::Receiver<bool>>,
+    done: oneshot::Sender<bool>,
     mut stop: watch::Receiver<bool>,
     settings: Arc<ArchiveSettings>,
     once: bool,
 ) -> bool {
     let stream = stream.as_str();
     let prefix = s3.target().prefix.clone();
-    let (segment, manifest) = writer.finish(stream, &prefix);
+    // zstd and two SHA-256 passes: CPU work, kept off the async worker threads.
+    let finished = {
+        let (stream, prefix) = (stream.to_string(), prefix.clone());
+        tokio::task::spawn_blocking(move || writer.finish(&stream, &prefix)).await
+    };
+    let (segment, manifest) = match finished {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::error!(stream, target = %s3.target().name, error = %e, "compressing a segment failed; it is read again on the next run");
+            return false;
+        }
+    };
     let manifest_key = format::manifest_key(&prefix, stream, manifest.first_seq, manifest.last_seq);
     let cursor = Cursor {
         format: CURSOR_FORMAT.to_string(),
@@ -222,15 +256,23 @@ async fn commit(
         manifest_key: manifest_key.clone(),
         updated_unix_nanos: time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64,
     };
-    let steps: [(String, Bytes); 3] = [
-        (manifest.segment_key.clone(), segment),
-        (manifest_key, Bytes::from(serde_json::to_vec_pretty(&manifest).expect("manifest serialises"))),
-        (format::cursor_key(&prefix, stream), Bytes::from(serde_json::to_vec_pretty(&cursor).expect("cursor serialises"))),
+    let steps: [(String, Bytes, Option<&str>); 3] = [
+        (manifest.segment_key.clone(), segment, Some(manifest.segment_sha256.as_str())),
+        (manifest_key, Bytes::from(serde_json::to_vec_pretty(&manifest).expect("manifest serialises")), None),
+        (format::cursor_key(&prefix, stream), Bytes::from(serde_json::to_vec_pretty(&cursor).expect("cursor serialises")), None),
     ];
     let mut backoff = Backoff::new(&settings);
-    for (key, body) in steps {
+    let mut previous = previous;
+    for (i, (key, body, sha256)) in steps.into_iter().enumerate() {
+        if i == 1
+            && let Some(p) = previous.take()
+            && !p.await.unwrap_or(false)
+        {
+            // The earlier range is not committed; this manifest must not appear before it.
+            return false;
+        }
         loop {
-            match s3.put(&key, body.clone()).await {
+            match s3.put_hashed(&key, body.clone(), sha256).await {
                 Ok(()) => break,
                 Err(e) => {
                     tracing::warn!(stream, target = %s3.target().name, key = %key, error = %e, auth = e.is_auth(), "archive upload failed; retrying");
@@ -245,6 +287,7 @@ async fn commit(
         }
     }
     tracing::debug!(stream, target = %s3.target().name, first = manifest.first_seq, last = manifest.last_seq, count = manifest.count, "segment archived");
+    let _ = done.send(true);
     true
 }
 

@@ -1,7 +1,8 @@
 //! Objects by name (the content bucket's names are CIDs): besides the bucket's stream, every
 //! live object is copied to `<prefix>objects/<bucket>/<name>` as a plain S3 object, so the
 //! content is readable with any S3 tool. Streamed from the object store in parts (multipart
-//! upload above one part), so memory stays at one part whatever the size. Idempotent: an
+//! upload above one part; a part uploads while the next is read), so memory stays at two
+//! parts whatever the size. Idempotent: an
 //! object already there with the same size is skipped, so a restart resumes where it was.
 
 use std::time::Duration;
@@ -86,17 +87,24 @@ async fn upload<R: tokio::io::AsyncRead + Unpin>(s3: &S3Client, key: &str, r: &m
     }
     let id = s3.multipart_start(key).await.map_err(|e| e.to_string())?;
     let result = async {
-        let mut etags = vec![s3.multipart_part(key, &id, 1, Bytes::from(first)).await.map_err(|e| e.to_string())?];
+        // Each part is uploaded while the next is read from the object store: two parts in
+        // memory at most.
+        let mut etags = Vec::new();
+        let mut current = first;
         loop {
-            let next = read_part(r, part).await.map_err(|e| e.to_string())?;
+            let number = etags.len() as u32 + 1;
+            let full = current.len() == part;
+            let (etag, next) = if full {
+                let (etag, next) = tokio::join!(s3.multipart_part(key, &id, number, Bytes::from(current)), read_part(r, part));
+                (etag, next.map_err(|e| e.to_string())?)
+            } else {
+                (s3.multipart_part(key, &id, number, Bytes::from(current)).await, Vec::new())
+            };
+            etags.push(etag.map_err(|e| e.to_string())?);
             if next.is_empty() {
                 break;
             }
-            let last = next.len() < part;
-            etags.push(s3.multipart_part(key, &id, etags.len() as u32 + 1, Bytes::from(next)).await.map_err(|e| e.to_string())?);
-            if last {
-                break;
-            }
+            current = next;
         }
         s3.multipart_complete(key, &id, &etags).await.map_err(|e| e.to_string())
     }

@@ -77,7 +77,13 @@ impl S3Client {
     }
 
     pub async fn put(&self, key: &str, body: Bytes) -> Result<(), S3Error> {
-        let resp = self.send(Method::PUT, Some(key), &[], body, "put").await?;
+        self.put_hashed(key, body, None).await
+    }
+
+    /// [`S3Client::put`] with the body's SHA-256 (lowercase hex) already known, so the
+    /// signature does not hash the body a second time.
+    pub async fn put_hashed(&self, key: &str, body: Bytes, sha256_hex: Option<&str>) -> Result<(), S3Error> {
+        let resp = self.send_hashed(Method::PUT, Some(key), &[], body, sha256_hex).await?;
         if resp.status().is_success() {
             Ok(())
         } else {
@@ -245,9 +251,24 @@ impl S3Client {
         body: Bytes,
         _op: &'static str,
     ) -> Result<reqwest::Response, S3Error> {
+        self.send_hashed(method, key, query, body, None).await
+    }
+
+    async fn send_hashed(
+        &self,
+        method: Method,
+        key: Option<&str>,
+        query: &[(&str, String)],
+        body: Bytes,
+        sha256_hex: Option<&str>,
+    ) -> Result<reqwest::Response, S3Error> {
         let url = self.url(key)?;
         let now = time::OffsetDateTime::now_utc();
-        let payload_hash = if body.is_empty() { EMPTY_SHA256.to_string() } else { hex(&Sha256::digest(&body)) };
+        let payload_hash = match sha256_hex {
+            Some(h) => h.to_string(),
+            None if body.is_empty() => EMPTY_SHA256.to_string(),
+            None => hex(&Sha256::digest(&body)),
+        };
         let host = match url.port() {
             Some(p) => format!("{}:{p}", url.host_str().unwrap_or_default()),
             None => url.host_str().unwrap_or_default().to_string(),
