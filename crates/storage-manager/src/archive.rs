@@ -123,7 +123,7 @@ pub async fn run_stream(js: jetstream::Context, s3: S3Client, stream: String, se
     let max_inflight = settings.uploads_in_flight.max(1);
     'consumer: loop {
         if *stop.borrow() {
-            return;
+            break;
         }
         let start = if writer.is_empty() { handed } else { writer.last } + 1;
         let messages = async {
@@ -143,7 +143,7 @@ pub async fn run_stream(js: jetstream::Context, s3: S3Client, stream: String, se
             Err(e) => {
                 tracing::debug!(stream = %stream, target = %target, error = %e, "stream not readable yet");
                 if backoff.wait(&mut stop).await {
-                    return;
+                    break 'consumer;
                 }
                 continue;
             }
@@ -151,21 +151,16 @@ pub async fn run_stream(js: jetstream::Context, s3: S3Client, stream: String, se
         backoff.reset();
         let mut segment_started = Instant::now();
         loop {
+            // An atomic load; the select's stop branch is not polled while messages are ready.
+            if stop.has_changed().unwrap_or(true) {
+                break 'consumer;
+            }
             let deadline = tokio::time::Instant::from_std(segment_started + settings.linger);
+            // Biased, messages first: while messages are buffered (the steady state when
+            // catching up) the stop and timer branches are not polled, so no timer or watch
+            // registration per message; they are when the consumer has nothing ready.
             let flush = tokio::select! {
-                _ = stop.changed() => {
-                    let mut previous_done = true;
-                    for t in inflight.drain(..) {
-                        previous_done &= t.await.unwrap_or(false);
-                    }
-                    if previous_done && !writer.is_empty() {
-                        // One attempt to save what was read; if it fails, the next run reads it again.
-                        let (done, _) = oneshot::channel();
-                        let _ = commit(s3.clone(), stream.clone(), std::mem::take(&mut writer), None, done, stop.clone(), settings.clone(), true).await;
-                    }
-                    return;
-                }
-                _ = tokio::time::sleep_until(deadline), if !writer.is_empty() => true,
+                biased;
                 next = messages.next() => match next {
                     None => continue 'consumer,
                     Some(Err(e)) => {
@@ -194,9 +189,13 @@ pub async fn run_stream(js: jetstream::Context, s3: S3Client, stream: String, se
                             .unwrap_or_default();
                         headers.sort_unstable();
                         writer.push_borrowed(seq, nanos, msg.subject.as_str(), &headers, &msg.payload);
-                        writer.raw_len() >= settings.segment_bytes
+                        // Checked here too: with messages always ready the timer branch
+                        // below is never polled.
+                        writer.raw_len() >= settings.segment_bytes || segment_started.elapsed() >= settings.linger
                     }
                 },
+                _ = stop.changed() => break 'consumer,
+                _ = tokio::time::sleep_until(deadline), if !writer.is_empty() => true,
             };
             if flush && !writer.is_empty() {
                 // With the pipeline full, wait for the oldest commit, then hand this segment
@@ -215,6 +214,16 @@ pub async fn run_stream(js: jetstream::Context, s3: S3Client, stream: String, se
                 segment_started = Instant::now();
             }
         }
+    }
+    // Asked to stop: let the commits in flight finish in order, then one attempt to save what
+    // was read; if that fails, the next run reads it again.
+    let mut previous_done = true;
+    for t in inflight.drain(..) {
+        previous_done &= t.await.unwrap_or(false);
+    }
+    if previous_done && !writer.is_empty() {
+        let (done, _) = oneshot::channel();
+        let _ = commit(s3.clone(), stream.clone(), writer, None, done, stop.clone(), settings.clone(), true).await;
     }
 }
 

@@ -312,13 +312,18 @@ async fn leaf_node_has_its_own_domain_and_reaches_the_hub() -> Result<()> {
         Ok(())
     })
     .await?;
-    let ack = hub
-        .publish("central.x", "from the leaf".into())
-        .await?
-        .await?;
+    // The stream's interest in central.> reaches the leaf a moment after the create answers;
+    // until then a publish gets "no responders". Retried with a message id: stored once.
+    let ack = eventually(WAIT, "a publish from the leaf to reach CENTRAL", || async {
+        let publish = PublishMessage::build()
+            .payload("from the leaf".into())
+            .message_id("leaf-1");
+        Ok(hub.send_publish("central.x", publish).await?.await?)
+    })
+    .await?;
     assert_eq!(
-        (ack.stream.as_str(), ack.domain.as_str()),
-        ("CENTRAL", "hub")
+        (ack.stream.as_str(), ack.domain.as_str(), ack.sequence),
+        ("CENTRAL", "hub", 1)
     );
 
     let hub_js = jetstream::new(cluster.connect().await);
