@@ -87,8 +87,26 @@ pub struct RestoreArgs {
     /// Replication of the streams created (leaf: R1, cluster: R3).
     #[arg(long, default_value = "leaf")]
     tier: String,
+    /// Rebuild leaf LEAF from the cluster's archive: the archives of the cluster's mirrors of
+    /// that leaf (`<STREAM>_FROM_<LEAF>`) are restored into the leaf's own streams
+    /// (`<STREAM>`), with the leaf's sequence numbers; nothing else is restored.
+    #[arg(long)]
+    leaf: Option<String>,
     #[command(flatten)]
     conn: ArchiveConn,
+}
+
+/// Which stream an archive is restored into, or why it is skipped: the cluster's archive holds
+/// its mirrors of each leaf (`<STREAM>_FROM_<LEAF>`) beside its own streams; with `--leaf` only
+/// that leaf's mirrors are restored, into the leaf's stream names, and without it none are.
+fn restore_into(archive: &str, leaf: Option<&str>) -> Result<String, String> {
+    match (storage_manager::archive::mirrored_stream(archive), leaf) {
+        (Some((stream, l)), Some(want)) if l == want.to_ascii_uppercase() => Ok(stream),
+        (Some((_, l)), Some(want)) => Err(format!("skipped: the cluster's mirror of leaf {l}, not of {want}")),
+        (Some((stream, l)), None) => Err(format!("skipped: the cluster's mirror of {stream} on leaf {l} (restore a leaf from it with --leaf {})", l.to_ascii_lowercase())),
+        (None, Some(want)) => Err(format!("skipped: not a mirror of leaf {want}")),
+        (None, None) => Ok(archive.to_string()),
+    }
 }
 
 fn parse_until(s: &str) -> Result<Until> {
@@ -126,17 +144,35 @@ pub async fn restore(args: RestoreArgs) -> Result<ExitCode> {
     if names.is_empty() {
         bail!("target {} holds no archived stream under {:?}", s3.target().name, s3.target().prefix);
     }
+    let plan: Vec<(&String, Result<String, String>)> = names.iter().map(|n| (n, restore_into(n, args.leaf.as_deref()))).collect();
+    if let Some(leaf) = &args.leaf
+        && plan.iter().all(|(_, p)| p.is_err())
+    {
+        bail!("target {} holds no archive of the cluster's mirrors of leaf {leaf}", s3.target().name);
+    }
     let js = args.conn.jetstream().await?;
     let mut failed = false;
     let mut total = (0u64, 0u64);
     let started = std::time::Instant::now();
-    eprintln!("restoring {} streams from {}{}", names.len(), s3.target().name, if args.dry_run { " (dry run)" } else { "" });
-    for name in &names {
-        let Some(kind) = stream_kind(name, tier) else {
+    let count = plan.iter().filter(|(_, p)| p.is_ok()).count();
+    eprintln!("restoring {count} streams from {}{}", s3.target().name, if args.dry_run { " (dry run)" } else { "" });
+    for (name, into) in &plan {
+        let name = name.as_str();
+        let into = match into {
+            Ok(into) => into.as_str(),
+            Err(why) => {
+                println!("{name}: {why}");
+                continue;
+            }
+        };
+        let Some(kind) = stream_kind(into, tier) else {
             println!("{name}: NOT RESTORED: not a stream of the CIM contract");
             failed = true;
             continue;
         };
+        if into != name {
+            println!("{name}: into {into}");
+        }
         if !args.dry_run {
             let created = async {
                 let stream = match kind {
@@ -146,7 +182,7 @@ pub async fn restore(args: RestoreArgs) -> Result<ExitCode> {
                         if js.get_object_store(&bucket).await.is_err() {
                             js.create_object_store(cfg).await.map_err(|e| e.to_string())?;
                         }
-                        js.get_stream(name).await.map_err(|e| e.to_string())?
+                        js.get_stream(into).await.map_err(|e| e.to_string())?
                     }
                 };
                 let info = stream.get_info().await.map_err(|e| e.to_string())?;
@@ -268,7 +304,16 @@ pub async fn run(args: ArchiveArgs) -> Result<ExitCode> {
             let clients = targets.into_iter().map(S3Client::new).collect::<Result<Vec<_>, _>>()?;
             println!("{:<32} {:<12} {:>12} {:>12} {:>10}", "STREAM", "TARGET", "STREAM LAST", "ARCHIVED", "LAG");
             let mut behind = false;
-            for stream in archived_streams() {
+            // On the cluster, the leaf mirrors there are archived too.
+            let mut streams = archived_streams();
+            let mut names = js.stream_names();
+            while let Some(n) = futures::StreamExt::next(&mut names).await {
+                let n = n.context("listing the streams")?;
+                if storage_manager::archive::mirrored_stream(&n).is_some() {
+                    streams.push(n);
+                }
+            }
+            for stream in streams {
                 let last = match js.get_stream(&stream).await {
                     Ok(mut s) => match s.info().await {
                         Ok(i) => i.state.last_sequence,
@@ -299,6 +344,18 @@ pub async fn run(args: ArchiveArgs) -> Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn leaf_mirror_archives_restore_into_the_leaf_streams_only_when_asked() {
+        let stream = resources::events_stream(Component::InformationUnit).name;
+        let mirror = resources::leaf_mirror(&stream, "leaf1").unwrap();
+        assert_eq!(restore_into(&stream, None).unwrap(), stream);
+        assert_eq!(restore_into(&mirror, Some("leaf1")).unwrap(), stream);
+        assert_eq!(restore_into(&mirror, Some("LEAF1")).unwrap(), stream);
+        assert!(restore_into(&mirror, None).unwrap_err().contains("--leaf leaf1"));
+        assert!(restore_into(&mirror, Some("leaf2")).unwrap_err().contains("not of leaf2"));
+        assert!(restore_into(&stream, Some("leaf1")).unwrap_err().contains("not a mirror"));
+    }
 
     #[test]
     fn until_is_a_sequence_or_a_time() {

@@ -111,8 +111,8 @@ pub fn all_permissions() -> Result<Value> {
 /// Stands for a leaf's JetStream domain, upper-cased as in mirror names, in `leaf_mirrors`.
 pub const LEAF_PLACEHOLDER: &str = "LEAF_DOMAIN";
 
-/// What the storage manager on the cluster needs beyond its own identity to keep the leaf
-/// mirrors (`--source-leaf`): create, update and read each `<STREAM>_FROM_<LEAF>`. Leaf
+/// What the storage manager on the cluster needs beyond its own identity to keep and archive
+/// the leaf mirrors (`--source-leaf`): create, update and read each `<STREAM>_FROM_<LEAF>`. Leaf
 /// domains are known only to a deployment, so the names carry [`LEAF_PLACEHOLDER`]; the
 /// cluster's NATS profile replaces it with each source leaf's upper-cased domain.
 pub fn leaf_mirror_permissions() -> Result<Vec<String>> {
@@ -120,12 +120,30 @@ pub fn leaf_mirror_permissions() -> Result<Vec<String>> {
     for stream in storage_manager::archived_streams() {
         let mirror = resources::leaf_mirror(&stream, LEAF_PLACEHOLDER)?;
         for api in JS_API {
-            for verb in ["INFO", "CREATE", "UPDATE"] {
+            for verb in ["CREATE", "UPDATE"] {
                 publish.push(format!("{api}.STREAM.{verb}.{mirror}"));
             }
         }
+        // ...and archives it like its own streams.
+        archive_read(&mut publish, &mirror);
     }
     Ok(publish)
+}
+
+/// What the storage manager's archiver needs to read `stream`: its configuration (the
+/// retention guard), ordered consumers, and single messages and direct gets (objects copied by
+/// name, the verifier).
+fn archive_read(publish: &mut Vec<String>, stream: &str) {
+    for api in JS_API {
+        publish.push(format!("{api}.STREAM.INFO.{stream}"));
+        publish.push(format!("{api}.STREAM.MSG.GET.{stream}"));
+        publish.push(format!("{api}.DIRECT.GET.{stream}"));
+        publish.push(format!("{api}.DIRECT.GET.{stream}.>"));
+        publish.push(format!("{api}.CONSUMER.CREATE.{stream}"));
+        for verb in ["CREATE", "INFO", "DELETE", "MSG.NEXT"] {
+            publish.push(format!("{api}.CONSUMER.{verb}.{stream}.>"));
+        }
+    }
 }
 
 /// The first `tokens` tokens of `subject`, then `>`: the wildcard of everything below them.
@@ -236,16 +254,7 @@ pub fn permissions(component: Component) -> Result<Permissions> {
             let mut names: Vec<String> = resources::streams(other).into_iter().map(|s| s.name).collect();
             names.extend(resources::object_buckets(other).into_iter().map(|b| b.stream_name()));
             for stream in names {
-                for api in JS_API {
-                    publish.push(format!("{api}.STREAM.INFO.{stream}"));
-                    publish.push(format!("{api}.STREAM.MSG.GET.{stream}"));
-                    publish.push(format!("{api}.DIRECT.GET.{stream}"));
-                    publish.push(format!("{api}.DIRECT.GET.{stream}.>"));
-                    publish.push(format!("{api}.CONSUMER.CREATE.{stream}"));
-                    for verb in ["CREATE", "INFO", "DELETE", "MSG.NEXT"] {
-                        publish.push(format!("{api}.CONSUMER.{verb}.{stream}.>"));
-                    }
-                }
+                archive_read(&mut publish, &stream);
             }
         }
     }
@@ -344,10 +353,12 @@ mod tests {
         let granted: Vec<String> = template.iter().map(|s| s.replace(LEAF_PLACEHOLDER, &"leaf1".to_ascii_uppercase())).collect();
         for stream in storage_manager::archived_streams() {
             let cfg = storage_manager::tiers::mirror_config(&stream, "leaf1", cim_events::Tier::Cluster).unwrap();
-            for verb in ["CREATE", "INFO"] {
-                let needed = format!("$JS.API.STREAM.{verb}.{}", cfg.name);
+            for verb in ["STREAM.CREATE", "STREAM.INFO", "CONSUMER.CREATE", "STREAM.MSG.GET"] {
+                let needed = format!("$JS.API.{verb}.{}", cfg.name);
                 assert!(granted.contains(&needed), "{needed} missing");
             }
+            // The archiver's ordered consumers on the mirror.
+            assert!(granted.contains(&format!("$JS.API.CONSUMER.MSG.NEXT.{}.>", cfg.name)));
         }
         assert!(granted.iter().all(|s| !s.contains('*') || s.starts_with("$JS.*.API.")), "{granted:?}");
     }

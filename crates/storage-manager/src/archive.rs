@@ -72,6 +72,28 @@ pub fn archived_streams() -> Vec<String> {
     out
 }
 
+/// The cluster's mirrors of every archived stream of every leaf in `leaves`
+/// (`<STREAM>_FROM_<LEAF>`, see [`crate::tiers`]): the storage manager on the cluster archives
+/// them too, so a leaf's data reaches S3 through the cluster.
+pub fn mirror_streams(leaves: &[String]) -> Result<Vec<String>, cim_events::ContractError> {
+    let mut out = Vec::new();
+    for leaf in leaves {
+        for stream in archived_streams() {
+            out.push(resources::leaf_mirror(&stream, leaf)?);
+        }
+    }
+    Ok(out)
+}
+
+/// For a mirror's name, the archived stream it mirrors and the leaf's domain as the name
+/// spells it (upper case): `CIM_IU_EVENTS_FROM_LEAF1` → (`CIM_IU_EVENTS`, `LEAF1`).
+pub fn mirrored_stream(name: &str) -> Option<(String, String)> {
+    archived_streams().into_iter().find_map(|stream| {
+        let leaf = name.strip_prefix(stream.as_str())?.strip_prefix("_FROM_")?;
+        (!leaf.is_empty()).then(|| (stream, leaf.to_string()))
+    })
+}
+
 /// Reads the committed position of `stream` on a target: the cursor object, corrected by
 /// any manifest committed after it (a crash between manifest and cursor). 0 = nothing yet.
 pub async fn committed_position(s3: &S3Client, stream: &str) -> Result<(u64, Option<String>), S3Error> {
@@ -326,5 +348,27 @@ impl Backoff {
             _ = tokio::time::sleep(d) => *stop.borrow(),
             _ = stop.changed() => true,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mirror_names_map_back_to_their_stream_and_leaf() {
+        let mirrors = mirror_streams(&["leaf1".to_string(), "edge-b".to_string()]).unwrap();
+        assert_eq!(mirrors.len(), 2 * archived_streams().len());
+        for m in &mirrors {
+            let (stream, leaf) = mirrored_stream(m).unwrap_or_else(|| panic!("{m}"));
+            assert!(archived_streams().contains(&stream), "{m}");
+            assert!(leaf == "LEAF1" || leaf == "EDGE-B", "{m}: {leaf}");
+            assert_eq!(&resources::leaf_mirror(&stream, &leaf).unwrap(), m);
+        }
+        for s in archived_streams() {
+            assert_eq!(mirrored_stream(&s), None, "{s} is not a mirror");
+            assert_eq!(mirrored_stream(&format!("{s}_FROM_")), None);
+        }
+        assert!(mirror_streams(&["bad leaf".to_string()]).is_err());
     }
 }

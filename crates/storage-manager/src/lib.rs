@@ -116,9 +116,12 @@ pub async fn run_with(
     let archive = Arc::new(archive);
     Service::new(definition())
         .setup(move |ctx| async move {
+            // On the cluster the leaf mirrors are archived like the rest: leaf → cluster → S3.
+            let mut streams = archived_streams();
+            streams.extend(archive::mirror_streams(&leaves)?);
             // The retention guard: refuse to run over a stream that could drop unarchived data.
             let mut refused = Vec::new();
-            for stream in archived_streams() {
+            for stream in &streams {
                 if let Ok(mut s) = ctx.jetstream().get_stream(&stream).await
                     && let Ok(info) = s.info().await
                 {
@@ -137,13 +140,13 @@ pub async fn run_with(
                 });
             }
             if !leaves.is_empty() {
-                let streams = archived_streams();
-                tiers::ensure_mirrors(ctx.jetstream(), &leaves, &streams, ctx.settings().tier).await?;
-                ctx.spawn("leaf-mirrors", tiers::watch_mirrors(ctx.jetstream().clone(), leaves.clone(), streams, Duration::from_secs(10), stop_rx.clone()));
+                let mirrored = archived_streams();
+                tiers::ensure_mirrors(ctx.jetstream(), &leaves, &mirrored, ctx.settings().tier).await?;
+                ctx.spawn("leaf-mirrors", tiers::watch_mirrors(ctx.jetstream().clone(), leaves.clone(), mirrored, Duration::from_secs(10), stop_rx.clone()));
             }
             for s3 in &clients {
                 tracing::info!(target = %s3.target().name, endpoint = %s3.target().endpoint, bucket = %s3.target().bucket, "archiving");
-                for stream in archived_streams() {
+                for stream in streams.iter().cloned() {
                     let name = format!("archive-{}-{stream}", s3.target().name);
                     ctx.spawn(&name, archive::run_stream(ctx.jetstream().clone(), s3.clone(), stream, archive.clone(), stop_rx.clone()));
                 }
@@ -152,7 +155,7 @@ pub async fn run_with(
                     interval: archive.verify_interval,
                     metrics: ctx.metrics().clone(),
                 };
-                for stream in archived_streams() {
+                for stream in streams.iter().cloned() {
                     let name = format!("verify-{}-{stream}", s3.target().name);
                     ctx.spawn(&name, verified::run_verifier(ctx.jetstream().clone(), s3.clone(), stream, verify.clone(), stop_rx.clone()));
                 }

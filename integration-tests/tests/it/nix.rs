@@ -887,7 +887,22 @@ async fn nix_live_topology_with_per_service_identities() -> Result<()> {
     // leaf's events reach it across the leaf node connection.
     let sm_user = Component::StorageManager.service_name();
     let sm_url = format!("nats://{sm_user}:{}@127.0.0.1:{}", password(sm_user), ports["node1"]["client"]);
-    let sm = common::ServiceProc::start_with_env(Component::StorageManager, &sm_url, &["--tier", "cluster", "--source-leaf", "leaf"], &[("CIM_JS_DOMAIN", "hub")])?;
+    // ...and archives it to S3 with the same identity (the template's read permissions).
+    let nas = cim_testkit::S3Server::start().await?;
+    let nas_c = storage_manager::S3Client::new(storage_manager::Target {
+        name: "nas".into(),
+        endpoint: nas.endpoint(),
+        region: nas.region().into(),
+        bucket: "cim-archive".into(),
+        prefix: "hub/".into(),
+        path_style: true,
+        credentials: storage_manager::Credentials::new(nas.access_key(), nas.secret_key()),
+    })?;
+    nas_c.ensure_bucket().await?;
+    let spec = format!("name=nas,endpoint={},region={},bucket=cim-archive,path-style=true,prefix=hub/,credentials-env=NAS", nas.endpoint(), nas.region());
+    let sm_env = [("CIM_JS_DOMAIN", "hub"), ("NAS_ACCESS_KEY_ID", nas.access_key()), ("NAS_SECRET_ACCESS_KEY", nas.secret_key())];
+    let sm_args = ["--tier", "cluster", "--source-leaf", "leaf", "--archive-target", spec.as_str(), "--archive-linger", "50ms"];
+    let sm = common::ServiceProc::start_with_env(Component::StorageManager, &sm_url, &sm_args, &sm_env)?;
     let (hub_admin, _) = connect_as(&url("node1"), "admin", &password("admin")).await?;
     common::wait_ready(&hub_admin, &sm).await?;
     admin_js.publish(subject::event(Component::InformationUnit, "unit", "u1", "created")?, "to the hub".into()).await?.await?;
@@ -897,6 +912,13 @@ async fn nix_live_topology_with_per_service_identities() -> Result<()> {
         let mut m = hub_js.get_stream(&mirror).await?;
         let info = m.info().await?;
         ensure!(info.state.messages == 1 && info.config.num_replicas == 3, "{} messages, R{}", info.state.messages, info.config.num_replicas);
+        Ok(())
+    })
+    .await
+    .with_context(|| sm.log())?;
+    cim_testkit::eventually(Duration::from_secs(60), "the hub's mirror archived to S3", || async {
+        let (archived, _) = storage_manager::archive::committed_position(&nas_c, &mirror).await?;
+        ensure!(archived == 1, "archived through {archived}");
         Ok(())
     })
     .await
