@@ -23,6 +23,8 @@ pub enum ArchiveError {
     Overlap { stream: String, a: String, b: String },
     #[error("stream {stream}: {message}")]
     Nats { stream: String, message: String },
+    #[error("reading segment {key} failed: {message}")]
+    Read { key: String, message: String },
 }
 
 /// The streams a target holds, from its `streams/` prefix.
@@ -193,6 +195,38 @@ async fn read_segment(s3: &S3Client, manifest_key: &str, m: &Manifest) -> Result
     Ok(format::decode_segment(m, &body)?)
 }
 
+/// A segment being read (fetched, decompressed and checked) in the background; dropped, it
+/// stops the read.
+struct Prefetch(tokio::task::JoinHandle<Result<Vec<Record>, ArchiveError>>);
+
+impl Prefetch {
+    fn start(s3: &S3Client, manifest_key: &str, m: &Manifest) -> Prefetch {
+        let (s3, manifest_key, m) = (s3.clone(), manifest_key.to_string(), m.clone());
+        Prefetch(tokio::spawn(async move {
+            let body = s3.get(&m.segment_key).await?.ok_or_else(|| ArchiveError::MissingSegment { key: m.segment_key.clone(), manifest: manifest_key })?;
+            let key = m.segment_key.clone();
+            // zstd and two SHA-256 passes: off the async worker threads.
+            tokio::task::spawn_blocking(move || format::decode_segment(&m, &body))
+                .await
+                .map_err(|e| ArchiveError::Read { key, message: e.to_string() })?
+                .map_err(ArchiveError::from)
+        }))
+    }
+
+    async fn records(mut self, key: &str) -> Result<Vec<Record>, ArchiveError> {
+        match (&mut self.0).await {
+            Ok(r) => r,
+            Err(e) => Err(ArchiveError::Read { key: key.to_string(), message: e.to_string() }),
+        }
+    }
+}
+
+impl Drop for Prefetch {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Restores `stream` from the archive into `js`, where the stream must already exist
 /// (created by provisioning or by the caller) and be empty. Messages are published in
 /// order with their original subject, headers and payload; a corrupt or missing segment
@@ -221,8 +255,10 @@ pub async fn restore_stream(
     }
     let mut expected_next: Option<u64> = None;
     let mut pending = std::collections::VecDeque::new();
+    // The next segment is read while this one is published.
+    let mut next_read: Option<Prefetch> = None;
     let report = 'restore: {
-    for (key, m) in &ms {
+    for (i, (key, m)) in ms.iter().enumerate() {
         if until.past(m) {
             break;
         }
@@ -231,7 +267,13 @@ pub async fn restore_stream(
         {
             break;
         }
-        let records = match read_segment(s3, key, m).await {
+        let read = next_read.take().unwrap_or_else(|| Prefetch::start(s3, key, m));
+        if let Some((next_key, next)) = ms.get(i + 1)
+            && !until.past(next)
+        {
+            next_read = Some(Prefetch::start(s3, next_key, next));
+        }
+        let records = match read.records(&m.segment_key).await {
             Ok(r) => r,
             Err(e) => {
                 report.problems.push(format!("{e}; messages from sequence {} on were not restored", m.first_seq));
