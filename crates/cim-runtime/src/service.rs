@@ -461,7 +461,7 @@ async fn connect(settings: &Settings, metrics: &Metrics, reconnected: Arc<Notify
     while client.connection_state() != async_nats::connection::State::Connected {
         tokio::time::sleep(step).await;
         waited += step;
-        if waited.as_millis() % 10_000 == 0 {
+        if waited.as_millis().is_multiple_of(10_000) {
             tracing::warn!(urls = ?settings.redacted_urls(), waited_s = waited.as_secs(), "still waiting for NATS");
         }
     }

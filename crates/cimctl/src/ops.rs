@@ -270,7 +270,7 @@ pub async fn status(args: StatusArgs) -> Result<ExitCode> {
     let checks = owned.iter().map(|(name, owner)| {
         let js = js.clone();
         async move {
-            let info = tokio::time::timeout(timeout, async { js.get_stream(name).await?.info().await.map(|i| i.clone()).map_err(anyhow::Error::from) }).await;
+            let info = tokio::time::timeout(timeout, async { js.get_stream(name).await?.info().await.cloned().map_err(anyhow::Error::from) }).await;
             (name.clone(), *owner, info)
         }
     });

@@ -258,7 +258,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
             if c.json {
                 println!("{}", serde_json::to_string(&list)?);
             } else {
-                println!("{:<36} {:<20} {:<10} {:<12} {}", "RUN", "PIPELINE", "STATE", "STEPS", "UNIT");
+                println!("{:<36} {:<20} {:<10} {:<12} UNIT", "RUN", "PIPELINE", "STATE", "STEPS");
                 for r in &list.runs {
                     let done = r.steps.iter().filter(|s| s.state == "completed").count();
                     println!("{:<36} {:<20} {:<10} {:<12} {}", r.run_id, r.pipeline, r.state, format!("{done}/{}", r.steps.len()), r.unit_id);
