@@ -2,8 +2,8 @@
 //! live object is copied to `<prefix>objects/<bucket>/<name>` as a plain S3 object, so the
 //! content is readable with any S3 tool. Streamed from the object store in parts (multipart
 //! upload above one part; a part uploads while the next is read), so memory stays at two
-//! parts whatever the size. Idempotent: an
-//! object already there with the same size is skipped, so a restart resumes where it was.
+//! parts whatever the size. Idempotent: an object already there with the same size is
+//! skipped, so a restart resumes where it was.
 
 use std::time::Duration;
 
