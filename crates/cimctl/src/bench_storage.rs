@@ -228,7 +228,7 @@ pub async fn run(args: BenchStorageArgs) -> Result<ExitCode> {
         println!(
             "| {} MiB object copied by name (multipart, {} MiB parts) vs raw multipart PutObject, MB/s | {:.1} | {:.1} | {:.2} |",
             o.mib,
-            PART_BYTES >> 20,
+            ArchiveSettings::default().part_bytes >> 20,
             o.mb() / o.copy.as_secs_f64(),
             o.mb() / o.raw.as_secs_f64(),
             o.raw.as_secs_f64() / o.copy.as_secs_f64()
@@ -236,9 +236,6 @@ pub async fn run(args: BenchStorageArgs) -> Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
-
-/// The archiver's part size for objects copied by name (its default).
-const PART_BYTES: usize = 8 << 20;
 
 struct ObjectFigures {
     mib: usize,
@@ -261,9 +258,11 @@ async fn bench_object(js: &jetstream::Context, archive_c: &S3Client, raw_c: &S3C
     eprintln!("putting a {mib} MiB object");
     store.put("bench-object", &mut &body[..]).await?;
 
+    // The archiver's default part size, on both sides.
+    let part_bytes = ArchiveSettings::default().part_bytes;
     let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let t = Instant::now();
-    let copied = storage_manager::objects::sync_once(js, archive_c, &spec.bucket, PART_BYTES, &stop_rx)
+    let copied = storage_manager::objects::sync_once(js, archive_c, &spec.bucket, part_bytes, &stop_rx)
         .await
         .map_err(anyhow::Error::msg)?;
     let copy = t.elapsed();
@@ -275,7 +274,7 @@ async fn bench_object(js: &jetstream::Context, archive_c: &S3Client, raw_c: &S3C
     let key = "raw/object";
     let id = raw_c.multipart_start(key).await?;
     let mut etags = Vec::new();
-    for (i, part) in body.chunks(PART_BYTES).enumerate() {
+    for (i, part) in body.chunks(part_bytes).enumerate() {
         etags.push(raw_c.multipart_part(key, &id, i as u32 + 1, Bytes::copy_from_slice(part)).await?);
     }
     raw_c.multipart_complete(key, &id, &etags).await?;

@@ -287,35 +287,34 @@ async fn commit(
         manifest_key: manifest_key.clone(),
         updated_unix_nanos: time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64,
     };
-    let steps: [(String, Bytes, Option<&str>); 3] = [
-        (manifest.segment_key.clone(), segment, Some(manifest.segment_sha256.as_str())),
-        (manifest_key, Bytes::from(serde_json::to_vec_pretty(&manifest).expect("manifest serialises")), None),
-        (format::cursor_key(&prefix, stream), Bytes::from(serde_json::to_vec_pretty(&cursor).expect("cursor serialises")), None),
-    ];
     let mut backoff = Backoff::new(&settings);
-    let mut previous = previous;
-    for (i, (key, body, sha256)) in steps.into_iter().enumerate() {
-        if i == 1
-            && let Some(p) = previous.take()
-            && !p.await.unwrap_or(false)
-        {
-            // The earlier range is not committed; this manifest must not appear before it.
-            return false;
-        }
-        loop {
-            match s3.put_hashed(&key, body.clone(), sha256).await {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::warn!(stream, target = %s3.target().name, key = %key, error = %e, auth = e.is_auth(), "archive upload failed; retrying");
-                    if once {
-                        return false;
-                    }
-                    if backoff.wait(&mut stop).await {
-                        return false;
-                    }
+    let mut put = async |key: &str, body: Bytes, sha256: Option<&str>| loop {
+        match s3.put_hashed(key, body.clone(), sha256).await {
+            Ok(()) => return true,
+            Err(e) => {
+                tracing::warn!(stream, target = %s3.target().name, key = %key, error = %e, auth = e.is_auth(), "archive upload failed; retrying");
+                if once || backoff.wait(&mut stop).await {
+                    return false;
                 }
             }
         }
+    };
+    if !put(&manifest.segment_key, segment, Some(manifest.segment_sha256.as_str())).await {
+        return false;
+    }
+    // The earlier range must be committed first: this manifest may not appear before it.
+    if let Some(p) = previous
+        && !p.await.unwrap_or(false)
+    {
+        return false;
+    }
+    let manifest_body = Bytes::from(serde_json::to_vec_pretty(&manifest).expect("manifest serialises"));
+    if !put(&manifest_key, manifest_body, None).await {
+        return false;
+    }
+    let cursor_body = Bytes::from(serde_json::to_vec_pretty(&cursor).expect("cursor serialises"));
+    if !put(&format::cursor_key(&prefix, stream), cursor_body, None).await {
+        return false;
     }
     tracing::debug!(stream, target = %s3.target().name, first = manifest.first_seq, last = manifest.last_seq, count = manifest.count, "segment archived");
     let _ = done.send(true);

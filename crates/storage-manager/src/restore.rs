@@ -192,7 +192,13 @@ async fn read_segment(s3: &S3Client, manifest_key: &str, m: &Manifest) -> Result
         .get(&m.segment_key)
         .await?
         .ok_or_else(|| ArchiveError::MissingSegment { key: m.segment_key.clone(), manifest: manifest_key.to_string() })?;
-    Ok(format::decode_segment(m, &body)?)
+    // zstd and two SHA-256 passes: off the async worker threads.
+    let m = m.clone();
+    let key = m.segment_key.clone();
+    tokio::task::spawn_blocking(move || format::decode_segment(&m, &body))
+        .await
+        .map_err(|e| ArchiveError::Read { key, message: e.to_string() })?
+        .map_err(ArchiveError::from)
 }
 
 /// A segment being read (fetched, decompressed and checked) in the background; dropped, it
@@ -202,15 +208,7 @@ struct Prefetch(tokio::task::JoinHandle<Result<Vec<Record>, ArchiveError>>);
 impl Prefetch {
     fn start(s3: &S3Client, manifest_key: &str, m: &Manifest) -> Prefetch {
         let (s3, manifest_key, m) = (s3.clone(), manifest_key.to_string(), m.clone());
-        Prefetch(tokio::spawn(async move {
-            let body = s3.get(&m.segment_key).await?.ok_or_else(|| ArchiveError::MissingSegment { key: m.segment_key.clone(), manifest: manifest_key })?;
-            let key = m.segment_key.clone();
-            // zstd and two SHA-256 passes: off the async worker threads.
-            tokio::task::spawn_blocking(move || format::decode_segment(&m, &body))
-                .await
-                .map_err(|e| ArchiveError::Read { key, message: e.to_string() })?
-                .map_err(ArchiveError::from)
-        }))
+        Prefetch(tokio::spawn(async move { read_segment(&s3, &manifest_key, &m).await }))
     }
 
     async fn records(mut self, key: &str) -> Result<Vec<Record>, ArchiveError> {
