@@ -28,18 +28,8 @@ pub const SPECVERSION: &str = "1.0";
 pub const CONTENT_TYPE_PROTOBUF: &str = "application/protobuf";
 
 /// Every header the envelope writes, in order, for documentation.
-pub const HEADERS: [&str; 10] = [
-    H_SPECVERSION,
-    H_ID,
-    H_TYPE,
-    H_SOURCE,
-    H_TIME,
-    H_DATASCHEMA,
-    H_CORRELATION,
-    H_CAUSATION,
-    H_CONTENT_TYPE,
-    H_MSG_ID,
-];
+pub const HEADERS: [&str; 10] =
+    [H_SPECVERSION, H_ID, H_TYPE, H_SOURCE, H_TIME, H_DATASCHEMA, H_CORRELATION, H_CAUSATION, H_CONTENT_TYPE, H_MSG_ID];
 
 /// The metadata of one message. Build it with [`Envelope::root`] or [`Envelope::caused_by`];
 /// read it back with [`Envelope::from_headers`], which enforces the id rule.
@@ -196,14 +186,11 @@ impl Envelope {
         };
         let spec = get(H_SPECVERSION)?;
         if spec != SPECVERSION {
-            return Err(ContractError::InvalidEnvelope(format!(
-                "{H_SPECVERSION} {spec:?} is not {SPECVERSION}"
-            )));
+            return Err(ContractError::InvalidEnvelope(format!("{H_SPECVERSION} {spec:?} is not {SPECVERSION}")));
         }
         let raw_time = get(H_TIME)?;
-        let time = OffsetDateTime::parse(raw_time, &Rfc3339).map_err(|_| {
-            ContractError::InvalidEnvelope(format!("{H_TIME} {raw_time:?} is not RFC 3339"))
-        })?;
+        let time = OffsetDateTime::parse(raw_time, &Rfc3339)
+            .map_err(|_| ContractError::InvalidEnvelope(format!("{H_TIME} {raw_time:?} is not RFC 3339")))?;
         let env = Envelope {
             id: uuid(H_ID)?,
             correlation_id: uuid(H_CORRELATION)?,

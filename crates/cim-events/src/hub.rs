@@ -181,10 +181,14 @@ pub fn webhook_msg_id(source: &str, delivery_id: &str) -> String {
 pub fn secret_key(secret: &str) -> Result<Vec<u8>, ContractError> {
     let secret = secret.trim();
     match secret.strip_prefix(SECRET_PREFIX) {
-        Some(b64) => base64::engine::general_purpose::STANDARD
-            .decode(b64)
-            .map_err(|_| ContractError::InvalidToken { what: "webhook secret", value: "whsec_…".into(), reason: "not base64 after whsec_" }),
-        None if secret.is_empty() => Err(ContractError::InvalidToken { what: "webhook secret", value: String::new(), reason: "empty" }),
+        Some(b64) => base64::engine::general_purpose::STANDARD.decode(b64).map_err(|_| ContractError::InvalidToken {
+            what: "webhook secret",
+            value: "whsec_…".into(),
+            reason: "not base64 after whsec_",
+        }),
+        None if secret.is_empty() => {
+            Err(ContractError::InvalidToken { what: "webhook secret", value: String::new(), reason: "empty" })
+        }
         None => Ok(secret.as_bytes().to_vec()),
     }
 }
@@ -279,7 +283,15 @@ mod tests {
         let sig = sign(&key, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body);
         assert_eq!(sig, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
         let t = Duration::from_secs(300);
-        let ok = verify(&key, Some("msg_p5jXN8AQM9LWM0D4loKWxJek"), Some("1614265330"), Some(&format!("v1,bogus {sig}")), body, 1614265330 + 10, t);
+        let ok = verify(
+            &key,
+            Some("msg_p5jXN8AQM9LWM0D4loKWxJek"),
+            Some("1614265330"),
+            Some(&format!("v1,bogus {sig}")),
+            body,
+            1614265330 + 10,
+            t,
+        );
         assert_eq!(ok, Ok(1614265330));
     }
 
@@ -288,13 +300,31 @@ mod tests {
         let key = b"k".to_vec();
         let t = Duration::from_secs(300);
         let sig = sign(&key, "id1", 1000, b"x");
-        assert_eq!(verify(&key, None, Some("1000"), Some(&sig), b"x", 1000, t), Err(SignatureError::Missing(H_WEBHOOK_ID)));
-        assert_eq!(verify(&key, Some("id1"), Some("1000"), None, b"x", 1000, t), Err(SignatureError::Missing(H_WEBHOOK_SIGNATURE)));
-        assert_eq!(verify(&key, Some("id1"), Some("soon"), Some(&sig), b"x", 1000, t), Err(SignatureError::BadTimestamp));
+        assert_eq!(
+            verify(&key, None, Some("1000"), Some(&sig), b"x", 1000, t),
+            Err(SignatureError::Missing(H_WEBHOOK_ID))
+        );
+        assert_eq!(
+            verify(&key, Some("id1"), Some("1000"), None, b"x", 1000, t),
+            Err(SignatureError::Missing(H_WEBHOOK_SIGNATURE))
+        );
+        assert_eq!(
+            verify(&key, Some("id1"), Some("soon"), Some(&sig), b"x", 1000, t),
+            Err(SignatureError::BadTimestamp)
+        );
         assert_eq!(verify(&key, Some("id1"), Some("1000"), Some(&sig), b"y", 1000, t), Err(SignatureError::Invalid));
-        assert_eq!(verify(b"other", Some("id1"), Some("1000"), Some(&sig), b"x", 1000, t), Err(SignatureError::Invalid));
-        assert!(matches!(verify(&key, Some("id1"), Some("1000"), Some(&sig), b"x", 1301, t), Err(SignatureError::Expired { .. })));
-        assert!(matches!(verify(&key, Some("id1"), Some("1000"), Some(&sig), b"x", 699, t), Err(SignatureError::Expired { .. })));
+        assert_eq!(
+            verify(b"other", Some("id1"), Some("1000"), Some(&sig), b"x", 1000, t),
+            Err(SignatureError::Invalid)
+        );
+        assert!(matches!(
+            verify(&key, Some("id1"), Some("1000"), Some(&sig), b"x", 1301, t),
+            Err(SignatureError::Expired { .. })
+        ));
+        assert!(matches!(
+            verify(&key, Some("id1"), Some("1000"), Some(&sig), b"x", 699, t),
+            Err(SignatureError::Expired { .. })
+        ));
         assert!(secret_key("whsec_!!").is_err());
         assert!(secret_key("  ").is_err());
     }

@@ -43,7 +43,18 @@ pub mod cmd {
     pub const REBUILD: &str = "rebuild";
     pub const REPORT_CORRUPT: &str = "report_corrupt";
     pub const ALL: [&str; 12] = [
-        COMMIT, CREATE, NEW_VERSION, TAG, UNTAG, SET_ATTRIBUTES, LINK, UNLINK, DELETE, REGISTER_TYPE, REBUILD, REPORT_CORRUPT,
+        COMMIT,
+        CREATE,
+        NEW_VERSION,
+        TAG,
+        UNTAG,
+        SET_ATTRIBUTES,
+        LINK,
+        UNLINK,
+        DELETE,
+        REGISTER_TYPE,
+        REBUILD,
+        REPORT_CORRUPT,
     ];
 }
 

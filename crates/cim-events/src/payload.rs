@@ -141,16 +141,13 @@ impl Upcasters {
         }
         let mut bytes = std::borrow::Cow::Borrowed(data);
         for v in schema.version..P::SCHEMA_VERSION {
-            let step = self.steps.get(&(P::TYPE, v)).ok_or_else(|| ContractError::NoUpcaster {
-                name: schema.name.clone(),
-                version: v,
-            })?;
+            let step = self
+                .steps
+                .get(&(P::TYPE, v))
+                .ok_or_else(|| ContractError::NoUpcaster { name: schema.name.clone(), version: v })?;
             bytes = std::borrow::Cow::Owned(step(&bytes)?);
         }
-        P::decode(bytes.as_ref()).map_err(|e| ContractError::Undecodable {
-            name: P::TYPE,
-            reason: e.to_string(),
-        })
+        P::decode(bytes.as_ref()).map_err(|e| ContractError::Undecodable { name: P::TYPE, reason: e.to_string() })
     }
 }
 
@@ -165,8 +162,7 @@ pub fn decode<P: Payload>(
     body: &[u8],
     upcasters: &Upcasters,
 ) -> Result<(Envelope, P), ContractError> {
-    let headers = headers
-        .ok_or_else(|| ContractError::InvalidEnvelope("message has no headers".to_string()))?;
+    let headers = headers.ok_or_else(|| ContractError::InvalidEnvelope("message has no headers".to_string()))?;
     let envelope = Envelope::from_headers(headers)?;
     let payload = upcasters.decode::<P>(&envelope.schema, body)?;
     Ok((envelope, payload))
@@ -175,13 +171,9 @@ pub fn decode<P: Payload>(
 /// v1 had only name, version and instance; v2 adds the component, node and capabilities.
 /// The component is derived from the service name; unknown facts stay empty.
 fn announced_v1_to_v2(bytes: &[u8]) -> Result<Vec<u8>, ContractError> {
-    let old = ServiceAnnouncedV1::decode(bytes).map_err(|e| ContractError::Undecodable {
-        name: "cim.runtime.service.announced v1",
-        reason: e.to_string(),
-    })?;
-    let component = crate::Component::parse(&old.name)
-        .map(|c| c.token().to_string())
-        .unwrap_or_default();
+    let old = ServiceAnnouncedV1::decode(bytes)
+        .map_err(|e| ContractError::Undecodable { name: "cim.runtime.service.announced v1", reason: e.to_string() })?;
+    let component = crate::Component::parse(&old.name).map(|c| c.token().to_string()).unwrap_or_default();
     Ok(ServiceAnnounced {
         component,
         service: old.name,
@@ -203,7 +195,14 @@ mod tests {
 
     #[test]
     fn current_version_decodes_directly() {
-        let msg = ServiceHeartbeat { component: "iu".into(), instance_id: "i".into(), uptime_ms: 5, ready: true, in_flight: 0, ..Default::default() };
+        let msg = ServiceHeartbeat {
+            component: "iu".into(),
+            instance_id: "i".into(),
+            uptime_ms: 5,
+            ready: true,
+            in_flight: 0,
+            ..Default::default()
+        };
         let env = Envelope::root::<ServiceHeartbeat>("/x");
         let (h, body) = encode(&env, &msg);
         let (back_env, back) = decode::<ServiceHeartbeat>(Some(&h), &body, &Upcasters::default()).unwrap();
@@ -213,7 +212,8 @@ mod tests {
 
     #[test]
     fn old_announcements_are_upcast() {
-        let v1 = ServiceAnnouncedV1 { name: "information-unit".into(), version: "0.1.0".into(), instance: "i-7".into() };
+        let v1 =
+            ServiceAnnouncedV1 { name: "information-unit".into(), version: "0.1.0".into(), instance: "i-7".into() };
         let v2: ServiceAnnounced = Upcasters::default().decode(&v1_schema(), &v1.encode_to_vec()).unwrap();
         assert_eq!(v2.component, "iu");
         assert_eq!(v2.service, "information-unit");

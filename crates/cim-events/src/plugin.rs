@@ -68,7 +68,11 @@ pub fn validate_name(name: &str) -> Result<(), ContractError> {
 /// Checks a plugin version: 1-64 characters of `[0-9A-Za-z.+-]`, not starting or ending with
 /// `.`, no empty dot-separated part (so semver fits, and the version token is reversible).
 pub fn validate_version(version: &str) -> Result<(), ContractError> {
-    let bad = |reason| ContractError::InvalidToken { what: "plugin version", value: version.escape_debug().to_string(), reason };
+    let bad = |reason| ContractError::InvalidToken {
+        what: "plugin version",
+        value: version.escape_debug().to_string(),
+        reason,
+    };
     if version.is_empty() || version.len() > 64 {
         return Err(bad("must be 1-64 characters"));
     }
@@ -83,7 +87,8 @@ pub fn validate_version(version: &str) -> Result<(), ContractError> {
 
 /// Checks a capability: a dot-separated name like `text.normalize` (lowercase, digits, `-`).
 pub fn validate_capability(cap: &str) -> Result<(), ContractError> {
-    let bad = |reason| ContractError::InvalidToken { what: "capability", value: cap.escape_debug().to_string(), reason };
+    let bad =
+        |reason| ContractError::InvalidToken { what: "capability", value: cap.escape_debug().to_string(), reason };
     if cap.is_empty() || cap.len() > 128 {
         return Err(bad("must be 1-128 characters"));
     }

@@ -181,11 +181,23 @@ pub fn kv_buckets(component: Component) -> Vec<KvBucketSpec> {
         Component::InformationUnit => vec![
             spec(crate::iu::KV_UNITS, "projection: current state of every unit, and the checkpoint", Duration::ZERO),
             spec(crate::iu::KV_TYPES, "projection: registered unit types and their schemas", Duration::ZERO),
-            spec(crate::iu::KV_REQUESTS, "results of commands by request id, for idempotent retries (24h)", crate::iu::REQUEST_MEMORY),
+            spec(
+                crate::iu::KV_REQUESTS,
+                "results of commands by request id, for idempotent retries (24h)",
+                crate::iu::REQUEST_MEMORY,
+            ),
         ],
         Component::Registry => vec![
-            spec(crate::registry::KV_INSTANCES, "projection: every service instance, its node and state, and the checkpoint", Duration::ZERO),
-            spec(crate::registry::KV_NODES, "projection: the node inventory and lifecycle, and the desired state", Duration::ZERO),
+            spec(
+                crate::registry::KV_INSTANCES,
+                "projection: every service instance, its node and state, and the checkpoint",
+                Duration::ZERO,
+            ),
+            spec(
+                crate::registry::KV_NODES,
+                "projection: the node inventory and lifecycle, and the desired state",
+                Duration::ZERO,
+            ),
         ],
         Component::PluginHost => vec![spec(
             crate::plugin::KV_REFERENCES,
@@ -350,11 +362,7 @@ mod tests {
 
     #[test]
     fn stream_subjects_do_not_overlap() {
-        let all: Vec<String> = Component::ALL
-            .into_iter()
-            .flat_map(streams)
-            .flat_map(|s| s.subjects)
-            .collect();
+        let all: Vec<String> = Component::ALL.into_iter().flat_map(streams).flat_map(|s| s.subjects).collect();
         for (i, a) in all.iter().enumerate() {
             for b in &all[i + 1..] {
                 let pa = a.trim_end_matches('>');

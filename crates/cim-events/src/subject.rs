@@ -212,7 +212,8 @@ pub struct LifecycleSubject {
 
 /// Parses `cim.svc.<component>.<instance>.<lifecycle>`.
 pub fn parse_lifecycle(subject: &str) -> Result<LifecycleSubject, ContractError> {
-    let bad = |reason: &'static str| ContractError::InvalidSubject { subject: subject.escape_debug().to_string(), reason };
+    let bad =
+        |reason: &'static str| ContractError::InvalidSubject { subject: subject.escape_debug().to_string(), reason };
     let parts: Vec<&str> = subject.split('.').collect();
     let [root, kind, component, instance, what] = parts.as_slice() else {
         return Err(bad("a lifecycle subject has exactly 5 tokens"));
@@ -231,12 +232,7 @@ fn join(parts: &[&str]) -> String {
 }
 
 /// `cim.evt.<component>.<aggregate>.<id>.<action>`: one event of one aggregate.
-pub fn event(
-    component: Component,
-    aggregate: &str,
-    id: &str,
-    action: &str,
-) -> Result<String, ContractError> {
+pub fn event(component: Component, aggregate: &str, id: &str, action: &str) -> Result<String, ContractError> {
     validate_token("aggregate", aggregate)?;
     validate_token("aggregate id", id)?;
     validate_token("action", action)?;
@@ -245,11 +241,7 @@ pub fn event(
 
 /// `cim.evt.<component>.<aggregate>.<id>.*`: the whole history of one aggregate. Used for the
 /// per-aggregate optimistic concurrency check and to replay one aggregate.
-pub fn aggregate_filter(
-    component: Component,
-    aggregate: &str,
-    id: &str,
-) -> Result<String, ContractError> {
+pub fn aggregate_filter(component: Component, aggregate: &str, id: &str) -> Result<String, ContractError> {
     validate_token("aggregate", aggregate)?;
     validate_token("aggregate id", id)?;
     Ok(join(&[ROOT, Kind::Event.token(), component.token(), aggregate, id, "*"]))
@@ -265,11 +257,7 @@ pub fn expect_aggregate_sequence(headers: &mut async_nats::HeaderMap, filter: &s
 
 /// `cim.evt.<component>.<aggregate>.*.<action>`: one kind of event across all aggregates of a
 /// type (what a pipeline trigger subscribes to).
-pub fn action_filter(
-    component: Component,
-    aggregate: &str,
-    action: &str,
-) -> Result<String, ContractError> {
+pub fn action_filter(component: Component, aggregate: &str, action: &str) -> Result<String, ContractError> {
     validate_token("aggregate", aggregate)?;
     validate_token("action", action)?;
     Ok(join(&[ROOT, Kind::Event.token(), component.token(), aggregate, "*", action]))
@@ -293,11 +281,7 @@ pub fn query(component: Component, query: &str) -> Result<String, ContractError>
 }
 
 /// `cim.svc.<component>.<instance>.<lifecycle>`.
-pub fn lifecycle(
-    component: Component,
-    instance: &str,
-    what: Lifecycle,
-) -> Result<String, ContractError> {
+pub fn lifecycle(component: Component, instance: &str, what: Lifecycle) -> Result<String, ContractError> {
     validate_token("instance id", instance)?;
     Ok(join(&[ROOT, Kind::Service.token(), component.token(), instance, what.token()]))
 }
@@ -368,10 +352,8 @@ pub struct EventSubject {
 
 /// Parses `cim.evt.<component>.<aggregate>.<id>.<action>`.
 pub fn parse_event(subject: &str) -> Result<EventSubject, ContractError> {
-    let bad = |reason: &'static str| ContractError::InvalidSubject {
-        subject: subject.escape_debug().to_string(),
-        reason,
-    };
+    let bad =
+        |reason: &'static str| ContractError::InvalidSubject { subject: subject.escape_debug().to_string(), reason };
     let parts: Vec<&str> = subject.split('.').collect();
     let [root, kind, component, aggregate, id, action] = parts.as_slice() else {
         return Err(bad("an event subject has exactly 6 tokens"));
@@ -383,12 +365,7 @@ pub fn parse_event(subject: &str) -> Result<EventSubject, ContractError> {
     for (what, v) in [("aggregate", aggregate), ("aggregate id", id), ("action", action)] {
         validate_token(what, v)?;
     }
-    Ok(EventSubject {
-        component,
-        aggregate: aggregate.to_string(),
-        id: id.to_string(),
-        action: action.to_string(),
-    })
+    Ok(EventSubject { component, aggregate: aggregate.to_string(), id: id.to_string(), action: action.to_string() })
 }
 
 #[cfg(test)]
@@ -420,12 +397,18 @@ mod tests {
         assert_eq!(control_all(ControlAction::Announce), "cim.ctl.all.announce");
         assert_eq!(control_node("n1", ControlAction::Drain).unwrap(), "cim.ctl.node.n1.drain");
         assert_eq!(control_instance("i-1", ControlAction::Announce).unwrap(), "cim.ctl.instance.i-1.announce");
-        assert_eq!(control_filters("n1", "i-1").unwrap(), ["cim.ctl.all.*".to_string(), "cim.ctl.node.n1.*".into(), "cim.ctl.instance.i-1.*".into()]);
+        assert_eq!(
+            control_filters("n1", "i-1").unwrap(),
+            ["cim.ctl.all.*".to_string(), "cim.ctl.node.n1.*".into(), "cim.ctl.instance.i-1.*".into()]
+        );
         assert!(control_node("a.b", ControlAction::Drain).is_err());
         let s = lifecycle(Component::InformationUnit, "iu-1", Lifecycle::Drained).unwrap();
         assert_eq!(s, "cim.svc.iu.iu-1.drained");
         let p = parse_lifecycle(&s).unwrap();
-        assert_eq!((p.component, p.instance.as_str(), p.what), (Component::InformationUnit, "iu-1", Lifecycle::Drained));
+        assert_eq!(
+            (p.component, p.instance.as_str(), p.what),
+            (Component::InformationUnit, "iu-1", Lifecycle::Drained)
+        );
         assert!(parse_lifecycle("cim.svc.iu.iu-1").is_err());
         assert!(parse_lifecycle("cim.svc.nope.i.announce").is_err());
         assert!(parse_lifecycle("cim.svc.iu.i.explode").is_err());

@@ -11,11 +11,8 @@ pub const MAX_TOKEN_LEN: usize = 128;
 /// (wildcards), whitespace, any control character, or anything outside printable ASCII. The last
 /// rule keeps subjects byte-for-byte equal to what every NATS tool prints.
 pub fn validate_token(what: &'static str, value: &str) -> Result<(), ContractError> {
-    let bad = |reason: &'static str| ContractError::InvalidToken {
-        what,
-        value: value.escape_debug().to_string(),
-        reason,
-    };
+    let bad =
+        |reason: &'static str| ContractError::InvalidToken { what, value: value.escape_debug().to_string(), reason };
     if value.is_empty() {
         return Err(bad("is empty"));
     }
@@ -55,10 +52,7 @@ pub fn validate_slug(what: &'static str, name: &str) -> Result<(), ContractError
 /// stricter alphabet (`A-Z a-z 0-9 - _`), which also keeps names valid as file names.
 pub fn validate_name(what: &'static str, value: &str) -> Result<(), ContractError> {
     validate_token(what, value)?;
-    if let Some(c) = value
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
-    {
+    if let Some(c) = value.chars().find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_')) {
         return Err(ContractError::InvalidToken {
             what,
             value: value.to_string(),

@@ -1,6 +1,9 @@
 //! What a call to the information-unit service can fail with.
 
-use async_nats::{HeaderMap, service::{NATS_SERVICE_ERROR, NATS_SERVICE_ERROR_CODE}};
+use async_nats::{
+    HeaderMap,
+    service::{NATS_SERVICE_ERROR, NATS_SERVICE_ERROR_CODE},
+};
 
 /// Errors of [`crate::IuClient`]. Service error replies (`Nats-Service-Error-Code`) map to
 /// `BadRequest` (400), `NotFound` (404), `Conflict` (409), `Unavailable` (503) and `Internal`

@@ -126,7 +126,8 @@ impl ToJson for History {
 impl ToJson for UnitType {
     fn to_json(&self) -> Value {
         // The schema is JSON itself: embed it as a value when it parses, else as a string.
-        let schema = serde_json::from_str::<Value>(&self.schema_json).unwrap_or_else(|_| Value::String(self.schema_json.clone()));
+        let schema = serde_json::from_str::<Value>(&self.schema_json)
+            .unwrap_or_else(|_| Value::String(self.schema_json.clone()));
         json!({ "name": self.name, "schema": schema, "version": self.version })
     }
 }
@@ -203,7 +204,12 @@ mod tests {
         let bad = UnitType { name: "doc".into(), schema_json: "not json".into(), version: 2 };
         assert_eq!(bad.to_json()["schema"], "not json");
         let h = History {
-            entries: vec![HistoryEntry { version: 1, event_type: "created".into(), provenance: None, summary: "s".into() }],
+            entries: vec![HistoryEntry {
+                version: 1,
+                event_type: "created".into(),
+                provenance: None,
+                summary: "s".into(),
+            }],
         };
         assert_eq!(h.to_json()["entries"][0]["event_type"], "created");
         let l = Links { outgoing: vec![], incoming: vec![IncomingLink { kind: "k".into(), source: "s".into() }] };

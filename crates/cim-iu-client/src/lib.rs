@@ -31,8 +31,7 @@ use async_nats::jetstream::{
 };
 use bytes::Bytes;
 use cim_events::{
-    Cid,
-    iu,
+    Cid, iu,
     proto::iu::{
         CommandHeader, CommandResult, CommitContent, ContentCommitted, CreateUnit, DeleteUnit, GetHistory, GetLinks,
         GetType, GetUnit, History, LinkUnit, Links, ListUnits, NewVersion, ProjectionStatus, Rebuild, RebuildStarted,
@@ -263,7 +262,11 @@ impl IuClient {
     /// Streams `reader` into the content bucket under a fresh `upload.<uuidv7>` name, in chunks
     /// of the configured size. Does not commit it (see [`IuClient::commit`]). On failure the
     /// partial upload is deleted (best effort; the service also collects leftovers).
-    pub async fn upload<R: AsyncRead + Unpin + Send>(&self, reader: R, progress: &mut dyn Progress) -> Result<Upload, IuError> {
+    pub async fn upload<R: AsyncRead + Unpin + Send>(
+        &self,
+        reader: R,
+        progress: &mut dyn Progress,
+    ) -> Result<Upload, IuError> {
         let store = self.content_store().await?;
         let name = format!("{}{}", iu::UPLOAD_PREFIX, uuid::Uuid::now_v7());
         let meta = ObjectMetadata { name: name.clone(), chunk_size: Some(self.chunk_size), ..Default::default() };
@@ -273,7 +276,9 @@ impl IuClient {
             Err(e) => {
                 let _ = store.delete(&name).await;
                 Err(match e.kind() {
-                    PutErrorKind::ReadChunks => IuError::Io(io::Error::other(format!("reading the content to upload: {e}"))),
+                    PutErrorKind::ReadChunks => {
+                        IuError::Io(io::Error::other(format!("reading the content to upload: {e}")))
+                    }
                     PutErrorKind::TimedOut => IuError::Timeout(format!("uploading {name}: {e}")),
                     _ => IuError::Nats(format!("uploading {name}: {e}")),
                 })
@@ -311,7 +316,11 @@ impl IuClient {
         Ok(info.size as u64)
     }
 
-    async fn object_info(&self, store: &ObjectStore, cid: &Cid) -> Result<jetstream::object_store::ObjectInfo, IuError> {
+    async fn object_info(
+        &self,
+        store: &ObjectStore,
+        cid: &Cid,
+    ) -> Result<jetstream::object_store::ObjectInfo, IuError> {
         let info = store.info(cid.to_string()).await.map_err(|e| match e.kind() {
             InfoErrorKind::NotFound => IuError::NotFound(format!("content {cid} is not stored")),
             InfoErrorKind::TimedOut => IuError::Timeout(format!("looking up content {cid}: {e}")),
@@ -341,10 +350,8 @@ impl IuClient {
         match recorded {
             Some(Ok(d)) if d == cid => {}
             _ => {
-                let detail = format!(
-                    "the object store records digest {} for it",
-                    info.digest.as_deref().unwrap_or("(none)")
-                );
+                let detail =
+                    format!("the object store records digest {} for it", info.digest.as_deref().unwrap_or("(none)"));
                 return Err(self.corrupt(&cid, detail).await);
             }
         }
@@ -430,11 +437,19 @@ impl IuClient {
 
     /// Like [`IuClient::execute`], on behalf of `parent`: the events the command writes inherit
     /// its correlation id and take its id as causation (provenance of derived work).
-    pub async fn execute_caused_by<C: IuCommand>(&self, command: C, parent: &cim_events::Envelope) -> Result<CommandResult, IuError> {
+    pub async fn execute_caused_by<C: IuCommand>(
+        &self,
+        command: C,
+        parent: &cim_events::Envelope,
+    ) -> Result<CommandResult, IuError> {
         self.execute_with(command, Some(parent.to_headers())).await
     }
 
-    async fn execute_with<C: IuCommand>(&self, mut command: C, headers: Option<async_nats::HeaderMap>) -> Result<CommandResult, IuError> {
+    async fn execute_with<C: IuCommand>(
+        &self,
+        mut command: C,
+        headers: Option<async_nats::HeaderMap>,
+    ) -> Result<CommandResult, IuError> {
         let header = command.header_mut().get_or_insert_with(CommandHeader::default);
         if header.request_id.is_empty() {
             header.request_id = uuid::Uuid::now_v7().to_string();
@@ -578,8 +593,16 @@ impl IuClient {
     }
 
     /// Would `attributes` be accepted for `unit_type`? Writes nothing.
-    pub async fn validate(&self, unit_type: &str, attributes: std::collections::HashMap<String, String>) -> Result<cim_events::proto::iu::Validation, IuError> {
-        self.query(iu::qry::VALIDATE, &cim_events::proto::iu::ValidateAttributes { unit_type: unit_type.to_string(), attributes }).await
+    pub async fn validate(
+        &self,
+        unit_type: &str,
+        attributes: std::collections::HashMap<String, String>,
+    ) -> Result<cim_events::proto::iu::Validation, IuError> {
+        self.query(
+            iu::qry::VALIDATE,
+            &cim_events::proto::iu::ValidateAttributes { unit_type: unit_type.to_string(), attributes },
+        )
+        .await
     }
 
     pub async fn get_type(&self, name: &str) -> Result<UnitType, IuError> {
@@ -623,7 +646,13 @@ impl IuClient {
         self.request_with(subject, None, body, timeout).await
     }
 
-    async fn request_with(&self, subject: &str, headers: Option<async_nats::HeaderMap>, body: Bytes, timeout: Duration) -> Result<async_nats::Message, IuError> {
+    async fn request_with(
+        &self,
+        subject: &str,
+        headers: Option<async_nats::HeaderMap>,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<async_nats::Message, IuError> {
         use async_nats::RequestErrorKind;
         let mut request = async_nats::Request::new().payload(body).timeout(Some(timeout));
         if let Some(h) = headers {

@@ -8,12 +8,7 @@ pub const OCTET_STREAM: &str = "application/octet-stream";
 /// Guesses the media type from the file name's extension (case-insensitive); unknown or no
 /// extension gives `application/octet-stream`.
 pub fn guess_media_type(path: impl AsRef<Path>) -> &'static str {
-    let ext = path
-        .as_ref()
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(|e| e.to_ascii_lowercase())
-        .unwrap_or_default();
+    let ext = path.as_ref().extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).unwrap_or_default();
     match ext.as_str() {
         "txt" | "text" | "log" => "text/plain",
         "md" | "markdown" => "text/markdown",

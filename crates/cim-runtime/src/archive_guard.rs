@@ -13,7 +13,8 @@ pub async fn verified_through(js: &jetstream::Context, stream: &str) -> Result<O
     let Ok(kv) = js.get_key_value(&bucket).await else { return Ok(None) };
     match kv.get(&key).await {
         Ok(Some(v)) => {
-            let w: storage::Watermark = serde_json::from_slice(&v).map_err(|e| format!("watermark {key} is unreadable: {e}"))?;
+            let w: storage::Watermark =
+                serde_json::from_slice(&v).map_err(|e| format!("watermark {key} is unreadable: {e}"))?;
             Ok(Some(w.verified_seq))
         }
         Ok(None) => Ok(None),
@@ -35,7 +36,11 @@ pub async fn object_removable(js: &jetstream::Context, bucket: &str, name: &str)
         .sequence;
     match verified_through(js, &stream_name).await? {
         Some(through) if seq <= through => Ok(()),
-        Some(through) => Err(format!("its archive is not verified yet ({stream_name} verified through {through}, the object is at {seq})")),
-        None => Err(format!("no verified archive of {stream_name} yet (is a storage manager with archive targets running?)")),
+        Some(through) => Err(format!(
+            "its archive is not verified yet ({stream_name} verified through {through}, the object is at {seq})"
+        )),
+        None => Err(format!(
+            "no verified archive of {stream_name} yet (is a storage manager with archive targets running?)"
+        )),
     }
 }

@@ -110,9 +110,8 @@ impl CommonArgs {
             check_nats_url(url).map_err(|e| bad(format!("--nats-url (CIM_NATS_URL) {:?}: {e}", redact_url(url))))?;
         }
         if let Some(creds) = &self.nats_creds {
-            std::fs::File::open(creds).map_err(|e| {
-                bad(format!("--nats-creds (CIM_NATS_CREDS) {}: {e}", creds.display()))
-            })?;
+            std::fs::File::open(creds)
+                .map_err(|e| bad(format!("--nats-creds (CIM_NATS_CREDS) {}: {e}", creds.display())))?;
         }
         if let Some(domain) = &self.js_domain {
             validate_token("JetStream domain", domain).map_err(|e| bad(e.to_string()))?;
@@ -253,8 +252,18 @@ mod tests {
     #[test]
     fn flags_are_read() {
         let s = parse(&[
-            "--nats-url", "nats://a:1, nats://b:2", "--tier", "cluster", "--instance-id", "r-1",
-            "--node", "n1", "--shutdown-grace", "250ms", "--js-domain", "leaf1",
+            "--nats-url",
+            "nats://a:1, nats://b:2",
+            "--tier",
+            "cluster",
+            "--instance-id",
+            "r-1",
+            "--node",
+            "n1",
+            "--shutdown-grace",
+            "250ms",
+            "--js-domain",
+            "leaf1",
         ])
         .unwrap();
         assert_eq!(s.nats_urls, vec!["nats://a:1", "nats://b:2"]);

@@ -60,11 +60,8 @@ impl Metrics {
     pub fn new(service: &str, instance: &str) -> Metrics {
         let mut registry = Registry::with_prefix_and_labels(
             "cim",
-            [
-                ("service".into(), service.to_string().into()),
-                ("instance".into(), instance.to_string().into()),
-            ]
-            .into_iter(),
+            [("service".into(), service.to_string().into()), ("instance".into(), instance.to_string().into())]
+                .into_iter(),
         );
         let requests = Family::<EndpointLabels, Counter>::default();
         let errors = Family::<EndpointLabels, Counter>::default();
@@ -85,13 +82,29 @@ impl Metrics {
         registry.register("nats_connected", "1 while connected to NATS", nats_connected.clone());
         registry.register("nats_reconnects", "Reconnections to NATS since start", nats_reconnects.clone());
         registry.register("projection_lag", "Events not yet applied to a projection", projection_lag.clone());
-        registry.register("projection_checkpoint", "Stream sequence a projection has applied up to", projection_checkpoint.clone());
+        registry.register(
+            "projection_checkpoint",
+            "Stream sequence a projection has applied up to",
+            projection_checkpoint.clone(),
+        );
         let draining = Gauge::<i64, AtomicI64>::default();
-        registry.register("draining", "1 once the instance was told to drain (its node is being drained)", draining.clone());
+        registry.register(
+            "draining",
+            "1 once the instance was told to drain (its node is being drained)",
+            draining.clone(),
+        );
         let archive_lag = Family::<ArchiveLabels, Gauge<i64, AtomicI64>>::default();
         let archive_verified = Family::<ArchiveLabels, Gauge<i64, AtomicI64>>::default();
-        registry.register("archive_lag", "Messages of a stream not yet archived and verified on a target", archive_lag.clone());
-        registry.register("archive_verified_sequence", "Stream sequence through which a stream is archived and verified on a target", archive_verified.clone());
+        registry.register(
+            "archive_lag",
+            "Messages of a stream not yet archived and verified on a target",
+            archive_lag.clone(),
+        );
+        registry.register(
+            "archive_verified_sequence",
+            "Stream sequence through which a stream is archived and verified on a target",
+            archive_verified.clone(),
+        );
         Metrics {
             registry: Arc::new(registry),
             requests,
@@ -129,7 +142,10 @@ mod tests {
         m.latency.get_or_create(&l).observe(0.002);
         m.ready.set(1);
         let text = m.encode();
-        assert!(text.contains(r#"cim_requests_total{service="registry",instance="r-1",endpoint="describe"} 1"#), "{text}");
+        assert!(
+            text.contains(r#"cim_requests_total{service="registry",instance="r-1",endpoint="describe"} 1"#),
+            "{text}"
+        );
         assert!(text.contains("cim_request_duration_seconds_bucket"), "{text}");
         assert!(text.contains(r#"cim_ready{service="registry",instance="r-1"} 1"#), "{text}");
     }

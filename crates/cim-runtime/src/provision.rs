@@ -68,13 +68,42 @@ pub fn diff_stream(existing: &stream::Config, desired: &stream::Config) -> Resul
             std::cmp::Ordering::Equal => {}
         }
     };
-    limit("max_age_ms", existing.max_age.as_millis() as i128, desired.max_age.as_millis() as i128, 0, &mut harmless, &mut destructive);
-    limit("max_messages", existing.max_messages.into(), desired.max_messages.into(), 0, &mut harmless, &mut destructive);
+    limit(
+        "max_age_ms",
+        existing.max_age.as_millis() as i128,
+        desired.max_age.as_millis() as i128,
+        0,
+        &mut harmless,
+        &mut destructive,
+    );
+    limit(
+        "max_messages",
+        existing.max_messages.into(),
+        desired.max_messages.into(),
+        0,
+        &mut harmless,
+        &mut destructive,
+    );
     limit("max_bytes", existing.max_bytes.into(), desired.max_bytes.into(), 0, &mut harmless, &mut destructive);
-    limit("max_messages_per_subject", existing.max_messages_per_subject.into(), desired.max_messages_per_subject.into(), 0, &mut harmless, &mut destructive);
-    limit("max_message_size", existing.max_message_size.into(), desired.max_message_size.into(), 0, &mut harmless, &mut destructive);
+    limit(
+        "max_messages_per_subject",
+        existing.max_messages_per_subject.into(),
+        desired.max_messages_per_subject.into(),
+        0,
+        &mut harmless,
+        &mut destructive,
+    );
+    limit(
+        "max_message_size",
+        existing.max_message_size.into(),
+        desired.max_message_size.into(),
+        0,
+        &mut harmless,
+        &mut destructive,
+    );
     if desired.num_replicas < existing.num_replicas {
-        destructive.push(format!("replicas {} -> {} would lower redundancy", existing.num_replicas, desired.num_replicas));
+        destructive
+            .push(format!("replicas {} -> {} would lower redundancy", existing.num_replicas, desired.num_replicas));
     } else if desired.num_replicas > existing.num_replicas {
         harmless.push(format!("replicas {} -> {}", existing.num_replicas, desired.num_replicas));
     }
@@ -165,14 +194,22 @@ where
     }
 }
 
-pub async fn ensure_object_bucket(js: &jetstream::Context, spec: &ObjectBucketSpec, tier: Tier) -> Result<Outcome, ProvisionError> {
+pub async fn ensure_object_bucket(
+    js: &jetstream::Context,
+    spec: &ObjectBucketSpec,
+    tier: Tier,
+) -> Result<Outcome, ProvisionError> {
     ensure_bucket(js, format!("object bucket {}", spec.bucket), spec.stream_name(), tier, || async {
         js.create_object_store(spec.config(tier)).await.map(|_| ())
     })
     .await
 }
 
-pub async fn ensure_kv_bucket(js: &jetstream::Context, spec: &KvBucketSpec, tier: Tier) -> Result<Outcome, ProvisionError> {
+pub async fn ensure_kv_bucket(
+    js: &jetstream::Context,
+    spec: &KvBucketSpec,
+    tier: Tier,
+) -> Result<Outcome, ProvisionError> {
     ensure_bucket(js, format!("kv bucket {}", spec.bucket), spec.stream_name(), tier, || async {
         js.create_key_value(spec.config(tier)).await.map(|_| ())
     })

@@ -337,7 +337,13 @@ impl Service {
                 .add(&e.subject)
                 .await
                 .map_err(|err| anyhow::anyhow!("adding endpoint {}: {err}", e.subject))?;
-            servers.push(tokio::spawn(serve_endpoint(nats_endpoint, e, ctx.clone(), permits.clone(), stop_serving.subscribe())));
+            servers.push(tokio::spawn(serve_endpoint(
+                nats_endpoint,
+                e,
+                ctx.clone(),
+                permits.clone(),
+                stop_serving.subscribe(),
+            )));
         }
 
         // Readiness, heartbeats and re-provisioning run until shutdown.
@@ -388,7 +394,10 @@ impl Service {
             ctx.client().flush().await?;
             anyhow::Ok(())
         };
-        if let Err(e) = tokio::time::timeout(Duration::from_secs(2), said_goodbye).await.unwrap_or_else(|_| Err(anyhow::anyhow!("timed out"))) {
+        if let Err(e) = tokio::time::timeout(Duration::from_secs(2), said_goodbye)
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("timed out")))
+        {
             tracing::warn!(error = %e, "could not say goodbye");
         }
         let _ = micro.stop().await;
@@ -406,7 +415,11 @@ fn lifecycle_subject(ctx: &Ctx, what: Lifecycle) -> Result<String, cim_events::C
     subject::lifecycle(ctx.0.settings.component, &ctx.0.settings.instance_id, what)
 }
 
-async fn connect(settings: &Settings, metrics: &Metrics, reconnected: Arc<Notify>) -> anyhow::Result<async_nats::Client> {
+async fn connect(
+    settings: &Settings,
+    metrics: &Metrics,
+    reconnected: Arc<Notify>,
+) -> anyhow::Result<async_nats::Client> {
     let name = format!("{}/{}", settings.component.service_name(), settings.instance_id);
     let mut opts = async_nats::ConnectOptions::new()
         .name(name)
@@ -440,14 +453,15 @@ async fn connect(settings: &Settings, metrics: &Metrics, reconnected: Arc<Notify
                     reconnected.notify_one();
                     tracing::warn!("disconnected from NATS; reconnecting");
                 }
-                async_nats::Event::ServerError(e) => tracing::warn!(error = %e, "NATS server error (e.g. authorization or permission violation)"),
+                async_nats::Event::ServerError(e) => {
+                    tracing::warn!(error = %e, "NATS server error (e.g. authorization or permission violation)")
+                }
                 async_nats::Event::ClientError(e) => tracing::warn!(error = %e, "NATS client error"),
                 other => tracing::debug!(event = %other, "nats event"),
             }
         }
     });
-    let addrs: Vec<async_nats::ServerAddr> =
-        settings.nats_urls.iter().map(|u| u.parse()).collect::<Result<_, _>>()?;
+    let addrs: Vec<async_nats::ServerAddr> = settings.nats_urls.iter().map(|u| u.parse()).collect::<Result<_, _>>()?;
     // async-nats does not log in with a URL's user:password by itself; the deployment passes a
     // service's identity that way (CIM_NATS_URL from an environment file kept out of the store).
     if let Some(addr) = addrs.iter().find(|a| a.has_user_pass())
@@ -469,7 +483,11 @@ async fn connect(settings: &Settings, metrics: &Metrics, reconnected: Arc<Notify
     Ok(client)
 }
 
-async fn provision_with_retry(js: &jetstream::Context, component: Component, settings: &Settings) -> anyhow::Result<()> {
+async fn provision_with_retry(
+    js: &jetstream::Context,
+    component: Component,
+    settings: &Settings,
+) -> anyhow::Result<()> {
     let mut delay = Duration::from_millis(100);
     loop {
         match provision::provision(js, component, settings.tier).await {
@@ -568,7 +586,11 @@ async fn watch_health(ctx: Ctx, health: http::Health, reconnected: Arc<Notify>) 
             let _ = ctx.publish_root(subject.clone(), &beat).instrument(tracing::info_span!("heartbeat")).await;
         }
         // Check again soon after a (re)connect, else on the heartbeat interval.
-        let interval = if ready { settings.heartbeat_interval } else { settings.heartbeat_interval.min(Duration::from_millis(500)) };
+        let interval = if ready {
+            settings.heartbeat_interval
+        } else {
+            settings.heartbeat_interval.min(Duration::from_millis(500))
+        };
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = reconnected.notified() => {}
@@ -586,7 +608,9 @@ async fn check_ready(ctx: &Ctx, owned: &[String]) -> bool {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
                 tracing::warn!(stream = %name, error = %e, "owned stream not usable; re-provisioning");
-                if let Err(e) = provision::provision(ctx.jetstream(), ctx.settings().component, ctx.settings().tier).await {
+                if let Err(e) =
+                    provision::provision(ctx.jetstream(), ctx.settings().component, ctx.settings().tier).await
+                {
                     tracing::warn!(error = %e, "re-provisioning failed");
                 }
                 return false;
@@ -654,9 +678,13 @@ async fn on_control(
             }
         }
         Some(ControlAction::Drain) => {
-            let reason = cim_events::payload::decode::<DrainRequested>(m.headers.as_ref(), &m.payload, &cim_events::Upcasters::default())
-                .map(|(_, d)| d.reason)
-                .unwrap_or_default();
+            let reason = cim_events::payload::decode::<DrainRequested>(
+                m.headers.as_ref(),
+                &m.payload,
+                &cim_events::Upcasters::default(),
+            )
+            .map(|(_, d)| d.reason)
+            .unwrap_or_default();
             let abandoned = if ctx.0.draining.swap(true, Ordering::SeqCst) {
                 0
             } else {

@@ -155,10 +155,7 @@ mod tests {
         let cx = extract(Some(&incoming));
         let mut out = HeaderMap::new();
         inject(&cx, &mut out);
-        assert_eq!(
-            out.get("traceparent").unwrap().as_str(),
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-        );
+        assert_eq!(out.get("traceparent").unwrap().as_str(), "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
         assert!(extract(None).span().span_context().trace_id() == opentelemetry::trace::TraceId::INVALID);
     }
     use opentelemetry::trace::TraceContextExt;

@@ -94,13 +94,7 @@ impl Operator {
                 }),
             ),
         );
-        Self {
-            key,
-            name: name.to_owned(),
-            jwt,
-            system,
-            accounts: Vec::new(),
-        }
+        Self { key, name: name.to_owned(), jwt, system, accounts: Vec::new() }
     }
 
     pub fn name(&self) -> &str {
@@ -152,11 +146,7 @@ impl Operator {
         c += "resolver: MEMORY\n";
         c += "resolver_preload: {\n";
         for account in std::iter::once(&self.system).chain(&self.accounts) {
-            c += &format!(
-                "  {}: {}\n",
-                quote(&account.public_key()),
-                quote(&account.jwt)
-            );
+            c += &format!("  {}: {}\n", quote(&account.public_key()), quote(&account.jwt));
         }
         c += "}\n";
         c
@@ -225,12 +215,7 @@ impl Account {
                 }),
             ),
         );
-        Self {
-            key,
-            name: name.to_owned(),
-            jwt,
-            jetstream,
-        }
+        Self { key, name: name.to_owned(), jwt, jetstream }
     }
 
     pub fn name(&self) -> &str {
@@ -265,16 +250,8 @@ impl Account {
         if let Some(n) = nats.as_object_mut() {
             n.extend(permissions.to_claims());
         }
-        let jwt = sign(
-            &self.key,
-            claims(&self.public_key(), &key.public_key(), name, nats),
-        );
-        User {
-            key,
-            name: name.to_owned(),
-            account: self.public_key(),
-            jwt,
-        }
+        let jwt = sign(&self.key, claims(&self.public_key(), &key.public_key(), name, nats));
+        User { key, name: name.to_owned(), account: self.public_key(), jwt }
     }
 }
 
@@ -399,13 +376,7 @@ impl User {
         let file: String = self
             .name
             .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                    c
-                } else {
-                    '_'
-                }
-            })
+            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
             .collect();
         let path = dir.join(format!("{file}.creds"));
         write_private(&path, &self.creds())?;
@@ -421,10 +392,7 @@ impl User {
 
     /// Connects to `url` as this user (fails on an authorization error).
     pub async fn connect(&self, url: &str) -> Result<async_nats::Client> {
-        self.connect_options()?
-            .connect(url)
-            .await
-            .with_context(|| format!("connecting to {url} as user {}", self.name))
+        self.connect_options()?.connect(url).await.with_context(|| format!("connecting to {url} as user {}", self.name))
     }
 }
 
@@ -450,15 +418,11 @@ fn write_private(path: &Path, text: &str) -> Result<()> {
         .mode(0o600)
         .open(path)
         .with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(text.as_bytes())
-        .with_context(|| format!("writing {}", path.display()))
+    f.write_all(text.as_bytes()).with_context(|| format!("writing {}", path.display()))
 }
 
 fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// A unique claim id (the server does not check how `jti` is derived).
@@ -467,12 +431,7 @@ fn jti() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
-    h.write_u128(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
+    h.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
     h.write_u32(std::process::id());
     let a = h.finish();
     h.write_u64(a);
@@ -495,21 +454,14 @@ fn sign(issuer: &KeyPair, claims: Value) -> String {
     let head = URL_SAFE_NO_PAD.encode(JWT_HEADER);
     let body = URL_SAFE_NO_PAD.encode(claims.to_string());
     let input = format!("{head}.{body}");
-    let sig = issuer
-        .sign(input.as_bytes())
-        .expect("a generated key has a seed and can sign");
+    let sig = issuer.sign(input.as_bytes()).expect("a generated key has a seed and can sign");
     format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig))
 }
 
 /// The claims of a JWT, decoded without checking the signature.
 pub fn decode_claims(jwt: &str) -> Result<Value> {
-    let body = jwt
-        .split('.')
-        .nth(1)
-        .ok_or_else(|| anyhow!("not a JWT: {jwt:?}"))?;
-    let bytes = URL_SAFE_NO_PAD
-        .decode(body)
-        .context("JWT claims are not base64url")?;
+    let body = jwt.split('.').nth(1).ok_or_else(|| anyhow!("not a JWT: {jwt:?}"))?;
+    let bytes = URL_SAFE_NO_PAD.decode(body).context("JWT claims are not base64url")?;
     serde_json::from_slice(&bytes).context("JWT claims are not JSON")
 }
 
@@ -524,13 +476,8 @@ mod tests {
     fn verify(jwt: &str, issuer_public: &str) {
         let (input, sig) = jwt.rsplit_once('.').unwrap();
         let sig = URL_SAFE_NO_PAD.decode(sig).unwrap();
-        KeyPair::from_public_key(issuer_public)
-            .unwrap()
-            .verify(input.as_bytes(), &sig)
-            .unwrap();
-        let head = URL_SAFE_NO_PAD
-            .decode(input.split('.').next().unwrap())
-            .unwrap();
+        KeyPair::from_public_key(issuer_public).unwrap().verify(input.as_bytes(), &sig).unwrap();
+        let head = URL_SAFE_NO_PAD.decode(input.split('.').next().unwrap()).unwrap();
         assert_eq!(std::str::from_utf8(&head).unwrap(), JWT_HEADER);
     }
 
@@ -538,12 +485,7 @@ mod tests {
     fn jwts_are_signed_by_their_issuer_and_carry_the_claims() {
         let mut op = Operator::new();
         let app = op.account_with_jetstream("APP");
-        let user = app.user(
-            "svc",
-            Permissions::all()
-                .deny_publish("cim.svc.>")
-                .allow_subscribe("_INBOX.>"),
-        );
+        let user = app.user("svc", Permissions::all().deny_publish("cim.svc.>").allow_subscribe("_INBOX.>"));
         verify(op.jwt(), &op.public_key());
         verify(op.system_account().jwt(), &op.public_key());
         verify(app.jwt(), &op.public_key());
@@ -567,10 +509,7 @@ mod tests {
         assert_ne!(a["jti"], u["jti"]);
 
         let config = op.server_config();
-        assert!(config.contains(&format!(
-            "system_account: \"{}\"",
-            op.system_account().public_key()
-        )));
+        assert!(config.contains(&format!("system_account: \"{}\"", op.system_account().public_key())));
         assert!(config.contains(&format!("\"{}\": \"{}\"", app.public_key(), app.jwt())));
     }
 
@@ -582,10 +521,7 @@ mod tests {
         let path = user.write_creds(dir.path()).unwrap();
         assert_eq!(path.file_name().unwrap(), "weird_name_1.creds");
         let text = std::fs::read_to_string(&path).unwrap();
-        assert!(
-            text.starts_with("-----BEGIN NATS USER JWT-----\n"),
-            "{text}"
-        );
+        assert!(text.starts_with("-----BEGIN NATS USER JWT-----\n"), "{text}");
         assert!(text.contains(&user.seed()));
         // async-nats' own parser accepts it (it fails on a malformed file).
         async_nats::ConnectOptions::with_credentials(&text).unwrap();
@@ -606,10 +542,7 @@ mod tests {
         let plain = op.account("PLAIN");
         let server = crate::NatsServer::builder().operator(&op).start().await?;
 
-        let admin = app
-            .user("admin", Permissions::all())
-            .connect(&server.url())
-            .await?;
+        let admin = app.user("admin", Permissions::all()).connect(&server.url()).await?;
         let js = async_nats::jetstream::new(admin.clone());
         js.create_stream(async_nats::jetstream::stream::Config {
             name: "ORDERS".into(),
@@ -618,50 +551,25 @@ mod tests {
         })
         .await?;
         js.publish("orders.1", "x".into()).await?.await?;
-        assert_eq!(
-            js.get_stream("ORDERS").await?.info().await?.state.messages,
-            1
-        );
+        assert_eq!(js.get_stream("ORDERS").await?.info().await?.state.messages, 1);
 
         // The system account (`$SYS`) answers, so `system_account` was taken.
-        let sys = op
-            .system_account()
-            .user("sys", Permissions::all())
-            .connect(&server.url())
-            .await?;
+        let sys = op.system_account().user("sys", Permissions::all()).connect(&server.url()).await?;
         let reply = sys.request("$SYS.REQ.SERVER.PING.VARZ", "".into()).await?;
         let varz: Value = serde_json::from_slice(&reply.payload)?;
-        assert_eq!(
-            varz["data"]["system_account"],
-            op.system_account().public_key(),
-            "{varz}"
-        );
+        assert_eq!(varz["data"]["system_account"], op.system_account().public_key(), "{varz}");
 
         // An account without JetStream has none.
-        let p = plain
-            .user("p", Permissions::all())
-            .connect(&server.url())
-            .await?;
+        let p = plain.user("p", Permissions::all()).connect(&server.url()).await?;
         assert!(async_nats::jetstream::new(p).query_account().await.is_err());
 
         // A user of an account the server does not know is refused.
-        let stranger = Operator::new()
-            .account_with_jetstream("APP")
-            .user("x", Permissions::all());
-        let err = stranger
-            .connect(&server.url())
-            .await
-            .expect_err("an unknown account's user connected");
-        assert!(
-            format!("{err:#}").to_lowercase().contains("authorization"),
-            "{err:#}"
-        );
+        let stranger = Operator::new().account_with_jetstream("APP").user("x", Permissions::all());
+        let err = stranger.connect(&server.url()).await.expect_err("an unknown account's user connected");
+        assert!(format!("{err:#}").to_lowercase().contains("authorization"), "{err:#}");
 
         // Publish permissions are enforced per user.
-        let limited = app
-            .user("limited", Permissions::all().deny_publish("secret.>"))
-            .connect(&server.url())
-            .await?;
+        let limited = app.user("limited", Permissions::all().deny_publish("secret.>")).connect(&server.url()).await?;
         let mut events = admin.subscribe("secret.x").await?;
         admin.flush().await?;
         limited.publish("secret.x", "no".into()).await?;
@@ -669,9 +577,7 @@ mod tests {
         limited.flush().await?;
         admin.publish("secret.x", "admin".into()).await?;
         admin.flush().await?;
-        let m = tokio::time::timeout(Duration::from_secs(5), events.next())
-            .await?
-            .unwrap();
+        let m = tokio::time::timeout(Duration::from_secs(5), events.next()).await?.unwrap();
         assert_eq!(&m.payload[..], b"admin", "the denied publish got through");
         Ok(())
     }

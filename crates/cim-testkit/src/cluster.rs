@@ -105,16 +105,9 @@ impl NatsClusterBuilder {
                 b = b.extra_config(&self.extra_config);
             }
             // Each node is ready (JetStream enabled) before the meta group has a leader.
-            nodes.push(
-                b.start()
-                    .await
-                    .with_context(|| format!("starting node {} of cluster {}", i + 1, self.name))?,
-            );
+            nodes.push(b.start().await.with_context(|| format!("starting node {} of cluster {}", i + 1, self.name))?);
         }
-        let cluster = NatsCluster {
-            nodes,
-            opts: self.clone(),
-        };
+        let cluster = NatsCluster { nodes, opts: self.clone() };
         cluster.wait_formed(true, self.startup_timeout).await?;
         Ok(cluster)
     }
@@ -180,18 +173,8 @@ impl NatsCluster {
 
     pub async fn try_connect(&self) -> Result<async_nats::Client> {
         // Running nodes first: the initial connect does not always try every server.
-        let mut urls: Vec<String> = self
-            .nodes
-            .iter()
-            .filter(|n| n.is_running())
-            .map(NatsServer::url)
-            .collect();
-        urls.extend(
-            self.nodes
-                .iter()
-                .filter(|n| !n.is_running())
-                .map(NatsServer::url),
-        );
+        let mut urls: Vec<String> = self.nodes.iter().filter(|n| n.is_running()).map(NatsServer::url).collect();
+        urls.extend(self.nodes.iter().filter(|n| !n.is_running()).map(NatsServer::url));
         test_connect_options()
             .retain_servers_order()
             .connect(urls)
@@ -213,9 +196,7 @@ impl NatsCluster {
 
     /// The index of the node with this `server_name` (as JetStream reports leaders).
     pub fn node_index(&self, server_name: &str) -> Option<usize> {
-        self.nodes
-            .iter()
-            .position(|n| n.server_name() == server_name)
+        self.nodes.iter().position(|n| n.server_name() == server_name)
     }
 
     /// SIGKILLs node `i`; the others keep running. Does not wait for a new leader.
@@ -233,11 +214,7 @@ impl NatsCluster {
 
     /// The current JetStream meta leader's server name, as node `i`'s `/jsz` reports it.
     pub async fn meta_leader(&self) -> Result<String> {
-        let running = self
-            .nodes
-            .iter()
-            .find(|n| n.is_running())
-            .ok_or_else(|| anyhow!("no node is running"))?;
+        let running = self.nodes.iter().find(|n| n.is_running()).ok_or_else(|| anyhow!("no node is running"))?;
         let jsz = running.monitor_json("/jsz").await?;
         match jsz["meta_cluster"]["leader"].as_str() {
             Some(l) if !l.is_empty() => Ok(l.to_owned()),
@@ -248,10 +225,7 @@ impl NatsCluster {
     /// Waits until the running nodes form a healthy cluster (see [`NatsClusterBuilder::start`]);
     /// returns the meta leader's name. With `require_all`, a node that is not running fails at once.
     pub async fn wait_formed(&self, require_all: bool, timeout: Duration) -> Result<String> {
-        let what = format!(
-            "cluster {} to form with a JetStream meta leader",
-            self.name()
-        );
+        let what = format!("cluster {} to form with a JetStream meta leader", self.name());
         poll(timeout, &what, || async {
             if require_all && let Some(dead) = self.nodes.iter().find(|n| !n.is_running()) {
                 return Attempt::Fail(anyhow!(
@@ -291,10 +265,7 @@ impl NatsCluster {
             .find(|n| n.server_name() == leader)
             .ok_or_else(|| anyhow!("meta leader {leader} is not a running node"))?;
         let jsz = leader_node.monitor_json("/jsz").await?;
-        let replicas = jsz["meta_cluster"]["replicas"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
+        let replicas = jsz["meta_cluster"]["replicas"].as_array().cloned().unwrap_or_default();
         for node in running.iter().filter(|n| n.server_name() != leader) {
             // Current and not offline: placement of R3 assets refuses peers the meta leader
             // still counts as offline ("no suitable peers for placement").
@@ -304,28 +275,18 @@ impl NatsCluster {
                     && r["offline"].as_bool() != Some(true)
             });
             if !current {
-                bail!(
-                    "meta leader {leader} does not see {} as a current peer yet",
-                    node.server_name()
-                );
+                bail!("meta leader {leader} does not see {} as a current peer yet", node.server_name());
             }
         }
         for node in &running {
             let r = node.monitor_get("/healthz").await?;
             if r.status != 200 {
-                bail!(
-                    "{} /healthz answered {}: {}",
-                    node.server_name(),
-                    r.status,
-                    r.text()
-                );
+                bail!("{} /healthz answered {}: {}", node.server_name(), r.status, r.text());
             }
         }
         let client = self.try_connect().await?;
         let js = async_nats::jetstream::new(client);
-        js.query_account()
-            .await
-            .context("JetStream account info through the cluster")?;
+        js.query_account().await.context("JetStream account info through the cluster")?;
         // The peer list above is the meta group's Raft view; placement also needs the meta
         // leader's statsz view of every peer, which can lag it ("no suitable peers for
         // placement, peer offline"). Only a placed replicated stream proves both.
@@ -343,11 +304,7 @@ impl NatsCluster {
 /// it can place one; a failure is returned for the caller to retry.
 async fn placement_probe(js: &async_nats::jetstream::Context, replicas: usize) -> Result<()> {
     static PROBES: AtomicU64 = AtomicU64::new(0);
-    let name = format!(
-        "TESTKIT_PROBE_{}_{}",
-        std::process::id(),
-        PROBES.fetch_add(1, Ordering::Relaxed)
-    );
+    let name = format!("TESTKIT_PROBE_{}_{}", std::process::id(), PROBES.fetch_add(1, Ordering::Relaxed));
     let config = async_nats::jetstream::stream::Config {
         name: name.clone(),
         subjects: vec![format!("testkit.probe.{name}")],
@@ -355,12 +312,8 @@ async fn placement_probe(js: &async_nats::jetstream::Context, replicas: usize) -
         storage: async_nats::jetstream::stream::StorageType::Memory,
         ..Default::default()
     };
-    js.create_stream(config)
-        .await
-        .with_context(|| format!("placing an R{replicas} probe stream"))?;
-    js.delete_stream(&name)
-        .await
-        .with_context(|| format!("deleting the probe stream {name}"))?;
+    js.create_stream(config).await.with_context(|| format!("placing an R{replicas} probe stream"))?;
+    js.delete_stream(&name).await.with_context(|| format!("deleting the probe stream {name}"))?;
     Ok(())
 }
 
@@ -379,12 +332,8 @@ pub async fn start_leaf(cluster: &NatsCluster, domain: &str) -> Result<NatsServe
         .startup_timeout(cluster.opts.startup_timeout)
         .start()
         .await?;
-    let hub =
-        async_nats::jetstream::with_domain(leaf.try_connect().await?, cluster.jetstream_domain());
-    let what = format!(
-        "the hub's JetStream domain {:?} to answer through leaf {domain}",
-        cluster.jetstream_domain()
-    );
+    let hub = async_nats::jetstream::with_domain(leaf.try_connect().await?, cluster.jetstream_domain());
+    let what = format!("the hub's JetStream domain {:?} to answer through leaf {domain}", cluster.jetstream_domain());
     eventually(cluster.opts.startup_timeout, &what, || async {
         hub.query_account().await?;
         Ok(())

@@ -20,10 +20,7 @@ pub struct HttpResponse {
 impl HttpResponse {
     pub fn header(&self, name: &str) -> Option<&str> {
         let name = name.to_ascii_lowercase();
-        self.headers
-            .iter()
-            .find(|(k, _)| *k == name)
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| *k == name).map(|(_, v)| v.as_str())
     }
 
     pub fn text(&self) -> String {
@@ -52,11 +49,7 @@ async fn get_inner(addr: &str, path: &str) -> Result<HttpResponse> {
 
 fn parse_response(raw: &[u8]) -> Result<HttpResponse> {
     let Some(head_end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
-        bail!(
-            "no complete HTTP header in {} bytes: {:?}",
-            raw.len(),
-            String::from_utf8_lossy(raw)
-        );
+        bail!("no complete HTTP header in {} bytes: {:?}", raw.len(), String::from_utf8_lossy(raw));
     };
     let head = String::from_utf8_lossy(&raw[..head_end]);
     let mut lines = head.split("\r\n");
@@ -68,27 +61,15 @@ fn parse_response(raw: &[u8]) -> Result<HttpResponse> {
     if !version.starts_with("HTTP/") {
         bail!("bad status line {status_line:?}");
     }
-    let status: u16 = code
-        .parse()
-        .with_context(|| format!("bad status line {status_line:?}"))?;
+    let status: u16 = code.parse().with_context(|| format!("bad status line {status_line:?}"))?;
     let headers: Vec<(String, String)> = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
         .collect();
     let rest = &raw[head_end + 4..];
-    let chunked = headers
-        .iter()
-        .any(|(k, v)| k == "transfer-encoding" && v.to_ascii_lowercase().contains("chunked"));
-    let body = if chunked {
-        dechunk(rest)?
-    } else {
-        rest.to_vec()
-    };
-    Ok(HttpResponse {
-        status,
-        headers,
-        body,
-    })
+    let chunked = headers.iter().any(|(k, v)| k == "transfer-encoding" && v.to_ascii_lowercase().contains("chunked"));
+    let body = if chunked { dechunk(rest)? } else { rest.to_vec() };
+    Ok(HttpResponse { status, headers, body })
 }
 
 fn dechunk(mut data: &[u8]) -> Result<Vec<u8>> {
@@ -99,8 +80,7 @@ fn dechunk(mut data: &[u8]) -> Result<Vec<u8>> {
         };
         let size_text = String::from_utf8_lossy(&data[..line_end]);
         let size_hex = size_text.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size_hex, 16)
-            .with_context(|| format!("bad chunk size {size_hex:?}"))?;
+        let size = usize::from_str_radix(size_hex, 16).with_context(|| format!("bad chunk size {size_hex:?}"))?;
         data = &data[line_end + 2..];
         if size == 0 {
             return Ok(out);

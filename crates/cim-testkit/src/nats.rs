@@ -32,10 +32,7 @@ const START_ATTEMPTS: usize = 3;
 /// The answer is computed once per process.
 pub fn nats_server_binary() -> Result<PathBuf> {
     static FOUND: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
-    FOUND
-        .get_or_init(|| find_nats_server().map_err(|e| format!("{e:#}")))
-        .clone()
-        .map_err(|e| anyhow!(e))
+    FOUND.get_or_init(|| find_nats_server().map_err(|e| format!("{e:#}"))).clone().map_err(|e| anyhow!(e))
 }
 
 fn find_nats_server() -> Result<PathBuf> {
@@ -60,20 +57,14 @@ fn find_nats_server() -> Result<PathBuf> {
             Err(e) => rejected.push(format!("{e:#}")),
         }
     }
-    bail!(
-        "no usable nats-server on PATH:\n  {}",
-        rejected.join("\n  ")
-    )
+    bail!("no usable nats-server on PATH:\n  {}", rejected.join("\n  "))
 }
 
 /// Checks that `path` runs and reports version >= [`MIN_NATS_SERVER`]; the error says how to
 /// install a good one.
 pub fn require_nats_server(path: &Path) -> Result<PathBuf> {
     let (major, minor, patch) = nats_server_version(path).with_context(|| {
-        format!(
-            "cannot use {}; install a current nats-server with `{NATS_SERVER_INSTALL}`",
-            path.display()
-        )
+        format!("cannot use {}; install a current nats-server with `{NATS_SERVER_INSTALL}`", path.display())
     })?;
     if (major, minor) < MIN_NATS_SERVER {
         bail!(
@@ -94,31 +85,19 @@ pub fn nats_server_version(path: &Path) -> Result<(u32, u32, u32)> {
         .arg("--version")
         .output()
         .with_context(|| format!("running {} --version", path.display()))?;
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    parse_version(&text).ok_or_else(|| {
-        anyhow!(
-            "unrecognised `{} --version` output {text:?}",
-            path.display()
-        )
-    })
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    parse_version(&text).ok_or_else(|| anyhow!("unrecognised `{} --version` output {text:?}", path.display()))
 }
 
 fn parse_version(text: &str) -> Option<(u32, u32, u32)> {
-    let token = text.split_whitespace().find(|t| {
-        t.trim_start_matches('v')
-            .starts_with(|c: char| c.is_ascii_digit())
-            && t.contains('.')
-    })?;
+    let token = text
+        .split_whitespace()
+        .find(|t| t.trim_start_matches('v').starts_with(|c: char| c.is_ascii_digit()) && t.contains('.'))?;
     let mut nums = token.trim_start_matches('v').split('.').map(|p| {
         let digits: String = p.chars().take_while(char::is_ascii_digit).collect();
         digits.parse::<u32>().ok()
     });
-    Some((
-        nums.next()??,
-        nums.next()??,
-        nums.next().flatten().unwrap_or(0),
-    ))
+    Some((nums.next()??, nums.next()??, nums.next().flatten().unwrap_or(0)))
 }
 
 /// Every executable called `name` on PATH, in PATH order.
@@ -130,9 +109,8 @@ pub(crate) fn find_on_path(name: &str) -> Vec<PathBuf> {
     let mut found: Vec<PathBuf> = Vec::new();
     for dir in std::env::split_paths(&path) {
         let candidate = dir.join(name);
-        let executable = std::fs::metadata(&candidate)
-            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-            .unwrap_or(false);
+        let executable =
+            std::fs::metadata(&candidate).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false);
         if executable && !found.contains(&candidate) {
             found.push(candidate);
         }
@@ -147,8 +125,7 @@ pub fn test_connect_options() -> async_nats::ConnectOptions {
         .name("cim-testkit")
         .connection_timeout(Duration::from_secs(5))
         .reconnect_delay_callback(|attempts| {
-            Duration::from_millis(10u64.saturating_mul(1 << attempts.min(5)))
-                .min(Duration::from_millis(250))
+            Duration::from_millis(10u64.saturating_mul(1 << attempts.min(5))).min(Duration::from_millis(250))
         })
 }
 
@@ -264,11 +241,7 @@ impl NatsServerBuilder {
     /// Route URLs look like `nats-route://127.0.0.1:<cluster port>`; listing the server's own
     /// route is harmless.
     pub fn cluster(mut self, name: &str, port: u16, routes: Vec<String>) -> Self {
-        self.cluster = Some(ClusterSpec {
-            name: name.to_owned(),
-            port,
-            routes,
-        });
+        self.cluster = Some(ClusterSpec { name: name.to_owned(), port, routes });
         self
     }
 
@@ -286,10 +259,7 @@ impl NatsServerBuilder {
         let binary = nats_server_binary()?;
         let mut attempt = 1;
         loop {
-            let dir = tempfile::Builder::new()
-                .prefix("cim-nats-")
-                .tempdir()
-                .context("creating temp dir")?;
+            let dir = tempfile::Builder::new().prefix("cim-nats-").tempdir().context("creating temp dir")?;
             let server = NatsServer::prepare(self.clone(), binary.clone(), dir)?;
             match server.start_and_wait().await {
                 Ok(()) => return Ok(server),
@@ -353,20 +323,15 @@ impl NatsServer {
         let port = opts.port.unwrap_or_else(free_port);
         let monitor_port = free_port();
         let leaf_port = opts.leaf_listen.map(|p| p.unwrap_or_else(free_port));
-        let name = opts
-            .server_name
-            .clone()
-            .unwrap_or_else(|| format!("cim-{port}"));
+        let name = opts.server_name.clone().unwrap_or_else(|| format!("cim-{port}"));
         let store_dir = match &opts.store_dir {
             Some(d) => d.clone(),
             None => dir.path().join("store"),
         };
-        std::fs::create_dir_all(&store_dir)
-            .with_context(|| format!("creating {}", store_dir.display()))?;
+        std::fs::create_dir_all(&store_dir).with_context(|| format!("creating {}", store_dir.display()))?;
         let config_path = dir.path().join("nats-server.conf");
         let config = render_config(&opts, &name, port, monitor_port, leaf_port, &store_dir);
-        std::fs::write(&config_path, config)
-            .with_context(|| format!("writing {}", config_path.display()))?;
+        std::fs::write(&config_path, config).with_context(|| format!("writing {}", config_path.display()))?;
         let proc = Proc::new(
             format!("nats-server {name}"),
             binary,
@@ -374,17 +339,7 @@ impl NatsServer {
             dir.path().to_owned(),
             dir.path().join("nats-server.log"),
         );
-        Ok(Self {
-            proc,
-            opts,
-            name,
-            port,
-            monitor_port,
-            leaf_port,
-            store_dir,
-            config_path,
-            _dir: dir,
-        })
+        Ok(Self { proc, opts, name, port, monitor_port, leaf_port, store_dir, config_path, _dir: dir })
     }
 
     async fn start_and_wait(&self) -> Result<()> {
@@ -401,15 +356,9 @@ impl NatsServer {
     async fn wait_ready(&self, timeout: Duration) -> Result<()> {
         let leaf = !self.opts.leaf_remotes.is_empty();
         let what = if leaf {
-            format!(
-                "nats-server {} to accept clients, report JetStream healthy and connect its leaf remote",
-                self.name
-            )
+            format!("nats-server {} to accept clients, report JetStream healthy and connect its leaf remote", self.name)
         } else {
-            format!(
-                "nats-server {} to accept clients and report JetStream healthy",
-                self.name
-            )
+            format!("nats-server {} to accept clients and report JetStream healthy", self.name)
         };
         poll(timeout, &what, || async {
             if let Some(status) = self.proc.exited() {
@@ -547,15 +496,9 @@ impl NatsServer {
     pub async fn monitor_json(&self, path: &str) -> Result<serde_json::Value> {
         let r = self.monitor_get(path).await?;
         if r.status != 200 {
-            bail!(
-                "GET {path} on {} answered {}: {}",
-                self.name,
-                r.status,
-                r.text()
-            );
+            bail!("GET {path} on {} answered {}: {}", self.name, r.status, r.text());
         }
-        serde_json::from_slice(&r.body)
-            .with_context(|| format!("GET {path} on {}: not JSON", self.name))
+        serde_json::from_slice(&r.body).with_context(|| format!("GET {path} on {}: not JSON", self.name))
     }
 
     /// How many leaf node connections `/leafz` shows (in either direction).
@@ -641,14 +584,8 @@ mod tests {
             .leaf_remote("nats-leaf://127.0.0.1:7100");
         let c = render_config(&opts, "n1", 4222, 8222, Some(7200), Path::new("/tmp/s"));
         assert!(c.contains("domain: \"hub\""), "{c}");
-        assert!(
-            c.contains("routes: [\"nats-route://127.0.0.1:7000\"]"),
-            "{c}"
-        );
+        assert!(c.contains("routes: [\"nats-route://127.0.0.1:7000\"]"), "{c}");
         assert!(c.contains("listen: \"127.0.0.1:7200\""), "{c}");
-        assert!(
-            c.contains("remotes: [ { urls: [\"nats-leaf://127.0.0.1:7100\"] } ]"),
-            "{c}"
-        );
+        assert!(c.contains("remotes: [ { urls: [\"nats-leaf://127.0.0.1:7100\"] } ]"), "{c}");
     }
 }

@@ -33,14 +33,7 @@ impl Proc {
         cwd: PathBuf,
         log_path: PathBuf,
     ) -> Self {
-        Self {
-            label: label.into(),
-            program,
-            args,
-            cwd,
-            log_path,
-            child: Mutex::new(None),
-        }
+        Self { label: label.into(), program, args, cwd, log_path, child: Mutex::new(None) }
     }
 
     pub(crate) fn log_path(&self) -> &Path {
@@ -55,12 +48,7 @@ impl Proc {
             .append(true)
             .open(&self.log_path)
             .with_context(|| format!("opening log file {}", self.log_path.display()))?;
-        writeln!(
-            log,
-            "--- cim-testkit: starting {} {} ---",
-            self.program.display(),
-            self.args.join(" ")
-        )?;
+        writeln!(log, "--- cim-testkit: starting {} {} ---", self.program.display(), self.args.join(" "))?;
         let stderr: File = log.try_clone()?;
         let mut cmd = Command::new(&self.program);
         cmd.args(&self.args)
@@ -69,9 +57,7 @@ impl Proc {
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(stderr));
         die_with_parent(&mut cmd);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("spawning {} ({})", self.label, self.program.display()))?;
+        let child = cmd.spawn().with_context(|| format!("spawning {} ({})", self.label, self.program.display()))?;
         *self.lock() = Some(child);
         Ok(())
     }
@@ -152,9 +138,7 @@ impl Proc {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Child>> {
-        self.child
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.child.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -204,9 +188,5 @@ fn sigterm(pid: u32) -> io::Result<()> {
     // SAFETY: kill(2) has no memory-safety preconditions. The caller passes the pid of a
     // child it has not reaped yet, so the pid cannot have been reused by another process.
     let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }

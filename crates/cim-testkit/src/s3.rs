@@ -27,20 +27,14 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// `$CARGO_HOME/bin/s3s-fs` (or `~/.cargo/bin`), where `cargo install` puts it.
 pub fn s3s_fs_binary() -> Result<PathBuf> {
     static FOUND: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
-    FOUND
-        .get_or_init(|| find_s3s_fs().map_err(|e| format!("{e:#}")))
-        .clone()
-        .map_err(|e| anyhow!(e))
+    FOUND.get_or_init(|| find_s3s_fs().map_err(|e| format!("{e:#}"))).clone().map_err(|e| anyhow!(e))
 }
 
 fn find_s3s_fs() -> Result<PathBuf> {
     if let Some(path) = std::env::var_os("CIM_S3S_FS") {
         let path = PathBuf::from(path);
         if !path.is_file() {
-            bail!(
-                "CIM_S3S_FS={} is not a file; install s3s-fs with `{S3S_FS_INSTALL}`",
-                path.display()
-            );
+            bail!("CIM_S3S_FS={} is not a file; install s3s-fs with `{S3S_FS_INSTALL}`", path.display());
         }
         return Ok(path);
     }
@@ -50,10 +44,7 @@ fn find_s3s_fs() -> Result<PathBuf> {
     let cargo_home = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
-    if let Some(path) = cargo_home
-        .map(|h| h.join("bin/s3s-fs"))
-        .filter(|p| p.is_file())
-    {
+    if let Some(path) = cargo_home.map(|h| h.join("bin/s3s-fs")).filter(|p| p.is_file()) {
         return Ok(path);
     }
     bail!(
@@ -73,10 +64,7 @@ pub struct S3Server {
 
 impl fmt::Debug for S3Server {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("S3Server")
-            .field("endpoint", &self.endpoint())
-            .field("root", &self.root)
-            .finish()
+        f.debug_struct("S3Server").field("endpoint", &self.endpoint()).field("root", &self.root).finish()
     }
 }
 
@@ -88,12 +76,7 @@ impl S3Server {
             let server = Self::prepare(binary.clone())?;
             match server.start_and_wait().await {
                 Ok(()) => return Ok(server),
-                Err(e)
-                    if attempt < 3
-                        && format!("{e:#}")
-                            .to_lowercase()
-                            .contains("address already in use") =>
-                {
+                Err(e) if attempt < 3 && format!("{e:#}").to_lowercase().contains("address already in use") => {
                     attempt += 1
                 }
                 Err(e) => return Err(e),
@@ -102,10 +85,7 @@ impl S3Server {
     }
 
     fn prepare(binary: PathBuf) -> Result<Self> {
-        let dir = tempfile::Builder::new()
-            .prefix("cim-s3-")
-            .tempdir()
-            .context("creating temp dir")?;
+        let dir = tempfile::Builder::new().prefix("cim-s3-").tempdir().context("creating temp dir")?;
         let root = dir.path().join("root");
         std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
         let port = free_port();
@@ -120,37 +100,22 @@ impl S3Server {
             TEST_SECRET_KEY.to_owned(),
             root.display().to_string(),
         ];
-        let proc = Proc::new(
-            "s3s-fs",
-            binary,
-            args,
-            dir.path().to_owned(),
-            dir.path().join("s3s-fs.log"),
-        );
-        Ok(Self {
-            proc,
-            port,
-            root,
-            _dir: dir,
-        })
+        let proc = Proc::new("s3s-fs", binary, args, dir.path().to_owned(), dir.path().join("s3s-fs.log"));
+        Ok(Self { proc, port, root, _dir: dir })
     }
 
     async fn start_and_wait(&self) -> Result<()> {
         self.proc.spawn()?;
         let addr = format!("127.0.0.1:{}", self.port);
-        let ready = poll(
-            STARTUP_TIMEOUT,
-            &format!("s3s-fs to answer HTTP on {addr}"),
-            || async {
-                if let Some(status) = self.proc.exited() {
-                    return Attempt::Fail(anyhow!("s3s-fs exited with {status}"));
-                }
-                match http_get(&addr, "/").await {
-                    Ok(_) => Attempt::Done(()),
-                    Err(e) => Attempt::Retry(e),
-                }
-            },
-        )
+        let ready = poll(STARTUP_TIMEOUT, &format!("s3s-fs to answer HTTP on {addr}"), || async {
+            if let Some(status) = self.proc.exited() {
+                return Attempt::Fail(anyhow!("s3s-fs exited with {status}"));
+            }
+            match http_get(&addr, "/").await {
+                Ok(_) => Attempt::Done(()),
+                Err(e) => Attempt::Retry(e),
+            }
+        })
         .await;
         ready.map_err(|e| {
             self.proc.kill();

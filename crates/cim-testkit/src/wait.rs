@@ -80,9 +80,7 @@ where
     loop {
         attempts += 1;
         // Give even a late attempt a little time, so a zero timeout still tries once.
-        let budget = deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(50));
+        let budget = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(50));
         match tokio::time::timeout(budget, f()).await {
             Ok(Attempt::Done(v)) => return Ok(v),
             Ok(Attempt::Retry(e)) => last = e,
@@ -91,10 +89,9 @@ where
         }
         let now = Instant::now();
         if now >= deadline {
-            return Err(last.context(format!(
-                "timed out after {:?} ({attempts} attempts) waiting for {what}",
-                now - start
-            )));
+            return Err(
+                last.context(format!("timed out after {:?} ({attempts} attempts) waiting for {what}", now - start))
+            );
         }
         tokio::time::sleep(pause.min(deadline - now)).await;
         pause = (pause * 2).min(MAX_PAUSE);
@@ -111,13 +108,8 @@ pub fn free_port() -> u16 {
     let handed_out = HANDED_OUT.get_or_init(Default::default);
     loop {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0");
-        let port = listener
-            .local_addr()
-            .expect("local_addr of a bound listener")
-            .port();
-        let mut seen = handed_out
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let port = listener.local_addr().expect("local_addr of a bound listener").port();
+        let mut seen = handed_out.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if seen.insert(port) {
             return port;
         }
@@ -134,13 +126,7 @@ mod tests {
         let v = eventually(Duration::from_secs(5), "three tries", || {
             n += 1;
             let n = n;
-            async move {
-                if n >= 3 {
-                    Ok(n)
-                } else {
-                    Err(anyhow!("only {n}"))
-                }
-            }
+            async move { if n >= 3 { Ok(n) } else { Err(anyhow!("only {n}")) } }
         })
         .await
         .unwrap();
@@ -161,11 +147,9 @@ mod tests {
         });
         assert_eq!(spawned.await.unwrap().unwrap(), 2);
 
-        let err = eventually(Duration::from_millis(50), "the impossible", || async {
-            Err::<(), _>(anyhow!("nope"))
-        })
-        .await
-        .unwrap_err();
+        let err = eventually(Duration::from_millis(50), "the impossible", || async { Err::<(), _>(anyhow!("nope")) })
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("the impossible"), "{err:#}");
         assert!(format!("{err:#}").contains("nope"), "{err:#}");
     }

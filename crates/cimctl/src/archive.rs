@@ -44,13 +44,18 @@ impl ArchiveConn {
         }
         let all = self.targets()?;
         let names: Vec<String> = all.iter().map(|t| t.name.clone()).collect();
-        all.into_iter().find(|t| t.name == name).with_context(|| format!("no archive target named {name} (configured: {})", names.join(", ")))
+        all.into_iter()
+            .find(|t| t.name == name)
+            .with_context(|| format!("no archive target named {name} (configured: {})", names.join(", ")))
     }
 
     async fn jetstream(&self) -> Result<jetstream::Context> {
         let mut opts = async_nats::ConnectOptions::new().name("cimctl-archive");
         if let Some(creds) = &self.nats_creds {
-            opts = opts.credentials_file(creds).await.with_context(|| format!("reading NATS credentials {}", creds.display()))?;
+            opts = opts
+                .credentials_file(creds)
+                .await
+                .with_context(|| format!("reading NATS credentials {}", creds.display()))?;
         }
         let urls: Vec<&str> = self.nats_url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
         let client = tokio::time::timeout(Duration::from_secs(10), opts.connect(urls))
@@ -103,7 +108,10 @@ fn restore_into(archive: &str, leaf: Option<&str>) -> Result<String, String> {
     match (storage_manager::archive::mirrored_stream(archive), leaf) {
         (Some((stream, l)), Some(want)) if l == want.to_ascii_uppercase() => Ok(stream),
         (Some((_, l)), Some(want)) => Err(format!("skipped: the cluster's mirror of leaf {l}, not of {want}")),
-        (Some((stream, l)), None) => Err(format!("skipped: the cluster's mirror of {stream} on leaf {l} (restore a leaf from it with --leaf {})", l.to_ascii_lowercase())),
+        (Some((stream, l)), None) => Err(format!(
+            "skipped: the cluster's mirror of {stream} on leaf {l} (restore a leaf from it with --leaf {})",
+            l.to_ascii_lowercase()
+        )),
         (None, Some(want)) => Err(format!("skipped: not a mirror of leaf {want}")),
         (None, None) => Ok(archive.to_string()),
     }
@@ -144,7 +152,8 @@ pub async fn restore(args: RestoreArgs) -> Result<ExitCode> {
     if names.is_empty() {
         bail!("target {} holds no archived stream under {:?}", s3.target().name, s3.target().prefix);
     }
-    let plan: Vec<(&String, Result<String, String>)> = names.iter().map(|n| (n, restore_into(n, args.leaf.as_deref()))).collect();
+    let plan: Vec<(&String, Result<String, String>)> =
+        names.iter().map(|n| (n, restore_into(n, args.leaf.as_deref()))).collect();
     if let Some(leaf) = &args.leaf
         && plan.iter().all(|(_, p)| p.is_err())
     {
@@ -187,7 +196,10 @@ pub async fn restore(args: RestoreArgs) -> Result<ExitCode> {
                 };
                 let info = stream.get_info().await.map_err(|e| e.to_string())?;
                 if info.state.messages > 0 || info.state.last_sequence > 0 {
-                    return Err(format!("stream is not empty ({} messages): restore needs a fresh JetStream", info.state.messages));
+                    return Err(format!(
+                        "stream is not empty ({} messages): restore needs a fresh JetStream",
+                        info.state.messages
+                    ));
                 }
                 Ok::<_, String>(())
             }
@@ -220,7 +232,10 @@ pub async fn restore(args: RestoreArgs) -> Result<ExitCode> {
 
 fn print_report(r: &StreamReport, verb: &str) {
     if r.messages > 0 {
-        println!("{}: {verb} {} messages, sequences {}..{}, {} segments", r.stream, r.messages, r.first_seq, r.last_seq, r.segments);
+        println!(
+            "{}: {verb} {} messages, sequences {}..{}, {} segments",
+            r.stream, r.messages, r.first_seq, r.last_seq, r.segments
+        );
     } else {
         println!("{}: {verb} 0 messages", r.stream);
     }
@@ -286,7 +301,11 @@ pub async fn run(args: ArchiveArgs) -> Result<ExitCode> {
                             r.bucket,
                             r.verified,
                             r.bytes,
-                            if r.not_by_cid > 0 { format!(", {} not named by a CID (checked through the stream)", r.not_by_cid) } else { String::new() }
+                            if r.not_by_cid > 0 {
+                                format!(", {} not named by a CID (checked through the stream)", r.not_by_cid)
+                            } else {
+                                String::new()
+                            }
                         );
                         for p in &r.problems {
                             println!("{}/objects/{}: PROBLEM: {p}", s3.target().name, r.bucket);

@@ -65,14 +65,26 @@ pub async fn run(args: BenchGatewayArgs) -> Result<ExitCode> {
     let http = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(256).build()?;
     let base = format!("http://{listen}");
     until("information-unit ready", || async { iu.status().await.is_ok() }).await?;
-    until("ui-gateway ready", || async { http.get(format!("{base}/api/openapi.json")).send().await.is_ok_and(|r| r.status().is_success()) }).await?;
+    until("ui-gateway ready", || async {
+        http.get(format!("{base}/api/openapi.json")).send().await.is_ok_and(|r| r.status().is_success())
+    })
+    .await?;
 
     // A writer token, stored the way `cimctl token create` stores it.
     let js = async_nats::jetstream::new(client.clone());
-    let bucket = resources::kv_buckets(Component::UiGateway).into_iter().find(|b| b.bucket.ends_with(gateway::KV_TOKENS)).context("token bucket")?;
+    let bucket = resources::kv_buckets(Component::UiGateway)
+        .into_iter()
+        .find(|b| b.bucket.ends_with(gateway::KV_TOKENS))
+        .context("token bucket")?;
     let store = js.get_key_value(&bucket.bucket).await?;
     let token = format!("{}bench_{}", gateway::TOKEN_PREFIX, uuid::Uuid::new_v4().simple());
-    let record = ApiToken { id: "bench".into(), name: "bench".into(), role: gateway::role::WRITER.into(), sha256: gateway::hash_token(&token), created_ms: 0 };
+    let record = ApiToken {
+        id: "bench".into(),
+        name: "bench".into(),
+        role: gateway::role::WRITER.into(),
+        sha256: gateway::hash_token(&token),
+        created_ms: 0,
+    };
     store.put(gateway::token_key("bench")?, record.encode_to_vec().into()).await?;
     let auth = format!("Bearer {token}");
 
@@ -86,7 +98,12 @@ pub async fn run(args: BenchGatewayArgs) -> Result<ExitCode> {
     for i in 0..n {
         let body = format!("{i:0>100}");
         let t = Instant::now();
-        let r = http.post(format!("{base}/api/v1/units?name=h{i}.txt")).header("authorization", &auth).body(body.clone()).send().await?;
+        let r = http
+            .post(format!("{base}/api/v1/units?name=h{i}.txt"))
+            .header("authorization", &auth)
+            .body(body.clone())
+            .send()
+            .await?;
         if r.status().as_u16() != 201 {
             bail!("create over http: {} {}", r.status(), r.text().await?);
         }
@@ -96,7 +113,13 @@ pub async fn run(args: BenchGatewayArgs) -> Result<ExitCode> {
         let body = format!("d{i:0>99}");
         let t = Instant::now();
         let c = iu.put_bytes(body.as_bytes()).await?;
-        iu.create(CreateUnit { cid: c.cid, name: format!("d{i}.txt"), media_type: "text/plain".into(), ..Default::default() }).await?;
+        iu.create(CreateUnit {
+            cid: c.cid,
+            name: format!("d{i}.txt"),
+            media_type: "text/plain".into(),
+            ..Default::default()
+        })
+        .await?;
         direct_create.push(t.elapsed().as_secs_f64() * 1e3);
     }
     let (hp50, dp50) = (quantile(&mut http_create, 0.5), quantile(&mut direct_create, 0.5));
@@ -169,12 +192,23 @@ pub async fn run(args: BenchGatewayArgs) -> Result<ExitCode> {
     let content: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
     let committed = iu.put_bytes(&content).await?;
     drop(content);
-    let unit = iu.create(CreateUnit { cid: committed.cid.clone(), name: "big.bin".into(), media_type: "application/octet-stream".into(), ..Default::default() }).await?;
+    let unit = iu
+        .create(CreateUnit {
+            cid: committed.cid.clone(),
+            name: "big.bin".into(),
+            media_type: "application/octet-stream".into(),
+            ..Default::default()
+        })
+        .await?;
     let (mut best_http, mut best_raw) = (0f64, 0f64);
     let bucket = iu.content_store().await?;
     for _ in 0..3 {
         let t = Instant::now();
-        let mut r = http.get(format!("{base}/api/v1/units/{}/content", unit.unit_id)).header("authorization", &auth).send().await?;
+        let mut r = http
+            .get(format!("{base}/api/v1/units/{}/content", unit.unit_id))
+            .header("authorization", &auth)
+            .send()
+            .await?;
         let mut got = 0usize;
         while let Some(c) = r.chunk().await? {
             got += c.len();
@@ -199,7 +233,11 @@ pub async fn run(args: BenchGatewayArgs) -> Result<ExitCode> {
         }
         best_raw = best_raw.max(size as f64 / t.elapsed().as_secs_f64() / 1e6);
     }
-    println!("| download {} MiB (best of 3), vs raw object-store read | {best_http:.0} MB/s | {best_raw:.0} MB/s | {:.2}× |", args.download_mib, best_raw / best_http);
+    println!(
+        "| download {} MiB (best of 3), vs raw object-store read | {best_http:.0} MB/s | {best_raw:.0} MB/s | {:.2}× |",
+        args.download_mib,
+        best_raw / best_http
+    );
 
     // Live-event fan-out.
     let sent: Arc<Mutex<std::collections::HashMap<u64, Instant>>> = Arc::default();
@@ -208,10 +246,19 @@ pub async fn run(args: BenchGatewayArgs) -> Result<ExitCode> {
     let mut clients = Vec::new();
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(args.sse_clients);
     for _ in 0..args.sse_clients {
-        let (http, base, auth, sent, lags, ready) = (http.clone(), base.clone(), auth.clone(), sent.clone(), lags.clone(), ready_tx.clone());
+        let (http, base, auth, sent, lags, ready) =
+            (http.clone(), base.clone(), auth.clone(), sent.clone(), lags.clone(), ready_tx.clone());
         clients.push(tokio::spawn(async move {
-            let filter = cim_events::subject::action_filter(Component::InformationUnit, cim_events::iu::UNIT, cim_events::iu::action::CREATED)?;
-            let mut r = http.get(format!("{base}/api/v1/events?component=iu&filter={filter}")).header("authorization", &auth).send().await?;
+            let filter = cim_events::subject::action_filter(
+                Component::InformationUnit,
+                cim_events::iu::UNIT,
+                cim_events::iu::action::CREATED,
+            )?;
+            let mut r = http
+                .get(format!("{base}/api/v1/events?component=iu&filter={filter}"))
+                .header("authorization", &auth)
+                .send()
+                .await?;
             if !r.status().is_success() {
                 bail!("events: {}", r.status());
             }
@@ -223,11 +270,15 @@ pub async fn run(args: BenchGatewayArgs) -> Result<ExitCode> {
                 buf.push_str(&String::from_utf8_lossy(&c));
                 while let Some(end) = buf.find("\n\n") {
                     let frame: String = buf.drain(..end + 2).collect();
-                    if let Some(id) = frame.lines().find_map(|l| l.strip_prefix("id:")).and_then(|v| v.trim().parse::<u64>().ok()) {
+                    if let Some(id) =
+                        frame.lines().find_map(|l| l.strip_prefix("id:")).and_then(|v| v.trim().parse::<u64>().ok())
+                    {
                         seen += 1;
                         let at = sent.lock().unwrap_or_else(|e| e.into_inner()).get(&id).copied();
                         if let Some(at) = at {
-                            lags.lock().unwrap_or_else(|e| e.into_inner()).push(now.duration_since(at).as_secs_f64() * 1e3);
+                            lags.lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push(now.duration_since(at).as_secs_f64() * 1e3);
                         }
                     }
                 }
@@ -245,7 +296,14 @@ pub async fn run(args: BenchGatewayArgs) -> Result<ExitCode> {
     for i in 0..want {
         let c = iu.put_bytes(format!("fan-out {i}").as_bytes()).await?;
         let sent_at = Instant::now();
-        let r = iu.create(CreateUnit { cid: c.cid, name: format!("f{i}.txt"), media_type: "text/plain".into(), ..Default::default() }).await?;
+        let r = iu
+            .create(CreateUnit {
+                cid: c.cid,
+                name: format!("f{i}.txt"),
+                media_type: "text/plain".into(),
+                ..Default::default()
+            })
+            .await?;
         sent.lock().unwrap_or_else(|e| e.into_inner()).insert(r.version, sent_at);
     }
     for c in clients {

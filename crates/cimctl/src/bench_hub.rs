@@ -8,7 +8,10 @@
 
 use std::{
     process::{ExitCode, Stdio},
-    sync::{Arc, atomic::{AtomicU64, Ordering}},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -55,7 +58,11 @@ async fn receiver() -> Result<(std::net::SocketAddr, Arc<AtomicU64>)> {
                         continue;
                     };
                     let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
-                    let len: usize = head.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
                     while raw.len() < end + 4 + len {
                         match conn.read(&mut buf).await {
                             Ok(0) | Err(_) => return,
@@ -100,7 +107,14 @@ pub async fn run(args: BenchHubArgs) -> Result<ExitCode> {
     )?;
     let log = tempfile::Builder::new().prefix("cimctl-bench-hub-").suffix(".log").tempfile()?;
     let _hub = tokio::process::Command::new(&bin)
-        .args(["--nats-url", &nats.url(), "--hub-config", config.to_str().unwrap_or_default(), "--hub-webhook-listen", "127.0.0.1:0"])
+        .args([
+            "--nats-url",
+            &nats.url(),
+            "--hub-config",
+            config.to_str().unwrap_or_default(),
+            "--hub-webhook-listen",
+            "127.0.0.1:0",
+        ])
         .env("CIM_BENCH_SECRET", SECRET)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
@@ -108,11 +122,14 @@ pub async fn run(args: BenchHubArgs) -> Result<ExitCode> {
         .stderr(log.reopen()?)
         .kill_on_drop(true)
         .spawn()?;
-    let listing: serde_json::Value = cim_testkit::eventually(Duration::from_secs(60), "integration-hub answering", || async {
-        let r = tokio::time::timeout(Duration::from_secs(1), client.request(hub::query(hub::qry::SOURCES)?, "".into())).await??;
-        Ok(serde_json::from_slice(&r.payload)?)
-    })
-    .await?;
+    let listing: serde_json::Value =
+        cim_testkit::eventually(Duration::from_secs(60), "integration-hub answering", || async {
+            let r =
+                tokio::time::timeout(Duration::from_secs(1), client.request(hub::query(hub::qry::SOURCES)?, "".into()))
+                    .await??;
+            Ok(serde_json::from_slice(&r.payload)?)
+        })
+        .await?;
     let webhook_addr = listing["webhook_addr"].as_str().context("webhook_addr")?.to_string();
     // The subscription's consumer exists once the hub is ready; pause it while events pile up.
     let pause = SubscriptionCommand { subscription: "bench".into(), reason: "bench".into() }.encode_to_vec();
@@ -122,7 +139,8 @@ pub async fn run(args: BenchHubArgs) -> Result<ExitCode> {
     let bodies: Vec<(async_nats::HeaderMap, bytes::Bytes)> = (0..args.events)
         .map(|n| {
             let env = Envelope::root::<UnitCreated>("bench");
-            let payload = UnitCreated { unit_id: format!("u{n}"), name: "x".repeat(args.payload), ..Default::default() };
+            let payload =
+                UnitCreated { unit_id: format!("u{n}"), name: "x".repeat(args.payload), ..Default::default() };
             cim_events::payload::encode(&env, &payload)
         })
         .collect();
@@ -142,7 +160,12 @@ pub async fn run(args: BenchHubArgs) -> Result<ExitCode> {
 
     // The hub: events are in the stream, the subscription resumes, delivery is timed to the last.
     for (n, (headers, body)) in bodies.iter().enumerate() {
-        js.publish_with_headers(cim_events::iu::unit_event(&format!("u{n}"), cim_events::iu::action::CREATED)?, headers.clone(), body.clone()).await?;
+        js.publish_with_headers(
+            cim_events::iu::unit_event(&format!("u{n}"), cim_events::iu::action::CREATED)?,
+            headers.clone(),
+            body.clone(),
+        )
+        .await?;
     }
     js.publish(cim_events::iu::unit_event("flush", "probe")?, "".into()).await?.await?;
     let before = received.load(Ordering::SeqCst);
@@ -197,11 +220,20 @@ pub async fn run(args: BenchHubArgs) -> Result<ExitCode> {
     };
     anyhow::ensure!(stored == args.events, "{stored} webhook events stored, expected {}", args.events);
 
-    println!("## integration-hub: {} events of ~{} bytes, {} concurrent webhook senders\n", args.events, args.payload, args.callers);
+    println!(
+        "## integration-hub: {} events of ~{} bytes, {} concurrent webhook senders\n",
+        args.events, args.payload, args.callers
+    );
     println!("| scenario | hub | raw baseline | hub / raw |");
     println!("| --- | ---: | ---: | ---: |");
-    println!("| outbound deliveries/s (ordered, signed, logged) vs raw HTTP POSTs one at a time | {hub_out:.0} | {raw_out:.0} | {:.2} |", hub_out / raw_out);
-    println!("| inbound webhooks → events/s (verified, de-duplicated) vs raw JetStream publish | {hub_in:.0} | {raw_in:.0} | {:.2} |", hub_in / raw_in);
+    println!(
+        "| outbound deliveries/s (ordered, signed, logged) vs raw HTTP POSTs one at a time | {hub_out:.0} | {raw_out:.0} | {:.2} |",
+        hub_out / raw_out
+    );
+    println!(
+        "| inbound webhooks → events/s (verified, de-duplicated) vs raw JetStream publish | {hub_in:.0} | {raw_in:.0} | {:.2} |",
+        hub_in / raw_in
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -212,7 +244,8 @@ where
     Fut: std::future::Future<Output = Result<()>>,
 {
     let t = Instant::now();
-    let results: Vec<Result<()>> = futures::stream::iter(0..n).map(&op).buffer_unordered(callers.max(1)).collect().await;
+    let results: Vec<Result<()>> =
+        futures::stream::iter(0..n).map(&op).buffer_unordered(callers.max(1)).collect().await;
     for r in results {
         r?;
     }

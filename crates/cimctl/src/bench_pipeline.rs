@@ -18,9 +18,7 @@ use anyhow::{Context, Result, bail};
 use async_nats::jetstream;
 use bytes::Bytes;
 use cim_events::{
-    Envelope,
-    pipeline as pl,
-    plugin,
+    Envelope, pipeline as pl, plugin,
     proto::{
         iu::{CreateUnit, GetUnit},
         pipeline::RunRequested,
@@ -59,7 +57,10 @@ pub async fn run(args: BenchPipelineArgs) -> Result<ExitCode> {
     let url = nats.url();
     let client = nats.connect().await;
     let iu = IuClient::new(client.clone());
-    let (_iu, _l1) = spawn_sibling("information-unit", &["--nats-url", &url, "--max-in-flight", "1024", "--http-listen", "127.0.0.1:0"])?;
+    let (_iu, _l1) = spawn_sibling(
+        "information-unit",
+        &["--nats-url", &url, "--max-in-flight", "1024", "--http-listen", "127.0.0.1:0"],
+    )?;
     let (_ph, _l2) = spawn_sibling("plugin-host", &["--nats-url", &url, "--http-listen", "127.0.0.1:0"])?;
     let engine_args = ["--nats-url", url.as_str(), "--http-listen", "127.0.0.1:0", "--pipeline-max-runs", "64"];
     let (_e1, _l3) = spawn_sibling("pipeline-engine", &engine_args)?;
@@ -72,7 +73,13 @@ pub async fn run(args: BenchPipelineArgs) -> Result<ExitCode> {
         }
     })
     .await?;
-    until("pipeline-engine ready", || async { client.request(pl::query(pl::qry::LIST).unwrap_or_default(), "{}".into()).await.is_ok_and(|m| m.headers.as_ref().is_none_or(|h| h.get("Nats-Service-Error-Code").is_none())) }).await?;
+    until("pipeline-engine ready", || async {
+        client
+            .request(pl::query(pl::qry::LIST).unwrap_or_default(), "{}".into())
+            .await
+            .is_ok_and(|m| m.headers.as_ref().is_none_or(|h| h.get("Nats-Service-Error-Code").is_none()))
+    })
+    .await?;
 
     let definition = serde_json::json!({
         "name": "bench3",
@@ -83,17 +90,31 @@ pub async fn run(args: BenchPipelineArgs) -> Result<ExitCode> {
             {"id": "three", "plugin": "identity@1.0.0", "input": "two.output"}
         ]
     });
-    let reply = client.request(pl::command(pl::cmd::APPLY)?, serde_json::json!({ "definition": definition }).to_string().into()).await?;
+    let reply = client
+        .request(pl::command(pl::cmd::APPLY)?, serde_json::json!({ "definition": definition }).to_string().into())
+        .await?;
     if let Some(h) = &reply.headers
         && h.get("Nats-Service-Error-Code").is_some()
     {
         bail!("apply failed: {:?}", h.get("Nats-Service-Error"));
     }
     let content = iu.put_bytes(&[b'x'; 100]).await?;
-    let create = |n: usize| CreateUnit { cid: content.cid.clone(), name: format!("b{n}"), media_type: "text/plain".into(), tags: vec!["bench".into()], ..Default::default() };
+    let create = |n: usize| CreateUnit {
+        cid: content.cid.clone(),
+        name: format!("b{n}"),
+        media_type: "text/plain".into(),
+        tags: vec!["bench".into()],
+        ..Default::default()
+    };
 
     // Latency: one run at a time, trigger event seen → completion seen, on core NATS.
-    let mut created = client.subscribe(cim_events::subject::action_filter(cim_events::Component::InformationUnit, cim_events::iu::UNIT, cim_events::iu::action::CREATED)?).await?;
+    let mut created = client
+        .subscribe(cim_events::subject::action_filter(
+            cim_events::Component::InformationUnit,
+            cim_events::iu::UNIT,
+            cim_events::iu::action::CREATED,
+        )?)
+        .await?;
     let mut completed = client.subscribe(pl::run_action(pl::action::COMPLETED)?).await?;
     client.flush().await?;
     let mut e2e = Vec::with_capacity(args.runs);
@@ -112,9 +133,16 @@ pub async fn run(args: BenchPipelineArgs) -> Result<ExitCode> {
     let js = jetstream::new(client.clone());
     let stream = "BENCH_PIPELINE_RAW";
     let _ = js.delete_stream(stream).await;
-    js.create_stream(jetstream::stream::Config { name: stream.into(), subjects: vec!["bench.pipeline.raw.>".into()], ..Default::default() }).await?;
+    js.create_stream(jetstream::stream::Config {
+        name: stream.into(),
+        subjects: vec!["bench.pipeline.raw.>".into()],
+        ..Default::default()
+    })
+    .await?;
     let identity = plugin::invoke_subject("identity", "1.0.0")?;
-    let event = Bytes::from(RunRequested { run_id: "r".into(), pipeline: "bench3".into(), ..Default::default() }.encode_to_vec());
+    let event = Bytes::from(
+        RunRequested { run_id: "r".into(), pipeline: "bench3".into(), ..Default::default() }.encode_to_vec(),
+    );
     let invoke = Bytes::from(InvokeRequest { input: vec![b'x'; 100], ..Default::default() }.encode_to_vec());
     let get = Bytes::from(GetUnit { unit_id: "unknown-unit".into(), ..Default::default() }.encode_to_vec());
     let headers = Envelope::root::<RunRequested>("bench").to_headers();
@@ -122,7 +150,9 @@ pub async fn run(args: BenchPipelineArgs) -> Result<ExitCode> {
     for n in 0..args.runs + 10 {
         let t = Instant::now();
         for i in 0..9 {
-            js.publish_with_headers(format!("bench.pipeline.raw.{n}.{i}"), headers.clone(), event.clone()).await?.await?;
+            js.publish_with_headers(format!("bench.pipeline.raw.{n}.{i}"), headers.clone(), event.clone())
+                .await?
+                .await?;
         }
         for _ in 0..3 {
             client.request(identity.clone(), invoke.clone()).await?;
@@ -163,7 +193,11 @@ pub async fn run(args: BenchPipelineArgs) -> Result<ExitCode> {
     let (r50, r99) = (quantile(&mut raw, 0.5), quantile(&mut raw, 0.99));
     println!("| scenario | raw baseline | pipeline | ratio |");
     println!("| --- | --- | --- | --- |");
-    println!("| 3 identity steps, trigger → completed, p50 ({} runs) | {r50:.2} ms | {p50:.2} ms | {:.2}x |", args.runs, p50 / r50);
+    println!(
+        "| 3 identity steps, trigger → completed, p50 ({} runs) | {r50:.2} ms | {p50:.2} ms | {:.2}x |",
+        args.runs,
+        p50 / r50
+    );
     println!("| 3 identity steps, trigger → completed, p99 | {r99:.2} ms | {p99:.2} ms | {:.2}x |", p99 / r99);
     let (one, two) = (rates[&1], rates[&2]);
     println!("| runs/s, 1 engine ({} units at once) | - | {one:.0}/s | - |", args.burst);
@@ -175,7 +209,8 @@ pub async fn run(args: BenchPipelineArgs) -> Result<ExitCode> {
 async fn count_instances(client: &async_nats::Client) -> usize {
     let inbox = client.new_inbox();
     let Ok(mut sub) = client.subscribe(inbox.clone()).await else { return 0 };
-    let subject = cim_events::subject::micro(cim_events::subject::MicroVerb::Ping, cim_events::Component::PipelineEngine);
+    let subject =
+        cim_events::subject::micro(cim_events::subject::MicroVerb::Ping, cim_events::Component::PipelineEngine);
     if client.publish_with_reply(subject, inbox, Bytes::new()).await.is_err() {
         return 0;
     }

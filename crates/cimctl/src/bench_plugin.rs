@@ -65,7 +65,11 @@ impl Host {
         let q = ListPlugins { name: "identity".into(), capability: String::new() }.encode_to_vec();
         loop {
             let ready = async {
-                let m = tokio::time::timeout(Duration::from_secs(1), client.request(plugin::query(plugin::qry::LIST)?, q.clone().into())).await??;
+                let m = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    client.request(plugin::query(plugin::qry::LIST)?, q.clone().into()),
+                )
+                .await??;
                 anyhow::Ok(ListReply::decode(m.payload)?.plugins.iter().any(|p| p.state == "ready"))
             };
             if ready.await.unwrap_or(false) {
@@ -84,7 +88,12 @@ impl Host {
     }
 }
 
-async fn sequential(client: &async_nats::Client, subject: &str, body: &Bytes, n: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+async fn sequential(
+    client: &async_nats::Client,
+    subject: &str,
+    body: &Bytes,
+    n: usize,
+) -> Result<(Vec<f64>, Vec<f64>)> {
     let mut rtt = Vec::with_capacity(n);
     let mut inside = Vec::new();
     for _ in 0..n {
@@ -100,7 +109,13 @@ async fn sequential(client: &async_nats::Client, subject: &str, body: &Bytes, n:
     Ok((rtt, inside))
 }
 
-async fn throughput(client: &async_nats::Client, subject: &str, body: Bytes, callers: usize, seconds: f64) -> Result<f64> {
+async fn throughput(
+    client: &async_nats::Client,
+    subject: &str,
+    body: Bytes,
+    callers: usize,
+    seconds: f64,
+) -> Result<f64> {
     let stop = Instant::now() + Duration::from_secs_f64(seconds);
     let mut tasks = Vec::new();
     for _ in 0..callers {
@@ -172,9 +187,14 @@ pub async fn run(args: BenchPluginArgs) -> Result<ExitCode> {
             }
             let (raw, wasm, inside) = (median(raw), median(wasm), median(inside));
             rows.push(format!("| identity plugin round trip ({} B) vs raw NATS request/reply | {raw:.0} µs | {wasm:.0} µs | {:.2}x | ≤ 1.5x |", args.payload, wasm / raw));
-            rows.push(format!("| in-process instantiate + call (identity, host-reported) | - | {inside:.0} µs | - | tens of µs |"));
+            rows.push(format!(
+                "| in-process instantiate + call (identity, host-reported) | - | {inside:.0} µs | - | tens of µs |"
+            ));
             let (_, crc_inside) = sequential(&client, &crc, &big, 50).await?;
-            rows.push(format!("| in-process instantiate + call (crc32 of 256 KiB) | - | {:.0} µs | - | - |", median(crc_inside)));
+            rows.push(format!(
+                "| in-process instantiate + call (crc32 of 256 KiB) | - | {:.0} µs | - | - |",
+                median(crc_inside)
+            ));
         }
         let trivial = throughput(&client, &identity, small.clone(), args.callers, args.seconds).await?;
         let heavy = throughput(&client, &crc, big.clone(), args.callers, args.seconds).await?;
@@ -207,7 +227,10 @@ pub async fn run(args: BenchPluginArgs) -> Result<ExitCode> {
         rows.push(format!("| invocations/s, parallelism {p}, crc32 of 256 KiB | - | {heavy:.0}/s | - | - |"));
     }
     if let [(_, _, h1), (_, _, h2)] = per_parallelism.as_slice() {
-        rows.push(format!("| crc32 speed-up from parallelism 1 to 2 | - | {:.2}x | - | ~2x on 2 free cores |", h2 / h1));
+        rows.push(format!(
+            "| crc32 speed-up from parallelism 1 to 2 | - | {:.2}x | - | ~2x on 2 free cores |",
+            h2 / h1
+        ));
     }
     responder.abort();
     println!("| scenario | raw baseline | plugin | ratio | aim |");

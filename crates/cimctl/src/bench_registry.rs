@@ -69,8 +69,14 @@ impl Drop for Registry {
     }
 }
 
-async fn ask<R: prost::Message + Default>(client: &async_nats::Client, subject: &str, req: &impl prost::Message) -> Result<R> {
-    let reply = tokio::time::timeout(Duration::from_secs(10), client.request(subject.to_string(), req.encode_to_vec().into())).await??;
+async fn ask<R: prost::Message + Default>(
+    client: &async_nats::Client,
+    subject: &str,
+    req: &impl prost::Message,
+) -> Result<R> {
+    let reply =
+        tokio::time::timeout(Duration::from_secs(10), client.request(subject.to_string(), req.encode_to_vec().into()))
+            .await??;
     if let Some(code) = reply.headers.as_ref().and_then(|h| h.get("Nats-Service-Error-Code")) {
         bail!("{subject}: error {code}");
     }
@@ -151,7 +157,10 @@ pub async fn run(args: BenchRegistryArgs) -> Result<ExitCode> {
     let _registry = Registry::start(&bin, &nats.url(), "leaf").await?;
     let overview_subject = names::query(names::qry::OVERVIEW)?;
     let instances_subject = names::query(names::qry::INSTANCES)?;
-    wait_for("the registry to answer", Duration::from_secs(60), async || Ok(Some(ask::<Overview>(&client, &overview_subject, &GetOverview::default()).await?))).await?;
+    wait_for("the registry to answer", Duration::from_secs(60), async || {
+        Ok(Some(ask::<Overview>(&client, &overview_subject, &GetOverview::default()).await?))
+    })
+    .await?;
 
     // Baseline: a raw NATS request/reply to a trivial responder, same server, same client.
     let mut echo = client.subscribe("bench.echo").await?;
@@ -211,7 +220,14 @@ pub async fn run(args: BenchRegistryArgs) -> Result<ExitCode> {
         for _ in 0..rounds {
             tick.tick().await;
             for (c, id, inc, src) in &beats {
-                let hb = ServiceHeartbeat { component: c.token().into(), instance_id: id.clone(), uptime_ms: 1, ready: true, incarnation: inc.clone(), ..Default::default() };
+                let hb = ServiceHeartbeat {
+                    component: c.token().into(),
+                    instance_id: id.clone(),
+                    uptime_ms: 1,
+                    ready: true,
+                    incarnation: inc.clone(),
+                    ..Default::default()
+                };
                 let (h, b) = encode(&Envelope::root::<ServiceHeartbeat>(src.clone()), &hb);
                 if let Ok(s) = subject::lifecycle(*c, id, Lifecycle::Heartbeat) {
                     let _ = beat_client.publish_with_headers(s, h, b).await;
@@ -253,18 +269,34 @@ pub async fn run(args: BenchRegistryArgs) -> Result<ExitCode> {
     let falsely_lost = want.saturating_sub(l.instances.len());
     // Goodbye, so the simulated instances do not linger as lost.
     for s in &sims {
-        let g = ServiceStopped { component: s.component.token().into(), instance_id: s.id.clone(), reason: "bench over".into(), incarnation: s.incarnation.clone() };
+        let g = ServiceStopped {
+            component: s.component.token().into(),
+            instance_id: s.id.clone(),
+            reason: "bench over".into(),
+            incarnation: s.incarnation.clone(),
+        };
         let (h, b) = encode(&Envelope::root::<ServiceStopped>(source(s)), &g);
         client.publish_with_headers(subject::lifecycle(s.component, &s.id, Lifecycle::Goodbye)?, h, b).await?;
     }
     client.flush().await?;
     echo_task.abort();
 
-    println!("## registry: {} simulated instances, heartbeat every {} ms for {} s\n", args.instances, args.interval_ms, args.seconds);
+    println!(
+        "## registry: {} simulated instances, heartbeat every {} ms for {} s\n",
+        args.instances, args.interval_ms, args.seconds
+    );
     println!("| measurement | value |");
     println!("| --- | ---: |");
-    println!("| registration of {} instances (announce → all listed) | {:.2} s |", args.instances, registration.as_secs_f64());
-    println!("| heartbeats sent / processed by the registry (its own included) | {} / {} |", sent, caught.heartbeats_seen.saturating_sub(before.heartbeats_seen));
+    println!(
+        "| registration of {} instances (announce → all listed) | {:.2} s |",
+        args.instances,
+        registration.as_secs_f64()
+    );
+    println!(
+        "| heartbeats sent / processed by the registry (its own included) | {} / {} |",
+        sent,
+        caught.heartbeats_seen.saturating_sub(before.heartbeats_seen)
+    );
     println!("| heartbeat rate | {:.0} /s |", sent as f64 / (args.seconds as f64).max(0.001));
     println!("| registry caught up after the last heartbeat | {} |", ms(behind));
     println!("| instances falsely marked lost | {falsely_lost} |");
@@ -273,7 +305,13 @@ pub async fn run(args: BenchRegistryArgs) -> Result<ExitCode> {
     println!("| --- | ---: | ---: | ---: |");
     println!("| raw NATS request/reply (baseline) | {} | {} | 1.00 |", ms(raw50), ms(raw99));
     let ratio = |d: Duration| d.as_secs_f64() / raw50.as_secs_f64().max(1e-9);
-    println!("| find by capability ({} matches) | {} | {} | {:.1} |", (args.instances + 1) / 7, ms(find50), ms(find99), ratio(find50));
+    println!(
+        "| find by capability ({} matches) | {} | {} | {:.1} |",
+        (args.instances + 1) / 7,
+        ms(find50),
+        ms(find99),
+        ratio(find50)
+    );
     println!("| list all {} instances | {} | {} | {:.1} |", args.instances, ms(list50), ms(list99), ratio(list50));
     println!("| overview (problems included) | {} | {} | {:.1} |", ms(ov50), ms(ov99), ratio(ov50));
 
@@ -283,7 +321,10 @@ pub async fn run(args: BenchRegistryArgs) -> Result<ExitCode> {
         let urls = cluster.urls().join(",");
         let _reg = Registry::start(&bin, &urls, "cluster").await?;
         let cclient = cluster.connect().await;
-        wait_for("the registry on the cluster", Duration::from_secs(120), async || Ok(Some(ask::<Overview>(&cclient, &overview_subject, &GetOverview::default()).await?))).await?;
+        wait_for("the registry on the cluster", Duration::from_secs(120), async || {
+            Ok(Some(ask::<Overview>(&cclient, &overview_subject, &GetOverview::default()).await?))
+        })
+        .await?;
         let exe = std::env::current_exe()?;
         let mut times = Vec::new();
         for _ in 0..5 {
@@ -298,7 +339,10 @@ pub async fn run(args: BenchRegistryArgs) -> Result<ExitCode> {
         println!();
         println!("| measurement | median of 5 |");
         println!("| --- | ---: |");
-        println!("| `cimctl status --json` on a 3-node cluster (R3, registry running; process start included) | {} |", ms(times[2]));
+        println!(
+            "| `cimctl status --json` on a 3-node cluster (R3, registry running; process start included) | {} |",
+            ms(times[2])
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use async_nats::{HeaderMap, jetstream};
 use bytes::Bytes;
-use futures::StreamExt;
 use cim_events::{Component, Tier, resources};
 use cim_testkit::{NatsServer, S3Server};
+use futures::StreamExt;
 use storage_manager::archive::{self, ArchiveSettings, committed_position};
 use storage_manager::format::SegmentWriter;
 use storage_manager::restore::{self, Until};
@@ -55,7 +55,8 @@ fn payload(i: u64, len: usize) -> Bytes {
 async fn publish_all(js: &jetstream::Context, n: u64, len: usize) -> Result<()> {
     let mut acks = std::collections::VecDeque::new();
     for i in 0..n {
-        let subject = cim_events::subject::event(Component::InformationUnit, "unit", &format!("u{}", i % 1000), "tagged")?;
+        let subject =
+            cim_events::subject::event(Component::InformationUnit, "unit", &format!("u{}", i % 1000), "tagged")?;
         let mut h = HeaderMap::new();
         let id = format!("bench-{i}");
         h.insert("ce-id", id.as_str());
@@ -122,11 +123,8 @@ pub async fn run(args: BenchStorageArgs) -> Result<ExitCode> {
     let t = Instant::now();
     let mut read = 0u64;
     let mut read_bytes = 0usize;
-    let mut messages = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
-        .await?
-        .messages()
-        .await?;
+    let mut messages =
+        stream.create_consumer(jetstream::consumer::pull::OrderedConfig::default()).await?.messages().await?;
     while read < args.events {
         match messages.next().await {
             Some(m) => {
@@ -165,7 +163,8 @@ pub async fn run(args: BenchStorageArgs) -> Result<ExitCode> {
     let _ = task.await;
     eprintln!("archived");
 
-    let object = if args.object_mib > 0 { Some(bench_object(&js, &archive_c, &raw_c, args.object_mib).await?) } else { None };
+    let object =
+        if args.object_mib > 0 { Some(bench_object(&js, &archive_c, &raw_c, args.object_mib).await?) } else { None };
 
     // Restore into a fresh server vs raw publish of the same messages into another.
     let fresh = NatsServer::start().await?;
@@ -196,11 +195,7 @@ pub async fn run(args: BenchStorageArgs) -> Result<ExitCode> {
         mb / raw_put.as_secs_f64(),
         raw_put.as_secs_f64() / archived.as_secs_f64()
     );
-    println!(
-        "| archive events/s | {:.0} | {:.0} | |",
-        n / archived.as_secs_f64(),
-        n / raw_put.as_secs_f64()
-    );
+    println!("| archive events/s | {:.0} | {:.0} | |", n / archived.as_secs_f64(), n / raw_put.as_secs_f64());
     println!(
         "| restore events/s vs raw JetStream publish | {:.0} | {:.0} | {:.2} |",
         n / restored.as_secs_f64(),
@@ -251,7 +246,12 @@ impl ObjectFigures {
 
 /// One object of `mib` MiB in the content bucket: the archiver's copy by name (read from the
 /// object store while uploading) vs a raw multipart upload of the same bytes from memory.
-async fn bench_object(js: &jetstream::Context, archive_c: &S3Client, raw_c: &S3Client, mib: usize) -> Result<ObjectFigures> {
+async fn bench_object(
+    js: &jetstream::Context,
+    archive_c: &S3Client,
+    raw_c: &S3Client,
+    mib: usize,
+) -> Result<ObjectFigures> {
     let spec = resources::object_buckets(Component::InformationUnit).into_iter().next().expect("the content bucket");
     let store = js.create_object_store(spec.config(Tier::Leaf)).await?;
     let body: Vec<u8> = (0..mib as u64).flat_map(|i| payload(i, 1 << 20)).collect();

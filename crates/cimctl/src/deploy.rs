@@ -180,10 +180,8 @@ pub fn permissions(component: Component) -> Result<Permissions> {
         below(&subject::lifecycle(component, "instance", Lifecycle::Announce)?, 3),
         subject::dead_letters_of(component),
     ];
-    let mut subscribe = vec![
-        below(&subject::command(component, "action")?, 3),
-        below(&subject::query(component, "query")?, 3),
-    ];
+    let mut subscribe =
+        vec![below(&subject::command(component, "action")?, 3), below(&subject::query(component, "query")?, 3)];
     for verb in [MicroVerb::Ping, MicroVerb::Info, MicroVerb::Stats] {
         let own = subject::micro(verb, component); // $SRV.PING.cim-<token>
         let all: Vec<&str> = own.split('.').take(2).collect(); // $SRV.PING
@@ -234,7 +232,8 @@ pub fn permissions(component: Component) -> Result<Permissions> {
         for commanded in [Component::InformationUnit, Component::PipelineEngine] {
             publish.push(below(&subject::command(commanded, "action")?, 3));
         }
-        for other in [Component::InformationUnit, Component::Registry, Component::PluginHost, Component::PipelineEngine] {
+        for other in [Component::InformationUnit, Component::Registry, Component::PluginHost, Component::PipelineEngine]
+        {
             publish.push(below(&subject::query(other, "query")?, 3));
         }
         for obj in resources::object_buckets(Component::InformationUnit) {
@@ -242,7 +241,12 @@ pub fn permissions(component: Component) -> Result<Permissions> {
             streams.push((obj.stream_name(), false));
         }
         for other in Component::ALL.into_iter().filter(|c| *c != component) {
-            read_with_consumers(&mut publish, &resources::events_stream(other).name, &["CREATE", "INFO", "DELETE", "MSG.NEXT"], false);
+            read_with_consumers(
+                &mut publish,
+                &resources::events_stream(other).name,
+                &["CREATE", "INFO", "DELETE", "MSG.NEXT"],
+                false,
+            );
         }
     }
     // The storage manager archives every component's streams (events, dead letters, object
@@ -279,7 +283,12 @@ pub fn permissions(component: Component) -> Result<Permissions> {
             publish.push(format!("{}.$KV.{}.>", JS_API[1], kv.bucket));
             streams.push((kv.stream_name(), false));
         }
-        read_with_consumers(&mut publish, &resources::events_stream(Component::InformationUnit).name, DURABLE_READER, true);
+        read_with_consumers(
+            &mut publish,
+            &resources::events_stream(Component::InformationUnit).name,
+            DURABLE_READER,
+            true,
+        );
     }
     // The integration hub: webhooks with `target: unit` and the S3 import create units — the
     // information unit's commands and queries, content in its content bucket (as cim-iu-client
@@ -350,7 +359,8 @@ mod tests {
     #[test]
     fn leaf_mirror_permissions_name_every_mirror_the_storage_manager_creates() {
         let template = leaf_mirror_permissions().unwrap();
-        let granted: Vec<String> = template.iter().map(|s| s.replace(LEAF_PLACEHOLDER, &"leaf1".to_ascii_uppercase())).collect();
+        let granted: Vec<String> =
+            template.iter().map(|s| s.replace(LEAF_PLACEHOLDER, &"leaf1".to_ascii_uppercase())).collect();
         for stream in storage_manager::archived_streams() {
             let cfg = storage_manager::tiers::mirror_config(&stream, "leaf1", cim_events::Tier::Cluster).unwrap();
             for verb in ["STREAM.CREATE", "STREAM.INFO", "CONSUMER.CREATE", "STREAM.MSG.GET"] {
@@ -377,15 +387,30 @@ mod tests {
             let describe = subject::query(other, "describe").unwrap();
             assert!(p.publish.contains(&describe), "the registry asks {token} to describe itself");
             assert!(
-                !p.publish.iter().chain(&p.subscribe).filter(|s| **s != describe).any(|s| s.contains(&format!(".{token}.")) || s.contains(&format!("_{}_", token.to_ascii_uppercase()))),
+                !p.publish
+                    .iter()
+                    .chain(&p.subscribe)
+                    .filter(|s| **s != describe)
+                    .any(|s| s.contains(&format!(".{token}."))
+                        || s.contains(&format!("_{}_", token.to_ascii_uppercase()))),
                 "registry's permissions mention {token}: {p:?}"
             );
         }
         let hub = permissions(Component::IntegrationHub).unwrap();
-        assert!(hub.publish.contains(&"cim.cmd.iu.>".to_string()) && hub.publish.contains(&"$O.cim_iu_content.>".to_string()), "{:?}", hub.publish);
+        assert!(
+            hub.publish.contains(&"cim.cmd.iu.>".to_string())
+                && hub.publish.contains(&"$O.cim_iu_content.>".to_string()),
+            "{:?}",
+            hub.publish
+        );
         assert!(hub.publish.contains(&"$JS.*.API.CONSUMER.DURABLE.CREATE.CIM_IU_EVENTS.>".to_string()));
         assert!(hub.publish.contains(&"$JS.ACK.CIM_IU_EVENTS.>".to_string()));
-        assert!(!hub.publish.iter().any(|s| s.contains("CONSUMER.DELETE.CIM_IU_EVENTS") || s.contains("STREAM.DELETE.CIM_IU_EVENTS") || s == "$JS.API.STREAM.*.CIM_IU_EVENTS"), "others' streams are read only");
+        assert!(
+            !hub.publish.iter().any(|s| s.contains("CONSUMER.DELETE.CIM_IU_EVENTS")
+                || s.contains("STREAM.DELETE.CIM_IU_EVENTS")
+                || s == "$JS.API.STREAM.*.CIM_IU_EVENTS"),
+            "others' streams are read only"
+        );
         assert!(hub.subscribe.contains(&"cim.evt.hub.subscription.>".to_string()));
         let iu = permissions(Component::InformationUnit).unwrap();
         assert!(!iu.subscribe.contains(&"cim.svc.>".to_string()));

@@ -112,7 +112,10 @@ pub async fn run(args: IntegrationArgs) -> Result<ExitCode> {
     }
     let mut opts = async_nats::ConnectOptions::new().name("cimctl");
     if let Some(creds) = &args.nats_creds {
-        opts = opts.credentials_file(creds).await.with_context(|| format!("reading NATS credentials {}", creds.display()))?;
+        opts = opts
+            .credentials_file(creds)
+            .await
+            .with_context(|| format!("reading NATS credentials {}", creds.display()))?;
     }
     let urls: Vec<&str> = args.nats_url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
     let client = opts.connect(urls).await.with_context(|| format!("connecting to NATS at {}", args.nats_url))?;
@@ -137,9 +140,13 @@ pub async fn run(args: IntegrationArgs) -> Result<ExitCode> {
         IntegrationCommand::Add { .. } => unreachable!("handled above"),
         IntegrationCommand::List => {
             let sources: Value = serde_json::from_slice(&request(hub::query(hub::qry::SOURCES)?, Vec::new()).await?)?;
-            let subs: Value = serde_json::from_slice(&request(hub::query(hub::qry::SUBSCRIPTIONS)?, Vec::new()).await?)?;
+            let subs: Value =
+                serde_json::from_slice(&request(hub::query(hub::qry::SUBSCRIPTIONS)?, Vec::new()).await?)?;
             if args.json {
-                println!("{}", json!({ "webhook_addr": sources["webhook_addr"], "webhooks": sources["webhooks"], "subscriptions": subs["subscriptions"] }));
+                println!(
+                    "{}",
+                    json!({ "webhook_addr": sources["webhook_addr"], "webhooks": sources["webhooks"], "subscriptions": subs["subscriptions"] })
+                );
                 return Ok(ExitCode::SUCCESS);
             }
             match sources["webhook_addr"].as_str() {
@@ -147,27 +154,58 @@ pub async fn run(args: IntegrationArgs) -> Result<ExitCode> {
                 None => println!("webhooks: none configured"),
             }
             for w in sources["webhooks"].as_array().into_iter().flatten() {
-                println!("  {:<20} {:<8} {}", w["name"].as_str().unwrap_or(""), w["target"].as_str().unwrap_or(""), w["path"].as_str().unwrap_or(""));
+                println!(
+                    "  {:<20} {:<8} {}",
+                    w["name"].as_str().unwrap_or(""),
+                    w["target"].as_str().unwrap_or(""),
+                    w["path"].as_str().unwrap_or("")
+                );
             }
             println!("subscriptions");
             for s in subs["subscriptions"].as_array().into_iter().flatten() {
                 let state = if s["paused"] == true { "paused" } else { "active" };
-                println!("  {:<20} {:<7} pending {:<6} {} -> {}", s["name"].as_str().unwrap_or(""), state, s["pending"], s["filter"].as_str().unwrap_or(""), s["url"].as_str().unwrap_or(""));
+                println!(
+                    "  {:<20} {:<7} pending {:<6} {} -> {}",
+                    s["name"].as_str().unwrap_or(""),
+                    state,
+                    s["pending"],
+                    s["filter"].as_str().unwrap_or(""),
+                    s["url"].as_str().unwrap_or("")
+                );
             }
         }
-        IntegrationCommand::Pause { name, reason } => state(&request, &args.json, hub::cmd::PAUSE, name, reason).await?,
-        IntegrationCommand::Resume { name, reason } => state(&request, &args.json, hub::cmd::RESUME, name, reason).await?,
+        IntegrationCommand::Pause { name, reason } => {
+            state(&request, &args.json, hub::cmd::PAUSE, name, reason).await?
+        }
+        IntegrationCommand::Resume { name, reason } => {
+            state(&request, &args.json, hub::cmd::RESUME, name, reason).await?
+        }
         IntegrationCommand::Deliveries { name, limit } => {
             let log: Value = serde_json::from_slice(
-                &request(hub::query(hub::qry::DELIVERIES)?, json!({ "subscription": name, "limit": limit }).to_string().into_bytes()).await?,
+                &request(
+                    hub::query(hub::qry::DELIVERIES)?,
+                    json!({ "subscription": name, "limit": limit }).to_string().into_bytes(),
+                )
+                .await?,
             )?;
             if args.json {
                 println!("{log}");
                 return Ok(ExitCode::SUCCESS);
             }
             for d in log["deliveries"].as_array().into_iter().flatten() {
-                let outcome = if d["delivered"] == true { "delivered".to_string() } else { format!("dead-lettered: {}", d["last_error"].as_str().unwrap_or("")) };
-                println!("{:>8} {:<40} attempts {:<3} http {:<4} {}", d["event_sequence"], d["event_subject"].as_str().unwrap_or(""), d["attempts"], d["http_status"], outcome);
+                let outcome = if d["delivered"] == true {
+                    "delivered".to_string()
+                } else {
+                    format!("dead-lettered: {}", d["last_error"].as_str().unwrap_or(""))
+                };
+                println!(
+                    "{:>8} {:<40} attempts {:<3} http {:<4} {}",
+                    d["event_sequence"],
+                    d["event_subject"].as_str().unwrap_or(""),
+                    d["attempts"],
+                    d["http_status"],
+                    outcome
+                );
             }
         }
     }

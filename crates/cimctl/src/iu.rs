@@ -522,14 +522,18 @@ pub async fn run(args: IuArgs) -> Result<ExitCode> {
             let mut bar = Bar::new("upload");
             let (c, r) = iu.put_file(&file, template, &mut bar).await?;
             drop(bar);
-            print(json, || put_json(&c, &r), || {
-                let mut s = result_line("created unit", &r);
-                s.push_str(&format!(" size {}", human_size(c.size)));
-                if c.deduplicated {
-                    s.push_str(" (content was already stored)");
-                }
-                s
-            });
+            print(
+                json,
+                || put_json(&c, &r),
+                || {
+                    let mut s = result_line("created unit", &r);
+                    s.push_str(&format!(" size {}", human_size(c.size)));
+                    if c.deduplicated {
+                        s.push_str(" (content was already stored)");
+                    }
+                    s
+                },
+            );
         }
         IuCommand::Version { id, file, name, media_type, m } => {
             let template = NewVersion {
@@ -542,11 +546,15 @@ pub async fn run(args: IuArgs) -> Result<ExitCode> {
             let mut bar = Bar::new("upload");
             let (c, r) = iu.new_version_from_file(&file, template, &mut bar).await?;
             drop(bar);
-            print(json, || put_json(&c, &r), || {
-                let mut s = result_line("new version of", &r);
-                s.push_str(&format!(" size {}", human_size(c.size)));
-                s
-            });
+            print(
+                json,
+                || put_json(&c, &r),
+                || {
+                    let mut s = result_line("new version of", &r);
+                    s.push_str(&format!(" size {}", human_size(c.size)));
+                    s
+                },
+            );
         }
         IuCommand::Get { target, output, range, version } => {
             get(&iu, json, &target, output.as_deref(), range, version).await?;
@@ -577,32 +585,44 @@ pub async fn run(args: IuArgs) -> Result<ExitCode> {
         }
         IuCommand::Show { id, at_version, at_time } => {
             let unit = iu
-                .get_unit(GetUnit { unit_id: id, at_version: at_version.unwrap_or(0), at_time_ms: at_time.unwrap_or(0) })
+                .get_unit(GetUnit {
+                    unit_id: id,
+                    at_version: at_version.unwrap_or(0),
+                    at_time_ms: at_time.unwrap_or(0),
+                })
                 .await?;
             print(json, || unit.to_json(), || unit_text(&unit));
         }
         IuCommand::History { id } => {
             let h = iu.history(&id).await?;
-            print(json, || h.to_json(), || {
-                let rows: Vec<Vec<String>> = h
-                    .entries
-                    .iter()
-                    .map(|e| {
-                        let p = e.provenance.clone().unwrap_or_default();
-                        vec![e.version.to_string(), format_ms(p.time_ms), e.event_type.clone(), e.summary.clone()]
-                    })
-                    .collect();
-                table(&["VERSION", "TIME", "EVENT", "SUMMARY"], &rows)
-            });
+            print(
+                json,
+                || h.to_json(),
+                || {
+                    let rows: Vec<Vec<String>> = h
+                        .entries
+                        .iter()
+                        .map(|e| {
+                            let p = e.provenance.clone().unwrap_or_default();
+                            vec![e.version.to_string(), format_ms(p.time_ms), e.event_type.clone(), e.summary.clone()]
+                        })
+                        .collect();
+                    table(&["VERSION", "TIME", "EVENT", "SUMMARY"], &rows)
+                },
+            );
         }
         IuCommand::Links { id } => {
             let l = iu.links(&id).await?;
-            print(json, || l.to_json(), || {
-                let mut rows: Vec<Vec<String>> =
-                    l.outgoing.iter().map(|x| vec!["out".into(), x.kind.clone(), x.target.clone()]).collect();
-                rows.extend(l.incoming.iter().map(|x| vec!["in".into(), x.kind.clone(), x.source.clone()]));
-                table(&["DIRECTION", "KIND", "UNIT"], &rows)
-            });
+            print(
+                json,
+                || l.to_json(),
+                || {
+                    let mut rows: Vec<Vec<String>> =
+                        l.outgoing.iter().map(|x| vec!["out".into(), x.kind.clone(), x.target.clone()]).collect();
+                    rows.extend(l.incoming.iter().map(|x| vec!["in".into(), x.kind.clone(), x.source.clone()]));
+                    table(&["DIRECTION", "KIND", "UNIT"], &rows)
+                },
+            );
         }
         IuCommand::Tag { id, tags, m } => {
             let r = iu.tag(TagUnit { header: m.header(), unit_id: id, tags }).await?;
@@ -617,7 +637,12 @@ pub async fn run(args: IuArgs) -> Result<ExitCode> {
                 bail!("nothing to change: give K=V pairs and/or --remove K");
             }
             let r = iu
-                .set_attributes(SetAttributes { header: m.header(), unit_id: id, set: set.into_iter().collect(), remove })
+                .set_attributes(SetAttributes {
+                    header: m.header(),
+                    unit_id: id,
+                    set: set.into_iter().collect(),
+                    remove,
+                })
                 .await?;
             print(json, || r.to_json(), || result_line("updated attributes of", &r));
         }
@@ -626,11 +651,13 @@ pub async fn run(args: IuArgs) -> Result<ExitCode> {
             print(json, || r.to_json(), || result_line("linked", &r));
         }
         IuCommand::Unlink { id, kind, target, m } => {
-            let r = iu.unlink(UnlinkUnit { header: m.header(), unit_id: id, link: Some(Link { kind, target }) }).await?;
+            let r =
+                iu.unlink(UnlinkUnit { header: m.header(), unit_id: id, link: Some(Link { kind, target }) }).await?;
             print(json, || r.to_json(), || result_line("unlinked", &r));
         }
         IuCommand::Rm { id, reason, m } => {
-            let r = iu.delete(DeleteUnit { header: m.header(), unit_id: id, reason: reason.unwrap_or_default() }).await?;
+            let r =
+                iu.delete(DeleteUnit { header: m.header(), unit_id: id, reason: reason.unwrap_or_default() }).await?;
             print(json, || r.to_json(), || result_line("deleted", &r));
         }
         IuCommand::Type(TypeCommand::Register { name, schema_file, m }) => {
@@ -641,25 +668,33 @@ pub async fn run(args: IuArgs) -> Result<ExitCode> {
         }
         IuCommand::Type(TypeCommand::Show { name }) => {
             let t = iu.get_type(&name).await?;
-            print(json, || t.to_json(), || {
-                let schema = serde_json::from_str::<Value>(&t.schema_json)
-                    .and_then(|v| serde_json::to_string_pretty(&v))
-                    .unwrap_or_else(|_| t.schema_json.clone());
-                format!("type    {}\nversion {}\nschema\n{schema}\n", t.name, t.version)
-            });
+            print(
+                json,
+                || t.to_json(),
+                || {
+                    let schema = serde_json::from_str::<Value>(&t.schema_json)
+                        .and_then(|v| serde_json::to_string_pretty(&v))
+                        .unwrap_or_else(|_| t.schema_json.clone());
+                    format!("type    {}\nversion {}\nschema\n{schema}\n", t.name, t.version)
+                },
+            );
         }
         IuCommand::Status => {
             let s = iu.status().await?;
-            print(json, || s.to_json(), || {
-                format!(
-                    "stream last sequence  {}\ncheckpoint            {}\nlag                   {}\nrebuilding            {}\nunits                 {}\n",
-                    s.stream_last_sequence,
-                    s.checkpoint,
-                    s.lag,
-                    if s.rebuilding { "yes" } else { "no" },
-                    s.units
-                )
-            });
+            print(
+                json,
+                || s.to_json(),
+                || {
+                    format!(
+                        "stream last sequence  {}\ncheckpoint            {}\nlag                   {}\nrebuilding            {}\nunits                 {}\n",
+                        s.stream_last_sequence,
+                        s.checkpoint,
+                        s.lag,
+                        if s.rebuilding { "yes" } else { "no" },
+                        s.units
+                    )
+                },
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -709,7 +744,8 @@ async fn get(
                 Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
                 _ => PathBuf::from("."),
             };
-            let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "content".into());
+            let file_name =
+                path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "content".into());
             // 0666 less the umask, like any file this user creates (tempfile's default is 0600).
             let tmp = tempfile::Builder::new()
                 .prefix(&format!(".{file_name}."))
@@ -801,7 +837,13 @@ mod tests {
         let v = put_json(&c, &r);
         assert_eq!(v["content"]["size"], 3);
         assert_eq!(v["result"]["unit_id"], "u1");
-        let u = Unit { unit_id: "u1".into(), name: "n".into(), size: 2048, tags: vec!["a".into(), "b".into()], ..Default::default() };
+        let u = Unit {
+            unit_id: "u1".into(),
+            name: "n".into(),
+            size: 2048,
+            tags: vec!["a".into(), "b".into()],
+            ..Default::default()
+        };
         let t = units_table(std::slice::from_ref(&u));
         assert!(t.starts_with("ID"));
         assert!(t.contains("u1") && t.contains("2.0 KiB") && t.contains("a,b"));
@@ -813,7 +855,20 @@ mod tests {
     #[test]
     fn command_line_parses() {
         let cli = TestCli::try_parse_from([
-            "t", "put", "f.txt", "--tag", "a", "--tag", "b", "--attr", "k=v", "--link", "derived-from=u0", "--expect", "3", "--json",
+            "t",
+            "put",
+            "f.txt",
+            "--tag",
+            "a",
+            "--tag",
+            "b",
+            "--attr",
+            "k=v",
+            "--link",
+            "derived-from=u0",
+            "--expect",
+            "3",
+            "--json",
         ])
         .unwrap();
         assert!(cli.iu.json);

@@ -3,8 +3,8 @@
 
 mod archive;
 mod bench;
-mod bench_hub;
 mod bench_gateway;
+mod bench_hub;
 mod bench_pipeline;
 mod bench_plugin;
 mod bench_registry;

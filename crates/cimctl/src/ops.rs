@@ -59,7 +59,10 @@ impl Conn {
     async fn connect(&self) -> Result<async_nats::Client> {
         let mut opts = async_nats::ConnectOptions::new().name("cimctl").request_timeout(Some(self.timeout()));
         if let Some(creds) = &self.nats_creds {
-            opts = opts.credentials_file(creds).await.with_context(|| format!("reading NATS credentials {}", creds.display()))?;
+            opts = opts
+                .credentials_file(creds)
+                .await
+                .with_context(|| format!("reading NATS credentials {}", creds.display()))?;
         }
         let urls: Vec<&str> = self.nats_url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
         let client = tokio::time::timeout(self.timeout().max(Duration::from_secs(5)), opts.connect(urls))
@@ -78,12 +81,19 @@ impl Conn {
 }
 
 /// One request to the registry; an error reply becomes an error naming its code.
-async fn request<R: prost::Message + Default>(client: &async_nats::Client, subject: String, req: &impl prost::Message, timeout: Duration) -> Result<R> {
+async fn request<R: prost::Message + Default>(
+    client: &async_nats::Client,
+    subject: String,
+    req: &impl prost::Message,
+    timeout: Duration,
+) -> Result<R> {
     let reply = tokio::time::timeout(timeout, client.request(subject.clone(), req.encode_to_vec().into()))
         .await
         .map_err(|_| anyhow::anyhow!("no answer from the registry on {subject} within {timeout:?} (is it running?)"))?
         .map_err(|e| match e.kind() {
-            async_nats::RequestErrorKind::NoResponders => anyhow::anyhow!("no registry is running (no responders on {subject})"),
+            async_nats::RequestErrorKind::NoResponders => {
+                anyhow::anyhow!("no registry is running (no responders on {subject})")
+            }
             _ => anyhow::anyhow!("{subject}: {e}"),
         })?;
     if let Some(h) = &reply.headers
@@ -232,9 +242,15 @@ struct ArchiveRow {
 /// The archive lag per stream and target: the stream's last sequence against the sequence
 /// through which the storage manager has verified its copy on that target
 /// (`cim_storage_archive`, keys `target.<stream>.<target>`).
-async fn archive_lag(js: &async_nats::jetstream::Context, last_seqs: &BTreeMap<String, u64>, timeout: Duration) -> Vec<ArchiveRow> {
+async fn archive_lag(
+    js: &async_nats::jetstream::Context,
+    last_seqs: &BTreeMap<String, u64>,
+    timeout: Duration,
+) -> Vec<ArchiveRow> {
     let mut rows = Vec::new();
-    let Ok(bucket) = resources::kv_bucket(Component::StorageManager, cim_events::storage::KV_ARCHIVE) else { return rows };
+    let Ok(bucket) = resources::kv_bucket(Component::StorageManager, cim_events::storage::KV_ARCHIVE) else {
+        return rows;
+    };
     let Ok(Ok(kv)) = tokio::time::timeout(timeout, js.get_key_value(&bucket)).await else { return rows };
     let Ok(Ok(mut keys)) = tokio::time::timeout(timeout, kv.keys()).await else { return rows };
     while let Ok(Some(Ok(key))) = tokio::time::timeout(timeout, keys.next()).await {
@@ -243,7 +259,13 @@ async fn archive_lag(js: &async_nats::jetstream::Context, last_seqs: &BTreeMap<S
         let Ok(w) = serde_json::from_slice::<cim_events::storage::Watermark>(&v) else { continue };
         let target = rest.strip_prefix(&format!("{}.", w.stream)).unwrap_or(rest).to_string();
         let last_seq = last_seqs.get(&w.stream).copied().unwrap_or(w.verified_seq);
-        rows.push(ArchiveRow { lag: last_seq.saturating_sub(w.verified_seq), stream: w.stream, target, last_seq, verified_seq: w.verified_seq });
+        rows.push(ArchiveRow {
+            lag: last_seq.saturating_sub(w.verified_seq),
+            stream: w.stream,
+            target,
+            last_seq,
+            verified_seq: w.verified_seq,
+        });
     }
     rows.sort_by(|a, b| (&a.stream, &a.target).cmp(&(&b.stream, &b.target)));
     rows
@@ -257,20 +279,24 @@ pub async fn status(args: StatusArgs) -> Result<ExitCode> {
     let mut problems: Vec<(String, String)> = Vec::new();
 
     let overview_subject = names::query(names::qry::OVERVIEW)?;
-    let overview: Option<Overview> = match request(&client, overview_subject, &GetOverview { deep: args.deep }, timeout).await {
-        Ok(o) => Some(o),
-        Err(e) => {
-            problems.push(("registry".into(), format!("{e:#}")));
-            None
-        }
-    };
+    let overview: Option<Overview> =
+        match request(&client, overview_subject, &GetOverview { deep: args.deep }, timeout).await {
+            Ok(o) => Some(o),
+            Err(e) => {
+                problems.push(("registry".into(), format!("{e:#}")));
+                None
+            }
+        };
 
     // Streams and their consumers, concurrently (a degraded cluster answers slowly).
     let owned = cim_streams();
     let checks = owned.iter().map(|(name, owner)| {
         let js = js.clone();
         async move {
-            let info = tokio::time::timeout(timeout, async { js.get_stream(name).await?.info().await.cloned().map_err(anyhow::Error::from) }).await;
+            let info = tokio::time::timeout(timeout, async {
+                js.get_stream(name).await?.info().await.cloned().map_err(anyhow::Error::from)
+            })
+            .await;
             (name.clone(), *owner, info)
         }
     });
@@ -283,17 +309,44 @@ pub async fn status(args: StatusArgs) -> Result<ExitCode> {
             Err(_) => {
                 let p = format!("no answer within {timeout:?} (no leader: quorum lost or an election under way?)");
                 problems.push((format!("stream {name}"), p.clone()));
-                streams.push(StreamRow { name, owner: owner.service_name(), replicas: 0, current: 0, leader: "-".into(), messages: 0, peers: vec![], problem: Some(p) });
+                streams.push(StreamRow {
+                    name,
+                    owner: owner.service_name(),
+                    replicas: 0,
+                    current: 0,
+                    leader: "-".into(),
+                    messages: 0,
+                    peers: vec![],
+                    problem: Some(p),
+                });
                 continue;
             }
             Ok(Err(e)) => {
                 let text = format!("{e:#}");
                 if text.contains("not found") {
                     // Not provisioned: its owner has not run here yet.
-                    streams.push(StreamRow { name, owner: owner.service_name(), replicas: 0, current: 0, leader: "-".into(), messages: 0, peers: vec![], problem: Some("missing (owner never ran)".into()) });
+                    streams.push(StreamRow {
+                        name,
+                        owner: owner.service_name(),
+                        replicas: 0,
+                        current: 0,
+                        leader: "-".into(),
+                        messages: 0,
+                        peers: vec![],
+                        problem: Some("missing (owner never ran)".into()),
+                    });
                 } else {
                     problems.push((format!("stream {name}"), text.clone()));
-                    streams.push(StreamRow { name, owner: owner.service_name(), replicas: 0, current: 0, leader: "-".into(), messages: 0, peers: vec![], problem: Some(text) });
+                    streams.push(StreamRow {
+                        name,
+                        owner: owner.service_name(),
+                        replicas: 0,
+                        current: 0,
+                        leader: "-".into(),
+                        messages: 0,
+                        peers: vec![],
+                        problem: Some(text),
+                    });
                 }
                 continue;
             }
@@ -327,21 +380,43 @@ pub async fn status(args: StatusArgs) -> Result<ExitCode> {
         if let Some(p) = &problem {
             problems.push((format!("stream {name}"), p.clone()));
         }
-        streams.push(StreamRow { name: name.clone(), owner: owner.service_name(), replicas, current, leader: if leader.is_empty() { "-".into() } else { leader }, messages: info.state.messages, peers, problem });
+        streams.push(StreamRow {
+            name: name.clone(),
+            owner: owner.service_name(),
+            replicas,
+            current,
+            leader: if leader.is_empty() { "-".into() } else { leader },
+            messages: info.state.messages,
+            peers,
+            problem,
+        });
         if let Ok(Ok(stream)) = tokio::time::timeout(timeout, js.get_stream(&name)).await {
             let mut list = stream.consumers();
             while let Ok(Some(Ok(c))) = tokio::time::timeout(timeout, list.next()).await {
                 if c.num_pending > args.lag_threshold {
-                    problems.push((format!("consumer {}", c.name), format!("{} events behind on {name} (threshold {})", c.num_pending, args.lag_threshold)));
+                    problems.push((
+                        format!("consumer {}", c.name),
+                        format!("{} events behind on {name} (threshold {})", c.num_pending, args.lag_threshold),
+                    ));
                 }
-                consumers.push(ConsumerRow { stream: name.clone(), name: c.name, pending: c.num_pending, ack_pending: c.num_ack_pending, redelivered: c.num_redelivered, waiting: c.num_waiting });
+                consumers.push(ConsumerRow {
+                    stream: name.clone(),
+                    name: c.name,
+                    pending: c.num_pending,
+                    ack_pending: c.num_ack_pending,
+                    redelivered: c.num_redelivered,
+                    waiting: c.num_waiting,
+                });
             }
         }
     }
     let archive = archive_lag(&js, &last_seqs, timeout).await;
     for a in &archive {
         if a.lag > args.lag_threshold {
-            problems.push((format!("archive of {} on {}", a.stream, a.target), format!("{} messages not yet archived and verified (threshold {})", a.lag, args.lag_threshold)));
+            problems.push((
+                format!("archive of {} on {}", a.stream, a.target),
+                format!("{} messages not yet archived and verified (threshold {})", a.lag, args.lag_threshold),
+            ));
         }
     }
     if let Some(o) = &overview {
@@ -360,7 +435,11 @@ pub async fn status(args: StatusArgs) -> Result<ExitCode> {
         for d in &o.desired {
             services.entry(d.service.clone()).or_default().0 = d.replicas;
         }
-        for i in o.instances.iter().filter(|i| matches!(i.state(), InstanceState::InstanceRunning | InstanceState::InstanceDrained)) {
+        for i in o
+            .instances
+            .iter()
+            .filter(|i| matches!(i.state(), InstanceState::InstanceRunning | InstanceState::InstanceDrained))
+        {
             services.entry(i.service.clone()).or_default().1.push(i);
         }
     }
@@ -398,7 +477,15 @@ pub async fn status(args: StatusArgs) -> Result<ExitCode> {
 
     let mut out = String::new();
     let _ = writeln!(out, "CIM status at {} ({} ms)\n", args.conn.nats_url, elapsed.as_millis());
-    let _ = writeln!(out, "Desired vs running{}:", if overview.as_ref().is_some_and(|o| o.desired_is_default) { " (nothing set: one of each service)" } else { "" });
+    let _ = writeln!(
+        out,
+        "Desired vs running{}:",
+        if overview.as_ref().is_some_and(|o| o.desired_is_default) {
+            " (nothing set: one of each service)"
+        } else {
+            ""
+        }
+    );
     let mut t = Table::new(&["SERVICE", "DESIRED", "RUNNING", "QUEUE GROUP", "INSTANCES"]);
     for (s, (want, have)) in &services {
         let running = have.iter().filter(|i| i.state() == InstanceState::InstanceRunning).count();
@@ -411,35 +498,75 @@ pub async fn status(args: StatusArgs) -> Result<ExitCode> {
         let _ = writeln!(out, "\nInstances:");
         let mut t = Table::new(&["INSTANCE", "SERVICE", "VERSION", "NODE", "STATE", "READY", "IN FLIGHT", "LAST BEAT"]);
         for i in &o.instances {
-            t.row(vec![i.instance_id.clone(), i.service.clone(), i.version.clone(), i.node.clone(), instance_state_name(i.state()).into(), if i.ready { "yes" } else { "no" }.into(), i.in_flight.to_string(), ago(i.last_seen_ms)]);
+            t.row(vec![
+                i.instance_id.clone(),
+                i.service.clone(),
+                i.version.clone(),
+                i.node.clone(),
+                instance_state_name(i.state()).into(),
+                if i.ready { "yes" } else { "no" }.into(),
+                i.in_flight.to_string(),
+                ago(i.last_seen_ms),
+            ]);
         }
         t.render(&mut out);
         let _ = writeln!(out, "\nNodes:");
         let mut t = Table::new(&["NODE", "STATE", "MEMORY", "RESERVED", "CPUS", "JETSTREAM"]);
         for n in &o.nodes {
-            t.row(vec![n.name.clone(), state_name(n.state()).into(), human(n.memory_bytes), human(n.reserved_bytes), format!("{}", n.cpus), if n.jetstream_server.is_empty() { "-".into() } else { n.jetstream_server.clone() }]);
+            t.row(vec![
+                n.name.clone(),
+                state_name(n.state()).into(),
+                human(n.memory_bytes),
+                human(n.reserved_bytes),
+                format!("{}", n.cpus),
+                if n.jetstream_server.is_empty() { "-".into() } else { n.jetstream_server.clone() },
+            ]);
         }
         t.render(&mut out);
     }
     let _ = writeln!(out, "\nStreams:");
     let mut t = Table::new(&["STREAM", "OWNER", "REPLICAS", "CURRENT", "LEADER", "MESSAGES", "PROBLEM"]);
     for s in streams.iter().filter(|s| s.replicas > 0 || s.problem.as_deref() != Some("missing (owner never ran)")) {
-        t.row(vec![s.name.clone(), s.owner.into(), s.replicas.to_string(), s.current.to_string(), s.leader.clone(), s.messages.to_string(), s.problem.clone().unwrap_or_default()]);
+        t.row(vec![
+            s.name.clone(),
+            s.owner.into(),
+            s.replicas.to_string(),
+            s.current.to_string(),
+            s.leader.clone(),
+            s.messages.to_string(),
+            s.problem.clone().unwrap_or_default(),
+        ]);
     }
     t.render(&mut out);
     let _ = writeln!(out, "\nConsumers (work routing and lag):");
     let mut t = Table::new(&["STREAM", "CONSUMER", "PENDING", "ACK PENDING", "REDELIVERED", "WAITING PULLS"]);
     for c in &consumers {
-        t.row(vec![c.stream.clone(), c.name.clone(), c.pending.to_string(), c.ack_pending.to_string(), c.redelivered.to_string(), c.waiting.to_string()]);
+        t.row(vec![
+            c.stream.clone(),
+            c.name.clone(),
+            c.pending.to_string(),
+            c.ack_pending.to_string(),
+            c.redelivered.to_string(),
+            c.waiting.to_string(),
+        ]);
     }
     t.render(&mut out);
     if archive.is_empty() {
-        let _ = writeln!(out, "\nArchive: no watermarks (no storage manager with archive targets has verified anything here)");
+        let _ = writeln!(
+            out,
+            "\nArchive: no watermarks (no storage manager with archive targets has verified anything here)"
+        );
     } else {
         let _ = writeln!(out, "\nArchive (verified copies per target):");
         let mut t = Table::new(&["STREAM", "TARGET", "LAST SEQ", "VERIFIED", "LAG"]);
         for a in &archive {
-            t.row(vec![a.stream.clone(), a.target.clone(), a.last_seq.to_string(), a.verified_seq.to_string(), a.lag.to_string()]);
+            t.row(vec![
+                a.stream.clone(),
+                a.target.clone(),
+                a.last_seq.to_string(),
+                a.verified_seq.to_string(),
+                a.lag.to_string(),
+            ]);
         }
         t.render(&mut out);
     }
@@ -486,17 +613,33 @@ enum PlacementCommand {
 }
 
 fn read_placement(file: &PathBuf) -> std::result::Result<PlacementFile, String> {
-    let text = std::fs::read_to_string(file).map_err(|e| format!("cannot read placement file {}: {e}", file.display()))?;
+    let text =
+        std::fs::read_to_string(file).map_err(|e| format!("cannot read placement file {}: {e}", file.display()))?;
     PlacementFile::parse(&text).map_err(|e| format!("{}: {e}", file.display()))
 }
 
 fn placement_text(r: &placement::Report) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "{} (CPU overcommit {}, safety buffer {} per node){}", if r.fits { "Fits" } else { "Does not fit" }, r.cpu_overcommit, human(r.safety_buffer_bytes), if r.proposed { ", proposed placement:" } else { ":" });
+    let _ = writeln!(
+        out,
+        "{} (CPU overcommit {}, safety buffer {} per node){}",
+        if r.fits { "Fits" } else { "Does not fit" },
+        r.cpu_overcommit,
+        human(r.safety_buffer_bytes),
+        if r.proposed { ", proposed placement:" } else { ":" }
+    );
     let mut t = Table::new(&["NODE", "ALLOCATABLE", "MEMORY USED", "CPU USED", "CPU LIMIT", "SERVICES"]);
     for n in &r.nodes {
-        let svcs: Vec<String> = n.services.iter().map(|p| format!("{} ({})", p.service, human(p.memory_max_bytes))).collect();
-        t.row(vec![n.name.clone(), human(n.allocatable_bytes), human(n.memory_used_bytes), format!("{:.2}", n.cpu_used), format!("{:.2}", n.cpu_limit), svcs.join(", ")]);
+        let svcs: Vec<String> =
+            n.services.iter().map(|p| format!("{} ({})", p.service, human(p.memory_max_bytes))).collect();
+        t.row(vec![
+            n.name.clone(),
+            human(n.allocatable_bytes),
+            human(n.memory_used_bytes),
+            format!("{:.2}", n.cpu_used),
+            format!("{:.2}", n.cpu_limit),
+            svcs.join(", "),
+        ]);
     }
     t.render(&mut out);
     for p in &r.problems {
@@ -536,10 +679,21 @@ pub async fn placement(args: PlacementArgs) -> Result<ExitCode> {
             let services = f
                 .services
                 .iter()
-                .map(|s| DesiredService { service: s.name.clone(), replicas: s.replicas, memory_max_bytes: s.memory_max.0, cpu: s.cpu })
+                .map(|s| DesiredService {
+                    service: s.name.clone(),
+                    replicas: s.replicas,
+                    memory_max_bytes: s.memory_max.0,
+                    cpu: s.cpu,
+                })
                 .collect();
-            let _: cim_events::proto::registry::Ack = request(&client, names::command(names::cmd::SET_DESIRED)?, &SetDesired { services }, conn.timeout()).await?;
-            print(conn.json, json!({"applied": true, "report": serde_json::to_value(&r)?}), "Applied: the registry's desired state is this placement's services.\n".into());
+            let _: cim_events::proto::registry::Ack =
+                request(&client, names::command(names::cmd::SET_DESIRED)?, &SetDesired { services }, conn.timeout())
+                    .await?;
+            print(
+                conn.json,
+                json!({"applied": true, "report": serde_json::to_value(&r)?}),
+                "Applied: the registry's desired state is this placement's services.\n".into(),
+            );
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -606,7 +760,15 @@ fn parse_kv(s: &str) -> std::result::Result<(String, String), String> {
 }
 
 fn node_text(n: &Node) -> String {
-    format!("node {}: {} ({} memory, {} reserved, {} cpus){}\n", n.name, state_name(n.state()), human(n.memory_bytes), human(n.reserved_bytes), n.cpus, if n.reason.is_empty() { String::new() } else { format!(": {}", n.reason) })
+    format!(
+        "node {}: {} ({} memory, {} reserved, {} cpus){}\n",
+        n.name,
+        state_name(n.state()),
+        human(n.memory_bytes),
+        human(n.reserved_bytes),
+        n.cpus,
+        if n.reason.is_empty() { String::new() } else { format!(": {}", n.reason) }
+    )
 }
 
 pub async fn node(args: NodeArgs) -> Result<ExitCode> {
@@ -616,16 +778,43 @@ pub async fn node(args: NodeArgs) -> Result<ExitCode> {
     let cmd = |name: &str| names::command(name);
     let reply: Node = match args.command {
         NodeCommandCli::Enroll { name, memory, reserved, cpus, labels, jetstream_server, hold } => {
-            let req = EnrollNode { name, memory_bytes: memory, reserved_bytes: reserved, cpus, labels: labels.into_iter().collect(), jetstream_server: jetstream_server.unwrap_or_default(), hold };
+            let req = EnrollNode {
+                name,
+                memory_bytes: memory,
+                reserved_bytes: reserved,
+                cpus,
+                labels: labels.into_iter().collect(),
+                jetstream_server: jetstream_server.unwrap_or_default(),
+                hold,
+            };
             request::<NodeReply>(&client, cmd(names::cmd::ENROLL)?, &req, t).await?.node.unwrap_or_default()
         }
-        NodeCommandCli::Schedule { name } => request::<NodeReply>(&client, cmd(names::cmd::SCHEDULE)?, &NodeCommand { name, reason: String::new() }, t).await?.node.unwrap_or_default(),
+        NodeCommandCli::Schedule { name } => {
+            request::<NodeReply>(&client, cmd(names::cmd::SCHEDULE)?, &NodeCommand { name, reason: String::new() }, t)
+                .await?
+                .node
+                .unwrap_or_default()
+        }
         NodeCommandCli::Drain { name, reason, wait } => {
-            let n = request::<NodeReply>(&client, cmd(names::cmd::DRAIN)?, &NodeCommand { name: name.clone(), reason: reason.unwrap_or_default() }, t).await?.node.unwrap_or_default();
+            let n = request::<NodeReply>(
+                &client,
+                cmd(names::cmd::DRAIN)?,
+                &NodeCommand { name: name.clone(), reason: reason.unwrap_or_default() },
+                t,
+            )
+            .await?
+            .node
+            .unwrap_or_default();
             if wait && n.state() != NodeState::NodeDrained {
                 let deadline = Instant::now() + Duration::from_secs(300);
                 loop {
-                    let list: NodeList = request(&client, names::query(names::qry::NODES)?, &ListNodes { include_decommissioned: true }, t).await?;
+                    let list: NodeList = request(
+                        &client,
+                        names::query(names::qry::NODES)?,
+                        &ListNodes { include_decommissioned: true },
+                        t,
+                    )
+                    .await?;
                     let now = list.nodes.into_iter().find(|x| x.name == name).unwrap_or_default();
                     if now.state() == NodeState::NodeDrained || Instant::now() > deadline {
                         break now;
@@ -636,14 +825,31 @@ pub async fn node(args: NodeArgs) -> Result<ExitCode> {
                 n
             }
         }
-        NodeCommandCli::Decommission { name } => request::<NodeReply>(&client, cmd(names::cmd::DECOMMISSION)?, &NodeCommand { name, reason: String::new() }, t).await?.node.unwrap_or_default(),
+        NodeCommandCli::Decommission { name } => request::<NodeReply>(
+            &client,
+            cmd(names::cmd::DECOMMISSION)?,
+            &NodeCommand { name, reason: String::new() },
+            t,
+        )
+        .await?
+        .node
+        .unwrap_or_default(),
         NodeCommandCli::Ls { all } => {
-            let list: NodeList = request(&client, names::query(names::qry::NODES)?, &ListNodes { include_decommissioned: all }, t).await?;
+            let list: NodeList =
+                request(&client, names::query(names::qry::NODES)?, &ListNodes { include_decommissioned: all }, t)
+                    .await?;
             let mut out = String::new();
             let mut tab = Table::new(&["NODE", "STATE", "MEMORY", "RESERVED", "CPUS", "LABELS"]);
             for n in &list.nodes {
                 let labels: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                tab.row(vec![n.name.clone(), state_name(n.state()).into(), human(n.memory_bytes), human(n.reserved_bytes), n.cpus.to_string(), labels.join(",")]);
+                tab.row(vec![
+                    n.name.clone(),
+                    state_name(n.state()).into(),
+                    human(n.memory_bytes),
+                    human(n.reserved_bytes),
+                    n.cpus.to_string(),
+                    labels.join(","),
+                ]);
             }
             tab.render(&mut out);
             print(conn.json, json!({"nodes": list.nodes.iter().map(node_json).collect::<Vec<_>>()}), out);
@@ -689,14 +895,28 @@ pub async fn registry(args: RegistryArgs) -> Result<ExitCode> {
     let conn = args.conn;
     let client = conn.connect().await?;
     let q = match args.command {
-        RegistryCommand::Ls { component, node, all } => ListInstances { component: component.unwrap_or_default(), node: node.unwrap_or_default(), include_gone: all, ..Default::default() },
+        RegistryCommand::Ls { component, node, all } => ListInstances {
+            component: component.unwrap_or_default(),
+            node: node.unwrap_or_default(),
+            include_gone: all,
+            ..Default::default()
+        },
         RegistryCommand::Find { capability } => ListInstances { capability, ..Default::default() },
     };
     let list: InstanceList = request(&client, names::query(names::qry::INSTANCES)?, &q, conn.timeout()).await?;
     let mut out = String::new();
     let mut t = Table::new(&["INSTANCE", "SERVICE", "VERSION", "NODE", "STATE", "READY", "CAPABILITIES", "LAST BEAT"]);
     for i in &list.instances {
-        t.row(vec![i.instance_id.clone(), i.service.clone(), i.version.clone(), i.node.clone(), instance_state_name(i.state()).into(), if i.ready { "yes" } else { "no" }.into(), i.capabilities.join(","), ago(i.last_seen_ms)]);
+        t.row(vec![
+            i.instance_id.clone(),
+            i.service.clone(),
+            i.version.clone(),
+            i.node.clone(),
+            instance_state_name(i.state()).into(),
+            if i.ready { "yes" } else { "no" }.into(),
+            i.capabilities.join(","),
+            ago(i.last_seen_ms),
+        ]);
     }
     t.render(&mut out);
     let services: BTreeSet<&str> = list.instances.iter().map(|i| i.service.as_str()).collect();

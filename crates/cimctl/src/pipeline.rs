@@ -4,7 +4,9 @@
 use std::{collections::BTreeMap, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result, bail};
-use cim_events::pipeline::{self as pl, ApplyReply, PipelineInfo, PipelineList, RunInfo, RunList, RunRef, RunsRequest, StartRequest};
+use cim_events::pipeline::{
+    self as pl, ApplyReply, PipelineInfo, PipelineList, RunInfo, RunList, RunRef, RunsRequest, StartRequest,
+};
 use serde::Serialize;
 
 #[derive(clap::Args, Debug)]
@@ -121,7 +123,10 @@ impl Client {
     async fn connect(c: &Conn) -> Result<Client> {
         let mut opts = async_nats::ConnectOptions::new().name("cimctl");
         if let Some(creds) = &c.nats_creds {
-            opts = opts.credentials_file(creds).await.with_context(|| format!("reading NATS credentials {}", creds.display()))?;
+            opts = opts
+                .credentials_file(creds)
+                .await
+                .with_context(|| format!("reading NATS credentials {}", creds.display()))?;
         }
         let urls: Vec<&str> = c.nats_url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
         let nats = opts.connect(urls).await.with_context(|| format!("connecting to NATS at {}", c.nats_url))?;
@@ -169,7 +174,14 @@ impl Client {
 }
 
 fn print_run(r: &RunInfo) {
-    println!("run {}  pipeline {} v{}  {}{}", r.run_id, r.pipeline, r.pipeline_version, r.state, if r.outcome.is_empty() { String::new() } else { format!(" ({})", r.outcome) });
+    println!(
+        "run {}  pipeline {} v{}  {}{}",
+        r.run_id,
+        r.pipeline,
+        r.pipeline_version,
+        r.state,
+        if r.outcome.is_empty() { String::new() } else { format!(" ({})", r.outcome) }
+    );
     if !r.unit_id.is_empty() {
         println!("  unit {}  trigger {}  correlation {}", r.unit_id, r.trigger, r.correlation_id);
     }
@@ -194,7 +206,8 @@ pub async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
             } else {
                 std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?
             };
-            let definition: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", file.display()))?;
+            let definition: serde_json::Value =
+                serde_json::from_str(&text).with_context(|| format!("{} is not JSON", file.display()))?;
             let reply: ApplyReply = c.call(pl::command(pl::cmd::APPLY)?, &pl::ApplyRequest { definition }).await?;
             if c.json {
                 println!("{}", serde_json::to_string(&reply)?);
@@ -209,10 +222,23 @@ pub async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
             if c.json {
                 println!("{}", serde_json::to_string(&list)?);
             } else {
-                println!("{:<24} {:>7} {:<8} {:>7} {:>7} {:>9} {:>6} {:>9}", "PIPELINE", "VERSION", "STATE", "QUEUED", "RUNNING", "COMPLETED", "FAILED", "CANCELLED");
+                println!(
+                    "{:<24} {:>7} {:<8} {:>7} {:>7} {:>9} {:>6} {:>9}",
+                    "PIPELINE", "VERSION", "STATE", "QUEUED", "RUNNING", "COMPLETED", "FAILED", "CANCELLED"
+                );
                 for p in &list.pipelines {
                     let r = &p.runs;
-                    println!("{:<24} {:>7} {:<8} {:>7} {:>7} {:>9} {:>6} {:>9}", p.name, p.version, if p.active { "active" } else { "removed" }, r.queued, r.running, r.completed, r.failed, r.cancelled);
+                    println!(
+                        "{:<24} {:>7} {:<8} {:>7} {:>7} {:>9} {:>6} {:>9}",
+                        p.name,
+                        p.version,
+                        if p.active { "active" } else { "removed" },
+                        r.queued,
+                        r.running,
+                        r.completed,
+                        r.failed,
+                        r.cancelled
+                    );
                 }
             }
         }
@@ -221,7 +247,13 @@ pub async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
             if c.json {
                 println!("{}", serde_json::to_string(&p)?);
             } else {
-                println!("pipeline {} version {} ({}) {}", p.name, p.version, if p.active { "active" } else { "removed" }, p.digest);
+                println!(
+                    "pipeline {} version {} ({}) {}",
+                    p.name,
+                    p.version,
+                    if p.active { "active" } else { "removed" },
+                    p.digest
+                );
                 println!("{}", serde_json::to_string_pretty(&p.definition)?);
             }
         }
@@ -234,7 +266,11 @@ pub async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
             }
         }
         PipelineCommand::Start { name, unit, params, watch } => {
-            let req = StartRequest { pipeline: name, unit_id: unit.unwrap_or_default(), params: params.into_iter().collect::<BTreeMap<_, _>>() };
+            let req = StartRequest {
+                pipeline: name,
+                unit_id: unit.unwrap_or_default(),
+                params: params.into_iter().collect::<BTreeMap<_, _>>(),
+            };
             let r: RunRef = c.call(pl::command(pl::cmd::START)?, &req).await?;
             if watch {
                 return c.watch(&r.run_id).await;
@@ -253,7 +289,12 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     let c = Client::connect(&args.conn).await?;
     match args.command {
         RunCommand::Ls { pipeline, state, unit, limit } => {
-            let req = RunsRequest { pipeline: pipeline.unwrap_or_default(), state: state.unwrap_or_default(), unit_id: unit.unwrap_or_default(), limit };
+            let req = RunsRequest {
+                pipeline: pipeline.unwrap_or_default(),
+                state: state.unwrap_or_default(),
+                unit_id: unit.unwrap_or_default(),
+                limit,
+            };
             let list: RunList = c.call(pl::query(pl::qry::RUNS)?, &req).await?;
             if c.json {
                 println!("{}", serde_json::to_string(&list)?);
@@ -261,7 +302,14 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
                 println!("{:<36} {:<20} {:<10} {:<12} UNIT", "RUN", "PIPELINE", "STATE", "STEPS");
                 for r in &list.runs {
                     let done = r.steps.iter().filter(|s| s.state == "completed").count();
-                    println!("{:<36} {:<20} {:<10} {:<12} {}", r.run_id, r.pipeline, r.state, format!("{done}/{}", r.steps.len()), r.unit_id);
+                    println!(
+                        "{:<36} {:<20} {:<10} {:<12} {}",
+                        r.run_id,
+                        r.pipeline,
+                        r.state,
+                        format!("{done}/{}", r.steps.len()),
+                        r.unit_id
+                    );
                 }
             }
         }

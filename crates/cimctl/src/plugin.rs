@@ -8,7 +8,8 @@ use bytes::Bytes;
 use cim_events::{
     plugin,
     proto::plugin::{
-        InvokeReply, InvokeRequest, Limits, ListPlugins, ListReply, Manifest, PushPlugin, PushReply, RemovePlugin, RemoveReply, Status,
+        InvokeReply, InvokeRequest, Limits, ListPlugins, ListReply, Manifest, PushPlugin, PushReply, RemovePlugin,
+        RemoveReply, Status,
     },
 };
 use prost::Message as _;
@@ -106,7 +107,9 @@ struct PushArgs {
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
-    s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
 }
 
 /// A connection to the plugin host.
@@ -146,7 +149,11 @@ impl PluginClient {
 
     /// Uploads the module, then asks the host to verify and record it.
     pub async fn push(&self, manifest: Manifest, wasm: Vec<u8>) -> Result<PushReply> {
-        let bucket = self.js.get_object_store(plugin::ARTIFACTS_BUCKET).await.context("opening the artifact bucket (is plugin-host running?)")?;
+        let bucket = self
+            .js
+            .get_object_store(plugin::ARTIFACTS_BUCKET)
+            .await
+            .context("opening the artifact bucket (is plugin-host running?)")?;
         let upload = plugin::upload_object(&uuid_like())?;
         bucket.put(upload.as_str(), &mut wasm.as_slice()).await.context("uploading the module")?;
         let req = PushPlugin { manifest: Some(manifest), upload: upload.clone() };
@@ -182,7 +189,10 @@ fn uuid_like() -> String {
 pub async fn run(args: PluginArgs) -> Result<ExitCode> {
     let mut opts = async_nats::ConnectOptions::new().name("cimctl");
     if let Some(creds) = &args.nats_creds {
-        opts = opts.credentials_file(creds).await.with_context(|| format!("reading NATS credentials {}", creds.display()))?;
+        opts = opts
+            .credentials_file(creds)
+            .await
+            .with_context(|| format!("reading NATS credentials {}", creds.display()))?;
     }
     let urls: Vec<&str> = args.nats_url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
     let client = opts.connect(urls).await.with_context(|| format!("connecting to NATS at {}", args.nats_url))?;
@@ -207,15 +217,26 @@ pub async fn run(args: PluginArgs) -> Result<ExitCode> {
             let r = pc.push(manifest, wasm).await?;
             let info = r.plugin.unwrap_or_default();
             if args.json {
-                println!("{}", json!({"name": info.name, "version": info.version, "digest": info.digest, "size": info.size, "state": info.state, "already_present": r.already_present}));
+                println!(
+                    "{}",
+                    json!({"name": info.name, "version": info.version, "digest": info.digest, "size": info.size, "state": info.state, "already_present": r.already_present})
+                );
             } else {
                 let what = if r.already_present { "already present" } else { "pushed" };
-                println!("{what} {} {} ({} bytes, {})", plugin::reference(&info.name, &info.version), info.digest, info.size, info.state);
+                println!(
+                    "{what} {} {} ({} bytes, {})",
+                    plugin::reference(&info.name, &info.version),
+                    info.digest,
+                    info.size,
+                    info.state
+                );
             }
             ExitCode::SUCCESS
         }
         PluginCommand::Ls { name, capability } => {
-            let r = pc.list(ListPlugins { name: name.unwrap_or_default(), capability: capability.unwrap_or_default() }).await?;
+            let r = pc
+                .list(ListPlugins { name: name.unwrap_or_default(), capability: capability.unwrap_or_default() })
+                .await?;
             if args.json {
                 let items: Vec<_> = r
                     .plugins
@@ -224,10 +245,21 @@ pub async fn run(args: PluginArgs) -> Result<ExitCode> {
                     .collect();
                 println!("{}", serde_json::Value::Array(items));
             } else {
-                println!("{:<24} {:<12} {:<7} {:<24} {:<20} STATE", "NAME", "VERSION", "RUNTIME", "CAPABILITIES", "DIGEST");
+                println!(
+                    "{:<24} {:<12} {:<7} {:<24} {:<20} STATE",
+                    "NAME", "VERSION", "RUNTIME", "CAPABILITIES", "DIGEST"
+                );
                 for p in r.plugins {
                     let short = p.digest.get(..19).unwrap_or(&p.digest);
-                    println!("{:<24} {:<12} {:<7} {:<24} {:<20} {}", p.name, p.version, p.runtime, p.capabilities.join(","), short, p.state);
+                    println!(
+                        "{:<24} {:<12} {:<7} {:<24} {:<20} {}",
+                        p.name,
+                        p.version,
+                        p.runtime,
+                        p.capabilities.join(","),
+                        short,
+                        p.state
+                    );
                 }
             }
             ExitCode::SUCCESS
@@ -261,7 +293,11 @@ pub async fn run(args: PluginArgs) -> Result<ExitCode> {
             let status = Status::try_from(r.status).unwrap_or(Status::Unspecified);
             if status != Status::Ok {
                 let msg = r.error.map(|e| e.message).unwrap_or_default();
-                eprintln!("cimctl: {} failed: {} {msg}", plugin::reference(&r.plugin, &r.version), status.as_str_name());
+                eprintln!(
+                    "cimctl: {} failed: {} {msg}",
+                    plugin::reference(&r.plugin, &r.version),
+                    status.as_str_name()
+                );
                 return Ok(ExitCode::from(2));
             }
             let mut out = tokio::io::stdout();

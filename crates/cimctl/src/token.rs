@@ -55,7 +55,10 @@ enum TokenCommand {
 async fn bucket(args: &TokenArgs) -> Result<kv::Store> {
     let mut opts = async_nats::ConnectOptions::new().name("cimctl");
     if let Some(creds) = &args.nats_creds {
-        opts = opts.credentials_file(creds).await.with_context(|| format!("reading NATS credentials {}", creds.display()))?;
+        opts = opts
+            .credentials_file(creds)
+            .await
+            .with_context(|| format!("reading NATS credentials {}", creds.display()))?;
     }
     let urls: Vec<&str> = args.nats_url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
     let client = opts.connect(urls).await.with_context(|| format!("connecting to NATS at {}", args.nats_url))?;
@@ -96,7 +99,13 @@ pub async fn run(args: TokenArgs) -> Result<ExitCode> {
             let id = random_hex(8);
             let token = format!("{}{id}_{}", gateway::TOKEN_PREFIX, random_hex(24));
             let created_ms = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
-            let record = ApiToken { id: id.clone(), name: name.clone(), role: role.clone(), sha256: gateway::hash_token(&token), created_ms };
+            let record = ApiToken {
+                id: id.clone(),
+                name: name.clone(),
+                role: role.clone(),
+                sha256: gateway::hash_token(&token),
+                created_ms,
+            };
             store
                 .create(gateway::token_key(&id)?, record.encode_to_vec().into())
                 .await
@@ -124,7 +133,8 @@ pub async fn run(args: TokenArgs) -> Result<ExitCode> {
         }
         TokenCommand::Ls => {
             let store = bucket(&args).await?;
-            let mut keys: Vec<String> = store.keys().await.context("listing tokens")?.try_collect().await.context("listing tokens")?;
+            let mut keys: Vec<String> =
+                store.keys().await.context("listing tokens")?.try_collect().await.context("listing tokens")?;
             keys.sort();
             let mut rows = Vec::new();
             for key in keys {

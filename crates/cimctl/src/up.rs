@@ -155,8 +155,10 @@ fn nats_config(port: u16, monitor_port: u16, store: &Path, sync: &str) -> String
     let _ = writeln!(c, "  # The leaf's own JetStream domain, so a cluster can source its streams across domains.");
     let _ = writeln!(c, "  domain: leaf");
     let _ = writeln!(c, "  # Durability: nats-server fsyncs its stream files only every 2 minutes by default, and");
-    let _ = writeln!(c, "  # Jepsen's 2025 analysis of NATS 2.12 showed acknowledged writes lost on power failure under");
-    let _ = writeln!(c, "  # that default. A leaf is a single node with no replicas to recover from, and CIM's history");
+    let _ =
+        writeln!(c, "  # Jepsen's 2025 analysis of NATS 2.12 showed acknowledged writes lost on power failure under");
+    let _ =
+        writeln!(c, "  # that default. A leaf is a single node with no replicas to recover from, and CIM's history");
     let _ = writeln!(c, "  # is its source of truth, so a write is acknowledged only once it is on disk. `--sync`");
     let _ = writeln!(c, "  # trades that for throughput; see docs/operations.md.");
     let _ = writeln!(c, "  sync_interval: {sync}");
@@ -190,7 +192,8 @@ fn pick_port(preferred: u16) -> u16 {
 
 fn find_service_binaries(bin_dir: Option<&Path>) -> Result<Vec<(Component, PathBuf)>> {
     let own_dir = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf));
-    let path_dirs: Vec<PathBuf> = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    let path_dirs: Vec<PathBuf> =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
     let dirs: Vec<PathBuf> = match bin_dir {
         Some(d) => vec![d.to_path_buf()],
         None => own_dir.into_iter().chain(path_dirs).collect(),
@@ -315,7 +318,11 @@ fn summary(data_dir: &Path, nats_url: &str, monitor: &str, procs: &[Proc]) -> St
     let _ = writeln!(s);
     let _ = writeln!(s, "  {:<18} {:>7}  {:<36} log", "process", "pid", "health");
     for p in procs {
-        let health = p.health.as_ref().map(|h| format!("http://{h}/readyz")).unwrap_or_else(|| format!("http://{monitor}/healthz"));
+        let health = p
+            .health
+            .as_ref()
+            .map(|h| format!("http://{h}/readyz"))
+            .unwrap_or_else(|| format!("http://{monitor}/healthz"));
         let _ = writeln!(s, "  {:<18} {:>7}  {:<36} {}", p.name, p.child.id().unwrap_or(0), health, p.log.display());
     }
     s

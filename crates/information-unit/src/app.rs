@@ -15,13 +15,14 @@ use bytes::Bytes;
 use cim_events::{
     Cid, Envelope, Payload, Schema,
     envelope::H_MSG_ID,
-    iu, resources,
+    iu,
     proto::iu::{
         CommandHeader, CommandResult, ContentCommitted, ContentCorrupted, ContentStored, GetHistory, GetLinks, GetType,
         GetUnit, History, HistoryEntry, IncomingLink, Link, Links, ListUnits, Provenance, Unit, UnitAttributesSet,
         UnitCreated, UnitDeleted, UnitLinked, UnitList, UnitTagged, UnitType, UnitTypeRegistered, UnitUnlinked,
         UnitUntagged, UnitVersioned,
     },
+    resources,
 };
 use cim_runtime::{Ctx, Reply, ServiceError};
 use prost::Message as _;
@@ -90,9 +91,9 @@ impl App {
     /// The envelope of a request, if it carries one; a broken one is refused.
     fn parent_envelope(msg: &Message) -> Result<Option<Envelope>, ServiceError> {
         match &msg.headers {
-            Some(h) if h.get(cim_events::envelope::H_ID).is_some() => Envelope::from_headers(h)
-                .map(Some)
-                .map_err(|e| ServiceError::bad_request(e.to_string())),
+            Some(h) if h.get(cim_events::envelope::H_ID).is_some() => {
+                Envelope::from_headers(h).map(Some).map_err(|e| ServiceError::bad_request(e.to_string()))
+            }
             _ => Ok(None),
         }
     }
@@ -140,7 +141,8 @@ impl App {
 
     /// Every event on `filter` in order, stopping after `until` (a version or a time).
     pub async fn read_events(&self, filter: &str, until: Until) -> Result<Vec<StoredEvent>, ServiceError> {
-        let stream = self.js.get_stream(&self.events_stream).await.map_err(|e| internal("events stream")(Box::new(e)))?;
+        let stream =
+            self.js.get_stream(&self.events_stream).await.map_err(|e| internal("events stream")(Box::new(e)))?;
         let mut out = Vec::new();
         let mut seq = 1;
         loop {
@@ -149,7 +151,8 @@ impl App {
                 Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => break,
                 Err(e) => return Err(internal("reading events")(Box::new(e))),
             };
-            let env = Envelope::from_headers(&msg.headers).map_err(|e| ServiceError::internal(format!("event {} has {e}", msg.sequence)))?;
+            let env = Envelope::from_headers(&msg.headers)
+                .map_err(|e| ServiceError::internal(format!("event {} has {e}", msg.sequence)))?;
             // The envelope's time: the same clock the write-through projection used.
             let time_ms = env.time_ms();
             let stop = match until {
@@ -193,16 +196,22 @@ impl App {
     pub async fn load_unit(&self, unit_id: &str) -> Result<Option<Unit>, ServiceError> {
         let key = iu::unit_key(unit_id).map_err(|e| ServiceError::bad_request(e.to_string()))?;
         match self.units.get(&key).await {
-            Ok(Some(bytes)) => Ok(Some(Unit::decode(bytes).map_err(|e| ServiceError::internal(format!("state of {unit_id}: {e}")))?)),
+            Ok(Some(bytes)) => {
+                Ok(Some(Unit::decode(bytes).map_err(|e| ServiceError::internal(format!("state of {unit_id}: {e}")))?))
+            }
             _ => self.replay_unit(unit_id, Until::Now).await,
         }
     }
 
     /// Writes a state into the KV projection unless a newer one is already there.
     pub async fn store_unit(&self, unit: &Unit) -> Result<(), ServiceError> {
-        store_if_newer(&self.units, &iu::unit_key(&unit.unit_id).map_err(|e| ServiceError::internal(e.to_string()))?, unit)
-            .await
-            .map_err(|e| ServiceError::unavailable(format!("writing the projection: {e}")))
+        store_if_newer(
+            &self.units,
+            &iu::unit_key(&unit.unit_id).map_err(|e| ServiceError::internal(e.to_string()))?,
+            unit,
+        )
+        .await
+        .map_err(|e| ServiceError::unavailable(format!("writing the projection: {e}")))
     }
 
     /// Writes the state of a unit just created: nobody can have written its key before, except
@@ -223,7 +232,11 @@ impl App {
                 // Not projected (yet): the stream knows.
                 let filter = iu::type_history(name).map_err(|e| ServiceError::bad_request(e.to_string()))?;
                 self.read_events(&filter, Until::Now).await?.into_iter().last().and_then(|e| {
-                    UnitTypeRegistered::decode(e.payload).ok().map(|r| UnitType { name: r.name, schema_json: r.schema_json, version: e.meta.version })
+                    UnitTypeRegistered::decode(e.payload).ok().map(|r| UnitType {
+                        name: r.name,
+                        schema_json: r.schema_json,
+                        version: e.meta.version,
+                    })
                 })
             }
         };
@@ -267,8 +280,13 @@ impl App {
 
     /// The result of a command whose event the server reported as a duplicate (a concurrent
     /// retry with the same request id): read the first event back.
-    async fn result_of_duplicate(&self, seq: u64, cid_of: impl Fn(&UnitEvent) -> String) -> Result<CommandResult, ServiceError> {
-        let stream = self.js.get_stream(&self.events_stream).await.map_err(|e| internal("events stream")(Box::new(e)))?;
+    async fn result_of_duplicate(
+        &self,
+        seq: u64,
+        cid_of: impl Fn(&UnitEvent) -> String,
+    ) -> Result<CommandResult, ServiceError> {
+        let stream =
+            self.js.get_stream(&self.events_stream).await.map_err(|e| internal("events stream")(Box::new(e)))?;
         let msg = stream.get_raw_message(seq).await.map_err(|e| internal("reading a duplicate")(Box::new(e)))?;
         let env = Envelope::from_headers(&msg.headers).map_err(|e| ServiceError::internal(e.to_string()))?;
         let event = UnitEvent::decode(&env.schema.name, &msg.payload).map_err(ServiceError::internal)?;
@@ -280,7 +298,13 @@ impl App {
 
     /// Runs a command against one unit: idempotency, expected version, decision, publish with
     /// optimistic concurrency (retrying once on a stale projection), write-through, memory.
-    async fn unit_command<F>(&self, msg: &Message, header: Option<CommandHeader>, unit_id: &str, decide: F) -> Result<Reply, ServiceError>
+    async fn unit_command<F>(
+        &self,
+        msg: &Message,
+        header: Option<CommandHeader>,
+        unit_id: &str,
+        decide: F,
+    ) -> Result<Reply, ServiceError>
     where
         F: Fn(&Unit) -> Result<UnitEvent, Rejection>,
     {
@@ -308,7 +332,17 @@ impl App {
             domain::check_metadata_size(&event).map_err(reject)?;
             let subject = iu::unit_event(unit_id, event.action()).map_err(|e| ServiceError::internal(e.to_string()))?;
             let msg_id = (!header.request_id.is_empty()).then_some(header.request_id.as_str());
-            match self.publish(subject, Some((filter.clone(), state.version)), event.type_name(), event.encode(), parent.as_ref(), msg_id).await {
+            match self
+                .publish(
+                    subject,
+                    Some((filter.clone(), state.version)),
+                    event.type_name(),
+                    event.encode(),
+                    parent.as_ref(),
+                    msg_id,
+                )
+                .await
+            {
                 Ok((ack, env)) => {
                     let cid_of = |e: &UnitEvent| match e {
                         UnitEvent::Versioned(v) => v.cid.clone(),
@@ -319,16 +353,25 @@ impl App {
                     }
                     let meta = EventMeta { version: ack.sequence, provenance: provenance(&env) };
                     let new_state = domain::apply(Some(state), &event, &meta).unwrap_or_default();
-                    let result = CommandResult { unit_id: unit_id.to_string(), version: ack.sequence, cid: new_state.cid.clone(), replayed: false };
+                    let result = CommandResult {
+                        unit_id: unit_id.to_string(),
+                        version: ack.sequence,
+                        cid: new_state.cid.clone(),
+                        replayed: false,
+                    };
                     let (stored, ()) = tokio::join!(self.store_unit(&new_state), self.remember(&header, &result));
                     stored?;
                     return Ok(Reply::proto(&result));
                 }
                 Err(PublishFailure::Conflict) if header.expected_version == 0 && attempt < 2 => continue,
                 Err(PublishFailure::Conflict) => {
-                    return Err(ServiceError::conflict(format!("unit {unit_id} changed concurrently; read it again and retry")));
+                    return Err(ServiceError::conflict(format!(
+                        "unit {unit_id} changed concurrently; read it again and retry"
+                    )));
                 }
-                Err(PublishFailure::Other(e)) => return Err(ServiceError::unavailable(format!("writing the event: {e}"))),
+                Err(PublishFailure::Other(e)) => {
+                    return Err(ServiceError::unavailable(format!("writing the event: {e}")));
+                }
             }
         }
         Err(ServiceError::conflict(format!("unit {unit_id} keeps changing; retry")))
@@ -336,9 +379,13 @@ impl App {
 
     async fn content_exists(&self, cid: &Cid) -> Result<u64, ServiceError> {
         match self.content.info(cid.to_string()).await {
-            Ok(info) if info.deleted => Err(ServiceError::not_found(format!("content {cid} is not stored (removed); upload it again"))),
+            Ok(info) if info.deleted => {
+                Err(ServiceError::not_found(format!("content {cid} is not stored (removed); upload it again")))
+            }
             Ok(info) if info.digest.as_deref() == Some(cid.to_object_digest().as_str()) => Ok(info.size as u64),
-            Ok(_) => Err(ServiceError::bad_request(format!("content {cid} is stored with a different digest; re-upload it"))),
+            Ok(_) => {
+                Err(ServiceError::bad_request(format!("content {cid} is stored with a different digest; re-upload it")))
+            }
             Err(e) if e.kind() == object_store::InfoErrorKind::NotFound => {
                 Err(ServiceError::not_found(format!("content {cid} is not stored; upload and commit it first")))
             }
@@ -362,7 +409,8 @@ impl App {
         if unit_type.is_empty() {
             return Ok(());
         }
-        cim_events::token::validate_name("unit type", unit_type).map_err(|e| ServiceError::bad_request(e.to_string()))?;
+        cim_events::token::validate_name("unit type", unit_type)
+            .map_err(|e| ServiceError::bad_request(e.to_string()))?;
         let (schema, _) = self
             .load_type(unit_type)
             .await?
@@ -431,7 +479,8 @@ impl App {
             });
             return Ok(Reply::proto(&r.await?));
         }
-        let state = domain::apply(None, &event, &EventMeta { version: ack.sequence, provenance: provenance(&env) }).unwrap_or_default();
+        let state = domain::apply(None, &event, &EventMeta { version: ack.sequence, provenance: provenance(&env) })
+            .unwrap_or_default();
         let result = CommandResult { unit_id, version: ack.sequence, cid: cid.to_string(), replayed: false };
         let (stored, ()) = tokio::join!(self.store_new_unit(&state), self.remember(&header, &result));
         stored?;
@@ -475,7 +524,15 @@ impl App {
             domain::require_live(s)?;
             let tags = c.tags.clone();
             if add {
-                domain::validate_tags(&s.tags.iter().chain(&tags).cloned().collect::<std::collections::BTreeSet<_>>().into_iter().collect::<Vec<_>>())?;
+                domain::validate_tags(
+                    &s.tags
+                        .iter()
+                        .chain(&tags)
+                        .cloned()
+                        .collect::<std::collections::BTreeSet<_>>()
+                        .into_iter()
+                        .collect::<Vec<_>>(),
+                )?;
                 Ok(UnitEvent::Tagged(UnitTagged { unit_id: s.unit_id.clone(), tags }))
             } else {
                 Ok(UnitEvent::Untagged(UnitUntagged { unit_id: s.unit_id.clone(), tags }))
@@ -492,8 +549,12 @@ impl App {
         let set: BTreeMap<String, String> = c.set.clone().into_iter().collect();
         domain::validate_attributes(&set).map_err(reject)?;
         // The schema check needs the resulting attributes: load the type first.
-        let current = self.load_unit(&c.unit_id).await?.ok_or_else(|| ServiceError::not_found(format!("unit {} does not exist", c.unit_id)))?;
-        let schema = if current.unit_type.is_empty() { None } else { self.load_type(&current.unit_type).await?.map(|(s, _)| s) };
+        let current = self
+            .load_unit(&c.unit_id)
+            .await?
+            .ok_or_else(|| ServiceError::not_found(format!("unit {} does not exist", c.unit_id)))?;
+        let schema =
+            if current.unit_type.is_empty() { None } else { self.load_type(&current.unit_type).await?.map(|(s, _)| s) };
         self.unit_command(&msg, c.header.clone(), &c.unit_id, |s| {
             domain::require_live(s)?;
             let mut after: BTreeMap<String, String> = s.attributes.clone().into_iter().collect();
@@ -503,7 +564,11 @@ impl App {
             after.extend(set.clone());
             domain::validate_attributes(&after)?;
             domain::check_schema(schema.as_ref(), &after)?;
-            Ok(UnitEvent::AttributesSet(UnitAttributesSet { unit_id: s.unit_id.clone(), set: c.set.clone(), removed: c.remove.clone() }))
+            Ok(UnitEvent::AttributesSet(UnitAttributesSet {
+                unit_id: s.unit_id.clone(),
+                set: c.set.clone(),
+                removed: c.remove.clone(),
+            }))
         })
         .await
     }
@@ -519,12 +584,19 @@ impl App {
             domain::require_live(s)?;
             if add {
                 if s.links.len() >= domain::MAX_LINKS {
-                    return Err(Rejection::Invalid(format!("unit {} has {} links already", s.unit_id, domain::MAX_LINKS)));
+                    return Err(Rejection::Invalid(format!(
+                        "unit {} has {} links already",
+                        s.unit_id,
+                        domain::MAX_LINKS
+                    )));
                 }
                 Ok(UnitEvent::Linked(UnitLinked { unit_id: s.unit_id.clone(), link: Some(link.clone()) }))
             } else {
                 if !s.links.contains(&link) {
-                    return Err(Rejection::NotFound(format!("unit {} has no link {} -> {}", s.unit_id, link.kind, link.target)));
+                    return Err(Rejection::NotFound(format!(
+                        "unit {} has no link {} -> {}",
+                        s.unit_id, link.kind, link.target
+                    )));
                 }
                 Ok(UnitEvent::Unlinked(UnitUnlinked { unit_id: s.unit_id.clone(), link: Some(link.clone()) }))
             }
@@ -555,14 +627,25 @@ impl App {
         let filter = iu::type_history(&c.name).map_err(|e| ServiceError::bad_request(e.to_string()))?;
         let current = self.read_events(&filter, Until::Now).await?.last().map(|e| e.meta.version).unwrap_or(0);
         if header.expected_version != 0 && header.expected_version != current {
-            return Err(ServiceError::conflict(format!("type {} is at version {current}, not {}", c.name, header.expected_version)));
+            return Err(ServiceError::conflict(format!(
+                "type {} is at version {current}, not {}",
+                c.name, header.expected_version
+            )));
         }
         let event = UnitTypeRegistered { name: c.name.clone(), schema_json: c.schema_json.clone() };
         let parent = Self::parent_envelope(&msg)?;
-        let subject = iu::type_event(&c.name, iu::action::REGISTERED).map_err(|e| ServiceError::internal(e.to_string()))?;
+        let subject =
+            iu::type_event(&c.name, iu::action::REGISTERED).map_err(|e| ServiceError::internal(e.to_string()))?;
         let msg_id = (!header.request_id.is_empty()).then_some(header.request_id.as_str());
         let (ack, _) = self
-            .publish(subject, Some((filter, current)), UnitTypeRegistered::TYPE, event.encode_to_vec(), parent.as_ref(), msg_id)
+            .publish(
+                subject,
+                Some((filter, current)),
+                UnitTypeRegistered::TYPE,
+                event.encode_to_vec(),
+                parent.as_ref(),
+                msg_id,
+            )
             .await
             .map_err(|f| match f {
                 PublishFailure::Conflict => ServiceError::conflict(format!("type {} changed concurrently", c.name)),
@@ -572,7 +655,8 @@ impl App {
         if let Ok(key) = iu::type_key(&c.name) {
             let _ = store_if_newer(&self.types, &key, &t).await;
         }
-        let result = CommandResult { unit_id: c.name, version: ack.sequence, cid: String::new(), replayed: ack.duplicate };
+        let result =
+            CommandResult { unit_id: c.name, version: ack.sequence, cid: String::new(), replayed: ack.duplicate };
         self.remember(&header, &result).await;
         Ok(Reply::proto(&result))
     }
@@ -584,13 +668,20 @@ impl App {
         let c: cim_events::proto::iu::CommitContent = decode(&msg)?;
         let id = c.upload.strip_prefix(iu::UPLOAD_PREFIX).unwrap_or("");
         if uuid::Uuid::parse_str(id).is_err() {
-            return Err(ServiceError::bad_request(format!("{:?} is not an upload name ({}<uuid>)", c.upload, iu::UPLOAD_PREFIX)));
+            return Err(ServiceError::bad_request(format!(
+                "{:?} is not an upload name ({}<uuid>)",
+                c.upload,
+                iu::UPLOAD_PREFIX
+            )));
         }
         let info = match self.content.info(&c.upload).await {
             Ok(i) if !i.deleted => i,
             Ok(_) => return Err(ServiceError::not_found(format!("upload {} was removed", c.upload))),
             Err(e) if e.kind() == object_store::InfoErrorKind::NotFound => {
-                return Err(ServiceError::not_found(format!("upload {} does not exist (unfinished, or already committed)", c.upload)));
+                return Err(ServiceError::not_found(format!(
+                    "upload {} does not exist (unfinished, or already committed)",
+                    c.upload
+                )));
             }
             Err(e) => return Err(internal("upload info")(Box::new(e))),
         };
@@ -627,10 +718,14 @@ impl App {
             }
         } else {
             let event = ContentStored { cid: name.clone(), size };
-            let subject = iu::content_event(&name, iu::action::STORED).map_err(|e| ServiceError::internal(e.to_string()))?;
+            let subject =
+                iu::content_event(&name, iu::action::STORED).map_err(|e| ServiceError::internal(e.to_string()))?;
             let parent = Self::parent_envelope(&msg)?;
             let msg_id = format!("stored-{name}-{}", info.nuid);
-            if let Err(e) = self.publish(subject, None, ContentStored::TYPE, event.encode_to_vec(), parent.as_ref(), Some(&msg_id)).await {
+            if let Err(e) = self
+                .publish(subject, None, ContentStored::TYPE, event.encode_to_vec(), parent.as_ref(), Some(&msg_id))
+                .await
+            {
                 tracing::warn!(cid = %name, error = ?e, "content stored but its event could not be written");
             }
         }
@@ -641,7 +736,8 @@ impl App {
     pub async fn quarantine(&self, cid: &Cid, detail: &str) -> Result<(), ServiceError> {
         tracing::warn!(%cid, detail, "content does not match its CID; removing it");
         let event = ContentCorrupted { cid: cid.to_string(), detail: detail.to_string() };
-        let subject = iu::content_event(&cid.to_string(), iu::action::CORRUPTED).map_err(|e| ServiceError::internal(e.to_string()))?;
+        let subject = iu::content_event(&cid.to_string(), iu::action::CORRUPTED)
+            .map_err(|e| ServiceError::internal(e.to_string()))?;
         self.publish(subject, None, ContentCorrupted::TYPE, event.encode_to_vec(), None, None)
             .await
             .map_err(|e| ServiceError::unavailable(format!("recording corruption: {e:?}")))?;
@@ -659,7 +755,8 @@ impl App {
     }
 
     async fn purge_object_meta(&self, name: &str) -> Result<(), ServiceError> {
-        let subject = cim_events::subject::object_meta(iu::CONTENT_BUCKET, name).map_err(|e| ServiceError::internal(e.to_string()))?;
+        let subject = cim_events::subject::object_meta(iu::CONTENT_BUCKET, name)
+            .map_err(|e| ServiceError::internal(e.to_string()))?;
         let stream = self.content_stream().await?;
         stream.purge().filter(subject).await.map_err(|e| internal("purging object metadata")(Box::new(e)))?;
         Ok(())
@@ -679,7 +776,9 @@ impl App {
         let cid = domain::validate_cid(&c.cid).map_err(reject)?;
         match crate::content::verify(&self.content, &cid).await {
             Ok(()) => Err(ServiceError::conflict(format!("content {cid} was read back and matches its CID"))),
-            Err(crate::content::VerifyError::Missing) => Err(ServiceError::not_found(format!("content {cid} is not stored"))),
+            Err(crate::content::VerifyError::Missing) => {
+                Err(ServiceError::not_found(format!("content {cid} is not stored")))
+            }
             Err(crate::content::VerifyError::Mismatch(detail)) => {
                 let detail = if c.detail.is_empty() { detail } else { format!("{detail} (reported: {})", c.detail) };
                 self.quarantine(&cid, &detail).await?;
@@ -693,13 +792,15 @@ impl App {
 
     pub async fn get(&self, msg: Message) -> Result<Reply, ServiceError> {
         let q: GetUnit = decode(&msg)?;
-        cim_events::token::validate_token("unit id", &q.unit_id).map_err(|e| ServiceError::bad_request(e.to_string()))?;
+        cim_events::token::validate_token("unit id", &q.unit_id)
+            .map_err(|e| ServiceError::bad_request(e.to_string()))?;
         let state = match (q.at_version, q.at_time_ms) {
             (0, 0) => self.load_unit(&q.unit_id).await?,
             (0, t) => self.replay_unit(&q.unit_id, Until::Time(t)).await?,
             (v, _) => self.replay_unit(&q.unit_id, Until::Version(v)).await?,
         };
-        let unit = state.ok_or_else(|| ServiceError::not_found(format!("unit {} does not exist (at that point)", q.unit_id)))?;
+        let unit = state
+            .ok_or_else(|| ServiceError::not_found(format!("unit {} does not exist (at that point)", q.unit_id)))?;
         Ok(Reply::proto(&unit))
     }
 
@@ -713,8 +814,14 @@ impl App {
         let entries = events
             .into_iter()
             .map(|e| {
-                let summary = UnitEvent::decode(&e.type_name, &e.payload).map(|ev| ev.summary()).unwrap_or_else(|err| err);
-                HistoryEntry { version: e.meta.version, event_type: e.type_name, provenance: Some(e.meta.provenance), summary }
+                let summary =
+                    UnitEvent::decode(&e.type_name, &e.payload).map(|ev| ev.summary()).unwrap_or_else(|err| err);
+                HistoryEntry {
+                    version: e.meta.version,
+                    event_type: e.type_name,
+                    provenance: Some(e.meta.provenance),
+                    summary,
+                }
             })
             .collect();
         Ok(Reply::proto(&History { entries }))
@@ -728,8 +835,12 @@ impl App {
 
     pub async fn links(&self, msg: Message) -> Result<Reply, ServiceError> {
         let q: GetLinks = decode(&msg)?;
-        let unit = self.load_unit(&q.unit_id).await?.ok_or_else(|| ServiceError::not_found(format!("unit {} does not exist", q.unit_id)))?;
-        let incoming = self.index.incoming(&q.unit_id).into_iter().map(|(kind, source)| IncomingLink { kind, source }).collect();
+        let unit = self
+            .load_unit(&q.unit_id)
+            .await?
+            .ok_or_else(|| ServiceError::not_found(format!("unit {} does not exist", q.unit_id)))?;
+        let incoming =
+            self.index.incoming(&q.unit_id).into_iter().map(|(kind, source)| IncomingLink { kind, source }).collect();
         Ok(Reply::proto(&Links { outgoing: unit.links, incoming }))
     }
 
@@ -751,7 +862,10 @@ impl App {
 
     pub async fn get_type(&self, msg: Message) -> Result<Reply, ServiceError> {
         let q: GetType = decode(&msg)?;
-        let (_, t) = self.load_type(&q.name).await?.ok_or_else(|| ServiceError::not_found(format!("unit type {} is not registered", q.name)))?;
+        let (_, t) = self
+            .load_type(&q.name)
+            .await?
+            .ok_or_else(|| ServiceError::not_found(format!("unit type {} is not registered", q.name)))?;
         Ok(Reply::proto(&t))
     }
 }
@@ -811,7 +925,10 @@ pub async fn store_if_newer<M: Versioned>(kv: &kv::Store, key: &str, value: &M) 
             Some(e) => kv.update(key, bytes, e.revision).await.map(|_| ()),
             None => kv.create(key, bytes).await.map(|_| ()).map_err(|e| {
                 // map create's error into update's type via its message
-                async_nats::jetstream::kv::UpdateError::with_source(async_nats::jetstream::kv::UpdateErrorKind::Other, e)
+                async_nats::jetstream::kv::UpdateError::with_source(
+                    async_nats::jetstream::kv::UpdateErrorKind::Other,
+                    e,
+                )
             }),
         };
         match result {

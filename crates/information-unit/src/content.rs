@@ -64,9 +64,7 @@ pub async fn verify(store: &ObjectStore, cid: &Cid) -> Result<(), VerifyError> {
 }
 
 fn age(modified: Option<time::OffsetDateTime>) -> Duration {
-    modified
-        .map(|m| (time::OffsetDateTime::now_utc() - m).unsigned_abs())
-        .unwrap_or(Duration::ZERO)
+    modified.map(|m| (time::OffsetDateTime::now_utc() - m).unsigned_abs()).unwrap_or(Duration::ZERO)
 }
 
 impl App {
@@ -149,7 +147,9 @@ impl App {
                 if !referenced.contains(&info.name) && age(info.modified) > retention {
                     // The retention guard: content leaves JetStream only once its archive is
                     // verified on every required target.
-                    if let Err(why) = cim_runtime::archive_guard::object_removable(&self.js, iu::CONTENT_BUCKET, &info.name).await {
+                    if let Err(why) =
+                        cim_runtime::archive_guard::object_removable(&self.js, iu::CONTENT_BUCKET, &info.name).await
+                    {
                         tracing::info!(object = %info.name, reason = %why, "unreferenced content kept until its archive is verified");
                         continue;
                     }

@@ -163,7 +163,13 @@ pub fn apply(state: Option<Unit>, event: &UnitEvent, meta: &EventMeta) -> Option
             links: c.links.clone(),
             created_ms: time,
             created_by: Some(meta.provenance.clone()),
-            versions: vec![ContentVersion { cid: c.cid.clone(), size: c.size, version: meta.version, previous_cid: String::new(), time_ms: time }],
+            versions: vec![ContentVersion {
+                cid: c.cid.clone(),
+                size: c.size,
+                version: meta.version,
+                previous_cid: String::new(),
+                time_ms: time,
+            }],
             ..Default::default()
         },
         (None, _) => return None,
@@ -352,13 +358,27 @@ mod tests {
         assert_eq!(s.versions[1].previous_cid, s.versions[0].cid);
         assert_eq!(s.cid, Cid::of(b"b").to_string());
         assert_eq!(s.name, "a.txt", "empty name in a version keeps the old one");
-        let s = apply(Some(s), &UnitEvent::Untagged(UnitUntagged { unit_id: "u1".into(), tags: vec!["a".into()] }), &meta(8)).unwrap();
+        let s = apply(
+            Some(s),
+            &UnitEvent::Untagged(UnitUntagged { unit_id: "u1".into(), tags: vec!["a".into()] }),
+            &meta(8),
+        )
+        .unwrap();
         assert_eq!(s.tags, vec!["b"]);
         let link = Link { kind: "cites".into(), target: "u2".into() };
-        let s = apply(Some(s), &UnitEvent::Linked(UnitLinked { unit_id: "u1".into(), link: Some(link.clone()) }), &meta(9)).unwrap();
-        let s = apply(Some(s), &UnitEvent::Linked(UnitLinked { unit_id: "u1".into(), link: Some(link.clone()) }), &meta(10)).unwrap();
+        let s =
+            apply(Some(s), &UnitEvent::Linked(UnitLinked { unit_id: "u1".into(), link: Some(link.clone()) }), &meta(9))
+                .unwrap();
+        let s = apply(
+            Some(s),
+            &UnitEvent::Linked(UnitLinked { unit_id: "u1".into(), link: Some(link.clone()) }),
+            &meta(10),
+        )
+        .unwrap();
         assert_eq!(s.links, vec![link.clone()], "linking twice keeps one link");
-        let s = apply(Some(s), &UnitEvent::Deleted(UnitDeleted { unit_id: "u1".into(), reason: "x".into() }), &meta(11)).unwrap();
+        let s =
+            apply(Some(s), &UnitEvent::Deleted(UnitDeleted { unit_id: "u1".into(), reason: "x".into() }), &meta(11))
+                .unwrap();
         assert!(s.deleted);
         assert!(require_live(&s).is_err());
     }
@@ -383,7 +403,9 @@ mod tests {
     #[test]
     fn validation_names_the_problem() {
         assert!(validate_display_name("report.pdf").is_ok());
-        for (bad, why) in [("", "empty"), ("a\u{1}b", "control"), ("../x", "path"), (&"x".repeat(300) as &str, "longer")] {
+        for (bad, why) in
+            [("", "empty"), ("a\u{1}b", "control"), ("../x", "path"), (&"x".repeat(300) as &str, "longer")]
+        {
             let e = validate_display_name(bad).unwrap_err().to_string();
             assert!(e.contains(why), "{bad:?}: {e}");
         }

@@ -1,11 +1,7 @@
 //! The in-memory index of unit states for listing, filtering and incoming links: a projection
 //! of the KV projection, rebuilt from it at start and kept current by a KV watch.
 
-use std::{
-    collections::BTreeMap,
-    ops::Bound,
-    sync::RwLock,
-};
+use std::{collections::BTreeMap, ops::Bound, sync::RwLock};
 
 use cim_events::proto::iu::{ListUnits, Unit, UnitList};
 
@@ -82,7 +78,8 @@ impl Index {
             }
             units.push(u.clone());
         }
-        let next_page_token = if more { units.last().map(|u| u.unit_id.clone()).unwrap_or_default() } else { String::new() };
+        let next_page_token =
+            if more { units.last().map(|u| u.unit_id.clone()).unwrap_or_default() } else { String::new() };
         Ok(UnitList { units, next_page_token })
     }
 }
@@ -102,14 +99,26 @@ mod tests {
     use cim_events::proto::iu::Link;
 
     fn unit(id: &str, name: &str, tags: &[&str], created: i64) -> Unit {
-        Unit { unit_id: id.into(), name: name.into(), tags: tags.iter().map(|t| t.to_string()).collect(), created_ms: created, version: 1, ..Default::default() }
+        Unit {
+            unit_id: id.into(),
+            name: name.into(),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            created_ms: created,
+            version: 1,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn filters_and_pages() {
         let ix = Index::default();
         for i in 0..25 {
-            ix.put(unit(&format!("u{i:03}"), if i % 2 == 0 { "even" } else { "odd" }, if i % 5 == 0 { &["five"] } else { &[] }, i));
+            ix.put(unit(
+                &format!("u{i:03}"),
+                if i % 2 == 0 { "even" } else { "odd" },
+                if i % 5 == 0 { &["five"] } else { &[] },
+                i,
+            ));
         }
         let q = ListUnits { name_prefix: "ev".into(), page_size: 5, ..Default::default() };
         let p1 = ix.list(&q).unwrap();

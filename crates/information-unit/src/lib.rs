@@ -20,7 +20,11 @@ pub const COMPONENT: Component = Component::InformationUnit;
 
 /// Command line and environment of `information-unit`.
 #[derive(clap::Parser, Debug)]
-#[command(name = "information-unit", version, about = "Information units: content-addressed, versioned, linked units on JetStream")]
+#[command(
+    name = "information-unit",
+    version,
+    about = "Information units: content-addressed, versioned, linked units on JetStream"
+)]
 pub struct Config {
     #[command(flatten)]
     pub common: CommonArgs,
@@ -44,7 +48,11 @@ pub struct IuArgs {
 
 impl Default for IuArgs {
     fn default() -> Self {
-        IuArgs { orphan_grace: Duration::from_secs(3600), content_retention: Duration::from_secs(168 * 3600), collect_interval: Duration::from_secs(300) }
+        IuArgs {
+            orphan_grace: Duration::from_secs(3600),
+            content_retention: Duration::from_secs(168 * 3600),
+            collect_interval: Duration::from_secs(300),
+        }
     }
 }
 
@@ -82,7 +90,11 @@ async fn setup(ctx: cim_runtime::Ctx, args: IuArgs) -> anyhow::Result<Vec<Endpoi
         content: js.get_object_store(iu::CONTENT_BUCKET).await?,
         events_stream: resources::events_stream(COMPONENT).name,
         index: Arc::default(),
-        opts: IuOptions { orphan_grace: args.orphan_grace, content_retention: args.content_retention, collect_interval: args.collect_interval },
+        opts: IuOptions {
+            orphan_grace: args.orphan_grace,
+            content_retention: args.content_retention,
+            collect_interval: args.collect_interval,
+        },
         js,
         ctx: ctx.clone(),
     });

@@ -63,7 +63,9 @@ impl App {
         match self.units.entry(iu::CHECKPOINT_KEY).await {
             Ok(Some(e)) if e.operation == kv::Operation::Put => match parse_checkpoint(&e.value) {
                 Some((generation, checkpoint)) => Position { checkpoint, revision: Some(e.revision), generation },
-                None => Position { checkpoint: 0, revision: Some(e.revision), generation: uuid::Uuid::now_v7().to_string() },
+                None => {
+                    Position { checkpoint: 0, revision: Some(e.revision), generation: uuid::Uuid::now_v7().to_string() }
+                }
             },
             _ => Position { checkpoint: 0, revision: None, generation: uuid::Uuid::now_v7().to_string() },
         }
@@ -112,7 +114,11 @@ impl App {
             // One event at a time across all instances: projections are applied in order.
             max_ack_pending: 1,
             ack_wait: Duration::from_secs(30),
-            deliver_policy: if checkpoint == 0 { DeliverPolicy::All } else { DeliverPolicy::ByStartSequence { start_sequence: checkpoint + 1 } },
+            deliver_policy: if checkpoint == 0 {
+                DeliverPolicy::All
+            } else {
+                DeliverPolicy::ByStartSequence { start_sequence: checkpoint + 1 }
+            },
             ..Default::default()
         };
         if let Ok(mut existing) = stream.get_consumer::<pull::Config>(&name).await {
@@ -120,7 +126,11 @@ impl App {
             if info.ack_floor.stream_sequence <= checkpoint {
                 return Ok(existing);
             }
-            tracing::warn!(checkpoint, consumer_at = info.ack_floor.stream_sequence, "projection behind its consumer: replaying from the checkpoint");
+            tracing::warn!(
+                checkpoint,
+                consumer_at = info.ack_floor.stream_sequence,
+                "projection behind its consumer: replaying from the checkpoint"
+            );
             let _ = stream.delete_consumer(&name).await;
         }
         Ok(stream.get_or_create_consumer(&name, config).await?)
@@ -142,7 +152,10 @@ impl App {
                 // and the next round sees it (and usually finds the event already applied).
                 for _ in 0..5 {
                     let (current, revision) = match self.units.entry(&key).await.map_err(|e| Store(e.to_string()))? {
-                        Some(e) if e.operation == kv::Operation::Put => (Some(Unit::decode(e.value).map_err(|e| Store(format!("stored state of {key}: {e}")))?), Some(e.revision)),
+                        Some(e) if e.operation == kv::Operation::Put => (
+                            Some(Unit::decode(e.value).map_err(|e| Store(format!("stored state of {key}: {e}")))?),
+                            Some(e.revision),
+                        ),
                         Some(e) => (None, Some(e.revision)),
                         None => (None, None),
                     };
@@ -164,7 +177,9 @@ impl App {
             iu::TYPE if env.schema.name == UnitTypeRegistered::TYPE => {
                 let r = UnitTypeRegistered::decode(msg.payload.clone()).map_err(|e| Poison(e.to_string()))?;
                 let key = iu::type_key(&r.name).map_err(|e| Poison(e.to_string()))?;
-                store_if_newer(&self.types, &key, &UnitType { name: r.name, schema_json: r.schema_json, version: seq }).await.map_err(Store)?;
+                store_if_newer(&self.types, &key, &UnitType { name: r.name, schema_json: r.schema_json, version: seq })
+                    .await
+                    .map_err(Store)?;
             }
             _ => {} // content events change no projection
         }
@@ -213,7 +228,9 @@ impl App {
                         // A poison event (one that can never be decoded or applied) must not
                         // stop the projection: it is skipped and the reason is logged with its
                         // sequence (the event itself stays in the log).
-                        Err(ProjectError::Poison(e)) => tracing::error!(sequence = seq, error = %e, "event could not be projected; skipped"),
+                        Err(ProjectError::Poison(e)) => {
+                            tracing::error!(sequence = seq, error = %e, "event could not be projected; skipped")
+                        }
                     }
                     let _ = m.ack().await;
                     last = seq;
@@ -294,7 +311,8 @@ impl App {
 
     /// `cim.cmd.iu.rebuild`: drop the projections and replay the whole stream.
     pub async fn rebuild(&self) -> Result<Reply, ServiceError> {
-        let stream = self.js.get_stream(&self.events_stream).await.map_err(|e| internal("events stream")(Box::new(e)))?;
+        let stream =
+            self.js.get_stream(&self.events_stream).await.map_err(|e| internal("events stream")(Box::new(e)))?;
         let mut stream = stream;
         let last = stream.info().await.map_err(|e| internal("events stream")(Box::new(e)))?.state.last_sequence;
         let _ = stream.delete_consumer(&iu::projector_consumer()).await;
@@ -313,14 +331,21 @@ impl App {
 
     /// `cim.qry.iu.status`.
     pub async fn status(&self) -> Result<Reply, ServiceError> {
-        let mut stream = self.js.get_stream(&self.events_stream).await.map_err(|e| internal("events stream")(Box::new(e)))?;
+        let mut stream =
+            self.js.get_stream(&self.events_stream).await.map_err(|e| internal("events stream")(Box::new(e)))?;
         let last = stream.info().await.map_err(|e| internal("events stream")(Box::new(e)))?.state.last_sequence;
         let checkpoint = self.checkpoint().await;
         let (lag, rebuilding) = match stream.consumer_info(iu::projector_consumer()).await {
             Ok(i) => (i.num_pending + i.num_ack_pending as u64, checkpoint < i.ack_floor.stream_sequence),
             Err(_) => (last.saturating_sub(checkpoint), true),
         };
-        Ok(Reply::proto(&ProjectionStatus { stream_last_sequence: last, checkpoint, lag, rebuilding, units: self.index.len() as u64 }))
+        Ok(Reply::proto(&ProjectionStatus {
+            stream_last_sequence: last,
+            checkpoint,
+            lag,
+            rebuilding,
+            units: self.index.len() as u64,
+        }))
     }
 }
 

@@ -51,7 +51,8 @@ pub struct AttributeSpec {
 impl TypeSchema {
     /// Parses and checks a schema document; the error says what is wrong with it.
     pub fn parse(json: &str) -> Result<TypeSchema, String> {
-        let value: serde_json::Value = serde_json::from_str(json).map_err(|e| format!("schema is not valid JSON: {e}"))?;
+        let value: serde_json::Value =
+            serde_json::from_str(json).map_err(|e| format!("schema is not valid JSON: {e}"))?;
         if !value.is_object() {
             return Err("schema must be a JSON object".to_string());
         }
@@ -98,7 +99,9 @@ impl AttributeSpec {
         let n = match self.kind {
             Kind::String => None,
             Kind::Integer => Some(v.parse::<i64>().map_err(|_| format!("{v:?} is not an integer"))? as f64),
-            Kind::Number => Some(v.parse::<f64>().ok().filter(|f| f.is_finite()).ok_or_else(|| format!("{v:?} is not a number"))?),
+            Kind::Number => {
+                Some(v.parse::<f64>().ok().filter(|f| f.is_finite()).ok_or_else(|| format!("{v:?} is not a number"))?)
+            }
             Kind::Boolean => {
                 if v != "true" && v != "false" {
                     return Err(format!("{v:?} is not true or false"));
@@ -152,7 +155,8 @@ mod tests {
     fn names_every_violation() {
         let s = TypeSchema::parse(DOC).unwrap();
         let e = s.validate(&attrs(&[("pages", "11"), ("ok", "yes"), ("status", "wip"), ("extra", "1")])).unwrap_err();
-        for want in ["author is required", "above 10", "not true or false", "not one of", "extra is not in the schema"] {
+        for want in ["author is required", "above 10", "not true or false", "not one of", "extra is not in the schema"]
+        {
             assert!(e.contains(want), "{want}: {e}");
         }
         assert!(s.validate(&attrs(&[("author", "toolong")])).unwrap_err().contains("longer than 5"));
@@ -161,9 +165,15 @@ mod tests {
 
     #[test]
     fn bad_schemas_are_refused() {
-        for bad in ["", "[]", r#"{"attributes": {"a": {"type": "date"}}}"#, r#"{"attributes": {"a b": {"type": "string"}}}"#,
-            r#"{"attributes": {"a": {"type": "string", "min": 1}}}"#, r#"{"attributes": {"a": {"type": "integer", "min": 5, "max": 1}}}"#,
-            r#"{"nope": 1}"#] {
+        for bad in [
+            "",
+            "[]",
+            r#"{"attributes": {"a": {"type": "date"}}}"#,
+            r#"{"attributes": {"a b": {"type": "string"}}}"#,
+            r#"{"attributes": {"a": {"type": "string", "min": 1}}}"#,
+            r#"{"attributes": {"a": {"type": "integer", "min": 5, "max": 1}}}"#,
+            r#"{"nope": 1}"#,
+        ] {
             assert!(TypeSchema::parse(bad).is_err(), "{bad}");
         }
     }

@@ -3,7 +3,10 @@
 //! address, so a DNS answer cannot change between check and use), IP literals are checked
 //! directly, and every redirect is checked again.
 
-use std::{net::{IpAddr, SocketAddr}, sync::Arc};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 /// Why an address or URL was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -2,7 +2,11 @@
 //! endpoint, secret (from a file or the environment), tolerance, size limit and target.
 //! Loading is pure apart from reading the secrets, and refuses anything unclear.
 
-use std::{collections::BTreeMap, path::{Path, PathBuf}, time::Duration};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use serde::Deserialize;
 
@@ -91,7 +95,12 @@ pub struct S3Import {
 
 impl std::fmt::Debug for S3Import {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("S3Import").field("name", &self.name).field("endpoint", &self.endpoint).field("bucket", &self.bucket).field("secret_key", &"<redacted>").finish()
+        f.debug_struct("S3Import")
+            .field("name", &self.name)
+            .field("endpoint", &self.endpoint)
+            .field("bucket", &self.bucket)
+            .field("secret_key", &"<redacted>")
+            .finish()
     }
 }
 
@@ -208,7 +217,11 @@ impl Postgres {
 
 impl std::fmt::Debug for Postgres {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Postgres").field("name", &self.name).field("url", &"<redacted>").field("watch", &self.watch).finish()
+        f.debug_struct("Postgres")
+            .field("name", &self.name)
+            .field("url", &"<redacted>")
+            .field("watch", &self.watch)
+            .finish()
     }
 }
 
@@ -288,7 +301,12 @@ pub struct Subscription {
 
 impl std::fmt::Debug for Subscription {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Subscription").field("name", &self.name).field("filter", &self.filter).field("url", &self.url).field("key", &"<redacted>").finish()
+        f.debug_struct("Subscription")
+            .field("name", &self.name)
+            .field("filter", &self.filter)
+            .field("url", &self.url)
+            .field("key", &"<redacted>")
+            .finish()
     }
 }
 
@@ -382,7 +400,8 @@ impl std::fmt::Debug for Source {
 
 /// Reads and validates the configuration file.
 pub fn load(path: &Path) -> Result<Hub, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read { path: path.to_path_buf(), reason: e.to_string() })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::Read { path: path.to_path_buf(), reason: e.to_string() })?;
     parse(&text, |name| std::env::var(name).ok(), |p| std::fs::read_to_string(p).map_err(|e| e.to_string()))
 }
 
@@ -407,7 +426,8 @@ pub fn parse(
         };
         cim_events::hub::secret_key(&secret).map_err(|e| e.to_string())
     };
-    let allow = crate::allow::AllowList::parse(&file.outbound_allow).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+    let allow =
+        crate::allow::AllowList::parse(&file.outbound_allow).map_err(|e| ConfigError::Invalid(e.to_string()))?;
     let mut subscriptions = BTreeMap::new();
     for s in file.subscriptions {
         let bad = |reason: String| ConfigError::Subscription { name: s.name.clone(), reason };
@@ -439,7 +459,9 @@ pub fn parse(
         let bad = |reason: String| ConfigError::Connector { name: p.name.clone(), reason };
         cim_events::hub::projection_consumer(&p.name).map_err(|e| bad(e.to_string()))?;
         let url = match (&p.url_file, &p.url_env) {
-            (Some(f), None) => read(f).map_err(|e| bad(format!("cannot read url_file {}: {e}", f.display())))?.trim().to_string(),
+            (Some(f), None) => {
+                read(f).map_err(|e| bad(format!("cannot read url_file {}: {e}", f.display())))?.trim().to_string()
+            }
             (None, Some(v)) => env(v).ok_or_else(|| bad(format!("environment variable {v} is not set")))?,
             _ => return Err(bad("set exactly one of url_file and url_env".into())),
         };
@@ -448,7 +470,12 @@ pub fn parse(
                 if !crate::postgres::valid_identifier(&pr.table) {
                     return Err(bad(format!("table {:?} is not a plain identifier ([a-z_][a-z0-9_]*)", pr.table)));
                 }
-                Some(Projection { stream: stream_of(&pr.filter).map_err(bad)?, filter: pr.filter, table: pr.table, deliver: pr.deliver })
+                Some(Projection {
+                    stream: stream_of(&pr.filter).map_err(bad)?,
+                    filter: pr.filter,
+                    table: pr.table,
+                    deliver: pr.deliver,
+                })
             }
             None => None,
         };
@@ -458,14 +485,22 @@ pub fn parse(
         if postgres.iter().any(|o| o.name == p.name) {
             return Err(bad("defined twice".into()));
         }
-        postgres.push(Postgres { name: p.name, url, project, watch: p.watch, poll: Duration::from_millis(p.poll_ms.max(10)) });
+        postgres.push(Postgres {
+            name: p.name,
+            url,
+            project,
+            watch: p.watch,
+            poll: Duration::from_millis(p.poll_ms.max(10)),
+        });
     }
     let mut mqtt: Vec<Mqtt> = Vec::new();
     for q in file.mqtt {
         let bad = |reason: String| ConfigError::Connector { name: q.name.clone(), reason };
         cim_events::hub::mqtt_consumer(&q.name).map_err(|e| bad(e.to_string()))?;
         let password = match (&q.password_file, &q.password_env) {
-            (Some(f), None) => Some(read(f).map_err(|e| bad(format!("cannot read password_file {}: {e}", f.display())))?.trim().to_string()),
+            (Some(f), None) => Some(
+                read(f).map_err(|e| bad(format!("cannot read password_file {}: {e}", f.display())))?.trim().to_string(),
+            ),
             (None, Some(v)) => Some(env(v).ok_or_else(|| bad(format!("environment variable {v} is not set")))?),
             (None, None) => None,
             _ => return Err(bad("set at most one of password_file and password_env".into())),
@@ -483,7 +518,12 @@ pub fn parse(
                 if p.topic.is_empty() || p.topic.contains(['+', '#']) {
                     return Err(bad(format!("publish topic {:?} must be a plain topic (no wildcards)", p.topic)));
                 }
-                Some(MqttPublish { stream: stream_of(&p.filter).map_err(bad)?, filter: p.filter, topic: p.topic, deliver: p.deliver })
+                Some(MqttPublish {
+                    stream: stream_of(&p.filter).map_err(bad)?,
+                    filter: p.filter,
+                    topic: p.topic,
+                    deliver: p.deliver,
+                })
             }
             None => None,
         };
@@ -498,14 +538,18 @@ pub fn parse(
         cim_events::hub::s3_imported(&i.name).map_err(|e| bad(e.to_string()))?;
         let value = |what: &str, f: &Option<PathBuf>, v: &Option<String>| -> Result<String, ConfigError> {
             match (f, v) {
-                (Some(f), None) => Ok(read(f).map_err(|e| bad(format!("cannot read {what}_file {}: {e}", f.display())))?.trim().to_string()),
+                (Some(f), None) => Ok(read(f)
+                    .map_err(|e| bad(format!("cannot read {what}_file {}: {e}", f.display())))?
+                    .trim()
+                    .to_string()),
                 (None, Some(v)) => env(v).ok_or_else(|| bad(format!("environment variable {v} is not set"))),
                 _ => Err(bad(format!("set exactly one of {what}_file and {what}_env"))),
             }
         };
         let access_key = value("access_key", &i.access_key_file, &i.access_key_env)?;
         let secret_key = value("secret_key", &i.secret_key_file, &i.secret_key_env)?;
-        let endpoint_ok = reqwest::Url::parse(&i.endpoint).is_ok_and(|u| u.scheme() == "http" && u.host_str().is_some());
+        let endpoint_ok =
+            reqwest::Url::parse(&i.endpoint).is_ok_and(|u| u.scheme() == "http" && u.host_str().is_some());
         if !endpoint_ok {
             return Err(bad(format!("endpoint {:?} must be an http://host[:port] url", i.endpoint)));
         }
@@ -561,11 +605,17 @@ pub fn parse(
 fn stream_of(filter: &str) -> Result<String, String> {
     let tokens: Vec<&str> = filter.split('.').collect();
     let ok_token = |t: &str| !t.is_empty() && !t.contains(char::is_whitespace);
-    if tokens.len() < 3 || tokens[0] != cim_events::subject::ROOT || tokens[1] != "evt" || !tokens.iter().all(|t| ok_token(t)) {
+    if tokens.len() < 3
+        || tokens[0] != cim_events::subject::ROOT
+        || tokens[1] != "evt"
+        || !tokens.iter().all(|t| ok_token(t))
+    {
         return Err(format!("filter {filter:?} is not an event subject filter (cim.evt.<component>.…)"));
     }
     let component = cim_events::Component::parse(tokens[2]).map_err(|e| e.to_string())?;
-    if component == cim_events::Component::IntegrationHub && tokens.get(3).is_some_and(|t| *t != cim_events::hub::WEBHOOK) {
+    if component == cim_events::Component::IntegrationHub
+        && tokens.get(3).is_some_and(|t| *t != cim_events::hub::WEBHOOK)
+    {
         return Err("a subscription may read the hub's own webhook events only".into());
     }
     Ok(cim_events::resources::events_stream(component).name)
@@ -620,19 +670,43 @@ mod tests {
             (r#"{"webhooks": [{"name": "a.b", "secret_env": "GH"}]}"#, "invalid"),
             (r#"{"webhooks": [{"name": "a", "secret_env": "GH", "colour": 1}]}"#, "unknown field"),
             (r#"{"webhooks": [{"name": "a", "secret_env": "GH", "target": "fax"}]}"#, "unknown variant"),
-            (r#"{"webhooks": [{"name": "a", "secret_env": "GH"}, {"name": "a", "secret_env": "GH"}]}"#, "defined twice"),
+            (
+                r#"{"webhooks": [{"name": "a", "secret_env": "GH"}, {"name": "a", "secret_env": "GH"}]}"#,
+                "defined twice",
+            ),
             (r#"{"webhooks": [{"name": "a", "secret_env": "GH", "max_body_bytes": 0}]}"#, "max_body_bytes"),
             ("not json", "invalid hub configuration"),
-            (r#"{"postgres": [{"name": "db", "url_env": "GH", "watch": ["orders; drop table x"]}]}"#, "plain identifier"),
-            (r#"{"postgres": [{"name": "db", "url_env": "GH", "project": {"filter": "cim.evt.iu.>", "table": "Bad"}}]}"#, "plain identifier"),
+            (
+                r#"{"postgres": [{"name": "db", "url_env": "GH", "watch": ["orders; drop table x"]}]}"#,
+                "plain identifier",
+            ),
+            (
+                r#"{"postgres": [{"name": "db", "url_env": "GH", "project": {"filter": "cim.evt.iu.>", "table": "Bad"}}]}"#,
+                "plain identifier",
+            ),
             (r#"{"postgres": [{"name": "db"}]}"#, "exactly one of url_file and url_env"),
-            (r#"{"mqtt": [{"name": "m", "host": "h", "publish": {"filter": "cim.evt.iu.>", "topic": "a/#"}}]}"#, "no wildcards"),
+            (
+                r#"{"mqtt": [{"name": "m", "host": "h", "publish": {"filter": "cim.evt.iu.>", "topic": "a/#"}}]}"#,
+                "no wildcards",
+            ),
             (r#"{"mqtt": [{"name": "m", "host": "h", "password_env": "GH"}]}"#, "needs a username"),
             (r#"{"outbound_allow": ["10.0.0.0/33"]}"#, "invalid"),
-            (r#"{"subscriptions": [{"name": "s", "filter": "orders", "url": "http://127.0.0.1/", "secret_env": "GH"}]}"#, "not an event subject filter"),
-            (r#"{"subscriptions": [{"name": "s", "filter": "cim.evt.hub.delivery.>", "url": "http://127.0.0.1/", "secret_env": "GH"}]}"#, "own webhook events only"),
-            (r#"{"subscriptions": [{"name": "s", "filter": "cim.evt.iu.>", "url": "http://127.0.0.1/", "secret_env": "GH"}]}"#, "not allowed"),
-            (r#"{"outbound_allow": ["127.0.0.1"], "subscriptions": [{"name": "s", "filter": "cim.evt.iu.>", "url": "ftp://127.0.0.1/", "secret_env": "GH"}]}"#, "http"),
+            (
+                r#"{"subscriptions": [{"name": "s", "filter": "orders", "url": "http://127.0.0.1/", "secret_env": "GH"}]}"#,
+                "not an event subject filter",
+            ),
+            (
+                r#"{"subscriptions": [{"name": "s", "filter": "cim.evt.hub.delivery.>", "url": "http://127.0.0.1/", "secret_env": "GH"}]}"#,
+                "own webhook events only",
+            ),
+            (
+                r#"{"subscriptions": [{"name": "s", "filter": "cim.evt.iu.>", "url": "http://127.0.0.1/", "secret_env": "GH"}]}"#,
+                "not allowed",
+            ),
+            (
+                r#"{"outbound_allow": ["127.0.0.1"], "subscriptions": [{"name": "s", "filter": "cim.evt.iu.>", "url": "ftp://127.0.0.1/", "secret_env": "GH"}]}"#,
+                "http",
+            ),
         ] {
             let e = parse(text, env, read).unwrap_err().to_string();
             assert!(e.contains(want), "{text}: {e}");

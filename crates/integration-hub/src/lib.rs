@@ -82,18 +82,20 @@ pub async fn run_with(settings: Settings, args: HubArgs, shutdown: impl Future<O
     Service::new(definition()).setup(move |ctx| setup(ctx, args, hub)).run(settings, shutdown).await
 }
 
-async fn setup(
-    ctx: cim_runtime::Ctx,
-    args: HubArgs,
-    hub_config: config::Hub,
-) -> anyhow::Result<Vec<Endpoint>> {
+async fn setup(ctx: cim_runtime::Ctx, args: HubArgs, hub_config: config::Hub) -> anyhow::Result<Vec<Endpoint>> {
     let config::Hub { sources, allow, subscriptions, postgres, mqtt, s3_import } = hub_config;
     for m in mqtt {
         ctx.spawn(&format!("mqtt-{}", m.name), mqtt::run(ctx.clone(), ctx.jetstream().clone(), ctx.source(), m));
     }
     for pg in postgres {
-        ctx.spawn(&format!("postgres-{}-project", pg.name), postgres::project(ctx.clone(), ctx.jetstream().clone(), pg.clone()));
-        ctx.spawn(&format!("postgres-{}-capture", pg.name), postgres::capture(ctx.clone(), ctx.jetstream().clone(), ctx.source(), pg));
+        ctx.spawn(
+            &format!("postgres-{}-project", pg.name),
+            postgres::project(ctx.clone(), ctx.jetstream().clone(), pg.clone()),
+        );
+        ctx.spawn(
+            &format!("postgres-{}-capture", pg.name),
+            postgres::capture(ctx.clone(), ctx.jetstream().clone(), ctx.source(), pg),
+        );
     }
     let js = ctx.jetstream().clone();
     let ids = js.get_key_value(resources::kv_bucket(COMPONENT, hub::KV_WEBHOOK_IDS)?).await?;
@@ -102,7 +104,11 @@ async fn setup(
         None
     } else {
         let listen = args.webhook_listen;
-        Some(tokio::net::TcpListener::bind(listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {listen} for webhooks: {e}"))?)
+        Some(
+            tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {listen} for webhooks: {e}"))?,
+        )
     };
     let addr = listener.as_ref().and_then(|l| l.local_addr().ok());
     let iu = match &ctx.settings().js_domain {
@@ -117,7 +123,10 @@ async fn setup(
         tracing::info!(addr = %addr, sources = names.len(), "serving webhooks");
     }
     for s3 in s3_import {
-        ctx.spawn(&format!("s3-import-{}", s3.name), s3import::run(ctx.clone(), ctx.jetstream().clone(), iu.clone(), ctx.source(), s3));
+        ctx.spawn(
+            &format!("s3-import-{}", s3.name),
+            s3import::run(ctx.clone(), ctx.jetstream().clone(), iu.clone(), ctx.source(), s3),
+        );
     }
     if let Some(listener) = listener {
         let inbound = Arc::new(webhook::Inbound { sources, js, ids, iu, ce_source: ctx.source() });
@@ -138,7 +147,9 @@ async fn setup(
         ce_source: ctx.source(),
         subs: subscriptions
             .into_iter()
-            .map(|(name, sub)| (name, Arc::new(outbound::Running { sub, paused: tokio::sync::watch::channel(false).0 })))
+            .map(|(name, sub)| {
+                (name, Arc::new(outbound::Running { sub, paused: tokio::sync::watch::channel(false).0 }))
+            })
             .collect(),
     });
     out.load_states().await?;
@@ -194,11 +205,15 @@ async fn setup(
         endpoints.push(Endpoint::new(name, hub::command(name)?, move |_ctx, msg| {
             let o = o.clone();
             async move {
-                let cmd = SubscriptionCommand::decode(msg.payload).map_err(|e| ServiceError::bad_request(format!("undecodable SubscriptionCommand: {e}")))?;
+                let cmd = SubscriptionCommand::decode(msg.payload)
+                    .map_err(|e| ServiceError::bad_request(format!("undecodable SubscriptionCommand: {e}")))?;
                 if !o.subs.contains_key(&cmd.subscription) {
                     return Err(ServiceError::not_found(format!("unknown subscription {:?}", cmd.subscription)));
                 }
-                let change = o.set_paused(&cmd.subscription, paused, &cmd.reason).await.map_err(|e| ServiceError::unavailable(e.to_string()))?;
+                let change = o
+                    .set_paused(&cmd.subscription, paused, &cmd.reason)
+                    .await
+                    .map_err(|e| ServiceError::unavailable(e.to_string()))?;
                 Ok(Reply::proto(&change))
             }
         }));

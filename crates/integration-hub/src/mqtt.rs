@@ -9,7 +9,13 @@
 
 use std::time::Duration;
 
-use async_nats::{HeaderMap, jetstream::{self, consumer::{DeliverPolicy, pull}}};
+use async_nats::{
+    HeaderMap,
+    jetstream::{
+        self,
+        consumer::{DeliverPolicy, pull},
+    },
+};
 use cim_events::{Envelope, hub, proto::hub::MqttReceived};
 use cim_runtime::Ctx;
 use futures::StreamExt;
@@ -30,7 +36,10 @@ pub async fn run(ctx: Ctx, js: jetstream::Context, ce_source: String, m: Mqtt) {
     let (client, mut eventloop) = AsyncClient::new(opts, 64);
     let (puback_tx, puback_rx) = mpsc::channel::<()>(64);
     if let Some(p) = m.publish.clone() {
-        ctx.spawn(&format!("mqtt-{}-publish", m.name), publish(ctx.clone(), js.clone(), client.clone(), m.clone(), p, puback_rx));
+        ctx.spawn(
+            &format!("mqtt-{}-publish", m.name),
+            publish(ctx.clone(), js.clone(), client.clone(), m.clone(), p, puback_rx),
+        );
     }
     let subject = match hub::mqtt_received(&m.name) {
         Ok(s) => s,
@@ -58,12 +67,19 @@ pub async fn run(ctx: Ctx, js: jetstream::Context, ce_source: String, m: Mqtt) {
                 let _ = puback_tx.try_send(());
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                let event = MqttReceived { connector: m.name.clone(), topic: p.topic.clone(), payload: p.payload.to_vec(), qos: p.qos as u32, retain: p.retain };
+                let event = MqttReceived {
+                    connector: m.name.clone(),
+                    topic: p.topic.clone(),
+                    payload: p.payload.to_vec(),
+                    qos: p.qos as u32,
+                    retain: p.retain,
+                };
                 let env = Envelope::root::<MqttReceived>(ce_source.clone());
                 let mut headers = HeaderMap::new();
                 env.write_headers(&mut headers);
                 // Stored first, acknowledged to the broker after: a failure leaves it with the broker.
-                let stored = match js.publish_with_headers(subject.clone(), headers, event.encode_to_vec().into()).await {
+                let stored = match js.publish_with_headers(subject.clone(), headers, event.encode_to_vec().into()).await
+                {
                     Ok(ack) => ack.await.is_ok(),
                     Err(_) => false,
                 };
@@ -88,7 +104,14 @@ pub async fn run(ctx: Ctx, js: jetstream::Context, ce_source: String, m: Mqtt) {
     }
 }
 
-async fn publish(ctx: Ctx, js: jetstream::Context, client: AsyncClient, m: Mqtt, p: crate::config::MqttPublish, mut pubacks: mpsc::Receiver<()>) {
+async fn publish(
+    ctx: Ctx,
+    js: jetstream::Context,
+    client: AsyncClient,
+    m: Mqtt,
+    p: crate::config::MqttPublish,
+    mut pubacks: mpsc::Receiver<()>,
+) {
     let consumer = loop {
         let made = async {
             let stream = js.get_stream(&p.stream).await?;

@@ -4,10 +4,23 @@
 //! dead-letters an event with its last error once the attempts are spent. The event is acked
 //! only after that, so a hub that dies mid-delivery hands the event to the next instance.
 
-use std::{collections::BTreeMap, sync::Arc, time::{Duration, Instant}};
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
-use async_nats::{HeaderMap, jetstream::{self, AckKind, consumer::{DeliverPolicy, pull}}};
-use cim_events::{Envelope, envelope, hub, proto::hub::{DeliveryRecorded, SubscriptionStateChanged}};
+use async_nats::{
+    HeaderMap,
+    jetstream::{
+        self, AckKind,
+        consumer::{DeliverPolicy, pull},
+    },
+};
+use cim_events::{
+    Envelope, envelope, hub,
+    proto::hub::{DeliveryRecorded, SubscriptionStateChanged},
+};
 use cim_runtime::Ctx;
 use futures::StreamExt;
 use prost::Message;
@@ -53,7 +66,14 @@ impl Outbound {
         let change = SubscriptionStateChanged { subscription: name.to_string(), paused, reason: reason.to_string() };
         let action = if paused { hub::action::PAUSED } else { hub::action::RESUMED };
         let env = Envelope::root::<SubscriptionStateChanged>(self.ce_source.clone());
-        self.js.publish_with_headers(hub::subscription_event(name, action)?, env.to_headers(), change.encode_to_vec().into()).await?.await?;
+        self.js
+            .publish_with_headers(
+                hub::subscription_event(name, action)?,
+                env.to_headers(),
+                change.encode_to_vec().into(),
+            )
+            .await?
+            .await?;
         run.paused.send_replace(paused);
         Ok(change)
     }
@@ -146,7 +166,8 @@ impl Outbound {
         let started = Instant::now();
         let (sequence, subject) = (msg.info().map(|i| i.stream_sequence).unwrap_or(0), msg.subject.to_string());
         let parent = msg.headers.as_ref().and_then(|h| Envelope::from_headers(h).ok());
-        let event_id = parent.as_ref().map(|e| e.id().to_string()).unwrap_or_else(|| format!("{}-{sequence}", sub.stream));
+        let event_id =
+            parent.as_ref().map(|e| e.id().to_string()).unwrap_or_else(|| format!("{}-{sequence}", sub.stream));
         let mut last = (0u16, String::new());
         let mut attempts = 0;
         let mut permanent = false;
@@ -155,7 +176,19 @@ impl Outbound {
             let _ = msg.ack_with(AckKind::Progress).await;
             match self.attempt(sub, &msg, &subject, sequence, &event_id).await {
                 Ok(status) if (200..300).contains(&status) => {
-                    self.record(sub, hub::action::DELIVERED, &subject, sequence, &event_id, attempts, status, "", started, parent.as_ref()).await;
+                    self.record(
+                        sub,
+                        hub::action::DELIVERED,
+                        &subject,
+                        sequence,
+                        &event_id,
+                        attempts,
+                        status,
+                        "",
+                        started,
+                        parent.as_ref(),
+                    )
+                    .await;
                     let _ = msg.double_ack().await;
                     tracing::debug!(subscription = %sub.name, sequence, attempts, "delivered");
                     return;
@@ -202,13 +235,33 @@ impl Outbound {
             let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
             return;
         }
-        self.record(sub, hub::action::DEAD_LETTERED, &subject, sequence, &event_id, attempts, last.0, &last.1, started, parent.as_ref()).await;
+        self.record(
+            sub,
+            hub::action::DEAD_LETTERED,
+            &subject,
+            sequence,
+            &event_id,
+            attempts,
+            last.0,
+            &last.1,
+            started,
+            parent.as_ref(),
+        )
+        .await;
         tracing::warn!(subscription = %sub.name, sequence, attempts, error = %last.1, "event dead-lettered");
         let _ = msg.double_ack().await;
     }
 
-    async fn attempt(&self, sub: &Subscription, msg: &jetstream::Message, subject: &str, sequence: u64, event_id: &str) -> reqwest::Result<u16> {
-        let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
+    async fn attempt(
+        &self,
+        sub: &Subscription,
+        msg: &jetstream::Message,
+        subject: &str,
+        sequence: u64,
+        event_id: &str,
+    ) -> reqwest::Result<u16> {
+        let ts =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
         let mut req = self
             .http
             .post(&sub.url)
@@ -230,7 +283,19 @@ impl Outbound {
     }
 
     #[allow(clippy::too_many_arguments)]
-    async fn record(&self, sub: &Subscription, action: &str, subject: &str, sequence: u64, event_id: &str, attempts: u32, status: u16, error: &str, started: Instant, parent: Option<&Envelope>) {
+    async fn record(
+        &self,
+        sub: &Subscription,
+        action: &str,
+        subject: &str,
+        sequence: u64,
+        event_id: &str,
+        attempts: u32,
+        status: u16,
+        error: &str,
+        started: Instant,
+        parent: Option<&Envelope>,
+    ) {
         let entry = DeliveryRecorded {
             subscription: sub.name.clone(),
             event_subject: subject.to_string(),
@@ -239,7 +304,8 @@ impl Outbound {
             attempts,
             http_status: status as u32,
             last_error: error.to_string(),
-            at_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as i64,
+            at_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis()
+                as i64,
             duration_ms: started.elapsed().as_millis() as u64,
         };
         let env = match parent {
@@ -273,7 +339,8 @@ impl Outbound {
         if total == 0 {
             return Ok(Vec::new());
         }
-        let consumer = stream.create_consumer(pull::OrderedConfig { filter_subject: filter, ..Default::default() }).await?;
+        let consumer =
+            stream.create_consumer(pull::OrderedConfig { filter_subject: filter, ..Default::default() }).await?;
         let mut messages = consumer.messages().await?.take(total);
         while let Some(m) = messages.next().await {
             let m = m?;

@@ -10,7 +10,13 @@
 
 use std::time::Duration;
 
-use async_nats::{HeaderMap, jetstream::{self, consumer::{DeliverPolicy, pull}}};
+use async_nats::{
+    HeaderMap,
+    jetstream::{
+        self,
+        consumer::{DeliverPolicy, pull},
+    },
+};
 use cim_events::{Envelope, envelope::H_MSG_ID, hub, proto::hub::TableChanged};
 use cim_runtime::Ctx;
 use futures::StreamExt;
@@ -125,7 +131,9 @@ pub async fn project(ctx: Ctx, js: jetstream::Context, pg: Postgres) {
                     Some(e) => (e.kind.clone(), e.id().to_string(), e.time.unix_timestamp().to_string()),
                     None => (String::new(), String::new(), String::new()),
                 };
-                let r = db.execute(&insert, &[&p.stream, &seq, &m.subject.as_str(), &kind, &id, &time, &m.payload.as_ref()]).await;
+                let r = db
+                    .execute(&insert, &[&p.stream, &seq, &m.subject.as_str(), &kind, &id, &time, &m.payload.as_ref()])
+                    .await;
                 match r {
                     Ok(_) => {
                         let _ = m.double_ack().await;
@@ -232,7 +240,13 @@ async fn move_batch(
         .await?;
     let mut moved: Vec<i64> = Vec::with_capacity(rows.len());
     for row in &rows {
-        let change = TableChanged { connector: pg.name.clone(), table: row.get(1), op: row.get(2), row_json: row.get(3), outbox_id: row.get(0) };
+        let change = TableChanged {
+            connector: pg.name.clone(),
+            table: row.get(1),
+            op: row.get(2),
+            row_json: row.get(3),
+            outbox_id: row.get(0),
+        };
         let env = Envelope::root::<TableChanged>(ce_source.to_string());
         let mut headers = HeaderMap::new();
         env.write_headers(&mut headers);

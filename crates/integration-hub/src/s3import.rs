@@ -76,7 +76,9 @@ async fn imported(js: &jetstream::Context, name: &str) -> anyhow::Result<HashSet
     if total == 0 {
         return Ok(out);
     }
-    let consumer = stream.create_consumer(jetstream::consumer::pull::OrderedConfig { filter_subject: filter, ..Default::default() }).await?;
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig { filter_subject: filter, ..Default::default() })
+        .await?;
     let mut messages = consumer.messages().await?.take(total);
     while let Some(m) = messages.next().await {
         if let Ok(e) = S3ObjectImported::decode(m?.payload.clone()) {
@@ -86,7 +88,14 @@ async fn imported(js: &jetstream::Context, name: &str) -> anyhow::Result<HashSet
     Ok(out)
 }
 
-async fn import(http: &reqwest::Client, js: &jetstream::Context, iu: &IuClient, ce_source: &str, s3: &S3Import, key: &str) -> anyhow::Result<()> {
+async fn import(
+    http: &reqwest::Client,
+    js: &jetstream::Context,
+    iu: &IuClient,
+    ce_source: &str,
+    s3: &S3Import,
+    key: &str,
+) -> anyhow::Result<()> {
     let resp = send(http, s3, Some(key), &[]).await?;
     anyhow::ensure!(resp.status().is_success(), "get {key}: http status {}", resp.status());
     let body = resp.bytes().await?;
@@ -146,7 +155,12 @@ async fn list(http: &reqwest::Client, s3: &S3Import) -> anyhow::Result<Vec<Strin
     }
 }
 
-async fn send(http: &reqwest::Client, s3: &S3Import, key: Option<&str>, query: &[(&str, String)]) -> anyhow::Result<reqwest::Response> {
+async fn send(
+    http: &reqwest::Client,
+    s3: &S3Import,
+    key: Option<&str>,
+    query: &[(&str, String)],
+) -> anyhow::Result<reqwest::Response> {
     let mut url = reqwest::Url::parse(&s3.endpoint)?;
     let key_path = key.map(|k| format!("/{}", uri_encode(k, false))).unwrap_or_default();
     url.set_path(&format!("/{}{key_path}", uri_encode(&s3.bucket, false)));
@@ -173,7 +187,10 @@ async fn send(http: &reqwest::Client, s3: &S3Import, key: Option<&str>, query: &
     let k = mac(&k, b"s3");
     let k = mac(&k, b"aws4_request");
     let signature = hex(&mac(&k, to_sign.as_bytes()));
-    let authorization = format!("AWS4-HMAC-SHA256 Credential={}/{scope}, SignedHeaders={signed_headers}, Signature={signature}", s3.access_key);
+    let authorization = format!(
+        "AWS4-HMAC-SHA256 Credential={}/{scope}, SignedHeaders={signed_headers}, Signature={signature}",
+        s3.access_key
+    );
     url.set_query(if canonical_query.is_empty() { None } else { Some(&canonical_query) });
     Ok(http
         .get(url)
@@ -223,7 +240,14 @@ fn xml_values(xml: &str, tag: &str) -> Vec<String> {
     while let Some(start) = rest.find(&open) {
         let after = &rest[start + open.len()..];
         let Some(end) = after.find(&close) else { break };
-        out.push(after[..end].replace("&quot;", "\"").replace("&apos;", "'").replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&"));
+        out.push(
+            after[..end]
+                .replace("&quot;", "\"")
+                .replace("&apos;", "'")
+                .replace("&lt;", "<")
+                .replace("&gt;", ">")
+                .replace("&amp;", "&"),
+        );
         rest = &after[end + close.len()..];
     }
     out

@@ -56,8 +56,10 @@ async fn receive(
     let Some(source) = inbound.sources.get(&name) else {
         return refuse(StatusCode::NOT_FOUND, format!("unknown webhook source {name:?}"));
     };
-    let too_large = || refuse(StatusCode::PAYLOAD_TOO_LARGE, format!("payload larger than {} bytes", source.max_body_bytes));
-    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let too_large =
+        || refuse(StatusCode::PAYLOAD_TOO_LARGE, format!("payload larger than {} bytes", source.max_body_bytes));
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > source.max_body_bytes as u64) {
         return too_large();
     }

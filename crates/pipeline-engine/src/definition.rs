@@ -233,8 +233,11 @@ fn plugin_ref(plugin: &Option<String>, capability: &Option<String>, step: &str) 
     match (plugin, capability) {
         (Some(_), Some(_)) => Err(invalid(format!("step {step}: give plugin or capability, not both"))),
         (Some(p), None) => {
-            let (name, version) = cim_events::plugin::parse_reference(p).map_err(|e| invalid(format!("step {step}: {e}")))?;
-            let version = version.ok_or_else(|| invalid(format!("step {step}: plugin {p:?} needs a version (name@version), or use capability")))?;
+            let (name, version) =
+                cim_events::plugin::parse_reference(p).map_err(|e| invalid(format!("step {step}: {e}")))?;
+            let version = version.ok_or_else(|| {
+                invalid(format!("step {step}: plugin {p:?} needs a version (name@version), or use capability"))
+            })?;
             Ok(Some(PluginRef::Version { name, version }))
         }
         (None, Some(c)) => {
@@ -310,7 +313,8 @@ impl Definition {
         if text.len() > MAX_DEFINITION {
             return Err(invalid(format!("definition is {} bytes, more than {MAX_DEFINITION}", text.len())));
         }
-        let def: Definition = serde_json::from_value(value.clone()).map_err(|e| invalid(format!("definition does not parse: {e}")))?;
+        let def: Definition =
+            serde_json::from_value(value.clone()).map_err(|e| invalid(format!("definition does not parse: {e}")))?;
         def.validate()?;
         Ok(def)
     }
@@ -329,7 +333,8 @@ impl Definition {
         let mut out: Vec<(String, String)> = self
             .all_steps()
             .filter_map(|s| match s.kind() {
-                Ok(Kind::Plugin(PluginRef::Version { name, version })) | Ok(Kind::ForEach(_, PluginRef::Version { name, version })) => Some((name, version)),
+                Ok(Kind::Plugin(PluginRef::Version { name, version }))
+                | Ok(Kind::ForEach(_, PluginRef::Version { name, version })) => Some((name, version)),
                 _ => None,
             })
             .collect();
@@ -395,9 +400,15 @@ impl Definition {
                 }
                 Kind::Filter(c) => {
                     check(&c.field)?;
-                    let n = [c.equals.is_some(), c.not_equals.is_some(), c.matches.is_some(), c.exists.is_some()].iter().filter(|b| **b).count();
+                    let n = [c.equals.is_some(), c.not_equals.is_some(), c.matches.is_some(), c.exists.is_some()]
+                        .iter()
+                        .filter(|b| **b)
+                        .count();
                     if n != 1 {
-                        return Err(invalid(format!("step {}: a filter needs exactly one of equals, not_equals, matches, exists", step.id)));
+                        return Err(invalid(format!(
+                            "step {}: a filter needs exactly one of equals, not_equals, matches, exists",
+                            step.id
+                        )));
                     }
                 }
                 Kind::Map(m) => {
@@ -429,7 +440,8 @@ impl Definition {
                         check_template(t, &step.id, &before, &all)?;
                     }
                     if !c.link.is_empty() {
-                        cim_events::token::validate_token("link kind", &c.link).map_err(|e| invalid(format!("step {}: {e}", step.id)))?;
+                        cim_events::token::validate_token("link kind", &c.link)
+                            .map_err(|e| invalid(format!("step {}: {e}", step.id)))?;
                     }
                 }
                 Kind::NewVersion(v) => check_content(&v.content, &step.id, &before, &all)?,
@@ -455,25 +467,39 @@ impl Definition {
 impl Trigger {
     fn validate(&self) -> Result<(), Invalid> {
         if self.on == "manual" {
-            if !self.media_type.is_empty() || !self.unit_type.is_empty() || !self.tags.is_empty() || !self.name_prefix.is_empty() {
+            if !self.media_type.is_empty()
+                || !self.unit_type.is_empty()
+                || !self.tags.is_empty()
+                || !self.name_prefix.is_empty()
+            {
                 return Err(invalid("a manual trigger takes no filters"));
             }
             return Ok(());
         }
         let Some((_, action)) = TRIGGER_EVENTS.iter().find(|(n, _)| *n == self.on) else {
             let known: Vec<&str> = TRIGGER_EVENTS.iter().map(|(n, _)| *n).collect();
-            return Err(invalid(format!("trigger on {:?} matches no event: use manual or one of {}", self.on, known.join(", "))));
+            return Err(invalid(format!(
+                "trigger on {:?} matches no event: use manual or one of {}",
+                self.on,
+                known.join(", ")
+            )));
         };
         let action = *action;
         use cim_events::iu::action as a;
         if !self.media_type.is_empty() {
             if action != a::CREATED && action != a::VERSIONED {
-                return Err(invalid(format!("trigger on {}: media_type applies only to unit.created and unit.versioned", self.on)));
+                return Err(invalid(format!(
+                    "trigger on {}: media_type applies only to unit.created and unit.versioned",
+                    self.on
+                )));
             }
             validate_media_pattern(&self.media_type)?;
         }
         if (!self.unit_type.is_empty() || !self.name_prefix.is_empty()) && action != a::CREATED {
-            return Err(invalid(format!("trigger on {}: unit_type and name_prefix apply only to unit.created", self.on)));
+            return Err(invalid(format!(
+                "trigger on {}: unit_type and name_prefix apply only to unit.created",
+                self.on
+            )));
         }
         if !self.tags.is_empty() && action != a::CREATED && action != a::TAGGED {
             return Err(invalid(format!("trigger on {}: tags apply only to unit.created and unit.tagged", self.on)));
@@ -580,7 +606,11 @@ fn validate_step_id(id: &str) -> Result<(), Invalid> {
         && id.len() <= 64
         && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
         && !matches!(id, "unit" | "param" | "run" | "pipeline");
-    if ok { Ok(()) } else { Err(invalid(format!("step id {id:?}: use 1-64 of a-z, 0-9, '-', '_' (not unit, param, run or pipeline)"))) }
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(format!("step id {id:?}: use 1-64 of a-z, 0-9, '-', '_' (not unit, param, run or pipeline)")))
+    }
 }
 
 fn validate_key(k: &str, step: &str) -> Result<(), Invalid> {
@@ -592,13 +622,18 @@ fn validate_key(k: &str, step: &str) -> Result<(), Invalid> {
 const CONTEXT_ROOTS: [&str; 4] = ["unit", "param", "run", "pipeline"];
 
 fn check_ref(field: &str, step: &str, before: &HashSet<&str>, all: &HashSet<&str>) -> Result<(), Invalid> {
-    let (root, rest) = field.split_once('.').ok_or_else(|| invalid(format!("step {step}: field {field:?} needs the form <step>.<key> or unit.<field>")))?;
+    let (root, rest) = field
+        .split_once('.')
+        .ok_or_else(|| invalid(format!("step {step}: field {field:?} needs the form <step>.<key> or unit.<field>")))?;
     if rest.is_empty() {
         return Err(invalid(format!("step {step}: field {field:?} names nothing after {root:?}")));
     }
     if CONTEXT_ROOTS.contains(&root) {
         if root == "unit" && !UNIT_FIELDS.contains(&rest) && !rest.starts_with("attr.") {
-            return Err(invalid(format!("step {step}: unknown unit field {rest:?} (one of {}, attr.<name>)", UNIT_FIELDS.join(", "))));
+            return Err(invalid(format!(
+                "step {step}: unknown unit field {rest:?} (one of {}, attr.<name>)",
+                UNIT_FIELDS.join(", ")
+            )));
         }
         return Ok(());
     }
@@ -776,10 +811,14 @@ mod tests {
         refuse(example(), |v| v["name"] = json!("Bad Name"), "pipeline name");
         refuse(example(), |v| v["trigger"]["on"] = json!("unit.exploded"), "matches no event");
         refuse(example(), |v| v["trigger"]["media_type"] = json!("text"), "media_type");
-        refuse(example(), |v| {
-            v["steps"] = json!([]);
-            v.as_object_mut().unwrap().remove("sinks");
-        }, "at least one step");
+        refuse(
+            example(),
+            |v| {
+                v["steps"] = json!([]);
+                v.as_object_mut().unwrap().remove("sinks");
+            },
+            "at least one step",
+        );
         refuse(example(), |v| v["steps"][1]["input"] = json!("summary.output"), "does not run before it (a cycle)");
         refuse(example(), |v| v["steps"][1]["input"] = json!("classify.output"), "a cycle");
         refuse(example(), |v| v["steps"][1]["input"] = json!("nope.output"), "missing input");
@@ -794,14 +833,28 @@ mod tests {
         refuse(example(), |v| v["steps"].as_array_mut().unwrap().push(json!({"id": "empty"})), "says nothing to do");
         refuse(example(), |v| v["steps"][3]["map"] = json!({"a": "b"}), "more than one thing");
         refuse(example(), |v| v["steps"][3]["tag"] = json!(["{unit.colour}"]), "unknown unit field");
-        refuse(example(), |v| v["trigger"] = json!({"on": "manual", "media_type": "text/*"}), "manual trigger takes no filters");
+        refuse(
+            example(),
+            |v| v["trigger"] = json!({"on": "manual", "media_type": "text/*"}),
+            "manual trigger takes no filters",
+        );
         refuse(json!("not an object"), |_| {}, "does not parse");
     }
 
     #[test]
     fn triggers_match_events() {
-        let t = Trigger { on: "unit.created".into(), media_type: "text/*".into(), tags: vec!["inbox".into()], ..Default::default() };
-        let mut e = UnitEventFacts { action: "created".into(), media_type: "text/plain; charset=utf-8".into(), tags: vec!["inbox".into(), "x".into()], ..Default::default() };
+        let t = Trigger {
+            on: "unit.created".into(),
+            media_type: "text/*".into(),
+            tags: vec!["inbox".into()],
+            ..Default::default()
+        };
+        let mut e = UnitEventFacts {
+            action: "created".into(),
+            media_type: "text/plain; charset=utf-8".into(),
+            tags: vec!["inbox".into(), "x".into()],
+            ..Default::default()
+        };
         assert!(t.matches(&e));
         e.media_type = "image/png".into();
         assert!(!t.matches(&e));

@@ -28,15 +28,18 @@ use cim_events::{
     envelope::H_MSG_ID,
     iu,
     pipeline::{
-        self as pl, ApplyReply, ApplyRequest, PipelineInfo, PipelineList, PipelineRef, RemoveRequest, RunInfo, RunList, RunRef,
-        RunsRequest, StartRequest, action,
+        self as pl, ApplyReply, ApplyRequest, PipelineInfo, PipelineList, PipelineRef, RemoveRequest, RunInfo, RunList,
+        RunRef, RunsRequest, StartRequest, action,
     },
     plugin,
     proto::{
-        iu::{CreateUnit, Link, NewVersion, SetAttributes, TagUnit, Unit, UnitAttributesSet, UnitCreated, UnitLinked, UnitTagged, UnitVersioned},
+        iu::{
+            CreateUnit, Link, NewVersion, SetAttributes, TagUnit, Unit, UnitAttributesSet, UnitCreated, UnitLinked,
+            UnitTagged, UnitVersioned,
+        },
         pipeline::{
-            PipelineApplied, PipelineRemoved, RunCancelled, RunCompleted, RunEmitted, RunFailed, RunRequested, RunRetried, RunStarted,
-            StepCompleted, StepFailed, StepStarted,
+            PipelineApplied, PipelineRemoved, RunCancelled, RunCompleted, RunEmitted, RunFailed, RunRequested,
+            RunRetried, RunStarted, StepCompleted, StepFailed, StepStarted,
         },
         plugin::{InvokeReply, InvokeRequest, ListPlugins, ListReply, PluginReference, Status},
     },
@@ -101,7 +104,8 @@ fn json_reply<T: serde::Serialize>(v: &T) -> Reply {
 }
 
 fn parse<T: serde::de::DeserializeOwned>(msg: &async_nats::Message) -> Result<T, ServiceError> {
-    serde_json::from_slice(&msg.payload).map_err(|e| ServiceError::bad_request(format!("request is not valid JSON for this endpoint: {e}")))
+    serde_json::from_slice(&msg.payload)
+        .map_err(|e| ServiceError::bad_request(format!("request is not valid JSON for this endpoint: {e}")))
 }
 
 fn endpoints(engine: Arc<Engine>) -> anyhow::Result<Vec<Endpoint>> {
@@ -191,7 +195,10 @@ impl Engine {
         let from = *self.seen.borrow() + 1;
         let stream = self.js.get_stream(&self.events_stream).await?;
         let consumer = stream
-            .create_consumer(pull::OrderedConfig { deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: from }, ..Default::default() })
+            .create_consumer(pull::OrderedConfig {
+                deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: from },
+                ..Default::default()
+            })
             .await?;
         let mut messages = consumer.messages().await?;
         loop {
@@ -212,11 +219,16 @@ impl Engine {
         view.seq = seq;
         let Ok(s) = subject::parse_event(subject) else { return };
         let env = headers.and_then(|h| Envelope::from_headers(h).ok());
-        let (time_ms, correlation) = env.as_ref().map(|e| (e.time_ms(), e.correlation_id().to_string())).unwrap_or_default();
+        let (time_ms, correlation) =
+            env.as_ref().map(|e| (e.time_ms(), e.correlation_id().to_string())).unwrap_or_default();
         let result = match s.aggregate.as_str() {
             pl::PIPELINE => match s.action.as_str() {
-                action::APPLIED => PipelineApplied::decode(payload).map_err(|e| e.to_string()).and_then(|e| view.apply_applied(e, seq, time_ms)),
-                action::REMOVED => PipelineRemoved::decode(payload).map(|e| view.apply_removed(e, seq)).map_err(|e| e.to_string()),
+                action::APPLIED => PipelineApplied::decode(payload)
+                    .map_err(|e| e.to_string())
+                    .and_then(|e| view.apply_applied(e, seq, time_ms)),
+                action::REMOVED => {
+                    PipelineRemoved::decode(payload).map(|e| view.apply_removed(e, seq)).map_err(|e| e.to_string())
+                }
                 other => Err(format!("unknown pipeline event {other}")),
             },
             pl::RUN => RunEvent::decode(&s.action, payload).map(|event| {
@@ -237,8 +249,17 @@ impl Engine {
     /// Waits until the view has every event the stream held when this was called (read your
     /// own writes across instances).
     async fn caught_up(&self) -> Result<(), ServiceError> {
-        let mut stream = self.js.get_stream(&self.events_stream).await.map_err(|e| ServiceError::unavailable(format!("pipeline events: {e}")))?;
-        let last = stream.info().await.map_err(|e| ServiceError::unavailable(format!("pipeline events: {e}")))?.state.last_sequence;
+        let mut stream = self
+            .js
+            .get_stream(&self.events_stream)
+            .await
+            .map_err(|e| ServiceError::unavailable(format!("pipeline events: {e}")))?;
+        let last = stream
+            .info()
+            .await
+            .map_err(|e| ServiceError::unavailable(format!("pipeline events: {e}")))?
+            .state
+            .last_sequence;
         let mut rx = self.seen.subscribe();
         tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|s| *s >= last))
             .await
@@ -264,7 +285,8 @@ impl Engine {
                 Err(e) => return Err(format!("reading run {run_id}: {e}")),
             };
             seq = msg.sequence + 1;
-            let env = Envelope::from_headers(&msg.headers).map_err(|e| format!("run {run_id} event {}: {e}", msg.sequence))?;
+            let env = Envelope::from_headers(&msg.headers)
+                .map_err(|e| format!("run {run_id} event {}: {e}", msg.sequence))?;
             let act = msg.subject.rsplit('.').next().unwrap_or_default().to_string();
             let event = RunEvent::decode(&act, &msg.payload)?;
             if matches!(event, RunEvent::Requested(_)) && request_env.is_none() {
@@ -276,14 +298,27 @@ impl Engine {
     }
 
     /// Publishes one run event caused by `parent`, expecting the run's last sequence `expect`.
-    async fn publish_run<P: Payload>(&self, run_id: &str, act: &str, payload: &P, parent: &Envelope, expect: u64) -> Result<u64, Publish> {
+    async fn publish_run<P: Payload>(
+        &self,
+        run_id: &str,
+        act: &str,
+        payload: &P,
+        parent: &Envelope,
+        expect: u64,
+    ) -> Result<u64, Publish> {
         let subject = pl::run_event(run_id, act).map_err(|e| Publish::Failed(e.to_string()))?;
         let filter = pl::run_history(run_id).map_err(|e| Publish::Failed(e.to_string()))?;
         let env = Envelope::caused_by::<P>(parent, self.ctx.source());
         self.publish(subject, env.to_headers(), payload.encode_to_vec(), Some((filter, expect))).await
     }
 
-    async fn publish(&self, subject: String, mut headers: HeaderMap, body: Vec<u8>, expect: Option<(String, u64)>) -> Result<u64, Publish> {
+    async fn publish(
+        &self,
+        subject: String,
+        mut headers: HeaderMap,
+        body: Vec<u8>,
+        expect: Option<(String, u64)>,
+    ) -> Result<u64, Publish> {
         if let Some((filter, seq)) = &expect {
             subject::expect_aggregate_sequence(&mut headers, filter, *seq);
         }
@@ -304,7 +339,13 @@ impl Engine {
     /// Stores a message that could not be processed in `CIM_PIPELINE_DLQ`, as it was, with the
     /// reason and its subject. `run_seq` (the run's last sequence, 0 for poison) makes the dead
     /// letter's `Nats-Msg-Id`, so writing it again after a crash does not store it twice.
-    async fn dead_letter(&self, origin: &str, m: &jetstream::Message, reason: &str, run_seq: u64) -> Result<(), String> {
+    async fn dead_letter(
+        &self,
+        origin: &str,
+        m: &jetstream::Message,
+        reason: &str,
+        run_seq: u64,
+    ) -> Result<(), String> {
         let item_seq = m.info().map(|i| i.stream_sequence).unwrap_or_default();
         let mut headers = HeaderMap::new();
         if let Some(original) = &m.headers {
@@ -322,7 +363,12 @@ impl Engine {
         headers.insert(pl::H_DEAD_LETTER_REASON, one_line(reason).as_str());
         headers.insert(pl::H_ORIGINAL_SUBJECT, m.subject.as_str());
         let subject = pl::dead_letter(origin).map_err(|e| e.to_string())?;
-        self.js.publish_with_headers(subject, headers, m.payload.clone()).await.map_err(|e| e.to_string())?.await.map_err(|e| e.to_string())?;
+        self.js
+            .publish_with_headers(subject, headers, m.payload.clone())
+            .await
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
         tracing::warn!(origin, subject = %m.subject, reason, "dead-lettered");
         Ok(())
     }
@@ -625,7 +671,8 @@ impl Engine {
             }
             let def = self.definition_of(&run).await;
             let Some(def) = def else {
-                let error = format!("pipeline {} version {} is not known", run.info.pipeline, run.info.pipeline_version);
+                let error =
+                    format!("pipeline {} version {} is not known", run.info.pipeline, run.info.pipeline_version);
                 match self.fail(&run, &request_env, "-", &error, m).await {
                     Ok(()) => return Ok(Duration::ZERO),
                     Err(Publish::Conflict) => continue,
@@ -655,7 +702,13 @@ impl Engine {
 
     /// Runs the run's remaining steps in order, recording each as events.
     #[allow(unused_assignments)] // the last event's sequence is not needed
-    async fn drive(&self, mut run: Run, parent: &Envelope, def: &Definition, m: &jetstream::Message) -> Result<Outcome, String> {
+    async fn drive(
+        &self,
+        mut run: Run,
+        parent: &Envelope,
+        def: &Definition,
+        m: &jetstream::Message,
+    ) -> Result<Outcome, String> {
         let run_id = run.info.run_id.clone();
         let mut seq = run.info.last_seq;
         macro_rules! record {
@@ -675,13 +728,23 @@ impl Engine {
             .await
             .map_err(|e| e.to_string())?;
         if run.started_by != self.ctx.settings().instance_id {
-            record!(action::STARTED, RunStarted { run_id: run_id.clone(), instance_id: self.ctx.settings().instance_id.clone() });
+            record!(
+                action::STARTED,
+                RunStarted { run_id: run_id.clone(), instance_id: self.ctx.settings().instance_id.clone() }
+            );
         }
         let mut unit: Option<Unit> = None;
         for step in def.all_steps() {
             if let Some(done) = run.outputs.get(&step.id) {
                 if !done.passed {
-                    record!(action::COMPLETED, RunCompleted { run_id: run_id.clone(), units: run.info.units.clone(), outcome: format!("filtered: {}", step.id) });
+                    record!(
+                        action::COMPLETED,
+                        RunCompleted {
+                            run_id: run_id.clone(),
+                            units: run.info.units.clone(),
+                            outcome: format!("filtered: {}", step.id)
+                        }
+                    );
                     return Ok(Outcome::Done);
                 }
                 continue;
@@ -689,7 +752,15 @@ impl Engine {
             loop {
                 let failures = run.failures.get(&step.id).copied().unwrap_or(0);
                 let attempt = failures + 1;
-                record!(action::STEP_STARTED, StepStarted { run_id: run_id.clone(), step: step.id.clone(), attempt, instance_id: self.ctx.settings().instance_id.clone() });
+                record!(
+                    action::STEP_STARTED,
+                    StepStarted {
+                        run_id: run_id.clone(),
+                        step: step.id.clone(),
+                        attempt,
+                        instance_id: self.ctx.settings().instance_id.clone()
+                    }
+                );
                 let started = Instant::now();
                 let timeout = Duration::from_millis(u64::from(step.timeout_ms()));
                 let result = tokio::select! {
@@ -705,8 +776,21 @@ impl Engine {
                             seq = seq.max(s);
                         }
                         if out.output.len() > MAX_STEP_OUTPUT {
-                            let e = format!("output of {} bytes is more than the {MAX_STEP_OUTPUT} a step may pass on", out.output.len());
-                            record!(action::STEP_FAILED, StepFailed { run_id: run_id.clone(), step: step.id.clone(), attempt, error: e.clone(), will_retry: false, retry_in_ms: 0 });
+                            let e = format!(
+                                "output of {} bytes is more than the {MAX_STEP_OUTPUT} a step may pass on",
+                                out.output.len()
+                            );
+                            record!(
+                                action::STEP_FAILED,
+                                StepFailed {
+                                    run_id: run_id.clone(),
+                                    step: step.id.clone(),
+                                    attempt,
+                                    error: e.clone(),
+                                    will_retry: false,
+                                    retry_in_ms: 0
+                                }
+                            );
                             return match self.fail_at(&run_id, seq, parent, &step.id, &e, m).await {
                                 Ok(()) => Ok(Outcome::Done),
                                 Err(Publish::Conflict) => Ok(Outcome::Reload),
@@ -726,7 +810,14 @@ impl Engine {
                         record!(action::STEP_COMPLETED, completed);
                         run.apply(RunEvent::StepCompleted(completed), seq, 0, "");
                         if !run.outputs[&step.id].passed {
-                            record!(action::COMPLETED, RunCompleted { run_id: run_id.clone(), units: run.info.units.clone(), outcome: format!("filtered: {}", step.id) });
+                            record!(
+                                action::COMPLETED,
+                                RunCompleted {
+                                    run_id: run_id.clone(),
+                                    units: run.info.units.clone(),
+                                    outcome: format!("filtered: {}", step.id)
+                                }
+                            );
                             return Ok(Outcome::Done);
                         }
                         break;
@@ -745,7 +836,11 @@ impl Engine {
                         record!(action::STEP_FAILED, failed.clone());
                         run.apply(RunEvent::StepFailed(failed), seq, 0, "");
                         if !will_retry {
-                            let why = if e.permanent { e.message.clone() } else { format!("{} (after {attempt} attempts)", e.message) };
+                            let why = if e.permanent {
+                                e.message.clone()
+                            } else {
+                                format!("{} (after {attempt} attempts)", e.message)
+                            };
                             return match self.fail_at(&run_id, seq, parent, &step.id, &why, m).await {
                                 Ok(()) => Ok(Outcome::Done),
                                 Err(Publish::Conflict) => Ok(Outcome::Reload),
@@ -761,21 +856,46 @@ impl Engine {
                 }
             }
         }
-        record!(action::COMPLETED, RunCompleted { run_id: run_id.clone(), units: run.info.units.clone(), outcome: "completed".into() });
+        record!(
+            action::COMPLETED,
+            RunCompleted { run_id: run_id.clone(), units: run.info.units.clone(), outcome: "completed".into() }
+        );
         Ok(Outcome::Done)
     }
 
-    async fn fail(&self, run: &Run, parent: &Envelope, step: &str, error: &str, m: &jetstream::Message) -> Result<(), Publish> {
+    async fn fail(
+        &self,
+        run: &Run,
+        parent: &Envelope,
+        step: &str,
+        error: &str,
+        m: &jetstream::Message,
+    ) -> Result<(), Publish> {
         self.fail_at(&run.info.run_id, run.info.last_seq, parent, step, error, m).await
     }
 
     /// The run failed: dead-letter its work item with the reason, then record the failure (in
     /// this order, so a crash between the two repeats the dead letter, de-duplicated, rather
     /// than lose it).
-    async fn fail_at(&self, run_id: &str, seq: u64, parent: &Envelope, step: &str, error: &str, m: &jetstream::Message) -> Result<(), Publish> {
+    async fn fail_at(
+        &self,
+        run_id: &str,
+        seq: u64,
+        parent: &Envelope,
+        step: &str,
+        error: &str,
+        m: &jetstream::Message,
+    ) -> Result<(), Publish> {
         let reason = format!("run {run_id} failed at step {step}: {error}");
         self.dead_letter(pl::DLQ_RUNS, m, &reason, seq).await.map_err(Publish::Failed)?;
-        self.publish_run(run_id, action::FAILED, &RunFailed { run_id: run_id.into(), step: step.into(), error: one_line(error) }, parent, seq).await?;
+        self.publish_run(
+            run_id,
+            action::FAILED,
+            &RunFailed { run_id: run_id.into(), step: step.into(), error: one_line(error) },
+            parent,
+            seq,
+        )
+        .await?;
         Ok(())
     }
 
@@ -793,7 +913,9 @@ impl Engine {
                 Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
                     // Ours from before (this run, redelivered)? Take it over.
                     match self.slots.entry(&key).await {
-                        Ok(Some(entry)) if entry.value.as_ref() == run_id.as_bytes() && entry.operation == kv::Operation::Put => {
+                        Ok(Some(entry))
+                            if entry.value.as_ref() == run_id.as_bytes() && entry.operation == kv::Operation::Put =>
+                        {
                             match self.slots.update(&key, Bytes::from(run_id.to_string()), entry.revision).await {
                                 Ok(r) => r,
                                 Err(_) => continue,
@@ -832,19 +954,31 @@ impl Engine {
 
     // ---- steps ----
 
-    async fn execute(&self, step: &Step, run: &Run, unit: &mut Option<Unit>, parent: &Envelope) -> Result<StepOutput, StepError> {
+    async fn execute(
+        &self,
+        step: &Step,
+        run: &Run,
+        unit: &mut Option<Unit>,
+        parent: &Envelope,
+    ) -> Result<StepOutput, StepError> {
         let kind = step.kind().map_err(|e| StepError::permanent(e.0))?;
         let run_id = &run.info.run_id;
         // Unit facts are read once per run and only if a step needs them.
         let needs_unit = !run.info.unit_id.is_empty();
         if unit.is_none() && needs_unit {
             *unit = Some(self.iu.unit(&run.info.unit_id).await.map_err(|e| {
-                if e.to_string().contains("does not exist") { StepError::permanent(format!("unit {}: {e}", run.info.unit_id)) } else { StepError::transient(format!("unit {}: {e}", run.info.unit_id)) }
+                if e.to_string().contains("does not exist") {
+                    StepError::permanent(format!("unit {}: {e}", run.info.unit_id))
+                } else {
+                    StepError::transient(format!("unit {}: {e}", run.info.unit_id))
+                }
             })?);
         }
         let unit_ref = unit.as_ref();
         let lookup = |field: &str| lookup(field, run, unit_ref);
-        let render = |t: &str| definition::render(t, &lookup).map_err(|e| StepError::permanent(format!("step {}: {e}", step.id)));
+        let render = |t: &str| {
+            definition::render(t, &lookup).map_err(|e| StepError::permanent(format!("step {}: {e}", step.id)))
+        };
         let request_id = format!("pl-{run_id}-{}", step.id);
         match kind {
             Kind::Plugin(p) => {
@@ -885,7 +1019,11 @@ impl Engine {
             }
             Kind::Filter(c) => {
                 let passed = definition::holds(c, lookup(&c.field).as_deref());
-                Ok(StepOutput { metadata: [("passed".to_string(), passed.to_string())].into(), passed, ..Default::default() })
+                Ok(StepOutput {
+                    metadata: [("passed".to_string(), passed.to_string())].into(),
+                    passed,
+                    ..Default::default()
+                })
             }
             Kind::Map(values) => {
                 let mut metadata = BTreeMap::new();
@@ -897,9 +1035,15 @@ impl Engine {
             Kind::Tag(tags) => {
                 let unit_id = required_unit(run, step)?;
                 let tags = tags.iter().map(|t| render(t)).collect::<Result<Vec<_>, _>>()?;
-                let cmd = TagUnit { header: header_with_id(request_id, 0), unit_id: unit_id.clone(), tags: tags.clone() };
+                let cmd =
+                    TagUnit { header: header_with_id(request_id, 0), unit_id: unit_id.clone(), tags: tags.clone() };
                 self.iu.execute_caused_by(cmd, parent).await.map_err(iu_error)?;
-                Ok(StepOutput { metadata: [("tags".to_string(), tags.join(","))].into(), units: vec![unit_id], passed: true, ..Default::default() })
+                Ok(StepOutput {
+                    metadata: [("tags".to_string(), tags.join(","))].into(),
+                    units: vec![unit_id],
+                    passed: true,
+                    ..Default::default()
+                })
             }
             Kind::SetAttributes(attrs) => {
                 let unit_id = required_unit(run, step)?;
@@ -907,7 +1051,12 @@ impl Engine {
                 for (k, v) in attrs {
                     set.insert(k.clone(), render(v)?);
                 }
-                let cmd = SetAttributes { header: header_with_id(request_id, 0), unit_id: unit_id.clone(), set: set.clone().into_iter().collect(), remove: Vec::new() };
+                let cmd = SetAttributes {
+                    header: header_with_id(request_id, 0),
+                    unit_id: unit_id.clone(),
+                    set: set.clone().into_iter().collect(),
+                    remove: Vec::new(),
+                };
                 self.iu.execute_caused_by(cmd, parent).await.map_err(iu_error)?;
                 Ok(StepOutput { metadata: set, units: vec![unit_id], passed: true, ..Default::default() })
             }
@@ -938,12 +1087,16 @@ impl Engine {
                     unit_type: String::new(),
                     tags: spec.tags.iter().map(|t| render(t)).collect::<Result<Vec<_>, _>>()?,
                     attributes: attributes.into_iter().collect(),
-                    links: vec![Link { kind: if spec.link.is_empty() { "derived-from".into() } else { spec.link.clone() }, target: source }],
+                    links: vec![Link {
+                        kind: if spec.link.is_empty() { "derived-from".into() } else { spec.link.clone() },
+                        target: source,
+                    }],
                 };
                 let created = self.iu.execute_caused_by(cmd, parent).await.map_err(iu_error)?;
                 Ok(StepOutput {
                     output: created.unit_id.clone().into_bytes(),
-                    metadata: [("unit-id".to_string(), created.unit_id.clone()), ("cid".to_string(), committed.cid)].into(),
+                    metadata: [("unit-id".to_string(), created.unit_id.clone()), ("cid".to_string(), committed.cid)]
+                        .into(),
                     units: vec![created.unit_id],
                     passed: true,
                     seq: None,
@@ -953,25 +1106,43 @@ impl Engine {
                 let unit_id = required_unit(run, step)?;
                 let bytes = self.content(&spec.content, run, unit_ref).await?;
                 let committed = self.iu.put_bytes(&bytes).await.map_err(iu_error)?;
-                let cmd = NewVersion { header: header_with_id(request_id, 0), unit_id: unit_id.clone(), cid: committed.cid.clone(), name: String::new(), media_type: spec.media_type.clone() };
+                let cmd = NewVersion {
+                    header: header_with_id(request_id, 0),
+                    unit_id: unit_id.clone(),
+                    cid: committed.cid.clone(),
+                    name: String::new(),
+                    media_type: spec.media_type.clone(),
+                };
                 self.iu.execute_caused_by(cmd, parent).await.map_err(iu_error)?;
-                Ok(StepOutput { metadata: [("cid".to_string(), committed.cid)].into(), units: vec![unit_id], passed: true, ..Default::default() })
+                Ok(StepOutput {
+                    metadata: [("cid".to_string(), committed.cid)].into(),
+                    units: vec![unit_id],
+                    passed: true,
+                    ..Default::default()
+                })
             }
             Kind::Emit(spec) => {
                 let mut data = BTreeMap::new();
                 for (k, v) in &spec.data {
                     data.insert(k.clone(), render(v)?);
                 }
-                let event = RunEmitted { run_id: run_id.clone(), step: step.id.clone(), name: spec.name.clone(), data: data.clone().into_iter().collect() };
+                let event = RunEmitted {
+                    run_id: run_id.clone(),
+                    step: step.id.clone(),
+                    name: spec.name.clone(),
+                    data: data.clone().into_iter().collect(),
+                };
                 let env = Envelope::caused_by::<RunEmitted>(parent, self.ctx.source());
                 let mut headers = env.to_headers();
                 // Written once however often the step is repeated (within the duplicate window).
                 headers.insert(H_MSG_ID, format!("emit-{run_id}-{}", step.id).as_str());
-                let subject = pl::run_event(run_id, action::EMITTED).map_err(|e| StepError::permanent(e.to_string()))?;
-                let written = self.publish(subject, headers, event.encode_to_vec(), None).await.map_err(|e| match e {
-                    Publish::Conflict => StepError::transient("emit conflicted"),
-                    Publish::Failed(e) => StepError::transient(e),
-                })?;
+                let subject =
+                    pl::run_event(run_id, action::EMITTED).map_err(|e| StepError::permanent(e.to_string()))?;
+                let written =
+                    self.publish(subject, headers, event.encode_to_vec(), None).await.map_err(|e| match e {
+                        Publish::Conflict => StepError::transient("emit conflicted"),
+                        Publish::Failed(e) => StepError::transient(e),
+                    })?;
                 Ok(StepOutput { metadata: data, passed: true, seq: Some(written), ..Default::default() })
             }
         }
@@ -982,7 +1153,10 @@ impl Engine {
         if field == "unit.content" {
             let u = unit.ok_or_else(|| StepError::permanent("the run has no unit, so there is no unit.content"))?;
             if u.size > self.args.max_content {
-                return Err(StepError::permanent(format!("unit content is {} bytes, more than --pipeline-max-content {}", u.size, self.args.max_content)));
+                return Err(StepError::permanent(format!(
+                    "unit content is {} bytes, more than --pipeline-max-content {}",
+                    u.size, self.args.max_content
+                )));
             }
             return self.iu.get_bytes(&u.cid, None).await.map(Bytes::from).map_err(iu_error);
         }
@@ -994,10 +1168,18 @@ impl Engine {
     }
 
     /// Calls a plugin through its contract and classifies failures.
-    async fn invoke(&self, p: &PluginRef, input: Bytes, metadata: BTreeMap<String, String>, timeout_ms: u32) -> Result<InvokeReply, StepError> {
+    async fn invoke(
+        &self,
+        p: &PluginRef,
+        input: Bytes,
+        metadata: BTreeMap<String, String>,
+        timeout_ms: u32,
+    ) -> Result<InvokeReply, StepError> {
         let (subject, mut request) = match p {
             PluginRef::Version { name, version } => (plugin::invoke_subject(name, version), InvokeRequest::default()),
-            PluginRef::Capability(c) => (plugin::command(plugin::cmd::INVOKE), InvokeRequest { capability: c.clone(), ..Default::default() }),
+            PluginRef::Capability(c) => {
+                (plugin::command(plugin::cmd::INVOKE), InvokeRequest { capability: c.clone(), ..Default::default() })
+            }
         };
         let subject = subject.map_err(|e| StepError::permanent(e.to_string()))?;
         request.input = input.to_vec();
@@ -1007,17 +1189,22 @@ impl Engine {
             .payload(request.encode_to_vec().into())
             .timeout(Some(Duration::from_millis(u64::from(timeout_ms)) + Duration::from_secs(1)));
         let msg = self.ctx.client().send_request(subject, req).await.map_err(|e| match e.kind() {
-            async_nats::RequestErrorKind::NoResponders => StepError::transient(format!("nothing serves {p} (plugin host or native plugin down, or the version was removed)")),
+            async_nats::RequestErrorKind::NoResponders => StepError::transient(format!(
+                "nothing serves {p} (plugin host or native plugin down, or the version was removed)"
+            )),
             async_nats::RequestErrorKind::TimedOut => StepError::transient(format!("{p} did not answer in time")),
             _ => StepError::transient(format!("invoking {p}: {e}")),
         })?;
-        let reply = InvokeReply::decode(msg.payload).map_err(|e| StepError::transient(format!("{p} answered with something that is not an InvokeReply: {e}")))?;
+        let reply = InvokeReply::decode(msg.payload).map_err(|e| {
+            StepError::transient(format!("{p} answered with something that is not an InvokeReply: {e}"))
+        })?;
         let status = Status::try_from(reply.status).unwrap_or(Status::Unspecified);
         if status == Status::Ok {
             return Ok(reply);
         }
         let message = reply.error.as_ref().map(|e| e.message.clone()).unwrap_or_default();
-        let text = format!("{p}: {} {message}", status.as_str_name().trim_start_matches("STATUS_").to_ascii_lowercase());
+        let text =
+            format!("{p}: {} {message}", status.as_str_name().trim_start_matches("STATUS_").to_ascii_lowercase());
         Err(match status {
             Status::BadRequest | Status::NotFound | Status::InvalidInput => StepError::permanent(text),
             _ => StepError::transient(text),
@@ -1036,7 +1223,10 @@ impl Engine {
         let (last_seq, current) = {
             let view = self.view.read().await;
             match view.pipelines.get(&def.name) {
-                Some(p) => (p.last_seq, p.current().map(|v| (v.version, v.digest.clone(), p.active, v.definition.pinned_plugins()))),
+                Some(p) => (
+                    p.last_seq,
+                    p.current().map(|v| (v.version, v.digest.clone(), p.active, v.definition.pinned_plugins())),
+                ),
                 None => (0, None),
             }
         };
@@ -1051,11 +1241,14 @@ impl Engine {
         let version = current.as_ref().map(|c| c.0 + 1).unwrap_or(1);
         let event = PipelineApplied { name: def.name.clone(), version, definition_json: normalized, digest };
         let env = Envelope::root::<PipelineApplied>(self.ctx.source());
-        let subject = pl::pipeline_event(&def.name, action::APPLIED).map_err(|e| ServiceError::bad_request(e.to_string()))?;
+        let subject =
+            pl::pipeline_event(&def.name, action::APPLIED).map_err(|e| ServiceError::bad_request(e.to_string()))?;
         let filter = pl::pipeline_history(&def.name).map_err(|e| ServiceError::bad_request(e.to_string()))?;
         match self.publish(subject, env.to_headers(), event.encode_to_vec(), Some((filter, last_seq))).await {
             Ok(_) => {}
-            Err(Publish::Conflict) => return Err(ServiceError::conflict(format!("pipeline {} changed meanwhile; apply again", def.name))),
+            Err(Publish::Conflict) => {
+                return Err(ServiceError::conflict(format!("pipeline {} changed meanwhile; apply again", def.name)));
+            }
             Err(Publish::Failed(e)) => return Err(ServiceError::unavailable(e)),
         }
         if let Some((_, _, _, old)) = current {
@@ -1073,24 +1266,40 @@ impl Engine {
             return Ok(());
         }
         let subject = plugin::query(plugin::qry::LIST).map_err(|e| ServiceError::internal(e.to_string()))?;
-        let req = async_nats::Request::new().payload(ListPlugins::default().encode_to_vec().into()).timeout(Some(Duration::from_secs(5)));
-        let reply = self.ctx.client().send_request(subject, req).await.map_err(|e| ServiceError::unavailable(format!("cannot check plugins: no plugin host answers ({e})")))?;
-        let list = ListReply::decode(reply.payload).map_err(|e| ServiceError::internal(format!("plugin list does not decode: {e}")))?;
+        let req = async_nats::Request::new()
+            .payload(ListPlugins::default().encode_to_vec().into())
+            .timeout(Some(Duration::from_secs(5)));
+        let reply =
+            self.ctx.client().send_request(subject, req).await.map_err(|e| {
+                ServiceError::unavailable(format!("cannot check plugins: no plugin host answers ({e})"))
+            })?;
+        let list = ListReply::decode(reply.payload)
+            .map_err(|e| ServiceError::internal(format!("plugin list does not decode: {e}")))?;
         for (step, p) in refs {
             let ok = match &p {
-                PluginRef::Version { name, version } => list.plugins.iter().any(|x| &x.name == name && &x.version == version && x.state == "ready"),
-                PluginRef::Capability(c) => list.plugins.iter().any(|x| x.capabilities.contains(c) && x.state == "ready"),
+                PluginRef::Version { name, version } => {
+                    list.plugins.iter().any(|x| &x.name == name && &x.version == version && x.state == "ready")
+                }
+                PluginRef::Capability(c) => {
+                    list.plugins.iter().any(|x| x.capabilities.contains(c) && x.state == "ready")
+                }
             };
             if !ok {
-                return Err(ServiceError::bad_request(format!("step {step}: unknown plugin {p} (see cimctl plugin ls)")));
+                return Err(ServiceError::bad_request(format!(
+                    "step {step}: unknown plugin {p} (see cimctl plugin ls)"
+                )));
             }
         }
         Ok(())
     }
 
     async fn references(&self) -> Result<kv::Store, ServiceError> {
-        let bucket = resources::kv_bucket(Component::PluginHost, plugin::KV_REFERENCES).map_err(|e| ServiceError::internal(e.to_string()))?;
-        self.js.get_key_value(bucket).await.map_err(|e| ServiceError::unavailable(format!("plugin references bucket: {e}")))
+        let bucket = resources::kv_bucket(Component::PluginHost, plugin::KV_REFERENCES)
+            .map_err(|e| ServiceError::internal(e.to_string()))?;
+        self.js
+            .get_key_value(bucket)
+            .await
+            .map_err(|e| ServiceError::unavailable(format!("plugin references bucket: {e}")))
     }
 
     async fn write_references(&self, pipeline: &str, pinned: &[(String, String)]) -> Result<(), ServiceError> {
@@ -1100,9 +1309,17 @@ impl Engine {
         let refs = self.references().await?;
         let referrer = pl::plugin_referrer(pipeline).map_err(|e| ServiceError::bad_request(e.to_string()))?;
         for (name, version) in pinned {
-            let key = plugin::reference_key(name, version, &referrer).map_err(|e| ServiceError::bad_request(e.to_string()))?;
-            let value = PluginReference { plugin: name.clone(), version: version.clone(), referrer: format!("pipeline:{pipeline}"), detail: format!("pipeline {pipeline}") };
-            refs.put(key, value.encode_to_vec().into()).await.map_err(|e| ServiceError::unavailable(format!("writing plugin reference: {e}")))?;
+            let key = plugin::reference_key(name, version, &referrer)
+                .map_err(|e| ServiceError::bad_request(e.to_string()))?;
+            let value = PluginReference {
+                plugin: name.clone(),
+                version: version.clone(),
+                referrer: format!("pipeline:{pipeline}"),
+                detail: format!("pipeline {pipeline}"),
+            };
+            refs.put(key, value.encode_to_vec().into())
+                .await
+                .map_err(|e| ServiceError::unavailable(format!("writing plugin reference: {e}")))?;
         }
         Ok(())
     }
@@ -1128,17 +1345,24 @@ impl Engine {
         self.caught_up().await?;
         let (last_seq, version, pinned) = {
             let view = self.view.read().await;
-            let p = view.pipelines.get(&req.name).filter(|p| p.active).ok_or_else(|| ServiceError::not_found(format!("no pipeline {}", req.name)))?;
+            let p = view
+                .pipelines
+                .get(&req.name)
+                .filter(|p| p.active)
+                .ok_or_else(|| ServiceError::not_found(format!("no pipeline {}", req.name)))?;
             let v = p.current().ok_or_else(|| ServiceError::not_found(format!("no pipeline {}", req.name)))?;
             (p.last_seq, v.version, v.definition.pinned_plugins())
         };
         let event = PipelineRemoved { name: req.name.clone(), version, reason: req.reason };
         let env = Envelope::root::<PipelineRemoved>(self.ctx.source());
-        let subject = pl::pipeline_event(&req.name, action::REMOVED).map_err(|e| ServiceError::bad_request(e.to_string()))?;
+        let subject =
+            pl::pipeline_event(&req.name, action::REMOVED).map_err(|e| ServiceError::bad_request(e.to_string()))?;
         let filter = pl::pipeline_history(&req.name).map_err(|e| ServiceError::bad_request(e.to_string()))?;
         match self.publish(subject, env.to_headers(), event.encode_to_vec(), Some((filter, last_seq))).await {
             Ok(_) => {}
-            Err(Publish::Conflict) => return Err(ServiceError::conflict(format!("pipeline {} changed meanwhile", req.name))),
+            Err(Publish::Conflict) => {
+                return Err(ServiceError::conflict(format!("pipeline {} changed meanwhile", req.name)));
+            }
             Err(Publish::Failed(e)) => return Err(ServiceError::unavailable(e)),
         }
         self.delete_references(&req.name, &pinned).await;
@@ -1149,14 +1373,24 @@ impl Engine {
         let req: StartRequest = parse(&msg)?;
         pl::validate_name(&req.pipeline).map_err(|e| ServiceError::bad_request(e.to_string()))?;
         if !req.unit_id.is_empty() {
-            cim_events::token::validate_token("unit id", &req.unit_id).map_err(|e| ServiceError::bad_request(e.to_string()))?;
-            self.iu.unit(&req.unit_id).await.map_err(|e| ServiceError::bad_request(format!("unit {}: {e}", req.unit_id)))?;
+            cim_events::token::validate_token("unit id", &req.unit_id)
+                .map_err(|e| ServiceError::bad_request(e.to_string()))?;
+            self.iu
+                .unit(&req.unit_id)
+                .await
+                .map_err(|e| ServiceError::bad_request(format!("unit {}: {e}", req.unit_id)))?;
         }
         self.caught_up().await?;
         let version = {
             let view = self.view.read().await;
-            let p = view.pipelines.get(&req.pipeline).filter(|p| p.active).ok_or_else(|| ServiceError::not_found(format!("no pipeline {}", req.pipeline)))?;
-            p.current().map(|v| v.version).ok_or_else(|| ServiceError::not_found(format!("no pipeline {}", req.pipeline)))?
+            let p = view
+                .pipelines
+                .get(&req.pipeline)
+                .filter(|p| p.active)
+                .ok_or_else(|| ServiceError::not_found(format!("no pipeline {}", req.pipeline)))?;
+            p.current()
+                .map(|v| v.version)
+                .ok_or_else(|| ServiceError::not_found(format!("no pipeline {}", req.pipeline)))?
         };
         let run_id = uuid::Uuid::now_v7().to_string();
         let request = RunRequested {
@@ -1175,21 +1409,35 @@ impl Engine {
         };
         let subject = pl::run_event(&run_id, action::REQUESTED).map_err(|e| ServiceError::internal(e.to_string()))?;
         let filter = pl::run_history(&run_id).map_err(|e| ServiceError::internal(e.to_string()))?;
-        self.publish(subject, env.to_headers(), request.encode_to_vec(), Some((filter, 0))).await.map_err(|e| match e {
-            Publish::Conflict => ServiceError::conflict("run id collision"),
-            Publish::Failed(e) => ServiceError::unavailable(e),
-        })?;
+        self.publish(subject, env.to_headers(), request.encode_to_vec(), Some((filter, 0))).await.map_err(
+            |e| match e {
+                Publish::Conflict => ServiceError::conflict("run id collision"),
+                Publish::Failed(e) => ServiceError::unavailable(e),
+            },
+        )?;
         Ok(json_reply(&RunRef { run_id, reason: String::new() }))
     }
 
     async fn cancel(&self, msg: async_nats::Message) -> Result<Reply, ServiceError> {
         let req: RunRef = parse(&msg)?;
-        self.change_run(&req, "cancel", |info| !info.is_terminal(), |run_id, reason| (action::CANCELLED, RunCancelled { run_id, reason }.encode_to_vec(), RunCancelled::TYPE)).await
+        self.change_run(
+            &req,
+            "cancel",
+            |info| !info.is_terminal(),
+            |run_id, reason| (action::CANCELLED, RunCancelled { run_id, reason }.encode_to_vec(), RunCancelled::TYPE),
+        )
+        .await
     }
 
     async fn retry(&self, msg: async_nats::Message) -> Result<Reply, ServiceError> {
         let req: RunRef = parse(&msg)?;
-        self.change_run(&req, "retry", |info| info.state == "failed" || info.state == "cancelled", |run_id, reason| (action::RETRIED, RunRetried { run_id, reason }.encode_to_vec(), RunRetried::TYPE)).await
+        self.change_run(
+            &req,
+            "retry",
+            |info| info.state == "failed" || info.state == "cancelled",
+            |run_id, reason| (action::RETRIED, RunRetried { run_id, reason }.encode_to_vec(), RunRetried::TYPE),
+        )
+        .await
     }
 
     /// Writes a cancel or retry event if the run's state allows it, retrying on conflicts.
@@ -1200,11 +1448,19 @@ impl Engine {
         allowed: impl Fn(&RunInfo) -> bool,
         event: impl Fn(String, String) -> (&'static str, Vec<u8>, &'static str),
     ) -> Result<Reply, ServiceError> {
-        cim_events::token::validate_token("run id", &req.run_id).map_err(|e| ServiceError::bad_request(e.to_string()))?;
+        cim_events::token::validate_token("run id", &req.run_id)
+            .map_err(|e| ServiceError::bad_request(e.to_string()))?;
         for _ in 0..10 {
-            let (run, parent) = self.load_run(&req.run_id).await.map_err(ServiceError::unavailable)?.ok_or_else(|| ServiceError::not_found(format!("no run {}", req.run_id)))?;
+            let (run, parent) = self
+                .load_run(&req.run_id)
+                .await
+                .map_err(ServiceError::unavailable)?
+                .ok_or_else(|| ServiceError::not_found(format!("no run {}", req.run_id)))?;
             if !allowed(&run.info) {
-                return Err(ServiceError::conflict(format!("cannot {what} run {}: it is {}", req.run_id, run.info.state)));
+                return Err(ServiceError::conflict(format!(
+                    "cannot {what} run {}: it is {}",
+                    req.run_id, run.info.state
+                )));
             }
             let (act, body, type_name) = event(req.run_id.clone(), req.reason.clone());
             let schema = cim_events::Schema { name: type_name.to_string(), version: 1 };
@@ -1213,7 +1469,11 @@ impl Engine {
             let filter = pl::run_history(&req.run_id).map_err(|e| ServiceError::bad_request(e.to_string()))?;
             match self.publish(subject, env.to_headers(), body, Some((filter, run.info.last_seq))).await {
                 Ok(_) => {
-                    let (run, _) = self.load_run(&req.run_id).await.map_err(ServiceError::unavailable)?.ok_or_else(|| ServiceError::not_found("run vanished"))?;
+                    let (run, _) = self
+                        .load_run(&req.run_id)
+                        .await
+                        .map_err(ServiceError::unavailable)?
+                        .ok_or_else(|| ServiceError::not_found("run vanished"))?;
                     let def = self.definition_of(&run).await;
                     return Ok(json_reply(&run.with_plan(def.as_ref()).info));
                 }
@@ -1229,7 +1489,8 @@ impl Engine {
     async fn list(&self, _msg: async_nats::Message) -> Result<Reply, ServiceError> {
         self.caught_up().await?;
         let view = self.view.read().await;
-        let pipelines = view.pipelines.iter().filter_map(|(name, p)| p.current().map(|v| info(&view, name, p.active, v))).collect();
+        let pipelines =
+            view.pipelines.iter().filter_map(|(name, p)| p.current().map(|v| info(&view, name, p.active, v))).collect();
         Ok(json_reply(&PipelineList { pipelines }))
     }
 
@@ -1237,7 +1498,10 @@ impl Engine {
         let req: PipelineRef = parse(&msg)?;
         self.caught_up().await?;
         let view = self.view.read().await;
-        let p = view.pipelines.get(&req.name).ok_or_else(|| ServiceError::not_found(format!("no pipeline {}", req.name)))?;
+        let p = view
+            .pipelines
+            .get(&req.name)
+            .ok_or_else(|| ServiceError::not_found(format!("no pipeline {}", req.name)))?;
         let v = p.current().ok_or_else(|| ServiceError::not_found(format!("no pipeline {}", req.name)))?;
         Ok(json_reply(&info(&view, &req.name, p.active, v)))
     }
@@ -1263,8 +1527,13 @@ impl Engine {
 
     async fn run(&self, msg: async_nats::Message) -> Result<Reply, ServiceError> {
         let req: RunRef = parse(&msg)?;
-        cim_events::token::validate_token("run id", &req.run_id).map_err(|e| ServiceError::bad_request(e.to_string()))?;
-        let (run, _) = self.load_run(&req.run_id).await.map_err(ServiceError::unavailable)?.ok_or_else(|| ServiceError::not_found(format!("no run {}", req.run_id)))?;
+        cim_events::token::validate_token("run id", &req.run_id)
+            .map_err(|e| ServiceError::bad_request(e.to_string()))?;
+        let (run, _) = self
+            .load_run(&req.run_id)
+            .await
+            .map_err(ServiceError::unavailable)?
+            .ok_or_else(|| ServiceError::not_found(format!("no run {}", req.run_id)))?;
         let def = self.definition_of(&run).await;
         Ok(json_reply(&run.with_plan(def.as_ref()).info))
     }
@@ -1285,7 +1554,14 @@ impl Drop for Slot {
 }
 
 fn info(view: &View, name: &str, active: bool, v: &PipelineVersion) -> PipelineInfo {
-    PipelineInfo { name: name.to_string(), version: v.version, digest: v.digest.clone(), active, definition: v.json.clone(), runs: view.counts(name) }
+    PipelineInfo {
+        name: name.to_string(),
+        version: v.version,
+        digest: v.digest.clone(),
+        active,
+        definition: v.json.clone(),
+        runs: view.counts(name),
+    }
 }
 
 /// The value of a context field for templates and filters.
@@ -1345,7 +1621,8 @@ fn iu_error(e: cim_iu_client::IuError) -> StepError {
 fn split_items(bytes: &[u8], split: &str) -> Result<Vec<Bytes>, String> {
     match split {
         "json" => {
-            let v: Vec<serde_json::Value> = serde_json::from_slice(bytes).map_err(|e| format!("items are not a JSON array: {e}"))?;
+            let v: Vec<serde_json::Value> =
+                serde_json::from_slice(bytes).map_err(|e| format!("items are not a JSON array: {e}"))?;
             Ok(v.into_iter()
                 .map(|x| match x {
                     serde_json::Value::String(s) => Bytes::from(s),
@@ -1353,7 +1630,11 @@ fn split_items(bytes: &[u8], split: &str) -> Result<Vec<Bytes>, String> {
                 })
                 .collect())
         }
-        _ => Ok(String::from_utf8_lossy(bytes).lines().filter(|l| !l.trim().is_empty()).map(|l| Bytes::from(l.to_string())).collect()),
+        _ => Ok(String::from_utf8_lossy(bytes)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| Bytes::from(l.to_string()))
+            .collect()),
     }
 }
 
@@ -1365,4 +1646,3 @@ fn one_line(s: &str) -> String {
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
-

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 use cim_events::{
     pipeline::{RunCounts, RunInfo, StepInfo, action},
     proto::pipeline::{
-        PipelineApplied, PipelineRemoved, RunCancelled, RunCompleted, RunFailed, RunRequested, RunRetried, RunStarted, StepCompleted,
-        StepFailed, StepStarted,
+        PipelineApplied, PipelineRemoved, RunCancelled, RunCompleted, RunFailed, RunRequested, RunRetried, RunStarted,
+        StepCompleted, StepFailed, StepStarted,
     },
 };
 use prost::Message;
@@ -149,7 +149,11 @@ impl Run {
             let mut ordered = Vec::new();
             for s in def.all_steps() {
                 let known = self.info.steps.iter().find(|x| x.step == s.id).cloned();
-                ordered.push(known.unwrap_or_else(|| StepInfo { step: s.id.clone(), state: "pending".into(), ..Default::default() }));
+                ordered.push(known.unwrap_or_else(|| StepInfo {
+                    step: s.id.clone(),
+                    state: "pending".into(),
+                    ..Default::default()
+                }));
             }
             self.info.steps = ordered;
         }
@@ -209,11 +213,16 @@ pub struct View {
 
 impl View {
     pub fn apply_applied(&mut self, e: PipelineApplied, seq: u64, time_ms: i64) -> Result<(), String> {
-        let json: serde_json::Value = serde_json::from_str(&e.definition_json).map_err(|err| format!("pipeline {} v{}: {err}", e.name, e.version))?;
-        let definition = Definition::parse(&json).map_err(|err| format!("pipeline {} v{}: {err}", e.name, e.version))?;
+        let json: serde_json::Value = serde_json::from_str(&e.definition_json)
+            .map_err(|err| format!("pipeline {} v{}: {err}", e.name, e.version))?;
+        let definition =
+            Definition::parse(&json).map_err(|err| format!("pipeline {} v{}: {err}", e.name, e.version))?;
         let p = self.pipelines.entry(e.name.clone()).or_default();
         let first_applied_ms = p.versions.values().next().map(|v| v.first_applied_ms).unwrap_or(time_ms);
-        p.versions.insert(e.version, PipelineVersion { version: e.version, digest: e.digest, definition, json, first_applied_ms });
+        p.versions.insert(
+            e.version,
+            PipelineVersion { version: e.version, digest: e.digest, definition, json, first_applied_ms },
+        );
         p.active = true;
         p.last_seq = seq;
         Ok(())
@@ -252,23 +261,90 @@ mod tests {
     #[test]
     fn a_run_folds_from_its_events() {
         let mut run = Run::default();
-        let req = RunRequested { run_id: "r1".into(), pipeline: "p".into(), pipeline_version: 2, trigger: "event".into(), unit_id: "u1".into(), ..Default::default() };
+        let req = RunRequested {
+            run_id: "r1".into(),
+            pipeline: "p".into(),
+            pipeline_version: 2,
+            trigger: "event".into(),
+            unit_id: "u1".into(),
+            ..Default::default()
+        };
         run.apply(RunEvent::Requested(req), 1, 10, "c1");
         assert_eq!(run.info.state, "queued");
         run.apply(RunEvent::Started(RunStarted { run_id: "r1".into(), instance_id: "i".into() }), 2, 11, "c1");
-        run.apply(RunEvent::StepStarted(StepStarted { run_id: "r1".into(), step: "a".into(), attempt: 1, ..Default::default() }), 3, 12, "c1");
-        run.apply(RunEvent::StepFailed(StepFailed { run_id: "r1".into(), step: "a".into(), attempt: 1, error: "boom".into(), will_retry: true, retry_in_ms: 10 }), 4, 13, "c1");
+        run.apply(
+            RunEvent::StepStarted(StepStarted {
+                run_id: "r1".into(),
+                step: "a".into(),
+                attempt: 1,
+                ..Default::default()
+            }),
+            3,
+            12,
+            "c1",
+        );
+        run.apply(
+            RunEvent::StepFailed(StepFailed {
+                run_id: "r1".into(),
+                step: "a".into(),
+                attempt: 1,
+                error: "boom".into(),
+                will_retry: true,
+                retry_in_ms: 10,
+            }),
+            4,
+            13,
+            "c1",
+        );
         assert_eq!(run.failures["a"], 1);
         assert_eq!(run.info.steps[0].state, "retrying");
-        run.apply(RunEvent::StepFailed(StepFailed { run_id: "r1".into(), step: "a".into(), attempt: 2, error: "boom".into(), will_retry: false, retry_in_ms: 0 }), 5, 14, "c1");
-        run.apply(RunEvent::Failed(RunFailed { run_id: "r1".into(), step: "a".into(), error: "boom".into() }), 6, 15, "c1");
+        run.apply(
+            RunEvent::StepFailed(StepFailed {
+                run_id: "r1".into(),
+                step: "a".into(),
+                attempt: 2,
+                error: "boom".into(),
+                will_retry: false,
+                retry_in_ms: 0,
+            }),
+            5,
+            14,
+            "c1",
+        );
+        run.apply(
+            RunEvent::Failed(RunFailed { run_id: "r1".into(), step: "a".into(), error: "boom".into() }),
+            6,
+            15,
+            "c1",
+        );
         assert!(run.info.is_terminal());
         assert_eq!(run.info.error, "step a: boom");
         run.apply(RunEvent::Retried(RunRetried { run_id: "r1".into(), reason: "fixed".into() }), 7, 16, "c1");
         assert_eq!(run.info.state, "queued");
         assert!(run.failures.is_empty() && run.started_by.is_empty());
-        run.apply(RunEvent::StepCompleted(StepCompleted { run_id: "r1".into(), step: "a".into(), attempt: 3, passed: true, units: vec!["u2".into()], ..Default::default() }), 8, 17, "c1");
-        run.apply(RunEvent::Completed(RunCompleted { run_id: "r1".into(), units: vec!["u2".into()], outcome: "completed".into() }), 9, 18, "c1");
+        run.apply(
+            RunEvent::StepCompleted(StepCompleted {
+                run_id: "r1".into(),
+                step: "a".into(),
+                attempt: 3,
+                passed: true,
+                units: vec!["u2".into()],
+                ..Default::default()
+            }),
+            8,
+            17,
+            "c1",
+        );
+        run.apply(
+            RunEvent::Completed(RunCompleted {
+                run_id: "r1".into(),
+                units: vec!["u2".into()],
+                outcome: "completed".into(),
+            }),
+            9,
+            18,
+            "c1",
+        );
         assert_eq!(run.info.state, "completed");
         assert_eq!(run.info.units, vec!["u2".to_string()]);
         assert_eq!(run.info.steps[0].attempts, 3);

@@ -19,8 +19,9 @@ use cim_events::{
     Envelope, Payload, Upcasters, payload,
     plugin::{self, RUNTIME_NATIVE, RUNTIME_WASM},
     proto::plugin::{
-        InvokeError, InvokeReply, InvokeRequest, ListPlugins, ListReply, Manifest, PluginAnnounced, PluginInfo, PluginPushed,
-        PluginReference, PluginRemoved, PushPlugin, PushReply, RemovePlugin, RemoveReply, StatsReply, Status,
+        InvokeError, InvokeReply, InvokeRequest, ListPlugins, ListReply, Manifest, PluginAnnounced, PluginInfo,
+        PluginPushed, PluginReference, PluginRemoved, PushPlugin, PushReply, RemovePlugin, RemoveReply, StatsReply,
+        Status,
     },
     resources, subject,
 };
@@ -30,7 +31,12 @@ use prost::Message as _;
 use sha2::{Digest, Sha256};
 use tokio::{io::AsyncReadExt, sync::watch};
 
-use crate::{PluginArgs, builtin::BUILTINS, invoker::Invoker, sandbox::{Compiled, Sandbox}};
+use crate::{
+    PluginArgs,
+    builtin::BUILTINS,
+    invoker::Invoker,
+    sandbox::{Compiled, Sandbox},
+};
 
 /// How long a push or remove waits for its own event to be applied.
 const APPLY_WAIT: Duration = Duration::from_secs(30);
@@ -200,18 +206,22 @@ impl Host {
         let name = parsed.id.clone();
         self.catalog.write().unwrap_or_else(|e| e.into_inner()).last_seq.insert(name.clone(), seq);
         match parsed.action.as_str() {
-            plugin::action::PUSHED => match payload::decode::<PluginPushed>(msg.headers.as_ref(), &msg.payload, &self.upcasters) {
-                Ok((_, pushed)) => self.load(pushed).await,
-                Err(e) => tracing::warn!(seq, error = %e, "undecodable plugin event"),
-            },
-            plugin::action::REMOVED => match payload::decode::<PluginRemoved>(msg.headers.as_ref(), &msg.payload, &self.upcasters) {
-                Ok((_, removed)) => {
-                    let mut c = self.catalog.write().unwrap_or_else(|e| e.into_inner());
-                    c.versions.remove(&(removed.name.clone(), removed.version.clone()));
-                    tracing::info!(plugin = %plugin::reference(&removed.name, &removed.version), "plugin removed");
+            plugin::action::PUSHED => {
+                match payload::decode::<PluginPushed>(msg.headers.as_ref(), &msg.payload, &self.upcasters) {
+                    Ok((_, pushed)) => self.load(pushed).await,
+                    Err(e) => tracing::warn!(seq, error = %e, "undecodable plugin event"),
                 }
-                Err(e) => tracing::warn!(seq, error = %e, "undecodable plugin event"),
-            },
+            }
+            plugin::action::REMOVED => {
+                match payload::decode::<PluginRemoved>(msg.headers.as_ref(), &msg.payload, &self.upcasters) {
+                    Ok((_, removed)) => {
+                        let mut c = self.catalog.write().unwrap_or_else(|e| e.into_inner());
+                        c.versions.remove(&(removed.name.clone(), removed.version.clone()));
+                        tracing::info!(plugin = %plugin::reference(&removed.name, &removed.version), "plugin removed");
+                    }
+                    Err(e) => tracing::warn!(seq, error = %e, "undecodable plugin event"),
+                }
+            }
             other => tracing::debug!(action = other, "ignoring plugin event"),
         }
         self.applied.send_replace(seq);
@@ -267,7 +277,11 @@ impl Host {
     }
 
     async fn fetch_and_compile(&self, pushed: &PluginPushed, manifest: &Manifest) -> Result<Compiled, String> {
-        let mut object = self.bucket.get(&pushed.object).await.map_err(|e| format!("module {} is not in the artifact bucket: {e}", pushed.object))?;
+        let mut object = self
+            .bucket
+            .get(&pushed.object)
+            .await
+            .map_err(|e| format!("module {} is not in the artifact bucket: {e}", pushed.object))?;
         let mut wasm = Vec::with_capacity(pushed.size as usize);
         object.read_to_end(&mut wasm).await.map_err(|e| format!("reading module {}: {e}", pushed.object))?;
         let digest = digest(&wasm);
@@ -282,7 +296,11 @@ impl Host {
     }
 
     /// Serves one ready version on its own invoke subject.
-    async fn serve(self: &Arc<Self>, compiled: Arc<Compiled>, info: PluginInfo) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    async fn serve(
+        self: &Arc<Self>,
+        compiled: Arc<Compiled>,
+        info: PluginInfo,
+    ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
         let group = plugin::queue_group(&info.name, &info.version)?;
         let mut sub = self.ctx.client().queue_subscribe(info.subject.clone(), group).await?;
         let host = self.clone();
@@ -312,7 +330,8 @@ impl Host {
             status: outcome.status as i32,
             output: outcome.output,
             metadata: outcome.metadata.into_iter().collect(),
-            error: (outcome.status != Status::Ok).then(|| InvokeError { status: outcome.status as i32, message: outcome.message }),
+            error: (outcome.status != Status::Ok)
+                .then(|| InvokeError { status: outcome.status as i32, message: outcome.message }),
             plugin: info.name.clone(),
             version: info.version.clone(),
             digest: info.digest.clone(),
@@ -356,7 +375,10 @@ impl Host {
             tracing::debug!(subject = %msg.subject, "ignoring an undecodable plugin announcement");
             return;
         };
-        if a.runtime != RUNTIME_NATIVE || plugin::validate_name(&a.name).is_err() || plugin::validate_version(&a.version).is_err() {
+        if a.runtime != RUNTIME_NATIVE
+            || plugin::validate_name(&a.name).is_err()
+            || plugin::validate_version(&a.version).is_err()
+        {
             return;
         }
         // The subject must be the contract's, so a plugin cannot capture another's traffic.
@@ -368,19 +390,22 @@ impl Host {
     }
 
     fn live_natives(c: &Catalog) -> impl Iterator<Item = PluginInfo> + '_ {
-        c.natives.values().filter(|(a, seen)| seen.elapsed() < Duration::from_millis(u64::from(a.every_ms.max(100)) * 3)).map(|(a, _)| PluginInfo {
-            name: a.name.clone(),
-            version: a.version.clone(),
-            digest: a.digest.clone(),
-            size: 0,
-            capabilities: a.capabilities.clone(),
-            runtime: RUNTIME_NATIVE.to_string(),
-            subject: a.subject.clone(),
-            state: "ready".into(),
-            limits: None,
-            description: a.description.clone(),
-            builtin: false,
-        })
+        c.natives
+            .values()
+            .filter(|(a, seen)| seen.elapsed() < Duration::from_millis(u64::from(a.every_ms.max(100)) * 3))
+            .map(|(a, _)| PluginInfo {
+                name: a.name.clone(),
+                version: a.version.clone(),
+                digest: a.digest.clone(),
+                size: 0,
+                capabilities: a.capabilities.clone(),
+                runtime: RUNTIME_NATIVE.to_string(),
+                subject: a.subject.clone(),
+                state: "ready".into(),
+                limits: None,
+                description: a.description.clone(),
+                builtin: false,
+            })
     }
 
     // ---- handlers ----
@@ -390,11 +415,21 @@ impl Host {
     }
 
     pub async fn list(&self, msg: Message) -> Result<Reply, ServiceError> {
-        let q = ListPlugins::decode(msg.payload).map_err(|e| ServiceError::bad_request(format!("undecodable list request: {e}")))?;
+        let q = ListPlugins::decode(msg.payload)
+            .map_err(|e| ServiceError::bad_request(format!("undecodable list request: {e}")))?;
         let c = self.catalog.read().unwrap_or_else(|e| e.into_inner());
-        let mut plugins: Vec<PluginInfo> = c.versions.values().map(|e| e.info.clone()).chain(Self::live_natives(&c)).collect();
-        plugins.retain(|p| (q.name.is_empty() || p.name == q.name) && (q.capability.is_empty() || p.capabilities.contains(&q.capability)));
-        plugins.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| compare_versions(&a.version, &b.version)).then_with(|| a.runtime.cmp(&b.runtime)));
+        let mut plugins: Vec<PluginInfo> =
+            c.versions.values().map(|e| e.info.clone()).chain(Self::live_natives(&c)).collect();
+        plugins.retain(|p| {
+            (q.name.is_empty() || p.name == q.name)
+                && (q.capability.is_empty() || p.capabilities.contains(&q.capability))
+        });
+        plugins.sort_by(|a, b| {
+            a.name
+                .cmp(&b.name)
+                .then_with(|| compare_versions(&a.version, &b.version))
+                .then_with(|| a.runtime.cmp(&b.runtime))
+        });
         Ok(Reply::proto(&ListReply { plugins }))
     }
 
@@ -417,14 +452,22 @@ impl Host {
         let c = self.catalog.read().unwrap_or_else(|e| e.into_inner());
         let wasm = c.versions.values().filter(|e| e.compiled.is_some()).map(|e| e.info.clone());
         let candidates: Vec<PluginInfo> = if !req.plugin.is_empty() {
-            if plugin::validate_name(&req.plugin).is_err() || (!req.version.is_empty() && plugin::validate_version(&req.version).is_err()) {
-                return Err(failure(Status::BadRequest, format!("invalid plugin reference {:?}", plugin::reference(&req.plugin, &req.version))));
+            if plugin::validate_name(&req.plugin).is_err()
+                || (!req.version.is_empty() && plugin::validate_version(&req.version).is_err())
+            {
+                return Err(failure(
+                    Status::BadRequest,
+                    format!("invalid plugin reference {:?}", plugin::reference(&req.plugin, &req.version)),
+                ));
             }
             // A version that exists but failed to load is unavailable, not missing.
             if let Some(e) = c.versions.get(&(req.plugin.clone(), req.version.clone()))
                 && e.compiled.is_none()
             {
-                return Err(failure(Status::Unavailable, format!("{} is not loaded: {}", plugin::reference(&req.plugin, &req.version), e.info.state)));
+                return Err(failure(
+                    Status::Unavailable,
+                    format!("{} is not loaded: {}", plugin::reference(&req.plugin, &req.version), e.info.state),
+                ));
             }
             wasm.chain(Self::live_natives(&c))
                 .filter(|p| p.name == req.plugin && (req.version.is_empty() || p.version == req.version))
@@ -436,7 +479,8 @@ impl Host {
         };
         // Newest version first; at equal versions, local WebAssembly before a network hop.
         let best = candidates.into_iter().max_by(|a, b| {
-            compare_versions(&a.version, &b.version).then_with(|| (a.runtime == RUNTIME_WASM).cmp(&(b.runtime == RUNTIME_WASM)))
+            compare_versions(&a.version, &b.version)
+                .then_with(|| (a.runtime == RUNTIME_WASM).cmp(&(b.runtime == RUNTIME_WASM)))
         });
         let Some(best) = best else {
             let what = if req.plugin.is_empty() {
@@ -453,20 +497,42 @@ impl Host {
         }
         match c.versions.get(&(best.name.clone(), best.version.clone())).and_then(|e| e.compiled.clone()) {
             Some(compiled) => Ok(Target::Local(compiled, best)),
-            None => Err(failure(Status::Unavailable, format!("{} is not loaded", plugin::reference(&best.name, &best.version)))),
+            None => Err(failure(
+                Status::Unavailable,
+                format!("{} is not loaded", plugin::reference(&best.name, &best.version)),
+            )),
         }
     }
 
     async fn forward(&self, info: &PluginInfo, req: InvokeRequest) -> InvokeReply {
-        let timeout = if req.timeout_ms > 0 { Duration::from_millis(u64::from(req.timeout_ms)) } else { self.sandbox.policy().max_timeout };
+        let timeout = if req.timeout_ms > 0 {
+            Duration::from_millis(u64::from(req.timeout_ms))
+        } else {
+            self.sandbox.policy().max_timeout
+        };
         let started = Instant::now();
         let request = self.ctx.client().request(info.subject.clone(), Bytes::from(req.encode_to_vec()));
         let mut reply = match tokio::time::timeout(timeout + Duration::from_millis(500), request).await {
-            Err(_) => failure(Status::DeadlineExceeded, format!("native plugin {} did not answer within {timeout:?}", plugin::reference(&info.name, &info.version))),
-            Ok(Err(e)) => failure(Status::Unavailable, format!("native plugin {} cannot be reached: {e}", plugin::reference(&info.name, &info.version))),
+            Err(_) => failure(
+                Status::DeadlineExceeded,
+                format!(
+                    "native plugin {} did not answer within {timeout:?}",
+                    plugin::reference(&info.name, &info.version)
+                ),
+            ),
+            Ok(Err(e)) => failure(
+                Status::Unavailable,
+                format!("native plugin {} cannot be reached: {e}", plugin::reference(&info.name, &info.version)),
+            ),
             Ok(Ok(m)) => match InvokeReply::decode(m.payload.clone()) {
                 Ok(r) if Status::try_from(r.status).is_ok_and(|s| s != Status::Unspecified) => r,
-                _ => failure(Status::MalformedOutput, format!("native plugin {} replied with something that is not an invoke reply", plugin::reference(&info.name, &info.version))),
+                _ => failure(
+                    Status::MalformedOutput,
+                    format!(
+                        "native plugin {} replied with something that is not an invoke reply",
+                        plugin::reference(&info.name, &info.version)
+                    ),
+                ),
             },
         };
         if reply.plugin.is_empty() {
@@ -482,20 +548,35 @@ impl Host {
     }
 
     pub async fn push(&self, msg: Message) -> Result<Reply, ServiceError> {
-        let req = PushPlugin::decode(msg.payload).map_err(|e| ServiceError::bad_request(format!("undecodable push request: {e}")))?;
+        let req = PushPlugin::decode(msg.payload)
+            .map_err(|e| ServiceError::bad_request(format!("undecodable push request: {e}")))?;
         let manifest = req.manifest.ok_or_else(|| ServiceError::bad_request("a push carries a manifest"))?;
         validate_manifest(&manifest)?;
         let Some(upload_id) = req.upload.strip_prefix(plugin::UPLOAD_PREFIX) else {
             return Err(ServiceError::bad_request(format!("upload must be named {}<id>", plugin::UPLOAD_PREFIX)));
         };
         plugin::upload_object(upload_id).map_err(|e| ServiceError::bad_request(e.to_string()))?;
-        let info = self.bucket.info(&req.upload).await.map_err(|e| ServiceError::not_found(format!("upload {} not found: {e}", req.upload)))?;
+        let info = self
+            .bucket
+            .info(&req.upload)
+            .await
+            .map_err(|e| ServiceError::not_found(format!("upload {} not found: {e}", req.upload)))?;
         if info.size as u64 > self.max_module {
-            return Err(ServiceError::bad_request(format!("module is {} bytes; this host takes at most {}", info.size, self.max_module)));
+            return Err(ServiceError::bad_request(format!(
+                "module is {} bytes; this host takes at most {}",
+                info.size, self.max_module
+            )));
         }
-        let mut object = self.bucket.get(&req.upload).await.map_err(|e| ServiceError::not_found(format!("upload {} not found: {e}", req.upload)))?;
+        let mut object = self
+            .bucket
+            .get(&req.upload)
+            .await
+            .map_err(|e| ServiceError::not_found(format!("upload {} not found: {e}", req.upload)))?;
         let mut wasm = Vec::new();
-        object.read_to_end(&mut wasm).await.map_err(|e| ServiceError::unavailable(format!("reading upload {}: {e}", req.upload)))?;
+        object
+            .read_to_end(&mut wasm)
+            .await
+            .map_err(|e| ServiceError::unavailable(format!("reading upload {}: {e}", req.upload)))?;
         let result = self.store(manifest, wasm).await;
         if let Err(e) = self.bucket.delete(&req.upload).await {
             tracing::debug!(upload = %req.upload, error = %e, "could not delete an upload");
@@ -538,30 +619,49 @@ impl Host {
             .await
             .map_err(|e| ServiceError::unavailable(format!("storing {r}: {e}")))?;
         let event = PluginPushed { manifest: Some(manifest), digest, size: wasm.len() as u64, object };
-        let subject = plugin::event(&name, plugin::action::PUSHED).map_err(|e| ServiceError::bad_request(e.to_string()))?;
+        let subject =
+            plugin::event(&name, plugin::action::PUSHED).map_err(|e| ServiceError::bad_request(e.to_string()))?;
         let seq = self.publish(subject, &name, expected, &event).await?;
         self.wait_applied(seq).await?;
         let c = self.catalog.read().unwrap_or_else(|e| e.into_inner());
-        let info = c.versions.get(&(name, version)).map(|e| e.info.clone()).ok_or_else(|| ServiceError::internal(format!("{r} vanished after its push")))?;
+        let info = c
+            .versions
+            .get(&(name, version))
+            .map(|e| e.info.clone())
+            .ok_or_else(|| ServiceError::internal(format!("{r} vanished after its push")))?;
         Ok((info, false))
     }
 
     pub async fn remove(&self, msg: Message) -> Result<Reply, ServiceError> {
-        let req = RemovePlugin::decode(msg.payload).map_err(|e| ServiceError::bad_request(format!("undecodable remove request: {e}")))?;
+        let req = RemovePlugin::decode(msg.payload)
+            .map_err(|e| ServiceError::bad_request(format!("undecodable remove request: {e}")))?;
         plugin::validate_name(&req.name).map_err(|e| ServiceError::bad_request(e.to_string()))?;
         plugin::validate_version(&req.version).map_err(|e| ServiceError::bad_request(e.to_string()))?;
         let r = plugin::reference(&req.name, &req.version);
         let (info, expected) = {
             let c = self.catalog.read().unwrap_or_else(|e| e.into_inner());
-            let info = c.versions.get(&(req.name.clone(), req.version.clone())).map(|e| e.info.clone()).ok_or_else(|| ServiceError::not_found(format!("no plugin {r}")))?;
+            let info = c
+                .versions
+                .get(&(req.name.clone(), req.version.clone()))
+                .map(|e| e.info.clone())
+                .ok_or_else(|| ServiceError::not_found(format!("no plugin {r}")))?;
             (info, c.last_seq.get(&req.name).copied().unwrap_or(0))
         };
         let referrers = self.references(&req.name, &req.version).await?;
         if !referrers.is_empty() {
-            return Err(ServiceError::conflict(format!("{r} is still referenced by {}; remove those references first", referrers.join(", "))));
+            return Err(ServiceError::conflict(format!(
+                "{r} is still referenced by {}; remove those references first",
+                referrers.join(", ")
+            )));
         }
-        let event = PluginRemoved { name: req.name.clone(), version: req.version.clone(), digest: info.digest.clone(), reason: req.reason };
-        let subject = plugin::event(&req.name, plugin::action::REMOVED).map_err(|e| ServiceError::bad_request(e.to_string()))?;
+        let event = PluginRemoved {
+            name: req.name.clone(),
+            version: req.version.clone(),
+            digest: info.digest.clone(),
+            reason: req.reason,
+        };
+        let subject =
+            plugin::event(&req.name, plugin::action::REMOVED).map_err(|e| ServiceError::bad_request(e.to_string()))?;
         let seq = self.publish(subject, &req.name, expected, &event).await?;
         self.wait_applied(seq).await?;
         if let Ok(object) = plugin::artifact_object(&req.name, &req.version) {
@@ -578,7 +678,9 @@ impl Host {
             Ok(i) if !i.deleted => {}
             _ => return,
         }
-        if let Err(why) = cim_runtime::archive_guard::object_removable(self.ctx.jetstream(), plugin::ARTIFACTS_BUCKET, object).await {
+        if let Err(why) =
+            cim_runtime::archive_guard::object_removable(self.ctx.jetstream(), plugin::ARTIFACTS_BUCKET, object).await
+        {
             tracing::info!(%object, reason = %why, "module of a removed version kept until its archive is verified");
             return;
         }
@@ -592,7 +694,11 @@ impl Host {
     pub async fn sweep_removed_modules(&self) {
         let removed: Vec<String> = {
             let c = self.catalog.read().unwrap_or_else(|e| e.into_inner());
-            c.ever.keys().filter(|k| !c.versions.contains_key(*k)).filter_map(|(n, v)| plugin::artifact_object(n, v).ok()).collect()
+            c.ever
+                .keys()
+                .filter(|k| !c.versions.contains_key(*k))
+                .filter_map(|(n, v)| plugin::artifact_object(n, v).ok())
+                .collect()
         };
         for object in removed {
             self.drop_removed_module(&object).await;
@@ -602,7 +708,8 @@ impl Host {
     /// Who references a version (`cim_plugin_references`), described for people.
     async fn references(&self, name: &str, version: &str) -> Result<Vec<String>, ServiceError> {
         let prefix = plugin::reference_prefix(name, version).map_err(|e| ServiceError::bad_request(e.to_string()))?;
-        let unavailable = |e: &dyn std::fmt::Display| ServiceError::unavailable(format!("reading plugin references: {e}"));
+        let unavailable =
+            |e: &dyn std::fmt::Display| ServiceError::unavailable(format!("reading plugin references: {e}"));
         let mut keys = self.refs.keys().await.map_err(|e| unavailable(&e))?;
         let mut out = Vec::new();
         while let Some(key) = keys.next().await {
@@ -617,7 +724,13 @@ impl Host {
         Ok(out)
     }
 
-    async fn publish<P: Payload>(&self, subject: String, name: &str, expected: u64, payload: &P) -> Result<u64, ServiceError> {
+    async fn publish<P: Payload>(
+        &self,
+        subject: String,
+        name: &str,
+        expected: u64,
+        payload: &P,
+    ) -> Result<u64, ServiceError> {
         let env = Envelope::root::<P>(self.ctx.source());
         let mut headers = env.to_headers();
         headers.insert("Nats-Msg-Id", env.id().to_string().as_str());
@@ -631,7 +744,9 @@ impl Host {
             .map_err(|e| ServiceError::unavailable(format!("recording the event: {e}")))?
             .await
             .map_err(|e| match e.kind() {
-                PublishErrorKind::WrongLastSequence => ServiceError::conflict(format!("plugin {name} changed concurrently; retry")),
+                PublishErrorKind::WrongLastSequence => {
+                    ServiceError::conflict(format!("plugin {name} changed concurrently; retry"))
+                }
                 _ => ServiceError::unavailable(format!("recording the event: {e}")),
             })?;
         Ok(ack.sequence)
@@ -657,7 +772,9 @@ impl Host {
                         break;
                     }
                     // Another host pushed it at the same moment: catch up and look again.
-                    Err(e) if e.code == 409 && attempt < 2 => tracing::debug!(plugin = %r, error = %e.message, "retrying a built-in push"),
+                    Err(e) if e.code == 409 && attempt < 2 => {
+                        tracing::debug!(plugin = %r, error = %e.message, "retrying a built-in push")
+                    }
                     Err(e) => {
                         tracing::warn!(plugin = %r, error = %e.message, "could not push a built-in plugin");
                         break;
@@ -685,11 +802,16 @@ pub fn digest(bytes: &[u8]) -> String {
 }
 
 fn failure(status: Status, message: String) -> InvokeReply {
-    InvokeReply { status: status as i32, error: Some(InvokeError { status: status as i32, message }), ..Default::default() }
+    InvokeReply {
+        status: status as i32,
+        error: Some(InvokeError { status: status as i32, message }),
+        ..Default::default()
+    }
 }
 
 fn decode_request(msg: &Message) -> Result<InvokeRequest, InvokeReply> {
-    InvokeRequest::decode(msg.payload.clone()).map_err(|e| failure(Status::BadRequest, format!("undecodable invoke request: {e}")))
+    InvokeRequest::decode(msg.payload.clone())
+        .map_err(|e| failure(Status::BadRequest, format!("undecodable invoke request: {e}")))
 }
 
 /// The micro-protocol error code that goes with a status (so generic NATS tools see failures).

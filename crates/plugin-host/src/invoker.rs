@@ -12,7 +12,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use cim_events::proto::plugin::{Status, StatsReply};
+use cim_events::proto::plugin::{StatsReply, Status};
 use tokio::sync::Semaphore;
 
 use crate::sandbox::{Compiled, Outcome};
@@ -84,7 +84,11 @@ impl Invoker {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| plugin.invoke(input, metadata, timeout)))
         })
         .unwrap_or_else(|e| {
-            let why = e.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| e.downcast_ref::<String>().cloned()).unwrap_or_default();
+            let why = e
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| e.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
             Outcome { status: Status::Trapped, message: format!("plugin invocation panicked: {why}"), ..empty() }
         });
         if outcome.status != Status::Ok {

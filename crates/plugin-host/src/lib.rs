@@ -180,7 +180,8 @@ mod tests {
 
     #[test]
     fn flags_have_defaults() {
-        let c = Config::try_parse_from(["plugin-host", "--plugin-parallelism", "2", "--plugin-dir", "data=/tmp"]).unwrap();
+        let c =
+            Config::try_parse_from(["plugin-host", "--plugin-parallelism", "2", "--plugin-dir", "data=/tmp"]).unwrap();
         assert_eq!(c.plugins.parallelism(), 2);
         assert_eq!(c.plugins.plugin_max_memory, 64 << 20);
         assert_eq!(c.plugins.policy().directories["data"], PathBuf::from("/tmp"));

@@ -102,7 +102,9 @@ impl Sandbox {
         })?;
         let mut linker = Linker::new(&engine);
         // Only modules that import WASI get a WASI context, so `wasi` is set whenever this runs.
-        wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut State| s.wasi.as_mut().expect("a wasi context for a module importing wasi"))?;
+        wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut State| {
+            s.wasi.as_mut().expect("a wasi context for a module importing wasi")
+        })?;
         add_host_functions(&mut linker)?;
         Ok(Sandbox { engine, linker: Arc::new(linker), policy: Arc::new(policy) })
     }
@@ -122,7 +124,10 @@ impl Sandbox {
             )));
         }
         if asked.fuel > p.max_fuel {
-            return Err(LoadError::Refused(format!("plugin asks for {} fuel; this host allows at most {}", asked.fuel, p.max_fuel)));
+            return Err(LoadError::Refused(format!(
+                "plugin asks for {} fuel; this host allows at most {}",
+                asked.fuel, p.max_fuel
+            )));
         }
         if u128::from(asked.timeout_ms) > p.max_timeout.as_millis() {
             return Err(LoadError::Refused(format!(
@@ -175,14 +180,7 @@ impl Sandbox {
             .filter_map(|d| self.policy.directories.get(d).map(|p| (d.clone(), p.clone())))
             .collect();
         let wasi = module.imports().any(|i| i.module() == "wasi_snapshot_preview1");
-        Ok(Compiled {
-            engine: self.engine.clone(),
-            wasi,
-            pre,
-            limits,
-            directories,
-            max_output: self.policy.max_output,
-        })
+        Ok(Compiled { engine: self.engine.clone(), wasi, pre, limits, directories, max_output: self.policy.max_output })
     }
 }
 
@@ -217,7 +215,14 @@ pub struct Outcome {
 
 impl Outcome {
     fn failed(status: Status, message: String) -> Outcome {
-        Outcome { status, output: Vec::new(), metadata: BTreeMap::new(), message, duration: Duration::ZERO, fuel_used: 0 }
+        Outcome {
+            status,
+            output: Vec::new(),
+            metadata: BTreeMap::new(),
+            message,
+            duration: Duration::ZERO,
+            fuel_used: 0,
+        }
     }
 }
 
@@ -242,7 +247,10 @@ impl Compiled {
             wasi.stderr(stderr.clone());
             for (name, path) in &self.directories {
                 if let Err(e) = wasi.preopened_dir(path, format!("/{name}"), DirPerms::READ, FilePerms::READ) {
-                    return Outcome::failed(Status::Unavailable, format!("directory {name} ({}) cannot be opened: {e}", path.display()));
+                    return Outcome::failed(
+                        Status::Unavailable,
+                        format!("directory {name} ({}) cannot be opened: {e}", path.display()),
+                    );
                 }
             }
             Some(wasi.build_p1())
@@ -314,8 +322,12 @@ fn classify(result: wasmtime::Result<i32>, state: State, stderr: &str) -> Outcom
                 }
             } else {
                 return match e.downcast_ref::<Trap>() {
-                    Some(Trap::OutOfFuel) => Outcome::failed(Status::OutOfFuel, "plugin used up its fuel (cpu limit)".into()),
-                    Some(Trap::Interrupt) => Outcome::failed(Status::DeadlineExceeded, "plugin did not finish before its deadline".into()),
+                    Some(Trap::OutOfFuel) => {
+                        Outcome::failed(Status::OutOfFuel, "plugin used up its fuel (cpu limit)".into())
+                    }
+                    Some(Trap::Interrupt) => {
+                        Outcome::failed(Status::DeadlineExceeded, "plugin did not finish before its deadline".into())
+                    }
                     Some(trap) => {
                         let mut m = format!("plugin trapped: {trap}");
                         if let Some(line) = stderr.lines().find(|l| !l.trim().is_empty()) {
@@ -330,7 +342,14 @@ fn classify(result: wasmtime::Result<i32>, state: State, stderr: &str) -> Outcom
     };
     let State { output, out_meta, error, .. } = state;
     match code {
-        0 => Outcome { status: Status::Ok, output, metadata: out_meta, message: String::new(), duration: Duration::ZERO, fuel_used: 0 },
+        0 => Outcome {
+            status: Status::Ok,
+            output,
+            metadata: out_meta,
+            message: String::new(),
+            duration: Duration::ZERO,
+            fuel_used: 0,
+        },
         1 => Outcome {
             status: Status::InvalidInput,
             output: Vec::new(),
@@ -426,8 +445,9 @@ fn add_host_functions(linker: &mut Linker<State>) -> anyhow::Result<()> {
     linker.func_wrap("cim", "input_read", |mut caller: Caller<'_, State>, ptr: i32| -> anyhow::Result<()> {
         let mem = memory(&mut caller)?;
         let input = caller.data().input.clone();
-        mem.write(&mut caller, ptr as u32 as usize, &input)
-            .map_err(|_| anyhow::anyhow!("input_read: {} bytes at {} do not fit in the plugin's memory", input.len(), ptr as u32))
+        mem.write(&mut caller, ptr as u32 as usize, &input).map_err(|_| {
+            anyhow::anyhow!("input_read: {} bytes at {} do not fit in the plugin's memory", input.len(), ptr as u32)
+        })
     })?;
     linker.func_wrap(
         "cim",
@@ -485,7 +505,13 @@ mod tests {
     }
 
     fn load(wat: &str, m: Manifest) -> Result<Compiled, LoadError> {
-        let sandbox = Sandbox::new(Policy { max_fuel: 50_000_000, max_timeout: Duration::from_secs(2), max_memory: 4 << 20, ..Default::default() }).unwrap();
+        let sandbox = Sandbox::new(Policy {
+            max_fuel: 50_000_000,
+            max_timeout: Duration::from_secs(2),
+            max_memory: 4 << 20,
+            ..Default::default()
+        })
+        .unwrap();
         sandbox.load(&wat::parse_str(wat).unwrap(), &m)
     }
 
@@ -510,7 +536,8 @@ mod tests {
 
     #[test]
     fn bad_plugins_fail_with_their_reason() {
-        let body = |b: &str| format!(r#"(module (memory (export "memory") 1) (func (export "cim_invoke") (result i32) {b}))"#);
+        let body =
+            |b: &str| format!(r#"(module (memory (export "memory") 1) (func (export "cim_invoke") (result i32) {b}))"#);
         let trap = load(&body("unreachable"), manifest()).unwrap().invoke(Bytes::new(), HashMap::new(), None);
         assert_eq!(trap.status, Status::Trapped);
         assert!(trap.message.contains("unreachable"), "{}", trap.message);
@@ -520,11 +547,15 @@ mod tests {
 
         let mut m = manifest();
         m.limits = Some(Limits { fuel: 0, memory_bytes: 0, timeout_ms: 0 });
-        let grow = body("(block (loop (br_if 1 (i32.eq (memory.grow (i32.const 1)) (i32.const -1))) (br 0))) unreachable");
+        let grow =
+            body("(block (loop (br_if 1 (i32.eq (memory.grow (i32.const 1)) (i32.const -1))) (br 0))) unreachable");
         let o = load(&grow, m).unwrap().invoke(Bytes::new(), HashMap::new(), None);
         assert_eq!(o.status, Status::OutOfMemory, "{}", o.message);
 
-        assert!(matches!(load(&body("(i32.const 0)").replace("cim_invoke", "other"), manifest()), Err(LoadError::Abi(_))));
+        assert!(matches!(
+            load(&body("(i32.const 0)").replace("cim_invoke", "other"), manifest()),
+            Err(LoadError::Abi(_))
+        ));
         let err = Sandbox::new(Policy::default()).unwrap().load(b"not wasm", &manifest()).unwrap_err();
         assert!(matches!(err, LoadError::InvalidModule(_)), "{err}");
     }

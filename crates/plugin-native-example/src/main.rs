@@ -2,7 +2,10 @@
 //! `InvokeReply` on `cim.plg.<name>.<version-token>.invoke` and announces itself is a plugin;
 //! this one computes SHA-256 digests (capability `checksum.sha256`). Copy it to write your own.
 
-use std::{sync::Arc, time::{Duration, Instant}};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use cim_events::{
@@ -59,15 +62,21 @@ fn handle(req: InvokeRequest) -> InvokeReply {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     let args = Args::parse();
     let invoke = plugin::invoke_subject(&args.name, &args.plugin_version)?;
     let announce = plugin::announce_subject(&args.name, &args.plugin_version)?;
-    let mut opts = async_nats::ConnectOptions::new().name(format!("plugin/{}", plugin::reference(&args.name, &args.plugin_version))).retry_on_initial_connect();
+    let mut opts = async_nats::ConnectOptions::new()
+        .name(format!("plugin/{}", plugin::reference(&args.name, &args.plugin_version)))
+        .retry_on_initial_connect();
     if let Some(creds) = &args.nats_creds {
         opts = opts.credentials_file(creds).await?;
     }
-    let urls: Vec<async_nats::ServerAddr> = args.nats_url.split(',').map(|u| u.trim().parse()).collect::<Result<_, _>>()?;
+    let urls: Vec<async_nats::ServerAddr> =
+        args.nats_url.split(',').map(|u| u.trim().parse()).collect::<Result<_, _>>()?;
     let client = opts.connect(urls).await?;
     let instance = format!("{}-{}", args.name, uuid::Uuid::now_v7().simple());
     // The digest of a native plugin is the digest of its executable.
@@ -87,11 +96,13 @@ async fn main() -> anyhow::Result<()> {
         every_ms: args.announce_ms,
     });
 
-    let mut requests = client.queue_subscribe(invoke.clone(), plugin::queue_group(&args.name, &args.plugin_version)?).await?;
+    let mut requests =
+        client.queue_subscribe(invoke.clone(), plugin::queue_group(&args.name, &args.plugin_version)?).await?;
     let c = client.clone();
     let announcer = tokio::spawn(async move {
         loop {
-            let (headers, body) = encode(&Envelope::root::<PluginAnnounced>(format!("/native/{instance}")), me.as_ref());
+            let (headers, body) =
+                encode(&Envelope::root::<PluginAnnounced>(format!("/native/{instance}")), me.as_ref());
             let _ = c.publish_with_headers(announce.clone(), headers, body).await;
             tokio::time::sleep(Duration::from_millis(u64::from(me.every_ms.max(100)))).await;
         }
@@ -148,7 +159,10 @@ mod tests {
     fn digests_and_refuses_unknown_encodings() {
         let r = handle(InvokeRequest { input: b"abc".to_vec(), ..Default::default() });
         assert_eq!(r.status, Status::Ok as i32);
-        assert_eq!(String::from_utf8(r.output).unwrap(), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            String::from_utf8(r.output).unwrap(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
         let mut req = InvokeRequest::default();
         req.metadata.insert("encoding".into(), "base64".into());
         assert_eq!(handle(req).status, Status::InvalidInput as i32);

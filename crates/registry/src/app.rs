@@ -22,9 +22,10 @@ use cim_events::{
     payload::decode as decode_payload,
     proto::{
         registry::{
-            Ack, ComponentDescription, DesiredSet, EnrollNode, GetOverview, Instance, InstanceDrained, InstanceDuplicated,
-            InstanceList, InstanceLost, InstanceRegistered, InstanceState, InstanceStopped, ListInstances, ListNodes,
-            Node, NodeCommand, NodeEnrolled, NodeList, NodeReply, NodeState, NodeStateChanged, Overview, SetDesired,
+            Ack, ComponentDescription, DesiredSet, EnrollNode, GetOverview, Instance, InstanceDrained,
+            InstanceDuplicated, InstanceList, InstanceLost, InstanceRegistered, InstanceState, InstanceStopped,
+            ListInstances, ListNodes, Node, NodeCommand, NodeEnrolled, NodeList, NodeReply, NodeState,
+            NodeStateChanged, Overview, SetDesired,
         },
         runtime::{DescribeReply, DrainRequested, ServiceAnnounced, ServiceDrained, ServiceHeartbeat, ServiceStopped},
     },
@@ -112,7 +113,13 @@ enum Failure {
 }
 
 impl App {
-    pub fn new(ctx: Ctx, js: jetstream::Context, instances_kv: kv::Store, nodes_kv: kv::Store, opts: RegistryOptions) -> App {
+    pub fn new(
+        ctx: Ctx,
+        js: jetstream::Context,
+        instances_kv: kv::Store,
+        nodes_kv: kv::Store,
+        opts: RegistryOptions,
+    ) -> App {
         App {
             ctx,
             js,
@@ -142,7 +149,13 @@ impl App {
 
     /// Records one event, then applies it to this instance's view at once (write-through; the
     /// follower applies it again, harmlessly). `expect` is the aggregate's last sequence.
-    async fn record(&self, subject: String, event: Event, msg_id: Option<String>, expect: Option<(String, u64)>) -> Result<u64, Failure> {
+    async fn record(
+        &self,
+        subject: String,
+        event: Event,
+        msg_id: Option<String>,
+        expect: Option<(String, u64)>,
+    ) -> Result<u64, Failure> {
         let (type_name, body) = event.encode();
         let env = Envelope::new_root(type_name, Schema { name: type_name.to_string(), version: 1 }, self.ctx.source());
         let mut headers = HeaderMap::new();
@@ -253,7 +266,11 @@ impl App {
                     if seq >= target {
                         let _ = caught_up_tx.send(true);
                     }
-                    app.ctx.metrics().projection_lag.get_or_create(&ProjectionLabels { projection: "registry-view".into() }).set(info.pending as i64);
+                    app.ctx
+                        .metrics()
+                        .projection_lag
+                        .get_or_create(&ProjectionLabels { projection: "registry-view".into() })
+                        .set(info.pending as i64);
                 }
             }
         });
@@ -317,28 +334,36 @@ impl App {
     }
 
     async fn project(&self, m: &jetstream::Message, seq: u64) -> Result<(), String> {
-        let env = Envelope::from_headers(m.headers.as_ref().ok_or("event without headers")?).map_err(|e| e.to_string())?;
+        let env =
+            Envelope::from_headers(m.headers.as_ref().ok_or("event without headers")?).map_err(|e| e.to_string())?;
         let event = Event::decode(&env.schema.name, &m.payload)?;
-        let (bucket, key, apply): (&kv::Store, String, Step) =
-            if let Some(id) = event.instance_id() {
-                let e = event.clone();
-                (&self.instances_kv, names::instance_key(id).map_err(|e| e.to_string())?, Box::new(move |cur| {
+        let (bucket, key, apply): (&kv::Store, String, Step) = if let Some(id) = event.instance_id() {
+            let e = event.clone();
+            (
+                &self.instances_kv,
+                names::instance_key(id).map_err(|e| e.to_string())?,
+                Box::new(move |cur| {
                     let cur = cur.map(Instance::decode).transpose().map_err(|e| e.to_string())?;
                     Ok(state::apply_instance(cur, seq, env.time_ms(), &e).map(|i| i.encode_to_vec()))
-                }))
-            } else if let Some(n) = event.node() {
-                let e = event.clone();
-                let t = env.time_ms();
-                (&self.nodes_kv, names::node_key(n).map_err(|e| e.to_string())?, Box::new(move |cur| {
+                }),
+            )
+        } else if let Some(n) = event.node() {
+            let e = event.clone();
+            let t = env.time_ms();
+            (
+                &self.nodes_kv,
+                names::node_key(n).map_err(|e| e.to_string())?,
+                Box::new(move |cur| {
                     let cur = cur.map(Node::decode).transpose().map_err(|e| e.to_string())?;
                     Ok(state::apply_node(cur, seq, t, &e).map(|n| n.encode_to_vec()))
-                }))
-            } else if let Event::Desired(d) = &event {
-                let d = d.clone();
-                (&self.nodes_kv, names::DESIRED_KEY.to_string(), Box::new(move |_| Ok(Some(d.encode_to_vec()))))
-            } else {
-                return Ok(());
-            };
+                }),
+            )
+        } else if let Event::Desired(d) = &event {
+            let d = d.clone();
+            (&self.nodes_kv, names::DESIRED_KEY.to_string(), Box::new(move |_| Ok(Some(d.encode_to_vec()))))
+        } else {
+            return Ok(());
+        };
         for _ in 0..5 {
             let entry = bucket.entry(&key).await.map_err(|e| e.to_string())?;
             let (cur, rev) = match entry {
@@ -409,7 +434,16 @@ impl App {
         };
         if beat.instance_id != l.instance || beat.component != l.component.token() {
             return self
-                .dead_letter(m, format!("heartbeat of {}/{} published on the subject of {}/{}", beat.component, beat.instance_id, l.component.token(), l.instance))
+                .dead_letter(
+                    m,
+                    format!(
+                        "heartbeat of {}/{} published on the subject of {}/{}",
+                        beat.component,
+                        beat.instance_id,
+                        l.component.token(),
+                        l.instance
+                    ),
+                )
                 .await;
         }
         let now = Instant::now();
@@ -428,27 +462,39 @@ impl App {
     async fn on_event_message(&self, m: Message) {
         let Ok(l) = subject::parse_lifecycle(&m.subject) else { return };
         match l.what {
-            Lifecycle::Announce => match decode_payload::<ServiceAnnounced>(m.headers.as_ref(), &m.payload, &self.upcasters) {
-                Ok((_, a)) => match self.check_announcement(&l, &a) {
-                    Ok(()) => self.on_announce(a).await,
-                    Err(reason) => self.dead_letter(&m, reason).await,
-                },
-                Err(e) => self.dead_letter(&m, format!("announcement: {e}")).await,
-            },
-            Lifecycle::Goodbye => match decode_payload::<ServiceStopped>(m.headers.as_ref(), &m.payload, &self.upcasters) {
-                Ok((_, g)) => {
-                    let registered = self.view().instances.get(&l.instance).cloned();
-                    if let Some(i) = registered.filter(|i| state::is_alive(i) && (g.incarnation.is_empty() || g.incarnation == i.incarnation)) {
-                        let ev = Event::Stopped(InstanceStopped { instance_id: i.instance_id.clone(), incarnation: i.incarnation.clone(), reason: g.reason });
-                        self.record_instance(&i.instance_id, names::action::STOPPED, &i.incarnation, ev).await;
-                    }
+            Lifecycle::Announce => {
+                match decode_payload::<ServiceAnnounced>(m.headers.as_ref(), &m.payload, &self.upcasters) {
+                    Ok((_, a)) => match self.check_announcement(&l, &a) {
+                        Ok(()) => self.on_announce(a).await,
+                        Err(reason) => self.dead_letter(&m, reason).await,
+                    },
+                    Err(e) => self.dead_letter(&m, format!("announcement: {e}")).await,
                 }
-                Err(e) => self.dead_letter(&m, format!("goodbye: {e}")).await,
-            },
-            Lifecycle::Drained => match decode_payload::<ServiceDrained>(m.headers.as_ref(), &m.payload, &self.upcasters) {
-                Ok((_, d)) => self.on_drained(&d.instance_id, &d.incarnation, d.abandoned).await,
-                Err(e) => self.dead_letter(&m, format!("drained: {e}")).await,
-            },
+            }
+            Lifecycle::Goodbye => {
+                match decode_payload::<ServiceStopped>(m.headers.as_ref(), &m.payload, &self.upcasters) {
+                    Ok((_, g)) => {
+                        let registered = self.view().instances.get(&l.instance).cloned();
+                        if let Some(i) = registered.filter(|i| {
+                            state::is_alive(i) && (g.incarnation.is_empty() || g.incarnation == i.incarnation)
+                        }) {
+                            let ev = Event::Stopped(InstanceStopped {
+                                instance_id: i.instance_id.clone(),
+                                incarnation: i.incarnation.clone(),
+                                reason: g.reason,
+                            });
+                            self.record_instance(&i.instance_id, names::action::STOPPED, &i.incarnation, ev).await;
+                        }
+                    }
+                    Err(e) => self.dead_letter(&m, format!("goodbye: {e}")).await,
+                }
+            }
+            Lifecycle::Drained => {
+                match decode_payload::<ServiceDrained>(m.headers.as_ref(), &m.payload, &self.upcasters) {
+                    Ok((_, d)) => self.on_drained(&d.instance_id, &d.incarnation, d.abandoned).await,
+                    Err(e) => self.dead_letter(&m, format!("drained: {e}")).await,
+                }
+            }
             Lifecycle::Heartbeat => {}
         }
     }
@@ -456,18 +502,27 @@ impl App {
     /// Refuses announcements that cannot be registered, with one line saying why.
     fn check_announcement(&self, l: &subject::LifecycleSubject, a: &ServiceAnnounced) -> Result<(), String> {
         if a.instance_id != l.instance {
-            return Err(format!("announcement of instance {:?} published on the subject of {:?}", a.instance_id, l.instance));
+            return Err(format!(
+                "announcement of instance {:?} published on the subject of {:?}",
+                a.instance_id, l.instance
+            ));
         }
         let c = Component::parse(&a.component).map_err(|e| format!("announcement: {e}"))?;
         if c != l.component {
-            return Err(format!("announcement of component {} published on the subject of {}", a.component, l.component.token()));
+            return Err(format!(
+                "announcement of component {} published on the subject of {}",
+                a.component,
+                l.component.token()
+            ));
         }
         cim_events::token::validate_token("node", &a.node).map_err(|e| format!("announcement: {e}"))?;
         if state::semver(&a.version).is_none() {
             return Err(format!("announcement: version {:?} is not MAJOR.MINOR.PATCH", a.version));
         }
         if a.incarnation.is_empty() {
-            return Err("announcement: no incarnation (an instance older than the registry contract; upgrade it)".into());
+            return Err(
+                "announcement: no incarnation (an instance older than the registry contract; upgrade it)".into()
+            );
         }
         Ok(())
     }
@@ -526,7 +581,11 @@ impl App {
         if i.state() != InstanceState::InstanceRunning || i.incarnation != incarnation {
             return;
         }
-        let ev = Event::Drained(InstanceDrained { instance_id: instance_id.to_string(), incarnation: incarnation.to_string(), abandoned });
+        let ev = Event::Drained(InstanceDrained {
+            instance_id: instance_id.to_string(),
+            incarnation: incarnation.to_string(),
+            abandoned,
+        });
         self.record_instance(instance_id, names::action::DRAINED, incarnation, ev).await;
         self.settle_nodes().await;
     }
@@ -543,7 +602,13 @@ impl App {
             self.check_instances().await;
             self.settle_nodes().await;
             // Repeat the drain request to instances on draining nodes that still hold work.
-            let draining: Vec<String> = self.view().nodes.values().filter(|n| n.state() == NodeState::NodeDraining).map(|n| n.name.clone()).collect();
+            let draining: Vec<String> = self
+                .view()
+                .nodes
+                .values()
+                .filter(|n| n.state() == NodeState::NodeDraining)
+                .map(|n| n.name.clone())
+                .collect();
             for node in draining {
                 let due = resent.get(&node).is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
                 if due {
@@ -568,7 +633,8 @@ impl App {
                 let l = live.get(&i.instance_id);
                 let last = l.and_then(|l| l.beats.get(&i.incarnation)).map(|(t, ms)| (*t, *ms));
                 // Never seen by this registry instance: its TTL starts when this one started.
-                let (seen, seen_ms) = last.unwrap_or((self.started, now_ms() - self.started.elapsed().as_millis() as i64));
+                let (seen, seen_ms) =
+                    last.unwrap_or((self.started, now_ms() - self.started.elapsed().as_millis() as i64));
                 if now.duration_since(seen) > ttl {
                     lost.push((i.clone(), seen_ms));
                     continue;
@@ -586,7 +652,10 @@ impl App {
             }
             for (id, l) in live.iter() {
                 let registered = alive.iter().any(|i| &i.instance_id == id && i.incarnation == l.last_incarnation);
-                let recent = l.beats.get(&l.last_incarnation).is_some_and(|(t, _)| now.duration_since(*t) < Duration::from_secs(2));
+                let recent = l
+                    .beats
+                    .get(&l.last_incarnation)
+                    .is_some_and(|(t, _)| now.duration_since(*t) < Duration::from_secs(2));
                 let known_for = l.first_seen.map(|f| now.duration_since(f)).unwrap_or_default();
                 if !registered && recent && known_for > Duration::from_secs(1) {
                     strangers.push(id.clone());
@@ -595,7 +664,12 @@ impl App {
         }
         for (i, seen_ms) in lost {
             tracing::warn!(instance = %i.instance_id, node = %i.node, ttl_ms = i.ttl_ms, "instance lost: no heartbeat within its ttl");
-            let ev = Event::Lost(InstanceLost { instance_id: i.instance_id.clone(), incarnation: i.incarnation.clone(), last_seen_ms: seen_ms, ttl_ms: i.ttl_ms });
+            let ev = Event::Lost(InstanceLost {
+                instance_id: i.instance_id.clone(),
+                incarnation: i.incarnation.clone(),
+                last_seen_ms: seen_ms,
+                ttl_ms: i.ttl_ms,
+            });
             self.record_instance(&i.instance_id, names::action::LOST, &i.incarnation, ev).await;
         }
         for (i, other, other_node) in dups {
@@ -632,7 +706,11 @@ impl App {
     async fn settle_nodes(&self) {
         let done: Vec<Node> = {
             let v = self.view();
-            v.nodes.values().filter(|n| n.state() == NodeState::NodeDraining && state::holding_work(&v, &n.name).is_empty()).cloned().collect()
+            v.nodes
+                .values()
+                .filter(|n| n.state() == NodeState::NodeDraining && state::holding_work(&v, &n.name).is_empty())
+                .cloned()
+                .collect()
         };
         for n in done {
             let _ = self.transition(&n, NodeState::NodeDrained, "every instance on it drained".into()).await;
@@ -642,7 +720,8 @@ impl App {
     async fn send_drain(&self, node: &str, reason: &str) {
         let Ok(s) = subject::control_node(node, ControlAction::Drain) else { return };
         let req = DrainRequested { node: node.to_string(), reason: reason.to_string() };
-        let (mut headers, body) = cim_events::payload::encode(&Envelope::root::<DrainRequested>(self.ctx.source()), &req);
+        let (mut headers, body) =
+            cim_events::payload::encode(&Envelope::root::<DrainRequested>(self.ctx.source()), &req);
         telemetry::inject_current(&mut headers);
         if let Err(e) = self.ctx.client().publish_with_headers(s, headers, body).await {
             tracing::warn!(node, error = %e, "could not send the drain request");
@@ -655,7 +734,9 @@ impl App {
         let ev = Event::NodeChanged(NodeStateChanged { node: n.name.clone(), from: n.state, to: to as i32, reason });
         match self.record(subject, ev, None, Some((filter, n.version_seq))).await {
             Ok(_) => {}
-            Err(Failure::Conflict) => return Err(ServiceError::conflict(format!("node {} changed concurrently; retry", n.name))),
+            Err(Failure::Conflict) => {
+                return Err(ServiceError::conflict(format!("node {} changed concurrently; retry", n.name)));
+            }
             Err(Failure::Other(e)) => return Err(ServiceError::unavailable(format!("recording the node event: {e}"))),
         }
         tracing::info!(node = %n.name, from = state::state_name(n.state()), to = state::state_name(to), "node transition");
@@ -684,10 +765,17 @@ impl App {
             ..Default::default()
         };
         let expect = existing.map(|n| n.version_seq).unwrap_or(0);
-        match self.record(subject, Event::Enrolled(NodeEnrolled { node: Some(node) }), None, Some((filter, expect))).await {
+        match self
+            .record(subject, Event::Enrolled(NodeEnrolled { node: Some(node) }), None, Some((filter, expect)))
+            .await
+        {
             Ok(_) => {}
-            Err(Failure::Conflict) => return Err(ServiceError::conflict(format!("node {} changed concurrently; retry", e.name))),
-            Err(Failure::Other(err)) => return Err(ServiceError::unavailable(format!("recording the node event: {err}"))),
+            Err(Failure::Conflict) => {
+                return Err(ServiceError::conflict(format!("node {} changed concurrently; retry", e.name)));
+            }
+            Err(Failure::Other(err)) => {
+                return Err(ServiceError::unavailable(format!("recording the node event: {err}")));
+            }
         }
         let mut node = self.node(&e.name).ok_or_else(|| ServiceError::internal("node vanished"))?;
         if !e.hold {
@@ -736,7 +824,8 @@ impl App {
         while let Some(info) = streams.next().await {
             let info = info.map_err(|e| ServiceError::unavailable(format!("listing streams: {e}")))?;
             let on_node = info.cluster.as_ref().is_some_and(|c| {
-                c.leader.as_deref() == Some(node.jetstream_server.as_str()) || c.replicas.iter().any(|r| r.name == node.jetstream_server)
+                c.leader.as_deref() == Some(node.jetstream_server.as_str())
+                    || c.replicas.iter().any(|r| r.name == node.jetstream_server)
             });
             if on_node {
                 holding.push(info.config.name.clone());
@@ -779,7 +868,11 @@ impl App {
     fn facts(&self, id: &str) -> (LiveFacts, i64, u64) {
         let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
         match live.get(id).and_then(|l| l.beats.get(&l.last_incarnation).map(|b| (l, b))) {
-            Some((l, (t, ms))) => (LiveFacts { ready: l.ready, draining: l.draining, seen_ms_ago: Some(t.elapsed().as_millis() as u64) }, *ms, l.in_flight),
+            Some((l, (t, ms))) => (
+                LiveFacts { ready: l.ready, draining: l.draining, seen_ms_ago: Some(t.elapsed().as_millis() as u64) },
+                *ms,
+                l.in_flight,
+            ),
             None => (LiveFacts::default(), 0, 0),
         }
     }
@@ -794,7 +887,8 @@ impl App {
 
     pub async fn instances(&self, msg: Message) -> Result<Reply, ServiceError> {
         let q: ListInstances = decode(&msg)?;
-        let component = if q.component.is_empty() { None } else { Some(Component::parse(&q.component).map_err(bad)?.token()) };
+        let component =
+            if q.component.is_empty() { None } else { Some(Component::parse(&q.component).map_err(bad)?.token()) };
         let picked: Vec<Instance> = self
             .view()
             .instances
@@ -811,7 +905,13 @@ impl App {
 
     pub async fn nodes(&self, msg: Message) -> Result<Reply, ServiceError> {
         let q: ListNodes = decode(&msg)?;
-        let nodes = self.view().nodes.values().filter(|n| q.include_decommissioned || n.state() != NodeState::NodeDecommissioned).cloned().collect();
+        let nodes = self
+            .view()
+            .nodes
+            .values()
+            .filter(|n| q.include_decommissioned || n.state() != NodeState::NodeDecommissioned)
+            .cloned()
+            .collect();
         Ok(Reply::proto(&NodeList { nodes }))
     }
 
@@ -822,7 +922,8 @@ impl App {
             let live = |id: &str| self.facts(id).0;
             let problems = state::problems(&v, &live);
             let (desired, default) = v.desired_or_default();
-            let instances: Vec<Instance> = v.instances.values().filter(|i| i.state() != InstanceState::InstanceStopped).cloned().collect();
+            let instances: Vec<Instance> =
+                v.instances.values().filter(|i| i.state() != InstanceState::InstanceStopped).cloned().collect();
             (instances, v.nodes.values().cloned().collect::<Vec<_>>(), desired, default, problems)
         };
         let described = if q.deep { self.describe_all().await } else { Vec::new() };
@@ -850,7 +951,12 @@ impl App {
                 let mut headers = HeaderMap::new();
                 telemetry::inject_current(&mut headers);
                 let Ok(subject) = subject::query(c, "describe") else { return d };
-                match tokio::time::timeout(Duration::from_secs(2), client.request_with_headers(subject, headers, bytes::Bytes::new())).await {
+                match tokio::time::timeout(
+                    Duration::from_secs(2),
+                    client.request_with_headers(subject, headers, bytes::Bytes::new()),
+                )
+                .await
+                {
                     Ok(Ok(reply)) => {
                         if let Some(code) = reply.headers.as_ref().and_then(|h| h.get("Nats-Service-Error-Code")) {
                             d.error = format!("error {code}");

@@ -57,7 +57,11 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
     run_with(settings, RegistryArgs::default(), shutdown).await
 }
 
-pub async fn run_with(settings: Settings, args: RegistryArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run_with(
+    settings: Settings,
+    args: RegistryArgs,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     if args.min_ttl < Duration::from_millis(100) {
         anyhow::bail!("--registry-min-ttl must be at least 100ms");
     }

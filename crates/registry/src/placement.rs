@@ -73,7 +73,11 @@ pub fn human(bytes: u64) -> String {
     for (u, m) in UNITS {
         if bytes >= m {
             let v = bytes as f64 / m as f64;
-            return if (v - v.round()).abs() < 0.05 { format!("{} {u}", v.round() as u64) } else { format!("{v:.1} {u}") };
+            return if (v - v.round()).abs() < 0.05 {
+                format!("{} {u}", v.round() as u64)
+            } else {
+                format!("{v:.1} {u}")
+            };
         }
     }
     format!("{bytes} B")
@@ -307,9 +311,12 @@ pub fn check(file: &PlacementFile, propose: bool) -> Report {
                                 b.spec.name,
                                 human(b.free())
                             ),
-                            _ => format!("{name} needs {:.2} CPU shares, at most {cpu_best:.2} are left on any node (overcommit {ratio})", s.cpu),
+                            _ => format!(
+                                "{name} needs {:.2} CPU shares, at most {cpu_best:.2} are left on any node (overcommit {ratio})",
+                                s.cpu
+                            ),
                         };
-                        problems.push(format!("replica {} of {}: {why}", r + 1, s.replicas, ));
+                        problems.push(format!("replica {} of {}: {why}", r + 1, s.replicas,));
                     }
                 }
             }
@@ -322,7 +329,12 @@ pub fn check(file: &PlacementFile, propose: bool) -> Report {
                 let Some(s) = specs.get(name) else { continue };
                 *count.entry(name).or_default() += 1;
                 if b.free() < s.memory_max.0 {
-                    problems.push(format!("{name} needs {}, {} has {} allocatable", human(s.memory_max.0), b.spec.name, human(b.free())));
+                    problems.push(format!(
+                        "{name} needs {}, {} has {} allocatable",
+                        human(s.memory_max.0),
+                        b.spec.name,
+                        human(b.free())
+                    ));
                 }
                 b.put(s, name);
             }
@@ -410,12 +422,14 @@ mod tests {
 
     #[test]
     fn a_fitting_assignment_is_accepted() {
-        let f = PlacementFile::parse(&file(r#", "assignments": {"n1": ["ui-gateway", "registry"], "n2": []}"#)).unwrap();
+        let f =
+            PlacementFile::parse(&file(r#", "assignments": {"n1": ["ui-gateway", "registry"], "n2": []}"#)).unwrap();
         // n1: 2048 - 512 - 100 = 1436 MiB allocatable; but ui-gateway has 2 replicas
         let r = check(&f, false);
         assert!(!r.fits);
         assert_eq!(r.problems, vec!["ui-gateway: 1 of 2 replicas placed".to_string()]);
-        let f = PlacementFile::parse(&file(r#", "assignments": {"n1": ["ui-gateway", "ui-gateway", "registry"]}"#)).unwrap();
+        let f = PlacementFile::parse(&file(r#", "assignments": {"n1": ["ui-gateway", "ui-gateway", "registry"]}"#))
+            .unwrap();
         let r = check(&f, false);
         assert!(r.fits, "{:?}", r.problems);
         assert_eq!(r.nodes[0].allocatable_bytes, 1436 << 20);
@@ -426,7 +440,9 @@ mod tests {
     #[test]
     fn a_non_fitting_assignment_says_exactly_why() {
         // n2: 1024 - 624 - 100 = 300 MiB allocatable
-        let f = PlacementFile::parse(&file(r#", "assignments": {"n1": ["ui-gateway", "registry"], "n2": ["ui-gateway"]}"#)).unwrap();
+        let f =
+            PlacementFile::parse(&file(r#", "assignments": {"n1": ["ui-gateway", "registry"], "n2": ["ui-gateway"]}"#))
+                .unwrap();
         let r = check(&f, false);
         assert!(!r.fits);
         assert_eq!(r.problems, vec!["ui-gateway needs 512 MiB, n2 has 300 MiB allocatable".to_string()]);
@@ -458,7 +474,13 @@ mod tests {
         let big = file("").replace("\"replicas\": 2", "\"replicas\": 3");
         let r = check(&PlacementFile::parse(&big).unwrap(), true);
         assert!(!r.fits);
-        assert_eq!(r.problems, vec!["replica 3 of 3: ui-gateway needs 512 MiB, n1 has 412 MiB allocatable (the most left on any node)".to_string()]);
+        assert_eq!(
+            r.problems,
+            vec![
+                "replica 3 of 3: ui-gateway needs 512 MiB, n1 has 412 MiB allocatable (the most left on any node)"
+                    .to_string()
+            ]
+        );
 
         let spread = r#"{"nodes": [{"name": "a", "memory": "4GiB", "cpus": 2}, {"name": "b", "memory": "4GiB", "cpus": 2}],
             "services": [{"name": "registry", "replicas": 2, "memory_max": "256MiB"}]}"#;

@@ -103,11 +103,18 @@ pub fn apply_instance(current: Option<Instance>, seq: u64, time_ms: i64, event: 
             i.duplicate.clear();
             Some(i)
         }
-        (Some(i), Event::Drained(d)) if d.incarnation == i.incarnation => touch(i, InstanceState::InstanceDrained, format!("drained ({} requests abandoned)", d.abandoned)),
-        (Some(i), Event::Stopped(s)) if s.incarnation.is_empty() || s.incarnation == i.incarnation => touch(i, InstanceState::InstanceStopped, format!("said goodbye: {}", s.reason)),
-        (Some(i), Event::Lost(l)) if l.incarnation == i.incarnation => touch(i, InstanceState::InstanceLost, format!("no heartbeat for more than {} ms", l.ttl_ms)),
+        (Some(i), Event::Drained(d)) if d.incarnation == i.incarnation => {
+            touch(i, InstanceState::InstanceDrained, format!("drained ({} requests abandoned)", d.abandoned))
+        }
+        (Some(i), Event::Stopped(s)) if s.incarnation.is_empty() || s.incarnation == i.incarnation => {
+            touch(i, InstanceState::InstanceStopped, format!("said goodbye: {}", s.reason))
+        }
+        (Some(i), Event::Lost(l)) if l.incarnation == i.incarnation => {
+            touch(i, InstanceState::InstanceLost, format!("no heartbeat for more than {} ms", l.ttl_ms))
+        }
         (Some(mut i), Event::Duplicated(d)) => {
-            i.duplicate = format!("another process ({}) on node {} uses this instance id", d.other_incarnation, d.other_node);
+            i.duplicate =
+                format!("another process ({}) on node {} uses this instance id", d.other_incarnation, d.other_node);
             i.version_seq = seq;
             i.changed_ms = time_ms;
             Some(i)
@@ -188,7 +195,11 @@ impl View {
             None => (
                 Component::ALL
                     .iter()
-                    .map(|c| DesiredService { service: c.service_name().to_string(), replicas: 1, ..Default::default() })
+                    .map(|c| DesiredService {
+                        service: c.service_name().to_string(),
+                        replicas: 1,
+                        ..Default::default()
+                    })
                     .collect(),
                 true,
             ),
@@ -257,12 +268,19 @@ pub fn check_enroll(existing: Option<&Node>, e: &cim_events::proto::registry::En
         return Err(NodeRefusal::Invalid(format!("node {}: cpus must be more than 0", e.name)));
     }
     if e.reserved_bytes >= e.memory_bytes {
-        return Err(NodeRefusal::Invalid(format!("node {}: reserved memory ({}) leaves nothing of {}", e.name, e.reserved_bytes, e.memory_bytes)));
+        return Err(NodeRefusal::Invalid(format!(
+            "node {}: reserved memory ({}) leaves nothing of {}",
+            e.name, e.reserved_bytes, e.memory_bytes
+        )));
     }
     if let Some(n) = existing
         && n.state() != NodeState::NodeDecommissioned
     {
-        return Err(NodeRefusal::WrongState { node: n.name.clone(), state: state_name(n.state()), what: "already enrolled (decommission it to enroll it again)" });
+        return Err(NodeRefusal::WrongState {
+            node: n.name.clone(),
+            state: state_name(n.state()),
+            what: "already enrolled (decommission it to enroll it again)",
+        });
     }
     Ok(())
 }
@@ -320,7 +338,11 @@ pub fn problems(view: &View, live: &dyn Fn(&str) -> LiveFacts) -> Vec<Problem> {
     let serving = |svc: &str| -> Vec<&Instance> {
         view.alive()
             .filter(|i| (i.service == svc || i.component == svc) && i.state() == InstanceState::InstanceRunning)
-            .filter(|i| view.nodes.get(&i.node).is_none_or(|n| matches!(n.state(), NodeState::NodeSchedulable | NodeState::NodeEnrolling)))
+            .filter(|i| {
+                view.nodes
+                    .get(&i.node)
+                    .is_none_or(|n| matches!(n.state(), NodeState::NodeSchedulable | NodeState::NodeEnrolling))
+            })
             .collect()
     };
     for d in &desired {
@@ -329,7 +351,9 @@ pub fn problems(view: &View, live: &dyn Fn(&str) -> LiveFacts) -> Vec<Problem> {
             let lost: Vec<String> = view
                 .instances
                 .values()
-                .filter(|i| (i.service == d.service || i.component == d.service) && i.state() == InstanceState::InstanceLost)
+                .filter(|i| {
+                    (i.service == d.service || i.component == d.service) && i.state() == InstanceState::InstanceLost
+                })
                 .map(|i| format!("{} on {}", i.instance_id, i.node))
                 .collect();
             let mut reason = format!("{} of {} desired instances running", have.len(), d.replicas);
@@ -363,7 +387,11 @@ pub fn problems(view: &View, live: &dyn Fn(&str) -> LiveFacts) -> Vec<Problem> {
                     out.push(p(who.clone(), format!("stale version {} while {}.{}.{} runs", i.version, n.0, n.1, n.2)));
                 }
                 let facts = live(&i.instance_id);
-                if i.state() == InstanceState::InstanceRunning && !facts.ready && !facts.draining && facts.seen_ms_ago.is_some() {
+                if i.state() == InstanceState::InstanceRunning
+                    && !facts.ready
+                    && !facts.draining
+                    && facts.seen_ms_ago.is_some()
+                {
                     out.push(p(who.clone(), "not ready (NATS or its streams unavailable)".into()));
                 }
                 if !view.nodes.is_empty() && !view.nodes.contains_key(&i.node) {
@@ -378,14 +406,22 @@ pub fn problems(view: &View, live: &dyn Fn(&str) -> LiveFacts) -> Vec<Problem> {
         match n.state() {
             NodeState::NodeDraining => {
                 let held: Vec<String> = holding_work(view, &n.name).iter().map(|i| i.instance_id.clone()).collect();
-                out.push(p(who, format!("draining: waiting for {} instance(s) to drain: {}", held.len(), held.join(", "))));
+                out.push(p(
+                    who,
+                    format!("draining: waiting for {} instance(s) to drain: {}", held.len(), held.join(", ")),
+                ));
             }
-            NodeState::NodeEnrolling => out.push(p(who, "enrolling: not schedulable yet (`cimctl node schedule`)".into())),
+            NodeState::NodeEnrolling => {
+                out.push(p(who, "enrolling: not schedulable yet (`cimctl node schedule`)".into()))
+            }
             NodeState::NodeDrained | NodeState::NodeDecommissioned => {
                 let running = holding_work(view, &n.name);
                 if !running.is_empty() {
                     let ids: Vec<&str> = running.iter().map(|i| i.instance_id.as_str()).collect();
-                    out.push(p(who, format!("{} but runs instances that take work: {}", state_name(n.state()), ids.join(", "))));
+                    out.push(p(
+                        who,
+                        format!("{} but runs instances that take work: {}", state_name(n.state()), ids.join(", ")),
+                    ));
                 }
             }
             _ => {}
@@ -434,9 +470,22 @@ mod tests {
         v.apply(1, 10, &registered(inst("a", "registry", "n1", "x")));
         assert_eq!(v.instances["a"].state(), InstanceState::InstanceRunning);
         // an event of another incarnation does not change the state
-        v.apply(2, 11, &Event::Lost(InstanceLost { instance_id: "a".into(), incarnation: "old".into(), ..Default::default() }));
+        v.apply(
+            2,
+            11,
+            &Event::Lost(InstanceLost { instance_id: "a".into(), incarnation: "old".into(), ..Default::default() }),
+        );
         assert_eq!(v.instances["a"].state(), InstanceState::InstanceRunning);
-        v.apply(3, 12, &Event::Lost(InstanceLost { instance_id: "a".into(), incarnation: "x".into(), ttl_ms: 600, ..Default::default() }));
+        v.apply(
+            3,
+            12,
+            &Event::Lost(InstanceLost {
+                instance_id: "a".into(),
+                incarnation: "x".into(),
+                ttl_ms: 600,
+                ..Default::default()
+            }),
+        );
         assert_eq!(v.instances["a"].state(), InstanceState::InstanceLost);
         assert!(v.instances["a"].reason.contains("600"));
         // replaying an older event changes nothing
@@ -444,9 +493,21 @@ mod tests {
         assert_eq!(v.instances["a"].state(), InstanceState::InstanceLost);
         v.apply(4, 13, &registered(inst("a", "registry", "n1", "y")));
         assert_eq!(v.instances["a"].state(), InstanceState::InstanceRunning);
-        v.apply(5, 14, &Event::Drained(InstanceDrained { instance_id: "a".into(), incarnation: "y".into(), abandoned: 0 }));
+        v.apply(
+            5,
+            14,
+            &Event::Drained(InstanceDrained { instance_id: "a".into(), incarnation: "y".into(), abandoned: 0 }),
+        );
         assert_eq!(v.instances["a"].state(), InstanceState::InstanceDrained);
-        v.apply(6, 15, &Event::Stopped(InstanceStopped { instance_id: "a".into(), incarnation: "y".into(), reason: "shutdown".into() }));
+        v.apply(
+            6,
+            15,
+            &Event::Stopped(InstanceStopped {
+                instance_id: "a".into(),
+                incarnation: "y".into(),
+                reason: "shutdown".into(),
+            }),
+        );
         assert_eq!(v.instances["a"].state(), InstanceState::InstanceStopped);
         assert_eq!(v.applied, 6);
     }
@@ -454,7 +515,13 @@ mod tests {
     #[test]
     fn node_lifecycle_allows_only_the_documented_transitions() {
         let mut v = View::default();
-        let enroll = EnrollNode { name: "n1".into(), memory_bytes: 8 << 30, reserved_bytes: 1 << 30, cpus: 4.0, ..Default::default() };
+        let enroll = EnrollNode {
+            name: "n1".into(),
+            memory_bytes: 8 << 30,
+            reserved_bytes: 1 << 30,
+            cpus: 4.0,
+            ..Default::default()
+        };
         check_enroll(None, &enroll).unwrap();
         v.apply(1, 1, &Event::Enrolled(NodeEnrolled { node: Some(Node { name: "n1".into(), ..Default::default() }) }));
         fn get(v: &View) -> Option<Node> {
@@ -477,7 +544,10 @@ mod tests {
         v.apply(5, 5, &node_changed("n1", NodeState::NodeDrained, NodeState::NodeDecommissioned));
         assert!(check_transition(get(&v).as_ref(), "n1", NodeState::NodeSchedulable).is_err());
         check_enroll(get(&v).as_ref(), &enroll).unwrap();
-        assert_eq!(check_transition(None, "n9", NodeState::NodeDraining).unwrap_err(), NodeRefusal::Unknown("n9".into()));
+        assert_eq!(
+            check_transition(None, "n9", NodeState::NodeDraining).unwrap_err(),
+            NodeRefusal::Unknown("n9".into())
+        );
     }
 
     #[test]
@@ -507,11 +577,23 @@ mod tests {
         old.incompatible = "speaks contract v0, the registry v1".into();
         v.apply(2, 2, &registered(old));
         v.apply(3, 3, &registered(inst("iu-1", "information-unit", "n2", "c")));
-        v.apply(4, 4, &Event::Lost(InstanceLost { instance_id: "iu-1".into(), incarnation: "c".into(), ttl_ms: 600, ..Default::default() }));
+        v.apply(
+            4,
+            4,
+            &Event::Lost(InstanceLost {
+                instance_id: "iu-1".into(),
+                incarnation: "c".into(),
+                ttl_ms: 600,
+                ..Default::default()
+            }),
+        );
         let live = |_: &str| LiveFacts { ready: true, ..Default::default() };
         let ps = problems(&v, &live);
         let text: Vec<String> = ps.iter().map(|p| format!("{}: {}", p.subject, p.reason)).collect();
-        assert!(text.iter().any(|t| t.starts_with("information-unit: 0 of 1 desired instances running; lost: iu-1 on n2")), "{text:#?}");
+        assert!(
+            text.iter().any(|t| t.starts_with("information-unit: 0 of 1 desired instances running; lost: iu-1 on n2")),
+            "{text:#?}"
+        );
         assert!(text.iter().any(|t| t.starts_with("instance iu-1: lost on node n2")), "{text:#?}");
         assert!(text.iter().any(|t| t == "instance r2: stale version 0.0.9 while 0.1.0 runs"), "{text:#?}");
         assert!(text.iter().any(|t| t.contains("incompatible: speaks contract v0")), "{text:#?}");
@@ -521,8 +603,14 @@ mod tests {
         v.apply(6, 6, &node_changed("n1", NodeState::NodeEnrolling, NodeState::NodeDraining));
         let text: Vec<String> = problems(&v, &live).iter().map(|p| format!("{}: {}", p.subject, p.reason)).collect();
         assert!(text.iter().any(|t| t == "node n1: draining: waiting for 2 instance(s) to drain: r1, r2"), "{text:#?}");
-        assert!(text.iter().any(|t| t == "registry: 0 of 2 desired instances running"), "instances on a draining node do not count: {text:#?}");
-        assert!(text.iter().any(|t| t == "instance iu-1: lost on node n2: no heartbeat for more than 600 ms"), "{text:#?}");
+        assert!(
+            text.iter().any(|t| t == "registry: 0 of 2 desired instances running"),
+            "instances on a draining node do not count: {text:#?}"
+        );
+        assert!(
+            text.iter().any(|t| t == "instance iu-1: lost on node n2: no heartbeat for more than 600 ms"),
+            "{text:#?}"
+        );
     }
 
     #[test]

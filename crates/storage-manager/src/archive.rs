@@ -120,7 +120,13 @@ pub async fn committed_position(s3: &S3Client, stream: &str) -> Result<(u64, Opt
 }
 
 /// Archives `stream` to one target until `stop` turns true.
-pub async fn run_stream(js: jetstream::Context, s3: S3Client, stream: String, settings: Arc<ArchiveSettings>, mut stop: watch::Receiver<bool>) {
+pub async fn run_stream(
+    js: jetstream::Context,
+    s3: S3Client,
+    stream: String,
+    settings: Arc<ArchiveSettings>,
+    mut stop: watch::Receiver<bool>,
+) {
     let target = s3.target().name.clone();
     let mut backoff = Backoff::new(&settings);
     let position = loop {
@@ -232,7 +238,16 @@ pub async fn run_stream(js: jetstream::Context, s3: S3Client, stream: String, se
                 handed = full.last;
                 let (done, done_rx) = oneshot::channel();
                 let previous = last_done.replace(done_rx);
-                inflight.push_back(tokio::spawn(commit(s3.clone(), stream.clone(), full, previous, done, stop.clone(), settings.clone(), false)));
+                inflight.push_back(tokio::spawn(commit(
+                    s3.clone(),
+                    stream.clone(),
+                    full,
+                    previous,
+                    done,
+                    stop.clone(),
+                    settings.clone(),
+                    false,
+                )));
                 segment_started = Instant::now();
             }
         }

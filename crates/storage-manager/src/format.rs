@@ -61,7 +61,14 @@ impl Default for SegmentWriter {
 
 impl SegmentWriter {
     pub fn new() -> SegmentWriter {
-        SegmentWriter { raw: SEGMENT_MAGIC.to_vec(), first: 0, last: 0, count: 0, first_time_nanos: 0, last_time_nanos: 0 }
+        SegmentWriter {
+            raw: SEGMENT_MAGIC.to_vec(),
+            first: 0,
+            last: 0,
+            count: 0,
+            first_time_nanos: 0,
+            last_time_nanos: 0,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -75,14 +82,28 @@ impl SegmentWriter {
 
     /// Appends a message. Sequences must increase (gaps are allowed: deleted messages).
     /// Headers are written in the order given.
-    pub fn push(&mut self, sequence: u64, time_nanos: i64, subject: &str, headers: &[(String, String)], payload: &[u8]) {
+    pub fn push(
+        &mut self,
+        sequence: u64,
+        time_nanos: i64,
+        subject: &str,
+        headers: &[(String, String)],
+        payload: &[u8],
+    ) {
         let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         self.push_borrowed(sequence, time_nanos, subject, &headers, payload);
     }
 
     /// [`SegmentWriter::push`] with borrowed headers: the archiver's path, which encodes a
     /// message without copying its header names and values.
-    pub fn push_borrowed(&mut self, sequence: u64, time_nanos: i64, subject: &str, headers: &[(&str, &str)], payload: &[u8]) {
+    pub fn push_borrowed(
+        &mut self,
+        sequence: u64,
+        time_nanos: i64,
+        subject: &str,
+        headers: &[(&str, &str)],
+        payload: &[u8],
+    ) {
         debug_assert!(self.count == 0 || sequence > self.last);
         if self.count == 0 {
             self.first = sequence;
@@ -178,7 +199,11 @@ fn decode_headers(block: &[u8]) -> Result<Vec<(String, String)>, String> {
 pub fn check_stored(manifest: &Manifest, compressed: &[u8]) -> Result<(), FormatError> {
     let corrupt = |message: String| FormatError::Corrupt { key: manifest.segment_key.clone(), message };
     if compressed.len() as u64 != manifest.segment_bytes {
-        return Err(corrupt(format!("size {} differs from the manifest's {}", compressed.len(), manifest.segment_bytes)));
+        return Err(corrupt(format!(
+            "size {} differs from the manifest's {}",
+            compressed.len(),
+            manifest.segment_bytes
+        )));
     }
     let sha = hex(&Sha256::digest(compressed));
     if sha != manifest.segment_sha256 {
@@ -199,7 +224,9 @@ pub fn decode_segment(manifest: &Manifest, compressed: &[u8]) -> Result<Vec<Reco
         "zstd" => zstd::stream::read::Decoder::new(compressed)
             .and_then(|mut d| d.read_to_end(&mut raw))
             .map_err(|e| corrupt(format!("zstd: {e}")))?,
-        "gzip" => flate2::read::GzDecoder::new(compressed).read_to_end(&mut raw).map_err(|e| corrupt(format!("gzip: {e}")))?,
+        "gzip" => {
+            flate2::read::GzDecoder::new(compressed).read_to_end(&mut raw).map_err(|e| corrupt(format!("gzip: {e}")))?
+        }
         other => return Err(corrupt(format!("unknown compression {other:?}"))),
     };
     if hex(&Sha256::digest(&raw)) != manifest.raw_sha256 {
@@ -211,7 +238,10 @@ pub fn decode_segment(manifest: &Manifest, compressed: &[u8]) -> Result<Vec<Reco
     let mut records = Vec::new();
     let mut at = 8usize;
     let take = |at: &mut usize, n: usize| -> Result<&[u8], FormatError> {
-        let end = at.checked_add(n).filter(|&e| e <= raw.len()).ok_or_else(|| corrupt(format!("truncated record at byte {at}")))?;
+        let end = at
+            .checked_add(n)
+            .filter(|&e| e <= raw.len())
+            .ok_or_else(|| corrupt(format!("truncated record at byte {at}")))?;
         let s = &raw[*at..end];
         *at = end;
         Ok(s)
@@ -220,7 +250,8 @@ pub fn decode_segment(manifest: &Manifest, compressed: &[u8]) -> Result<Vec<Reco
         let sequence = u64::from_be_bytes(take(&mut at, 8)?.try_into().expect("8 bytes"));
         let time_nanos = i64::from_be_bytes(take(&mut at, 8)?.try_into().expect("8 bytes"));
         let n = u32::from_be_bytes(take(&mut at, 4)?.try_into().expect("4 bytes")) as usize;
-        let subject = String::from_utf8(take(&mut at, n)?.to_vec()).map_err(|_| corrupt(format!("sequence {sequence}: subject is not utf-8")))?;
+        let subject = String::from_utf8(take(&mut at, n)?.to_vec())
+            .map_err(|_| corrupt(format!("sequence {sequence}: subject is not utf-8")))?;
         let n = u32::from_be_bytes(take(&mut at, 4)?.try_into().expect("4 bytes")) as usize;
         let headers = decode_headers(take(&mut at, n)?).map_err(|m| corrupt(format!("sequence {sequence}: {m}")))?;
         let n = u32::from_be_bytes(take(&mut at, 4)?.try_into().expect("4 bytes")) as usize;
@@ -267,9 +298,13 @@ pub struct Manifest {
 
 impl Manifest {
     pub fn parse(key: &str, body: &[u8]) -> Result<Manifest, FormatError> {
-        let m: Manifest = serde_json::from_slice(body).map_err(|e| FormatError::BadManifest { key: key.to_string(), message: format!("{e}") })?;
+        let m: Manifest = serde_json::from_slice(body)
+            .map_err(|e| FormatError::BadManifest { key: key.to_string(), message: format!("{e}") })?;
         if m.format != MANIFEST_FORMAT {
-            return Err(FormatError::BadManifest { key: key.to_string(), message: format!("unknown format {:?}", m.format) });
+            return Err(FormatError::BadManifest {
+                key: key.to_string(),
+                message: format!("unknown format {:?}", m.format),
+            });
         }
         if m.first_seq > m.last_seq || m.count == 0 || m.count > m.last_seq - m.first_seq + 1 {
             return Err(FormatError::BadManifest {
@@ -339,7 +374,10 @@ mod tests {
         assert_eq!(m.segment_key, "p/streams/S/segments/00000000000000000003-00000000000000000005.cimseg.zst");
         assert_eq!(m.compression, "zstd");
         let records = decode_segment(&m, &bytes).unwrap();
-        assert_eq!(records[0].headers, vec![("ce-id".to_string(), "1".to_string()), ("ce-id".to_string(), "2".to_string())]);
+        assert_eq!(
+            records[0].headers,
+            vec![("ce-id".to_string(), "1".to_string()), ("ce-id".to_string(), "2".to_string())]
+        );
         assert_eq!(records[0].payload, Bytes::from_static(b"hello"));
         assert_eq!(records[1].sequence, 5);
         assert!(records[1].headers.is_empty());

@@ -9,16 +9,25 @@ pub fn violations(config: &Config) -> Vec<String> {
     let mut v = Vec::new();
     let name = &config.name;
     if !config.max_age.is_zero() {
-        v.push(format!("stream {name} has max_age {:?}: messages would expire before their archive is verified", config.max_age));
+        v.push(format!(
+            "stream {name} has max_age {:?}: messages would expire before their archive is verified",
+            config.max_age
+        ));
     }
     if config.max_messages > 0 {
         v.push(format!("stream {name} has max_msgs {}: old messages would be dropped unarchived", config.max_messages));
     }
     if config.max_bytes > 0 && config.discard == DiscardPolicy::Old {
-        v.push(format!("stream {name} has max_bytes {} with discard old: old messages would be dropped unarchived", config.max_bytes));
+        v.push(format!(
+            "stream {name} has max_bytes {} with discard old: old messages would be dropped unarchived",
+            config.max_bytes
+        ));
     }
     if config.retention != RetentionPolicy::Limits {
-        v.push(format!("stream {name} has {:?} retention: consumed messages would be removed unarchived", config.retention));
+        v.push(format!(
+            "stream {name} has {:?} retention: consumed messages would be removed unarchived",
+            config.retention
+        ));
     }
     v
 }

@@ -30,7 +30,11 @@ pub const COMPONENT: Component = Component::StorageManager;
 
 /// Command line and environment of `storage-manager`.
 #[derive(clap::Parser, Debug)]
-#[command(name = "storage-manager", version, about = "Storage manager: leaf -> cluster -> S3 tiers, archive and restore")]
+#[command(
+    name = "storage-manager",
+    version,
+    about = "Storage manager: leaf -> cluster -> S3 tiers, archive and restore"
+)]
 pub struct Config {
     #[command(flatten)]
     pub common: CommonArgs,

@@ -24,12 +24,23 @@ pub fn object_key(prefix: &str, bucket: &str, name: &str) -> String {
 }
 
 /// Copies new objects of `bucket` to the target every `poll`, until `stop`.
-pub async fn run_bucket(js: jetstream::Context, s3: S3Client, bucket: String, part_bytes: usize, poll: Duration, mut stop: watch::Receiver<bool>) {
+pub async fn run_bucket(
+    js: jetstream::Context,
+    s3: S3Client,
+    bucket: String,
+    part_bytes: usize,
+    poll: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
         match sync_once(&js, &s3, &bucket, part_bytes, &stop).await {
             Ok(0) => {}
-            Ok(n) => tracing::info!(bucket = %bucket, target = %s3.target().name, objects = n, "objects archived by name"),
-            Err(e) => tracing::warn!(bucket = %bucket, target = %s3.target().name, error = %e, "object archive failed; retrying"),
+            Ok(n) => {
+                tracing::info!(bucket = %bucket, target = %s3.target().name, objects = n, "objects archived by name")
+            }
+            Err(e) => {
+                tracing::warn!(bucket = %bucket, target = %s3.target().name, error = %e, "object archive failed; retrying")
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(poll) => {}
@@ -39,7 +50,13 @@ pub async fn run_bucket(js: jetstream::Context, s3: S3Client, bucket: String, pa
 }
 
 /// One pass: every live object not yet on the target. Returns how many were copied.
-pub async fn sync_once(js: &jetstream::Context, s3: &S3Client, bucket: &str, part_bytes: usize, stop: &watch::Receiver<bool>) -> Result<usize, String> {
+pub async fn sync_once(
+    js: &jetstream::Context,
+    s3: &S3Client,
+    bucket: &str,
+    part_bytes: usize,
+    stop: &watch::Receiver<bool>,
+) -> Result<usize, String> {
     let Ok(store) = js.get_object_store(bucket).await else { return Ok(0) };
     let mut list = store.list().await.map_err(|e| e.to_string())?;
     let mut names = Vec::new();
@@ -80,7 +97,12 @@ async fn read_part<R: tokio::io::AsyncRead + Unpin>(r: &mut R, n: usize) -> std:
     Ok(buf)
 }
 
-async fn upload<R: tokio::io::AsyncRead + Unpin>(s3: &S3Client, key: &str, r: &mut R, part: usize) -> Result<(), String> {
+async fn upload<R: tokio::io::AsyncRead + Unpin>(
+    s3: &S3Client,
+    key: &str,
+    r: &mut R,
+    part: usize,
+) -> Result<(), String> {
     let first = read_part(r, part).await.map_err(|e| e.to_string())?;
     if first.len() < part {
         return s3.put(key, Bytes::from(first)).await.map_err(|e| e.to_string());
@@ -95,7 +117,8 @@ async fn upload<R: tokio::io::AsyncRead + Unpin>(s3: &S3Client, key: &str, r: &m
             let number = etags.len() as u32 + 1;
             let full = current.len() == part;
             let (etag, next) = if full {
-                let (etag, next) = tokio::join!(s3.multipart_part(key, &id, number, Bytes::from(current)), read_part(r, part));
+                let (etag, next) =
+                    tokio::join!(s3.multipart_part(key, &id, number, Bytes::from(current)), read_part(r, part));
                 (etag, next.map_err(|e| e.to_string())?)
             } else {
                 (s3.multipart_part(key, &id, number, Bytes::from(current)).await, Vec::new())

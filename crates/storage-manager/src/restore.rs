@@ -46,7 +46,10 @@ pub async fn manifests(s3: &S3Client, stream: &str) -> Result<Vec<(String, Manif
     let keys = s3.list(&format::manifests_prefix(&s3.target().prefix, stream), None).await?;
     let mut out = Vec::with_capacity(keys.len());
     for key in keys {
-        let body = s3.get(&key).await?.ok_or_else(|| FormatError::BadManifest { key: key.clone(), message: "vanished while listing".into() })?;
+        let body = s3
+            .get(&key)
+            .await?
+            .ok_or_else(|| FormatError::BadManifest { key: key.clone(), message: "vanished while listing".into() })?;
         let m = Manifest::parse(&key, &body)?;
         if m.stream != stream {
             return Err(FormatError::BadManifest { key, message: format!("belongs to stream {}", m.stream) }.into());
@@ -177,7 +180,9 @@ pub async fn verify_objects(s3: &S3Client, bucket: &str) -> ObjectsReport {
                     report.verified += 1;
                     report.bytes += size;
                 } else {
-                    report.problems.push(format!("object {key}: its bytes hash to {actual}, not to the CID it is named by"));
+                    report
+                        .problems
+                        .push(format!("object {key}: its bytes hash to {actual}, not to the CID it is named by"));
                 }
             }
             Ok(None) => report.problems.push(format!("object {key} vanished while listing")),
@@ -188,10 +193,10 @@ pub async fn verify_objects(s3: &S3Client, bucket: &str) -> ObjectsReport {
 }
 
 async fn read_segment(s3: &S3Client, manifest_key: &str, m: &Manifest) -> Result<Vec<Record>, ArchiveError> {
-    let body = s3
-        .get(&m.segment_key)
-        .await?
-        .ok_or_else(|| ArchiveError::MissingSegment { key: m.segment_key.clone(), manifest: manifest_key.to_string() })?;
+    let body = s3.get(&m.segment_key).await?.ok_or_else(|| ArchiveError::MissingSegment {
+        key: m.segment_key.clone(),
+        manifest: manifest_key.to_string(),
+    })?;
     // zstd and two SHA-256 passes: off the async worker threads.
     let m = m.clone();
     let key = m.segment_key.clone();
@@ -256,70 +261,72 @@ pub async fn restore_stream(
     // The next segment is read while this one is published.
     let mut next_read: Option<Prefetch> = None;
     let report = 'restore: {
-    for (i, (key, m)) in ms.iter().enumerate() {
-        if until.past(m) {
-            break;
-        }
-        if let Some(n) = expected_next
-            && m.first_seq != n
-        {
-            break;
-        }
-        let read = next_read.take().unwrap_or_else(|| Prefetch::start(s3, key, m));
-        if let Some((next_key, next)) = ms.get(i + 1)
-            && !until.past(next)
-        {
-            next_read = Some(Prefetch::start(s3, next_key, next));
-        }
-        let records = match read.records(&m.segment_key).await {
-            Ok(r) => r,
-            Err(e) => {
-                report.problems.push(format!("{e}; messages from sequence {} on were not restored", m.first_seq));
-                break 'restore report;
+        for (i, (key, m)) in ms.iter().enumerate() {
+            if until.past(m) {
+                break;
             }
-        };
-        report.segments += 1;
-        report.bytes += m.segment_bytes;
-        for r in records {
-            if !until.admits(&r) {
-                break 'restore report;
+            if let Some(n) = expected_next
+                && m.first_seq != n
+            {
+                break;
             }
-            if !dry_run {
-                let mut headers = HeaderMap::new();
-                // Publish-time preconditions (Nats-Expected-*) are not data: they referred to
-                // the original stream's state and are dropped.
-                for (k, v) in r.headers.iter().filter(|(k, _)| !k.starts_with("Nats-Expected-")) {
-                    headers.append(k.as_str(), v.as_str());
+            let read = next_read.take().unwrap_or_else(|| Prefetch::start(s3, key, m));
+            if let Some((next_key, next)) = ms.get(i + 1)
+                && !until.past(next)
+            {
+                next_read = Some(Prefetch::start(s3, next_key, next));
+            }
+            let records = match read.records(&m.segment_key).await {
+                Ok(r) => r,
+                Err(e) => {
+                    report.problems.push(format!("{e}; messages from sequence {} on were not restored", m.first_seq));
+                    break 'restore report;
                 }
-                // De-duplication by Nats-Msg-Id would drop messages published again with the
-                // same id; the archive holds only what the stream kept, so every message goes in.
-                // Acks are awaited in windows: one connection keeps the order.
-                match js.publish_with_headers(r.subject.clone(), headers, r.payload.clone()).await {
-                    Ok(ack) => pending.push_back((r.sequence, ack)),
-                    Err(e) => {
-                        report.problems.push(format!("sequence {}: publish failed: {e}; stopped there", r.sequence));
+            };
+            report.segments += 1;
+            report.bytes += m.segment_bytes;
+            for r in records {
+                if !until.admits(&r) {
+                    break 'restore report;
+                }
+                if !dry_run {
+                    let mut headers = HeaderMap::new();
+                    // Publish-time preconditions (Nats-Expected-*) are not data: they referred to
+                    // the original stream's state and are dropped.
+                    for (k, v) in r.headers.iter().filter(|(k, _)| !k.starts_with("Nats-Expected-")) {
+                        headers.append(k.as_str(), v.as_str());
+                    }
+                    // De-duplication by Nats-Msg-Id would drop messages published again with the
+                    // same id; the archive holds only what the stream kept, so every message goes in.
+                    // Acks are awaited in windows: one connection keeps the order.
+                    match js.publish_with_headers(r.subject.clone(), headers, r.payload.clone()).await {
+                        Ok(ack) => pending.push_back((r.sequence, ack)),
+                        Err(e) => {
+                            report
+                                .problems
+                                .push(format!("sequence {}: publish failed: {e}; stopped there", r.sequence));
+                            break 'restore report;
+                        }
+                    }
+                    if pending.len() >= ACK_WINDOW
+                        && let Err(p) = drain_acks(&mut pending, ACK_WINDOW / 2).await
+                    {
+                        report.problems.push(p);
                         break 'restore report;
                     }
                 }
-                if pending.len() >= ACK_WINDOW
-                    && let Err(p) = drain_acks(&mut pending, ACK_WINDOW / 2).await
-                {
-                    report.problems.push(p);
-                    break 'restore report;
+                if report.messages == 0 {
+                    report.first_seq = r.sequence;
+                }
+                report.messages += 1;
+                report.last_seq = r.sequence;
+                if report.messages.is_multiple_of(1000) {
+                    progress(stream, report.messages);
                 }
             }
-            if report.messages == 0 {
-                report.first_seq = r.sequence;
-            }
-            report.messages += 1;
-            report.last_seq = r.sequence;
-            if report.messages.is_multiple_of(1000) {
-                progress(stream, report.messages);
-            }
+            expected_next = Some(m.last_seq + 1);
         }
-        expected_next = Some(m.last_seq + 1);
-    }
-    break 'restore report;
+        break 'restore report;
     };
     let mut report = report;
     if let Err(p) = drain_acks(&mut pending, 0).await {
@@ -332,7 +339,10 @@ pub async fn restore_stream(
 const ACK_WINDOW: usize = 512;
 
 /// Awaits acks until at most `keep` are outstanding; the first failure names its sequence.
-async fn drain_acks(pending: &mut std::collections::VecDeque<(u64, jetstream::context::PublishAckFuture)>, keep: usize) -> Result<(), String> {
+async fn drain_acks(
+    pending: &mut std::collections::VecDeque<(u64, jetstream::context::PublishAckFuture)>,
+    keep: usize,
+) -> Result<(), String> {
     while pending.len() > keep {
         let (seq, ack) = pending.pop_front().expect("non-empty");
         if let Err(e) = ack.await {

@@ -84,11 +84,7 @@ impl S3Client {
     /// signature does not hash the body a second time.
     pub async fn put_hashed(&self, key: &str, body: Bytes, sha256_hex: Option<&str>) -> Result<(), S3Error> {
         let resp = self.send_hashed(Method::PUT, Some(key), &[], body, sha256_hex).await?;
-        if resp.status().is_success() {
-            Ok(())
-        } else {
-            Err(self.status_error("put", key, resp).await)
-        }
+        if resp.status().is_success() { Ok(()) } else { Err(self.status_error("put", key, resp).await) }
     }
 
     /// The object, or `None` when it does not exist.
@@ -157,7 +153,8 @@ impl S3Client {
 
     /// Starts a multipart upload; returns its upload id.
     pub async fn multipart_start(&self, key: &str) -> Result<String, S3Error> {
-        let resp = self.send(Method::POST, Some(key), &[("uploads", String::new())], Bytes::new(), "multipart-start").await?;
+        let resp =
+            self.send(Method::POST, Some(key), &[("uploads", String::new())], Bytes::new(), "multipart-start").await?;
         if !resp.status().is_success() {
             return Err(self.status_error("multipart-start", key, resp).await);
         }
@@ -169,7 +166,13 @@ impl S3Client {
     }
 
     /// Uploads part `number` (from 1); returns its ETag.
-    pub async fn multipart_part(&self, key: &str, upload_id: &str, number: u32, body: Bytes) -> Result<String, S3Error> {
+    pub async fn multipart_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: u32,
+        body: Bytes,
+    ) -> Result<String, S3Error> {
         let query = [("partNumber", number.to_string()), ("uploadId", upload_id.to_string())];
         let resp = self.send(Method::PUT, Some(key), &query, body, "multipart-part").await?;
         if !resp.status().is_success() {
@@ -237,7 +240,8 @@ impl S3Client {
             url.set_path(&format!("/{}{key_path}", uri_encode(&self.target.bucket, false)));
         } else {
             let host = url.host_str().ok_or_else(|| invalid("endpoint has no host".into()))?.to_string();
-            url.set_host(Some(&format!("{}.{host}", self.target.bucket))).map_err(|e| invalid(format!("bad bucket host: {e}")))?;
+            url.set_host(Some(&format!("{}.{host}", self.target.bucket)))
+                .map_err(|e| invalid(format!("bad bucket host: {e}")))?;
             url.set_path(if key_path.is_empty() { "/" } else { &key_path });
         }
         Ok(url)
@@ -273,7 +277,8 @@ impl S3Client {
             Some(p) => format!("{}:{p}", url.host_str().unwrap_or_default()),
             None => url.host_str().unwrap_or_default().to_string(),
         };
-        let mut q: Vec<(String, String)> = query.iter().map(|(k, v)| (uri_encode(k, true), uri_encode(v, true))).collect();
+        let mut q: Vec<(String, String)> =
+            query.iter().map(|(k, v)| (uri_encode(k, true), uri_encode(v, true))).collect();
         q.sort();
         let canonical_query = q.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("&");
         let authorization = sign(

@@ -9,7 +9,9 @@ use std::path::PathBuf;
 pub enum TargetError {
     #[error("archive target {0:?}: expected key=value pairs separated by commas")]
     Syntax(String),
-    #[error("archive target: unknown key {0:?} (known: name, endpoint, region, bucket, prefix, path-style, credentials-file, credentials-env)")]
+    #[error(
+        "archive target: unknown key {0:?} (known: name, endpoint, region, bucket, prefix, path-style, credentials-file, credentials-env)"
+    )]
     UnknownKey(String),
     #[error("archive target {target}: {key} is required")]
     Missing { target: String, key: &'static str },
@@ -108,7 +110,10 @@ impl Target {
         let missing = |key| TargetError::Missing { target: name.clone(), key };
         let endpoint = endpoint.ok_or_else(|| missing("endpoint"))?;
         if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
-            return Err(TargetError::Invalid { target: name, message: format!("endpoint {endpoint:?} must start with http:// or https://") });
+            return Err(TargetError::Invalid {
+                target: name,
+                message: format!("endpoint {endpoint:?} must start with http:// or https://"),
+            });
         }
         let endpoint = endpoint.trim_end_matches('/').to_string();
         let region = region.unwrap_or_else(|| "us-east-1".into());
@@ -119,14 +124,20 @@ impl Target {
         };
         let credentials = match (cred_file, cred_env) {
             (Some(_), Some(_)) => {
-                return Err(TargetError::Invalid { target: name, message: "give credentials-file or credentials-env, not both".into() });
+                return Err(TargetError::Invalid {
+                    target: name,
+                    message: "give credentials-file or credentials-env, not both".into(),
+                });
             }
             (Some(file), None) => {
                 let text = std::fs::read_to_string(&file).map_err(|e| TargetError::Credentials {
                     target: name.clone(),
                     message: format!("cannot read {}: {e}", file.display()),
                 })?;
-                parse_credentials_file(&text).map_err(|m| TargetError::Credentials { target: name.clone(), message: format!("{}: {m}", file.display()) })?
+                parse_credentials_file(&text).map_err(|m| TargetError::Credentials {
+                    target: name.clone(),
+                    message: format!("{}: {m}", file.display()),
+                })?
             }
             (None, prefix_env) => {
                 let p = prefix_env.map(|p| format!("{p}_")).unwrap_or_else(|| "AWS_".into());

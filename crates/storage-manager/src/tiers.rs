@@ -18,7 +18,10 @@ pub fn mirror_config(stream: &str, domain: &str, tier: Tier) -> Result<stream::C
         mirror: Some(stream::Source {
             name: stream.to_string(),
             // The server takes a domain as the external API prefix of that domain.
-            external: Some(stream::External { api_prefix: resources::domain_api_prefix(domain), delivery_prefix: None }),
+            external: Some(stream::External {
+                api_prefix: resources::domain_api_prefix(domain),
+                delivery_prefix: None,
+            }),
             ..Default::default()
         }),
         storage: stream::StorageType::File,
@@ -34,20 +37,30 @@ pub fn mirror_config(stream: &str, domain: &str, tier: Tier) -> Result<stream::C
 
 /// Creates (or keeps) every mirror of every leaf; an existing stream of that name that is not
 /// the same mirror is an error naming it.
-pub async fn ensure_mirrors(js: &jetstream::Context, leaves: &[String], streams: &[String], tier: Tier) -> anyhow::Result<()> {
+pub async fn ensure_mirrors(
+    js: &jetstream::Context,
+    leaves: &[String],
+    streams: &[String],
+    tier: Tier,
+) -> anyhow::Result<()> {
     for leaf in leaves {
         for s in streams {
             let cfg = mirror_config(s, leaf, tier)?;
             match js.get_stream(&cfg.name).await {
                 Ok(mut existing) => {
                     let info = existing.info().await?;
-                    let same = info.config.mirror.as_ref().is_some_and(|m| m.name == *s && m.external.as_ref().is_some_and(|e| e.api_prefix == resources::domain_api_prefix(leaf)));
+                    let same = info.config.mirror.as_ref().is_some_and(|m| {
+                        m.name == *s
+                            && m.external.as_ref().is_some_and(|e| e.api_prefix == resources::domain_api_prefix(leaf))
+                    });
                     if !same {
                         anyhow::bail!("stream {} exists but is not the mirror of {s} on leaf {leaf}", cfg.name);
                     }
                 }
                 Err(_) => {
-                    js.create_stream(cfg.clone()).await.map_err(|e| anyhow::anyhow!("creating mirror {}: {e}", cfg.name))?;
+                    js.create_stream(cfg.clone())
+                        .await
+                        .map_err(|e| anyhow::anyhow!("creating mirror {}: {e}", cfg.name))?;
                     tracing::info!(mirror = %cfg.name, leaf = %leaf, stream = %s, "leaf mirror created");
                 }
             }
@@ -57,7 +70,13 @@ pub async fn ensure_mirrors(js: &jetstream::Context, leaves: &[String], streams:
 }
 
 /// Logs each mirror's lag and whether its leaf is reachable, every `every`, until `stop`.
-pub async fn watch_mirrors(js: jetstream::Context, leaves: Vec<String>, streams: Vec<String>, every: Duration, mut stop: watch::Receiver<bool>) {
+pub async fn watch_mirrors(
+    js: jetstream::Context,
+    leaves: Vec<String>,
+    streams: Vec<String>,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
         for leaf in &leaves {
             for s in &streams {

@@ -64,10 +64,17 @@ pub struct VerifySettings {
 
 /// Follows the manifests of `stream` on one target until `stop`, verifying every new segment
 /// and advancing the watermarks.
-pub async fn run_verifier(js: jetstream::Context, s3: S3Client, stream: String, settings: VerifySettings, mut stop: watch::Receiver<bool>) {
+pub async fn run_verifier(
+    js: jetstream::Context,
+    s3: S3Client,
+    stream: String,
+    settings: VerifySettings,
+    mut stop: watch::Receiver<bool>,
+) {
     let target = s3.target().name.clone();
     let labels = ArchiveLabels { stream: stream.clone(), target: target.clone() };
-    let (Ok(target_key), Ok(verified_key)) = (storage::target_key(&stream, &target), storage::verified_key(&stream)) else {
+    let (Ok(target_key), Ok(verified_key)) = (storage::target_key(&stream, &target), storage::verified_key(&stream))
+    else {
         tracing::error!(stream = %stream, target = %target, "no watermark key for this stream and target");
         return;
     };
@@ -96,7 +103,8 @@ pub async fn run_verifier(js: jetstream::Context, s3: S3Client, stream: String, 
                     after = Some(key);
                     continue;
                 }
-                let body = s3.get(&key).await.map_err(|e| e.to_string())?.ok_or_else(|| format!("manifest {key} vanished"))?;
+                let body =
+                    s3.get(&key).await.map_err(|e| e.to_string())?.ok_or_else(|| format!("manifest {key} vanished"))?;
                 let manifest = Manifest::parse(&key, &body).map_err(|e| e.to_string())?;
                 if manifest.first_seq <= now {
                     return Err(format!("manifest {key} overlaps what is verified (through {now})"));
@@ -122,7 +130,12 @@ pub async fn run_verifier(js: jetstream::Context, s3: S3Client, stream: String, 
             if let Some(least) = least.filter(|l| *l != u64::MAX && *l > 0)
                 && read_watermark(&kv, &verified_key).await != Some(least)
             {
-                write_watermark(&kv, &verified_key, &storage::Watermark::new(&stream, least, settings.required.to_vec())).await?;
+                write_watermark(
+                    &kv,
+                    &verified_key,
+                    &storage::Watermark::new(&stream, least, settings.required.to_vec()),
+                )
+                .await?;
                 tracing::debug!(stream = %stream, verified = least, "removal watermark advanced");
             }
             let last = match js.get_stream(&stream).await {

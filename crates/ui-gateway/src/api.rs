@@ -15,7 +15,10 @@ use axum::{
 };
 use cim_events::{
     Component,
-    pipeline::{self as pl, ApplyReply, ApplyRequest, PipelineInfo, PipelineList, PipelineRef, RemoveRequest, RunInfo, RunList, RunRef, RunsRequest, StartRequest},
+    pipeline::{
+        self as pl, ApplyReply, ApplyRequest, PipelineInfo, PipelineList, PipelineRef, RemoveRequest, RunInfo, RunList,
+        RunRef, RunsRequest, StartRequest,
+    },
     plugin,
     proto::{
         iu::{CreateUnit, GetUnit, Link, LinkUnit, ListUnits, NewVersion, TagUnit},
@@ -78,7 +81,8 @@ async fn not_found(req: Request) -> ApiError {
 }
 
 async fn method_not_allowed(req: Request) -> Response {
-    let body = json!({ "error": format!("method {} is not allowed on {}", req.method(), req.uri().path()), "status": 405 });
+    let body =
+        json!({ "error": format!("method {} is not allowed on {}", req.method(), req.uri().path()), "status": 405 });
     json_response(StatusCode::METHOD_NOT_ALLOWED, body)
 }
 
@@ -91,7 +95,8 @@ async fn openapi() -> Response {
 }
 
 async fn whoami(req: Request) -> ApiResult {
-    let caller = req.extensions().get::<auth::Caller>().cloned().ok_or_else(|| ApiError::Internal("no caller".into()))?;
+    let caller =
+        req.extensions().get::<auth::Caller>().cloned().ok_or_else(|| ApiError::Internal("no caller".into()))?;
     Ok(json_response(StatusCode::OK, json!({ "id": caller.id, "name": caller.name, "role": caller.role })))
 }
 
@@ -126,14 +131,19 @@ pub fn check_name(name: &str) -> Result<(), ApiError> {
 
 fn check_label(what: &str, v: &str) -> Result<(), ApiError> {
     if v.is_empty() || v.len() > 255 || v.chars().any(char::is_control) {
-        return Err(ApiError::BadRequest(format!("{what} {:?} must be 1 to 255 bytes without control characters", v.escape_debug().to_string())));
+        return Err(ApiError::BadRequest(format!(
+            "{what} {:?} must be 1 to 255 bytes without control characters",
+            v.escape_debug().to_string()
+        )));
     }
     Ok(())
 }
 
 /// Reads a JSON body of at most `limit` bytes.
 async fn json_body(body: Body, limit: usize) -> Result<Value, ApiError> {
-    let bytes = to_bytes(body, limit).await.map_err(|_| ApiError::TooLarge(format!("request body is larger than {limit} bytes")))?;
+    let bytes = to_bytes(body, limit)
+        .await
+        .map_err(|_| ApiError::TooLarge(format!("request body is larger than {limit} bytes")))?;
     serde_json::from_slice(&bytes).map_err(|e| ApiError::BadRequest(format!("malformed json: {e}")))
 }
 
@@ -175,8 +185,14 @@ async fn list_units(State(s): State<Arc<AppState>>, Query(q): Query<HashMap<Stri
     Ok(json_response(StatusCode::OK, s.iu.list(query).await?.to_json()))
 }
 
-async fn get_unit(State(s): State<Arc<AppState>>, Path(id): Path<String>, Query(q): Query<HashMap<String, String>>) -> ApiResult {
-    let at_version = q.get("at_version").map_or(Ok(0), |v| v.parse().map_err(|_| ApiError::BadRequest(format!("at_version {v:?} is not a number"))))?;
+async fn get_unit(
+    State(s): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
+    let at_version = q
+        .get("at_version")
+        .map_or(Ok(0), |v| v.parse().map_err(|_| ApiError::BadRequest(format!("at_version {v:?} is not a number"))))?;
     let unit = s.iu.get_unit(GetUnit { unit_id: unit_id(&id)?.to_string(), at_version, ..Default::default() }).await?;
     Ok(json_response(StatusCode::OK, unit.to_json()))
 }
@@ -189,7 +205,12 @@ async fn links(State(s): State<Arc<AppState>>, Path(id): Path<String>) -> ApiRes
     Ok(json_response(StatusCode::OK, s.iu.links(unit_id(&id)?).await?.to_json()))
 }
 
-async fn tag(State(s): State<Arc<AppState>>, Path(id): Path<String>, Query(q): Query<HashMap<String, String>>, body: Body) -> ApiResult {
+async fn tag(
+    State(s): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    body: Body,
+) -> ApiResult {
     let id = unit_id(&id)?.to_string();
     let v = json_body(body, s.limits.max_json).await?;
     let tags = strings(&v, "tags")?;
@@ -200,15 +221,23 @@ async fn tag(State(s): State<Arc<AppState>>, Path(id): Path<String>, Query(q): Q
     Ok(json_response(StatusCode::OK, r.to_json()))
 }
 
-async fn link(State(s): State<Arc<AppState>>, Path(id): Path<String>, Query(q): Query<HashMap<String, String>>, body: Body) -> ApiResult {
+async fn link(
+    State(s): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    body: Body,
+) -> ApiResult {
     let id = unit_id(&id)?.to_string();
     let v = json_body(body, s.limits.max_json).await?;
     let (kind, target) = (string(&v, "kind")?, string(&v, "target")?);
     check_label("link kind", &kind)?;
     unit_id(&target)?;
-    let r = s
-        .iu
-        .link(LinkUnit { header: cim_iu_client::header(expected_version(&q)?), unit_id: id, link: Some(Link { kind, target }) })
+    let r =
+        s.iu.link(LinkUnit {
+            header: cim_iu_client::header(expected_version(&q)?),
+            unit_id: id,
+            link: Some(Link { kind, target }),
+        })
         .await?;
     Ok(json_response(StatusCode::OK, r.to_json()))
 }
@@ -222,7 +251,11 @@ struct Limited<R> {
 }
 
 impl<R: AsyncRead + Unpin> AsyncRead for Limited<R> {
-    fn poll_read(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> std::task::Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
         let before = buf.filled().len();
         let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
         if let std::task::Poll::Ready(Ok(())) = r {
@@ -241,14 +274,16 @@ impl<R: AsyncRead + Unpin> AsyncRead for Limited<R> {
 async fn upload_body(s: &AppState, headers: &HeaderMap, body: Body) -> Result<String, ApiError> {
     let limit = s.limits.max_upload;
     let too_large = || ApiError::TooLarge(format!("upload is larger than the limit of {limit} bytes"));
-    if let Some(len) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok())
+    if let Some(len) =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok())
         && len > limit
     {
         return Err(too_large());
     }
     let stream = body.into_data_stream().map_err(io::Error::other);
     let exceeded = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let reader = Limited { inner: tokio_util::io::StreamReader::new(stream), read: 0, limit, exceeded: exceeded.clone() };
+    let reader =
+        Limited { inner: tokio_util::io::StreamReader::new(stream), read: 0, limit, exceeded: exceeded.clone() };
     match s.iu.put_content(reader, &mut NoProgress).await {
         Ok(c) => Ok(c.cid),
         Err(_) if exceeded.load(std::sync::atomic::Ordering::SeqCst) => Err(too_large()),
@@ -256,7 +291,12 @@ async fn upload_body(s: &AppState, headers: &HeaderMap, body: Body) -> Result<St
     }
 }
 
-async fn create_unit(State(s): State<Arc<AppState>>, Query(q): Query<HashMap<String, String>>, headers: HeaderMap, body: Body) -> ApiResult {
+async fn create_unit(
+    State(s): State<Arc<AppState>>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
     let name = q.get("name").cloned().ok_or_else(|| ApiError::BadRequest("query parameter name is required".into()))?;
     check_name(&name)?;
     let media_type = match q.get("media_type") {
@@ -268,20 +308,34 @@ async fn create_unit(State(s): State<Arc<AppState>>, Query(q): Query<HashMap<Str
             .unwrap_or_else(|| cim_iu_client::guess_media_type(std::path::Path::new(&name)).to_string()),
     };
     check_label("media type", &media_type)?;
-    let tags: Vec<String> = q.get("tags").map(|t| t.split(',').filter(|t| !t.is_empty()).map(str::to_string).collect()).unwrap_or_default();
+    let tags: Vec<String> =
+        q.get("tags").map(|t| t.split(',').filter(|t| !t.is_empty()).map(str::to_string).collect()).unwrap_or_default();
     for t in &tags {
         check_label("tag", t)?;
     }
     let unit_type = q.get("type").cloned().unwrap_or_default();
     let cid = upload_body(&s, &headers, body).await?;
-    let r = s
-        .iu
-        .create(CreateUnit { header: cim_iu_client::header(0), cid, name, media_type, unit_type, tags, ..Default::default() })
+    let r =
+        s.iu.create(CreateUnit {
+            header: cim_iu_client::header(0),
+            cid,
+            name,
+            media_type,
+            unit_type,
+            tags,
+            ..Default::default()
+        })
         .await?;
     Ok(json_response(StatusCode::CREATED, r.to_json()))
 }
 
-async fn new_version(State(s): State<Arc<AppState>>, Path(id): Path<String>, Query(q): Query<HashMap<String, String>>, headers: HeaderMap, body: Body) -> ApiResult {
+async fn new_version(
+    State(s): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
     let id = unit_id(&id)?.to_string();
     let name = q.get("name").cloned().unwrap_or_default();
     if !name.is_empty() {
@@ -289,9 +343,14 @@ async fn new_version(State(s): State<Arc<AppState>>, Path(id): Path<String>, Que
     }
     let expected = expected_version(&q)?;
     let cid = upload_body(&s, &headers, body).await?;
-    let r = s
-        .iu
-        .new_version(NewVersion { header: cim_iu_client::header(expected), unit_id: id, cid, name, media_type: q.get("media_type").cloned().unwrap_or_default() })
+    let r =
+        s.iu.new_version(NewVersion {
+            header: cim_iu_client::header(expected),
+            unit_id: id,
+            cid,
+            name,
+            media_type: q.get("media_type").cloned().unwrap_or_default(),
+        })
         .await?;
     Ok(json_response(StatusCode::CREATED, r.to_json()))
 }
@@ -325,8 +384,15 @@ pub fn parse_range(v: &str, size: u64) -> Result<(u64, u64), ApiError> {
 }
 
 /// Streams a unit's content (`?version=` for an older one); honours `Range`.
-async fn download(State(s): State<Arc<AppState>>, Path(id): Path<String>, Query(q): Query<HashMap<String, String>>, headers: HeaderMap) -> ApiResult {
-    let at_version = q.get("version").map_or(Ok(0), |v| v.parse().map_err(|_| ApiError::BadRequest(format!("version {v:?} is not a number"))))?;
+async fn download(
+    State(s): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> ApiResult {
+    let at_version = q
+        .get("version")
+        .map_or(Ok(0), |v| v.parse().map_err(|_| ApiError::BadRequest(format!("version {v:?} is not a number"))))?;
     let unit = s.iu.get_unit(GetUnit { unit_id: unit_id(&id)?.to_string(), at_version, ..Default::default() }).await?;
     if unit.cid.is_empty() {
         return Err(ApiError::NotFound(format!("unit {id} has no content")));
@@ -350,7 +416,10 @@ async fn download(State(s): State<Arc<AppState>>, Path(id): Path<String>, Query(
     let mut resp = Response::new(body);
     let h = resp.headers_mut();
     let media = if unit.media_type.is_empty() { cim_iu_client::OCTET_STREAM } else { &unit.media_type };
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_str(media).unwrap_or(HeaderValue::from_static("application/octet-stream")));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_str(media).unwrap_or(HeaderValue::from_static("application/octet-stream")),
+    );
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", unit.cid)) {
         h.insert(header::ETAG, v);
@@ -380,12 +449,19 @@ async fn download(State(s): State<Arc<AppState>>, Path(id): Path<String>, Query(
 /// Sends one request on a service's contract; no responders → 503, no answer in time → 504,
 /// and the micro protocol's error headers (`Nats-Service-Error-Code` 400/404/409/503) → the
 /// same HTTP status with the service's message.
-async fn send(s: &AppState, subject: Result<String, cim_events::ContractError>, payload: bytes::Bytes, who: &str) -> Result<bytes::Bytes, ApiError> {
+async fn send(
+    s: &AppState,
+    subject: Result<String, cim_events::ContractError>,
+    payload: bytes::Bytes,
+    who: &str,
+) -> Result<bytes::Bytes, ApiError> {
     let subject = subject.map_err(|e| ApiError::Internal(e.to_string()))?;
     let req = async_nats::Request::new().payload(payload).timeout(Some(Duration::from_secs(10)));
     let msg = s.nats.send_request(subject.clone(), req).await.map_err(|e| match e.kind() {
         async_nats::RequestErrorKind::NoResponders => ApiError::Unavailable(format!("no {who} answers on {subject}")),
-        async_nats::RequestErrorKind::TimedOut => ApiError::Timeout(format!("{who} did not answer on {subject} in time")),
+        async_nats::RequestErrorKind::TimedOut => {
+            ApiError::Timeout(format!("{who} did not answer on {subject} in time"))
+        }
         _ => ApiError::BadGateway(format!("request on {subject}: {e}")),
     })?;
     if let Some(e) = cim_iu_client::IuError::from_reply_headers(msg.headers.as_ref()) {
@@ -394,7 +470,12 @@ async fn send(s: &AppState, subject: Result<String, cim_events::ContractError>, 
     Ok(msg.payload)
 }
 
-async fn request<Q: Message, R: Message + Default>(s: &AppState, subject: Result<String, cim_events::ContractError>, q: &Q, who: &str) -> Result<R, ApiError> {
+async fn request<Q: Message, R: Message + Default>(
+    s: &AppState,
+    subject: Result<String, cim_events::ContractError>,
+    q: &Q,
+    who: &str,
+) -> Result<R, ApiError> {
     let payload = send(s, subject, q.encode_to_vec().into(), who).await?;
     R::decode(payload).map_err(|e| ApiError::BadGateway(format!("undecodable reply of {who}: {e}")))
 }
@@ -434,7 +515,8 @@ async fn nodes(State(s): State<Arc<AppState>>, Query(q): Query<HashMap<String, S
 }
 
 async fn status(State(s): State<Arc<AppState>>) -> ApiResult {
-    let r: Overview = request(&s, registry::query(registry::qry::OVERVIEW), &GetOverview { deep: false }, "registry").await?;
+    let r: Overview =
+        request(&s, registry::query(registry::qry::OVERVIEW), &GetOverview { deep: false }, "registry").await?;
     Ok(json_response(
         StatusCode::OK,
         json!({
@@ -450,7 +532,10 @@ async fn status(State(s): State<Arc<AppState>>) -> ApiResult {
 }
 
 async fn plugins(State(s): State<Arc<AppState>>, Query(q): Query<HashMap<String, String>>) -> ApiResult {
-    let query = ListPlugins { name: q.get("name").cloned().unwrap_or_default(), capability: q.get("capability").cloned().unwrap_or_default() };
+    let query = ListPlugins {
+        name: q.get("name").cloned().unwrap_or_default(),
+        capability: q.get("capability").cloned().unwrap_or_default(),
+    };
     let r: ListReply = request(&s, plugin::query(plugin::qry::LIST), &query, "plugin host").await?;
     let list: Vec<Value> = r
         .plugins
@@ -475,7 +560,8 @@ macro_rules! engine_call {
     ($s:expr, $subject:expr, $body:expr, $reply:ty) => {{
         let body = serde_json::to_vec(&$body).map_err(|e| ApiError::Internal(e.to_string()))?;
         let payload = send(&$s, $subject, body.into(), ENGINE).await?;
-        serde_json::from_slice::<$reply>(&payload).map_err(|e| ApiError::BadGateway(format!("undecodable reply of the {ENGINE}: {e}")))?
+        serde_json::from_slice::<$reply>(&payload)
+            .map_err(|e| ApiError::BadGateway(format!("undecodable reply of the {ENGINE}: {e}")))?
     }};
 }
 
@@ -497,8 +583,14 @@ fn run_id(id: &str) -> Result<&str, ApiError> {
 }
 
 /// An optional JSON object body (empty = `{}`) with only the `allowed` fields.
-async fn optional_object(body: Body, limit: usize, allowed: &[&str]) -> Result<serde_json::Map<String, Value>, ApiError> {
-    let bytes = to_bytes(body, limit).await.map_err(|_| ApiError::TooLarge(format!("request body is larger than {limit} bytes")))?;
+async fn optional_object(
+    body: Body,
+    limit: usize,
+    allowed: &[&str],
+) -> Result<serde_json::Map<String, Value>, ApiError> {
+    let bytes = to_bytes(body, limit)
+        .await
+        .map_err(|_| ApiError::TooLarge(format!("request body is larger than {limit} bytes")))?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(serde_json::Map::new());
     }
@@ -541,8 +633,13 @@ async fn apply_pipeline(State(s): State<Arc<AppState>>, body: Body) -> ApiResult
     Ok(json_response(status, json!({ "name": r.name, "version": r.version, "unchanged": r.unchanged })))
 }
 
-async fn remove_pipeline(State(s): State<Arc<AppState>>, Path(name): Path<String>, Query(q): Query<HashMap<String, String>>) -> ApiResult {
-    let req = RemoveRequest { name: pipeline_name(&name)?.to_string(), reason: q.get("reason").cloned().unwrap_or_default() };
+async fn remove_pipeline(
+    State(s): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
+    let req =
+        RemoveRequest { name: pipeline_name(&name)?.to_string(), reason: q.get("reason").cloned().unwrap_or_default() };
     let r = engine_call!(s, pl::command(pl::cmd::REMOVE), req, ApplyReply);
     Ok(json_response(StatusCode::OK, json!({ "name": r.name, "version": r.version, "unchanged": r.unchanged })))
 }
@@ -588,7 +685,8 @@ async fn list_runs(State(s): State<Arc<AppState>>, Query(q): Query<HashMap<Strin
         req.unit_id = unit_id(u)?.to_string();
     }
     if let Some(l) = q.get("limit") {
-        req.limit = l.parse::<u32>().map_err(|_| ApiError::BadRequest(format!("limit {l:?} is not a number")))?.min(1000);
+        req.limit =
+            l.parse::<u32>().map_err(|_| ApiError::BadRequest(format!("limit {l:?} is not a number")))?.min(1000);
     }
     let r = engine_call!(s, pl::query(pl::qry::RUNS), req, RunList);
     Ok(contract_json!(StatusCode::OK, r))
@@ -623,21 +721,36 @@ async fn retry_run(State(s): State<Arc<AppState>>, Path(id): Path<String>, body:
 /// `GET /api/v1/events?component=iu&filter=<subject>`: the component's events as SSE, each
 /// with its stream sequence as id. `Last-Event-ID` (or `?after=`) resumes after that sequence;
 /// without it the stream starts with the next new event (`?after=0` replays from the start).
-async fn events(State(s): State<Arc<AppState>>, Query(q): Query<HashMap<String, String>>, headers: HeaderMap) -> ApiResult {
+async fn events(
+    State(s): State<Arc<AppState>>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> ApiResult {
     let token = q.get("component").map(String::as_str).unwrap_or("iu");
     let component = Component::parse(token).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let all = subject::events_of(component);
     let filter = q.get("filter").cloned().unwrap_or_else(|| all.clone());
     let prefix = all.trim_end_matches('>');
-    if !filter.starts_with(prefix) || filter.len() <= prefix.len() || filter.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    if !filter.starts_with(prefix)
+        || filter.len() <= prefix.len()
+        || filter.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
         return Err(ApiError::BadRequest(format!("filter {filter:?} must be a subject under {all}")));
     }
-    let after = match headers.get("last-event-id").and_then(|v| v.to_str().ok()).or(q.get("after").map(String::as_str)) {
-        Some(v) => Some(v.trim().parse::<u64>().map_err(|_| ApiError::BadRequest(format!("event id {v:?} is not a sequence number")))?),
+    let after = match headers.get("last-event-id").and_then(|v| v.to_str().ok()).or(q.get("after").map(String::as_str))
+    {
+        Some(v) => Some(
+            v.trim()
+                .parse::<u64>()
+                .map_err(|_| ApiError::BadRequest(format!("event id {v:?} is not a sequence number")))?,
+        ),
         None => None,
     };
     let stream_name = resources::events_stream(component).name;
-    let stream = s.js.get_stream(&stream_name).await.map_err(|e| ApiError::Unavailable(format!("events stream {stream_name}: {e}")))?;
+    let stream =
+        s.js.get_stream(&stream_name)
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("events stream {stream_name}: {e}")))?;
     let deliver_policy = match after {
         Some(seq) => DeliverPolicy::ByStartSequence { start_sequence: seq + 1 },
         None => DeliverPolicy::New,
@@ -646,29 +759,31 @@ async fn events(State(s): State<Arc<AppState>>, Query(q): Query<HashMap<String, 
         .create_consumer(OrderedConfig { filter_subject: filter, deliver_policy, ..Default::default() })
         .await
         .map_err(|e| ApiError::BadGateway(format!("consumer on {stream_name}: {e}")))?;
-    let messages = consumer.messages().await.map_err(|e| ApiError::BadGateway(format!("reading {stream_name}: {e}")))?;
+    let messages =
+        consumer.messages().await.map_err(|e| ApiError::BadGateway(format!("reading {stream_name}: {e}")))?;
     let mut stopping = s.stopping.clone();
     let stop = async move {
         let _ = stopping.wait_for(|s| *s).await;
     };
-    let events = messages
-        .take_until(stop)
-        .map(|m| -> Result<sse::Event, Infallible> {
-            Ok(match m {
-                Ok(m) => {
-                    let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
-                    let h = |k: &str| m.headers.as_ref().and_then(|h| h.get(k)).map(|v| v.as_str().to_string()).unwrap_or_default();
-                    let data = json!({
-                        "seq": seq, "subject": m.subject.as_str(), "type": h("ce-type"), "id": h("ce-id"),
-                        "time": h("ce-time"), "source": h("ce-source"), "correlation_id": h("ce-correlationid"),
-                        "size": m.payload.len(),
-                    });
-                    sse::Event::default().id(seq.to_string()).event("cim").data(data.to_string())
-                }
-                Err(e) => sse::Event::default().event("error").data(json!({ "error": e.to_string() }).to_string()),
-            })
-        });
-    let mut resp = sse::Sse::new(events).keep_alive(sse::KeepAlive::new().interval(Duration::from_secs(15))).into_response();
+    let events = messages.take_until(stop).map(|m| -> Result<sse::Event, Infallible> {
+        Ok(match m {
+            Ok(m) => {
+                let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+                let h = |k: &str| {
+                    m.headers.as_ref().and_then(|h| h.get(k)).map(|v| v.as_str().to_string()).unwrap_or_default()
+                };
+                let data = json!({
+                    "seq": seq, "subject": m.subject.as_str(), "type": h("ce-type"), "id": h("ce-id"),
+                    "time": h("ce-time"), "source": h("ce-source"), "correlation_id": h("ce-correlationid"),
+                    "size": m.payload.len(),
+                });
+                sse::Event::default().id(seq.to_string()).event("cim").data(data.to_string())
+            }
+            Err(e) => sse::Event::default().event("error").data(json!({ "error": e.to_string() }).to_string()),
+        })
+    });
+    let mut resp =
+        sse::Sse::new(events).keep_alive(sse::KeepAlive::new().interval(Duration::from_secs(15))).into_response();
     resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     Ok(resp)
 }

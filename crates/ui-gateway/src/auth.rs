@@ -38,14 +38,12 @@ pub fn required_role(method: &Method, path: &str) -> Option<&'static str> {
     }
     // Pipeline definitions are configuration: applying and removing one changes what happens
     // to every unit, so it takes an admin; starting, cancelling and retrying runs is writing.
-    if (method == Method::POST && rest == "v1/pipelines") || (method == Method::DELETE && rest.starts_with("v1/pipelines/")) {
+    if (method == Method::POST && rest == "v1/pipelines")
+        || (method == Method::DELETE && rest.starts_with("v1/pipelines/"))
+    {
         return Some(role::ADMIN);
     }
-    if method == Method::GET || method == Method::HEAD {
-        Some(role::READER)
-    } else {
-        Some(role::WRITER)
-    }
+    if method == Method::GET || method == Method::HEAD { Some(role::READER) } else { Some(role::WRITER) }
 }
 
 /// The token of a request: `Authorization: Bearer <token>`, or `?access_token=` (for
@@ -64,12 +62,10 @@ pub async fn verify(tokens: &kv::Store, presented: &str) -> Result<Caller, ApiEr
     let invalid = || ApiError::Unauthorized("invalid or revoked api token".to_string());
     let id = gateway::token_id(presented).ok_or_else(invalid)?;
     let key = gateway::token_key(id).map_err(|_| invalid())?;
-    let entry = tokens
-        .get(&key)
-        .await
-        .map_err(|e| ApiError::Unavailable(format!("token store: {e}")))?
-        .ok_or_else(invalid)?;
-    let stored = ApiToken::decode(entry).map_err(|e| ApiError::Internal(format!("stored token {id} is undecodable: {e}")))?;
+    let entry =
+        tokens.get(&key).await.map_err(|e| ApiError::Unavailable(format!("token store: {e}")))?.ok_or_else(invalid)?;
+    let stored =
+        ApiToken::decode(entry).map_err(|e| ApiError::Internal(format!("stored token {id} is undecodable: {e}")))?;
     if !gateway::hashes_equal(&stored.sha256, &gateway::hash_token(presented)) {
         return Err(invalid());
     }
@@ -114,7 +110,8 @@ pub async fn authorize(State(state): State<Arc<AppState>>, mut req: Request, nex
         return next.run(req).await;
     };
     let Some(presented) = presented_token(req.headers(), req.uri().query()) else {
-        return ApiError::Unauthorized("missing api token: send `Authorization: Bearer <token>`".to_string()).into_response();
+        return ApiError::Unauthorized("missing api token: send `Authorization: Bearer <token>`".to_string())
+            .into_response();
     };
     let caller = match verify(&state.tokens, &presented).await {
         Ok(c) => c,
@@ -132,8 +129,11 @@ pub async fn authorize(State(state): State<Arc<AppState>>, mut req: Request, nex
         .into_response();
     }
     if let Err(wait) = state.limiter.check(&caller.id) {
-        return ApiError::TooManyRequests(format!("rate limit of token {} exceeded; retry in {wait}s", caller.id), wait)
-            .into_response();
+        return ApiError::TooManyRequests(
+            format!("rate limit of token {} exceeded; retry in {wait}s", caller.id),
+            wait,
+        )
+        .into_response();
     }
     req.extensions_mut().insert(caller);
     next.run(req).await
@@ -146,10 +146,12 @@ pub async fn cors(State(state): State<Arc<AppState>>, req: Request, next: Next) 
         let o = o.to_str().ok()?;
         state.cors_origins.iter().any(|a| a == "*" || a == o).then(|| HeaderValue::from_str(o).ok()).flatten()
     });
-    let preflight = req.method() == Method::OPTIONS && req.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    let preflight =
+        req.method() == Method::OPTIONS && req.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
     let mut resp = if preflight {
         if allowed.is_none() {
-            return ApiError::Forbidden("origin is not allowed by the gateway's cors configuration".to_string()).into_response();
+            return ApiError::Forbidden("origin is not allowed by the gateway's cors configuration".to_string())
+                .into_response();
         }
         StatusCode::NO_CONTENT.into_response()
     } else {

@@ -8,7 +8,9 @@ use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
 use cim_events::{
     Component,
     gateway::{self, role},
-    proto::iu::{CommandResult, GetHistory, GetLinks, GetUnit, History, LinkUnit, Links, ListUnits, TagUnit, Unit, UnitList},
+    proto::iu::{
+        CommandResult, GetHistory, GetLinks, GetUnit, History, LinkUnit, Links, ListUnits, TagUnit, Unit, UnitList,
+    },
     resources, subject,
 };
 use cim_iu_client::NoProgress;
@@ -68,17 +70,22 @@ impl GatewayService {
 
     /// Authenticates the call and checks its role and rate limit.
     async fn caller(&self, md: &tonic::metadata::MetadataMap, needed: &str) -> Result<auth::Caller, Status> {
-        let presented = md
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| Status::unauthenticated("missing api token: send `authorization: Bearer <token>` metadata"))?;
+        let presented =
+            md.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).ok_or_else(
+                || Status::unauthenticated("missing api token: send `authorization: Bearer <token>` metadata"),
+            )?;
         let caller = auth::verify(&self.state.tokens, presented.trim()).await?;
         if gateway::role_rank(&caller.role).unwrap_or(0) < gateway::role_rank(needed).unwrap_or(u8::MAX) {
-            return Err(Status::permission_denied(format!("token {} has role {}; this call needs {needed}", caller.id, caller.role)));
+            return Err(Status::permission_denied(format!(
+                "token {} has role {}; this call needs {needed}",
+                caller.id, caller.role
+            )));
         }
         if let Err(wait) = self.state.limiter.check(&caller.id) {
-            return Err(Status::resource_exhausted(format!("rate limit of token {} exceeded; retry in {wait}s", caller.id)));
+            return Err(Status::resource_exhausted(format!(
+                "rate limit of token {} exceeded; retry in {wait}s",
+                caller.id
+            )));
         }
         Ok(caller)
     }
@@ -146,7 +153,12 @@ impl Gateway for GatewayService {
     async fn download(&self, req: Request<DownloadRequest>) -> Result<Response<Self::DownloadStream>, Status> {
         self.caller(req.metadata(), role::READER).await?;
         let r = req.into_inner();
-        let unit = self.state.iu.get_unit(GetUnit { unit_id: r.unit_id.clone(), at_version: r.version, ..Default::default() }).await.map_err(iu_status)?;
+        let unit = self
+            .state
+            .iu
+            .get_unit(GetUnit { unit_id: r.unit_id.clone(), at_version: r.version, ..Default::default() })
+            .await
+            .map_err(iu_status)?;
         if unit.cid.is_empty() {
             return Err(Status::not_found(format!("unit {} has no content", r.unit_id)));
         }
@@ -196,7 +208,12 @@ impl Gateway for GatewayService {
             return Err(Status::invalid_argument(format!("filter {filter:?} must be a subject under {all}")));
         }
         let name = resources::events_stream(component).name;
-        let stream = self.state.js.get_stream(&name).await.map_err(|e| Status::unavailable(format!("events stream {name}: {e}")))?;
+        let stream = self
+            .state
+            .js
+            .get_stream(&name)
+            .await
+            .map_err(|e| Status::unavailable(format!("events stream {name}: {e}")))?;
         let deliver_policy = match r.after {
             Some(seq) => DeliverPolicy::ByStartSequence { start_sequence: seq + 1 },
             None => DeliverPolicy::New,
@@ -213,8 +230,16 @@ impl Gateway for GatewayService {
         let events = messages.take_until(stop).map(|m| {
             let m = m.map_err(|e| Status::unavailable(e.to_string()))?;
             let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
-            let h = |k: &str| m.headers.as_ref().and_then(|h| h.get(k)).map(|v| v.as_str().to_string()).unwrap_or_default();
-            Ok(Event { seq, subject: m.subject.to_string(), r#type: h("ce-type"), id: h("ce-id"), time: h("ce-time"), payload: m.payload.to_vec() })
+            let h =
+                |k: &str| m.headers.as_ref().and_then(|h| h.get(k)).map(|v| v.as_str().to_string()).unwrap_or_default();
+            Ok(Event {
+                seq,
+                subject: m.subject.to_string(),
+                r#type: h("ce-type"),
+                id: h("ce-id"),
+                time: h("ce-time"),
+                payload: m.payload.to_vec(),
+            })
         });
         Ok(Response::new(Box::pin(events)))
     }

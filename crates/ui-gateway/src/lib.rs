@@ -137,7 +137,8 @@ async fn setup(
         .find(|b| b.bucket.ends_with(gateway::KV_TOKENS))
         .map(|b| b.bucket)
         .ok_or_else(|| anyhow::anyhow!("cim-events assigns the gateway no token bucket"))?;
-    let tokens = ctx.jetstream().get_key_value(&bucket).await.map_err(|e| anyhow::anyhow!("token bucket {bucket}: {e}"))?;
+    let tokens =
+        ctx.jetstream().get_key_value(&bucket).await.map_err(|e| anyhow::anyhow!("token bucket {bucket}: {e}"))?;
     let iu = match &ctx.settings().js_domain {
         Some(d) => cim_iu_client::IuClient::with_domain(ctx.client().clone(), d),
         None => cim_iu_client::IuClient::new(ctx.client().clone()),
@@ -181,7 +182,16 @@ mod tests {
 
     #[test]
     fn config_parses() {
-        let c = Config::try_parse_from(["ui-gateway", "--gateway-listen", "0.0.0.0:9000", "--gateway-grpc-listen", "off", "--gateway-cors-origins", "http://a,http://b"]).unwrap();
+        let c = Config::try_parse_from([
+            "ui-gateway",
+            "--gateway-listen",
+            "0.0.0.0:9000",
+            "--gateway-grpc-listen",
+            "off",
+            "--gateway-cors-origins",
+            "http://a,http://b",
+        ])
+        .unwrap();
         assert_eq!(c.gateway.listen.port(), 9000);
         assert_eq!(c.gateway.grpc_listen, OptionalAddr(None));
         assert_eq!(c.gateway.cors_origins, vec!["http://a", "http://b"]);

@@ -43,10 +43,7 @@ fn run(cmd: &mut Command) -> Result<(), String> {
 }
 
 fn has_nextest() -> bool {
-    cargo()
-        .args(["nextest", "--version"])
-        .output()
-        .is_ok_and(|o| o.status.success())
+    cargo().args(["nextest", "--version"]).output().is_ok_and(|o| o.status.success())
 }
 
 fn test(rest: &[String]) -> Result<(), String> {

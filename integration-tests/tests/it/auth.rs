@@ -169,7 +169,8 @@ async fn a_service_logs_in_with_the_user_and_password_in_its_url_and_never_logs_
     wait_ready(&probe, &svc).await?;
 
     // A wrong password: alive, never ready, and the log says why without the password.
-    let wrong = ServiceProc::start(Component::Registry, &url("registry", "not-the-pw"), &["--instance-id", "registry-wrong"])?;
+    let wrong =
+        ServiceProc::start(Component::Registry, &url("registry", "not-the-pw"), &["--instance-id", "registry-wrong"])?;
     eventually(Duration::from_secs(20), "an authorization error in the log", || async {
         let log = wrong.log();
         anyhow::ensure!(log.to_lowercase().contains("authorization"), "{log}");

@@ -8,12 +8,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use cim_events::{
-    Component, Envelope, Upcasters,
-    payload::decode,
-    proto::runtime::DescribeReply,
-    subject,
-};
+use cim_events::{Component, Envelope, Upcasters, payload::decode, proto::runtime::DescribeReply, subject};
 use prost::Message;
 use tokio::process::{Child, Command};
 
@@ -46,7 +41,12 @@ impl ServiceProc {
         Self::start_with_env(component, nats_url, args, &[])
     }
 
-    pub fn start_with_env(component: Component, nats_url: &str, args: &[&str], env: &[(&str, &str)]) -> Result<ServiceProc> {
+    pub fn start_with_env(
+        component: Component,
+        nats_url: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<ServiceProc> {
         let log = tempfile::NamedTempFile::new()?;
         // The gateway's public ports default to fixed numbers; tests run side by side.
         let gateway_ports: &[&str] = if component == Component::UiGateway

@@ -59,7 +59,16 @@ impl Gateway {
         wait_ready(&client, &registry).await?;
         wait_ready(&client, &gw).await?;
         let http = reqwest::Client::builder().no_proxy().build()?;
-        Ok(Gateway { nats, _iu: iu, _registry: registry, _others: started, gw, base: format!("http://{listen}"), grpc: format!("http://{grpc}"), http })
+        Ok(Gateway {
+            nats,
+            _iu: iu,
+            _registry: registry,
+            _others: started,
+            gw,
+            base: format!("http://{listen}"),
+            grpc: format!("http://{grpc}"),
+            http,
+        })
     }
 
     async fn token(&self, name: &str, role: &str) -> Result<(String, String)> {
@@ -86,14 +95,26 @@ impl Gateway {
         let r = self.http.post(self.url(path)).bearer_auth(token).body(body).send().await?;
         let status = r.status().as_u16();
         let bytes = r.bytes().await?;
-        Ok((status, serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))))
+        Ok((
+            status,
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into())),
+        ))
     }
 
-    async fn send(&self, method: &str, token: &str, path: &str, body: impl Into<reqwest::Body>) -> Result<(u16, Value)> {
+    async fn send(
+        &self,
+        method: &str,
+        token: &str,
+        path: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> Result<(u16, Value)> {
         let r = self.http.request(method.parse()?, self.url(path)).bearer_auth(token).body(body).send().await?;
         let status = r.status().as_u16();
         let bytes = r.bytes().await?;
-        Ok((status, serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))))
+        Ok((
+            status,
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into())),
+        ))
     }
 
     /// Events in the pipeline engine's stream: what "nothing written" is for definitions.
@@ -140,7 +161,9 @@ async fn gateway_units_api_round_trip_with_ranges_links_and_system_views() -> Re
 
     // Upload (streamed body) creates a unit.
     let content: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-    let (s, created) = g.post(&writer, "/api/v1/units?name=data.bin&tags=demo,ci&media_type=application/octet-stream", content.clone()).await?;
+    let (s, created) = g
+        .post(&writer, "/api/v1/units?name=data.bin&tags=demo,ci&media_type=application/octet-stream", content.clone())
+        .await?;
     assert_eq!(s, 201, "{created}");
     let id = created["unit_id"].as_str().context("unit_id")?.to_string();
     let (s, second) = g.post(&writer, "/api/v1/units?name=notes.txt", "see data.bin").await?;
@@ -169,20 +192,40 @@ async fn gateway_units_api_round_trip_with_ranges_links_and_system_views() -> Re
     assert_eq!(r.status().as_u16(), 200);
     assert_eq!(r.headers()["accept-ranges"], "bytes");
     assert_eq!(r.bytes().await?.as_ref(), content.as_slice());
-    let r = g.http.get(g.url(&format!("/api/v1/units/{id}/content"))).bearer_auth(&writer).header("Range", "bytes=1000-1999").send().await?;
+    let r = g
+        .http
+        .get(g.url(&format!("/api/v1/units/{id}/content")))
+        .bearer_auth(&writer)
+        .header("Range", "bytes=1000-1999")
+        .send()
+        .await?;
     assert_eq!(r.status().as_u16(), 206);
     assert_eq!(r.headers()["content-range"], format!("bytes 1000-1999/{}", content.len()).as_str());
     assert_eq!(r.bytes().await?.as_ref(), &content[1000..2000]);
-    let r = g.http.get(g.url(&format!("/api/v1/units/{id}/content"))).bearer_auth(&writer).header("Range", "bytes=-10").send().await?;
+    let r = g
+        .http
+        .get(g.url(&format!("/api/v1/units/{id}/content")))
+        .bearer_auth(&writer)
+        .header("Range", "bytes=-10")
+        .send()
+        .await?;
     assert_eq!(r.status().as_u16(), 206);
     assert_eq!(r.bytes().await?.as_ref(), &content[content.len() - 10..]);
-    let r = g.http.get(g.url(&format!("/api/v1/units/{id}/content"))).bearer_auth(&writer).header("Range", "bytes=999999999-").send().await?;
+    let r = g
+        .http
+        .get(g.url(&format!("/api/v1/units/{id}/content")))
+        .bearer_auth(&writer)
+        .header("Range", "bytes=999999999-")
+        .send()
+        .await?;
     assert_eq!(r.status().as_u16(), 416);
 
     // Tag, link, history, links, a new version.
     let (s, t) = g.post(&writer, &format!("/api/v1/units/{id}/tags"), r#"{"tags":["reviewed"]}"#).await?;
     assert_eq!(s, 200, "{t}");
-    let (s, l) = g.post(&writer, &format!("/api/v1/units/{id2}/links"), format!(r#"{{"kind":"cites","target":"{id}"}}"#)).await?;
+    let (s, l) = g
+        .post(&writer, &format!("/api/v1/units/{id2}/links"), format!(r#"{{"kind":"cites","target":"{id}"}}"#))
+        .await?;
     assert_eq!(s, 200, "{l}");
     let (_, links) = g.get(&writer, &format!("/api/v1/units/{id}/links")).await?;
     assert_eq!(links["incoming"][0]["source"], id2.as_str(), "{links}");
@@ -206,7 +249,8 @@ async fn gateway_units_api_round_trip_with_ranges_links_and_system_views() -> Re
     eventually(Duration::from_secs(20), "components listed", || async {
         let (s, c) = g.get(&writer, "/api/v1/components").await?;
         anyhow::ensure!(s == 200, "{s} {c}");
-        let services: Vec<&str> = c["instances"].as_array().unwrap().iter().filter_map(|i| i["service"].as_str()).collect();
+        let services: Vec<&str> =
+            c["instances"].as_array().unwrap().iter().filter_map(|i| i["service"].as_str()).collect();
         anyhow::ensure!(services.contains(&"information-unit") && services.contains(&"ui-gateway"), "{c}");
         Ok(())
     })
@@ -235,7 +279,17 @@ async fn gateway_units_api_round_trip_with_ranges_links_and_system_views() -> Re
 
 #[tokio::test(flavor = "multi_thread")]
 async fn gateway_auth_matrix_bad_input_cors_and_rate_limits() -> Result<()> {
-    let g = Gateway::start(&["--gateway-max-upload", "100000", "--gateway-max-json", "1024", "--gateway-rate-limit", "5", "--gateway-cors-origins", "http://ui.example"]).await?;
+    let g = Gateway::start(&[
+        "--gateway-max-upload",
+        "100000",
+        "--gateway-max-json",
+        "1024",
+        "--gateway-rate-limit",
+        "5",
+        "--gateway-cors-origins",
+        "http://ui.example",
+    ])
+    .await?;
     let (_, reader) = g.token("r", "reader").await?;
     let (writer_id, writer) = g.token("w", "writer").await?;
     let (_, admin) = g.token("a", "admin").await?;
@@ -281,8 +335,20 @@ async fn gateway_auth_matrix_bad_input_cors_and_rate_limits() -> Result<()> {
     let cases: Vec<(&str, String, Vec<u8>, u16, &str)> = vec![
         ("POST", format!("/api/v1/units/{id}/tags"), b"{not json".to_vec(), 400, "malformed json"),
         ("POST", format!("/api/v1/units/{id}/tags"), br#"{"tags":"t"}"#.to_vec(), 400, "array of strings"),
-        ("POST", format!("/api/v1/units/{id}/tags"), format!(r#"{{"tags":["{}"]}}"#, "x".repeat(2000)).into_bytes(), 413, "larger than 1024"),
-        ("POST", format!("/api/v1/units/{id}/links"), br#"{"kind":"cites","target":"../../etc"}"#.to_vec(), 400, "unit id"),
+        (
+            "POST",
+            format!("/api/v1/units/{id}/tags"),
+            format!(r#"{{"tags":["{}"]}}"#, "x".repeat(2000)).into_bytes(),
+            413,
+            "larger than 1024",
+        ),
+        (
+            "POST",
+            format!("/api/v1/units/{id}/links"),
+            br#"{"kind":"cites","target":"../../etc"}"#.to_vec(),
+            400,
+            "unit id",
+        ),
         ("POST", "/api/v1/units?name=big.bin".to_string(), vec![0u8; 200_000], 413, "larger than the limit"),
         ("POST", "/api/v1/units?name=..%2Fetc%2Fpasswd".to_string(), b"x".to_vec(), 400, "path separator"),
         ("POST", "/api/v1/units?name=..".to_string(), b"x".to_vec(), 400, "path traversal"),
@@ -291,21 +357,34 @@ async fn gateway_auth_matrix_bad_input_cors_and_rate_limits() -> Result<()> {
         ("GET", "/api/v1/units/a.b".to_string(), vec![], 400, "unit id"),
         ("GET", "/api/v1/nope".to_string(), vec![], 404, "no route GET /api/v1/nope"),
         ("DELETE", "/api/v1/units".to_string(), vec![], 405, "not allowed"),
-        ("GET", "/api/v1/events?component=iu&filter=cim.evt.registry.>".to_string(), vec![], 400, "must be a subject under"),
+        (
+            "GET",
+            "/api/v1/events?component=iu&filter=cim.evt.registry.>".to_string(),
+            vec![],
+            400,
+            "must be a subject under",
+        ),
     ];
     for (method, path, body, want, message) in cases {
         // Each request with its own writer token, so the rate limit does not interfere.
         let (_, token) = g.token("bad-input", "writer").await?;
         let r = g.http.request(method.parse()?, g.url(&path)).bearer_auth(&token).body(body).send().await?;
         let status = r.status().as_u16();
-        let v: Value = serde_json::from_slice(&r.bytes().await?).with_context(|| format!("{method} {path}: json error body"))?;
+        let v: Value =
+            serde_json::from_slice(&r.bytes().await?).with_context(|| format!("{method} {path}: json error body"))?;
         assert_eq!(status, want, "{method} {path}: {v}");
         assert!(v["error"].as_str().is_some_and(|e| e.contains(message)), "{method} {path}: {v}");
     }
     // An oversized upload streamed without Content-Length is cut off too.
     let (_, token) = g.token("chunked", "writer").await?;
     let chunks = futures::stream::iter((0..40).map(|_| Ok::<_, std::io::Error>(vec![1u8; 8192])));
-    let r = g.http.post(g.url("/api/v1/units?name=chunked.bin")).bearer_auth(&token).body(reqwest::Body::wrap_stream(chunks)).send().await?;
+    let r = g
+        .http
+        .post(g.url("/api/v1/units?name=chunked.bin"))
+        .bearer_auth(&token)
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await?;
     assert_eq!(r.status().as_u16(), 413);
     // Nothing was written: no new event, and the partial uploads were deleted (their chunks
     // are purged; the object store's stream may keep delete markers, so compare events and
@@ -329,25 +408,47 @@ async fn gateway_auth_matrix_bad_input_cors_and_rate_limits() -> Result<()> {
     .await?;
 
     // Revocation takes effect at once.
-    let out = tokio::process::Command::new(bin("cimctl")).args(["token", "--nats-url", &g.nats.url(), "revoke", &writer_id]).output().await?;
+    let out = tokio::process::Command::new(bin("cimctl"))
+        .args(["token", "--nats-url", &g.nats.url(), "revoke", &writer_id])
+        .output()
+        .await?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let (s, e) = g.get(&writer, "/api/v1/units").await?;
     assert_eq!(s, 401, "{e}");
-    let out = tokio::process::Command::new(bin("cimctl")).args(["token", "--nats-url", &g.nats.url(), "--json", "ls"]).output().await?;
+    let out = tokio::process::Command::new(bin("cimctl"))
+        .args(["token", "--nats-url", &g.nats.url(), "--json", "ls"])
+        .output()
+        .await?;
     let listed: Value = serde_json::from_slice(&out.stdout)?;
     assert!(listed.as_array().unwrap().iter().all(|t| t["id"] != writer_id.as_str()), "{listed}");
     assert!(!String::from_utf8_lossy(&out.stdout).contains("cimt_"), "ls never shows tokens");
-    let out = tokio::process::Command::new(bin("cimctl")).args(["token", "--nats-url", &g.nats.url(), "create", "--name", "x", "--role", "root"]).output().await?;
+    let out = tokio::process::Command::new(bin("cimctl"))
+        .args(["token", "--nats-url", &g.nats.url(), "create", "--name", "x", "--role", "root"])
+        .output()
+        .await?;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown role"));
 
     // CORS: an allowed origin gets a preflight answer and the headers; another does not.
-    let r = g.http.request(reqwest::Method::OPTIONS, g.url("/api/v1/units")).header("Origin", "http://ui.example").header("Access-Control-Request-Method", "POST").send().await?;
+    let r = g
+        .http
+        .request(reqwest::Method::OPTIONS, g.url("/api/v1/units"))
+        .header("Origin", "http://ui.example")
+        .header("Access-Control-Request-Method", "POST")
+        .send()
+        .await?;
     assert_eq!(r.status().as_u16(), 204);
     assert_eq!(r.headers()["access-control-allow-origin"], "http://ui.example");
-    let r = g.http.request(reqwest::Method::OPTIONS, g.url("/api/v1/units")).header("Origin", "http://evil.example").header("Access-Control-Request-Method", "POST").send().await?;
+    let r = g
+        .http
+        .request(reqwest::Method::OPTIONS, g.url("/api/v1/units"))
+        .header("Origin", "http://evil.example")
+        .header("Access-Control-Request-Method", "POST")
+        .send()
+        .await?;
     assert_eq!(r.status().as_u16(), 403);
-    let r = g.http.get(g.url("/api/v1/units")).bearer_auth(&reader).header("Origin", "http://evil.example").send().await?;
+    let r =
+        g.http.get(g.url("/api/v1/units")).bearer_auth(&reader).header("Origin", "http://evil.example").send().await?;
     assert!(!r.headers().contains_key("access-control-allow-origin"));
 
     // Rate limit: 5/s with bursts of 10 per token; another token is unaffected.
@@ -423,7 +524,13 @@ async fn gateway_live_events_resume_after_reconnect() -> Result<()> {
     g.post(&writer, "/api/v1/units?name=two.txt", "2").await?;
     g.post(&writer, "/api/v1/units?name=three.txt", "3").await?;
 
-    let mut resumed = g.http.get(g.url("/api/v1/events?component=iu")).bearer_auth(&reader).header("Last-Event-ID", last_id.to_string()).send().await?;
+    let mut resumed = g
+        .http
+        .get(g.url("/api/v1/events?component=iu"))
+        .bearer_auth(&reader)
+        .header("Last-Event-ID", last_id.to_string())
+        .send()
+        .await?;
     let got = sse_events(&mut resumed, 4).await?;
     assert_eq!(got[0].0, last_id + 1, "resumes right after the last event seen");
     assert!(got.windows(2).all(|w| w[1].0 == w[0].0 + 1), "no gaps: {got:?}");
@@ -453,7 +560,9 @@ async fn gateway_pipelines_and_runs_over_the_engine() -> Result<()> {
     let (_, reader) = g.token("pl-reader", "reader").await?;
     let (_, writer) = g.token("pl-writer", "writer").await?;
     let (_, admin) = g.token("pl-admin", "admin").await?;
-    let example = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/pipelines/text-ingest.json"))?;
+    let example = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/pipelines/text-ingest.json"),
+    )?;
 
     // Applying a definition is configuration: readers and writers are refused, nothing written.
     for token in [&reader, &writer] {
@@ -464,7 +573,10 @@ async fn gateway_pipelines_and_runs_over_the_engine() -> Result<()> {
     assert_eq!(g.pipeline_events().await?, 0);
     let (s, applied) = g.post(&admin, "/api/v1/pipelines", example.clone()).await?;
     assert_eq!(s, 201, "{applied}");
-    assert_eq!((applied["name"].as_str(), applied["version"].as_u64(), applied["unchanged"].as_bool()), (Some("text-ingest"), Some(1), Some(false)));
+    assert_eq!(
+        (applied["name"].as_str(), applied["version"].as_u64(), applied["unchanged"].as_bool()),
+        (Some("text-ingest"), Some(1), Some(false))
+    );
     let (s, again) = g.post(&admin, "/api/v1/pipelines", example.clone()).await?;
     assert_eq!((s, again["unchanged"].as_bool()), (200, Some(true)), "{again}");
     let (s, list) = g.get(&reader, "/api/v1/pipelines").await?;
@@ -479,7 +591,10 @@ async fn gateway_pipelines_and_runs_over_the_engine() -> Result<()> {
     let written = g.pipeline_events().await?;
     let bad: [(&str, &str); 5] = [
         (r#"{"name":"bad","trigger":{"on":"unit.exploded"},"steps":[{"id":"t","tag":["x"]}]}"#, "unit.exploded"),
-        (r#"{"name":"bad","trigger":{"on":"manual"},"steps":[{"id":"p","plugin":"no-such-plugin@9.9.9"}]}"#, "unknown plugin"),
+        (
+            r#"{"name":"bad","trigger":{"on":"manual"},"steps":[{"id":"p","plugin":"no-such-plugin@9.9.9"}]}"#,
+            "unknown plugin",
+        ),
         (r#"{"name":"bad","trigger":{"on":"manual"},"steps":[{"id":"t","tag":["x"]}],"surprise":1}"#, "surprise"),
         ("{not json", "malformed json"),
         ("[1,2]", "json object"),
@@ -510,10 +625,21 @@ async fn gateway_pipelines_and_runs_over_the_engine() -> Result<()> {
     assert_eq!(run["unit_id"], unit.as_str(), "{run}");
     let (s, detail) = g.get(&reader, &format!("/api/v1/runs/{id}")).await?;
     assert_eq!(s, 200, "{detail}");
-    let steps: Vec<(&str, &str)> = detail["steps"].as_array().unwrap().iter().map(|s| (s["step"].as_str().unwrap(), s["state"].as_str().unwrap())).collect();
+    let steps: Vec<(&str, &str)> = detail["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["step"].as_str().unwrap(), s["state"].as_str().unwrap()))
+        .collect();
     assert_eq!(
         steps,
-        [("normalize", "completed"), ("classify", "completed"), ("tag", "completed"), ("label", "completed"), ("summary", "completed")],
+        [
+            ("normalize", "completed"),
+            ("classify", "completed"),
+            ("tag", "completed"),
+            ("label", "completed"),
+            ("summary", "completed")
+        ],
         "{detail}"
     );
     let (_, filtered) = g.get(&reader, &format!("/api/v1/runs?state=completed&unit_id={unit}&limit=5")).await?;
@@ -612,11 +738,12 @@ async fn gateway_grpc_with_generated_client_reflection_and_health() -> Result<()
     use cim_events::proto::iu::{CreateUnit, GetUnit, ListUnits, TagUnit};
     use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
     use tonic_reflection::pb::v1::{
-        ServerReflectionRequest, server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
-        server_reflection_response::MessageResponse,
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
     };
     use ui_gateway::grpc::proto::{
-        DownloadRequest, EventsRequest, UploadRequest, WhoAmIRequest, gateway_client::GatewayClient, upload_request::Part,
+        DownloadRequest, EventsRequest, UploadRequest, WhoAmIRequest, gateway_client::GatewayClient,
+        upload_request::Part,
     };
 
     let g = Gateway::start(&[]).await?;
@@ -635,10 +762,15 @@ async fn gateway_grpc_with_generated_client_reflection_and_health() -> Result<()
         assert_eq!(r.status(), ServingStatus::Serving, "{service:?}");
     }
     let mut reflection = ServerReflectionClient::new(channel.clone());
-    let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
     let mut replies = reflection.server_reflection_info(futures::stream::iter([req])).await?.into_inner();
     let reply = replies.message().await?.context("a reflection reply")?;
-    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else { anyhow::bail!("unexpected reply {reply:?}") };
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        anyhow::bail!("unexpected reply {reply:?}")
+    };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
     assert!(names.contains(&"cim.gateway.v1.Gateway".to_string()), "{names:?}");
     assert!(names.contains(&"grpc.health.v1.Health".to_string()), "{names:?}");
@@ -655,30 +787,49 @@ async fn gateway_grpc_with_generated_client_reflection_and_health() -> Result<()
 
     // Upload streamed in chunks, then get, list, download (whole and a range), tag.
     let content: Vec<u8> = (0..500_000u32).map(|i| (i % 253) as u8).collect();
-    let mut parts = vec![UploadRequest { part: Some(Part::Unit(CreateUnit { name: "grpc.bin".into(), tags: vec!["grpc".into()], ..Default::default() })) }];
+    let mut parts = vec![UploadRequest {
+        part: Some(Part::Unit(CreateUnit { name: "grpc.bin".into(), tags: vec!["grpc".into()], ..Default::default() })),
+    }];
     parts.extend(content.chunks(64 * 1024).map(|c| UploadRequest { part: Some(Part::Data(c.to_vec())) }));
     let created = client.upload(grpc_req(futures::stream::iter(parts), &writer)).await?.into_inner();
     assert!(!created.unit_id.is_empty());
-    let unit = client.get_unit(grpc_req(GetUnit { unit_id: created.unit_id.clone(), ..Default::default() }, &reader)).await?.into_inner();
+    let unit = client
+        .get_unit(grpc_req(GetUnit { unit_id: created.unit_id.clone(), ..Default::default() }, &reader))
+        .await?
+        .into_inner();
     assert_eq!((unit.name.as_str(), unit.size), ("grpc.bin", content.len() as u64));
-    let list = client.list_units(grpc_req(ListUnits { tag: "grpc".into(), ..Default::default() }, &reader)).await?.into_inner();
+    let list = client
+        .list_units(grpc_req(ListUnits { tag: "grpc".into(), ..Default::default() }, &reader))
+        .await?
+        .into_inner();
     assert_eq!(list.units.len(), 1);
     let mut whole = Vec::new();
-    let mut chunks = client.download(grpc_req(DownloadRequest { unit_id: created.unit_id.clone(), ..Default::default() }, &reader)).await?.into_inner();
+    let mut chunks = client
+        .download(grpc_req(DownloadRequest { unit_id: created.unit_id.clone(), ..Default::default() }, &reader))
+        .await?
+        .into_inner();
     while let Some(c) = chunks.message().await? {
         whole.extend_from_slice(&c.data);
     }
     assert_eq!(whole, content);
     let mut part = Vec::new();
     let mut chunks = client
-        .download(grpc_req(DownloadRequest { unit_id: created.unit_id.clone(), offset: 1000, length: 5000, ..Default::default() }, &reader))
+        .download(grpc_req(
+            DownloadRequest { unit_id: created.unit_id.clone(), offset: 1000, length: 5000, ..Default::default() },
+            &reader,
+        ))
         .await?
         .into_inner();
     while let Some(c) = chunks.message().await? {
         part.extend_from_slice(&c.data);
     }
     assert_eq!(part, &content[1000..6000]);
-    client.tag(grpc_req(TagUnit { unit_id: created.unit_id.clone(), tags: vec!["seen".into()], ..Default::default() }, &writer)).await?;
+    client
+        .tag(grpc_req(
+            TagUnit { unit_id: created.unit_id.clone(), tags: vec!["seen".into()], ..Default::default() },
+            &writer,
+        ))
+        .await?;
 
     // Bad input: a name with a path separator, an upload without its unit.
     let bad = vec![UploadRequest { part: Some(Part::Unit(CreateUnit { name: "../x".into(), ..Default::default() })) }];
@@ -689,7 +840,10 @@ async fn gateway_grpc_with_generated_client_reflection_and_health() -> Result<()
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
 
     // Events from the start: content stored, unit created, unit tagged.
-    let mut events = client.events(grpc_req(EventsRequest { component: "iu".into(), after: Some(0), ..Default::default() }, &reader)).await?.into_inner();
+    let mut events = client
+        .events(grpc_req(EventsRequest { component: "iu".into(), after: Some(0), ..Default::default() }, &reader))
+        .await?
+        .into_inner();
     let mut subjects = Vec::new();
     while subjects.len() < 3 {
         let e = tokio::time::timeout(Duration::from_secs(10), events.message()).await??.context("events ended")?;
@@ -709,9 +863,15 @@ struct Browser {
 
 impl Browser {
     async fn start() -> Result<Browser> {
-        let which = |b: &str| std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()).map(|d| d.join(b)).find(|p| p.is_file());
-        let driver = which("chromedriver").context("chromedriver is missing: apt-get install -y chromium chromium-driver (.ci/run does)")?;
-        let chromium = which("chromium").context("chromium is missing: apt-get install -y chromium chromium-driver (.ci/run does)")?;
+        let which = |b: &str| {
+            std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+                .map(|d| d.join(b))
+                .find(|p| p.is_file())
+        };
+        let driver = which("chromedriver")
+            .context("chromedriver is missing: apt-get install -y chromium chromium-driver (.ci/run does)")?;
+        let chromium = which("chromium")
+            .context("chromium is missing: apt-get install -y chromium chromium-driver (.ci/run does)")?;
         let port = free_port()?;
         let child = tokio::process::Command::new(driver)
             .arg(format!("--port={port}"))
@@ -752,7 +912,9 @@ impl Browser {
     }
 
     async fn element(&self, css: &str) -> Result<String> {
-        let v = self.cmd(reqwest::Method::POST, "/element", serde_json::json!({ "using": "css selector", "value": css })).await?;
+        let v = self
+            .cmd(reqwest::Method::POST, "/element", serde_json::json!({ "using": "css selector", "value": css }))
+            .await?;
         Ok(v.as_object().and_then(|o| o.values().next()).and_then(Value::as_str).context("element id")?.to_string())
     }
 
@@ -789,7 +951,9 @@ async fn gateway_web_ui_end_to_end_in_headless_chromium() -> Result<()> {
     let (_, admin) = g.token("browser-admin", "admin").await?;
     let browser = Browser::start().await?;
     // The shipped example pipeline: the upload below triggers it, and its summary is linked to the upload.
-    let example = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/pipelines/text-ingest.json"))?;
+    let example = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/pipelines/text-ingest.json"),
+    )?;
     let (s, applied) = g.post(&admin, "/api/v1/pipelines", example).await?;
     assert_eq!(s, 201, "{applied}");
 
@@ -797,8 +961,12 @@ async fn gateway_web_ui_end_to_end_in_headless_chromium() -> Result<()> {
     browser.cmd(reqwest::Method::POST, "/url", serde_json::json!({ "url": g.url("/") })).await?;
     browser.type_into("#token", &writer).await?;
     browser.click("#login-btn").await?;
-    browser.wait_js("logged in", "return document.getElementById('who').textContent.includes('browser (writer)')").await?;
-    browser.wait_js("live events connected", "return document.getElementById('live-state').textContent === '(connected)'").await?;
+    browser
+        .wait_js("logged in", "return document.getElementById('who').textContent.includes('browser (writer)')")
+        .await?;
+    browser
+        .wait_js("live events connected", "return document.getElementById('live-state').textContent === '(connected)'")
+        .await?;
 
     // Upload a file through the file input, with progress, and see it listed.
     let dir = tempfile::tempdir()?;
@@ -806,16 +974,32 @@ async fn gateway_web_ui_end_to_end_in_headless_chromium() -> Result<()> {
     std::fs::write(&file, "uploaded from headless chromium\n".repeat(1000))?;
     browser.type_into("#file", &file.to_string_lossy()).await?;
     browser.click("#upload-btn").await?;
-    browser.wait_js("upload finished", "return document.getElementById('upload-status').textContent.includes('uploaded browser-upload.txt')").await?;
-    browser.wait_js("unit listed", "return [...document.querySelectorAll('.unit-link')].some(a => a.textContent === 'browser-upload.txt')").await?;
+    browser
+        .wait_js(
+            "upload finished",
+            "return document.getElementById('upload-status').textContent.includes('uploaded browser-upload.txt')",
+        )
+        .await?;
+    browser
+        .wait_js(
+            "unit listed",
+            "return [...document.querySelectorAll('.unit-link')].some(a => a.textContent === 'browser-upload.txt')",
+        )
+        .await?;
     let progress = browser.js("return document.getElementById('progress').value").await?;
     assert_eq!(progress.as_f64(), Some(100.0));
 
     // Open its detail page: versions, history with provenance.
-    browser.js("[...document.querySelectorAll('.unit-link')].find(a => a.textContent === 'browser-upload.txt').click()").await?;
-    browser.wait_js("detail shown", "return document.getElementById('detail-name').textContent === 'browser-upload.txt'").await?;
+    browser
+        .js("[...document.querySelectorAll('.unit-link')].find(a => a.textContent === 'browser-upload.txt').click()")
+        .await?;
+    browser
+        .wait_js("detail shown", "return document.getElementById('detail-name').textContent === 'browser-upload.txt'")
+        .await?;
     browser.wait_js("versions shown", "return document.querySelectorAll('#versions tr').length === 1").await?;
-    browser.wait_js("history shown", "return document.getElementById('history').textContent.includes('correlation_id')").await?;
+    browser
+        .wait_js("history shown", "return document.getElementById('history').textContent.includes('correlation_id')")
+        .await?;
     let id = browser.js("return JSON.parse(document.getElementById('detail-meta').textContent).unit_id").await?;
     let id = id.as_str().context("unit id on the page")?.to_string();
 
@@ -829,7 +1013,12 @@ async fn gateway_web_ui_end_to_end_in_headless_chromium() -> Result<()> {
 
     // The pipelines view: the run the upload triggered, updated live until completed, with its steps.
     browser.click("#nav-pipelines").await?;
-    browser.wait_js("pipeline listed", "return [...document.querySelectorAll('.pipeline-row')].some(r => r.dataset.name === 'text-ingest')").await?;
+    browser
+        .wait_js(
+            "pipeline listed",
+            "return [...document.querySelectorAll('.pipeline-row')].some(r => r.dataset.name === 'text-ingest')",
+        )
+        .await?;
     browser.wait_js("runs live", "return document.getElementById('runs-live').textContent === '(live)'").await?;
     browser
         .wait_js("run completed", &format!("return [...document.querySelectorAll('.run-row')].some(r => r.textContent.includes('{}') && r.querySelector('.run-state').textContent === 'completed')", &id[..8]))
@@ -837,11 +1026,21 @@ async fn gateway_web_ui_end_to_end_in_headless_chromium() -> Result<()> {
     browser.js("document.querySelector('.run-link').click()").await?;
     let steps = browser.wait_js("steps shown", "const s = [...document.querySelectorAll('#run-steps .step-state')].map(e => e.textContent); return s.length === 5 && s.every(x => x === 'completed') && s.join(',')").await?;
     assert_eq!(steps, "completed,completed,completed,completed,completed");
-    browser.wait_js("completed count", "return document.querySelector('.pipeline-row .count-completed').textContent === '1'").await?;
+    browser
+        .wait_js(
+            "completed count",
+            "return document.querySelector('.pipeline-row .count-completed').textContent === '1'",
+        )
+        .await?;
 
     // The unit's links as a graph: the summary the run wrote points at it (summary-of).
     browser.js("[...document.querySelectorAll('#run-rows .unit-link')][0].click()").await?;
-    browser.wait_js("detail shown again", "return document.getElementById('detail-name').textContent === 'browser-upload.txt'").await?;
+    browser
+        .wait_js(
+            "detail shown again",
+            "return document.getElementById('detail-name').textContent === 'browser-upload.txt'",
+        )
+        .await?;
     let graph = browser
         .wait_js("link graph drawn", "const g = document.getElementById('graph-svg'); return g && g.querySelectorAll('.node').length === 2 && [...g.querySelectorAll('.edge-label')].map(e => e.textContent).join(',')")
         .await?;
@@ -851,7 +1050,11 @@ async fn gateway_web_ui_end_to_end_in_headless_chromium() -> Result<()> {
         .wait_js("node titles", "const t = [...document.querySelectorAll('#graph-svg .node title')].map(t => t.textContent); return t.length === 2 && t.join('|')")
         .await?;
     let titles = titles.as_str().context("node titles")?;
-    assert!(titles.starts_with("browser-upload.txt.summary.txt (") && titles.contains(&format!("|browser-upload.txt ({id})")), "{titles}");
+    assert!(
+        titles.starts_with("browser-upload.txt.summary.txt (")
+            && titles.contains(&format!("|browser-upload.txt ({id})")),
+        "{titles}"
+    );
 
     // The screenshot is a test artifact.
     let png = browser.cmd(reqwest::Method::GET, "/screenshot", Value::Null).await?;
@@ -872,7 +1075,12 @@ async fn gateway_web_ui_end_to_end_in_headless_chromium() -> Result<()> {
 async fn gateway_runs_with_its_generated_nats_permissions() -> Result<()> {
     let mut op = cim_testkit::Operator::new();
     let account = op.account_with_jetstream("CIM");
-    let server = NatsServer::builder().operator(&op).jetstream_domain("leaf").extra_config("max_control_line: 65536").start().await?;
+    let server = NatsServer::builder()
+        .operator(&op)
+        .jetstream_domain("leaf")
+        .extra_config("max_control_line: 65536")
+        .start()
+        .await?;
     let perms = crate::common::generated_permissions(Component::UiGateway)?;
     let dir = tempfile::tempdir()?;
     let gw_creds = account.user("ui-gateway", perms).write_creds(dir.path())?;

@@ -26,7 +26,8 @@ struct Response {
 /// `POST path` with `headers` over a raw TCP stream (`Connection: close`, read to EOF).
 async fn post(addr: &str, path: &str, headers: &[(&str, String)], body: &[u8]) -> Result<Response> {
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    let mut head = format!("POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    let mut head =
+        format!("POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
     for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -37,7 +38,8 @@ async fn post(addr: &str, path: &str, headers: &[(&str, String)], body: &[u8]) -
     let mut raw = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw)).await??;
     let text = String::from_utf8_lossy(&raw).into_owned();
-    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).with_context(|| format!("no status in {text:?}"))?;
+    let status =
+        text.split(' ').nth(1).and_then(|s| s.parse().ok()).with_context(|| format!("no status in {text:?}"))?;
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     Ok(Response { status, body })
 }
@@ -131,7 +133,10 @@ async fn hub_webhooks_verify_signatures_deduplicate_and_refuse_bad_input() -> Re
     let (envelope, event) = &events[0];
     assert!(envelope.is_root());
     assert_eq!(envelope.kind, <WebhookReceived as cim_events::Payload>::TYPE);
-    assert_eq!((event.source.as_str(), event.delivery_id.as_str(), event.body.as_slice()), ("shop", "msg_1", &body[..]));
+    assert_eq!(
+        (event.source.as_str(), event.delivery_id.as_str(), event.body.as_slice()),
+        ("shop", "msg_1", &body[..])
+    );
     assert_eq!(event.content_type, "application/json");
     assert!(event.remote_addr.starts_with("127.0.0.1:"));
     assert_eq!(event.size, body.len() as u64);
@@ -275,7 +280,11 @@ struct Receiver {
 impl Receiver {
     async fn start(ip: &str, script: Vec<Act>) -> Result<Receiver> {
         let listener = tokio::net::TcpListener::bind((ip, 0)).await?;
-        let r = Receiver { addr: listener.local_addr()?, script: std::sync::Arc::new(std::sync::Mutex::new(script.into())), seen: Default::default() };
+        let r = Receiver {
+            addr: listener.local_addr()?,
+            script: std::sync::Arc::new(std::sync::Mutex::new(script.into())),
+            seen: Default::default(),
+        };
         let me = r.clone();
         tokio::spawn(async move {
             while let Ok((conn, _)) = listener.accept().await {
@@ -313,7 +322,8 @@ impl Receiver {
                 .filter_map(|l| l.split_once(':'))
                 .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
                 .collect();
-            let len: usize = headers.iter().find(|(k, _)| k == "content-length").and_then(|(_, v)| v.parse().ok()).unwrap_or(0);
+            let len: usize =
+                headers.iter().find(|(k, _)| k == "content-length").and_then(|(_, v)| v.parse().ok()).unwrap_or(0);
             let mut body = raw[head_end + 4..].to_vec();
             while body.len() < len {
                 match conn.read(&mut buf).await {
@@ -340,7 +350,8 @@ impl Receiver {
 
 /// The stream the subscriptions read: information-unit events, published here directly.
 async fn iu_stream(js: &jetstream::Context) -> Result<()> {
-    js.get_or_create_stream(resources::events_stream(Component::InformationUnit).config(cim_events::Tier::Leaf)).await?;
+    js.get_or_create_stream(resources::events_stream(Component::InformationUnit).config(cim_events::Tier::Leaf))
+        .await?;
     Ok(())
 }
 
@@ -350,7 +361,13 @@ async fn publish_unit(js: &jetstream::Context, n: u32) -> Result<String> {
     let env = Envelope::root::<UnitCreated>("test");
     let payload = UnitCreated { unit_id: format!("u{n}"), name: format!("unit {n}"), ..Default::default() };
     let (headers, body) = cim_events::payload::encode(&env, &payload);
-    js.publish_with_headers(cim_events::iu::unit_event(&format!("u{n}"), cim_events::iu::action::CREATED)?, headers, body).await?.await?;
+    js.publish_with_headers(
+        cim_events::iu::unit_event(&format!("u{n}"), cim_events::iu::action::CREATED)?,
+        headers,
+        body,
+    )
+    .await?
+    .await?;
     Ok(env.id().to_string())
 }
 
@@ -370,13 +387,22 @@ fn sub(name: &str, url: &str, extra: serde_json::Value) -> serde_json::Value {
 
 const OUT_ENV: [(&str, &str); 1] = [("CIM_TEST_OUT_SECRET", SECRET)];
 
-async fn request_json(client: &async_nats::Client, subject: String, body: serde_json::Value) -> Result<serde_json::Value> {
+async fn request_json(
+    client: &async_nats::Client,
+    subject: String,
+    body: serde_json::Value,
+) -> Result<serde_json::Value> {
     let reply = client.request(subject, body.to_string().into()).await?;
     Ok(serde_json::from_slice(&reply.payload)?)
 }
 
 async fn deliveries(client: &async_nats::Client, name: &str) -> Result<Vec<serde_json::Value>> {
-    let v = request_json(client, hub::query(hub::qry::DELIVERIES)?, serde_json::json!({ "subscription": name, "limit": 100 })).await?;
+    let v = request_json(
+        client,
+        hub::query(hub::qry::DELIVERIES)?,
+        serde_json::json!({ "subscription": name, "limit": 100 }),
+    )
+    .await?;
     Ok(v["deliveries"].as_array().cloned().unwrap_or_default())
 }
 
@@ -402,7 +428,11 @@ async fn hub_outbound_retries_in_order_signs_and_pauses() -> Result<()> {
     // First event: 500, then no answer (timeout), then 404, then accepted on the 4th attempt.
     let rx = Receiver::start("127.0.0.1", vec![Act::Status(500), Act::Hang, Act::Status(404)]).await?;
     let dir = tempfile::tempdir()?;
-    let config = hub_config(dir.path(), &["127.0.0.1/32"], serde_json::json!([sub("crm", &rx.url(), serde_json::json!({ "max_attempts": 6 }))]))?;
+    let config = hub_config(
+        dir.path(),
+        &["127.0.0.1/32"],
+        serde_json::json!([sub("crm", &rx.url(), serde_json::json!({ "max_attempts": 6 }))]),
+    )?;
     let mut ids = Vec::new();
     for n in 0..5 {
         ids.push(publish_unit(&js, n).await?);
@@ -422,14 +452,23 @@ async fn hub_outbound_retries_in_order_signs_and_pauses() -> Result<()> {
     assert_eq!(distinct_ids(&seen), ids, "delivered in stream order, each with its envelope id");
     let key = hub::secret_key(SECRET)?;
     for s in &seen {
-        hub::verify(&key, s.header(hub::H_WEBHOOK_ID), s.header(hub::H_WEBHOOK_TIMESTAMP), s.header(hub::H_WEBHOOK_SIGNATURE), &s.body, now(), Duration::from_secs(60))
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        hub::verify(
+            &key,
+            s.header(hub::H_WEBHOOK_ID),
+            s.header(hub::H_WEBHOOK_TIMESTAMP),
+            s.header(hub::H_WEBHOOK_SIGNATURE),
+            &s.body,
+            now(),
+            Duration::from_secs(60),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
         assert_eq!(s.header("ce-type"), Some("cim.iu.unit.created"));
         assert!(s.header(hub::H_CIM_SUBJECT).unwrap().starts_with("cim.evt.iu.unit."));
     }
 
     // Paused: new events wait (pending), nothing is sent; resumed: they arrive, in order.
-    let pause = cim_events::proto::hub::SubscriptionCommand { subscription: "crm".into(), reason: "maintenance".into() };
+    let pause =
+        cim_events::proto::hub::SubscriptionCommand { subscription: "crm".into(), reason: "maintenance".into() };
     let r = client.request(hub::command(hub::cmd::PAUSE)?, prost::Message::encode_to_vec(&pause).into()).await?;
     let state: cim_events::proto::hub::SubscriptionStateChanged = prost::Message::decode(r.payload)?;
     assert!(state.paused);
@@ -485,7 +524,9 @@ async fn hub_outbound_dead_letters_after_the_budget_and_refuses_disallowed_redir
     let id = publish_unit(&js, 1).await?;
     let (svc, _) = start_hub(&nats, &config, &OUT_ENV).await?;
 
-    for (name, attempts, error) in [("down", 3, "error sending request"), ("redir", 1, "redirect refused: address 127.0.0.2 is not allowed")] {
+    for (name, attempts, error) in
+        [("down", 3, "error sending request"), ("redir", 1, "redirect refused: address 127.0.0.2 is not allowed")]
+    {
         let log = eventually(READY, &format!("{name} dead-lettered"), || async {
             let log = deliveries(&client, name).await?;
             anyhow::ensure!(log.len() == 1, "{log:?}");
@@ -517,7 +558,11 @@ async fn hub_outbound_resumes_after_a_crash_mid_delivery_without_loss() -> Resul
     let rx = Receiver::start("127.0.0.1", vec![Act::Hang]).await?;
     let dir = tempfile::tempdir()?;
     // The hub is killed while the first delivery hangs (inside its 3 s attempt timeout).
-    let config = hub_config(dir.path(), &["127.0.0.1"], serde_json::json!([sub("crm", &rx.url(), serde_json::json!({ "timeout_ms": 3000 }))]))?;
+    let config = hub_config(
+        dir.path(),
+        &["127.0.0.1"],
+        serde_json::json!([sub("crm", &rx.url(), serde_json::json!({ "timeout_ms": 3000 }))]),
+    )?;
     let mut ids = Vec::new();
     for n in 0..3 {
         ids.push(publish_unit(&js, n).await?);
@@ -544,7 +589,11 @@ async fn hub_outbound_resumes_after_a_crash_mid_delivery_without_loss() -> Resul
 
 async fn cimctl(nats: &NatsServer, args: &[&str]) -> Result<(bool, String, String)> {
     let out = tokio::process::Command::new(bin("cimctl")).env("CIM_NATS_URL", nats.url()).args(args).output().await?;
-    Ok((out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned()))
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -557,14 +606,34 @@ async fn hub_cimctl_integration_adds_lists_pauses_and_shows_deliveries() -> Resu
     let config = dir.path().join("hub.json");
     let cfg = config.to_str().unwrap();
     let url = rx.url();
-    let add = ["integration", "add", "--config", cfg, "subscription", "--name", "crm", "--filter", "cim.evt.iu.unit.*.created", "--url", &url, "--secret-env", "CIM_TEST_OUT_SECRET", "--deliver", "all"];
+    let add = [
+        "integration",
+        "add",
+        "--config",
+        cfg,
+        "subscription",
+        "--name",
+        "crm",
+        "--filter",
+        "cim.evt.iu.unit.*.created",
+        "--url",
+        &url,
+        "--secret-env",
+        "CIM_TEST_OUT_SECRET",
+        "--deliver",
+        "all",
+    ];
     // Without an allow-list entry the target is refused and the file is not written.
     let (ok, _, err) = cimctl(&nats, &add).await?;
     assert!(!ok && err.contains("is not allowed"), "{err}");
     assert!(!config.exists());
     let (ok, _, err) = cimctl(&nats, &[&add[..], &["--allow", "127.0.0.1"]].concat()).await?;
     assert!(ok, "{err}");
-    let (ok, _, err) = cimctl(&nats, &["integration", "add", "--config", cfg, "webhook", "--name", "shop", "--secret-env", "CIM_TEST_OUT_SECRET"]).await?;
+    let (ok, _, err) = cimctl(
+        &nats,
+        &["integration", "add", "--config", cfg, "webhook", "--name", "shop", "--secret-env", "CIM_TEST_OUT_SECRET"],
+    )
+    .await?;
     assert!(ok, "{err}");
 
     let id = publish_unit(&js, 1).await?;
@@ -617,7 +686,8 @@ async fn hub_postgres_connector_projects_events_into_a_table_and_table_changes_i
     iu_stream(&js).await?;
     // Names unique to this run: the database is shared.
     let tag = format!("{}_{}", std::process::id(), now());
-    let (events_table, orders, connector) = (format!("hub_it_events_{tag}"), format!("hub_it_orders_{tag}"), format!("pg{tag}").replace('_', ""));
+    let (events_table, orders, connector) =
+        (format!("hub_it_events_{tag}"), format!("hub_it_orders_{tag}"), format!("pg{tag}").replace('_', ""));
     psql(&format!("CREATE TABLE {orders} (id int PRIMARY KEY, item text NOT NULL)")).await?;
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("hub.json");
@@ -712,11 +782,19 @@ impl PrivatePostgres {
         std::fs::create_dir(dir.path().join("sock"))?;
         std::process::Command::new("chown").arg("postgres:postgres").arg(dir.path().join("sock")).output()?;
         let data = dir.path().join("data");
-        let out = tokio::process::Command::from(as_postgres("initdb", &["-D", data.to_str().unwrap(), "-A", "trust", "-U", "postgres", "--no-sync"]))
-            .output()
-            .await
-            .context("running initdb")?;
-        anyhow::ensure!(out.status.success(), "initdb: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let out = tokio::process::Command::from(as_postgres(
+            "initdb",
+            &["-D", data.to_str().unwrap(), "-A", "trust", "-U", "postgres", "--no-sync"],
+        ))
+        .output()
+        .await
+        .context("running initdb")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "initdb: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         let pg = PrivatePostgres { dir, port: cim_testkit::free_port() };
         pg.up().await?;
         Ok(pg)
@@ -728,19 +806,34 @@ impl PrivatePostgres {
 
     /// Starts the server and waits until it accepts connections.
     async fn up(&self) -> Result<()> {
-        let opts = format!("-p {} -k {} -c listen_addresses=127.0.0.1", self.port, self.dir.path().join("sock").display());
+        let opts =
+            format!("-p {} -k {} -c listen_addresses=127.0.0.1", self.port, self.dir.path().join("sock").display());
         let log = self.dir.path().join("postgres.log");
-        let out = tokio::process::Command::from(as_postgres("pg_ctl", &["-D", &self.data(), "-l", log.to_str().unwrap(), "-o", &opts, "-w", "-t", "60", "start"]))
-            .output()
-            .await?;
-        anyhow::ensure!(out.status.success(), "pg_ctl start: {}{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr), std::fs::read_to_string(&log).unwrap_or_default());
+        let out = tokio::process::Command::from(as_postgres(
+            "pg_ctl",
+            &["-D", &self.data(), "-l", log.to_str().unwrap(), "-o", &opts, "-w", "-t", "60", "start"],
+        ))
+        .output()
+        .await?;
+        anyhow::ensure!(
+            out.status.success(),
+            "pg_ctl start: {}{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
         Ok(())
     }
 
     /// Stops the server the hard way (`-m immediate`: every connection cut, no checkpoint, crash
     /// recovery at the next start), like a crash or a power cut of the database host.
     async fn kill(&self) -> Result<()> {
-        let out = tokio::process::Command::from(as_postgres("pg_ctl", &["-D", &self.data(), "-m", "immediate", "-w", "stop"])).output().await?;
+        let out = tokio::process::Command::from(as_postgres(
+            "pg_ctl",
+            &["-D", &self.data(), "-m", "immediate", "-w", "stop"],
+        ))
+        .output()
+        .await?;
         anyhow::ensure!(out.status.success(), "pg_ctl stop: {}", String::from_utf8_lossy(&out.stderr));
         Ok(())
     }
@@ -751,7 +844,20 @@ impl PrivatePostgres {
 
     async fn psql(&self, sql: &str) -> Result<String> {
         let out = tokio::process::Command::new("psql")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-Atc", sql])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-Atc",
+                sql,
+            ])
             .output()
             .await
             .context("running psql")?;
@@ -806,7 +912,11 @@ async fn hub_postgres_connector_loses_and_repeats_nothing_across_a_database_rest
         let pg = pg.clone();
         tokio::spawn(async move {
             for id in 1..=40 {
-                while pg.psql(&format!("INSERT INTO orders VALUES ({id}, 'item {id}') ON CONFLICT DO NOTHING")).await.is_err() {
+                while pg
+                    .psql(&format!("INSERT INTO orders VALUES ({id}, 'item {id}') ON CONFLICT DO NOTHING"))
+                    .await
+                    .is_err()
+                {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 tokio::time::sleep(Duration::from_millis(25)).await;
@@ -815,7 +925,8 @@ async fn hub_postgres_connector_loses_and_repeats_nothing_across_a_database_rest
         })
     };
     let changes = |js: jetstream::Context| async move {
-        let out: Vec<cim_events::proto::hub::TableChanged> = hub_events(&js, hub::table_changed("erp")?).await?.into_iter().map(|(_, c)| c).collect();
+        let out: Vec<cim_events::proto::hub::TableChanged> =
+            hub_events(&js, hub::table_changed("erp")?).await?.into_iter().map(|(_, c)| c).collect();
         anyhow::Ok(out)
     };
     // Mid-stream: some rows and some changes have made it, more are on the way.
@@ -868,8 +979,16 @@ async fn hub_postgres_connector_loses_and_repeats_nothing_across_a_database_rest
     .await?;
     // Let a late repeat show itself before counting.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let got = { let again = changes(js.clone()).await?; assert_eq!(again.len(), got.len(), "no late repeats"); again };
-    assert!(got.windows(2).all(|w| w[0].outbox_id < w[1].outbox_id), "in outbox order, none repeated: {:?}", got.iter().map(|c| c.outbox_id).collect::<Vec<_>>());
+    let got = {
+        let again = changes(js.clone()).await?;
+        assert_eq!(again.len(), got.len(), "no late repeats");
+        again
+    };
+    assert!(
+        got.windows(2).all(|w| w[0].outbox_id < w[1].outbox_id),
+        "in outbox order, none repeated: {:?}",
+        got.iter().map(|c| c.outbox_id).collect::<Vec<_>>()
+    );
     let seen: Vec<(String, i64)> = got
         .iter()
         .map(|c| {
@@ -904,10 +1023,23 @@ impl Mosquitto {
         let conf = dir.join("mosquitto.conf");
         std::fs::write(
             &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n", dir.display()),
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n",
+                dir.display()
+            ),
         )?;
-        let child = tokio::process::Command::new("mosquitto").arg("-c").arg(&conf).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).kill_on_drop(true).spawn().context("starting mosquitto")?;
-        eventually(READY, "mosquitto listening", || async { Ok(tokio::net::TcpStream::connect(("127.0.0.1", port)).await?) }).await?;
+        let child = tokio::process::Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting mosquitto")?;
+        eventually(READY, "mosquitto listening", || async {
+            Ok(tokio::net::TcpStream::connect(("127.0.0.1", port)).await?)
+        })
+        .await?;
         Ok(Mosquitto { child })
     }
 
@@ -931,7 +1063,21 @@ impl Sub {
     async fn start(port: u16, topic: &str) -> Result<Sub> {
         use tokio::io::AsyncBufReadExt;
         let mut child = tokio::process::Command::new("mosquitto_sub")
-            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", topic, "-q", "1", "-c", "-i", "cim-it-sub", "-F", "%x"])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-t",
+                topic,
+                "-q",
+                "1",
+                "-c",
+                "-i",
+                "cim-it-sub",
+                "-F",
+                "%x",
+            ])
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()?;
@@ -953,7 +1099,10 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 async fn mqtt_pub(port: u16, topic: &str, message: &str) -> Result<()> {
-    let out = tokio::process::Command::new("mosquitto_pub").args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", topic, "-q", "1", "-m", message]).output().await?;
+    let out = tokio::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", topic, "-q", "1", "-m", message])
+        .output()
+        .await?;
     anyhow::ensure!(out.status.success(), "mosquitto_pub: {}", String::from_utf8_lossy(&out.stderr));
     Ok(())
 }
@@ -983,7 +1132,16 @@ async fn hub_mqtt_connector_both_ways_across_a_broker_restart() -> Result<()> {
     let mut payloads = Vec::new();
     for n in 0..2 {
         publish_unit(&js, n).await?;
-        payloads.push(js.get_stream(resources::events_stream(Component::InformationUnit).name).await?.get_last_raw_message_by_subject(&cim_events::iu::unit_event(&format!("u{n}"), cim_events::iu::action::CREATED)?).await?.payload);
+        payloads.push(
+            js.get_stream(resources::events_stream(Component::InformationUnit).name)
+                .await?
+                .get_last_raw_message_by_subject(&cim_events::iu::unit_event(
+                    &format!("u{n}"),
+                    cim_events::iu::action::CREATED,
+                )?)
+                .await?
+                .payload,
+        );
     }
     eventually(READY, "two events on the topic", || async {
         anyhow::ensure!(sub.lines.lock().unwrap().len() >= 2);
@@ -995,7 +1153,8 @@ async fn hub_mqtt_connector_both_ways_across_a_broker_restart() -> Result<()> {
     // Topic → events, wait until the hub has subscribed (its first message arrives).
     eventually(READY, "a sensor message as an event", || async {
         mqtt_pub(port, "sensors/t1", "21.5").await?;
-        let got: Vec<(Envelope, cim_events::proto::hub::MqttReceived)> = hub_events(&js, hub::mqtt_received("plant")?).await?;
+        let got: Vec<(Envelope, cim_events::proto::hub::MqttReceived)> =
+            hub_events(&js, hub::mqtt_received("plant")?).await?;
         anyhow::ensure!(!got.is_empty());
         assert_eq!((got[0].1.topic.as_str(), got[0].1.payload.as_slice()), ("sensors/t1", &b"21.5"[..]));
         Ok(())
@@ -1007,13 +1166,26 @@ async fn hub_mqtt_connector_both_ways_across_a_broker_restart() -> Result<()> {
     broker.stop().await?;
     for n in 2..4 {
         publish_unit(&js, n).await?;
-        payloads.push(js.get_stream(resources::events_stream(Component::InformationUnit).name).await?.get_last_raw_message_by_subject(&cim_events::iu::unit_event(&format!("u{n}"), cim_events::iu::action::CREATED)?).await?.payload);
+        payloads.push(
+            js.get_stream(resources::events_stream(Component::InformationUnit).name)
+                .await?
+                .get_last_raw_message_by_subject(&cim_events::iu::unit_event(
+                    &format!("u{n}"),
+                    cim_events::iu::action::CREATED,
+                )?)
+                .await?
+                .payload,
+        );
     }
     let _broker = Mosquitto::start(dir.path(), port).await?;
     let sub = Sub::start(port, "cim/units").await?;
     eventually(READY, "the events published while the broker was down", || async {
         let lines = sub.lines.lock().unwrap().clone();
-        anyhow::ensure!(lines.contains(&hex(&payloads[2])) && lines.contains(&hex(&payloads[3])), "{} lines", lines.len());
+        anyhow::ensure!(
+            lines.contains(&hex(&payloads[2])) && lines.contains(&hex(&payloads[3])),
+            "{} lines",
+            lines.len()
+        );
         let at = |p: &bytes::Bytes| lines.iter().position(|l| *l == hex(p)).unwrap();
         assert!(at(&payloads[2]) < at(&payloads[3]), "in order");
         Ok(())
@@ -1021,7 +1193,8 @@ async fn hub_mqtt_connector_both_ways_across_a_broker_restart() -> Result<()> {
     .await?;
     eventually(READY, "sensor messages flow again after the restart", || async {
         mqtt_pub(port, "sensors/t2", "22.0").await?;
-        let got: Vec<(Envelope, cim_events::proto::hub::MqttReceived)> = hub_events(&js, hub::mqtt_received("plant")?).await?;
+        let got: Vec<(Envelope, cim_events::proto::hub::MqttReceived)> =
+            hub_events(&js, hub::mqtt_received("plant")?).await?;
         anyhow::ensure!(got.iter().any(|(_, m)| m.topic == "sensors/t2"));
         Ok(())
     })
@@ -1069,7 +1242,8 @@ async fn hub_s3_import_turns_new_objects_into_units_once() -> Result<()> {
         let js = js.clone();
         async move {
             eventually(READY, &format!("{n} objects imported"), || async {
-                let got: Vec<(Envelope, cim_events::proto::hub::S3ObjectImported)> = hub_events(&js, hub::s3_imported("scans")?).await?;
+                let got: Vec<(Envelope, cim_events::proto::hub::S3ObjectImported)> =
+                    hub_events(&js, hub::s3_imported("scans")?).await?;
                 anyhow::ensure!(got.len() >= n, "{} imported", got.len());
                 Ok(got.into_iter().map(|(_, e)| e).collect::<Vec<_>>())
             })
@@ -1104,7 +1278,12 @@ async fn hub_s3_import_turns_new_objects_into_units_once() -> Result<()> {
 async fn hub_runs_with_its_generated_nats_permissions() -> Result<()> {
     let mut op = cim_testkit::Operator::new();
     let account = op.account_with_jetstream("CIM");
-    let server = NatsServer::builder().operator(&op).jetstream_domain("leaf").extra_config("max_control_line: 65536").start().await?;
+    let server = NatsServer::builder()
+        .operator(&op)
+        .jetstream_domain("leaf")
+        .extra_config("max_control_line: 65536")
+        .start()
+        .await?;
     let perms = crate::common::generated_permissions(C)?;
     let dir = tempfile::tempdir()?;
     let hub_creds = account.user(C.service_name(), perms).write_creds(dir.path())?;
@@ -1165,7 +1344,12 @@ async fn hub_runs_with_its_generated_nats_permissions() -> Result<()> {
     // and the projection.
     eventually(READY, "the unit event delivered", || async {
         let seen = rx.seen();
-        anyhow::ensure!(seen.iter().any(|s| s.header(hub::H_CIM_SUBJECT).is_some_and(|h| h.contains(&unit_id))), "{} requests\n{}", seen.len(), svc.log());
+        anyhow::ensure!(
+            seen.iter().any(|s| s.header(hub::H_CIM_SUBJECT).is_some_and(|h| h.contains(&unit_id))),
+            "{} requests\n{}",
+            seen.len(),
+            svc.log()
+        );
         Ok(())
     })
     .await?;
@@ -1184,7 +1368,8 @@ async fn hub_runs_with_its_generated_nats_permissions() -> Result<()> {
     .await?;
 
     // Pause and resume (events the hub writes and follows), and the pending count.
-    let pause = cim_events::proto::hub::SubscriptionCommand { subscription: "crm".into(), reason: "maintenance".into() };
+    let pause =
+        cim_events::proto::hub::SubscriptionCommand { subscription: "crm".into(), reason: "maintenance".into() };
     let r = client.request(hub::command(hub::cmd::PAUSE)?, prost::Message::encode_to_vec(&pause).into()).await?;
     let state: cim_events::proto::hub::SubscriptionStateChanged = prost::Message::decode(r.payload)?;
     assert!(state.paused);

@@ -54,7 +54,12 @@ async fn small_units_round_trip_with_metadata_links_history_and_ranges() -> Resu
     c.attributes.insert("lang".into(), "en".into());
     let a = iu.create(c).await?;
     let other = iu.create(create(&committed.cid, "other.txt")).await?;
-    iu.link(LinkUnit { header: header(0), unit_id: other.unit_id.clone(), link: Some(Link { kind: "cites".into(), target: a.unit_id.clone() }) }).await?;
+    iu.link(LinkUnit {
+        header: header(0),
+        unit_id: other.unit_id.clone(),
+        link: Some(Link { kind: "cites".into(), target: a.unit_id.clone() }),
+    })
+    .await?;
 
     let unit = iu.unit(&a.unit_id).await?;
     assert_eq!(unit.name, "greeting.txt");
@@ -74,7 +79,14 @@ async fn small_units_round_trip_with_metadata_links_history_and_ranges() -> Resu
 
     // a new version chains to its predecessor
     let v2 = iu.put_bytes(b"hello again").await?;
-    let r = iu.new_version(NewVersion { header: header(unit.version), unit_id: a.unit_id.clone(), cid: v2.cid.clone(), ..Default::default() }).await?;
+    let r = iu
+        .new_version(NewVersion {
+            header: header(unit.version),
+            unit_id: a.unit_id.clone(),
+            cid: v2.cid.clone(),
+            ..Default::default()
+        })
+        .await?;
     let unit = iu.unit(&a.unit_id).await?;
     assert_eq!(unit.version, r.version);
     assert_eq!(unit.versions.len(), 2);
@@ -99,7 +111,10 @@ async fn small_units_round_trip_with_metadata_links_history_and_ranges() -> Resu
     // delete is a tombstone: gone from lists, still in history
     iu.delete(DeleteUnit { header: header(0), unit_id: other.unit_id.clone(), reason: "test".into() }).await?;
     assert!(iu.unit(&other.unit_id).await?.deleted);
-    let err = iu.tag(TagUnit { header: header(0), unit_id: other.unit_id.clone(), tags: vec!["x".into()] }).await.unwrap_err();
+    let err = iu
+        .tag(TagUnit { header: header(0), unit_id: other.unit_id.clone(), tags: vec!["x".into()] })
+        .await
+        .unwrap_err();
     assert!(matches!(err, IuError::NotFound(_)), "{err}");
     Ok(())
 }
@@ -159,7 +174,8 @@ async fn a_retried_command_returns_the_first_result_and_writes_once() -> Result<
     assert_eq!(first.version, again.version);
     assert!(again.replayed && !first.replayed);
 
-    let tag = TagUnit { header: header_with_id("req-tag-1", 0), unit_id: first.unit_id.clone(), tags: vec!["t".into()] };
+    let tag =
+        TagUnit { header: header_with_id("req-tag-1", 0), unit_id: first.unit_id.clone(), tags: vec!["t".into()] };
     let (x, y) = tokio::join!(iu.tag(tag.clone()), iu.tag(tag));
     assert_eq!(x?.version, y?.version);
     let js = jetstream::new(nats.connect().await);
@@ -175,7 +191,8 @@ async fn get_as_of_a_version_or_a_time() -> Result<()> {
     let u = iu.create(create(&c.cid, "before")).await?;
     let t1 = iu.unit(&u.unit_id).await?.updated_ms;
     let tagged = iu.tag(TagUnit { header: header(0), unit_id: u.unit_id.clone(), tags: vec!["later".into()] }).await?;
-    let at_v1 = iu.get_unit(GetUnit { unit_id: u.unit_id.clone(), at_version: u.version, ..Default::default() }).await?;
+    let at_v1 =
+        iu.get_unit(GetUnit { unit_id: u.unit_id.clone(), at_version: u.version, ..Default::default() }).await?;
     assert!(at_v1.tags.is_empty());
     assert_eq!(at_v1.version, u.version);
     let at_t1 = iu.get_unit(GetUnit { unit_id: u.unit_id.clone(), at_time_ms: t1, ..Default::default() }).await?;
@@ -183,7 +200,8 @@ async fn get_as_of_a_version_or_a_time() -> Result<()> {
     let now = iu.unit(&u.unit_id).await?;
     assert_eq!(now.tags, vec!["later"]);
     assert_eq!(now.version, tagged.version);
-    let before = iu.get_unit(GetUnit { unit_id: u.unit_id.clone(), at_time_ms: 1, ..Default::default() }).await.unwrap_err();
+    let before =
+        iu.get_unit(GetUnit { unit_id: u.unit_id.clone(), at_time_ms: 1, ..Default::default() }).await.unwrap_err();
     assert!(matches!(before, IuError::NotFound(_)));
     Ok(())
 }
@@ -216,10 +234,21 @@ async fn replay_rebuilds_identical_projections_after_the_kv_is_deleted() -> Resu
         let u = iu.create(create(&c.cid, &format!("u{i}"))).await?;
         iu.tag(TagUnit { header: header(0), unit_id: u.unit_id.clone(), tags: vec![format!("t{}", i % 3)] }).await?;
         if i % 4 == 0 {
-            iu.new_version(NewVersion { header: header(0), unit_id: u.unit_id.clone(), cid: c2.cid.clone(), ..Default::default() }).await?;
+            iu.new_version(NewVersion {
+                header: header(0),
+                unit_id: u.unit_id.clone(),
+                cid: c2.cid.clone(),
+                ..Default::default()
+            })
+            .await?;
         }
         if i > 0 && (i - 1) % 7 != 0 {
-            iu.link(LinkUnit { header: header(0), unit_id: u.unit_id.clone(), link: Some(Link { kind: "next-of".into(), target: ids[i - 1].clone() }) }).await?;
+            iu.link(LinkUnit {
+                header: header(0),
+                unit_id: u.unit_id.clone(),
+                link: Some(Link { kind: "next-of".into(), target: ids[i - 1].clone() }),
+            })
+            .await?;
         }
         if i % 7 == 0 {
             iu.delete(DeleteUnit { header: header(0), unit_id: u.unit_id.clone(), reason: "r".into() }).await?;
@@ -259,7 +288,10 @@ async fn replay_rebuilds_identical_projections_after_the_kv_is_deleted() -> Resu
             let s = iu.status().await?;
             anyhow::ensure!(s.lag == 0 && s.checkpoint == s.stream_last_sequence, "{s:?}");
             anyhow::ensure!(kv_states(&js).await? == before, "projection differs");
-            anyhow::ensure!(iu.list(ListUnits { include_deleted: true, page_size: 1000, ..Default::default() }).await?.units.len() == 20);
+            anyhow::ensure!(
+                iu.list(ListUnits { include_deleted: true, page_size: 1000, ..Default::default() }).await?.units.len()
+                    == 20
+            );
             Ok(())
         })
         .await
@@ -291,7 +323,10 @@ async fn a_poison_event_is_skipped_with_its_sequence_and_later_events_still_proj
     let stream = js.get_stream(resources::events_stream(C).name).await?;
     assert_eq!(stream.get_raw_message(ack.sequence).await?.payload.as_ref(), b"not an event");
     let log = svc.log();
-    assert!(log.contains("event could not be projected; skipped") && log.contains(&format!("sequence={}", ack.sequence)), "{log}");
+    assert!(
+        log.contains("event could not be projected; skipped") && log.contains(&format!("sequence={}", ack.sequence)),
+        "{log}"
+    );
     Ok(())
 }
 
@@ -324,9 +359,13 @@ async fn content_that_does_not_match_its_cid_is_detected_recorded_and_removed() 
     info.digest = Some(honest.to_object_digest());
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Nats-Rollup", "sub");
-    js.publish_with_headers(cim_events::subject::object_meta(iu::CONTENT_BUCKET, &honest.to_string())?, headers, serde_json::to_vec(&info)?.into())
-        .await?
-        .await?;
+    js.publish_with_headers(
+        cim_events::subject::object_meta(iu::CONTENT_BUCKET, &honest.to_string())?,
+        headers,
+        serde_json::to_vec(&info)?.into(),
+    )
+    .await?
+    .await?;
     let err = iu.get_bytes(&honest.to_string(), None).await.unwrap_err();
     assert!(matches!(err, IuError::Corrupt { .. }), "{err}");
     eventually(READY, "the mismatching chunks recorded and removed", || async {
@@ -349,7 +388,8 @@ async fn bad_input_gets_a_clear_error_and_writes_nothing() -> Result<()> {
     let js = jetstream::new(nats.connect().await);
     let c = iu.put_bytes(b"valid").await?;
     let u = iu.create(create(&c.cid, "ok")).await?;
-    let schema = r#"{"attributes": {"pages": {"type": "integer", "required": true, "min": 1}}, "additional_attributes": false}"#;
+    let schema =
+        r#"{"attributes": {"pages": {"type": "integer", "required": true, "min": 1}}, "additional_attributes": false}"#;
     iu.register_type(RegisterType { header: header(0), name: "book".into(), schema_json: schema.into() }).await?;
     let events_before = event_count(&js, "cim.evt.iu.>").await?;
 
@@ -364,7 +404,10 @@ async fn bad_input_gets_a_clear_error_and_writes_nothing() -> Result<()> {
     bad_request(iu.create(create(&c.cid, "")).await.unwrap_err(), "name is empty");
     bad_request(iu.create(create(&c.cid, "a\u{7}b")).await.unwrap_err(), "control");
     bad_request(iu.create(create(&c.cid, "../etc/passwd")).await.unwrap_err(), "path separator");
-    bad_request(iu.create(CreateUnit { media_type: "nonsense".into(), ..create(&c.cid, "x") }).await.unwrap_err(), "media type");
+    bad_request(
+        iu.create(CreateUnit { media_type: "nonsense".into(), ..create(&c.cid, "x") }).await.unwrap_err(),
+        "media type",
+    );
     bad_request(iu.create(CreateUnit { tags: vec!["a b".into()], ..create(&c.cid, "x") }).await.unwrap_err(), "tag");
     let mut bad_attr = create(&c.cid, "x");
     bad_attr.attributes.insert("bad key".into(), "v".into());
@@ -376,18 +419,41 @@ async fn bad_input_gets_a_clear_error_and_writes_nothing() -> Result<()> {
     bad_request(iu.create(huge).await.unwrap_err(), "metadata is");
     bad_request(iu.create(create("not-a-cid", "x")).await.unwrap_err(), "CID");
     not_found(iu.create(create(&Cid::of(b"never uploaded").to_string(), "x")).await.unwrap_err(), "not stored");
-    not_found(iu.create(CreateUnit { unit_type: "novel".into(), ..create(&c.cid, "x") }).await.unwrap_err(), "not registered");
-    bad_request(iu.create(CreateUnit { unit_type: "book".into(), ..create(&c.cid, "x") }).await.unwrap_err(), "pages is required");
+    not_found(
+        iu.create(CreateUnit { unit_type: "novel".into(), ..create(&c.cid, "x") }).await.unwrap_err(),
+        "not registered",
+    );
+    bad_request(
+        iu.create(CreateUnit { unit_type: "book".into(), ..create(&c.cid, "x") }).await.unwrap_err(),
+        "pages is required",
+    );
     let mut wrong = CreateUnit { unit_type: "book".into(), ..create(&c.cid, "x") };
     wrong.attributes.insert("pages".into(), "zero".into());
     bad_request(iu.create(wrong).await.unwrap_err(), "not an integer");
     let mut dangling = create(&c.cid, "x");
     dangling.links.push(Link { kind: "cites".into(), target: "no-such-unit".into() });
     not_found(iu.create(dangling).await.unwrap_err(), "does not exist");
-    not_found(iu.link(LinkUnit { header: header(0), unit_id: u.unit_id.clone(), link: Some(Link { kind: "cites".into(), target: "ghost".into() }) }).await.unwrap_err(), "ghost");
-    let stale = iu.tag(TagUnit { header: header(u.version + 100), unit_id: u.unit_id.clone(), tags: vec!["t".into()] }).await.unwrap_err();
+    not_found(
+        iu.link(LinkUnit {
+            header: header(0),
+            unit_id: u.unit_id.clone(),
+            link: Some(Link { kind: "cites".into(), target: "ghost".into() }),
+        })
+        .await
+        .unwrap_err(),
+        "ghost",
+    );
+    let stale = iu
+        .tag(TagUnit { header: header(u.version + 100), unit_id: u.unit_id.clone(), tags: vec!["t".into()] })
+        .await
+        .unwrap_err();
     assert!(matches!(stale, IuError::Conflict(_)), "{stale}");
-    bad_request(iu.register_type(RegisterType { header: header(0), name: "broken".into(), schema_json: "{".into() }).await.unwrap_err(), "schema");
+    bad_request(
+        iu.register_type(RegisterType { header: header(0), name: "broken".into(), schema_json: "{".into() })
+            .await
+            .unwrap_err(),
+        "schema",
+    );
     not_found(iu.commit(&format!("{}{}", iu::UPLOAD_PREFIX, uuid_like())).await.unwrap_err(), "does not exist");
     bad_request(iu.commit("../../etc").await.unwrap_err(), "not an upload name");
     // undecodable request bodies
@@ -403,9 +469,35 @@ async fn bad_input_gets_a_clear_error_and_writes_nothing() -> Result<()> {
     let mut book = CreateUnit { unit_type: "book".into(), ..create(&c.cid, "a book") };
     book.attributes.insert("pages".into(), "3".into());
     let b = iu.create(book).await?;
-    bad_request(iu.set_attributes(SetAttributes { header: header(0), unit_id: b.unit_id.clone(), set: [("pages".to_string(), "0".to_string())].into(), remove: vec![] }).await.unwrap_err(), "below 1");
-    bad_request(iu.set_attributes(SetAttributes { header: header(0), unit_id: b.unit_id.clone(), set: Default::default(), remove: vec!["pages".into()] }).await.unwrap_err(), "pages is required");
-    iu.set_attributes(SetAttributes { header: header(0), unit_id: b.unit_id.clone(), set: [("pages".to_string(), "5".to_string())].into(), remove: vec![] }).await?;
+    bad_request(
+        iu.set_attributes(SetAttributes {
+            header: header(0),
+            unit_id: b.unit_id.clone(),
+            set: [("pages".to_string(), "0".to_string())].into(),
+            remove: vec![],
+        })
+        .await
+        .unwrap_err(),
+        "below 1",
+    );
+    bad_request(
+        iu.set_attributes(SetAttributes {
+            header: header(0),
+            unit_id: b.unit_id.clone(),
+            set: Default::default(),
+            remove: vec!["pages".into()],
+        })
+        .await
+        .unwrap_err(),
+        "pages is required",
+    );
+    iu.set_attributes(SetAttributes {
+        header: header(0),
+        unit_id: b.unit_id.clone(),
+        set: [("pages".to_string(), "5".to_string())].into(),
+        remove: vec![],
+    })
+    .await?;
     assert_eq!(iu.unit(&b.unit_id).await?.attributes.get("pages").map(String::as_str), Some("5"));
     assert!(wait_ready(&nats.connect().await, &svc).await.is_ok(), "still serving");
     Ok(())
@@ -429,7 +521,11 @@ impl Generated {
 }
 
 impl AsyncRead for Generated {
-    fn poll_read(mut self: Pin<&mut Self>, _: &mut std::task::Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         let n = (buf.remaining() as u64).min(self.left).min(64 * 1024) as usize;
         let mut chunk = vec![0u8; n];
         for b in chunk.chunks_mut(8) {
@@ -450,7 +546,11 @@ impl AsyncRead for Generated {
 struct HashSink(CidHasher, u64);
 
 impl AsyncWrite for HashSink {
-    fn poll_write(mut self: Pin<&mut Self>, _: &mut std::task::Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         self.0.update(buf);
         self.1 += buf.len() as u64;
         Poll::Ready(Ok(buf.len()))
@@ -473,7 +573,9 @@ async fn a_one_gib_unit_round_trips_with_bounded_memory() -> Result<()> {
     let expected = std::mem::take(&mut source.hasher).finish();
     assert_eq!(committed.cid, expected.to_string());
     assert_eq!(committed.size, SIZE);
-    let u = iu.create(CreateUnit { media_type: "application/octet-stream".into(), ..create(&committed.cid, "big.bin") }).await?;
+    let u = iu
+        .create(CreateUnit { media_type: "application/octet-stream".into(), ..create(&committed.cid, "big.bin") })
+        .await?;
     let mut sink = HashSink(CidHasher::new(), 0);
     iu.get_content(&iu.unit(&u.unit_id).await?.cid, None, &mut sink, &mut NoProgress).await?;
     assert_eq!(sink.1, SIZE);
@@ -486,7 +588,10 @@ async fn a_one_gib_unit_round_trips_with_bounded_memory() -> Result<()> {
 
 fn rss_kib(pid: i32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -560,7 +665,11 @@ async fn units_work_on_a_three_node_cluster_with_r3() -> Result<()> {
     let client = cluster.connect().await;
     wait_ready(&client, &svc).await?;
     let js = jetstream::new(client.clone());
-    for name in [resources::events_stream(C).name, resources::object_buckets(C)[0].stream_name(), resources::kv_buckets(C)[0].stream_name()] {
+    for name in [
+        resources::events_stream(C).name,
+        resources::object_buckets(C)[0].stream_name(),
+        resources::kv_buckets(C)[0].stream_name(),
+    ] {
         assert_eq!(js.get_stream(&name).await?.info().await?.config.num_replicas, 3, "{name}");
     }
     let iu = IuClient::new(client);

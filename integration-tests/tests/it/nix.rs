@@ -151,7 +151,8 @@ fn nix_flake_outputs_evaluate_with_stand_in_inputs() {
         let all: Vec<String> = binaries.iter().flat_map(|b| ["-p".to_string(), b.to_string()]).collect();
         assert_eq!(packages["default"]["cargoBuildFlags"], serde_json::json!(all));
         // Every package is a check; on x86_64-linux the NixOS VM tests are too.
-        let mut checks: Vec<&str> = flake["checks"][system].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+        let mut checks: Vec<&str> =
+            flake["checks"][system].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
         checks.sort();
         let mut want_checks = want.clone();
         if system == "x86_64-linux" {
@@ -161,7 +162,8 @@ fn nix_flake_outputs_evaluate_with_stand_in_inputs() {
         assert_eq!(checks, want_checks, "{system}");
     }
     let modules: Vec<&str> = flake["nixosModules"].as_array().unwrap().iter().map(|m| m.as_str().unwrap()).collect();
-    for m in service_names().into_iter().chain(["nats-leaf", "nats-cluster-node", "nats-auth", "default", "containers"]) {
+    for m in service_names().into_iter().chain(["nats-leaf", "nats-cluster-node", "nats-auth", "default", "containers"])
+    {
         assert!(modules.contains(&m), "nixosModules.{m} missing: {modules:?}");
     }
     let hosts = flake["nixosConfigurations"].as_object().unwrap();
@@ -169,7 +171,10 @@ fn nix_flake_outputs_evaluate_with_stand_in_inputs() {
     for (name, host) in hosts {
         let units = host["units"].as_array().unwrap();
         assert_eq!(units.len(), 8, "{name}: seven services and nats: {units:?}");
-        assert!(host["registryExecStart"].as_str().unwrap().ends_with("-registry-0.1.0/bin/registry"), "{name}: {host}");
+        assert!(
+            host["registryExecStart"].as_str().unwrap().ends_with("-registry-0.1.0/bin/registry"),
+            "{name}: {host}"
+        );
         assert_eq!(host["systemPackages"], serde_json::json!(["cimctl-0.1.0"]));
     }
     assert!(flake["containerRegistryExecStart"].as_str().unwrap().ends_with("-registry-0.1.0/bin/registry"));
@@ -216,10 +221,14 @@ fn read_tree(root: &Path) -> BTreeMap<String, String> {
 fn nix_modules_render_the_golden_units_and_nats_configs() {
     let v = eval_default(&[]).unwrap();
     // nixpkgs versions differ in whether services.nats has a `host` option: same result.
-    let out = run(nix_instantiate()
-        .args(["--eval", "--strict", "--json"])
-        .arg(tests_dir().join("eval.nix"))
-        .args(["--argstr", "pkgDir", FAKE_PKG, "--arg", "natsHasHostOption", "true"]))
+    let out = run(nix_instantiate().args(["--eval", "--strict", "--json"]).arg(tests_dir().join("eval.nix")).args([
+        "--argstr",
+        "pkgDir",
+        FAKE_PKG,
+        "--arg",
+        "natsHasHostOption",
+        "true",
+    ]))
     .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let with_host: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -283,7 +292,11 @@ fn nix_modules_render_the_golden_units_and_nats_configs() {
         assert!(unit.lines().any(|l| l == line), "cim-storage-manager.service lacks {line}:\n{unit}");
     }
     assert!(!unit.contains("credentials-file=/run/keys"), "a host path in the spec:\n{unit}");
-    assert!(files["cluster-node-1/cim-storage-manager.service"].lines().any(|l| l == "Environment=\"CIM_SOURCE_LEAVES=leaf\""));
+    assert!(
+        files["cluster-node-1/cim-storage-manager.service"]
+            .lines()
+            .any(|l| l == "Environment=\"CIM_SOURCE_LEAVES=leaf\"")
+    );
     let unit = &files["leaf/cim-integration-hub.service"];
     for line in [
         "LoadCredential=hub-config:/etc/cim/hub.json",
@@ -306,7 +319,10 @@ fn nix_modules_render_the_golden_units_and_nats_configs() {
     ] {
         assert!(unit.lines().any(|l| l == line), "the container's cim-storage-manager.service lacks {line}:\n{unit}");
     }
-    assert!(unit.contains("credentials-file=%d/archive-nas;") && !unit.contains("credentials-file=/run/keys"), "{unit}");
+    assert!(
+        unit.contains("credentials-file=%d/archive-nas;") && !unit.contains("credentials-file=/run/keys"),
+        "{unit}"
+    );
     let unit = &files["container-cim-integration-hub/cim-integration-hub.service"];
     for line in [
         "LoadCredential=hub-config:/etc/cim/hub.json",
@@ -330,14 +346,23 @@ fn nix_modules_render_the_golden_units_and_nats_configs() {
     // Every LoadCredential= path inside any container is one of its bind mounts.
     for (rel, unit) in files.iter().filter(|(k, _)| k.starts_with("container-cim-")) {
         let container = rel.split('/').next().unwrap().strip_prefix("container-").unwrap();
-        for path in unit.lines().filter_map(|l| l.strip_prefix("LoadCredential=")).map(|c| c.split_once(':').unwrap().1) {
-            assert!(mounts[container]["bindMounts"][path].is_object(), "{rel} loads {path}, which {container} does not mount");
+        for path in unit.lines().filter_map(|l| l.strip_prefix("LoadCredential=")).map(|c| c.split_once(':').unwrap().1)
+        {
+            assert!(
+                mounts[container]["bindMounts"][path].is_object(),
+                "{rel} loads {path}, which {container} does not mount"
+            );
         }
     }
     // The registry's own options and caps inside; its container's unit on the host follows
     // them (plus room for the container's own processes).
     let unit = &files["container-cim-registry/cim-registry.service"];
-    for line in ["MemoryMax=1G", "CPUWeight=200", "Environment=\"CIM_REGISTRY_MISSED_BEATS=5\"", "Environment=\"CIM_REGISTRY_MIN_TTL=2s\""] {
+    for line in [
+        "MemoryMax=1G",
+        "CPUWeight=200",
+        "Environment=\"CIM_REGISTRY_MISSED_BEATS=5\"",
+        "Environment=\"CIM_REGISTRY_MIN_TTL=2s\"",
+    ] {
         assert!(unit.lines().any(|l| l == line), "the container's cim-registry.service lacks {line}:\n{unit}");
     }
     let unit = &files["containers-host/container@cim-registry.service"];
@@ -356,56 +381,127 @@ fn nix_options_refuse_bad_definitions() {
         ("cpuWeightTooHigh", "`services.cim.registry.cpuWeight' is not of type `integer between 1 and 10000"),
         ("shutdownGraceNegative", "`services.cim.registry.shutdownGrace' is not of type `positive integer"),
         ("leafPortOutOfRange", "`services.cim.nats-leaf.port' is not of type `16 bit unsigned integer"),
-        ("credentialsAsNixPath", "`services.cim.registry.natsCredentialsFile' is not of type `null or absolute non-store path"),
-        ("credentialsInStore", "`services.cim.registry.natsCredentialsFile' is not of type `null or absolute non-store path"),
-        ("credentialsRelative", "`services.cim.registry.natsCredentialsFile' is not of type `null or absolute non-store path"),
-        ("environmentFileInStore", "`services.cim.registry.environmentFile' is not of type `null or absolute non-store path"),
+        (
+            "credentialsAsNixPath",
+            "`services.cim.registry.natsCredentialsFile' is not of type `null or absolute non-store path",
+        ),
+        (
+            "credentialsInStore",
+            "`services.cim.registry.natsCredentialsFile' is not of type `null or absolute non-store path",
+        ),
+        (
+            "credentialsRelative",
+            "`services.cim.registry.natsCredentialsFile' is not of type `null or absolute non-store path",
+        ),
+        (
+            "environmentFileInStore",
+            "`services.cim.registry.environmentFile' is not of type `null or absolute non-store path",
+        ),
         ("nodeWithDot", "`services.cim.registry.node' is not of type `null or string matching"),
         ("domainWithWildcard", "`services.cim.registry.jetstreamDomain' is not of type `null or string matching"),
         ("heartbeatWithSpace", "`services.cim.registry.heartbeatInterval' is not of type `string matching"),
         ("tierUnknown", "`services.cim.registry.tier' is not of type `one of \"leaf\", \"cluster\"'"),
         ("authPlaintextPassword", "`services.cim.nats-auth.services.registry.passwordHash' is not of type"),
         ("pluginMemoryWords", "`services.cim.plugin-host.maxMemory' is not of type `string matching"),
-        ("pluginParallelismZero", "`services.cim.plugin-host.parallelism' is not of type `null or integer between 1 and 1024"),
+        (
+            "pluginParallelismZero",
+            "`services.cim.plugin-host.parallelism' is not of type `null or integer between 1 and 1024",
+        ),
         ("registryMissedBeatsZero", "`services.cim.registry.missedBeats' is not of type `integer between 1 and 1000"),
         ("registryMinTtlWords", "`services.cim.registry.minTtl' is not of type `string matching"),
-        ("archiveTargetNameWithDot", "`services.cim.storage-manager.archiveTargets.[1].name' is not of type `string matching"),
-        ("archiveEndpointWithoutScheme", "`services.cim.storage-manager.archiveTargets.[1].endpoint' is not of type `string matching"),
-        ("archiveBucketWithComma", "`services.cim.storage-manager.archiveTargets.[1].bucket' is not of type `string matching"),
-        ("archiveRegionWithPercent", "`services.cim.storage-manager.archiveTargets.[1].region' is not of type `string matching"),
-        ("archiveTargetUnknownKey", "The option `services.cim.storage-manager.archiveTargets.[1].colour' does not exist"),
-        ("archiveCredentialsInStore", "`services.cim.storage-manager.archiveTargets.[1].credentialsFile' is not of type `null or absolute non-store path"),
-        ("archiveCredentialsAsNixPath", "`services.cim.storage-manager.archiveTargets.[1].credentialsFile' is not of type `null or absolute non-store path"),
+        (
+            "archiveTargetNameWithDot",
+            "`services.cim.storage-manager.archiveTargets.[1].name' is not of type `string matching",
+        ),
+        (
+            "archiveEndpointWithoutScheme",
+            "`services.cim.storage-manager.archiveTargets.[1].endpoint' is not of type `string matching",
+        ),
+        (
+            "archiveBucketWithComma",
+            "`services.cim.storage-manager.archiveTargets.[1].bucket' is not of type `string matching",
+        ),
+        (
+            "archiveRegionWithPercent",
+            "`services.cim.storage-manager.archiveTargets.[1].region' is not of type `string matching",
+        ),
+        (
+            "archiveTargetUnknownKey",
+            "The option `services.cim.storage-manager.archiveTargets.[1].colour' does not exist",
+        ),
+        (
+            "archiveCredentialsInStore",
+            "`services.cim.storage-manager.archiveTargets.[1].credentialsFile' is not of type `null or absolute non-store path",
+        ),
+        (
+            "archiveCredentialsAsNixPath",
+            "`services.cim.storage-manager.archiveTargets.[1].credentialsFile' is not of type `null or absolute non-store path",
+        ),
         ("archiveCredentialsFileAndEnv", "target `nas' sets both credentialsFile and credentialsEnv"),
         ("archiveTargetTwice", "archiveTargets: the name `nas' is used twice"),
         ("archiveRequiredUnknown", "archiveRequired: `wasabi' is not the name of one of archiveTargets"),
-        ("archivePartBytesBelow5MiB", "`services.cim.storage-manager.archivePartBytes' is not of type `integer between 5242880 and 5368709120"),
-        ("archiveSegmentBytesTiny", "`services.cim.storage-manager.archiveSegmentBytes' is not of type `integer between 1024"),
+        (
+            "archivePartBytesBelow5MiB",
+            "`services.cim.storage-manager.archivePartBytes' is not of type `integer between 5242880 and 5368709120",
+        ),
+        (
+            "archiveSegmentBytesTiny",
+            "`services.cim.storage-manager.archiveSegmentBytes' is not of type `integer between 1024",
+        ),
         ("archiveLingerWords", "`services.cim.storage-manager.archiveLinger' is not of type `string matching"),
         ("sourceLeafWithDot", "`services.cim.storage-manager.sourceLeaves.[1]' is not of type `string matching"),
-        ("hubConfigInStore", "`services.cim.integration-hub.configFile' is not of type `null or absolute non-store path"),
+        (
+            "hubConfigInStore",
+            "`services.cim.integration-hub.configFile' is not of type `null or absolute non-store path",
+        ),
         ("hubConfigAndSettings", "services.cim.integration-hub: set settings or configFile, not both"),
         ("hubSettingsUnknownKey", "The option `services.cim.integration-hub.settings.webhook' does not exist"),
-        ("hubSettingsNixPath", "`services.cim.integration-hub.settings.webhooks.[1]' is not of type `attribute set of JSON values without Nix or store paths"),
-        ("hubSettingsStorePath", "`services.cim.integration-hub.settings.subscriptions.[1]' is not of type `attribute set of JSON values without Nix or store paths"),
-        ("hubSecretFileInStore", "`services.cim.integration-hub.secretFiles.shop' is not of type `absolute non-store path"),
+        (
+            "hubSettingsNixPath",
+            "`services.cim.integration-hub.settings.webhooks.[1]' is not of type `attribute set of JSON values without Nix or store paths",
+        ),
+        (
+            "hubSettingsStorePath",
+            "`services.cim.integration-hub.settings.subscriptions.[1]' is not of type `attribute set of JSON values without Nix or store paths",
+        ),
+        (
+            "hubSecretFileInStore",
+            "`services.cim.integration-hub.secretFiles.shop' is not of type `absolute non-store path",
+        ),
         ("hubSecretIdWithSlash", "secretFiles: `a/b' is not a credential ID"),
         ("containerServiceBadValue", "`services.cim.registry.maxInFlight' is not of type `integer between 1 and 65536"),
         ("containerServiceUnknownOption", "The option `services.cim.registry.maxInflight' does not exist"),
-        ("containerArchiveCredentialsInStore", "`services.cim.storage-manager.archiveTargets.[1].credentialsFile' is not of type `null or absolute non-store path"),
-        ("containerHubConfigAsNixPath", "`services.cim.integration-hub.configFile' is not of type `null or absolute non-store path"),
-        ("containerHubSecretFileInStore", "`services.cim.integration-hub.secretFiles.shop' is not of type `absolute non-store path"),
+        (
+            "containerArchiveCredentialsInStore",
+            "`services.cim.storage-manager.archiveTargets.[1].credentialsFile' is not of type `null or absolute non-store path",
+        ),
+        (
+            "containerHubConfigAsNixPath",
+            "`services.cim.integration-hub.configFile' is not of type `null or absolute non-store path",
+        ),
+        (
+            "containerHubSecretFileInStore",
+            "`services.cim.integration-hub.secretFiles.shop' is not of type `absolute non-store path",
+        ),
         ("containerServiceNatsUrl", "cim.containers.registry.service.natsUrl (in"),
         ("containerServiceCredentials", "set `cim.containers.registry.natsCredentialsFile`"),
-        ("containerCredentialsInStore", "`cim.containers.registry.natsCredentialsFile' is not of type `null or absolute non-store path"),
+        (
+            "containerCredentialsInStore",
+            "`cim.containers.registry.natsCredentialsFile' is not of type `null or absolute non-store path",
+        ),
         ("containerMemoryMaxWords", "`cim.containers.registry.memoryMax' is not of type `null or string matching"),
-        ("containerCpuWeightTooHigh", "`cim.containers.registry.cpuWeight' is not of type `integer between 1 and 10000"),
+        (
+            "containerCpuWeightTooHigh",
+            "`cim.containers.registry.cpuWeight' is not of type `integer between 1 and 10000",
+        ),
     ];
     let mut wrong = Vec::new();
     for (case, message) in refused {
         match nix_eval("refuse.nix", &[("case", case)]) {
             Ok(v) => wrong.push(format!("{case}: accepted, evaluated to {v}")),
-            Err(e) if !format!("{e:#}").contains(message) => wrong.push(format!("{case}: refused, but not with {message:?}: {e:#}")),
+            Err(e) if !format!("{e:#}").contains(message) => {
+                wrong.push(format!("{case}: refused, but not with {message:?}: {e:#}"))
+            }
             Err(_) => {}
         }
     }
@@ -441,7 +537,10 @@ fn nix_options_refuse_bad_definitions() {
     assert_eq!(unit["environment"]["CIM_ARCHIVE_PART_BYTES"], "5242880");
     assert_eq!(unit["environment"]["CIM_ARCHIVE_LINGER"], "500ms");
     assert_eq!(unit["environment"]["CIM_SOURCE_LEAVES"], "leaf,leaf-2");
-    assert_eq!(unit["serviceConfig"]["LoadCredential"], serde_json::json!(["nats.creds:/run/keys/storage.creds", "archive-nas:/run/keys/nas"]));
+    assert_eq!(
+        unit["serviceConfig"]["LoadCredential"],
+        serde_json::json!(["nats.creds:/run/keys/storage.creds", "archive-nas:/run/keys/nas"])
+    );
     // Hub settings become a file in the store that names its secrets; the secret file itself
     // is a credential.
     let v = nix_eval("refuse.nix", &[("case", "acceptsHubSettings")]).unwrap();
@@ -449,7 +548,10 @@ fn nix_options_refuse_bad_definitions() {
     let config = unit["environment"]["CIM_HUB_CONFIG"].as_str().unwrap();
     assert!(config.starts_with("/nix/store/") && config.ends_with("-cim-integration-hub.json"), "{config}");
     assert_eq!(unit["serviceConfig"]["LoadCredential"], serde_json::json!(["secret-shop:/run/keys/hub-shop"]));
-    assert_eq!(v["hubSettings"]["webhooks"][0]["secret_file"], "/run/credentials/cim-integration-hub.service/secret-shop");
+    assert_eq!(
+        v["hubSettings"]["webhooks"][0]["secret_file"],
+        "/run/credentials/cim-integration-hub.service/secret-shop"
+    );
     assert_eq!(v["hubSettings"]["outbound_allow"], serde_json::json!(["10.0.0.0/8", "::1"]));
     assert_eq!(v["hubSettings"]["subscriptions"][0]["secret_env"], "CRM_SECRET");
     assert_eq!(v["hubSettings"]["mqtt"], serde_json::json!([]));
@@ -463,7 +565,10 @@ fn nix_options_refuse_bad_definitions() {
         serde_json::json!(["nats.creds:/run/cim/nats.creds", "archive-nas:/run/keys/nas", "archive-usb:/run/keys/usb"])
     );
     for path in ["/run/keys/nas", "/run/keys/usb"] {
-        assert_eq!(c["bindMounts"][path], serde_json::json!({"hostPath": path, "isReadOnly": true, "mountPoint": path}));
+        assert_eq!(
+            c["bindMounts"][path],
+            serde_json::json!({"hostPath": path, "isReadOnly": true, "mountPoint": path})
+        );
     }
     assert_eq!(c["bindMounts"]["/run/cim/nats.creds"]["hostPath"], "/run/keys/storage.creds");
     assert_eq!(unit["environment"]["CIM_NODE"], "leaf-1");
@@ -479,12 +584,8 @@ fn starts_with_environment(service: &str, env: &BTreeMap<String, String>) -> Res
     let dir = tempfile::tempdir()?;
     let log_path = dir.path().join("log");
     let log = std::fs::File::create(&log_path)?;
-    let mut child = Command::new(common::bin(service))
-        .env_clear()
-        .envs(env)
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()?;
+    let mut child =
+        Command::new(common::bin(service)).env_clear().envs(env).stdout(log.try_clone()?).stderr(log).spawn()?;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let outcome = loop {
         let text = std::fs::read_to_string(&log_path).unwrap_or_default();
@@ -522,7 +623,8 @@ fn unit_environment(unit: &Value, creds: &Path) -> BTreeMap<String, String> {
 #[test]
 fn nix_rendered_service_options_are_accepted_by_the_binaries() {
     let creds = tempfile::tempdir().unwrap();
-    std::fs::write(creds.path().join("archive-nas"), "[default]\naws_access_key_id = AK\naws_secret_access_key = SK\n").unwrap();
+    std::fs::write(creds.path().join("archive-nas"), "[default]\naws_access_key_id = AK\naws_secret_access_key = SK\n")
+        .unwrap();
 
     // Archive targets, one with its credentials file in the credentials directory, one from
     // the environment (as the environmentFile would give it).
@@ -648,7 +750,8 @@ fn nix_nats_permissions_file_is_generated_from_cim_events() {
     assert_eq!(services.len(), 7);
     for c in Component::ALL {
         let p = &services[c.service_name()];
-        let publish: Vec<&str> = p["publish"]["allow"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+        let publish: Vec<&str> =
+            p["publish"]["allow"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
         assert!(publish.contains(&subject::events_of(c).as_str()), "{c}: {publish:?}");
         for other in Component::ALL.into_iter().filter(|o| *o != c) {
             assert!(!publish.contains(&subject::events_of(other).as_str()), "{c} may publish {other}'s events");
@@ -666,7 +769,12 @@ fn nix_cluster_storage_manager_user_may_keep_the_leaf_mirrors() {
     let users = conf["authorization"]["users"].as_array().unwrap();
     let publish_of = |name: &str| -> Vec<String> {
         let u = users.iter().find(|u| u["user"] == name).unwrap_or_else(|| panic!("no user {name}"));
-        u["permissions"]["publish"]["allow"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect()
+        u["permissions"]["publish"]["allow"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect()
     };
     let sm = publish_of(Component::StorageManager.service_name());
     for stream in storage_manager::archived_streams() {
@@ -806,8 +914,16 @@ async fn nix_live_topology_with_per_service_identities() -> Result<()> {
         }
         ensure!(on_hub == 1, "the hub sees {on_hub} leaf connections");
         let varz = monitor_json(&monitor("leaf"), "/varz").await?;
-        ensure!(varz["jetstream"]["config"]["domain"] == "leaf", "leaf domain {}", varz["jetstream"]["config"]["domain"]);
-        ensure!(varz["jetstream"]["config"]["sync_always"] == true, "leaf: sync_always {}", varz["jetstream"]["config"]["sync_always"]);
+        ensure!(
+            varz["jetstream"]["config"]["domain"] == "leaf",
+            "leaf domain {}",
+            varz["jetstream"]["config"]["domain"]
+        );
+        ensure!(
+            varz["jetstream"]["config"]["sync_always"] == true,
+            "leaf: sync_always {}",
+            varz["jetstream"]["config"]["sync_always"]
+        );
         Ok(())
     })
     .await
@@ -867,14 +983,21 @@ async fn nix_live_topology_with_per_service_identities() -> Result<()> {
     registry_js.set_timeout(Duration::from_secs(2));
     ensure!(registry_js.get_stream(&iu_events.name).await.is_err(), "registry read {}'s stream info", iu_events.name);
     ensure!(
-        registry_js.publish(subject::event(Component::InformationUnit, "unit", "forged", "created")?, "x".into()).await?.await.is_err(),
+        registry_js
+            .publish(subject::event(Component::InformationUnit, "unit", "forged", "created")?, "x".into())
+            .await?
+            .await
+            .is_err(),
         "registry stored an event in {}",
         iu_events.name
     );
     cim_testkit::eventually(Duration::from_secs(10), "registry's violations reported", || async {
         let seen = registry_errors.lock().unwrap().clone();
         for what in ["Subscription to \"cim.cmd.iu.create\"", "STREAM.INFO.CIM_IU_EVENTS"] {
-            ensure!(seen.iter().any(|e| e.contains("Permissions Violation") && e.contains(what)), "no violation for {what}: {seen:?}");
+            ensure!(
+                seen.iter().any(|e| e.contains("Permissions Violation") && e.contains(what)),
+                "no violation for {what}: {seen:?}"
+            );
         }
         Ok(())
     })
@@ -899,19 +1022,36 @@ async fn nix_live_topology_with_per_service_identities() -> Result<()> {
         credentials: storage_manager::Credentials::new(nas.access_key(), nas.secret_key()),
     })?;
     nas_c.ensure_bucket().await?;
-    let spec = format!("name=nas,endpoint={},region={},bucket=cim-archive,path-style=true,prefix=hub/,credentials-env=NAS", nas.endpoint(), nas.region());
-    let sm_env = [("CIM_JS_DOMAIN", "hub"), ("NAS_ACCESS_KEY_ID", nas.access_key()), ("NAS_SECRET_ACCESS_KEY", nas.secret_key())];
-    let sm_args = ["--tier", "cluster", "--source-leaf", "leaf", "--archive-target", spec.as_str(), "--archive-linger", "50ms"];
+    let spec = format!(
+        "name=nas,endpoint={},region={},bucket=cim-archive,path-style=true,prefix=hub/,credentials-env=NAS",
+        nas.endpoint(),
+        nas.region()
+    );
+    let sm_env = [
+        ("CIM_JS_DOMAIN", "hub"),
+        ("NAS_ACCESS_KEY_ID", nas.access_key()),
+        ("NAS_SECRET_ACCESS_KEY", nas.secret_key()),
+    ];
+    let sm_args =
+        ["--tier", "cluster", "--source-leaf", "leaf", "--archive-target", spec.as_str(), "--archive-linger", "50ms"];
     let sm = common::ServiceProc::start_with_env(Component::StorageManager, &sm_url, &sm_args, &sm_env)?;
     let (hub_admin, _) = connect_as(&url("node1"), "admin", &password("admin")).await?;
     common::wait_ready(&hub_admin, &sm).await?;
-    admin_js.publish(subject::event(Component::InformationUnit, "unit", "u1", "created")?, "to the hub".into()).await?.await?;
+    admin_js
+        .publish(subject::event(Component::InformationUnit, "unit", "u1", "created")?, "to the hub".into())
+        .await?
+        .await?;
     let hub_js = async_nats::jetstream::with_domain(hub_admin.clone(), "hub");
     let mirror = resources::leaf_mirror(&iu_events.name, "leaf")?;
     cim_testkit::eventually(Duration::from_secs(60), "the leaf's event in the hub's mirror", || async {
         let mut m = hub_js.get_stream(&mirror).await?;
         let info = m.info().await?;
-        ensure!(info.state.messages == 1 && info.config.num_replicas == 3, "{} messages, R{}", info.state.messages, info.config.num_replicas);
+        ensure!(
+            info.state.messages == 1 && info.config.num_replicas == 3,
+            "{} messages, R{}",
+            info.state.messages,
+            info.config.num_replicas
+        );
         Ok(())
     })
     .await
@@ -950,7 +1090,8 @@ async fn nix_registry_runs_with_its_generated_permissions() -> Result<()> {
         .start()
         .await?;
     let p = generated_permissions(Component::Registry.service_name());
-    let list = |v: &Value| -> Vec<String> { v.as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect() };
+    let list =
+        |v: &Value| -> Vec<String> { v.as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect() };
     let mut perms = cim_testkit::Permissions::all();
     for s in list(&p["publish"]["allow"]) {
         perms = perms.allow_publish(s);
@@ -978,6 +1119,9 @@ async fn nix_registry_runs_with_its_generated_permissions() -> Result<()> {
     let status = svc.terminate(Duration::from_secs(30)).await?;
     let log = svc.log();
     ensure!(status.success(), "registry exited {status}:\n{log}");
-    ensure!(!log.contains("Permissions Violation") && !log.contains("permissions violation"), "registry hit its permissions:\n{log}");
+    ensure!(
+        !log.contains("Permissions Violation") && !log.contains("permissions violation"),
+        "registry hit its permissions:\n{log}"
+    );
     Ok(())
 }

@@ -34,7 +34,13 @@ struct Cim {
 }
 
 impl Cim {
-    async fn start(url: String, client: async_nats::Client, engines: usize, engine_args: &[&str], common: &[&str]) -> Result<Cim> {
+    async fn start(
+        url: String,
+        client: async_nats::Client,
+        engines: usize,
+        engine_args: &[&str],
+        common: &[&str],
+    ) -> Result<Cim> {
         let mut others = Vec::new();
         for c in [Component::InformationUnit, Component::PluginHost] {
             let svc = ServiceProc::start(c, &url, common)?;
@@ -69,7 +75,12 @@ impl Cim {
 
     async fn cimctl_ok(&self, args: &[&str]) -> Result<String> {
         let out = self.cimctl(args).await?;
-        ensure!(out.status.success(), "cimctl {args:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        ensure!(
+            out.status.success(),
+            "cimctl {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         Ok(String::from_utf8_lossy(&out.stdout).to_string())
     }
 
@@ -88,24 +99,44 @@ impl Cim {
     }
 
     async fn request<T: serde::de::DeserializeOwned>(&self, subject: String, body: serde_json::Value) -> Result<T> {
-        let m = tokio::time::timeout(Duration::from_secs(20), self.client.request(subject.clone(), body.to_string().into())).await??;
+        let m = tokio::time::timeout(
+            Duration::from_secs(20),
+            self.client.request(subject.clone(), body.to_string().into()),
+        )
+        .await??;
         if let Some(code) = m.headers.as_ref().and_then(|h| h.get("Nats-Service-Error-Code")) {
-            anyhow::bail!("{subject}: {code} {}", m.headers.as_ref().and_then(|h| h.get("Nats-Service-Error")).map(|v| v.to_string()).unwrap_or_default());
+            anyhow::bail!(
+                "{subject}: {code} {}",
+                m.headers.as_ref().and_then(|h| h.get("Nats-Service-Error")).map(|v| v.to_string()).unwrap_or_default()
+            );
         }
         Ok(serde_json::from_slice(&m.payload)?)
     }
 
     async fn runs(&self, pipeline: &str) -> Result<Vec<RunInfo>> {
-        let list: RunList = self.request(pl::query(pl::qry::RUNS)?, serde_json::to_value(RunsRequest { pipeline: pipeline.into(), limit: 1000, ..Default::default() })?).await?;
+        let list: RunList = self
+            .request(
+                pl::query(pl::qry::RUNS)?,
+                serde_json::to_value(RunsRequest { pipeline: pipeline.into(), limit: 1000, ..Default::default() })?,
+            )
+            .await?;
         Ok(list.runs)
     }
 
     async fn run(&self, run_id: &str) -> Result<RunInfo> {
-        self.request(pl::query(pl::qry::RUN)?, serde_json::to_value(RunRef { run_id: run_id.into(), reason: String::new() })?).await
+        self.request(
+            pl::query(pl::qry::RUN)?,
+            serde_json::to_value(RunRef { run_id: run_id.into(), reason: String::new() })?,
+        )
+        .await
     }
 
     async fn start_run(&self, pipeline: &str, unit: &str, params: &[(&str, &str)]) -> Result<String> {
-        let req = StartRequest { pipeline: pipeline.into(), unit_id: unit.into(), params: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() };
+        let req = StartRequest {
+            pipeline: pipeline.into(),
+            unit_id: unit.into(),
+            params: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
         let r: RunRef = self.request(pl::command(pl::cmd::START)?, serde_json::to_value(req)?).await?;
         Ok(r.run_id)
     }
@@ -120,7 +151,10 @@ impl Cim {
 
     async fn put(&self, bytes: &[u8], name: &str, media_type: &str) -> Result<String> {
         let c = self.iu.put_bytes(bytes).await?;
-        let u = self.iu.create(CreateUnit { cid: c.cid, name: name.into(), media_type: media_type.into(), ..Default::default() }).await?;
+        let u = self
+            .iu
+            .create(CreateUnit { cid: c.cid, name: name.into(), media_type: media_type.into(), ..Default::default() })
+            .await?;
         Ok(u.unit_id)
     }
 
@@ -130,7 +164,8 @@ impl Cim {
 
     /// Every message of the pipeline engine's dead-letter stream on `origin`.
     async fn dead_letters(&self, origin: &str) -> Result<Vec<async_nats::jetstream::Message>> {
-        read_all(&self.js(), &resources::dead_letter_stream(Component::PipelineEngine).name, &pl::dead_letter(origin)?).await
+        read_all(&self.js(), &resources::dead_letter_stream(Component::PipelineEngine).name, &pl::dead_letter(origin)?)
+            .await
     }
 
     /// Every run event of `action` (all runs).
@@ -141,7 +176,12 @@ impl Cim {
 
 async fn read_all(js: &jetstream::Context, stream: &str, filter: &str) -> Result<Vec<async_nats::jetstream::Message>> {
     let stream = js.get_stream(stream).await?;
-    let consumer = stream.create_consumer(jetstream::consumer::pull::OrderedConfig { filter_subject: filter.into(), ..Default::default() }).await?;
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            filter_subject: filter.into(),
+            ..Default::default()
+        })
+        .await?;
     let pending = consumer.cached_info().num_pending as usize;
     let mut out = Vec::new();
     if pending == 0 {
@@ -176,7 +216,13 @@ async fn push(cim: &Cim, wat: &str, name: &str, version: &str, capability: &str)
 #[tokio::test(flavor = "multi_thread")]
 async fn the_shipped_example_normalizes_classifies_tags_and_summarizes() -> Result<()> {
     let (_nats, cim) = Cim::leaf(1, &[]).await?;
-    let out = cim.cimctl_ok(&["pipeline", "apply", &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/pipelines/text-ingest.json").to_string_lossy()]).await?;
+    let out = cim
+        .cimctl_ok(&[
+            "pipeline",
+            "apply",
+            &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/pipelines/text-ingest.json").to_string_lossy(),
+        ])
+        .await?;
     assert!(out.contains("applied as version 1"), "{out}");
     // Applying the same definition again writes nothing.
     let again = cim.apply(&example()?).await?;
@@ -193,20 +239,24 @@ async fn the_shipped_example_normalizes_classifies_tags_and_summarizes() -> Resu
         Ok(r.clone())
     })?;
     assert_eq!(run.outcome, "completed");
-    assert_eq!(run.steps.iter().map(|s| (s.step.as_str(), s.state.as_str())).collect::<Vec<_>>(), vec![
-        ("normalize", "completed"),
-        ("classify", "completed"),
-        ("tag", "completed"),
-        ("label", "completed"),
-        ("summary", "completed")
-    ]);
+    assert_eq!(
+        run.steps.iter().map(|s| (s.step.as_str(), s.state.as_str())).collect::<Vec<_>>(),
+        vec![
+            ("normalize", "completed"),
+            ("classify", "completed"),
+            ("tag", "completed"),
+            ("label", "completed"),
+            ("summary", "completed")
+        ]
+    );
     let u = cim.iu.unit(&unit).await?;
     assert!(u.tags.contains(&"normalized".to_string()), "{:?}", u.tags);
     assert_eq!(u.attributes.get("class").map(String::as_str), Some("text/plain"));
     assert_eq!(u.attributes.get("lines").map(String::as_str), Some("3"));
 
     // The summary: a new unit linked to the source, holding the normalized text.
-    let summary_id = run.steps.iter().find(|s| s.step == "summary").and_then(|s| s.units.first()).context("summary unit")?.clone();
+    let summary_id =
+        run.steps.iter().find(|s| s.step == "summary").and_then(|s| s.units.first()).context("summary unit")?.clone();
     let summary = cim.iu.unit(&summary_id).await?;
     assert_eq!(summary.name, "notes.txt.summary.txt");
     assert!(summary.tags.contains(&"summary".to_string()));
@@ -238,7 +288,8 @@ async fn the_shipped_example_normalizes_classifies_tags_and_summarizes() -> Resu
     assert!(show.contains("summary") && show.contains(&summary_id), "{show}");
     let pls = cim.cimctl_ok(&["pipeline", "ls"]).await?;
     assert!(pls.contains("text-ingest") && pls.contains("active"), "{pls}");
-    let json: serde_json::Value = serde_json::from_str(&cim.cimctl_ok(&["pipeline", "show", "text-ingest", "--json"]).await?)?;
+    let json: serde_json::Value =
+        serde_json::from_str(&cim.cimctl_ok(&["pipeline", "show", "text-ingest", "--json"]).await?)?;
     assert_eq!(json["runs"]["completed"], 1);
 
     // A pinned plugin version cannot be removed while the pipeline exists.
@@ -264,14 +315,38 @@ async fn bad_definitions_are_refused_before_anything_runs() -> Result<()> {
         "steps": [{"id": "a", "plugin": "text-normalize@1.0.0"}, {"id": "b", "tag": ["x"]}]
     });
     let cases: Vec<(serde_json::Value, &str)> = vec![
-        (serde_json::json!({"name": "bad", "trigger": {"on": "unit.created"}, "steps": [{"id": "a", "plugin": "no-such@9.9.9"}]}), "unknown plugin no-such@9.9.9"),
-        (serde_json::json!({"name": "bad", "trigger": {"on": "unit.created"}, "steps": [{"id": "a", "capability": "no.such"}]}), "unknown plugin capability no.such"),
-        (serde_json::json!({"name": "bad", "trigger": {"on": "unit.created"}, "steps": [{"id": "a", "plugin": "text-normalize@1.0.0", "input": "b.output"}, {"id": "b", "plugin": "crc32@1.0.0", "input": "a.output"}]}), "a cycle"),
-        (serde_json::json!({"name": "bad", "trigger": {"on": "unit.created"}, "steps": [{"id": "a", "plugin": "text-normalize@1.0.0", "input": "ghost.output"}]}), "missing input"),
-        (serde_json::json!({"name": "bad", "trigger": {"on": "unit.created"}, "steps": [{"id": "a", "filter": {"field": "unit.media_type"}}]}), "exactly one of equals"),
-        (serde_json::json!({"name": "bad", "trigger": {"on": "unit.exploded"}, "steps": [{"id": "a", "tag": ["x"]}]}), "matches no event"),
-        (serde_json::json!({"name": "bad", "trigger": {"on": "unit.created", "media_type": "not a type"}, "steps": [{"id": "a", "tag": ["x"]}]}), "media_type"),
-        (serde_json::json!({"name": "Bad Name", "trigger": {"on": "manual"}, "steps": [{"id": "a", "tag": ["x"]}]}), "pipeline name"),
+        (
+            serde_json::json!({"name": "bad", "trigger": {"on": "unit.created"}, "steps": [{"id": "a", "plugin": "no-such@9.9.9"}]}),
+            "unknown plugin no-such@9.9.9",
+        ),
+        (
+            serde_json::json!({"name": "bad", "trigger": {"on": "unit.created"}, "steps": [{"id": "a", "capability": "no.such"}]}),
+            "unknown plugin capability no.such",
+        ),
+        (
+            serde_json::json!({"name": "bad", "trigger": {"on": "unit.created"}, "steps": [{"id": "a", "plugin": "text-normalize@1.0.0", "input": "b.output"}, {"id": "b", "plugin": "crc32@1.0.0", "input": "a.output"}]}),
+            "a cycle",
+        ),
+        (
+            serde_json::json!({"name": "bad", "trigger": {"on": "unit.created"}, "steps": [{"id": "a", "plugin": "text-normalize@1.0.0", "input": "ghost.output"}]}),
+            "missing input",
+        ),
+        (
+            serde_json::json!({"name": "bad", "trigger": {"on": "unit.created"}, "steps": [{"id": "a", "filter": {"field": "unit.media_type"}}]}),
+            "exactly one of equals",
+        ),
+        (
+            serde_json::json!({"name": "bad", "trigger": {"on": "unit.exploded"}, "steps": [{"id": "a", "tag": ["x"]}]}),
+            "matches no event",
+        ),
+        (
+            serde_json::json!({"name": "bad", "trigger": {"on": "unit.created", "media_type": "not a type"}, "steps": [{"id": "a", "tag": ["x"]}]}),
+            "media_type",
+        ),
+        (
+            serde_json::json!({"name": "Bad Name", "trigger": {"on": "manual"}, "steps": [{"id": "a", "tag": ["x"]}]}),
+            "pipeline name",
+        ),
         (serde_json::json!({"name": "bad", "trigger": {"on": "manual"}, "steps": []}), "at least one step"),
     ];
     for (def, needle) in cases {
@@ -286,7 +361,10 @@ async fn bad_definitions_are_refused_before_anything_runs() -> Result<()> {
     let out = cim.cimctl(&["pipeline", "apply", &file.to_string_lossy()]).await?;
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not JSON"));
     let raw = cim.client.request(pl::command(pl::cmd::APPLY)?, "garbage".into()).await?;
-    assert_eq!(raw.headers.as_ref().and_then(|h| h.get("Nats-Service-Error-Code")).map(|v| v.to_string()).as_deref(), Some("400"));
+    assert_eq!(
+        raw.headers.as_ref().and_then(|h| h.get("Nats-Service-Error-Code")).map(|v| v.to_string()).as_deref(),
+        Some("400")
+    );
     // Nothing was written, and a good definition still applies.
     let list: pl::PipelineList = cim.request(pl::query(pl::qry::LIST)?, serde_json::json!({})).await?;
     assert!(list.pipelines.is_empty(), "{list:?}");
@@ -323,7 +401,12 @@ async fn failing_steps_retry_with_backoff_then_dead_letter_and_can_be_retried() 
         ensure!(d.len() == 1, "{} dead letters", d.len());
         Ok(d)
     })?;
-    let reason = dlq[0].headers.as_ref().and_then(|h| h.get(pl::H_DEAD_LETTER_REASON)).map(|v| v.to_string()).unwrap_or_default();
+    let reason = dlq[0]
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(pl::H_DEAD_LETTER_REASON))
+        .map(|v| v.to_string())
+        .unwrap_or_default();
     assert!(reason.contains(&run_id) && reason.contains("trapped"), "{reason}");
 
     // The plugin goes away (nothing pins a capability): the retried run fails at once, clearly.
@@ -334,7 +417,14 @@ async fn failing_steps_retry_with_backoff_then_dead_letter_and_can_be_retried() 
     assert_eq!(run.steps[0].attempts, 1, "a missing plugin is not retried: {run:?}");
 
     // A fixed plugin with the capability: retry finishes the run from its failed step.
-    push(&cim, r#"(module (memory (export "memory") 1) (func (export "cim_invoke") (result i32) (i32.const 0)))"#, "fixed", "1.0.0", "test.flaky").await?;
+    push(
+        &cim,
+        r#"(module (memory (export "memory") 1) (func (export "cim_invoke") (result i32) (i32.const 0)))"#,
+        "fixed",
+        "1.0.0",
+        "test.flaky",
+    )
+    .await?;
     let out = cim.cimctl(&["run", "retry", &run_id, "--watch"]).await?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     let run = cim.run(&run_id).await?;
@@ -356,7 +446,9 @@ async fn poison_messages_are_dead_lettered_and_the_engine_keeps_running() -> Res
     .await?;
     let js = cim.js();
     // An event with no envelope and a body that is not a UnitCreated.
-    js.publish(cim_events::iu::unit_event("poison1", cim_events::iu::action::CREATED)?, "\u{ff}garbage".into()).await?.await?;
+    js.publish(cim_events::iu::unit_event("poison1", cim_events::iu::action::CREATED)?, "\u{ff}garbage".into())
+        .await?
+        .await?;
     // A run work item that is not a RunRequested.
     js.publish(pl::run_event("poison2", pl::action::REQUESTED)?, "garbage".into()).await?.await?;
     let d = eventually!(LONG, "poison trigger dead-lettered", {
@@ -366,12 +458,20 @@ async fn poison_messages_are_dead_lettered_and_the_engine_keeps_running() -> Res
     })?;
     let h = d[0].headers.as_ref().context("headers")?;
     assert!(h.get(pl::H_DEAD_LETTER_REASON).map(|v| v.to_string()).unwrap_or_default().contains("envelope"));
-    assert_eq!(h.get(pl::H_ORIGINAL_SUBJECT).map(|v| v.to_string()).as_deref(), Some("cim.evt.iu.unit.poison1.created"));
+    assert_eq!(
+        h.get(pl::H_ORIGINAL_SUBJECT).map(|v| v.to_string()).as_deref(),
+        Some("cim.evt.iu.unit.poison1.created")
+    );
     assert_eq!(d[0].payload.as_ref(), "\u{ff}garbage".as_bytes());
     eventually!(LONG, "poison run dead-lettered", {
         let d = cim.dead_letters(pl::DLQ_RUNS).await?;
         ensure!(d.len() == 1, "{} dead letters; engine log: {}", d.len(), cim.engines[0].log());
-        let reason = d[0].headers.as_ref().and_then(|h| h.get(pl::H_DEAD_LETTER_REASON)).map(|v| v.to_string()).unwrap_or_default();
+        let reason = d[0]
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(pl::H_DEAD_LETTER_REASON))
+            .map(|v| v.to_string())
+            .unwrap_or_default();
         ensure!(reason.contains("envelope"), "{reason}");
         Ok(())
     })?;
@@ -537,7 +637,11 @@ async fn pipelines_run_on_a_three_node_cluster() -> Result<()> {
     let client = cluster.connect().await;
     let cim = Cim::start(cluster.urls().join(","), client, 1, &[], &["--tier", "cluster"]).await?;
     let js = cim.js();
-    for name in [resources::events_stream(Component::PipelineEngine).name, resources::dead_letter_stream(Component::PipelineEngine).name, resources::kv_buckets(Component::PipelineEngine)[0].stream_name()] {
+    for name in [
+        resources::events_stream(Component::PipelineEngine).name,
+        resources::dead_letter_stream(Component::PipelineEngine).name,
+        resources::kv_buckets(Component::PipelineEngine)[0].stream_name(),
+    ] {
         assert_eq!(js.get_stream(&name).await?.info().await?.config.num_replicas, 3, "{name}");
     }
     cim.apply_ok(&example()?).await?;
@@ -558,7 +662,12 @@ async fn pipelines_run_on_a_three_node_cluster() -> Result<()> {
 async fn the_engine_runs_with_its_generated_nats_permissions() -> Result<()> {
     let mut op = cim_testkit::Operator::new();
     let account = op.account_with_jetstream("CIM");
-    let server = NatsServer::builder().operator(&op).jetstream_domain("leaf").extra_config("max_control_line: 65536").start().await?;
+    let server = NatsServer::builder()
+        .operator(&op)
+        .jetstream_domain("leaf")
+        .extra_config("max_control_line: 65536")
+        .start()
+        .await?;
     let perms = crate::common::generated_permissions(Component::PipelineEngine)?;
     let dir = tempfile::tempdir()?;
     let engine_creds = account.user("pipeline-engine", perms).write_creds(dir.path())?;
@@ -579,9 +688,19 @@ async fn the_engine_runs_with_its_generated_nats_permissions() -> Result<()> {
         &[("CIM_NATS_CREDS", engine_creds.to_str().unwrap_or_default()), ("CIM_JS_DOMAIN", "leaf")],
     )?;
     wait_ready(&client, &engine).await?;
-    let cim = Cim { url: server.url(), iu: IuClient::with_domain(client.clone(), "leaf"), client, engines: Vec::new(), _others: others };
+    let cim = Cim {
+        url: server.url(),
+        iu: IuClient::with_domain(client.clone(), "leaf"),
+        client,
+        engines: Vec::new(),
+        _others: others,
+    };
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/pipelines/text-ingest.json");
-    let out = Command::new(bin("cimctl")).args(["pipeline", "apply", &path.to_string_lossy(), "--nats-url", &cim.url]).envs(env_admin).output().await?;
+    let out = Command::new(bin("cimctl"))
+        .args(["pipeline", "apply", &path.to_string_lossy(), "--nats-url", &cim.url])
+        .envs(env_admin)
+        .output()
+        .await?;
     ensure!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), engine.log());
     let unit = cim.put(b"permitted   text\n", "p.txt", "text/plain").await?;
     let run = eventually!(LONG, "the run completes", {

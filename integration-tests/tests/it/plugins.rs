@@ -49,7 +49,8 @@ async fn push_ok(nats: &NatsServer, wat: &str, name: &str, version: &str, extra:
 }
 
 async fn call(client: &async_nats::Client, subject: String, req: &InvokeRequest) -> Result<InvokeReply> {
-    let m = tokio::time::timeout(Duration::from_secs(30), client.request(subject, req.encode_to_vec().into())).await??;
+    let m =
+        tokio::time::timeout(Duration::from_secs(30), client.request(subject, req.encode_to_vec().into())).await??;
     Ok(InvokeReply::decode(m.payload)?)
 }
 
@@ -59,7 +60,8 @@ async fn route(client: &async_nats::Client, req: InvokeRequest) -> Result<Invoke
 }
 
 async fn direct(client: &async_nats::Client, name: &str, version: &str, input: &[u8]) -> Result<InvokeReply> {
-    call(client, plugin::invoke_subject(name, version)?, &InvokeRequest { input: input.to_vec(), ..Default::default() }).await
+    call(client, plugin::invoke_subject(name, version)?, &InvokeRequest { input: input.to_vec(), ..Default::default() })
+        .await
 }
 
 fn by_name(name: &str, version: &str, input: &[u8]) -> InvokeRequest {
@@ -140,11 +142,24 @@ async fn push_list_and_invoke_by_version_and_by_capability() -> Result<()> {
     assert!(ls.status.success(), "{}", String::from_utf8_lossy(&ls.stderr));
     let v: serde_json::Value = serde_json::from_slice(&ls.stdout)?;
     let rows = v.as_array().context("ls --json prints an array")?;
-    let names: Vec<String> = rows.iter().map(|r| format!("{}@{}", r["name"].as_str().unwrap_or(""), r["version"].as_str().unwrap_or(""))).collect();
-    for want in ["greeter@1.0.0", "greeter@1.10.0", "text-normalize@1.0.0", "content-sniff@1.0.0", "crc32@1.0.0", "identity@1.0.0"] {
+    let names: Vec<String> = rows
+        .iter()
+        .map(|r| format!("{}@{}", r["name"].as_str().unwrap_or(""), r["version"].as_str().unwrap_or("")))
+        .collect();
+    for want in [
+        "greeter@1.0.0",
+        "greeter@1.10.0",
+        "text-normalize@1.0.0",
+        "content-sniff@1.0.0",
+        "crc32@1.0.0",
+        "identity@1.0.0",
+    ] {
         assert!(names.contains(&want.to_string()), "{want} missing from {names:?}");
     }
-    assert!(rows.iter().all(|r| r["digest"].as_str().is_some_and(|d| d.starts_with("sha256:")) && r["state"] == "ready"), "{v}");
+    assert!(
+        rows.iter().all(|r| r["digest"].as_str().is_some_and(|d| d.starts_with("sha256:")) && r["state"] == "ready"),
+        "{v}"
+    );
 
     // The built-ins work through cimctl invoke (stdin in, stdout out).
     let mut child = Command::new(bin("cimctl"))
@@ -161,7 +176,11 @@ async fn push_list_and_invoke_by_version_and_by_capability() -> Result<()> {
     let out = child.wait_with_output().await?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hello world\n\nbye\n");
-    let sniff = route(&client, InvokeRequest { capability: "content.sniff".into(), input: b"%PDF-1.7 ...".to_vec(), ..Default::default() }).await?;
+    let sniff = route(
+        &client,
+        InvokeRequest { capability: "content.sniff".into(), input: b"%PDF-1.7 ...".to_vec(), ..Default::default() },
+    )
+    .await?;
     assert_eq!(sniff.output, b"application/pdf");
     let crc = route(&client, by_name("crc32", "1.0.0", b"123456789")).await?;
     assert_eq!((crc.output.as_slice(), crc.metadata["size"].as_str()), (&b"cbf43926"[..], "9"));
@@ -171,7 +190,8 @@ async fn push_list_and_invoke_by_version_and_by_capability() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_plugins_fail_with_their_reason_and_the_host_keeps_serving() -> Result<()> {
     let nats = NatsServer::start().await?;
-    let (host, client) = start_host(&nats, &["--plugin-max-memory", "8MiB", "--plugin-max-fuel", "100000000000"]).await?;
+    let (host, client) =
+        start_host(&nats, &["--plugin-max-memory", "8MiB", "--plugin-max-fuel", "100000000000"]).await?;
     let alive = || async {
         let r = direct(&client, "identity", "1.0.0", b"still here").await?;
         anyhow::ensure!(status(&r) == Status::Ok && r.output == b"still here", "identity failed: {}", message(&r));
@@ -210,7 +230,11 @@ async fn bad_plugins_fail_with_their_reason_and_the_host_keeps_serving() -> Resu
     assert!(message(&r).contains("2097152"), "{}", message(&r));
     // A manifest cannot ask for more than the operator allows.
     let greedy = push(&nats, &body("(i32.const 0)"), "greedy", "1.0.0", &["--memory", "1073741824"]).await?;
-    assert!(String::from_utf8_lossy(&greedy.stderr).contains("allows at most"), "{}", String::from_utf8_lossy(&greedy.stderr));
+    assert!(
+        String::from_utf8_lossy(&greedy.stderr).contains("allows at most"),
+        "{}",
+        String::from_utf8_lossy(&greedy.stderr)
+    );
     alive().await?;
 
     // Malformed output: a range outside its memory.
@@ -228,13 +252,25 @@ async fn bad_plugins_fail_with_their_reason_and_the_host_keeps_serving() -> Resu
     std::fs::write(&junk, b"\0asm but not really")?;
     let out = cimctl(&nats, &["push", &junk.to_string_lossy(), "--name", "junk", "--version", "1"]).await?;
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not a valid webassembly module"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not a valid webassembly module"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let noabi = push(&nats, r#"(module (memory (export "memory") 1))"#, "noabi", "1", &[]).await?;
-    assert!(String::from_utf8_lossy(&noabi.stderr).contains("cim_invoke"), "{}", String::from_utf8_lossy(&noabi.stderr));
+    assert!(
+        String::from_utf8_lossy(&noabi.stderr).contains("cim_invoke"),
+        "{}",
+        String::from_utf8_lossy(&noabi.stderr)
+    );
     let net = push(&nats, &body("(i32.const 0)"), "net", "1", &["--network"]).await?;
     assert!(String::from_utf8_lossy(&net.stderr).contains("network"), "{}", String::from_utf8_lossy(&net.stderr));
     let fs = push(&nats, &body("(i32.const 0)"), "fs", "1", &["--dir", "data"]).await?;
-    assert!(String::from_utf8_lossy(&fs.stderr).contains("--plugin-dir data=PATH"), "{}", String::from_utf8_lossy(&fs.stderr));
+    assert!(
+        String::from_utf8_lossy(&fs.stderr).contains("--plugin-dir data=PATH"),
+        "{}",
+        String::from_utf8_lossy(&fs.stderr)
+    );
     alive().await?;
 
     // Everything failed cleanly in one process that is still the same one.
@@ -290,7 +326,9 @@ async fn a_restarted_host_serves_the_same_plugins() -> Result<()> {
     let cap = route(&client, InvokeRequest { capability: "test.keep".into(), ..Default::default() }).await?;
     assert_eq!(cap.output, b"persisted");
     let after = list(&client).await?;
-    let digests = |l: &ListReply| l.plugins.iter().map(|p| (p.name.clone(), p.version.clone(), p.digest.clone())).collect::<Vec<_>>();
+    let digests = |l: &ListReply| {
+        l.plugins.iter().map(|p| (p.name.clone(), p.version.clone(), p.digest.clone())).collect::<Vec<_>>()
+    };
     assert_eq!(digests(&before), digests(&after));
     Ok(())
 }
@@ -305,13 +343,21 @@ async fn a_referenced_version_cannot_be_removed() -> Result<()> {
     let js = async_nats::jetstream::new(client.clone());
     let refs = js.get_key_value(resources::kv_bucket(C, plugin::KV_REFERENCES)?).await?;
     let key = plugin::reference_key("stepper", "1.0.0", "pipeline-ingest")?;
-    let reference = PluginReference { plugin: "stepper".into(), version: "1.0.0".into(), referrer: "pipeline-ingest".into(), detail: "step normalize of ingest v3".into() };
+    let reference = PluginReference {
+        plugin: "stepper".into(),
+        version: "1.0.0".into(),
+        referrer: "pipeline-ingest".into(),
+        detail: "step normalize of ingest v3".into(),
+    };
     refs.put(key.as_str(), reference.encode_to_vec().into()).await?;
 
     let out = cimctl(&nats, &["rm", "stepper@1.0.0"]).await?;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("referenced by pipeline-ingest (step normalize of ingest v3)") && err.contains("409"), "{err}");
+    assert!(
+        err.contains("referenced by pipeline-ingest (step normalize of ingest v3)") && err.contains("409"),
+        "{err}"
+    );
     assert_eq!(direct(&client, "stepper", "1.0.0", b"").await?.output, b"in use");
 
     refs.delete(key.as_str()).await?;
@@ -352,7 +398,10 @@ async fn native_and_webassembly_plugins_serve_the_same_request_shape() -> Result
     })
     .await?;
     let wasm = call(&client, plugin::invoke_subject("crc32", "1.0.0")?, &req).await?;
-    assert_eq!(String::from_utf8(native.output.clone())?, "15e2b0d3c33891ebb0f1ef609ec419420c20e320ce94c65fbc8c3312448eb225");
+    assert_eq!(
+        String::from_utf8(native.output.clone())?,
+        "15e2b0d3c33891ebb0f1ef609ec419420c20e320ce94c65fbc8c3312448eb225"
+    );
     assert_eq!(native.metadata["size"], "9");
     assert_eq!((wasm.output.as_slice(), wasm.metadata["size"].as_str()), (&b"cbf43926"[..], "9"));
 
@@ -366,7 +415,11 @@ async fn native_and_webassembly_plugins_serve_the_same_request_shape() -> Result
 
     // The host sees the native plugin announce itself and routes to it by capability.
     let routed = eventually(Duration::from_secs(30), "host routes to the native plugin", || async {
-        let r = route(&client, InvokeRequest { capability: "checksum.sha256".into(), input: b"abc".to_vec(), ..Default::default() }).await?;
+        let r = route(
+            &client,
+            InvokeRequest { capability: "checksum.sha256".into(), input: b"abc".to_vec(), ..Default::default() },
+        )
+        .await?;
         anyhow::ensure!(status(&r) == Status::Ok, "{}", message(&r));
         Ok(r)
     })
@@ -374,6 +427,9 @@ async fn native_and_webassembly_plugins_serve_the_same_request_shape() -> Result
     assert_eq!(routed.runtime, "native");
     assert_eq!(String::from_utf8(routed.output)?, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     let l = list(&client).await?;
-    assert!(l.plugins.iter().any(|p| p.name == "sha256" && p.runtime == "native" && p.digest.starts_with("sha256:")), "{l:?}");
+    assert!(
+        l.plugins.iter().any(|p| p.name == "sha256" && p.runtime == "native" && p.digest.starts_with("sha256:")),
+        "{l:?}"
+    );
     Ok(())
 }

@@ -32,17 +32,25 @@ use crate::common::{ServiceProc, bin, describe, wait_ready};
 const WAIT: Duration = Duration::from_secs(30);
 
 async fn cimctl(args: &[&str]) -> Result<Output> {
-    Ok(tokio::time::timeout(Duration::from_secs(120), tokio::process::Command::new(bin("cimctl")).args(args).output()).await??)
+    Ok(tokio::time::timeout(Duration::from_secs(120), tokio::process::Command::new(bin("cimctl")).args(args).output())
+        .await??)
 }
 
 async fn cimctl_json(args: &[&str]) -> Result<Value> {
     let out = cimctl(args).await?;
-    anyhow::ensure!(out.status.success(), "cimctl {args:?} exited {}: {}", out.status, String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).with_context(|| format!("cimctl {args:?} printed {}", String::from_utf8_lossy(&out.stdout)))
+    anyhow::ensure!(
+        out.status.success(),
+        "cimctl {args:?} exited {}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("cimctl {args:?} printed {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 async fn ask<R: Message + Default>(client: &async_nats::Client, subject: String, req: &impl Message) -> Result<R> {
-    let reply = tokio::time::timeout(Duration::from_secs(10), client.request(subject, req.encode_to_vec().into())).await??;
+    let reply =
+        tokio::time::timeout(Duration::from_secs(10), client.request(subject, req.encode_to_vec().into())).await??;
     if let Some(code) = reply.headers.as_ref().and_then(|h| h.get("Nats-Service-Error-Code")) {
         anyhow::bail!("error {code}: {:?}", reply.headers.as_ref().and_then(|h| h.get("Nats-Service-Error")));
     }
@@ -115,23 +123,34 @@ async fn registry_discovers_instances_by_name_and_capability_and_projects_them()
     wait_ready(&client, &sm).await?;
 
     let iu1 = registered(&client, "iu-1").await?;
-    assert_eq!((iu1.service.as_str(), iu1.node.as_str(), iu1.contract_version), ("information-unit", "n1", cim_events::CONTRACT_VERSION));
+    assert_eq!(
+        (iu1.service.as_str(), iu1.node.as_str(), iu1.contract_version),
+        ("information-unit", "n1", cim_events::CONTRACT_VERSION)
+    );
     assert!(iu1.subjects.iter().any(|s| s == "cim.cmd.iu.create"), "{:?}", iu1.subjects);
     registered(&client, "sm-1").await?;
 
     // by capability, through cimctl
     let found = cimctl_json(&["registry", "--nats-url", &url, "--json", "find", "--capability", "units"]).await?;
-    let ids: Vec<&str> = found["instances"].as_array().unwrap().iter().map(|i| i["instance_id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> =
+        found["instances"].as_array().unwrap().iter().map(|i| i["instance_id"].as_str().unwrap()).collect();
     assert_eq!(ids, vec!["iu-1"]);
     let found = cimctl_json(&["registry", "--nats-url", &url, "--json", "find", "--capability", "discovery"]).await?;
     assert_eq!(found["instances"][0]["instance_id"], "reg-1");
     // by name (service name or token) and by node
-    let by_name = instances(&client, ListInstances { component: "storage-manager".into(), ..Default::default() }).await?;
+    let by_name =
+        instances(&client, ListInstances { component: "storage-manager".into(), ..Default::default() }).await?;
     assert_eq!(by_name.len(), 1);
     assert_eq!(by_name[0].instance_id, "sm-1");
     let on_n1 = instances(&client, ListInstances { node: "n1".into(), ..Default::default() }).await?;
     assert_eq!(on_n1.iter().map(|i| i.instance_id.as_str()).collect::<Vec<_>>(), vec!["iu-1", "reg-1"]);
-    let err = ask::<InstanceList>(&client, names::query(names::qry::INSTANCES)?, &ListInstances { component: "nope".into(), ..Default::default() }).await.unwrap_err();
+    let err = ask::<InstanceList>(
+        &client,
+        names::query(names::qry::INSTANCES)?,
+        &ListInstances { component: "nope".into(), ..Default::default() },
+    )
+    .await
+    .unwrap_err();
     assert!(err.to_string().contains("400"), "{err}");
     let ls = cimctl(&["registry", "--nats-url", &url, "ls"]).await?;
     let text = String::from_utf8_lossy(&ls.stdout);
@@ -180,7 +199,8 @@ async fn a_killed_instance_is_marked_lost_within_its_ttl_and_work_goes_elsewhere
     // 3 heartbeats of 200ms, but at least the registry's 1s floor
     assert_eq!(sm1.ttl_ms, 1000);
 
-    let mut lost_events = client.subscribe(names::instance_event("X", names::action::LOST)?.replace(".X.", ".*.")).await?;
+    let mut lost_events =
+        client.subscribe(names::instance_event("X", names::action::LOST)?.replace(".X.", ".*.")).await?;
     client.flush().await?;
     sm.signal(Signal::SIGKILL);
     sm.wait(Duration::from_secs(10)).await?;
@@ -213,7 +233,11 @@ async fn a_killed_instance_is_marked_lost_within_its_ttl_and_work_goes_elsewhere
     let lost_once = subjects.iter().filter(|s| *s == "cim.evt.registry.instance.sm-1.lost").count();
     assert_eq!(lost_once, 1, "two registry instances record one loss: {subjects:?}");
     let o = overview(&client).await?;
-    assert!(o.problems.iter().any(|p| p.subject == "instance sm-1" && p.reason.starts_with("lost on node n2")), "{:?}", o.problems);
+    assert!(
+        o.problems.iter().any(|p| p.subject == "instance sm-1" && p.reason.starts_with("lost on node n2")),
+        "{:?}",
+        o.problems
+    );
     drop(reg_b);
     Ok(())
 }
@@ -235,8 +259,15 @@ async fn bad_lifecycle_input_gets_a_clear_reason_and_duplicates_and_stale_versio
     publish(&client, announce("bad-3"), &announcement("bad-3", c, "0.1.0", 1, "")).await?;
     publish(&client, announce("bad-4"), &announcement("bad-4", c, "one", 1, "x")).await?;
     let mut h = HeaderMap::new();
-    Envelope::new_root(<ServiceAnnounced as cim_events::Payload>::TYPE, cim_events::Schema { name: <ServiceAnnounced as cim_events::Payload>::TYPE.into(), version: 9 }, "/x").write_headers(&mut h);
-    client.publish_with_headers(announce("bad-5"), h, announcement("bad-5", c, "0.1.0", 1, "x").encode_to_vec().into()).await?;
+    Envelope::new_root(
+        <ServiceAnnounced as cim_events::Payload>::TYPE,
+        cim_events::Schema { name: <ServiceAnnounced as cim_events::Payload>::TYPE.into(), version: 9 },
+        "/x",
+    )
+    .write_headers(&mut h);
+    client
+        .publish_with_headers(announce("bad-5"), h, announcement("bad-5", c, "0.1.0", 1, "x").encode_to_vec().into())
+        .await?;
     client.flush().await?;
     let dlq = resources::dead_letter_stream(Component::Registry).name;
     let reasons = eventually(WAIT, "five dead letters", || async {
@@ -247,7 +278,11 @@ async fn bad_lifecycle_input_gets_a_clear_reason_and_duplicates_and_stale_versio
         for seq in 1..=n {
             let m = stream.get_raw_message(seq).await?;
             assert_eq!(m.subject.as_str(), names::lifecycle_dead_letter());
-            reasons.push(format!("{} <- {}", m.headers.get(names::DLQ_REASON).unwrap().as_str(), m.headers.get(names::DLQ_SUBJECT).unwrap().as_str()));
+            reasons.push(format!(
+                "{} <- {}",
+                m.headers.get(names::DLQ_REASON).unwrap().as_str(),
+                m.headers.get(names::DLQ_SUBJECT).unwrap().as_str()
+            ));
         }
         Ok(reasons)
     })
@@ -260,7 +295,10 @@ async fn bad_lifecycle_input_gets_a_clear_reason_and_duplicates_and_stale_versio
         ("schema version 9, newer than the 2 this build knows", "bad-5"),
     ];
     for (reason, id) in want {
-        assert!(reasons.iter().any(|r| r.contains(reason.trim_start_matches("announce: ")) && r.contains(id)), "{reason}: {reasons:#?}");
+        assert!(
+            reasons.iter().any(|r| r.contains(reason.trim_start_matches("announce: ")) && r.contains(id)),
+            "{reason}: {reasons:#?}"
+        );
     }
     assert!(instances(&client, ListInstances::default()).await?.iter().all(|i| !i.instance_id.starts_with("bad-")));
     assert_eq!(overview(&client).await?.rejected, 5);
@@ -273,7 +311,10 @@ async fn bad_lifecycle_input_gets_a_clear_reason_and_duplicates_and_stale_versio
         let o = overview(&client).await?;
         let text: Vec<String> = o.problems.iter().map(|p| format!("{}: {}", p.subject, p.reason)).collect();
         anyhow::ensure!(text.iter().any(|t| t == "instance old-1: stale version 0.0.9 while 0.2.0 runs"), "{text:#?}");
-        anyhow::ensure!(text.iter().any(|t| t == "instance odd-1: incompatible: speaks contract v99, this registry v1"), "{text:#?}");
+        anyhow::ensure!(
+            text.iter().any(|t| t == "instance odd-1: incompatible: speaks contract v99, this registry v1"),
+            "{text:#?}"
+        );
         Ok(o)
     })
     .await?;
@@ -286,15 +327,28 @@ async fn bad_lifecycle_input_gets_a_clear_reason_and_duplicates_and_stale_versio
     let dup_b = ServiceProc::start(Component::StorageManager, &url, &["--instance-id", "dup-1", "--node", "nb"])?;
     let text = eventually(WAIT, "duplicate flagged", || async {
         let s = cimctl_json(&["status", "--nats-url", &url, "--json"]).await?;
-        let problems: Vec<String> = s["problems"].as_array().unwrap().iter().map(|p| format!("{}: {}", p["subject"].as_str().unwrap(), p["reason"].as_str().unwrap())).collect();
-        anyhow::ensure!(problems.iter().any(|p| p.starts_with("instance dup-1: duplicate instance id: another process")), "{problems:#?}");
+        let problems: Vec<String> = s["problems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| format!("{}: {}", p["subject"].as_str().unwrap(), p["reason"].as_str().unwrap()))
+            .collect();
+        anyhow::ensure!(
+            problems.iter().any(|p| p.starts_with("instance dup-1: duplicate instance id: another process")),
+            "{problems:#?}"
+        );
         Ok(problems)
     })
     .await?;
     assert!(text.iter().any(|p| p.contains("on node n")), "{text:#?}");
     assert!(event_subjects(&js).await?.iter().any(|s| s.starts_with("cim.evt.registry.instance.dup-1.duplicated")));
     // and heartbeats that lie about who they are are refused too
-    let hb = ServiceHeartbeat { component: "hub".into(), instance_id: "liar".into(), incarnation: "x".into(), ..Default::default() };
+    let hb = ServiceHeartbeat {
+        component: "hub".into(),
+        instance_id: "liar".into(),
+        incarnation: "x".into(),
+        ..Default::default()
+    };
     publish(&client, subject::lifecycle(c, "liar", Lifecycle::Heartbeat)?, &hb).await?;
     eventually(WAIT, "lying heartbeat refused", || async {
         anyhow::ensure!(overview(&client).await?.rejected == 6);
@@ -319,7 +373,8 @@ async fn placement_check_says_whether_it_fits_and_exactly_why_not() -> Result<()
                 {"name": "n2", "memory": "1GiB", "reserved": "624MiB", "cpus": 1}],
       "services": [{"name": "ui-gateway", "replicas": 2, "memory_max": "512MiB", "cpu": 0.5},
                    {"name": "registry", "memory_max": "128MiB", "cpu": 0.25}]"#;
-    let fits = write("fits.json", &format!(r#"{base}, "assignments": {{"n1": ["ui-gateway", "ui-gateway", "registry"]}} }}"#));
+    let fits =
+        write("fits.json", &format!(r#"{base}, "assignments": {{"n1": ["ui-gateway", "ui-gateway", "registry"]}} }}"#));
     let out = cimctl(&["placement", "check", &fits, "--json"]).await?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let r: Value = serde_json::from_slice(&out.stdout)?;
@@ -327,18 +382,27 @@ async fn placement_check_says_whether_it_fits_and_exactly_why_not() -> Result<()
     assert_eq!(r["nodes"][0]["services"][0]["memory_max_bytes"], 512u64 << 20);
     assert_eq!(r["nodes"][0]["services"][0]["cpu_weight"], 50);
 
-    let tight = write("tight.json", &format!(r#"{base}, "assignments": {{"n1": ["ui-gateway", "registry"], "n2": ["ui-gateway"]}} }}"#));
+    let tight = write(
+        "tight.json",
+        &format!(r#"{base}, "assignments": {{"n1": ["ui-gateway", "registry"], "n2": ["ui-gateway"]}} }}"#),
+    );
     let out = cimctl(&["placement", "check", &tight]).await?;
     assert_eq!(out.status.code(), Some(1));
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("Does not fit") && text.contains("ui-gateway needs 512 MiB, n2 has 300 MiB allocatable"), "{text}");
+    assert!(
+        text.contains("Does not fit") && text.contains("ui-gateway needs 512 MiB, n2 has 300 MiB allocatable"),
+        "{text}"
+    );
 
     let propose = cimctl(&["placement", "check", &tight, "--propose", "--json"]).await?;
     let r: Value = serde_json::from_slice(&propose.stdout)?;
     assert_eq!((r["fits"].as_bool(), r["proposed"].as_bool()), (Some(true), Some(true)), "{r}");
 
     let unknown = format!("{} }}", base.replace("ui-gateway", "ui-gatway"));
-    for (file, text, want) in [("broken.json", "{ \"nodes\": [".to_string(), "placement file does not parse"), ("unknown.json", unknown, "unknown service \"ui-gatway\"")] {
+    for (file, text, want) in [
+        ("broken.json", "{ \"nodes\": [".to_string(), "placement file does not parse"),
+        ("unknown.json", unknown, "unknown service \"ui-gatway\""),
+    ] {
         let p = write(file, &text);
         let out = cimctl(&["placement", "check", &p]).await?;
         let err = String::from_utf8_lossy(&out.stderr);
@@ -357,10 +421,22 @@ async fn drain_stops_intake_and_decommission_waits_for_nothing_stateful_on_a_thr
     let urls = cluster.urls().join(",");
     let client = cluster.connect().await;
     let js = jetstream::new(client.clone());
-    let reg = ServiceProc::start(Component::Registry, &urls, &["--tier", "cluster", "--instance-id", "reg-1", "--node", "ops"])?;
+    let reg = ServiceProc::start(
+        Component::Registry,
+        &urls,
+        &["--tier", "cluster", "--instance-id", "reg-1", "--node", "ops"],
+    )?;
     wait_ready(&client, &reg).await?;
-    let sm = ServiceProc::start(Component::StorageManager, &urls, &["--tier", "cluster", "--instance-id", "sm-1", "--node", "n2"])?;
-    let pe = ServiceProc::start(Component::PipelineEngine, &urls, &["--tier", "cluster", "--instance-id", "pe-1", "--node", "n2"])?;
+    let sm = ServiceProc::start(
+        Component::StorageManager,
+        &urls,
+        &["--tier", "cluster", "--instance-id", "sm-1", "--node", "n2"],
+    )?;
+    let pe = ServiceProc::start(
+        Component::PipelineEngine,
+        &urls,
+        &["--tier", "cluster", "--instance-id", "pe-1", "--node", "n2"],
+    )?;
     let sm_http = wait_ready(&client, &sm).await?.service.unwrap().http_addr;
     wait_ready(&client, &pe).await?;
     registered(&client, "sm-1").await?;
@@ -372,16 +448,33 @@ async fn drain_stops_intake_and_decommission_waits_for_nothing_stateful_on_a_thr
     };
     let run = |a: Vec<String>| async move { cimctl(&a.iter().map(String::as_str).collect::<Vec<_>>()).await };
 
-    let n2 = cimctl_json(&node(&["enroll", "n2", "--memory", "8GiB", "--reserved", "1GiB", "--cpus", "4", "--label", "zone=a"]).iter().map(String::as_str).collect::<Vec<_>>()).await?;
+    let n2 = cimctl_json(
+        &node(&["enroll", "n2", "--memory", "8GiB", "--reserved", "1GiB", "--cpus", "4", "--label", "zone=a"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    )
+    .await?;
     assert_eq!((n2["state"].as_str(), n2["memory_bytes"].as_u64()), (Some("schedulable"), Some(8 << 30)));
     let again = run(node(&["enroll", "n2", "--memory", "8GiB", "--cpus", "4"])).await?;
-    assert!(String::from_utf8_lossy(&again.stderr).contains("(409): node n2 is schedulable: already enrolled"), "{}", String::from_utf8_lossy(&again.stderr));
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("(409): node n2 is schedulable: already enrolled"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
     let early = run(node(&["decommission", "n2"])).await?;
     assert!(!early.status.success());
-    assert!(String::from_utf8_lossy(&early.stderr).contains("node n2 is schedulable: drain it first"), "{}", String::from_utf8_lossy(&early.stderr));
+    assert!(
+        String::from_utf8_lossy(&early.stderr).contains("node n2 is schedulable: drain it first"),
+        "{}",
+        String::from_utf8_lossy(&early.stderr)
+    );
 
     // drain: both services on n2 stop their endpoints and background intake and report drained
-    let drained = cimctl_json(&node(&["drain", "n2", "--wait", "--reason", "maintenance"]).iter().map(String::as_str).collect::<Vec<_>>()).await?;
+    let drained = cimctl_json(
+        &node(&["drain", "n2", "--wait", "--reason", "maintenance"]).iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await?;
     assert_eq!(drained["state"], "drained", "{drained}");
     for id in ["sm-1", "pe-1"] {
         let i = registered(&client, id).await?;
@@ -392,34 +485,59 @@ async fn drain_stops_intake_and_decommission_waits_for_nothing_stateful_on_a_thr
     assert!(format!("{err:#}").contains("no responders"), "{err:#}");
     assert_eq!(http_get(&sm_http, "/readyz").await?.status, 503);
     assert_eq!(http_get(&sm_http, "/livez").await?.status, 200);
-    assert!(http_get(&sm_http, "/metrics").await?.text().contains("cim_draining{service=\"storage-manager\",instance=\"sm-1\"} 1"));
+    assert!(
+        http_get(&sm_http, "/metrics")
+            .await?
+            .text()
+            .contains("cim_draining{service=\"storage-manager\",instance=\"sm-1\"} 1")
+    );
     assert!(sm.log().contains("drained"), "{}", sm.log());
 
     // a node whose nats-server holds stream replicas cannot be decommissioned
     let server = cluster.node(2).server_name().to_string();
-    cimctl_json(&node(&["enroll", "n3", "--memory", "8GiB", "--cpus", "4", "--jetstream-server", &server]).iter().map(String::as_str).collect::<Vec<_>>()).await?;
+    cimctl_json(
+        &node(&["enroll", "n3", "--memory", "8GiB", "--cpus", "4", "--jetstream-server", &server])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    )
+    .await?;
     cimctl_json(&node(&["drain", "n3", "--wait"]).iter().map(String::as_str).collect::<Vec<_>>()).await?;
     let refused = run(node(&["decommission", "n3"])).await?;
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success());
-    assert!(err.contains(&format!("node n3 still holds replicas of")) && err.contains(&format!("on nats-server {server}")) && err.contains("CIM_REGISTRY_EVENTS"), "{err}");
+    assert!(
+        err.contains(&format!("node n3 still holds replicas of"))
+            && err.contains(&format!("on nats-server {server}"))
+            && err.contains("CIM_REGISTRY_EVENTS"),
+        "{err}"
+    );
 
     let gone = cimctl_json(&node(&["decommission", "n2"]).iter().map(String::as_str).collect::<Vec<_>>()).await?;
     assert_eq!(gone["state"], "decommissioned");
     let ls = cimctl_json(&node(&["ls"]).iter().map(String::as_str).collect::<Vec<_>>()).await?;
     assert_eq!(ls["nodes"].as_array().unwrap().len(), 1, "decommissioned nodes are hidden: {ls}");
 
-    let n2_events: Vec<String> = event_subjects(&js).await?.into_iter().filter(|s| s.starts_with("cim.evt.registry.node.n2.")).collect();
+    let n2_events: Vec<String> =
+        event_subjects(&js).await?.into_iter().filter(|s| s.starts_with("cim.evt.registry.node.n2.")).collect();
     assert_eq!(
         n2_events,
-        ["enrolled", "schedulable", "draining", "drained", "decommissioned"].map(|a| format!("cim.evt.registry.node.n2.{a}")),
+        ["enrolled", "schedulable", "draining", "drained", "decommissioned"]
+            .map(|a| format!("cim.evt.registry.node.n2.{a}")),
     );
     drop((sm, pe, reg));
     Ok(())
 }
 
 fn problems_of(s: &Value) -> Vec<String> {
-    s["problems"].as_array().map(|a| a.iter().map(|p| format!("{}: {}", p["subject"].as_str().unwrap_or(""), p["reason"].as_str().unwrap_or(""))).collect()).unwrap_or_default()
+    s["problems"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|p| format!("{}: {}", p["subject"].as_str().unwrap_or(""), p["reason"].as_str().unwrap_or("")))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -427,15 +545,26 @@ async fn status_reports_a_healthy_cluster_and_names_the_cause_when_a_node_dies()
     let mut cluster = NatsCluster::start(3).await?;
     let urls = cluster.urls().join(",");
     let client = cluster.connect().await;
-    let reg = ServiceProc::start(Component::Registry, &urls, &["--tier", "cluster", "--instance-id", "reg-1", "--node", "n1"])?;
+    let reg = ServiceProc::start(
+        Component::Registry,
+        &urls,
+        &["--tier", "cluster", "--instance-id", "reg-1", "--node", "n1"],
+    )?;
     wait_ready(&client, &reg).await?;
-    let sm = ServiceProc::start(Component::StorageManager, &urls, &["--tier", "cluster", "--instance-id", "sm-1", "--node", "n2"])?;
+    let sm = ServiceProc::start(
+        Component::StorageManager,
+        &urls,
+        &["--tier", "cluster", "--instance-id", "sm-1", "--node", "n2"],
+    )?;
     wait_ready(&client, &sm).await?;
     registered(&client, "sm-1").await?;
     let dir = tempfile::tempdir()?;
     let plan = dir.path().join("plan.json");
-    std::fs::write(&plan, r#"{"nodes": [{"name": "n1", "memory": "4GiB", "cpus": 2}, {"name": "n2", "memory": "4GiB", "cpus": 2}],
-        "services": [{"name": "registry", "memory_max": "256MiB"}, {"name": "storage-manager", "memory_max": "512MiB"}]}"#)?;
+    std::fs::write(
+        &plan,
+        r#"{"nodes": [{"name": "n1", "memory": "4GiB", "cpus": 2}, {"name": "n2", "memory": "4GiB", "cpus": 2}],
+        "services": [{"name": "registry", "memory_max": "256MiB"}, {"name": "storage-manager", "memory_max": "512MiB"}]}"#,
+    )?;
     cimctl_json(&["placement", "apply", plan.to_str().unwrap(), "--nats-url", &urls, "--json"]).await?;
 
     let healthy = eventually(WAIT, "a converged status", || async {
@@ -444,16 +573,34 @@ async fn status_reports_a_healthy_cluster_and_names_the_cause_when_a_node_dies()
         Ok(s)
     })
     .await?;
-    let svc: Vec<(String, u64, u64)> = healthy["services"].as_array().unwrap().iter().map(|s| (s["service"].as_str().unwrap().to_string(), s["desired"].as_u64().unwrap(), s["running"].as_u64().unwrap())).collect();
+    let svc: Vec<(String, u64, u64)> = healthy["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (s["service"].as_str().unwrap().to_string(), s["desired"].as_u64().unwrap(), s["running"].as_u64().unwrap())
+        })
+        .collect();
     assert_eq!(svc, vec![("registry".to_string(), 1, 1), ("storage-manager".to_string(), 1, 1)]);
     let streams = healthy["streams"].as_array().unwrap();
     let events = streams.iter().find(|s| s["name"] == "CIM_REGISTRY_EVENTS").unwrap();
     assert_eq!((events["replicas"].as_u64(), events["current"].as_u64()), (Some(3), Some(3)), "{events}");
     assert!(events["leader"].as_str().unwrap().starts_with(cluster.name()), "{events}");
-    assert!(healthy["consumers"].as_array().unwrap().iter().any(|c| c["name"] == names::projector_consumer()), "consumers and their lag");
+    assert!(
+        healthy["consumers"].as_array().unwrap().iter().any(|c| c["name"] == names::projector_consumer()),
+        "consumers and their lag"
+    );
     let table = cimctl(&["status", "--nats-url", &urls]).await?;
     let text = String::from_utf8_lossy(&table.stdout);
-    for want in ["Desired vs running", "cim-registry", "Streams:", "CIM_REGISTRY_EVENTS", "Consumers", "registry-projector", "Converged"] {
+    for want in [
+        "Desired vs running",
+        "cim-registry",
+        "Streams:",
+        "CIM_REGISTRY_EVENTS",
+        "Consumers",
+        "registry-projector",
+        "Converged",
+    ] {
         assert!(text.contains(want), "{want}: {text}");
     }
 
@@ -466,7 +613,11 @@ async fn status_reports_a_healthy_cluster_and_names_the_cause_when_a_node_dies()
         anyhow::ensure!(out.status.code() == Some(3), "exit {:?}", out.status.code());
         let s: Value = serde_json::from_slice(&out.stdout)?;
         let problems = problems_of(&s);
-        anyhow::ensure!(problems.iter().any(|p| p.contains(&format!("replica on {victim_name} is offline")) || p.contains(&format!("replica on {victim_name} is not current"))), "{problems:#?}");
+        anyhow::ensure!(
+            problems.iter().any(|p| p.contains(&format!("replica on {victim_name} is offline"))
+                || p.contains(&format!("replica on {victim_name} is not current"))),
+            "{problems:#?}"
+        );
         Ok(s)
     })
     .await?;
@@ -504,13 +655,23 @@ impl Collector {
                             head.push(byte[0]);
                         }
                         let h = String::from_utf8_lossy(&head).to_ascii_lowercase();
-                        let len: usize = h.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+                        let len: usize = h
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
                         let mut body = vec![0u8; len];
                         if conn.read_exact(&mut body).await.is_err() {
                             return;
                         }
                         store.lock().unwrap().push(body);
-                        if conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\nContent-Length: 0\r\n\r\n").await.is_err() {
+                        if conn
+                            .write_all(
+                                b"HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\nContent-Length: 0\r\n\r\n",
+                            )
+                            .await
+                            .is_err()
+                        {
                             return;
                         }
                     }
@@ -524,7 +685,11 @@ impl Collector {
     fn services_with(&self, trace: &[u8], services: &[&str]) -> Vec<String> {
         let bodies = self.bodies.lock().unwrap();
         let has = |b: &[u8], n: &[u8]| b.windows(n.len()).any(|w| w == n);
-        services.iter().filter(|s| bodies.iter().any(|b| has(b, trace) && has(b, s.as_bytes()))).map(|s| s.to_string()).collect()
+        services
+            .iter()
+            .filter(|s| bodies.iter().any(|b| has(b, trace) && has(b, s.as_bytes())))
+            .map(|s| s.to_string())
+            .collect()
     }
 }
 
@@ -553,11 +718,18 @@ async fn one_trace_spans_three_services() -> Result<()> {
     let mut headers = HeaderMap::new();
     headers.insert("traceparent", format!("00-{TRACE}-b7ad6b7169203331-01").as_str());
     let req = GetOverview { deep: true };
-    let reply = client.request_with_headers(names::query(names::qry::OVERVIEW)?, headers, req.encode_to_vec().into()).await?;
+    let reply =
+        client.request_with_headers(names::query(names::qry::OVERVIEW)?, headers, req.encode_to_vec().into()).await?;
     let o = Overview::decode(reply.payload)?;
     let answered: Vec<&str> = o.described.iter().filter(|d| d.error.is_empty()).map(|d| d.component.as_str()).collect();
     assert_eq!(answered, vec!["pipeline", "storage"], "{:?}", o.described);
-    assert!(o.described.iter().any(|d| d.component == "iu" && d.error.contains("no responders") || d.error.contains("no answer")), "{:?}", o.described);
+    assert!(
+        o.described
+            .iter()
+            .any(|d| d.component == "iu" && d.error.contains("no responders") || d.error.contains("no answer")),
+        "{:?}",
+        o.described
+    );
 
     let trace: Vec<u8> = (0..16).map(|i| u8::from_str_radix(&TRACE[2 * i..2 * i + 2], 16).unwrap()).collect();
     let want = ["registry", "storage-manager", "pipeline-engine"];

@@ -61,7 +61,8 @@ async fn all_seven_start_provision_answer_and_stop_on_sigterm() -> Result<()> {
     }
     let stats = client.request(subject::micro(MicroVerb::Stats, Component::Registry), "".into()).await?;
     let stats: serde_json::Value = serde_json::from_slice(&stats.payload)?;
-    let describe = stats["endpoints"].as_array().unwrap().iter().find(|e| e["name"] == "describe").expect("describe endpoint");
+    let describe =
+        stats["endpoints"].as_array().unwrap().iter().find(|e| e["name"] == "describe").expect("describe endpoint");
     assert!(describe["num_requests"].as_u64().unwrap() >= 1, "{stats}");
 
     // each announced itself with a valid envelope
@@ -82,7 +83,10 @@ async fn all_seven_start_provision_answer_and_stop_on_sigterm() -> Result<()> {
     }
     let mut goodbyes = BTreeSet::new();
     while goodbyes.len() < 7 {
-        let m = tokio::time::timeout(Duration::from_secs(10), lifecycle.next()).await.map_err(|_| anyhow::anyhow!("goodbyes so far: {goodbyes:?}"))?.unwrap();
+        let m = tokio::time::timeout(Duration::from_secs(10), lifecycle.next())
+            .await
+            .map_err(|_| anyhow::anyhow!("goodbyes so far: {goodbyes:?}"))?
+            .unwrap();
         if m.subject.ends_with(".goodbye") {
             let (_, g): (_, ServiceStopped) = decode_lifecycle(&m)?;
             goodbyes.insert(g.component);
@@ -168,11 +172,8 @@ async fn bad_configuration_exits_64_with_one_clear_line() -> Result<()> {
         (Component::IntegrationHub, &["--frobnicate"], &[], "frobnicate"),
     ];
     for (c, args, env, want) in cases {
-        let out = tokio::process::Command::new(bin(c.service_name()))
-            .args(args)
-            .envs(env.iter().copied())
-            .output()
-            .await?;
+        let out =
+            tokio::process::Command::new(bin(c.service_name())).args(args).envs(env.iter().copied()).output().await?;
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(64), "{c} {args:?}: {stderr}");
         assert!(stderr.contains(want), "{c} {args:?}: {stderr}");
@@ -182,7 +183,18 @@ async fn bad_configuration_exits_64_with_one_clear_line() -> Result<()> {
     let out = tokio::process::Command::new(bin("registry")).arg("--help").output().await?;
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
-    for env in ["CIM_NATS_URL", "CIM_NATS_CREDS", "CIM_JS_DOMAIN", "CIM_TIER", "CIM_HTTP_LISTEN", "CIM_INSTANCE_ID", "CIM_NODE", "CIM_SHUTDOWN_GRACE", "CIM_HEARTBEAT_INTERVAL", "CIM_MAX_IN_FLIGHT"] {
+    for env in [
+        "CIM_NATS_URL",
+        "CIM_NATS_CREDS",
+        "CIM_JS_DOMAIN",
+        "CIM_TIER",
+        "CIM_HTTP_LISTEN",
+        "CIM_INSTANCE_ID",
+        "CIM_NODE",
+        "CIM_SHUTDOWN_GRACE",
+        "CIM_HEARTBEAT_INTERVAL",
+        "CIM_MAX_IN_FLIGHT",
+    ] {
         assert!(help.contains(env), "--help lacks {env}");
     }
     Ok(())
@@ -244,9 +256,8 @@ async fn trace_context_is_continued_across_nats_and_exported_over_otlp() -> Resu
     // caller → service: our traceparent is continued by the service's span
     let mut headers = HeaderMap::new();
     headers.insert("traceparent", format!("00-{TRACE_ID}-{PARENT_SPAN}-01").as_str());
-    let reply = client
-        .request_with_headers(subject::query(Component::Registry, "describe")?, headers, "".into())
-        .await?;
+    let reply =
+        client.request_with_headers(subject::query(Component::Registry, "describe")?, headers, "".into()).await?;
     let tp = reply.headers.as_ref().and_then(|h| h.get("traceparent")).expect("reply carries traceparent").to_string();
     let parts: Vec<&str> = tp.split('-').collect();
     assert_eq!(parts[1], TRACE_ID, "same trace: {tp}");

@@ -58,7 +58,8 @@ async fn provision(js: &jetstream::Context) -> Result<()> {
 async fn publish_events(js: &jetstream::Context, from: u64, to: u64) -> Result<()> {
     let mut acks = Vec::new();
     for i in from..to {
-        let subject = cim_events::subject::event(Component::InformationUnit, "unit", &format!("u{}", i % 37), "tagged")?;
+        let subject =
+            cim_events::subject::event(Component::InformationUnit, "unit", &format!("u{}", i % 37), "tagged")?;
         let mut h = HeaderMap::new();
         let id = format!("0190-test-{i}");
         h.insert("ce-id", id.as_str());
@@ -125,7 +126,12 @@ async fn compare_streams(a: &jetstream::Context, b: &jetstream::Context, stream:
         let mb = sb.get_raw_message(seq).await.with_context(|| format!("{stream} restored seq {seq}"))?;
         ensure!(ma.subject == mb.subject, "{stream} seq {seq}: subject {} vs {}", ma.subject, mb.subject);
         ensure!(ma.payload == mb.payload, "{stream} seq {seq}: payload differs");
-        ensure!(headers_of(&ma.headers) == headers_of(&mb.headers), "{stream} seq {seq}: headers {:?} vs {:?}", headers_of(&ma.headers), headers_of(&mb.headers));
+        ensure!(
+            headers_of(&ma.headers) == headers_of(&mb.headers),
+            "{stream} seq {seq}: headers {:?} vs {:?}",
+            headers_of(&ma.headers),
+            headers_of(&mb.headers)
+        );
     }
     Ok(())
 }
@@ -156,7 +162,12 @@ async fn restore_into(s3: &S3Client, until: Until) -> Result<(NatsServer, Vec<re
 
 /// A storage manager archiving to `nas` and `wasabi` (each with its key prefix), credentials
 /// from the environment, plus `extra` arguments.
-fn start_two_targets(nats: &NatsServer, nas: (&S3Server, &str), wasabi: (&S3Server, &str), extra: &[&str]) -> Result<ServiceProc> {
+fn start_two_targets(
+    nats: &NatsServer,
+    nas: (&S3Server, &str),
+    wasabi: (&S3Server, &str),
+    extra: &[&str],
+) -> Result<ServiceProc> {
     let specs = [spec(nas.0, "nas", nas.1, "NAS"), spec(wasabi.0, "wasabi", wasabi.1, "WASABI")];
     let mut args = vec!["--archive-target", specs[0].as_str(), "--archive-target", specs[1].as_str()];
     args.extend_from_slice(extra);
@@ -175,7 +186,8 @@ async fn storage_archive_two_targets_crash_resume_restore() -> Result<()> {
     let client = nats.connect().await;
     let js = jetstream::new(client.clone());
     provision(&js).await?;
-    let (nas_c, wasabi_c) = (S3Client::new(target(&nas, "nas", ""))?, S3Client::new(target(&wasabi, "wasabi", "leaf1"))?);
+    let (nas_c, wasabi_c) =
+        (S3Client::new(target(&nas, "nas", ""))?, S3Client::new(target(&wasabi, "wasabi", "leaf1"))?);
     nas_c.ensure_bucket().await?;
     wasabi_c.ensure_bucket().await?;
 
@@ -187,7 +199,16 @@ async fn storage_archive_two_targets_crash_resume_restore() -> Result<()> {
         store.put(*name, &mut data.as_slice()).await?;
     }
 
-    let settings = ["--archive-segment-bytes", "8192", "--archive-linger", "100ms", "--archive-retry-max", "500ms", "--archive-object-poll", "200ms"];
+    let settings = [
+        "--archive-segment-bytes",
+        "8192",
+        "--archive-linger",
+        "100ms",
+        "--archive-retry-max",
+        "500ms",
+        "--archive-object-poll",
+        "200ms",
+    ];
     let mut svc = start_two_targets(&nats, (&nas, ""), (&wasabi, "leaf1"), &settings)?;
     wait_ready(&client, &svc).await?;
 
@@ -319,11 +340,7 @@ async fn storage_archive_rides_out_an_s3_outage() -> Result<()> {
     nas.kill();
     publish_events(&js, 100, 400).await?;
     eventually(WAIT, "the service to report failed uploads", || async {
-        if svc.log().contains("archive upload failed") {
-            Ok(())
-        } else {
-            bail!("no failure logged yet")
-        }
+        if svc.log().contains("archive upload failed") { Ok(()) } else { bail!("no failure logged yet") }
     })
     .await?;
     nas.restart().await?;
@@ -340,7 +357,10 @@ async fn storage_archive_rides_out_an_s3_outage() -> Result<()> {
     wait_ready(&client, &svc).await?;
     eventually(WAIT, "credentials refused to be reported", || async {
         let log = svc.log();
-        ensure!(log.contains("403") || log.contains("SignatureDoesNotMatch") || log.contains("AccessDenied"), "not yet");
+        ensure!(
+            log.contains("403") || log.contains("SignatureDoesNotMatch") || log.contains("AccessDenied"),
+            "not yet"
+        );
         Ok(())
     })
     .await?;
@@ -379,7 +399,16 @@ async fn storage_cimctl_restore_verify_status() -> Result<()> {
     store.put(cid.as_str(), &mut content.as_slice()).await?;
     let spec = spec(&nas, "nas", "site", "NAS");
     let env = [("NAS_ACCESS_KEY_ID", nas.access_key()), ("NAS_SECRET_ACCESS_KEY", nas.secret_key())];
-    let args = ["--archive-target", spec.as_str(), "--archive-linger", "50ms", "--archive-segment-bytes", "20000", "--archive-object-poll", "200ms"];
+    let args = [
+        "--archive-target",
+        spec.as_str(),
+        "--archive-linger",
+        "50ms",
+        "--archive-segment-bytes",
+        "20000",
+        "--archive-object-poll",
+        "200ms",
+    ];
     let mut svc = ServiceProc::start_with_env(Component::StorageManager, &nats.url(), &args, &env)?;
     wait_ready(&client, &svc).await?;
     let obj_stream = content_bucket().stream_name();
@@ -404,7 +433,13 @@ async fn storage_cimctl_restore_verify_status() -> Result<()> {
 
     let (ok, out) = cimctl(&["archive", "verify"], &nats.url(), &spec, &env).await?;
     assert!(ok && out.contains("archive verify: ok"), "{out}");
-    assert!(out.contains(&format!("nas/objects/{}: verified 1 copies by CID (200000 bytes), 1 not named by a CID", content_bucket().bucket)), "{out}");
+    assert!(
+        out.contains(&format!(
+            "nas/objects/{}: verified 1 copies by CID (200000 bytes), 1 not named by a CID",
+            content_bucket().bucket
+        )),
+        "{out}"
+    );
 
     // dry run: reads and checks everything, publishes nothing.
     let fresh = NatsServer::start().await?;
@@ -451,7 +486,10 @@ async fn storage_cimctl_restore_verify_status() -> Result<()> {
     let (ok, out) = cimctl(&["archive", "verify"], &nats.url(), &spec, &env).await?;
     assert!(!ok, "{out}");
     assert!(out.contains(&format!("segment {}: sha256", m.segment_key)) && out.contains("PROBLEMS FOUND"), "{out}");
-    assert!(out.contains(&format!("object {copy_key}: its bytes hash to")) && out.contains("not to the CID it is named by"), "{out}");
+    assert!(
+        out.contains(&format!("object {copy_key}: its bytes hash to")) && out.contains("not to the CID it is named by"),
+        "{out}"
+    );
     let _ = key;
     Ok(())
 }
@@ -465,14 +503,24 @@ async fn storage_retention_guard_refuses_streams_that_drop_unarchived_data() -> 
     js.create_stream(cfg).await?;
     let spec = spec(&nas, "nas", "", "NAS");
     let env = [("NAS_ACCESS_KEY_ID", nas.access_key()), ("NAS_SECRET_ACCESS_KEY", nas.secret_key())];
-    let mut svc = ServiceProc::start_with_env(Component::StorageManager, &nats.url(), &["--archive-target", spec.as_str()], &env)?;
+    let mut svc = ServiceProc::start_with_env(
+        Component::StorageManager,
+        &nats.url(),
+        &["--archive-target", spec.as_str()],
+        &env,
+    )?;
     let status = svc.wait(WAIT).await?;
     assert!(!status.success());
     let log = svc.log();
     assert!(log.contains(&format!("retention guard: stream {} has max_age 3600s", events_stream())), "{log}");
 
     // A bad target spec is a configuration error (exit 64) that names the problem.
-    let mut svc = ServiceProc::start_with_env(Component::StorageManager, &nats.url(), &["--archive-target", "name=nas,endpoint=ftp://x,bucket=b"], &env)?;
+    let mut svc = ServiceProc::start_with_env(
+        Component::StorageManager,
+        &nats.url(),
+        &["--archive-target", "name=nas,endpoint=ftp://x,bucket=b"],
+        &env,
+    )?;
     let status = svc.wait(WAIT).await?;
     assert_eq!(status.code(), Some(64), "{}", svc.log());
     assert!(svc.log().contains("must start with http"), "{}", svc.log());
@@ -483,7 +531,11 @@ async fn messages_in(js: &jetstream::Context, stream: &str) -> Result<u64> {
     Ok(js.get_stream(stream).await?.info().await?.state.messages)
 }
 
-fn leaf_builder(cluster: &cim_testkit::NatsCluster, store: &std::path::Path, uplink: bool) -> cim_testkit::NatsServerBuilder {
+fn leaf_builder(
+    cluster: &cim_testkit::NatsCluster,
+    store: &std::path::Path,
+    uplink: bool,
+) -> cim_testkit::NatsServerBuilder {
     let b = NatsServer::builder().server_name("leaf-leaf1").jetstream_domain("leaf1").store_dir(store.to_path_buf());
     if uplink { b.leaf_remotes(cluster.leaf_urls()) } else { b }
 }
@@ -503,7 +555,8 @@ async fn storage_leaf_to_cluster_mirror_survives_uplink_outage() -> Result<()> {
     nas_c.ensure_bucket().await?;
     let spec = spec(&nas, "nas", "hub", "NAS");
     let env = [("NAS_ACCESS_KEY_ID", nas.access_key()), ("NAS_SECRET_ACCESS_KEY", nas.secret_key())];
-    let args = ["--tier", "cluster", "--source-leaf", "leaf1", "--archive-target", spec.as_str(), "--archive-linger", "50ms"];
+    let args =
+        ["--tier", "cluster", "--source-leaf", "leaf1", "--archive-target", spec.as_str(), "--archive-linger", "50ms"];
     let mut svc = ServiceProc::start_with_env(Component::StorageManager, &urls, &args, &env)?;
     let cclient = cluster.connect().await;
     wait_ready(&cclient, &svc).await?;
@@ -552,14 +605,21 @@ async fn storage_leaf_to_cluster_mirror_survives_uplink_outage() -> Result<()> {
     wait_archived(&nas_c, &mirror, 320).await.map_err(|e| e.context(svc.log()))?;
     let (ok, out) = cimctl(&["archive", "status"], &urls, &spec, &env).await?;
     assert!(ok, "{out}");
-    let line = out.lines().find(|l| l.starts_with(&format!("{mirror} "))).with_context(|| format!("no {mirror} in {out}"))?;
+    let line =
+        out.lines().find(|l| l.starts_with(&format!("{mirror} "))).with_context(|| format!("no {mirror} in {out}"))?;
     assert!(line.split_whitespace().collect::<Vec<_>>().ends_with(&["nas", "320", "320", "0"]), "{line}");
 
     // A lost leaf is rebuilt from the cluster's archive: into its own stream names, with its
     // sequence numbers, message by message the same as the leaf's stream.
     let fresh = NatsServer::start().await?;
     let (ok, out) = cimctl(&["restore", "--from", "nas"], &fresh.url(), &spec, &env).await?;
-    assert!(ok && out.contains(&format!("{mirror}: skipped: the cluster's mirror of {} on leaf LEAF1 (restore a leaf from it with --leaf leaf1)", events_stream())), "{out}");
+    assert!(
+        ok && out.contains(&format!(
+            "{mirror}: skipped: the cluster's mirror of {} on leaf LEAF1 (restore a leaf from it with --leaf leaf1)",
+            events_stream()
+        )),
+        "{out}"
+    );
     let (ok, out) = cimctl(&["restore", "--from", "nas", "--leaf", "leaf2"], &fresh.url(), &spec, &env).await?;
     assert!(!ok && out.contains("no archive of the cluster's mirrors of leaf leaf2"), "{out}");
     let (ok, out) = cimctl(&["restore", "--from", "nas", "--leaf", "leaf1"], &fresh.url(), &spec, &env).await?;
@@ -592,16 +652,32 @@ async fn storage_content_leaves_jetstream_only_after_its_archive_is_verified_on_
     let client = nats.connect().await;
     let js = jetstream::new(client.clone());
     // Content with no live unit is due for collection at once (retention 0s).
-    let iu_svc = ServiceProc::start(Component::InformationUnit, &nats.url(), &["--iu-content-retention", "0s", "--iu-collect-interval", "300ms"])?;
+    let iu_svc = ServiceProc::start(
+        Component::InformationUnit,
+        &nats.url(),
+        &["--iu-content-retention", "0s", "--iu-collect-interval", "300ms"],
+    )?;
     wait_ready(&client, &iu_svc).await?;
     let iu_client = IuClient::new(client.clone());
     let body = pseudo_random(300_000, 11);
     let cid = iu_client.put_bytes(&body).await?.cid;
-    let unit = iu_client.create(CreateUnit { cid: cid.clone(), name: "doomed.bin".into(), media_type: "application/octet-stream".into(), ..Default::default() }).await?;
+    let unit = iu_client
+        .create(CreateUnit {
+            cid: cid.clone(),
+            name: "doomed.bin".into(),
+            media_type: "application/octet-stream".into(),
+            ..Default::default()
+        })
+        .await?;
     iu_client.delete(DeleteUnit { header: header(0), unit_id: unit.unit_id.clone(), reason: "test".into() }).await?;
     let store = js.get_object_store(iu::CONTENT_BUCKET).await?;
     let obj_stream = content_bucket().stream_name();
-    let meta_seq = js.get_stream(&obj_stream).await?.get_last_raw_message_by_subject(&cim_events::subject::object_meta(iu::CONTENT_BUCKET, &cid)?).await?.sequence;
+    let meta_seq = js
+        .get_stream(&obj_stream)
+        .await?
+        .get_last_raw_message_by_subject(&cim_events::subject::object_meta(iu::CONTENT_BUCKET, &cid)?)
+        .await?
+        .sequence;
 
     // 1. No archive at all: collection holds the content back, and says why.
     eventually(WAIT, "collection to hold back content with no archive", || async {
@@ -618,7 +694,12 @@ async fn storage_content_leaves_jetstream_only_after_its_archive_is_verified_on_
     nas_c.ensure_bucket().await?;
     wasabi_c.ensure_bucket().await?;
     wasabi.kill();
-    let sm = start_two_targets(&nats, (&nas, "p"), (&wasabi, "p"), &["--archive-linger", "100ms", "--archive-retry-max", "300ms", "--archive-verify-interval", "200ms"])?;
+    let sm = start_two_targets(
+        &nats,
+        (&nas, "p"),
+        (&wasabi, "p"),
+        &["--archive-linger", "100ms", "--archive-retry-max", "300ms", "--archive-verify-interval", "200ms"],
+    )?;
     let sm_http = wait_ready(&client, &sm).await?.service.context("describe without service")?.http_addr;
     let marks = js.get_key_value(resources::kv_bucket(Component::StorageManager, storage::KV_ARCHIVE)?).await?;
     let mark = |key: String| {
@@ -661,15 +742,24 @@ async fn storage_content_leaves_jetstream_only_after_its_archive_is_verified_on_
     assert!(events.get_last_raw_message_by_subject(&collected).await.is_ok(), "no {collected} event");
     let metrics = cim_testkit::http_get(&sm_http, "/metrics").await?.text();
     let verified_line = format!("cim_archive_verified_sequence{{service=\"storage-manager\",instance=");
-    assert!(metrics.contains(&verified_line) && metrics.contains(&format!("stream=\"{obj_stream}\",target=\"wasabi\"}}")) && metrics.contains("cim_archive_lag{"), "{metrics}");
+    assert!(
+        metrics.contains(&verified_line)
+            && metrics.contains(&format!("stream=\"{obj_stream}\",target=\"wasabi\"}}"))
+            && metrics.contains("cim_archive_lag{"),
+        "{metrics}"
+    );
 
     // `cimctl status` shows the verified copy of every stream on every target, and its lag.
     let (_, out) = cimctl(&["status", "--json", "--timeout", "2"], &nats.url(), "", &[]).await?;
     let json_start = out.find('{').context("no JSON")?;
-    let status: serde_json::Value = serde_json::Deserializer::from_str(&out[json_start..]).into_iter().next().context("no JSON")??;
+    let status: serde_json::Value =
+        serde_json::Deserializer::from_str(&out[json_start..]).into_iter().next().context("no JSON")??;
     let rows = status["archive"].as_array().context("no archive rows")?;
     for t in ["nas", "wasabi"] {
-        let row = rows.iter().find(|r| r["stream"] == obj_stream.as_str() && r["target"] == t).with_context(|| format!("no {t} row: {status}"))?;
+        let row = rows
+            .iter()
+            .find(|r| r["stream"] == obj_stream.as_str() && r["target"] == t)
+            .with_context(|| format!("no {t} row: {status}"))?;
         assert!(row["verified_seq"].as_u64() >= Some(meta_seq), "{row}");
     }
 

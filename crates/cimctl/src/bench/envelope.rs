@@ -6,9 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use async_nats::jetstream;
 use bytes::Bytes;
-use cim_events::{
-    Component, Envelope, Tier, payload::encode, proto::runtime::ServiceStopped, resources, subject,
-};
+use cim_events::{Component, Envelope, Tier, payload::encode, proto::runtime::ServiceStopped, resources, subject};
 use futures::{StreamExt, stream::FuturesUnordered};
 use prost::Message;
 
@@ -62,13 +60,21 @@ pub(super) async fn run(args: &BenchArgs) -> Result<Outcome> {
             aim: "—",
         });
     }
-    let note = format!("envelope: {} messages of {} bytes per measurement into CIM_REGISTRY_EVENTS.", args.messages, args.payload);
+    let note = format!(
+        "envelope: {} messages of {} bytes per measurement into CIM_REGISTRY_EVENTS.",
+        args.messages, args.payload
+    );
     Ok(Outcome { rows, note })
 }
 
 fn payload(size: usize) -> ServiceStopped {
     // Fill the reason until the encoded body is `size` bytes (or as close as the fixed fields allow).
-    let mut p = ServiceStopped { component: "registry".into(), instance_id: "bench".into(), reason: String::new(), ..Default::default() };
+    let mut p = ServiceStopped {
+        component: "registry".into(),
+        instance_id: "bench".into(),
+        reason: String::new(),
+        ..Default::default()
+    };
     while p.encoded_len() < size {
         p.reason.push('x');
         if p.encoded_len() > size {
@@ -81,9 +87,16 @@ fn payload(size: usize) -> ServiceStopped {
 
 /// The baseline: the same body, no envelope. With `dedupe`, only a `Nats-Msg-Id` header is
 /// added, which isolates the server's de-duplication cost from the rest of the envelope.
-async fn publish_raw(js: &jetstream::Context, c: Component, args: &BenchArgs, window: usize, dedupe: bool) -> Result<Duration> {
+async fn publish_raw(
+    js: &jetstream::Context,
+    c: Component,
+    args: &BenchArgs,
+    window: usize,
+    dedupe: bool,
+) -> Result<Duration> {
     let body = Bytes::from(payload(args.payload).encode_to_vec());
-    let subjects: Vec<String> = (0..64).map(|i| subject::event(c, "bench", &format!("a{i}"), "raw")).collect::<Result<_, _>>()?;
+    let subjects: Vec<String> =
+        (0..64).map(|i| subject::event(c, "bench", &format!("a{i}"), "raw")).collect::<Result<_, _>>()?;
     let started = Instant::now();
     let mut acks = FuturesUnordered::new();
     for i in 0..args.messages {

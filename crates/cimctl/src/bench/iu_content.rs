@@ -9,12 +9,19 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use async_nats::jetstream::{self, object_store::{ObjectMetadata, ObjectStore}};
+use async_nats::jetstream::{
+    self,
+    object_store::{ObjectMetadata, ObjectStore},
+};
 use cim_events::{Component, Tier, resources};
 use cim_iu_client::{DEFAULT_CHUNK_SIZE, IuClient, NoProgress};
 use tokio::io::AsyncReadExt;
 
-use super::{BenchArgs, Outcome, Row, alternate, mb_per_s, median, service::{Generated, IuService}, within};
+use super::{
+    BenchArgs, Outcome, Row, alternate, mb_per_s, median,
+    service::{Generated, IuService},
+    within,
+};
 
 const RAW_BUCKET: &str = "bench_raw_content";
 
@@ -62,7 +69,9 @@ async fn measure(args: &BenchArgs, server: &cim_testkit::NatsServer, iu: &IuClie
         cim_put.push(c);
         let (r, c) = alternate(
             round,
-            || async { Ok(mb_per_s(size, within(limit, "raw ObjectStore::get", get_raw(&raw, &raw_name, size)).await?)) },
+            || async {
+                Ok(mb_per_s(size, within(limit, "raw ObjectStore::get", get_raw(&raw, &raw_name, size)).await?))
+            },
             || async { Ok(mb_per_s(size, within(limit, "IuClient::get_content", get_cim(iu, &cid, size)).await?)) },
         )
         .await?;

@@ -92,7 +92,8 @@ async fn measure(args: &BenchArgs, server: &cim_testkit::NatsServer, iu: &IuClie
 
 /// A small unit: a name, a media type, 3 tags and 10 attributes (≤ 1 KiB of metadata).
 fn template(cid: &str) -> CreateUnit {
-    let attributes: HashMap<String, String> = (0..10).map(|i| (format!("attr{i:02}"), format!("value {i} of a small unit, some forty bytes"))).collect();
+    let attributes: HashMap<String, String> =
+        (0..10).map(|i| (format!("attr{i:02}"), format!("value {i} of a small unit, some forty bytes"))).collect();
     CreateUnit {
         header: None,
         cid: cid.to_string(),

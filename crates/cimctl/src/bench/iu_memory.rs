@@ -5,8 +5,9 @@
 use anyhow::{Context, Result};
 
 use super::{
-    BenchArgs, Outcome, Row, mb_per_s,
+    BenchArgs, Outcome, Row,
     iu_content::{get_cim, put_cim, transfer_limit},
+    mb_per_s,
     service::{IuService, reset_own_hwm, vm_hwm_kib},
     within,
 };

@@ -13,7 +13,10 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use async_nats::jetstream::{self, consumer::{DeliverPolicy, pull}};
+use async_nats::jetstream::{
+    self,
+    consumer::{DeliverPolicy, pull},
+};
 use cim_events::{
     Component, Envelope, iu,
     payload::encode,
@@ -55,7 +58,11 @@ async fn measure(args: &BenchArgs, server: &cim_testkit::NatsServer, iu: &IuClie
     let tagged = args.rebuild_events.saturating_sub(created_up_to);
     within(limit, "appending the fixture's events", append_tagged(&js, &units, tagged)).await?;
     let last = stream.info().await?.state.last_sequence;
-    ensure!(last == args.rebuild_events.max(created_up_to), "the stream holds {last} events, expected {}", args.rebuild_events);
+    ensure!(
+        last == args.rebuild_events.max(created_up_to),
+        "the stream holds {last} events, expected {}",
+        args.rebuild_events
+    );
     let fixture_time = fixture_started.elapsed();
     let live_started = Instant::now();
     within(limit, "the projection catching up with the fixture", wait_caught_up(iu, last, false)).await?;
@@ -65,7 +72,9 @@ async fn measure(args: &BenchArgs, server: &cim_testkit::NatsServer, iu: &IuClie
     for round in 0..args.rounds {
         let (r, c) = alternate(
             round,
-            || async { Ok(last as f64 / within(limit, "ordered consumer", read_all(&stream, last)).await?.as_secs_f64()) },
+            || async {
+                Ok(last as f64 / within(limit, "ordered consumer", read_all(&stream, last)).await?.as_secs_f64())
+            },
             || async { Ok(last as f64 / within(limit, "rebuild", rebuild(iu, last)).await?.as_secs_f64()) },
         )
         .await?;
@@ -73,7 +82,9 @@ async fn measure(args: &BenchArgs, server: &cim_testkit::NatsServer, iu: &IuClie
         cim.push(c);
     }
     let rows = vec![Row {
-        scenario: format!("iu-rebuild — projection rebuild (IuClient::rebuild until checkpoint = last sequence, lag 0), {last} events"),
+        scenario: format!(
+            "iu-rebuild — projection rebuild (IuClient::rebuild until checkpoint = last sequence, lag 0), {last} events"
+        ),
         baseline: "raw async-nats ordered pull consumer reading the whole stream".into(),
         baseline_value: Some(median(raw)),
         value: median(cim),
@@ -195,7 +206,12 @@ mod tests {
 
     #[test]
     fn caught_up_needs_no_lag_and_the_last_sequence() {
-        let s = |checkpoint, last, lag| ProjectionStatus { stream_last_sequence: last, checkpoint, lag, ..Default::default() };
+        let s = |checkpoint, last, lag| ProjectionStatus {
+            stream_last_sequence: last,
+            checkpoint,
+            lag,
+            ..Default::default()
+        };
         assert!(caught_up(&s(100, 100, 0), 100));
         assert!(!caught_up(&s(99, 100, 0), 100));
         assert!(!caught_up(&s(100, 100, 1), 100));

@@ -125,7 +125,10 @@ pub async fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
         "--messages, --rounds, --window, --iu-units and --iu-concurrency must be positive"
     );
     anyhow::ensure!(args.content_mib > 0 && args.memory_mib > 0, "--content-mib and --memory-mib must be positive");
-    anyhow::ensure!(args.rebuild_units > 0 && args.rebuild_events > args.rebuild_units as u64, "--rebuild-events must exceed --rebuild-units (> 0)");
+    anyhow::ensure!(
+        args.rebuild_units > 0 && args.rebuild_events > args.rebuild_units as u64,
+        "--rebuild-events must exceed --rebuild-units (> 0)"
+    );
     let scenarios = selected(&args.scenario);
     // Before anything starts: a missing service binary is an error now, not after minutes.
     if scenarios.iter().any(|s| *s != Scenario::Envelope) {
@@ -225,7 +228,17 @@ fn render(outcomes: &[Outcome], args: &BenchArgs, version: (u32, u32, u32)) -> S
             Some(b) if r.ratio && b > 0.0 => format!("{:.2}", r.value / b),
             _ => "—".into(),
         };
-        let _ = writeln!(s, "| {} | {} | {} | {} {} | {} | {} |", r.scenario, r.baseline, baseline, number(r.value), r.unit, ratio, r.aim);
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} {} | {} | {} |",
+            r.scenario,
+            r.baseline,
+            baseline,
+            number(r.value),
+            r.unit,
+            ratio,
+            r.aim
+        );
     }
     let _ = writeln!(
         s,
@@ -259,7 +272,10 @@ mod tests {
     #[test]
     fn all_selects_every_scenario_once() {
         assert_eq!(selected(&[Scenario::All]).len(), Scenario::EACH.len());
-        assert_eq!(selected(&[Scenario::IuRebuild, Scenario::Envelope, Scenario::IuRebuild]), vec![Scenario::Envelope, Scenario::IuRebuild]);
+        assert_eq!(
+            selected(&[Scenario::IuRebuild, Scenario::Envelope, Scenario::IuRebuild]),
+            vec![Scenario::Envelope, Scenario::IuRebuild]
+        );
     }
 
     #[tokio::test]
@@ -268,8 +284,14 @@ mod tests {
         for round in 0..2 {
             let (a, b) = alternate(
                 round,
-                || async { order.lock().unwrap().push('a'); Ok(1.0) },
-                || async { order.lock().unwrap().push('b'); Ok(2.0) },
+                || async {
+                    order.lock().unwrap().push('a');
+                    Ok(1.0)
+                },
+                || async {
+                    order.lock().unwrap().push('b');
+                    Ok(2.0)
+                },
             )
             .await
             .unwrap();

@@ -72,12 +72,18 @@ impl IuService {
         let deadline = Instant::now() + START_DEADLINE;
         loop {
             if let Some(status) = self.child.try_wait()? {
-                bail!("the information-unit service exited with {status} while starting; its log:\n{}", self.log_tail());
+                bail!(
+                    "the information-unit service exited with {status} while starting; its log:\n{}",
+                    self.log_tail()
+                );
             }
             match probe.status().await {
                 Ok(_) => return Ok(()),
                 Err(e) if Instant::now() >= deadline => {
-                    bail!("the information-unit service did not answer within {START_DEADLINE:?} ({e}); its log:\n{}", self.log_tail())
+                    bail!(
+                        "the information-unit service did not answer within {START_DEADLINE:?} ({e}); its log:\n{}",
+                        self.log_tail()
+                    )
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
@@ -135,7 +141,11 @@ impl Generated {
 }
 
 impl AsyncRead for Generated {
-    fn poll_read(mut self: Pin<&mut Self>, _: &mut TaskContext<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        _: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         let n = (buf.remaining() as u64).min(self.left) as usize;
         let dst = buf.initialize_unfilled_to(n);
         let mut state = self.state;
