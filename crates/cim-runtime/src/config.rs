@@ -57,7 +57,7 @@ pub struct CommonArgs {
 
 /// The configuration after validation, with defaults resolved.
 #[derive(Clone, Debug)]
-pub struct Settings {
+pub struct CommonSettings {
     pub component: Component,
     pub nats_urls: Vec<String>,
     pub nats_creds: Option<PathBuf>,
@@ -71,7 +71,7 @@ pub struct Settings {
     pub max_in_flight: usize,
 }
 
-impl Settings {
+impl CommonSettings {
     /// The NATS URLs with any `user:password@` replaced, for logs.
     pub fn redacted_urls(&self) -> Vec<String> {
         self.nats_urls.iter().map(|u| redact_url(u)).collect()
@@ -96,10 +96,17 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+impl ConfigError {
+    /// A refusal naming the flag (and its variable) and what is wrong with it.
+    pub fn invalid(message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid(message.into())
+    }
+}
+
 impl CommonArgs {
     /// Validates and resolves defaults. Pure apart from checking that a credentials file can be
     /// read and reading the host name.
-    pub fn settings(&self, component: Component) -> Result<Settings, ConfigError> {
+    pub fn settings(&self, component: Component) -> Result<CommonSettings, ConfigError> {
         let bad = |m: String| ConfigError::Invalid(m);
         let nats_urls: Vec<String> =
             self.nats_url.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
@@ -133,7 +140,7 @@ impl CommonArgs {
         if self.heartbeat_interval < Duration::from_millis(100) {
             return Err(bad("--heartbeat-interval (CIM_HEARTBEAT_INTERVAL) must be at least 100ms".into()));
         }
-        Ok(Settings {
+        Ok(CommonSettings {
             component,
             nats_urls,
             nats_creds: self.nats_creds.clone(),
@@ -233,7 +240,7 @@ mod tests {
         common: CommonArgs,
     }
 
-    fn parse(args: &[&str]) -> Result<Settings, String> {
+    fn parse(args: &[&str]) -> Result<CommonSettings, String> {
         let cli = Cli::try_parse_from(std::iter::once("svc").chain(args.iter().copied()))
             .map_err(|e| one_line(&e.to_string()))?;
         cli.common.settings(Component::Registry).map_err(|e| e.to_string())

@@ -1,21 +1,45 @@
 //! `cim-runtime`: the plumbing every CIM service shares and no component logic.
 //!
-//! A service binary is `main` → [`service_main`] → the service library's `run(settings,
-//! shutdown)`, which builds a [`Service`] (its [`ServiceDef`] and [`Endpoint`]s) and runs it.
+//! A service crate's `lib.rs` holds its `Args` (clap), `Args::validate` (pure: every refusal of
+//! bad configuration), `definition()` and `run(settings, shutdown)`; its `main.rs` is
+//! `cim_runtime::service_main::<Args>()`. `run` builds a [`Service`] (its [`ServiceDef`] and
+//! [`Endpoints`]) and runs it; events are recorded with [`NewEvent`].
 
 pub mod archive_guard;
 pub mod config;
+pub mod endpoint;
 pub mod http;
 pub mod metrics;
 pub mod provision;
+pub mod publish;
 pub mod service;
 pub mod telemetry;
 
-use std::{future::Future, process::ExitCode};
+use std::{future::Future, pin::Pin, process::ExitCode};
 
-use cim_events::Component;
-pub use config::{CommonArgs, EXIT_CONFIG, Settings, parse_or_exit};
-pub use service::{Ctx, Endpoint, Reply, Service, ServiceDef, ServiceError};
+pub use config::{CommonArgs, CommonSettings, ConfigError, EXIT_CONFIG, parse_or_exit};
+pub use endpoint::{Endpoint, Endpoints, Reply, ServiceError, json_request};
+pub use publish::{NewEvent, PublishError};
+pub use service::{Ctx, Service, ServiceDef};
+
+/// The shutdown signal `run` receives: resolves when the service should stop.
+pub type Shutdown = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A service's command line, as [`service_main`] needs it: parsed by clap, validated purely
+/// (nothing connects before every refusal), then run until shutdown.
+pub trait ServiceArgs: clap::Parser {
+    /// The validated configuration `run` takes.
+    type Settings: Send + 'static;
+
+    /// Every refusal of bad configuration; pure apart from reading files the flags name.
+    fn validate(self) -> Result<Self::Settings, ConfigError>;
+
+    /// The part of the settings every service shares (telemetry needs the instance id).
+    fn common(settings: &Self::Settings) -> &CommonSettings;
+
+    /// The service's `run(settings, shutdown)`.
+    fn run(settings: Self::Settings, shutdown: Shutdown) -> impl Future<Output = anyhow::Result<()>>;
+}
 
 /// Resolves when SIGINT or SIGTERM arrives.
 pub async fn shutdown_signal() {
@@ -31,30 +55,29 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// The whole of a service's `main`: validate configuration (exit 64 with one line on error),
-/// start telemetry, run the service until a signal, and map the outcome to an exit code.
-pub fn service_main<F, Fut>(component: Component, common: &CommonArgs, run: F) -> ExitCode
-where
-    F: FnOnce(Settings, std::pin::Pin<Box<dyn Future<Output = ()> + Send>>) -> Fut,
-    Fut: Future<Output = anyhow::Result<()>>,
-{
-    let settings = match common.settings(component) {
+/// The whole of a service's `main`: parse and validate the configuration (one line and exit 64
+/// on any refusal, before anything connects), start telemetry, run the service until a signal,
+/// and map the outcome to an exit code.
+pub fn service_main<A: ServiceArgs>() -> ExitCode {
+    let name = A::command().get_name().to_string();
+    let settings = match parse_or_exit::<A>().validate() {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("{}: {e}", component.service_name());
+            eprintln!("{name}: {e}");
             return ExitCode::from(EXIT_CONFIG as u8);
         }
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("{}: cannot start the async runtime: {e}", component.service_name());
+            eprintln!("{name}: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
     runtime.block_on(async move {
-        let _telemetry = telemetry::init(component.service_name(), &settings.instance_id);
-        match run(settings, Box::pin(shutdown_signal())).await {
+        let common = A::common(&settings);
+        let _telemetry = telemetry::init(common.component.service_name(), &common.instance_id);
+        match A::run(settings, Box::pin(shutdown_signal())).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!(error = format!("{e:#}"), "service failed");

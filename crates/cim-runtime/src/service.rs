@@ -5,7 +5,6 @@ use std::{
     collections::HashMap,
     future::Future,
     net::SocketAddr,
-    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -14,7 +13,6 @@ use std::{
 };
 
 use async_nats::{HeaderMap, Message, jetstream, service::ServiceExt};
-use bytes::Bytes;
 use cim_events::{
     CONTRACT_VERSION, Component, Envelope, Payload,
     envelope::source,
@@ -30,55 +28,13 @@ use tokio::sync::{Notify, Semaphore};
 use tracing::Instrument;
 
 use crate::{
-    config::Settings,
+    config::CommonSettings,
+    endpoint::{BoxFuture, Endpoint, Reply, ServiceError},
     http,
     metrics::{EndpointLabels, Metrics},
     provision::{self, ProvisionError},
     telemetry,
 };
-
-/// An error reply: a code (HTTP-like: 400 bad request, 404, 409 conflict, 500, 503) and a
-/// one-line description. Sent with the micro protocol's `Nats-Service-Error(-Code)` headers.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{code} {message}")]
-pub struct ServiceError {
-    pub code: u16,
-    pub message: String,
-}
-
-impl ServiceError {
-    pub fn bad_request(message: impl Into<String>) -> Self {
-        ServiceError { code: 400, message: message.into() }
-    }
-    pub fn not_found(message: impl Into<String>) -> Self {
-        ServiceError { code: 404, message: message.into() }
-    }
-    pub fn conflict(message: impl Into<String>) -> Self {
-        ServiceError { code: 409, message: message.into() }
-    }
-    pub fn unavailable(message: impl Into<String>) -> Self {
-        ServiceError { code: 503, message: message.into() }
-    }
-    pub fn internal(message: impl Into<String>) -> Self {
-        ServiceError { code: 500, message: message.into() }
-    }
-}
-
-/// A successful reply.
-#[derive(Clone, Debug, Default)]
-pub struct Reply {
-    pub headers: HeaderMap,
-    pub body: Bytes,
-}
-
-impl Reply {
-    pub fn proto<M: prost::Message>(m: &M) -> Reply {
-        Reply { headers: HeaderMap::new(), body: Bytes::from(m.encode_to_vec()) }
-    }
-}
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-type HandlerFn = Arc<dyn Fn(Ctx, Message) -> BoxFuture<Result<Reply, ServiceError>> + Send + Sync>;
 
 /// What a running instance shares with its handlers.
 #[derive(Clone)]
@@ -86,7 +42,7 @@ pub struct Ctx(Arc<Shared>);
 
 struct Shared {
     def: ServiceDef,
-    settings: Settings,
+    settings: CommonSettings,
     client: async_nats::Client,
     js: jetstream::Context,
     metrics: Metrics,
@@ -116,7 +72,7 @@ impl Ctx {
     pub fn jetstream(&self) -> &jetstream::Context {
         &self.0.js
     }
-    pub fn settings(&self) -> &Settings {
+    pub fn settings(&self) -> &CommonSettings {
         &self.0.settings
     }
     pub fn metrics(&self) -> &Metrics {
@@ -138,6 +94,12 @@ impl Ctx {
         let _ = rx.wait_for(|s| *s).await;
     }
 
+    /// The stop signal as a watch (`true` once stopping), for library code that runs without
+    /// a `Ctx` (the storage manager's archive loops).
+    pub fn stop_receiver(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.0.stopping.subscribe()
+    }
+
     pub fn is_stopping(&self) -> bool {
         *self.0.stopping.borrow()
     }
@@ -150,6 +112,48 @@ impl Ctx {
     /// True once a drain finished: no endpoints, no background intake, nothing in flight.
     pub fn is_drained(&self) -> bool {
         self.0.drained.load(Ordering::SeqCst)
+    }
+
+    /// Waits `d`, or less if the service stops taking work meanwhile: `true` when the wait ran
+    /// out, `false` when the caller should stop (the one pause every background loop uses).
+    pub async fn pause(&self, d: Duration) -> bool {
+        tokio::select! {
+            _ = self.stopping() => false,
+            _ = tokio::time::sleep(d) => !self.is_stopping(),
+        }
+    }
+
+    /// Runs `attempt` until it succeeds, logging each failure as `what` and backing off from
+    /// 100 ms to 5 s; `None` once the service stops. Opening a durable consumer, a bucket or a
+    /// connection that may not be there yet (NATS restarting, a stream re-provisioned).
+    pub async fn retry_until_stopped<T, E, F, Fut>(&self, what: &str, mut attempt: F) -> Option<T>
+    where
+        E: std::fmt::Display,
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if self.is_stopping() {
+                return None;
+            }
+            match attempt().await {
+                Ok(v) => return Some(v),
+                Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "cannot open {what}; retrying"),
+            }
+            if !self.pause(backoff).await {
+                return None;
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// A client of the information-unit service in this instance's JetStream domain.
+    pub fn iu_client(&self) -> cim_iu_client::IuClient {
+        match &self.0.settings.js_domain {
+            Some(d) => cim_iu_client::IuClient::with_domain(self.0.client.clone(), d),
+            None => cim_iu_client::IuClient::new(self.0.client.clone()),
+        }
     }
 
     /// This process's incarnation id (see [`ServiceAnnounced::incarnation`]).
@@ -186,24 +190,6 @@ impl Ctx {
         let (mut headers, body) = encode(&Envelope::root::<P>(self.source()), payload);
         telemetry::inject_current(&mut headers);
         self.0.client.publish_with_headers(subject, headers, body).await
-    }
-}
-
-/// A request/reply endpoint a service serves.
-pub struct Endpoint {
-    name: String,
-    subject: String,
-    handler: HandlerFn,
-}
-
-impl Endpoint {
-    /// `name` labels metrics and the micro protocol's stats; `subject` comes from `cim-events`.
-    pub fn new<F, Fut>(name: &str, subject: String, handler: F) -> Endpoint
-    where
-        F: Fn(Ctx, Message) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<Reply, ServiceError>> + Send + 'static,
-    {
-        Endpoint { name: name.to_string(), subject, handler: Arc::new(move |c, m| Box::pin(handler(c, m))) }
     }
 }
 
@@ -249,7 +235,7 @@ impl Service {
 
     /// Runs until `shutdown` completes, then stops taking work, lets in-flight requests finish
     /// within the grace period, says goodbye and drains the connection.
-    pub async fn run(self, settings: Settings, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    pub async fn run(self, settings: CommonSettings, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let component = settings.component;
         let metrics = Metrics::new(component.service_name(), &settings.instance_id);
         let health = http::Health::new(metrics.clone());
@@ -416,7 +402,7 @@ fn lifecycle_subject(ctx: &Ctx, what: Lifecycle) -> Result<String, cim_events::C
 }
 
 async fn connect(
-    settings: &Settings,
+    settings: &CommonSettings,
     metrics: &Metrics,
     reconnected: Arc<Notify>,
 ) -> anyhow::Result<async_nats::Client> {
@@ -486,7 +472,7 @@ async fn connect(
 async fn provision_with_retry(
     js: &jetstream::Context,
     component: Component,
-    settings: &Settings,
+    settings: &CommonSettings,
 ) -> anyhow::Result<()> {
     let mut delay = Duration::from_millis(100);
     loop {

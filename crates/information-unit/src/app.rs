@@ -8,14 +8,12 @@
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use async_nats::{
-    HeaderMap, Message,
-    jetstream::{self, context::PublishErrorKind, kv, object_store},
+    Message,
+    jetstream::{self, kv, object_store},
 };
 use bytes::Bytes;
 use cim_events::{
-    Cid, Envelope, Payload, Schema,
-    envelope::H_MSG_ID,
-    iu,
+    Cid, Envelope, Payload, Schema, iu,
     proto::iu::{
         CommandHeader, CommandResult, ContentCommitted, ContentCorrupted, ContentStored, GetHistory, GetLinks, GetType,
         GetUnit, History, HistoryEntry, IncomingLink, Link, Links, ListUnits, Provenance, Unit, UnitAttributesSet,
@@ -24,7 +22,7 @@ use cim_events::{
     },
     resources,
 };
-use cim_runtime::{Ctx, Reply, ServiceError};
+use cim_runtime::{Ctx, NewEvent, PublishError, Reply, ServiceError};
 use prost::Message as _;
 
 use crate::{
@@ -98,9 +96,8 @@ impl App {
         }
     }
 
-    /// Publishes one event. `expected` is the aggregate's last sequence (0 = none yet) checked by
-    /// the server against `filter`; `msg_id` de-duplicates retries.
-    #[allow(clippy::too_many_arguments)]
+    /// Publishes one event. `filter` is the aggregate's history with its last sequence (0 =
+    /// none yet) checked by the server; `msg_id` de-duplicates retries.
     async fn publish(
         &self,
         subject: String,
@@ -109,32 +106,20 @@ impl App {
         body: Vec<u8>,
         parent: Option<&Envelope>,
         msg_id: Option<&str>,
-    ) -> Result<(jetstream::publish::PublishAck, Envelope), PublishFailure> {
+    ) -> Result<(jetstream::publish::PublishAck, Envelope), PublishError> {
         let schema = Schema { name: type_name.to_string(), version: 1 };
         let env = match parent {
             Some(p) => Envelope::new_caused_by(p, type_name, schema, self.ctx.source()),
             None => Envelope::new_root(type_name, schema, self.ctx.source()),
         };
-        let mut headers = HeaderMap::new();
-        env.write_headers(&mut headers);
+        let mut event = NewEvent::new(subject, &env, body);
         if let Some(id) = msg_id {
-            headers.insert(H_MSG_ID, id);
+            event = event.msg_id(id);
         }
         if let Some((filter, seq)) = &filter {
-            cim_events::subject::expect_aggregate_sequence(&mut headers, filter, *seq);
+            event = event.expect(filter, *seq);
         }
-        cim_runtime::telemetry::inject_current(&mut headers);
-        let ack = self
-            .js
-            .publish_with_headers(subject, headers, body.into())
-            .await
-            .map_err(|e| PublishFailure::Other(e.to_string()))?
-            .await
-            .map_err(|e| match e.kind() {
-                PublishErrorKind::WrongLastSequence => PublishFailure::Conflict,
-                _ => PublishFailure::Other(e.to_string()),
-            })?;
-        Ok((ack, env))
+        Ok((event.publish(&self.js).await?, env))
     }
 
     // ---- reading the stream ----
@@ -363,13 +348,13 @@ impl App {
                     stored?;
                     return Ok(Reply::proto(&result));
                 }
-                Err(PublishFailure::Conflict) if header.expected_version == 0 && attempt < 2 => continue,
-                Err(PublishFailure::Conflict) => {
+                Err(PublishError::Conflict) if header.expected_version == 0 && attempt < 2 => continue,
+                Err(PublishError::Conflict) => {
                     return Err(ServiceError::conflict(format!(
                         "unit {unit_id} changed concurrently; read it again and retry"
                     )));
                 }
-                Err(PublishFailure::Other(e)) => {
+                Err(PublishError::Failed(e)) => {
                     return Err(ServiceError::unavailable(format!("writing the event: {e}")));
                 }
             }
@@ -469,8 +454,8 @@ impl App {
             .publish(subject, Some((filter, 0)), event.type_name(), event.encode(), parent.as_ref(), msg_id)
             .await
             .map_err(|f| match f {
-                PublishFailure::Conflict => ServiceError::conflict(format!("unit id {unit_id} already taken")),
-                PublishFailure::Other(e) => ServiceError::unavailable(format!("writing the event: {e}")),
+                PublishError::Conflict => ServiceError::conflict(format!("unit id {unit_id} already taken")),
+                PublishError::Failed(e) => ServiceError::unavailable(format!("writing the event: {e}")),
             })?;
         if ack.duplicate {
             let r = self.result_of_duplicate(ack.sequence, |e| match e {
@@ -648,8 +633,8 @@ impl App {
             )
             .await
             .map_err(|f| match f {
-                PublishFailure::Conflict => ServiceError::conflict(format!("type {} changed concurrently", c.name)),
-                PublishFailure::Other(e) => ServiceError::unavailable(e),
+                PublishError::Conflict => ServiceError::conflict(format!("type {} changed concurrently", c.name)),
+                PublishError::Failed(e) => ServiceError::unavailable(e),
             })?;
         let t = UnitType { name: c.name.clone(), schema_json: c.schema_json, version: ack.sequence };
         if let Ok(key) = iu::type_key(&c.name) {
@@ -876,12 +861,6 @@ pub enum Until {
     Now,
     Version(u64),
     Time(i64),
-}
-
-#[derive(Debug)]
-pub enum PublishFailure {
-    Conflict,
-    Other(String),
 }
 
 pub fn provenance(env: &Envelope) -> Provenance {

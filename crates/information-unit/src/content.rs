@@ -73,10 +73,9 @@ impl App {
         let event = ContentCollected { object: object.to_string(), size, reason: reason.to_string() };
         let token = object.replace('.', "_");
         let Ok(subject) = iu::content_event(&token, iu::action::COLLECTED) else { return };
-        let mut headers = async_nats::HeaderMap::new();
-        cim_events::Envelope::root::<ContentCollected>(self.ctx.source()).write_headers(&mut headers);
-        if let Ok(ack) = self.js.publish_with_headers(subject, headers, event.encode_to_vec().into()).await {
-            let _ = ack.await;
+        let env = cim_events::Envelope::root::<ContentCollected>(self.ctx.source());
+        if let Err(e) = cim_runtime::NewEvent::new(subject, &env, event.encode_to_vec()).publish(&self.js).await {
+            tracing::warn!(object, error = %e, "collection not recorded");
         }
     }
 
@@ -172,9 +171,8 @@ impl App {
     /// Runs the collection rules every interval until shutdown.
     pub async fn run_collector(self: Arc<Self>) {
         loop {
-            tokio::select! {
-                _ = tokio::time::sleep(self.opts.collect_interval) => {}
-                _ = self.ctx.stopping() => return,
+            if !self.ctx.pause(self.opts.collect_interval).await {
+                return;
             }
             match self.collect_once().await {
                 Ok(0) => {}

@@ -12,9 +12,13 @@ pub mod schema;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
-use app::{App, IuOptions};
+use app::App;
+pub use app::IuOptions;
 use cim_events::{Component, iu, resources};
-use cim_runtime::{CommonArgs, Endpoint, Service, ServiceDef, Settings, config::parse_duration};
+use cim_runtime::{
+    CommonArgs, CommonSettings, ConfigError, Endpoint, Endpoints, Service, ServiceArgs, ServiceDef, Shutdown,
+    config::parse_duration,
+};
 
 pub const COMPONENT: Component = Component::InformationUnit;
 
@@ -25,15 +29,9 @@ pub const COMPONENT: Component = Component::InformationUnit;
     version,
     about = "Information units: content-addressed, versioned, linked units on JetStream"
 )]
-pub struct Config {
+pub struct Args {
     #[command(flatten)]
     pub common: CommonArgs,
-    #[command(flatten)]
-    pub iu: IuArgs,
-}
-
-#[derive(clap::Args, Clone, Debug)]
-pub struct IuArgs {
     /// Uploads never committed and chunks of interrupted uploads younger than this are kept.
     #[arg(long = "iu-orphan-grace", env = "CIM_IU_ORPHAN_GRACE", default_value = "1h", value_parser = parse_duration)]
     pub orphan_grace: Duration,
@@ -46,13 +44,35 @@ pub struct IuArgs {
     pub collect_interval: Duration,
 }
 
-impl Default for IuArgs {
-    fn default() -> Self {
-        IuArgs {
-            orphan_grace: Duration::from_secs(3600),
-            content_retention: Duration::from_secs(168 * 3600),
-            collect_interval: Duration::from_secs(300),
+/// The validated configuration of `information-unit`.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub common: CommonSettings,
+    pub iu: IuOptions,
+}
+
+impl ServiceArgs for Args {
+    type Settings = Settings;
+
+    fn validate(self) -> Result<Settings, ConfigError> {
+        let common = self.common.settings(COMPONENT)?;
+        if self.collect_interval.is_zero() {
+            return Err(ConfigError::invalid("--iu-collect-interval (CIM_IU_COLLECT_INTERVAL) must be more than 0"));
         }
+        let iu = IuOptions {
+            orphan_grace: self.orphan_grace,
+            content_retention: self.content_retention,
+            collect_interval: self.collect_interval,
+        };
+        Ok(Settings { common, iu })
+    }
+
+    fn common(settings: &Settings) -> &CommonSettings {
+        &settings.common
+    }
+
+    fn run(settings: Settings, shutdown: Shutdown) -> impl Future<Output = anyhow::Result<()>> {
+        run(settings, shutdown)
     }
 }
 
@@ -65,19 +85,13 @@ pub fn definition() -> ServiceDef {
     }
 }
 
-/// Runs the service with default information-unit options.
+/// Runs the service until `shutdown` completes.
 pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    run_with(settings, IuArgs::default(), shutdown).await
+    let opts = settings.iu;
+    Service::new(definition()).setup(move |ctx| setup(ctx, opts)).run(settings.common, shutdown).await
 }
 
-pub async fn run_with(settings: Settings, args: IuArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    if args.collect_interval.is_zero() {
-        anyhow::bail!("--iu-collect-interval must be more than 0");
-    }
-    Service::new(definition()).setup(move |ctx| setup(ctx, args)).run(settings, shutdown).await
-}
-
-async fn setup(ctx: cim_runtime::Ctx, args: IuArgs) -> anyhow::Result<Vec<Endpoint>> {
+async fn setup(ctx: cim_runtime::Ctx, opts: IuOptions) -> anyhow::Result<Vec<Endpoint>> {
     let js = ctx.jetstream().clone();
     let kv = |purpose: &'static str| {
         let js = js.clone();
@@ -90,11 +104,7 @@ async fn setup(ctx: cim_runtime::Ctx, args: IuArgs) -> anyhow::Result<Vec<Endpoi
         content: js.get_object_store(iu::CONTENT_BUCKET).await?,
         events_stream: resources::events_stream(COMPONENT).name,
         index: Arc::default(),
-        opts: IuOptions {
-            orphan_grace: args.orphan_grace,
-            content_retention: args.content_retention,
-            collect_interval: args.collect_interval,
-        },
+        opts,
         js,
         ctx: ctx.clone(),
     });
@@ -102,36 +112,59 @@ async fn setup(ctx: cim_runtime::Ctx, args: IuArgs) -> anyhow::Result<Vec<Endpoi
     ctx.spawn("index", app.clone().run_index());
     ctx.spawn("collector", app.clone().run_collector());
 
-    macro_rules! endpoint {
-        ($kind:ident, $name:expr, |$a:ident, $m:ident| $body:expr) => {{
-            let app = app.clone();
-            let subject = iu::$kind($name)?;
-            Endpoint::new($name, subject, move |_ctx, $m| {
-                let $a = app.clone();
-                async move { $body }
-            })
-        }};
+    use iu::{cmd, command, qry, query};
+    Ok(Endpoints::new(app)
+        .add(cmd::COMMIT, command(cmd::COMMIT)?, |a, m| async move { a.commit(m).await })
+        .add(cmd::CREATE, command(cmd::CREATE)?, |a, m| async move { a.create(m).await })
+        .add(cmd::NEW_VERSION, command(cmd::NEW_VERSION)?, |a, m| async move { a.new_version(m).await })
+        .add(cmd::TAG, command(cmd::TAG)?, |a, m| async move { a.tag(m, true).await })
+        .add(cmd::UNTAG, command(cmd::UNTAG)?, |a, m| async move { a.tag(m, false).await })
+        .add(cmd::SET_ATTRIBUTES, command(cmd::SET_ATTRIBUTES)?, |a, m| async move { a.set_attributes(m).await })
+        .add(cmd::LINK, command(cmd::LINK)?, |a, m| async move { a.link(m, true).await })
+        .add(cmd::UNLINK, command(cmd::UNLINK)?, |a, m| async move { a.link(m, false).await })
+        .add(cmd::DELETE, command(cmd::DELETE)?, |a, m| async move { a.delete(m).await })
+        .add(cmd::REGISTER_TYPE, command(cmd::REGISTER_TYPE)?, |a, m| async move { a.register_type(m).await })
+        .add(cmd::REBUILD, command(cmd::REBUILD)?, |a, _m| async move { a.rebuild().await })
+        .add(cmd::REPORT_CORRUPT, command(cmd::REPORT_CORRUPT)?, |a, m| async move { a.report_corrupt(m).await })
+        .add(qry::GET, query(qry::GET)?, |a, m| async move { a.get(m).await })
+        .add(qry::HISTORY, query(qry::HISTORY)?, |a, m| async move { a.history(m).await })
+        .add(qry::LIST, query(qry::LIST)?, |a, m| async move { a.list(m).await })
+        .add(qry::LINKS, query(qry::LINKS)?, |a, m| async move { a.links(m).await })
+        .add(qry::TYPE, query(qry::TYPE)?, |a, m| async move { a.get_type(m).await })
+        .add(qry::STATUS, query(qry::STATUS)?, |a, _m| async move { a.status().await })
+        .add(qry::VALIDATE, query(qry::VALIDATE)?, |a, m| async move { a.validate(m).await })
+        .build())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn validate(args: &[&str]) -> Result<Settings, String> {
+        let args = Args::try_parse_from(std::iter::once("information-unit").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        args.validate().map_err(|e| e.to_string())
     }
-    use iu::{cmd, qry};
-    Ok(vec![
-        endpoint!(command, cmd::COMMIT, |a, m| a.commit(m).await),
-        endpoint!(command, cmd::CREATE, |a, m| a.create(m).await),
-        endpoint!(command, cmd::NEW_VERSION, |a, m| a.new_version(m).await),
-        endpoint!(command, cmd::TAG, |a, m| a.tag(m, true).await),
-        endpoint!(command, cmd::UNTAG, |a, m| a.tag(m, false).await),
-        endpoint!(command, cmd::SET_ATTRIBUTES, |a, m| a.set_attributes(m).await),
-        endpoint!(command, cmd::LINK, |a, m| a.link(m, true).await),
-        endpoint!(command, cmd::UNLINK, |a, m| a.link(m, false).await),
-        endpoint!(command, cmd::DELETE, |a, m| a.delete(m).await),
-        endpoint!(command, cmd::REGISTER_TYPE, |a, m| a.register_type(m).await),
-        endpoint!(command, cmd::REBUILD, |a, _m| a.rebuild().await),
-        endpoint!(command, cmd::REPORT_CORRUPT, |a, m| a.report_corrupt(m).await),
-        endpoint!(query, qry::GET, |a, m| a.get(m).await),
-        endpoint!(query, qry::HISTORY, |a, m| a.history(m).await),
-        endpoint!(query, qry::LIST, |a, m| a.list(m).await),
-        endpoint!(query, qry::LINKS, |a, m| a.links(m).await),
-        endpoint!(query, qry::TYPE, |a, m| a.get_type(m).await),
-        endpoint!(query, qry::STATUS, |a, _m| a.status().await),
-        endpoint!(query, qry::VALIDATE, |a, m| a.validate(m).await),
-    ])
+
+    #[test]
+    fn defaults_are_valid() {
+        let s = validate(&[]).unwrap();
+        assert_eq!(s.iu.collect_interval, Duration::from_secs(300));
+        assert_eq!(s.iu.orphan_grace, Duration::from_secs(3600));
+        assert_eq!(s.iu.content_retention, Duration::from_secs(168 * 3600));
+    }
+
+    #[test]
+    fn a_zero_collect_interval_is_refused() {
+        let e = validate(&["--iu-collect-interval", "0s"]).unwrap_err();
+        assert!(e.contains("--iu-collect-interval"), "{e}");
+    }
+
+    #[test]
+    fn common_refusals_are_reported() {
+        let e = validate(&["--nats-url", "http://x"]).unwrap_err();
+        assert!(e.contains("--nats-url"), "{e}");
+    }
 }

@@ -188,19 +188,15 @@ impl App {
 
     /// The projector loop: runs until shutdown, repositioning after errors or a rebuild.
     pub async fn run_projector(self: Arc<Self>) {
-        let mut backoff = Duration::from_millis(100);
         while !self.ctx.is_stopping() {
-            let mut pos = self.position().await;
-            let consumer = match self.projector(&pos).await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "projector unavailable; retrying");
-                    tokio::select! { _ = tokio::time::sleep(backoff) => {}, _ = self.ctx.stopping() => return }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    continue;
-                }
-            };
-            backoff = Duration::from_millis(100);
+            let opened = self
+                .ctx
+                .retry_until_stopped("the projector consumer", || async {
+                    let pos = self.position().await;
+                    self.projector(&pos).await.map(|c| (c, pos))
+                })
+                .await;
+            let Some((consumer, mut pos)) = opened else { return };
             let mut unsaved = 0u64;
             let mut last = pos.checkpoint;
             'consume: loop {
@@ -222,7 +218,9 @@ impl App {
                         Err(ProjectError::Store(e)) => {
                             tracing::warn!(sequence = seq, error = %e, "projection store unavailable; repositioning");
                             let _ = m.ack_with(jetstream::AckKind::Nak(Some(Duration::from_millis(200)))).await;
-                            tokio::select! { _ = tokio::time::sleep(Duration::from_millis(200)) => {}, _ = self.ctx.stopping() => return }
+                            if !self.ctx.pause(Duration::from_millis(200)).await {
+                                return;
+                            }
                             break 'consume;
                         }
                         // A poison event (one that can never be decoded or applied) must not
@@ -279,7 +277,10 @@ impl App {
                 Ok(w) => w,
                 Err(e) => {
                     tracing::debug!(error = %e, "index watch unavailable; retrying");
-                    tokio::select! { _ = tokio::time::sleep(Duration::from_millis(500)) => continue, _ = self.ctx.stopping() => return }
+                    if !self.ctx.pause(Duration::from_millis(500)).await {
+                        return;
+                    }
+                    continue;
                 }
             };
             self.index.clear();

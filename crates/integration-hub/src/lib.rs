@@ -15,6 +15,7 @@
 
 pub mod allow;
 pub mod config;
+mod endpoints;
 pub mod mqtt;
 pub mod outbound;
 pub mod postgres;
@@ -23,16 +24,15 @@ pub mod webhook;
 
 use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc};
 
-use cim_events::{Component, hub, proto::hub::SubscriptionCommand, resources};
-use cim_runtime::{CommonArgs, Endpoint, Reply, Service, ServiceDef, ServiceError, Settings};
-use prost::Message;
+use cim_events::{Component, hub, resources};
+use cim_runtime::{CommonArgs, CommonSettings, ConfigError, Endpoint, Service, ServiceArgs, ServiceDef, Shutdown};
 
 pub const COMPONENT: Component = Component::IntegrationHub;
 
 /// Command line and environment of `integration-hub`.
 #[derive(clap::Parser, Debug)]
 #[command(name = "integration-hub", version, about = "Integration hub: webhooks and connectors")]
-pub struct Config {
+pub struct Args {
     #[command(flatten)]
     pub common: CommonArgs,
     #[command(flatten)]
@@ -52,9 +52,33 @@ pub struct HubArgs {
     pub webhook_listen: SocketAddr,
 }
 
-impl Default for HubArgs {
-    fn default() -> Self {
-        HubArgs { config: None, webhook_listen: SocketAddr::from(([127, 0, 0, 1], 8470)) }
+/// The validated configuration of `integration-hub`.
+#[derive(Debug)]
+pub struct Settings {
+    pub common: CommonSettings,
+    /// The configuration file, loaded with its secrets (empty without `--hub-config`).
+    pub hub: config::Hub,
+    pub webhook_listen: SocketAddr,
+}
+
+impl ServiceArgs for Args {
+    type Settings = Settings;
+
+    fn validate(self) -> Result<Settings, ConfigError> {
+        let common = self.common.settings(COMPONENT)?;
+        let hub = match &self.hub.config {
+            Some(path) => config::load(path).map_err(|e| ConfigError::invalid(e.to_string()))?,
+            None => config::Hub::default(),
+        };
+        Ok(Settings { common, hub, webhook_listen: self.hub.webhook_listen })
+    }
+
+    fn common(settings: &Settings) -> &CommonSettings {
+        &settings.common
+    }
+
+    fn run(settings: Settings, shutdown: Shutdown) -> impl Future<Output = anyhow::Result<()>> {
+        run(settings, shutdown)
     }
 }
 
@@ -67,22 +91,17 @@ pub fn definition() -> ServiceDef {
     }
 }
 
-/// Runs the service with default options until `shutdown` resolves.
+/// Runs the service until `shutdown` completes.
 pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    run_with(settings, HubArgs::default(), shutdown).await
+    let (hub, listen) = (settings.hub, settings.webhook_listen);
+    Service::new(definition()).setup(move |ctx| setup(ctx, listen, hub)).run(settings.common, shutdown).await
 }
 
-/// Runs the service until `shutdown` resolves. Invalid configuration fails before anything
-/// is served.
-pub async fn run_with(settings: Settings, args: HubArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let hub = match &args.config {
-        Some(path) => config::load(path)?,
-        None => Default::default(),
-    };
-    Service::new(definition()).setup(move |ctx| setup(ctx, args, hub)).run(settings, shutdown).await
-}
-
-async fn setup(ctx: cim_runtime::Ctx, args: HubArgs, hub_config: config::Hub) -> anyhow::Result<Vec<Endpoint>> {
+async fn setup(
+    ctx: cim_runtime::Ctx,
+    webhook_listen: SocketAddr,
+    hub_config: config::Hub,
+) -> anyhow::Result<Vec<Endpoint>> {
     let config::Hub { sources, allow, subscriptions, postgres, mqtt, s3_import } = hub_config;
     for m in mqtt {
         ctx.spawn(&format!("mqtt-{}", m.name), mqtt::run(ctx.clone(), ctx.jetstream().clone(), ctx.source(), m));
@@ -103,7 +122,7 @@ async fn setup(ctx: cim_runtime::Ctx, args: HubArgs, hub_config: config::Hub) ->
     let listener = if sources.is_empty() {
         None
     } else {
-        let listen = args.webhook_listen;
+        let listen = webhook_listen;
         Some(
             tokio::net::TcpListener::bind(listen)
                 .await
@@ -111,10 +130,7 @@ async fn setup(ctx: cim_runtime::Ctx, args: HubArgs, hub_config: config::Hub) ->
         )
     };
     let addr = listener.as_ref().and_then(|l| l.local_addr().ok());
-    let iu = match &ctx.settings().js_domain {
-        Some(d) => cim_iu_client::IuClient::with_domain(ctx.client().clone(), d),
-        None => cim_iu_client::IuClient::new(ctx.client().clone()),
-    };
+    let iu = ctx.iu_client();
     let names: Vec<serde_json::Value> = sources
         .values()
         .map(|s| serde_json::json!({ "name": s.name, "path": format!("/webhooks/{}", s.name), "target": format!("{:?}", s.target).to_lowercase(), "tolerance_secs": s.tolerance.as_secs(), "max_body_bytes": s.max_body_bytes }))
@@ -158,65 +174,35 @@ async fn setup(ctx: cim_runtime::Ctx, args: HubArgs, hub_config: config::Hub) ->
         ctx.spawn(&format!("subscription-{}", run.sub.name), out.clone().run(ctx.clone(), run.clone()));
     }
 
-    let json = |v: serde_json::Value| Reply { headers: Default::default(), body: v.to_string().into() };
-    let mut endpoints = vec![Endpoint::new(hub::qry::SOURCES, hub::query(hub::qry::SOURCES)?, move |_ctx, _msg| {
-        let body = listing.clone();
-        async move { Ok(Reply { headers: Default::default(), body: body.into() }) }
-    })];
-    let o = out.clone();
-    endpoints.push(Endpoint::new(hub::qry::SUBSCRIPTIONS, hub::query(hub::qry::SUBSCRIPTIONS)?, move |_ctx, _msg| {
-        let o = o.clone();
-        async move {
-            let mut list = Vec::new();
-            for run in o.subs.values() {
-                let s = &run.sub;
-                let pending = match o.js.get_stream(&s.stream).await {
-                    Ok(stream) => match stream.consumer_info(hub::outbound_consumer(&s.name).unwrap_or_default()).await {
-                        Ok(i) => serde_json::json!(i.num_pending + i.num_ack_pending as u64),
-                        Err(_) => serde_json::Value::Null,
-                    },
-                    Err(_) => serde_json::Value::Null,
-                };
-                list.push(serde_json::json!({ "name": s.name, "filter": s.filter, "url": s.url, "paused": *run.paused.borrow(), "pending": pending, "max_attempts": s.max_attempts }));
-            }
-            Ok(json(serde_json::json!({ "subscriptions": list })))
-        }
-    }));
-    let o = out.clone();
-    endpoints.push(Endpoint::new(hub::qry::DELIVERIES, hub::query(hub::qry::DELIVERIES)?, move |_ctx, msg| {
-        let o = o.clone();
-        async move {
-            let req: serde_json::Value = serde_json::from_slice(&msg.payload).map_err(|e| ServiceError::bad_request(format!("request is not JSON: {e}")))?;
-            let name = req["subscription"].as_str().ok_or_else(|| ServiceError::bad_request("missing \"subscription\""))?;
-            if !o.subs.contains_key(name) {
-                return Err(ServiceError::not_found(format!("unknown subscription {name:?}")));
-            }
-            let limit = req["limit"].as_u64().unwrap_or(20) as usize;
-            let log = o.deliveries(name, limit).await.map_err(|e| ServiceError::unavailable(e.to_string()))?;
-            let entries: Vec<serde_json::Value> = log
-                .iter()
-                .map(|d| serde_json::json!({ "event_subject": d.event_subject, "event_sequence": d.event_sequence, "event_id": d.event_id, "attempts": d.attempts, "http_status": d.http_status, "last_error": d.last_error, "delivered": d.last_error.is_empty(), "at_ms": d.at_ms, "duration_ms": d.duration_ms }))
-                .collect();
-            Ok(json(serde_json::json!({ "subscription": name, "deliveries": entries })))
-        }
-    }));
-    for (name, paused) in [(hub::cmd::PAUSE, true), (hub::cmd::RESUME, false)] {
-        let o = out.clone();
-        endpoints.push(Endpoint::new(name, hub::command(name)?, move |_ctx, msg| {
-            let o = o.clone();
-            async move {
-                let cmd = SubscriptionCommand::decode(msg.payload)
-                    .map_err(|e| ServiceError::bad_request(format!("undecodable SubscriptionCommand: {e}")))?;
-                if !o.subs.contains_key(&cmd.subscription) {
-                    return Err(ServiceError::not_found(format!("unknown subscription {:?}", cmd.subscription)));
-                }
-                let change = o
-                    .set_paused(&cmd.subscription, paused, &cmd.reason)
-                    .await
-                    .map_err(|e| ServiceError::unavailable(e.to_string()))?;
-                Ok(Reply::proto(&change))
-            }
-        }));
+    let queries = Arc::new(endpoints::Queries { out, listing });
+    endpoints::endpoints(queries)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn validate(args: &[&str]) -> Result<Settings, String> {
+        let args = Args::try_parse_from(std::iter::once("integration-hub").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        args.validate().map_err(|e| e.to_string())
     }
-    Ok(endpoints)
+
+    #[test]
+    fn no_configuration_file_serves_nothing() {
+        let s = validate(&[]).unwrap();
+        assert!(s.hub.sources.is_empty() && s.hub.subscriptions.is_empty());
+    }
+
+    #[test]
+    fn a_configuration_file_that_does_not_load_is_refused() {
+        let e = validate(&["--hub-config", "/no/such/hub.json"]).unwrap_err();
+        assert!(e.contains("/no/such/hub.json"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("hub.json");
+        std::fs::write(&bad, "{ not json").unwrap();
+        assert!(validate(&["--hub-config", bad.to_str().unwrap()]).is_err());
+    }
 }

@@ -17,14 +17,14 @@ pub mod state;
 use std::{future::Future, time::Duration};
 
 use cim_events::Component;
-use cim_runtime::{CommonArgs, Service, ServiceDef, Settings};
+use cim_runtime::{CommonArgs, CommonSettings, ConfigError, Service, ServiceArgs, ServiceDef, Shutdown};
 
 pub const COMPONENT: Component = Component::PipelineEngine;
 
 /// Command line and environment of `pipeline-engine`.
 #[derive(clap::Parser, Debug)]
 #[command(name = "pipeline-engine", version, about = "Pipeline engine: event-triggered, durable processing")]
-pub struct Config {
+pub struct Args {
     #[command(flatten)]
     pub common: CommonArgs,
     #[command(flatten)]
@@ -34,7 +34,7 @@ pub struct Config {
 /// The engine's own options.
 #[derive(clap::Args, Clone, Debug)]
 pub struct EngineArgs {
-    /// Most runs this instance works on at once (over all pipelines).
+    /// Most runs this instance works on at once (over all pipelines; at least 1).
     #[arg(long = "pipeline-max-runs", env = "CIM_PIPELINE_MAX_RUNS", default_value_t = 16)]
     pub max_runs: usize,
     /// Largest unit content a step may read into memory (bytes).
@@ -46,9 +46,33 @@ pub struct EngineArgs {
     pub ack_wait: Duration,
 }
 
-impl Default for EngineArgs {
-    fn default() -> Self {
-        EngineArgs { max_runs: 16, max_content: 64 * 1024 * 1024, ack_wait: Duration::from_secs(10) }
+/// The validated configuration of `pipeline-engine`.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub common: CommonSettings,
+    pub engine: EngineArgs,
+}
+
+impl ServiceArgs for Args {
+    type Settings = Settings;
+
+    fn validate(self) -> Result<Settings, ConfigError> {
+        let common = self.common.settings(COMPONENT)?;
+        if self.engine.max_runs == 0 {
+            return Err(ConfigError::invalid("--pipeline-max-runs (CIM_PIPELINE_MAX_RUNS) must be at least 1"));
+        }
+        if self.engine.ack_wait < Duration::from_millis(100) {
+            return Err(ConfigError::invalid("--pipeline-ack-wait (CIM_PIPELINE_ACK_WAIT) must be at least 100ms"));
+        }
+        Ok(Settings { common, engine: self.engine })
+    }
+
+    fn common(settings: &Settings) -> &CommonSettings {
+        &settings.common
+    }
+
+    fn run(settings: Settings, shutdown: Shutdown) -> impl Future<Output = anyhow::Result<()>> {
+        run(settings, shutdown)
     }
 }
 
@@ -61,15 +85,37 @@ pub fn definition() -> ServiceDef {
     }
 }
 
-/// Runs the service with default engine options until `shutdown` resolves.
+/// Runs the service until `shutdown` completes.
 pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    run_with(settings, EngineArgs::default(), shutdown).await
+    let engine = settings.engine;
+    Service::new(definition()).setup(move |ctx| engine::setup(ctx, engine)).run(settings.common, shutdown).await
 }
 
-/// Runs the service until `shutdown` resolves.
-pub async fn run_with(settings: Settings, args: EngineArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    if args.max_runs == 0 {
-        anyhow::bail!("--pipeline-max-runs must be at least 1");
+#[cfg(test)]
+mod config_tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn validate(args: &[&str]) -> Result<Settings, String> {
+        let args = Args::try_parse_from(std::iter::once("pipeline-engine").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        args.validate().map_err(|e| e.to_string())
     }
-    Service::new(definition()).setup(move |ctx| engine::setup(ctx, args)).run(settings, shutdown).await
+
+    #[test]
+    fn defaults_are_valid() {
+        let s = validate(&[]).unwrap();
+        assert_eq!(s.engine.max_runs, 16);
+        assert_eq!(s.engine.ack_wait, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn refusals_name_the_flag() {
+        let e = validate(&["--pipeline-max-runs", "0"]).unwrap_err();
+        assert!(e.contains("--pipeline-max-runs"), "{e}");
+        let e = validate(&["--pipeline-ack-wait", "0s"]).unwrap_err();
+        assert!(e.contains("--pipeline-ack-wait"), "{e}");
+        assert!(validate(&["--pipeline-max-content", "lots"]).is_err());
+    }
 }

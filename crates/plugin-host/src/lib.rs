@@ -11,7 +11,10 @@ pub mod sandbox;
 use std::{collections::HashMap, future::Future, path::PathBuf, sync::Arc, time::Duration};
 
 use cim_events::{Component, plugin};
-use cim_runtime::{CommonArgs, Endpoint, Service, ServiceDef, Settings, config::parse_duration};
+use cim_runtime::{
+    CommonArgs, CommonSettings, ConfigError, Endpoint, Endpoints, Reply, Service, ServiceArgs, ServiceDef, Shutdown,
+    config::parse_duration,
+};
 
 pub use host::Host;
 pub use invoker::Invoker;
@@ -21,7 +24,7 @@ pub const COMPONENT: Component = Component::PluginHost;
 /// Command line and environment of `plugin-host`.
 #[derive(clap::Parser, Debug, Clone)]
 #[command(name = "plugin-host", version, about = "Plugin host: sandboxed WebAssembly and native plugins")]
-pub struct Config {
+pub struct Args {
     #[command(flatten)]
     pub common: CommonArgs,
     #[command(flatten)]
@@ -110,6 +113,51 @@ impl PluginArgs {
     }
 }
 
+/// The validated configuration of `plugin-host`.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub common: CommonSettings,
+    pub plugins: PluginArgs,
+}
+
+impl ServiceArgs for Args {
+    type Settings = Settings;
+
+    fn validate(self) -> Result<Settings, ConfigError> {
+        let common = self.common.settings(COMPONENT)?;
+        let p = &self.plugins;
+        if p.plugin_max_memory < 64 << 10 {
+            return Err(ConfigError::invalid("--plugin-max-memory (CIM_PLUGIN_MAX_MEMORY) must be at least 64KiB"));
+        }
+        if p.plugin_max_fuel == 0 {
+            return Err(ConfigError::invalid("--plugin-max-fuel (CIM_PLUGIN_MAX_FUEL) must be more than 0"));
+        }
+        if p.plugin_max_timeout < std::time::Duration::from_millis(1) {
+            return Err(ConfigError::invalid("--plugin-max-timeout (CIM_PLUGIN_MAX_TIMEOUT) must be more than 0"));
+        }
+        if p.plugin_max_module == 0 {
+            return Err(ConfigError::invalid("--plugin-max-module (CIM_PLUGIN_MAX_MODULE) must be more than 0"));
+        }
+        for (name, path) in &p.plugin_dirs {
+            if !path.is_dir() {
+                return Err(ConfigError::invalid(format!(
+                    "--plugin-dir (CIM_PLUGIN_DIRS) {name}={}: not a directory",
+                    path.display()
+                )));
+            }
+        }
+        Ok(Settings { common, plugins: self.plugins })
+    }
+
+    fn common(settings: &Settings) -> &CommonSettings {
+        &settings.common
+    }
+
+    fn run(settings: Settings, shutdown: Shutdown) -> impl Future<Output = anyhow::Result<()>> {
+        run(settings, shutdown)
+    }
+}
+
 pub fn definition() -> ServiceDef {
     ServiceDef {
         component: COMPONENT,
@@ -119,45 +167,27 @@ pub fn definition() -> ServiceDef {
     }
 }
 
-/// Runs the service until `shutdown` resolves.
-pub async fn run(config: Config, settings: Settings, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let args = config.plugins;
+/// Runs the service until `shutdown` completes.
+pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let args = settings.plugins;
     Service::new(definition())
         .setup(move |ctx| async move {
             let host = Host::start(ctx, &args).await?;
-            Ok(endpoints(host)?)
+            endpoints(host)
         })
-        .run(settings, shutdown)
+        .run(settings.common, shutdown)
         .await
 }
 
 fn endpoints(host: Arc<Host>) -> anyhow::Result<Vec<Endpoint>> {
-    let h = host.clone();
-    let push = Endpoint::new(plugin::cmd::PUSH, plugin::command(plugin::cmd::PUSH)?, move |_, m| {
-        let h = h.clone();
-        async move { h.push(m).await }
-    });
-    let h = host.clone();
-    let remove = Endpoint::new(plugin::cmd::REMOVE, plugin::command(plugin::cmd::REMOVE)?, move |_, m| {
-        let h = h.clone();
-        async move { h.remove(m).await }
-    });
-    let h = host.clone();
-    let invoke = Endpoint::new(plugin::cmd::INVOKE, plugin::command(plugin::cmd::INVOKE)?, move |_, m| {
-        let h = h.clone();
-        async move { h.route(m).await }
-    });
-    let h = host.clone();
-    let list = Endpoint::new(plugin::qry::LIST, plugin::query(plugin::qry::LIST)?, move |_, m| {
-        let h = h.clone();
-        async move { h.list(m).await }
-    });
-    let h = host;
-    let stats = Endpoint::new(plugin::qry::STATS, plugin::query(plugin::qry::STATS)?, move |_, _| {
-        let h = h.clone();
-        async move { Ok(cim_runtime::Reply::proto(&h.stats())) }
-    });
-    Ok(vec![push, remove, invoke, list, stats])
+    use plugin::{cmd, command, qry, query};
+    Ok(Endpoints::new(host)
+        .add(cmd::PUSH, command(cmd::PUSH)?, |h, m| async move { h.push(m).await })
+        .add(cmd::REMOVE, command(cmd::REMOVE)?, |h, m| async move { h.remove(m).await })
+        .add(cmd::INVOKE, command(cmd::INVOKE)?, |h, m| async move { h.route(m).await })
+        .add(qry::LIST, query(qry::LIST)?, |h, m| async move { h.list(m).await })
+        .add(qry::STATS, query(qry::STATS)?, |h, _m| async move { Ok(Reply::proto(&h.stats())) })
+        .build())
 }
 
 #[cfg(test)]
@@ -181,10 +211,31 @@ mod tests {
     #[test]
     fn flags_have_defaults() {
         let c =
-            Config::try_parse_from(["plugin-host", "--plugin-parallelism", "2", "--plugin-dir", "data=/tmp"]).unwrap();
+            Args::try_parse_from(["plugin-host", "--plugin-parallelism", "2", "--plugin-dir", "data=/tmp"]).unwrap();
         assert_eq!(c.plugins.parallelism(), 2);
         assert_eq!(c.plugins.plugin_max_memory, 64 << 20);
         assert_eq!(c.plugins.policy().directories["data"], PathBuf::from("/tmp"));
-        assert!(Config::try_parse_from(["plugin-host", "--plugin-parallelism", "0"]).is_err());
+        assert!(Args::try_parse_from(["plugin-host", "--plugin-parallelism", "0"]).is_err());
+        assert!(c.validate().is_ok());
+    }
+
+    fn validate(args: &[&str]) -> Result<Settings, String> {
+        let args = Args::try_parse_from(std::iter::once("plugin-host").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        args.validate().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn refusals_name_the_flag() {
+        for (args, flag) in [
+            (&["--plugin-max-memory", "1KiB"][..], "--plugin-max-memory"),
+            (&["--plugin-max-fuel", "0"][..], "--plugin-max-fuel"),
+            (&["--plugin-max-timeout", "0s"][..], "--plugin-max-timeout"),
+            (&["--plugin-max-module", "0"][..], "--plugin-max-module"),
+            (&["--plugin-dir", "data=/no/such/dir/here"][..], "--plugin-dir"),
+        ] {
+            let e = validate(args).unwrap_err();
+            assert!(e.contains(flag), "{args:?}: {e}");
+        }
     }
 }

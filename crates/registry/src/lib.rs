@@ -11,35 +11,54 @@ pub mod state;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
-use app::{App, RegistryOptions};
+use app::App;
+pub use app::RegistryOptions;
 use cim_events::{Component, proto::registry::NodeState, registry as names, resources};
-use cim_runtime::{CommonArgs, Endpoint, Service, ServiceDef, Settings, config::parse_duration};
+use cim_runtime::{
+    CommonArgs, CommonSettings, ConfigError, Endpoint, Endpoints, Service, ServiceArgs, ServiceDef, Shutdown,
+    config::parse_duration,
+};
 
 pub const COMPONENT: Component = Component::Registry;
 
 /// Command line and environment of `registry`.
 #[derive(clap::Parser, Debug)]
 #[command(name = "registry", version, about = "Component registry: who runs where, nodes and their lifecycle")]
-pub struct Config {
+pub struct Args {
     #[command(flatten)]
     pub common: CommonArgs,
-    #[command(flatten)]
-    pub registry: RegistryArgs,
-}
-
-#[derive(clap::Args, Clone, Debug)]
-pub struct RegistryArgs {
     /// An instance is marked lost after this many of its heartbeat intervals without a beat.
     #[arg(long = "registry-missed-beats", env = "CIM_REGISTRY_MISSED_BEATS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub missed_beats: u32,
-    /// ...but never sooner than this after its last beat.
+    /// ...but never sooner than this after its last beat (at least 100ms).
     #[arg(long = "registry-min-ttl", env = "CIM_REGISTRY_MIN_TTL", default_value = "1s", value_parser = parse_duration)]
     pub min_ttl: Duration,
 }
 
-impl Default for RegistryArgs {
-    fn default() -> Self {
-        RegistryArgs { missed_beats: 3, min_ttl: Duration::from_secs(1) }
+/// The validated configuration of `registry`.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub common: CommonSettings,
+    pub registry: RegistryOptions,
+}
+
+impl ServiceArgs for Args {
+    type Settings = Settings;
+
+    fn validate(self) -> Result<Settings, ConfigError> {
+        let common = self.common.settings(COMPONENT)?;
+        if self.min_ttl < Duration::from_millis(100) {
+            return Err(ConfigError::invalid("--registry-min-ttl (CIM_REGISTRY_MIN_TTL) must be at least 100ms"));
+        }
+        Ok(Settings { common, registry: RegistryOptions { missed_beats: self.missed_beats, min_ttl: self.min_ttl } })
+    }
+
+    fn common(settings: &Settings) -> &CommonSettings {
+        &settings.common
+    }
+
+    fn run(settings: Settings, shutdown: Shutdown) -> impl Future<Output = anyhow::Result<()>> {
+        run(settings, shutdown)
     }
 }
 
@@ -52,52 +71,67 @@ pub fn definition() -> ServiceDef {
     }
 }
 
-/// Runs the service with default registry options until `shutdown` resolves.
+/// Runs the service until `shutdown` completes.
 pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    run_with(settings, RegistryArgs::default(), shutdown).await
+    let opts = settings.registry;
+    Service::new(definition()).setup(move |ctx| setup(ctx, opts)).run(settings.common, shutdown).await
 }
 
-pub async fn run_with(
-    settings: Settings,
-    args: RegistryArgs,
-    shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
-    if args.min_ttl < Duration::from_millis(100) {
-        anyhow::bail!("--registry-min-ttl must be at least 100ms");
-    }
-    Service::new(definition()).setup(move |ctx| setup(ctx, args)).run(settings, shutdown).await
-}
-
-async fn setup(ctx: cim_runtime::Ctx, args: RegistryArgs) -> anyhow::Result<Vec<Endpoint>> {
+async fn setup(ctx: cim_runtime::Ctx, opts: RegistryOptions) -> anyhow::Result<Vec<Endpoint>> {
     let js = ctx.jetstream().clone();
     let instances_kv = js.get_key_value(resources::kv_bucket(COMPONENT, names::KV_INSTANCES)?).await?;
     let nodes_kv = js.get_key_value(resources::kv_bucket(COMPONENT, names::KV_NODES)?).await?;
-    let opts = RegistryOptions { missed_beats: args.missed_beats, min_ttl: args.min_ttl };
     let app = Arc::new(App::new(ctx.clone(), js, instances_kv, nodes_kv, opts));
     app.clone().follow().await?;
     ctx.spawn("projector", app.clone().run_projector());
     ctx.spawn("lifecycle", app.clone().run_lifecycle());
     ctx.spawn("watchdog", app.clone().run_watchdog());
 
-    macro_rules! endpoint {
-        ($kind:ident, $name:expr, |$a:ident, $m:ident| $body:expr) => {{
-            let app = app.clone();
-            let subject = names::$kind($name)?;
-            Endpoint::new($name, subject, move |_ctx, $m| {
-                let $a = app.clone();
-                async move { $body }
-            })
-        }};
+    use names::{cmd, command, qry, query};
+    Ok(Endpoints::new(app)
+        .add(cmd::ENROLL, command(cmd::ENROLL)?, |a, m| async move { a.enroll(m).await })
+        .add(cmd::SCHEDULE, command(cmd::SCHEDULE)?, |a, m| async move {
+            a.node_command(m, NodeState::NodeSchedulable).await
+        })
+        .add(cmd::DRAIN, command(cmd::DRAIN)?, |a, m| async move { a.node_command(m, NodeState::NodeDraining).await })
+        .add(cmd::DECOMMISSION, command(cmd::DECOMMISSION)?, |a, m| async move {
+            a.node_command(m, NodeState::NodeDecommissioned).await
+        })
+        .add(cmd::SET_DESIRED, command(cmd::SET_DESIRED)?, |a, m| async move { a.set_desired(m).await })
+        .add(qry::INSTANCES, query(qry::INSTANCES)?, |a, m| async move { a.instances(m).await })
+        .add(qry::NODES, query(qry::NODES)?, |a, m| async move { a.nodes(m).await })
+        .add(qry::OVERVIEW, query(qry::OVERVIEW)?, |a, m| async move { a.overview(m).await })
+        .build())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn validate(args: &[&str]) -> Result<Settings, String> {
+        let args =
+            Args::try_parse_from(std::iter::once("registry").chain(args.iter().copied())).map_err(|e| e.to_string())?;
+        args.validate().map_err(|e| e.to_string())
     }
-    use names::{cmd, qry};
-    Ok(vec![
-        endpoint!(command, cmd::ENROLL, |a, m| a.enroll(m).await),
-        endpoint!(command, cmd::SCHEDULE, |a, m| a.node_command(m, NodeState::NodeSchedulable).await),
-        endpoint!(command, cmd::DRAIN, |a, m| a.node_command(m, NodeState::NodeDraining).await),
-        endpoint!(command, cmd::DECOMMISSION, |a, m| a.node_command(m, NodeState::NodeDecommissioned).await),
-        endpoint!(command, cmd::SET_DESIRED, |a, m| a.set_desired(m).await),
-        endpoint!(query, qry::INSTANCES, |a, m| a.instances(m).await),
-        endpoint!(query, qry::NODES, |a, m| a.nodes(m).await),
-        endpoint!(query, qry::OVERVIEW, |a, m| a.overview(m).await),
-    ])
+
+    #[test]
+    fn defaults_are_valid() {
+        let s = validate(&[]).unwrap();
+        assert_eq!(s.registry.missed_beats, 3);
+        assert_eq!(s.registry.min_ttl, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_min_ttl_below_100ms_is_refused() {
+        let e = validate(&["--registry-min-ttl", "50ms"]).unwrap_err();
+        assert!(e.contains("--registry-min-ttl") && e.contains("100ms"), "{e}");
+        assert!(validate(&["--registry-min-ttl", "100ms"]).is_ok());
+    }
+
+    #[test]
+    fn missed_beats_out_of_range_are_refused() {
+        assert!(validate(&["--registry-missed-beats", "0"]).is_err());
+    }
 }

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cim_events::Component;
-use cim_runtime::{CommonArgs, Service, ServiceDef, Settings};
+use cim_runtime::{CommonArgs, CommonSettings, ConfigError, Service, ServiceArgs, ServiceDef, Shutdown};
 
 pub use archive::{ArchiveSettings, archived_streams};
 pub use s3::{S3Client, S3Error};
@@ -35,7 +35,7 @@ pub const COMPONENT: Component = Component::StorageManager;
     version,
     about = "Storage manager: leaf -> cluster -> S3 tiers, archive and restore"
 )]
-pub struct Config {
+pub struct Args {
     #[command(flatten)]
     pub common: CommonArgs,
     /// An S3 archive target, in order (repeat, or separate with `;`):
@@ -71,7 +71,18 @@ pub struct Config {
     pub archive_verify_interval: Duration,
 }
 
-impl Config {
+/// The validated configuration of `storage-manager`.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub common: CommonSettings,
+    /// The S3 targets, in order.
+    pub targets: Vec<Target>,
+    pub archive: ArchiveSettings,
+    /// On the cluster: the leaves whose streams are mirrored here.
+    pub source_leaves: Vec<String>,
+}
+
+impl Args {
     /// The targets and archive settings, or a clear error (exit 64).
     pub fn archive(&self) -> Result<(Vec<Target>, ArchiveSettings), TargetError> {
         let targets = Target::parse_all(&self.archive_targets, &|k| std::env::var(k).ok())?;
@@ -99,6 +110,42 @@ impl Config {
     }
 }
 
+impl ServiceArgs for Args {
+    type Settings = Settings;
+
+    fn validate(self) -> Result<Settings, ConfigError> {
+        let common = self.common.settings(COMPONENT)?;
+        let (targets, archive) = self.archive().map_err(|e| ConfigError::invalid(e.to_string()))?;
+        // A target the S3 client cannot address is refused here, not on every retry later.
+        for t in &targets {
+            S3Client::new(t.clone()).map_err(|e| ConfigError::invalid(format!("archive target {}: {e}", t.name)))?;
+        }
+        for (flag, d) in [
+            ("--archive-linger (CIM_ARCHIVE_LINGER)", archive.linger),
+            ("--archive-object-poll (CIM_ARCHIVE_OBJECT_POLL)", archive.object_poll),
+            ("--archive-retry-max (CIM_ARCHIVE_RETRY_MAX)", archive.retry_max),
+            ("--archive-verify-interval (CIM_ARCHIVE_VERIFY_INTERVAL)", archive.verify_interval),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::invalid(format!("{flag} must be more than 0")));
+            }
+        }
+        for leaf in &self.source_leaves {
+            cim_events::token::validate_token("--source-leaf (CIM_SOURCE_LEAVES)", leaf)
+                .map_err(|e| ConfigError::invalid(e.to_string()))?;
+        }
+        Ok(Settings { common, targets, archive, source_leaves: self.source_leaves })
+    }
+
+    fn common(settings: &Settings) -> &CommonSettings {
+        &settings.common
+    }
+
+    fn run(settings: Settings, shutdown: Shutdown) -> impl Future<Output = anyhow::Result<()>> {
+        run(settings, shutdown)
+    }
+}
+
 pub fn definition() -> ServiceDef {
     ServiceDef {
         component: COMPONENT,
@@ -108,16 +155,11 @@ pub fn definition() -> ServiceDef {
     }
 }
 
-/// Runs the service until `shutdown` resolves, archiving to `targets`.
-pub async fn run_with(
-    settings: Settings,
-    targets: Vec<Target>,
-    archive: ArchiveSettings,
-    leaves: Vec<String>,
-    shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
-    let clients = targets.into_iter().map(S3Client::new).collect::<Result<Vec<_>, _>>()?;
-    let archive = Arc::new(archive);
+/// Runs the service until `shutdown` completes, archiving to the targets of `settings`.
+pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let clients = settings.targets.into_iter().map(S3Client::new).collect::<Result<Vec<_>, _>>()?;
+    let archive = Arc::new(settings.archive);
+    let leaves = settings.source_leaves;
     Service::new(definition())
         .setup(move |ctx| async move {
             // On the cluster the leaf mirrors are archived like the rest: leaf → cluster → S3.
@@ -135,14 +177,7 @@ pub async fn run_with(
             if !refused.is_empty() {
                 anyhow::bail!("retention guard: {}", refused.join("; "));
             }
-            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-            {
-                let ctx = ctx.clone();
-                ctx.clone().spawn("archive-stop", async move {
-                    ctx.stopping().await;
-                    let _ = stop_tx.send(true);
-                });
-            }
+            let stop_rx = ctx.stop_receiver();
             if !leaves.is_empty() {
                 let mirrored = archived_streams();
                 tiers::ensure_mirrors(ctx.jetstream(), &leaves, &mirrored, ctx.settings().tier).await?;
@@ -173,11 +208,60 @@ pub async fn run_with(
             }
             Ok(Vec::new())
         })
-        .run(settings, shutdown)
+        .run(settings.common, shutdown)
         .await
 }
 
-/// Runs the service with no archive targets (provisioning, announce, health only).
-pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    run_with(settings, Vec::new(), ArchiveSettings::default(), Vec::new(), shutdown).await
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn validate(args: &[&str]) -> Result<Settings, String> {
+        let args = Args::try_parse_from(std::iter::once("storage-manager").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        args.validate().map_err(|e| e.to_string())
+    }
+
+    /// A target spec with a credentials file (kept alive by the returned directory).
+    fn nas() -> (tempfile::TempDir, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let creds = dir.path().join("nas");
+        std::fs::write(&creds, "aws_access_key_id = ak\naws_secret_access_key = sk\n").unwrap();
+        let spec = format!(
+            "name=nas,endpoint=http://127.0.0.1:9000,bucket=cim,path-style=true,credentials-file={}",
+            creds.display()
+        );
+        (dir, spec)
+    }
+
+    #[test]
+    fn no_targets_is_valid() {
+        let s = validate(&[]).unwrap();
+        assert!(s.targets.is_empty() && s.source_leaves.is_empty());
+    }
+
+    #[test]
+    fn a_target_and_its_required_list_are_read() {
+        let (_dir, nas) = nas();
+        let s = validate(&["--archive-target", &nas, "--archive-required", "nas"]).unwrap();
+        assert_eq!(s.targets[0].name, "nas");
+        assert_eq!(s.archive.required, vec!["nas".to_string()]);
+    }
+
+    #[test]
+    fn refusals_name_what_is_wrong() {
+        let (_dir, nas) = nas();
+        let e = validate(&["--archive-target", &nas, "--archive-required", "wasabi"]).unwrap_err();
+        assert!(e.contains("wasabi"), "{e}");
+        let e = validate(&["--archive-target", "name=nas"]).unwrap_err();
+        assert!(e.contains("invalid configuration"), "{e}");
+        for flag in ["--archive-linger", "--archive-object-poll", "--archive-retry-max", "--archive-verify-interval"] {
+            let e = validate(&[flag, "0s"]).unwrap_err();
+            assert!(e.contains(flag), "{flag}: {e}");
+        }
+        let e = validate(&["--source-leaf", "bad leaf"]).unwrap_err();
+        assert!(e.contains("--source-leaf"), "{e}");
+    }
 }

@@ -14,14 +14,14 @@ pub mod grpc;
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use cim_events::{Component, gateway, resources};
-use cim_runtime::{CommonArgs, Service, ServiceDef, Settings};
+use cim_runtime::{CommonArgs, CommonSettings, ConfigError, Service, ServiceArgs, ServiceDef, Shutdown};
 
 pub const COMPONENT: Component = Component::UiGateway;
 
 /// Command line and environment of `ui-gateway`.
 #[derive(clap::Parser, Debug)]
 #[command(name = "ui-gateway", version, about = "UI gateway: HTTP, gRPC and the web UI")]
-pub struct Config {
+pub struct Args {
     #[command(flatten)]
     pub common: CommonArgs,
     #[command(flatten)]
@@ -40,28 +40,15 @@ pub struct GatewayArgs {
     /// Origins allowed by CORS, comma-separated (`*` = any; empty = same origin only).
     #[arg(long = "gateway-cors-origins", env = "CIM_GATEWAY_CORS_ORIGINS", value_delimiter = ',', default_value = "")]
     pub cors_origins: Vec<String>,
-    /// Largest JSON request body, in bytes.
+    /// Largest JSON request body, in bytes (at least 1).
     #[arg(long = "gateway-max-json", env = "CIM_GATEWAY_MAX_JSON", default_value_t = 64 * 1024)]
     pub max_json: usize,
-    /// Largest upload, in bytes.
+    /// Largest upload, in bytes (at least 1).
     #[arg(long = "gateway-max-upload", env = "CIM_GATEWAY_MAX_UPLOAD", default_value_t = 4 << 30)]
     pub max_upload: u64,
     /// Requests per second per token (bursts of twice that); 0 = unlimited.
     #[arg(long = "gateway-rate-limit", env = "CIM_GATEWAY_RATE_LIMIT", default_value_t = 100)]
     pub rate_limit: u32,
-}
-
-impl Default for GatewayArgs {
-    fn default() -> Self {
-        GatewayArgs {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8480)),
-            grpc_listen: OptionalAddr(Some(SocketAddr::from(([127, 0, 0, 1], 8481)))),
-            cors_origins: Vec::new(),
-            max_json: 64 * 1024,
-            max_upload: 4 << 30,
-            rate_limit: 100,
-        }
-    }
 }
 
 /// A listen address, or none (`off` or empty).
@@ -96,6 +83,43 @@ pub struct AppState {
     pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
+/// The validated configuration of `ui-gateway`.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub common: CommonSettings,
+    pub gateway: GatewayArgs,
+}
+
+impl ServiceArgs for Args {
+    type Settings = Settings;
+
+    fn validate(self) -> Result<Settings, ConfigError> {
+        let common = self.common.settings(COMPONENT)?;
+        let g = &self.gateway;
+        if g.max_json == 0 {
+            return Err(ConfigError::invalid("--gateway-max-json (CIM_GATEWAY_MAX_JSON) must be at least 1"));
+        }
+        if g.max_upload == 0 {
+            return Err(ConfigError::invalid("--gateway-max-upload (CIM_GATEWAY_MAX_UPLOAD) must be at least 1"));
+        }
+        if g.grpc_listen.0 == Some(g.listen) && g.listen.port() != 0 {
+            return Err(ConfigError::invalid(format!(
+                "--gateway-grpc-listen (CIM_GATEWAY_GRPC_LISTEN) {} is also --gateway-listen",
+                g.listen
+            )));
+        }
+        Ok(Settings { common, gateway: self.gateway })
+    }
+
+    fn common(settings: &Settings) -> &CommonSettings {
+        &settings.common
+    }
+
+    fn run(settings: Settings, shutdown: Shutdown) -> impl Future<Output = anyhow::Result<()>> {
+        run(settings, shutdown)
+    }
+}
+
 pub fn definition() -> ServiceDef {
     ServiceDef {
         component: COMPONENT,
@@ -105,13 +129,9 @@ pub fn definition() -> ServiceDef {
     }
 }
 
-/// Runs the service with default gateway options until `shutdown` resolves.
+/// Runs the service until `shutdown` completes.
 pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    run_with(settings, GatewayArgs::default(), shutdown).await
-}
-
-/// Runs the service until `shutdown` resolves.
-pub async fn run_with(settings: Settings, args: GatewayArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let args = settings.gateway;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {} for the gateway api: {e}", args.listen))?;
@@ -123,7 +143,7 @@ pub async fn run_with(settings: Settings, args: GatewayArgs, shutdown: impl Futu
         ),
         None => None,
     };
-    Service::new(definition()).setup(move |ctx| setup(ctx, args, listener, grpc)).run(settings, shutdown).await
+    Service::new(definition()).setup(move |ctx| setup(ctx, args, listener, grpc)).run(settings.common, shutdown).await
 }
 
 async fn setup(
@@ -139,20 +159,15 @@ async fn setup(
         .ok_or_else(|| anyhow::anyhow!("cim-events assigns the gateway no token bucket"))?;
     let tokens =
         ctx.jetstream().get_key_value(&bucket).await.map_err(|e| anyhow::anyhow!("token bucket {bucket}: {e}"))?;
-    let iu = match &ctx.settings().js_domain {
-        Some(d) => cim_iu_client::IuClient::with_domain(ctx.client().clone(), d),
-        None => cim_iu_client::IuClient::new(ctx.client().clone()),
-    };
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let state = Arc::new(AppState {
-        iu,
+        iu: ctx.iu_client(),
         nats: ctx.client().clone(),
         js: ctx.jetstream().clone(),
         tokens,
         limiter: auth::RateLimiter::new(args.rate_limit),
         cors_origins: args.cors_origins.into_iter().map(|o| o.trim().to_string()).filter(|o| !o.is_empty()).collect(),
         limits: Limits { max_json: args.max_json, max_upload: args.max_upload },
-        stopping: stop_rx,
+        stopping: ctx.stop_receiver(),
     });
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "gateway api listening");
@@ -163,11 +178,7 @@ async fn setup(
     let app = api::router(state);
     let c = ctx.clone();
     ctx.spawn("gateway-http", async move {
-        let shutdown = async move {
-            c.stopping().await;
-            let _ = stop_tx.send(true);
-        };
-        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(async move { c.stopping().await }).await {
             tracing::error!(error = %e, "gateway api server failed");
         }
     });
@@ -182,7 +193,7 @@ mod tests {
 
     #[test]
     fn config_parses() {
-        let c = Config::try_parse_from([
+        let c = Args::try_parse_from([
             "ui-gateway",
             "--gateway-listen",
             "0.0.0.0:9000",
@@ -195,8 +206,26 @@ mod tests {
         assert_eq!(c.gateway.listen.port(), 9000);
         assert_eq!(c.gateway.grpc_listen, OptionalAddr(None));
         assert_eq!(c.gateway.cors_origins, vec!["http://a", "http://b"]);
-        let d = Config::try_parse_from(["ui-gateway"]).unwrap();
+        let d = Args::try_parse_from(["ui-gateway"]).unwrap();
         assert_eq!(d.gateway.grpc_listen.0.map(|a| a.port()), Some(8481));
-        assert!(Config::try_parse_from(["ui-gateway", "--gateway-grpc-listen", "nope"]).is_err());
+        assert!(Args::try_parse_from(["ui-gateway", "--gateway-grpc-listen", "nope"]).is_err());
+    }
+
+    fn validate(args: &[&str]) -> Result<Settings, String> {
+        let args = Args::try_parse_from(std::iter::once("ui-gateway").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        args.validate().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn refusals_name_the_flag() {
+        assert!(validate(&[]).is_ok());
+        for flag in ["--gateway-max-json", "--gateway-max-upload"] {
+            let e = validate(&[flag, "0"]).unwrap_err();
+            assert!(e.contains(flag), "{flag}: {e}");
+        }
+        let e =
+            validate(&["--gateway-listen", "127.0.0.1:9000", "--gateway-grpc-listen", "127.0.0.1:9000"]).unwrap_err();
+        assert!(e.contains("--gateway-grpc-listen"), "{e}");
     }
 }

@@ -1,10 +1,14 @@
 //! `cargo xtask <task>`: the project's repetitive developer tasks, with no dependencies.
 //!
-//! - `test`:  build every binary (the integration tests run the real service processes), then
-//!            run the whole suite with cargo-nextest (or `cargo test` when nextest is absent).
+//! - `tidy`:  formatting, clippy, names only in cim-events, crate boundaries, docs current
+//!            (tidy.rs); each failure says what to do.
+//! - `test`:  tidy, then build every binary (the integration tests run the real service
+//!            processes), then run the whole suite with cargo-nextest (or `cargo test`).
 //! - `up`:    build every binary, then `cimctl up` (a leaf node with all services).
 //! - `bench`: build every binary in release mode (the information-unit scenarios run the real
 //!            service), then run `cimctl bench`, writing docs/bench-latest.md.
+
+mod tidy;
 
 use std::process::{Command, ExitCode};
 
@@ -15,11 +19,12 @@ fn main() -> ExitCode {
         None => ("help", Vec::new()),
     };
     let result = match task {
+        "tidy" => tidy::tidy(&rest),
         "test" => test(&rest),
         "up" => up(&rest),
         "bench" => bench(&rest),
         _ => {
-            eprintln!("usage: cargo xtask <test|up|bench> [args passed on]");
+            eprintln!("usage: cargo xtask <tidy|test|up|bench> [args passed on]");
             return ExitCode::from(if task == "help" { 0 } else { 64 });
         }
     };
@@ -47,6 +52,7 @@ fn has_nextest() -> bool {
 }
 
 fn test(rest: &[String]) -> Result<(), String> {
+    tidy::tidy(&[])?;
     run(cargo().args(["build", "--workspace", "--bins"]))?;
     if has_nextest() {
         run(cargo().args(["nextest", "run", "--workspace", "--no-fail-fast"]).args(rest))
@@ -69,6 +75,11 @@ fn bench(rest: &[String]) -> Result<(), String> {
         args.extend(["--out".to_string(), "docs/bench-latest.md".to_string()]);
     }
     run(Command::new(exe).args(args).args(rest))
+}
+
+/// The workspace root.
+fn root() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 fn target_dir() -> std::path::PathBuf {
