@@ -266,7 +266,7 @@ impl Engine {
             let (run, parent) = self
                 .load_run(&req.run_id)
                 .await
-                .map_err(ServiceError::unavailable)?
+                .map_err(|e| ServiceError::unavailable(e.to_string()))?
                 .ok_or_else(|| ServiceError::not_found(format!("no run {}", req.run_id)))?;
             if !allowed(&run.info) {
                 return Err(ServiceError::conflict(format!(
@@ -284,7 +284,7 @@ impl Engine {
                     let (run, _) = self
                         .load_run(&req.run_id)
                         .await
-                        .map_err(ServiceError::unavailable)?
+                        .map_err(|e| ServiceError::unavailable(e.to_string()))?
                         .ok_or_else(|| ServiceError::not_found("run vanished"))?;
                     let def = self.definition_of(&run).await;
                     return Ok(json_reply(&run.with_plan(def.as_ref()).info));

@@ -57,7 +57,7 @@ impl Engine {
         let (run, _) = self
             .load_run(&req.run_id)
             .await
-            .map_err(ServiceError::unavailable)?
+            .map_err(|e| ServiceError::unavailable(e.to_string()))?
             .ok_or_else(|| ServiceError::not_found(format!("no run {}", req.run_id)))?;
         let def = self.definition_of(&run).await;
         Ok(json_reply(&run.with_plan(def.as_ref()).info))

@@ -26,9 +26,23 @@ use futures::StreamExt;
 use crate::{
     definition::Definition,
     engine::{Engine, Publish, one_line},
-    state::{Run, RunEvent},
+    slots::Lease,
+    state::{Run, RunEvent, RunEventError},
     steps::{MAX_STEP_OUTPUT, StepError},
 };
+
+/// Why a run could not be read from its events.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LoadError {
+    /// One of its events has no valid envelope or does not decode: the run can never be worked
+    /// on, so its work item goes to the dead letters.
+    #[error("{0}")]
+    Poison(String),
+    /// Reading failed, or an event is of a kind this engine does not know (a newer engine may):
+    /// try again later.
+    #[error("{0}")]
+    Retry(String),
+}
 
 /// What happened to a run work item.
 pub(crate) enum Outcome {
@@ -151,11 +165,11 @@ impl Engine {
                     self.dead_letter(pl::DLQ_RUNS, m, &reason, 0).await?;
                     return Ok(Duration::ZERO);
                 }
-                Err(e) if e.contains("does not decode") || e.contains("envelope") => {
-                    self.dead_letter(pl::DLQ_RUNS, m, &e, 0).await?;
+                Err(LoadError::Poison(reason)) => {
+                    self.dead_letter(pl::DLQ_RUNS, m, &reason, 0).await?;
                     return Ok(Duration::ZERO);
                 }
-                Err(e) => return Err(e),
+                Err(LoadError::Retry(e)) => return Err(e),
             };
             if run.info.is_terminal() {
                 return Ok(Duration::ZERO);
@@ -170,8 +184,10 @@ impl Engine {
                     Err(Publish::Failed(e)) => return Err(e),
                 }
             };
-            let Some(_slot) = self.acquire_slot(&def, &run_id).await? else {
-                return Ok(Duration::from_millis(250));
+            // Held until the run is driven as far as it goes here.
+            let _lease = match self.acquire_slot(&def, &run_id).await? {
+                Lease::AllTaken => return Ok(Duration::from_millis(250)),
+                lease @ (Lease::Unlimited | Lease::Held { .. }) => lease,
             };
             match self.drive(run, &request_env, &def, m).await? {
                 Outcome::Done => return Ok(Duration::ZERO),
@@ -184,9 +200,9 @@ impl Engine {
 
     /// A run's state, read from its events (the source of truth), with the envelope of its
     /// request (what every later event is caused by).
-    pub(crate) async fn load_run(&self, run_id: &str) -> Result<Option<(Run, Envelope)>, String> {
-        let filter = pl::run_history(run_id).map_err(|e| e.to_string())?;
-        let stream = self.js.get_stream(&self.events_stream).await.map_err(|e| e.to_string())?;
+    pub(crate) async fn load_run(&self, run_id: &str) -> Result<Option<(Run, Envelope)>, LoadError> {
+        let filter = pl::run_history(run_id).map_err(|e| LoadError::Retry(e.to_string()))?;
+        let stream = self.js.get_stream(&self.events_stream).await.map_err(|e| LoadError::Retry(e.to_string()))?;
         let mut run = Run::default();
         let mut request_env = None;
         let mut seq = 1;
@@ -194,13 +210,16 @@ impl Engine {
             let msg = match stream.raw_message_builder().sequence(seq).next_by_subject(filter.clone()).send().await {
                 Ok(m) => m,
                 Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => break,
-                Err(e) => return Err(format!("reading run {run_id}: {e}")),
+                Err(e) => return Err(LoadError::Retry(format!("reading run {run_id}: {e}"))),
             };
             seq = msg.sequence + 1;
             let env = Envelope::from_headers(&msg.headers)
-                .map_err(|e| format!("run {run_id} event {}: {e}", msg.sequence))?;
+                .map_err(|e| LoadError::Poison(format!("run {run_id} event {}: {e}", msg.sequence)))?;
             let act = msg.subject.rsplit('.').next().unwrap_or_default().to_string();
-            let event = RunEvent::decode(&act, &msg.payload)?;
+            let event = RunEvent::decode(&act, &msg.payload).map_err(|e| match e {
+                RunEventError::Undecodable { .. } => LoadError::Poison(e.to_string()),
+                RunEventError::Unknown(_) => LoadError::Retry(e.to_string()),
+            })?;
             if matches!(event, RunEvent::Requested(_)) && request_env.is_none() {
                 request_env = Some(env.clone());
             }

@@ -10,10 +10,10 @@ use tokio::sync::watch;
 use crate::{definition::Definition, engine::Engine};
 
 impl Engine {
-    /// A slot of the pipeline's concurrency limit, held while the run works (None: all taken).
-    pub(crate) async fn acquire_slot(&self, def: &Definition, run_id: &str) -> Result<Option<Option<Slot>>, String> {
+    /// A slot of the pipeline's concurrency limit, held while the run works.
+    pub(crate) async fn acquire_slot(&self, def: &Definition, run_id: &str) -> Result<Lease, String> {
         if def.concurrency == 0 {
-            return Ok(Some(None));
+            return Ok(Lease::Unlimited);
         }
         for n in 0..def.concurrency {
             let key = pl::slot_key(&def.name, n).map_err(|e| e.to_string())?;
@@ -56,10 +56,20 @@ impl Engine {
                 }
                 let _ = slots.delete_expect_revision(&renew_key, Some(revision)).await;
             });
-            return Ok(Some(Some(Slot { stop, renewer: Some(renewer) })));
+            return Ok(Lease::Held { _slot: Slot { stop, renewer: Some(renewer) } });
         }
-        Ok(None)
+        Ok(Lease::AllTaken)
     }
+}
+
+/// What a run got when it asked for a concurrency slot.
+pub(crate) enum Lease {
+    /// The pipeline has no concurrency limit: there is nothing to hold.
+    Unlimited,
+    /// A slot, renewed while the lease lives and released when it is dropped.
+    Held { _slot: Slot },
+    /// Every slot is taken by other runs: try again later.
+    AllTaken,
 }
 
 /// A held concurrency slot: renewed until dropped, then released.

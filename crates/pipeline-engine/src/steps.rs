@@ -68,7 +68,7 @@ impl Engine {
         let needs_unit = !run.info.unit_id.is_empty();
         if unit.is_none() && needs_unit {
             *unit = Some(self.iu.unit(&run.info.unit_id).await.map_err(|e| {
-                if e.to_string().contains("does not exist") {
+                if e.is_not_found() {
                     StepError::permanent(format!("unit {}: {e}", run.info.unit_id))
                 } else {
                     StepError::transient(format!("unit {}: {e}", run.info.unit_id))

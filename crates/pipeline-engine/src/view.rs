@@ -78,13 +78,15 @@ impl Engine {
                 }
                 other => Err(format!("unknown pipeline event {other}")),
             },
-            pl::RUN => RunEvent::decode(&s.action, payload).map(|event| {
-                if let (RunEvent::Requested(r), Some(env)) = (&event, &env) {
-                    view.requests.insert(env.id().to_string(), r.pipeline.clone());
-                }
-                let run = view.runs.entry(s.id.clone()).or_default();
-                run.apply(event, seq, time_ms, &correlation);
-            }),
+            pl::RUN => RunEvent::decode(&s.action, payload)
+                .map(|event| {
+                    if let (RunEvent::Requested(r), Some(env)) = (&event, &env) {
+                        view.requests.insert(env.id().to_string(), r.pipeline.clone());
+                    }
+                    let run = view.runs.entry(s.id.clone()).or_default();
+                    run.apply(event, seq, time_ms, &correlation);
+                })
+                .map_err(|e| e.to_string()),
             _ => Ok(()),
         };
         if let Err(e) = result {
