@@ -2,17 +2,27 @@
 //!
 //! - [`definition`]: the declarative pipeline document, its validation, triggers, templates.
 //! - [`state`]: runs and pipelines folded from `CIM_PIPELINE_EVENTS` (pure).
-//! - [`engine`]: the view every instance follows, the trigger worker (unit events → run
-//!   requests), the run worker (requests → steps → events), commands and queries.
+//! - [`engine`]: what every task of an instance shares, its start, and its event writing; the
+//!   rest of `impl Engine` by concern: `view` (the view every instance follows), `triggers`
+//!   (unit events → run requests), `runs` (requests → steps → events), `steps` (what one step
+//!   does), `slots` (concurrency leases), `endpoints`, `commands`, `queries`.
 //!
 //! Every instance shares two durable consumers, `pipeline-triggers` (on `CIM_IU_EVENTS`) and
 //! `pipeline-runs` (run work items in `CIM_PIPELINE_EVENTS`), so adding an instance adds
 //! throughput and a killed instance's runs are redelivered to another, which resumes them from
 //! their events.
 
+mod commands;
 pub mod definition;
+mod endpoints;
 pub mod engine;
+mod queries;
+mod runs;
+mod slots;
 pub mod state;
+mod steps;
+mod triggers;
+mod view;
 
 use std::{future::Future, time::Duration};
 

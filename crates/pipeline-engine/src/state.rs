@@ -29,10 +29,21 @@ pub enum RunEvent {
     Retried(RunRetried),
 }
 
+/// Why a run event could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum RunEventError {
+    /// The body is not the message its action names: the event is broken.
+    #[error("{action} event does not decode: {source}")]
+    Undecodable { action: String, source: prost::DecodeError },
+    /// An action this engine does not know (a newer engine may).
+    #[error("unknown run event {0:?}")]
+    Unknown(String),
+}
+
 impl RunEvent {
     /// Decodes by the subject's action.
-    pub fn decode(action: &str, body: &[u8]) -> Result<RunEvent, String> {
-        let e = |err: prost::DecodeError| format!("{action} event does not decode: {err}");
+    pub fn decode(action: &str, body: &[u8]) -> Result<RunEvent, RunEventError> {
+        let e = |source: prost::DecodeError| RunEventError::Undecodable { action: action.to_string(), source };
         Ok(match action {
             action::REQUESTED => RunEvent::Requested(RunRequested::decode(body).map_err(e)?),
             action::STARTED => RunEvent::Started(RunStarted::decode(body).map_err(e)?),
@@ -44,7 +55,7 @@ impl RunEvent {
             action::FAILED => RunEvent::Failed(RunFailed::decode(body).map_err(e)?),
             action::CANCELLED => RunEvent::Cancelled(RunCancelled::decode(body).map_err(e)?),
             action::RETRIED => RunEvent::Retried(RunRetried::decode(body).map_err(e)?),
-            other => return Err(format!("unknown run event {other:?}")),
+            other => return Err(RunEventError::Unknown(other.to_string())),
         })
     }
 }
@@ -349,7 +360,7 @@ mod tests {
         assert_eq!(run.info.units, vec!["u2".to_string()]);
         assert_eq!(run.info.steps[0].attempts, 3);
         assert_eq!((run.info.last_seq, run.info.requested_ms, run.info.updated_ms), (9, 10, 18));
-        assert!(RunEvent::decode("exploded", b"").is_err());
-        assert!(RunEvent::decode(action::REQUESTED, b"\xff\xff").is_err());
+        assert!(matches!(RunEvent::decode("exploded", b""), Err(RunEventError::Unknown(_))));
+        assert!(matches!(RunEvent::decode(action::REQUESTED, b"\xff\xff"), Err(RunEventError::Undecodable { .. })));
     }
 }

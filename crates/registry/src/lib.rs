@@ -6,8 +6,14 @@
 //! converging. See docs/registry.md.
 
 mod app;
+mod lifecycle;
+mod nodes;
 pub mod placement;
+mod projector;
+mod queries;
 pub mod state;
+mod view;
+mod watchdog;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
