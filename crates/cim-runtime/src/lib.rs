@@ -7,6 +7,7 @@
 
 pub mod archive_guard;
 pub mod config;
+pub mod consumer;
 pub mod endpoint;
 pub mod http;
 pub mod metrics;

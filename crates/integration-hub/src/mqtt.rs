@@ -112,12 +112,10 @@ async fn publish(
     p: crate::config::MqttPublish,
     mut pubacks: mpsc::Receiver<()>,
 ) {
-    let consumer = loop {
-        let made = async {
-            let stream = js.get_stream(&p.stream).await?;
-            let name = hub::mqtt_consumer(&m.name)?;
+    let opened = ctx
+        .retry_until_stopped(&format!("the mqtt publish consumer of {}", m.name), || async {
             let config = pull::Config {
-                durable_name: Some(name.clone()),
+                durable_name: Some(hub::mqtt_consumer(&m.name)?),
                 filter_subject: p.filter.clone(),
                 deliver_policy: match p.deliver {
                     Deliver::New => DeliverPolicy::New,
@@ -128,23 +126,19 @@ async fn publish(
                 max_ack_pending: 1,
                 ..Default::default()
             };
-            anyhow::Ok(stream.get_or_create_consumer(&name, config).await?)
-        };
-        match made.await {
-            Ok(c) => break c,
-            Err(e) => {
-                tracing::warn!(connector = %m.name, error = %e, "cannot open the mqtt publish consumer; retrying");
-                tokio::select! { _ = ctx.stopping() => return, _ = tokio::time::sleep(Duration::from_secs(1)) => {} }
-            }
-        }
-    };
+            cim_runtime::consumer::durable(&js, &p.stream, config).await
+        })
+        .await;
+    let Some(consumer) = opened else { return };
     loop {
         let batch = tokio::select! {
             _ = ctx.stopping() => return,
             b = consumer.fetch().max_messages(1).expires(Duration::from_secs(1)).messages() => b,
         };
         let Ok(mut batch) = batch else {
-            tokio::select! { _ = ctx.stopping() => return, _ = tokio::time::sleep(Duration::from_millis(500)) => {} }
+            if !ctx.pause(Duration::from_millis(500)).await {
+                return;
+            }
             continue;
         };
         while let Some(Ok(msg)) = batch.next().await {

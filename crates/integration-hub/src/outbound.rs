@@ -102,15 +102,8 @@ impl Outbound {
     /// The worker of one subscription, until the service stops.
     pub async fn run(self: Arc<Self>, ctx: Ctx, run: Arc<Running>) {
         let sub = &run.sub;
-        let consumer = loop {
-            match self.consumer(sub).await {
-                Ok(c) => break c,
-                Err(e) => {
-                    tracing::warn!(subscription = %sub.name, stream = %sub.stream, error = %e, "cannot open the subscription's consumer; retrying");
-                    tokio::select! { _ = ctx.stopping() => return, _ = tokio::time::sleep(Duration::from_secs(1)) => {} }
-                }
-            }
-        };
+        let what = format!("the consumer of subscription {} on {}", sub.name, sub.stream);
+        let Some(consumer) = ctx.retry_until_stopped(&what, || self.consumer(sub)).await else { return };
         let mut paused = run.paused.subscribe();
         loop {
             tokio::select! {
@@ -122,7 +115,9 @@ impl Outbound {
                 Ok(b) => b,
                 Err(e) => {
                     tracing::warn!(subscription = %sub.name, error = %e, "fetch failed; retrying");
-                    tokio::select! { _ = ctx.stopping() => return, _ = tokio::time::sleep(Duration::from_millis(500)) => {} }
+                    if !ctx.pause(Duration::from_millis(500)).await {
+                        return;
+                    }
                     continue;
                 }
             };

@@ -46,21 +46,16 @@ async fn connect(pg: &Postgres) -> Result<tokio_postgres::Client, tokio_postgres
 /// Retries `f` until it succeeds or the service stops; a connector outlives database restarts.
 async fn wait_retry(ctx: &Ctx, pg: &Postgres, what: &str, e: impl std::fmt::Display) -> bool {
     tracing::warn!(connector = %pg.name, error = %e, "{what} failed; retrying");
-    tokio::select! {
-        _ = ctx.stopping() => false,
-        _ = tokio::time::sleep(Duration::from_secs(1)) => true,
-    }
+    ctx.pause(Duration::from_secs(1)).await
 }
 
 /// Events → table rows, until the service stops.
 pub async fn project(ctx: Ctx, js: jetstream::Context, pg: Postgres) {
     let Some(p) = pg.project.clone() else { return };
-    let consumer = loop {
-        let made = async {
-            let stream = js.get_stream(&p.stream).await?;
-            let name = hub::projection_consumer(&pg.name)?;
+    let opened = ctx
+        .retry_until_stopped(&format!("the projection consumer of {}", pg.name), || async {
             let config = pull::Config {
-                durable_name: Some(name.clone()),
+                durable_name: Some(hub::projection_consumer(&pg.name)?),
                 filter_subject: p.filter.clone(),
                 deliver_policy: match p.deliver {
                     Deliver::New => DeliverPolicy::New,
@@ -71,17 +66,10 @@ pub async fn project(ctx: Ctx, js: jetstream::Context, pg: Postgres) {
                 max_ack_pending: 256,
                 ..Default::default()
             };
-            anyhow::Ok(stream.get_or_create_consumer(&name, config).await?)
-        };
-        match made.await {
-            Ok(c) => break c,
-            Err(e) => {
-                if !wait_retry(&ctx, &pg, "opening the projection consumer", e).await {
-                    return;
-                }
-            }
-        }
-    };
+            cim_runtime::consumer::durable(&js, &p.stream, config).await
+        })
+        .await;
+    let Some(consumer) = opened else { return };
     'connect: loop {
         let db = match connect(&pg).await {
             Ok(db) => db,

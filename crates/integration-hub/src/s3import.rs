@@ -34,7 +34,9 @@ pub async fn run(ctx: Ctx, js: jetstream::Context, iu: IuClient, ce_source: Stri
             Ok(d) => break d,
             Err(e) => {
                 tracing::warn!(connector = %s3.name, error = %e, "cannot replay imported objects; retrying");
-                tokio::select! { _ = ctx.stopping() => return, _ = tokio::time::sleep(Duration::from_secs(1)) => {} }
+                if !ctx.pause(Duration::from_secs(1)).await {
+                    return;
+                }
             }
         }
     };
@@ -59,7 +61,9 @@ pub async fn run(ctx: Ctx, js: jetstream::Context, iu: IuClient, ce_source: Stri
             }
             Err(e) => tracing::warn!(connector = %s3.name, error = %e, "cannot list the bucket; retrying"),
         }
-        tokio::select! { _ = ctx.stopping() => return, _ = tokio::time::sleep(s3.poll) => {} }
+        if !ctx.pause(s3.poll).await {
+            return;
+        }
     }
 }
 

@@ -14,19 +14,18 @@ use cim_events::{
     },
     resources,
 };
-use cim_runtime::{Reply, ServiceError};
+use cim_runtime::{Reply, ServiceError, json_request};
 use prost::Message;
 use sha2::{Digest, Sha256};
 
 use crate::{
     definition::{self, Definition, PluginRef},
-    endpoints::{json_reply, parse},
     engine::{Engine, Publish},
 };
 
 impl Engine {
     pub(crate) async fn apply(&self, msg: async_nats::Message) -> Result<Reply, ServiceError> {
-        let req: ApplyRequest = parse(&msg)?;
+        let req: ApplyRequest = json_request(&msg)?;
         let def = Definition::parse(&req.definition).map_err(|e| ServiceError::bad_request(e.0))?;
         self.check_plugins(&def).await?;
         let normalized = definition::normalized(&def);
@@ -45,7 +44,7 @@ impl Engine {
         if let Some((version, d, true, _)) = &current
             && *d == digest
         {
-            return Ok(json_reply(&ApplyReply { name: def.name, version: *version, unchanged: true }));
+            return Ok(Reply::json(&ApplyReply { name: def.name, version: *version, unchanged: true }));
         }
         // References first, then the event: a concurrent removal of a pinned version is refused.
         let pinned = def.pinned_plugins();
@@ -68,7 +67,7 @@ impl Engine {
             self.delete_references(&def.name, &stale).await;
         }
         tracing::info!(pipeline = %def.name, version, "pipeline applied");
-        Ok(json_reply(&ApplyReply { name: def.name, version, unchanged: false }))
+        Ok(Reply::json(&ApplyReply { name: def.name, version, unchanged: false }))
     }
 
     /// Every plugin a definition calls must exist now (unknown plugins are refused at apply).
@@ -152,7 +151,7 @@ impl Engine {
     }
 
     pub(crate) async fn remove(&self, msg: async_nats::Message) -> Result<Reply, ServiceError> {
-        let req: RemoveRequest = parse(&msg)?;
+        let req: RemoveRequest = json_request(&msg)?;
         pl::validate_name(&req.name).map_err(|e| ServiceError::bad_request(e.to_string()))?;
         self.caught_up().await?;
         let (last_seq, version, pinned) = {
@@ -178,11 +177,11 @@ impl Engine {
             Err(Publish::Failed(e)) => return Err(ServiceError::unavailable(e)),
         }
         self.delete_references(&req.name, &pinned).await;
-        Ok(json_reply(&ApplyReply { name: req.name, version, unchanged: false }))
+        Ok(Reply::json(&ApplyReply { name: req.name, version, unchanged: false }))
     }
 
     pub(crate) async fn start(&self, msg: async_nats::Message) -> Result<Reply, ServiceError> {
-        let req: StartRequest = parse(&msg)?;
+        let req: StartRequest = json_request(&msg)?;
         pl::validate_name(&req.pipeline).map_err(|e| ServiceError::bad_request(e.to_string()))?;
         if !req.unit_id.is_empty() {
             cim_events::token::validate_token("unit id", &req.unit_id)
@@ -227,11 +226,11 @@ impl Engine {
                 Publish::Failed(e) => ServiceError::unavailable(e),
             },
         )?;
-        Ok(json_reply(&RunRef { run_id, reason: String::new() }))
+        Ok(Reply::json(&RunRef { run_id, reason: String::new() }))
     }
 
     pub(crate) async fn cancel(&self, msg: async_nats::Message) -> Result<Reply, ServiceError> {
-        let req: RunRef = parse(&msg)?;
+        let req: RunRef = json_request(&msg)?;
         self.change_run(
             &req,
             "cancel",
@@ -242,7 +241,7 @@ impl Engine {
     }
 
     pub(crate) async fn retry(&self, msg: async_nats::Message) -> Result<Reply, ServiceError> {
-        let req: RunRef = parse(&msg)?;
+        let req: RunRef = json_request(&msg)?;
         self.change_run(
             &req,
             "retry",
@@ -287,7 +286,7 @@ impl Engine {
                         .map_err(|e| ServiceError::unavailable(e.to_string()))?
                         .ok_or_else(|| ServiceError::not_found("run vanished"))?;
                     let def = self.definition_of(&run).await;
-                    return Ok(json_reply(&run.with_plan(def.as_ref()).info));
+                    return Ok(Reply::json(&run.with_plan(def.as_ref()).info));
                 }
                 Err(Publish::Conflict) => continue,
                 Err(Publish::Failed(e)) => return Err(ServiceError::unavailable(e)),

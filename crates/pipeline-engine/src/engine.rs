@@ -16,16 +16,19 @@ use std::sync::Arc;
 
 use async_nats::{
     HeaderMap,
-    jetstream::{self, context::PublishErrorKind, kv},
+    jetstream::{self, kv},
 };
-use cim_events::{Envelope, Payload, envelope::H_MSG_ID, pipeline as pl, resources, subject};
+use cim_events::{Envelope, Payload, envelope::H_MSG_ID, pipeline as pl, resources};
 use cim_iu_client::IuClient;
-use cim_runtime::{Ctx, Endpoint};
+use cim_runtime::{Ctx, Endpoint, NewEvent, PublishError};
 use tokio::sync::{RwLock, Semaphore, watch};
 
 use crate::{COMPONENT, EngineArgs, endpoints::endpoints, state::View};
 
 pub use crate::steps::MAX_STEP_OUTPUT;
+
+/// Why a publish did not go through (the runtime's one error type).
+pub(crate) type Publish = PublishError;
 
 /// What every task of an instance shares.
 pub struct Engine {
@@ -44,17 +47,13 @@ pub struct Engine {
 pub async fn setup(ctx: Ctx, args: EngineArgs) -> anyhow::Result<Vec<Endpoint>> {
     let js = ctx.jetstream().clone();
     let slots = js.get_key_value(resources::kv_bucket(COMPONENT, pl::KV_SLOTS)?).await?;
-    let iu = match &ctx.settings().js_domain {
-        Some(d) => IuClient::with_domain(ctx.client().clone(), d),
-        None => IuClient::new(ctx.client().clone()),
-    };
     let engine = Arc::new(Engine {
         ctx: ctx.clone(),
         js,
         events_stream: resources::events_stream(COMPONENT).name,
         view: RwLock::new(View::default()),
         seen: watch::channel(0).0,
-        iu,
+        iu: ctx.iu_client(),
         slots,
         runs: Arc::new(Semaphore::new(args.max_runs)),
         args,
@@ -63,13 +62,6 @@ pub async fn setup(ctx: Ctx, args: EngineArgs) -> anyhow::Result<Vec<Endpoint>> 
     ctx.spawn("triggers", engine.clone().triggers());
     ctx.spawn("runs", engine.clone().run_worker());
     endpoints(engine)
-}
-
-/// Why a publish did not go through.
-pub(crate) enum Publish {
-    /// Someone else wrote to the aggregate first (optimistic concurrency).
-    Conflict,
-    Failed(String),
 }
 
 impl Engine {
@@ -91,25 +83,15 @@ impl Engine {
     pub(crate) async fn publish(
         &self,
         subject: String,
-        mut headers: HeaderMap,
+        headers: HeaderMap,
         body: Vec<u8>,
         expect: Option<(String, u64)>,
     ) -> Result<u64, Publish> {
+        let mut event = NewEvent::with_headers(subject, headers, body);
         if let Some((filter, seq)) = &expect {
-            subject::expect_aggregate_sequence(&mut headers, filter, *seq);
+            event = event.expect(filter, *seq);
         }
-        cim_runtime::telemetry::inject_current(&mut headers);
-        let ack = self
-            .js
-            .publish_with_headers(subject, headers, body.into())
-            .await
-            .map_err(|e| Publish::Failed(e.to_string()))?
-            .await
-            .map_err(|e| match e.kind() {
-                PublishErrorKind::WrongLastSequence => Publish::Conflict,
-                _ => Publish::Failed(e.to_string()),
-            })?;
-        Ok(ack.sequence)
+        Ok(event.publish(&self.js).await?.sequence)
     }
 
     /// Stores a message that could not be processed in `CIM_PIPELINE_DLQ`, as it was, with the

@@ -2,10 +2,9 @@
 //! events).
 
 use cim_events::pipeline::{PipelineInfo, PipelineList, PipelineRef, RunInfo, RunList, RunRef, RunsRequest};
-use cim_runtime::{Reply, ServiceError};
+use cim_runtime::{Reply, ServiceError, json_request};
 
 use crate::{
-    endpoints::{json_reply, parse},
     engine::Engine,
     state::{PipelineVersion, View},
 };
@@ -16,11 +15,11 @@ impl Engine {
         let view = self.view.read().await;
         let pipelines =
             view.pipelines.iter().filter_map(|(name, p)| p.current().map(|v| info(&view, name, p.active, v))).collect();
-        Ok(json_reply(&PipelineList { pipelines }))
+        Ok(Reply::json(&PipelineList { pipelines }))
     }
 
     pub(crate) async fn get(&self, msg: async_nats::Message) -> Result<Reply, ServiceError> {
-        let req: PipelineRef = parse(&msg)?;
+        let req: PipelineRef = json_request(&msg)?;
         self.caught_up().await?;
         let view = self.view.read().await;
         let p = view
@@ -28,11 +27,11 @@ impl Engine {
             .get(&req.name)
             .ok_or_else(|| ServiceError::not_found(format!("no pipeline {}", req.name)))?;
         let v = p.current().ok_or_else(|| ServiceError::not_found(format!("no pipeline {}", req.name)))?;
-        Ok(json_reply(&info(&view, &req.name, p.active, v)))
+        Ok(Reply::json(&info(&view, &req.name, p.active, v)))
     }
 
     pub(crate) async fn runs(&self, msg: async_nats::Message) -> Result<Reply, ServiceError> {
-        let req: RunsRequest = if msg.payload.is_empty() { RunsRequest::default() } else { parse(&msg)? };
+        let req: RunsRequest = if msg.payload.is_empty() { RunsRequest::default() } else { json_request(&msg)? };
         self.caught_up().await?;
         let view = self.view.read().await;
         let mut runs: Vec<RunInfo> = view
@@ -47,11 +46,11 @@ impl Engine {
         // UUIDv7 ids sort by time: newest first.
         runs.sort_by(|a, b| b.run_id.cmp(&a.run_id));
         runs.truncate(if req.limit == 0 { 100 } else { req.limit as usize });
-        Ok(json_reply(&RunList { runs }))
+        Ok(Reply::json(&RunList { runs }))
     }
 
     pub(crate) async fn run(&self, msg: async_nats::Message) -> Result<Reply, ServiceError> {
-        let req: RunRef = parse(&msg)?;
+        let req: RunRef = json_request(&msg)?;
         cim_events::token::validate_token("run id", &req.run_id)
             .map_err(|e| ServiceError::bad_request(e.to_string()))?;
         let (run, _) = self
@@ -60,7 +59,7 @@ impl Engine {
             .map_err(|e| ServiceError::unavailable(e.to_string()))?
             .ok_or_else(|| ServiceError::not_found(format!("no run {}", req.run_id)))?;
         let def = self.definition_of(&run).await;
-        Ok(json_reply(&run.with_plan(def.as_ref()).info))
+        Ok(Reply::json(&run.with_plan(def.as_ref()).info))
     }
 }
 

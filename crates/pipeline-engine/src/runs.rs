@@ -57,14 +57,8 @@ pub(crate) enum Outcome {
 impl Engine {
     /// Run work items (`requested`, `retried`) from the shared durable consumer `pipeline-runs`.
     pub(crate) async fn run_worker(self: Arc<Self>) {
-        let consumer = loop {
-            match self.run_consumer().await {
-                Ok(c) => break c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot open the run consumer; retrying");
-                    tokio::select! { _ = self.ctx.stopping() => return, _ = tokio::time::sleep(Duration::from_secs(1)) => {} }
-                }
-            }
+        let Some(consumer) = self.ctx.retry_until_stopped("the run consumer", || self.run_consumer()).await else {
+            return;
         };
         loop {
             // Take only as much work as there are free run permits.
@@ -82,7 +76,9 @@ impl Engine {
                 Ok(b) => b,
                 Err(e) => {
                     tracing::warn!(error = %e, "run fetch failed; retrying");
-                    tokio::select! { _ = self.ctx.stopping() => return, _ = tokio::time::sleep(Duration::from_millis(500)) => {} }
+                    if !self.ctx.pause(Duration::from_millis(500)).await {
+                        return;
+                    }
                     continue;
                 }
             };

@@ -30,14 +30,9 @@ use crate::{
 impl Engine {
     /// Unit events → run requests, from the shared durable consumer `pipeline-triggers`.
     pub(crate) async fn triggers(self: Arc<Self>) {
-        let consumer = loop {
-            match self.trigger_consumer().await {
-                Ok(c) => break c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot open the trigger consumer; retrying");
-                    tokio::select! { _ = self.ctx.stopping() => return, _ = tokio::time::sleep(Duration::from_secs(1)) => {} }
-                }
-            }
+        let Some(consumer) = self.ctx.retry_until_stopped("the trigger consumer", || self.trigger_consumer()).await
+        else {
+            return;
         };
         loop {
             if self.ctx.is_stopping() {
@@ -51,7 +46,9 @@ impl Engine {
                 Ok(b) => b,
                 Err(e) => {
                     tracing::warn!(error = %e, "trigger fetch failed; retrying");
-                    tokio::select! { _ = self.ctx.stopping() => return, _ = tokio::time::sleep(Duration::from_millis(500)) => {} }
+                    if !self.ctx.pause(Duration::from_millis(500)).await {
+                        return;
+                    }
                     continue;
                 }
             };

@@ -12,7 +12,7 @@ use std::{
 
 use async_nats::{
     HeaderMap, Message,
-    jetstream::{self, consumer::DeliverPolicy, context::PublishErrorKind, kv, object_store::ObjectStore},
+    jetstream::{self, consumer::DeliverPolicy, kv, object_store::ObjectStore},
 };
 use bytes::Bytes;
 use cim_events::{
@@ -25,7 +25,7 @@ use cim_events::{
     },
     resources, subject,
 };
-use cim_runtime::{Ctx, Reply, ServiceError};
+use cim_runtime::{Ctx, NewEvent, PublishError, Reply, ServiceError};
 use futures::StreamExt;
 use prost::Message as _;
 use sha2::{Digest, Sha256};
@@ -732,22 +732,15 @@ impl Host {
         payload: &P,
     ) -> Result<u64, ServiceError> {
         let env = Envelope::root::<P>(self.ctx.source());
-        let mut headers = env.to_headers();
-        headers.insert("Nats-Msg-Id", env.id().to_string().as_str());
         let filter = plugin::history(name).map_err(|e| ServiceError::bad_request(e.to_string()))?;
-        cim_events::subject::expect_aggregate_sequence(&mut headers, &filter, expected);
-        let ack = self
-            .ctx
-            .jetstream()
-            .publish_with_headers(subject, headers, Bytes::from(payload.encode_to_vec()))
+        let ack = NewEvent::new(subject, &env, payload.encode_to_vec())
+            .msg_id(&env.id().to_string())
+            .expect(&filter, expected)
+            .publish(self.ctx.jetstream())
             .await
-            .map_err(|e| ServiceError::unavailable(format!("recording the event: {e}")))?
-            .await
-            .map_err(|e| match e.kind() {
-                PublishErrorKind::WrongLastSequence => {
-                    ServiceError::conflict(format!("plugin {name} changed concurrently; retry"))
-                }
-                _ => ServiceError::unavailable(format!("recording the event: {e}")),
+            .map_err(|e| match e {
+                PublishError::Conflict => ServiceError::conflict(format!("plugin {name} changed concurrently; retry")),
+                e => e.into(),
             })?;
         Ok(ack.sequence)
     }

@@ -11,11 +11,11 @@ use std::{
 };
 
 use async_nats::{
-    HeaderMap, Message,
-    jetstream::{self, context::PublishErrorKind, kv},
+    Message,
+    jetstream::{self, kv},
 };
-use cim_events::{Envelope, Schema, Upcasters, envelope::H_MSG_ID, registry as names};
-use cim_runtime::{Ctx, ServiceError, telemetry};
+use cim_events::{Envelope, Schema, Upcasters, registry as names};
+use cim_runtime::{Ctx, NewEvent, PublishError, ServiceError};
 
 use crate::state::{Event, NodeRefusal, View};
 
@@ -84,11 +84,6 @@ pub(crate) fn refusal(r: NodeRefusal) -> ServiceError {
     }
 }
 
-pub(crate) enum Failure {
-    Conflict,
-    Other(String),
-}
-
 impl App {
     pub fn new(
         ctx: Ctx,
@@ -132,28 +127,17 @@ impl App {
         event: Event,
         msg_id: Option<String>,
         expect: Option<(String, u64)>,
-    ) -> Result<u64, Failure> {
+    ) -> Result<u64, PublishError> {
         let (type_name, body) = event.encode();
         let env = Envelope::new_root(type_name, Schema { name: type_name.to_string(), version: 1 }, self.ctx.source());
-        let mut headers = HeaderMap::new();
-        env.write_headers(&mut headers);
+        let mut new = NewEvent::new(subject, &env, body);
         if let Some(id) = &msg_id {
-            headers.insert(H_MSG_ID, id.as_str());
+            new = new.msg_id(id);
         }
         if let Some((filter, seq)) = &expect {
-            cim_events::subject::expect_aggregate_sequence(&mut headers, filter, *seq);
+            new = new.expect(filter, *seq);
         }
-        telemetry::inject_current(&mut headers);
-        let ack = self
-            .js
-            .publish_with_headers(subject, headers, body.into())
-            .await
-            .map_err(|e| Failure::Other(e.to_string()))?
-            .await
-            .map_err(|e| match e.kind() {
-                PublishErrorKind::WrongLastSequence => Failure::Conflict,
-                _ => Failure::Other(e.to_string()),
-            })?;
+        let ack = new.publish(&self.js).await?;
         self.apply(ack.sequence, env.time_ms(), &event);
         Ok(ack.sequence)
     }
@@ -163,8 +147,10 @@ impl App {
         let id = names::instance_msg_id(action, instance_id, incarnation);
         match self.record(subject, event, Some(id), None).await {
             Ok(seq) => tracing::info!(instance = instance_id, action, seq, "recorded"),
-            Err(Failure::Other(e)) => tracing::warn!(instance = instance_id, action, error = %e, "could not record"),
-            Err(Failure::Conflict) => {}
+            Err(PublishError::Failed(e)) => {
+                tracing::warn!(instance = instance_id, action, error = %e, "could not record")
+            }
+            Err(PublishError::Conflict) => {}
         }
     }
 }

@@ -14,11 +14,11 @@ use cim_events::{
     registry as names,
     subject::{self, ControlAction},
 };
-use cim_runtime::{Reply, ServiceError, telemetry};
+use cim_runtime::{PublishError, Reply, ServiceError, telemetry};
 use futures::StreamExt;
 
 use crate::{
-    app::{App, Failure, bad, decode, refusal},
+    app::{App, bad, decode, refusal},
     state::{self, Event, NodeRefusal},
 };
 
@@ -55,10 +55,12 @@ impl App {
         let ev = Event::NodeChanged(NodeStateChanged { node: n.name.clone(), from: n.state, to: to as i32, reason });
         match self.record(subject, ev, None, Some((filter, n.version_seq))).await {
             Ok(_) => {}
-            Err(Failure::Conflict) => {
+            Err(PublishError::Conflict) => {
                 return Err(ServiceError::conflict(format!("node {} changed concurrently; retry", n.name)));
             }
-            Err(Failure::Other(e)) => return Err(ServiceError::unavailable(format!("recording the node event: {e}"))),
+            Err(PublishError::Failed(e)) => {
+                return Err(ServiceError::unavailable(format!("recording the node event: {e}")));
+            }
         }
         tracing::info!(node = %n.name, from = state::state_name(n.state()), to = state::state_name(to), "node transition");
         self.view().nodes.get(&n.name).cloned().ok_or_else(|| ServiceError::internal("node vanished"))
@@ -91,10 +93,10 @@ impl App {
             .await
         {
             Ok(_) => {}
-            Err(Failure::Conflict) => {
+            Err(PublishError::Conflict) => {
                 return Err(ServiceError::conflict(format!("node {} changed concurrently; retry", e.name)));
             }
-            Err(Failure::Other(err)) => {
+            Err(PublishError::Failed(err)) => {
                 return Err(ServiceError::unavailable(format!("recording the node event: {err}")));
             }
         }
@@ -179,8 +181,8 @@ impl App {
         }
         match self.record(names::desired_event(), Event::Desired(DesiredSet { services }), None, None).await {
             Ok(_) => Ok(Reply::proto(&Ack {})),
-            Err(Failure::Conflict) => Err(ServiceError::conflict("desired state changed concurrently; retry")),
-            Err(Failure::Other(e)) => Err(ServiceError::unavailable(format!("recording the desired state: {e}"))),
+            Err(PublishError::Conflict) => Err(ServiceError::conflict("desired state changed concurrently; retry")),
+            Err(PublishError::Failed(e)) => Err(ServiceError::unavailable(format!("recording the desired state: {e}"))),
         }
     }
 }
