@@ -47,21 +47,16 @@ enum TokenCommand {
         role: String,
     },
     /// Revoke a token by id: it stops working at once.
-    Revoke { id: String },
+    Revoke {
+        /// The token's id, as `token ls` lists it.
+        id: String,
+    },
     /// List tokens (never the tokens themselves).
     Ls,
 }
 
 async fn bucket(args: &TokenArgs) -> Result<kv::Store> {
-    let mut opts = async_nats::ConnectOptions::new().name("cimctl");
-    if let Some(creds) = &args.nats_creds {
-        opts = opts
-            .credentials_file(creds)
-            .await
-            .with_context(|| format!("reading NATS credentials {}", creds.display()))?;
-    }
-    let urls: Vec<&str> = args.nats_url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
-    let client = opts.connect(urls).await.with_context(|| format!("connecting to NATS at {}", args.nats_url))?;
+    let client = crate::conn::connect("cimctl", &args.nats_url, args.nats_creds.as_deref(), None).await?;
     let js = match &args.js_domain {
         Some(d) => jetstream::with_domain(client, d),
         None => jetstream::new(client),

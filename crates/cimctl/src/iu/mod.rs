@@ -2,26 +2,35 @@
 //!
 //! Output is readable lines and tables, or with `--json` one JSON document per command on
 //! stdout (field names as in `iu.proto`). Progress bars go to stderr, only when it is a
-//! terminal. Errors are one line on stderr and exit status 1.
+//! terminal. Errors are one line on stderr and exit status 1; a malformed argument (a unit id
+//! that is no UUID, say) exits 64 before anything connects.
+//!
+//! The command line is here, its values in `parse`, printing in `render`, the progress bar
+//! in `progress` and downloads in `get`.
 
-use std::{
-    io::IsTerminal,
-    path::{Path, PathBuf},
-    process::ExitCode,
-    time::Duration,
-};
+mod get;
+mod parse;
+mod progress;
+mod render;
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use cim_iu_client::{
-    IuClient, Progress,
+    IuClient,
     json::ToJson,
     proto::{
-        CommandHeader, CommandResult, ContentCommitted, CreateUnit, DeleteUnit, GetUnit, Link, LinkUnit, ListUnits,
-        NewVersion, RegisterType, SetAttributes, TagUnit, Unit, UnlinkUnit, UntagUnit,
+        CommandHeader, CreateUnit, DeleteUnit, GetUnit, Link, LinkUnit, ListUnits, NewVersion, RegisterType,
+        SetAttributes, TagUnit, UnlinkUnit, UntagUnit,
     },
 };
-use serde_json::{Value, json};
-use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+use parse::{
+    ByteRange, GetTarget, parse_get_target, parse_kv, parse_link, parse_range, parse_seconds, parse_time_ms,
+    parse_unit_id,
+};
+use progress::Bar;
+use render::{format_ms, human_size, put_json, result_line, table, unit_json, unit_text, units_table};
+use serde_json::Value;
 
 #[derive(clap::Args, Debug)]
 pub struct IuArgs {
@@ -71,6 +80,7 @@ impl MutateArgs {
 enum IuCommand {
     /// Upload FILE and create a unit of it.
     Put {
+        /// The file to upload.
         file: PathBuf,
         /// Unit name (default: the file name).
         #[arg(long)]
@@ -95,7 +105,10 @@ enum IuCommand {
     },
     /// Upload FILE as the new version of unit ID.
     Version {
+        /// The unit (a UUID).
+        #[arg(value_parser = parse_unit_id)]
         id: String,
+        /// The file to upload.
         file: PathBuf,
         /// New name (default: unchanged).
         #[arg(long)]
@@ -108,8 +121,9 @@ enum IuCommand {
     },
     /// Download a unit's content (or content by CID), verified against its CID.
     Get {
-        /// A unit id or a CID (bafkrei…).
-        target: String,
+        /// A unit id (a UUID) or a CID (bafkrei…).
+        #[arg(value_name = "ID_OR_CID", value_parser = parse_get_target)]
+        target: GetTarget,
         /// Write to FILE (atomically, after verification) instead of stdout.
         #[arg(short, long, value_name = "FILE")]
         output: Option<PathBuf>,
@@ -117,13 +131,15 @@ enum IuCommand {
         #[arg(long, value_name = "START-END", value_parser = parse_range)]
         range: Option<ByteRange>,
         /// The content as of this unit version.
-        #[arg(long, value_name = "V")]
-        version: Option<u64>,
+        #[arg(long, value_name = "V", alias = "version")]
+        at_version: Option<u64>,
     },
     /// List units, newest state, filtered.
     Ls {
+        /// Only units of this unit type.
         #[arg(long = "type", value_name = "UNIT_TYPE")]
         unit_type: Option<String>,
+        /// Only units with this tag.
         #[arg(long)]
         tag: Option<String>,
         /// Name prefix.
@@ -142,8 +158,10 @@ enum IuCommand {
         #[arg(long, value_name = "N")]
         limit: Option<usize>,
     },
-    /// Show a unit: metadata, tags, attributes, links, versions, provenance.
+    /// Show a unit: metadata, tags, attributes, links (to and from it), versions, provenance.
     Show {
+        /// The unit (a UUID).
+        #[arg(value_parser = parse_unit_id)]
         id: String,
         /// As of this version.
         #[arg(long, value_name = "V", conflicts_with = "at_time")]
@@ -153,12 +171,23 @@ enum IuCommand {
         at_time: Option<i64>,
     },
     /// A unit's history: every event, oldest first.
-    History { id: String },
+    History {
+        /// The unit (a UUID).
+        #[arg(value_parser = parse_unit_id)]
+        id: String,
+    },
     /// A unit's links, outgoing and incoming.
-    Links { id: String },
+    Links {
+        /// The unit (a UUID).
+        #[arg(value_parser = parse_unit_id)]
+        id: String,
+    },
     /// Add tags to a unit.
     Tag {
+        /// The unit (a UUID).
+        #[arg(value_parser = parse_unit_id)]
         id: String,
+        /// The tags to add.
         #[arg(required = true)]
         tags: Vec<String>,
         #[command(flatten)]
@@ -166,7 +195,10 @@ enum IuCommand {
     },
     /// Remove tags from a unit.
     Untag {
+        /// The unit (a UUID).
+        #[arg(value_parser = parse_unit_id)]
         id: String,
+        /// The tags to remove.
         #[arg(required = true)]
         tags: Vec<String>,
         #[command(flatten)]
@@ -174,7 +206,10 @@ enum IuCommand {
     },
     /// Set (k=v) and remove (--remove k) attributes of a unit.
     Attr {
+        /// The unit (a UUID).
+        #[arg(value_parser = parse_unit_id)]
         id: String,
+        /// Attributes to set.
         #[arg(value_name = "K=V", value_parser = parse_kv)]
         set: Vec<(String, String)>,
         /// Remove attribute K (repeatable).
@@ -185,23 +220,35 @@ enum IuCommand {
     },
     /// Link unit ID to unit TARGET with KIND.
     Link {
+        /// The unit the link starts from (a UUID).
+        #[arg(value_parser = parse_unit_id)]
         id: String,
+        /// What the link means, e.g. derived-from or cites.
         kind: String,
+        /// The unit the link points to (a UUID).
+        #[arg(value_parser = parse_unit_id)]
         target: String,
         #[command(flatten)]
         m: MutateArgs,
     },
     /// Remove the link KIND from unit ID to TARGET.
     Unlink {
+        /// The unit the link starts from (a UUID).
+        #[arg(value_parser = parse_unit_id)]
         id: String,
+        /// The link's kind.
         kind: String,
+        /// The link's target, as `iu show` lists it.
         target: String,
         #[command(flatten)]
         m: MutateArgs,
     },
     /// Delete a unit (a tombstone; its history stays).
     Rm {
+        /// The unit (a UUID).
+        #[arg(value_parser = parse_unit_id)]
         id: String,
+        /// Why, recorded in the unit's history.
         #[arg(long)]
         reason: Option<String>,
         #[command(flatten)]
@@ -218,272 +265,22 @@ enum IuCommand {
 enum TypeCommand {
     /// Register unit type NAME with the JSON schema in SCHEMA_FILE.
     Register {
+        /// The unit type's name.
         name: String,
+        /// A file holding the type's JSON schema (for the attributes).
         schema_file: PathBuf,
         #[command(flatten)]
         m: MutateArgs,
     },
     /// Show unit type NAME and its schema.
-    Show { name: String },
-}
-
-/// `--range`: START-END (END exclusive) or START- (to the end).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ByteRange {
-    pub start: u64,
-    pub end: Option<u64>,
-}
-
-impl ByteRange {
-    /// The range as `(start, end_exclusive)` within content of `size` bytes.
-    fn resolve(self, size: u64) -> (u64, u64) {
-        (self.start, self.end.unwrap_or(size).max(self.start))
-    }
-}
-
-fn parse_range(s: &str) -> Result<ByteRange, String> {
-    let (a, b) = s.split_once('-').ok_or_else(|| format!("{s:?}: expected START-END or START-"))?;
-    let num = |x: &str| x.trim().parse::<u64>().map_err(|_| format!("{s:?}: {x:?} is not a byte offset"));
-    let start = num(a)?;
-    let end = if b.trim().is_empty() { None } else { Some(num(b)?) };
-    if end.is_some_and(|end| end < start) {
-        return Err(format!("{s:?}: END is before START"));
-    }
-    Ok(ByteRange { start, end })
-}
-
-fn parse_kv(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
-        _ => Err(format!("{s:?}: expected KEY=VALUE")),
-    }
-}
-
-fn parse_link(s: &str) -> Result<Link, String> {
-    match s.split_once('=') {
-        Some((k, t)) if !k.trim().is_empty() && !t.trim().is_empty() => {
-            Ok(Link { kind: k.trim().to_string(), target: t.trim().to_string() })
-        }
-        _ => Err(format!("{s:?}: expected KIND=TARGET")),
-    }
-}
-
-fn parse_time_ms(s: &str) -> Result<i64, String> {
-    if let Ok(ms) = s.parse::<i64>() {
-        return Ok(ms);
-    }
-    let t = OffsetDateTime::parse(s, &Rfc3339)
-        .map_err(|e| format!("{s:?}: expected an RFC 3339 time such as 2024-05-01T12:00:00Z ({e})"))?;
-    Ok((t.unix_timestamp_nanos() / 1_000_000) as i64)
-}
-
-fn parse_seconds(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
-        _ => Err(format!("{s:?}: expected a positive number of seconds")),
-    }
-}
-
-/// RFC 3339 of milliseconds since the epoch; "-" for 0.
-fn format_ms(ms: i64) -> String {
-    if ms == 0 {
-        return "-".into();
-    }
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| t.format(&Rfc3339).ok())
-        .unwrap_or_else(|| ms.to_string())
-}
-
-/// 1536 → "1.5 KiB".
-fn human_size(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
-    if bytes < 1024 {
-        return format!("{bytes} B");
-    }
-    let mut v = bytes as f64 / 1024.0;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    format!("{v:.1} {}", UNITS[unit])
-}
-
-/// Columns padded to their widest cell; the last column is not padded.
-fn table(header: &[&str], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for row in rows {
-        for (i, cell) in row.iter().enumerate() {
-            widths[i] = widths[i].max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    let mut line = |cells: Vec<&str>| {
-        let last = cells.len() - 1;
-        let mut l = String::new();
-        for (i, cell) in cells.into_iter().enumerate() {
-            if i == last {
-                l.push_str(cell);
-            } else {
-                l.push_str(&format!("{cell:<w$}  ", w = widths[i]));
-            }
-        }
-        out.push_str(l.trim_end());
-        out.push('\n');
-    };
-    line(header.to_vec());
-    for row in rows {
-        line(row.iter().map(String::as_str).collect());
-    }
-    out
-}
-
-fn result_line(verb: &str, r: &CommandResult) -> String {
-    let mut s = format!("{verb} {} version {}", r.unit_id, r.version);
-    if !r.cid.is_empty() {
-        s.push_str(&format!(" cid {}", r.cid));
-    }
-    if r.replayed {
-        s.push_str(" (replayed: already done)");
-    }
-    s
-}
-
-fn put_json(c: &ContentCommitted, r: &CommandResult) -> Value {
-    json!({ "content": c.to_json(), "result": r.to_json() })
-}
-
-fn units_table(units: &[Unit]) -> String {
-    let rows: Vec<Vec<String>> = units
-        .iter()
-        .map(|u| {
-            vec![
-                u.unit_id.clone(),
-                u.version.to_string(),
-                human_size(u.size),
-                if u.unit_type.is_empty() { "-".into() } else { u.unit_type.clone() },
-                format_ms(u.updated_ms),
-                if u.deleted { format!("{} (deleted)", u.name) } else { u.name.clone() },
-                u.tags.join(","),
-            ]
-        })
-        .collect();
-    table(&["ID", "VERSION", "SIZE", "TYPE", "UPDATED", "NAME", "TAGS"], &rows)
-}
-
-fn unit_text(u: &Unit) -> String {
-    let dash = |s: &str| if s.is_empty() { "-".to_string() } else { s.to_string() };
-    let mut out = String::new();
-    let mut kv = |k: &str, v: String| out.push_str(&format!("{k:<12}{v}\n"));
-    kv("unit", u.unit_id.clone());
-    kv("name", dash(&u.name));
-    kv("media type", dash(&u.media_type));
-    kv("unit type", dash(&u.unit_type));
-    kv("cid", dash(&u.cid));
-    kv("size", format!("{} ({} bytes)", human_size(u.size), u.size));
-    kv("version", u.version.to_string());
-    if u.deleted {
-        kv("deleted", "yes".into());
-    }
-    for (label, ms, by) in [("created", u.created_ms, &u.created_by), ("updated", u.updated_ms, &u.updated_by)] {
-        let mut v = format_ms(ms);
-        if let Some(p) = by {
-            if !p.source.is_empty() {
-                v.push_str(&format!(" by {}", p.source));
-            }
-            if !p.correlation_id.is_empty() {
-                v.push_str(&format!(" (correlation {})", p.correlation_id));
-            }
-        }
-        kv(label, v);
-    }
-    kv("tags", if u.tags.is_empty() { "-".into() } else { u.tags.join(", ") });
-    let mut attrs: Vec<_> = u.attributes.iter().collect();
-    attrs.sort();
-    if attrs.is_empty() {
-        kv("attributes", "-".into());
-    } else {
-        out.push_str("attributes\n");
-        for (k, v) in attrs {
-            out.push_str(&format!("  {k} = {v}\n"));
-        }
-    }
-    if u.links.is_empty() {
-        out.push_str(&format!("{:<12}-\n", "links"));
-    } else {
-        out.push_str("links\n");
-        for l in &u.links {
-            out.push_str(&format!("  {} -> {}\n", l.kind, l.target));
-        }
-    }
-    if !u.versions.is_empty() {
-        out.push_str("versions\n");
-        for v in &u.versions {
-            out.push_str(&format!("  {:<8}{}  {}  {}\n", v.version, format_ms(v.time_ms), v.cid, human_size(v.size)));
-        }
-    }
-    out
-}
-
-/// A progress bar on stderr when it is a terminal; nothing otherwise.
-struct Bar(Option<indicatif::ProgressBar>);
-
-impl Bar {
-    fn new(message: &str) -> Bar {
-        if !std::io::stderr().is_terminal() {
-            return Bar(None);
-        }
-        let bar = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
-        bar.set_message(message.to_string());
-        Bar(Some(bar))
-    }
-}
-
-impl Progress for Bar {
-    fn start(&mut self, total: Option<u64>) {
-        let Some(bar) = &self.0 else { return };
-        let template = match total {
-            Some(t) => {
-                bar.set_length(t);
-                "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}"
-            }
-            None => "{msg} {spinner} {bytes} {binary_bytes_per_sec}",
-        };
-        if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
-            bar.set_style(style.progress_chars("=> "));
-        }
-    }
-    fn update(&mut self, done: u64) {
-        if let Some(bar) = &self.0 {
-            bar.set_position(done);
-        }
-    }
-    fn finish(&mut self) {
-        if let Some(bar) = &self.0 {
-            bar.finish_and_clear();
-        }
-    }
-}
-
-impl Drop for Bar {
-    fn drop(&mut self) {
-        if let Some(bar) = &self.0 {
-            bar.finish_and_clear();
-        }
-    }
+    Show {
+        /// The unit type's name.
+        name: String,
+    },
 }
 
 async fn connect(c: &ConnArgs) -> Result<IuClient> {
-    let mut opts = async_nats::ConnectOptions::new().name("cimctl");
-    if let Some(creds) = &c.nats_creds {
-        opts = opts
-            .credentials_file(creds)
-            .await
-            .with_context(|| format!("reading NATS credentials {}", creds.display()))?;
-    }
-    let urls: Vec<&str> = c.nats_url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
-    let client = opts.connect(urls).await.with_context(|| format!("connecting to NATS at {}", c.nats_url))?;
+    let client = crate::conn::connect("cimctl", &c.nats_url, c.nats_creds.as_deref(), None).await?;
     let iu = match &c.js_domain {
         Some(d) if !d.is_empty() => IuClient::with_domain(client, d),
         _ => IuClient::new(client),
@@ -492,7 +289,12 @@ async fn connect(c: &ConnArgs) -> Result<IuClient> {
     Ok(iu.timeout(timeout).commit_timeout(timeout.max(cim_iu_client::DEFAULT_COMMIT_TIMEOUT)))
 }
 
-fn print(json: bool, value: impl FnOnce() -> Value, text: impl FnOnce() -> String) {
+/// Fails, naming the file once, unless `file` can be opened for reading.
+fn readable(file: &std::path::Path) -> Result<()> {
+    std::fs::File::open(file).map(drop).with_context(|| format!("cannot read {}", file.display()))
+}
+
+pub(super) fn print(json: bool, value: impl FnOnce() -> Value, text: impl FnOnce() -> String) {
     if json {
         println!("{}", value());
     } else {
@@ -505,6 +307,12 @@ fn print(json: bool, value: impl FnOnce() -> Value, text: impl FnOnce() -> Strin
 }
 
 pub async fn run(args: IuArgs) -> Result<ExitCode> {
+    // A file that cannot be read is said before anything connects.
+    match &args.command {
+        IuCommand::Put { file, .. } | IuCommand::Version { file, .. } => readable(file)?,
+        IuCommand::Type(TypeCommand::Register { schema_file, .. }) => readable(schema_file)?,
+        _ => {}
+    }
     let iu = connect(&args.conn).await?;
     let json = args.json;
     match args.command {
@@ -556,8 +364,8 @@ pub async fn run(args: IuArgs) -> Result<ExitCode> {
                 },
             );
         }
-        IuCommand::Get { target, output, range, version } => {
-            get(&iu, json, &target, output.as_deref(), range, version).await?;
+        IuCommand::Get { target, output, range, at_version } => {
+            get::get(&iu, json, target, output.as_deref(), range, at_version).await?;
         }
         IuCommand::Ls { unit_type, tag, prefix, since, until, deleted, limit } => {
             let query = ListUnits {
@@ -584,14 +392,18 @@ pub async fn run(args: IuArgs) -> Result<ExitCode> {
             print(json, || units.to_json(), || units_table(&units));
         }
         IuCommand::Show { id, at_version, at_time } => {
-            let unit = iu
-                .get_unit(GetUnit {
-                    unit_id: id,
-                    at_version: at_version.unwrap_or(0),
-                    at_time_ms: at_time.unwrap_or(0),
-                })
-                .await?;
-            print(json, || unit.to_json(), || unit_text(&unit));
+            let past = at_version.is_some() || at_time.is_some();
+            let query =
+                GetUnit { unit_id: id.clone(), at_version: at_version.unwrap_or(0), at_time_ms: at_time.unwrap_or(0) };
+            // Incoming links are kept for the present only.
+            let (unit, links) = if past {
+                (iu.get_unit(query).await?, None)
+            } else {
+                let (unit, links) = tokio::join!(iu.get_unit(query), iu.links(&id));
+                (unit?, Some(links?))
+            };
+            let incoming = links.as_ref().map(|l| l.incoming.as_slice());
+            print(json, || unit_json(&unit, incoming), || unit_text(&unit, incoming));
         }
         IuCommand::History { id } => {
             let h = iu.history(&id).await?;
@@ -662,7 +474,7 @@ pub async fn run(args: IuArgs) -> Result<ExitCode> {
         }
         IuCommand::Type(TypeCommand::Register { name, schema_file, m }) => {
             let schema_json = std::fs::read_to_string(&schema_file)
-                .with_context(|| format!("reading schema {}", schema_file.display()))?;
+                .with_context(|| format!("cannot read the schema {}", schema_file.display()))?;
             let r = iu.register_type(RegisterType { header: m.header(), name, schema_json }).await?;
             print(json, || r.to_json(), || result_line("registered type", &r));
         }
@@ -700,83 +512,11 @@ pub async fn run(args: IuArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `get`: resolve the CID, stream it (verified) to stdout or atomically to a file.
-async fn get(
-    iu: &IuClient,
-    json: bool,
-    target: &str,
-    output: Option<&Path>,
-    range: Option<ByteRange>,
-    version: Option<u64>,
-) -> Result<()> {
-    let (cid, size) = if target.parse::<cim_events::Cid>().is_ok() {
-        if version.is_some() {
-            bail!("--version applies to a unit id, not to a CID");
-        }
-        let size = match range {
-            Some(ByteRange { end: None, .. }) => Some(iu.content_size(target).await?),
-            _ => None,
-        };
-        (target.to_string(), size)
-    } else {
-        let unit = iu
-            .get_unit(GetUnit { unit_id: target.to_string(), at_version: version.unwrap_or(0), at_time_ms: 0 })
-            .await?;
-        if unit.cid.is_empty() {
-            bail!("unit {target} has no content");
-        }
-        (unit.cid, Some(unit.size))
-    };
-    let range = range.map(|r| r.resolve(size.unwrap_or(u64::MAX)));
-    let mut bar = Bar::new("download");
-    let read = match output {
-        None => {
-            let stdout = tokio::io::stdout();
-            match iu.get_content(&cid, range, stdout, &mut bar).await {
-                Ok(read) => read,
-                // The reader went away (`cimctl iu get X | head`): not an error of ours.
-                Err(cim_iu_client::IuError::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Some(path) => {
-            let dir = match path.parent() {
-                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-                _ => PathBuf::from("."),
-            };
-            let file_name =
-                path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "content".into());
-            // 0666 less the umask, like any file this user creates (tempfile's default is 0600).
-            let tmp = tempfile::Builder::new()
-                .prefix(&format!(".{file_name}."))
-                .suffix(".part")
-                .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
-                .tempfile_in(&dir)
-                .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
-            let mut file = tokio::fs::File::from_std(tmp.reopen().context("opening the temporary file")?);
-            // On any error `tmp` is dropped and the temporary file removed.
-            let read = iu.get_content(&cid, range, &mut file, &mut bar).await?;
-            file.sync_all().await.context("syncing the downloaded file")?;
-            drop(file);
-            tmp.persist(path).with_context(|| format!("renaming the download to {}", path.display()))?;
-            read
-        }
-    };
-    drop(bar);
-    if let Some(path) = output {
-        print(
-            json,
-            || json!({ "cid": read.cid, "size": read.size, "written": read.written, "path": path.display().to_string() }),
-            || format!("wrote {} ({}) of {} to {}", human_size(read.written), read.written, read.cid, path.display()),
-        );
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
     use clap::Parser;
+
+    use super::{parse::UNIT_ID_EXAMPLE as U, *};
 
     #[derive(Parser, Debug)]
     struct TestCli {
@@ -785,89 +525,10 @@ mod tests {
     }
 
     #[test]
-    fn ranges_parse() {
-        assert_eq!(parse_range("0-100").unwrap(), ByteRange { start: 0, end: Some(100) });
-        assert_eq!(parse_range("5-").unwrap(), ByteRange { start: 5, end: None });
-        assert_eq!(parse_range("7-7").unwrap(), ByteRange { start: 7, end: Some(7) });
-        for bad in ["", "5", "-5", "a-b", "10-5", "1-2-3", "1.5-2"] {
-            assert!(parse_range(bad).is_err(), "{bad}");
-        }
-        assert_eq!(parse_range("5-").unwrap().resolve(100), (5, 100));
-        assert_eq!(parse_range("200-").unwrap().resolve(100), (200, 200));
-        assert_eq!(parse_range("1-3").unwrap().resolve(100), (1, 3));
-    }
-
-    #[test]
-    fn key_values_and_links_parse() {
-        assert_eq!(parse_kv("a=b").unwrap(), ("a".into(), "b".into()));
-        assert_eq!(parse_kv("a=b=c").unwrap(), ("a".into(), "b=c".into()));
-        assert_eq!(parse_kv("a=").unwrap(), ("a".into(), String::new()));
-        assert!(parse_kv("=b").is_err());
-        assert!(parse_kv("ab").is_err());
-        assert_eq!(parse_link("derived-from=u1").unwrap(), Link { kind: "derived-from".into(), target: "u1".into() });
-        assert!(parse_link("kind=").is_err());
-        assert!(parse_link("=t").is_err());
-    }
-
-    #[test]
-    fn times_parse_and_format() {
-        assert_eq!(parse_time_ms("1970-01-01T00:00:01.5Z").unwrap(), 1500);
-        assert_eq!(parse_time_ms("2024-05-01T12:00:00+02:00").unwrap(), 1_714_557_600_000);
-        assert_eq!(parse_time_ms("1234").unwrap(), 1234);
-        assert!(parse_time_ms("yesterday").is_err());
-        assert_eq!(format_ms(1500), "1970-01-01T00:00:01.5Z");
-        assert_eq!(format_ms(0), "-");
-    }
-
-    #[test]
-    fn sizes_and_tables_render() {
-        assert_eq!(human_size(0), "0 B");
-        assert_eq!(human_size(1023), "1023 B");
-        assert_eq!(human_size(1536), "1.5 KiB");
-        assert_eq!(human_size(1 << 30), "1.0 GiB");
-        let t = table(&["A", "BB"], &[vec!["xyz".into(), "1".into()]]);
-        assert_eq!(t, "A    BB\nxyz  1\n");
-    }
-
-    #[test]
-    fn outputs_render() {
-        let r = CommandResult { unit_id: "u1".into(), version: 4, cid: "bafk".into(), replayed: true };
-        assert_eq!(result_line("tagged", &r), "tagged u1 version 4 cid bafk (replayed: already done)");
-        let c = ContentCommitted { cid: "bafk".into(), size: 3, deduplicated: false };
-        let v = put_json(&c, &r);
-        assert_eq!(v["content"]["size"], 3);
-        assert_eq!(v["result"]["unit_id"], "u1");
-        let u = Unit {
-            unit_id: "u1".into(),
-            name: "n".into(),
-            size: 2048,
-            tags: vec!["a".into(), "b".into()],
-            ..Default::default()
-        };
-        let t = units_table(std::slice::from_ref(&u));
-        assert!(t.starts_with("ID"));
-        assert!(t.contains("u1") && t.contains("2.0 KiB") && t.contains("a,b"));
-        let s = unit_text(&u);
-        assert!(s.contains("unit        u1\n"));
-        assert!(s.contains("tags        a, b\n"));
-    }
-
-    #[test]
     fn command_line_parses() {
+        let link = format!("derived-from={U}");
         let cli = TestCli::try_parse_from([
-            "t",
-            "put",
-            "f.txt",
-            "--tag",
-            "a",
-            "--tag",
-            "b",
-            "--attr",
-            "k=v",
-            "--link",
-            "derived-from=u0",
-            "--expect",
-            "3",
+            "t", "put", "f.txt", "--tag", "a", "--tag", "b", "--attr", "k=v", "--link", &link, "--expect", "3",
             "--json",
         ])
         .unwrap();
@@ -876,18 +537,50 @@ mod tests {
             IuCommand::Put { tags, attrs, links, m, .. } => {
                 assert_eq!(tags, ["a", "b"]);
                 assert_eq!(attrs, [("k".to_string(), "v".to_string())]);
-                assert_eq!(links[0].target, "u0");
+                assert_eq!(links[0].target, U);
                 assert_eq!(m.expect, 3);
                 assert_eq!(m.header().unwrap().expected_version, 3);
             }
             other => panic!("{other:?}"),
         }
-        let cli = TestCli::try_parse_from(["t", "get", "u1", "-o", "x", "--range", "1-5"]).unwrap();
+        let cli = TestCli::try_parse_from(["t", "get", U, "-o", "x", "--range", "1-5"]).unwrap();
         assert!(matches!(cli.iu.command, IuCommand::Get { range: Some(ByteRange { start: 1, end: Some(5) }), .. }));
-        assert!(TestCli::try_parse_from(["t", "tag", "u1"]).is_err());
-        assert!(TestCli::try_parse_from(["t", "get", "u1", "--range", "9-1"]).is_err());
+        assert!(TestCli::try_parse_from(["t", "tag", U]).is_err());
+        assert!(TestCli::try_parse_from(["t", "get", U, "--range", "9-1"]).is_err());
         assert!(TestCli::try_parse_from(["t", "ls", "--since", "nope"]).is_err());
         let cli = TestCli::try_parse_from(["t", "type", "register", "doc", "s.json", "--expect", "1"]).unwrap();
         assert!(matches!(cli.iu.command, IuCommand::Type(TypeCommand::Register { .. })));
+    }
+
+    #[test]
+    fn a_malformed_unit_id_is_a_usage_error_saying_what_an_id_looks_like() {
+        for args in [
+            vec!["t", "show", "some-unit"],
+            vec!["t", "tag", "u1", "x"],
+            vec!["t", "rm", "a.b"],
+            vec!["t", "history", "nope"],
+            vec!["t", "link", U, "cites", "nope"],
+            vec!["t", "get", "nope"],
+        ] {
+            let e = TestCli::try_parse_from(&args).unwrap_err();
+            assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation, "{args:?}");
+            assert!(e.to_string().contains(&format!("a UUID such as {U}")), "{args:?}: {e}");
+        }
+        // Unlinking takes the target as `iu show` lists it, whatever it is.
+        assert!(TestCli::try_parse_from(["t", "unlink", U, "cites", "legacy-id"]).is_ok());
+    }
+
+    #[test]
+    fn show_and_get_name_a_version_the_same_way() {
+        let cli = TestCli::try_parse_from(["t", "show", U, "--at-version", "2"]).unwrap();
+        assert!(matches!(cli.iu.command, IuCommand::Show { at_version: Some(2), .. }));
+        let cli = TestCli::try_parse_from(["t", "get", U, "--at-version", "2"]).unwrap();
+        assert!(matches!(cli.iu.command, IuCommand::Get { at_version: Some(2), .. }));
+        // The old spelling still works, unlisted.
+        let cli = TestCli::try_parse_from(["t", "get", U, "--version", "3"]).unwrap();
+        assert!(matches!(cli.iu.command, IuCommand::Get { at_version: Some(3), .. }));
+        let mut cmd = <TestCli as clap::CommandFactory>::command();
+        let help = cmd.find_subcommand_mut("get").unwrap().render_long_help().to_string();
+        assert!(help.contains("--at-version <V>") && !help.contains("--version"), "{help}");
     }
 }
