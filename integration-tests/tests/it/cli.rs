@@ -283,7 +283,9 @@ async fn cimctl_status_leaves_out_the_object_stores_read_consumers() -> Result<(
     let spec = resources::object_buckets(Component::InformationUnit).into_iter().next().context("content bucket")?;
     let js = async_nats::jetstream::new(client.clone());
     let store = js.get_object_store(&spec.bucket).await?;
-    let reading = store.get(&cid).await?;
+    let mut reading = store.get(&cid).await?;
+    let mut first = [0u8; 1024];
+    tokio::io::AsyncReadExt::read(&mut reading, &mut first).await?; // the first read makes the consumer
     let mut stream = js.get_stream(spec.stream_name()).await?;
     assert!(stream.info().await?.state.consumer_count >= 1, "the read made a consumer");
 
