@@ -114,12 +114,12 @@ pub fn no_answer(service: &str, subject: &str, timeout: Duration) -> anyhow::Err
     anyhow!("no answer from {service} on {subject} within {timeout:?} (is it running?)")
 }
 
-/// `service` refused a request with a NATS service error: its message, then its code.
+/// `service` refused a request with a NATS service error: `<service> refused (<code>): <why>`.
 pub fn refused(service: &str, headers: Option<&async_nats::HeaderMap>) -> Option<anyhow::Error> {
     let h = headers?;
     let code = h.get("Nats-Service-Error-Code")?;
     let msg = h.get("Nats-Service-Error").map(|v| v.to_string()).unwrap_or_default();
-    Some(anyhow!("{service}: {msg} ({code})"))
+    Some(anyhow!("{service} refused ({code}): {msg}"))
 }
 
 /// A URL list with any `user:password@` hidden.

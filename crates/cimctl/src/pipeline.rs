@@ -162,7 +162,7 @@ impl Client {
             && let Some(code) = h.get("Nats-Service-Error-Code")
         {
             let msg = h.get("Nats-Service-Error").map(|v| v.to_string()).unwrap_or_default();
-            return Err(anyhow!("pipeline-engine: {} ({code})", refusal_words(&msg)));
+            return Err(anyhow!("pipeline-engine refused ({code}): {}", refusal_words(&msg)));
         }
         serde_json::from_slice(&reply.payload).with_context(|| format!("{subject}: reply is not the expected JSON"))
     }

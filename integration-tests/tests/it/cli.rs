@@ -224,7 +224,7 @@ async fn cimctl_errors_are_one_line_in_one_style_without_repeats_or_serde_words(
         let out = run(None, &["pipeline", "--nats-url", &nats.url(), "apply", file_s]).await?;
         assert_eq!(out.status.code(), Some(1));
         let line = one_error_line(&out);
-        assert!(line.starts_with("cimctl: pipeline-engine: pipeline definition: "), "{line}");
+        assert!(line.starts_with("cimctl: pipeline-engine refused (400): pipeline definition: "), "{line}");
         assert!(line.contains(says), "{line}");
         assert!(
             !line.contains("invalid type") && !line.contains("expected struct") && !line.contains("sequence"),
@@ -233,7 +233,7 @@ async fn cimctl_errors_are_one_line_in_one_style_without_repeats_or_serde_words(
     }
     let out = run(None, &["run", "--nats-url", &nats.url(), "show", "no-such-run"]).await?;
     let line = one_error_line(&out);
-    assert!(line.starts_with("cimctl: pipeline-engine: ") && line.ends_with("(404)"), "{line}");
+    assert!(line.starts_with("cimctl: pipeline-engine refused (404): "), "{line}");
     // A service that is not running is named.
     let out = run(None, &["plugin", "--nats-url", &nats.url(), "ls"]).await?;
     let line = one_error_line(&out);
