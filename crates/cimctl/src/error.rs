@@ -54,6 +54,27 @@ pub fn tidy(s: &str) -> String {
     out
 }
 
+/// Prints what clap has to say — help, the version, or a refusal in the house style — and
+/// returns the exit status: 0 for help and version, 64 else (a command named without its
+/// subcommand shows its help, and still exits 64).
+pub fn report_clap(e: &clap::Error) -> u8 {
+    use clap::error::ErrorKind;
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            let _ = e.print();
+            0
+        }
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = e.print();
+            EXIT_USAGE
+        }
+        _ => {
+            eprint!("{}", clap_refusal(e));
+            EXIT_USAGE
+        }
+    }
+}
+
 /// clap's refusal in the house style: `cimctl: <message>` on one line, then clap's usage line
 /// and its pointer to `--help`.
 pub fn clap_refusal(e: &clap::Error) -> String {

@@ -82,15 +82,7 @@ fn main() -> ExitCode {
     let parsed = help::grouped(Cli::command()).try_get_matches().and_then(|m| Cli::from_arg_matches(&m));
     let cli = match parsed {
         Ok(cli) => cli,
-        Err(e) => {
-            use clap::error::ErrorKind;
-            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
-                let _ = e.print();
-                return ExitCode::SUCCESS;
-            }
-            eprint!("{}", error::clap_refusal(&e));
-            return ExitCode::from(error::EXIT_USAGE);
-        }
+        Err(e) => return ExitCode::from(error::report_clap(&e)),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

@@ -161,6 +161,11 @@ async fn cimctl_help_shows_the_commands_in_groups() -> Result<()> {
     }
     assert!(help.contains("Start a leaf node on this machine:\n  up "), "{help}");
     assert!(!help.contains("Commands:"), "{help}");
+    // A command without its subcommand shows what it has, as a usage mistake.
+    let out = run(None, &["iu"]).await?;
+    assert_eq!(out.status.code(), Some(64));
+    let help = String::from_utf8_lossy(&out.stderr);
+    assert!(help.contains("Usage: cimctl iu [OPTIONS] <COMMAND>\n\nCommands:\n  put "), "{help}");
     let out = run(None, &["iu", "get", "--help"]).await?;
     let help = String::from_utf8_lossy(&out.stdout);
     assert!(help.contains("--at-version <V>") && help.contains("<ID_OR_CID>  A unit id"), "{help}");
