@@ -32,7 +32,7 @@ impl ArchiveConn {
     fn targets(&self) -> Result<Vec<Target>> {
         let t = Target::parse_all(&self.targets, &|k| std::env::var(k).ok())?;
         if t.is_empty() {
-            bail!("no archive target: give --archive-target or CIM_ARCHIVE_TARGETS");
+            return Err(crate::error::usage("no archive target: give --archive-target or CIM_ARCHIVE_TARGETS"));
         }
         Ok(t)
     }

@@ -20,6 +20,11 @@ impl fmt::Display for Usage {
 
 impl std::error::Error for Usage {}
 
+/// A usage mistake as an error (exit 64).
+pub fn usage(why: impl Into<String>) -> anyhow::Error {
+    Usage(why.into()).into()
+}
+
 /// The line to print for `e` (without the `cimctl: ` prefix): the causes joined by ": ", a
 /// cause left out when the line already says it (many errors repeat their source's text).
 pub fn one_line(e: &anyhow::Error) -> String {

@@ -3,7 +3,7 @@
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use bytes::Bytes;
 use cim_events::{
     plugin,
@@ -260,6 +260,14 @@ pub async fn run(args: PluginArgs) -> Result<ExitCode> {
             ExitCode::SUCCESS
         }
         PluginCommand::Invoke { plugin: target, capability, input, meta, deadline_ms } => {
+            let (name, version) = match &target {
+                Some(t) => {
+                    let (n, v) = plugin::parse_reference(t)?;
+                    (n, v.unwrap_or_default())
+                }
+                None if capability.is_some() => (String::new(), String::new()),
+                None => return Err(crate::error::usage("name a plugin (NAME[@VERSION]) or a --capability")),
+            };
             let input = match input {
                 Some(p) => tokio::fs::read(&p).await.with_context(|| format!("cannot read {}", p.display()))?,
                 None => {
@@ -267,14 +275,6 @@ pub async fn run(args: PluginArgs) -> Result<ExitCode> {
                     tokio::io::AsyncReadExt::read_to_end(&mut tokio::io::stdin(), &mut buf).await?;
                     buf
                 }
-            };
-            let (name, version) = match &target {
-                Some(t) => {
-                    let (n, v) = plugin::parse_reference(t)?;
-                    (n, v.unwrap_or_default())
-                }
-                None if capability.is_some() => (String::new(), String::new()),
-                None => bail!("name a plugin (NAME[@VERSION]) or a --capability"),
             };
             let req = InvokeRequest {
                 plugin: name,
@@ -305,7 +305,9 @@ pub async fn run(args: PluginArgs) -> Result<ExitCode> {
         }
         PluginCommand::Rm { plugin: target, reason } => {
             let (name, version) = plugin::parse_reference(&target)?;
-            let Some(version) = version else { bail!("name the version to remove: NAME@VERSION") };
+            let Some(version) = version else {
+                return Err(crate::error::usage("name the version to remove: NAME@VERSION"));
+            };
             pc.remove(&name, &version, &reason).await?;
             println!("removed {}", plugin::reference(&name, &version));
             ExitCode::SUCCESS

@@ -3,7 +3,7 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use async_nats::jetstream::{self, kv};
 use cim_events::{
     Component, Tier,
@@ -85,10 +85,11 @@ pub async fn run(args: TokenArgs) -> Result<ExitCode> {
     match &args.command {
         TokenCommand::Create { name, role } => {
             if gateway::role_rank(role).is_none() {
-                bail!("unknown role {role:?}: use one of {}", gateway::role::ALL.join(", "));
+                let roles = gateway::role::ALL.join(", ");
+                return Err(crate::error::usage(format!("unknown role {role:?}: use one of {roles}")));
             }
             if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
-                bail!("token name must be 1 to 128 characters without control characters");
+                return Err(crate::error::usage("token name must be 1 to 128 characters without control characters"));
             }
             let store = bucket(&args).await?;
             let id = random_hex(8);

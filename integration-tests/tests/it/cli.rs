@@ -190,6 +190,10 @@ async fn cimctl_refuses_malformed_values_as_usage_before_connecting() -> Result<
     let out = run(None, &["iu", "--nats-url", &nowhere, "get", "nope"]).await?;
     assert_eq!(out.status.code(), Some(64));
     assert!(one_error_line(&out).contains("neither a unit id"));
+
+    let out = run(None, &["token", "--nats-url", &nowhere, "create", "--name", "x", "--role", "root"]).await?;
+    assert_eq!(out.status.code(), Some(64));
+    assert!(one_error_line(&out).starts_with("cimctl: unknown role \"root\": use one of "));
     Ok(())
 }
 

@@ -13,7 +13,7 @@ use super::{
     progress::Bar,
     render::human_size,
 };
-use crate::error::Usage;
+use crate::error::usage;
 
 /// `get`: resolve the CID, stream it (verified) to stdout or atomically to a file.
 pub async fn get(
@@ -27,7 +27,7 @@ pub async fn get(
     let (cid, size) = match target {
         GetTarget::Cid(cid) => {
             if at_version.is_some() {
-                return Err(Usage("--at-version applies to a unit id, not to a CID".into()).into());
+                return Err(usage("--at-version applies to a unit id, not to a CID"));
             }
             let size = match range {
                 Some(ByteRange { end: None, .. }) => Some(iu.content_size(&cid).await?),

@@ -15,7 +15,7 @@ mod render;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use cim_iu_client::{
     IuClient,
     json::ToJson,
@@ -446,7 +446,7 @@ pub async fn run(args: IuArgs) -> Result<ExitCode> {
         }
         IuCommand::Attr { id, set, remove, m } => {
             if set.is_empty() && remove.is_empty() {
-                bail!("nothing to change: give K=V pairs and/or --remove K");
+                return Err(crate::error::usage("nothing to change: give K=V pairs and/or --remove K"));
             }
             let r = iu
                 .set_attributes(SetAttributes {
