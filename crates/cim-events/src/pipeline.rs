@@ -186,6 +186,10 @@ pub struct PipelineRef {
     pub name: String,
 }
 
+/// Every state a run can be in (`RunInfo::state`, the `runs` filter), in the order a run moves
+/// through them.
+pub const RUN_STATES: [&str; 5] = ["queued", "running", "completed", "failed", "cancelled"];
+
 /// `runs`: filters (all optional) and a limit (default 100, newest first).
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RunsRequest {

@@ -423,14 +423,19 @@ async fn connect(
             .map_err(|e| anyhow::anyhow!("reading NATS credentials {}: {e}", creds.display()))?;
     }
     let m = metrics.clone();
+    // The first `Connected` is the initial connection, not a reconnect.
+    let connected_before = Arc::new(AtomicBool::new(false));
     opts = opts.event_callback(move |event| {
         let m = m.clone();
         let reconnected = reconnected.clone();
+        let connected_before = connected_before.clone();
         async move {
             match event {
                 async_nats::Event::Connected => {
                     m.nats_connected.set(1);
-                    m.nats_reconnects.inc();
+                    if connected_before.swap(true, Ordering::SeqCst) {
+                        m.nats_reconnects.inc();
+                    }
                     reconnected.notify_one();
                     tracing::info!("connected to NATS");
                 }

@@ -3,7 +3,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use async_nats::jetstream;
@@ -18,6 +17,7 @@ pub struct ArchiveConn {
     /// The archive targets, as the storage manager is configured (repeat, or separate with `;`).
     #[arg(long = "archive-target", env = "CIM_ARCHIVE_TARGETS", value_delimiter = ';', global = true)]
     targets: Vec<String>,
+    /// NATS server URL(s), comma-separated.
     #[arg(long, global = true, env = "CIM_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     nats_url: String,
     /// NATS credentials file.
@@ -32,7 +32,7 @@ impl ArchiveConn {
     fn targets(&self) -> Result<Vec<Target>> {
         let t = Target::parse_all(&self.targets, &|k| std::env::var(k).ok())?;
         if t.is_empty() {
-            bail!("no archive target: give --archive-target or CIM_ARCHIVE_TARGETS");
+            return Err(crate::error::usage("no archive target: give --archive-target or CIM_ARCHIVE_TARGETS"));
         }
         Ok(t)
     }
@@ -50,30 +50,11 @@ impl ArchiveConn {
     }
 
     async fn jetstream(&self) -> Result<jetstream::Context> {
-        let mut opts = async_nats::ConnectOptions::new().name("cimctl-archive");
-        if let Some(creds) = &self.nats_creds {
-            opts = opts
-                .credentials_file(creds)
-                .await
-                .with_context(|| format!("reading NATS credentials {}", creds.display()))?;
-        }
-        let urls: Vec<&str> = self.nats_url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
-        let client = tokio::time::timeout(Duration::from_secs(10), opts.connect(urls))
-            .await
-            .map_err(|_| anyhow::anyhow!("connecting to NATS at {}: timed out", cim_runtime_redact(&self.nats_url)))?
-            .with_context(|| format!("connecting to NATS at {}", cim_runtime_redact(&self.nats_url)))?;
+        let client = crate::conn::connect("cimctl-archive", &self.nats_url, self.nats_creds.as_deref(), None).await?;
         Ok(match &self.js_domain {
             Some(d) => jetstream::with_domain(client, d),
             None => jetstream::new(client),
         })
-    }
-}
-
-/// Hides `user:password@` in a URL.
-fn cim_runtime_redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
-        _ => url.to_string(),
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use cim_events::{
     hub,
     proto::hub::{SubscriptionCommand, SubscriptionStateChanged},
@@ -46,20 +46,26 @@ enum IntegrationCommand {
     },
     /// Pause a subscription: events wait in its consumer, nothing is sent.
     Pause {
+        /// The subscription's name.
         name: String,
+        /// Why, recorded with the pause.
         #[arg(long, default_value = "paused with cimctl")]
         reason: String,
     },
     /// Resume a paused subscription; waiting events are delivered in order.
     Resume {
+        /// The subscription's name.
         name: String,
+        /// Why, recorded with the resumption.
         #[arg(long, default_value = "resumed with cimctl")]
         reason: String,
     },
     /// The latest entries of a subscription's delivery log.
     Deliveries {
+        /// The subscription's name.
         name: String,
-        #[arg(long, default_value_t = 20)]
+        /// At most N entries, newest first.
+        #[arg(long, value_name = "N", default_value_t = 20)]
         limit: u64,
     },
 }
@@ -68,6 +74,7 @@ enum IntegrationCommand {
 enum AddWhat {
     /// An inbound webhook source, served on POST /webhooks/<name>.
     Webhook {
+        /// The source's name (its path is /webhooks/<name>).
         #[arg(long)]
         name: String,
         /// File holding the secret (`whsec_<base64>` or raw text).
@@ -85,16 +92,22 @@ enum AddWhat {
     },
     /// An outbound subscription: events matching FILTER are POSTed to URL.
     Subscription {
+        /// The subscription's name.
         #[arg(long)]
         name: String,
+        /// Which events: a subject filter over CIM events (docs/integration-hub.md has examples).
         #[arg(long)]
         filter: String,
+        /// Where to POST them.
         #[arg(long)]
         url: String,
+        /// File holding the signing secret (`whsec_<base64>` or raw text).
         #[arg(long, conflicts_with = "secret_env", required_unless_present = "secret_env")]
         secret_file: Option<PathBuf>,
+        /// Environment variable holding the signing secret, where the hub runs.
         #[arg(long)]
         secret_env: Option<String>,
+        /// Attempts per event before it is dead-lettered.
         #[arg(long, default_value_t = 8)]
         max_attempts: u32,
         /// new (default) or all.
@@ -110,28 +123,18 @@ pub async fn run(args: IntegrationArgs) -> Result<ExitCode> {
     if let IntegrationCommand::Add { config, what } = args.command {
         return add(&config, what);
     }
-    let mut opts = async_nats::ConnectOptions::new().name("cimctl");
-    if let Some(creds) = &args.nats_creds {
-        opts = opts
-            .credentials_file(creds)
-            .await
-            .with_context(|| format!("reading NATS credentials {}", creds.display()))?;
-    }
-    let urls: Vec<&str> = args.nats_url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
-    let client = opts.connect(urls).await.with_context(|| format!("connecting to NATS at {}", args.nats_url))?;
+    let client = crate::conn::connect("cimctl", &args.nats_url, args.nats_creds.as_deref(), None).await?;
     let timeout = Duration::from_secs_f64(args.timeout);
     let request = |subject: String, body: Vec<u8>| {
         let client = client.clone();
         async move {
+            const HUB: &str = "integration-hub";
             let reply = tokio::time::timeout(timeout, client.request(subject.clone(), body.into()))
                 .await
-                .with_context(|| format!("{subject}: no answer within {timeout:?} (is integration-hub running?)"))?
-                .with_context(|| format!("{subject}: is integration-hub running?"))?;
-            if let Some(h) = &reply.headers
-                && let Some(code) = h.get("Nats-Service-Error-Code")
-            {
-                let msg = h.get("Nats-Service-Error").map(|v| v.to_string()).unwrap_or_default();
-                bail!("{code}: {msg}");
+                .map_err(|_| crate::conn::no_answer(HUB, &subject, timeout))?
+                .map_err(|e| crate::conn::request_failed(HUB, &subject, &e))?;
+            if let Some(e) = crate::conn::refused(HUB, reply.headers.as_ref()) {
+                return Err(e);
             }
             Ok(reply.payload)
         }
@@ -230,9 +233,9 @@ where
 /// Appends a source or subscription to the configuration file; the result must validate.
 fn add(path: &std::path::Path, what: AddWhat) -> Result<ExitCode> {
     let mut doc: Value = match std::fs::read_to_string(path) {
-        Ok(text) => serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?,
+        Ok(text) => crate::error::parse_json(&text).map_err(|why| anyhow::anyhow!("{}: {why}", path.display()))?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => json!({}),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     };
     let secret = |file: Option<PathBuf>, env: Option<String>| match (file, env) {
         (Some(f), _) => json!({ "secret_file": f }),

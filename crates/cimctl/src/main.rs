@@ -9,7 +9,10 @@ mod bench_pipeline;
 mod bench_plugin;
 mod bench_registry;
 mod bench_storage;
+mod conn;
 mod deploy;
+mod error;
+mod help;
 mod integration;
 mod iu;
 mod ops;
@@ -20,7 +23,7 @@ mod up;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
 #[command(name = "cimctl", version, about = "The Composable Information Machine command line")]
@@ -76,14 +79,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let parsed = help::grouped(Cli::command()).try_get_matches().and_then(|m| Cli::from_arg_matches(&m));
+    let cli = match parsed {
         Ok(cli) => cli,
-        Err(e) => {
-            use clap::error::ErrorKind;
-            let code = if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) { 0 } else { 64 };
-            let _ = e.print();
-            return ExitCode::from(code);
-        }
+        Err(e) => return ExitCode::from(error::report_clap(&e)),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -120,8 +119,8 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("cimctl: {e:#}");
-            ExitCode::FAILURE
+            eprintln!("cimctl: {}", error::one_line(&e));
+            ExitCode::from(error::exit_code(&e))
         }
     }
 }

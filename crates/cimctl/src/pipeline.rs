@@ -3,7 +3,7 @@
 
 use std::{collections::BTreeMap, path::PathBuf, process::ExitCode, time::Duration};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow};
 use cim_events::pipeline::{
     self as pl, ApplyReply, PipelineInfo, PipelineList, RunInfo, RunList, RunRef, RunsRequest, StartRequest,
 };
@@ -36,27 +36,36 @@ pub struct PipelineArgs {
 #[derive(clap::Subcommand, Debug)]
 enum PipelineCommand {
     /// Validate a definition (a JSON file, `-` for stdin) and make it the pipeline's new version.
-    Apply { file: PathBuf },
+    Apply {
+        /// The definition: a JSON file (see docs/pipelines.md), or `-` for stdin.
+        file: PathBuf,
+    },
     /// Every pipeline with its version and run counts.
     #[command(alias = "list")]
     Ls,
     /// One pipeline's current definition.
-    Show { name: String },
+    Show {
+        /// The pipeline's name.
+        name: String,
+    },
     /// Stop starting runs of a pipeline (running ones finish).
     #[command(alias = "remove")]
     Rm {
+        /// The pipeline's name.
         name: String,
+        /// Why, recorded with the removal.
         #[arg(long, default_value = "removed with cimctl")]
         reason: String,
     },
     /// Start a run by hand.
     Start {
+        /// The pipeline's name.
         name: String,
         /// The unit the run is about.
         #[arg(long)]
         unit: Option<String>,
-        /// Parameters, read by steps as `param.<key>`.
-        #[arg(long = "param", value_parser = parse_kv)]
+        /// A parameter KEY=VALUE (repeatable), read by steps as `param.<key>`.
+        #[arg(long = "param", value_name = "KEY=VALUE", value_parser = parse_kv)]
         params: Vec<(String, String)>,
         /// Follow the run until it ends (exit 1 if it fails or is cancelled).
         #[arg(long)]
@@ -77,36 +86,54 @@ enum RunCommand {
     /// Runs, newest first.
     #[command(alias = "list")]
     Ls {
+        /// Only runs of this pipeline.
         #[arg(long)]
         pipeline: Option<String>,
-        /// queued, running, completed, failed or cancelled
-        #[arg(long)]
+        /// Only runs in this state.
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(pl::RUN_STATES))]
         state: Option<String>,
+        /// Only runs about this unit.
         #[arg(long)]
         unit: Option<String>,
-        #[arg(long, default_value_t = 50)]
+        /// At most N runs.
+        #[arg(long, value_name = "N", default_value_t = 50)]
         limit: u32,
     },
     /// One run, step by step (`--watch`: until it ends).
     Show {
+        /// The run's id.
         run_id: String,
+        /// Follow the run until it ends (exit 1 if it fails or is cancelled).
         #[arg(long)]
         watch: bool,
     },
     /// Cancel a run that has not ended.
     Cancel {
+        /// The run's id.
         run_id: String,
+        /// Why, recorded with the cancellation.
         #[arg(long, default_value = "cancelled with cimctl")]
         reason: String,
     },
     /// Run a failed or cancelled run again from its failed step.
     Retry {
+        /// The run's id.
         run_id: String,
+        /// Why, recorded with the retry.
         #[arg(long, default_value = "retried with cimctl")]
         reason: String,
+        /// Follow the run until it ends (exit 1 if it fails or is cancelled).
         #[arg(long)]
         watch: bool,
     },
+}
+
+/// The engine's refusal in a person's words: its definition parser speaks serde.
+fn refusal_words(msg: &str) -> String {
+    match msg.strip_prefix("definition does not parse: ") {
+        Some(why) => format!("pipeline definition: {}", crate::error::json_words(why)),
+        None => msg.to_string(),
+    }
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -121,15 +148,7 @@ struct Client {
 
 impl Client {
     async fn connect(c: &Conn) -> Result<Client> {
-        let mut opts = async_nats::ConnectOptions::new().name("cimctl");
-        if let Some(creds) = &c.nats_creds {
-            opts = opts
-                .credentials_file(creds)
-                .await
-                .with_context(|| format!("reading NATS credentials {}", creds.display()))?;
-        }
-        let urls: Vec<&str> = c.nats_url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
-        let nats = opts.connect(urls).await.with_context(|| format!("connecting to NATS at {}", c.nats_url))?;
+        let nats = crate::conn::connect("cimctl", &c.nats_url, c.nats_creds.as_deref(), None).await?;
         Ok(Client { nats, timeout: Duration::from_secs_f64(c.timeout), json: c.json })
     }
 
@@ -137,13 +156,13 @@ impl Client {
         let body = serde_json::to_vec(body)?;
         let reply = tokio::time::timeout(self.timeout, self.nats.request(subject.clone(), body.into()))
             .await
-            .with_context(|| format!("{subject}: no answer within {:?} (is pipeline-engine running?)", self.timeout))?
-            .with_context(|| format!("{subject}: is pipeline-engine running?"))?;
+            .map_err(|_| crate::conn::no_answer("pipeline-engine", &subject, self.timeout))?
+            .map_err(|e| crate::conn::request_failed("pipeline-engine", &subject, &e))?;
         if let Some(h) = &reply.headers
             && let Some(code) = h.get("Nats-Service-Error-Code")
         {
             let msg = h.get("Nats-Service-Error").map(|v| v.to_string()).unwrap_or_default();
-            bail!("{code}: {msg}");
+            return Err(anyhow!("pipeline-engine refused ({code}): {}", refusal_words(&msg)));
         }
         serde_json::from_slice(&reply.payload).with_context(|| format!("{subject}: reply is not the expected JSON"))
     }
@@ -197,17 +216,32 @@ fn print_run(r: &RunInfo) {
     }
 }
 
+/// The definition in `file` (`-`: stdin), if it is a JSON object; the engine checks the rest.
+fn read_definition(file: &std::path::Path) -> Result<serde_json::Value> {
+    let text = if file.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("cannot read the definition from stdin")?
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?
+    };
+    let definition =
+        crate::error::parse_json(&text).map_err(|why| anyhow!("pipeline definition {}: {why}", file.display()))?;
+    if !definition.is_object() {
+        let found = crate::error::json_kind(&definition);
+        return Err(anyhow!("pipeline definition {}: expected an object, found {found}", file.display()));
+    }
+    Ok(definition)
+}
+
 pub async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
+    // A definition that cannot be right is refused before connecting.
+    let definition = match &args.command {
+        PipelineCommand::Apply { file } => Some(read_definition(file)?),
+        _ => None,
+    };
     let c = Client::connect(&args.conn).await?;
     match args.command {
-        PipelineCommand::Apply { file } => {
-            let text = if file.as_os_str() == "-" {
-                std::io::read_to_string(std::io::stdin()).context("reading the definition from stdin")?
-            } else {
-                std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?
-            };
-            let definition: serde_json::Value =
-                serde_json::from_str(&text).with_context(|| format!("{} is not JSON", file.display()))?;
+        PipelineCommand::Apply { .. } => {
+            let definition = definition.unwrap_or_default();
             let reply: ApplyReply = c.call(pl::command(pl::cmd::APPLY)?, &pl::ApplyRequest { definition }).await?;
             if c.json {
                 println!("{}", serde_json::to_string(&reply)?);
@@ -345,4 +379,41 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser, Debug)]
+    struct TestCli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    #[test]
+    fn run_states_are_checked_as_the_http_api_checks_them() {
+        for state in pl::RUN_STATES {
+            let cli = TestCli::try_parse_from(["t", "ls", "--state", state]).unwrap();
+            assert!(matches!(cli.run.command, RunCommand::Ls { state: Some(s), .. } if s == state));
+        }
+        let e = TestCli::try_parse_from(["t", "ls", "--state", "bogus"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::InvalidValue);
+        assert!(e.to_string().contains("queued, running, completed, failed, cancelled"), "{e}");
+    }
+
+    #[test]
+    fn the_engines_serde_wording_becomes_words() {
+        assert_eq!(
+            refusal_words("definition does not parse: invalid length 0, expected struct Definition with 6 elements"),
+            "pipeline definition: expected an object, found an empty list"
+        );
+        assert_eq!(
+            refusal_words("definition does not parse: missing field `steps`"),
+            "pipeline definition: missing field `steps`"
+        );
+        assert_eq!(refusal_words("pipeline nope does not exist"), "pipeline nope does not exist");
+    }
 }

@@ -3,7 +3,7 @@
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use bytes::Bytes;
 use cim_events::{
     plugin,
@@ -71,6 +71,7 @@ enum PluginCommand {
     Rm {
         /// NAME@VERSION
         plugin: String,
+        /// Why, recorded with the removal.
         #[arg(long, default_value = "removed with cimctl")]
         reason: String,
     },
@@ -80,13 +81,16 @@ enum PluginCommand {
 struct PushArgs {
     /// The module: WebAssembly binary, or WAT text when it ends in .wat.
     file: PathBuf,
+    /// The plugin's name (lower case, digits and `-`).
     #[arg(long)]
     name: String,
+    /// The version to store it as, e.g. 1.0.0 (a version, once pushed, never changes).
     #[arg(long = "version")]
     version: String,
     /// A capability it provides, e.g. text.normalize (repeatable).
     #[arg(long = "capability")]
     capabilities: Vec<String>,
+    /// What the plugin does, for `plugin ls`.
     #[arg(long, default_value = "")]
     description: String,
     /// Memory limit in bytes (0: the host's maximum).
@@ -112,6 +116,8 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
 }
 
+const HOST: &str = "plugin-host";
+
 /// A connection to the plugin host.
 pub struct PluginClient {
     pub client: async_nats::Client,
@@ -131,18 +137,15 @@ impl PluginClient {
     async fn request(&self, subject: String, body: Vec<u8>) -> Result<async_nats::Message> {
         let m = tokio::time::timeout(self.timeout, self.client.request(subject.clone(), Bytes::from(body)))
             .await
-            .with_context(|| format!("no answer on {subject} within {:?}", self.timeout))?
-            .with_context(|| format!("request on {subject} (is plugin-host running?)"))?;
+            .map_err(|_| crate::conn::no_answer(HOST, &subject, self.timeout))?
+            .map_err(|e| crate::conn::request_failed(HOST, &subject, &e))?;
         Ok(m)
     }
 
     async fn command<R: prost::Message + Default>(&self, subject: String, body: Vec<u8>) -> Result<R> {
         let m = self.request(subject, body).await?;
-        if let Some(h) = &m.headers
-            && let Some(code) = h.get("Nats-Service-Error-Code")
-        {
-            let msg = h.get("Nats-Service-Error").map(|v| v.to_string()).unwrap_or_default();
-            bail!("{msg} ({code})");
+        if let Some(e) = crate::conn::refused(HOST, m.headers.as_ref()) {
+            return Err(e);
         }
         Ok(R::decode(m.payload)?)
     }
@@ -187,19 +190,11 @@ fn uuid_like() -> String {
 }
 
 pub async fn run(args: PluginArgs) -> Result<ExitCode> {
-    let mut opts = async_nats::ConnectOptions::new().name("cimctl");
-    if let Some(creds) = &args.nats_creds {
-        opts = opts
-            .credentials_file(creds)
-            .await
-            .with_context(|| format!("reading NATS credentials {}", creds.display()))?;
-    }
-    let urls: Vec<&str> = args.nats_url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
-    let client = opts.connect(urls).await.with_context(|| format!("connecting to NATS at {}", args.nats_url))?;
+    let client = crate::conn::connect("cimctl", &args.nats_url, args.nats_creds.as_deref(), None).await?;
     let pc = PluginClient::new(client.clone(), args.js_domain.as_deref(), Duration::from_secs_f64(args.timeout));
     let code = match args.command {
         PluginCommand::Push(p) => {
-            let bytes = tokio::fs::read(&p.file).await.with_context(|| format!("reading {}", p.file.display()))?;
+            let bytes = tokio::fs::read(&p.file).await.with_context(|| format!("cannot read {}", p.file.display()))?;
             let wasm = if p.file.extension().is_some_and(|e| e == "wat") {
                 wat::parse_bytes(&bytes).with_context(|| format!("{} is not valid WAT", p.file.display()))?.into_owned()
             } else {
@@ -265,21 +260,21 @@ pub async fn run(args: PluginArgs) -> Result<ExitCode> {
             ExitCode::SUCCESS
         }
         PluginCommand::Invoke { plugin: target, capability, input, meta, deadline_ms } => {
-            let input = match input {
-                Some(p) => tokio::fs::read(&p).await.with_context(|| format!("reading {}", p.display()))?,
-                None => {
-                    let mut buf = Vec::new();
-                    tokio::io::AsyncReadExt::read_to_end(&mut tokio::io::stdin(), &mut buf).await?;
-                    buf
-                }
-            };
             let (name, version) = match &target {
                 Some(t) => {
                     let (n, v) = plugin::parse_reference(t)?;
                     (n, v.unwrap_or_default())
                 }
                 None if capability.is_some() => (String::new(), String::new()),
-                None => bail!("name a plugin (NAME[@VERSION]) or a --capability"),
+                None => return Err(crate::error::usage("name a plugin (NAME[@VERSION]) or a --capability")),
+            };
+            let input = match input {
+                Some(p) => tokio::fs::read(&p).await.with_context(|| format!("cannot read {}", p.display()))?,
+                None => {
+                    let mut buf = Vec::new();
+                    tokio::io::AsyncReadExt::read_to_end(&mut tokio::io::stdin(), &mut buf).await?;
+                    buf
+                }
             };
             let req = InvokeRequest {
                 plugin: name,
@@ -310,7 +305,9 @@ pub async fn run(args: PluginArgs) -> Result<ExitCode> {
         }
         PluginCommand::Rm { plugin: target, reason } => {
             let (name, version) = plugin::parse_reference(&target)?;
-            let Some(version) = version else { bail!("name the version to remove: NAME@VERSION") };
+            let Some(version) = version else {
+                return Err(crate::error::usage("name the version to remove: NAME@VERSION"));
+            };
             pc.remove(&name, &version, &reason).await?;
             println!("removed {}", plugin::reference(&name, &version));
             ExitCode::SUCCESS

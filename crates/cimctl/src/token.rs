@@ -3,7 +3,7 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use async_nats::jetstream::{self, kv};
 use cim_events::{
     Component, Tier,
@@ -47,21 +47,16 @@ enum TokenCommand {
         role: String,
     },
     /// Revoke a token by id: it stops working at once.
-    Revoke { id: String },
+    Revoke {
+        /// The token's id, as `token ls` lists it.
+        id: String,
+    },
     /// List tokens (never the tokens themselves).
     Ls,
 }
 
 async fn bucket(args: &TokenArgs) -> Result<kv::Store> {
-    let mut opts = async_nats::ConnectOptions::new().name("cimctl");
-    if let Some(creds) = &args.nats_creds {
-        opts = opts
-            .credentials_file(creds)
-            .await
-            .with_context(|| format!("reading NATS credentials {}", creds.display()))?;
-    }
-    let urls: Vec<&str> = args.nats_url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
-    let client = opts.connect(urls).await.with_context(|| format!("connecting to NATS at {}", args.nats_url))?;
+    let client = crate::conn::connect("cimctl", &args.nats_url, args.nats_creds.as_deref(), None).await?;
     let js = match &args.js_domain {
         Some(d) => jetstream::with_domain(client, d),
         None => jetstream::new(client),
@@ -90,10 +85,11 @@ pub async fn run(args: TokenArgs) -> Result<ExitCode> {
     match &args.command {
         TokenCommand::Create { name, role } => {
             if gateway::role_rank(role).is_none() {
-                bail!("unknown role {role:?}: use one of {}", gateway::role::ALL.join(", "));
+                let roles = gateway::role::ALL.join(", ");
+                return Err(crate::error::usage(format!("unknown role {role:?}: use one of {roles}")));
             }
             if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
-                bail!("token name must be 1 to 128 characters without control characters");
+                return Err(crate::error::usage("token name must be 1 to 128 characters without control characters"));
             }
             let store = bucket(&args).await?;
             let id = random_hex(8);

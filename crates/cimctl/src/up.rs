@@ -14,9 +14,6 @@ use cim_events::Component;
 use nix::{sys::signal::Signal, unistd::Pid};
 use tokio::process::{Child, Command};
 
-/// Exit code for invalid arguments.
-const EXIT_USAGE: u8 = 64;
-
 #[derive(clap::Args, Debug)]
 pub struct UpArgs {
     /// Directory for NATS data, generated configuration and logs.
@@ -51,8 +48,8 @@ struct Proc {
 
 pub async fn run(args: UpArgs) -> Result<ExitCode> {
     if !valid_sync(&args.sync) {
-        eprintln!("cimctl up: invalid --sync {:?}: use `always` or an interval such as 1s, 500ms, 2m", args.sync);
-        return Ok(ExitCode::from(EXIT_USAGE));
+        let why = format!("invalid --sync {:?}: use `always` or an interval such as 1s, 500ms, 2m", args.sync);
+        return Err(crate::error::Usage(why).into());
     }
     let nats_bin = cim_testkit::nats_server_binary()?;
     let binaries = find_service_binaries(args.bin_dir.as_deref())?;
@@ -127,7 +124,7 @@ pub async fn run(args: UpArgs) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Some(msg) => {
-            eprintln!("cimctl up: {msg}");
+            eprintln!("cimctl: {msg}");
             Ok(ExitCode::FAILURE)
         }
     }

@@ -668,16 +668,14 @@ async fn start_run(State(s): State<Arc<AppState>>, Path(name): Path<String>, bod
     Ok(json_response(StatusCode::CREATED, json!({ "run_id": r.run_id })))
 }
 
-const RUN_STATES: [&str; 5] = ["queued", "running", "completed", "failed", "cancelled"];
-
 async fn list_runs(State(s): State<Arc<AppState>>, Query(q): Query<HashMap<String, String>>) -> ApiResult {
     let mut req = RunsRequest::default();
     if let Some(p) = q.get("pipeline").filter(|p| !p.is_empty()) {
         req.pipeline = pipeline_name(p)?.to_string();
     }
     if let Some(st) = q.get("state").filter(|st| !st.is_empty()) {
-        if !RUN_STATES.contains(&st.as_str()) {
-            return Err(ApiError::BadRequest(format!("state {st:?} is not one of {}", RUN_STATES.join(", "))));
+        if !pl::RUN_STATES.contains(&st.as_str()) {
+            return Err(ApiError::BadRequest(format!("state {st:?} is not one of {}", pl::RUN_STATES.join(", "))));
         }
         req.state = st.clone();
     }
