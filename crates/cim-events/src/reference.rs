@@ -26,22 +26,60 @@ pub fn markdown() -> String {
     );
     let _ = writeln!(w, "Contract version: {}\n", crate::CONTRACT_VERSION);
     let _ = writeln!(w, "## Subject scheme\n");
-    let _ = writeln!(w, "| kind | pattern | transport |");
-    let _ = writeln!(w, "| --- | --- | --- |");
+    let _ = writeln!(w, "| kind | pattern | transport | built by |");
+    let _ = writeln!(w, "| --- | --- | --- | --- |");
+    let rows = [
+        (
+            "event",
+            "`cim.evt.<component>.<aggregate>.<id>.<action>`",
+            "JetStream, the component's event stream",
+            "`subject::event` (filters: `subject::aggregate_filter`, `action_filter`, `events_of`); per component `iu::unit_event`, `pipeline::run_event`, `plugin::event`, `registry::instance_event`, …",
+        ),
+        (
+            "command",
+            "`cim.cmd.<component>.<action>`",
+            "request/reply, queue group `cim-<component>`",
+            "`subject::command`; per component `iu::command`, `pipeline::command`, `plugin::command`, `registry::command`, `hub::command`",
+        ),
+        (
+            "query",
+            "`cim.qry.<component>.<query>`",
+            "request/reply, queue group `cim-<component>`",
+            "`subject::query`; per component `iu::query`, `pipeline::query`, `plugin::query`, `registry::query`, `hub::query`",
+        ),
+        (
+            "lifecycle",
+            "`cim.svc.<component>.<instance>.<announce\\|heartbeat\\|goodbye>`",
+            "core NATS",
+            "`subject::lifecycle`, `subject::all_lifecycle`",
+        ),
+        (
+            "dead letter",
+            "`cim.dlq.<component>.<origin>`",
+            "JetStream, the component's dead-letter stream",
+            "`subject::dead_letter`, `subject::dead_letters_of`",
+        ),
+        ("discovery", "`$SRV.PING\\|INFO\\|STATS[.<name>[.<id>]]`", "NATS micro services protocol", "`subject::micro`"),
+        (
+            "plugin",
+            "`cim.plg.<name>.<version-token>.<invoke\\|announce>`",
+            "request/reply, queue group `cim-plg-<name>-<version-token>`; announce on core NATS",
+            "`plugin::invoke_subject`, `plugin::announce_subject`, `plugin::queue_group`",
+        ),
+        (
+            "control",
+            "`cim.ctl.{all\\|node.<node>\\|instance.<id>}.<action>`",
+            "core NATS",
+            "`subject::control_all`, `control_node`, `control_instance`",
+        ),
+    ];
+    for (kind, pattern, transport, built) in rows {
+        let _ = writeln!(w, "| {kind} | {pattern} | {transport} | {built} |");
+    }
+    let _ = writeln!(w);
     let _ = writeln!(
         w,
-        "| event | `cim.evt.<component>.<aggregate>.<id>.<action>` | JetStream, the component's event stream |"
-    );
-    let _ = writeln!(w, "| command | `cim.cmd.<component>.<action>` | request/reply, queue group `cim-<component>` |");
-    let _ = writeln!(w, "| query | `cim.qry.<component>.<query>` | request/reply, queue group `cim-<component>` |");
-    let _ =
-        writeln!(w, "| lifecycle | `cim.svc.<component>.<instance>.<announce\\|heartbeat\\|goodbye>` | core NATS |");
-    let _ =
-        writeln!(w, "| dead letter | `cim.dlq.<component>.<origin>` | JetStream, the component's dead-letter stream |");
-    let _ = writeln!(w, "| discovery | `$SRV.PING\\|INFO\\|STATS[.<name>[.<id>]]` | NATS micro services protocol |");
-    let _ = writeln!(
-        w,
-        "| plugin | `cim.plg.<name>.<version-token>.<invoke\\|announce>` | request/reply, queue group `cim-plg-<name>-<version-token>`; announce on core NATS |"
+        "Every name is built in `crates/cim-events` and nowhere else (`cargo xtask tidy` refuses a subject, stream or bucket name spelled as a literal in any other crate): the functions above for subjects, `resources::events_stream` / `dead_letter_stream` / `streams` for streams, `resources::kv_bucket` / `kv_buckets` and `resources::object_buckets` / `object_stream` for buckets, `resources::consumer` (and the components' `*_consumer` functions) for durable consumers."
     );
     let _ = writeln!(w);
     let _ = writeln!(
