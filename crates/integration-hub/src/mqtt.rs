@@ -9,15 +9,12 @@
 
 use std::time::Duration;
 
-use async_nats::{
-    HeaderMap,
-    jetstream::{
-        self,
-        consumer::{DeliverPolicy, pull},
-    },
+use async_nats::jetstream::{
+    self,
+    consumer::{DeliverPolicy, pull},
 };
 use cim_events::{Envelope, hub, proto::hub::MqttReceived};
-use cim_runtime::Ctx;
+use cim_runtime::{Ctx, NewEvent};
 use futures::StreamExt;
 use prost::Message;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -75,14 +72,8 @@ pub async fn run(ctx: Ctx, js: jetstream::Context, ce_source: String, m: Mqtt) {
                     retain: p.retain,
                 };
                 let env = Envelope::root::<MqttReceived>(ce_source.clone());
-                let mut headers = HeaderMap::new();
-                env.write_headers(&mut headers);
                 // Stored first, acknowledged to the broker after: a failure leaves it with the broker.
-                let stored = match js.publish_with_headers(subject.clone(), headers, event.encode_to_vec().into()).await
-                {
-                    Ok(ack) => ack.await.is_ok(),
-                    Err(_) => false,
-                };
+                let stored = NewEvent::new(subject.clone(), &env, event.encode_to_vec()).publish(&js).await.is_ok();
                 if stored {
                     let _ = client.ack(&p).await;
                 } else {

@@ -10,18 +10,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use async_nats::{
-    HeaderMap,
-    jetstream::{
-        self, AckKind,
-        consumer::{DeliverPolicy, pull},
-    },
+use async_nats::jetstream::{
+    self, AckKind,
+    consumer::{DeliverPolicy, pull},
 };
 use cim_events::{
     Envelope, envelope, hub,
     proto::hub::{DeliveryRecorded, SubscriptionStateChanged},
 };
-use cim_runtime::Ctx;
+use cim_runtime::{Ctx, NewEvent};
 use futures::StreamExt;
 use prost::Message;
 use tokio::sync::watch;
@@ -66,14 +63,7 @@ impl Outbound {
         let change = SubscriptionStateChanged { subscription: name.to_string(), paused, reason: reason.to_string() };
         let action = if paused { hub::action::PAUSED } else { hub::action::RESUMED };
         let env = Envelope::root::<SubscriptionStateChanged>(self.ce_source.clone());
-        self.js
-            .publish_with_headers(
-                hub::subscription_event(name, action)?,
-                env.to_headers(),
-                change.encode_to_vec().into(),
-            )
-            .await?
-            .await?;
+        NewEvent::new(hub::subscription_event(name, action)?, &env, change.encode_to_vec()).publish(&self.js).await?;
         run.paused.send_replace(paused);
         Ok(change)
     }
@@ -307,16 +297,12 @@ impl Outbound {
             Some(p) => Envelope::caused_by::<DeliveryRecorded>(p, self.ce_source.clone()),
             None => Envelope::root::<DeliveryRecorded>(self.ce_source.clone()),
         };
-        let mut headers: HeaderMap = env.to_headers();
-        // One log entry per event and subscription, however often a restart repeats it.
-        headers.insert(envelope::H_MSG_ID, format!("hub-delivery-{}-{}-{sequence}", sub.name, sub.stream).as_str());
         let Ok(subject) = hub::delivery_event(&sub.name, action) else { return };
-        match self.js.publish_with_headers(subject, headers, entry.encode_to_vec().into()).await {
-            Ok(ack) => {
-                if let Err(e) = ack.await {
-                    tracing::warn!(subscription = %sub.name, error = %e, "delivery log entry not stored");
-                }
-            }
+        // One log entry per event and subscription, however often a restart repeats it.
+        let entry = NewEvent::new(subject, &env, entry.encode_to_vec())
+            .msg_id(&format!("hub-delivery-{}-{}-{sequence}", sub.name, sub.stream));
+        match entry.publish(&self.js).await {
+            Ok(_) => {}
             Err(e) => tracing::warn!(subscription = %sub.name, error = %e, "delivery log entry not stored"),
         }
     }

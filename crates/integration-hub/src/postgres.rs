@@ -10,15 +10,12 @@
 
 use std::time::Duration;
 
-use async_nats::{
-    HeaderMap,
-    jetstream::{
-        self,
-        consumer::{DeliverPolicy, pull},
-    },
+use async_nats::jetstream::{
+    self,
+    consumer::{DeliverPolicy, pull},
 };
-use cim_events::{Envelope, envelope::H_MSG_ID, hub, proto::hub::TableChanged};
-use cim_runtime::Ctx;
+use cim_events::{Envelope, hub, proto::hub::TableChanged};
+use cim_runtime::{Ctx, NewEvent};
 use futures::StreamExt;
 use prost::Message;
 
@@ -236,10 +233,10 @@ async fn move_batch(
             outbox_id: row.get(0),
         };
         let env = Envelope::root::<TableChanged>(ce_source.to_string());
-        let mut headers = HeaderMap::new();
-        env.write_headers(&mut headers);
-        headers.insert(H_MSG_ID, hub::table_changed_msg_id(&pg.name, change.outbox_id).as_str());
-        js.publish_with_headers(subject.to_string(), headers, change.encode_to_vec().into()).await?.await?;
+        NewEvent::new(subject.to_string(), &env, change.encode_to_vec())
+            .msg_id(&hub::table_changed_msg_id(&pg.name, change.outbox_id))
+            .publish(js)
+            .await?;
         moved.push(change.outbox_id);
     }
     // Exactly the rows published: not `id <= last`, which would also delete rows this

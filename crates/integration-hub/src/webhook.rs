@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
 
-use async_nats::{HeaderMap, jetstream};
+use async_nats::jetstream;
 use axum::{
     Router,
     body::Body,
@@ -13,8 +13,9 @@ use axum::{
     response::{IntoResponse, Response},
     routing::post,
 };
-use cim_events::{Envelope, envelope::H_MSG_ID, hub, proto::hub::WebhookReceived};
+use cim_events::{Envelope, hub, proto::hub::WebhookReceived};
 use cim_iu_client::IuClient;
+use cim_runtime::NewEvent;
 use prost::Message;
 
 use crate::config::{Content, Source, Target};
@@ -157,10 +158,10 @@ impl Inbound {
         }
         let subject = hub::webhook_event(&source.name)?;
         let envelope = Envelope::root::<WebhookReceived>(self.ce_source.clone());
-        let mut headers = HeaderMap::new();
-        envelope.write_headers(&mut headers);
-        headers.insert(H_MSG_ID, hub::webhook_msg_id(&source.name, delivery_id).as_str());
-        let ack = self.js.publish_with_headers(subject.clone(), headers, event.encode_to_vec().into()).await?.await?;
+        let ack = NewEvent::new(subject.clone(), &envelope, event.encode_to_vec())
+            .msg_id(&hub::webhook_msg_id(&source.name, delivery_id))
+            .publish(&self.js)
+            .await?;
         let seq = ack.sequence.to_string();
         self.ids.put(&key, seq.clone().into()).await?;
         if ack.duplicate {
