@@ -23,11 +23,11 @@ use cim_events::{
     },
     registry as names, resources,
 };
-use futures::StreamExt;
-use registry::{
-    placement::{self, PlacementFile, human},
-    state::{instance_state_name, state_name},
+use cim_placement::{
+    self as placement, PlacementFile, human,
+    names::{instance_state_name, state_name},
 };
+use futures::StreamExt;
 use serde_json::{Value, json};
 
 const EXIT_USAGE: u8 = 64;

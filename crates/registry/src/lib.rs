@@ -6,7 +6,7 @@
 //! converging. See docs/registry.md.
 
 mod app;
-pub mod placement;
+pub use cim_placement as placement;
 pub mod state;
 
 use std::{future::Future, sync::Arc, time::Duration};

@@ -12,6 +12,8 @@ use cim_events::{
 };
 use prost::Message as _;
 
+pub use cim_placement::names::{instance_state_name, state_name};
+
 /// One registry event, decoded.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
@@ -222,27 +224,6 @@ pub enum NodeRefusal {
     Stateful { node: String, what: String, detail: String },
     #[error("{0}")]
     Invalid(String),
-}
-
-pub fn state_name(s: NodeState) -> &'static str {
-    match s {
-        NodeState::Unspecified => "unknown",
-        NodeState::NodeEnrolling => "enrolling",
-        NodeState::NodeSchedulable => "schedulable",
-        NodeState::NodeDraining => "draining",
-        NodeState::NodeDrained => "drained",
-        NodeState::NodeDecommissioned => "decommissioned",
-    }
-}
-
-pub fn instance_state_name(s: InstanceState) -> &'static str {
-    match s {
-        InstanceState::Unspecified => "unknown",
-        InstanceState::InstanceRunning => "running",
-        InstanceState::InstanceDrained => "drained",
-        InstanceState::InstanceStopped => "stopped",
-        InstanceState::InstanceLost => "lost",
-    }
 }
 
 /// The event action of a node transition to `to`.
