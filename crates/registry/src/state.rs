@@ -547,11 +547,13 @@ mod tests {
 
     #[test]
     fn problems_name_missing_lost_stale_incompatible_and_draining() {
-        let mut v = View::default();
-        v.desired = Some(vec![
-            DesiredService { service: "registry".into(), replicas: 2, ..Default::default() },
-            DesiredService { service: "information-unit".into(), replicas: 1, ..Default::default() },
-        ]);
+        let mut v = View {
+            desired: Some(vec![
+                DesiredService { service: "registry".into(), replicas: 2, ..Default::default() },
+                DesiredService { service: "information-unit".into(), replicas: 1, ..Default::default() },
+            ]),
+            ..Default::default()
+        };
         v.apply(1, 1, &registered(inst("r1", "registry", "n1", "a")));
         let mut old = inst("r2", "registry", "n1", "b");
         old.version = "0.0.9".into();

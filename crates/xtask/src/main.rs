@@ -1,11 +1,11 @@
 //! `cargo xtask <task>`: the project's repetitive developer tasks, with no dependencies.
 //!
-//! - `test`:  build every binary (the integration tests run the real service processes), then
-//!            run the whole suite with cargo-nextest (or `cargo test` when nextest is absent).
-//! - `up`:    build every binary, then `cimctl up` (a leaf node with all services).
+//! - `test`: build every binary (the integration tests run the real service processes), then
+//!   run the whole suite with cargo-nextest (or `cargo test` when nextest is absent).
+//! - `up`: build every binary, then `cimctl up` (a leaf node with all services).
 //! - `bench [SCENARIO] [options]`: build every binary in release mode (the benchmarks run the
-//!            real services), then run `cim-bench` (every scenario, or the one named; `all`
-//!            writes the envelope and information-unit table to docs/bench-latest.md).
+//!   real services), then run `cim-bench` (every scenario, or the one named; `all` writes the
+//!   envelope and information-unit table to docs/bench-latest.md).
 
 use std::process::{Command, ExitCode};
 
