@@ -36,8 +36,8 @@ pub fn mirror_streams(leaves: &[String]) -> Result<Vec<String>, cim_events::Cont
 /// spells it (upper case): `CIM_IU_EVENTS_FROM_LEAF1` → (`CIM_IU_EVENTS`, `LEAF1`).
 pub fn mirrored_stream(name: &str) -> Option<(String, String)> {
     archived_streams().into_iter().find_map(|stream| {
-        let leaf = name.strip_prefix(stream.as_str())?.strip_prefix("_FROM_")?;
-        (!leaf.is_empty()).then(|| (stream, leaf.to_string()))
+        let leaf = resources::leaf_mirror_domain(name, &stream)?.to_string();
+        Some((stream, leaf))
     })
 }
 

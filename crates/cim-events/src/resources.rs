@@ -278,6 +278,13 @@ pub fn leaf_mirror(stream: &str, leaf_domain: &str) -> Result<String, ContractEr
     Ok(name)
 }
 
+/// The inverse of [`leaf_mirror`] for a given `stream`: if `name` is a mirror of it, the leaf's
+/// domain as the name spells it (upper case).
+pub fn leaf_mirror_domain<'a>(name: &'a str, stream: &str) -> Option<&'a str> {
+    let leaf = name.strip_prefix(stream)?.strip_prefix("_FROM_")?;
+    (!leaf.is_empty()).then_some(leaf)
+}
+
 /// The configuration of [`leaf_mirror`]: on the cluster (`tier`), a mirror of `stream` on leaf
 /// `domain` across the leaf node connection, kept as the leaf keeps it (limits retention, no
 /// delete, no purge), so the storage manager archives a leaf's data from the cluster.
