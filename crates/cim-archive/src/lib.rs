@@ -1,4 +1,4 @@
-//! The CIM S3 archive as a library: the open format of docs/storage-manager.md ([`format`]),
+//! The CIM S3 archive as a library: the open format of docs/storage-manager.md ([`format`](mod@format)),
 //! the S3 client ([`s3`]) and the targets it talks to ([`target`]), what is archived and how
 //! far ([`catalog`]), and reading an archive back: verify and restore ([`restore`]).
 //!
