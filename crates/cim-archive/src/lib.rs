@@ -1,6 +1,7 @@
-//! The CIM S3 archive as a library: the open format of docs/storage-manager.md ([`format`](mod@format)),
-//! the S3 client ([`s3`]) and the targets it talks to ([`target`]), what is archived and how
-//! far ([`catalog`]), and reading an archive back: verify and restore ([`restore`]).
+//! The CIM S3 archive as a library: the open format of docs/storage-manager.md
+//! ([`format`](mod@format)), the S3 client ([`s3`]) and the targets it talks to ([`target`]),
+//! what is archived and how far ([`catalog`]), and reading an archive back: verify and restore
+//! ([`restore`]).
 //!
 //! The storage-manager service writes archives with it; `cimctl restore` / `cimctl archive`
 //! read them; the integration hub's S3 import lists and fetches objects with its client.
