@@ -278,6 +278,37 @@ pub fn leaf_mirror(stream: &str, leaf_domain: &str) -> Result<String, ContractEr
     Ok(name)
 }
 
+/// The inverse of [`leaf_mirror`] for a given `stream`: if `name` is a mirror of it, the leaf's
+/// domain as the name spells it (upper case).
+pub fn leaf_mirror_domain<'a>(name: &'a str, stream: &str) -> Option<&'a str> {
+    let leaf = name.strip_prefix(stream)?.strip_prefix("_FROM_")?;
+    (!leaf.is_empty()).then_some(leaf)
+}
+
+/// The configuration of [`leaf_mirror`]: on the cluster (`tier`), a mirror of `stream` on leaf
+/// `domain` across the leaf node connection, kept as the leaf keeps it (limits retention, no
+/// delete, no purge), so the storage manager archives a leaf's data from the cluster.
+pub fn leaf_mirror_config(stream: &str, domain: &str, tier: Tier) -> Result<stream::Config, ContractError> {
+    Ok(stream::Config {
+        name: leaf_mirror(stream, domain)?,
+        description: Some(format!("mirror of {stream} on leaf domain {domain}")),
+        mirror: Some(stream::Source {
+            name: stream.to_string(),
+            // The server takes a domain as the external API prefix of that domain.
+            external: Some(stream::External { api_prefix: domain_api_prefix(domain), delivery_prefix: None }),
+            ..Default::default()
+        }),
+        storage: StorageType::File,
+        num_replicas: tier.replicas(),
+        retention: RetentionPolicy::Limits,
+        allow_direct: true,
+        mirror_direct: false,
+        deny_delete: true,
+        deny_purge: true,
+        ..Default::default()
+    })
+}
+
 /// `$JS.<domain>.API`: the JetStream API of another domain (a leaf's, across the leaf node
 /// connection), as a mirror's or source's external API prefix.
 pub fn domain_api_prefix(domain: &str) -> String {

@@ -4,9 +4,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
+use cim_proc::free_port;
 
 use crate::nats::{DEFAULT_STARTUP_TIMEOUT, NatsServer, is_addr_in_use, test_connect_options};
-use crate::wait::{Attempt, eventually, free_port, poll};
+use crate::wait::{Attempt, eventually, poll};
 
 /// The JetStream domain of a cluster unless the builder says otherwise.
 pub const DEFAULT_HUB_DOMAIN: &str = "hub";

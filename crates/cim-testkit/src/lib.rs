@@ -17,18 +17,17 @@
 
 mod auth;
 mod cluster;
-mod http;
 mod nats;
 mod process;
 mod s3;
 mod wait;
 
 pub use auth::{Account, Operator, Permissions, SYSTEM_ACCOUNT_NAME, User, creds_text, decode_claims};
-pub use cluster::{DEFAULT_HUB_DOMAIN, NatsCluster, NatsClusterBuilder, start_leaf};
-pub use http::{HttpResponse, http_get};
-pub use nats::{
-    DEFAULT_STARTUP_TIMEOUT, MIN_NATS_SERVER, NATS_SERVER_INSTALL, NatsServer, NatsServerBuilder, nats_server_binary,
-    nats_server_version, require_nats_server, test_connect_options,
+pub use cim_proc::{
+    HttpResponse, MIN_NATS_SERVER, NATS_SERVER_INSTALL, free_port, http_get, nats_server_binary, nats_server_version,
+    require_nats_server,
 };
+pub use cluster::{DEFAULT_HUB_DOMAIN, NatsCluster, NatsClusterBuilder, start_leaf};
+pub use nats::{DEFAULT_STARTUP_TIMEOUT, NatsServer, NatsServerBuilder, test_connect_options};
 pub use s3::{S3S_FS_INSTALL, S3Server, TEST_ACCESS_KEY, TEST_REGION, TEST_SECRET_KEY, s3s_fs_binary};
-pub use wait::{eventually, free_port};
+pub use wait::eventually;

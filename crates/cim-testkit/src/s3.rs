@@ -6,12 +6,11 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
+use cim_proc::{find_on_path, free_port, http_get};
 use tempfile::TempDir;
 
-use crate::http::http_get;
-use crate::nats::find_on_path;
 use crate::process::Proc;
-use crate::wait::{Attempt, free_port, poll};
+use crate::wait::{Attempt, poll};
 
 /// What to run when `s3s-fs` is missing (later versions need a newer rustc).
 pub const S3S_FS_INSTALL: &str = "cargo install s3s-fs --version 0.14.1 --features binary";

@@ -6,10 +6,9 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use async_nats::jetstream;
+use cim_archive::restore::{self, StreamReport, Until};
+use cim_archive::{S3Client, Target, archived_streams, committed_position};
 use cim_events::{Component, Tier, resources};
-use storage_manager::archive::committed_position;
-use storage_manager::restore::{self, StreamReport, Until};
-use storage_manager::{S3Client, Target, archived_streams};
 
 /// Where the archive is and how to reach NATS.
 #[derive(clap::Args, Debug)]
@@ -86,7 +85,7 @@ pub struct RestoreArgs {
 /// its mirrors of each leaf (`<STREAM>_FROM_<LEAF>`) beside its own streams; with `--leaf` only
 /// that leaf's mirrors are restored, into the leaf's stream names, and without it none are.
 fn restore_into(archive: &str, leaf: Option<&str>) -> Result<String, String> {
-    match (storage_manager::archive::mirrored_stream(archive), leaf) {
+    match (cim_archive::mirrored_stream(archive), leaf) {
         (Some((stream, l)), Some(want)) if l == want.to_ascii_uppercase() => Ok(stream),
         (Some((_, l)), Some(want)) => Err(format!("skipped: the cluster's mirror of leaf {l}, not of {want}")),
         (Some((stream, l)), None) => Err(format!(
@@ -309,7 +308,7 @@ pub async fn run(args: ArchiveArgs) -> Result<ExitCode> {
             let mut names = js.stream_names();
             while let Some(n) = futures::StreamExt::next(&mut names).await {
                 let n = n.context("listing the streams")?;
-                if storage_manager::archive::mirrored_stream(&n).is_some() {
+                if cim_archive::mirrored_stream(&n).is_some() {
                     streams.push(n);
                 }
             }

@@ -117,7 +117,7 @@ pub const LEAF_PLACEHOLDER: &str = "LEAF_DOMAIN";
 /// cluster's NATS profile replaces it with each source leaf's upper-cased domain.
 pub fn leaf_mirror_permissions() -> Result<Vec<String>> {
     let mut publish = Vec::new();
-    for stream in storage_manager::archived_streams() {
+    for stream in cim_archive::archived_streams() {
         let mirror = resources::leaf_mirror(&stream, LEAF_PLACEHOLDER)?;
         for api in JS_API {
             for verb in ["CREATE", "UPDATE"] {
@@ -361,8 +361,8 @@ mod tests {
         let template = leaf_mirror_permissions().unwrap();
         let granted: Vec<String> =
             template.iter().map(|s| s.replace(LEAF_PLACEHOLDER, &"leaf1".to_ascii_uppercase())).collect();
-        for stream in storage_manager::archived_streams() {
-            let cfg = storage_manager::tiers::mirror_config(&stream, "leaf1", cim_events::Tier::Cluster).unwrap();
+        for stream in cim_archive::archived_streams() {
+            let cfg = cim_events::resources::leaf_mirror_config(&stream, "leaf1", cim_events::Tier::Cluster).unwrap();
             for verb in ["STREAM.CREATE", "STREAM.INFO", "CONSUMER.CREATE", "STREAM.MSG.GET"] {
                 let needed = format!("$JS.API.{verb}.{}", cfg.name);
                 assert!(granted.contains(&needed), "{needed} missing");

@@ -3,8 +3,8 @@
 
 use std::fmt::Write as _;
 
-/// The groups, in the order `--help` shows them. A command whose name starts with `bench`
-/// goes under "Benchmarks"; every other command must be named here (a unit test checks).
+/// The groups, in the order `--help` shows them; every command must be named here (a unit
+/// test checks).
 const GROUPS: &[(&str, &[&str])] = &[
     ("Start a leaf node on this machine", &["up"]),
     ("Information units", &["iu"]),
@@ -16,13 +16,8 @@ const GROUPS: &[(&str, &[&str])] = &[
     ("Access and deployment", &["token", "deploy"]),
 ];
 
-const BENCHMARKS: &str = "Benchmarks";
-
 /// The group `name` belongs in, if any.
 fn group_of(name: &str) -> Option<&'static str> {
-    if name.starts_with("bench") {
-        return Some(BENCHMARKS);
-    }
     GROUPS.iter().find(|(_, names)| names.contains(&name)).map(|(heading, _)| *heading)
 }
 
@@ -56,14 +51,8 @@ pub fn grouped(cmd: clap::Command) -> clap::Command {
         .collect();
     let width = subs.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
     let mut list = String::new();
-    let headings = GROUPS.iter().map(|(h, _)| *h).chain([BENCHMARKS]);
-    for heading in headings {
-        // In the group's order; benchmarks in the order clap has them.
-        let named = GROUPS.iter().find(|(h, _)| *h == heading).map(|(_, names)| *names);
-        let members: Vec<&(String, String)> = match named {
-            Some(names) => names.iter().filter_map(|n| subs.iter().find(|(s, _)| s == n)).collect(),
-            None => subs.iter().filter(|(n, _)| group_of(n) == Some(heading)).collect(),
-        };
+    for (heading, names) in GROUPS {
+        let members: Vec<&(String, String)> = names.iter().filter_map(|n| subs.iter().find(|(s, _)| s == n)).collect();
         if members.is_empty() {
             continue;
         }
@@ -113,10 +102,6 @@ mod tests {
             }
         }
         for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
-            // The benchmarks are leaving cimctl for their own binary (cim-bench).
-            if sub.get_name().starts_with("bench") {
-                continue;
-            }
             undocumented(sub, &path, out);
         }
     }

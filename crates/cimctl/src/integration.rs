@@ -268,7 +268,7 @@ fn add(path: &std::path::Path, what: AddWhat) -> Result<ExitCode> {
         allowed.as_array_mut().context("outbound_allow must be a list")?.push(json!(a));
     }
     let text = serde_json::to_string_pretty(&doc)?;
-    integration_hub::config::validate(&text).map_err(|e| anyhow::anyhow!("{e}; {} left unchanged", path.display()))?;
+    cim_hub_config::validate(&text).map_err(|e| anyhow::anyhow!("{e}; {} left unchanged", path.display()))?;
     std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
     eprintln!("added to {}; restart integration-hub to apply", path.display());
     Ok(ExitCode::SUCCESS)

@@ -51,7 +51,7 @@ pub async fn run(args: UpArgs) -> Result<ExitCode> {
         let why = format!("invalid --sync {:?}: use `always` or an interval such as 1s, 500ms, 2m", args.sync);
         return Err(crate::error::Usage(why).into());
     }
-    let nats_bin = cim_testkit::nats_server_binary()?;
+    let nats_bin = cim_proc::nats_server_binary()?;
     let binaries = find_service_binaries(args.bin_dir.as_deref())?;
 
     std::fs::create_dir_all(&args.data_dir)
@@ -88,7 +88,7 @@ pub async fn run(args: UpArgs) -> Result<ExitCode> {
     let gateway_grpc = format!("127.0.0.1:{}", pick_port(8481));
     for (component, bin) in &binaries {
         let name = component.service_name();
-        let port = cim_testkit::free_port();
+        let port = cim_proc::free_port();
         let log = logs.join(format!("{name}.log"));
         let mut cmd = Command::new(bin);
         cmd.env("CIM_NATS_URL", &nats_url)
@@ -180,7 +180,7 @@ fn pick_port(preferred: u16) -> u16 {
     if preferred != 0 && std::net::TcpListener::bind(("127.0.0.1", preferred)).is_ok() {
         return preferred;
     }
-    let port = cim_testkit::free_port();
+    let port = cim_proc::free_port();
     if preferred != 0 {
         println!("note: port {preferred} is in use; using {port}");
     }
@@ -231,7 +231,7 @@ async fn wait_healthy(procs: &mut [Proc], addr: &str, path: &str, deadline: Inst
         if let Some(msg) = exited(procs) {
             bail!(msg);
         }
-        if let Ok(r) = cim_testkit::http_get(addr, path).await
+        if let Ok(r) = cim_proc::http_get(addr, path).await
             && r.status == 200
         {
             return Ok(());

@@ -14,7 +14,7 @@
 //! objects of a bucket become units.
 
 pub mod allow;
-pub mod config;
+pub use cim_hub_config as config;
 mod endpoints;
 pub mod mqtt;
 pub mod outbound;

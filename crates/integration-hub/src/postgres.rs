@@ -21,14 +21,6 @@ use prost::Message;
 
 use crate::config::{Deliver, Postgres};
 
-/// A plain SQL identifier: lowercase letters, digits and `_`, not starting with a digit.
-pub fn valid_identifier(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-        && !s.starts_with(|c: char| c.is_ascii_digit())
-}
-
 async fn connect(pg: &Postgres) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let (client, connection) = tokio_postgres::connect(&pg.url, tokio_postgres::NoTls).await?;
     let name = pg.name.clone();

@@ -8,7 +8,7 @@
 mod app;
 mod lifecycle;
 mod nodes;
-pub mod placement;
+pub use cim_placement as placement;
 mod projector;
 mod queries;
 pub mod state;

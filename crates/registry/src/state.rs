@@ -12,6 +12,8 @@ use cim_events::{
 };
 use prost::Message as _;
 
+pub use cim_placement::names::{instance_state_name, state_name};
+
 /// One registry event, decoded.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
@@ -222,27 +224,6 @@ pub enum NodeRefusal {
     Stateful { node: String, what: String, detail: String },
     #[error("{0}")]
     Invalid(String),
-}
-
-pub fn state_name(s: NodeState) -> &'static str {
-    match s {
-        NodeState::Unspecified => "unknown",
-        NodeState::NodeEnrolling => "enrolling",
-        NodeState::NodeSchedulable => "schedulable",
-        NodeState::NodeDraining => "draining",
-        NodeState::NodeDrained => "drained",
-        NodeState::NodeDecommissioned => "decommissioned",
-    }
-}
-
-pub fn instance_state_name(s: InstanceState) -> &'static str {
-    match s {
-        InstanceState::Unspecified => "unknown",
-        InstanceState::InstanceRunning => "running",
-        InstanceState::InstanceDrained => "drained",
-        InstanceState::InstanceStopped => "stopped",
-        InstanceState::InstanceLost => "lost",
-    }
 }
 
 /// The event action of a node transition to `to`.
@@ -566,11 +547,13 @@ mod tests {
 
     #[test]
     fn problems_name_missing_lost_stale_incompatible_and_draining() {
-        let mut v = View::default();
-        v.desired = Some(vec![
-            DesiredService { service: "registry".into(), replicas: 2, ..Default::default() },
-            DesiredService { service: "information-unit".into(), replicas: 1, ..Default::default() },
-        ]);
+        let mut v = View {
+            desired: Some(vec![
+                DesiredService { service: "registry".into(), replicas: 2, ..Default::default() },
+                DesiredService { service: "information-unit".into(), replicas: 1, ..Default::default() },
+            ]),
+            ..Default::default()
+        };
         v.apply(1, 1, &registered(inst("r1", "registry", "n1", "a")));
         let mut old = inst("r2", "registry", "n1", "b");
         old.version = "0.0.9".into();

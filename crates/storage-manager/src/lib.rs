@@ -2,16 +2,12 @@
 //!
 //! It runs on the shared runtime (provisioning, announce, `$SRV.*`, health) and archives every
 //! CIM stream (events, dead letters, object buckets) continuously to an ordered list of
-//! S3-compatible targets in the open format of docs/storage-manager.md. `restore` and
-//! `verify` read that format back (used by `cimctl restore` and `cimctl archive`).
+//! S3-compatible targets in the open format of docs/storage-manager.md (the `cim-archive`
+//! crate, which also reads it back for `cimctl restore` and `cimctl archive`).
 
 pub mod archive;
-pub mod format;
 pub mod guard;
 pub mod objects;
-pub mod restore;
-pub mod s3;
-pub mod target;
 pub mod tiers;
 pub mod verified;
 
@@ -22,9 +18,8 @@ use std::time::Duration;
 use cim_events::Component;
 use cim_runtime::{CommonArgs, CommonSettings, ConfigError, Service, ServiceArgs, ServiceDef, Shutdown};
 
-pub use archive::{ArchiveSettings, archived_streams};
-pub use s3::{S3Client, S3Error};
-pub use target::{Credentials, Target, TargetError};
+pub use archive::ArchiveSettings;
+use cim_archive::{S3Client, Target, TargetError, archived_streams, mirror_streams};
 
 pub const COMPONENT: Component = Component::StorageManager;
 
@@ -164,7 +159,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
         .setup(move |ctx| async move {
             // On the cluster the leaf mirrors are archived like the rest: leaf → cluster → S3.
             let mut streams = archived_streams();
-            streams.extend(archive::mirror_streams(&leaves)?);
+            streams.extend(mirror_streams(&leaves)?);
             // The retention guard: refuse to run over a stream that could drop unarchived data.
             let mut refused = Vec::new();
             for stream in &streams {

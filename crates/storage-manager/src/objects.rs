@@ -13,15 +13,11 @@ use futures::StreamExt;
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
-use crate::s3::S3Client;
+use cim_archive::S3Client;
+use cim_archive::format::object_key;
 
 /// S3's smallest part (except the last).
 pub const MIN_PART_BYTES: usize = 5 << 20;
-
-/// `<prefix>objects/<bucket>/<name>`
-pub fn object_key(prefix: &str, bucket: &str, name: &str) -> String {
-    format!("{prefix}objects/{bucket}/{name}")
-}
 
 /// Copies new objects of `bucket` to the target every `poll`, until `stop`.
 pub async fn run_bucket(

@@ -2,38 +2,14 @@
 //! (`<STREAM>_FROM_<LEAF>`, named by cim-events) that JetStream keeps in step across the
 //! leaf node connection. A mirror keeps the leaf's sequence numbers, so after an uplink
 //! outage it catches up from where it stopped: no gap, no duplicate. This module creates
-//! the mirrors and watches their lag.
+//! the mirrors (configured by `cim_events::resources::leaf_mirror_config`) and watches their
+//! lag.
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream;
 use cim_events::{Tier, resources};
 use tokio::sync::watch;
-
-/// The cluster mirror configuration of `stream` on leaf `domain`.
-pub fn mirror_config(stream: &str, domain: &str, tier: Tier) -> Result<stream::Config, cim_events::ContractError> {
-    Ok(stream::Config {
-        name: resources::leaf_mirror(stream, domain)?,
-        description: Some(format!("mirror of {stream} on leaf domain {domain}")),
-        mirror: Some(stream::Source {
-            name: stream.to_string(),
-            // The server takes a domain as the external API prefix of that domain.
-            external: Some(stream::External {
-                api_prefix: resources::domain_api_prefix(domain),
-                delivery_prefix: None,
-            }),
-            ..Default::default()
-        }),
-        storage: stream::StorageType::File,
-        num_replicas: tier.replicas(),
-        retention: stream::RetentionPolicy::Limits,
-        allow_direct: true,
-        mirror_direct: false,
-        deny_delete: true,
-        deny_purge: true,
-        ..Default::default()
-    })
-}
 
 /// Creates (or keeps) every mirror of every leaf; an existing stream of that name that is not
 /// the same mirror is an error naming it.
@@ -45,7 +21,7 @@ pub async fn ensure_mirrors(
 ) -> anyhow::Result<()> {
     for leaf in leaves {
         for s in streams {
-            let cfg = mirror_config(s, leaf, tier)?;
+            let cfg = resources::leaf_mirror_config(s, leaf, tier)?;
             match js.get_stream(&cfg.name).await {
                 Ok(mut existing) => {
                     let info = existing.info().await?;

@@ -16,14 +16,14 @@ use cim_events::{Component, resources, storage};
 use cim_runtime::metrics::{ArchiveLabels, Metrics};
 use tokio::sync::watch;
 
-use crate::format::{self, Manifest};
-use crate::s3::S3Client;
+use cim_archive::S3Client;
+use cim_archive::format::{self, Manifest};
 
 /// Why a segment does not count as verified.
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
     #[error("{0}")]
-    S3(#[from] crate::s3::S3Error),
+    S3(#[from] cim_archive::S3Error),
     #[error(transparent)]
     Format(#[from] format::FormatError),
     #[error("segment {0} is missing")]

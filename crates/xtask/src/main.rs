@@ -1,12 +1,13 @@
 //! `cargo xtask <task>`: the project's repetitive developer tasks, with no dependencies.
 //!
-//! - `tidy`:  formatting, clippy, names only in cim-events, crate boundaries, docs current
-//!            (tidy.rs); each failure says what to do.
-//! - `test`:  tidy, then build every binary (the integration tests run the real service
-//!            processes), then run the whole suite with cargo-nextest (or `cargo test`).
-//! - `up`:    build every binary, then `cimctl up` (a leaf node with all services).
-//! - `bench`: build every binary in release mode (the information-unit scenarios run the real
-//!            service), then run `cimctl bench`, writing docs/bench-latest.md.
+//! - `tidy [CHECK…]`: formatting, clippy, names only in cim-events, crate boundaries, no test
+//!   harness in a shipped binary, docs current (tidy.rs); each failure says what to do.
+//! - `test`: tidy, then build every binary (the integration tests run the real service
+//!   processes), then run the whole suite with cargo-nextest (or `cargo test` when absent).
+//! - `up`: build every binary, then `cimctl up` (a leaf node with all services).
+//! - `bench [SCENARIO] [options]`: build every binary in release mode (the benchmarks run the
+//!   real services), then run `cim-bench` (every scenario, or the one named; `all` writes the
+//!   envelope and information-unit table to docs/bench-latest.md).
 
 mod tidy;
 
@@ -24,7 +25,7 @@ fn main() -> ExitCode {
         "up" => up(&rest),
         "bench" => bench(&rest),
         _ => {
-            eprintln!("usage: cargo xtask <tidy|test|up|bench> [args passed on]");
+            eprintln!("usage: cargo xtask <tidy [CHECK…]|test|up|bench [SCENARIO]> [args passed on]");
             return ExitCode::from(if task == "help" { 0 } else { 64 });
         }
     };
@@ -69,12 +70,24 @@ fn up(rest: &[String]) -> Result<(), String> {
 
 fn bench(rest: &[String]) -> Result<(), String> {
     run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
-    let exe = target_dir().join("release").join("cimctl");
-    let mut args = vec!["bench".to_string()];
-    if !rest.iter().any(|a| a == "--out") {
+    let exe = target_dir().join("release").join("cim-bench");
+    let args = bench_args(rest);
+    run(Command::new(exe).args(args))
+}
+
+/// `cim-bench`'s arguments for `cargo xtask bench REST`: the scenario named first (`all` when
+/// none is), and for `all` the table written to docs/bench-latest.md unless `--out` is given.
+fn bench_args(rest: &[String]) -> Vec<String> {
+    let (scenario, options) = match rest.split_first() {
+        Some((s, o)) if !s.starts_with('-') => (s.clone(), o.to_vec()),
+        _ => ("all".to_string(), rest.to_vec()),
+    };
+    let mut args = vec![scenario];
+    if args[0] == "all" && !options.iter().any(|a| a == "--out") {
         args.extend(["--out".to_string(), "docs/bench-latest.md".to_string()]);
     }
-    run(Command::new(exe).args(args).args(rest))
+    args.extend(options);
+    args
 }
 
 /// The workspace root.
@@ -86,4 +99,21 @@ fn target_dir() -> std::path::PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(Into::into)
         .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        bench_args(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn bench_runs_all_or_the_named_scenario() {
+        assert_eq!(args(&[]), ["all", "--out", "docs/bench-latest.md"]);
+        assert_eq!(args(&["all", "--out", "x.md"]), ["all", "--out", "x.md"]);
+        assert_eq!(args(&["envelope", "--rounds", "1"]), ["envelope", "--rounds", "1"]);
+        assert_eq!(args(&["storage"]), ["storage"]);
+    }
 }

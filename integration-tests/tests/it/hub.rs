@@ -1206,7 +1206,7 @@ async fn hub_mqtt_connector_both_ways_across_a_broker_restart() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hub_s3_import_turns_new_objects_into_units_once() -> Result<()> {
-    use storage_manager::{Credentials, S3Client, Target};
+    use cim_archive::{Credentials, S3Client, Target};
     let s3 = cim_testkit::S3Server::start().await?;
     let bucket = S3Client::new(Target {
         name: "inbox".into(),

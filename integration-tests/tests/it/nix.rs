@@ -777,8 +777,8 @@ fn nix_cluster_storage_manager_user_may_keep_the_leaf_mirrors() {
             .collect()
     };
     let sm = publish_of(Component::StorageManager.service_name());
-    for stream in storage_manager::archived_streams() {
-        let cfg = storage_manager::tiers::mirror_config(&stream, "leaf", cim_events::Tier::Cluster).unwrap();
+    for stream in cim_archive::archived_streams() {
+        let cfg = cim_events::resources::leaf_mirror_config(&stream, "leaf", cim_events::Tier::Cluster).unwrap();
         for verb in ["CREATE", "INFO", "UPDATE"] {
             let needed = format!("$JS.API.STREAM.{verb}.{}", cfg.name);
             assert!(sm.contains(&needed), "storage-manager lacks {needed}");
@@ -1012,14 +1012,14 @@ async fn nix_live_topology_with_per_service_identities() -> Result<()> {
     let sm_url = format!("nats://{sm_user}:{}@127.0.0.1:{}", password(sm_user), ports["node1"]["client"]);
     // ...and archives it to S3 with the same identity (the template's read permissions).
     let nas = cim_testkit::S3Server::start().await?;
-    let nas_c = storage_manager::S3Client::new(storage_manager::Target {
+    let nas_c = cim_archive::S3Client::new(cim_archive::Target {
         name: "nas".into(),
         endpoint: nas.endpoint(),
         region: nas.region().into(),
         bucket: "cim-archive".into(),
         prefix: "hub/".into(),
         path_style: true,
-        credentials: storage_manager::Credentials::new(nas.access_key(), nas.secret_key()),
+        credentials: cim_archive::Credentials::new(nas.access_key(), nas.secret_key()),
     })?;
     nas_c.ensure_bucket().await?;
     let spec = format!(
@@ -1057,7 +1057,7 @@ async fn nix_live_topology_with_per_service_identities() -> Result<()> {
     .await
     .with_context(|| sm.log())?;
     cim_testkit::eventually(Duration::from_secs(60), "the hub's mirror archived to S3", || async {
-        let (archived, _) = storage_manager::archive::committed_position(&nas_c, &mirror).await?;
+        let (archived, _) = cim_archive::committed_position(&nas_c, &mirror).await?;
         ensure!(archived == 1, "archived through {archived}");
         Ok(())
     })

@@ -7,12 +7,11 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use async_nats::{HeaderMap, jetstream};
 use bytes::Bytes;
+use cim_archive::restore::{self, Until};
+use cim_archive::{Credentials, S3Client, Target, committed_position};
 use cim_events::{Component, Tier, resources};
 use cim_testkit::{NatsServer, S3Server, eventually};
 use sha2::{Digest, Sha256};
-use storage_manager::archive::committed_position;
-use storage_manager::restore::{self, Until};
-use storage_manager::{Credentials, S3Client, Target};
 use tokio::io::AsyncReadExt;
 
 use crate::common::{ServiceProc, wait_ready};
@@ -242,7 +241,7 @@ async fn storage_archive_two_targets_crash_resume_restore() -> Result<()> {
     // Objects by name (CID in the content bucket), the big one in multipart parts.
     for s3 in [&nas_c, &wasabi_c] {
         for (name, data) in &objects {
-            let key = storage_manager::objects::object_key(&s3.target().prefix, &content_bucket().bucket, name);
+            let key = cim_archive::format::object_key(&s3.target().prefix, &content_bucket().bucket, name);
             eventually(WAIT, &format!("{key} on {}", s3.target().name), || async {
                 let got = s3.get(&key).await?.context("not there yet")?;
                 ensure!(Sha256::digest(&got) == Sha256::digest(data), "{key}: content differs ({} bytes)", got.len());
@@ -415,7 +414,7 @@ async fn storage_cimctl_restore_verify_status() -> Result<()> {
     let obj_last = last_seq(&js, &obj_stream).await?;
     wait_archived(&nas_c, &events_stream(), 500).await?;
     wait_archived(&nas_c, &obj_stream, obj_last).await?;
-    let copy_key = storage_manager::objects::object_key(&nas_c.target().prefix, &content_bucket().bucket, &cid);
+    let copy_key = cim_archive::format::object_key(&nas_c.target().prefix, &content_bucket().bucket, &cid);
     eventually(WAIT, "the content copied by its CID", || async {
         ensure!(nas_c.head(&copy_key).await?.is_some(), "not yet");
         Ok(())

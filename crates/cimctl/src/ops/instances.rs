@@ -8,7 +8,7 @@ use cim_events::{
     proto::registry::{InstanceList, ListInstances},
     registry as names,
 };
-use registry::state::instance_state_name;
+use cim_placement::names::instance_state_name;
 use serde_json::json;
 
 use super::{Conn, Table, ago, instance_json, print, request};

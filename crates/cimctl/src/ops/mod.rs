@@ -21,9 +21,9 @@ use std::{fmt::Write as _, path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result};
 use cim_events::proto::registry::{Instance, Node};
-use registry::{
-    placement::human,
-    state::{instance_state_name, state_name},
+use cim_placement::{
+    human,
+    names::{instance_state_name, state_name},
 };
 use serde_json::{Value, json};
 

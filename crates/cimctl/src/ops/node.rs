@@ -11,10 +11,7 @@ use cim_events::{
     proto::registry::{EnrollNode, ListNodes, Node, NodeCommand, NodeList, NodeReply, NodeState},
     registry as names,
 };
-use registry::{
-    placement::{self, human},
-    state::state_name,
-};
+use cim_placement::{self as placement, human, names::state_name};
 use serde_json::json;
 
 use super::{Conn, Table, node_json, print, request};

@@ -8,7 +8,7 @@ use cim_events::{
     proto::registry::{DesiredService, SetDesired},
     registry as names,
 };
-use registry::placement::{self, PlacementFile, human};
+use cim_placement::{self as placement, PlacementFile, human};
 use serde_json::json;
 
 use super::{Conn, Table, print, request};

@@ -15,8 +15,8 @@ use cim_events::{
     proto::registry::{GetOverview, Instance, InstanceState, Overview},
     registry as names, resources,
 };
+use cim_placement::names::{instance_state_name, state_name};
 use futures::StreamExt;
-use registry::state::{instance_state_name, state_name};
 use serde_json::{Value, json};
 
 use super::{Conn, Table, ago, human, instance_json, node_json, print, request};

@@ -1,5 +1,5 @@
-//! `cimctl bench-plugin`: the cost of running a plugin. Starts its own nats-server and the real
-//! `plugin-host` binary (next to cimctl), then measures in the same run:
+//! `cim-bench plugin`: the cost of running a plugin. Starts its own nats-server and the real
+//! `plugin-host` binary (next to cim-bench), then measures in the same run:
 //! - the round trip of a trivial WebAssembly plugin (`identity`) vs a raw NATS request/reply of
 //!   the same bytes answered by an echo responder (the ratio is the plugin overhead),
 //! - the in-process instantiate+call time the host reports per invocation (`duration_us`),
@@ -23,7 +23,7 @@ use prost::Message as _;
 use tokio::process::{Child, Command};
 
 #[derive(clap::Args, Debug)]
-pub struct BenchPluginArgs {
+pub struct PluginArgs {
     /// Sequential requests per latency measurement.
     #[arg(long, default_value_t = 2000)]
     requests: usize,
@@ -46,11 +46,11 @@ struct Host {
 impl Host {
     async fn start(nats_url: &str, parallelism: u32, client: &async_nats::Client) -> Result<Host> {
         let exe = std::env::current_exe()?;
-        let bin = exe.parent().context("cimctl has no directory")?.join("plugin-host");
+        let bin = exe.parent().context("cim-bench has no directory")?.join("plugin-host");
         if !bin.is_file() {
             bail!("{} is missing: build it with `cargo build --release --workspace --bins`", bin.display());
         }
-        let log = tempfile::Builder::new().prefix("cimctl-bench-plugin-").suffix(".log").tempfile()?;
+        let log = tempfile::Builder::new().prefix("cim-bench-plugin-").suffix(".log").tempfile()?;
         let child = Command::new(bin)
             .args(["--nats-url", nats_url, "--plugin-parallelism", &parallelism.to_string(), "--plugin-queue", "4096"])
             .args(["--max-in-flight", "4096"])
@@ -149,7 +149,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-pub async fn run(args: BenchPluginArgs) -> Result<ExitCode> {
+pub async fn run(args: PluginArgs) -> Result<ExitCode> {
     let nats = cim_testkit::NatsServer::start().await?;
     let client = nats.connect().await;
     let identity = plugin::invoke_subject("identity", "1.0.0")?;

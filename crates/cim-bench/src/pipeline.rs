@@ -1,5 +1,5 @@
-//! `cimctl bench-pipeline`: what the pipeline engine costs. Starts its own nats-server and the
-//! real `information-unit`, `plugin-host` and `pipeline-engine` binaries (next to cimctl), applies
+//! `cim-bench pipeline`: what the pipeline engine costs. Starts its own nats-server and the
+//! real `information-unit`, `plugin-host` and `pipeline-engine` binaries (next to cim-bench), applies
 //! a 3-step pipeline of trivial plugins (`identity` three times) triggered by unit creation, and
 //! measures in the same run:
 //! - end-to-end latency, trigger event published → run completed (p50, p99), one run at a time,
@@ -29,10 +29,10 @@ use cim_iu_client::IuClient;
 use futures::StreamExt;
 use prost::Message as _;
 
-use crate::bench::{quantile, spawn_sibling, until};
+use crate::support::{quantile, spawn_sibling, until};
 
 #[derive(clap::Args, Debug)]
-pub struct BenchPipelineArgs {
+pub struct PipelineArgs {
     /// Runs measured one at a time for the latency.
     #[arg(long, default_value_t = 200)]
     runs: usize,
@@ -52,7 +52,7 @@ async fn completions(completed: &mut async_nats::Subscriber, n: usize) -> Result
     Ok(())
 }
 
-pub async fn run(args: BenchPipelineArgs) -> Result<ExitCode> {
+pub async fn run(args: PipelineArgs) -> Result<ExitCode> {
     let nats = cim_testkit::NatsServer::start().await?;
     let url = nats.url();
     let client = nats.connect().await;

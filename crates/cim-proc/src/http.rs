@@ -39,7 +39,7 @@ pub async fn http_get(addr: &str, path: &str) -> Result<HttpResponse> {
 async fn get_inner(addr: &str, path: &str) -> Result<HttpResponse> {
     let mut stream = TcpStream::connect(addr).await?;
     let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: cim-testkit\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: cim-proc\r\nAccept: */*\r\nConnection: close\r\n\r\n"
     );
     stream.write_all(request.as_bytes()).await?;
     let mut raw = Vec::new();

@@ -16,21 +16,21 @@ use tokio::{
     process::{Child, Command},
 };
 
-/// Name of the service binary, next to `cimctl`.
+/// Name of the service binary, next to `cim-bench`.
 const BINARY: &str = "information-unit";
 /// How long the service may take to start answering `cim.qry.iu.status`.
 const START_DEADLINE: Duration = Duration::from_secs(60);
 
 /// The `information-unit` binary beside this executable.
 pub(super) fn binary() -> Result<PathBuf> {
-    let exe = std::env::current_exe().context("locating the cimctl executable")?;
-    let dir = exe.parent().context("the cimctl executable has no directory")?;
+    let exe = std::env::current_exe().context("locating the cim-bench executable")?;
+    let dir = exe.parent().context("the cim-bench executable has no directory")?;
     let path = dir.join(BINARY);
     if !path.is_file() {
         bail!(
-            "{} is missing: the information-unit scenarios run the real service binary next to cimctl; \
+            "{} is missing: the information-unit scenarios run the real service binary next to cim-bench; \
              build it with `cargo build --release --workspace --bins` (`cargo xtask bench` does), \
-             or choose other scenarios with --scenario",
+             or run `cim-bench envelope`",
             path.display()
         );
     }
@@ -46,7 +46,7 @@ pub(super) struct IuService {
 impl IuService {
     /// Starts the service against `nats_url` and waits until `cim.qry.iu.status` answers.
     pub(super) async fn start(nats_url: &str) -> Result<(IuService, IuClient)> {
-        let log = tempfile::Builder::new().prefix("cimctl-bench-iu-").suffix(".log").tempfile()?;
+        let log = tempfile::Builder::new().prefix("cim-bench-iu-").suffix(".log").tempfile()?;
         let child = Command::new(binary()?)
             .args(["--nats-url", nats_url, "--http-listen", "127.0.0.1:0"])
             .stdin(Stdio::null())

@@ -1,10 +1,13 @@
 //! Capacity and placement: does a desired set of services fit on the nodes, and if not exactly
 //! why; and a proposed placement. Pure logic (no I/O), used by `cimctl placement check` and the
-//! registry; its JSON report is what the NixOS deployment consumes.
+//! registry; its JSON report is what the NixOS deployment consumes. [`names`] holds the names
+//! of registry states that both show.
 //!
 //! Memory is a hard budget per node: allocatable = physical − reserved − safety buffer, and the
 //! sum of the `MemoryMax` of the services placed there may not exceed it. CPU is shared by
 //! weight and may be overcommitted: the sum of CPU shares may reach `cpus × cpu_overcommit`.
+
+pub mod names;
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -1,5 +1,5 @@
-//! `cimctl bench-gateway`: the cost of the ui-gateway. Starts its own nats-server and the real
-//! `information-unit` and `ui-gateway` binaries (next to cimctl), then measures in the same run:
+//! `cim-bench gateway`: the cost of the ui-gateway. Starts its own nats-server and the real
+//! `information-unit` and `ui-gateway` binaries (next to cim-bench), then measures in the same run:
 //! - create (upload 100 bytes + create) and get latency over HTTP vs the same operation as a
 //!   direct NATS request with `cim-iu-client` (the ratio is the gateway's overhead),
 //! - get throughput with concurrent callers, HTTP vs direct,
@@ -22,10 +22,10 @@ use cim_iu_client::{IuClient, proto::CreateUnit};
 use prost::Message as _;
 use tokio::io::AsyncReadExt;
 
-use crate::bench::{quantile, spawn_sibling, until};
+use crate::support::{quantile, spawn_sibling, until};
 
 #[derive(clap::Args, Debug)]
-pub struct BenchGatewayArgs {
+pub struct GatewayArgs {
     /// Sequential operations per latency measurement.
     #[arg(long, default_value_t = 300)]
     requests: usize,
@@ -50,7 +50,7 @@ fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-pub async fn run(args: BenchGatewayArgs) -> Result<ExitCode> {
+pub async fn run(args: GatewayArgs) -> Result<ExitCode> {
     let nats = cim_testkit::NatsServer::start().await?;
     let url = nats.url();
     let client = nats.connect().await;

@@ -159,7 +159,7 @@ pub struct ObjectsReport {
 /// checks each one named by a CID against that CID (streamed: memory stays bounded).
 pub async fn verify_objects(s3: &S3Client, bucket: &str) -> ObjectsReport {
     let mut report = ObjectsReport { bucket: bucket.to_string(), ..Default::default() };
-    let prefix = crate::objects::object_key(&s3.target().prefix, bucket, "");
+    let prefix = format::object_key(&s3.target().prefix, bucket, "");
     let keys = match s3.list(&prefix, None).await {
         Ok(k) => k,
         Err(e) => {

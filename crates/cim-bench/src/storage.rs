@@ -1,4 +1,4 @@
-//! `cimctl bench-storage`: the storage manager's archive and restore beside raw baselines in
+//! `cim-bench storage`: the storage manager's archive and restore beside raw baselines in
 //! the same run — archive throughput vs raw SigV4 PutObject of the same segment bytes to the
 //! same S3 server and vs a bare ordered-consumer read of the same stream, the copy of a large
 //! object by name vs a raw multipart PutObject of the same bytes, restore rate vs raw
@@ -11,16 +11,16 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use async_nats::{HeaderMap, jetstream};
 use bytes::Bytes;
+use cim_archive::format::SegmentWriter;
+use cim_archive::restore::{self, Until};
+use cim_archive::{Credentials, S3Client, Target, committed_position};
 use cim_events::{Component, Tier, resources};
 use cim_testkit::{NatsServer, S3Server};
 use futures::StreamExt;
-use storage_manager::archive::{self, ArchiveSettings, committed_position};
-use storage_manager::format::SegmentWriter;
-use storage_manager::restore::{self, Until};
-use storage_manager::{Credentials, S3Client, Target};
+use storage_manager::archive::{self, ArchiveSettings};
 
 #[derive(clap::Args, Debug)]
-pub struct BenchStorageArgs {
+pub struct StorageArgs {
     /// Events archived and restored.
     #[arg(long, default_value_t = 50_000)]
     events: u64,
@@ -74,7 +74,7 @@ async fn publish_all(js: &jetstream::Context, n: u64, len: usize) -> Result<()> 
     Ok(())
 }
 
-pub async fn run(args: BenchStorageArgs) -> Result<ExitCode> {
+pub async fn run(args: StorageArgs) -> Result<ExitCode> {
     let (nats, s3srv) = tokio::try_join!(NatsServer::start(), S3Server::start())?;
     let js = jetstream::new(nats.connect().await);
     let spec = resources::events_stream(Component::InformationUnit);

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::s3::hex;
+use crate::hex;
 
 /// First bytes of every segment (after decompression).
 pub const SEGMENT_MAGIC: &[u8; 8] = b"CIMSEG1\n";
@@ -347,6 +347,11 @@ pub fn manifests_prefix(prefix: &str, stream: &str) -> String {
 
 pub fn cursor_key(prefix: &str, stream: &str) -> String {
     format!("{}cursor.json", stream_prefix(prefix, stream))
+}
+
+/// `<prefix>objects/<bucket>/<name>`: an object copied by name (a CID for the content bucket).
+pub fn object_key(prefix: &str, bucket: &str, name: &str) -> String {
+    format!("{prefix}objects/{bucket}/{name}")
 }
 
 /// `(first, last)` of a manifest key, if it is one.

@@ -1,6 +1,11 @@
-//! The hub's declarative configuration file (JSON): webhook sources, each with its own
-//! endpoint, secret (from a file or the environment), tolerance, size limit and target.
-//! Loading is pure apart from reading the secrets, and refuses anything unclear.
+//! The integration hub's declarative configuration file (JSON): webhook sources, each with its
+//! own endpoint, secret (from a file or the environment), tolerance, size limit and target;
+//! outbound subscriptions and their allow-list ([`allow`]); the PostgreSQL, MQTT and S3 import
+//! connectors. Loading is pure apart from reading the secrets, and refuses anything unclear.
+//! A library of its own so that `cimctl integration add` checks a file exactly as the hub
+//! does without linking the hub.
+
+pub mod allow;
 
 use std::{
     collections::BTreeMap,
@@ -398,6 +403,14 @@ impl std::fmt::Debug for Source {
     }
 }
 
+/// A plain SQL identifier: lowercase letters, digits and `_`, not starting with a digit.
+pub fn valid_identifier(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !s.starts_with(|c: char| c.is_ascii_digit())
+}
+
 /// Reads and validates the configuration file.
 pub fn load(path: &Path) -> Result<Hub, ConfigError> {
     let text = std::fs::read_to_string(path)
@@ -467,7 +480,7 @@ pub fn parse(
         };
         let project = match p.project {
             Some(pr) => {
-                if !crate::postgres::valid_identifier(&pr.table) {
+                if !valid_identifier(&pr.table) {
                     return Err(bad(format!("table {:?} is not a plain identifier ([a-z_][a-z0-9_]*)", pr.table)));
                 }
                 Some(Projection {
@@ -479,7 +492,7 @@ pub fn parse(
             }
             None => None,
         };
-        if let Some(t) = p.watch.iter().find(|t| !crate::postgres::valid_identifier(t)) {
+        if let Some(t) = p.watch.iter().find(|t| !valid_identifier(t)) {
             return Err(bad(format!("table {t:?} is not a plain identifier ([a-z_][a-z0-9_]*)")));
         }
         if postgres.iter().any(|o| o.name == p.name) {
@@ -548,8 +561,7 @@ pub fn parse(
         };
         let access_key = value("access_key", &i.access_key_file, &i.access_key_env)?;
         let secret_key = value("secret_key", &i.secret_key_file, &i.secret_key_env)?;
-        let endpoint_ok =
-            reqwest::Url::parse(&i.endpoint).is_ok_and(|u| u.scheme() == "http" && u.host_str().is_some());
+        let endpoint_ok = url::Url::parse(&i.endpoint).is_ok_and(|u| u.scheme() == "http" && u.host_str().is_some());
         if !endpoint_ok {
             return Err(bad(format!("endpoint {:?} must be an http://host[:port] url", i.endpoint)));
         }

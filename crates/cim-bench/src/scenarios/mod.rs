@@ -1,7 +1,8 @@
-//! `cimctl bench`: each scenario is measured beside its raw baseline in the same run, on a
-//! fresh nats-server, in alternating rounds; the table reports medians and the ratio.
+//! The table scenarios (`cim-bench envelope|iu-create|iu-content|iu-memory|iu-rebuild`, all of
+//! them in `cim-bench all`): each is measured beside its raw baseline in the same run, on a
+//! fresh nats-server, in alternating rounds; the Markdown table reports medians and the ratio.
 //!
-//! Scenarios (`--scenario`, default `all`):
+//! Scenarios:
 //! - `envelope`: publishing an event through the cim-events envelope vs a raw JetStream publish;
 //! - `iu-create`: creating small units through the information-unit service vs a raw publish
 //!   of the same encoded event;
@@ -9,8 +10,8 @@
 //! - `iu-memory`: peak resident memory of the service (and of this client) moving 1 GiB;
 //! - `iu-rebuild`: projection rebuild rate vs a raw ordered consumer reading the stream.
 //!
-//! The information-unit scenarios run the real `information-unit` binary (found next to this
-//! executable) as a child process against their own nats-server, and remove everything they
+//! The information-unit scenarios run the real `information-unit` binary (found next to
+//! `cim-bench`) as a child process against their own nats-server, and remove everything they
 //! created when they end; every wait has a deadline.
 
 mod envelope;
@@ -29,49 +30,46 @@ use std::{
 
 use anyhow::{Context, Result};
 
+/// Options of the table scenarios; each scenario reads those named after it.
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Scenarios to run (comma-separated or repeated).
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "all")]
-    scenario: Vec<Scenario>,
     /// Rounds; each round measures baseline and CIM once, alternating. Medians are reported.
     #[arg(long, default_value_t = 3)]
-    rounds: usize,
+    pub(crate) rounds: usize,
     /// envelope: messages published per measurement.
     #[arg(long, default_value_t = 20_000)]
-    messages: usize,
+    pub(crate) messages: usize,
     /// envelope: payload size in bytes (the protobuf body; the raw baseline publishes the same bytes).
     #[arg(long, default_value_t = 256)]
-    payload: usize,
+    pub(crate) payload: usize,
     /// envelope: publishes awaiting their ack at once in the pipelined scenario.
     #[arg(long, default_value_t = 256)]
-    window: usize,
+    pub(crate) window: usize,
     /// iu-create: units created per measurement.
     #[arg(long, default_value_t = 3_000)]
-    iu_units: usize,
+    pub(crate) iu_units: usize,
     /// iu-create: concurrent create requests (and the raw baseline's publish window).
     #[arg(long, default_value_t = 32)]
-    iu_concurrency: usize,
+    pub(crate) iu_concurrency: usize,
     /// iu-content: MiB moved per measurement (upload and download each).
     #[arg(long, default_value_t = 256)]
-    content_mib: u64,
+    pub(crate) content_mib: u64,
     /// iu-memory: MiB uploaded and downloaded while the peak resident memory is watched.
     #[arg(long, default_value_t = 1024)]
-    memory_mib: u64,
+    pub(crate) memory_mib: u64,
     /// iu-rebuild: events in the stream the projection is rebuilt from.
     #[arg(long, default_value_t = 100_000)]
-    rebuild_events: u64,
+    pub(crate) rebuild_events: u64,
     /// iu-rebuild: units created through the service; the other events tag them.
     #[arg(long, default_value_t = 1_000)]
-    rebuild_units: usize,
+    pub(crate) rebuild_units: usize,
     /// Also write the Markdown table to this file.
     #[arg(long)]
-    out: Option<PathBuf>,
+    pub(crate) out: Option<PathBuf>,
 }
 
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scenario {
-    All,
     Envelope,
     IuCreate,
     IuContent,
@@ -80,12 +78,11 @@ pub enum Scenario {
 }
 
 impl Scenario {
-    const EACH: [Scenario; 5] =
+    pub const EACH: [Scenario; 5] =
         [Scenario::Envelope, Scenario::IuCreate, Scenario::IuContent, Scenario::IuMemory, Scenario::IuRebuild];
 
     fn name(self) -> &'static str {
         match self {
-            Scenario::All => "all",
             Scenario::Envelope => "envelope",
             Scenario::IuCreate => "iu-create",
             Scenario::IuContent => "iu-content",
@@ -95,9 +92,9 @@ impl Scenario {
     }
 }
 
-/// The scenarios selected, each once, in the canonical order.
+/// The scenarios chosen, each once, in the canonical order.
 fn selected(chosen: &[Scenario]) -> Vec<Scenario> {
-    Scenario::EACH.into_iter().filter(|s| chosen.contains(&Scenario::All) || chosen.contains(s)).collect()
+    Scenario::EACH.into_iter().filter(|s| chosen.contains(s)).collect()
 }
 
 /// One line of the table.
@@ -119,7 +116,8 @@ pub(crate) struct Outcome {
     pub note: String,
 }
 
-pub async fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
+/// Runs the `chosen` scenarios and prints their table (also to `--out`).
+pub async fn run(chosen: &[Scenario], args: &BenchArgs) -> Result<std::process::ExitCode> {
     anyhow::ensure!(
         args.messages > 0 && args.rounds > 0 && args.window > 0 && args.iu_units > 0 && args.iu_concurrency > 0,
         "--messages, --rounds, --window, --iu-units and --iu-concurrency must be positive"
@@ -129,7 +127,7 @@ pub async fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
         args.rebuild_units > 0 && args.rebuild_events > args.rebuild_units as u64,
         "--rebuild-events must exceed --rebuild-units (> 0)"
     );
-    let scenarios = selected(&args.scenario);
+    let scenarios = selected(chosen);
     // Before anything starts: a missing service binary is an error now, not after minutes.
     if scenarios.iter().any(|s| *s != Scenario::Envelope) {
         service::binary()?;
@@ -138,19 +136,19 @@ pub async fn run(args: BenchArgs) -> Result<std::process::ExitCode> {
 
     let mut outcomes = Vec::new();
     for scenario in scenarios {
-        eprintln!("cimctl bench: {} ...", scenario.name());
+        eprintln!("cim-bench: {} ...", scenario.name());
         let started = Instant::now();
         // Ctrl-C ends the scenario through its destructors: child processes killed, temporary
         // stores removed.
         let outcome = tokio::select! {
-            o = run_one(scenario, &args) => o.with_context(|| format!("scenario {}", scenario.name()))?,
+            o = run_one(scenario, args) => o.with_context(|| format!("scenario {}", scenario.name()))?,
             _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
         };
-        eprintln!("cimctl bench: {} done in {:.0?}", scenario.name(), started.elapsed());
+        eprintln!("cim-bench: {} done in {:.0?}", scenario.name(), started.elapsed());
         outcomes.push(outcome);
     }
 
-    let table = render(&outcomes, &args, version);
+    let table = render(&outcomes, args, version);
     println!("{table}");
     if let Some(out) = &args.out {
         std::fs::write(out, &table).with_context(|| format!("writing {}", out.display()))?;
@@ -165,7 +163,6 @@ async fn run_one(scenario: Scenario, args: &BenchArgs) -> Result<Outcome> {
         Scenario::IuContent => iu_content::run(args).await,
         Scenario::IuMemory => iu_memory::run(args).await,
         Scenario::IuRebuild => iu_rebuild::run(args).await,
-        Scenario::All => unreachable!("expanded by selected()"),
     }
 }
 
@@ -270,8 +267,8 @@ mod tests {
     }
 
     #[test]
-    fn all_selects_every_scenario_once() {
-        assert_eq!(selected(&[Scenario::All]).len(), Scenario::EACH.len());
+    fn chosen_scenarios_run_once_in_order() {
+        assert_eq!(selected(&Scenario::EACH).len(), Scenario::EACH.len());
         assert_eq!(
             selected(&[Scenario::IuRebuild, Scenario::Envelope, Scenario::IuRebuild]),
             vec![Scenario::Envelope, Scenario::IuRebuild]
@@ -310,49 +307,4 @@ mod tests {
         .unwrap_err();
         assert!(e.to_string().contains("sleeping"), "{e}");
     }
-}
-
-/// Starts the binary `name` that sits next to cimctl (a release or debug build of the
-/// workspace), its output in a temporary log file; killed when the child is dropped.
-pub(crate) fn spawn_sibling(name: &str, args: &[&str]) -> Result<(tokio::process::Child, tempfile::NamedTempFile)> {
-    let exe = std::env::current_exe()?;
-    let bin = exe.parent().context("cimctl has no directory")?.join(name);
-    if !bin.is_file() {
-        anyhow::bail!("{} is missing: build it with `cargo build --release --workspace --bins`", bin.display());
-    }
-    let log = tempfile::Builder::new().prefix(&format!("cimctl-bench-{name}-")).suffix(".log").tempfile()?;
-    let child = tokio::process::Command::new(bin)
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .stdout(log.reopen()?)
-        .stderr(log.reopen()?)
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {name}"))?;
-    Ok((child, log))
-}
-
-/// Polls `f` every 50 ms until it holds; an error naming `what` after 60 s.
-pub(crate) async fn until<F, Fut>(what: &str, mut f: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !f().await {
-        if std::time::Instant::now() > deadline {
-            anyhow::bail!("{what} within 60s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(())
-}
-
-/// The `q` quantile (0..=1) of `v` (sorted in place); NaN for no samples.
-pub(crate) fn quantile(v: &mut [f64], q: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[((v.len() - 1) as f64 * q).round() as usize]
 }

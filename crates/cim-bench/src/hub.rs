@@ -1,5 +1,5 @@
-//! `cimctl bench-hub`: the integration hub's cost. Starts its own nats-server, a raw HTTP
-//! receiver on loopback and the real `integration-hub` binary (next to cimctl), then measures in
+//! `cim-bench hub`: the integration hub's cost. Starts its own nats-server, a raw HTTP
+//! receiver on loopback and the real `integration-hub` binary (next to cim-bench), then measures in
 //! the same run:
 //! - outbound deliveries/s of one (ordered) subscription vs a raw HTTP client posting the same
 //!   bodies, one at a time, to the same receiver,
@@ -23,7 +23,7 @@ use prost::Message as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(clap::Args, Debug)]
-pub struct BenchHubArgs {
+pub struct HubArgs {
     /// Events delivered outbound (and webhooks sent inbound).
     #[arg(long, default_value_t = 2000)]
     events: usize,
@@ -81,9 +81,9 @@ async fn receiver() -> Result<(std::net::SocketAddr, Arc<AtomicU64>)> {
     Ok((addr, count))
 }
 
-pub async fn run(args: BenchHubArgs) -> Result<ExitCode> {
+pub async fn run(args: HubArgs) -> Result<ExitCode> {
     let exe = std::env::current_exe()?;
-    let bin = exe.parent().context("cimctl has no directory")?.join(Component::IntegrationHub.service_name());
+    let bin = exe.parent().context("cim-bench has no directory")?.join(Component::IntegrationHub.service_name());
     if !bin.is_file() {
         bail!("{} is missing: build it with `cargo build --release --workspace --bins`", bin.display());
     }
@@ -105,7 +105,7 @@ pub async fn run(args: BenchHubArgs) -> Result<ExitCode> {
         })
         .to_string(),
     )?;
-    let log = tempfile::Builder::new().prefix("cimctl-bench-hub-").suffix(".log").tempfile()?;
+    let log = tempfile::Builder::new().prefix("cim-bench-hub-").suffix(".log").tempfile()?;
     let _hub = tokio::process::Command::new(&bin)
         .args([
             "--nats-url",

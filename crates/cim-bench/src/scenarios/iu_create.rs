@@ -47,7 +47,7 @@ async fn measure(args: &BenchArgs, server: &cim_testkit::NatsServer, iu: &IuClie
     config.deny_purge = false;
     js.create_stream(config).await?;
 
-    let content = iu.put_bytes(b"cimctl bench: the content every small unit refers to").await?;
+    let content = iu.put_bytes(b"cim-bench: the content every small unit refers to").await?;
     let template = template(&content.cid);
     let body = Bytes::from(created_event(&template, content.size).encode_to_vec());
     let n = args.iu_units;

@@ -1,4 +1,4 @@
-//! `cimctl bench-registry`: the registry under load. 1,000 simulated instances announce and
+//! `cim-bench registry`: the registry under load. 1,000 simulated instances announce and
 //! beat against a real `registry` process and nats-server; measured are registration time,
 //! query latency (beside a raw NATS request/reply baseline in the same run), whether the
 //! registry keeps up with the heartbeats (none dropped, none falsely lost), and how long
@@ -25,7 +25,7 @@ use futures::StreamExt;
 use tokio::process::{Child, Command};
 
 #[derive(clap::Args, Debug)]
-pub struct BenchRegistryArgs {
+pub struct RegistryArgs {
     /// Simulated instances.
     #[arg(long, default_value_t = 1000)]
     instances: usize,
@@ -38,7 +38,7 @@ pub struct BenchRegistryArgs {
     /// Queries per measurement.
     #[arg(long, default_value_t = 200)]
     queries: usize,
-    /// Directory with the `registry` binary (default: cimctl's own directory).
+    /// Directory with the `registry` and `cimctl` binaries (default: cim-bench's own directory).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
     /// Skip the 3-node cluster part (`cimctl status` time).
@@ -143,10 +143,10 @@ fn source(s: &Sim) -> String {
     cim_events::envelope::source(&s.node, s.component.service_name(), &s.id)
 }
 
-pub async fn run(args: BenchRegistryArgs) -> Result<ExitCode> {
+pub async fn run(args: RegistryArgs) -> Result<ExitCode> {
     let dir = match &args.bin_dir {
         Some(d) => d.clone(),
-        None => std::env::current_exe()?.parent().map(Path::to_path_buf).context("cimctl's directory")?,
+        None => std::env::current_exe()?.parent().map(Path::to_path_buf).context("cim-bench's directory")?,
     };
     let bin = dir.join(Component::Registry.service_name());
     if !bin.is_file() {
@@ -325,7 +325,11 @@ pub async fn run(args: BenchRegistryArgs) -> Result<ExitCode> {
             Ok(Some(ask::<Overview>(&cclient, &overview_subject, &GetOverview::default()).await?))
         })
         .await?;
-        let exe = std::env::current_exe()?;
+        // The operator's CLI, built beside the registry.
+        let exe = dir.join("cimctl");
+        if !exe.is_file() {
+            bail!("{} not found: build it with `cargo build --workspace --bins`", exe.display());
+        }
         let mut times = Vec::new();
         for _ in 0..5 {
             let t = Instant::now();

@@ -1,6 +1,7 @@
 //! A small S3 client: AWS Signature V4 signed over plain HTTP(S) (reqwest), path-style or
 //! virtual-hosted addressing, custom endpoint and region — enough for MinIO, Wasabi, AWS
-//! and s3s-fs. Only what the archive needs: put, get, head, list, bucket creation, multipart.
+//! and s3s-fs. Only what the archive and the hub's S3 import need: put, get, head, list,
+//! bucket creation, multipart. This module is the crate's only HTTP code.
 
 use std::fmt;
 
@@ -8,6 +9,7 @@ use bytes::Bytes;
 use reqwest::{Method, StatusCode, Url};
 use sha2::{Digest, Sha256};
 
+use crate::hex;
 use crate::target::Target;
 
 /// What can go wrong talking to S3. Messages never contain credentials.
@@ -368,10 +370,6 @@ fn hmac_sha256(key: &[u8], data: &[u8]) -> [u8; 32] {
     outer.update(block.map(|b| b ^ 0x5c));
     outer.update(inner.finalize());
     outer.finalize().into()
-}
-
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// URI encoding as SigV4 wants it: unreserved characters stay, `/` stays in paths.

@@ -105,7 +105,7 @@ async fn measure(args: &BenchArgs, server: &cim_testkit::NatsServer, iu: &IuClie
 }
 
 async fn create_units(iu: &IuClient, n: usize) -> Result<Vec<String>> {
-    let content = iu.put_bytes(b"cimctl bench: the content of the rebuild fixture").await?;
+    let content = iu.put_bytes(b"cim-bench: the content of the rebuild fixture").await?;
     let mut ids = Vec::with_capacity(n);
     let mut pending = FuturesUnordered::new();
     for i in 0..n {
@@ -131,7 +131,7 @@ async fn create_units(iu: &IuClient, n: usize) -> Result<Vec<String>> {
 
 /// Appends `n` `UnitTagged` events for `units`, round robin, with a root envelope each.
 async fn append_tagged(js: &jetstream::Context, units: &[String], n: u64) -> Result<()> {
-    let source = cim_events::envelope::source("bench", "cimctl", "rebuild-fixture");
+    let source = cim_events::envelope::source("bench", "cim-bench", "rebuild-fixture");
     let mut acks = FuturesUnordered::new();
     for i in 0..n as usize {
         let unit = &units[i % units.len()];
