@@ -937,7 +937,11 @@ async fn nix_live_topology_with_per_service_identities() -> Result<()> {
     // observer sees each service's own event and none of the others' (a connection's messages
     // arrive in order, so a forbidden one that got through would come first).
     let (admin, _) = connect_as(&url("leaf"), "admin", &password("admin")).await?;
-    let mut observed = admin.subscribe("cim.evt.>").await?;
+    // `cim.evt.>`: every event of every component (one component's event filter, widened).
+    let registry_events = subject::events_of(Component::Registry);
+    let every_event =
+        format!("{}>", registry_events.trim_end_matches(".>").trim_end_matches(Component::Registry.token()));
+    let mut observed = admin.subscribe(every_event).await?;
     admin.flush().await?;
     let mut identities = Vec::new();
     for (i, c) in Component::ALL.into_iter().enumerate() {
@@ -993,9 +997,10 @@ async fn nix_live_topology_with_per_service_identities() -> Result<()> {
     );
     cim_testkit::eventually(Duration::from_secs(10), "registry's violations reported", || async {
         let seen = registry_errors.lock().unwrap().clone();
-        for what in ["Subscription to \"cim.cmd.iu.create\"", "STREAM.INFO.CIM_IU_EVENTS"] {
+        let create = subject::command(Component::InformationUnit, "create")?;
+        for what in [format!("Subscription to \"{create}\""), format!("STREAM.INFO.{}", iu_events.name)] {
             ensure!(
-                seen.iter().any(|e| e.contains("Permissions Violation") && e.contains(what)),
+                seen.iter().any(|e| e.contains("Permissions Violation") && e.contains(what.as_str())),
                 "no violation for {what}: {seen:?}"
             );
         }
