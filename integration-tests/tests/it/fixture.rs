@@ -136,7 +136,7 @@ impl CimFixtureBuilder {
                 let admin_creds = admin.write_creds(dir.path())?;
                 auth = Some(Auth { account, admin, admin_creds, dir });
             }
-            Nats::Server(builder.start().await?)
+            Nats::Server(Box::new(builder.start().await?))
         };
         let url = match &nats {
             Nats::Server(s) => s.url(),
@@ -164,7 +164,7 @@ impl CimFixtureBuilder {
 }
 
 enum Nats {
-    Server(NatsServer),
+    Server(Box<NatsServer>),
     Cluster(NatsCluster),
 }
 

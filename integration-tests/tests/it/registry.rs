@@ -126,7 +126,7 @@ async fn registry_discovers_instances_by_name_and_capability_and_projects_them()
         ("information-unit", "n1", cim_events::CONTRACT_VERSION)
     );
     let create = cim_events::iu::command(cim_events::iu::cmd::CREATE)?;
-    assert!(iu1.subjects.iter().any(|s| *s == create), "{:?}", iu1.subjects);
+    assert!(iu1.subjects.contains(&create), "{:?}", iu1.subjects);
     registered(&client, "sm-1").await?;
 
     // by capability, through cimctl
@@ -489,7 +489,7 @@ async fn drain_stops_intake_and_decommission_waits_for_nothing_stateful_on_a_thr
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success());
     assert!(
-        err.contains(&format!("node n3 still holds replicas of"))
+        err.contains("node n3 still holds replicas of")
             && err.contains(&format!("on nats-server {server}"))
             && err.contains(&resources::events_stream(Component::Registry).name),
         "{err}"

@@ -152,7 +152,9 @@ async fn all_seven_run_on_a_three_node_cluster_with_r3_streams() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_configuration_exits_64_with_one_clear_line() -> Result<()> {
-    let cases: [(Component, &[&str], &[(&str, &str)], &str); 7] = [
+    // (service, arguments, environment, what the refusal names)
+    type Case = (Component, &'static [&'static str], &'static [(&'static str, &'static str)], &'static str);
+    let cases: [Case; 7] = [
         (Component::InformationUnit, &["--tier", "edge"], &[], "edge"),
         (Component::Registry, &["--nats-url", "http://127.0.0.1:1"], &[], "unsupported scheme"),
         (Component::PipelineEngine, &[], &[("CIM_INSTANCE_ID", "a.b")], "instance id"),
