@@ -922,13 +922,9 @@ async fn hub_postgres_connector_loses_and_repeats_nothing_across_a_database_rest
         let pg = pg.clone();
         tokio::spawn(async move {
             for id in 1..=40 {
-                while pg
-                    .psql(&format!("INSERT INTO orders VALUES ({id}, 'item {id}') ON CONFLICT DO NOTHING"))
-                    .await
-                    .is_err()
-                {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+                let insert = format!("INSERT INTO orders VALUES ({id}, 'item {id}') ON CONFLICT DO NOTHING");
+                eventually(LONG_PG, &format!("row {id} inserted"), || async { pg.psql(&insert).await.map(|_| ()) })
+                    .await?;
                 tokio::time::sleep(Duration::from_millis(25)).await;
             }
             anyhow::Ok(())
