@@ -485,7 +485,7 @@ mod tests {
     fn jwts_are_signed_by_their_issuer_and_carry_the_claims() {
         let mut op = Operator::new();
         let app = op.account_with_jetstream("APP");
-        let user = app.user("svc", Permissions::all().deny_publish("cim.svc.>").allow_subscribe("_INBOX.>"));
+        let user = app.user("svc", Permissions::all().deny_publish("orders.>").allow_subscribe("_INBOX.>"));
         verify(op.jwt(), &op.public_key());
         verify(op.system_account().jwt(), &op.public_key());
         verify(app.jwt(), &op.public_key());
@@ -503,7 +503,7 @@ mod tests {
         let u = decode_claims(user.jwt()).unwrap();
         assert_eq!(u["iss"], app.public_key());
         assert_eq!(u["sub"], user.public_key());
-        assert_eq!(u["nats"]["pub"]["deny"][0], "cim.svc.>");
+        assert_eq!(u["nats"]["pub"]["deny"][0], "orders.>");
         assert!(u["nats"]["pub"].get("allow").is_none(), "{u}");
         assert_eq!(u["nats"]["sub"]["allow"][0], "_INBOX.>");
         assert_ne!(a["jti"], u["jti"]);

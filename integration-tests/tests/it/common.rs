@@ -33,6 +33,9 @@ pub struct ServiceProc {
     pub component: Component,
     child: Child,
     log: tempfile::NamedTempFile,
+    nats_url: String,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl ServiceProc {
@@ -47,29 +50,22 @@ impl ServiceProc {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Result<ServiceProc> {
-        let log = tempfile::NamedTempFile::new()?;
-        // The gateway's public ports default to fixed numbers; tests run side by side.
-        let gateway_ports: &[&str] = if component == Component::UiGateway
-            && !args.iter().any(|a| a.starts_with("--gateway-listen"))
-            && !env.iter().any(|(k, _)| *k == "CIM_GATEWAY_LISTEN")
-        {
-            &["--gateway-listen", "127.0.0.1:0", "--gateway-grpc-listen", "127.0.0.1:0"]
-        } else {
-            &[]
-        };
-        let child = Command::new(bin(component.service_name()))
-            .args(["--nats-url", nats_url, "--heartbeat-interval", "200ms", "--shutdown-grace", "5s"])
-            .args(gateway_ports)
-            .args(args)
-            .envs(env.iter().copied())
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.reopen()?)
-            .stderr(log.reopen()?)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("spawning {}", component.service_name()))?;
-        Ok(ServiceProc { component, child, log })
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let (child, log) = spawn(component, nats_url, &args, &env)?;
+        Ok(ServiceProc { component, child, log, nats_url: nats_url.to_string(), args, env })
+    }
+
+    /// Starts the service again with the same command line and environment, with a fresh log
+    /// (a still running process is killed first). Does not wait for it to be ready.
+    pub async fn restart(&mut self) -> Result<()> {
+        if self.child.try_wait()?.is_none() {
+            self.child.kill().await?;
+        }
+        let (child, log) = spawn(self.component, &self.nats_url, &self.args, &self.env)?;
+        self.child = child;
+        self.log = log;
+        Ok(())
     }
 
     pub fn log(&self) -> String {
@@ -100,6 +96,38 @@ impl ServiceProc {
     }
 }
 
+/// Spawns `component`'s binary logging into a new temporary file.
+fn spawn(
+    component: Component,
+    nats_url: &str,
+    args: &[String],
+    env: &[(String, String)],
+) -> Result<(Child, tempfile::NamedTempFile)> {
+    let log = tempfile::NamedTempFile::new()?;
+    // The gateway's public ports default to fixed numbers; tests run side by side.
+    let gateway_ports: &[&str] = if component == Component::UiGateway
+        && !args.iter().any(|a| a.starts_with("--gateway-listen"))
+        && !env.iter().any(|(k, _)| k == "CIM_GATEWAY_LISTEN")
+    {
+        &["--gateway-listen", "127.0.0.1:0", "--gateway-grpc-listen", "127.0.0.1:0"]
+    } else {
+        &[]
+    };
+    let child = Command::new(bin(component.service_name()))
+        .args(["--nats-url", nats_url, "--heartbeat-interval", "200ms", "--shutdown-grace", "5s"])
+        .args(gateway_ports)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(log.reopen()?)
+        .stderr(log.reopen()?)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("spawning {}", component.service_name()))?;
+    Ok((child, log))
+}
+
 /// Asks one instance of `component` to describe itself (`cim.qry.<component>.describe`).
 pub async fn describe(client: &async_nats::Client, component: Component) -> Result<DescribeReply> {
     let subject = subject::query(component, "describe")?;
@@ -124,6 +152,11 @@ pub async fn wait_ready(client: &async_nats::Client, svc: &ServiceProc) -> Resul
     })
     .await
     .with_context(|| format!("log of {component}:\n{}", svc.log()))
+}
+
+/// Whether `subject` is an event of `component`'s `aggregate` type (any id, any action).
+pub fn is_event_of(subject: &str, component: Component, aggregate: &str) -> bool {
+    subject::parse_event(subject).is_ok_and(|e| e.component == component && e.aggregate == aggregate)
 }
 
 /// Decodes a lifecycle message with its envelope checked.

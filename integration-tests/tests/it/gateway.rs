@@ -9,21 +9,18 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use cim_events::{Component, iu, resources};
-use cim_testkit::{NatsServer, eventually};
+use cim_events::{Component, iu, resources, subject};
+use cim_testkit::eventually;
 use futures::StreamExt;
 use serde_json::Value;
 
-use crate::common::{ServiceProc, bin, wait_ready};
+use crate::common::{ServiceProc, bin, is_event_of};
+use crate::fixture::{CimFixture, Svc};
 
 /// A leaf: nats-server, information-unit, registry and the gateway on a free port (and, for
 /// pipelines, plugin-host and pipeline-engine).
 struct Gateway {
-    nats: NatsServer,
-    _iu: ServiceProc,
-    _registry: ServiceProc,
-    _others: Vec<ServiceProc>,
-    gw: ServiceProc,
+    fx: CimFixture,
     base: String,
     grpc: String,
     http: reqwest::Client,
@@ -38,42 +35,32 @@ impl Gateway {
         Self::start_with(extra, &[]).await
     }
 
-    /// Also starts `others` (each waited for) before the gateway.
+    /// Also starts `others` before the gateway.
     async fn start_with(extra: &[&str], others: &[Component]) -> Result<Gateway> {
-        let nats = NatsServer::start().await?;
-        let client = nats.connect().await;
-        let iu = ServiceProc::start(Component::InformationUnit, &nats.url(), &[])?;
-        let registry = ServiceProc::start(Component::Registry, &nats.url(), &[])?;
-        let mut started = Vec::new();
-        for c in others {
-            let svc = ServiceProc::start(*c, &nats.url(), &[])?;
-            wait_ready(&client, &svc).await?;
-            started.push(svc);
-        }
         let listen = format!("127.0.0.1:{}", free_port()?);
         let grpc = format!("127.0.0.1:{}", free_port()?);
-        let mut args = vec!["--gateway-listen", listen.as_str(), "--gateway-grpc-listen", grpc.as_str()];
-        args.extend_from_slice(extra);
-        let gw = ServiceProc::start(Component::UiGateway, &nats.url(), &args)?;
-        wait_ready(&client, &iu).await?;
-        wait_ready(&client, &registry).await?;
-        wait_ready(&client, &gw).await?;
+        let fx = CimFixture::builder()
+            .service(Component::InformationUnit)
+            .service(Component::Registry)
+            .services(others.iter().copied())
+            .service(
+                Svc::new(Component::UiGateway)
+                    .args(&["--gateway-listen", listen.as_str(), "--gateway-grpc-listen", grpc.as_str()])
+                    .args(extra),
+            )
+            .start()
+            .await?;
         let http = reqwest::Client::builder().no_proxy().build()?;
-        Ok(Gateway {
-            nats,
-            _iu: iu,
-            _registry: registry,
-            _others: started,
-            gw,
-            base: format!("http://{listen}"),
-            grpc: format!("http://{grpc}"),
-            http,
-        })
+        Ok(Gateway { fx, base: format!("http://{listen}"), grpc: format!("http://{grpc}"), http })
+    }
+
+    fn gw(&self) -> &ServiceProc {
+        self.fx.service(Component::UiGateway)
     }
 
     async fn token(&self, name: &str, role: &str) -> Result<(String, String)> {
         let out = tokio::process::Command::new(bin("cimctl"))
-            .args(["token", "--nats-url", &self.nats.url(), "--json", "create", "--name", name, "--role", role])
+            .args(["token", "--nats-url", self.fx.url(), "--json", "create", "--name", name, "--role", role])
             .output()
             .await?;
         anyhow::ensure!(out.status.success(), "cimctl token create: {}", String::from_utf8_lossy(&out.stderr));
@@ -119,7 +106,7 @@ impl Gateway {
 
     /// Events in the pipeline engine's stream: what "nothing written" is for definitions.
     async fn pipeline_events(&self) -> Result<u64> {
-        let js = async_nats::jetstream::new(self.nats.connect().await);
+        let js = self.fx.js();
         let mut events = js.get_stream(resources::events_stream(Component::PipelineEngine).name).await?;
         Ok(events.info().await?.state.messages)
     }
@@ -137,8 +124,8 @@ impl Gateway {
     /// Number of objects in the content bucket and events in the iu stream: what "nothing
     /// written" is checked against.
     async fn written(&self) -> Result<(u64, u64)> {
-        let js = async_nats::jetstream::new(self.nats.connect().await);
-        let mut objects = js.get_stream(format!("OBJ_{}", iu::CONTENT_BUCKET)).await?;
+        let js = self.fx.js();
+        let mut objects = js.get_stream(resources::object_buckets(Component::InformationUnit)[0].stream_name()).await?;
         let mut events = js.get_stream(resources::events_stream(Component::InformationUnit).name).await?;
         Ok((objects.info().await?.state.messages, events.info().await?.state.messages))
     }
@@ -359,7 +346,7 @@ async fn gateway_auth_matrix_bad_input_cors_and_rate_limits() -> Result<()> {
         ("DELETE", "/api/v1/units".to_string(), vec![], 405, "not allowed"),
         (
             "GET",
-            "/api/v1/events?component=iu&filter=cim.evt.registry.>".to_string(),
+            format!("/api/v1/events?component=iu&filter={}", subject::events_of(Component::Registry)),
             vec![],
             400,
             "must be a subject under",
@@ -392,7 +379,7 @@ async fn gateway_auth_matrix_bad_input_cors_and_rate_limits() -> Result<()> {
     eventually(Duration::from_secs(10), "nothing written by bad input", || async {
         let now = g.written().await?;
         anyhow::ensure!(now.1 == before.1, "events before {before:?}, now {now:?}");
-        let js = async_nats::jetstream::new(g.nats.connect().await);
+        let js = g.fx.js();
         let store = js.get_object_store(iu::CONTENT_BUCKET).await?;
         let mut list = store.list().await?;
         let mut live = Vec::new();
@@ -409,21 +396,21 @@ async fn gateway_auth_matrix_bad_input_cors_and_rate_limits() -> Result<()> {
 
     // Revocation takes effect at once.
     let out = tokio::process::Command::new(bin("cimctl"))
-        .args(["token", "--nats-url", &g.nats.url(), "revoke", &writer_id])
+        .args(["token", "--nats-url", g.fx.url(), "revoke", &writer_id])
         .output()
         .await?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let (s, e) = g.get(&writer, "/api/v1/units").await?;
     assert_eq!(s, 401, "{e}");
     let out = tokio::process::Command::new(bin("cimctl"))
-        .args(["token", "--nats-url", &g.nats.url(), "--json", "ls"])
+        .args(["token", "--nats-url", g.fx.url(), "--json", "ls"])
         .output()
         .await?;
     let listed: Value = serde_json::from_slice(&out.stdout)?;
     assert!(listed.as_array().unwrap().iter().all(|t| t["id"] != writer_id.as_str()), "{listed}");
     assert!(!String::from_utf8_lossy(&out.stdout).contains("cimt_"), "ls never shows tokens");
     let out = tokio::process::Command::new(bin("cimctl"))
-        .args(["token", "--nats-url", &g.nats.url(), "create", "--name", "x", "--role", "root"])
+        .args(["token", "--nats-url", g.fx.url(), "create", "--name", "x", "--role", "root"])
         .output()
         .await?;
     assert!(!out.status.success());
@@ -466,7 +453,7 @@ async fn gateway_auth_matrix_bad_input_cors_and_rate_limits() -> Result<()> {
     assert!(text.contains("rate limit"), "{text}");
     let (s, _) = g.get(&admin, "/api/v1/whoami").await?;
     assert_eq!(s, 200);
-    assert!(g.gw.log().contains("gateway api listening"));
+    assert!(g.gw().log().contains("gateway api listening"));
     Ok(())
 }
 
@@ -514,7 +501,7 @@ async fn gateway_live_events_resume_after_reconnect() -> Result<()> {
     // Its content is stored, then the unit created: two events.
     let got = sse_events(&mut live, 2).await?;
     let (last_id, created) = got[1].clone();
-    assert!(got[0].1["subject"].as_str().unwrap().starts_with("cim.evt.iu.content."), "{got:?}");
+    assert!(is_event_of(got[0].1["subject"].as_str().unwrap(), Component::InformationUnit, iu::CONTENT), "{got:?}");
     assert!(created["subject"].as_str().unwrap().ends_with(".created"), "{created}");
     assert!(!created["type"].as_str().unwrap().is_empty(), "{created}");
     assert_eq!(got[0].0 + 1, last_id);
@@ -540,7 +527,10 @@ async fn gateway_live_events_resume_after_reconnect() -> Result<()> {
     // A filter narrows the stream; `?after=0` replays from the start.
     let mut filtered = g
         .http
-        .get(g.url("/api/v1/events?component=iu&after=0&filter=cim.evt.iu.unit.*.created"))
+        .get(g.url(&format!(
+            "/api/v1/events?component=iu&after=0&filter={}",
+            subject::action_filter(Component::InformationUnit, iu::UNIT, iu::action::CREATED)?
+        )))
         .bearer_auth(&reader)
         .send()
         .await?;
@@ -1009,7 +999,8 @@ async fn gateway_web_ui_end_to_end_in_headless_chromium() -> Result<()> {
     let line = browser
         .wait_js("tagged event in the live panel", &format!("return [...document.querySelectorAll('#events-log .event')].map(e => e.textContent).find(t => t.includes('{id}.tagged')) || ''"))
         .await?;
-    assert!(line.as_str().unwrap().contains("cim.evt.iu.unit."), "{line}");
+    let unit_events = subject::aggregate_filter(Component::InformationUnit, iu::UNIT, &id)?;
+    assert!(line.as_str().unwrap().contains(unit_events.trim_end_matches('*')), "{line}");
 
     // The pipelines view: the run the upload triggered, updated live until completed, with its steps.
     browser.click("#nav-pipelines").await?;
@@ -1073,36 +1064,22 @@ async fn gateway_web_ui_end_to_end_in_headless_chromium() -> Result<()> {
 /// and nothing hits a permissions violation.
 #[tokio::test(flavor = "multi_thread")]
 async fn gateway_runs_with_its_generated_nats_permissions() -> Result<()> {
-    let mut op = cim_testkit::Operator::new();
-    let account = op.account_with_jetstream("CIM");
-    let server = NatsServer::builder()
-        .operator(&op)
-        .jetstream_domain("leaf")
-        .extra_config("max_control_line: 65536")
+    let listen = format!("127.0.0.1:{}", free_port()?);
+    let mut fx = CimFixture::builder()
+        .generated_permissions()
+        .service(Component::InformationUnit)
+        .service(Component::PipelineEngine)
+        .service(
+            Svc::new(Component::UiGateway)
+                .args(&["--gateway-listen", &listen, "--gateway-grpc-listen", "off"])
+                .own_identity(),
+        )
         .start()
         .await?;
-    let perms = crate::common::generated_permissions(Component::UiGateway)?;
-    let dir = tempfile::tempdir()?;
-    let gw_creds = account.user("ui-gateway", perms).write_creds(dir.path())?;
-    let admin = account.user("admin", cim_testkit::Permissions::all());
-    let admin_creds = admin.write_creds(dir.path())?;
-    let observer = admin.connect(&server.url()).await?;
-    let env_admin = [("CIM_NATS_CREDS", admin_creds.to_str().unwrap()), ("CIM_JS_DOMAIN", "leaf")];
-    let iu = ServiceProc::start_with_env(Component::InformationUnit, &server.url(), &[], &env_admin)?;
-    wait_ready(&observer, &iu).await?;
-    let engine = ServiceProc::start_with_env(Component::PipelineEngine, &server.url(), &[], &env_admin)?;
-    wait_ready(&observer, &engine).await?;
-    let listen = format!("127.0.0.1:{}", free_port()?);
-    let mut gw = ServiceProc::start_with_env(
-        Component::UiGateway,
-        &server.url(),
-        &["--gateway-listen", &listen, "--gateway-grpc-listen", "off"],
-        &[("CIM_NATS_CREDS", gw_creds.to_str().unwrap()), ("CIM_JS_DOMAIN", "leaf")],
-    )?;
-    wait_ready(&observer, &gw).await?;
+    let gw = fx.service(Component::UiGateway);
     let out = tokio::process::Command::new(bin("cimctl"))
-        .args(["token", "--nats-url", &server.url(), "--json", "create", "--name", "perm", "--role", "writer"])
-        .envs(env_admin)
+        .args(["token", "--nats-url", fx.url(), "--json", "create", "--name", "perm", "--role", "writer"])
+        .envs(fx.admin_env())
         .output()
         .await?;
     anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -1129,6 +1106,7 @@ async fn gateway_runs_with_its_generated_nats_permissions() -> Result<()> {
     let events = sse_events(&mut live, 2).await?;
     assert!(events[1].1["subject"].as_str().unwrap().ends_with(".created"), "{events:?}");
     drop(live);
+    let gw = fx.service_mut(Component::UiGateway);
     let status = gw.terminate(Duration::from_secs(30)).await?;
     let log = gw.log();
     assert!(status.success(), "ui-gateway exited {status}:\n{log}");

@@ -7,13 +7,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use async_nats::jetstream;
-use cim_events::{Component, Envelope, Upcasters, hub, payload::decode, proto::hub::WebhookReceived, resources};
-use cim_iu_client::IuClient;
-use cim_testkit::{NatsServer, eventually};
+use cim_events::{
+    Component, Envelope, Upcasters, hub, iu, payload::decode, proto::hub::WebhookReceived, resources, subject,
+};
+use cim_testkit::{eventually, stays_true_for};
 use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::common::{READY, ServiceProc, bin, wait_ready};
+use crate::common::{READY, ServiceProc, bin, is_event_of};
+use crate::fixture::{CimFixture, Svc};
 
 const C: Component = Component::IntegrationHub;
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -59,20 +61,30 @@ fn signed(secret: &str, id: &str, ts: i64, body: &[u8]) -> Vec<(&'static str, St
     ]
 }
 
-async fn start_hub(nats: &NatsServer, config: &std::path::Path, env: &[(&str, &str)]) -> Result<(ServiceProc, String)> {
-    let svc = ServiceProc::start_with_env(
-        C,
-        &nats.url(),
-        &["--hub-config", config.to_str().unwrap(), "--hub-webhook-listen", "127.0.0.1:0"],
-        env,
-    )?;
-    let client = nats.connect().await;
-    wait_ready(&client, &svc).await?;
-    let reply = client.request(hub::query(hub::qry::SOURCES)?, "".into()).await?;
+/// `cim.evt.iu.unit.*.created`: what the outbound subscriptions and projections here follow.
+fn units_created() -> String {
+    subject::action_filter(Component::InformationUnit, iu::UNIT, iu::action::CREATED).expect("a valid filter")
+}
+
+/// Starts a hub with `config` and `env` in the fixture (one more process; a restart is a new
+/// one), waits until it is ready and returns its webhook address ("" when no webhook source
+/// is configured, then no port is opened).
+async fn start_hub(cim: &mut CimFixture, config: &std::path::Path, env: &[(&str, &str)]) -> Result<String> {
+    let config = config.to_str().context("config path")?;
+    cim.start(Svc::new(C).args(&["--hub-config", config, "--hub-webhook-listen", "127.0.0.1:0"]).envs(env)).await?;
+    let reply = cim.client().request(hub::query(hub::qry::SOURCES)?, "".into()).await?;
     let listing: serde_json::Value = serde_json::from_slice(&reply.payload)?;
-    // Empty when no webhook source is configured (then no port is opened).
-    let addr = listing["webhook_addr"].as_str().unwrap_or_default().to_string();
-    Ok((svc, addr))
+    Ok(listing["webhook_addr"].as_str().unwrap_or_default().to_string())
+}
+
+/// The hub started last, to stop or kill it.
+fn hub_proc(cim: &mut CimFixture) -> &mut ServiceProc {
+    cim.services_mut().iter_mut().rev().find(|s| s.component == C).expect("a hub was started")
+}
+
+/// The log of the hub started last.
+fn hub_log(cim: &CimFixture) -> String {
+    cim.services().iter().rev().find(|s| s.component == C).map(ServiceProc::log).unwrap_or_default()
 }
 
 async fn received(js: &jetstream::Context, source: &str) -> Result<Vec<(Envelope, WebhookReceived)>> {
@@ -107,7 +119,7 @@ async fn hub_events<P: cim_events::Payload>(js: &jetstream::Context, filter: Str
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hub_webhooks_verify_signatures_deduplicate_and_refuse_bad_input() -> Result<()> {
-    let nats = NatsServer::start().await?;
+    let mut cim = CimFixture::builder().start().await?;
     let dir = tempfile::tempdir()?;
     let secret_file = dir.path().join("shop.secret");
     std::fs::write(&secret_file, format!("{SECRET}\n"))?;
@@ -121,8 +133,8 @@ async fn hub_webhooks_verify_signatures_deduplicate_and_refuse_bad_input() -> Re
         .to_string(),
     )?;
     let env = [("CIM_TEST_GIT_SECRET", "plain-text-secret")];
-    let (mut svc, addr) = start_hub(&nats, &config, &env).await?;
-    let js = jetstream::new(nats.connect().await);
+    let addr = start_hub(&mut cim, &config, &env).await?;
+    let js = cim.js();
     let body = br#"{"order": 42}"#;
 
     // A signed delivery becomes one event, with its provenance.
@@ -181,37 +193,35 @@ async fn hub_webhooks_verify_signatures_deduplicate_and_refuse_bad_input() -> Re
     assert_eq!(received(&js, "git").await?[0].1.body, raw);
 
     // De-duplication survives a restart of the hub.
-    svc.terminate(Duration::from_secs(10)).await?;
-    let (svc, addr) = start_hub(&nats, &config, &env).await?;
+    hub_proc(&mut cim).terminate(Duration::from_secs(10)).await?;
+    let addr = start_hub(&mut cim, &config, &env).await?;
     let r = post(&addr, "/webhooks/shop", &signed(SECRET, "msg_1", now(), body), body).await?;
     assert_eq!((r.status, r.body.contains("duplicate")), (200, true), "{}", r.body);
     assert_eq!(received(&js, "shop").await?.len(), 2);
 
     // Secrets never reach the log.
-    let log = svc.log();
+    let log = hub_log(&cim);
     assert!(!log.contains("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw") && !log.contains("plain-text-secret"), "{log}");
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hub_webhook_payloads_can_become_units() -> Result<()> {
-    let nats = NatsServer::start().await?;
-    let iu_svc = ServiceProc::start(Component::InformationUnit, &nats.url(), &[])?;
-    wait_ready(&nats.connect().await, &iu_svc).await?;
+    let mut cim = CimFixture::with([Component::InformationUnit]).await?;
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("hub.json");
     std::fs::write(
         &config,
         serde_json::json!({ "webhooks": [{ "name": "docs", "secret_env": "CIM_TEST_DOCS_SECRET", "target": "unit", "tags": ["inbox"] }] }).to_string(),
     )?;
-    let (_svc, addr) = start_hub(&nats, &config, &[("CIM_TEST_DOCS_SECRET", SECRET)]).await?;
+    let addr = start_hub(&mut cim, &config, &[("CIM_TEST_DOCS_SECRET", SECRET)]).await?;
     let body = br#"{"title": "minutes"}"#;
     let r = post(&addr, "/webhooks/docs", &signed(SECRET, "d-1", now(), body), body).await?;
     assert_eq!(r.status, 202, "{}", r.body);
     let answer: serde_json::Value = serde_json::from_str(&r.body)?;
     let unit_id = answer["unit_id"].as_str().context("unit_id")?.to_string();
 
-    let iu = IuClient::new(nats.connect().await);
+    let iu = cim.iu();
     let unit = eventually(READY, "the unit is projected", || async { Ok(iu.unit(&unit_id).await?) }).await?;
     assert_eq!(unit.tags, vec!["inbox".to_string()]);
     assert_eq!(unit.attributes.get("hub_source").map(String::as_str), Some("docs"));
@@ -220,7 +230,7 @@ async fn hub_webhook_payloads_can_become_units() -> Result<()> {
 
     let r = post(&addr, "/webhooks/docs", &signed(SECRET, "d-1", now(), body), body).await?;
     assert_eq!((r.status, r.body.contains("duplicate")), (200, true), "{}", r.body);
-    let js = jetstream::new(nats.connect().await);
+    let js = cim.js();
     let events = received(&js, "docs").await?;
     assert_eq!(events.len(), 1);
     assert_eq!((events[0].1.unit_id.as_str(), events[0].1.body.len()), (unit_id.as_str(), 0));
@@ -378,7 +388,7 @@ fn hub_config(dir: &std::path::Path, allow: &[&str], subs: serde_json::Value) ->
 }
 
 fn sub(name: &str, url: &str, extra: serde_json::Value) -> serde_json::Value {
-    let mut s = serde_json::json!({ "name": name, "filter": "cim.evt.iu.unit.*.created", "url": url, "secret_env": "CIM_TEST_OUT_SECRET", "deliver": "all", "backoff_ms": 50, "max_backoff_ms": 200, "timeout_ms": 1000 });
+    let mut s = serde_json::json!({ "name": name, "filter": &units_created(), "url": url, "secret_env": "CIM_TEST_OUT_SECRET", "deliver": "all", "backoff_ms": 50, "max_backoff_ms": 200, "timeout_ms": 1000 });
     for (k, v) in extra.as_object().unwrap() {
         s[k] = v.clone();
     }
@@ -421,8 +431,8 @@ fn distinct_ids(seen: &[Seen]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hub_outbound_retries_in_order_signs_and_pauses() -> Result<()> {
-    let nats = NatsServer::start().await?;
-    let client = nats.connect().await;
+    let mut cim = CimFixture::builder().start().await?;
+    let client = cim.client().clone();
     let js = jetstream::new(client.clone());
     iu_stream(&js).await?;
     // First event: 500, then no answer (timeout), then 404, then accepted on the 4th attempt.
@@ -437,7 +447,7 @@ async fn hub_outbound_retries_in_order_signs_and_pauses() -> Result<()> {
     for n in 0..5 {
         ids.push(publish_unit(&js, n).await?);
     }
-    let (_svc, _) = start_hub(&nats, &config, &OUT_ENV).await?;
+    start_hub(&mut cim, &config, &OUT_ENV).await?;
 
     let log = eventually(READY, "five deliveries logged", || async {
         let log = deliveries(&client, "crm").await?;
@@ -463,7 +473,7 @@ async fn hub_outbound_retries_in_order_signs_and_pauses() -> Result<()> {
         )
         .map_err(|e| anyhow::anyhow!("{e}"))?;
         assert_eq!(s.header("ce-type"), Some("cim.iu.unit.created"));
-        assert!(s.header(hub::H_CIM_SUBJECT).unwrap().starts_with("cim.evt.iu.unit."));
+        assert!(is_event_of(s.header(hub::H_CIM_SUBJECT).unwrap(), Component::InformationUnit, iu::UNIT));
     }
 
     // Paused: new events wait (pending), nothing is sent; resumed: they arrive, in order.
@@ -504,8 +514,8 @@ async fn hub_outbound_retries_in_order_signs_and_pauses() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hub_outbound_dead_letters_after_the_budget_and_refuses_disallowed_redirects() -> Result<()> {
-    let nats = NatsServer::start().await?;
-    let client = nats.connect().await;
+    let mut cim = CimFixture::builder().start().await?;
+    let client = cim.client().clone();
     let js = jetstream::new(client.clone());
     iu_stream(&js).await?;
     // A target on a disallowed address (127.0.0.2 is loopback too, but not on the list).
@@ -522,7 +532,7 @@ async fn hub_outbound_dead_letters_after_the_budget_and_refuses_disallowed_redir
         ]),
     )?;
     let id = publish_unit(&js, 1).await?;
-    let (svc, _) = start_hub(&nats, &config, &OUT_ENV).await?;
+    start_hub(&mut cim, &config, &OUT_ENV).await?;
 
     for (name, attempts, error) in
         [("down", 3, "error sending request"), ("redir", 1, "redirect refused: address 127.0.0.2 is not allowed")]
@@ -545,14 +555,14 @@ async fn hub_outbound_dead_letters_after_the_budget_and_refuses_disallowed_redir
     }
     assert_eq!(redirecting.seen().len(), 1);
     assert!(forbidden.seen().is_empty(), "nothing reached the disallowed address");
-    assert!(!svc.log().contains("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"));
+    assert!(!hub_log(&cim).contains("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"));
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hub_outbound_resumes_after_a_crash_mid_delivery_without_loss() -> Result<()> {
-    let nats = NatsServer::start().await?;
-    let client = nats.connect().await;
+    let mut cim = CimFixture::builder().start().await?;
+    let client = cim.client().clone();
     let js = jetstream::new(client.clone());
     iu_stream(&js).await?;
     let rx = Receiver::start("127.0.0.1", vec![Act::Hang]).await?;
@@ -567,17 +577,17 @@ async fn hub_outbound_resumes_after_a_crash_mid_delivery_without_loss() -> Resul
     for n in 0..3 {
         ids.push(publish_unit(&js, n).await?);
     }
-    let (mut svc, _) = start_hub(&nats, &config, &OUT_ENV).await?;
+    start_hub(&mut cim, &config, &OUT_ENV).await?;
     eventually(READY, "the first delivery in flight", || async {
         anyhow::ensure!(rx.seen().len() == 1);
         Ok(())
     })
     .await?;
-    svc.signal(nix::sys::signal::Signal::SIGKILL);
-    svc.wait(Duration::from_secs(10)).await?;
+    hub_proc(&mut cim).signal(nix::sys::signal::Signal::SIGKILL);
+    hub_proc(&mut cim).wait(Duration::from_secs(10)).await?;
     // The unacknowledged event comes back to the new instance once the consumer's ack wait
     // (attempt timeout plus a margin) has passed.
-    let (_svc, _) = start_hub(&nats, &config, &OUT_ENV).await?;
+    start_hub(&mut cim, &config, &OUT_ENV).await?;
     eventually(Duration::from_secs(120), "all three delivered after the restart", || async {
         anyhow::ensure!(deliveries(&client, "crm").await?.len() == 3);
         Ok(())
@@ -587,8 +597,8 @@ async fn hub_outbound_resumes_after_a_crash_mid_delivery_without_loss() -> Resul
     Ok(())
 }
 
-async fn cimctl(nats: &NatsServer, args: &[&str]) -> Result<(bool, String, String)> {
-    let out = tokio::process::Command::new(bin("cimctl")).env("CIM_NATS_URL", nats.url()).args(args).output().await?;
+async fn cimctl(cim: &CimFixture, args: &[&str]) -> Result<(bool, String, String)> {
+    let out = tokio::process::Command::new(bin("cimctl")).env("CIM_NATS_URL", cim.url()).args(args).output().await?;
     Ok((
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -598,8 +608,8 @@ async fn cimctl(nats: &NatsServer, args: &[&str]) -> Result<(bool, String, Strin
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hub_cimctl_integration_adds_lists_pauses_and_shows_deliveries() -> Result<()> {
-    let nats = NatsServer::start().await?;
-    let js = jetstream::new(nats.connect().await);
+    let mut cim = CimFixture::builder().start().await?;
+    let js = cim.js();
     iu_stream(&js).await?;
     let rx = Receiver::start("127.0.0.1", vec![]).await?;
     let dir = tempfile::tempdir()?;
@@ -615,7 +625,7 @@ async fn hub_cimctl_integration_adds_lists_pauses_and_shows_deliveries() -> Resu
         "--name",
         "crm",
         "--filter",
-        "cim.evt.iu.unit.*.created",
+        &units_created(),
         "--url",
         &url,
         "--secret-env",
@@ -624,42 +634,42 @@ async fn hub_cimctl_integration_adds_lists_pauses_and_shows_deliveries() -> Resu
         "all",
     ];
     // Without an allow-list entry the target is refused and the file is not written.
-    let (ok, _, err) = cimctl(&nats, &add).await?;
+    let (ok, _, err) = cimctl(&cim, &add).await?;
     assert!(!ok && err.contains("is not allowed"), "{err}");
     assert!(!config.exists());
-    let (ok, _, err) = cimctl(&nats, &[&add[..], &["--allow", "127.0.0.1"]].concat()).await?;
+    let (ok, _, err) = cimctl(&cim, &[&add[..], &["--allow", "127.0.0.1"]].concat()).await?;
     assert!(ok, "{err}");
     let (ok, _, err) = cimctl(
-        &nats,
+        &cim,
         &["integration", "add", "--config", cfg, "webhook", "--name", "shop", "--secret-env", "CIM_TEST_OUT_SECRET"],
     )
     .await?;
     assert!(ok, "{err}");
 
     let id = publish_unit(&js, 1).await?;
-    let (_svc, _) = start_hub(&nats, &config, &OUT_ENV).await?;
+    start_hub(&mut cim, &config, &OUT_ENV).await?;
     eventually(READY, "delivered", || async {
         anyhow::ensure!(distinct_ids(&rx.seen()) == vec![id.clone()]);
         Ok(())
     })
     .await?;
-    let (ok, out, err) = cimctl(&nats, &["integration", "list", "--json"]).await?;
+    let (ok, out, err) = cimctl(&cim, &["integration", "list", "--json"]).await?;
     assert!(ok, "{err}");
     let list: serde_json::Value = serde_json::from_str(&out)?;
     assert_eq!(list["webhooks"][0]["name"], "shop");
     assert_eq!(list["subscriptions"][0]["name"], "crm");
-    let (ok, out, err) = cimctl(&nats, &["integration", "pause", "crm"]).await?;
+    let (ok, out, err) = cimctl(&cim, &["integration", "pause", "crm"]).await?;
     assert!(ok && out.contains("crm paused"), "{out}{err}");
-    let (ok, out, _) = cimctl(&nats, &["integration", "list"]).await?;
+    let (ok, out, _) = cimctl(&cim, &["integration", "list"]).await?;
     assert!(ok && out.contains("paused"), "{out}");
-    let (ok, out, err) = cimctl(&nats, &["integration", "resume", "crm"]).await?;
+    let (ok, out, err) = cimctl(&cim, &["integration", "resume", "crm"]).await?;
     assert!(ok && out.contains("crm resumed"), "{out}{err}");
-    let (ok, out, err) = cimctl(&nats, &["integration", "deliveries", "crm", "--json"]).await?;
+    let (ok, out, err) = cimctl(&cim, &["integration", "deliveries", "crm", "--json"]).await?;
     assert!(ok, "{err}");
     let log: serde_json::Value = serde_json::from_str(&out)?;
     assert_eq!(log["deliveries"][0]["event_id"], id.as_str());
     assert_eq!(log["deliveries"][0]["delivered"], true);
-    let (ok, _, err) = cimctl(&nats, &["integration", "pause", "nope"]).await?;
+    let (ok, _, err) = cimctl(&cim, &["integration", "pause", "nope"]).await?;
     assert!(!ok && err.contains("unknown subscription"), "{err}");
     Ok(())
 }
@@ -681,8 +691,8 @@ async fn psql(sql: &str) -> Result<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hub_postgres_connector_projects_events_into_a_table_and_table_changes_into_events() -> Result<()> {
-    let nats = NatsServer::start().await?;
-    let js = jetstream::new(nats.connect().await);
+    let mut cim = CimFixture::builder().start().await?;
+    let js = cim.js();
     iu_stream(&js).await?;
     // Names unique to this run: the database is shared.
     let tag = format!("{}_{}", std::process::id(), now());
@@ -695,7 +705,7 @@ async fn hub_postgres_connector_projects_events_into_a_table_and_table_changes_i
         &config,
         serde_json::json!({ "postgres": [{
             "name": connector, "url_env": "CIM_TEST_PG_URL",
-            "project": { "filter": "cim.evt.iu.unit.*.created", "table": events_table, "deliver": "all" },
+            "project": { "filter": &units_created(), "table": events_table, "deliver": "all" },
             "watch": [orders], "poll_ms": 50,
         }]})
         .to_string(),
@@ -705,7 +715,7 @@ async fn hub_postgres_connector_projects_events_into_a_table_and_table_changes_i
     for n in 0..3 {
         ids.push(publish_unit(&js, n).await?);
     }
-    let (mut svc, _) = start_hub(&nats, &config, &env).await?;
+    start_hub(&mut cim, &config, &env).await?;
 
     // Events → rows, in stream order, with their envelope.
     let rows = eventually(READY, "three events projected", || async {
@@ -740,16 +750,16 @@ async fn hub_postgres_connector_projects_events_into_a_table_and_table_changes_i
     .await?;
 
     // A restart writes no row twice and picks up where it stopped.
-    svc.terminate(Duration::from_secs(10)).await?;
+    hub_proc(&mut cim).terminate(Duration::from_secs(10)).await?;
     ids.push(publish_unit(&js, 3).await?);
-    let (_svc, _) = start_hub(&nats, &config, &env).await?;
+    start_hub(&mut cim, &config, &env).await?;
     eventually(READY, "the fourth event projected once", || async {
         let n = psql(&format!("SELECT count(*), count(DISTINCT seq) FROM {events_table}")).await?;
         anyhow::ensure!(n == "4|4", "{n}");
         Ok(())
     })
     .await?;
-    assert!(!_svc.log().contains("dbname=test"), "the connection string stays out of the log");
+    assert!(!hub_log(&cim).contains("dbname=test"), "the connection string stays out of the log");
     psql(&format!("DROP TABLE {orders}; DROP TABLE {events_table}; DROP TABLE cim_outbox_{connector}; DROP FUNCTION cim_outbox_{connector}_capture()")).await?;
     Ok(())
 }
@@ -875,8 +885,8 @@ impl Drop for PrivatePostgres {
 #[tokio::test(flavor = "multi_thread")]
 async fn hub_postgres_connector_loses_and_repeats_nothing_across_a_database_restart() -> Result<()> {
     let pg = std::sync::Arc::new(PrivatePostgres::start().await?);
-    let nats = NatsServer::start().await?;
-    let js = jetstream::new(nats.connect().await);
+    let mut cim = CimFixture::builder().start().await?;
+    let js = cim.js();
     iu_stream(&js).await?;
     pg.psql("CREATE TABLE orders (id int PRIMARY KEY, item text NOT NULL)").await?;
     let dir = tempfile::tempdir()?;
@@ -885,14 +895,14 @@ async fn hub_postgres_connector_loses_and_repeats_nothing_across_a_database_rest
         &config,
         serde_json::json!({ "postgres": [{
             "name": "erp", "url_env": "CIM_TEST_PG_URL",
-            "project": { "filter": "cim.evt.iu.unit.*.created", "table": "cim_iu_events", "deliver": "all" },
+            "project": { "filter": &units_created(), "table": "cim_iu_events", "deliver": "all" },
             "watch": ["orders"], "poll_ms": 20,
         }]})
         .to_string(),
     )?;
     let url = pg.url();
     let env = [("CIM_TEST_PG_URL", url.as_str())];
-    let (svc, _) = start_hub(&nats, &config, &env).await?;
+    start_hub(&mut cim, &config, &env).await?;
 
     // Both ways at once: events published into the stream, rows inserted into the table (each
     // insert retried until PostgreSQL confirms it; ON CONFLICT keeps a retry of an insert whose
@@ -912,13 +922,9 @@ async fn hub_postgres_connector_loses_and_repeats_nothing_across_a_database_rest
         let pg = pg.clone();
         tokio::spawn(async move {
             for id in 1..=40 {
-                while pg
-                    .psql(&format!("INSERT INTO orders VALUES ({id}, 'item {id}') ON CONFLICT DO NOTHING"))
-                    .await
-                    .is_err()
-                {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+                let insert = format!("INSERT INTO orders VALUES ({id}, 'item {id}') ON CONFLICT DO NOTHING");
+                eventually(LONG_PG, &format!("row {id} inserted"), || async { pg.psql(&insert).await.map(|_| ()) })
+                    .await?;
                 tokio::time::sleep(Duration::from_millis(25)).await;
             }
             anyhow::Ok(())
@@ -944,13 +950,15 @@ async fn hub_postgres_connector_loses_and_repeats_nothing_across_a_database_rest
     for n in 100..110 {
         ids.push(publish_unit(&js, n).await?);
     }
-    let down_rows = {
+    let waiting = || async {
         let stream = js.get_stream(resources::events_stream(Component::InformationUnit).name).await?;
         let info = stream.consumer_info(hub::projection_consumer("erp")?).await?;
-        info.num_pending + info.num_ack_pending as u64
+        let down_rows = info.num_pending + info.num_ack_pending as u64;
+        anyhow::ensure!(down_rows >= 10, "{down_rows} events waiting");
+        Ok(())
     };
-    assert!(down_rows >= 10, "events wait for the database: {down_rows}");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The database stays down for two seconds, and the events wait for it all along.
+    stays_true_for(Duration::from_secs(2), "events waiting for the database", waiting).await?;
     pg.up().await?;
     // Back: the writer finishes, then rows are updated, inserted and deleted.
     writer.await??;
@@ -977,13 +985,13 @@ async fn hub_postgres_connector_loses_and_repeats_nothing_across_a_database_rest
         Ok(got)
     })
     .await?;
-    // Let a late repeat show itself before counting.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let got = {
-        let again = changes(js.clone()).await?;
-        assert_eq!(again.len(), got.len(), "no late repeats");
-        again
-    };
+    // No late repeat shows itself.
+    stays_true_for(Duration::from_secs(1), "no late repeats", || async {
+        let again = changes(js.clone()).await?.len();
+        anyhow::ensure!(again == got.len(), "{again} changes, {} before", got.len());
+        Ok(())
+    })
+    .await?;
     assert!(
         got.windows(2).all(|w| w[0].outbox_id < w[1].outbox_id),
         "in outbox order, none repeated: {:?}",
@@ -1002,7 +1010,7 @@ async fn hub_postgres_connector_loses_and_repeats_nothing_across_a_database_rest
         Ok(())
     })
     .await?;
-    let log = svc.log();
+    let log = hub_log(&cim);
     assert!(log.contains("retrying"), "the hub saw the outage:\n{log}");
     assert!(!log.contains("dbname=postgres"), "the connection string stays out of the log");
     Ok(())
@@ -1109,8 +1117,8 @@ async fn mqtt_pub(port: u16, topic: &str, message: &str) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hub_mqtt_connector_both_ways_across_a_broker_restart() -> Result<()> {
-    let nats = NatsServer::start().await?;
-    let js = jetstream::new(nats.connect().await);
+    let mut cim = CimFixture::builder().start().await?;
+    let js = cim.js();
     iu_stream(&js).await?;
     let dir = tempfile::tempdir()?;
     let port = cim_testkit::free_port();
@@ -1122,11 +1130,11 @@ async fn hub_mqtt_connector_both_ways_across_a_broker_restart() -> Result<()> {
         &config,
         serde_json::json!({ "mqtt": [{
             "name": "plant", "host": "127.0.0.1", "port": port, "subscribe": ["sensors/#"],
-            "publish": { "filter": "cim.evt.iu.unit.*.created", "topic": "cim/units", "deliver": "all" },
+            "publish": { "filter": &units_created(), "topic": "cim/units", "deliver": "all" },
         }]})
         .to_string(),
     )?;
-    let (_svc, _) = start_hub(&nats, &config, &[]).await?;
+    start_hub(&mut cim, &config, &[]).await?;
 
     // Events → topic, in order, payload as stored.
     let mut payloads = Vec::new();
@@ -1221,9 +1229,7 @@ async fn hub_s3_import_turns_new_objects_into_units_once() -> Result<()> {
     bucket.put("scans/a.txt", bytes::Bytes::from_static(b"first scan")).await?;
     bucket.put("other/ignored.txt", bytes::Bytes::from_static(b"not under the prefix")).await?;
 
-    let nats = NatsServer::start().await?;
-    let iu_svc = ServiceProc::start(Component::InformationUnit, &nats.url(), &[])?;
-    wait_ready(&nats.connect().await, &iu_svc).await?;
+    let mut cim = CimFixture::with([Component::InformationUnit]).await?;
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("hub.json");
     std::fs::write(
@@ -1235,9 +1241,9 @@ async fn hub_s3_import_turns_new_objects_into_units_once() -> Result<()> {
         .to_string(),
     )?;
     let env = [("CIM_TEST_S3_ACCESS", s3.access_key()), ("CIM_TEST_S3_SECRET", s3.secret_key())];
-    let (mut svc, _) = start_hub(&nats, &config, &env).await?;
-    let js = jetstream::new(nats.connect().await);
-    let iu = IuClient::new(nats.connect().await);
+    start_hub(&mut cim, &config, &env).await?;
+    let js = cim.js();
+    let iu = cim.iu();
     let imported = |n: usize| {
         let js = js.clone();
         async move {
@@ -1262,13 +1268,13 @@ async fn hub_s3_import_turns_new_objects_into_units_once() -> Result<()> {
     bucket.put("scans/b.txt", bytes::Bytes::from_static(b"second scan")).await?;
     let two = imported(2).await?;
     assert_eq!(two[1].key, "scans/b.txt");
-    svc.terminate(Duration::from_secs(10)).await?;
+    hub_proc(&mut cim).terminate(Duration::from_secs(10)).await?;
     bucket.put("scans/c.txt", bytes::Bytes::from_static(b"third scan")).await?;
-    let (svc, _) = start_hub(&nats, &config, &env).await?;
+    start_hub(&mut cim, &config, &env).await?;
     let three = imported(3).await?;
     let keys: Vec<&str> = three.iter().map(|e| e.key.as_str()).collect();
     assert_eq!(keys, ["scans/a.txt", "scans/b.txt", "scans/c.txt"]);
-    assert!(!svc.log().contains(s3.secret_key()), "the secret key stays out of the log");
+    assert!(!hub_log(&cim).contains(s3.secret_key()), "the secret key stays out of the log");
     Ok(())
 }
 
@@ -1276,27 +1282,9 @@ async fn hub_s3_import_turns_new_objects_into_units_once() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hub_runs_with_its_generated_nats_permissions() -> Result<()> {
-    let mut op = cim_testkit::Operator::new();
-    let account = op.account_with_jetstream("CIM");
-    let server = NatsServer::builder()
-        .operator(&op)
-        .jetstream_domain("leaf")
-        .extra_config("max_control_line: 65536")
-        .start()
-        .await?;
-    let perms = crate::common::generated_permissions(C)?;
+    let mut cim = CimFixture::builder().generated_permissions().service(Component::InformationUnit).start().await?;
+    let client = cim.client().clone();
     let dir = tempfile::tempdir()?;
-    let hub_creds = account.user(C.service_name(), perms).write_creds(dir.path())?;
-    let admin = account.user("admin", cim_testkit::Permissions::all());
-    let admin_creds = admin.write_creds(dir.path())?;
-    let client = admin.connect(&server.url()).await?;
-    let iu_svc = ServiceProc::start_with_env(
-        Component::InformationUnit,
-        &server.url(),
-        &[],
-        &[("CIM_NATS_CREDS", admin_creds.to_str().unwrap_or_default()), ("CIM_JS_DOMAIN", "leaf")],
-    )?;
-    wait_ready(&client, &iu_svc).await?;
     let pg = PrivatePostgres::start().await?;
 
     // A webhook into units, a subscription and a PostgreSQL projection on unit events.
@@ -1309,34 +1297,32 @@ async fn hub_runs_with_its_generated_nats_permissions() -> Result<()> {
             "outbound_allow": ["127.0.0.1"],
             "subscriptions": [sub("crm", &rx.url(), serde_json::json!({}))],
             "postgres": [{ "name": "erp", "url_env": "CIM_TEST_PG_URL",
-                "project": { "filter": "cim.evt.iu.unit.*.created", "table": "cim_iu_events", "deliver": "all" } }],
+                "project": { "filter": &units_created(), "table": "cim_iu_events", "deliver": "all" } }],
         })
         .to_string(),
     )?;
     let url = pg.url();
-    let mut svc = ServiceProc::start_with_env(
-        C,
-        &server.url(),
-        &["--hub-config", config.to_str().unwrap(), "--hub-webhook-listen", "127.0.0.1:0"],
-        &[
-            ("CIM_NATS_CREDS", hub_creds.to_str().unwrap_or_default()),
-            ("CIM_JS_DOMAIN", "leaf"),
-            ("CIM_TEST_DOCS_SECRET", SECRET),
-            ("CIM_TEST_OUT_SECRET", SECRET),
-            ("CIM_TEST_PG_URL", url.as_str()),
-        ],
-    )?;
-    wait_ready(&client, &svc).await?;
+    cim.start(
+        Svc::new(C)
+            .args(&["--hub-config", config.to_str().unwrap(), "--hub-webhook-listen", "127.0.0.1:0"])
+            .envs(&[
+                ("CIM_TEST_DOCS_SECRET", SECRET),
+                ("CIM_TEST_OUT_SECRET", SECRET),
+                ("CIM_TEST_PG_URL", url.as_str()),
+            ])
+            .own_identity(),
+    )
+    .await?;
     let listing = request_json(&client, hub::query(hub::qry::SOURCES)?, serde_json::json!({})).await?;
     let addr = listing["webhook_addr"].as_str().context("webhook_addr")?.to_string();
 
     // Webhook → unit (content upload and the create command, as the hub's own identity).
     let body = br#"{"title": "permitted"}"#;
     let r = post(&addr, "/webhooks/docs", &signed(SECRET, "p-1", now(), body), body).await?;
-    assert_eq!(r.status, 202, "{}\n{}", r.body, svc.log());
+    assert_eq!(r.status, 202, "{}\n{}", r.body, hub_log(&cim));
     let answer: serde_json::Value = serde_json::from_str(&r.body)?;
     let unit_id = answer["unit_id"].as_str().context("unit_id")?.to_string();
-    let iu = IuClient::with_domain(client.clone(), "leaf");
+    let iu = cim.iu();
     let unit = eventually(READY, "the unit is projected", || async { Ok(iu.unit(&unit_id).await?) }).await?;
     assert_eq!(iu.get_bytes(&unit.cid, None).await?, body);
 
@@ -1348,7 +1334,7 @@ async fn hub_runs_with_its_generated_nats_permissions() -> Result<()> {
             seen.iter().any(|s| s.header(hub::H_CIM_SUBJECT).is_some_and(|h| h.contains(&unit_id))),
             "{} requests\n{}",
             seen.len(),
-            svc.log()
+            hub_log(&cim)
         );
         Ok(())
     })
@@ -1362,7 +1348,7 @@ async fn hub_runs_with_its_generated_nats_permissions() -> Result<()> {
     assert_eq!(log[0]["delivered"], true);
     eventually(READY, "the unit event projected", || async {
         let n = pg.psql("SELECT count(*) FROM cim_iu_events WHERE subject LIKE '%.created'").await?;
-        anyhow::ensure!(n == "1", "{n}\n{}", svc.log());
+        anyhow::ensure!(n == "1", "{n}\n{}", hub_log(&cim));
         Ok(())
     })
     .await?;
@@ -1377,11 +1363,11 @@ async fn hub_runs_with_its_generated_nats_permissions() -> Result<()> {
     assert_eq!(v["subscriptions"][0]["pending"], 0, "{v}");
     client.request(hub::command(hub::cmd::RESUME)?, prost::Message::encode_to_vec(&pause).into()).await?;
 
-    let status = svc.terminate(Duration::from_secs(30)).await?;
-    let log = svc.log();
+    let status = hub_proc(&mut cim).terminate(Duration::from_secs(30)).await?;
+    let log = hub_log(&cim);
     assert!(status.success(), "integration-hub exited {status}:\n{log}");
     assert!(!log.to_lowercase().contains("permissions violation"), "integration-hub hit its permissions:\n{log}");
-    let server_log = std::fs::read_to_string(server.log_path()).unwrap_or_default();
+    let server_log = std::fs::read_to_string(cim.server().log_path()).unwrap_or_default();
     assert!(!server_log.to_lowercase().contains("violation"), "the server refused something:\n{server_log}");
     Ok(())
 }

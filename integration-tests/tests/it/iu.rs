@@ -6,23 +6,22 @@ use std::{collections::BTreeMap, pin::Pin, task::Poll, time::Duration};
 
 use anyhow::Result;
 use async_nats::jetstream;
-use cim_events::{Cid, Component, cid::CidHasher, iu, proto::iu::*, resources};
-use cim_iu_client::{IuClient, IuError, NoProgress, header, header_with_id};
-use cim_testkit::{NatsCluster, NatsServer, eventually};
+use cim_events::{Cid, Component, cid::CidHasher, iu, proto::iu::*, resources, subject};
+use cim_iu_client::{IuError, NoProgress, header, header_with_id};
+use cim_testkit::eventually;
 use futures::StreamExt;
 use nix::sys::signal::Signal;
 use prost::Message as _;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::common::{READY, ServiceProc, wait_ready};
+use crate::common::READY;
+use crate::fixture::{CimFixture, Svc};
 
 const C: Component = Component::InformationUnit;
 
-async fn start(nats: &NatsServer, args: &[&str]) -> Result<(ServiceProc, IuClient)> {
-    let svc = ServiceProc::start(C, &nats.url(), args)?;
-    let client = nats.connect().await;
-    wait_ready(&client, &svc).await?;
-    Ok((svc, IuClient::new(client)))
+/// The information-unit service (with extra `args`) on a nats-server of its own, ready.
+async fn start(args: &[&str]) -> Result<CimFixture> {
+    CimFixture::builder().service(Svc::new(C).args(args)).start().await
 }
 
 fn create(cid: &str, name: &str) -> CreateUnit {
@@ -42,8 +41,8 @@ async fn event_count(js: &jetstream::Context, filter: &str) -> Result<u64> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn small_units_round_trip_with_metadata_links_history_and_ranges() -> Result<()> {
-    let nats = NatsServer::start().await?;
-    let (_svc, iu) = start(&nats, &[]).await?;
+    let cim = start(&[]).await?;
+    let iu = cim.iu();
     let body = b"hello, information unit".to_vec();
     let committed = iu.put_bytes(&body).await?;
     assert_eq!(committed.cid, Cid::of(&body).to_string());
@@ -121,28 +120,28 @@ async fn small_units_round_trip_with_metadata_links_history_and_ranges() -> Resu
 
 #[tokio::test(flavor = "multi_thread")]
 async fn identical_content_is_stored_once() -> Result<()> {
-    let nats = NatsServer::start().await?;
-    let (_svc, iu) = start(&nats, &[]).await?;
+    let cim = start(&[]).await?;
+    let iu = cim.iu();
     let first = iu.put_bytes(b"same bytes").await?;
     let second = iu.put_bytes(b"same bytes").await?;
     assert_eq!(first.cid, second.cid);
     assert!(second.deduplicated);
-    let store = jetstream::new(nats.connect().await).get_object_store(iu::CONTENT_BUCKET).await?;
+    let store = cim.js().get_object_store(iu::CONTENT_BUCKET).await?;
     let mut names = Vec::new();
     let mut list = store.list().await?;
     while let Some(o) = list.next().await {
         names.push(o?.name);
     }
     assert_eq!(names, vec![first.cid.clone()], "one object, no leftover upload");
-    let js = jetstream::new(nats.connect().await);
+    let js = cim.js();
     assert_eq!(event_count(&js, &iu::content_event(&first.cid, iu::action::STORED)?).await?, 1);
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_updates_with_the_same_expected_version_give_one_conflict() -> Result<()> {
-    let nats = NatsServer::start().await?;
-    let (_svc, iu) = start(&nats, &[]).await?;
+    let cim = start(&[]).await?;
+    let iu = cim.iu();
     let c = iu.put_bytes(b"x").await?;
     let u = iu.create(create(&c.cid, "x")).await?;
     let tag = |t: &str| TagUnit { header: header(u.version), unit_id: u.unit_id.clone(), tags: vec![t.into()] };
@@ -163,8 +162,8 @@ async fn concurrent_updates_with_the_same_expected_version_give_one_conflict() -
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_retried_command_returns_the_first_result_and_writes_once() -> Result<()> {
-    let nats = NatsServer::start().await?;
-    let (_svc, iu) = start(&nats, &[]).await?;
+    let cim = start(&[]).await?;
+    let iu = cim.iu();
     let c = iu.put_bytes(b"idem").await?;
     let mut cmd = create(&c.cid, "idem");
     cmd.header = header_with_id("req-create-1", 0);
@@ -178,15 +177,15 @@ async fn a_retried_command_returns_the_first_result_and_writes_once() -> Result<
         TagUnit { header: header_with_id("req-tag-1", 0), unit_id: first.unit_id.clone(), tags: vec!["t".into()] };
     let (x, y) = tokio::join!(iu.tag(tag.clone()), iu.tag(tag));
     assert_eq!(x?.version, y?.version);
-    let js = jetstream::new(nats.connect().await);
+    let js = cim.js();
     assert_eq!(event_count(&js, &iu::unit_history(&first.unit_id)?).await?, 2, "created + tagged, nothing twice");
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn get_as_of_a_version_or_a_time() -> Result<()> {
-    let nats = NatsServer::start().await?;
-    let (_svc, iu) = start(&nats, &[]).await?;
+    let cim = start(&[]).await?;
+    let iu = cim.iu();
     let c = iu.put_bytes(b"tt").await?;
     let u = iu.create(create(&c.cid, "before")).await?;
     let t1 = iu.unit(&u.unit_id).await?.updated_ms;
@@ -224,9 +223,9 @@ async fn kv_states(js: &jetstream::Context) -> Result<BTreeMap<String, Unit>> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn replay_rebuilds_identical_projections_after_the_kv_is_deleted() -> Result<()> {
-    let nats = NatsServer::start().await?;
-    let (mut svc, iu) = start(&nats, &[]).await?;
-    let js = jetstream::new(nats.connect().await);
+    let mut cim = start(&[]).await?;
+    let iu = cim.iu();
+    let js = cim.js();
     let c = iu.put_bytes(b"replay").await?;
     let c2 = iu.put_bytes(b"replay v2").await?;
     let mut ids: Vec<String> = Vec::new();
@@ -265,9 +264,10 @@ async fn replay_rebuilds_identical_projections_after_the_kv_is_deleted() -> Resu
     assert_eq!(before.len(), 20);
 
     // 1. stop, delete the projection, start: the service replays the stream
-    assert!(svc.terminate(Duration::from_secs(20)).await?.success());
+    assert!(cim.service_mut(C).terminate(Duration::from_secs(20)).await?.success());
     js.delete_key_value(resources::kv_bucket(C, iu::KV_UNITS)?).await?;
-    let (_svc2, iu) = start(&nats, &[]).await?;
+    cim.service_mut(C).restart().await?;
+    cim.wait_ready(0).await?;
     eventually(READY, "projection rebuilt after the KV was deleted", || async {
         let s = iu.status().await?;
         anyhow::ensure!(s.lag == 0 && s.checkpoint == s.stream_last_sequence, "{s:?}");
@@ -302,9 +302,9 @@ async fn replay_rebuilds_identical_projections_after_the_kv_is_deleted() -> Resu
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_poison_event_is_skipped_with_its_sequence_and_later_events_still_project() -> Result<()> {
-    let nats = NatsServer::start().await?;
-    let (svc, iu) = start(&nats, &[]).await?;
-    let js = jetstream::new(nats.connect().await);
+    let cim = start(&[]).await?;
+    let (svc, iu) = (cim.service(C), cim.iu());
+    let js = cim.js();
     let c = iu.put_bytes(b"poison").await?;
     let a = iu.create(create(&c.cid, "before")).await?;
     // An event no envelope can be read from (no headers), as a broken writer would leave it.
@@ -332,9 +332,9 @@ async fn a_poison_event_is_skipped_with_its_sequence_and_later_events_still_proj
 
 #[tokio::test(flavor = "multi_thread")]
 async fn content_that_does_not_match_its_cid_is_detected_recorded_and_removed() -> Result<()> {
-    let nats = NatsServer::start().await?;
-    let (svc, iu) = start(&nats, &[]).await?;
-    let js = jetstream::new(nats.connect().await);
+    let cim = start(&[]).await?;
+    let (svc, iu) = (cim.service(C), cim.iu());
+    let js = cim.js();
     let store = js.get_object_store(iu::CONTENT_BUCKET).await?;
     // Bytes B stored under the CID of A (as a lying client or a damaged store would leave them).
     let claimed = Cid::of(b"the real bytes");
@@ -383,15 +383,15 @@ async fn content_that_does_not_match_its_cid_is_detected_recorded_and_removed() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_input_gets_a_clear_error_and_writes_nothing() -> Result<()> {
-    let nats = NatsServer::start().await?;
-    let (svc, iu) = start(&nats, &[]).await?;
-    let js = jetstream::new(nats.connect().await);
+    let cim = start(&[]).await?;
+    let iu = cim.iu();
+    let js = cim.js();
     let c = iu.put_bytes(b"valid").await?;
     let u = iu.create(create(&c.cid, "ok")).await?;
     let schema =
         r#"{"attributes": {"pages": {"type": "integer", "required": true, "min": 1}}, "additional_attributes": false}"#;
     iu.register_type(RegisterType { header: header(0), name: "book".into(), schema_json: schema.into() }).await?;
-    let events_before = event_count(&js, "cim.evt.iu.>").await?;
+    let events_before = event_count(&js, &subject::events_of(C)).await?;
 
     let bad_request = |e: IuError, want: &str| {
         assert!(matches!(e, IuError::BadRequest(_)), "{want}: {e}");
@@ -457,14 +457,14 @@ async fn bad_input_gets_a_clear_error_and_writes_nothing() -> Result<()> {
     not_found(iu.commit(&format!("{}{}", iu::UPLOAD_PREFIX, uuid_like())).await.unwrap_err(), "does not exist");
     bad_request(iu.commit("../../etc").await.unwrap_err(), "not an upload name");
     // undecodable request bodies
-    let raw = nats.connect().await.request(iu::command(iu::cmd::CREATE)?, vec![0xff, 0xff, 0xff].into()).await?;
+    let raw = cim.client().request(iu::command(iu::cmd::CREATE)?, vec![0xff, 0xff, 0xff].into()).await?;
     assert_eq!(raw.headers.unwrap().get("Nats-Service-Error-Code").unwrap().as_str(), "400");
 
     // validation without writing, and schema checks on set_attributes
     let v = iu.validate("book", [("pages".to_string(), "0".to_string())].into()).await?;
     assert!(!v.valid && v.problems.iter().any(|p| p.contains("below 1")), "{v:?}");
     assert!(iu.validate("book", [("pages".to_string(), "3".to_string())].into()).await?.valid);
-    assert_eq!(event_count(&js, "cim.evt.iu.>").await?, events_before, "nothing was written");
+    assert_eq!(event_count(&js, &subject::events_of(C)).await?, events_before, "nothing was written");
 
     let mut book = CreateUnit { unit_type: "book".into(), ..create(&c.cid, "a book") };
     book.attributes.insert("pages".into(), "3".into());
@@ -499,7 +499,7 @@ async fn bad_input_gets_a_clear_error_and_writes_nothing() -> Result<()> {
     })
     .await?;
     assert_eq!(iu.unit(&b.unit_id).await?.attributes.get("pages").map(String::as_str), Some("5"));
-    assert!(wait_ready(&nats.connect().await, &svc).await.is_ok(), "still serving");
+    assert!(cim.wait_ready(0).await.is_ok(), "still serving");
     Ok(())
 }
 
@@ -566,8 +566,8 @@ impl AsyncWrite for HashSink {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_one_gib_unit_round_trips_with_bounded_memory() -> Result<()> {
     const SIZE: u64 = 1 << 30;
-    let nats = NatsServer::start().await?;
-    let (svc, iu) = start(&nats, &[]).await?;
+    let cim = start(&[]).await?;
+    let (svc, iu) = (cim.service(C), cim.iu());
     let mut source = Generated::new(SIZE);
     let committed = iu.put_content(&mut source, &mut NoProgress).await?;
     let expected = std::mem::take(&mut source.hasher).finish();
@@ -596,9 +596,9 @@ fn rss_kib(pid: i32) -> Option<u64> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn interrupted_uploads_leave_no_unit_and_are_collected() -> Result<()> {
-    let nats = NatsServer::start().await?;
-    let (_svc, iu) = start(&nats, &["--iu-orphan-grace", "1s", "--iu-collect-interval", "500ms"]).await?;
-    let js = jetstream::new(nats.connect().await);
+    let cim = start(&["--iu-orphan-grace", "1s", "--iu-collect-interval", "500ms"]).await?;
+    let iu = cim.iu();
+    let js = cim.js();
     // A client dies mid-upload: cimctl is SIGKILLed while streaming a large file.
     let dir = tempfile::tempdir()?;
     let file = dir.path().join("big.bin");
@@ -607,7 +607,7 @@ async fn interrupted_uploads_leave_no_unit_and_are_collected() -> Result<()> {
         f.set_len(256 << 20)?;
     }
     let mut put = tokio::process::Command::new(crate::common::bin("cimctl"))
-        .args(["iu", "--nats-url", &nats.url(), "put"])
+        .args(["iu", "--nats-url", cim.url(), "put"])
         .arg(&file)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -637,18 +637,19 @@ async fn interrupted_uploads_leave_no_unit_and_are_collected() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_service_killed_mid_upload_restarts_into_a_consistent_store() -> Result<()> {
-    let nats = NatsServer::start().await?;
-    let (mut svc, iu) = start(&nats, &["--instance-id", "iu-a"]).await?;
+    let mut cim = start(&["--instance-id", "iu-a"]).await?;
+    let iu = cim.iu();
     // The upload goes to JetStream directly; the service dies before the commit.
     let upload = iu.upload(&mut Generated::new(32 << 20), &mut NoProgress).await?;
-    svc.signal(Signal::SIGKILL);
-    svc.wait(Duration::from_secs(10)).await?;
+    cim.service(C).signal(Signal::SIGKILL);
+    cim.service_mut(C).wait(Duration::from_secs(10)).await?;
     let commit = {
         let iu = iu.clone();
         let name = upload.name.clone();
         tokio::spawn(async move { iu.commit(&name).await })
     };
-    let (_svc2, _) = start(&nats, &["--instance-id", "iu-a"]).await?;
+    cim.service_mut(C).restart().await?;
+    cim.wait_ready(0).await?;
     let committed = commit.await??;
     let u = iu.create(create(&committed.cid, "survivor")).await?;
     let mut sink = HashSink(CidHasher::new(), 0);
@@ -660,11 +661,8 @@ async fn a_service_killed_mid_upload_restarts_into_a_consistent_store() -> Resul
 
 #[tokio::test(flavor = "multi_thread")]
 async fn units_work_on_a_three_node_cluster_with_r3() -> Result<()> {
-    let cluster = NatsCluster::start(3).await?;
-    let svc = ServiceProc::start(C, &cluster.urls().join(","), &["--tier", "cluster"])?;
-    let client = cluster.connect().await;
-    wait_ready(&client, &svc).await?;
-    let js = jetstream::new(client.clone());
+    let cim = CimFixture::builder().cluster(3).service(C).start().await?;
+    let js = cim.js();
     for name in [
         resources::events_stream(C).name,
         resources::object_buckets(C)[0].stream_name(),
@@ -672,7 +670,7 @@ async fn units_work_on_a_three_node_cluster_with_r3() -> Result<()> {
     ] {
         assert_eq!(js.get_stream(&name).await?.info().await?.config.num_replicas, 3, "{name}");
     }
-    let iu = IuClient::new(client);
+    let iu = cim.iu();
     let c = iu.put_bytes(b"replicated").await?;
     let u = iu.create(create(&c.cid, "r3")).await?;
     assert_eq!(iu.get_bytes(&iu.unit(&u.unit_id).await?.cid, None).await?, b"replicated");

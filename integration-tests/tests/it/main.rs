@@ -3,8 +3,8 @@
 mod auth;
 mod cli;
 mod common;
+mod fixture;
 mod gateway;
-mod harness;
 mod hub;
 mod iu;
 mod nix;

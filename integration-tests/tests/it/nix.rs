@@ -22,7 +22,8 @@ use cim_events::{Component, Tier, resources, subject};
 use futures::StreamExt;
 use serde_json::Value;
 
-use crate::common::{self, ServiceProc};
+use crate::common;
+use crate::fixture::{CimFixture, Svc};
 
 /// The committed generated permissions of one service (nixos-modules/nats-permissions.json).
 fn generated_permissions(service: &str) -> Value {
@@ -937,7 +938,11 @@ async fn nix_live_topology_with_per_service_identities() -> Result<()> {
     // observer sees each service's own event and none of the others' (a connection's messages
     // arrive in order, so a forbidden one that got through would come first).
     let (admin, _) = connect_as(&url("leaf"), "admin", &password("admin")).await?;
-    let mut observed = admin.subscribe("cim.evt.>").await?;
+    // `cim.evt.>`: every event of every component (one component's event filter, widened).
+    let registry_events = subject::events_of(Component::Registry);
+    let every_event =
+        format!("{}>", registry_events.trim_end_matches(".>").trim_end_matches(Component::Registry.token()));
+    let mut observed = admin.subscribe(every_event).await?;
     admin.flush().await?;
     let mut identities = Vec::new();
     for (i, c) in Component::ALL.into_iter().enumerate() {
@@ -993,9 +998,10 @@ async fn nix_live_topology_with_per_service_identities() -> Result<()> {
     );
     cim_testkit::eventually(Duration::from_secs(10), "registry's violations reported", || async {
         let seen = registry_errors.lock().unwrap().clone();
-        for what in ["Subscription to \"cim.cmd.iu.create\"", "STREAM.INFO.CIM_IU_EVENTS"] {
+        let create = subject::command(Component::InformationUnit, "create")?;
+        for what in [format!("Subscription to \"{create}\""), format!("STREAM.INFO.{}", iu_events.name)] {
             ensure!(
-                seen.iter().any(|e| e.contains("Permissions Violation") && e.contains(what)),
+                seen.iter().any(|e| e.contains("Permissions Violation") && e.contains(what.as_str())),
                 "no violation for {what}: {seen:?}"
             );
         }
@@ -1079,43 +1085,19 @@ async fn nix_live_topology_with_per_service_identities() -> Result<()> {
 /// against a real server in `nix_live_topology_with_per_service_identities`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nix_registry_runs_with_its_generated_permissions() -> Result<()> {
-    let mut op = cim_testkit::Operator::new();
-    let account = op.account_with_jetstream("CIM");
-    // The user JWT carries ~120 subjects: its CONNECT line is longer than nats-server's
-    // default max_control_line (4 KiB). Servers that take such creds need a larger one.
-    let server = cim_testkit::NatsServer::builder()
-        .operator(&op)
-        .jetstream_domain("leaf")
-        .extra_config("max_control_line: 32768")
+    // The generated permissions answer requests (the fixture gives a service exactly those).
+    ensure!(generated_permissions(Component::Registry.service_name())["allow_responses"] == true);
+    let mut cim = CimFixture::builder()
+        .generated_permissions()
+        .service(Svc::new(Component::Registry).env("CIM_TIER", "leaf").own_identity())
         .start()
         .await?;
-    let p = generated_permissions(Component::Registry.service_name());
-    let list =
-        |v: &Value| -> Vec<String> { v.as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect() };
-    let mut perms = cim_testkit::Permissions::all();
-    for s in list(&p["publish"]["allow"]) {
-        perms = perms.allow_publish(s);
-    }
-    for s in list(&p["subscribe"]["allow"]) {
-        perms = perms.allow_subscribe(s);
-    }
-    ensure!(p["allow_responses"] == true);
-    perms = perms.allow_responses();
-    let dir = tempfile::tempdir()?;
-    let creds = account.user("registry", perms).write_creds(dir.path())?;
-    let observer = account.user("admin", cim_testkit::Permissions::all()).connect(&server.url()).await?;
-
-    let mut svc = ServiceProc::start_with_env(
-        Component::Registry,
-        &server.url(),
-        &[],
-        &[("CIM_NATS_CREDS", creds.to_str().unwrap()), ("CIM_JS_DOMAIN", "leaf"), ("CIM_TIER", "leaf")],
-    )?;
-    common::wait_ready(&observer, &svc).await?;
-    let js = async_nats::jetstream::with_domain(observer.clone(), "leaf");
+    let js = cim.js();
     for spec in resources::streams(Component::Registry) {
-        js.get_stream(&spec.name).await.with_context(|| format!("{} not provisioned:\n{}", spec.name, svc.log()))?;
+        let log = || cim.service(Component::Registry).log();
+        js.get_stream(&spec.name).await.with_context(|| format!("{} not provisioned:\n{}", spec.name, log()))?;
     }
+    let svc = cim.service_mut(Component::Registry);
     let status = svc.terminate(Duration::from_secs(30)).await?;
     let log = svc.log();
     ensure!(status.success(), "registry exited {status}:\n{log}");

@@ -15,62 +15,62 @@ use cim_events::{
     resources,
 };
 use cim_iu_client::IuClient;
-use cim_testkit::{NatsCluster, NatsServer, eventually};
+use cim_testkit::{eventually, stays_true_for};
 use futures::StreamExt;
 use prost::Message as _;
 use tokio::process::Command;
 
-use crate::common::{SLEEPY_WAT, ServiceProc, bin, wait_ready};
+use crate::common::{SLEEPY_WAT, ServiceProc, bin};
+use crate::fixture::{CimFixture, CimFixtureBuilder, Svc};
 
 const LONG: Duration = Duration::from_secs(60);
 
-/// The services a pipeline needs, on one NATS (a server or a cluster).
+/// The services a pipeline needs (information-unit, plugin-host, pipeline-engines) on one
+/// fixture (a server or a cluster).
 struct Cim {
-    url: String,
-    client: async_nats::Client,
+    fx: CimFixture,
     iu: IuClient,
-    engines: Vec<ServiceProc>,
-    _others: Vec<ServiceProc>,
 }
 
 impl Cim {
-    async fn start(
-        url: String,
-        client: async_nats::Client,
-        engines: usize,
-        engine_args: &[&str],
-        common: &[&str],
-    ) -> Result<Cim> {
-        let mut others = Vec::new();
-        for c in [Component::InformationUnit, Component::PluginHost] {
-            let svc = ServiceProc::start(c, &url, common)?;
-            wait_ready(&client, &svc).await?;
-            others.push(svc);
-        }
-        let mut cim = Cim { url, iu: IuClient::new(client.clone()), client, engines: Vec::new(), _others: others };
+    /// information-unit, plugin-host and `engines` pipeline-engines with `engine_args`.
+    async fn start(builder: CimFixtureBuilder, engines: usize, engine_args: &[&str]) -> Result<Cim> {
+        let mut builder = builder.service(Component::InformationUnit).service(Component::PluginHost);
         for _ in 0..engines {
-            cim.add_engine(engine_args, common).await?;
+            builder = builder.service(Svc::new(Component::PipelineEngine).args(engine_args));
         }
-        Ok(cim)
+        let fx = builder.start().await?;
+        Ok(Cim { iu: fx.iu(), fx })
     }
 
-    async fn leaf(engines: usize, engine_args: &[&str]) -> Result<(NatsServer, Cim)> {
-        let nats = NatsServer::start().await?;
-        let client = nats.connect().await;
-        let cim = Cim::start(nats.url(), client, engines, engine_args, &[]).await?;
-        Ok((nats, cim))
+    /// On a single nats-server.
+    async fn leaf(engines: usize, engine_args: &[&str]) -> Result<Cim> {
+        Cim::start(CimFixture::builder(), engines, engine_args).await
     }
 
-    async fn add_engine(&mut self, engine_args: &[&str], common: &[&str]) -> Result<()> {
-        let args: Vec<&str> = engine_args.iter().chain(common).copied().collect();
-        let svc = ServiceProc::start(Component::PipelineEngine, &self.url, &args)?;
-        wait_ready(&self.client, &svc).await?;
-        self.engines.push(svc);
+    /// One more pipeline-engine with `engine_args`, ready.
+    async fn add_engine(&mut self, engine_args: &[&str]) -> Result<()> {
+        self.fx.start(Svc::new(Component::PipelineEngine).args(engine_args)).await?;
         Ok(())
     }
 
+    /// The `i`-th pipeline-engine started.
+    fn engine(&mut self, i: usize) -> &mut ServiceProc {
+        self.fx
+            .services_mut()
+            .iter_mut()
+            .filter(|s| s.component == Component::PipelineEngine)
+            .nth(i)
+            .expect("that many engines")
+    }
+
     async fn cimctl(&self, args: &[&str]) -> Result<Output> {
-        Ok(Command::new(bin("cimctl")).args(args).args(["--nats-url", &self.url]).output().await?)
+        Ok(Command::new(bin("cimctl"))
+            .args(args)
+            .args(["--nats-url", self.fx.url()])
+            .envs(self.fx.admin_env())
+            .output()
+            .await?)
     }
 
     async fn cimctl_ok(&self, args: &[&str]) -> Result<String> {
@@ -101,7 +101,7 @@ impl Cim {
     async fn request<T: serde::de::DeserializeOwned>(&self, subject: String, body: serde_json::Value) -> Result<T> {
         let m = tokio::time::timeout(
             Duration::from_secs(20),
-            self.client.request(subject.clone(), body.to_string().into()),
+            self.fx.client().request(subject.clone(), body.to_string().into()),
         )
         .await??;
         if let Some(code) = m.headers.as_ref().and_then(|h| h.get("Nats-Service-Error-Code")) {
@@ -159,7 +159,7 @@ impl Cim {
     }
 
     fn js(&self) -> jetstream::Context {
-        jetstream::new(self.client.clone())
+        self.fx.js()
     }
 
     /// Every message of the pipeline engine's dead-letter stream on `origin`.
@@ -215,7 +215,7 @@ async fn push(cim: &Cim, wat: &str, name: &str, version: &str, capability: &str)
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_shipped_example_normalizes_classifies_tags_and_summarizes() -> Result<()> {
-    let (_nats, cim) = Cim::leaf(1, &[]).await?;
+    let cim = Cim::leaf(1, &[]).await?;
     let out = cim
         .cimctl_ok(&[
             "pipeline",
@@ -276,10 +276,13 @@ async fn the_shipped_example_normalizes_classifies_tags_and_summarizes() -> Resu
 
     // The summary (text/plain, written by the pipeline) does not trigger the pipeline again,
     // and the image never matched.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let runs = cim.runs("text-ingest").await?;
-    assert_eq!(runs.len(), 1, "{runs:?}");
-    assert!(!runs.iter().any(|r| r.unit_id == image || r.unit_id == summary_id));
+    stays_true_for(Duration::from_millis(500), "one run of text-ingest, not on the image or the summary", || async {
+        let runs = cim.runs("text-ingest").await?;
+        ensure!(runs.len() == 1, "{runs:?}");
+        ensure!(!runs.iter().any(|r| r.unit_id == image || r.unit_id == summary_id), "{runs:?}");
+        Ok(())
+    })
+    .await?;
 
     // The CLI shows it.
     let ls = cim.cimctl_ok(&["run", "ls", "--pipeline", "text-ingest"]).await?;
@@ -299,8 +302,8 @@ async fn the_shipped_example_normalizes_classifies_tags_and_summarizes() -> Resu
 
     // The run's state rebuilds from its events: another engine instance answers the same.
     let mut cim = cim;
-    cim.engines[0].terminate(Duration::from_secs(10)).await?;
-    cim.add_engine(&[], &[]).await?;
+    cim.engine(0).terminate(Duration::from_secs(10)).await?;
+    cim.add_engine(&[]).await?;
     let again = cim.run(&run.run_id).await?;
     assert_eq!(again.state, "completed");
     assert_eq!(again.units, run.units);
@@ -309,7 +312,7 @@ async fn the_shipped_example_normalizes_classifies_tags_and_summarizes() -> Resu
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_definitions_are_refused_before_anything_runs() -> Result<()> {
-    let (_nats, cim) = Cim::leaf(1, &[]).await?;
+    let cim = Cim::leaf(1, &[]).await?;
     let base = serde_json::json!({
         "name": "bad", "trigger": {"on": "unit.created"},
         "steps": [{"id": "a", "plugin": "text-normalize@1.0.0"}, {"id": "b", "tag": ["x"]}]
@@ -360,7 +363,7 @@ async fn bad_definitions_are_refused_before_anything_runs() -> Result<()> {
     std::fs::write(&file, "{ nope")?;
     let out = cim.cimctl(&["pipeline", "apply", &file.to_string_lossy()]).await?;
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not JSON"));
-    let raw = cim.client.request(pl::command(pl::cmd::APPLY)?, "garbage".into()).await?;
+    let raw = cim.fx.client().request(pl::command(pl::cmd::APPLY)?, "garbage".into()).await?;
     assert_eq!(
         raw.headers.as_ref().and_then(|h| h.get("Nats-Service-Error-Code")).map(|v| v.to_string()).as_deref(),
         Some("400")
@@ -376,7 +379,7 @@ async fn bad_definitions_are_refused_before_anything_runs() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn failing_steps_retry_with_backoff_then_dead_letter_and_can_be_retried() -> Result<()> {
-    let (_nats, cim) = Cim::leaf(1, &[]).await?;
+    let cim = Cim::leaf(1, &[]).await?;
     push(&cim, TRAP, "boom", "1.0.0", "test.flaky").await?;
     cim.apply_ok(&serde_json::json!({
         "name": "flaky", "trigger": {"on": "manual"},
@@ -438,7 +441,7 @@ async fn failing_steps_retry_with_backoff_then_dead_letter_and_can_be_retried() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn poison_messages_are_dead_lettered_and_the_engine_keeps_running() -> Result<()> {
-    let (_nats, cim) = Cim::leaf(1, &[]).await?;
+    let cim = Cim::leaf(1, &[]).await?;
     cim.apply_ok(&serde_json::json!({
         "name": "tagger", "trigger": {"on": "unit.created"},
         "steps": [{"id": "tag", "tag": ["seen"]}]
@@ -460,12 +463,17 @@ async fn poison_messages_are_dead_lettered_and_the_engine_keeps_running() -> Res
     assert!(h.get(pl::H_DEAD_LETTER_REASON).map(|v| v.to_string()).unwrap_or_default().contains("envelope"));
     assert_eq!(
         h.get(pl::H_ORIGINAL_SUBJECT).map(|v| v.to_string()).as_deref(),
-        Some("cim.evt.iu.unit.poison1.created")
+        Some(cim_events::iu::unit_event("poison1", cim_events::iu::action::CREATED)?.as_str())
     );
     assert_eq!(d[0].payload.as_ref(), "\u{ff}garbage".as_bytes());
     eventually!(LONG, "poison run dead-lettered", {
         let d = cim.dead_letters(pl::DLQ_RUNS).await?;
-        ensure!(d.len() == 1, "{} dead letters; engine log: {}", d.len(), cim.engines[0].log());
+        ensure!(
+            d.len() == 1,
+            "{} dead letters; engine log: {}",
+            d.len(),
+            cim.fx.service(Component::PipelineEngine).log()
+        );
         let reason = d[0]
             .headers
             .as_ref()
@@ -493,7 +501,7 @@ async fn poison_messages_are_dead_lettered_and_the_engine_keeps_running() -> Res
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_running_run_can_be_cancelled() -> Result<()> {
-    let (_nats, cim) = Cim::leaf(1, &[]).await?;
+    let cim = Cim::leaf(1, &[]).await?;
     push(&cim, SLEEPY_WAT, "sleepy", "1.0.0", "").await?;
     cim.apply_ok(&serde_json::json!({
         "name": "slow", "trigger": {"on": "manual"},
@@ -515,11 +523,17 @@ async fn a_running_run_can_be_cancelled() -> Result<()> {
     let run = cim.wait_state(&run_id, "cancelled").await?;
     assert!(run.error.contains("changed my mind"));
     // The engine lets go of it: no later step, no completion.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let run = cim.run(&run_id).await?;
-    assert_eq!(run.state, "cancelled");
-    assert_eq!(run.steps[1].state, "pending");
-    assert!(!cim.iu.unit(&unit).await?.tags.contains(&"after-cancel".to_string()));
+    stays_true_for(Duration::from_secs(1), "the run stays cancelled with its later step pending", || async {
+        let run = cim.run(&run_id).await?;
+        ensure!(run.state == "cancelled", "run is {}", run.state);
+        ensure!(run.steps[1].state == "pending", "{:?}", run.steps[1]);
+        ensure!(
+            !cim.iu.unit(&unit).await?.tags.contains(&"after-cancel".to_string()),
+            "the later step tagged the unit"
+        );
+        Ok(())
+    })
+    .await?;
     let again = cim.cimctl(&["run", "cancel", &run_id]).await?;
     assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("it is cancelled"));
     // The engine is free for other work.
@@ -530,7 +544,7 @@ async fn a_running_run_can_be_cancelled() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_concurrency_limit_holds_across_two_engines() -> Result<()> {
-    let (_nats, cim) = Cim::leaf(2, &[]).await?;
+    let cim = Cim::leaf(2, &[]).await?;
     push(&cim, SLEEPY_WAT, "sleepy", "1.0.0", "").await?;
     cim.apply_ok(&serde_json::json!({
         "name": "one-at-a-time", "trigger": {"on": "manual"}, "concurrency": 1,
@@ -562,11 +576,9 @@ async fn the_concurrency_limit_holds_across_two_engines() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn killing_one_of_two_engines_mid_run_loses_no_run_and_repeats_no_effect() -> Result<()> {
-    let nats = NatsServer::start().await?;
-    let client = nats.connect().await;
-    let mut cim = Cim::start(nats.url(), client, 0, &[], &[]).await?;
+    let mut cim = Cim::leaf(0, &[]).await?;
     for id in ["engine-a", "engine-b"] {
-        cim.add_engine(&["--pipeline-ack-wait", "2s", "--instance-id", id], &[]).await?;
+        cim.add_engine(&["--pipeline-ack-wait", "2s", "--instance-id", id]).await?;
     }
     push(&cim, SLEEPY_WAT, "sleepy", "1.0.0", "").await?;
     cim.apply_ok(&serde_json::json!({
@@ -594,8 +606,8 @@ async fn killing_one_of_two_engines_mid_run_loses_no_run_and_repeats_no_effect()
         }
         anyhow::bail!("engine-a holds no running run")
     })?;
-    cim.engines[0].signal(nix::sys::signal::Signal::SIGKILL);
-    cim.engines[0].wait(Duration::from_secs(10)).await?;
+    cim.engine(0).signal(nix::sys::signal::Signal::SIGKILL);
+    cim.engine(0).wait(Duration::from_secs(10)).await?;
     let runs = eventually!(Duration::from_secs(120), "every run completes", {
         let runs = cim.runs("derive").await?;
         let done = runs.iter().filter(|r| r.state == "completed").count();
@@ -633,9 +645,7 @@ async fn killing_one_of_two_engines_mid_run_loses_no_run_and_repeats_no_effect()
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pipelines_run_on_a_three_node_cluster() -> Result<()> {
-    let cluster = NatsCluster::start(3).await?;
-    let client = cluster.connect().await;
-    let cim = Cim::start(cluster.urls().join(","), client, 1, &[], &["--tier", "cluster"]).await?;
+    let cim = Cim::start(CimFixture::builder().cluster(3), 1, &[]).await?;
     let js = cim.js();
     for name in [
         resources::events_stream(Component::PipelineEngine).name,
@@ -660,47 +670,17 @@ async fn pipelines_run_on_a_three_node_cluster() -> Result<()> {
 /// a permissions violation.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_engine_runs_with_its_generated_nats_permissions() -> Result<()> {
-    let mut op = cim_testkit::Operator::new();
-    let account = op.account_with_jetstream("CIM");
-    let server = NatsServer::builder()
-        .operator(&op)
-        .jetstream_domain("leaf")
-        .extra_config("max_control_line: 65536")
+    let fx = CimFixture::builder()
+        .generated_permissions()
+        .service(Component::InformationUnit)
+        .service(Component::PluginHost)
+        .service(Svc::new(Component::PipelineEngine).own_identity())
         .start()
         .await?;
-    let perms = crate::common::generated_permissions(Component::PipelineEngine)?;
-    let dir = tempfile::tempdir()?;
-    let engine_creds = account.user("pipeline-engine", perms).write_creds(dir.path())?;
-    let admin = account.user("admin", cim_testkit::Permissions::all());
-    let admin_creds = admin.write_creds(dir.path())?;
-    let client = admin.connect(&server.url()).await?;
-    let env_admin = [("CIM_NATS_CREDS", admin_creds.to_str().unwrap_or_default()), ("CIM_JS_DOMAIN", "leaf")];
-    let mut others = Vec::new();
-    for c in [Component::InformationUnit, Component::PluginHost] {
-        let svc = ServiceProc::start_with_env(c, &server.url(), &[], &env_admin)?;
-        wait_ready(&client, &svc).await?;
-        others.push(svc);
-    }
-    let mut engine = ServiceProc::start_with_env(
-        Component::PipelineEngine,
-        &server.url(),
-        &[],
-        &[("CIM_NATS_CREDS", engine_creds.to_str().unwrap_or_default()), ("CIM_JS_DOMAIN", "leaf")],
-    )?;
-    wait_ready(&client, &engine).await?;
-    let cim = Cim {
-        url: server.url(),
-        iu: IuClient::with_domain(client.clone(), "leaf"),
-        client,
-        engines: Vec::new(),
-        _others: others,
-    };
+    let mut cim = Cim { iu: fx.iu(), fx };
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/pipelines/text-ingest.json");
-    let out = Command::new(bin("cimctl"))
-        .args(["pipeline", "apply", &path.to_string_lossy(), "--nats-url", &cim.url])
-        .envs(env_admin)
-        .output()
-        .await?;
+    let out = cim.cimctl(&["pipeline", "apply", &path.to_string_lossy()]).await?;
+    let engine = cim.fx.service(Component::PipelineEngine);
     ensure!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), engine.log());
     let unit = cim.put(b"permitted   text\n", "p.txt", "text/plain").await?;
     let run = eventually!(LONG, "the run completes", {
@@ -710,6 +690,7 @@ async fn the_engine_runs_with_its_generated_nats_permissions() -> Result<()> {
         Ok(r.clone())
     })?;
     assert_eq!(run.units.len(), 2, "{run:?}");
+    let engine = cim.fx.service_mut(Component::PipelineEngine);
     let status = engine.terminate(Duration::from_secs(30)).await?;
     let log = engine.log();
     assert!(status.success(), "pipeline-engine exited {status}:\n{log}");

@@ -12,38 +12,37 @@ use cim_events::{
     proto::plugin::{InvokeReply, InvokeRequest, ListPlugins, ListReply, PluginReference, StatsReply, Status},
     resources,
 };
-use cim_testkit::{NatsServer, eventually};
+use cim_testkit::eventually;
 use prost::Message as _;
 use tokio::process::Command;
 
-use crate::common::{SLEEPY_WAT, ServiceProc, bin, wait_ready};
+use crate::common::{SLEEPY_WAT, bin};
+use crate::fixture::{CimFixture, Svc};
 
 const C: Component = Component::PluginHost;
 
-async fn start_host(nats: &NatsServer, args: &[&str]) -> Result<(ServiceProc, async_nats::Client)> {
-    let svc = ServiceProc::start(C, &nats.url(), args)?;
-    let client = nats.connect().await;
-    wait_ready(&client, &svc).await?;
-    Ok((svc, client))
+/// The plugin host (with extra `args`) on a nats-server of its own, ready.
+async fn start_host(args: &[&str]) -> Result<CimFixture> {
+    CimFixture::builder().service(Svc::new(C).args(args)).start().await
 }
 
-async fn cimctl(nats: &NatsServer, args: &[&str]) -> Result<Output> {
-    Ok(Command::new(bin("cimctl")).arg("plugin").args(args).args(["--nats-url", &nats.url()]).output().await?)
+async fn cimctl(cim: &CimFixture, args: &[&str]) -> Result<Output> {
+    Ok(Command::new(bin("cimctl")).arg("plugin").args(args).args(["--nats-url", cim.url()]).output().await?)
 }
 
 /// `cimctl plugin push` of WAT text; returns the command's output (success or not).
-async fn push(nats: &NatsServer, wat: &str, name: &str, version: &str, extra: &[&str]) -> Result<Output> {
+async fn push(cim: &CimFixture, wat: &str, name: &str, version: &str, extra: &[&str]) -> Result<Output> {
     let dir = tempfile::tempdir()?;
     let file = dir.path().join(format!("{name}.wat"));
     std::fs::write(&file, wat)?;
     let file = file.to_string_lossy().to_string();
     let mut args = vec!["push", file.as_str(), "--name", name, "--version", version];
     args.extend_from_slice(extra);
-    cimctl(nats, &args).await
+    cimctl(cim, &args).await
 }
 
-async fn push_ok(nats: &NatsServer, wat: &str, name: &str, version: &str, extra: &[&str]) -> Result<String> {
-    let out = push(nats, wat, name, version, extra).await?;
+async fn push_ok(cim: &CimFixture, wat: &str, name: &str, version: &str, extra: &[&str]) -> Result<String> {
+    let out = push(cim, wat, name, version, extra).await?;
     anyhow::ensure!(out.status.success(), "push {name}@{version} failed: {}", String::from_utf8_lossy(&out.stderr));
     Ok(String::from_utf8_lossy(&out.stdout).to_string())
 }
@@ -109,11 +108,11 @@ fn sleep_request(name: &str, ms: u32) -> InvokeRequest {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn push_list_and_invoke_by_version_and_by_capability() -> Result<()> {
-    let nats = NatsServer::start().await?;
-    let (_host, client) = start_host(&nats, &[]).await?;
-    let out = push_ok(&nats, &constant("one"), "greeter", "1.0.0", &["--capability", "test.greet"]).await?;
+    let cim = start_host(&[]).await?;
+    let client = cim.client().clone();
+    let out = push_ok(&cim, &constant("one"), "greeter", "1.0.0", &["--capability", "test.greet"]).await?;
     assert!(out.contains("pushed greeter@1.0.0 sha256:"), "{out}");
-    push_ok(&nats, &constant("two"), "greeter", "1.10.0", &["--capability", "test.greet"]).await?;
+    push_ok(&cim, &constant("two"), "greeter", "1.10.0", &["--capability", "test.greet"]).await?;
 
     // By version, newest by default (1.10 > 1.0 as versions, not as text), by capability, and on
     // the version's own subject.
@@ -131,14 +130,14 @@ async fn push_list_and_invoke_by_version_and_by_capability() -> Result<()> {
     assert!(message(&nocap).contains("no.such"), "{}", message(&nocap));
 
     // Versions are immutable: the same bytes again are a no-op, other bytes are refused.
-    let again = push_ok(&nats, &constant("one"), "greeter", "1.0.0", &["--capability", "test.greet"]).await?;
+    let again = push_ok(&cim, &constant("one"), "greeter", "1.0.0", &["--capability", "test.greet"]).await?;
     assert!(again.contains("already present"), "{again}");
-    let other = push(&nats, &constant("uno"), "greeter", "1.0.0", &[]).await?;
+    let other = push(&cim, &constant("uno"), "greeter", "1.0.0", &[]).await?;
     assert!(!other.status.success());
     assert!(String::from_utf8_lossy(&other.stderr).contains("immutable"), "{}", String::from_utf8_lossy(&other.stderr));
 
     // cimctl ls lists them with digests, next to the built-ins.
-    let ls = cimctl(&nats, &["ls", "--json"]).await?;
+    let ls = cimctl(&cim, &["ls", "--json"]).await?;
     assert!(ls.status.success(), "{}", String::from_utf8_lossy(&ls.stderr));
     let v: serde_json::Value = serde_json::from_slice(&ls.stdout)?;
     let rows = v.as_array().context("ls --json prints an array")?;
@@ -163,7 +162,7 @@ async fn push_list_and_invoke_by_version_and_by_capability() -> Result<()> {
 
     // The built-ins work through cimctl invoke (stdin in, stdout out).
     let mut child = Command::new(bin("cimctl"))
-        .args(["plugin", "invoke", "--capability", "text.normalize", "--meta", "case=lower", "--nats-url", &nats.url()])
+        .args(["plugin", "invoke", "--capability", "text.normalize", "--meta", "case=lower", "--nats-url", cim.url()])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -189,29 +188,28 @@ async fn push_list_and_invoke_by_version_and_by_capability() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_plugins_fail_with_their_reason_and_the_host_keeps_serving() -> Result<()> {
-    let nats = NatsServer::start().await?;
-    let (host, client) =
-        start_host(&nats, &["--plugin-max-memory", "8MiB", "--plugin-max-fuel", "100000000000"]).await?;
+    let cim = start_host(&["--plugin-max-memory", "8MiB", "--plugin-max-fuel", "100000000000"]).await?;
+    let client = cim.client().clone();
     let alive = || async {
         let r = direct(&client, "identity", "1.0.0", b"still here").await?;
         anyhow::ensure!(status(&r) == Status::Ok && r.output == b"still here", "identity failed: {}", message(&r));
         Ok(())
     };
 
-    push_ok(&nats, &body("unreachable"), "trap", "1.0.0", &[]).await?;
+    push_ok(&cim, &body("unreachable"), "trap", "1.0.0", &[]).await?;
     let r = direct(&client, "trap", "1.0.0", b"").await?;
     assert_eq!(status(&r), Status::Trapped);
     assert!(message(&r).contains("unreachable"), "{}", message(&r));
     alive().await?;
 
     // CPU: fuel runs out long before the deadline.
-    push_ok(&nats, &body("(loop (br 0)) (i32.const 0)"), "spin", "1.0.0", &["--fuel", "50000000"]).await?;
+    push_ok(&cim, &body("(loop (br 0)) (i32.const 0)"), "spin", "1.0.0", &["--fuel", "50000000"]).await?;
     let r = direct(&client, "spin", "1.0.0", b"").await?;
     assert_eq!(status(&r), Status::OutOfFuel, "{}", message(&r));
     alive().await?;
 
     // Wall clock: plenty of fuel, a 300 ms deadline.
-    push_ok(&nats, &body("(loop (br 0)) (i32.const 0)"), "forever", "1.0.0", &["--timeout-ms", "300"]).await?;
+    push_ok(&cim, &body("(loop (br 0)) (i32.const 0)"), "forever", "1.0.0", &["--timeout-ms", "300"]).await?;
     let r = direct(&client, "forever", "1.0.0", b"").await?;
     assert_eq!(status(&r), Status::DeadlineExceeded, "{}", message(&r));
     // The caller's deadline can only shorten it.
@@ -224,12 +222,12 @@ async fn bad_plugins_fail_with_their_reason_and_the_host_keeps_serving() -> Resu
 
     // Memory: grows until refused, then crashes the way allocators abort.
     let hog = body("(block (loop (br_if 1 (i32.eq (memory.grow (i32.const 16)) (i32.const -1))) (br 0))) unreachable");
-    push_ok(&nats, &hog, "hog", "1.0.0", &["--memory", "2097152"]).await?;
+    push_ok(&cim, &hog, "hog", "1.0.0", &["--memory", "2097152"]).await?;
     let r = direct(&client, "hog", "1.0.0", b"").await?;
     assert_eq!(status(&r), Status::OutOfMemory, "{}", message(&r));
     assert!(message(&r).contains("2097152"), "{}", message(&r));
     // A manifest cannot ask for more than the operator allows.
-    let greedy = push(&nats, &body("(i32.const 0)"), "greedy", "1.0.0", &["--memory", "1073741824"]).await?;
+    let greedy = push(&cim, &body("(i32.const 0)"), "greedy", "1.0.0", &["--memory", "1073741824"]).await?;
     assert!(
         String::from_utf8_lossy(&greedy.stderr).contains("allows at most"),
         "{}",
@@ -240,7 +238,7 @@ async fn bad_plugins_fail_with_their_reason_and_the_host_keeps_serving() -> Resu
     // Malformed output: a range outside its memory.
     let badout = r#"(module (import "cim" "output" (func $out (param i32 i32))) (memory (export "memory") 1)
       (func (export "cim_invoke") (result i32) (call $out (i32.const 65000) (i32.const 4096)) (i32.const 0)))"#;
-    push_ok(&nats, badout, "badout", "1.0.0", &[]).await?;
+    push_ok(&cim, badout, "badout", "1.0.0", &[]).await?;
     let r = direct(&client, "badout", "1.0.0", b"").await?;
     assert_eq!(status(&r), Status::MalformedOutput);
     assert!(message(&r).contains("outside the plugin's 65536-byte memory"), "{}", message(&r));
@@ -250,22 +248,22 @@ async fn bad_plugins_fail_with_their_reason_and_the_host_keeps_serving() -> Resu
     let dir = tempfile::tempdir()?;
     let junk = dir.path().join("junk.wasm");
     std::fs::write(&junk, b"\0asm but not really")?;
-    let out = cimctl(&nats, &["push", &junk.to_string_lossy(), "--name", "junk", "--version", "1"]).await?;
+    let out = cimctl(&cim, &["push", &junk.to_string_lossy(), "--name", "junk", "--version", "1"]).await?;
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("not a valid webassembly module"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let noabi = push(&nats, r#"(module (memory (export "memory") 1))"#, "noabi", "1", &[]).await?;
+    let noabi = push(&cim, r#"(module (memory (export "memory") 1))"#, "noabi", "1", &[]).await?;
     assert!(
         String::from_utf8_lossy(&noabi.stderr).contains("cim_invoke"),
         "{}",
         String::from_utf8_lossy(&noabi.stderr)
     );
-    let net = push(&nats, &body("(i32.const 0)"), "net", "1", &["--network"]).await?;
+    let net = push(&cim, &body("(i32.const 0)"), "net", "1", &["--network"]).await?;
     assert!(String::from_utf8_lossy(&net.stderr).contains("network"), "{}", String::from_utf8_lossy(&net.stderr));
-    let fs = push(&nats, &body("(i32.const 0)"), "fs", "1", &["--dir", "data"]).await?;
+    let fs = push(&cim, &body("(i32.const 0)"), "fs", "1", &["--dir", "data"]).await?;
     assert!(
         String::from_utf8_lossy(&fs.stderr).contains("--plugin-dir data=PATH"),
         "{}",
@@ -274,6 +272,7 @@ async fn bad_plugins_fail_with_their_reason_and_the_host_keeps_serving() -> Resu
     alive().await?;
 
     // Everything failed cleanly in one process that is still the same one.
+    let host = cim.service(C);
     assert!(host.log().contains("serving"), "{}", host.log());
     let s = stats(&client).await?;
     assert!(s.failed >= 6, "{s:?}");
@@ -282,9 +281,9 @@ async fn bad_plugins_fail_with_their_reason_and_the_host_keeps_serving() -> Resu
 
 #[tokio::test(flavor = "multi_thread")]
 async fn invocations_run_in_parallel_up_to_the_limit_and_saturation_is_refused() -> Result<()> {
-    let nats = NatsServer::start().await?;
-    let (_host, client) = start_host(&nats, &["--plugin-parallelism", "2", "--plugin-queue", "2"]).await?;
-    push_ok(&nats, SLEEPY_WAT, "sleepy", "1.0.0", &[]).await?;
+    let cim = start_host(&["--plugin-parallelism", "2", "--plugin-queue", "2"]).await?;
+    let client = cim.client().clone();
+    push_ok(&cim, SLEEPY_WAT, "sleepy", "1.0.0", &[]).await?;
 
     // Four at once: two run, two wait their turn, all succeed.
     let calls: Vec<_> = (0..4).map(|_| route(&client, sleep_request("sleepy", 300))).collect();
@@ -313,14 +312,16 @@ async fn invocations_run_in_parallel_up_to_the_limit_and_saturation_is_refused()
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restarted_host_serves_the_same_plugins() -> Result<()> {
-    let nats = NatsServer::start().await?;
-    let (mut host, client) = start_host(&nats, &[]).await?;
-    push_ok(&nats, &constant("persisted"), "keeper", "2.0.0", &["--capability", "test.keep"]).await?;
+    let mut cim = start_host(&[]).await?;
+    let client = cim.client().clone();
+    push_ok(&cim, &constant("persisted"), "keeper", "2.0.0", &["--capability", "test.keep"]).await?;
     let before = list(&client).await?;
     assert_eq!(direct(&client, "keeper", "2.0.0", b"").await?.output, b"persisted");
+    let host = cim.service_mut(C);
     assert!(host.terminate(Duration::from_secs(20)).await?.success(), "{}", host.log());
 
-    let (_host, client) = start_host(&nats, &[]).await?;
+    host.restart().await?;
+    cim.wait_ready(0).await?;
     let r = direct(&client, "keeper", "2.0.0", b"").await?;
     assert_eq!((status(&r), r.output.as_slice()), (Status::Ok, &b"persisted"[..]), "{}", message(&r));
     let cap = route(&client, InvokeRequest { capability: "test.keep".into(), ..Default::default() }).await?;
@@ -335,9 +336,9 @@ async fn a_restarted_host_serves_the_same_plugins() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_referenced_version_cannot_be_removed() -> Result<()> {
-    let nats = NatsServer::start().await?;
-    let (host, client) = start_host(&nats, &[]).await?;
-    push_ok(&nats, &constant("in use"), "stepper", "1.0.0", &[]).await?;
+    let cim = start_host(&[]).await?;
+    let client = cim.client().clone();
+    push_ok(&cim, &constant("in use"), "stepper", "1.0.0", &[]).await?;
 
     // What the pipeline engine writes when a pipeline step uses stepper@1.0.0.
     let js = async_nats::jetstream::new(client.clone());
@@ -351,7 +352,7 @@ async fn a_referenced_version_cannot_be_removed() -> Result<()> {
     };
     refs.put(key.as_str(), reference.encode_to_vec().into()).await?;
 
-    let out = cimctl(&nats, &["rm", "stepper@1.0.0"]).await?;
+    let out = cimctl(&cim, &["rm", "stepper@1.0.0"]).await?;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -361,7 +362,7 @@ async fn a_referenced_version_cannot_be_removed() -> Result<()> {
     assert_eq!(direct(&client, "stepper", "1.0.0", b"").await?.output, b"in use");
 
     refs.delete(key.as_str()).await?;
-    let out = cimctl(&nats, &["rm", "stepper@1.0.0"]).await?;
+    let out = cimctl(&cim, &["rm", "stepper@1.0.0"]).await?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let gone = route(&client, by_name("stepper", "1.0.0", b"")).await?;
     assert_eq!(status(&gone), Status::NotFound, "{}", message(&gone));
@@ -370,19 +371,20 @@ async fn a_referenced_version_cannot_be_removed() -> Result<()> {
     let artifacts = js.get_object_store(plugin::ARTIFACTS_BUCKET).await?;
     let object = plugin::artifact_object("stepper", "1.0.0")?;
     assert!(!artifacts.info(&object).await?.deleted, "the module was deleted before its archive was verified");
+    let host = cim.service(C);
     assert!(host.log().contains("module of a removed version kept until its archive is verified"), "{}", host.log());
     // The version number stays bound to its digest after removal.
-    let other = push(&nats, &constant("new bytes"), "stepper", "1.0.0", &[]).await?;
+    let other = push(&cim, &constant("new bytes"), "stepper", "1.0.0", &[]).await?;
     assert!(String::from_utf8_lossy(&other.stderr).contains("immutable"), "{}", String::from_utf8_lossy(&other.stderr));
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn native_and_webassembly_plugins_serve_the_same_request_shape() -> Result<()> {
-    let nats = NatsServer::start().await?;
-    let (_host, client) = start_host(&nats, &[]).await?;
+    let cim = start_host(&[]).await?;
+    let client = cim.client().clone();
     let _native = Command::new(bin("plugin-native-example"))
-        .args(["--nats-url", &nats.url(), "--announce-ms", "200"])
+        .args(["--nats-url", cim.url(), "--announce-ms", "200"])
         .kill_on_drop(true)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

@@ -20,14 +20,15 @@ use cim_events::{
     registry as names, resources,
     subject::{self, Lifecycle},
 };
-use cim_testkit::{NatsCluster, NatsServer, eventually, http_get};
+use cim_testkit::{eventually, http_get};
 use futures::StreamExt;
 use nix::sys::signal::Signal;
 use prost::Message;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::common::{ServiceProc, bin, describe, wait_ready};
+use crate::common::{bin, describe};
+use crate::fixture::{CimFixture, Svc};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -111,23 +112,21 @@ async fn publish<P: cim_events::Payload>(client: &async_nats::Client, subject: S
 
 #[tokio::test(flavor = "multi_thread")]
 async fn registry_discovers_instances_by_name_and_capability_and_projects_them() -> Result<()> {
-    let nats = NatsServer::start().await?;
-    let url = nats.url();
-    let client = nats.connect().await;
+    let mut cim = CimFixture::builder().start().await?;
+    let url = cim.url().to_string();
+    let client = cim.client().clone();
     // information-unit starts first: the registry learns of it by asking everyone to announce.
-    let iu = ServiceProc::start(Component::InformationUnit, &url, &["--instance-id", "iu-1", "--node", "n1"])?;
-    wait_ready(&client, &iu).await?;
-    let reg = ServiceProc::start(Component::Registry, &url, &["--instance-id", "reg-1", "--node", "n1"])?;
-    wait_ready(&client, &reg).await?;
-    let sm = ServiceProc::start(Component::StorageManager, &url, &["--instance-id", "sm-1", "--node", "n2"])?;
-    wait_ready(&client, &sm).await?;
+    cim.start(Svc::new(Component::InformationUnit).args(&["--instance-id", "iu-1", "--node", "n1"])).await?;
+    cim.start(Svc::new(Component::Registry).args(&["--instance-id", "reg-1", "--node", "n1"])).await?;
+    cim.start(Svc::new(Component::StorageManager).args(&["--instance-id", "sm-1", "--node", "n2"])).await?;
 
     let iu1 = registered(&client, "iu-1").await?;
     assert_eq!(
         (iu1.service.as_str(), iu1.node.as_str(), iu1.contract_version),
         ("information-unit", "n1", cim_events::CONTRACT_VERSION)
     );
-    assert!(iu1.subjects.iter().any(|s| s == "cim.cmd.iu.create"), "{:?}", iu1.subjects);
+    let create = cim_events::iu::command(cim_events::iu::cmd::CREATE)?;
+    assert!(iu1.subjects.contains(&create), "{:?}", iu1.subjects);
     registered(&client, "sm-1").await?;
 
     // by capability, through cimctl
@@ -159,7 +158,7 @@ async fn registry_discovers_instances_by_name_and_capability_and_projects_them()
     // registration is an event; the KV projection has it
     let js = jetstream::new(client.clone());
     let subjects = event_subjects(&js).await?;
-    assert!(subjects.contains(&"cim.evt.registry.instance.iu-1.registered".to_string()), "{subjects:?}");
+    assert!(subjects.contains(&names::instance_event("iu-1", names::action::REGISTERED)?), "{subjects:?}");
     let kv = js.get_key_value(resources::kv_bucket(Component::Registry, names::KV_INSTANCES)?).await?;
     let projected = eventually(WAIT, "iu-1 in the KV projection", || async {
         let v = kv.get(names::instance_key("iu-1")?).await?.ok_or_else(|| anyhow::anyhow!("not yet"))?;
@@ -169,7 +168,7 @@ async fn registry_discovers_instances_by_name_and_capability_and_projects_them()
     assert_eq!(projected.incarnation, iu1.incarnation);
 
     // a graceful stop is an event too, and the instance leaves the list
-    let mut sm = sm;
+    let sm = cim.service_mut(Component::StorageManager);
     assert!(sm.terminate(Duration::from_secs(20)).await?.success());
     eventually(WAIT, "sm-1 stopped", || async {
         let all = instances(&client, ListInstances { include_gone: true, ..Default::default() }).await?;
@@ -178,22 +177,17 @@ async fn registry_discovers_instances_by_name_and_capability_and_projects_them()
         Ok(())
     })
     .await?;
-    drop(reg);
-    drop(iu);
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_instance_is_marked_lost_within_its_ttl_and_work_goes_elsewhere() -> Result<()> {
-    let nats = NatsServer::start().await?;
-    let url = nats.url();
-    let client = nats.connect().await;
-    let js = jetstream::new(client.clone());
-    let mut reg_a = ServiceProc::start(Component::Registry, &url, &["--instance-id", "reg-a", "--node", "n1"])?;
-    wait_ready(&client, &reg_a).await?;
-    let reg_b = ServiceProc::start(Component::Registry, &url, &["--instance-id", "reg-b", "--node", "n2"])?;
-    let mut sm = ServiceProc::start(Component::StorageManager, &url, &["--instance-id", "sm-1", "--node", "n2"])?;
-    wait_ready(&client, &sm).await?;
+    let mut cim = CimFixture::builder().start().await?;
+    let client = cim.client().clone();
+    let js = cim.js();
+    cim.start(Svc::new(Component::Registry).args(&["--instance-id", "reg-a", "--node", "n1"])).await?;
+    cim.start(Svc::new(Component::Registry).args(&["--instance-id", "reg-b", "--node", "n2"]).no_wait()).await?;
+    cim.start(Svc::new(Component::StorageManager).args(&["--instance-id", "sm-1", "--node", "n2"])).await?;
     let sm1 = registered(&client, "sm-1").await?;
     registered(&client, "reg-b").await?;
     // 3 heartbeats of 200ms, but at least the registry's 1s floor
@@ -202,6 +196,7 @@ async fn a_killed_instance_is_marked_lost_within_its_ttl_and_work_goes_elsewhere
     let mut lost_events =
         client.subscribe(names::instance_event("X", names::action::LOST)?.replace(".X.", ".*.")).await?;
     client.flush().await?;
+    let sm = cim.service_mut(Component::StorageManager);
     sm.signal(Signal::SIGKILL);
     sm.wait(Duration::from_secs(10)).await?;
     let killed = Instant::now();
@@ -216,6 +211,7 @@ async fn a_killed_instance_is_marked_lost_within_its_ttl_and_work_goes_elsewhere
     assert!(now_ms - lost.last_seen_ms >= 1000, "not before its ttl");
 
     // a registry instance vanishes too: the other one marks it lost and serves every query
+    let reg_a = &mut cim.services_mut()[0];
     reg_a.signal(Signal::SIGKILL);
     reg_a.wait(Duration::from_secs(10)).await?;
     eventually(WAIT, "reg-a lost, seen by reg-b", || async {
@@ -230,7 +226,8 @@ async fn a_killed_instance_is_marked_lost_within_its_ttl_and_work_goes_elsewhere
         assert_eq!(o.registry_instance, "reg-b");
     }
     let subjects = event_subjects(&js).await?;
-    let lost_once = subjects.iter().filter(|s| *s == "cim.evt.registry.instance.sm-1.lost").count();
+    let sm1_lost = names::instance_event("sm-1", names::action::LOST)?;
+    let lost_once = subjects.iter().filter(|s| **s == sm1_lost).count();
     assert_eq!(lost_once, 1, "two registry instances record one loss: {subjects:?}");
     let o = overview(&client).await?;
     assert!(
@@ -238,18 +235,16 @@ async fn a_killed_instance_is_marked_lost_within_its_ttl_and_work_goes_elsewhere
         "{:?}",
         o.problems
     );
-    drop(reg_b);
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_lifecycle_input_gets_a_clear_reason_and_duplicates_and_stale_versions_are_flagged() -> Result<()> {
-    let nats = NatsServer::start().await?;
-    let url = nats.url();
-    let client = nats.connect().await;
-    let js = jetstream::new(client.clone());
-    let reg = ServiceProc::start(Component::Registry, &url, &["--instance-id", "reg-1"])?;
-    wait_ready(&client, &reg).await?;
+    let mut cim =
+        CimFixture::builder().service(Svc::new(Component::Registry).args(&["--instance-id", "reg-1"])).start().await?;
+    let url = cim.url().to_string();
+    let client = cim.client().clone();
+    let js = cim.js();
     let c = Component::PipelineEngine;
     let announce = |id: &str| subject::lifecycle(c, id, Lifecycle::Announce).unwrap();
 
@@ -321,10 +316,9 @@ async fn bad_lifecycle_input_gets_a_clear_reason_and_duplicates_and_stale_versio
     assert!(o.instances.iter().any(|i| i.instance_id == "odd-1" && i.incompatible.contains("v99")));
 
     // two live processes with one instance id: flagged as a duplicate (an event), named in status
-    let dup_a = ServiceProc::start(Component::StorageManager, &url, &["--instance-id", "dup-1", "--node", "na"])?;
-    wait_ready(&client, &dup_a).await?;
+    cim.start(Svc::new(Component::StorageManager).args(&["--instance-id", "dup-1", "--node", "na"])).await?;
     registered(&client, "dup-1").await?;
-    let dup_b = ServiceProc::start(Component::StorageManager, &url, &["--instance-id", "dup-1", "--node", "nb"])?;
+    cim.start(Svc::new(Component::StorageManager).args(&["--instance-id", "dup-1", "--node", "nb"]).no_wait()).await?;
     let text = eventually(WAIT, "duplicate flagged", || async {
         let s = cimctl_json(&["status", "--nats-url", &url, "--json"]).await?;
         let problems: Vec<String> = s["problems"]
@@ -341,7 +335,8 @@ async fn bad_lifecycle_input_gets_a_clear_reason_and_duplicates_and_stale_versio
     })
     .await?;
     assert!(text.iter().any(|p| p.contains("on node n")), "{text:#?}");
-    assert!(event_subjects(&js).await?.iter().any(|s| s.starts_with("cim.evt.registry.instance.dup-1.duplicated")));
+    let duplicated = names::instance_event("dup-1", names::action::DUPLICATED)?;
+    assert!(event_subjects(&js).await?.iter().any(|s| s.starts_with(&duplicated)));
     // and heartbeats that lie about who they are are refused too
     let hb = ServiceHeartbeat {
         component: "hub".into(),
@@ -355,7 +350,6 @@ async fn bad_lifecycle_input_gets_a_clear_reason_and_duplicates_and_stale_versio
         Ok(())
     })
     .await?;
-    drop((dup_a, dup_b, reg));
     Ok(())
 }
 
@@ -417,28 +411,16 @@ async fn placement_check_says_whether_it_fits_and_exactly_why_not() -> Result<()
 
 #[tokio::test(flavor = "multi_thread")]
 async fn drain_stops_intake_and_decommission_waits_for_nothing_stateful_on_a_three_node_cluster() -> Result<()> {
-    let cluster = NatsCluster::start(3).await?;
-    let urls = cluster.urls().join(",");
-    let client = cluster.connect().await;
-    let js = jetstream::new(client.clone());
-    let reg = ServiceProc::start(
-        Component::Registry,
-        &urls,
-        &["--tier", "cluster", "--instance-id", "reg-1", "--node", "ops"],
-    )?;
-    wait_ready(&client, &reg).await?;
-    let sm = ServiceProc::start(
-        Component::StorageManager,
-        &urls,
-        &["--tier", "cluster", "--instance-id", "sm-1", "--node", "n2"],
-    )?;
-    let pe = ServiceProc::start(
-        Component::PipelineEngine,
-        &urls,
-        &["--tier", "cluster", "--instance-id", "pe-1", "--node", "n2"],
-    )?;
-    let sm_http = wait_ready(&client, &sm).await?.service.unwrap().http_addr;
-    wait_ready(&client, &pe).await?;
+    let mut cim = CimFixture::builder().cluster(3).start().await?;
+    let urls = cim.url().to_string();
+    let client = cim.client().clone();
+    let js = cim.js();
+    cim.start(Svc::new(Component::Registry).args(&["--instance-id", "reg-1", "--node", "ops"])).await?;
+    cim.start(Svc::new(Component::StorageManager).args(&["--instance-id", "sm-1", "--node", "n2"]).no_wait()).await?;
+    cim.start(Svc::new(Component::PipelineEngine).args(&["--instance-id", "pe-1", "--node", "n2"]).no_wait()).await?;
+    let sm_http = cim.wait_ready(1).await?.service.unwrap().http_addr;
+    cim.wait_ready(2).await?;
+    let sm = cim.service(Component::StorageManager);
     registered(&client, "sm-1").await?;
     registered(&client, "pe-1").await?;
     let node = |args: &[&str]| {
@@ -494,7 +476,7 @@ async fn drain_stops_intake_and_decommission_waits_for_nothing_stateful_on_a_thr
     assert!(sm.log().contains("drained"), "{}", sm.log());
 
     // a node whose nats-server holds stream replicas cannot be decommissioned
-    let server = cluster.node(2).server_name().to_string();
+    let server = cim.cluster().node(2).server_name().to_string();
     cimctl_json(
         &node(&["enroll", "n3", "--memory", "8GiB", "--cpus", "4", "--jetstream-server", &server])
             .iter()
@@ -507,9 +489,9 @@ async fn drain_stops_intake_and_decommission_waits_for_nothing_stateful_on_a_thr
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success());
     assert!(
-        err.contains(&format!("node n3 still holds replicas of"))
+        err.contains("node n3 still holds replicas of")
             && err.contains(&format!("on nats-server {server}"))
-            && err.contains("CIM_REGISTRY_EVENTS"),
+            && err.contains(&resources::events_stream(Component::Registry).name),
         "{err}"
     );
 
@@ -518,14 +500,16 @@ async fn drain_stops_intake_and_decommission_waits_for_nothing_stateful_on_a_thr
     let ls = cimctl_json(&node(&["ls"]).iter().map(String::as_str).collect::<Vec<_>>()).await?;
     assert_eq!(ls["nodes"].as_array().unwrap().len(), 1, "decommissioned nodes are hidden: {ls}");
 
-    let n2_events: Vec<String> =
-        event_subjects(&js).await?.into_iter().filter(|s| s.starts_with("cim.evt.registry.node.n2.")).collect();
-    assert_eq!(
-        n2_events,
-        ["enrolled", "schedulable", "draining", "drained", "decommissioned"]
-            .map(|a| format!("cim.evt.registry.node.n2.{a}")),
-    );
-    drop((sm, pe, reg));
+    let n2_events: Vec<String> = event_subjects(&js)
+        .await?
+        .into_iter()
+        .filter(|s| subject::parse_event(s).is_ok_and(|e| e.aggregate == names::NODE && e.id == "n2"))
+        .collect();
+    let expected = ["enrolled", "schedulable", "draining", "drained", "decommissioned"]
+        .map(|a| names::node_event("n2", a))
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
+    assert_eq!(n2_events, expected);
     Ok(())
 }
 
@@ -542,21 +526,11 @@ fn problems_of(s: &Value) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn status_reports_a_healthy_cluster_and_names_the_cause_when_a_node_dies() -> Result<()> {
-    let mut cluster = NatsCluster::start(3).await?;
-    let urls = cluster.urls().join(",");
-    let client = cluster.connect().await;
-    let reg = ServiceProc::start(
-        Component::Registry,
-        &urls,
-        &["--tier", "cluster", "--instance-id", "reg-1", "--node", "n1"],
-    )?;
-    wait_ready(&client, &reg).await?;
-    let sm = ServiceProc::start(
-        Component::StorageManager,
-        &urls,
-        &["--tier", "cluster", "--instance-id", "sm-1", "--node", "n2"],
-    )?;
-    wait_ready(&client, &sm).await?;
+    let mut cim = CimFixture::builder().cluster(3).start().await?;
+    let urls = cim.url().to_string();
+    let client = cim.client().clone();
+    cim.start(Svc::new(Component::Registry).args(&["--instance-id", "reg-1", "--node", "n1"])).await?;
+    cim.start(Svc::new(Component::StorageManager).args(&["--instance-id", "sm-1", "--node", "n2"])).await?;
     registered(&client, "sm-1").await?;
     let dir = tempfile::tempdir()?;
     let plan = dir.path().join("plan.json");
@@ -583,9 +557,10 @@ async fn status_reports_a_healthy_cluster_and_names_the_cause_when_a_node_dies()
         .collect();
     assert_eq!(svc, vec![("registry".to_string(), 1, 1), ("storage-manager".to_string(), 1, 1)]);
     let streams = healthy["streams"].as_array().unwrap();
-    let events = streams.iter().find(|s| s["name"] == "CIM_REGISTRY_EVENTS").unwrap();
+    let registry_events = resources::events_stream(Component::Registry).name;
+    let events = streams.iter().find(|s| s["name"] == registry_events.as_str()).unwrap();
     assert_eq!((events["replicas"].as_u64(), events["current"].as_u64()), (Some(3), Some(3)), "{events}");
-    assert!(events["leader"].as_str().unwrap().starts_with(cluster.name()), "{events}");
+    assert!(events["leader"].as_str().unwrap().starts_with(cim.cluster().name()), "{events}");
     assert!(
         healthy["consumers"].as_array().unwrap().iter().any(|c| c["name"] == names::projector_consumer()),
         "consumers and their lag"
@@ -596,7 +571,7 @@ async fn status_reports_a_healthy_cluster_and_names_the_cause_when_a_node_dies()
         "Desired vs running",
         "cim-registry",
         "Streams:",
-        "CIM_REGISTRY_EVENTS",
+        registry_events.as_str(),
         "Consumers",
         "registry-projector",
         "Converged",
@@ -606,8 +581,8 @@ async fn status_reports_a_healthy_cluster_and_names_the_cause_when_a_node_dies()
 
     // one nats node dies: status names it
     let victim = 2;
-    let victim_name = cluster.node(victim).server_name().to_string();
-    cluster.kill_node(victim);
+    let victim_name = cim.cluster().node(victim).server_name().to_string();
+    cim.cluster_mut().kill_node(victim);
     let degraded = eventually(Duration::from_secs(60), "status naming the dead node", || async {
         let out = cimctl(&["status", "--nats-url", &urls, "--json", "--check"]).await?;
         anyhow::ensure!(out.status.code() == Some(3), "exit {:?}", out.status.code());
@@ -624,7 +599,6 @@ async fn status_reports_a_healthy_cluster_and_names_the_cause_when_a_node_dies()
     assert_eq!(degraded["converging"], false);
     let text = String::from_utf8_lossy(&cimctl(&["status", "--nats-url", &urls]).await?.stdout).to_string();
     assert!(text.contains("Not converging:") && text.contains(&victim_name), "{text}");
-    drop((sm, reg));
     Ok(())
 }
 
@@ -705,15 +679,11 @@ async fn one_trace_spans_three_services() -> Result<()> {
     let collector = Collector::start().await?;
     let endpoint = format!("http://{}", collector.addr);
     let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "100")];
-    let nats = NatsServer::start().await?;
-    let url = nats.url();
-    let client = nats.connect().await;
-    let mut procs = Vec::new();
+    let mut cim = CimFixture::builder().start().await?;
     for c in [Component::Registry, Component::StorageManager, Component::PipelineEngine] {
-        let p = ServiceProc::start_with_env(c, &url, &[], &env)?;
-        wait_ready(&client, &p).await?;
-        procs.push(p);
+        cim.start(Svc::new(c).envs(&env)).await?;
     }
+    let client = cim.client().clone();
     // caller → registry (overview, deep) → every other component's describe
     let mut headers = HeaderMap::new();
     headers.insert("traceparent", format!("00-{TRACE}-b7ad6b7169203331-01").as_str());
@@ -739,6 +709,6 @@ async fn one_trace_spans_three_services() -> Result<()> {
         Ok(())
     })
     .await?;
-    drop(procs);
+    drop(cim);
     Ok(())
 }

@@ -12,11 +12,12 @@ use cim_events::{
     resources,
     subject::{self, MicroVerb},
 };
-use cim_testkit::{NatsCluster, NatsServer, eventually, http_get};
+use cim_testkit::{eventually, http_get};
 use futures::StreamExt;
 use nix::sys::signal::Signal;
 
-use crate::common::{READY, ServiceProc, bin, decode_lifecycle, describe, wait_ready};
+use crate::common::{READY, bin, decode_lifecycle, describe, wait_ready};
+use crate::fixture::{CimFixture, Svc};
 
 fn owned_streams(c: Component) -> Vec<(String, bool)> {
     resources::streams(c)
@@ -29,17 +30,16 @@ fn owned_streams(c: Component) -> Vec<(String, bool)> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn all_seven_start_provision_answer_and_stop_on_sigterm() -> Result<()> {
-    let nats = NatsServer::start().await?;
-    let client = nats.connect().await;
+    let mut cim = CimFixture::builder().start().await?;
+    let client = cim.client().clone();
     let mut lifecycle = client.subscribe(subject::all_lifecycle()).await?;
     client.flush().await?;
 
-    let mut procs = Vec::new();
     for c in Component::ALL {
-        procs.push(ServiceProc::start(c, &nats.url(), &[])?);
+        cim.start(Svc::new(c).no_wait()).await?;
     }
-    let js = jetstream::new(client.clone());
-    for p in &procs {
+    let js = cim.js();
+    for p in cim.services() {
         let d = wait_ready(&client, p).await?;
         let svc = d.service.clone().unwrap();
         assert_eq!(svc.component, p.component.token());
@@ -76,7 +76,7 @@ async fn all_seven_start_provision_answer_and_stop_on_sigterm() -> Result<()> {
         }
     }
 
-    for p in &mut procs {
+    for p in cim.services_mut() {
         let status = p.terminate(Duration::from_secs(20)).await?;
         assert!(status.success(), "{} exited with {status}; log:\n{}", p.component, p.log());
         assert!(p.log().contains("stopped"), "{}", p.log());
@@ -97,18 +97,13 @@ async fn all_seven_start_provision_answer_and_stop_on_sigterm() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn all_seven_reconnect_after_nats_restarts() -> Result<()> {
-    let mut nats = NatsServer::start().await?;
-    let client = nats.connect().await;
-    let mut procs = Vec::new();
-    for c in Component::ALL {
-        procs.push(ServiceProc::start(c, &nats.url(), &[])?);
-    }
+    let mut cim = CimFixture::with(Component::ALL).await?;
     let mut health = Vec::new();
-    for p in &procs {
-        health.push(wait_ready(&client, p).await?.service.unwrap().http_addr);
+    for i in 0..cim.services().len() {
+        health.push(cim.wait_ready(i).await?.service.unwrap().http_addr);
     }
 
-    nats.stop();
+    cim.server_mut().stop();
     for http in &health {
         eventually(READY, "readyz 503 while NATS is down", || async {
             let r = http_get(http, "/readyz").await?;
@@ -119,14 +114,14 @@ async fn all_seven_reconnect_after_nats_restarts() -> Result<()> {
         assert!(http_get(http, "/livez").await?.status == 200, "alive while NATS is down");
     }
 
-    nats.restart().await?;
-    let client = nats.connect().await;
-    for (p, http) in procs.iter().zip(&health) {
+    cim.server_mut().restart().await?;
+    let client = cim.connect().await?;
+    for (p, http) in cim.services().iter().zip(&health) {
         wait_ready(&client, p).await?;
         let metrics = http_get(http, "/metrics").await?.text();
         assert!(metrics.contains("cim_nats_reconnects_total"), "{metrics}");
     }
-    for p in &mut procs {
+    for p in cim.services_mut() {
         assert!(p.terminate(Duration::from_secs(20)).await?.success(), "{}", p.log());
     }
     Ok(())
@@ -134,15 +129,10 @@ async fn all_seven_reconnect_after_nats_restarts() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn all_seven_run_on_a_three_node_cluster_with_r3_streams() -> Result<()> {
-    let cluster = NatsCluster::start(3).await?;
-    let urls = cluster.urls().join(",");
-    let client = cluster.connect().await;
-    let mut procs = Vec::new();
-    for c in Component::ALL {
-        procs.push(ServiceProc::start(c, &urls, &["--tier", "cluster"])?);
-    }
-    let js = jetstream::new(client.clone());
-    for p in &procs {
+    let mut cim = CimFixture::builder().cluster(3).services(Component::ALL).start().await?;
+    let client = cim.client().clone();
+    let js = cim.js();
+    for p in cim.services() {
         let d = wait_ready(&client, p).await?;
         for s in &d.streams {
             assert_eq!(s.replicas, 3, "{}", s.name);
@@ -154,7 +144,7 @@ async fn all_seven_run_on_a_three_node_cluster_with_r3_streams() -> Result<()> {
             assert_eq!(info.cluster.unwrap().replicas.len(), 2, "{name} has two followers");
         }
     }
-    for p in &mut procs {
+    for p in cim.services_mut() {
         assert!(p.terminate(Duration::from_secs(20)).await?.success(), "{}", p.log());
     }
     Ok(())
@@ -162,7 +152,9 @@ async fn all_seven_run_on_a_three_node_cluster_with_r3_streams() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_configuration_exits_64_with_one_clear_line() -> Result<()> {
-    let cases: [(Component, &[&str], &[(&str, &str)], &str); 7] = [
+    // (service, arguments, environment, what the refusal names)
+    type Case = (Component, &'static [&'static str], &'static [(&'static str, &'static str)], &'static str);
+    let cases: [Case; 7] = [
         (Component::InformationUnit, &["--tier", "edge"], &[], "edge"),
         (Component::Registry, &["--nats-url", "http://127.0.0.1:1"], &[], "unsupported scheme"),
         (Component::PipelineEngine, &[], &[("CIM_INSTANCE_ID", "a.b")], "instance id"),
@@ -202,19 +194,19 @@ async fn bad_configuration_exits_64_with_one_clear_line() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_destructive_change_to_an_owned_stream_is_refused() -> Result<()> {
-    let nats = NatsServer::start().await?;
-    let js = jetstream::new(nats.connect().await);
+    let mut cim = CimFixture::builder().start().await?;
+    let js = cim.js();
     // An operator (or an old version) left the events stream with a work-queue retention.
     let mut cfg = resources::events_stream(Component::Registry).config(cim_events::Tier::Leaf);
     cfg.retention = jetstream::stream::RetentionPolicy::WorkQueue;
     cfg.deny_delete = false;
     cfg.deny_purge = false;
     js.create_stream(cfg.clone()).await?;
-    let mut svc = ServiceProc::start(Component::Registry, &nats.url(), &[])?;
+    let svc = cim.start(Svc::new(Component::Registry).no_wait()).await?;
     let status = svc.wait(Duration::from_secs(30)).await?;
     assert_eq!(status.code(), Some(1), "{}", svc.log());
     let log = svc.log();
-    assert!(log.contains("refusing to change stream CIM_REGISTRY_EVENTS"), "{log}");
+    assert!(log.contains(&format!("refusing to change stream {}", cfg.name)), "{log}");
     assert!(log.contains("retention"), "{log}");
     // nothing was changed
     let now = js.get_stream(&cfg.name).await?.info().await?.config.clone();
@@ -224,10 +216,8 @@ async fn a_destructive_change_to_an_owned_stream_is_refused() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_requests_get_a_clear_error_and_the_service_keeps_serving() -> Result<()> {
-    let nats = NatsServer::start().await?;
-    let svc = ServiceProc::start(Component::StorageManager, &nats.url(), &[])?;
-    let client = nats.connect().await;
-    wait_ready(&client, &svc).await?;
+    let cim = CimFixture::with([Component::StorageManager]).await?;
+    let client = cim.client().clone();
     let reply = client.request(subject::query(Component::StorageManager, "describe")?, "garbage".into()).await?;
     let h = reply.headers.expect("error headers");
     assert_eq!(h.get("Nats-Service-Error-Code").unwrap().as_str(), "400");
@@ -242,16 +232,16 @@ const PARENT_SPAN: &str = "00f067aa0ba902b7";
 #[tokio::test(flavor = "multi_thread")]
 async fn trace_context_is_continued_across_nats_and_exported_over_otlp() -> Result<()> {
     let collector = crate::otlp::Collector::start().await?;
-    let nats = NatsServer::start().await?;
     let endpoint = collector.endpoint();
-    let svc = ServiceProc::start_with_env(
-        Component::Registry,
-        &nats.url(),
-        &[],
-        &[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "100")],
-    )?;
-    let client = nats.connect().await;
-    wait_ready(&client, &svc).await?;
+    let cim = CimFixture::builder()
+        .service(
+            Svc::new(Component::Registry)
+                .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+                .env("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        )
+        .start()
+        .await?;
+    let client = cim.client().clone();
 
     // caller → service: our traceparent is continued by the service's span
     let mut headers = HeaderMap::new();
@@ -281,20 +271,22 @@ async fn trace_context_is_continued_across_nats_and_exported_over_otlp() -> Resu
         Ok(())
     })
     .await?;
-    drop(svc);
+    drop(cim);
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_service_leaves_consistent_state_and_a_restart_serves_again() -> Result<()> {
-    let nats = NatsServer::start().await?;
-    let client = nats.connect().await;
-    let mut svc = ServiceProc::start(Component::InformationUnit, &nats.url(), &["--instance-id", "iu-1"])?;
-    wait_ready(&client, &svc).await?;
+    let mut cim = CimFixture::builder()
+        .service(Svc::new(Component::InformationUnit).args(&["--instance-id", "iu-1"]))
+        .start()
+        .await?;
+    let svc = cim.service_mut(Component::InformationUnit);
     svc.signal(Signal::SIGKILL);
     svc.wait(Duration::from_secs(10)).await?;
-    let svc = ServiceProc::start(Component::InformationUnit, &nats.url(), &["--instance-id", "iu-1"])?;
-    let d = wait_ready(&client, &svc).await?;
+    svc.restart().await?;
+    let d = cim.wait_ready(0).await?;
+    let svc = cim.service(Component::InformationUnit);
     assert_eq!(d.service.unwrap().instance_id, "iu-1");
     assert!(!svc.log().contains("created"), "the restart found everything provisioned:\n{}", svc.log());
     Ok(())

@@ -1,5 +1,6 @@
-//! Tests of the test harness itself: real nats-servers (single, cluster, leaf), s3s-fs and
-//! the wait helper.
+//! Tests of the test harness itself, against real processes: nats-servers (single, cluster,
+//! leaf), s3s-fs and the wait helper. (Moved here from integration-tests: the harness's tests
+//! live with the harness.)
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
