@@ -336,7 +336,9 @@ fn code_map(root: &Path) -> Result<(), String> {
             .collect();
         modules.sort();
         for m in modules {
-            if !paragraph.contains(&format!("`{m}`")) {
+            // `definition/` is named by `definition/validate.rs` as well
+            let named = if m.ends_with('/') { format!("`{m}") } else { format!("`{m}`") };
+            if !paragraph.contains(&named) {
                 found.push(format!("  crates/{krate}/src/{m} is not named in its code-map paragraph"));
             }
         }
