@@ -40,6 +40,15 @@ pub trait ServiceArgs: clap::Parser {
 
     /// The service's `run(settings, shutdown)`.
     fn run(settings: Self::Settings, shutdown: Shutdown) -> impl Future<Output = anyhow::Result<()>>;
+
+    /// Parses `args` (flags only, no program name) as the command line and validates them:
+    /// what a test of each refusal calls. The error is the line `service_main` would print.
+    fn validate_args(args: &[&str]) -> Result<Self::Settings, String> {
+        let name = Self::command().get_name().to_string();
+        let parsed = Self::try_parse_from(std::iter::once(name.as_str()).chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        parsed.validate().map_err(|e| e.to_string())
+    }
 }
 
 /// Resolves when SIGINT or SIGTERM arrives.

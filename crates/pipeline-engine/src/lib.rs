@@ -108,9 +108,7 @@ mod config_tests {
     use super::*;
 
     fn validate(args: &[&str]) -> Result<Settings, String> {
-        let args = Args::try_parse_from(std::iter::once("pipeline-engine").chain(args.iter().copied()))
-            .map_err(|e| e.to_string())?;
-        args.validate().map_err(|e| e.to_string())
+        Args::validate_args(args)
     }
 
     #[test]

@@ -117,9 +117,7 @@ mod tests {
     use super::*;
 
     fn validate(args: &[&str]) -> Result<Settings, String> {
-        let args =
-            Args::try_parse_from(std::iter::once("registry").chain(args.iter().copied())).map_err(|e| e.to_string())?;
-        args.validate().map_err(|e| e.to_string())
+        Args::validate_args(args)
     }
 
     #[test]

@@ -214,9 +214,7 @@ mod tests {
     use super::*;
 
     fn validate(args: &[&str]) -> Result<Settings, String> {
-        let args = Args::try_parse_from(std::iter::once("storage-manager").chain(args.iter().copied()))
-            .map_err(|e| e.to_string())?;
-        args.validate().map_err(|e| e.to_string())
+        Args::validate_args(args)
     }
 
     /// A target spec with a credentials file (kept alive by the returned directory).

@@ -212,9 +212,7 @@ mod tests {
     }
 
     fn validate(args: &[&str]) -> Result<Settings, String> {
-        let args = Args::try_parse_from(std::iter::once("ui-gateway").chain(args.iter().copied()))
-            .map_err(|e| e.to_string())?;
-        args.validate().map_err(|e| e.to_string())
+        Args::validate_args(args)
     }
 
     #[test]
