@@ -4,10 +4,13 @@
 //! projections rebuilt from it. See docs/information-units.md.
 
 mod app;
+mod commands;
 mod content;
 pub mod domain;
+mod events;
 mod index;
 mod projection;
+mod queries;
 pub mod schema;
 
 use std::{future::Future, sync::Arc, time::Duration};
