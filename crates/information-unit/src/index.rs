@@ -87,7 +87,7 @@ impl Index {
 fn matches(u: &Unit, q: &ListUnits) -> bool {
     (q.include_deleted || !u.deleted)
         && (q.unit_type.is_empty() || u.unit_type == q.unit_type)
-        && (q.tag.is_empty() || u.tags.iter().any(|t| *t == q.tag))
+        && (q.tag.is_empty() || u.tags.contains(&q.tag))
         && (q.name_prefix.is_empty() || u.name.starts_with(&q.name_prefix))
         && (q.since_ms == 0 || u.created_ms >= q.since_ms)
         && (q.until_ms == 0 || u.created_ms <= q.until_ms)

@@ -60,7 +60,7 @@ impl Host {
             output: outcome.output,
             metadata: outcome.metadata.into_iter().collect(),
             error: (outcome.status != Status::Ok)
-                .then(|| InvokeError { status: outcome.status as i32, message: outcome.message }),
+                .then_some(InvokeError { status: outcome.status as i32, message: outcome.message }),
             plugin: info.name.clone(),
             version: info.version.clone(),
             digest: info.digest.clone(),
@@ -85,6 +85,8 @@ impl Host {
         Ok(reply_of(&reply))
     }
 
+    // The error is the reply to send, as it is: boxing it would only add an allocation.
+    #[allow(clippy::result_large_err)]
     fn resolve(&self, req: &InvokeRequest) -> Result<Target, InvokeReply> {
         let c = self.catalog.read().unwrap_or_else(|e| e.into_inner());
         let wasm = c.versions.values().filter(|e| e.compiled.is_some()).map(|e| e.info.clone());
@@ -193,6 +195,8 @@ fn failure(status: Status, message: String) -> InvokeReply {
     }
 }
 
+// The error is the reply to send, as it is: boxing it would only add an allocation.
+#[allow(clippy::result_large_err)]
 fn decode_request(msg: &Message) -> Result<InvokeRequest, InvokeReply> {
     InvokeRequest::decode(msg.payload.clone())
         .map_err(|e| failure(Status::BadRequest, format!("undecodable invoke request: {e}")))
