@@ -8,11 +8,15 @@
 pub mod archive_guard;
 pub mod config;
 pub mod consumer;
+mod control;
+mod ctx;
 pub mod endpoint;
+mod health;
 pub mod http;
 pub mod metrics;
 pub mod provision;
 pub mod publish;
+mod serve;
 pub mod service;
 pub mod telemetry;
 

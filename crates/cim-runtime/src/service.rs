@@ -1,10 +1,14 @@
 //! The life of a service instance: connect, provision, serve endpoints over the NATS micro
 //! services protocol, announce and beat, report health, and shut down gracefully.
+//!
+//! The parts of that life are split over sibling modules: `ctx` (what a running instance
+//! shares with its handlers), `serve` (one endpoint served with bounded concurrency, and the
+//! `describe` query), `health` (readiness, re-provisioning and heartbeats), `control` (the
+//! control listener: re-announce and drain, and stopping intake at drain or shutdown).
 
 use std::{
     collections::HashMap,
     future::Future,
-    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -12,186 +16,30 @@ use std::{
     time::{Duration, Instant},
 };
 
-use async_nats::{HeaderMap, Message, jetstream, service::ServiceExt};
+use async_nats::{jetstream, service::ServiceExt};
 use cim_events::{
-    CONTRACT_VERSION, Component, Envelope, Payload,
-    envelope::source,
-    payload::encode,
-    proto::runtime::{
-        DescribeReply, DrainRequested, ServiceAnnounced, ServiceDrained, ServiceHeartbeat, ServiceStopped, StreamState,
-    },
+    CONTRACT_VERSION, Component,
+    proto::runtime::ServiceStopped,
     resources,
-    subject::{self, ControlAction, Lifecycle},
+    subject::{self, Lifecycle},
 };
 use futures::StreamExt;
 use tokio::sync::{Notify, Semaphore};
 use tracing::Instrument;
 
+pub use crate::ctx::Ctx;
 use crate::{
     config::CommonSettings,
-    endpoint::{BoxFuture, Endpoint, Reply, ServiceError},
+    control::{on_control, stop_intake, subscribe_control},
+    ctx::Shared,
+    endpoint::{BoxFuture, Endpoint},
+    health::watch_health,
     http,
-    metrics::{EndpointLabels, Metrics},
+    metrics::Metrics,
     provision::{self, ProvisionError},
+    serve::{describe, serve_endpoint},
     telemetry,
 };
-
-/// What a running instance shares with its handlers.
-#[derive(Clone)]
-pub struct Ctx(Arc<Shared>);
-
-struct Shared {
-    def: ServiceDef,
-    settings: CommonSettings,
-    client: async_nats::Client,
-    js: jetstream::Context,
-    metrics: Metrics,
-    ready: AtomicBool,
-    started: Instant,
-    http_addr: SocketAddr,
-    subjects: std::sync::OnceLock<Vec<String>>,
-    stopping: tokio::sync::watch::Sender<bool>,
-    background: std::sync::Mutex<Vec<(String, tokio::task::JoinHandle<()>)>>,
-    /// Fresh per process start, so the registry tells a restart from a duplicate instance id.
-    incarnation: String,
-    /// Told to drain (takes no new work); `drained` once nothing is held any more.
-    draining: AtomicBool,
-    drained: AtomicBool,
-}
-
-impl std::fmt::Debug for Ctx {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ctx").field("instance", &self.0.settings.instance_id).finish()
-    }
-}
-
-impl Ctx {
-    pub fn client(&self) -> &async_nats::Client {
-        &self.0.client
-    }
-    pub fn jetstream(&self) -> &jetstream::Context {
-        &self.0.js
-    }
-    pub fn settings(&self) -> &CommonSettings {
-        &self.0.settings
-    }
-    pub fn metrics(&self) -> &Metrics {
-        &self.0.metrics
-    }
-    pub fn is_ready(&self) -> bool {
-        self.0.ready.load(Ordering::SeqCst)
-    }
-    /// `ce-source` of messages this instance produces.
-    pub fn source(&self) -> String {
-        let s = &self.0.settings;
-        source(&s.node, s.component.service_name(), &s.instance_id)
-    }
-
-    /// Resolves once the service stops taking work — at shutdown, or when its node is drained
-    /// — so background loops that select on it stop their intake and return.
-    pub async fn stopping(&self) {
-        let mut rx = self.0.stopping.subscribe();
-        let _ = rx.wait_for(|s| *s).await;
-    }
-
-    /// The stop signal as a watch (`true` once stopping), for library code that runs without
-    /// a `Ctx` (the storage manager's archive loops).
-    pub fn stop_receiver(&self) -> tokio::sync::watch::Receiver<bool> {
-        self.0.stopping.subscribe()
-    }
-
-    pub fn is_stopping(&self) -> bool {
-        *self.0.stopping.borrow()
-    }
-
-    /// True once the instance was told to drain (its node is being drained).
-    pub fn is_draining(&self) -> bool {
-        self.0.draining.load(Ordering::SeqCst)
-    }
-
-    /// True once a drain finished: no endpoints, no background intake, nothing in flight.
-    pub fn is_drained(&self) -> bool {
-        self.0.drained.load(Ordering::SeqCst)
-    }
-
-    /// Waits `d`, or less if the service stops taking work meanwhile: `true` when the wait ran
-    /// out, `false` when the caller should stop (the one pause every background loop uses).
-    pub async fn pause(&self, d: Duration) -> bool {
-        tokio::select! {
-            _ = self.stopping() => false,
-            _ = tokio::time::sleep(d) => !self.is_stopping(),
-        }
-    }
-
-    /// Runs `attempt` until it succeeds, logging each failure as `what` and backing off from
-    /// 100 ms to 5 s; `None` once the service stops. Opening a durable consumer, a bucket or a
-    /// connection that may not be there yet (NATS restarting, a stream re-provisioned).
-    pub async fn retry_until_stopped<T, E, F, Fut>(&self, what: &str, mut attempt: F) -> Option<T>
-    where
-        E: std::fmt::Display,
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Result<T, E>>,
-    {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            if self.is_stopping() {
-                return None;
-            }
-            match attempt().await {
-                Ok(v) => return Some(v),
-                Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "cannot open {what}; retrying"),
-            }
-            if !self.pause(backoff).await {
-                return None;
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-        }
-    }
-
-    /// A client of the information-unit service in this instance's JetStream domain.
-    pub fn iu_client(&self) -> cim_iu_client::IuClient {
-        match &self.0.settings.js_domain {
-            Some(d) => cim_iu_client::IuClient::with_domain(self.0.client.clone(), d),
-            None => cim_iu_client::IuClient::new(self.0.client.clone()),
-        }
-    }
-
-    /// This process's incarnation id (see [`ServiceAnnounced::incarnation`]).
-    pub fn incarnation(&self) -> &str {
-        &self.0.incarnation
-    }
-
-    /// Runs `fut` until shutdown; at shutdown it gets the grace period to notice
-    /// [`Ctx::stopping`] and return, then it is aborted.
-    pub fn spawn(&self, name: &str, fut: impl Future<Output = ()> + Send + 'static) {
-        let handle = tokio::spawn(fut);
-        self.0.background.lock().unwrap_or_else(|e| e.into_inner()).push((name.to_string(), handle));
-    }
-
-    fn announcement(&self) -> ServiceAnnounced {
-        let s = &self.0.settings;
-        ServiceAnnounced {
-            component: s.component.token().to_string(),
-            service: s.component.service_name().to_string(),
-            version: self.0.def.version.to_string(),
-            instance_id: s.instance_id.clone(),
-            node: s.node.clone(),
-            contract_version: CONTRACT_VERSION,
-            capabilities: self.0.def.capabilities.clone(),
-            subjects: self.0.subjects.get().cloned().unwrap_or_default(),
-            http_addr: self.0.http_addr.to_string(),
-            incarnation: self.0.incarnation.clone(),
-            heartbeat_interval_ms: s.heartbeat_interval.as_millis() as u64,
-        }
-    }
-
-    /// Publishes a payload with a fresh root envelope and the current trace context.
-    pub async fn publish_root<P: Payload>(&self, subject: String, payload: &P) -> Result<(), async_nats::PublishError> {
-        let (mut headers, body) = encode(&Envelope::root::<P>(self.source()), payload);
-        telemetry::inject_current(&mut headers);
-        self.0.client.publish_with_headers(subject, headers, body).await
-    }
-}
 
 /// What a service is: its component, version and capabilities.
 #[derive(Clone, Debug)]
@@ -397,7 +245,7 @@ impl Service {
     }
 }
 
-fn lifecycle_subject(ctx: &Ctx, what: Lifecycle) -> Result<String, cim_events::ContractError> {
+pub(crate) fn lifecycle_subject(ctx: &Ctx, what: Lifecycle) -> Result<String, cim_events::ContractError> {
     subject::lifecycle(ctx.0.settings.component, &ctx.0.settings.instance_id, what)
 }
 
@@ -491,258 +339,4 @@ async fn provision_with_retry(
             }
         }
     }
-}
-
-async fn serve_endpoint(
-    mut nats_endpoint: async_nats::service::endpoint::Endpoint,
-    e: Endpoint,
-    ctx: Ctx,
-    permits: Arc<Semaphore>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
-    let labels = EndpointLabels { endpoint: e.name.clone() };
-    loop {
-        if *stop.borrow() {
-            break;
-        }
-        let request = tokio::select! {
-            r = nats_endpoint.next() => match r { Some(r) => r, None => break },
-            _ = stop.wait_for(|s| *s) => break,
-        };
-        // Back-pressure: wait for a slot before taking the next request off the subscription.
-        let Ok(permit) = permits.clone().acquire_owned().await else { break };
-        let (ctx, handler, labels) = (ctx.clone(), e.handler.clone(), labels.clone());
-        tokio::spawn(async move {
-            let m = ctx.metrics().clone();
-            m.in_flight.inc();
-            let started = Instant::now();
-            let span = tracing::info_span!("request", endpoint = %labels.endpoint, subject = %request.message.subject);
-            telemetry::continue_trace(&span, request.message.headers.as_ref());
-            let result = handler(ctx.clone(), request.message.clone()).instrument(span.clone()).await;
-            let mut headers = HeaderMap::new();
-            span.in_scope(|| telemetry::inject_current(&mut headers));
-            let outcome = match result {
-                Ok(reply) => {
-                    for (k, vs) in reply.headers.iter() {
-                        for v in vs {
-                            headers.append(k.clone(), v.clone());
-                        }
-                    }
-                    request.respond_with_headers(Ok(reply.body), headers).await
-                }
-                Err(err) => {
-                    m.errors.get_or_create(&labels).inc();
-                    tracing::debug!(parent: &span, code = err.code, error = %err.message, "request failed");
-                    let micro_err = async_nats::service::error::Error { status: err.message, code: err.code as usize };
-                    request.respond_with_headers(Err(micro_err), headers).await
-                }
-            };
-            if let Err(e) = outcome {
-                tracing::warn!(error = %e, "could not send reply");
-            }
-            m.requests.get_or_create(&labels).inc();
-            m.latency.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
-            m.in_flight.dec();
-            drop(permit);
-        });
-    }
-    let _ = nats_endpoint.stop().await;
-}
-
-/// Keeps the readiness flag true only while NATS is connected and every owned stream answers;
-/// re-provisions a stream that disappeared; publishes heartbeats.
-async fn watch_health(ctx: Ctx, health: http::Health, reconnected: Arc<Notify>) {
-    let settings = ctx.settings().clone();
-    let heartbeat = lifecycle_subject(&ctx, Lifecycle::Heartbeat).ok();
-    let owned = provision::owned_stream_names(settings.component);
-    loop {
-        // A draining instance is alive but takes no work: not ready.
-        let ready = check_ready(&ctx, &owned).await && !ctx.is_draining();
-        ctx.0.ready.store(ready, Ordering::SeqCst);
-        health.set_ready(ready);
-        if let Some(subject) = &heartbeat
-            && ctx.client().connection_state() == async_nats::connection::State::Connected
-        {
-            let beat = ServiceHeartbeat {
-                component: settings.component.token().to_string(),
-                instance_id: settings.instance_id.clone(),
-                uptime_ms: ctx.0.started.elapsed().as_millis() as u64,
-                ready,
-                in_flight: ctx.metrics().in_flight.get().max(0) as u64,
-                incarnation: ctx.0.incarnation.clone(),
-                draining: ctx.is_draining(),
-                drained: ctx.is_drained(),
-                node: settings.node.clone(),
-            };
-            let _ = ctx.publish_root(subject.clone(), &beat).instrument(tracing::info_span!("heartbeat")).await;
-        }
-        // Check again soon after a (re)connect, else on the heartbeat interval.
-        let interval = if ready {
-            settings.heartbeat_interval
-        } else {
-            settings.heartbeat_interval.min(Duration::from_millis(500))
-        };
-        tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
-            _ = reconnected.notified() => {}
-        }
-    }
-}
-
-async fn check_ready(ctx: &Ctx, owned: &[String]) -> bool {
-    if ctx.client().connection_state() != async_nats::connection::State::Connected {
-        return false;
-    }
-    for name in owned {
-        let ok = tokio::time::timeout(Duration::from_secs(2), ctx.jetstream().get_stream(name)).await;
-        match ok {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(stream = %name, error = %e, "owned stream not usable; re-provisioning");
-                if let Err(e) =
-                    provision::provision(ctx.jetstream(), ctx.settings().component, ctx.settings().tier).await
-                {
-                    tracing::warn!(error = %e, "re-provisioning failed");
-                }
-                return false;
-            }
-            Err(_) => return false,
-        }
-    }
-    true
-}
-
-/// `cim.qry.<component>.describe`: the instance, what it owns and the state of those streams.
-async fn describe(ctx: Ctx, msg: Message) -> Result<Reply, ServiceError> {
-    if !msg.payload.is_empty() {
-        return Err(ServiceError::bad_request("describe takes an empty request body"));
-    }
-    let mut streams = Vec::new();
-    for name in provision::owned_stream_names(ctx.settings().component) {
-        let mut stream = ctx
-            .jetstream()
-            .get_stream(&name)
-            .await
-            .map_err(|e| ServiceError::unavailable(format!("stream {name}: {e}")))?;
-        let info = stream.info().await.map_err(|e| ServiceError::unavailable(format!("stream {name}: {e}")))?;
-        streams.push(StreamState {
-            name,
-            messages: info.state.messages,
-            bytes: info.state.bytes,
-            first_sequence: info.state.first_sequence,
-            last_sequence: info.state.last_sequence,
-            replicas: info.config.num_replicas as u32,
-            leader: info.cluster.as_ref().and_then(|c| c.leader.clone()).unwrap_or_default(),
-        });
-    }
-    Ok(Reply::proto(&DescribeReply { service: Some(ctx.announcement()), streams, ready: ctx.is_ready() }))
-}
-
-/// Subscribes to the control messages addressed to every instance, this node and this instance.
-async fn subscribe_control(ctx: &Ctx) -> anyhow::Result<futures::stream::SelectAll<async_nats::Subscriber>> {
-    let s = ctx.settings();
-    let mut all = futures::stream::SelectAll::new();
-    for filter in subject::control_filters(&s.node, &s.instance_id)? {
-        all.push(ctx.client().subscribe(filter).await?);
-    }
-    ctx.client().flush().await?;
-    Ok(all)
-}
-
-/// Acts on one control message: re-announce, or drain (once; a repeated drain request repeats
-/// the `drained` report, in case the first was missed).
-async fn on_control(
-    ctx: &Ctx,
-    health: &http::Health,
-    stop_serving: &tokio::sync::watch::Sender<bool>,
-    servers: &mut Vec<tokio::task::JoinHandle<()>>,
-    permits: &Arc<Semaphore>,
-    m: Message,
-) {
-    let action = m.subject.rsplit('.').next().and_then(ControlAction::parse);
-    match action {
-        Some(ControlAction::Announce) => {
-            if let Ok(subject) = lifecycle_subject(ctx, Lifecycle::Announce)
-                && let Err(e) = ctx.publish_root(subject, &ctx.announcement()).await
-            {
-                tracing::warn!(error = %e, "could not re-announce");
-            }
-        }
-        Some(ControlAction::Drain) => {
-            let reason = cim_events::payload::decode::<DrainRequested>(
-                m.headers.as_ref(),
-                &m.payload,
-                &cim_events::Upcasters::default(),
-            )
-            .map(|(_, d)| d.reason)
-            .unwrap_or_default();
-            let abandoned = if ctx.0.draining.swap(true, Ordering::SeqCst) {
-                0
-            } else {
-                tracing::info!(%reason, "draining: no new work");
-                ctx.metrics().draining.set(1);
-                let abandoned = stop_intake(ctx, health, stop_serving, servers, permits).await;
-                ctx.0.drained.store(true, Ordering::SeqCst);
-                tracing::info!(abandoned, "drained");
-                abandoned
-            };
-            if !ctx.is_drained() {
-                return;
-            }
-            let s = ctx.settings();
-            let drained = ServiceDrained {
-                component: s.component.token().to_string(),
-                instance_id: s.instance_id.clone(),
-                incarnation: ctx.0.incarnation.clone(),
-                node: s.node.clone(),
-                abandoned,
-            };
-            if let Ok(subject) = lifecycle_subject(ctx, Lifecycle::Drained)
-                && let Err(e) = ctx.publish_root(subject, &drained).await
-            {
-                tracing::warn!(error = %e, "could not report drained");
-            }
-        }
-        None => tracing::debug!(subject = %m.subject, "unknown control message ignored"),
-    }
-}
-
-/// Stops taking work: readiness false, endpoints unsubscribed, in-flight requests finished
-/// within the grace period, background loops told to stop and awaited. Returns how many
-/// requests were abandoned. Safe to call again (after a drain, at shutdown).
-async fn stop_intake(
-    ctx: &Ctx,
-    health: &http::Health,
-    stop_serving: &tokio::sync::watch::Sender<bool>,
-    servers: &mut Vec<tokio::task::JoinHandle<()>>,
-    permits: &Arc<Semaphore>,
-) -> u64 {
-    let settings = ctx.settings();
-    ctx.0.ready.store(false, Ordering::SeqCst);
-    health.set_ready(false);
-    let _ = stop_serving.send(true);
-    for s in servers.drain(..) {
-        let _ = s.await;
-    }
-    let all = settings.max_in_flight as u32;
-    let abandoned = match tokio::time::timeout(settings.shutdown_grace, permits.acquire_many(all)).await {
-        Ok(_) => {
-            tracing::info!("in-flight work finished");
-            0
-        }
-        Err(_) => {
-            let left = all as usize - permits.available_permits();
-            tracing::warn!(left, "grace period over; abandoning in-flight work (it will be redelivered)");
-            left as u64
-        }
-    };
-    let _ = ctx.0.stopping.send(true);
-    let background = std::mem::take(&mut *ctx.0.background.lock().unwrap_or_else(|e| e.into_inner()));
-    for (name, mut handle) in background {
-        if tokio::time::timeout(settings.shutdown_grace, &mut handle).await.is_err() {
-            tracing::warn!(task = %name, "background task did not stop within the grace period; aborting");
-            handle.abort();
-        }
-    }
-    abandoned
 }

@@ -1,5 +1,6 @@
-//! Content in the JetStream object store: verification against the CID, and the collection
-//! rules that reclaim storage nobody can reach.
+//! Content in the JetStream object store: verification against the CID, the commit of an
+//! upload into content named by its CID, corruption reported and quarantined, and the
+//! collection rules that reclaim storage nobody can reach.
 //!
 //! Collection rules (each run every `--iu-collect-interval`; docs/information-units.md):
 //! 1. an upload (`upload.<uuid>`) older than `--iu-orphan-grace` was never committed: deleted;
@@ -18,13 +19,29 @@
 
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
-use async_nats::jetstream::object_store::{self, ObjectStore};
-use cim_events::{Cid, cid::CidHasher, iu, proto::iu::ContentCollected};
+use async_nats::{
+    Message,
+    jetstream::{
+        self,
+        object_store::{self, ObjectStore},
+    },
+};
+use cim_events::{
+    Cid, Payload,
+    cid::CidHasher,
+    iu,
+    proto::iu::{ContentCollected, ContentCommitted, ContentCorrupted, ContentStored},
+    resources,
+};
+use cim_runtime::{Reply, ServiceError};
 use futures::StreamExt;
 use prost::Message as _;
 use tokio::io::AsyncReadExt;
 
-use crate::app::App;
+use crate::{
+    app::{App, decode, internal, reject},
+    domain,
+};
 
 #[derive(Debug)]
 pub enum VerifyError {
@@ -185,4 +202,133 @@ impl App {
 
 fn ms_to_time(ms: i64) -> Option<time::OffsetDateTime> {
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok()
+}
+
+impl App {
+    // ---- commit and corruption ----
+
+    /// Turns a finished upload into content named by its CID (or drops it as a duplicate).
+    pub async fn commit(&self, msg: Message) -> Result<Reply, ServiceError> {
+        let c: cim_events::proto::iu::CommitContent = decode(&msg)?;
+        let id = c.upload.strip_prefix(iu::UPLOAD_PREFIX).unwrap_or("");
+        if uuid::Uuid::parse_str(id).is_err() {
+            return Err(ServiceError::bad_request(format!(
+                "{:?} is not an upload name ({}<uuid>)",
+                c.upload,
+                iu::UPLOAD_PREFIX
+            )));
+        }
+        let info = match self.content.info(&c.upload).await {
+            Ok(i) if !i.deleted => i,
+            Ok(_) => return Err(ServiceError::not_found(format!("upload {} was removed", c.upload))),
+            Err(e) if e.kind() == object_store::InfoErrorKind::NotFound => {
+                return Err(ServiceError::not_found(format!(
+                    "upload {} does not exist (unfinished, or already committed)",
+                    c.upload
+                )));
+            }
+            Err(e) => return Err(internal("upload info")(Box::new(e))),
+        };
+        let cid = Cid::from_object_digest(info.digest.as_deref().unwrap_or(""))
+            .map_err(|e| ServiceError::bad_request(format!("upload {}: {e}", c.upload)))?;
+        let size = info.size as u64;
+        let name = cid.to_string();
+        let deduplicated = loop {
+            match self.content.info(&name).await {
+                Ok(existing) if existing.deleted => {
+                    // Only a tombstone of earlier (quarantined or collected) bytes: clear it.
+                    self.purge_object_meta(&name).await?;
+                }
+                Ok(existing) if existing.digest == info.digest => break true,
+                Ok(_) => {
+                    // A different object under this CID: never serve it; keep the honest bytes.
+                    self.quarantine(&cid, "stored object's digest does not match its CID").await?;
+                }
+                Err(e) if e.kind() == object_store::InfoErrorKind::NotFound => {
+                    let meta = object_store::UpdateMetadata { name: name.clone(), ..Default::default() };
+                    match self.content.update_metadata(&c.upload, meta).await {
+                        Ok(_) => break false,
+                        // A concurrent commit of the same bytes won.
+                        Err(e) if e.kind() == object_store::UpdateMetadataErrorKind::NameAlreadyInUse => continue,
+                        Err(e) => return Err(internal("renaming the upload")(Box::new(e))),
+                    }
+                }
+                Err(e) => return Err(internal("content info")(Box::new(e))),
+            }
+        };
+        if deduplicated {
+            if let Err(e) = self.remove_object(&c.upload).await {
+                tracing::warn!(upload = %c.upload, error = %e.message, "could not drop a duplicate upload; collection will");
+            }
+        } else {
+            let event = ContentStored { cid: name.clone(), size };
+            let subject =
+                iu::content_event(&name, iu::action::STORED).map_err(|e| ServiceError::internal(e.to_string()))?;
+            let parent = Self::parent_envelope(&msg)?;
+            let msg_id = format!("stored-{name}-{}", info.nuid);
+            if let Err(e) = self
+                .publish(subject, None, ContentStored::TYPE, event.encode_to_vec(), parent.as_ref(), Some(&msg_id))
+                .await
+            {
+                tracing::warn!(cid = %name, error = ?e, "content stored but its event could not be written");
+            }
+        }
+        Ok(Reply::proto(&ContentCommitted { cid: name, size, deduplicated }))
+    }
+
+    /// Removes an object whose bytes do not match its CID, and records why.
+    pub async fn quarantine(&self, cid: &Cid, detail: &str) -> Result<(), ServiceError> {
+        tracing::warn!(%cid, detail, "content does not match its CID; removing it");
+        let event = ContentCorrupted { cid: cid.to_string(), detail: detail.to_string() };
+        let subject = iu::content_event(&cid.to_string(), iu::action::CORRUPTED)
+            .map_err(|e| ServiceError::internal(e.to_string()))?;
+        self.publish(subject, None, ContentCorrupted::TYPE, event.encode_to_vec(), None, None)
+            .await
+            .map_err(|e| ServiceError::unavailable(format!("recording corruption: {e:?}")))?;
+        self.remove_object(&cid.to_string()).await
+    }
+
+    /// Deletes an object completely: its chunks and its metadata (no tombstone is left).
+    pub async fn remove_object(&self, name: &str) -> Result<(), ServiceError> {
+        match self.content.delete(name).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == object_store::DeleteErrorKind::NotFound => {}
+            Err(e) => return Err(internal("removing an object")(Box::new(e))),
+        }
+        self.purge_object_meta(name).await
+    }
+
+    async fn purge_object_meta(&self, name: &str) -> Result<(), ServiceError> {
+        let subject = cim_events::subject::object_meta(iu::CONTENT_BUCKET, name)
+            .map_err(|e| ServiceError::internal(e.to_string()))?;
+        let stream = self.content_stream().await?;
+        stream.purge().filter(subject).await.map_err(|e| internal("purging object metadata")(Box::new(e)))?;
+        Ok(())
+    }
+
+    pub async fn content_stream(&self) -> Result<jetstream::stream::Stream, ServiceError> {
+        let name = resources::object_buckets(cim_events::Component::InformationUnit)
+            .first()
+            .map(|b| b.stream_name())
+            .unwrap_or_default();
+        self.js.get_stream(&name).await.map_err(|e| internal("content stream")(Box::new(e)))
+    }
+
+    /// A reader says the bytes of a CID are wrong: check them; if so, record and remove them.
+    pub async fn report_corrupt(&self, msg: Message) -> Result<Reply, ServiceError> {
+        let c: cim_events::proto::iu::ReportCorrupt = decode(&msg)?;
+        let cid = domain::validate_cid(&c.cid).map_err(reject)?;
+        match crate::content::verify(&self.content, &cid).await {
+            Ok(()) => Err(ServiceError::conflict(format!("content {cid} was read back and matches its CID"))),
+            Err(crate::content::VerifyError::Missing) => {
+                Err(ServiceError::not_found(format!("content {cid} is not stored")))
+            }
+            Err(crate::content::VerifyError::Mismatch(detail)) => {
+                let detail = if c.detail.is_empty() { detail } else { format!("{detail} (reported: {})", c.detail) };
+                self.quarantine(&cid, &detail).await?;
+                Ok(Reply::default())
+            }
+            Err(crate::content::VerifyError::Other(e)) => Err(ServiceError::unavailable(e)),
+        }
+    }
 }

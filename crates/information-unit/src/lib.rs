@@ -4,10 +4,13 @@
 //! projections rebuilt from it. See docs/information-units.md.
 
 mod app;
+mod commands;
 mod content;
 pub mod domain;
+mod events;
 mod index;
 mod projection;
+mod queries;
 pub mod schema;
 
 use std::{future::Future, sync::Arc, time::Duration};
@@ -138,8 +141,6 @@ async fn setup(ctx: cim_runtime::Ctx, opts: IuOptions) -> anyhow::Result<Vec<End
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
-
     use super::*;
 
     fn validate(args: &[&str]) -> Result<Settings, String> {

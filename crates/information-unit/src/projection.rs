@@ -19,8 +19,9 @@ use futures::StreamExt;
 use prost::Message as _;
 
 use crate::{
-    app::{App, internal, provenance, store_if_newer},
+    app::{App, internal, store_if_newer},
     domain::{self, EventMeta, UnitEvent},
+    events::provenance,
 };
 
 /// Name of the projection in metrics.

@@ -180,8 +180,6 @@ async fn setup(
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
-
     use super::*;
 
     fn validate(args: &[&str]) -> Result<Settings, String> {

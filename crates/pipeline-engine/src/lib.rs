@@ -103,8 +103,6 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
 
 #[cfg(test)]
 mod config_tests {
-    use clap::Parser;
-
     use super::*;
 
     fn validate(args: &[&str]) -> Result<Settings, String> {

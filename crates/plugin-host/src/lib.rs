@@ -4,8 +4,12 @@
 //! `cim_events::plugin` — the same contract native plugins serve (docs/plugins.md).
 
 pub mod builtin;
+mod catalog;
+mod commands;
 mod host;
 mod invoker;
+mod queries;
+mod routing;
 pub mod sandbox;
 
 use std::{collections::HashMap, future::Future, path::PathBuf, sync::Arc, time::Duration};

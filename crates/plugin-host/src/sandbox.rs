@@ -373,12 +373,12 @@ fn classify(result: wasmtime::Result<i32>, state: State, stderr: &str) -> Outcom
 fn one_line(e: &anyhow::Error) -> String {
     let s = format!("{e:#}");
     let s = s.lines().next().unwrap_or_default().trim().to_string();
-    if s.len() > 400 {
-        let end = (0..=400).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0);
-        format!("{}...", &s[..end])
-    } else {
-        s
+    if s.len() <= 400 {
+        return s;
     }
+    // `str::floor_char_boundary` is newer than the workspace's rust-version.
+    let end = (0..=400).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0);
+    format!("{}...", &s[..end])
 }
 
 /// Per-invocation state of a store.

@@ -112,8 +112,6 @@ async fn setup(ctx: cim_runtime::Ctx, opts: RegistryOptions) -> anyhow::Result<V
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
-
     use super::*;
 
     fn validate(args: &[&str]) -> Result<Settings, String> {

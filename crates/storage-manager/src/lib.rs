@@ -209,8 +209,6 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
-
     use super::*;
 
     fn validate(args: &[&str]) -> Result<Settings, String> {
