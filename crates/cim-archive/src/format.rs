@@ -367,8 +367,8 @@ mod tests {
 
     fn sample() -> (Bytes, Manifest) {
         let mut w = SegmentWriter::new();
-        w.push(3, 10, "cim.evt.a", &[("ce-id".into(), "1".into()), ("ce-id".into(), "2".into())], b"hello");
-        w.push(5, 11, "cim.evt.b", &[], b"");
+        w.push(3, 10, "orders.a", &[("ce-id".into(), "1".into()), ("ce-id".into(), "2".into())], b"hello");
+        w.push(5, 11, "orders.b", &[], b"");
         w.finish("S", "p/")
     }
 
@@ -407,7 +407,7 @@ mod tests {
     fn gzip_sample() -> (Bytes, Manifest) {
         use std::io::Write;
         let mut w = SegmentWriter::new();
-        w.push(7, 12, "cim.evt.c", &[("a".into(), "x".into())], b"old");
+        w.push(7, 12, "orders.c", &[("a".into(), "x".into())], b"old");
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(&w.raw).unwrap();
         let compressed = gz.finish().unwrap();
@@ -424,7 +424,7 @@ mod tests {
         let (bytes, m) = gzip_sample();
         let records = decode_segment(&m, &bytes).unwrap();
         assert_eq!(records.len(), 1);
-        assert_eq!((records[0].sequence, records[0].subject.as_str()), (7, "cim.evt.c"));
+        assert_eq!((records[0].sequence, records[0].subject.as_str()), (7, "orders.c"));
         assert_eq!(records[0].headers, vec![("a".to_string(), "x".to_string())]);
         assert_eq!(records[0].payload, Bytes::from_static(b"old"));
     }

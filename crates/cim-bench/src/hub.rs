@@ -94,6 +94,11 @@ pub async fn run(args: HubArgs) -> Result<ExitCode> {
     let (addr, received) = receiver().await?;
     let url = format!("http://{addr}/hook");
 
+    let filter = cim_events::subject::action_filter(
+        Component::InformationUnit,
+        cim_events::iu::UNIT,
+        cim_events::iu::action::CREATED,
+    )?;
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("hub.json");
     std::fs::write(
@@ -101,7 +106,7 @@ pub async fn run(args: HubArgs) -> Result<ExitCode> {
         serde_json::json!({
             "outbound_allow": ["127.0.0.1"],
             "webhooks": [{ "name": "bench", "secret_env": "CIM_BENCH_SECRET", "content": "any", "max_body_bytes": 1 << 20 }],
-            "subscriptions": [{ "name": "bench", "filter": "cim.evt.iu.unit.*.created", "url": url, "secret_env": "CIM_BENCH_SECRET", "deliver": "new" }],
+            "subscriptions": [{ "name": "bench", "filter": filter, "url": url, "secret_env": "CIM_BENCH_SECRET", "deliver": "new" }],
         })
         .to_string(),
     )?;

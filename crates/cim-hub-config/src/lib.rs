@@ -619,10 +619,14 @@ fn stream_of(filter: &str) -> Result<String, String> {
     let ok_token = |t: &str| !t.is_empty() && !t.contains(char::is_whitespace);
     if tokens.len() < 3
         || tokens[0] != cim_events::subject::ROOT
-        || tokens[1] != "evt"
+        || tokens[1] != cim_events::subject::Kind::Event.token()
         || !tokens.iter().all(|t| ok_token(t))
     {
-        return Err(format!("filter {filter:?} is not an event subject filter (cim.evt.<component>.…)"));
+        return Err(format!(
+            "filter {filter:?} is not an event subject filter ({}.{}.<component>.…, see docs/SUBJECTS.md)",
+            cim_events::subject::ROOT,
+            cim_events::subject::Kind::Event.token()
+        ));
     }
     let component = cim_events::Component::parse(tokens[2]).map_err(|e| e.to_string())?;
     if component == cim_events::Component::IntegrationHub
@@ -635,6 +639,9 @@ fn stream_of(filter: &str) -> Result<String, String> {
 
 #[cfg(test)]
 mod tests {
+    use cim_events::{Component, hub, iu, resources, subject};
+    use serde_json::json;
+
     use super::*;
 
     fn env(name: &str) -> Option<String> {
@@ -663,19 +670,47 @@ mod tests {
 
     #[test]
     fn parses_subscriptions() {
-        let text = r#"{"outbound_allow": ["127.0.0.0/8"], "subscriptions": [
-            {"name": "crm", "filter": "cim.evt.iu.unit.*.created", "url": "http://127.0.0.1:9/hook", "secret_env": "GH", "max_attempts": 3, "deliver": "all"}
-        ]}"#;
-        let hub = parse(text, env, read).unwrap();
+        let filter = subject::action_filter(Component::InformationUnit, iu::UNIT, iu::action::CREATED).unwrap();
+        let text = json!({"outbound_allow": ["127.0.0.0/8"], "subscriptions": [
+            {"name": "crm", "filter": filter, "url": "http://127.0.0.1:9/hook", "secret_env": "GH", "max_attempts": 3, "deliver": "all"}
+        ]})
+        .to_string();
+        let hub = parse(&text, env, read).unwrap();
         let s = &hub.subscriptions["crm"];
-        assert_eq!(s.stream, "CIM_IU_EVENTS");
+        assert_eq!(s.stream, resources::events_stream(Component::InformationUnit).name);
         assert_eq!((s.max_attempts, s.deliver, s.timeout), (3, Deliver::All, Duration::from_secs(10)));
         assert!(!format!("{s:?}").contains("secret"));
     }
 
     #[test]
     fn refuses_unclear_configuration() {
-        for (text, want) in [
+        let iu_events = subject::events_of(Component::InformationUnit);
+        let hub_deliveries =
+            subject::events_of(Component::IntegrationHub).replace('>', &format!("{}.>", hub::DELIVERY));
+        let built = [
+            (
+                json!({"postgres": [{"name": "db", "url_env": "GH", "project": {"filter": iu_events, "table": "Bad"}}]}),
+                "plain identifier",
+            ),
+            (
+                json!({"mqtt": [{"name": "m", "host": "h", "publish": {"filter": iu_events, "topic": "a/#"}}]}),
+                "no wildcards",
+            ),
+            (
+                json!({"subscriptions": [{"name": "s", "filter": hub_deliveries, "url": "http://127.0.0.1/", "secret_env": "GH"}]}),
+                "own webhook events only",
+            ),
+            (
+                json!({"subscriptions": [{"name": "s", "filter": iu_events, "url": "http://127.0.0.1/", "secret_env": "GH"}]}),
+                "not allowed",
+            ),
+            (
+                json!({"outbound_allow": ["127.0.0.1"], "subscriptions": [{"name": "s", "filter": iu_events, "url": "ftp://127.0.0.1/", "secret_env": "GH"}]}),
+                "http",
+            ),
+        ];
+        let built: Vec<(String, &str)> = built.into_iter().map(|(v, want)| (v.to_string(), want)).collect();
+        for (text, want) in built.iter().map(|(t, w)| (t.as_str(), *w)).chain([
             (r#"{"webhooks": [{"name": "a"}]}"#, "exactly one"),
             (r#"{"webhooks": [{"name": "a", "secret_env": "NOPE"}]}"#, "NOPE is not set"),
             (r#"{"webhooks": [{"name": "a", "secret_file": "/x"}]}"#, "cannot read secret_file"),
@@ -692,34 +727,14 @@ mod tests {
                 r#"{"postgres": [{"name": "db", "url_env": "GH", "watch": ["orders; drop table x"]}]}"#,
                 "plain identifier",
             ),
-            (
-                r#"{"postgres": [{"name": "db", "url_env": "GH", "project": {"filter": "cim.evt.iu.>", "table": "Bad"}}]}"#,
-                "plain identifier",
-            ),
             (r#"{"postgres": [{"name": "db"}]}"#, "exactly one of url_file and url_env"),
-            (
-                r#"{"mqtt": [{"name": "m", "host": "h", "publish": {"filter": "cim.evt.iu.>", "topic": "a/#"}}]}"#,
-                "no wildcards",
-            ),
             (r#"{"mqtt": [{"name": "m", "host": "h", "password_env": "GH"}]}"#, "needs a username"),
             (r#"{"outbound_allow": ["10.0.0.0/33"]}"#, "invalid"),
             (
                 r#"{"subscriptions": [{"name": "s", "filter": "orders", "url": "http://127.0.0.1/", "secret_env": "GH"}]}"#,
                 "not an event subject filter",
             ),
-            (
-                r#"{"subscriptions": [{"name": "s", "filter": "cim.evt.hub.delivery.>", "url": "http://127.0.0.1/", "secret_env": "GH"}]}"#,
-                "own webhook events only",
-            ),
-            (
-                r#"{"subscriptions": [{"name": "s", "filter": "cim.evt.iu.>", "url": "http://127.0.0.1/", "secret_env": "GH"}]}"#,
-                "not allowed",
-            ),
-            (
-                r#"{"outbound_allow": ["127.0.0.1"], "subscriptions": [{"name": "s", "filter": "cim.evt.iu.>", "url": "ftp://127.0.0.1/", "secret_env": "GH"}]}"#,
-                "http",
-            ),
-        ] {
+        ]) {
             let e = parse(text, env, read).unwrap_err().to_string();
             assert!(e.contains(want), "{text}: {e}");
         }

@@ -373,15 +373,24 @@ mod tests {
         assert!(granted.iter().all(|s| !s.contains('*') || s.starts_with("$JS.*.API.")), "{granted:?}");
     }
 
+    /// `subject` with its last token, which must be `last`, replaced by `>`: the wildcard of
+    /// everything beside it.
+    fn wildcard_for(subject: &str, last: &str) -> String {
+        let head = subject.strip_suffix(last).and_then(|h| h.strip_suffix('.')).expect("subject ends in `last`");
+        format!("{head}.>")
+    }
+
     #[test]
     fn own_subjects_only() {
         let p = permissions(Component::Registry).unwrap();
-        assert!(p.publish.contains(&"cim.evt.registry.>".to_string()));
-        assert!(p.publish.contains(&"cim.svc.registry.>".to_string()));
-        assert!(p.publish.contains(&"cim.dlq.registry.>".to_string()));
-        assert!(p.subscribe.contains(&"cim.qry.registry.>".to_string()));
-        assert!(p.subscribe.contains(&"cim.svc.>".to_string()), "the registry listens to lifecycle");
-        assert!(p.subscribe.contains(&"$SRV.PING.cim-registry".to_string()));
+        let registry_lifecycle = subject::lifecycle(Component::Registry, "i1", Lifecycle::Announce).unwrap();
+        let registry_lifecycle = wildcard_for(&registry_lifecycle, &format!("i1.{}", Lifecycle::Announce.token()));
+        assert!(p.publish.contains(&subject::events_of(Component::Registry)));
+        assert!(p.publish.contains(&registry_lifecycle));
+        assert!(p.publish.contains(&subject::dead_letters_of(Component::Registry)));
+        assert!(p.subscribe.contains(&wildcard_for(&subject::query(Component::Registry, "q").unwrap(), "q")));
+        assert!(p.subscribe.contains(&subject::all_lifecycle()), "the registry listens to lifecycle");
+        assert!(p.subscribe.contains(&subject::micro(MicroVerb::Ping, Component::Registry)));
         for other in Component::ALL.into_iter().filter(|c| *c != Component::Registry) {
             let token = other.token();
             let describe = subject::query(other, "describe").unwrap();
@@ -396,26 +405,29 @@ mod tests {
                 "registry's permissions mention {token}: {p:?}"
             );
         }
+        let iu_events = resources::events_stream(Component::InformationUnit).name;
+        let iu_content = format!("$O.{}.>", cim_events::iu::CONTENT_BUCKET);
         let hub = permissions(Component::IntegrationHub).unwrap();
         assert!(
-            hub.publish.contains(&"cim.cmd.iu.>".to_string())
-                && hub.publish.contains(&"$O.cim_iu_content.>".to_string()),
+            hub.publish.contains(&wildcard_for(&subject::command(Component::InformationUnit, "a").unwrap(), "a"))
+                && hub.publish.contains(&iu_content),
             "{:?}",
             hub.publish
         );
-        assert!(hub.publish.contains(&"$JS.*.API.CONSUMER.DURABLE.CREATE.CIM_IU_EVENTS.>".to_string()));
-        assert!(hub.publish.contains(&"$JS.ACK.CIM_IU_EVENTS.>".to_string()));
+        assert!(hub.publish.contains(&format!("$JS.*.API.CONSUMER.DURABLE.CREATE.{iu_events}.>")));
+        assert!(hub.publish.contains(&format!("$JS.ACK.{iu_events}.>")));
         assert!(
-            !hub.publish.iter().any(|s| s.contains("CONSUMER.DELETE.CIM_IU_EVENTS")
-                || s.contains("STREAM.DELETE.CIM_IU_EVENTS")
-                || s == "$JS.API.STREAM.*.CIM_IU_EVENTS"),
+            !hub.publish.iter().any(|s| s.contains(&format!("CONSUMER.DELETE.{iu_events}"))
+                || s.contains(&format!("STREAM.DELETE.{iu_events}"))
+                || *s == format!("$JS.API.STREAM.*.{iu_events}")),
             "others' streams are read only"
         );
-        assert!(hub.subscribe.contains(&"cim.evt.hub.subscription.>".to_string()));
+        assert!(hub.subscribe.contains(&cim_events::hub::subscription_states()));
         let iu = permissions(Component::InformationUnit).unwrap();
-        assert!(!iu.subscribe.contains(&"cim.svc.>".to_string()));
-        assert!(iu.publish.contains(&"$O.cim_iu_content.>".to_string()), "{:?}", iu.publish);
-        assert!(iu.publish.iter().any(|s| s == "$JS.*.API.STREAM.*.KV_cim_iu_units"));
-        assert!(!iu.publish.iter().any(|s| s == "$JS.API.STREAM.*.CIM_IU_EVENTS"), "history is not deletable");
+        assert!(!iu.subscribe.contains(&subject::all_lifecycle()));
+        assert!(iu.publish.contains(&iu_content), "{:?}", iu.publish);
+        let units = resources::kv_bucket(Component::InformationUnit, cim_events::iu::KV_UNITS).unwrap();
+        assert!(iu.publish.iter().any(|s| *s == format!("$JS.*.API.STREAM.*.KV_{units}")));
+        assert!(!iu.publish.iter().any(|s| *s == format!("$JS.API.STREAM.*.{iu_events}")), "history is not deletable");
     }
 }

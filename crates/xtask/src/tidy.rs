@@ -110,11 +110,11 @@ pub fn string_literals(src: &str) -> Vec<(usize, String)> {
                     i += 3;
                     continue;
                 }
-                if b.get(i + 1) == Some(&b'\\') {
-                    if let Some(end) = src[i + 2..].find('\'') {
-                        i += end + 3;
-                        continue;
-                    }
+                if b.get(i + 1) == Some(&b'\\')
+                    && let Some(end) = src[i + 2..].find('\'')
+                {
+                    i += end + 3;
+                    continue;
                 }
             }
             b'r' if (b.get(i + 1) == Some(&b'"') || b.get(i + 1) == Some(&b'#'))

@@ -740,9 +740,9 @@ async fn storage_content_leaves_jetstream_only_after_its_archive_is_verified_on_
     let collected = iu::content_event(&cid, iu::action::COLLECTED)?;
     assert!(events.get_last_raw_message_by_subject(&collected).await.is_ok(), "no {collected} event");
     let metrics = cim_testkit::http_get(&sm_http, "/metrics").await?.text();
-    let verified_line = format!("cim_archive_verified_sequence{{service=\"storage-manager\",instance=");
+    let verified_line = "cim_archive_verified_sequence{service=\"storage-manager\",instance=";
     assert!(
-        metrics.contains(&verified_line)
+        metrics.contains(verified_line)
             && metrics.contains(&format!("stream=\"{obj_stream}\",target=\"wasabi\"}}"))
             && metrics.contains("cim_archive_lag{"),
         "{metrics}"

@@ -61,8 +61,10 @@ pub(super) async fn run(args: &BenchArgs) -> Result<Outcome> {
         });
     }
     let note = format!(
-        "envelope: {} messages of {} bytes per measurement into CIM_REGISTRY_EVENTS.",
-        args.messages, args.payload
+        "envelope: {} messages of {} bytes per measurement into {}.",
+        args.messages,
+        args.payload,
+        resources::events_stream(Component::Registry).name
     );
     Ok(Outcome { rows, note })
 }
