@@ -86,9 +86,8 @@ pub async fn run(ctx: Ctx, js: jetstream::Context, ce_source: String, m: Mqtt) {
                     tracing::warn!(connector = %m.name, error = %e, "mqtt connection lost; reconnecting");
                 }
                 connected = false;
-                tokio::select! {
-                    _ = ctx.stopping() => return,
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                if !ctx.pause(Duration::from_millis(500)).await {
+                    return;
                 }
             }
         }

@@ -180,9 +180,8 @@ pub async fn capture(ctx: Ctx, js: jetstream::Context, ce_source: String, pg: Po
         loop {
             match move_batch(&mut db, &js, &ce_source, &pg, &outbox, &subject).await {
                 Ok(0) => {
-                    tokio::select! {
-                        _ = ctx.stopping() => return,
-                        _ = tokio::time::sleep(pg.poll) => {}
+                    if !ctx.pause(pg.poll).await {
+                        return;
                     }
                 }
                 Ok(_) => {}

@@ -31,9 +31,8 @@ impl Engine {
             if let Err(e) = self.follow_once().await {
                 tracing::warn!(error = %e, "following the pipeline events failed; starting over");
             }
-            tokio::select! {
-                _ = self.ctx.stopping() => return,
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            if !self.ctx.pause(Duration::from_millis(500)).await {
+                return;
             }
         }
     }

@@ -50,7 +50,9 @@ impl App {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(error = %e, "projector unavailable; retrying");
-                    tokio::select! { _ = tokio::time::sleep(Duration::from_secs(1)) => {}, _ = self.ctx.stopping() => return }
+                    if !self.ctx.pause(Duration::from_secs(1)).await {
+                        return;
+                    }
                     continue;
                 }
             };

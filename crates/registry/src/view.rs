@@ -42,7 +42,9 @@ impl App {
                     },
                     Err(e) => {
                         tracing::warn!(error = %e, "follower cannot start; retrying");
-                        tokio::select! { _ = tokio::time::sleep(backoff) => {}, _ = app.ctx.stopping() => return }
+                        if !app.ctx.pause(backoff).await {
+                            return;
+                        }
                         backoff = (backoff * 2).min(Duration::from_secs(5));
                         continue;
                     }

@@ -25,7 +25,9 @@ impl App {
         let every = (self.opts.min_ttl / 4).min(Duration::from_millis(250));
         let mut resent: HashMap<String, Instant> = HashMap::new();
         loop {
-            tokio::select! { _ = tokio::time::sleep(every) => {}, _ = self.ctx.stopping() => return }
+            if !self.ctx.pause(every).await {
+                return;
+            }
             self.check_instances().await;
             self.settle_nodes().await;
             // Repeat the drain request to instances on draining nodes that still hold work.
