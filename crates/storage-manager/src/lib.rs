@@ -6,6 +6,7 @@
 //! crate, which also reads it back for `cimctl restore` and `cimctl archive`).
 
 pub mod archive;
+pub mod deletions;
 pub mod guard;
 pub mod objects;
 pub mod tiers;
@@ -180,18 +181,24 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
             }
             for s3 in &clients {
                 tracing::info!(target = %s3.target().name, endpoint = %s3.target().endpoint, bucket = %s3.target().bucket, "archiving");
-                for stream in streams.iter().cloned() {
-                    let name = format!("archive-{}-{stream}", s3.target().name);
-                    ctx.spawn(&name, archive::run_stream(ctx.jetstream().clone(), s3.clone(), stream, archive.clone(), stop_rx.clone()));
-                }
+                let key = cim_archive::ArchiveKey::for_target(s3.target());
                 let verify = verified::VerifySettings {
                     required: Arc::new(archive.required.clone()),
                     interval: archive.verify_interval,
                     metrics: ctx.metrics().clone(),
+                    key: key.clone(),
                 };
                 for stream in streams.iter().cloned() {
+                    // The archiver announces each commit (epoch, position); the deletion
+                    // tracker and the verifier follow it.
+                    let (archived_tx, archived_rx) = tokio::sync::watch::channel(archive::Archived::default());
+                    let js = ctx.jetstream().clone();
+                    let name = format!("archive-{}-{stream}", s3.target().name);
+                    ctx.spawn(&name, archive::run_stream(js.clone(), s3.clone(), key.clone(), stream.clone(), archive.clone(), archived_tx, stop_rx.clone()));
+                    let name = format!("deletions-{}-{stream}", s3.target().name);
+                    ctx.spawn(&name, deletions::run_deletions(js.clone(), s3.clone(), key.clone(), stream.clone(), archive.verify_interval, archived_rx.clone(), stop_rx.clone()));
                     let name = format!("verify-{}-{stream}", s3.target().name);
-                    ctx.spawn(&name, verified::run_verifier(ctx.jetstream().clone(), s3.clone(), stream, verify.clone(), stop_rx.clone()));
+                    ctx.spawn(&name, verified::run_verifier(js, s3.clone(), stream, verify.clone(), archived_rx, stop_rx.clone()));
                 }
                 for c in Component::ALL {
                     for b in cim_events::resources::object_buckets(c) {

@@ -60,6 +60,8 @@ pub struct VerifySettings {
     pub required: Arc<Vec<String>>,
     pub interval: Duration,
     pub metrics: Metrics,
+    /// Manifests must be signed with it.
+    pub key: cim_archive::ArchiveKey,
 }
 
 /// Follows the manifests of `stream` on one target until `stop`, verifying every new segment
@@ -69,6 +71,7 @@ pub async fn run_verifier(
     s3: S3Client,
     stream: String,
     settings: VerifySettings,
+    archived: watch::Receiver<crate::archive::Archived>,
     mut stop: watch::Receiver<bool>,
 ) {
     let target = s3.target().name.clone();
@@ -84,7 +87,16 @@ pub async fn run_verifier(
     let mut failing: Option<String> = None;
     // Looked up once it exists, not every round.
     let mut store: Option<kv::Store> = None;
+    let mut epoch: Option<u64> = None;
     loop {
+        // A new epoch (the stream was recreated) starts verification over: the watermarks
+        // fall back to what is verified of the new history.
+        let current = archived.borrow().epoch;
+        if epoch.is_some_and(|e| e != current) {
+            verified = Some(0);
+            after = None;
+        }
+        epoch = Some(current);
         let round = async {
             let kv = match &store {
                 Some(kv) => kv.clone(),
@@ -94,7 +106,7 @@ pub async fn run_verifier(
                 Some(v) => v,
                 None => read_watermark(&kv, &target_key).await.unwrap_or(0),
             };
-            let prefix = format::manifests_prefix(&s3.target().prefix, &stream);
+            let prefix = format::manifests_prefix(&s3.target().prefix, &stream, current);
             let keys = s3.list(&prefix, after.as_deref()).await.map_err(|e| e.to_string())?;
             let mut now = through;
             for key in keys {
@@ -106,6 +118,7 @@ pub async fn run_verifier(
                 let body =
                     s3.get(&key).await.map_err(|e| e.to_string())?.ok_or_else(|| format!("manifest {key} vanished"))?;
                 let manifest = Manifest::parse(&key, &body).map_err(|e| e.to_string())?;
+                settings.key.check(&manifest).map_err(|e| format!("manifest {key}: {e}"))?;
                 if manifest.first_seq <= now {
                     return Err(format!("manifest {key} overlaps what is verified (through {now})"));
                 }
