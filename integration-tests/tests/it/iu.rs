@@ -780,6 +780,12 @@ async fn uploads_brought_back_after_their_commit_are_collected_without_the_conte
     })
     .await
     .map_err(|e| e.context(cim.service(C).log()))?;
+    let events = js.get_stream(resources::events_stream(C).name).await?;
+    for name in &uploads {
+        let subject = iu::content_event(&name.replace('.', "_"), iu::action::COLLECTED)?;
+        let event = ContentCollected::decode(events.get_last_raw_message_by_subject(&subject).await?.payload)?;
+        assert!(event.size == 0 && event.reason.contains("metadata only"), "{name}: {event:?}");
+    }
     // Chunks no object names, older than the grace (a client cut off mid-upload): once rule 2
     // has purged them, a whole pass has run over the store without the uploads.
     let orphan = format!("cutoff{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos());
