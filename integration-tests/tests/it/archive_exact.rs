@@ -225,6 +225,16 @@ async fn archive_verify_names_a_missing_newest_manifest_and_reads_past_a_broken_
     let mut svc = start_archiver(&nats, &nas)?;
     wait_ready(&client, &svc).await?;
     wait_archived(&nas_c, &events, 500).await?;
+    let marks =
+        js.get_key_value(resources::kv_bucket(Component::StorageManager, cim_events::storage::KV_ARCHIVE)?).await?;
+    let key = cim_events::storage::target_key(&events, "nas")?;
+    eventually(WAIT, "the storage manager to verify everything", || async {
+        let v = marks.get(key.as_str()).await?.context("no watermark yet")?;
+        let w: cim_events::storage::Watermark = serde_json::from_slice(&v)?;
+        ensure!(w.verified_seq >= 500, "verified through {}", w.verified_seq);
+        Ok(())
+    })
+    .await?;
     svc.terminate(Duration::from_secs(20)).await?;
     let (ms, _) = restore::manifests(&nas_c, &trust(&nas_c), &events, 0).await?;
     ensure!(ms.len() > 6, "expected several segments, got {}", ms.len());
@@ -245,6 +255,10 @@ async fn archive_verify_names_a_missing_newest_manifest_and_reads_past_a_broken_
     let (ok, out) = cimctl(&["restore", "--from", "nas"], &fresh.url(), &spec, &env).await?;
     assert!(!ok && out.contains("newest manifests are missing"), "restore must not look complete: {out}");
     drop(fresh);
+    // The cursor removed as well: the streams and the storage manager's record still tell.
+    std::fs::remove_file(bucket_root.join(format::cursor_key("", &events)))?;
+    let (ok, out) = cimctl(&["archive", "verify"], &nats.url(), &spec, &env).await?;
+    assert!(!ok && out.contains("manifests were removed"), "{out}");
 
     // A manifest in the middle cut off: named, and every other segment is still checked.
     let (cut_key, cut) = ms[3].clone();
