@@ -119,6 +119,7 @@ impl App {
         e.draining = beat.draining;
         e.drained = beat.drained;
         e.node = beat.node;
+        e.degraded = beat.degraded;
     }
 
     async fn on_event_message(&self, m: Message) {
