@@ -6,6 +6,7 @@ use cim_events::{Component, resources};
 
 use crate::format::{self, Cursor};
 use crate::s3::{S3Client, S3Error};
+use crate::seal::ArchiveKey;
 
 /// Every stream CIM archives: each component's event and dead-letter streams, and the
 /// streams behind its object buckets. KV buckets are projections, rebuilt by replay, and are
@@ -41,29 +42,76 @@ pub fn mirrored_stream(name: &str) -> Option<(String, String)> {
     })
 }
 
-/// Reads the committed position of `stream` on a target: the cursor object, corrected by
-/// any manifest committed after it (a crash between manifest and cursor). 0 = nothing yet.
-pub async fn committed_position(s3: &S3Client, stream: &str) -> Result<(u64, Option<String>), S3Error> {
+/// Where the archive of one stream stands on a target.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Position {
+    /// The epoch being archived (0 for a stream never recreated).
+    pub epoch: u64,
+    /// Everything up to this stream sequence is archived in `epoch` (0 = nothing yet).
+    pub last_seq: u64,
+    /// The newest committed manifest of `epoch`.
+    pub manifest_key: Option<String>,
+    /// The cursor, when it was readable and correctly signed.
+    pub cursor: Option<Cursor>,
+    /// What was wrong with the cursor object, if anything (a missing cursor is not a problem).
+    pub cursor_problem: Option<String>,
+}
+
+/// Reads the committed position of `stream` on a target: the signed cursor (epoch and
+/// position), corrected by any manifest committed after it (a crash between manifest and
+/// cursor). A cursor that is missing, unreadable or not signed with `key` is not trusted: the
+/// position is then found from the manifests of the newest epoch alone.
+pub async fn committed_position(s3: &S3Client, key: &ArchiveKey, stream: &str) -> Result<Position, S3Error> {
     let prefix = &s3.target().prefix;
-    let cursor_key = format::cursor_key(prefix, stream);
-    let mut position = 0;
-    let mut last_manifest = None;
-    if let Some(body) = s3.get(&cursor_key).await?
-        && let Ok(c) = serde_json::from_slice::<Cursor>(&body)
-    {
-        position = c.last_seq;
-        last_manifest = Some(c.manifest_key);
+    let mut pos = Position::default();
+    match s3.get(&format::cursor_key(prefix, stream)).await? {
+        None => {}
+        Some(body) => match serde_json::from_slice::<Cursor>(&body) {
+            Ok(c) => match key.check(&c) {
+                Ok(()) => {
+                    pos.epoch = c.epoch;
+                    pos.last_seq = c.last_seq;
+                    pos.manifest_key = Some(c.manifest_key.clone());
+                    pos.cursor = Some(c);
+                }
+                Err(e) => pos.cursor_problem = Some(format!("cursor of {stream}: {e}")),
+            },
+            Err(e) => pos.cursor_problem = Some(format!("cursor of {stream}: {e}")),
+        },
     }
-    let later = s3.list(&format::manifests_prefix(prefix, stream), last_manifest.as_deref()).await?;
-    for key in later {
-        if let Some((_, last)) = format::parse_manifest_key(&key)
-            && last > position
+    if pos.cursor.is_none() {
+        pos.epoch = newest_epoch(s3, stream).await?;
+    }
+    let later = s3.list(&format::manifests_prefix(prefix, stream, pos.epoch), pos.manifest_key.as_deref()).await?;
+    for k in later {
+        if let Some((_, last)) = format::parse_manifest_key(&k)
+            && last > pos.last_seq
         {
-            position = last;
-            last_manifest = Some(key);
+            pos.last_seq = last;
+            pos.manifest_key = Some(k);
         }
     }
-    Ok((position, last_manifest))
+    Ok(pos)
+}
+
+/// How far `stream` is archived on a target in its current epoch, with the target's own key.
+pub async fn archived_through(s3: &S3Client, stream: &str) -> Result<u64, S3Error> {
+    Ok(committed_position(s3, &ArchiveKey::for_target(s3.target()), stream).await?.last_seq)
+}
+
+/// The epochs of `stream` present on a target, ascending (0 is always there).
+pub async fn epochs(s3: &S3Client, stream: &str) -> Result<Vec<u64>, S3Error> {
+    let p = format::epochs_prefix(&s3.target().prefix, stream);
+    let keys = s3.list(&p, None).await?;
+    let mut out = vec![0];
+    out.extend(format::parse_epochs(&p, &keys));
+    out.dedup();
+    Ok(out)
+}
+
+/// The newest epoch of `stream` on a target.
+pub async fn newest_epoch(s3: &S3Client, stream: &str) -> Result<u64, S3Error> {
+    Ok(epochs(s3, stream).await?.last().copied().unwrap_or(0))
 }
 
 #[cfg(test)]

@@ -9,12 +9,18 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::hex;
+use crate::seal::Sealed;
 
 /// First bytes of every segment (after decompression).
 pub const SEGMENT_MAGIC: &[u8; 8] = b"CIMSEG1\n";
 /// Format tag of manifests and cursors.
 pub const MANIFEST_FORMAT: &str = "cim-archive-segment/1";
 pub const CURSOR_FORMAT: &str = "cim-archive-cursor/1";
+pub const DELETIONS_FORMAT: &str = "cim-archive-deletions/1";
+/// The largest decompressed segment accepted: a manifest claiming more is refused before
+/// anything is decompressed, and decompression stops at the manifest's size (a "zip bomb"
+/// cannot take the reader's memory).
+pub const MAX_RAW_SEGMENT_BYTES: u64 = 1 << 30;
 /// The manifest's `compression` of new segments. `"gzip"` (older segments) is still read.
 pub const COMPRESSION: &str = "zstd";
 /// zstd level 1: the fastest of the regular levels. Segments are written once and read rarely,
@@ -122,8 +128,10 @@ impl SegmentWriter {
         put_bytes(raw, payload);
     }
 
-    /// Compresses the segment and describes it in its manifest.
-    pub fn finish(self, stream: &str, prefix: &str) -> (Bytes, Manifest) {
+    /// Compresses the segment and describes it in its manifest (unsigned: the archiver seals
+    /// it). `prev_last_seq` is the archive position this segment follows: sequences between
+    /// it and `first` were not in the stream when it was read (deleted before archiving).
+    pub fn finish(self, stream: &str, prefix: &str, epoch: u64, prev_last_seq: u64) -> (Bytes, Manifest) {
         let raw_sha256 = hex(&Sha256::digest(&self.raw));
         // Compressing from memory into memory fails only on allocation failure.
         let compressed = zstd::bulk::compress(&self.raw, ZSTD_LEVEL).expect("zstd into memory");
@@ -135,12 +143,16 @@ impl SegmentWriter {
             count: self.count,
             first_time_nanos: self.first_time_nanos,
             last_time_nanos: self.last_time_nanos,
-            segment_key: segment_key(prefix, stream, self.first, self.last),
+            segment_key: segment_key(prefix, stream, epoch, self.first, self.last),
             segment_bytes: compressed.len() as u64,
             segment_sha256: hex(&Sha256::digest(&compressed)),
             raw_bytes: self.raw.len() as u64,
             raw_sha256,
             compression: COMPRESSION.to_string(),
+            epoch,
+            prev_last_seq: Some(prev_last_seq),
+            key_id: None,
+            mac: None,
         };
         (Bytes::from(compressed), manifest)
     }
@@ -218,17 +230,33 @@ pub fn decode_segment(manifest: &Manifest, compressed: &[u8]) -> Result<Vec<Reco
     let key = manifest.segment_key.clone();
     let corrupt = |message: String| FormatError::Corrupt { key: key.clone(), message };
     check_stored(manifest, compressed)?;
-    // `raw_bytes` is only checked after decompressing: do not let it size a huge allocation.
+    if manifest.raw_bytes > MAX_RAW_SEGMENT_BYTES {
+        return Err(corrupt(format!(
+            "the manifest claims {} decompressed bytes, more than the {MAX_RAW_SEGMENT_BYTES} accepted",
+            manifest.raw_bytes
+        )));
+    }
+    // Decompression stops one byte past the manifest's size: more is an error, never memory.
+    let limit = manifest.raw_bytes + 1;
     let mut raw = Vec::with_capacity((manifest.raw_bytes as usize).min(256 << 20));
     match manifest.compression.as_str() {
         "zstd" => zstd::stream::read::Decoder::new(compressed)
-            .and_then(|mut d| d.read_to_end(&mut raw))
+            .and_then(|d| d.take(limit).read_to_end(&mut raw))
             .map_err(|e| corrupt(format!("zstd: {e}")))?,
-        "gzip" => {
-            flate2::read::GzDecoder::new(compressed).read_to_end(&mut raw).map_err(|e| corrupt(format!("gzip: {e}")))?
-        }
+        "gzip" => flate2::read::GzDecoder::new(compressed)
+            .take(limit)
+            .read_to_end(&mut raw)
+            .map_err(|e| corrupt(format!("gzip: {e}")))?,
         other => return Err(corrupt(format!("unknown compression {other:?}"))),
     };
+    if raw.len() as u64 != manifest.raw_bytes {
+        return Err(corrupt(format!(
+            "decompresses to {}{} bytes, the manifest says {}",
+            if raw.len() as u64 == limit { "more than " } else { "" },
+            raw.len().min(manifest.raw_bytes as usize),
+            manifest.raw_bytes
+        )));
+    }
     if hex(&Sha256::digest(&raw)) != manifest.raw_sha256 {
         return Err(corrupt("sha256 of the decompressed records differs from the manifest".into()));
     }
@@ -294,6 +322,30 @@ pub struct Manifest {
     pub raw_bytes: u64,
     pub raw_sha256: String,
     pub compression: String,
+    /// Which history of the stream this is: a stream recreated or renumbered under the same
+    /// name is archived as a new epoch (`streams/<STREAM>/epochs/<N>/`), never mixed in.
+    #[serde(default)]
+    pub epoch: u64,
+    /// The archive position this segment follows (absent in archives written before it was
+    /// recorded): sequences `prev_last_seq + 1 .. first_seq - 1` had been deleted from the
+    /// stream before they could be archived. Together with the gaps inside segments, this
+    /// makes every missing sequence accounted for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev_last_seq: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+impl Sealed for Manifest {
+    fn seal_fields(&self) -> (Option<&str>, Option<&str>) {
+        (self.key_id.as_deref(), self.mac.as_deref())
+    }
+    fn set_seal(&mut self, key_id: Option<String>, mac: Option<String>) {
+        self.key_id = key_id;
+        self.mac = mac;
+    }
 }
 
 impl Manifest {
@@ -312,6 +364,12 @@ impl Manifest {
                 message: format!("inconsistent range {}..{} with {} records", m.first_seq, m.last_seq, m.count),
             });
         }
+        if m.prev_last_seq.is_some_and(|p| p >= m.first_seq) {
+            return Err(FormatError::BadManifest {
+                key: key.to_string(),
+                message: format!("follows sequence {:?}, not before its first {}", m.prev_last_seq, m.first_seq),
+            });
+        }
         Ok(m)
     }
 }
@@ -325,6 +383,85 @@ pub struct Cursor {
     pub last_seq: u64,
     pub manifest_key: String,
     pub updated_unix_nanos: i64,
+    /// The epoch being archived (see [`Manifest::epoch`]).
+    #[serde(default)]
+    pub epoch: u64,
+    /// When the archived stream was created (nanoseconds since the epoch, as JetStream reports
+    /// it), and the SHA-256 of the subject and payload of the record at `last_seq`: together,
+    /// the stream's identity. The archiver compares them with the stream before resuming.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_created_nanos: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_digest: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+impl Sealed for Cursor {
+    fn seal_fields(&self) -> (Option<&str>, Option<&str>) {
+        (self.key_id.as_deref(), self.mac.as_deref())
+    }
+    fn set_seal(&mut self, key_id: Option<String>, mac: Option<String>) {
+        self.key_id = key_id;
+        self.mac = mac;
+    }
+}
+
+/// The digest of a record recorded in a cursor: SHA-256 over the subject, a zero byte, and
+/// the payload.
+pub fn record_digest(subject: &str, payload: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(subject.as_bytes());
+    h.update([0u8]);
+    h.update(payload);
+    hex(&h.finalize())
+}
+
+/// Sequences removed from the stream after they were archived (a purge, a delete, an object
+/// store's purge of an upload's metadata), recorded so that a restore reproduces the stream's
+/// visible state and resurrects nothing. Sealed like manifests.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Deletions {
+    pub format: String,
+    pub stream: String,
+    pub epoch: u64,
+    /// When the deletions were seen (nanoseconds since the epoch, UTC): a point-in-time
+    /// restore applies only those seen at or before its time.
+    pub seen_unix_nanos: i64,
+    /// The archive position when they were seen: a restore `--until` a sequence applies only
+    /// those seen at or before it.
+    pub through: u64,
+    /// Inclusive ranges of sequences, ascending, each at or below the archive position.
+    pub ranges: Vec<(u64, u64)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+impl Sealed for Deletions {
+    fn seal_fields(&self) -> (Option<&str>, Option<&str>) {
+        (self.key_id.as_deref(), self.mac.as_deref())
+    }
+    fn set_seal(&mut self, key_id: Option<String>, mac: Option<String>) {
+        self.key_id = key_id;
+        self.mac = mac;
+    }
+}
+
+/// Collapses ascending sequences into inclusive ranges.
+pub fn to_ranges(seqs: impl IntoIterator<Item = u64>) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for s in seqs {
+        match out.last_mut() {
+            Some((_, b)) if *b + 1 == s => *b = s,
+            Some((_, b)) if *b >= s => {}
+            _ => out.push((s, s)),
+        }
+    }
+    out
 }
 
 /// `<prefix>streams/<STREAM>/`
@@ -332,17 +469,62 @@ pub fn stream_prefix(prefix: &str, stream: &str) -> String {
     format!("{prefix}streams/{stream}/")
 }
 
+/// Where one epoch of a stream is kept: epoch 0 directly under the stream's prefix (the layout
+/// of archives written before epochs), epoch N under `epochs/<N>/`.
+pub fn epoch_prefix(prefix: &str, stream: &str, epoch: u64) -> String {
+    match epoch {
+        0 => stream_prefix(prefix, stream),
+        n => format!("{}{n:06}/", epochs_prefix(prefix, stream)),
+    }
+}
+
+/// `<prefix>streams/<STREAM>/epochs/`: listing it names the epochs after the first.
+pub fn epochs_prefix(prefix: &str, stream: &str) -> String {
+    format!("{}epochs/", stream_prefix(prefix, stream))
+}
+
 /// Sequences are zero-padded to 20 digits so keys sort in sequence order.
-pub fn segment_key(prefix: &str, stream: &str, first: u64, last: u64) -> String {
-    format!("{}segments/{first:020}-{last:020}.cimseg.zst", stream_prefix(prefix, stream))
+pub fn segment_key(prefix: &str, stream: &str, epoch: u64, first: u64, last: u64) -> String {
+    format!("{}segments/{first:020}-{last:020}.cimseg.zst", epoch_prefix(prefix, stream, epoch))
 }
 
-pub fn manifest_key(prefix: &str, stream: &str, first: u64, last: u64) -> String {
-    format!("{}manifests/{first:020}-{last:020}.json", stream_prefix(prefix, stream))
+pub fn segments_prefix(prefix: &str, stream: &str, epoch: u64) -> String {
+    format!("{}segments/", epoch_prefix(prefix, stream, epoch))
 }
 
-pub fn manifests_prefix(prefix: &str, stream: &str) -> String {
-    format!("{}manifests/", stream_prefix(prefix, stream))
+pub fn manifest_key(prefix: &str, stream: &str, epoch: u64, first: u64, last: u64) -> String {
+    format!("{}manifests/{first:020}-{last:020}.json", epoch_prefix(prefix, stream, epoch))
+}
+
+pub fn manifests_prefix(prefix: &str, stream: &str, epoch: u64) -> String {
+    format!("{}manifests/", epoch_prefix(prefix, stream, epoch))
+}
+
+/// A deletion record: named by the archive position when it was written and the time, so
+/// they list in the order they were written.
+pub fn deletions_key(prefix: &str, stream: &str, epoch: u64, through: u64, nanos: i64) -> String {
+    format!("{}{through:020}-{nanos:020}.json", deletions_prefix(prefix, stream, epoch))
+}
+
+pub fn deletions_prefix(prefix: &str, stream: &str, epoch: u64) -> String {
+    format!("{}deletions/", epoch_prefix(prefix, stream, epoch))
+}
+
+/// The epoch numbers found under [`epochs_prefix`] in a listing of keys.
+pub fn parse_epochs(epochs_prefix: &str, keys: &[String]) -> Vec<u64> {
+    let mut out: Vec<u64> =
+        keys.iter().filter_map(|k| k.strip_prefix(epochs_prefix)?.split('/').next()?.parse().ok()).collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// `(first, last)` of a segment key, if it is one.
+pub fn parse_segment_key(key: &str) -> Option<(u64, u64)> {
+    let name = key.rsplit('/').next()?;
+    let name = name.strip_suffix(".cimseg.zst").or_else(|| name.strip_suffix(".cimseg.gz"))?;
+    let (a, b) = name.split_once('-')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
 }
 
 pub fn cursor_key(prefix: &str, stream: &str) -> String {
@@ -369,7 +551,7 @@ mod tests {
         let mut w = SegmentWriter::new();
         w.push(3, 10, "orders.a", &[("ce-id".into(), "1".into()), ("ce-id".into(), "2".into())], b"hello");
         w.push(5, 11, "orders.b", &[], b"");
-        w.finish("S", "p/")
+        w.finish("S", "p/", 0, 2)
     }
 
     #[test]
@@ -411,7 +593,7 @@ mod tests {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(&w.raw).unwrap();
         let compressed = gz.finish().unwrap();
-        let (_, mut m) = w.finish("S", "p/");
+        let (_, mut m) = w.finish("S", "p/", 0, 6);
         m.segment_key = m.segment_key.replace(".zst", ".gz");
         m.segment_bytes = compressed.len() as u64;
         m.segment_sha256 = hex(&Sha256::digest(&compressed));
@@ -457,7 +639,35 @@ mod tests {
 
     #[test]
     fn manifest_keys_parse() {
-        assert_eq!(parse_manifest_key(&manifest_key("", "S", 1, 20)), Some((1, 20)));
+        assert_eq!(parse_manifest_key(&manifest_key("", "S", 0, 1, 20)), Some((1, 20)));
         assert_eq!(parse_manifest_key("x/cursor.json"), None);
+        assert_eq!(parse_segment_key(&segment_key("p/", "S", 3, 4, 9)), Some((4, 9)));
+        assert_eq!(
+            manifest_key("p/", "S", 3, 1, 2),
+            "p/streams/S/epochs/000003/manifests/00000000000000000001-00000000000000000002.json"
+        );
+        let keys =
+            vec![manifest_key("p/", "S", 3, 1, 2), segment_key("p/", "S", 12, 1, 2), "p/streams/S/epochs/x".into()];
+        assert_eq!(parse_epochs(&epochs_prefix("p/", "S"), &keys), vec![3, 12]);
+    }
+
+    #[test]
+    fn decompression_is_bounded_by_the_manifest() {
+        // A segment whose records decompress to far more than its manifest admits.
+        let mut w = SegmentWriter::new();
+        w.push(1, 1, "s", &[], &vec![0u8; 1 << 20]);
+        let (bytes, mut m) = w.finish("S", "", 0, 0);
+        m.raw_bytes = 1000;
+        let e = decode_segment(&m, &bytes).unwrap_err().to_string();
+        assert!(e.contains("more than 1000"), "{e}");
+        m.raw_bytes = MAX_RAW_SEGMENT_BYTES + 1;
+        let e = decode_segment(&m, &bytes).unwrap_err().to_string();
+        assert!(e.contains("more than the"), "{e}");
+    }
+
+    #[test]
+    fn ranges_collapse() {
+        assert_eq!(to_ranges([1, 2, 3, 7, 9, 10]), vec![(1, 3), (7, 7), (9, 10)]);
+        assert_eq!(to_ranges([]), vec![]);
     }
 }

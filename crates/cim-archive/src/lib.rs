@@ -11,10 +11,12 @@ pub mod catalog;
 pub mod format;
 pub mod restore;
 pub mod s3;
+pub mod seal;
 pub mod target;
 
-pub use catalog::{archived_streams, committed_position, mirror_streams, mirrored_stream};
+pub use catalog::{Position, archived_streams, archived_through, committed_position, mirror_streams, mirrored_stream};
 pub use s3::{S3Client, S3Error};
+pub use seal::{ArchiveKey, SealError};
 pub use target::{Credentials, Target, TargetError};
 
 /// Lowercase hex of `bytes` (SHA-256 digests in manifests and signatures).

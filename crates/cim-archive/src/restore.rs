@@ -5,8 +5,9 @@
 use async_nats::HeaderMap;
 use async_nats::jetstream;
 
-use crate::format::{self, FormatError, Manifest, Record};
+use crate::format::{self, Deletions, FormatError, Manifest, Record};
 use crate::s3::{S3Client, S3Error};
+use crate::seal::{ArchiveKey, SealError, Sealed};
 
 /// Something an archive could not give back, named precisely.
 #[derive(Debug, thiserror::Error)]
@@ -17,8 +18,8 @@ pub enum ArchiveError {
     Format(#[from] FormatError),
     #[error("segment {key} is missing (listed by manifest {manifest})")]
     MissingSegment { key: String, manifest: String },
-    #[error("stream {stream}: sequences {from}..{to} are not covered by any manifest")]
-    Gap { stream: String, from: u64, to: u64 },
+    #[error("stream {stream}: sequences {from}..{to} are missing from the archive ({why})")]
+    Gap { stream: String, from: u64, to: u64, why: String },
     #[error("stream {stream}: manifests {a} and {b} overlap")]
     Overlap { stream: String, a: String, b: String },
     #[error("stream {stream}: {message}")]
@@ -40,39 +41,144 @@ pub async fn archived_stream_names(s3: &S3Client) -> Result<Vec<String>, S3Error
     Ok(names)
 }
 
-/// The manifests of one stream in sequence order; a manifest that cannot be read or parsed
-/// is an error naming it.
-pub async fn manifests(s3: &S3Client, stream: &str) -> Result<Vec<(String, Manifest)>, ArchiveError> {
-    let keys = s3.list(&format::manifests_prefix(&s3.target().prefix, stream), None).await?;
+/// How archive objects are authenticated when read back.
+#[derive(Clone, Debug)]
+pub struct Trust {
+    pub key: ArchiveKey,
+    /// Accept unsigned manifests and deletion records (archives written before they were
+    /// signed). Objects signed with another key, or altered, are refused regardless.
+    pub allow_unsigned: bool,
+}
+
+impl Trust {
+    pub fn new(key: ArchiveKey) -> Trust {
+        Trust { key, allow_unsigned: false }
+    }
+
+    fn check<T: Sealed + Clone>(&self, what: &str, value: &T) -> Result<(), String> {
+        match self.key.check(value) {
+            Ok(()) => Ok(()),
+            Err(SealError::Unsigned) if self.allow_unsigned => Ok(()),
+            Err(e) => Err(format!("{what}: {e}")),
+        }
+    }
+}
+
+/// The manifests of one epoch of a stream in sequence order, each read, parsed and its
+/// signature checked. A manifest that fails is named in the problems and left out; the others
+/// are still returned, so one broken manifest never hides the rest of the archive.
+pub async fn manifests(
+    s3: &S3Client,
+    trust: &Trust,
+    stream: &str,
+    epoch: u64,
+) -> Result<(Vec<(String, Manifest)>, Vec<String>), S3Error> {
+    let keys = s3.list(&format::manifests_prefix(&s3.target().prefix, stream, epoch), None).await?;
     let mut out = Vec::with_capacity(keys.len());
+    let mut problems = Vec::new();
     for key in keys {
-        let body = s3
-            .get(&key)
-            .await?
-            .ok_or_else(|| FormatError::BadManifest { key: key.clone(), message: "vanished while listing".into() })?;
-        let m = Manifest::parse(&key, &body)?;
-        if m.stream != stream {
-            return Err(FormatError::BadManifest { key, message: format!("belongs to stream {}", m.stream) }.into());
+        let Some(body) = s3.get(&key).await? else {
+            problems.push(format!("manifest {key} vanished while listing"));
+            continue;
+        };
+        let m = match Manifest::parse(&key, &body) {
+            Ok(m) => m,
+            Err(e) => {
+                problems.push(e.to_string());
+                continue;
+            }
+        };
+        if m.stream != stream || m.epoch != epoch {
+            problems.push(format!("manifest {key}: belongs to stream {} epoch {}", m.stream, m.epoch));
+            continue;
+        }
+        if let Err(e) = trust.check(&format!("manifest {key}"), &m) {
+            problems.push(e);
+            continue;
+        }
+        if format::parse_manifest_key(&key) != Some((m.first_seq, m.last_seq))
+            || m.segment_key != format::segment_key(&s3.target().prefix, stream, epoch, m.first_seq, m.last_seq)
+        {
+            problems.push(format!("manifest {key}: its key or segment key does not match its range"));
+            continue;
         }
         out.push((key, m));
     }
     out.sort_by_key(|(_, m)| m.first_seq);
-    Ok(out)
+    Ok((out, problems))
 }
 
-/// Checks that manifests chain without overlap (gaps between them are reported, since the
-/// archive never skips: a gap means a lost segment).
+/// Checks that manifests chain: no overlap, and no sequence unaccounted for. A manifest names
+/// the position it follows (`prev_last_seq`), so a gap the stream itself had (messages deleted
+/// before they were archived) is told apart from a lost manifest.
 fn check_chain(stream: &str, manifests: &[(String, Manifest)]) -> Vec<ArchiveError> {
     let mut problems = Vec::new();
+    if let Some((key, m)) = manifests.first()
+        && m.prev_last_seq.is_some_and(|p| p > 0)
+    {
+        problems.push(ArchiveError::Gap {
+            stream: stream.into(),
+            from: 1,
+            to: m.prev_last_seq.unwrap_or(0),
+            why: format!("the first manifest present ({key}) follows sequence {}", m.prev_last_seq.unwrap_or(0)),
+        });
+    }
     for w in manifests.windows(2) {
         let (a, b) = (&w[0], &w[1]);
         if b.1.first_seq <= a.1.last_seq {
             problems.push(ArchiveError::Overlap { stream: stream.into(), a: a.0.clone(), b: b.0.clone() });
+        } else if let Some(prev) = b.1.prev_last_seq {
+            if prev != a.1.last_seq {
+                problems.push(ArchiveError::Gap {
+                    stream: stream.into(),
+                    from: a.1.last_seq + 1,
+                    to: prev,
+                    why: format!("manifest {} follows sequence {prev}", b.0),
+                });
+            }
         } else if b.1.first_seq > a.1.last_seq + 1 {
-            problems.push(ArchiveError::Gap { stream: stream.into(), from: a.1.last_seq + 1, to: b.1.first_seq - 1 });
+            problems.push(ArchiveError::Gap {
+                stream: stream.into(),
+                from: a.1.last_seq + 1,
+                to: b.1.first_seq - 1,
+                why: "no manifest covers them".into(),
+            });
         }
     }
     problems
+}
+
+/// The deletion records of one epoch of a stream: each read, parsed and checked; a bad one
+/// is named in the problems.
+pub async fn deletions(
+    s3: &S3Client,
+    trust: &Trust,
+    stream: &str,
+    epoch: u64,
+) -> Result<(Vec<Deletions>, Vec<String>), S3Error> {
+    let keys = s3.list(&format::deletions_prefix(&s3.target().prefix, stream, epoch), None).await?;
+    let mut out = Vec::new();
+    let mut problems = Vec::new();
+    for key in keys {
+        let Some(body) = s3.get(&key).await? else { continue };
+        let d: Deletions = match serde_json::from_slice(&body) {
+            Ok(d) => d,
+            Err(e) => {
+                problems.push(format!("deletion record {key}: {e}"));
+                continue;
+            }
+        };
+        if d.format != format::DELETIONS_FORMAT || d.stream != stream || d.epoch != epoch {
+            problems.push(format!("deletion record {key}: not a deletion record of {stream} epoch {epoch}"));
+            continue;
+        }
+        if let Err(e) = trust.check(&format!("deletion record {key}"), &d) {
+            problems.push(e);
+            continue;
+        }
+        out.push(d);
+    }
+    Ok((out, problems))
 }
 
 /// Where a restore stops.
@@ -106,6 +212,13 @@ impl Until {
 #[derive(Debug, Default)]
 pub struct StreamReport {
     pub stream: String,
+    pub epoch: u64,
+    /// Sequences recorded as deleted after they were archived.
+    pub deletions: u64,
+    /// Restore: archived messages that were deleted in the stream (restored, then deleted).
+    pub deleted_seen: u64,
+    /// Restore: sequences deleted again (deleted messages and placeholders for gaps).
+    pub deleted: u64,
     pub segments: u64,
     pub messages: u64,
     pub bytes: u64,
@@ -114,32 +227,94 @@ pub struct StreamReport {
     pub problems: Vec<String>,
 }
 
-/// Re-reads every segment of `stream` and checks every checksum and the chain.
-pub async fn verify_stream(s3: &S3Client, stream: &str) -> StreamReport {
-    let mut report = StreamReport { stream: stream.to_string(), ..Default::default() };
-    let ms = match manifests(s3, stream).await {
-        Ok(m) => m,
+/// Re-reads every epoch of `stream`: every manifest's signature, the chain of manifests,
+/// the cursor against the newest manifest, every segment present against the manifests (a
+/// segment past the newest manifest means a manifest is missing), every segment's checksums,
+/// and every deletion record's signature. One report per epoch; nothing is skipped because
+/// something else was broken.
+pub async fn verify_stream(s3: &S3Client, trust: &Trust, stream: &str) -> Vec<StreamReport> {
+    let position = crate::catalog::committed_position(s3, &trust.key, stream).await;
+    let epochs = match crate::catalog::epochs(s3, stream).await {
+        Ok(e) => e,
         Err(e) => {
+            let mut report = StreamReport { stream: stream.to_string(), ..Default::default() };
             report.problems.push(e.to_string());
-            return report;
+            return vec![report];
         }
     };
-    report.problems.extend(check_chain(stream, &ms).into_iter().map(|e| e.to_string()));
-    for (key, m) in &ms {
-        match read_segment(s3, key, m).await {
-            Ok(records) => {
-                report.segments += 1;
-                report.messages += records.len() as u64;
-                report.bytes += m.segment_bytes;
-                if report.first_seq == 0 {
-                    report.first_seq = m.first_seq;
-                }
-                report.last_seq = m.last_seq;
+    let mut reports = Vec::new();
+    for epoch in epochs {
+        let mut report = StreamReport { stream: stream.to_string(), epoch, ..Default::default() };
+        let (ms, problems) = match manifests(s3, trust, stream, epoch).await {
+            Ok(m) => m,
+            Err(e) => {
+                report.problems.push(e.to_string());
+                reports.push(report);
+                continue;
             }
-            Err(e) => report.problems.push(e.to_string()),
+        };
+        report.problems.extend(problems);
+        if epoch > 0 && ms.is_empty() && report.problems.is_empty() {
+            continue;
         }
+        report.problems.extend(check_chain(stream, &ms).into_iter().map(|e| e.to_string()));
+        let newest = ms.last().map(|(_, m)| m.last_seq).unwrap_or(0);
+        match &position {
+            Ok(p) => {
+                if let Some(c) = &p.cursor_problem {
+                    report.problems.push(c.clone());
+                }
+                if let Some(c) = p.cursor.as_ref().filter(|c| c.epoch == epoch) {
+                    if c.last_seq > newest {
+                        report.problems.push(format!(
+                            "the cursor says sequences up to {} are archived, but the manifests present end at {newest}: the newest manifests are missing",
+                            c.last_seq
+                        ));
+                    } else if !ms.iter().any(|(k, _)| *k == c.manifest_key) {
+                        report.problems.push(format!("the cursor names manifest {}, which is missing", c.manifest_key));
+                    }
+                }
+            }
+            Err(e) => report.problems.push(format!("reading the cursor: {e}")),
+        }
+        match s3.list(&format::segments_prefix(&s3.target().prefix, stream, epoch), None).await {
+            Ok(keys) => {
+                for key in keys {
+                    if let Some((_, last)) = format::parse_segment_key(&key)
+                        && last > newest
+                    {
+                        report.problems.push(format!(
+                            "segment {key} has no manifest (its manifest is missing, or its upload is still in progress)"
+                        ));
+                    }
+                }
+            }
+            Err(e) => report.problems.push(format!("listing segments: {e}")),
+        }
+        match deletions(s3, trust, stream, epoch).await {
+            Ok((d, problems)) => {
+                report.deletions = d.iter().map(|d| d.ranges.iter().map(|(a, b)| b - a + 1).sum::<u64>()).sum();
+                report.problems.extend(problems);
+            }
+            Err(e) => report.problems.push(format!("listing deletion records: {e}")),
+        }
+        for (key, m) in &ms {
+            match read_segment(s3, key, m).await {
+                Ok(records) => {
+                    report.segments += 1;
+                    report.messages += records.len() as u64;
+                    report.bytes += m.segment_bytes;
+                    if report.first_seq == 0 {
+                        report.first_seq = m.first_seq;
+                    }
+                    report.last_seq = m.last_seq;
+                }
+                Err(e) => report.problems.push(e.to_string()),
+            }
+        }
+        reports.push(report);
     }
-    report
+    reports
 }
 
 /// What verify found among the copies by name of one object bucket.
@@ -230,125 +405,377 @@ impl Drop for Prefetch {
     }
 }
 
-/// Restores `stream` from the archive into `js`, where the stream must already exist
-/// (created by provisioning or by the caller) and be empty. Messages are published in
-/// order with their original subject, headers and payload; a corrupt or missing segment
-/// stops this stream there (nothing after a hole is restored, so order is never broken)
-/// and is reported. With `dry_run`, everything is read and checked but nothing published.
+/// How a restore runs.
+pub struct RestoreOptions<'a> {
+    pub trust: &'a Trust,
+    pub until: Until,
+    /// Read and check everything, publish nothing.
+    pub dry_run: bool,
+    /// The epoch to restore; by default the one being archived (the stream's current history).
+    pub epoch: Option<u64>,
+    pub progress: &'a (dyn Fn(&str, u64) + Sync),
+}
+
+/// The header restore puts on the placeholder messages that take the sequence numbers of
+/// messages deleted before they were archived; every placeholder is deleted again before
+/// the restore ends.
+pub const FILLER_HEADER: &str = "Cim-Restore-Filler";
+
+/// The duplicate window of a stream while it is being restored: short, so that messages the
+/// original stream stored with the same `Nats-Msg-Id` (more than its window apart) are all
+/// stored again. Restore waits this long before publishing an id again.
+const RESTORE_DUPLICATE_WINDOW: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Whether a header of an archived message is published again: publish-time preconditions
+/// (`Nats-Expected-*`) and instructions to the server (`Nats-Rollup`, which would purge other
+/// messages) are not data and are dropped; so is anything naming the JetStream API.
+fn keeps_header(name: &str) -> bool {
+    !(name.starts_with("Nats-Expected-") || name.eq_ignore_ascii_case("Nats-Rollup") || name.starts_with("$JS"))
+}
+
+/// NATS subject matching: `*` matches one token, `>` the rest.
+pub fn subject_matches(filter: &str, subject: &str) -> bool {
+    let mut f = filter.split('.');
+    let mut s = subject.split('.');
+    loop {
+        match (f.next(), s.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// Inclusive sequence ranges, ascending, asked in ascending order.
+struct RangeSet {
+    ranges: Vec<(u64, u64)>,
+    at: usize,
+}
+
+impl RangeSet {
+    fn new(mut ranges: Vec<(u64, u64)>) -> RangeSet {
+        ranges.sort_unstable();
+        RangeSet { ranges, at: 0 }
+    }
+    /// Whether `seq` is in the set; calls must not go backwards.
+    fn contains(&mut self, seq: u64) -> bool {
+        while self.at < self.ranges.len() && self.ranges[self.at].1 < seq {
+            self.at += 1;
+        }
+        self.ranges.get(self.at).is_some_and(|(a, _)| *a <= seq)
+    }
+}
+
+/// Restores epoch `opts.epoch` of the archived stream `stream` into the stream `into` (the
+/// same name, or the leaf's stream for the cluster's mirror of it), which must exist and be
+/// empty. The result is the original stream, message for message: every message at its
+/// original sequence with its subject, headers and payload; messages that had been deleted
+/// (before archiving, or after: the deletion records) are deleted again, so nothing purged
+/// comes back and no sequence moves. Every record's subject must be one of `into`'s subjects.
+/// A corrupt or missing segment stops this stream there (nothing after a hole is restored, so
+/// order is never broken) and is reported. Times are the restore's own: JetStream sets them.
 pub async fn restore_stream(
     s3: &S3Client,
     js: &jetstream::Context,
     stream: &str,
-    until: Until,
-    dry_run: bool,
-    progress: &(dyn Fn(&str, u64) + Sync),
+    into: &str,
+    opts: &RestoreOptions<'_>,
 ) -> StreamReport {
     let mut report = StreamReport { stream: stream.to_string(), ..Default::default() };
-    let ms = match manifests(s3, stream).await {
-        Ok(m) => m,
+    let epoch = match opts.epoch {
+        Some(e) => e,
+        None => match crate::catalog::committed_position(s3, &opts.trust.key, stream).await {
+            Ok(p) => p.epoch,
+            Err(e) => {
+                report.problems.push(e.to_string());
+                return report;
+            }
+        },
+    };
+    report.epoch = epoch;
+    let ms = match manifests(s3, opts.trust, stream, epoch).await {
+        Ok((m, problems)) => {
+            report.problems.extend(problems);
+            m
+        }
         Err(e) => {
             report.problems.push(e.to_string());
             return report;
         }
     };
-    let chain = check_chain(stream, &ms);
-    if let Some(first) = chain.into_iter().next() {
-        // An overlap or gap: restore up to it only.
+    if let Some(first) = check_chain(stream, &ms).into_iter().next() {
+        // An overlap or a gap: restore up to it only.
         report.problems.push(format!("{first}; restored up to it"));
     }
-    let mut expected_next: Option<u64> = None;
-    let mut pending = std::collections::VecDeque::new();
-    // The next segment is read while this one is published.
-    let mut next_read: Option<Prefetch> = None;
-    let report = 'restore: {
-        for (i, (key, m)) in ms.iter().enumerate() {
-            if until.past(m) {
-                break;
-            }
-            if let Some(n) = expected_next
-                && m.first_seq != n
-            {
-                break;
-            }
-            let read = next_read.take().unwrap_or_else(|| Prefetch::start(s3, key, m));
-            if let Some((next_key, next)) = ms.get(i + 1)
-                && !until.past(next)
-            {
-                next_read = Some(Prefetch::start(s3, next_key, next));
-            }
-            let records = match read.records(&m.segment_key).await {
-                Ok(r) => r,
-                Err(e) => {
-                    report.problems.push(format!("{e}; messages from sequence {} on were not restored", m.first_seq));
-                    break 'restore report;
-                }
+    let deleted = match deletions(s3, opts.trust, stream, epoch).await {
+        Ok((d, problems)) => {
+            report.problems.extend(problems);
+            let applies = |d: &Deletions| match opts.until {
+                Until::All => true,
+                Until::Sequence(s) => d.through <= s,
+                Until::Time(t) => (d.seen_unix_nanos as i128) <= t,
             };
-            report.segments += 1;
-            report.bytes += m.segment_bytes;
-            for r in records {
-                if !until.admits(&r) {
-                    break 'restore report;
-                }
-                if !dry_run {
-                    let mut headers = HeaderMap::new();
-                    // Publish-time preconditions (Nats-Expected-*) are not data: they referred to
-                    // the original stream's state and are dropped.
-                    for (k, v) in r.headers.iter().filter(|(k, _)| !k.starts_with("Nats-Expected-")) {
-                        headers.append(k.as_str(), v.as_str());
-                    }
-                    // De-duplication by Nats-Msg-Id would drop messages published again with the
-                    // same id; the archive holds only what the stream kept, so every message goes in.
-                    // Acks are awaited in windows: one connection keeps the order.
-                    match js.publish_with_headers(r.subject.clone(), headers, r.payload.clone()).await {
-                        Ok(ack) => pending.push_back((r.sequence, ack)),
-                        Err(e) => {
-                            report
-                                .problems
-                                .push(format!("sequence {}: publish failed: {e}; stopped there", r.sequence));
-                            break 'restore report;
-                        }
-                    }
-                    if pending.len() >= ACK_WINDOW
-                        && let Err(p) = drain_acks(&mut pending, ACK_WINDOW / 2).await
-                    {
-                        report.problems.push(p);
-                        break 'restore report;
-                    }
-                }
-                if report.messages == 0 {
-                    report.first_seq = r.sequence;
-                }
-                report.messages += 1;
-                report.last_seq = r.sequence;
-                if report.messages.is_multiple_of(1000) {
-                    progress(stream, report.messages);
-                }
-            }
-            expected_next = Some(m.last_seq + 1);
+            d.into_iter().filter(applies).flat_map(|d| d.ranges).collect()
         }
-        break 'restore report;
+        Err(e) => {
+            report.problems.push(e.to_string());
+            return report;
+        }
     };
-    let mut report = report;
-    if let Err(p) = drain_acks(&mut pending, 0).await {
+    let mut deleted = RangeSet::new(deleted);
+    let mut target = None;
+    if !opts.dry_run {
+        match Target::open(js, into).await {
+            Ok(t) => target = Some(t),
+            Err(e) => {
+                report.problems.push(e);
+                return report;
+            }
+        }
+    }
+    let outcome = publish_all(s3, stream, &ms, opts, &mut deleted, target.as_mut(), &mut report).await;
+    if let Err(p) = outcome {
         report.problems.push(p);
     }
-    progress(stream, report.messages);
+    if let Some(t) = target
+        && let Err(p) = t.finish(&mut report).await
+    {
+        report.problems.push(p);
+    }
+    (opts.progress)(stream, report.messages);
     report
 }
 
-const ACK_WINDOW: usize = 512;
+/// The stream being restored into.
+struct Target {
+    stream: jetstream::stream::Stream,
+    js: jetstream::Context,
+    subjects: Vec<String>,
+    /// The duplicate window to put back.
+    window: std::time::Duration,
+    /// The next sequence the stream assigns.
+    next: u64,
+    pending: std::collections::VecDeque<(u64, jetstream::context::PublishAckFuture)>,
+    /// Sequences to delete once everything is stored: placeholders and deleted messages.
+    delete: Vec<u64>,
+    /// `Nats-Msg-Id`s published within the last window, and when.
+    recent_ids: std::collections::HashMap<String, std::time::Instant>,
+}
 
-/// Awaits acks until at most `keep` are outstanding; the first failure names its sequence.
-async fn drain_acks(
-    pending: &mut std::collections::VecDeque<(u64, jetstream::context::PublishAckFuture)>,
-    keep: usize,
-) -> Result<(), String> {
-    while pending.len() > keep {
-        let (seq, ack) = pending.pop_front().expect("non-empty");
-        if let Err(e) = ack.await {
-            pending.clear();
-            return Err(format!("sequence {seq}: publish failed: {e}; messages after it may be missing"));
+impl Target {
+    async fn open(js: &jetstream::Context, into: &str) -> Result<Target, String> {
+        let stream = js.get_stream(into).await.map_err(|e| format!("stream {into}: {e}"))?;
+        let info = stream.get_info().await.map_err(|e| format!("stream {into}: {e}"))?;
+        if info.state.messages > 0 || info.state.last_sequence > 0 {
+            return Err(format!(
+                "stream {into} is not empty (last sequence {}): restore needs a fresh stream",
+                info.state.last_sequence
+            ));
         }
+        let mut config = info.config.clone();
+        let window = config.duplicate_window;
+        config.duplicate_window = RESTORE_DUPLICATE_WINDOW;
+        js.update_stream(&config).await.map_err(|e| format!("stream {into}: shortening its duplicate window: {e}"))?;
+        Ok(Target {
+            stream,
+            js: js.clone(),
+            subjects: info.config.subjects.clone(),
+            window,
+            next: 1,
+            pending: Default::default(),
+            delete: Vec::new(),
+            recent_ids: Default::default(),
+        })
+    }
+
+    /// Moves an empty stream's first sequence to `first`, so the first record keeps its
+    /// sequence without placeholders. Falls back to placeholders if the server does not.
+    async fn start_at(&mut self, first: u64) {
+        if first <= 1 || self.next != 1 {
+            return;
+        }
+        if self.stream.purge().sequence(first).await.is_ok()
+            && let Ok(info) = self.stream.get_info().await
+            && info.state.last_sequence == first - 1
+        {
+            self.next = first;
+        }
+    }
+
+    async fn publish(
+        &mut self,
+        seq: u64,
+        subject: &str,
+        headers: HeaderMap,
+        payload: bytes::Bytes,
+    ) -> Result<(), String> {
+        if let Some(id) = headers.get("Nats-Msg-Id").map(|v| v.as_str().to_string()) {
+            // The same id within the window would be taken for a duplicate and dropped: let
+            // everything before it be stored, then wait the window out.
+            if let Some(at) = self.recent_ids.get(&id) {
+                let quiet = RESTORE_DUPLICATE_WINDOW * 2;
+                let waited = at.elapsed();
+                if waited < quiet {
+                    self.drain(0).await?;
+                    tokio::time::sleep(quiet - waited).await;
+                }
+            }
+            if self.recent_ids.len() > 100_000 {
+                let quiet = RESTORE_DUPLICATE_WINDOW * 2;
+                self.recent_ids.retain(|_, at| at.elapsed() < quiet);
+            }
+            self.recent_ids.insert(id, std::time::Instant::now());
+        }
+        let ack = self
+            .js
+            .publish_with_headers(subject.to_string(), headers, payload)
+            .await
+            .map_err(|e| format!("sequence {seq}: publish failed: {e}; stopped there"))?;
+        self.pending.push_back((seq, ack));
+        self.next = seq + 1;
+        if self.pending.len() >= ACK_WINDOW {
+            self.drain(ACK_WINDOW / 2).await?;
+        }
+        Ok(())
+    }
+
+    /// Awaits acks until at most `keep` are outstanding; each must have stored its message
+    /// at the original sequence.
+    async fn drain(&mut self, keep: usize) -> Result<(), String> {
+        while self.pending.len() > keep {
+            let (seq, ack) = self.pending.pop_front().expect("non-empty");
+            match ack.await {
+                Ok(a) if a.duplicate => {
+                    self.pending.clear();
+                    return Err(format!(
+                        "sequence {seq}: taken for a duplicate of sequence {}; stopped there",
+                        a.sequence
+                    ));
+                }
+                Ok(a) if a.sequence != seq => {
+                    self.pending.clear();
+                    return Err(format!("sequence {seq}: stored as sequence {}; stopped there", a.sequence));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.pending.clear();
+                    return Err(format!("sequence {seq}: publish failed: {e}; messages after it may be missing"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores what is in flight, deletes placeholders and deleted messages, and puts the
+    /// duplicate window back.
+    async fn finish(mut self, report: &mut StreamReport) -> Result<(), String> {
+        let drained = self.drain(0).await;
+        for seq in std::mem::take(&mut self.delete) {
+            match self.stream.delete_message(seq).await {
+                Ok(_) => report.deleted += 1,
+                Err(e) => report.problems.push(format!("sequence {seq}: deleting it again failed: {e}")),
+            }
+        }
+        if let Ok(mut info) = self.stream.get_info().await.map(|i| i.config) {
+            info.duplicate_window = self.window;
+            if let Err(e) = self.js.update_stream(&info).await {
+                report.problems.push(format!("putting the duplicate window back: {e}"));
+            }
+        }
+        drained
+    }
+}
+
+/// Reads the segments in order (the next one is read while this one is published) and
+/// publishes their records, placeholders for the gaps, and marks what is to be deleted.
+async fn publish_all(
+    s3: &S3Client,
+    stream: &str,
+    ms: &[(String, Manifest)],
+    opts: &RestoreOptions<'_>,
+    deleted: &mut RangeSet,
+    mut target: Option<&mut Target>,
+    report: &mut StreamReport,
+) -> Result<(), String> {
+    let mut prev: Option<&Manifest> = None;
+    let mut next_read: Option<Prefetch> = None;
+    for (i, (key, m)) in ms.iter().enumerate() {
+        if opts.until.past(m) {
+            break;
+        }
+        if let Some(p) = prev {
+            let chained = m.first_seq > p.last_seq
+                && match m.prev_last_seq {
+                    Some(prev_last) => prev_last == p.last_seq,
+                    None => m.first_seq == p.last_seq + 1,
+                };
+            if !chained {
+                break;
+            }
+        } else if m.prev_last_seq.is_some_and(|p| p > 0) {
+            break;
+        }
+        let read = next_read.take().unwrap_or_else(|| Prefetch::start(s3, key, m));
+        if let Some((next_key, next)) = ms.get(i + 1)
+            && !opts.until.past(next)
+        {
+            next_read = Some(Prefetch::start(s3, next_key, next));
+        }
+        let records = read
+            .records(&m.segment_key)
+            .await
+            .map_err(|e| format!("{e}; messages from sequence {} on were not restored", m.first_seq))?;
+        report.segments += 1;
+        report.bytes += m.segment_bytes;
+        for r in records {
+            if !opts.until.admits(&r) {
+                return Ok(());
+            }
+            let is_deleted = deleted.contains(r.sequence);
+            if let Some(t) = target.as_deref_mut() {
+                if !t.subjects.iter().any(|f| subject_matches(f, &r.subject)) {
+                    return Err(format!(
+                        "sequence {}: subject {} is not one of the stream's subjects ({}); stopped there",
+                        r.sequence,
+                        r.subject,
+                        t.subjects.join(", ")
+                    ));
+                }
+                t.start_at(r.sequence).await;
+                while t.next < r.sequence {
+                    let mut filler = HeaderMap::new();
+                    filler.insert(FILLER_HEADER, "true");
+                    let seq = t.next;
+                    t.publish(seq, &r.subject, filler, bytes::Bytes::new()).await?;
+                    t.delete.push(seq);
+                }
+                let mut headers = HeaderMap::new();
+                for (k, v) in r.headers.iter().filter(|(k, _)| keeps_header(k)) {
+                    headers.append(k.as_str(), v.as_str());
+                }
+                t.publish(r.sequence, &r.subject, headers, r.payload.clone()).await?;
+                if is_deleted {
+                    t.delete.push(r.sequence);
+                }
+            }
+            if report.messages == 0 && report.deleted_seen == 0 {
+                report.first_seq = r.sequence;
+            }
+            if is_deleted {
+                report.deleted_seen += 1;
+            } else {
+                report.messages += 1;
+            }
+            report.last_seq = r.sequence;
+            if report.messages.is_multiple_of(1000) {
+                (opts.progress)(stream, report.messages);
+            }
+        }
+        prev = Some(m);
     }
     Ok(())
 }
+
+const ACK_WINDOW: usize = 512;

@@ -13,7 +13,7 @@ use async_nats::{HeaderMap, jetstream};
 use bytes::Bytes;
 use cim_archive::format::SegmentWriter;
 use cim_archive::restore::{self, Until};
-use cim_archive::{Credentials, S3Client, Target, committed_position};
+use cim_archive::{ArchiveKey, Credentials, S3Client, Target, archived_through};
 use cim_events::{Component, Tier, resources};
 use cim_testkit::{NatsServer, S3Server};
 use futures::StreamExt;
@@ -104,11 +104,11 @@ pub async fn run(args: StorageArgs) -> Result<ExitCode> {
             m.headers.iter().flat_map(|(k, vs)| vs.iter().map(move |v| (k.to_string(), v.to_string()))).collect();
         w.push(seq, m.time.unix_timestamp_nanos() as i64, m.subject.as_str(), &headers, &m.payload);
         if w.raw_len() >= args.segment_bytes {
-            segments.push(std::mem::take(&mut w).finish(&spec.name, "raw/").0);
+            segments.push(std::mem::take(&mut w).finish(&spec.name, "raw/", 0, 0).0);
         }
     }
     if !w.is_empty() {
-        segments.push(w.finish(&spec.name, "raw/").0);
+        segments.push(w.finish(&spec.name, "raw/", 0, 0).0);
     }
     let bytes: usize = segments.iter().map(Bytes::len).sum();
     let t = Instant::now();
@@ -148,16 +148,26 @@ pub async fn run(args: StorageArgs) -> Result<ExitCode> {
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let t = Instant::now();
-    let task = tokio::spawn(archive::run_stream(js.clone(), archive_c.clone(), spec.name.clone(), settings, stop_rx));
-    loop {
-        if committed_position(&archive_c, &spec.name).await?.0 >= args.events {
-            break;
-        }
-        if t.elapsed() > Duration::from_secs(600) {
-            bail!("the archive did not catch up within 10 minutes");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (archived_tx, mut archived_rx) = tokio::sync::watch::channel(archive::Archived::default());
+    let key = ArchiveKey::for_target(archive_c.target());
+    let task = tokio::spawn(archive::run_stream(
+        js.clone(),
+        archive_c.clone(),
+        key,
+        spec.name.clone(),
+        settings,
+        archived_tx,
+        stop_rx,
+    ));
+    // The archiver announces every commit; no polling of the target.
+    tokio::time::timeout(Duration::from_secs(600), archived_rx.wait_for(|a| a.position >= args.events))
+        .await
+        .map_err(|_| anyhow::anyhow!("the archive did not catch up within 10 minutes"))?
+        .map_err(|_| anyhow::anyhow!("the archiver stopped"))?;
+    anyhow::ensure!(
+        archived_through(&archive_c, &spec.name).await? >= args.events,
+        "the cursor is behind the announcement"
+    );
     let archived = t.elapsed();
     let _ = stop_tx.send(true);
     let _ = task.await;
@@ -171,7 +181,10 @@ pub async fn run(args: StorageArgs) -> Result<ExitCode> {
     let fjs = jetstream::new(fresh.connect().await);
     fjs.get_or_create_stream(spec.config(Tier::Leaf)).await?;
     let t = Instant::now();
-    let r = restore::restore_stream(&archive_c, &fjs, &spec.name, Until::All, false, &|_, _| {}).await;
+    let trust = restore::Trust::new(ArchiveKey::for_target(archive_c.target()));
+    let opts =
+        restore::RestoreOptions { trust: &trust, until: Until::All, dry_run: false, epoch: None, progress: &|_, _| {} };
+    let r = restore::restore_stream(&archive_c, &fjs, &spec.name, &spec.name, &opts).await;
     let restored = t.elapsed();
     if !r.problems.is_empty() || r.messages != args.events {
         bail!("restore: {} messages, problems {:?}", r.messages, r.problems);

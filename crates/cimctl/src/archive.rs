@@ -6,8 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use async_nats::jetstream;
-use cim_archive::restore::{self, StreamReport, Until};
-use cim_archive::{S3Client, Target, archived_streams, committed_position};
+use cim_archive::restore::{self, RestoreOptions, StreamReport, Trust, Until};
+use cim_archive::{ArchiveKey, S3Client, Target, archived_streams, committed_position};
 use cim_events::{Component, Tier, resources};
 
 /// Where the archive is and how to reach NATS.
@@ -80,6 +80,14 @@ pub struct RestoreArgs {
     /// (`<STREAM>`), with the leaf's sequence numbers; nothing else is restored.
     #[arg(long)]
     leaf: Option<String>,
+    /// Restore this epoch of each stream instead of the current one (an epoch is the history
+    /// of a stream recreated under the same name; `cimctl archive verify` lists them).
+    #[arg(long)]
+    epoch: Option<u64>,
+    /// Accept manifests that carry no signature (archives written before CIM signed them).
+    /// Manifests signed with another key or altered are refused regardless.
+    #[arg(long)]
+    allow_unsigned: bool,
     #[command(flatten)]
     conn: ArchiveConn,
 }
@@ -131,6 +139,7 @@ pub async fn restore(args: RestoreArgs) -> Result<ExitCode> {
     let until = args.until.as_deref().map(parse_until).transpose()?.unwrap_or(Until::All);
     let tier: Tier = args.tier.parse().map_err(|e| anyhow::anyhow!("--tier: {e}"))?;
     let s3 = S3Client::new(args.conn.target(&args.from)?)?;
+    let trust = Trust { key: ArchiveKey::for_target(s3.target()), allow_unsigned: args.allow_unsigned };
     let names = restore::archived_stream_names(&s3).await?;
     if names.is_empty() {
         bail!("target {} holds no archived stream under {:?}", s3.target().name, s3.target().prefix);
@@ -194,7 +203,9 @@ pub async fn restore(args: RestoreArgs) -> Result<ExitCode> {
             }
         }
         let progress = |stream: &str, n: u64| eprintln!("  {stream}: {n} messages");
-        let r = restore::restore_stream(&s3, &js, name, until, args.dry_run, &progress).await;
+        let opts =
+            RestoreOptions { trust: &trust, until, dry_run: args.dry_run, epoch: args.epoch, progress: &progress };
+        let r = restore::restore_stream(&s3, &js, name, into, &opts).await;
         total.0 += r.messages;
         total.1 += r.bytes;
         print_report(&r, if args.dry_run { "checked" } else { "restored" });
@@ -214,16 +225,27 @@ pub async fn restore(args: RestoreArgs) -> Result<ExitCode> {
 }
 
 fn print_report(r: &StreamReport, verb: &str) {
+    let name = match r.epoch {
+        0 => r.stream.clone(),
+        e => format!("{} (epoch {e})", r.stream),
+    };
+    let mut extra = String::new();
+    if r.deletions > 0 {
+        extra.push_str(&format!(", {} deleted since archived", r.deletions));
+    }
+    if r.deleted > 0 {
+        extra.push_str(&format!(", {} sequences deleted again", r.deleted));
+    }
     if r.messages > 0 {
         println!(
-            "{}: {verb} {} messages, sequences {}..{}, {} segments",
-            r.stream, r.messages, r.first_seq, r.last_seq, r.segments
+            "{name}: {verb} {} messages, sequences {}..{}, {} segments{extra}",
+            r.messages, r.first_seq, r.last_seq, r.segments
         );
     } else {
-        println!("{}: {verb} 0 messages", r.stream);
+        println!("{name}: {verb} 0 messages{extra}");
     }
     for p in &r.problems {
-        println!("{}: PROBLEM: {p}", r.stream);
+        println!("{name}: PROBLEM: {p}");
     }
 }
 
@@ -243,6 +265,10 @@ enum ArchiveCommand {
         /// Only this target.
         #[arg(long)]
         target: Option<String>,
+        /// Accept manifests that carry no signature (archives written before CIM signed
+        /// them); they are still checked for everything else.
+        #[arg(long)]
+        allow_unsigned: bool,
     },
     /// The archive lag of every stream on every target; exits 1 when a required target is
     /// unreachable or more than `--max-lag` messages behind, naming each.
@@ -270,7 +296,7 @@ fn clients(targets: Vec<Target>) -> Result<Vec<S3Client>> {
 
 pub async fn run(args: ArchiveArgs) -> Result<ExitCode> {
     match args.command {
-        ArchiveCommand::Verify { target } => {
+        ArchiveCommand::Verify { target, allow_unsigned } => {
             let targets = match target {
                 Some(t) => vec![args.conn.target(&t)?],
                 None => args.conn.targets()?,
@@ -278,6 +304,7 @@ pub async fn run(args: ArchiveArgs) -> Result<ExitCode> {
             let mut failed = false;
             for t in targets {
                 let s3 = S3Client::new(t)?;
+                let trust = Trust { key: ArchiveKey::for_target(s3.target()), allow_unsigned };
                 let names = match restore::archived_stream_names(&s3).await {
                     Ok(n) => n,
                     Err(e) => {
@@ -287,10 +314,11 @@ pub async fn run(args: ArchiveArgs) -> Result<ExitCode> {
                     }
                 };
                 for name in names {
-                    let r = restore::verify_stream(&s3, &name).await;
-                    print!("{}/", s3.target().name);
-                    print_report(&r, "verified");
-                    failed |= !r.problems.is_empty();
+                    for r in restore::verify_stream(&s3, &trust, &name).await {
+                        print!("{}/", s3.target().name);
+                        print_report(&r, "verified");
+                        failed |= !r.problems.is_empty();
+                    }
                 }
                 for c in cim_events::Component::ALL {
                     for b in cim_events::resources::object_buckets(c) {
@@ -371,8 +399,8 @@ async fn status(conn: &ArchiveConn, max_lag: u64, required: &[String]) -> Result
                 println!("{stream:<32} {name:<12} {last:>12} {:>12} {:>10}", "?", "?");
                 continue;
             }
-            match committed_position(s3, stream).await {
-                Ok((p, _)) => {
+            match committed_position(s3, &ArchiveKey::for_target(s3.target()), stream).await {
+                Ok(cim_archive::Position { last_seq: p, .. }) => {
                     let lag = last.saturating_sub(p);
                     if lag > max_lag {
                         behind.push(format!("{stream} {lag} messages behind"));

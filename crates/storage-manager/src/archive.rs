@@ -17,9 +17,10 @@ use futures::StreamExt;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
-use cim_archive::catalog::committed_position;
+use cim_archive::catalog::{Position, committed_position, newest_epoch};
 use cim_archive::format::{self, CURSOR_FORMAT, Cursor, SegmentWriter};
 use cim_archive::s3::S3Client;
+use cim_archive::seal::ArchiveKey;
 
 /// How segments are cut and failures retried.
 #[derive(Clone, Debug)]
@@ -60,19 +61,66 @@ impl Default for ArchiveSettings {
     }
 }
 
+/// Where the archive of a stream stands, as its archiver publishes it: the epoch and the
+/// position committed on the target (the deletion tracker and the verifier follow it).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Archived {
+    pub epoch: u64,
+    pub position: u64,
+}
+
+/// What the archiver knows about the stream it archives: JetStream's creation time and the
+/// record last handed to a commit (its digest goes into the cursor).
+#[derive(Clone, Debug, Default)]
+struct StreamIdentity {
+    created_nanos: Option<i64>,
+}
+
+/// Whether the stream holds the history the archive holds up to `pos` (`None`), or why not.
+/// Compared: the stream's last sequence with the position, then the creation time recorded
+/// in the cursor, then the digest of the record at the cursor's position. A cursor from
+/// before identities were recorded is checked by position alone.
+async fn other_history(js: &jetstream::Context, stream: &str, pos: &Position) -> Result<Option<String>, String> {
+    if pos.last_seq == 0 {
+        return Ok(None);
+    }
+    let s = js.get_stream(stream).await.map_err(|e| e.to_string())?;
+    let info = s.get_info().await.map_err(|e| e.to_string())?;
+    if info.state.last_sequence < pos.last_seq {
+        return Ok(Some(format!(
+            "the stream ends at sequence {} but the archive holds it up to {}",
+            info.state.last_sequence, pos.last_seq
+        )));
+    }
+    let Some(c) = &pos.cursor else { return Ok(None) };
+    if c.stream_created_nanos.is_none_or(|n| n == info.created.unix_timestamp_nanos() as i64) {
+        return Ok(None);
+    }
+    let Some(digest) = &c.last_digest else { return Ok(None) };
+    match s.get_raw_message(c.last_seq).await {
+        Ok(m) if format::record_digest(m.subject.as_str(), &m.payload) == *digest => Ok(None),
+        Ok(_) => Ok(Some(format!("the message at sequence {} is not the one archived there", c.last_seq))),
+        // Deleted since (a restore deletes what the original had deleted): the position
+        // checks above are all there is to go by.
+        Err(_) => Ok(None),
+    }
+}
+
 /// Archives `stream` to one target until `stop` turns true.
 pub async fn run_stream(
     js: jetstream::Context,
     s3: S3Client,
+    key: ArchiveKey,
     stream: String,
     settings: Arc<ArchiveSettings>,
+    archived: watch::Sender<Archived>,
     mut stop: watch::Receiver<bool>,
 ) {
     let target = s3.target().name.clone();
     let mut backoff = Backoff::new(&settings);
-    let position = loop {
-        match committed_position(&s3, &stream).await {
-            Ok((p, _)) => break p,
+    let mut pos = loop {
+        match committed_position(&s3, &key, &stream).await {
+            Ok(p) => break p,
             Err(e) => {
                 tracing::warn!(stream = %stream, target = %target, error = %e, "cannot read the archive cursor; retrying");
                 if backoff.wait(&mut stop).await {
@@ -81,18 +129,68 @@ pub async fn run_stream(
             }
         }
     };
-    tracing::info!(stream = %stream, target = %target, position, "archive resumes");
+    if let Some(problem) = &pos.cursor_problem {
+        tracing::error!(stream = %stream, target = %target, problem = %problem, "the archive cursor is not trusted; the position comes from the manifests");
+    }
+    tracing::info!(stream = %stream, target = %target, epoch = pos.epoch, position = pos.last_seq, "archive resumes");
+    let mut identity = StreamIdentity::default();
     let mut writer = SegmentWriter::new();
+    // The last record pushed: its digest goes into the cursor of the segment it ends.
+    let mut last_record: Option<(async_nats::Subject, Bytes)> = None;
     // The last sequence handed to a commit; up to `uploads_in_flight` commits run, oldest
     // first, while the next segment is read.
-    let mut handed = position;
+    let mut handed = pos.last_seq;
     let mut inflight: VecDeque<JoinHandle<bool>> = VecDeque::new();
     // Resolves when the newest commit has written its cursor: the next one's manifest waits on it.
     let mut last_done: Option<oneshot::Receiver<bool>> = None;
     let max_inflight = settings.uploads_in_flight.max(1);
+    archived.send_replace(Archived { epoch: pos.epoch, position: pos.last_seq });
     'consumer: loop {
         if *stop.borrow() {
             break;
+        }
+        // The cursor is never trusted over the stream: before reading on (at start, and
+        // whenever the consumer is recreated), the stream must still be the history archived.
+        // A stream recreated or renumbered under the same name is archived as a new epoch,
+        // from its first message, never skipped and never mixed into the old one.
+        while inflight.front().is_some_and(|h| h.is_finished()) {
+            if !inflight.pop_front().expect("non-empty").await.unwrap_or(false) {
+                return;
+            }
+        }
+        if writer.is_empty() && inflight.is_empty() {
+            match other_history(&js, &stream, &Position { last_seq: handed, ..pos.clone() }).await {
+                Ok(None) => {}
+                Ok(Some(why)) => {
+                    let next = match newest_epoch(&s3, &stream).await {
+                        Ok(e) => e.max(pos.epoch) + 1,
+                        Err(e) => {
+                            tracing::warn!(stream = %stream, target = %target, error = %e, "cannot list the archive's epochs; retrying");
+                            if backoff.wait(&mut stop).await {
+                                break 'consumer;
+                            }
+                            continue;
+                        }
+                    };
+                    tracing::error!(stream = %stream, target = %target, why = %why, old_epoch = pos.epoch, new_epoch = next, "ALARM: the stream is not the history archived (recreated or renumbered); archiving it as a new epoch");
+                    pos = Position { epoch: next, ..Position::default() };
+                    handed = 0;
+                    last_done = None;
+                    archived.send_replace(Archived { epoch: pos.epoch, position: 0 });
+                }
+                Err(e) => {
+                    tracing::debug!(stream = %stream, target = %target, error = %e, "stream not readable yet");
+                    if backoff.wait(&mut stop).await {
+                        break 'consumer;
+                    }
+                    continue;
+                }
+            }
+            if let Ok(s) = js.get_stream(&stream).await
+                && let Ok(info) = s.get_info().await
+            {
+                identity.created_nanos = Some(info.created.unix_timestamp_nanos() as i64);
+            }
         }
         let start = if writer.is_empty() { handed } else { writer.last } + 1;
         let messages = async {
@@ -143,8 +241,9 @@ pub async fn run_stream(
                             continue;
                         }
                         if writer.is_empty() {
-                            if seq > handed + 1 && handed > 0 {
-                                tracing::error!(stream = %stream, target = %target, from = handed + 1, to = seq - 1, "messages vanished from the stream before they were archived");
+                            if seq > handed + 1 {
+                                // Recorded: the manifest names the position it follows.
+                                tracing::debug!(stream = %stream, target = %target, from = handed + 1, to = seq - 1, "messages deleted before they were archived");
                             }
                             segment_started = Instant::now();
                         }
@@ -158,6 +257,7 @@ pub async fn run_stream(
                             .unwrap_or_default();
                         headers.sort_unstable();
                         writer.push_borrowed(seq, nanos, msg.subject.as_str(), &headers, &msg.payload);
+                        last_record = Some((msg.subject.clone(), msg.payload.clone()));
                         // Checked here too: with messages always ready the timer branch
                         // below is never polled.
                         writer.raw_len() >= settings.segment_bytes || segment_started.elapsed() >= settings.linger
@@ -176,6 +276,14 @@ pub async fn run_stream(
                     }
                 }
                 let full = std::mem::take(&mut writer);
+                let seal = Seal {
+                    key: key.clone(),
+                    epoch: pos.epoch,
+                    prev_last_seq: handed,
+                    stream_created_nanos: identity.created_nanos,
+                    last_digest: last_record.take().map(|(s, p)| format::record_digest(s.as_str(), &p)),
+                    archived: archived.clone(),
+                };
                 handed = full.last;
                 let (done, done_rx) = oneshot::channel();
                 let previous = last_done.replace(done_rx);
@@ -183,6 +291,7 @@ pub async fn run_stream(
                     s3.clone(),
                     stream.clone(),
                     full,
+                    seal,
                     previous,
                     done,
                     stop.clone(),
@@ -201,8 +310,28 @@ pub async fn run_stream(
     }
     if previous_done && !writer.is_empty() {
         let (done, _) = oneshot::channel();
-        let _ = commit(s3.clone(), stream.clone(), writer, None, done, stop.clone(), settings.clone(), true).await;
+        let seal = Seal {
+            key: key.clone(),
+            epoch: pos.epoch,
+            prev_last_seq: handed,
+            stream_created_nanos: identity.created_nanos,
+            last_digest: last_record.take().map(|(s, p)| format::record_digest(s.as_str(), &p)),
+            archived: archived.clone(),
+        };
+        let _ =
+            commit(s3.clone(), stream.clone(), writer, seal, None, done, stop.clone(), settings.clone(), true).await;
     }
+}
+
+/// What a commit signs and records besides the segment: the key, the epoch, the position the
+/// segment follows, the stream's identity for the cursor, and where to announce the commit.
+struct Seal {
+    key: ArchiveKey,
+    epoch: u64,
+    prev_last_seq: u64,
+    stream_created_nanos: Option<i64>,
+    last_digest: Option<String>,
+    archived: watch::Sender<Archived>,
 }
 
 /// Compresses and uploads the segment, then — once `previous` (the commit before it) has
@@ -214,6 +343,7 @@ async fn commit(
     s3: S3Client,
     stream: String,
     writer: SegmentWriter,
+    seal: Seal,
     previous: Option<oneshot::Receiver<bool>>,
     done: oneshot::Sender<bool>,
     mut stop: watch::Receiver<bool>,
@@ -224,25 +354,32 @@ async fn commit(
     let prefix = s3.target().prefix.clone();
     // zstd and two SHA-256 passes: CPU work, kept off the async worker threads.
     let finished = {
-        let (stream, prefix) = (stream.to_string(), prefix.clone());
-        tokio::task::spawn_blocking(move || writer.finish(&stream, &prefix)).await
+        let (stream, prefix, epoch, prev) = (stream.to_string(), prefix.clone(), seal.epoch, seal.prev_last_seq);
+        tokio::task::spawn_blocking(move || writer.finish(&stream, &prefix, epoch, prev)).await
     };
-    let (segment, manifest) = match finished {
+    let (segment, mut manifest) = match finished {
         Ok(f) => f,
         Err(e) => {
             tracing::error!(stream, target = %s3.target().name, error = %e, "compressing a segment failed; it is read again on the next run");
             return false;
         }
     };
-    let manifest_key = format::manifest_key(&prefix, stream, manifest.first_seq, manifest.last_seq);
-    let cursor = Cursor {
+    seal.key.seal(&mut manifest);
+    let manifest_key = format::manifest_key(&prefix, stream, seal.epoch, manifest.first_seq, manifest.last_seq);
+    let mut cursor = Cursor {
         format: CURSOR_FORMAT.to_string(),
         stream: stream.to_string(),
         target: s3.target().name.clone(),
         last_seq: manifest.last_seq,
         manifest_key: manifest_key.clone(),
         updated_unix_nanos: time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64,
+        epoch: seal.epoch,
+        stream_created_nanos: seal.stream_created_nanos,
+        last_digest: seal.last_digest.clone(),
+        key_id: None,
+        mac: None,
     };
+    seal.key.seal(&mut cursor);
     let mut backoff = Backoff::new(&settings);
     let mut put = async |key: &str, body: Bytes, sha256: Option<&str>| loop {
         match s3.put_hashed(key, body.clone(), sha256).await {
@@ -273,6 +410,7 @@ async fn commit(
         return false;
     }
     tracing::debug!(stream, target = %s3.target().name, first = manifest.first_seq, last = manifest.last_seq, count = manifest.count, "segment archived");
+    seal.archived.send_replace(Archived { epoch: seal.epoch, position: manifest.last_seq });
     let _ = done.send(true);
     true
 }

@@ -6,6 +6,7 @@
 //! crate, which also reads it back for `cimctl restore` and `cimctl archive`).
 
 pub mod archive;
+pub mod deletions;
 pub mod guard;
 pub mod health;
 pub mod objects;
@@ -66,8 +67,7 @@ pub struct Args {
     #[arg(long, env = "CIM_ARCHIVE_VERIFY_INTERVAL", default_value = "5s", value_parser = cim_runtime::config::parse_duration)]
     pub archive_verify_interval: Duration,
     /// Idle, a target is sent one cheap request (a HEAD) when nothing else reached it for this
-    /// long, so an outage is noticed; also the longest wait between manifest listings while a
-    /// stream is ahead of what is committed.
+    /// long, so an outage is noticed while nothing is archived.
     #[arg(long, env = "CIM_ARCHIVE_PROBE_INTERVAL", default_value = "2m", value_parser = cim_runtime::config::parse_duration)]
     pub archive_probe_interval: Duration,
     /// The service says it is degraded while a required target is more than this many
@@ -210,10 +210,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
             }
             for s3 in &clients {
                 tracing::info!(target = %s3.target().name, endpoint = %s3.target().endpoint, bucket = %s3.target().bucket, "archiving");
-                for stream in streams.iter().cloned() {
-                    let name = format!("archive-{}-{stream}", s3.target().name);
-                    ctx.spawn(&name, archive::run_stream(ctx.jetstream().clone(), s3.clone(), stream, archive.clone(), stop_rx.clone()));
-                }
+                let key = cim_archive::ArchiveKey::for_target(s3.target());
                 let health = health::TargetHealth::new(&s3.target().name, ctx.metrics().clone(), ctx.degraded().clone());
                 if let Some(first) = streams.first() {
                     let name = format!("probe-{}", s3.target().name);
@@ -231,17 +228,25 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
                 let verify = verified::VerifySettings {
                     required: Arc::new(archive.required.clone()),
                     interval: archive.verify_interval,
-                    probe_interval: signals.probe_interval,
                     retry_max: archive.retry_max,
                     max_lag: signals.max_lag,
                     max_lag_age: signals.max_lag_age,
                     metrics: ctx.metrics().clone(),
                     health: health.clone(),
                     degraded: ctx.degraded().clone(),
+                    key: key.clone(),
                 };
                 for stream in streams.iter().cloned() {
+                    // The archiver announces each commit (epoch, position); the deletion
+                    // tracker and the verifier follow it.
+                    let (archived_tx, archived_rx) = tokio::sync::watch::channel(archive::Archived::default());
+                    let js = ctx.jetstream().clone();
+                    let name = format!("archive-{}-{stream}", s3.target().name);
+                    ctx.spawn(&name, archive::run_stream(js.clone(), s3.clone(), key.clone(), stream.clone(), archive.clone(), archived_tx, stop_rx.clone()));
+                    let name = format!("deletions-{}-{stream}", s3.target().name);
+                    ctx.spawn(&name, deletions::run_deletions(js.clone(), s3.clone(), key.clone(), stream.clone(), archive.verify_interval, archived_rx.clone(), stop_rx.clone()));
                     let name = format!("verify-{}-{stream}", s3.target().name);
-                    ctx.spawn(&name, verified::run_verifier(ctx.jetstream().clone(), s3.clone(), stream, verify.clone(), stop_rx.clone()));
+                    ctx.spawn(&name, verified::run_verifier(js, s3.clone(), stream, verify.clone(), archived_rx, stop_rx.clone()));
                 }
                 for c in Component::ALL {
                     for b in cim_events::resources::object_buckets(c) {

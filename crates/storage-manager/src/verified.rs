@@ -7,13 +7,12 @@
 //! smallest over the required targets). Services remove nothing above `verified.<STREAM>`
 //! (`cim_runtime::archive_guard`).
 //!
-//! It talks to S3 only when there is something to verify: every round it reads the stream's
-//! last sequence from JetStream (no S3 request) and lists and reads manifests only while the
-//! stream is ahead of the verified position — at once when the stream moved, then backing off
-//! up to the probe interval while nothing new is committed (a tail the archiver never sees,
-//! e.g. purged messages, costs one LIST per probe interval). Idle, a fully verified stream
-//! costs no S3 request at all; the target's reachability is then kept known by the prober
-//! (`health::run_prober`).
+//! It talks to S3 only when there is something to verify: the archiver announces every commit
+//! (epoch and position, `archive::Archived`), and manifests are listed and read only while
+//! that position is past the verified one (after a failure, again with backoff up to
+//! `retry_max`). Idle, a fully verified stream costs no S3 request at all; the target's
+//! reachability is then kept known by the prober (`health::run_prober`). A new epoch (the
+//! stream was recreated) starts verification over.
 //!
 //! Every round, reachable or not, it exports `cim_archive_lag` (the stream's last sequence
 //! minus the verified position) and `cim_archive_verified_sequence`, so the lag grows during
@@ -75,8 +74,6 @@ pub struct VerifySettings {
     pub required: Arc<Vec<String>>,
     /// How often the stream's position is looked at (JetStream only).
     pub interval: Duration,
-    /// Longest wait between S3 rounds while the stream is ahead but nothing new is committed.
-    pub probe_interval: Duration,
     /// Longest wait between S3 rounds while the target fails.
     pub retry_max: Duration,
     /// A required target this many messages behind makes the service degraded...
@@ -86,6 +83,8 @@ pub struct VerifySettings {
     pub metrics: Metrics,
     pub health: TargetHealth,
     pub degraded: Degraded,
+    /// Manifests must be signed with it.
+    pub key: cim_archive::ArchiveKey,
 }
 
 /// Why an S3 round failed: the target (counts against its reachability) or what it holds.
@@ -113,24 +112,29 @@ impl std::fmt::Display for RoundError {
 /// position verified through (`through` when nothing new). `after` follows what was read.
 async fn s3_round(
     s3: &S3Client,
+    key: &cim_archive::ArchiveKey,
     stream: &str,
+    epoch: u64,
     through: u64,
     after: &mut Option<String>,
     verified_now: &mut u64,
 ) -> Result<(), RoundError> {
-    let prefix = format::manifests_prefix(&s3.target().prefix, stream);
+    let prefix = format::manifests_prefix(&s3.target().prefix, stream, epoch);
     let keys = s3.list(&prefix, after.as_deref()).await?;
     *verified_now = through;
-    for key in keys {
-        let Some((_, last)) = format::parse_manifest_key(&key) else { continue };
+    for name in keys {
+        let Some((_, last)) = format::parse_manifest_key(&name) else { continue };
         if last <= *verified_now {
-            *after = Some(key);
+            *after = Some(name);
             continue;
         }
-        let body = s3.get(&key).await?.ok_or_else(|| RoundError::Other(format!("manifest {key} vanished")))?;
-        let manifest = Manifest::parse(&key, &body).map_err(|e| RoundError::Other(e.to_string()))?;
+        let body = s3.get(&name).await?.ok_or_else(|| RoundError::Other(format!("manifest {name} vanished")))?;
+        let manifest = Manifest::parse(&name, &body).map_err(|e| RoundError::Other(e.to_string()))?;
+        key.check(&manifest).map_err(|e| RoundError::Other(format!("manifest {name}: {e}")))?;
         if manifest.first_seq <= *verified_now {
-            return Err(RoundError::Other(format!("manifest {key} overlaps what is verified (through {verified_now})")));
+            return Err(RoundError::Other(format!(
+                "manifest {name} overlaps what is verified (through {verified_now})"
+            )));
         }
         match check_segment(s3, &manifest).await {
             Ok(()) => {}
@@ -138,7 +142,7 @@ async fn s3_round(
             Err(e) => return Err(RoundError::Other(e.to_string())),
         }
         *verified_now = manifest.last_seq;
-        *after = Some(key);
+        *after = Some(name);
     }
     Ok(())
 }
@@ -182,12 +186,14 @@ async fn oldest_unverified_age(js: &jetstream::Context, stream: &str, verified: 
 }
 
 /// Follows the manifests of `stream` on one target until `stop`, verifying every new segment
-/// and advancing the watermarks; exports the lag every round.
+/// the archiver announces on `archived` and advancing the watermarks; exports the lag every
+/// round.
 pub async fn run_verifier(
     js: jetstream::Context,
     s3: S3Client,
     stream: String,
     settings: VerifySettings,
+    archived: watch::Receiver<crate::archive::Archived>,
     mut stop: watch::Receiver<bool>,
 ) {
     let target = s3.target().name.clone();
@@ -206,12 +212,27 @@ pub async fn run_verifier(
     let mut failing: Option<String> = None;
     // Looked up once it exists, not every round.
     let mut store: Option<kv::Store> = None;
-    // When the next S3 round may run, and the wait after one that found nothing new.
+    // When the next S3 round may run, and the wait after one that failed or found nothing.
     let mut next_s3 = Instant::now();
     let mut wait = settings.interval;
-    // The stream's last sequence at the last S3 round: a move means "look now".
-    let mut seen_last: Option<u64> = None;
+    // The archiver's commit last looked at: a new one means "look now".
+    let mut seen: Option<crate::archive::Archived> = None;
+    let mut epoch: Option<u64> = None;
     loop {
+        let announced = *archived.borrow();
+        // A new epoch (the stream was recreated) starts verification over: the watermark
+        // falls back to what is verified of the new history.
+        if epoch.is_some_and(|e| e != announced.epoch) {
+            verified = Some(0);
+            after = None;
+            if let Some(kv) = &store
+                && let Err(e) =
+                    write_watermark(kv, &target_key, &storage::Watermark::new(&stream, 0, vec![target.clone()])).await
+            {
+                tracing::warn!(stream = %stream, error = %e, "watermark not reset for the new epoch");
+            }
+        }
+        epoch = Some(announced.epoch);
         let last = stream_last(&js, &stream).await;
         if store.is_none() {
             match bucket(&js).await {
@@ -225,17 +246,18 @@ pub async fn run_verifier(
                 Err(e) => tracing::debug!(stream = %stream, error = %e, "watermark bucket not there yet"),
             }
         }
-        if let (Some(kv), Some(through), Some(last)) = (&store, verified, last)
-            && last > through
+        if let (Some(kv), Some(through)) = (&store, verified)
+            && announced.position > through
         {
-            if seen_last != Some(last) {
+            if seen != Some(announced) {
                 next_s3 = Instant::now();
                 wait = settings.interval;
             }
             if Instant::now() >= next_s3 {
-                seen_last = Some(last);
+                seen = Some(announced);
                 let mut now = through;
-                let round = s3_round(&s3, &stream, through, &mut after, &mut now).await;
+                let round =
+                    s3_round(&s3, &settings.key, &stream, announced.epoch, through, &mut after, &mut now).await;
                 let round = match round {
                     Ok(()) if now > through => {
                         write_watermark(kv, &target_key, &storage::Watermark::new(&stream, now, vec![target.clone()]))
@@ -263,8 +285,9 @@ pub async fn run_verifier(
                             wait = settings.interval;
                             next_s3 = Instant::now();
                         } else {
+                            // Announced but not listed yet: look again, less and less often.
                             next_s3 = Instant::now() + wait;
-                            wait = (wait * 2).min(settings.probe_interval.max(settings.interval));
+                            wait = (wait * 2).min(settings.retry_max.max(settings.interval));
                         }
                     }
                     Err(e) => {

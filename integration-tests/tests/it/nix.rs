@@ -1063,7 +1063,7 @@ async fn nix_live_topology_with_per_service_identities() -> Result<()> {
     .await
     .with_context(|| sm.log())?;
     cim_testkit::eventually(Duration::from_secs(60), "the hub's mirror archived to S3", || async {
-        let (archived, _) = cim_archive::committed_position(&nas_c, &mirror).await?;
+        let archived = cim_archive::archived_through(&nas_c, &mirror).await?;
         ensure!(archived == 1, "archived through {archived}");
         Ok(())
     })

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail, ensure};
 use async_nats::{HeaderMap, jetstream};
 use bytes::Bytes;
 use cim_archive::restore::{self, Until};
-use cim_archive::{Credentials, S3Client, Target, committed_position};
+use cim_archive::{ArchiveKey, Credentials, S3Client, Target, archived_through};
 use cim_events::{Component, Tier, resources};
 use cim_testkit::{NatsServer, S3Server, eventually};
 use sha2::{Digest, Sha256};
@@ -98,7 +98,7 @@ async fn last_seq(js: &jetstream::Context, stream: &str) -> Result<u64> {
 
 async fn wait_archived(s3: &S3Client, stream: &str, last: u64) -> Result<()> {
     eventually(WAIT, &format!("{stream} archived to {} up to {last}", s3.target().name), || async {
-        let (p, _) = committed_position(s3, stream).await?;
+        let p = archived_through(s3, stream).await?;
         ensure!(p >= last, "at {p}");
         Ok(())
     })
@@ -109,7 +109,8 @@ fn headers_of(h: &HeaderMap) -> Vec<(String, String)> {
     let mut v: Vec<(String, String)> = h
         .iter()
         .flat_map(|(k, vs)| vs.iter().map(move |x| (k.to_string(), x.to_string())))
-        .filter(|(k, _)| !k.starts_with("Nats-Expected-"))
+        // Not data, and not restored: preconditions and the rollup instruction.
+        .filter(|(k, _)| !k.starts_with("Nats-Expected-") && k != "Nats-Rollup")
         .collect();
     v.sort();
     v
@@ -143,6 +144,18 @@ async fn object_sha(js: &jetstream::Context, name: &str) -> Result<String> {
     Ok(format!("{:x}", Sha256::digest(&buf)))
 }
 
+/// The target's own key, signatures required.
+fn trust(s3: &S3Client) -> restore::Trust {
+    restore::Trust::new(ArchiveKey::for_target(s3.target()))
+}
+
+/// Verifies the current (only) epoch of `stream`.
+async fn verify(s3: &S3Client, stream: &str) -> restore::StreamReport {
+    let mut reports = restore::verify_stream(s3, &trust(s3), stream).await;
+    assert_eq!(reports.len(), 1, "one epoch expected: {reports:?}");
+    reports.remove(0)
+}
+
 fn restore_env() -> impl Fn(&str, u64) + Sync {
     |_s: &str, _n: u64| {}
 }
@@ -154,7 +167,9 @@ async fn restore_into(s3: &S3Client, until: Until) -> Result<(NatsServer, Vec<re
     provision(&js).await?;
     let mut reports = Vec::new();
     for stream in [events_stream(), content_bucket().stream_name()] {
-        reports.push(restore::restore_stream(s3, &js, &stream, until, false, &restore_env()).await);
+        let (trust, progress) = (trust(s3), restore_env());
+        let opts = restore::RestoreOptions { trust: &trust, until, dry_run: false, epoch: None, progress: &progress };
+        reports.push(restore::restore_stream(s3, &js, &stream, &stream, &opts).await);
     }
     Ok((fresh, reports))
 }
@@ -216,17 +231,15 @@ async fn storage_archive_two_targets_crash_resume_restore() -> Result<()> {
     let last = last_seq(&js, &events_stream()).await?;
     assert_eq!(last, 6000);
     eventually(WAIT, "the archive to pass batch 1", || async {
-        let (p, _) = committed_position(&nas_c, &events_stream()).await?;
+        let p = archived_through(&nas_c, &events_stream()).await?;
         ensure!(p > 300, "at {p}");
         Ok(())
     })
     .await?;
     svc.signal(nix::sys::signal::Signal::SIGKILL);
     svc.wait(Duration::from_secs(10)).await?;
-    let at_crash = (
-        committed_position(&nas_c, &events_stream()).await?.0,
-        committed_position(&wasabi_c, &events_stream()).await?.0,
-    );
+    let at_crash =
+        (archived_through(&nas_c, &events_stream()).await?, archived_through(&wasabi_c, &events_stream()).await?);
     eprintln!("archive positions at the crash: nas {}, wasabi {} of {last}", at_crash.0, at_crash.1);
     let log1 = svc.log();
 
@@ -258,11 +271,11 @@ async fn storage_archive_two_targets_crash_resume_restore() -> Result<()> {
 
     // Verify: every checksum, contiguous, no duplicate.
     for s3 in [&nas_c, &wasabi_c] {
-        let r = restore::verify_stream(s3, &events_stream()).await;
+        let r = verify(s3, &events_stream()).await;
         assert!(r.problems.is_empty(), "{}: {:?}", s3.target().name, r.problems);
         assert_eq!((r.first_seq, r.last_seq, r.messages), (1, last, last), "{}", s3.target().name);
         assert!(r.segments > 10, "expected many segments, got {}", r.segments);
-        let r = restore::verify_stream(s3, &obj_stream).await;
+        let r = verify(s3, &obj_stream).await;
         assert!(r.problems.is_empty(), "{:?}", r.problems);
         assert_eq!(r.messages, obj_last);
     }
@@ -299,7 +312,7 @@ async fn storage_archive_two_targets_crash_resume_restore() -> Result<()> {
     drop(fresh);
 
     // Corruption: flip a byte of one segment, delete another; both named, nothing wrong restored.
-    let manifests = restore::manifests(&nas_c, &events_stream()).await?;
+    let manifests = restore::manifests(&nas_c, &trust(&nas_c), &events_stream(), 0).await?.0;
     let (_, m3) = &manifests[3];
     let (_, m5) = &manifests[5];
     let p3 = nas.root().join(BUCKET).join(&m3.segment_key);
@@ -308,7 +321,7 @@ async fn storage_archive_two_targets_crash_resume_restore() -> Result<()> {
     bytes[mid] ^= 0x40;
     std::fs::write(&p3, bytes)?;
     std::fs::remove_file(nas.root().join(BUCKET).join(&m5.segment_key))?;
-    let r = restore::verify_stream(&nas_c, &events_stream()).await;
+    let r = verify(&nas_c, &events_stream()).await;
     assert_eq!(r.problems.len(), 2, "{:?}", r.problems);
     assert!(r.problems[0].contains(&m3.segment_key) && r.problems[0].contains("sha256"), "{:?}", r.problems);
     assert!(r.problems[1].contains(&m5.segment_key) && r.problems[1].contains("missing"), "{:?}", r.problems);
@@ -344,7 +357,7 @@ async fn storage_archive_rides_out_an_s3_outage() -> Result<()> {
     .await?;
     nas.restart().await?;
     wait_archived(&nas_c, &events_stream(), 400).await?;
-    let r = restore::verify_stream(&nas_c, &events_stream()).await;
+    let r = verify(&nas_c, &events_stream()).await;
     assert!(r.problems.is_empty(), "{:?}", r.problems);
     assert_eq!((r.first_seq, r.last_seq, r.messages), (1, 400, 400));
 
@@ -364,7 +377,7 @@ async fn storage_archive_rides_out_an_s3_outage() -> Result<()> {
     })
     .await?;
     assert!(!svc.log().contains("wrong-secret-value"));
-    assert_eq!(committed_position(&nas_c, &events_stream()).await?.0, 400);
+    assert_eq!(archived_through(&nas_c, &events_stream()).await?, 400);
     Ok(())
 }
 
@@ -471,7 +484,7 @@ async fn storage_cimctl_restore_verify_status() -> Result<()> {
     assert!(!ok && out.contains("no archive target named elsewhere"), "{out}");
 
     // a corrupt segment: verify names it and fails.
-    let (key, m) = restore::manifests(&nas_c, &events_stream()).await?.remove(1);
+    let (key, m) = restore::manifests(&nas_c, &trust(&nas_c), &events_stream(), 0).await?.0.remove(1);
     let path = nas.root().join(BUCKET).join(&m.segment_key);
     let mut bytes = std::fs::read(&path)?;
     let last = bytes.len() - 1;
