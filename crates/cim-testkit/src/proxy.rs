@@ -166,7 +166,11 @@ impl RequestParser {
                     input = &input[take..];
                     let rest = n - take as u64;
                     if rest > 0 {
-                        self.state = if matches!(self.state, State::Body(_)) { State::Body(rest) } else { State::ChunkData(rest) };
+                        self.state = if matches!(self.state, State::Body(_)) {
+                            State::Body(rest)
+                        } else {
+                            State::ChunkData(rest)
+                        };
                         return started;
                     }
                     self.state = if matches!(self.state, State::Body(_)) { State::Head } else { State::ChunkSize };
@@ -190,7 +194,8 @@ impl RequestParser {
                             }
                         }
                         State::ChunkSize => {
-                            let size = u64::from_str_radix(text.split(';').next().unwrap_or("").trim(), 16).unwrap_or(0);
+                            let size =
+                                u64::from_str_radix(text.split(';').next().unwrap_or("").trim(), 16).unwrap_or(0);
                             // Data, then its CRLF.
                             self.state = if size == 0 { State::Trailer } else { State::ChunkData(size + 2) };
                         }
@@ -243,7 +248,8 @@ mod tests {
 
     #[test]
     fn requests_are_told_apart_however_the_bytes_arrive() {
-        let stream = b"PUT /b/k HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhelloGET /b/k HTTP/1.1\r\nHost: x\r\n\r\n\
+        let stream =
+            b"PUT /b/k HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhelloGET /b/k HTTP/1.1\r\nHost: x\r\n\r\n\
 POST /b/k?uploads HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3;ext\r\nabc\r\n0\r\nx-trailer: 1\r\n\r\n\
 HEAD /b/k HTTP/1.1\r\ncontent-length: 0\r\n\r\n";
         for split in [1usize, 2, 3, 7, 64, stream.len()] {

@@ -415,10 +415,9 @@ async fn status(conn: &ArchiveConn, max_lag: u64, required: &[String]) -> Result
         }
         let why = match (unreachable, behind.is_empty()) {
             (Some(e), _) => Some(format!("target {name} unreachable: {e}")),
-            (None, false) => Some(format!(
-                "target {name} behind by more than {max_lag} messages: {}",
-                behind.join(", ")
-            )),
+            (None, false) => {
+                Some(format!("target {name} behind by more than {max_lag} messages: {}", behind.join(", ")))
+            }
             (None, true) => None,
         };
         if let Some(why) = why {

@@ -68,8 +68,10 @@ const EXIT_CLOSED_STDOUT: i32 = 141;
 fn quiet_on_closed_stdout() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        let msg = info.payload_as_str().unwrap_or("");
-        if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
+        let p = info.payload();
+        let msg = p.downcast_ref::<String>().map(String::as_str).or_else(|| p.downcast_ref::<&str>().copied());
+        let msg = msg.map(str::to_string).unwrap_or_else(|| info.to_string());
+        if msg.contains("failed printing to stdout") && msg.contains("Broken pipe") {
             std::process::exit(EXIT_CLOSED_STDOUT);
         }
         default(info)

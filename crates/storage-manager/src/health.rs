@@ -45,6 +45,12 @@ impl TargetHealth {
         TargetHealth { target: target.to_string(), state: Arc::default(), metrics, degraded }
     }
 
+    /// One that reports to nobody (its own metrics and degraded state): for tools and
+    /// benchmarks that run a task outside the service.
+    pub fn standalone(target: &str) -> TargetHealth {
+        TargetHealth::new(target, Metrics::new("storage-manager", "standalone"), Degraded::default())
+    }
+
     pub fn target(&self) -> &str {
         &self.target
     }

@@ -256,8 +256,7 @@ pub async fn run_verifier(
             if Instant::now() >= next_s3 {
                 seen = Some(announced);
                 let mut now = through;
-                let round =
-                    s3_round(&s3, &settings.key, &stream, announced.epoch, through, &mut after, &mut now).await;
+                let round = s3_round(&s3, &settings.key, &stream, announced.epoch, through, &mut after, &mut now).await;
                 let round = match round {
                     Ok(()) if now > through => {
                         write_watermark(kv, &target_key, &storage::Watermark::new(&stream, now, vec![target.clone()]))

@@ -117,21 +117,17 @@ async fn setup(extra: &[&str]) -> Result<Setup> {
         "1s",
     ];
     args.extend_from_slice(extra);
-    let sm = Svc::new(Component::StorageManager).args(&args).envs(&[
-        (env[0].0, env[0].1.as_str()),
-        (env[1].0, env[1].1.as_str()),
-    ]);
+    let sm = Svc::new(Component::StorageManager)
+        .args(&args)
+        .envs(&[(env[0].0, env[0].1.as_str()), (env[1].0, env[1].1.as_str())]);
     let cim = CimFixture::builder()
         .service(Component::Registry)
         .service(Component::InformationUnit)
         .service(sm)
         .start()
         .await?;
-    let sm_http = describe(cim.client(), Component::StorageManager)
-        .await?
-        .service
-        .context("describe without service")?
-        .http_addr;
+    let sm_http =
+        describe(cim.client(), Component::StorageManager).await?.service.context("describe without service")?.http_addr;
     Ok(Setup { s3, proxy, cim, spec, sm_http })
 }
 
@@ -363,8 +359,7 @@ async fn archive_signals_refused_credentials_export_a_growing_lag() -> Result<()
         assert_eq!(code, 64, "{bad_spec}: {out}");
         assert!(out.contains(why) && !out.contains("panicked"), "{bad_spec}: {out}");
     }
-    let (code, out) =
-        cimctl(&["archive", "status", "--archive-required", "wasabi"], &nats.url(), &spec, &bad).await?;
+    let (code, out) = cimctl(&["archive", "status", "--archive-required", "wasabi"], &nats.url(), &spec, &bad).await?;
     assert_eq!(code, 64, "{out}");
     assert!(out.contains("wasabi"), "{out}");
     Ok(())
@@ -409,4 +404,3 @@ async fn archive_signals_cimctl_ends_quietly_on_a_closed_stdout() -> Result<()> 
     assert!(!stderr.contains("panicked"), "{stderr}");
     Ok(())
 }
-
