@@ -303,7 +303,8 @@ async fn archive_signals_refused_credentials_export_a_growing_lag() -> Result<()
     js.get_or_create_stream(resources::events_stream(Component::InformationUnit).config(Tier::Leaf)).await?;
     direct(&s3)?.ensure_bucket().await?;
     let spec = spec(&s3.endpoint(), &s3);
-    let bad = [("NAS_ACCESS_KEY_ID", s3.access_key().to_string()), ("NAS_SECRET_ACCESS_KEY", "wrong".to_string())];
+    const WRONG: &str = "wrong-secret-0e5f1c";
+    let bad = [("NAS_ACCESS_KEY_ID", s3.access_key().to_string()), ("NAS_SECRET_ACCESS_KEY", WRONG.to_string())];
     let bad_env: Vec<(&str, &str)> = bad.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let args = ["--archive-target", spec.as_str(), "--archive-verify-interval", "200ms", "--archive-retry-max", "1s"];
     let sm = ServiceProc::start_with_env(Component::StorageManager, &nats.url(), &args, &bad_env)?;
@@ -344,12 +345,20 @@ async fn archive_signals_refused_credentials_export_a_growing_lag() -> Result<()
     .await?;
     let text = metrics(&http).await?;
     assert_eq!(metric(&text, "cim_degraded", &[]), Some(1), "{text}");
-    assert!(!sm.log().contains("wrong\""), "the secret in the log");
+    assert!(!sm.log().contains(WRONG) && !text.contains(WRONG), "the secret in the log or metrics");
+    let ready = cim_testkit::http_get(&http, "/readyz").await?;
+    assert_eq!(ready.status, 200);
+    assert!(
+        ready.text().contains("archive target nas unreachable") && !ready.text().contains(WRONG),
+        "{}",
+        ready.text()
+    );
 
     // cimctl with the same refused credentials: exit 1, the target named.
     let (code, out) = cimctl(&["archive", "status"], &nats.url(), &spec, &bad).await?;
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("PROBLEM: target nas unreachable") && out.contains("403"), "{out}");
+    assert!(!out.contains(WRONG), "{out}");
     // A target that is not configured right: exit 64 and why.
     for (bad_spec, why) in [
         ("name=nas", "endpoint"),
