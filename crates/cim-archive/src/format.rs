@@ -430,8 +430,9 @@ pub struct Deletions {
     /// When the deletions were seen (nanoseconds since the epoch, UTC): a point-in-time
     /// restore applies only those seen at or before its time.
     pub seen_unix_nanos: i64,
-    /// The archive position when they were seen: a restore `--until` a sequence applies only
-    /// those seen at or before it.
+    /// The stream's last sequence when they were seen: they happened before the stream went
+    /// past it, so a restore `--until` a sequence applies only those with `through` at or
+    /// below it (a deletion that may have come later is not applied: data is kept).
     pub through: u64,
     /// Inclusive ranges of sequences, ascending, each at or below the archive position.
     pub ranges: Vec<(u64, u64)>,
@@ -500,8 +501,8 @@ pub fn manifests_prefix(prefix: &str, stream: &str, epoch: u64) -> String {
     format!("{}manifests/", epoch_prefix(prefix, stream, epoch))
 }
 
-/// A deletion record: named by the archive position when it was written and the time, so
-/// they list in the order they were written.
+/// A deletion record: named by the stream's last sequence when it was written and the time,
+/// so they list in the order they were written.
 pub fn deletions_key(prefix: &str, stream: &str, epoch: u64, through: u64, nanos: i64) -> String {
     format!("{}{through:020}-{nanos:020}.json", deletions_prefix(prefix, stream, epoch))
 }

@@ -484,16 +484,17 @@ pub async fn restore_stream(
     opts: &RestoreOptions<'_>,
 ) -> StreamReport {
     let mut report = StreamReport { stream: stream.to_string(), ..Default::default() };
-    let epoch = match opts.epoch {
-        Some(e) => e,
-        None => match crate::catalog::committed_position(s3, &opts.trust.key, stream).await {
-            Ok(p) => p.epoch,
-            Err(e) => {
-                report.problems.push(e.to_string());
-                return report;
-            }
-        },
+    let position = match crate::catalog::committed_position(s3, &opts.trust.key, stream).await {
+        Ok(p) => p,
+        Err(e) => {
+            report.problems.push(e.to_string());
+            return report;
+        }
     };
+    if let Some(p) = &position.cursor_problem {
+        report.problems.push(p.clone());
+    }
+    let epoch = opts.epoch.unwrap_or(position.epoch);
     report.epoch = epoch;
     let ms = match manifests(s3, opts.trust, stream, epoch).await {
         Ok((m, problems)) => {
@@ -508,6 +509,13 @@ pub async fn restore_stream(
     if let Some(first) = check_chain(stream, &ms).into_iter().next() {
         // An overlap or a gap: restore up to it only.
         report.problems.push(format!("{first}; restored up to it"));
+    }
+    let newest = ms.last().map(|(_, m)| m.last_seq).unwrap_or(0);
+    if let Some(c) = position.cursor.as_ref().filter(|c| c.epoch == epoch && c.last_seq > newest) {
+        report.problems.push(format!(
+            "the cursor says sequences up to {} are archived, but the manifests present end at {newest}: the newest manifests are missing",
+            c.last_seq
+        ));
     }
     let deleted = match deletions(s3, opts.trust, stream, epoch).await {
         Ok((d, problems)) => {
@@ -672,16 +680,28 @@ impl Target {
     /// duplicate window back.
     async fn finish(mut self, report: &mut StreamReport) -> Result<(), String> {
         let drained = self.drain(0).await;
+        let config = self.stream.get_info().await.map(|i| i.config).ok();
+        let denied = config.as_ref().is_some_and(|c| c.deny_delete);
+        if !self.delete.is_empty() && denied {
+            // A stream that denies deletes (event streams) is opened for them while it is
+            // restored, and closed again below.
+            if let Some(mut c) = config.clone() {
+                c.deny_delete = false;
+                if let Err(e) = self.js.update_stream(&c).await {
+                    report.problems.push(format!("allowing deletes for the restore: {e}"));
+                }
+            }
+        }
         for seq in std::mem::take(&mut self.delete) {
             match self.stream.delete_message(seq).await {
                 Ok(_) => report.deleted += 1,
                 Err(e) => report.problems.push(format!("sequence {seq}: deleting it again failed: {e}")),
             }
         }
-        if let Ok(mut info) = self.stream.get_info().await.map(|i| i.config) {
-            info.duplicate_window = self.window;
-            if let Err(e) = self.js.update_stream(&info).await {
-                report.problems.push(format!("putting the duplicate window back: {e}"));
+        if let Some(mut c) = config {
+            c.duplicate_window = self.window;
+            if let Err(e) = self.js.update_stream(&c).await {
+                report.problems.push(format!("putting the stream's configuration back: {e}"));
             }
         }
         drained

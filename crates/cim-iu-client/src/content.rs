@@ -13,9 +13,11 @@ use async_nats::jetstream::{
     object_store::{GetErrorKind, InfoErrorKind, ObjectMetadata, ObjectStore, PutErrorKind},
 };
 use cim_events::{
-    Cid, iu,
+    Cid, Component, iu,
     proto::iu::{CommandResult, CommitContent, ContentCommitted, CreateUnit, NewVersion, ReportCorrupt},
+    resources,
 };
+use futures::StreamExt;
 use prost::Message;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
@@ -83,6 +85,45 @@ impl IuClient {
             })
             .await
             .cloned()
+    }
+
+    /// The stream that holds the content bucket (looked up once).
+    async fn content_stream(&self) -> Result<jetstream::stream::Stream, IuError> {
+        self.content_stream
+            .get_or_try_init(|| async {
+                let name = resources::object_buckets(Component::InformationUnit)
+                    .into_iter()
+                    .find(|b| b.bucket == iu::CONTENT_BUCKET)
+                    .map(|b| b.stream_name())
+                    .ok_or_else(|| IuError::Internal(format!("no object bucket {}", iu::CONTENT_BUCKET)))?;
+                self.js.get_stream(&name).await.map_err(|e| {
+                    IuError::Unavailable(format!(
+                        "content stream {name}: {e} (is the information-unit service provisioned?)"
+                    ))
+                })
+            })
+            .await
+            .cloned()
+    }
+
+    /// How many chunk messages the content stream holds for the object with `nuid`.
+    async fn stored_chunks(&self, cid: &Cid, nuid: &str) -> Result<u64, IuError> {
+        let stream = self.content_stream().await?;
+        let subject = cim_events::subject::object_chunks(iu::CONTENT_BUCKET, nuid)
+            .map_err(|e| IuError::Nats(format!("content {cid}: {e}")))?;
+        let looking = |e: &dyn std::fmt::Display| IuError::Nats(format!("counting the chunks of content {cid}: {e}"));
+        let mut pages = tokio::time::timeout(self.timeout, stream.info_with_subjects(&subject))
+            .await
+            .map_err(|_| IuError::Timeout(format!("counting the chunks of content {cid}")))?
+            .map_err(|e| looking(&e))?;
+        let mut n = 0u64;
+        while let Some(page) = tokio::time::timeout(self.timeout, pages.next())
+            .await
+            .map_err(|_| IuError::Timeout(format!("counting the chunks of content {cid}")))?
+        {
+            n += page.map_err(|e| looking(&e))?.1 as u64;
+        }
+        Ok(n)
     }
 
     /// Streams `reader` into the content bucket under a fresh `upload.<uuidv7>` name, in chunks
@@ -191,6 +232,15 @@ impl IuClient {
                 )));
             }
         };
+        // Chunks that are gone (purged or lost) would leave the reader waiting for ever.
+        if info.chunks > 0 {
+            let stored = self.stored_chunks(&cid, &info.nuid).await?;
+            if stored < info.chunks as u64 {
+                let detail =
+                    format!("{stored} of its {} chunks are stored (the others were purged or lost)", info.chunks);
+                return Err(self.corrupt(&cid, detail).await);
+            }
+        }
         progress.start(Some(size));
         let mut object = store.get(cid.to_string()).await.map_err(|e| match e.kind() {
             GetErrorKind::NotFound => IuError::NotFound(format!("content {cid} is not stored")),
@@ -204,7 +254,15 @@ impl IuClient {
         let mut buf = vec![0u8; READ_BUFFER];
         let mut pos = 0u64;
         loop {
-            let n = match object.read(&mut buf).await {
+            // A chunk that never comes (removed while this read was under way) is an error
+            // within the timeout, not a wait for ever.
+            let read = tokio::time::timeout(self.timeout, object.read(&mut buf)).await.map_err(|_| {
+                IuError::Timeout(format!(
+                    "reading content {cid}: no chunk arrived within {:?} after {pos} of {size} bytes",
+                    self.timeout
+                ))
+            })?;
+            let n = match read {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::InvalidData => {

@@ -302,6 +302,15 @@ pub async fn run(args: ArchiveArgs) -> Result<ExitCode> {
                 None => args.conn.targets()?,
             };
             let mut failed = false;
+            // With NATS reachable, the archive is also checked against the streams and the
+            // storage manager's own record of what it verified; without, on its own.
+            let live = match tokio::time::timeout(std::time::Duration::from_secs(5), args.conn.jetstream()).await {
+                Ok(Ok(js)) => Some(js),
+                _ => {
+                    println!("(NATS not reachable: the archive is checked on its own, not against the streams)");
+                    None
+                }
+            };
             for t in targets {
                 let s3 = S3Client::new(t)?;
                 let trust = Trust { key: ArchiveKey::for_target(s3.target()), allow_unsigned };
@@ -314,7 +323,11 @@ pub async fn run(args: ArchiveArgs) -> Result<ExitCode> {
                     }
                 };
                 for name in names {
-                    for r in restore::verify_stream(&s3, &trust, &name).await {
+                    let mut reports = restore::verify_stream(&s3, &trust, &name).await;
+                    if let (Some(js), Some(current)) = (&live, reports.last_mut()) {
+                        current.problems.extend(against_the_stream(js, &name, &s3.target().name, current).await);
+                    }
+                    for r in reports {
                         print!("{}/", s3.target().name);
                         print_report(&r, "verified");
                         failed |= !r.problems.is_empty();
@@ -441,6 +454,37 @@ async fn status(conn: &ArchiveConn, max_lag: u64, required: &[String]) -> Result
         println!("archive status: {} required target(s) unreachable or behind", problems.len());
         Ok(ExitCode::FAILURE)
     }
+}
+
+/// What the live side says about the current epoch of an archived stream: the stream must
+/// not end before the archive (that would be another history), and the storage manager must
+/// not have verified more on this target than the archive now holds (manifests removed since).
+async fn against_the_stream(js: &jetstream::Context, stream: &str, target: &str, r: &StreamReport) -> Vec<String> {
+    let mut problems = Vec::new();
+    if let Ok(s) = js.get_stream(stream).await
+        && let Ok(info) = s.get_info().await
+        && info.state.last_sequence < r.last_seq
+    {
+        problems.push(format!(
+            "the stream ends at sequence {} but the archive's current epoch at {}: the stream is not the history archived",
+            info.state.last_sequence, r.last_seq
+        ));
+    }
+    let Ok(bucket) = resources::kv_bucket(Component::StorageManager, cim_events::storage::KV_ARCHIVE) else {
+        return problems;
+    };
+    if let Ok(kv) = js.get_key_value(&bucket).await
+        && let Ok(key) = cim_events::storage::target_key(stream, target)
+        && let Ok(Some(v)) = kv.get(&key).await
+        && let Ok(w) = serde_json::from_slice::<cim_events::storage::Watermark>(&v)
+        && w.verified_seq > r.last_seq
+    {
+        problems.push(format!(
+            "the storage manager verified sequences up to {} on {target}, but the archive now ends at {}: manifests were removed",
+            w.verified_seq, r.last_seq
+        ));
+    }
+    problems
 }
 
 #[cfg(test)]

@@ -2,28 +2,42 @@
 //! upload into content named by its CID, corruption reported and quarantined, and the
 //! collection rules that reclaim storage nobody can reach.
 //!
+//! A commit renames the upload: the content object keeps the upload's nuid, so the two names
+//! share one chunk subject. An upload brought back after its commit (a restore from an archive
+//! or a mirror, neither of which replays purges) therefore names the chunks of live content.
+//! So removing an object removes its metadata, and its chunks only when no other live
+//! (non-deleted) object names the same nuid; the chunks are otherwise left to rule 2.
+//!
 //! Collection rules (each run every `--iu-collect-interval`; docs/information-units.md):
-//! 1. an upload (`upload.<uuid>`) older than `--iu-orphan-grace` was never committed: deleted;
-//! 2. chunks whose object has no metadata (an upload cut off mid-way), last written longer than
-//!    the grace ago: purged;
+//! 1. an upload (`upload.<uuid>`) older than `--iu-orphan-grace` was never committed (a commit
+//!    refuses such an upload): its metadata is removed, and its chunks unless they are those of
+//!    live content (the upload was committed and has come back);
 //! 3. content no unit references any more — every unit whose versions include it is deleted —
 //!    and whose object and tombstones are older than `--iu-content-retention`: deleted, but
 //!    only once the storage manager has verified its archive on every required target
 //!    (`cim_runtime::archive_guard`); until then it is kept. Rule 3 only runs while the
-//!    projection is current, so it never acts on a partial view.
+//!    projection is current, so it never acts on a partial view;
+//! 2. (last, on a fresh listing) chunks that no live object's metadata names — an upload cut
+//!    off mid-way, or chunks rules 1 and 3 left — last written longer than the grace ago:
+//!    purged, once a second listing still shows no live object naming them.
 //!
-//! Rules 1 and 2 remove bytes that never became content of any unit (an upload that was
-//! never committed), so they do not wait for the archive.
+//! Rules 1 and 2 do not wait for the archive: rule 1 removes uploads never committed, and the
+//! chunks rule 2 purges are named by no live object (never content, or content whose record
+//! rule 3, after the retention guard, or a quarantine removed).
 //!
 //! Every collection is recorded as a `cim.evt.iu.content.<object>.collected` event.
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use async_nats::{
     Message,
     jetstream::{
         self,
-        object_store::{self, ObjectStore},
+        object_store::{self, ObjectInfo, ObjectStore},
     },
 };
 use cim_events::{
@@ -50,8 +64,24 @@ pub enum VerifyError {
     Other(String),
 }
 
-/// Reads the object stored for `cid` to the end and checks its bytes against the CID.
-pub async fn verify(store: &ObjectStore, cid: &Cid) -> Result<(), VerifyError> {
+/// How long a read of stored content may wait for its next chunk before it gives up.
+const CHUNK_WAIT: Duration = Duration::from_secs(30);
+
+/// How many chunk messages the content stream holds for `nuid`.
+pub async fn stored_chunks(stream: &jetstream::stream::Stream, nuid: &str) -> Result<u64, String> {
+    let subject = cim_events::subject::object_chunks(iu::CONTENT_BUCKET, nuid).map_err(|e| e.to_string())?;
+    let mut pages = stream.info_with_subjects(&subject).await.map_err(|e| e.to_string())?;
+    let mut n = 0u64;
+    while let Some(page) = pages.next().await {
+        n += page.map_err(|e| e.to_string())?.1 as u64;
+    }
+    Ok(n)
+}
+
+/// Reads the object stored for `cid` to the end and checks its bytes against the CID. Chunks
+/// that are gone (purged or lost) are a mismatch, found before reading: a reader waiting for
+/// them would wait forever.
+pub async fn verify(store: &ObjectStore, stream: &jetstream::stream::Stream, cid: &Cid) -> Result<(), VerifyError> {
     let info = match store.info(cid.to_string()).await {
         Ok(i) if i.deleted => return Err(VerifyError::Missing),
         Ok(i) => i,
@@ -61,11 +91,21 @@ pub async fn verify(store: &ObjectStore, cid: &Cid) -> Result<(), VerifyError> {
     if info.digest.as_deref() != Some(cid.to_object_digest().as_str()) {
         return Err(VerifyError::Mismatch(format!("stored digest {:?} is not the CID's", info.digest)));
     }
+    let chunks = stored_chunks(stream, &info.nuid).await.map_err(VerifyError::Other)?;
+    if chunks < info.chunks as u64 {
+        return Err(VerifyError::Mismatch(format!(
+            "{chunks} of its {} chunks are stored (the others were purged or lost)",
+            info.chunks
+        )));
+    }
     let mut object = store.get(cid.to_string()).await.map_err(|e| VerifyError::Other(e.to_string()))?;
     let mut hasher = CidHasher::new();
     let mut buf = vec![0u8; 256 * 1024];
     loop {
-        match object.read(&mut buf).await {
+        let read = tokio::time::timeout(CHUNK_WAIT, object.read(&mut buf))
+            .await
+            .map_err(|_| VerifyError::Other(format!("no chunk of {cid} arrived within {CHUNK_WAIT:?}")))?;
+        match read {
             Ok(0) => break,
             Ok(n) => hasher.update(&buf[..n]),
             // async-nats reports its own digest check failing as a read error
@@ -84,6 +124,28 @@ fn age(modified: Option<time::OffsetDateTime>) -> Duration {
     modified.map(|m| (time::OffsetDateTime::now_utc() - m).unsigned_abs()).unwrap_or(Duration::ZERO)
 }
 
+/// The objects of the content bucket at one moment, and which live names each nuid has.
+struct Listing {
+    objects: Vec<ObjectInfo>,
+    live_names: HashMap<String, Vec<String>>,
+}
+
+impl Listing {
+    /// A live object other than `name` that names the chunks of `nuid`.
+    fn other_owner(&self, nuid: &str, name: &str) -> Option<String> {
+        self.live_names.get(nuid)?.iter().find(|n| *n != name).cloned()
+    }
+}
+
+/// What removing an object did with its chunks.
+#[derive(Debug)]
+pub enum Removed {
+    /// Metadata and chunks removed (or there was nothing).
+    Whole,
+    /// Only the metadata: the chunks are also those of this live object.
+    MetadataOnly { chunks_of: String },
+}
+
 impl App {
     async fn record_collected(&self, object: &str, size: u64, reason: &str) {
         tracing::info!(object, size, reason, "collected");
@@ -96,56 +158,45 @@ impl App {
         }
     }
 
-    /// One pass of the collection rules; returns how many objects it reclaimed.
-    pub async fn collect_once(&self) -> anyhow::Result<usize> {
-        let grace = self.opts.orphan_grace;
-        let mut collected = 0;
-        let mut live_nuids = HashSet::new();
-        let mut stored = Vec::new();
+    async fn list_objects(&self) -> anyhow::Result<Listing> {
+        let mut objects = Vec::new();
+        let mut live_names: HashMap<String, Vec<String>> = HashMap::new();
         let mut list = self.content.list().await?;
         while let Some(info) = list.next().await {
             let info = info?;
             if !info.deleted {
-                live_nuids.insert(info.nuid.clone());
+                live_names.entry(info.nuid.clone()).or_default().push(info.name.clone());
             }
-            stored.push(info);
+            objects.push(info);
         }
+        Ok(Listing { objects, live_names })
+    }
+
+    /// Records the removal of `info` by a collection rule.
+    async fn record_removal(&self, info: &ObjectInfo, removed: Removed, reason: &str) {
+        match removed {
+            Removed::Whole => self.record_collected(&info.name, info.size as u64, reason).await,
+            Removed::MetadataOnly { chunks_of } => {
+                let reason = format!("{reason}; metadata only: its chunks are those of live object {chunks_of}");
+                self.record_collected(&info.name, 0, &reason).await
+            }
+        }
+    }
+
+    /// One pass of the collection rules; returns how many objects it reclaimed.
+    pub async fn collect_once(&self) -> anyhow::Result<usize> {
+        let grace = self.opts.orphan_grace;
+        let mut collected = 0;
+        let listing = self.list_objects().await?;
         // Rule 1: uploads never committed.
-        for info in stored.iter().filter(|i| i.name.starts_with(iu::UPLOAD_PREFIX)) {
+        for info in listing.objects.iter().filter(|i| i.name.starts_with(iu::UPLOAD_PREFIX)) {
             // A deleted upload (a client gave up) leaves only a tombstone: clear it too.
             if info.deleted || age(info.modified) > grace {
-                self.remove_object(&info.name).await.map_err(|e| anyhow::anyhow!(e.message))?;
-                self.record_collected(&info.name, info.size as u64, "upload never committed").await;
-                collected += 1;
-            }
-        }
-        // Rule 2: chunks without metadata.
-        let stream = self.content_stream().await.map_err(|e| anyhow::anyhow!(e.message))?;
-        let filter = cim_events::subject::all_object_chunks(iu::CONTENT_BUCKET)?;
-        let info = stream.info_with_subjects(&filter).await?;
-        let prefix = filter.trim_end_matches('>');
-        let subjects: Vec<String> = {
-            let mut names = Vec::new();
-            let mut s = info;
-            while let Some(page) = s.next().await {
-                let (subject, _) = page?;
-                names.push(subject);
-            }
-            names
-        };
-        for subject in subjects {
-            let nuid = subject.trim_start_matches(prefix);
-            if live_nuids.contains(nuid) {
-                continue;
-            }
-            let last = stream.get_last_raw_message_by_subject(&subject).await;
-            let old = match &last {
-                Ok(m) => age(Some(m.time)) > grace,
-                Err(_) => false,
-            };
-            if old {
-                let purged = stream.purge().filter(&subject).await?;
-                self.record_collected(nuid, purged.purged, "chunks of an interrupted upload").await;
+                let removed = self
+                    .remove_object(info, listing.other_owner(&info.nuid, &info.name))
+                    .await
+                    .map_err(|e| anyhow::anyhow!(e.message))?;
+                self.record_removal(info, removed, "upload never committed").await;
                 collected += 1;
             }
         }
@@ -159,7 +210,7 @@ impl App {
                 .filter(|u| !u.deleted || age(ms_to_time(u.updated_ms)) <= retention)
                 .flat_map(|u| u.versions.iter().map(|v| v.cid.clone()))
                 .collect();
-            for info in stored.iter().filter(|i| !i.deleted && i.name.parse::<Cid>().is_ok()) {
+            for info in listing.objects.iter().filter(|i| !i.deleted && i.name.parse::<Cid>().is_ok()) {
                 if !referenced.contains(&info.name) && age(info.modified) > retention {
                     // The retention guard: content leaves JetStream only once its archive is
                     // verified on every required target.
@@ -169,11 +220,60 @@ impl App {
                         tracing::info!(object = %info.name, reason = %why, "unreferenced content kept until its archive is verified");
                         continue;
                     }
-                    self.remove_object(&info.name).await.map_err(|e| anyhow::anyhow!(e.message))?;
-                    self.record_collected(&info.name, info.size as u64, "no live unit references it").await;
+                    let removed = self
+                        .remove_object(info, listing.other_owner(&info.nuid, &info.name))
+                        .await
+                        .map_err(|e| anyhow::anyhow!(e.message))?;
+                    self.record_removal(info, removed, "no live unit references it").await;
                     collected += 1;
                 }
             }
+        }
+        // Rule 2: chunks no live object names, on a listing taken after rules 1 and 3.
+        collected += self.collect_unnamed_chunks(grace).await?;
+        Ok(collected)
+    }
+
+    /// Rule 2: purges chunk subjects older than `grace` that no live object's metadata names.
+    /// A candidate is purged only if a second listing, taken after the candidates were found,
+    /// still shows no live object naming it: a commit renames an upload by purging its
+    /// metadata and then writing the content's, and a listing between the two sees neither.
+    async fn collect_unnamed_chunks(&self, grace: Duration) -> anyhow::Result<usize> {
+        let live = self.list_objects().await?.live_names;
+        let stream = self.content_stream().await.map_err(|e| anyhow::anyhow!(e.message))?;
+        let filter = cim_events::subject::all_object_chunks(iu::CONTENT_BUCKET)?;
+        let prefix = filter.trim_end_matches('>');
+        let mut subjects = Vec::new();
+        let mut pages = stream.info_with_subjects(&filter).await?;
+        while let Some(page) = pages.next().await {
+            subjects.push(page?.0);
+        }
+        let mut candidates = Vec::new();
+        for subject in subjects {
+            let nuid = subject.trim_start_matches(prefix).to_string();
+            if live.contains_key(&nuid) {
+                continue;
+            }
+            let old = match stream.get_last_raw_message_by_subject(&subject).await {
+                Ok(m) => age(Some(m.time)) > grace,
+                Err(_) => false,
+            };
+            if old {
+                candidates.push((subject, nuid));
+            }
+        }
+        if candidates.is_empty() {
+            return Ok(0);
+        }
+        let live = self.list_objects().await?.live_names;
+        let mut collected = 0;
+        for (subject, nuid) in candidates {
+            if live.contains_key(&nuid) {
+                continue;
+            }
+            let purged = stream.purge().filter(&subject).await?;
+            self.record_collected(&nuid, purged.purged, "chunks no live object names").await;
+            collected += 1;
         }
         Ok(collected)
     }
@@ -229,6 +329,15 @@ impl App {
             }
             Err(e) => return Err(internal("upload info")(Box::new(e))),
         };
+        // Collection removes uploads older than the grace at any moment (rule 1); one that old
+        // is also what a restore or a mirror brings back of an upload committed long ago.
+        let grace = self.opts.orphan_grace;
+        if age(info.modified) > grace {
+            return Err(ServiceError::conflict(format!(
+                "upload {} is older than the orphan grace ({grace:?}) and is collected as never committed; upload the content again",
+                c.upload
+            )));
+        }
         let cid = Cid::from_object_digest(info.digest.as_deref().unwrap_or(""))
             .map_err(|e| ServiceError::bad_request(format!("upload {}: {e}", c.upload)))?;
         let size = info.size as u64;
@@ -239,7 +348,14 @@ impl App {
                     // Only a tombstone of earlier (quarantined or collected) bytes: clear it.
                     self.purge_object_meta(&name).await?;
                 }
-                Ok(existing) if existing.digest == info.digest => break true,
+                Ok(existing) if existing.digest == info.digest => {
+                    if existing.nuid != info.nuid && !self.chunks_complete(&existing).await? {
+                        // The stored copy lost its chunks: this upload's bytes take its place.
+                        self.quarantine(&cid, "its chunks are not all stored").await?;
+                        continue;
+                    }
+                    break true;
+                }
                 Ok(_) => {
                     // A different object under this CID: never serve it; keep the honest bytes.
                     self.quarantine(&cid, "stored object's digest does not match its CID").await?;
@@ -257,7 +373,9 @@ impl App {
             }
         };
         if deduplicated {
-            if let Err(e) = self.remove_object(&c.upload).await {
+            // The copy already stored keeps its own chunks; `remove_object` checks that they
+            // are not this upload's (an upload brought back after its own commit).
+            if let Err(e) = self.remove_object(&info, None).await {
                 tracing::warn!(upload = %c.upload, error = %e.message, "could not drop a duplicate upload; collection will");
             }
         } else {
@@ -285,17 +403,64 @@ impl App {
         self.publish(subject, None, ContentCorrupted::TYPE, event.encode_to_vec(), None, None)
             .await
             .map_err(|e| ServiceError::unavailable(format!("recording corruption: {e:?}")))?;
-        self.remove_object(&cid.to_string()).await
+        let info = match self.content.info(cid.to_string()).await {
+            Ok(i) => i,
+            Err(e) if e.kind() == object_store::InfoErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(internal("content info")(Box::new(e))),
+        };
+        let listing =
+            self.list_objects().await.map_err(|e| ServiceError::unavailable(format!("listing objects: {e}")))?;
+        let removed = self.remove_object(&info, listing.other_owner(&info.nuid, &info.name)).await?;
+        if let Removed::MetadataOnly { chunks_of } = removed {
+            tracing::warn!(%cid, %chunks_of, "quarantined content's chunks kept: another live object names them");
+        }
+        Ok(())
     }
 
-    /// Deletes an object completely: its chunks and its metadata (no tombstone is left).
-    pub async fn remove_object(&self, name: &str) -> Result<(), ServiceError> {
-        match self.content.delete(name).await {
-            Ok(()) => {}
-            Err(e) if e.kind() == object_store::DeleteErrorKind::NotFound => {}
-            Err(e) => return Err(internal("removing an object")(Box::new(e))),
+    /// Removes an object: its metadata (no tombstone is left) and its chunks, unless another
+    /// live object names the same chunks. The caller passes such an object if it knows one
+    /// (from a listing); for an upload, the content its digest names is checked too, after
+    /// the upload's metadata is gone: that is what a commit renames the upload to, keeping its
+    /// nuid, and a commit under way has then either failed (no upload) or written it.
+    pub async fn remove_object(&self, info: &ObjectInfo, other_owner: Option<String>) -> Result<Removed, ServiceError> {
+        self.purge_object_meta(&info.name).await?;
+        let owner = match other_owner {
+            Some(o) => Some(o),
+            None => self.committed_as(info).await?,
+        };
+        if let Some(chunks_of) = owner {
+            tracing::info!(object = %info.name, %chunks_of, "metadata removed; the chunks are another live object's");
+            return Ok(Removed::MetadataOnly { chunks_of });
         }
-        self.purge_object_meta(name).await
+        let subject = cim_events::subject::object_chunks(iu::CONTENT_BUCKET, &info.nuid)
+            .map_err(|e| ServiceError::internal(format!("object {}: {e}", info.name)))?;
+        let stream = self.content_stream().await?;
+        stream.purge().filter(subject).await.map_err(|e| internal("purging object chunks")(Box::new(e)))?;
+        Ok(Removed::Whole)
+    }
+
+    /// The live content an upload was committed as: the object its digest names, if that
+    /// has the upload's nuid.
+    async fn committed_as(&self, upload: &ObjectInfo) -> Result<Option<String>, ServiceError> {
+        if !upload.name.starts_with(iu::UPLOAD_PREFIX) {
+            return Ok(None);
+        }
+        let Some(cid) = upload.digest.as_deref().and_then(|d| Cid::from_object_digest(d).ok()) else {
+            return Ok(None);
+        };
+        match self.content.info(cid.to_string()).await {
+            Ok(c) if !c.deleted && c.nuid == upload.nuid => Ok(Some(c.name)),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == object_store::InfoErrorKind::NotFound => Ok(None),
+            Err(e) => Err(internal("content info")(Box::new(e))),
+        }
+    }
+
+    /// Whether the stream holds every chunk `info` records.
+    async fn chunks_complete(&self, info: &ObjectInfo) -> Result<bool, ServiceError> {
+        let stream = self.content_stream().await?;
+        let stored = stored_chunks(&stream, &info.nuid).await.map_err(ServiceError::unavailable)?;
+        Ok(stored >= info.chunks as u64)
     }
 
     async fn purge_object_meta(&self, name: &str) -> Result<(), ServiceError> {
@@ -318,7 +483,8 @@ impl App {
     pub async fn report_corrupt(&self, msg: Message) -> Result<Reply, ServiceError> {
         let c: cim_events::proto::iu::ReportCorrupt = decode(&msg)?;
         let cid = domain::validate_cid(&c.cid).map_err(reject)?;
-        match crate::content::verify(&self.content, &cid).await {
+        let stream = self.content_stream().await?;
+        match crate::content::verify(&self.content, &stream, &cid).await {
             Ok(()) => Err(ServiceError::conflict(format!("content {cid} was read back and matches its CID"))),
             Err(crate::content::VerifyError::Missing) => {
                 Err(ServiceError::not_found(format!("content {cid} is not stored")))

@@ -81,7 +81,7 @@ pub async fn run_deletions(
                     stream: stream.clone(),
                     epoch: now.epoch,
                     seen_unix_nanos: time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64,
-                    through: now.position,
+                    through: info.state.last_sequence,
                     ranges: fresh.clone(),
                     key_id: None,
                     mac: None,
@@ -91,7 +91,7 @@ pub async fn run_deletions(
                     &s3.target().prefix,
                     &stream,
                     now.epoch,
-                    now.position,
+                    info.state.last_sequence,
                     record.seen_unix_nanos,
                 );
                 let body = Bytes::from(serde_json::to_vec_pretty(&record).expect("deletions serialise"));

@@ -676,3 +676,216 @@ async fn units_work_on_a_three_node_cluster_with_r3() -> Result<()> {
     assert_eq!(iu.get_bytes(&iu.unit(&u.unit_id).await?.cid, None).await?, b"replicated");
     Ok(())
 }
+
+/// Bytes that differ from unit to unit and span several 128 KiB chunks for most of them.
+fn unit_bytes(i: usize) -> Vec<u8> {
+    (0..1_000 + i * 97_000).map(|j| (j as u8).wrapping_mul(31) ^ (j >> 9) as u8 ^ i as u8).collect()
+}
+
+/// How many chunk messages the content stream holds for the object `nuid`.
+async fn chunk_count(js: &jetstream::Context, nuid: &str) -> Result<u64> {
+    let stream = js.get_stream(resources::object_buckets(C)[0].stream_name()).await?;
+    let mut pages = stream.info_with_subjects(subject::object_chunks(iu::CONTENT_BUCKET, nuid)?).await?;
+    let mut n = 0;
+    while let Some(page) = pages.next().await {
+        n += page?.1 as u64;
+    }
+    Ok(n)
+}
+
+/// Uploads `bytes`, keeps the upload's metadata message as the stream held it, commits it
+/// (which purges that message) and creates a unit of it: (unit id, CID, the message).
+async fn commit_keeping_the_upload_record(
+    cim: &CimFixture,
+    bytes: &[u8],
+    name: &str,
+) -> Result<(String, String, jetstream::message::StreamMessage)> {
+    let (iu, js) = (cim.iu(), cim.js());
+    let upload = iu.upload(bytes, &mut NoProgress).await?;
+    let stream = js.get_stream(resources::object_buckets(C)[0].stream_name()).await?;
+    let record =
+        stream.get_last_raw_message_by_subject(&subject::object_meta(iu::CONTENT_BUCKET, &upload.name)?).await?;
+    let committed = iu.commit(&upload.name).await?;
+    assert!(!committed.deduplicated);
+    let store = js.get_object_store(iu::CONTENT_BUCKET).await?;
+    assert!(store.info(&upload.name).await.is_err(), "the commit purged the upload's metadata");
+    let u = iu.create(create(&committed.cid, name)).await?;
+    Ok((u.unit_id, committed.cid, record))
+}
+
+/// Publishes a kept metadata message again exactly as it was (subject, headers, body), as a
+/// restore from an archive or from a mirror (neither replays purges) brings it back.
+async fn bring_back(js: &jetstream::Context, record: &jetstream::message::StreamMessage) -> Result<()> {
+    js.publish_with_headers(record.subject.clone(), record.headers.clone(), record.payload.clone()).await?.await?;
+    Ok(())
+}
+
+/// Every unit's content still reads back byte for byte, verified against its CID, and every
+/// chunk it records is still in the stream.
+async fn content_intact(cim: &CimFixture, units: &[(String, String, Vec<u8>)]) -> Result<()> {
+    let (iu, js) = (cim.iu(), cim.js());
+    let store = js.get_object_store(iu::CONTENT_BUCKET).await?;
+    let mut lost = Vec::new();
+    for (unit_id, cid, _) in units {
+        let info = store.info(cid).await?;
+        anyhow::ensure!(!info.deleted, "content {cid} of unit {unit_id} was deleted");
+        let stored = chunk_count(&js, &info.nuid).await?;
+        if stored != info.chunks as u64 {
+            lost.push(format!("{cid}: {stored} of {} chunks", info.chunks));
+        }
+    }
+    anyhow::ensure!(lost.is_empty(), "{} of {} units lost chunks: {lost:?}", lost.len(), units.len());
+    for (unit_id, cid, bytes) in units {
+        assert_eq!(&iu.unit(unit_id).await?.cid, cid);
+        let read = tokio::time::timeout(Duration::from_secs(30), iu.get_bytes(cid, None)).await??;
+        assert_eq!(Cid::of(&read).to_string(), *cid);
+        assert!(read == *bytes, "content {cid} reads back other bytes");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn uploads_brought_back_after_their_commit_are_collected_without_the_content_they_share() -> Result<()> {
+    let cim = start(&["--iu-orphan-grace", "2s", "--iu-collect-interval", "300ms"]).await?;
+    let js = cim.js();
+    let store = js.get_object_store(iu::CONTENT_BUCKET).await?;
+    let mut units = Vec::new();
+    let mut records = Vec::new();
+    for i in 0..8 {
+        let bytes = unit_bytes(i);
+        let (unit_id, cid, record) = commit_keeping_the_upload_record(&cim, &bytes, &format!("u{i}")).await?;
+        units.push((unit_id, cid, bytes));
+        records.push(record);
+    }
+    // The purged upload records come back, naming the committed objects' chunks.
+    let mut uploads = Vec::new();
+    for (record, (_, cid, _)) in records.iter().zip(&units) {
+        bring_back(&js, record).await?;
+        let info: async_nats::jetstream::object_store::ObjectInfo = serde_json::from_slice(&record.payload)?;
+        let back = store.info(&info.name).await?;
+        assert!(!back.deleted && back.nuid == store.info(cid).await?.nuid, "{} shares {cid}'s chunks", info.name);
+        uploads.push(info.name);
+    }
+    // Collection (rule 1) removes them once they are older than the grace.
+    eventually(Duration::from_secs(60), "the uploads brought back collected", || async {
+        for name in &uploads {
+            let token = name.replace('.', "_");
+            anyhow::ensure!(
+                event_count(&js, &iu::content_event(&token, iu::action::COLLECTED)?).await? >= 1,
+                "{name} not collected yet"
+            );
+            anyhow::ensure!(store.info(name).await.is_err(), "{name} still listed");
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| e.context(cim.service(C).log()))?;
+    let events = js.get_stream(resources::events_stream(C).name).await?;
+    for name in &uploads {
+        let subject = iu::content_event(&name.replace('.', "_"), iu::action::COLLECTED)?;
+        let event = ContentCollected::decode(events.get_last_raw_message_by_subject(&subject).await?.payload)?;
+        assert!(event.size == 0 && event.reason.contains("metadata only"), "{name}: {event:?}");
+    }
+    // Chunks no object names, older than the grace (a client cut off mid-upload): once rule 2
+    // has purged them, a whole pass has run over the store without the uploads.
+    let orphan = format!("cutoff{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos());
+    js.publish(subject::object_chunks(iu::CONTENT_BUCKET, &orphan)?, "cut off".into()).await?.await?;
+    eventually(Duration::from_secs(60), "the orphaned chunks collected", || async {
+        anyhow::ensure!(chunk_count(&js, &orphan).await? == 0, "still there");
+        Ok(())
+    })
+    .await?;
+    content_intact(&cim, &units).await.map_err(|e| e.context(cim.service(C).log()))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upload_brought_back_after_its_commit_cannot_take_its_content_with_it() -> Result<()> {
+    let cim = start(&[]).await?;
+    let (iu, js) = (cim.iu(), cim.js());
+    let store = js.get_object_store(iu::CONTENT_BUCKET).await?;
+    let mut units = Vec::new();
+    let mut records = Vec::new();
+    for i in 0..2 {
+        let bytes = unit_bytes(i + 1);
+        let (unit_id, cid, record) = commit_keeping_the_upload_record(&cim, &bytes, &format!("u{i}")).await?;
+        units.push((unit_id, cid, bytes));
+        records.push(record);
+    }
+    // Committed again while young: a duplicate, dropped without the chunks it shares.
+    bring_back(&js, &records[0]).await?;
+    let upload: async_nats::jetstream::object_store::ObjectInfo = serde_json::from_slice(&records[0].payload)?;
+    let again = iu.commit(&upload.name).await?;
+    assert!(again.deduplicated && again.cid == units[0].1, "{again:?}");
+    assert!(store.info(&upload.name).await.is_err(), "the duplicate upload is gone");
+    content_intact(&cim, &units[..1]).await?;
+    // Brought back with its original age past the grace: the commit is refused.
+    let mut old: serde_json::Value = serde_json::from_slice(&records[1].payload)?;
+    old["mtime"] = serde_json::json!("2020-01-01T00:00:00Z");
+    js.publish_with_headers(records[1].subject.clone(), records[1].headers.clone(), serde_json::to_vec(&old)?.into())
+        .await?
+        .await?;
+    let name = old["name"].as_str().unwrap_or_default().to_string();
+    assert!(store.info(&name).await.is_ok(), "{old}");
+    let err = iu.commit(&name).await.unwrap_err();
+    assert!(matches!(err, IuError::Conflict(_)) && err.to_string().contains("orphan grace"), "{err}");
+    content_intact(&cim, &units).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn content_whose_chunks_are_gone_is_a_clear_error_within_the_timeout_and_a_new_upload_heals_it() -> Result<()> {
+    let cim = start(&[]).await?;
+    let (iu, js) = (cim.iu(), cim.js());
+    let store = js.get_object_store(iu::CONTENT_BUCKET).await?;
+    let stream = js.get_stream(resources::object_buckets(C)[0].stream_name()).await?;
+    let lose_chunks = |cid: String| {
+        let (store, stream) = (store.clone(), stream.clone());
+        async move {
+            let nuid = store.info(&cid).await?.nuid;
+            stream.purge().filter(subject::object_chunks(iu::CONTENT_BUCKET, &nuid)?).await?;
+            anyhow::Ok(())
+        }
+    };
+    let (a, b) = (unit_bytes(3), unit_bytes(2));
+    let ca = iu.put_bytes(&a).await?.cid;
+    let ua = iu.create(create(&ca, "a")).await?;
+    let cb = iu.put_bytes(&b).await?.cid;
+    lose_chunks(ca.clone()).await?;
+    lose_chunks(cb.clone()).await?;
+
+    // `cimctl iu get` says what is wrong, within its timeout, instead of waiting for ever.
+    let dir = tempfile::tempdir()?;
+    let out = dir.path().join("a.bin");
+    let started = std::time::Instant::now();
+    let got = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new(crate::common::bin("cimctl"))
+            .args(["iu", "--nats-url", cim.url(), "--timeout", "3", "get", &ua.unit_id, "-o"])
+            .arg(&out)
+            .output(),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("cimctl iu get --timeout 3 still running after 30 s"))??;
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&got.stderr);
+    assert!(!got.status.success(), "{stderr}");
+    assert!(took < Duration::from_secs(6), "took {took:?}");
+    assert!(stderr.contains(&ca) && stderr.contains("0 of its") && stderr.contains("purged or lost"), "{stderr}");
+    assert!(!out.exists(), "no partial download left");
+    // The client reports it; the service checks for itself and quarantines the record.
+    eventually(READY, "the lost content recorded and removed", || async {
+        anyhow::ensure!(event_count(&js, &iu::content_event(&ca, iu::action::CORRUPTED)?).await? >= 1);
+        anyhow::ensure!(store.info(&ca).await.is_err(), "record still there");
+        Ok(())
+    })
+    .await?;
+    let err = iu.get_bytes(&ca, None).await.unwrap_err();
+    assert!(matches!(err, IuError::NotFound(_)), "{err}");
+    // The same bytes uploaded again are stored again, whether or not anyone read the lost copy.
+    let again = iu.put_bytes(&a).await?;
+    assert!(again.cid == ca && !again.deduplicated, "{again:?}");
+    assert_eq!(iu.get_bytes(&iu.unit(&ua.unit_id).await?.cid, None).await?, a);
+    let again = iu.put_bytes(&b).await?;
+    assert!(again.cid == cb && !again.deduplicated, "{again:?}");
+    assert_eq!(iu.get_bytes(&cb, None).await?, b);
+    Ok(())
+}

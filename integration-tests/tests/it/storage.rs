@@ -16,10 +16,10 @@ use tokio::io::AsyncReadExt;
 
 use crate::common::{ServiceProc, wait_ready};
 
-const BUCKET: &str = "cim-archive";
-const WAIT: Duration = Duration::from_secs(90);
+pub(crate) const BUCKET: &str = "cim-archive";
+pub(crate) const WAIT: Duration = Duration::from_secs(90);
 
-fn target(s3: &S3Server, name: &str, prefix: &str) -> Target {
+pub(crate) fn target(s3: &S3Server, name: &str, prefix: &str) -> Target {
     Target {
         name: name.to_string(),
         endpoint: s3.endpoint(),
@@ -31,7 +31,7 @@ fn target(s3: &S3Server, name: &str, prefix: &str) -> Target {
     }
 }
 
-fn spec(s3: &S3Server, name: &str, prefix: &str, env: &str) -> String {
+pub(crate) fn spec(s3: &S3Server, name: &str, prefix: &str, env: &str) -> String {
     format!(
         "name={name},endpoint={},region={},bucket={BUCKET},path-style=true,prefix={prefix},credentials-env={env}",
         s3.endpoint(),
@@ -39,22 +39,22 @@ fn spec(s3: &S3Server, name: &str, prefix: &str, env: &str) -> String {
     )
 }
 
-fn events_stream() -> String {
+pub(crate) fn events_stream() -> String {
     resources::events_stream(Component::InformationUnit).name
 }
 
-fn content_bucket() -> resources::ObjectBucketSpec {
+pub(crate) fn content_bucket() -> resources::ObjectBucketSpec {
     resources::object_buckets(Component::InformationUnit).remove(0)
 }
 
 /// Creates the streams the test archives (normally the information-unit service does).
-async fn provision(js: &jetstream::Context) -> Result<()> {
+pub(crate) async fn provision(js: &jetstream::Context) -> Result<()> {
     js.get_or_create_stream(resources::events_stream(Component::InformationUnit).config(Tier::Leaf)).await?;
     js.create_object_store(content_bucket().config(Tier::Leaf)).await?;
     Ok(())
 }
 
-async fn publish_events(js: &jetstream::Context, from: u64, to: u64) -> Result<()> {
+pub(crate) async fn publish_events(js: &jetstream::Context, from: u64, to: u64) -> Result<()> {
     let mut acks = Vec::new();
     for i in from..to {
         let subject =
@@ -80,7 +80,7 @@ async fn publish_events(js: &jetstream::Context, from: u64, to: u64) -> Result<(
     Ok(())
 }
 
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+pub(crate) fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;
     (0..len)
         .map(|_| {
@@ -92,11 +92,11 @@ fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
-async fn last_seq(js: &jetstream::Context, stream: &str) -> Result<u64> {
+pub(crate) async fn last_seq(js: &jetstream::Context, stream: &str) -> Result<u64> {
     Ok(js.get_stream(stream).await?.info().await?.state.last_sequence)
 }
 
-async fn wait_archived(s3: &S3Client, stream: &str, last: u64) -> Result<()> {
+pub(crate) async fn wait_archived(s3: &S3Client, stream: &str, last: u64) -> Result<()> {
     eventually(WAIT, &format!("{stream} archived to {} up to {last}", s3.target().name), || async {
         let p = archived_through(s3, stream).await?;
         ensure!(p >= last, "at {p}");
@@ -105,7 +105,7 @@ async fn wait_archived(s3: &S3Client, stream: &str, last: u64) -> Result<()> {
     .await
 }
 
-fn headers_of(h: &HeaderMap) -> Vec<(String, String)> {
+pub(crate) fn headers_of(h: &HeaderMap) -> Vec<(String, String)> {
     let mut v: Vec<(String, String)> = h
         .iter()
         .flat_map(|(k, vs)| vs.iter().map(move |x| (k.to_string(), x.to_string())))
@@ -145,18 +145,18 @@ async fn object_sha(js: &jetstream::Context, name: &str) -> Result<String> {
 }
 
 /// The target's own key, signatures required.
-fn trust(s3: &S3Client) -> restore::Trust {
+pub(crate) fn trust(s3: &S3Client) -> restore::Trust {
     restore::Trust::new(ArchiveKey::for_target(s3.target()))
 }
 
 /// Verifies the current (only) epoch of `stream`.
-async fn verify(s3: &S3Client, stream: &str) -> restore::StreamReport {
+pub(crate) async fn verify(s3: &S3Client, stream: &str) -> restore::StreamReport {
     let mut reports = restore::verify_stream(s3, &trust(s3), stream).await;
     assert_eq!(reports.len(), 1, "one epoch expected: {reports:?}");
     reports.remove(0)
 }
 
-fn restore_env() -> impl Fn(&str, u64) + Sync {
+pub(crate) fn restore_env() -> impl Fn(&str, u64) + Sync {
     |_s: &str, _n: u64| {}
 }
 
@@ -176,7 +176,7 @@ async fn restore_into(s3: &S3Client, until: Until) -> Result<(NatsServer, Vec<re
 
 /// A storage manager archiving to `nas` and `wasabi` (each with its key prefix), credentials
 /// from the environment, plus `extra` arguments.
-fn start_two_targets(
+pub(crate) fn start_two_targets(
     nats: &NatsServer,
     nas: (&S3Server, &str),
     wasabi: (&S3Server, &str),
@@ -381,7 +381,7 @@ async fn storage_archive_rides_out_an_s3_outage() -> Result<()> {
     Ok(())
 }
 
-async fn cimctl(args: &[&str], nats_url: &str, spec: &str, env: &[(&str, &str)]) -> Result<(bool, String)> {
+pub(crate) async fn cimctl(args: &[&str], nats_url: &str, spec: &str, env: &[(&str, &str)]) -> Result<(bool, String)> {
     let out = tokio::process::Command::new(crate::common::bin("cimctl"))
         .args(args)
         .env("CIM_NATS_URL", nats_url)
