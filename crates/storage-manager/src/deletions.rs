@@ -35,8 +35,10 @@ pub async fn run_deletions(
     // The epoch whose records `known` holds, and the deleted sequences recorded in it.
     let mut epoch: Option<u64> = None;
     let mut known: Vec<(u64, u64)> = Vec::new();
-    // The stream's (deleted count, first sequence, archive position) at the last look.
+    // The stream's (deleted count, first sequence) at the last look, and the smallest deleted
+    // sequence then still above the archive position (0: none).
     let mut seen: Option<(u64, u64, u64)> = None;
+    let mut waiting_above: u64 = 0;
     let mut failing: Option<String> = None;
     loop {
         let now = *archived.borrow_and_update();
@@ -57,8 +59,10 @@ pub async fn run_deletions(
             }
             let s = js.get_stream(&stream).await.map_err(|e| e.to_string())?;
             let info = s.get_info().await.map_err(|e| e.to_string())?;
-            let look = (info.state.deleted_count.unwrap_or(0), info.state.first_sequence, now.position);
-            if seen == Some(look) {
+            // The full list is read again only when something was deleted, or when deletions
+            // the archive had not reached last time may now be below its position.
+            let look = (info.state.deleted_count.unwrap_or(0), info.state.first_sequence, waiting_above);
+            if seen == Some(look) && (waiting_above == 0 || now.position < waiting_above) {
                 return Ok(());
             }
             let mut deleted: Vec<u64> = Vec::new();
@@ -68,6 +72,7 @@ pub async fn run_deletions(
             }
             // Everything below the first sequence was purged too.
             let below = info.state.first_sequence.saturating_sub(1).min(now.position);
+            waiting_above = deleted.iter().copied().filter(|s| *s > now.position).min().unwrap_or(0);
             let mut new: Vec<u64> = deleted.into_iter().filter(|s| *s <= now.position).collect();
             new.sort_unstable();
             let mut ranges = to_ranges(new);
@@ -100,7 +105,7 @@ pub async fn run_deletions(
                 tracing::info!(stream = %stream, target = %target, deleted = n, key = %k, "deletions archived");
                 known = merge(known.iter().chain(fresh.iter()).copied().collect());
             }
-            seen = Some(look);
+            seen = Some((look.0, look.1, waiting_above));
             Ok::<(), String>(())
         }
         .await;
