@@ -275,9 +275,21 @@ async fn bench_object(
     let part_bytes = ArchiveSettings::default().part_bytes;
     let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let t = Instant::now();
-    let copied = storage_manager::objects::sync_once(js, archive_c, &spec.bucket, part_bytes, &stop_rx)
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let health = storage_manager::health::TargetHealth::standalone(&archive_c.target().name);
+    let mut memo = storage_manager::objects::Copied::default();
+    let stream = spec.stream_name();
+    let copied = storage_manager::objects::sync_once(
+        js,
+        archive_c,
+        &spec.bucket,
+        &stream,
+        part_bytes,
+        &mut memo,
+        &health,
+        &stop_rx,
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
     let copy = t.elapsed();
     if copied != 1 {
         bail!("the object copy copied {copied} objects, not 1");

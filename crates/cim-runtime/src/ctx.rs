@@ -40,6 +40,8 @@ pub(crate) struct Shared {
     /// Told to drain (takes no new work); `drained` once nothing is held any more.
     pub(crate) draining: AtomicBool,
     pub(crate) drained: AtomicBool,
+    /// Why the service is degraded (ready, but something it looks after is not right).
+    pub(crate) degraded: crate::health::Degraded,
 }
 
 impl std::fmt::Debug for Ctx {
@@ -85,6 +87,12 @@ impl Ctx {
 
     pub fn is_stopping(&self) -> bool {
         *self.0.stopping.borrow()
+    }
+
+    /// Where the service says it is degraded: ready for work, but something it looks after is
+    /// not as it should be. Shown by heartbeats, `/readyz`, `cim_degraded`, `cimctl status`.
+    pub fn degraded(&self) -> &crate::health::Degraded {
+        &self.0.degraded
     }
 
     /// True once the instance was told to drain (its node is being drained).

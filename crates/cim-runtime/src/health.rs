@@ -1,8 +1,13 @@
 //! Readiness and heartbeats: readiness true only while NATS is connected and every owned
 //! stream answers (a stream that disappeared is re-provisioned), a heartbeat on every interval.
+//! Apart from readiness, a service may say it is *degraded* ([`Degraded`]): it takes work,
+//! but something it is responsible for is not as it should be (the storage manager cannot
+//! reach an archive target, or one falls behind). Heartbeats, `/readyz` (still 200) and
+//! `cim_degraded` carry it; `cimctl status` shows it.
 
 use std::{
-    sync::{Arc, atomic::Ordering},
+    collections::BTreeMap,
+    sync::{Arc, Mutex, atomic::Ordering},
     time::Duration,
 };
 
@@ -23,6 +28,8 @@ pub(crate) async fn watch_health(ctx: Ctx, health: http::Health, reconnected: Ar
         let ready = check_ready(&ctx, &owned).await && !ctx.is_draining();
         ctx.0.ready.store(ready, Ordering::SeqCst);
         health.set_ready(ready);
+        let degraded = ctx.degraded().summary();
+        health.set_degraded(degraded.clone());
         if let Some(subject) = &heartbeat
             && ctx.client().connection_state() == async_nats::connection::State::Connected
         {
@@ -36,6 +43,7 @@ pub(crate) async fn watch_health(ctx: Ctx, health: http::Health, reconnected: Ar
                 draining: ctx.is_draining(),
                 drained: ctx.is_drained(),
                 node: settings.node.clone(),
+                degraded: degraded.unwrap_or_default(),
             };
             let _ = ctx.publish_root(subject.clone(), &beat).instrument(tracing::info_span!("heartbeat")).await;
         }
@@ -73,4 +81,63 @@ async fn check_ready(ctx: &Ctx, owned: &[String]) -> bool {
         }
     }
     true
+}
+
+/// Why a running service is degraded, by concern (a service sets and clears its own keys,
+/// e.g. one per archive target). Cheap to clone; every clone is the same state.
+#[derive(Clone, Debug, Default)]
+pub struct Degraded(Arc<Mutex<BTreeMap<String, String>>>);
+
+/// At most this many reasons are spelled out in the summary.
+const MAX_REASONS: usize = 4;
+
+impl Degraded {
+    /// Sets (`Some`) or clears (`None`) the reason under `key`.
+    pub fn set(&self, key: &str, reason: Option<String>) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match reason {
+            Some(r) => {
+                if map.get(key) != Some(&r) {
+                    map.insert(key.to_string(), r);
+                }
+            }
+            None => {
+                map.remove(key);
+            }
+        }
+    }
+
+    /// Every reason, `; `-separated (the first few, then how many more), or `None` when the
+    /// service is not degraded.
+    pub fn summary(&self) -> Option<String> {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if map.is_empty() {
+            return None;
+        }
+        let mut s = map.values().take(MAX_REASONS).cloned().collect::<Vec<_>>().join("; ");
+        if map.len() > MAX_REASONS {
+            s.push_str(&format!("; and {} more", map.len() - MAX_REASONS));
+        }
+        Some(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn degraded_reasons_are_set_cleared_and_summarised() {
+        let d = Degraded::default();
+        assert_eq!(d.summary(), None);
+        d.set("a", Some("target a unreachable".into()));
+        d.clone().set("b", Some("target b behind".into()));
+        assert_eq!(d.summary().unwrap(), "target a unreachable; target b behind");
+        d.set("a", None);
+        assert_eq!(d.summary().unwrap(), "target b behind");
+        for i in 0..6 {
+            d.set(&format!("k{i}"), Some(format!("r{i}")));
+        }
+        assert!(d.summary().unwrap().ends_with("; and 3 more"), "{:?}", d.summary());
+    }
 }

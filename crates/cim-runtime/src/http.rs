@@ -1,7 +1,7 @@
 //! The per-service HTTP endpoint: `/livez`, `/readyz` and `/metrics`.
 
 use std::sync::{
-    Arc,
+    Arc, Mutex,
     atomic::{AtomicBool, Ordering},
 };
 
@@ -14,17 +14,24 @@ use crate::metrics::Metrics;
 #[derive(Clone, Debug)]
 pub struct Health {
     ready: Arc<AtomicBool>,
+    /// Ready, but degraded: why (still 200 on `/readyz`: the service takes work).
+    degraded: Arc<Mutex<Option<String>>>,
     metrics: Metrics,
 }
 
 impl Health {
     pub fn new(metrics: Metrics) -> Health {
-        Health { ready: Arc::new(AtomicBool::new(false)), metrics }
+        Health { ready: Arc::new(AtomicBool::new(false)), degraded: Arc::default(), metrics }
     }
 
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::SeqCst);
         self.metrics.ready.set(i64::from(ready));
+    }
+
+    pub fn set_degraded(&self, why: Option<String>) {
+        self.metrics.degraded.set(i64::from(why.is_some()));
+        *self.degraded.lock().unwrap_or_else(|e| e.into_inner()) = why;
     }
 }
 
@@ -42,9 +49,13 @@ pub async fn serve(listener: TcpListener, health: Health, stop: Arc<Notify>) {
 
 async fn readyz(State(h): State<Health>) -> impl IntoResponse {
     if h.ready.load(Ordering::SeqCst) {
-        (StatusCode::OK, "ready\n")
+        // Degraded is still ready: the service takes work; the body says what is wrong.
+        match h.degraded.lock().unwrap_or_else(|e| e.into_inner()).as_deref() {
+            Some(why) => (StatusCode::OK, format!("ready, degraded: {why}\n")),
+            None => (StatusCode::OK, "ready\n".to_string()),
+        }
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: NATS or owned streams unavailable\n")
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: NATS or owned streams unavailable\n".to_string())
     }
 }
 

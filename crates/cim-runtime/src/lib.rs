@@ -24,6 +24,7 @@ use std::{future::Future, pin::Pin, process::ExitCode};
 
 pub use config::{CommonArgs, CommonSettings, ConfigError, EXIT_CONFIG, parse_or_exit};
 pub use endpoint::{Endpoint, Endpoints, Reply, ServiceError, json_request};
+pub use health::Degraded;
 pub use publish::{NewEvent, PublishError};
 pub use service::{Ctx, Service, ServiceDef};
 

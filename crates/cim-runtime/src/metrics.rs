@@ -22,6 +22,11 @@ pub struct ProjectionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TargetLabels {
+    pub target: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ArchiveLabels {
     pub stream: String,
     pub target: String,
@@ -48,6 +53,14 @@ pub struct Metrics {
     pub archive_lag: Family<ArchiveLabels, Gauge<i64, AtomicI64>>,
     /// Stream sequence through which a stream is archived and verified on a target.
     pub archive_verified: Family<ArchiveLabels, Gauge<i64, AtomicI64>>,
+    /// Unix time (seconds) of the last verification round of a stream that reached its target.
+    pub archive_verified_time: Family<ArchiveLabels, Gauge<i64, AtomicI64>>,
+    /// 1 while the last request to an archive target succeeded, 0 while it fails.
+    pub archive_target_up: Family<TargetLabels, Gauge<i64, AtomicI64>>,
+    /// Unix time (seconds) of the last request an archive target answered successfully.
+    pub archive_target_ok_time: Family<TargetLabels, Gauge<i64, AtomicI64>>,
+    /// 1 while the service says it is degraded (ready, but something it looks after is wrong).
+    pub degraded: Gauge<i64, AtomicI64>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -105,6 +118,30 @@ impl Metrics {
             "Stream sequence through which a stream is archived and verified on a target",
             archive_verified.clone(),
         );
+        let archive_verified_time = Family::<ArchiveLabels, Gauge<i64, AtomicI64>>::default();
+        registry.register(
+            "archive_last_verified_timestamp_seconds",
+            "Unix time of the last verification round of a stream that reached its target",
+            archive_verified_time.clone(),
+        );
+        let archive_target_up = Family::<TargetLabels, Gauge<i64, AtomicI64>>::default();
+        registry.register(
+            "archive_target_up",
+            "1 while the last request to an archive target succeeded, 0 while it fails",
+            archive_target_up.clone(),
+        );
+        let archive_target_ok_time = Family::<TargetLabels, Gauge<i64, AtomicI64>>::default();
+        registry.register(
+            "archive_target_last_success_timestamp_seconds",
+            "Unix time of the last request an archive target answered successfully",
+            archive_target_ok_time.clone(),
+        );
+        let degraded = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "degraded",
+            "1 while the service is ready but degraded (e.g. an archive target unreachable or behind)",
+            degraded.clone(),
+        );
         Metrics {
             registry: Arc::new(registry),
             requests,
@@ -119,6 +156,10 @@ impl Metrics {
             draining,
             archive_lag,
             archive_verified,
+            archive_verified_time,
+            archive_target_up,
+            archive_target_ok_time,
+            degraded,
         }
     }
 

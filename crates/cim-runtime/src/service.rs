@@ -136,6 +136,7 @@ impl Service {
             incarnation: uuid::Uuid::now_v7().simple().to_string(),
             draining: AtomicBool::new(false),
             drained: AtomicBool::new(false),
+            degraded: Default::default(),
         }));
         let mut endpoints = self.endpoints;
         if let Some(setup) = self.setup {

@@ -8,6 +8,9 @@
 //! Auth: [`Operator`] makes an operator, accounts and users (NKeys + JWTs, no `nsc`) for a
 //! server in operator mode ([`NatsServerBuilder::operator`]) and `.creds` files for clients.
 //!
+//! S3 traffic: [`CountingProxy`] sits between a client and an S3 server, counts requests by
+//! method and can be switched off ("S3 is down") and on again.
+//!
 //! Waiting: [`eventually()`] polls an attempt (`|| async { ... }` returning `anyhow::Result`)
 //! with a deadline; the [`eventually!`] macro wraps a block the same way. [`stays_true_for()`]
 //! is its opposite: it checks a condition for a whole duration and fails the first time it
@@ -21,6 +24,7 @@ mod auth;
 mod cluster;
 mod nats;
 mod process;
+mod proxy;
 mod s3;
 mod wait;
 
@@ -31,5 +35,6 @@ pub use cim_proc::{
 };
 pub use cluster::{DEFAULT_HUB_DOMAIN, NatsCluster, NatsClusterBuilder, start_leaf};
 pub use nats::{DEFAULT_STARTUP_TIMEOUT, NatsServer, NatsServerBuilder, test_connect_options};
+pub use proxy::{CountingProxy, Counts};
 pub use s3::{S3S_FS_INSTALL, S3Server, TEST_ACCESS_KEY, TEST_REGION, TEST_SECRET_KEY, s3s_fs_binary};
 pub use wait::{eventually, stays_true_for};

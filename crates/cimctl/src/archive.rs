@@ -29,7 +29,9 @@ pub struct ArchiveConn {
 
 impl ArchiveConn {
     fn targets(&self) -> Result<Vec<Target>> {
-        let t = Target::parse_all(&self.targets, &|k| std::env::var(k).ok())?;
+        // A target spec that does not parse is a usage mistake: exit 64, like the service.
+        let t = Target::parse_all(&self.targets, &|k| std::env::var(k).ok())
+            .map_err(|e| crate::error::usage(format!("--archive-target: {e}")))?;
         if t.is_empty() {
             return Err(crate::error::usage("no archive target: give --archive-target or CIM_ARCHIVE_TARGETS"));
         }
@@ -39,7 +41,8 @@ impl ArchiveConn {
     /// `name` among the configured targets, or a full spec.
     fn target(&self, name: &str) -> Result<Target> {
         if name.contains('=') {
-            return Ok(Target::parse(name, &|k| std::env::var(k).ok())?);
+            return Target::parse(name, &|k| std::env::var(k).ok())
+                .map_err(|e| crate::error::usage(format!("--from: {e}")));
         }
         let all = self.targets()?;
         let names: Vec<String> = all.iter().map(|t| t.name.clone()).collect();
@@ -267,8 +270,28 @@ enum ArchiveCommand {
         #[arg(long)]
         allow_unsigned: bool,
     },
-    /// The archive lag of every stream on every target.
-    Status,
+    /// The archive lag of every stream on every target; exits 1 when a required target is
+    /// unreachable or more than `--max-lag` messages behind, naming each.
+    Status {
+        /// A required target more than this many messages of a stream behind fails the check.
+        #[arg(long, default_value_t = 1000)]
+        max_lag: u64,
+        /// The targets that must be current (names, comma-separated; default: every target),
+        /// as the storage manager's `--archive-required`.
+        #[arg(long = "archive-required", env = "CIM_ARCHIVE_REQUIRED", value_delimiter = ',')]
+        required: Vec<String>,
+    },
+}
+
+/// An S3 client for each target, or a usage error (exit 64) for one the client cannot address.
+fn clients(targets: Vec<Target>) -> Result<Vec<S3Client>> {
+    targets
+        .into_iter()
+        .map(|t| {
+            let name = t.name.clone();
+            S3Client::new(t).map_err(|e| crate::error::usage(format!("archive target {name}: {e}")))
+        })
+        .collect()
 }
 
 pub async fn run(args: ArchiveArgs) -> Result<ExitCode> {
@@ -338,46 +361,98 @@ pub async fn run(args: ArchiveArgs) -> Result<ExitCode> {
             println!("{}", if failed { "archive verify: PROBLEMS FOUND" } else { "archive verify: ok" });
             Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
         }
-        ArchiveCommand::Status => {
-            let targets = args.conn.targets()?;
-            let js = args.conn.jetstream().await?;
-            let clients = targets.into_iter().map(S3Client::new).collect::<Result<Vec<_>, _>>()?;
-            println!("{:<32} {:<12} {:>12} {:>12} {:>10}", "STREAM", "TARGET", "STREAM LAST", "ARCHIVED", "LAG");
-            let mut behind = false;
-            // On the cluster, the leaf mirrors there are archived too.
-            let mut streams = archived_streams();
-            let mut names = js.stream_names();
-            while let Some(n) = futures::StreamExt::next(&mut names).await {
-                let n = n.context("listing the streams")?;
-                if cim_archive::mirrored_stream(&n).is_some() {
-                    streams.push(n);
-                }
-            }
-            for stream in streams {
-                let last = match js.get_stream(&stream).await {
-                    Ok(mut s) => match s.info().await {
-                        Ok(i) => i.state.last_sequence,
-                        Err(_) => continue,
-                    },
-                    Err(_) => continue, // not provisioned here
-                };
-                for s3 in &clients {
-                    match committed_position(s3, &ArchiveKey::for_target(s3.target()), &stream).await {
-                        Ok(cim_archive::Position { last_seq: p, .. }) => {
-                            let lag = last.saturating_sub(p);
-                            behind |= lag > 0;
-                            println!("{stream:<32} {:<12} {last:>12} {p:>12} {lag:>10}", s3.target().name);
-                        }
-                        Err(e) => {
-                            behind = true;
-                            println!("{stream:<32} {:<12} {last:>12} {:>12} {:>10}  ({e})", s3.target().name, "?", "?");
-                        }
-                    }
-                }
-            }
-            let _ = behind;
-            Ok(ExitCode::SUCCESS)
+        ArchiveCommand::Status { max_lag, required } => status(&args.conn, max_lag, &required).await,
+    }
+}
+
+/// `cimctl archive status`: per stream and target, the stream's last sequence against the
+/// position committed on the target (read from the target now). Exits 1 when a required
+/// target cannot be read or is more than `max_lag` messages behind, 64 for a target that is
+/// not configured right.
+async fn status(conn: &ArchiveConn, max_lag: u64, required: &[String]) -> Result<ExitCode> {
+    let targets = conn.targets()?;
+    for r in required {
+        if !targets.iter().any(|t| &t.name == r) {
+            return Err(crate::error::usage(format!(
+                "--archive-required names {r}, which is not a configured target ({})",
+                targets.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", ")
+            )));
         }
+    }
+    let is_required = |name: &str| required.is_empty() || required.iter().any(|r| r == name);
+    let clients = clients(targets)?;
+    let js = conn.jetstream().await?;
+    // On the cluster, the leaf mirrors there are archived too.
+    let mut streams = archived_streams();
+    let mut names = js.stream_names();
+    while let Some(n) = futures::StreamExt::next(&mut names).await {
+        let n = n.context("listing the streams")?;
+        if cim_archive::mirrored_stream(&n).is_some() {
+            streams.push(n);
+        }
+    }
+    let mut lasts = Vec::new();
+    for stream in streams {
+        match js.get_stream(&stream).await {
+            Ok(s) => lasts.push((stream, s.cached_info().state.last_sequence)),
+            Err(_) => continue, // not provisioned here
+        }
+    }
+    println!("{:<32} {:<12} {:>12} {:>12} {:>10}", "STREAM", "TARGET", "STREAM LAST", "ARCHIVED", "LAG");
+    // Per target: why it fails the check (unreachable, or the streams it is behind on).
+    let mut problems: Vec<String> = Vec::new();
+    let mut warnings: Vec<String> = Vec::new();
+    for s3 in &clients {
+        let name = s3.target().name.as_str();
+        let mut behind: Vec<String> = Vec::new();
+        let mut unreachable: Option<String> = None;
+        for (stream, last) in &lasts {
+            if unreachable.is_some() {
+                // One failure names the target; the other streams are not asked again.
+                println!("{stream:<32} {name:<12} {last:>12} {:>12} {:>10}", "?", "?");
+                continue;
+            }
+            match committed_position(s3, &ArchiveKey::for_target(s3.target()), stream).await {
+                Ok(cim_archive::Position { last_seq: p, .. }) => {
+                    let lag = last.saturating_sub(p);
+                    if lag > max_lag {
+                        behind.push(format!("{stream} {lag} messages behind"));
+                    }
+                    println!("{stream:<32} {name:<12} {last:>12} {p:>12} {lag:>10}");
+                }
+                Err(e) => {
+                    println!("{stream:<32} {name:<12} {last:>12} {:>12} {:>10}", "?", "?");
+                    unreachable = Some(crate::error::tidy(&e.to_string()));
+                }
+            }
+        }
+        let why = match (unreachable, behind.is_empty()) {
+            (Some(e), _) => Some(format!("target {name} unreachable: {e}")),
+            (None, false) => {
+                Some(format!("target {name} behind by more than {max_lag} messages: {}", behind.join(", ")))
+            }
+            (None, true) => None,
+        };
+        if let Some(why) = why {
+            if is_required(name) {
+                problems.push(why);
+            } else {
+                warnings.push(format!("{why} (not required)"));
+            }
+        }
+    }
+    for w in &warnings {
+        println!("warning: {w}");
+    }
+    for p in &problems {
+        println!("PROBLEM: {p}");
+    }
+    if problems.is_empty() {
+        println!("archive status: ok");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("archive status: {} required target(s) unreachable or behind", problems.len());
+        Ok(ExitCode::FAILURE)
     }
 }
 

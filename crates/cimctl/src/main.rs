@@ -57,7 +57,29 @@ enum Command {
     Integration(integration::IntegrationArgs),
 }
 
+/// Exit status when stdout was closed under us: 128 + SIGPIPE, what a shell reports for a tool
+/// that SIGPIPE ended.
+const EXIT_CLOSED_STDOUT: i32 = 141;
+
+/// A closed stdout (`cimctl archive status | head -1`) ends cimctl quietly, as SIGPIPE ends
+/// other tools: Rust ignores SIGPIPE, so `println!` panics on the broken pipe; that panic
+/// exits with 141 and no message. Every other panic is reported as usual. (SIGPIPE itself
+/// stays ignored: a NATS or S3 connection closed by its peer must be an error, not death.)
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let p = info.payload();
+        let msg = p.downcast_ref::<String>().map(String::as_str).or_else(|| p.downcast_ref::<&str>().copied());
+        let msg = msg.map(str::to_string).unwrap_or_else(|| info.to_string());
+        if msg.contains("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(EXIT_CLOSED_STDOUT);
+        }
+        default(info)
+    }));
+}
+
 fn main() -> ExitCode {
+    quiet_on_closed_stdout();
     let parsed = help::grouped(Cli::command()).try_get_matches().and_then(|m| Cli::from_arg_matches(&m));
     let cli = match parsed {
         Ok(cli) => cli,

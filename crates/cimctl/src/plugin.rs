@@ -296,8 +296,17 @@ pub async fn run(args: PluginArgs) -> Result<ExitCode> {
                 return Ok(ExitCode::from(2));
             }
             let mut out = tokio::io::stdout();
-            out.write_all(&r.output).await?;
-            out.flush().await?;
+            match async {
+                out.write_all(&r.output).await?;
+                out.flush().await
+            }
+            .await
+            {
+                Ok(()) => {}
+                // The reader went away (`cimctl plugin invoke ... | head`): not an error of ours.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(ExitCode::SUCCESS),
+                Err(e) => return Err(e.into()),
+            }
             for (k, v) in &r.metadata {
                 eprintln!("{k}: {v}");
             }

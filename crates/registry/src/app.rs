@@ -40,6 +40,8 @@ pub(crate) struct Live {
     pub(crate) drained: bool,
     pub(crate) node: String,
     pub(crate) first_seen: Option<Instant>,
+    /// Why it says it is degraded (empty when it is not).
+    pub(crate) degraded: String,
 }
 
 pub struct App {

@@ -119,6 +119,7 @@ impl App {
         e.draining = beat.draining;
         e.drained = beat.drained;
         e.node = beat.node;
+        e.degraded = beat.degraded;
     }
 
     async fn on_event_message(&self, m: Message) {
@@ -233,7 +234,7 @@ impl App {
             incompatible,
             ..Default::default()
         };
-        let ev = Event::Registered(InstanceRegistered { instance: Some(instance) });
+        let ev = Event::Registered(Box::new(InstanceRegistered { instance: Some(instance) }));
         self.record_instance(&a.instance_id, names::action::REGISTERED, &a.incarnation, ev).await;
     }
 

@@ -44,6 +44,13 @@ impl App {
         i.ready = f.ready;
         i.last_seen_ms = ms;
         i.in_flight = in_flight;
+        i.degraded = self
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&i.instance_id)
+            .map(|l| l.degraded.clone())
+            .unwrap_or_default();
         i
     }
 

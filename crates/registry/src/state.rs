@@ -17,7 +17,8 @@ pub use cim_placement::names::{instance_state_name, state_name};
 /// One registry event, decoded.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
-    Registered(InstanceRegistered),
+    /// Boxed: an instance is by far the largest payload.
+    Registered(Box<InstanceRegistered>),
     Drained(InstanceDrained),
     Stopped(InstanceStopped),
     Lost(InstanceLost),
@@ -34,7 +35,7 @@ impl Event {
             M::decode(b).map_err(|e| e.to_string())
         }
         Ok(match type_name {
-            InstanceRegistered::TYPE => Event::Registered(d(bytes)?),
+            InstanceRegistered::TYPE => Event::Registered(Box::new(d(bytes)?)),
             InstanceDrained::TYPE => Event::Drained(d(bytes)?),
             InstanceStopped::TYPE => Event::Stopped(d(bytes)?),
             InstanceLost::TYPE => Event::Lost(d(bytes)?),
@@ -430,7 +431,7 @@ mod tests {
     }
 
     fn registered(i: Instance) -> Event {
-        Event::Registered(InstanceRegistered { instance: Some(i) })
+        Event::Registered(Box::new(InstanceRegistered { instance: Some(i) }))
     }
 
     fn node_changed(n: &str, from: NodeState, to: NodeState) -> Event {

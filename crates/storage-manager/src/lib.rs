@@ -8,6 +8,7 @@
 pub mod archive;
 pub mod deletions;
 pub mod guard;
+pub mod health;
 pub mod objects;
 pub mod tiers;
 pub mod verified;
@@ -65,6 +66,25 @@ pub struct Args {
     /// How often committed segments are read back and checked (advancing the watermarks).
     #[arg(long, env = "CIM_ARCHIVE_VERIFY_INTERVAL", default_value = "5s", value_parser = cim_runtime::config::parse_duration)]
     pub archive_verify_interval: Duration,
+    /// Idle, a target is sent one cheap request (a HEAD) when nothing else reached it for this
+    /// long, so an outage is noticed while nothing is archived.
+    #[arg(long, env = "CIM_ARCHIVE_PROBE_INTERVAL", default_value = "2m", value_parser = cim_runtime::config::parse_duration)]
+    pub archive_probe_interval: Duration,
+    /// The service says it is degraded while a required target is more than this many
+    /// messages of a stream behind (archived and verified)...
+    #[arg(long, env = "CIM_ARCHIVE_MAX_LAG", default_value_t = 10_000)]
+    pub archive_max_lag: u64,
+    /// ...or while the oldest message not yet verified there is older than this.
+    #[arg(long, env = "CIM_ARCHIVE_MAX_LAG_AGE", default_value = "5m", value_parser = cim_runtime::config::parse_duration)]
+    pub archive_max_lag_age: Duration,
+}
+
+/// When the storage manager calls a target down or behind (`cim_archive_target_up`, degraded).
+#[derive(Clone, Debug)]
+pub struct SignalSettings {
+    pub probe_interval: Duration,
+    pub max_lag: u64,
+    pub max_lag_age: Duration,
 }
 
 /// The validated configuration of `storage-manager`.
@@ -74,6 +94,7 @@ pub struct Settings {
     /// The S3 targets, in order.
     pub targets: Vec<Target>,
     pub archive: ArchiveSettings,
+    pub signals: SignalSettings,
     /// On the cluster: the leaves whose streams are mirrored here.
     pub source_leaves: Vec<String>,
 }
@@ -121,6 +142,8 @@ impl ServiceArgs for Args {
             ("--archive-object-poll (CIM_ARCHIVE_OBJECT_POLL)", archive.object_poll),
             ("--archive-retry-max (CIM_ARCHIVE_RETRY_MAX)", archive.retry_max),
             ("--archive-verify-interval (CIM_ARCHIVE_VERIFY_INTERVAL)", archive.verify_interval),
+            ("--archive-probe-interval (CIM_ARCHIVE_PROBE_INTERVAL)", self.archive_probe_interval),
+            ("--archive-max-lag-age (CIM_ARCHIVE_MAX_LAG_AGE)", self.archive_max_lag_age),
         ] {
             if d.is_zero() {
                 return Err(ConfigError::invalid(format!("{flag} must be more than 0")));
@@ -130,7 +153,12 @@ impl ServiceArgs for Args {
             cim_events::token::validate_token("--source-leaf (CIM_SOURCE_LEAVES)", leaf)
                 .map_err(|e| ConfigError::invalid(e.to_string()))?;
         }
-        Ok(Settings { common, targets, archive, source_leaves: self.source_leaves })
+        let signals = SignalSettings {
+            probe_interval: self.archive_probe_interval,
+            max_lag: self.archive_max_lag,
+            max_lag_age: self.archive_max_lag_age,
+        };
+        Ok(Settings { common, targets, archive, signals, source_leaves: self.source_leaves })
     }
 
     fn common(settings: &Settings) -> &CommonSettings {
@@ -155,6 +183,7 @@ pub fn definition() -> ServiceDef {
 pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let clients = settings.targets.into_iter().map(S3Client::new).collect::<Result<Vec<_>, _>>()?;
     let archive = Arc::new(settings.archive);
+    let signals = settings.signals;
     let leaves = settings.source_leaves;
     Service::new(definition())
         .setup(move |ctx| async move {
@@ -182,10 +211,29 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
             for s3 in &clients {
                 tracing::info!(target = %s3.target().name, endpoint = %s3.target().endpoint, bucket = %s3.target().bucket, "archiving");
                 let key = cim_archive::ArchiveKey::for_target(s3.target());
+                let health = health::TargetHealth::new(&s3.target().name, ctx.metrics().clone(), ctx.degraded().clone());
+                if let Some(first) = streams.first() {
+                    let name = format!("probe-{}", s3.target().name);
+                    let probe = health::run_prober(
+                        s3.clone(),
+                        health.clone(),
+                        first.clone(),
+                        archive.verify_interval,
+                        signals.probe_interval,
+                        archive.retry_max,
+                        stop_rx.clone(),
+                    );
+                    ctx.spawn(&name, probe);
+                }
                 let verify = verified::VerifySettings {
                     required: Arc::new(archive.required.clone()),
                     interval: archive.verify_interval,
+                    retry_max: archive.retry_max,
+                    max_lag: signals.max_lag,
+                    max_lag_age: signals.max_lag_age,
                     metrics: ctx.metrics().clone(),
+                    health: health.clone(),
+                    degraded: ctx.degraded().clone(),
                     key: key.clone(),
                 };
                 for stream in streams.iter().cloned() {
@@ -203,7 +251,16 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
                 for c in Component::ALL {
                     for b in cim_events::resources::object_buckets(c) {
                         let name = format!("objects-{}-{}", s3.target().name, b.bucket);
-                        let task = objects::run_bucket(ctx.jetstream().clone(), s3.clone(), b.bucket, archive.part_bytes, archive.object_poll, stop_rx.clone());
+                        let task = objects::run_bucket(
+                            ctx.jetstream().clone(),
+                            s3.clone(),
+                            b.bucket.clone(),
+                            b.stream_name(),
+                            archive.part_bytes,
+                            archive.object_poll,
+                            health.clone(),
+                            stop_rx.clone(),
+                        );
                         ctx.spawn(&name, task);
                     }
                 }
@@ -255,7 +312,14 @@ mod tests {
         assert!(e.contains("wasabi"), "{e}");
         let e = validate(&["--archive-target", "name=nas"]).unwrap_err();
         assert!(e.contains("invalid configuration"), "{e}");
-        for flag in ["--archive-linger", "--archive-object-poll", "--archive-retry-max", "--archive-verify-interval"] {
+        for flag in [
+            "--archive-linger",
+            "--archive-object-poll",
+            "--archive-retry-max",
+            "--archive-verify-interval",
+            "--archive-probe-interval",
+            "--archive-max-lag-age",
+        ] {
             let e = validate(&[flag, "0s"]).unwrap_err();
             assert!(e.contains(flag), "{flag}: {e}");
         }

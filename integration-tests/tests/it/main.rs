@@ -1,6 +1,7 @@
 //! The one integration-test binary: every module runs against real processes.
 
 mod archive_exact;
+mod archive_signals;
 mod auth;
 mod cli;
 mod common;

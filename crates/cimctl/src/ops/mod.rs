@@ -148,5 +148,6 @@ fn instance_json(i: &Instance) -> Value {
         "contract_version": i.contract_version, "capabilities": i.capabilities, "subjects": i.subjects, "http_addr": i.http_addr,
         "state": instance_state_name(i.state()), "ready": i.ready, "in_flight": i.in_flight, "last_seen_ms": i.last_seen_ms,
         "ttl_ms": i.ttl_ms, "incompatible": i.incompatible, "duplicate": i.duplicate, "reason": i.reason,
+        "degraded": i.degraded,
     })
 }

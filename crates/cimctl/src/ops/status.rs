@@ -289,6 +289,11 @@ pub async fn status(args: StatusArgs) -> Result<ExitCode> {
         for p in &o.problems {
             problems.push((p.subject.clone(), p.reason.clone()));
         }
+        // Ready for work but saying something it looks after is wrong (e.g. the storage
+        // manager cannot reach an archive target).
+        for i in o.instances.iter().filter(|i| !i.degraded.is_empty() && i.state() == InstanceState::InstanceRunning) {
+            problems.push((format!("{} {}", i.service, i.instance_id), format!("degraded: {}", i.degraded)));
+        }
         for d in o.described.iter().filter(|d| !d.error.is_empty()) {
             problems.push((d.component.clone(), format!("describe: {}", d.error)));
         }
@@ -370,7 +375,12 @@ pub async fn status(args: StatusArgs) -> Result<ExitCode> {
                 i.version.clone(),
                 i.node.clone(),
                 instance_state_name(i.state()).into(),
-                if i.ready { "yes" } else { "no" }.into(),
+                match (i.ready, i.degraded.is_empty()) {
+                    (false, _) => "no",
+                    (true, true) => "yes",
+                    (true, false) => "degraded",
+                }
+                .into(),
                 i.in_flight.to_string(),
                 ago(i.last_seen_ms),
             ]);
