@@ -431,8 +431,9 @@ pub struct Deletions {
     /// restore applies only those seen at or before its time.
     pub seen_unix_nanos: i64,
     /// The stream's last sequence when they were seen: they happened before the stream went
-    /// past it, so a restore `--until` a sequence applies only those with `through` at or
-    /// below it (a deletion that may have come later is not applied: data is kept).
+    /// past it, so a restore `--until` a sequence applies only those with `through` below it
+    /// (one seen while the stream still ended at that sequence may have come after it, and is
+    /// not applied: data is kept).
     pub through: u64,
     /// Inclusive ranges of sequences, ascending, each at or below the archive position.
     pub ranges: Vec<(u64, u64)>,

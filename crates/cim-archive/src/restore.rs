@@ -522,7 +522,8 @@ pub async fn restore_stream(
             report.problems.extend(problems);
             let applies = |d: &Deletions| match opts.until {
                 Until::All => true,
-                Until::Sequence(s) => d.through <= s,
+                // Seen while the stream ended at `s` may have come after `s`: kept (data wins).
+                Until::Sequence(s) => d.through < s,
                 Until::Time(t) => (d.seen_unix_nanos as i128) <= t,
             };
             d.into_iter().filter(applies).flat_map(|d| d.ranges).collect()

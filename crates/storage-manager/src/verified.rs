@@ -163,11 +163,19 @@ async fn update_removal_watermark(
             _ => None,
         };
     }
-    if let Some(least) = least.filter(|l| *l != u64::MAX && *l > 0)
-        && read_watermark(kv, verified_key).await != Some(least)
+    // It may also go down: a stream recreated under its name starts a new epoch, whose
+    // sequences are not verified however far the old history was.
+    let current = read_watermark(kv, verified_key).await;
+    if let Some(least) = least.filter(|l| *l != u64::MAX)
+        && current != Some(least)
+        && (least > 0 || current.is_some())
     {
         write_watermark(kv, verified_key, &storage::Watermark::new(stream, least, required.to_vec())).await?;
-        tracing::debug!(stream = %stream, verified = least, "removal watermark advanced");
+        if current.is_some_and(|c| c > least) {
+            tracing::warn!(stream = %stream, verified = least, was = current, "removal watermark lowered (a new epoch)");
+        } else {
+            tracing::debug!(stream = %stream, verified = least, "removal watermark advanced");
+        }
     }
     Ok(())
 }

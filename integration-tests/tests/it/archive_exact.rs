@@ -327,6 +327,18 @@ async fn archive_resumes_after_a_restore_and_a_recreated_stream_is_a_new_epoch()
     })
     .await?;
     assert!(svc.log().contains("ALARM"), "the new epoch is alarmed");
+    // The removal watermark follows the new history: nothing of it is removable beyond what
+    // is verified of it (the old history's 400 must not count).
+    let marks =
+        bjs.get_key_value(resources::kv_bucket(Component::StorageManager, cim_events::storage::KV_ARCHIVE)?).await?;
+    let vkey = cim_events::storage::verified_key(&events)?;
+    eventually(WAIT, "the removal watermark of the new epoch", || async {
+        let v = marks.get(vkey.as_str()).await?.context("no removal watermark")?;
+        let w: cim_events::storage::Watermark = serde_json::from_slice(&v)?;
+        ensure!(w.verified_seq == 50, "removal watermark at {}", w.verified_seq);
+        Ok(())
+    })
+    .await?;
     svc.terminate(Duration::from_secs(20)).await?;
     assert_eq!(archived_through(&nas_c, &events).await?, 50);
     let reports = restore::verify_stream(&nas_c, &trust(&nas_c), &events).await;
