@@ -4,8 +4,8 @@
 //! (the unit's request id and the event's `Nats-Msg-Id` derive from the key), so a crash
 //! between unit and event repeats nothing.
 //!
-//! The bucket is read with the archive's S3 client (`cim_archive::s3`, path-style addressing):
-//! ListObjectsV2 and GetObject signed with AWS SigV4.
+//! The bucket is read with the archive's S3 client (`cim_archive::s3`, aws-sdk-s3, path-style
+//! addressing): ListObjectsV2 (every page) and GetObject, retried with backoff.
 
 use std::{collections::HashSet, time::Duration};
 
