@@ -389,11 +389,7 @@ impl S3Client {
         let parts = parts
             .iter()
             .map(|p| {
-                CompletedPart::builder()
-                    .part_number(p.number as i32)
-                    .e_tag(&p.etag)
-                    .checksum_sha256(&p.sha256)
-                    .build()
+                CompletedPart::builder().part_number(p.number as i32).e_tag(&p.etag).checksum_sha256(&p.sha256).build()
             })
             .collect();
         self.client
@@ -409,7 +405,14 @@ impl S3Client {
     }
 
     pub async fn multipart_abort(&self, key: &str, upload_id: &str) -> Result<(), S3Error> {
-        match self.client.abort_multipart_upload().bucket(&self.target.bucket).key(key).upload_id(upload_id).send().await
+        match self
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.target.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .send()
+            .await
         {
             Ok(_) => Ok(()),
             Err(e) => self.none_if_missing("multipart-abort", key, e).map(|_: Option<()>| ()),
@@ -479,10 +482,9 @@ impl S3Client {
                 };
                 S3Error::Status { target, op, key: key.to_string(), status, message }
             }
-            SdkError::TimeoutError(_) => S3Error::Unreachable {
-                target,
-                message: format!("{op} {key}: timed out ({MAX_ATTEMPTS} attempts)"),
-            },
+            SdkError::TimeoutError(_) => {
+                S3Error::Unreachable { target, message: format!("{op} {key}: timed out ({MAX_ATTEMPTS} attempts)") }
+            }
             SdkError::DispatchFailure(d) => {
                 let message = match d.as_connector_error() {
                     Some(c) => self.describe(c),

@@ -390,7 +390,8 @@ mod tests {
         let spec = format!("name=nas,endpoint=http://nas:9000,bucket=cim,credentials-file={}", file.display());
         let t = Target::parse(&spec, &|_| None).unwrap();
         assert_eq!(t.credentials, Credentials::new("FAK", "FSK").with_session_token("FT"));
-        let missing = format!("name=nas,endpoint=http://nas:9000,bucket=cim,credentials-file={}", dir.join("no").display());
+        let missing =
+            format!("name=nas,endpoint=http://nas:9000,bucket=cim,credentials-file={}", dir.join("no").display());
         let e = Target::parse(&missing, &|_| None).unwrap_err();
         assert!(matches!(e, TargetError::Credentials { .. }) && e.to_string().contains("cannot read"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
@@ -444,14 +445,21 @@ mod tests {
             let spec = format!("name=a,endpoint={endpoint},bucket=b,path-style=true,credentials-env=NAS");
             assert!(Target::parse(&spec, &env).is_ok(), "{endpoint} with path-style=true");
         }
-        let t = Target::parse("name=a,endpoint=https://s3.example.com:8443/,bucket=b,path-style=false,credentials-env=NAS", &env).unwrap();
+        let t = Target::parse(
+            "name=a,endpoint=https://s3.example.com:8443/,bucket=b,path-style=false,credentials-env=NAS",
+            &env,
+        )
+        .unwrap();
         assert_eq!((t.host(), t.request_host().as_str()), ("s3.example.com", "b.s3.example.com"));
     }
 
     #[test]
     fn refuses_virtual_hosted_addressing_of_a_bucket_that_is_no_dns_label() {
-        let e = Target::parse("name=a,endpoint=https://s3.example.com,bucket=My.Bucket,path-style=false,credentials-env=NAS", &env)
-            .unwrap_err();
+        let e = Target::parse(
+            "name=a,endpoint=https://s3.example.com,bucket=My.Bucket,path-style=false,credentials-env=NAS",
+            &env,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("DNS label"), "{e}");
     }
 }

@@ -72,7 +72,9 @@ fn find_moto() -> Result<(PathBuf, Vec<String>)> {
             return Ok((python, vec!["-m".into(), "moto.server".into()]));
         }
     }
-    bail!("moto's S3 server was not found (CIM_MOTO_SERVER unset, no moto_server on PATH, python3 cannot import moto.server); install it with `{MOTO_INSTALL}`")
+    bail!(
+        "moto's S3 server was not found (CIM_MOTO_SERVER unset, no moto_server on PATH, python3 cannot import moto.server); install it with `{MOTO_INSTALL}`"
+    )
 }
 
 /// Credentials every [`S3Server`] accepts (SigV4; any region is accepted).

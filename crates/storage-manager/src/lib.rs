@@ -255,4 +255,12 @@ mod tests {
         let e = validate(&["--source-leaf", "bad leaf"]).unwrap_err();
         assert!(e.contains("--source-leaf"), "{e}");
     }
+
+    #[test]
+    fn virtual_hosted_addressing_on_an_ip_endpoint_is_refused() {
+        let (_dir, nas) = nas();
+        let spec = nas.replace("path-style=true", "path-style=false");
+        let e = validate(&["--archive-target", &spec]).unwrap_err();
+        assert!(e.contains("use path-style=true") && e.contains("127.0.0.1"), "{e}");
+    }
 }

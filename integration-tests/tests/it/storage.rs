@@ -611,18 +611,51 @@ async fn storage_archive_reads_back_with_the_aws_cli() -> Result<()> {
     // SHA-256 and has its size.
     let manifest_key = manifest_keys[1];
     let manifest_file = dir.path().join("manifest.json");
-    aws(&nas, dir.path(), &["s3", "cp", "--only-show-errors", &format!("s3://{BUCKET}/{manifest_key}"), manifest_file.to_str().context("path")?]).await?;
+    aws(
+        &nas,
+        dir.path(),
+        &[
+            "s3",
+            "cp",
+            "--only-show-errors",
+            &format!("s3://{BUCKET}/{manifest_key}"),
+            manifest_file.to_str().context("path")?,
+        ],
+    )
+    .await?;
     let m = cim_archive::format::Manifest::parse(manifest_key, &std::fs::read(&manifest_file)?)?;
     ensure!(listed.iter().any(|(_, k)| *k == m.segment_key), "{} not listed", m.segment_key);
     let segment_file = dir.path().join("segment");
-    aws(&nas, dir.path(), &["s3", "cp", "--only-show-errors", &format!("s3://{BUCKET}/{}", m.segment_key), segment_file.to_str().context("path")?]).await?;
+    aws(
+        &nas,
+        dir.path(),
+        &[
+            "s3",
+            "cp",
+            "--only-show-errors",
+            &format!("s3://{BUCKET}/{}", m.segment_key),
+            segment_file.to_str().context("path")?,
+        ],
+    )
+    .await?;
     let segment = std::fs::read(&segment_file)?;
     assert_eq!(segment.len() as u64, m.segment_bytes, "{}", m.segment_key);
     assert_eq!(format!("{:x}", Sha256::digest(&segment)), m.segment_sha256, "{}", m.segment_key);
 
     // The content copy, by name: its bytes are the CID it is named by.
     let object_file = dir.path().join("object");
-    aws(&nas, dir.path(), &["s3", "cp", "--only-show-errors", &format!("s3://{BUCKET}/{copy_key}"), object_file.to_str().context("path")?]).await?;
+    aws(
+        &nas,
+        dir.path(),
+        &[
+            "s3",
+            "cp",
+            "--only-show-errors",
+            &format!("s3://{BUCKET}/{copy_key}"),
+            object_file.to_str().context("path")?,
+        ],
+    )
+    .await?;
     let object = std::fs::read(&object_file)?;
     assert_eq!(cim_events::Cid::of(&object).to_string(), cid, "the copy's bytes are not its CID");
     Ok(())
@@ -658,6 +691,28 @@ async fn storage_retention_guard_refuses_streams_that_drop_unarchived_data() -> 
     let status = svc.wait(WAIT).await?;
     assert_eq!(status.code(), Some(64), "{}", svc.log());
     assert!(svc.log().contains("must start with http"), "{}", svc.log());
+    // Virtual-hosted addressing cannot put the bucket into an IP address: refused at start,
+    // by the service and by cimctl.
+    let vhost = spec.replace("path-style=true", "path-style=false");
+    let mut svc = ServiceProc::start_with_env(
+        Component::StorageManager,
+        &nats.url(),
+        &["--archive-target", vhost.as_str()],
+        &env,
+    )?;
+    let status = svc.wait(WAIT).await?;
+    assert_eq!(status.code(), Some(64), "{}", svc.log());
+    assert!(svc.log().contains("use path-style=true"), "{}", svc.log());
+    let out = tokio::process::Command::new(crate::common::bin("cimctl"))
+        .args(["archive", "status"])
+        .env("CIM_NATS_URL", nats.url())
+        .env("CIM_ARCHIVE_TARGETS", &vhost)
+        .envs(env.iter().copied())
+        .output()
+        .await?;
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{text}");
+    assert!(text.contains("use path-style=true"), "{text}");
     Ok(())
 }
 
