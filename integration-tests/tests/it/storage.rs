@@ -552,7 +552,7 @@ async fn aws(s3: &S3Server, config_dir: &std::path::Path, args: &[&str]) -> Resu
 
 /// The archive is plain S3 that any tool reads: the aws CLI lists it, and a segment it
 /// downloads hashes to its manifest's SHA-256, a content copy it downloads by name hashes
-/// to the CID it is named by (a multipart copy).
+/// to the CID it is named by (a multipart copy). The service signs with `credentials=default`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storage_archive_reads_back_with_the_aws_cli() -> Result<()> {
     aws_cli()?;
@@ -567,8 +567,16 @@ async fn storage_archive_reads_back_with_the_aws_cli() -> Result<()> {
     let content = pseudo_random(6 << 20, 21);
     let cid = cim_events::Cid::of(&content).to_string();
     store.put(cid.as_str(), &mut content.as_slice()).await?;
-    let spec = spec(&nas, "nas", "cli", "NAS");
-    let env = [("NAS_ACCESS_KEY_ID", nas.access_key()), ("NAS_SECRET_ACCESS_KEY", nas.secret_key())];
+    // The service takes its keys from the AWS SDK's default credential chain (here the
+    // AWS_* variables; s3s-fs checks every signature).
+    let spec = spec(&nas, "nas", "cli", "NAS").replace("credentials-env=NAS", "credentials=default");
+    let env = [
+        ("AWS_ACCESS_KEY_ID", nas.access_key()),
+        ("AWS_SECRET_ACCESS_KEY", nas.secret_key()),
+        ("AWS_CONFIG_FILE", "/nonexistent/cim-test-aws-config"),
+        ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/cim-test-aws-credentials"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ];
     let args = [
         "--archive-target",
         spec.as_str(),
