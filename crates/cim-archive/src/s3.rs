@@ -81,15 +81,11 @@ impl fmt::Debug for S3Client {
     }
 }
 
-/// One HTTPS client (and connection pool) for every target of the process.
+/// An HTTPS client with its own connection pool (one per [`S3Client`]: pooled connections
+/// belong to the runtime that opened them, and a process may run more than one).
 fn http_client() -> SharedHttpClient {
-    static CLIENT: std::sync::OnceLock<SharedHttpClient> = std::sync::OnceLock::new();
-    CLIENT
-        .get_or_init(|| {
-            use aws_smithy_http_client::{Builder, tls};
-            Builder::new().tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::Ring)).build_https()
-        })
-        .clone()
+    use aws_smithy_http_client::{Builder, tls};
+    Builder::new().tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::Ring)).build_https()
 }
 
 /// The SDK's default credential chain (environment, profile files, web identity, ECS, EC2
@@ -97,6 +93,7 @@ fn http_client() -> SharedHttpClient {
 /// does not.
 #[derive(Debug)]
 struct DefaultChain {
+    http: SharedHttpClient,
     region: Region,
     chain: tokio::sync::OnceCell<aws_config::default_provider::credentials::DefaultCredentialsChain>,
 }
@@ -111,7 +108,7 @@ impl aws_credential_types::provider::ProvideCredentials for DefaultChain {
                 .chain
                 .get_or_init(|| async {
                     let config = aws_config::provider_config::ProviderConfig::default()
-                        .with_http_client(http_client())
+                        .with_http_client(self.http.clone())
                         .with_region(Some(self.region.clone()));
                     aws_config::default_provider::credentials::DefaultCredentialsChain::builder()
                         .configure(config)
@@ -177,6 +174,7 @@ impl S3Client {
         let invalid = |m: String| S3Error::Invalid { target: target.name.clone(), message: m };
         target.check_addressing().map_err(invalid)?;
         let region = Region::new(target.region.clone());
+        let http = http_client();
         let credentials = match target.credentials.source() {
             CredentialSource::Keys { access_key, secret_key, session_token } => {
                 SharedCredentialsProvider::new(aws_credential_types::Credentials::new(
@@ -188,13 +186,14 @@ impl S3Client {
                 ))
             }
             CredentialSource::DefaultChain => SharedCredentialsProvider::new(DefaultChain {
+                http: http.clone(),
                 region: region.clone(),
                 chain: tokio::sync::OnceCell::new(),
             }),
         };
         let config = aws_sdk_s3::Config::builder()
             .behavior_version(BehaviorVersion::latest())
-            .http_client(http_client())
+            .http_client(http)
             .endpoint_url(target.endpoint.clone())
             .region(region)
             .force_path_style(target.path_style)
