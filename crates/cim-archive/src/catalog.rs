@@ -95,8 +95,8 @@ pub async fn committed_position(s3: &S3Client, key: &ArchiveKey, stream: &str) -
 }
 
 /// How far `stream` is archived on a target in its current epoch, with the target's own key.
-pub async fn archived_through(s3: &S3Client, stream: &str) -> Result<u64, S3Error> {
-    Ok(committed_position(s3, &ArchiveKey::for_target(s3.target()), stream).await?.last_seq)
+pub async fn archived_through(s3: &S3Client, stream: &str) -> Result<u64, crate::restore::ArchiveError> {
+    Ok(committed_position(s3, &ArchiveKey::for_target(s3.target())?, stream).await?.last_seq)
 }
 
 /// The epochs of `stream` present on a target, ascending (0 is always there).

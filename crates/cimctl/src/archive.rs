@@ -139,7 +139,7 @@ pub async fn restore(args: RestoreArgs) -> Result<ExitCode> {
     let until = args.until.as_deref().map(parse_until).transpose()?.unwrap_or(Until::All);
     let tier: Tier = args.tier.parse().map_err(|e| anyhow::anyhow!("--tier: {e}"))?;
     let s3 = S3Client::new(args.conn.target(&args.from)?)?;
-    let trust = Trust { key: ArchiveKey::for_target(s3.target()), allow_unsigned: args.allow_unsigned };
+    let trust = Trust { key: ArchiveKey::for_target(s3.target())?, allow_unsigned: args.allow_unsigned };
     let names = restore::archived_stream_names(&s3).await?;
     if names.is_empty() {
         bail!("target {} holds no archived stream under {:?}", s3.target().name, s3.target().prefix);
@@ -313,7 +313,7 @@ pub async fn run(args: ArchiveArgs) -> Result<ExitCode> {
             };
             for t in targets {
                 let s3 = S3Client::new(t)?;
-                let trust = Trust { key: ArchiveKey::for_target(s3.target()), allow_unsigned };
+                let trust = Trust { key: ArchiveKey::for_target(s3.target())?, allow_unsigned };
                 let names = match restore::archived_stream_names(&s3).await {
                     Ok(n) => n,
                     Err(e) => {
@@ -404,6 +404,7 @@ async fn status(conn: &ArchiveConn, max_lag: u64, required: &[String]) -> Result
     let mut warnings: Vec<String> = Vec::new();
     for s3 in &clients {
         let name = s3.target().name.as_str();
+        let key = ArchiveKey::for_target(s3.target())?;
         let mut behind: Vec<String> = Vec::new();
         let mut unreachable: Option<String> = None;
         for (stream, last) in &lasts {
@@ -412,7 +413,7 @@ async fn status(conn: &ArchiveConn, max_lag: u64, required: &[String]) -> Result
                 println!("{stream:<32} {name:<12} {last:>12} {:>12} {:>10}", "?", "?");
                 continue;
             }
-            match committed_position(s3, &ArchiveKey::for_target(s3.target()), stream).await {
+            match committed_position(s3, &key, stream).await {
                 Ok(cim_archive::Position { last_seq: p, .. }) => {
                     let lag = last.saturating_sub(p);
                     if lag > max_lag {

@@ -42,9 +42,9 @@ pub fn one_line(e: &anyhow::Error) -> String {
     out
 }
 
-/// The exit status for `e`: 64 for a usage mistake, else 1.
+/// The exit status for `e`: 64 for a usage mistake (a bad archive target spec is one), else 1.
 pub fn exit_code(e: &anyhow::Error) -> u8 {
-    if e.chain().any(|c| c.is::<Usage>()) { EXIT_USAGE } else { 1 }
+    if e.chain().any(|c| c.is::<Usage>() || c.is::<cim_archive::TargetError>()) { EXIT_USAGE } else { 1 }
 }
 
 /// `s` on one line, without the " (os error N)" an io::Error appends.
@@ -188,6 +188,15 @@ mod tests {
         assert_eq!(exit_code(&e), 1);
         let e = anyhow::Error::new(Usage("bad".into())).context("checking");
         assert_eq!(exit_code(&e), EXIT_USAGE);
+    }
+
+    #[test]
+    fn a_bad_archive_target_is_a_usage_mistake() {
+        let spec = "name=nas,endpoint=http://127.0.0.1:9000,bucket=cim,path-style=false,credentials-env=X";
+        let e = cim_archive::Target::parse(spec, &|_| Some("v".into())).unwrap_err();
+        let e = anyhow::Error::new(e).context("archive status");
+        assert_eq!(exit_code(&e), EXIT_USAGE);
+        assert!(one_line(&e).contains("use path-style=true"), "{}", one_line(&e));
     }
 
     #[test]

@@ -4,8 +4,8 @@
 //! (the unit's request id and the event's `Nats-Msg-Id` derive from the key), so a crash
 //! between unit and event repeats nothing.
 //!
-//! The bucket is read with the archive's S3 client (`cim_archive::s3`, path-style addressing):
-//! ListObjectsV2 and GetObject signed with AWS SigV4.
+//! The bucket is read with the archive's S3 client (`cim_archive::s3`, aws-sdk-s3, path-style
+//! addressing): ListObjectsV2 (every page) and GetObject, retried with backoff.
 
 use std::{collections::HashSet, time::Duration};
 
@@ -29,6 +29,7 @@ fn client(s3: &S3Import) -> Result<S3Client, cim_archive::S3Error> {
         prefix: String::new(),
         path_style: true,
         credentials: Credentials::new(s3.access_key.clone(), s3.secret_key.clone()),
+        signing_key_file: None,
     })
 }
 

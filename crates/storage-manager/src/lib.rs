@@ -210,7 +210,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
             }
             for s3 in &clients {
                 tracing::info!(target = %s3.target().name, endpoint = %s3.target().endpoint, bucket = %s3.target().bucket, "archiving");
-                let key = cim_archive::ArchiveKey::for_target(s3.target());
+                let key = cim_archive::ArchiveKey::for_target(s3.target())?;
                 let health = health::TargetHealth::new(&s3.target().name, ctx.metrics().clone(), ctx.degraded().clone());
                 if let Some(first) = streams.first() {
                     let name = format!("probe-{}", s3.target().name);
@@ -325,5 +325,13 @@ mod tests {
         }
         let e = validate(&["--source-leaf", "bad leaf"]).unwrap_err();
         assert!(e.contains("--source-leaf"), "{e}");
+    }
+
+    #[test]
+    fn virtual_hosted_addressing_on_an_ip_endpoint_is_refused() {
+        let (_dir, nas) = nas();
+        let spec = nas.replace("path-style=true", "path-style=false");
+        let e = validate(&["--archive-target", &spec]).unwrap_err();
+        assert!(e.contains("use path-style=true") && e.contains("127.0.0.1"), "{e}");
     }
 }

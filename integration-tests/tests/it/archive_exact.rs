@@ -319,7 +319,7 @@ async fn archive_resumes_after_a_restore_and_a_recreated_stream_is_a_new_epoch()
     publish_events(&bjs, 0, 50).await?;
     let mut svc = start_archiver(&b, &nas)?;
     wait_ready(&bclient, &svc).await?;
-    let key = ArchiveKey::for_target(nas_c.target());
+    let key = ArchiveKey::for_target(nas_c.target())?;
     eventually(WAIT, "the recreated stream archived as epoch 1", || async {
         let p = committed_position(&nas_c, &key, &events).await?;
         ensure!(p.epoch == 1 && p.last_seq >= 50, "at epoch {} position {}", p.epoch, p.last_seq);
@@ -380,7 +380,7 @@ async fn archive_forged_and_foreign_manifests_are_refused() -> Result<()> {
         }
         (bytes, m)
     };
-    let right = ArchiveKey::for_target(nas_c.target());
+    let right = ArchiveKey::for_target(nas_c.target())?;
     for (who, key, expect) in [
         ("unsigned", None, "not signed"),
         ("foreign", Some(ArchiveKey::derive(b"someone else's secret")), "another archive key"),

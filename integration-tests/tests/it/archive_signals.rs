@@ -44,6 +44,7 @@ fn direct(s3: &S3Server) -> Result<S3Client> {
         prefix: PREFIX.to_string(),
         path_style: true,
         credentials: Credentials::new(s3.access_key(), s3.secret_key()),
+        signing_key_file: None,
     })?)
 }
 

@@ -1224,6 +1224,7 @@ async fn hub_s3_import_turns_new_objects_into_units_once() -> Result<()> {
         prefix: String::new(),
         path_style: true,
         credentials: Credentials::new(s3.access_key(), s3.secret_key()),
+        signing_key_file: None,
     })?;
     bucket.ensure_bucket().await?;
     bucket.put("scans/a.txt", bytes::Bytes::from_static(b"first scan")).await?;

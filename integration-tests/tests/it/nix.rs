@@ -1026,6 +1026,7 @@ async fn nix_live_topology_with_per_service_identities() -> Result<()> {
         prefix: "hub/".into(),
         path_style: true,
         credentials: cim_archive::Credentials::new(nas.access_key(), nas.secret_key()),
+        signing_key_file: None,
     })?;
     nas_c.ensure_bucket().await?;
     let spec = format!(

@@ -1,6 +1,8 @@
-//! Storage manager against real processes: nats-server, two `s3s-fs` S3 targets and the
+//! Storage manager against real processes: nats-server, two S3 targets and the
 //! `storage-manager` binary. Archive with a crash mid-archive, verify, restore message by
 //! message and object by checksum, point-in-time restore, corruption named, S3 outage.
+//! The S3 servers are `s3s-fs`; the main round trip also runs on moto's server (a second,
+//! unrelated S3 implementation), and the archive is read back with the aws CLI.
 
 use std::time::Duration;
 
@@ -10,7 +12,7 @@ use bytes::Bytes;
 use cim_archive::restore::{self, Until};
 use cim_archive::{ArchiveKey, Credentials, S3Client, Target, archived_through};
 use cim_events::{Component, Tier, resources};
-use cim_testkit::{NatsServer, S3Server, eventually};
+use cim_testkit::{NatsServer, S3Kind, S3Server, eventually, stays_true_for};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 
@@ -28,6 +30,7 @@ pub(crate) fn target(s3: &S3Server, name: &str, prefix: &str) -> Target {
         prefix: prefix.to_string(),
         path_style: true,
         credentials: Credentials::new(s3.access_key(), s3.secret_key()),
+        signing_key_file: None,
     }
 }
 
@@ -146,7 +149,7 @@ async fn object_sha(js: &jetstream::Context, name: &str) -> Result<String> {
 
 /// The target's own key, signatures required.
 pub(crate) fn trust(s3: &S3Client) -> restore::Trust {
-    restore::Trust::new(ArchiveKey::for_target(s3.target()))
+    restore::Trust::new(ArchiveKey::for_target(s3.target()).expect("test targets have keys"))
 }
 
 /// Verifies the current (only) epoch of `stream`.
@@ -194,9 +197,29 @@ pub(crate) fn start_two_targets(
     ServiceProc::start_with_env(Component::StorageManager, &nats.url(), &args, &env)
 }
 
+/// Flips one bit of the object at `key` (at byte `at(len)`), through S3: works on any server.
+async fn flip_bit(s3: &S3Client, key: &str, at: impl Fn(usize) -> usize) -> Result<()> {
+    let mut bytes = s3.get(key).await?.with_context(|| format!("{key} is not there"))?.to_vec();
+    let i = at(bytes.len());
+    bytes[i] ^= 0x40;
+    s3.put(key, Bytes::from(bytes)).await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn storage_archive_two_targets_crash_resume_restore() -> Result<()> {
-    let (nats, nas, wasabi) = tokio::try_join!(NatsServer::start(), S3Server::start(), S3Server::start())?;
+    archive_crash_resume_restore(S3Kind::S3sFs).await
+}
+
+/// The same round trip against moto's S3 server, an implementation unrelated to s3s-fs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn storage_archive_two_targets_crash_resume_restore_on_moto() -> Result<()> {
+    archive_crash_resume_restore(S3Kind::Moto).await
+}
+
+async fn archive_crash_resume_restore(kind: S3Kind) -> Result<()> {
+    let (nats, nas, wasabi) =
+        tokio::try_join!(NatsServer::start(), S3Server::start_kind(kind), S3Server::start_kind(kind))?;
     let client = nats.connect().await;
     let js = jetstream::new(client.clone());
     provision(&js).await?;
@@ -261,8 +284,18 @@ async fn storage_archive_two_targets_crash_resume_restore() -> Result<()> {
                 Ok(())
             })
             .await?;
+            // HEAD gives the object's size (not the length of its empty body), so a copy
+            // that is there is not uploaded again.
+            assert_eq!(s3.head(&key).await?, Some(data.len() as u64), "{key}: HEAD size");
         }
     }
+    let copies = svc.log().matches("objects archived by name").count();
+    stays_true_for(Duration::from_secs(2), "no object copied again while idle", || async {
+        let now = svc.log().matches("objects archived by name").count();
+        ensure!(now == copies, "objects copied again: {copies} -> {now} passes that copied");
+        Ok(())
+    })
+    .await?;
     svc.terminate(Duration::from_secs(20)).await?;
     let log2 = svc.log();
     for log in [&log1, &log2] {
@@ -315,12 +348,9 @@ async fn storage_archive_two_targets_crash_resume_restore() -> Result<()> {
     let manifests = restore::manifests(&nas_c, &trust(&nas_c), &events_stream(), 0).await?.0;
     let (_, m3) = &manifests[3];
     let (_, m5) = &manifests[5];
-    let p3 = nas.root().join(BUCKET).join(&m3.segment_key);
-    let mut bytes = std::fs::read(&p3)?;
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0x40;
-    std::fs::write(&p3, bytes)?;
-    std::fs::remove_file(nas.root().join(BUCKET).join(&m5.segment_key))?;
+    flip_bit(&nas_c, &m3.segment_key, |len| len / 2).await?;
+    nas_c.delete(&m5.segment_key).await?;
+    ensure!(nas_c.head(&m5.segment_key).await?.is_none(), "{} still there after delete", m5.segment_key);
     let r = verify(&nas_c, &events_stream()).await;
     assert_eq!(r.problems.len(), 2, "{:?}", r.problems);
     assert!(r.problems[0].contains(&m3.segment_key) && r.problems[0].contains("sha256"), "{:?}", r.problems);
@@ -485,16 +515,9 @@ async fn storage_cimctl_restore_verify_status() -> Result<()> {
 
     // a corrupt segment: verify names it and fails.
     let (key, m) = restore::manifests(&nas_c, &trust(&nas_c), &events_stream(), 0).await?.0.remove(1);
-    let path = nas.root().join(BUCKET).join(&m.segment_key);
-    let mut bytes = std::fs::read(&path)?;
-    let last = bytes.len() - 1;
-    bytes[last] ^= 1;
-    std::fs::write(&path, bytes)?;
+    flip_bit(&nas_c, &m.segment_key, |len| len - 1).await?;
     // ... and a copy whose bytes no longer match the CID it is named by.
-    let copy_path = nas.root().join(BUCKET).join(&copy_key);
-    let mut bytes = std::fs::read(&copy_path)?;
-    bytes[0] ^= 1;
-    std::fs::write(&copy_path, bytes)?;
+    flip_bit(&nas_c, &copy_key, |_| 0).await?;
     let (ok, out) = cimctl(&["archive", "verify"], &nats.url(), &spec, &env).await?;
     assert!(!ok, "{out}");
     assert!(out.contains(&format!("segment {}: sha256", m.segment_key)) && out.contains("PROBLEMS FOUND"), "{out}");
@@ -503,6 +526,165 @@ async fn storage_cimctl_restore_verify_status() -> Result<()> {
         "{out}"
     );
     let _ = key;
+    Ok(())
+}
+
+/// The aws CLI (`pip install awscli`), or a clear error naming the install line.
+fn aws_cli() -> Result<std::path::PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join("aws"))
+        .find(|p| p.is_file())
+        .context("the aws CLI is not on PATH: install it with `pip install awscli` (.ci/run does)")
+}
+
+/// Runs `aws --endpoint-url <s3> <args>` against `s3` with its credentials and path-style
+/// addressing, isolated from any AWS configuration of the machine; returns stdout.
+async fn aws(s3: &S3Server, config_dir: &std::path::Path, args: &[&str]) -> Result<String> {
+    let config = config_dir.join("aws-config");
+    std::fs::write(&config, format!("[default]\nregion = {}\ns3 =\n    addressing_style = path\n", s3.region()))?;
+    let out = tokio::process::Command::new(aws_cli()?)
+        .arg("--endpoint-url")
+        .arg(s3.endpoint())
+        .args(args)
+        .env("AWS_CONFIG_FILE", &config)
+        .env("AWS_SHARED_CREDENTIALS_FILE", config_dir.join("no-credentials-file"))
+        .env("AWS_ACCESS_KEY_ID", s3.access_key())
+        .env("AWS_SECRET_ACCESS_KEY", s3.secret_key())
+        .env_remove("AWS_SESSION_TOKEN")
+        .env_remove("AWS_PROFILE")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_PAGER", "")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .context("running the aws CLI")?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(out.status.success(), "aws {args:?} failed: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+    Ok(stdout)
+}
+
+/// The archive is plain S3 that any tool reads: the aws CLI lists it, and a segment it
+/// downloads hashes to its manifest's SHA-256, a content copy it downloads by name hashes
+/// to the CID it is named by (a multipart copy). The service signs with `credentials=default`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_archive_reads_back_with_the_aws_cli() -> Result<()> {
+    aws_cli()?;
+    let (nats, nas) = tokio::try_join!(NatsServer::start(), S3Server::start())?;
+    let client = nats.connect().await;
+    let js = jetstream::new(client.clone());
+    provision(&js).await?;
+    let nas_c = S3Client::new(target(&nas, "nas", "cli"))?;
+    nas_c.ensure_bucket().await?;
+    publish_events(&js, 0, 300).await?;
+    let store = js.get_object_store(&content_bucket().bucket).await?;
+    let content = pseudo_random(6 << 20, 21);
+    let cid = cim_events::Cid::of(&content).to_string();
+    store.put(cid.as_str(), &mut content.as_slice()).await?;
+    // The service takes its keys from the AWS SDK's default credential chain (here the
+    // AWS_* variables; s3s-fs checks every signature).
+    // The archive's signing key then comes from a file (the chain's keys may rotate).
+    let key_dir = tempfile::tempdir()?;
+    let key_file = key_dir.path().join("archive-key");
+    std::fs::write(&key_file, "an archive signing key for the aws CLI test")?;
+    let spec = spec(&nas, "nas", "cli", "NAS")
+        .replace("credentials-env=NAS", &format!("credentials=default,signing-key-file={}", key_file.display()));
+    let env = [
+        ("AWS_ACCESS_KEY_ID", nas.access_key()),
+        ("AWS_SECRET_ACCESS_KEY", nas.secret_key()),
+        ("AWS_CONFIG_FILE", "/nonexistent/cim-test-aws-config"),
+        ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/cim-test-aws-credentials"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ];
+    let args = [
+        "--archive-target",
+        spec.as_str(),
+        "--archive-linger",
+        "50ms",
+        "--archive-segment-bytes",
+        "20000",
+        "--archive-object-poll",
+        "200ms",
+    ];
+    let mut svc = ServiceProc::start_with_env(Component::StorageManager, &nats.url(), &args, &env)?;
+    wait_ready(&client, &svc).await?;
+    wait_archived(&nas_c, &events_stream(), 300).await?;
+    let copy_key = cim_archive::format::object_key(&nas_c.target().prefix, &content_bucket().bucket, &cid);
+    eventually(WAIT, "the content copied by its CID", || async {
+        ensure!(nas_c.head(&copy_key).await? == Some(content.len() as u64), "not yet");
+        Ok(())
+    })
+    .await?;
+    svc.terminate(Duration::from_secs(20)).await?;
+
+    let dir = tempfile::tempdir()?;
+    let listing = aws(&nas, dir.path(), &["s3", "ls", "--recursive", &format!("s3://{BUCKET}/cli/")]).await?;
+    // `2026-12-07 03:14:51   20000000 key`
+    let listed: Vec<(u64, &str)> = listing
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, _, size, key) = (f.next()?, f.next()?, f.next()?, f.next()?);
+            Some((size.parse().ok()?, key))
+        })
+        .collect();
+    ensure!(listed.contains(&(content.len() as u64, copy_key.as_str())), "{copy_key} not listed:\n{listing}");
+    let manifests_prefix = cim_archive::format::manifests_prefix(&nas_c.target().prefix, &events_stream(), 0);
+    let manifest_keys: Vec<&str> =
+        listed.iter().map(|(_, k)| *k).filter(|k| k.starts_with(&manifests_prefix)).collect();
+    ensure!(manifest_keys.len() > 2, "expected several manifests under {manifests_prefix}:\n{listing}");
+
+    // A manifest and its segment, downloaded by the CLI: the segment hashes to the manifest's
+    // SHA-256 and has its size.
+    let manifest_key = manifest_keys[1];
+    let manifest_file = dir.path().join("manifest.json");
+    aws(
+        &nas,
+        dir.path(),
+        &[
+            "s3",
+            "cp",
+            "--only-show-errors",
+            &format!("s3://{BUCKET}/{manifest_key}"),
+            manifest_file.to_str().context("path")?,
+        ],
+    )
+    .await?;
+    let m = cim_archive::format::Manifest::parse(manifest_key, &std::fs::read(&manifest_file)?)?;
+    ensure!(listed.iter().any(|(_, k)| *k == m.segment_key), "{} not listed", m.segment_key);
+    let segment_file = dir.path().join("segment");
+    aws(
+        &nas,
+        dir.path(),
+        &[
+            "s3",
+            "cp",
+            "--only-show-errors",
+            &format!("s3://{BUCKET}/{}", m.segment_key),
+            segment_file.to_str().context("path")?,
+        ],
+    )
+    .await?;
+    let segment = std::fs::read(&segment_file)?;
+    assert_eq!(segment.len() as u64, m.segment_bytes, "{}", m.segment_key);
+    assert_eq!(format!("{:x}", Sha256::digest(&segment)), m.segment_sha256, "{}", m.segment_key);
+
+    // The content copy, by name: its bytes are the CID it is named by.
+    let object_file = dir.path().join("object");
+    aws(
+        &nas,
+        dir.path(),
+        &[
+            "s3",
+            "cp",
+            "--only-show-errors",
+            &format!("s3://{BUCKET}/{copy_key}"),
+            object_file.to_str().context("path")?,
+        ],
+    )
+    .await?;
+    let object = std::fs::read(&object_file)?;
+    assert_eq!(cim_events::Cid::of(&object).to_string(), cid, "the copy's bytes are not its CID");
     Ok(())
 }
 
@@ -536,6 +718,28 @@ async fn storage_retention_guard_refuses_streams_that_drop_unarchived_data() -> 
     let status = svc.wait(WAIT).await?;
     assert_eq!(status.code(), Some(64), "{}", svc.log());
     assert!(svc.log().contains("must start with http"), "{}", svc.log());
+    // Virtual-hosted addressing cannot put the bucket into an IP address: refused at start,
+    // by the service and by cimctl.
+    let vhost = spec.replace("path-style=true", "path-style=false");
+    let mut svc = ServiceProc::start_with_env(
+        Component::StorageManager,
+        &nats.url(),
+        &["--archive-target", vhost.as_str()],
+        &env,
+    )?;
+    let status = svc.wait(WAIT).await?;
+    assert_eq!(status.code(), Some(64), "{}", svc.log());
+    assert!(svc.log().contains("use path-style=true"), "{}", svc.log());
+    let out = tokio::process::Command::new(crate::common::bin("cimctl"))
+        .args(["archive", "status"])
+        .env("CIM_NATS_URL", nats.url())
+        .env("CIM_ARCHIVE_TARGETS", &vhost)
+        .envs(env.iter().copied())
+        .output()
+        .await?;
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{text}");
+    assert!(text.contains("use path-style=true"), "{text}");
     Ok(())
 }
 
