@@ -463,7 +463,11 @@ mod tests {
         assert_eq!(t.credentials.access_key(), None);
         assert_eq!(t.signing_secret().unwrap(), b"a long enough archive signing key");
         // The file, not the secret access key, when both are there.
-        let t = Target::parse(&format!("name=a,endpoint=http://x,bucket=b,credentials-env=NAS,signing-key-file={}", key.display()), &env).unwrap();
+        let t = Target::parse(
+            &format!("name=a,endpoint=http://x,bucket=b,credentials-env=NAS,signing-key-file={}", key.display()),
+            &env,
+        )
+        .unwrap();
         assert_eq!(t.signing_secret().unwrap(), b"a long enough archive signing key");
     }
 
