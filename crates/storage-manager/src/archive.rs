@@ -76,6 +76,28 @@ struct StreamIdentity {
     created_nanos: Option<i64>,
 }
 
+impl StreamIdentity {
+    /// What the commit of the segment following `prev_last_seq` and ending with `last_record`
+    /// signs and records.
+    fn seal(
+        &self,
+        key: &ArchiveKey,
+        epoch: u64,
+        prev_last_seq: u64,
+        last_record: Option<(async_nats::Subject, Bytes)>,
+        archived: &watch::Sender<Archived>,
+    ) -> Seal {
+        Seal {
+            key: key.clone(),
+            epoch,
+            prev_last_seq,
+            stream_created_nanos: self.created_nanos,
+            last_digest: last_record.map(|(s, p)| format::record_digest(s.as_str(), &p)),
+            archived: archived.clone(),
+        }
+    }
+}
+
 /// Whether the stream holds the history the archive holds up to `pos` (`None`), or why not.
 /// Compared: the stream's last sequence with the position, then the creation time recorded
 /// in the cursor, then the digest of the record at the cursor's position. A cursor from
@@ -276,14 +298,7 @@ pub async fn run_stream(
                     }
                 }
                 let full = std::mem::take(&mut writer);
-                let seal = Seal {
-                    key: key.clone(),
-                    epoch: pos.epoch,
-                    prev_last_seq: handed,
-                    stream_created_nanos: identity.created_nanos,
-                    last_digest: last_record.take().map(|(s, p)| format::record_digest(s.as_str(), &p)),
-                    archived: archived.clone(),
-                };
+                let seal = identity.seal(&key, pos.epoch, handed, last_record.take(), &archived);
                 handed = full.last;
                 let (done, done_rx) = oneshot::channel();
                 let previous = last_done.replace(done_rx);
@@ -310,14 +325,7 @@ pub async fn run_stream(
     }
     if previous_done && !writer.is_empty() {
         let (done, _) = oneshot::channel();
-        let seal = Seal {
-            key: key.clone(),
-            epoch: pos.epoch,
-            prev_last_seq: handed,
-            stream_created_nanos: identity.created_nanos,
-            last_digest: last_record.take().map(|(s, p)| format::record_digest(s.as_str(), &p)),
-            archived: archived.clone(),
-        };
+        let seal = identity.seal(&key, pos.epoch, handed, last_record.take(), &archived);
         let _ =
             commit(s3.clone(), stream.clone(), writer, seal, None, done, stop.clone(), settings.clone(), true).await;
     }
