@@ -74,8 +74,10 @@ pub mod qry {
 pub const KV_UNITS: &str = "units";
 pub const KV_TYPES: &str = "types";
 pub const KV_REQUESTS: &str = "requests";
-/// How long a command's result is remembered for idempotent retries.
-pub const REQUEST_MEMORY: Duration = Duration::from_secs(24 * 3600);
+/// How long a command's result is remembered for idempotent retries: always. The request
+/// index is a projection of the unit stream (each event's `Nats-Msg-Id` is its command's
+/// request id), so it is rebuilt with the others and answers a retry after any horizon.
+pub const REQUEST_MEMORY: Duration = Duration::ZERO;
 
 /// Object store bucket of unit content.
 pub const CONTENT_BUCKET: &str = "cim_iu_content";

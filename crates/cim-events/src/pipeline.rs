@@ -96,6 +96,13 @@ pub fn pipeline_history(name: &str) -> Result<String, ContractError> {
 }
 
 /// `cim.evt.pipeline.run.<run-id>.<action>`.
+/// `Nats-Msg-Id` of the run a manual start with `request_id` requested: JetStream drops a retry
+/// within the retry horizon and names the first run's event.
+pub fn start_msg_id(request_id: &str) -> Result<String, ContractError> {
+    crate::token::validate_token("request id", request_id)?;
+    Ok(format!("pipeline-start-{request_id}"))
+}
+
 pub fn run_event(run_id: &str, action: &str) -> Result<String, ContractError> {
     subject::event(C, RUN, run_id, action)
 }
@@ -170,6 +177,10 @@ pub struct StartRequest {
     pub unit_id: String,
     #[serde(default)]
     pub params: BTreeMap<String, String>,
+    /// Makes a retry of this start idempotent: it is answered with the run the first one
+    /// started (clients send a fresh UUIDv7 and repeat it on every attempt).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub request_id: String,
 }
 
 /// `cancel`, `retry` and the `run` query name one run.

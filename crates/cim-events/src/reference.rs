@@ -88,8 +88,8 @@ pub fn markdown() -> String {
     );
     let _ = writeln!(
         w,
-        "Per-aggregate optimistic concurrency: publish with `Nats-Expected-Last-Subject-Sequence: <seq>` and `Nats-Expected-Last-Subject-Sequence-Subject: cim.evt.<component>.<aggregate>.<id>.*`. Exactly-once publishing: `Nats-Msg-Id` is the envelope id, de-duplicated within {}s.\n",
-        DUPLICATE_WINDOW.as_secs()
+        "Per-aggregate optimistic concurrency: publish with `Nats-Expected-Last-Subject-Sequence: <seq>` and `Nats-Expected-Last-Subject-Sequence-Subject: cim.evt.<component>.<aggregate>.<id>.*`. Exactly-once publishing: `Nats-Msg-Id` is the command's request id (or the envelope id where no request id exists), de-duplicated by JetStream within the retry horizon, {}h by default (`--retry-horizon`); a retry within it is answered with the first event, read back by the duplicate acknowledgement's sequence.\n",
+        DUPLICATE_WINDOW.as_secs() / 3600
     );
 
     let _ = writeln!(w, "## Components\n");
@@ -113,8 +113,8 @@ pub fn markdown() -> String {
     let _ = writeln!(w, "## Streams\n");
     let _ = writeln!(
         w,
-        "All streams: file storage, limits retention with no age, count or size limit (nothing leaves JetStream except through the storage manager's verified archive), duplicate window {}s, direct get allowed. Replicas: {} on a leaf, {} on the cluster.\n",
-        DUPLICATE_WINDOW.as_secs(),
+        "All streams: file storage, limits retention with no age, count or size limit (nothing leaves JetStream except through the storage manager's verified archive), duplicate window = the retry horizon ({}h by default), direct get allowed. Replicas: {} on a leaf, {} on the cluster.\n",
+        DUPLICATE_WINDOW.as_secs() / 3600,
         Tier::Leaf.replicas(),
         Tier::Cluster.replicas()
     );

@@ -57,9 +57,12 @@ impl FromStr for Tier {
     }
 }
 
-/// Window in which a repeated `Nats-Msg-Id` is dropped as a duplicate: long enough for a
-/// client to retry through a reconnect.
-pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+/// The retry horizon: how long a command may be retried with the same request id and be
+/// answered with its first result instead of carried out again. It is the duplicate window of
+/// every events stream, so the answer comes from the log itself (JetStream rebuilds the window
+/// from the stored messages after a restart), not from a cache written after the event.
+/// Services take `--retry-horizon` (`CIM_RETRY_HORIZON`) to change it.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(24 * 3600);
 
 /// What a stream is for; decides its retention.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -183,7 +186,7 @@ pub fn kv_buckets(component: Component) -> Vec<KvBucketSpec> {
             spec(crate::iu::KV_TYPES, "projection: registered unit types and their schemas", Duration::ZERO),
             spec(
                 crate::iu::KV_REQUESTS,
-                "results of commands by request id, for idempotent retries (24h)",
+                "projection: the result of every command by its request id, for idempotent retries",
                 crate::iu::REQUEST_MEMORY,
             ),
         ],

@@ -81,17 +81,8 @@ impl IuClient {
         }
         let body = command.encode_to_vec();
         let subject = iu::command(C::ENDPOINT).map_err(|e| IuError::Internal(e.to_string()))?;
-        let mut attempt = 0;
-        loop {
-            match self.request_with(&subject, headers.clone(), body.clone().into(), self.timeout).await {
-                Ok(msg) => return Ok(CommandResult::decode(msg.payload)?),
-                Err(e) if Retry::Idempotent.allows(&e) && attempt < self.retry_delays.len() => {
-                    tokio::time::sleep(self.retry_delays[attempt]).await;
-                    attempt += 1;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        let msg = self.call_with(&subject, headers, body.into(), self.timeout, Retry::Idempotent).await?;
+        Ok(CommandResult::decode(msg.payload)?)
     }
 
     pub async fn create(&self, command: CreateUnit) -> Result<CommandResult, IuError> {

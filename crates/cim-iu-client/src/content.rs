@@ -6,12 +6,14 @@ use std::{
     path::Path,
     pin::Pin,
     task::{Context, Poll},
+    time::Duration,
 };
 
 use async_nats::jetstream::{
     self,
     object_store::{GetErrorKind, InfoErrorKind, ObjectMetadata, ObjectStore, PutErrorKind},
 };
+use bytes::Bytes;
 use cim_events::{
     Cid, Component, iu,
     proto::iu::{CommandResult, CommitContent, ContentCommitted, CreateUnit, NewVersion, ReportCorrupt},
@@ -58,6 +60,8 @@ pub struct Upload {
     /// Object name in the content bucket: `upload.<uuidv7>`.
     pub name: String,
     pub size: u64,
+    /// The CID of the bytes, from the digest the object store computed while storing them.
+    pub cid: Option<String>,
 }
 
 /// What [`IuClient::get_content`] read.
@@ -139,7 +143,11 @@ impl IuClient {
         let meta = ObjectMetadata { name: name.clone(), chunk_size: Some(self.chunk_size), ..Default::default() };
         let mut counting = Counting { inner: reader, done: 0, progress };
         match store.put(meta, &mut counting).await {
-            Ok(info) => Ok(Upload { name, size: info.size as u64 }),
+            Ok(info) => Ok(Upload {
+                name,
+                size: info.size as u64,
+                cid: info.digest.as_deref().and_then(|d| Cid::from_object_digest(d).ok()).map(|c| c.to_string()),
+            }),
             Err(e) => {
                 let _ = store.delete(&name).await;
                 Err(match e.kind() {
@@ -159,6 +167,40 @@ impl IuClient {
         self.call(iu::command(iu::cmd::COMMIT), body.into(), self.commit_timeout, Retry::NotProcessed).await
     }
 
+    /// Commits an upload this client made, surviving a service replaced mid-commit: the commit
+    /// is sent in attempts long enough to read the upload, and repeated on no answer. A repeat
+    /// that finds the upload gone (the first attempt did commit it) is answered by the content
+    /// itself, stored under the upload's CID.
+    pub async fn commit_upload(&self, upload: &Upload) -> Result<ContentCommitted, IuError> {
+        let body: Bytes = CommitContent { upload: upload.name.clone() }.encode_to_vec().into();
+        let subject = iu::command(iu::cmd::COMMIT).map_err(|e| IuError::Internal(e.to_string()))?;
+        // Reading the upload back at (at least) 32 MiB/s, plus the first attempt's wait.
+        let attempt = self.attempt_timeout + Duration::from_secs(upload.size / (32 << 20));
+        let deadline = tokio::time::Instant::now() + self.commit_timeout.max(attempt);
+        let mut tried = false;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let result = match self.request_raw(&subject, body.clone(), attempt.min(left)).await {
+                Ok(msg) => ContentCommitted::decode(msg.payload).map_err(IuError::from),
+                Err(e) => Err(e),
+            };
+            match result {
+                Err(IuError::NotFound(why)) if tried => {
+                    let Some(cid) = upload.cid.as_deref() else { return Err(IuError::NotFound(why)) };
+                    let size = self.content_size(cid).await.map_err(|_| IuError::NotFound(why))?;
+                    return Ok(ContentCommitted { cid: cid.to_string(), size, deduplicated: false });
+                }
+                Err(e) if (e.is_timeout() || e.is_unavailable()) && left > attempt.min(left) + pause => {
+                    tried |= e.is_timeout();
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Uploads the bytes of `reader` and commits them: the reply names their CID and whether
     /// they were already stored. Memory stays bounded whatever the size.
     pub async fn put_content<R: AsyncRead + Unpin + Send>(
@@ -167,7 +209,7 @@ impl IuClient {
         progress: &mut dyn Progress,
     ) -> Result<ContentCommitted, IuError> {
         let upload = self.upload(reader, progress).await?;
-        self.commit(&upload.name).await
+        self.commit_upload(&upload).await
     }
 
     /// Uploads a byte slice and commits it.

@@ -34,8 +34,12 @@ pub use commands::{IuCommand, header, header_with_id};
 pub use content::{ContentRead, NoProgress, Progress, Upload};
 pub use queries::UnitPages;
 
-/// Default timeout of one request.
+/// Default time a request may take, all its attempts together.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default wait for the answer of the first attempt of a repeatable request (each further
+/// attempt waits twice as long, within the request's timeout): a service replaced while it
+/// held the request costs this, not the whole timeout.
+pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default timeout of a commit: the service reads the whole upload to compute its CID.
 pub const DEFAULT_COMMIT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default chunk size of uploads (each chunk is one JetStream message).
@@ -71,6 +75,7 @@ pub struct IuClient {
     store: tokio::sync::OnceCell<ObjectStore>,
     content_stream: tokio::sync::OnceCell<jetstream::stream::Stream>,
     timeout: Duration,
+    attempt_timeout: Duration,
     commit_timeout: Duration,
     retry_delays: Vec<Duration>,
     chunk_size: usize,
@@ -80,6 +85,7 @@ impl std::fmt::Debug for IuClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IuClient")
             .field("timeout", &self.timeout)
+            .field("attempt_timeout", &self.attempt_timeout)
             .field("commit_timeout", &self.commit_timeout)
             .field("retry_delays", &self.retry_delays)
             .field("chunk_size", &self.chunk_size)
@@ -107,15 +113,23 @@ impl IuClient {
             store: tokio::sync::OnceCell::new(),
             content_stream: tokio::sync::OnceCell::new(),
             timeout: DEFAULT_TIMEOUT,
+            attempt_timeout: DEFAULT_ATTEMPT_TIMEOUT,
             commit_timeout: DEFAULT_COMMIT_TIMEOUT,
             retry_delays: default_retry_delays(),
             chunk_size: DEFAULT_CHUNK_SIZE,
         }
     }
 
-    /// Timeout of each request attempt (default 10s).
+    /// How long a request may take, all its attempts together (default 10s).
     pub fn timeout(mut self, timeout: Duration) -> IuClient {
         self.timeout = timeout;
+        self
+    }
+
+    /// How long the first attempt of a repeatable request waits for its answer (default 2s);
+    /// each further attempt waits twice as long as the one before, within the timeout.
+    pub fn attempt_timeout(mut self, timeout: Duration) -> IuClient {
+        self.attempt_timeout = timeout.max(Duration::from_millis(10));
         self
     }
 
@@ -125,7 +139,8 @@ impl IuClient {
         self
     }
 
-    /// Pauses between attempts; empty = never retry. The number of retries is its length.
+    /// Pauses between attempts (the last one repeats while the timeout allows); empty = never
+    /// retry.
     pub fn retry_delays(mut self, delays: Vec<Duration>) -> IuClient {
         self.retry_delays = delays;
         self
@@ -144,6 +159,10 @@ impl IuClient {
 
     // ---- transport ----
 
+    /// One request and its retries. A repeatable request (`Retry::Idempotent`: a query, or a
+    /// command with a request id) is sent in attempts of growing length within `timeout`, so
+    /// a service that died holding it costs one short attempt; any other request waits the
+    /// whole `timeout` and is repeated only when it certainly was not carried out.
     async fn call<R: Message + Default>(
         &self,
         subject: Result<String, cim_events::ContractError>,
@@ -152,13 +171,42 @@ impl IuClient {
         retry: Retry,
     ) -> Result<R, IuError> {
         let subject = subject.map_err(|e| IuError::Internal(e.to_string()))?;
+        let msg = self.call_with(&subject, None, body, timeout, retry).await?;
+        Ok(R::decode(msg.payload)?)
+    }
+
+    /// [`IuClient::call`] with request headers, returning the reply.
+    async fn call_with(
+        &self,
+        subject: &str,
+        headers: Option<async_nats::HeaderMap>,
+        body: Bytes,
+        timeout: Duration,
+        retry: Retry,
+    ) -> Result<async_nats::Message, IuError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut wait = match retry {
+            Retry::Idempotent if !self.retry_delays.is_empty() => self.attempt_timeout.min(timeout),
+            _ => timeout,
+        };
         let mut attempt = 0;
         loop {
-            match self.request_raw(&subject, body.clone(), timeout).await {
-                Ok(msg) => return Ok(R::decode(msg.payload)?),
-                Err(e) if retry.allows(&e) && attempt < self.retry_delays.len() => {
-                    tokio::time::sleep(self.retry_delays[attempt]).await;
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let this = wait.min(left).max(Duration::from_millis(10));
+            match self.request_with(subject, headers.clone(), body.clone(), this).await {
+                Ok(msg) => return Ok(msg),
+                Err(e) if retry.allows(&e) && !self.retry_delays.is_empty() => {
+                    let pause = self.retry_delays[attempt.min(self.retry_delays.len() - 1)];
+                    let more = match retry {
+                        Retry::Idempotent => deadline.saturating_duration_since(tokio::time::Instant::now()) > pause,
+                        Retry::NotProcessed => attempt < self.retry_delays.len(),
+                    };
+                    if !more {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(pause).await;
                     attempt += 1;
+                    wait = wait.saturating_mul(2);
                 }
                 Err(e) => return Err(e),
             }

@@ -50,6 +50,11 @@ pub struct CommonArgs {
     #[arg(long, env = "CIM_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     pub heartbeat_interval: Duration,
 
+    /// How long a command may be retried with the same request id and be answered, not carried
+    /// out again: the duplicate window of the service's event streams (e.g. 24h, 10m).
+    #[arg(long, env = "CIM_RETRY_HORIZON", default_value = "24h", value_parser = parse_duration)]
+    pub retry_horizon: Duration,
+
     /// Most requests handled at once by this instance; more wait in NATS (back-pressure).
     #[arg(long, env = "CIM_MAX_IN_FLIGHT", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub max_in_flight: u32,
@@ -68,6 +73,7 @@ pub struct CommonSettings {
     pub node: String,
     pub shutdown_grace: Duration,
     pub heartbeat_interval: Duration,
+    pub retry_horizon: Duration,
     pub max_in_flight: usize,
 }
 
@@ -140,6 +146,9 @@ impl CommonArgs {
         if self.heartbeat_interval < Duration::from_millis(100) {
             return Err(bad("--heartbeat-interval (CIM_HEARTBEAT_INTERVAL) must be at least 100ms".into()));
         }
+        if self.retry_horizon < Duration::from_secs(1) {
+            return Err(bad("--retry-horizon (CIM_RETRY_HORIZON) must be at least 1s".into()));
+        }
         Ok(CommonSettings {
             component,
             nats_urls,
@@ -151,6 +160,7 @@ impl CommonArgs {
             node,
             shutdown_grace: self.shutdown_grace,
             heartbeat_interval: self.heartbeat_interval,
+            retry_horizon: self.retry_horizon,
             max_in_flight: self.max_in_flight as usize,
         })
     }

@@ -70,9 +70,7 @@ async fn check_ready(ctx: &Ctx, owned: &[String]) -> bool {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
                 tracing::warn!(stream = %name, error = %e, "owned stream not usable; re-provisioning");
-                if let Err(e) =
-                    provision::provision(ctx.jetstream(), ctx.settings().component, ctx.settings().tier).await
-                {
+                if let Err(e) = provision::provision(ctx.jetstream(), ctx.settings()).await {
                     tracing::warn!(error = %e, "re-provisioning failed");
                 }
                 return false;

@@ -9,6 +9,7 @@ pub mod archive_guard;
 pub mod config;
 pub mod consumer;
 mod control;
+pub mod crash;
 mod ctx;
 pub mod endpoint;
 mod health;

@@ -1,6 +1,7 @@
 //! Idempotent JetStream provisioning of what a service owns: create what is missing, update
 //! what may safely change, and refuse changes that would lose data or weaken guarantees.
 
+use crate::config::CommonSettings;
 use async_nats::jetstream::{self, stream};
 use cim_events::{
     Component, Tier,
@@ -165,6 +166,7 @@ async fn ensure_bucket<F, Fut, E>(
     label: String,
     stream_name: String,
     tier: Tier,
+    loosened_max_age: Option<std::time::Duration>,
     create: F,
 ) -> Result<Outcome, ProvisionError>
 where
@@ -177,6 +179,13 @@ where
             let info = existing.info().await.map_err(|e| js_err("info", &stream_name)(Box::new(e)))?;
             let mut desired = info.config.clone();
             desired.num_replicas = tier.replicas();
+            // A limit the spec loosened (e.g. entries that no longer expire) is applied.
+            if let Some(max_age) = loosened_max_age
+                && !info.config.max_age.is_zero()
+                && (max_age.is_zero() || max_age > info.config.max_age)
+            {
+                desired.max_age = max_age;
+            }
             match diff_stream(&info.config, &desired) {
                 Err(changes) => Err(ProvisionError::Destructive { resource: label, changes }),
                 Ok(c) if c.is_empty() => Ok(Outcome::Unchanged),
@@ -199,7 +208,7 @@ pub async fn ensure_object_bucket(
     spec: &ObjectBucketSpec,
     tier: Tier,
 ) -> Result<Outcome, ProvisionError> {
-    ensure_bucket(js, format!("object bucket {}", spec.bucket), spec.stream_name(), tier, || async {
+    ensure_bucket(js, format!("object bucket {}", spec.bucket), spec.stream_name(), tier, None, || async {
         js.create_object_store(spec.config(tier)).await.map(|_| ())
     })
     .await
@@ -210,7 +219,7 @@ pub async fn ensure_kv_bucket(
     spec: &KvBucketSpec,
     tier: Tier,
 ) -> Result<Outcome, ProvisionError> {
-    ensure_bucket(js, format!("kv bucket {}", spec.bucket), spec.stream_name(), tier, || async {
+    ensure_bucket(js, format!("kv bucket {}", spec.bucket), spec.stream_name(), tier, Some(spec.max_age), || async {
         js.create_key_value(spec.config(tier)).await.map(|_| ())
     })
     .await
@@ -234,11 +243,14 @@ pub fn owned_stream_names(component: Component) -> Vec<String> {
         .collect()
 }
 
-/// Provisions everything `component` owns on `tier`; logs each outcome.
-pub async fn provision(js: &jetstream::Context, component: Component, tier: Tier) -> Result<(), ProvisionError> {
+/// Provisions everything the service of `settings` owns on its tier, with its retry horizon as
+/// the duplicate window of its streams; logs each outcome.
+pub async fn provision(js: &jetstream::Context, settings: &CommonSettings) -> Result<(), ProvisionError> {
+    let (component, tier) = (settings.component, settings.tier);
     for spec in resources::streams(component) {
         let StreamSpec { name, .. } = &spec;
-        let outcome = ensure_stream(js, spec.config(tier)).await?;
+        let config = stream::Config { duplicate_window: settings.retry_horizon, ..spec.config(tier) };
+        let outcome = ensure_stream(js, config).await?;
         log_outcome("stream", name, &outcome);
     }
     for spec in resources::object_buckets(component) {

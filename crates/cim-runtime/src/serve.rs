@@ -11,6 +11,7 @@ use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 use crate::{
+    crash,
     ctx::Ctx,
     endpoint::{Endpoint, Reply, ServiceError},
     metrics::EndpointLabels,
@@ -63,6 +64,13 @@ pub(crate) async fn serve_endpoint(
             };
             if let Err(e) = outcome {
                 tracing::warn!(error = %e, "could not send reply");
+            }
+            if crash::any() {
+                let point = format!("{}.replied", labels.endpoint);
+                if crash::armed(&point) {
+                    let _ = ctx.client().flush().await;
+                    crash::at(&point);
+                }
             }
             m.requests.get_or_create(&labels).inc();
             m.latency.get_or_create(&labels).observe(started.elapsed().as_secs_f64());

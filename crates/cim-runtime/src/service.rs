@@ -111,7 +111,7 @@ impl Service {
             None => jetstream::new(client.clone()),
         };
         tokio::select! {
-            r = provision_with_retry(&js, component, &settings) => r?,
+            r = provision_with_retry(&js, &settings) => r?,
             _ = &mut shutdown => {
                 stop_http.notify_one();
                 let _ = client.drain().await;
@@ -323,14 +323,10 @@ async fn connect(
     Ok(client)
 }
 
-async fn provision_with_retry(
-    js: &jetstream::Context,
-    component: Component,
-    settings: &CommonSettings,
-) -> anyhow::Result<()> {
+async fn provision_with_retry(js: &jetstream::Context, settings: &CommonSettings) -> anyhow::Result<()> {
     let mut delay = Duration::from_millis(100);
     loop {
-        match provision::provision(js, component, settings.tier).await {
+        match provision::provision(js, settings).await {
             Ok(()) => return Ok(()),
             Err(e @ ProvisionError::Destructive { .. }) => return Err(e.into()),
             Err(e) => {

@@ -102,16 +102,36 @@ fn nothing_answers_hint(tried: &str, data_dir: &Path) -> String {
 pub fn request_failed(service: &str, subject: &str, e: &async_nats::RequestError) -> anyhow::Error {
     match e.kind() {
         async_nats::RequestErrorKind::NoResponders => {
-            anyhow!("no {service} is running (nothing answers on {subject})")
+            NoAnswer(format!("no {service} is running (nothing answers on {subject})")).into()
         }
-        async_nats::RequestErrorKind::TimedOut => anyhow!("no answer from {service} on {subject} in time"),
+        async_nats::RequestErrorKind::TimedOut => {
+            NoAnswer(format!("no answer from {service} on {subject} in time")).into()
+        }
         _ => anyhow!("request to {service} on {subject} failed: {e}"),
     }
 }
 
 /// No reply from `service` on `subject` within `timeout`.
 pub fn no_answer(service: &str, subject: &str, timeout: Duration) -> anyhow::Error {
-    anyhow!("no answer from {service} on {subject} within {timeout:?} (is it running?)")
+    NoAnswer(format!("no answer from {service} on {subject} within {timeout:?} (is it running?)")).into()
+}
+
+/// Nothing answered a request (or the service said it is unavailable): the same request may
+/// be sent again if it is a query or carries a request id.
+#[derive(Debug)]
+pub struct NoAnswer(pub String);
+
+impl std::fmt::Display for NoAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NoAnswer {}
+
+/// True when `e` is a [`NoAnswer`].
+pub fn is_retryable(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<NoAnswer>().is_some()
 }
 
 /// `service` refused a request with a NATS service error: `<service> refused (<code>): <why>`.

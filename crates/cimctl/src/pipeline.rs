@@ -140,6 +140,9 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
     s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("{s:?} is not key=value"))
 }
 
+/// The longest one attempt of a repeatable request waits for its answer.
+const ATTEMPT: Duration = Duration::from_secs(3);
+
 struct Client {
     nats: async_nats::Client,
     timeout: Duration,
@@ -162,13 +165,40 @@ impl Client {
             && let Some(code) = h.get("Nats-Service-Error-Code")
         {
             let msg = h.get("Nats-Service-Error").map(|v| v.to_string()).unwrap_or_default();
-            return Err(anyhow!("pipeline-engine refused ({code}): {}", refusal_words(&msg)));
+            let refusal = format!("pipeline-engine refused ({code}): {}", refusal_words(&msg));
+            if code.as_str() == "503" {
+                return Err(crate::conn::NoAnswer(refusal).into());
+            }
+            return Err(anyhow!(refusal));
         }
         serde_json::from_slice(&reply.payload).with_context(|| format!("{subject}: reply is not the expected JSON"))
     }
 
+    /// [`Client::call`] for a request that may be repeated (a query, a command with a request
+    /// id): short attempts, repeated on no answer or no responders, within the timeout.
+    async fn call_retrying<Req: Serialize, Rep: serde::de::DeserializeOwned>(
+        &self,
+        subject: String,
+        body: &Req,
+    ) -> Result<Rep> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let attempt = Client { nats: self.nats.clone(), timeout: left.min(ATTEMPT), json: self.json };
+            match attempt.call(subject.clone(), body).await {
+                Err(e) if left > ATTEMPT && crate::conn::is_retryable(&e) => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                other => return other,
+            }
+        }
+    }
+
     async fn run_info(&self, run_id: &str) -> Result<RunInfo> {
-        self.call(pl::query(pl::qry::RUN)?, &RunRef { run_id: run_id.to_string(), reason: String::new() }).await
+        self.call_retrying(pl::query(pl::qry::RUN)?, &RunRef { run_id: run_id.to_string(), reason: String::new() })
+            .await
     }
 
     /// Prints the run whenever it changes until it ends; the exit code says how it ended.
@@ -304,8 +334,11 @@ pub async fn pipeline(args: PipelineArgs) -> Result<ExitCode> {
                 pipeline: name,
                 unit_id: unit.unwrap_or_default(),
                 params: params.into_iter().collect::<BTreeMap<_, _>>(),
+                request_id: uuid::Uuid::now_v7().to_string(),
             };
-            let r: RunRef = c.call(pl::command(pl::cmd::START)?, &req).await?;
+            // Retried with the same request id: an engine replaced meanwhile costs one attempt,
+            // and the run is started once.
+            let r: RunRef = c.call_retrying(pl::command(pl::cmd::START)?, &req).await?;
             if watch {
                 return c.watch(&r.run_id).await;
             }

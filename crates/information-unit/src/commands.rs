@@ -1,7 +1,7 @@
 //! Commands: create, new version, tag/untag, attributes, link/unlink, delete and type
 //! registration — decided against the unit's current state, written as events with
-//! per-aggregate optimistic concurrency, written through to the projection, and remembered by
-//! request id so a retry is answered, not repeated.
+//! per-aggregate optimistic concurrency, written through to the projection; a retry with the
+//! same request id is answered from the log, not carried out again.
 
 use std::collections::BTreeMap;
 
@@ -23,13 +23,86 @@ use crate::{
     schema::TypeSchema,
 };
 
+/// The commands that take a request id.
+#[derive(Clone, Copy, Debug)]
+pub enum Cmd {
+    Create,
+    NewVersion,
+    Tag(bool),
+    SetAttributes,
+    Link(bool),
+    Delete,
+    RegisterType,
+}
+
+/// The `header` (field 1) every command message starts with; the rest is skipped.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Headed {
+    #[prost(message, optional, tag = "1")]
+    header: Option<CommandHeader>,
+}
+
+/// A refusal a retry of a command that was carried out may meet (the state moved on).
+fn is_refusal(e: &ServiceError) -> bool {
+    matches!(e.code, 400 | 404 | 409)
+}
+
 impl App {
     // ---- idempotency ----
+    //
+    // A command's request id is its event's `Nats-Msg-Id`. JetStream drops a repeat within the
+    // retry horizon (the events stream's duplicate window, which it rebuilds from the stored
+    // messages after a restart) and its acknowledgement names the first event, which answers
+    // the retry (`result_of_duplicate`): the answer comes from the log, whatever crashed when.
+    // The projector also indexes every event by its request id (the `requests` KV), which
+    // answers a retry where no publish happens (the command would now be refused: deleting a
+    // deleted unit) and after the horizon. Nothing is remembered on the command path itself.
 
-    async fn remembered(&self, header: &CommandHeader) -> Result<Option<CommandResult>, ServiceError> {
-        if header.request_id.is_empty() {
-            return Ok(None);
+    /// Runs one command with its idempotency: an earlier result of its request id answers it.
+    pub async fn command(&self, msg: Message, cmd: Cmd) -> Result<Reply, ServiceError> {
+        let header = Headed::decode(msg.payload.clone()).ok().and_then(|h| h.header).unwrap_or_default();
+        if !header.request_id.is_empty() {
+            iu::request_key(&header.request_id).map_err(|e| ServiceError::bad_request(e.to_string()))?;
+            if !self.within_horizon(&header.request_id) {
+                // Beyond what JetStream's window surely covers: the index decides, once it
+                // has applied everything the log holds (else it cannot tell, and says so).
+                if let Some(r) = self.indexed(&header).await? {
+                    return Ok(Reply::proto(&r));
+                }
+                if !self.index_caught_up().await {
+                    return Err(ServiceError::unavailable(
+                        "the request index is behind the log, so a repeat of this request id cannot be told yet; retry",
+                    ));
+                }
+                if let Some(r) = self.indexed(&header).await? {
+                    return Ok(Reply::proto(&r));
+                }
+            }
         }
+        let result = match cmd {
+            Cmd::Create => self.create(msg).await,
+            Cmd::NewVersion => self.new_version(msg).await,
+            Cmd::Tag(add) => self.tag(msg, add).await,
+            Cmd::SetAttributes => self.set_attributes(msg).await,
+            Cmd::Link(add) => self.link(msg, add).await,
+            Cmd::Delete => self.delete(msg).await,
+            Cmd::RegisterType => self.register_type(msg).await,
+        };
+        match result {
+            Err(refusal) if !header.request_id.is_empty() && is_refusal(&refusal) => {
+                // Perhaps refused because it was carried out already and its answer was lost.
+                self.index_caught_up().await;
+                match self.indexed(&header).await {
+                    Ok(Some(r)) => Ok(Reply::proto(&r)),
+                    _ => Err(refusal),
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// The indexed result of the command's request id, if the projector has seen its event.
+    async fn indexed(&self, header: &CommandHeader) -> Result<Option<CommandResult>, ServiceError> {
         let key = iu::request_key(&header.request_id).map_err(|e| ServiceError::bad_request(e.to_string()))?;
         match self.requests.get(&key).await {
             Ok(Some(bytes)) => {
@@ -38,18 +111,48 @@ impl App {
                 Ok(Some(r))
             }
             Ok(None) => Ok(None),
-            Err(e) => Err(internal("request memory")(Box::new(e))),
+            Err(e) => Err(internal("request index")(Box::new(e))),
         }
     }
 
-    async fn remember(&self, header: &CommandHeader, result: &CommandResult) {
-        if header.request_id.is_empty() {
-            return;
+    /// Whether JetStream's duplicate window alone surely covers a repeat of `request_id`: a
+    /// UUIDv7 (what the clients generate) younger than half the horizon, allowing for clocks
+    /// that disagree. Any other id is first looked up in the request index.
+    fn within_horizon(&self, request_id: &str) -> bool {
+        let Ok(id) = uuid::Uuid::parse_str(request_id) else { return false };
+        let Some(ts) = id.get_timestamp().filter(|_| id.get_version_num() == 7) else { return false };
+        let (secs, nanos) = ts.to_unix();
+        let issued = std::time::UNIX_EPOCH + std::time::Duration::new(secs, nanos);
+        match std::time::SystemTime::now().duration_since(issued) {
+            Ok(age) => age < self.ctx.settings().retry_horizon / 2,
+            Err(ahead) => ahead.duration() < std::time::Duration::from_secs(60),
         }
-        if let Ok(key) = iu::request_key(&header.request_id)
-            && let Err(e) = self.requests.put(&key, result.encode_to_vec().into()).await
-        {
-            tracing::warn!(error = %e, "could not remember a command result; a retry may be answered from the log");
+    }
+
+    /// Waits (briefly) until the projector has applied every event the stream holds now;
+    /// false when it has not within a few seconds.
+    async fn index_caught_up(&self) -> bool {
+        let Ok(mut stream) = self.js.get_stream(&self.events_stream).await else { return false };
+        let Ok(info) = stream.info().await else { return false };
+        let last = info.state.last_sequence;
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            if self.checkpoint().await >= last {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The outcome of writing a new state through to the projection after its event was
+    /// written: the command happened, so a store error is not its failure (the projector
+    /// applies the event from the log; queries fall back to the stream meanwhile).
+    fn write_through(&self, stored: Result<(), ServiceError>) {
+        if let Err(e) = stored {
+            tracing::warn!(error = %e.message, "projection not written through; the projector will apply the event");
         }
     }
 
@@ -86,11 +189,7 @@ impl App {
         let header = header.unwrap_or_default();
         let parent = Self::parent_envelope(msg)?;
         let filter = iu::unit_history(unit_id).map_err(|e| ServiceError::bad_request(e.to_string()))?;
-        let (remembered, first) = tokio::join!(self.remembered(&header), self.load_unit(unit_id));
-        if let Some(r) = remembered? {
-            return Ok(Reply::proto(&r));
-        }
-        let mut first = Some(first);
+        let mut first = Some(self.load_unit(unit_id).await);
         for attempt in 0..3 {
             let state = match first.take() {
                 Some(loaded) => loaded?,
@@ -134,8 +233,7 @@ impl App {
                         cid: new_state.cid.clone(),
                         replayed: false,
                     };
-                    let (stored, ()) = tokio::join!(self.store_unit(&new_state), self.remember(&header, &result));
-                    stored?;
+                    self.write_through(self.store_unit(&new_state).await);
                     return Ok(Reply::proto(&result));
                 }
                 Err(PublishError::Conflict) if header.expected_version == 0 && attempt < 2 => continue,
@@ -199,7 +297,7 @@ impl App {
 
     // ---- command handlers ----
 
-    pub async fn create(&self, msg: Message) -> Result<Reply, ServiceError> {
+    pub(crate) async fn create(&self, msg: Message) -> Result<Reply, ServiceError> {
         let c: cim_events::proto::iu::CreateUnit = decode(&msg)?;
         let header = c.header.clone().unwrap_or_default();
         if header.expected_version != 0 {
@@ -215,15 +313,11 @@ impl App {
             return Err(ServiceError::bad_request(format!("more than {} links", domain::MAX_LINKS)));
         }
         // The lookups are independent: one round trip's latency, not four.
-        let (remembered, typed, size, targets) = tokio::join!(
-            self.remembered(&header),
+        let (typed, size, targets) = tokio::join!(
             self.check_type(&c.unit_type, &attrs),
             self.content_exists(&cid),
             self.require_targets(&c.links),
         );
-        if let Some(r) = remembered? {
-            return Ok(Reply::proto(&r));
-        }
         typed?;
         let size = size?;
         targets?;
@@ -244,6 +338,7 @@ impl App {
         let filter = iu::unit_history(&unit_id).map_err(|e| ServiceError::internal(e.to_string()))?;
         let subject = iu::unit_event(&unit_id, event.action()).map_err(|e| ServiceError::internal(e.to_string()))?;
         let msg_id = (!header.request_id.is_empty()).then_some(header.request_id.as_str());
+        cim_runtime::crash::at("iu.create.publishing");
         let (ack, env) = self
             .publish(subject, Some((filter, 0)), event.type_name(), event.encode(), parent.as_ref(), msg_id)
             .await
@@ -251,6 +346,7 @@ impl App {
                 PublishError::Conflict => ServiceError::conflict(format!("unit id {unit_id} already taken")),
                 PublishError::Failed(e) => ServiceError::unavailable(format!("writing the event: {e}")),
             })?;
+        cim_runtime::crash::at("iu.create.published");
         if ack.duplicate {
             let r = self.result_of_duplicate(ack.sequence, |e| match e {
                 UnitEvent::Created(c) => c.cid.clone(),
@@ -261,12 +357,11 @@ impl App {
         let state = domain::apply(None, &event, &EventMeta { version: ack.sequence, provenance: provenance(&env) })
             .unwrap_or_default();
         let result = CommandResult { unit_id, version: ack.sequence, cid: cid.to_string(), replayed: false };
-        let (stored, ()) = tokio::join!(self.store_new_unit(&state), self.remember(&header, &result));
-        stored?;
+        self.write_through(self.store_new_unit(&state).await);
         Ok(Reply::proto(&result))
     }
 
-    pub async fn new_version(&self, msg: Message) -> Result<Reply, ServiceError> {
+    pub(crate) async fn new_version(&self, msg: Message) -> Result<Reply, ServiceError> {
         let c: cim_events::proto::iu::NewVersion = decode(&msg)?;
         let cid = domain::validate_cid(&c.cid).map_err(reject)?;
         if !c.name.is_empty() {
@@ -293,7 +388,7 @@ impl App {
         .await
     }
 
-    pub async fn tag(&self, msg: Message, add: bool) -> Result<Reply, ServiceError> {
+    pub(crate) async fn tag(&self, msg: Message, add: bool) -> Result<Reply, ServiceError> {
         let c: cim_events::proto::iu::TagUnit = decode(&msg)?;
         if c.tags.is_empty() {
             return Err(ServiceError::bad_request("no tags given"));
@@ -320,7 +415,7 @@ impl App {
         .await
     }
 
-    pub async fn set_attributes(&self, msg: Message) -> Result<Reply, ServiceError> {
+    pub(crate) async fn set_attributes(&self, msg: Message) -> Result<Reply, ServiceError> {
         let c: cim_events::proto::iu::SetAttributes = decode(&msg)?;
         if c.set.is_empty() && c.remove.is_empty() {
             return Err(ServiceError::bad_request("nothing to set or remove"));
@@ -352,7 +447,7 @@ impl App {
         .await
     }
 
-    pub async fn link(&self, msg: Message, add: bool) -> Result<Reply, ServiceError> {
+    pub(crate) async fn link(&self, msg: Message, add: bool) -> Result<Reply, ServiceError> {
         let c: cim_events::proto::iu::LinkUnit = decode(&msg)?;
         let link = c.link.clone().ok_or_else(|| ServiceError::bad_request("no link given"))?;
         domain::validate_link(&link).map_err(reject)?;
@@ -383,7 +478,7 @@ impl App {
         .await
     }
 
-    pub async fn delete(&self, msg: Message) -> Result<Reply, ServiceError> {
+    pub(crate) async fn delete(&self, msg: Message) -> Result<Reply, ServiceError> {
         let c: cim_events::proto::iu::DeleteUnit = decode(&msg)?;
         if c.reason.len() > 1024 {
             return Err(ServiceError::bad_request("reason is longer than 1024 bytes"));
@@ -395,12 +490,9 @@ impl App {
         .await
     }
 
-    pub async fn register_type(&self, msg: Message) -> Result<Reply, ServiceError> {
+    pub(crate) async fn register_type(&self, msg: Message) -> Result<Reply, ServiceError> {
         let c: cim_events::proto::iu::RegisterType = decode(&msg)?;
         let header = c.header.clone().unwrap_or_default();
-        if let Some(r) = self.remembered(&header).await? {
-            return Ok(Reply::proto(&r));
-        }
         cim_events::token::validate_name("unit type", &c.name).map_err(|e| ServiceError::bad_request(e.to_string()))?;
         TypeSchema::parse(&c.schema_json).map_err(ServiceError::bad_request)?;
         let filter = iu::type_history(&c.name).map_err(|e| ServiceError::bad_request(e.to_string()))?;
@@ -436,7 +528,6 @@ impl App {
         }
         let result =
             CommandResult { unit_id: c.name, version: ack.sequence, cid: String::new(), replayed: ack.duplicate };
-        self.remember(&header, &result).await;
         Ok(Reply::proto(&result))
     }
 }

@@ -22,6 +22,7 @@ use cim_runtime::{
     CommonArgs, CommonSettings, ConfigError, Endpoint, Endpoints, Service, ServiceArgs, ServiceDef, Shutdown,
     config::parse_duration,
 };
+use commands::Cmd;
 
 pub const COMPONENT: Component = Component::InformationUnit;
 
@@ -118,15 +119,21 @@ async fn setup(ctx: cim_runtime::Ctx, opts: IuOptions) -> anyhow::Result<Vec<End
     use iu::{cmd, command, qry, query};
     Ok(Endpoints::new(app)
         .add(cmd::COMMIT, command(cmd::COMMIT)?, |a, m| async move { a.commit(m).await })
-        .add(cmd::CREATE, command(cmd::CREATE)?, |a, m| async move { a.create(m).await })
-        .add(cmd::NEW_VERSION, command(cmd::NEW_VERSION)?, |a, m| async move { a.new_version(m).await })
-        .add(cmd::TAG, command(cmd::TAG)?, |a, m| async move { a.tag(m, true).await })
-        .add(cmd::UNTAG, command(cmd::UNTAG)?, |a, m| async move { a.tag(m, false).await })
-        .add(cmd::SET_ATTRIBUTES, command(cmd::SET_ATTRIBUTES)?, |a, m| async move { a.set_attributes(m).await })
-        .add(cmd::LINK, command(cmd::LINK)?, |a, m| async move { a.link(m, true).await })
-        .add(cmd::UNLINK, command(cmd::UNLINK)?, |a, m| async move { a.link(m, false).await })
-        .add(cmd::DELETE, command(cmd::DELETE)?, |a, m| async move { a.delete(m).await })
-        .add(cmd::REGISTER_TYPE, command(cmd::REGISTER_TYPE)?, |a, m| async move { a.register_type(m).await })
+        .add(cmd::CREATE, command(cmd::CREATE)?, |a, m| async move { a.command(m, Cmd::Create).await })
+        .add(cmd::NEW_VERSION, command(cmd::NEW_VERSION)?, |a, m| async move { a.command(m, Cmd::NewVersion).await })
+        .add(cmd::TAG, command(cmd::TAG)?, |a, m| async move { a.command(m, Cmd::Tag(true)).await })
+        .add(cmd::UNTAG, command(cmd::UNTAG)?, |a, m| async move { a.command(m, Cmd::Tag(false)).await })
+        .add(cmd::SET_ATTRIBUTES, command(cmd::SET_ATTRIBUTES)?, |a, m| async move {
+            a.command(m, Cmd::SetAttributes).await
+        })
+        .add(cmd::LINK, command(cmd::LINK)?, |a, m| async move { a.command(m, Cmd::Link(true)).await })
+        .add(cmd::UNLINK, command(cmd::UNLINK)?, |a, m| async move { a.command(m, Cmd::Link(false)).await })
+        .add(cmd::DELETE, command(cmd::DELETE)?, |a, m| async move { a.command(m, Cmd::Delete).await })
+        .add(
+            cmd::REGISTER_TYPE,
+            command(cmd::REGISTER_TYPE)?,
+            |a, m| async move { a.command(m, Cmd::RegisterType).await },
+        )
         .add(cmd::REBUILD, command(cmd::REBUILD)?, |a, _m| async move { a.rebuild().await })
         .add(cmd::REPORT_CORRUPT, command(cmd::REPORT_CORRUPT)?, |a, m| async move { a.report_corrupt(m).await })
         .add(qry::GET, query(qry::GET)?, |a, m| async move { a.get(m).await })

@@ -1,6 +1,6 @@
-//! Projections of the unit stream: the KV state of every unit and type (applied by the shared
-//! durable consumer `iu-projector`, one event at a time, from the checkpoint), and the
-//! in-memory index fed by a KV watch. Both can be thrown away and rebuilt by replay.
+//! Projections of the unit stream: the KV state of every unit and type and the index of
+//! commands by request id (applied by the shared durable consumer `iu-projector`, one event at
+//! a time, from the checkpoint), and the in-memory index fed by a KV watch. Both can be thrown away and rebuilt by replay.
 
 use std::{sync::Arc, time::Duration};
 
@@ -11,7 +11,7 @@ use async_nats::jetstream::{
 };
 use cim_events::{
     Envelope, Payload, iu,
-    proto::iu::{ProjectionStatus, RebuildStarted, Unit, UnitType, UnitTypeRegistered},
+    proto::iu::{CommandResult, ProjectionStatus, RebuildStarted, Unit, UnitType, UnitTypeRegistered},
     resources,
 };
 use cim_runtime::{Reply, ServiceError, metrics::ProjectionLabels};
@@ -26,6 +26,8 @@ use crate::{
 
 /// Name of the projection in metrics.
 const PROJECTION: &str = "iu-units";
+/// How long the projector consumer waits for an event's ack before giving it to another instance.
+const PROJECTOR_ACK_WAIT: Duration = Duration::from_secs(5);
 /// Write the checkpoint at least every this many events (and whenever the consumer is idle).
 const CHECKPOINT_EVERY: u64 = 200;
 
@@ -114,7 +116,10 @@ impl App {
             ack_policy: AckPolicy::Explicit,
             // One event at a time across all instances: projections are applied in order.
             max_ack_pending: 1,
-            ack_wait: Duration::from_secs(30),
+            // Applying one event takes milliseconds; an instance that died holding one delays
+            // the projection (and the request index) by this much, not more. A redelivery to
+            // another instance while the first is still applying is harmless (idempotent).
+            ack_wait: PROJECTOR_ACK_WAIT,
             deliver_policy: if checkpoint == 0 {
                 DeliverPolicy::All
             } else {
@@ -125,6 +130,11 @@ impl App {
         if let Ok(mut existing) = stream.get_consumer::<pull::Config>(&name).await {
             let info = existing.info().await?;
             if info.ack_floor.stream_sequence <= checkpoint {
+                if info.config.ack_wait != PROJECTOR_ACK_WAIT {
+                    // Made by an older version with a longer wait.
+                    let config = pull::Config { deliver_policy: info.config.deliver_policy, ..config };
+                    return Ok(stream.update_consumer(config).await?);
+                }
                 return Ok(existing);
             }
             tracing::warn!(
@@ -148,43 +158,74 @@ impl App {
         match subject.aggregate.as_str() {
             iu::UNIT => {
                 let event = UnitEvent::decode(&env.schema.name, &msg.payload).map_err(Poison)?;
-                let key = iu::unit_key(&subject.id).map_err(|e| Poison(e.to_string()))?;
-                // Read once, apply, compare-and-set; a concurrent write-through wins the race
-                // and the next round sees it (and usually finds the event already applied).
-                for _ in 0..5 {
-                    let (current, revision) = match self.units.entry(&key).await.map_err(|e| Store(e.to_string()))? {
-                        Some(e) if e.operation == kv::Operation::Put => (
-                            Some(Unit::decode(e.value).map_err(|e| Store(format!("stored state of {key}: {e}")))?),
-                            Some(e.revision),
-                        ),
-                        Some(e) => (None, Some(e.revision)),
-                        None => (None, None),
-                    };
-                    if current.as_ref().is_some_and(|c| c.version >= seq) {
-                        return Ok(());
-                    }
-                    let Some(next) = domain::apply(current, &event, &meta) else { return Ok(()) };
-                    let bytes = next.encode_to_vec().into();
-                    let written = match revision {
-                        Some(r) => self.units.update(&key, bytes, r).await.is_ok(),
-                        None => self.units.create(&key, bytes).await.is_ok(),
-                    };
-                    if written {
-                        return Ok(());
-                    }
-                }
-                return Err(Store(format!("could not write {key}: too much contention")));
+                self.project_unit(&subject.id, &event, &meta).await?;
+                let cid = match &event {
+                    UnitEvent::Created(c) => c.cid.clone(),
+                    UnitEvent::Versioned(v) => v.cid.clone(),
+                    _ => String::new(),
+                };
+                let result = CommandResult { unit_id: subject.id.clone(), version: seq, cid, replayed: true };
+                self.index_request(headers, &result).await?;
             }
             iu::TYPE if env.schema.name == UnitTypeRegistered::TYPE => {
                 let r = UnitTypeRegistered::decode(msg.payload.clone()).map_err(|e| Poison(e.to_string()))?;
                 let key = iu::type_key(&r.name).map_err(|e| Poison(e.to_string()))?;
+                let result =
+                    CommandResult { unit_id: r.name.clone(), version: seq, cid: String::new(), replayed: true };
                 store_if_newer(&self.types, &key, &UnitType { name: r.name, schema_json: r.schema_json, version: seq })
                     .await
                     .map_err(Store)?;
+                self.index_request(headers, &result).await?;
             }
             _ => {} // content events change no projection
         }
         Ok(())
+    }
+
+    /// Applies a unit event to the unit's KV state: read once, apply, compare-and-set; a
+    /// concurrent write-through wins the race and the next round sees it (and usually finds
+    /// the event already applied).
+    async fn project_unit(&self, unit_id: &str, event: &UnitEvent, meta: &EventMeta) -> Result<(), ProjectError> {
+        use ProjectError::{Poison, Store};
+        let seq = meta.version;
+        let key = iu::unit_key(unit_id).map_err(|e| Poison(e.to_string()))?;
+        for _ in 0..5 {
+            let (current, revision) = match self.units.entry(&key).await.map_err(|e| Store(e.to_string()))? {
+                Some(e) if e.operation == kv::Operation::Put => (
+                    Some(Unit::decode(e.value).map_err(|e| Store(format!("stored state of {key}: {e}")))?),
+                    Some(e.revision),
+                ),
+                Some(e) => (None, Some(e.revision)),
+                None => (None, None),
+            };
+            if current.as_ref().is_some_and(|c| c.version >= seq) {
+                return Ok(());
+            }
+            let Some(next) = domain::apply(current, event, meta) else { return Ok(()) };
+            let bytes = next.encode_to_vec().into();
+            let written = match revision {
+                Some(r) => self.units.update(&key, bytes, r).await.is_ok(),
+                None => self.units.create(&key, bytes).await.is_ok(),
+            };
+            if written {
+                return Ok(());
+            }
+        }
+        Err(Store(format!("could not write {key}: too much contention")))
+    }
+
+    /// Indexes the event by its command's request id (its `Nats-Msg-Id`), so a retry of the
+    /// command is answered with `result` whenever it comes. Idempotent.
+    async fn index_request(&self, headers: &async_nats::HeaderMap, result: &CommandResult) -> Result<(), ProjectError> {
+        let Some(id) = headers.get(cim_events::envelope::H_MSG_ID) else { return Ok(()) };
+        // Only request ids are written as the message id of unit events; anything else that
+        // is not a valid key (never written by this service) has nothing to answer.
+        let Ok(key) = iu::request_key(id.as_str()) else { return Ok(()) };
+        self.requests
+            .put(&key, result.encode_to_vec().into())
+            .await
+            .map(|_| ())
+            .map_err(|e| ProjectError::Store(format!("request index {key}: {e}")))
     }
 
     /// The projector loop: runs until shutdown, repositioning after errors or a rebuild.
@@ -318,10 +359,9 @@ impl App {
         let mut stream = stream;
         let last = stream.info().await.map_err(|e| internal("events stream")(Box::new(e)))?.state.last_sequence;
         let _ = stream.delete_consumer(&iu::projector_consumer()).await;
+        // The request index too: it is rebuilt from the events' request ids, and meanwhile
+        // JetStream's duplicate window answers retries within the horizon.
         for spec in resources::kv_buckets(cim_events::Component::InformationUnit) {
-            if spec.bucket.ends_with(iu::KV_REQUESTS) {
-                continue; // not a projection
-            }
             let _ = self.js.delete_key_value(&spec.bucket).await;
             cim_runtime::provision::ensure_kv_bucket(&self.js, &spec, self.ctx.settings().tier)
                 .await

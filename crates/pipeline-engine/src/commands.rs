@@ -191,9 +191,17 @@ impl Engine {
                 .await
                 .map_err(|e| ServiceError::bad_request(format!("unit {}: {e}", req.unit_id)))?;
         }
+        let msg_id = match req.request_id.as_str() {
+            "" => None,
+            id => Some(pl::start_msg_id(id).map_err(|e| ServiceError::bad_request(e.to_string()))?),
+        };
         self.caught_up().await?;
         let version = {
             let view = self.view.read().await;
+            // A retry of a start the view has seen: the same run (whenever it comes).
+            if let Some(run_id) = view.starts.get(&req.request_id).filter(|_| !req.request_id.is_empty()) {
+                return Ok(Reply::json(&RunRef { run_id: run_id.clone(), reason: String::new() }));
+            }
             let p = view
                 .pipelines
                 .get(&req.pipeline)
@@ -211,6 +219,7 @@ impl Engine {
             trigger: "manual".into(),
             unit_id: req.unit_id,
             params: req.params.into_iter().collect(),
+            request_id: req.request_id,
             ..Default::default()
         };
         // The caller's envelope, if it sent one, is the cause.
@@ -220,13 +229,38 @@ impl Engine {
         };
         let subject = pl::run_event(&run_id, action::REQUESTED).map_err(|e| ServiceError::internal(e.to_string()))?;
         let filter = pl::run_history(&run_id).map_err(|e| ServiceError::internal(e.to_string()))?;
-        self.publish(subject, env.to_headers(), request.encode_to_vec(), Some((filter, 0))).await.map_err(
+        let mut headers = env.to_headers();
+        if let Some(id) = &msg_id {
+            headers.insert(cim_events::envelope::H_MSG_ID, id.as_str());
+        }
+        let ack = self.publish_acked(subject, headers, request.encode_to_vec(), Some((filter, 0))).await.map_err(
             |e| match e {
                 Publish::Conflict => ServiceError::conflict("run id collision"),
                 Publish::Failed(e) => ServiceError::unavailable(e),
             },
         )?;
+        cim_runtime::crash::at("pipeline.start.published");
+        if ack.duplicate {
+            // A concurrent retry (or one the view has not folded yet): the first one's run.
+            return Ok(Reply::json(&RunRef { run_id: self.requested_run(ack.sequence).await?, reason: String::new() }));
+        }
         Ok(Reply::json(&RunRef { run_id, reason: String::new() }))
+    }
+
+    /// The run the `RunRequested` event at `seq` requested.
+    async fn requested_run(&self, seq: u64) -> Result<String, ServiceError> {
+        let stream = self
+            .js
+            .get_stream(&self.events_stream)
+            .await
+            .map_err(|e| ServiceError::unavailable(format!("pipeline events: {e}")))?;
+        let msg = stream
+            .get_raw_message(seq)
+            .await
+            .map_err(|e| ServiceError::unavailable(format!("reading run request {seq}: {e}")))?;
+        RunRequested::decode(msg.payload)
+            .map(|r| r.run_id)
+            .map_err(|e| ServiceError::internal(format!("run request {seq} does not decode: {e}")))
     }
 
     pub(crate) async fn cancel(&self, msg: async_nats::Message) -> Result<Reply, ServiceError> {

@@ -87,11 +87,22 @@ impl Engine {
         body: Vec<u8>,
         expect: Option<(String, u64)>,
     ) -> Result<u64, Publish> {
+        Ok(self.publish_acked(subject, headers, body, expect).await?.sequence)
+    }
+
+    /// [`Engine::publish`], with JetStream's acknowledgement (whether it was a duplicate).
+    pub(crate) async fn publish_acked(
+        &self,
+        subject: String,
+        headers: HeaderMap,
+        body: Vec<u8>,
+        expect: Option<(String, u64)>,
+    ) -> Result<async_nats::jetstream::publish::PublishAck, Publish> {
         let mut event = NewEvent::with_headers(subject, headers, body);
         if let Some((filter, seq)) = &expect {
             event = event.expect(filter, *seq);
         }
-        Ok(event.publish(&self.js).await?.sequence)
+        Ok(event.publish(&self.js).await?)
     }
 
     /// Stores a message that could not be processed in `CIM_PIPELINE_DLQ`, as it was, with the

@@ -220,6 +220,8 @@ pub struct View {
     /// Envelope id of every run request → its pipeline: what a run writes is caused by its
     /// request, so a pipeline is never triggered by its own runs' units (no loops).
     pub requests: HashMap<String, String>,
+    /// Request id of every manual start → the run it requested: a retry is answered with it.
+    pub starts: HashMap<String, String>,
 }
 
 impl View {

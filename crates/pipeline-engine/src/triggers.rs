@@ -143,6 +143,7 @@ impl Engine {
                 trigger_event_id: env.id().to_string(),
                 unit_id: facts.unit_id.clone(),
                 params: Default::default(),
+                request_id: String::new(),
             };
             let run_env = Envelope::caused_by::<RunRequested>(&env, self.ctx.source());
             let mut headers = run_env.to_headers();

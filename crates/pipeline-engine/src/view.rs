@@ -82,6 +82,11 @@ impl Engine {
                     if let (RunEvent::Requested(r), Some(env)) = (&event, &env) {
                         view.requests.insert(env.id().to_string(), r.pipeline.clone());
                     }
+                    if let RunEvent::Requested(r) = &event
+                        && !r.request_id.is_empty()
+                    {
+                        view.starts.insert(r.request_id.clone(), r.run_id.clone());
+                    }
                     let run = view.runs.entry(s.id.clone()).or_default();
                     run.apply(event, seq, time_ms, &correlation);
                 })

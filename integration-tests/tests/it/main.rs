@@ -5,6 +5,7 @@ mod archive_signals;
 mod auth;
 mod cli;
 mod common;
+mod exactly_once;
 mod fixture;
 mod gateway;
 mod hub;

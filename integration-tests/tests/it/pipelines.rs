@@ -136,6 +136,7 @@ impl Cim {
             pipeline: pipeline.into(),
             unit_id: unit.into(),
             params: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            request_id: String::new(),
         };
         let r: RunRef = self.request(pl::command(pl::cmd::START)?, serde_json::to_value(req)?).await?;
         Ok(r.run_id)

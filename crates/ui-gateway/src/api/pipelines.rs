@@ -109,11 +109,20 @@ pub(super) async fn remove_pipeline(
     Ok(json_response(StatusCode::OK, json!({ "name": r.name, "version": r.version, "unchanged": r.unchanged })))
 }
 
-/// `POST /api/v1/pipelines/{name}/runs` (body optional: `{"unit_id", "params": {k: v}}`): a manual run.
+/// `POST /api/v1/pipelines/{name}/runs` (body optional: `{"unit_id", "params": {k: v},
+/// "request_id"}`): a manual run. A retry with the same `request_id` is answered with the run
+/// the first one started.
 pub(super) async fn start_run(State(s): State<Arc<AppState>>, Path(name): Path<String>, body: Body) -> ApiResult {
     let pipeline = pipeline_name(&name)?.to_string();
-    let m = optional_object(body, s.limits.max_json, &["unit_id", "params"]).await?;
+    let m = optional_object(body, s.limits.max_json, &["unit_id", "params", "request_id"]).await?;
     let unit = optional_string(&m, "unit_id")?;
+    let request_id = match optional_string(&m, "request_id")? {
+        id if id.is_empty() => uuid::Uuid::now_v7().to_string(),
+        id => {
+            pl::start_msg_id(&id).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+            id
+        }
+    };
     if !unit.is_empty() {
         unit_id(&unit)?;
     }
@@ -129,7 +138,12 @@ pub(super) async fn start_run(State(s): State<Arc<AppState>>, Path(name): Path<S
         }
         Some(_) => return Err(ApiError::BadRequest("field \"params\" must be an object of strings".into())),
     }
-    let r = engine_call!(s, pl::command(pl::cmd::START), StartRequest { pipeline, unit_id: unit, params }, RunRef);
+    let r = engine_call!(
+        s,
+        pl::command(pl::cmd::START),
+        StartRequest { pipeline, unit_id: unit, params, request_id },
+        RunRef
+    );
     Ok(json_response(StatusCode::CREATED, json!({ "run_id": r.run_id })))
 }
 
