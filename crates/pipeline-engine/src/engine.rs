@@ -102,7 +102,7 @@ impl Engine {
         if let Some((filter, seq)) = &expect {
             event = event.expect(filter, *seq);
         }
-        Ok(event.publish(&self.js).await?)
+        event.publish(&self.js).await
     }
 
     /// Stores a message that could not be processed in `CIM_PIPELINE_DLQ`, as it was, with the
