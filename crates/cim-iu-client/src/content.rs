@@ -23,7 +23,7 @@ use futures::StreamExt;
 use prost::Message;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use crate::{IuClient, IuError, Retry, guess_media_type};
+use crate::{IuClient, IuError, guess_media_type};
 
 /// Size of the buffer downloads are read through.
 const READ_BUFFER: usize = 128 * 1024;
@@ -161,10 +161,20 @@ impl IuClient {
         }
     }
 
-    /// Asks the service to turn a finished upload into content addressed by its CID.
+    /// Asks the service to turn a finished upload into content addressed by its CID (see
+    /// [`IuClient::commit_upload`]; the upload's size and digest are read from the bucket).
     pub async fn commit(&self, upload: &str) -> Result<ContentCommitted, IuError> {
-        let body = CommitContent { upload: upload.to_string() }.encode_to_vec();
-        self.call(iu::command(iu::cmd::COMMIT), body.into(), self.commit_timeout, Retry::NotProcessed).await
+        let store = self.content_store().await?;
+        let upload = match store.info(upload).await {
+            Ok(info) if !info.deleted => Upload {
+                name: upload.to_string(),
+                size: info.size as u64,
+                cid: info.digest.as_deref().and_then(|d| Cid::from_object_digest(d).ok()).map(|c| c.to_string()),
+            },
+            // Gone (committed already, or never finished): the service says which.
+            _ => Upload { name: upload.to_string(), size: 0, cid: None },
+        };
+        self.commit_upload(&upload).await
     }
 
     /// Commits an upload this client made, surviving a service replaced mid-commit: the commit
@@ -191,8 +201,12 @@ impl IuClient {
                     let size = self.content_size(cid).await.map_err(|_| IuError::NotFound(why))?;
                     return Ok(ContentCommitted { cid: cid.to_string(), size, deduplicated: false });
                 }
-                Err(e) if (e.is_timeout() || e.is_unavailable()) && left > attempt.min(left) + pause => {
+                Err(e) if e.is_timeout() || e.is_unavailable() => {
+                    // A timeout may mean the commit happened and its answer was lost.
                     tried |= e.is_timeout();
+                    if deadline.saturating_duration_since(tokio::time::Instant::now()) <= pause {
+                        return Err(e);
+                    }
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(1));
                 }

@@ -1,8 +1,13 @@
 //! Projections of the unit stream: the KV state of every unit and type and the index of
-//! commands by request id (applied by the shared durable consumer `iu-projector`, one event at
-//! a time, from the checkpoint), and the in-memory index fed by a KV watch. Both can be thrown away and rebuilt by replay.
+//! commands by request id (applied by the shared durable consumer `iu-projector` in batches,
+//! one batch at a time across instances, from the checkpoint), and the in-memory index fed by
+//! a KV watch. Both can be thrown away and rebuilt by replay.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::Duration,
+};
 
 use async_nats::jetstream::{
     self,
@@ -26,10 +31,14 @@ use crate::{
 
 /// Name of the projection in metrics.
 const PROJECTION: &str = "iu-units";
-/// How long the projector consumer waits for an event's ack before giving it to another instance.
+/// How long the projector consumer waits for a batch's ack before giving it to another instance.
 const PROJECTOR_ACK_WAIT: Duration = Duration::from_secs(5);
-/// Write the checkpoint at least every this many events (and whenever the consumer is idle).
-const CHECKPOINT_EVERY: u64 = 200;
+/// Events applied per batch (and the most the consumer has unacknowledged).
+const BATCH: usize = 256;
+/// Writes of a batch in flight at once.
+const WRITES_IN_FLIGHT: usize = 64;
+/// Unit states the projector keeps between batches before it forgets them all.
+const STATES_KEPT: usize = 100_000;
 
 /// Where the projection stands. The checkpoint entry is `<generation>:<sequence>`; a
 /// generation starts whenever the projection starts from nothing (first run, KV deleted,
@@ -42,13 +51,48 @@ struct Position {
     generation: String,
 }
 
-/// Why an event was not applied.
-#[derive(Debug)]
-enum ProjectError {
-    /// The event itself can never be applied (undecodable, malformed subject or headers).
-    Poison(String),
-    /// The projection store failed or changed underneath; applying again later may succeed.
-    Store(String),
+/// One stored event, decoded for the projections.
+enum Decoded {
+    Unit {
+        unit_id: String,
+        event: UnitEvent,
+        meta: EventMeta,
+        request: Option<String>,
+    },
+    Type {
+        key: String,
+        value: UnitType,
+        request: Option<String>,
+    },
+    /// Changes no projection (content events).
+    Other,
+}
+
+/// Decodes a stored event; an error names why it can never be applied (poison).
+fn decode(msg: &jetstream::Message) -> Result<Decoded, String> {
+    let headers = msg.headers.as_ref().ok_or("event without headers")?;
+    let env = Envelope::from_headers(headers).map_err(|e| e.to_string())?;
+    let seq = msg.info().map_err(|e| e.to_string())?.stream_sequence;
+    let subject = cim_events::subject::parse_event(&msg.subject).map_err(|e| e.to_string())?;
+    // A command's request id is the message id of its event.
+    let request = headers.get(cim_events::envelope::H_MSG_ID).map(|v| v.to_string());
+    match subject.aggregate.as_str() {
+        iu::UNIT => {
+            let event = UnitEvent::decode(&env.schema.name, &msg.payload)?;
+            let meta = EventMeta { version: seq, provenance: provenance(&env) };
+            Ok(Decoded::Unit { unit_id: subject.id, event, meta, request })
+        }
+        iu::TYPE if env.schema.name == UnitTypeRegistered::TYPE => {
+            let r = UnitTypeRegistered::decode(msg.payload.clone()).map_err(|e| e.to_string())?;
+            let key = iu::type_key(&r.name).map_err(|e| e.to_string())?;
+            Ok(Decoded::Type {
+                key,
+                value: UnitType { name: r.name, schema_json: r.schema_json, version: seq },
+                request,
+            })
+        }
+        _ => Ok(Decoded::Other),
+    }
 }
 
 fn parse_checkpoint(v: &[u8]) -> Option<(String, u64)> {
@@ -113,10 +157,11 @@ impl App {
         let config = pull::Config {
             durable_name: Some(name.clone()),
             description: Some("applies unit events to the KV projections".into()),
-            ack_policy: AckPolicy::Explicit,
-            // One event at a time across all instances: projections are applied in order.
-            max_ack_pending: 1,
-            // Applying one event takes milliseconds; an instance that died holding one delays
+            // One batch at a time across all instances, acknowledged as a whole once applied:
+            // the next batch is delivered only then, so projections are applied in order.
+            ack_policy: AckPolicy::All,
+            max_ack_pending: BATCH as i64,
+            // Applying a batch takes milliseconds; an instance that died holding one delays
             // the projection (and the request index) by this much, not more. A redelivery to
             // another instance while the first is still applying is harmless (idempotent).
             ack_wait: PROJECTOR_ACK_WAIT,
@@ -129,103 +174,163 @@ impl App {
         };
         if let Ok(mut existing) = stream.get_consumer::<pull::Config>(&name).await {
             let info = existing.info().await?;
-            if info.ack_floor.stream_sequence <= checkpoint {
-                if info.config.ack_wait != PROJECTOR_ACK_WAIT {
-                    // Made by an older version with a longer wait.
-                    let config = pull::Config { deliver_policy: info.config.deliver_policy, ..config };
-                    return Ok(stream.update_consumer(config).await?);
-                }
+            let current = info.config.ack_policy == AckPolicy::All
+                && info.config.max_ack_pending == BATCH as i64
+                && info.config.ack_wait == PROJECTOR_ACK_WAIT;
+            if info.ack_floor.stream_sequence <= checkpoint && current {
                 return Ok(existing);
             }
-            tracing::warn!(
-                checkpoint,
-                consumer_at = info.ack_floor.stream_sequence,
-                "projection behind its consumer: replaying from the checkpoint"
-            );
+            if current {
+                tracing::warn!(
+                    checkpoint,
+                    consumer_at = info.ack_floor.stream_sequence,
+                    "projection behind its consumer: replaying from the checkpoint"
+                );
+            } else {
+                tracing::info!(checkpoint, "projector consumer of an older version: recreating it at the checkpoint");
+            }
             let _ = stream.delete_consumer(&name).await;
         }
         Ok(stream.get_or_create_consumer(&name, config).await?)
     }
 
-    /// Applies one stored event to the projections. Idempotent.
-    async fn project(&self, msg: &jetstream::Message) -> Result<(), ProjectError> {
-        use ProjectError::{Poison, Store};
-        let headers = msg.headers.as_ref().ok_or_else(|| Poison("event without headers".into()))?;
-        let env = Envelope::from_headers(headers).map_err(|e| Poison(e.to_string()))?;
-        let seq = msg.info().map_err(|e| Poison(e.to_string()))?.stream_sequence;
-        let meta = EventMeta { version: seq, provenance: provenance(&env) };
-        let subject = cim_events::subject::parse_event(&msg.subject).map_err(|e| Poison(e.to_string()))?;
-        match subject.aggregate.as_str() {
-            iu::UNIT => {
-                let event = UnitEvent::decode(&env.schema.name, &msg.payload).map_err(Poison)?;
-                self.project_unit(&subject.id, &event, &meta).await?;
-                let cid = match &event {
-                    UnitEvent::Created(c) => c.cid.clone(),
-                    UnitEvent::Versioned(v) => v.cid.clone(),
-                    _ => String::new(),
-                };
-                let result = CommandResult { unit_id: subject.id.clone(), version: seq, cid, replayed: true };
-                self.index_request(headers, &result).await?;
+    /// Applies a batch of stored events to the projections, in order: each unit's state is
+    /// read once (or taken from `states`, what this projector wrote last), every event of the
+    /// batch folded into it in memory, and written once, compare-and-set on the revision it
+    /// was read at; the writes of all units, types and request ids are in flight together.
+    /// Idempotent. An undecodable event is logged and skipped (it stays in the log); a store
+    /// error fails the whole batch, which is then applied again, never skipped.
+    async fn apply_batch(
+        &self,
+        msgs: &[jetstream::Message],
+        states: &mut HashMap<String, (Unit, u64)>,
+    ) -> Result<(), String> {
+        let mut units: BTreeMap<String, Vec<(UnitEvent, EventMeta)>> = BTreeMap::new();
+        let mut types = Vec::new();
+        let mut requests = Vec::new();
+        for m in msgs {
+            match decode(m) {
+                Ok(Decoded::Unit { unit_id, event, meta, request }) => {
+                    if let Some(id) = request {
+                        let cid = match &event {
+                            UnitEvent::Created(c) => c.cid.clone(),
+                            UnitEvent::Versioned(v) => v.cid.clone(),
+                            _ => String::new(),
+                        };
+                        let result =
+                            CommandResult { unit_id: unit_id.clone(), version: meta.version, cid, replayed: true };
+                        requests.push((id, result));
+                    }
+                    units.entry(unit_id).or_default().push((event, meta));
+                }
+                Ok(Decoded::Type { key, value, request }) => {
+                    if let Some(id) = request {
+                        let result = CommandResult {
+                            unit_id: value.name.clone(),
+                            version: value.version,
+                            cid: String::new(),
+                            replayed: true,
+                        };
+                        requests.push((id, result));
+                    }
+                    types.push((key, value));
+                }
+                Ok(Decoded::Other) => {}
+                Err(e) => {
+                    let seq = m.info().map(|i| i.stream_sequence).unwrap_or_default();
+                    tracing::error!(sequence = seq, error = %e, "event could not be projected; skipped");
+                }
             }
-            iu::TYPE if env.schema.name == UnitTypeRegistered::TYPE => {
-                let r = UnitTypeRegistered::decode(msg.payload.clone()).map_err(|e| Poison(e.to_string()))?;
-                let key = iu::type_key(&r.name).map_err(|e| Poison(e.to_string()))?;
-                let result =
-                    CommandResult { unit_id: r.name.clone(), version: seq, cid: String::new(), replayed: true };
-                store_if_newer(&self.types, &key, &UnitType { name: r.name, schema_json: r.schema_json, version: seq })
-                    .await
-                    .map_err(Store)?;
-                self.index_request(headers, &result).await?;
+        }
+        let writes = units.into_iter().map(|(unit_id, events)| {
+            let cached = states.remove(&unit_id);
+            async move {
+                let written = self.fold_unit(&unit_id, &events, cached).await;
+                (unit_id, written)
             }
-            _ => {} // content events change no projection
+        });
+        let mut failed = None;
+        let mut written = futures::stream::iter(writes).buffer_unordered(WRITES_IN_FLIGHT);
+        while let Some((unit_id, result)) = written.next().await {
+            match result {
+                Ok(Some(state)) => {
+                    states.insert(unit_id, state);
+                }
+                Ok(None) => {}
+                Err(e) => failed = Some(e),
+            }
+        }
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        for (key, value) in types {
+            store_if_newer(&self.types, &key, &value).await?;
+        }
+        let indexed = requests.into_iter().map(|(id, result)| self.index_request(id, result));
+        let mut indexed = futures::stream::iter(indexed).buffer_unordered(WRITES_IN_FLIGHT);
+        while let Some(r) = indexed.next().await {
+            r?;
         }
         Ok(())
     }
 
-    /// Applies a unit event to the unit's KV state: read once, apply, compare-and-set; a
-    /// concurrent write-through wins the race and the next round sees it (and usually finds
-    /// the event already applied).
-    async fn project_unit(&self, unit_id: &str, event: &UnitEvent, meta: &EventMeta) -> Result<(), ProjectError> {
-        use ProjectError::{Poison, Store};
-        let seq = meta.version;
-        let key = iu::unit_key(unit_id).map_err(|e| Poison(e.to_string()))?;
+    /// Folds `events` (in order) into one unit's state and writes it once if it changed. The
+    /// state starts from `cached` (what this projector wrote last, with its revision) or the
+    /// bucket; a compare-and-set that fails (a command's write-through came between) reads the
+    /// bucket again. The state written, with its revision, or the one found when nothing
+    /// changed.
+    async fn fold_unit(
+        &self,
+        unit_id: &str,
+        events: &[(UnitEvent, EventMeta)],
+        cached: Option<(Unit, u64)>,
+    ) -> Result<Option<(Unit, u64)>, String> {
+        let key = iu::unit_key(unit_id).map_err(|e| e.to_string())?;
+        let mut cached = cached;
         for _ in 0..5 {
-            let (current, revision) = match self.units.entry(&key).await.map_err(|e| Store(e.to_string()))? {
-                Some(e) if e.operation == kv::Operation::Put => (
-                    Some(Unit::decode(e.value).map_err(|e| Store(format!("stored state of {key}: {e}")))?),
-                    Some(e.revision),
-                ),
-                Some(e) => (None, Some(e.revision)),
-                None => (None, None),
+            let (current, revision) = match cached.take() {
+                Some((u, r)) => (Some(u), Some(r)),
+                None => match self.units.entry(&key).await.map_err(|e| e.to_string())? {
+                    Some(e) if e.operation == kv::Operation::Put => (
+                        Some(Unit::decode(e.value).map_err(|e| format!("stored state of {key}: {e}"))?),
+                        Some(e.revision),
+                    ),
+                    Some(e) => (None, Some(e.revision)),
+                    None => (None, None),
+                },
             };
-            if current.as_ref().is_some_and(|c| c.version >= seq) {
-                return Ok(());
+            let mut state = current.clone();
+            for (event, meta) in events {
+                if let Some(next) = domain::apply(state.clone(), event, meta) {
+                    state = Some(next);
+                }
             }
-            let Some(next) = domain::apply(current, event, meta) else { return Ok(()) };
+            let Some(next) = state.filter(|n| Some(n) != current.as_ref()) else {
+                return Ok(current.zip(revision));
+            };
             let bytes = next.encode_to_vec().into();
             let written = match revision {
-                Some(r) => self.units.update(&key, bytes, r).await.is_ok(),
-                None => self.units.create(&key, bytes).await.is_ok(),
+                Some(r) => self.units.update(&key, bytes, r).await.ok(),
+                None => self.units.create(&key, bytes).await.ok(),
             };
-            if written {
-                return Ok(());
+            if let Some(rev) = written {
+                return Ok(Some((next, rev)));
             }
         }
-        Err(Store(format!("could not write {key}: too much contention")))
+        Err(format!("could not write {key}: too much contention"))
     }
 
-    /// Indexes the event by its command's request id (its `Nats-Msg-Id`), so a retry of the
-    /// command is answered with `result` whenever it comes. Idempotent.
-    async fn index_request(&self, headers: &async_nats::HeaderMap, result: &CommandResult) -> Result<(), ProjectError> {
-        let Some(id) = headers.get(cim_events::envelope::H_MSG_ID) else { return Ok(()) };
+    /// Indexes an event by its command's request id, so a retry of the command is answered
+    /// with `result` whenever it comes. Idempotent.
+    async fn index_request(&self, request_id: String, result: CommandResult) -> Result<(), String> {
         // Only request ids are written as the message id of unit events; anything else that
         // is not a valid key (never written by this service) has nothing to answer.
-        let Ok(key) = iu::request_key(id.as_str()) else { return Ok(()) };
+        let Ok(key) = iu::request_key(&request_id) else { return Ok(()) };
         self.requests
             .put(&key, result.encode_to_vec().into())
             .await
             .map(|_| ())
-            .map_err(|e| ProjectError::Store(format!("request index {key}: {e}")))
+            .map_err(|e| format!("request index {key}: {e}"))
     }
 
     /// The projector loop: runs until shutdown, repositioning after errors or a rebuild.
@@ -239,57 +344,22 @@ impl App {
                 })
                 .await;
             let Some((consumer, mut pos)) = opened else { return };
-            let mut unsaved = 0u64;
-            let mut last = pos.checkpoint;
-            'consume: loop {
-                let batch = consumer.fetch().max_messages(100).expires(Duration::from_millis(500)).messages();
+            // What this projector wrote last, per unit: spares re-reading a state it wrote.
+            let mut states: HashMap<String, (Unit, u64)> = HashMap::new();
+            loop {
+                let batch = consumer.fetch().max_messages(BATCH).expires(Duration::from_millis(500)).messages();
                 let mut batch = tokio::select! {
                     b = batch => match b { Ok(b) => b, Err(e) => { tracing::debug!(error = %e, "fetch failed"); break } },
                     _ = self.ctx.stopping() => return,
                 };
-                let mut got = 0;
+                let mut msgs = Vec::new();
                 while let Some(m) = batch.next().await {
-                    let Ok(m) = m else { break };
-                    got += 1;
-                    let Ok((seq, pending)) = m.info().map(|i| (i.stream_sequence, i.pending)) else { continue };
-                    match self.project(&m).await {
-                        Ok(()) => {}
-                        // The bucket may be missing or replaced for a moment (a rebuild drops
-                        // and recreates it) or contended: the event is never skipped for that,
-                        // but read again after repositioning.
-                        Err(ProjectError::Store(e)) => {
-                            tracing::warn!(sequence = seq, error = %e, "projection store unavailable; repositioning");
-                            let _ = m.ack_with(jetstream::AckKind::Nak(Some(Duration::from_millis(200)))).await;
-                            if !self.ctx.pause(Duration::from_millis(200)).await {
-                                return;
-                            }
-                            break 'consume;
-                        }
-                        // A poison event (one that can never be decoded or applied) must not
-                        // stop the projection: it is skipped and the reason is logged with its
-                        // sequence (the event itself stays in the log).
-                        Err(ProjectError::Poison(e)) => {
-                            tracing::error!(sequence = seq, error = %e, "event could not be projected; skipped")
-                        }
-                    }
-                    let _ = m.ack().await;
-                    last = seq;
-                    unsaved += 1;
-                    self.ctx.metrics().projection_lag.get_or_create(&labels()).set(pending as i64);
-                    if (unsaved >= CHECKPOINT_EVERY || pending == 0) && !self.advance(&mut pos, last).await {
-                        break 'consume;
-                    }
-                    if unsaved >= CHECKPOINT_EVERY || pending == 0 {
-                        unsaved = 0;
+                    match m {
+                        Ok(m) => msgs.push(m),
+                        Err(_) => break,
                     }
                 }
-                if got == 0 {
-                    if unsaved > 0 {
-                        if !self.advance(&mut pos, last).await {
-                            break;
-                        }
-                        unsaved = 0;
-                    }
+                let Some(last) = msgs.last() else {
                     // Idle: a projection deleted from outside shows as a missing checkpoint.
                     if pos.revision.is_some() && self.position().await.generation != pos.generation {
                         tracing::warn!("projection changed underneath (deleted or rebuilt); repositioning");
@@ -298,6 +368,30 @@ impl App {
                     if pos.revision.is_none() && self.needs_replay().await {
                         break;
                     }
+                    continue;
+                };
+                let Ok((seq, pending)) = last.info().map(|i| (i.stream_sequence, i.pending)) else { break };
+                if let Err(e) = self.apply_batch(&msgs, &mut states).await {
+                    // The bucket may be missing or replaced for a moment (a rebuild drops and
+                    // recreates it) or contended: the batch is never skipped for that, but
+                    // applied again after repositioning.
+                    tracing::warn!(sequence = seq, error = %e, "projection store unavailable; repositioning");
+                    for m in &msgs {
+                        let _ = m.ack_with(jetstream::AckKind::Nak(Some(Duration::from_millis(200)))).await;
+                    }
+                    if !self.ctx.pause(Duration::from_millis(200)).await {
+                        return;
+                    }
+                    break;
+                }
+                // One acknowledgement for the batch (the consumer acknowledges all before it).
+                let _ = last.ack().await;
+                self.ctx.metrics().projection_lag.get_or_create(&labels()).set(pending as i64);
+                if !self.advance(&mut pos, seq).await {
+                    break;
+                }
+                if states.len() > STATES_KEPT {
+                    states.clear();
                 }
             }
         }

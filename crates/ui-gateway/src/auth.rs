@@ -1,9 +1,10 @@
-//! Authentication (API tokens from the `cim_gateway_tokens` KV bucket, stored hashed),
+//! Authentication (API tokens from the `cim_gateway_tokens` KV bucket, stored hashed, held in
+//! memory and kept current by a watch),
 //! authorization (roles per route), per-token rate limits and CORS.
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, RwLock},
     time::Instant,
 };
 
@@ -56,16 +57,108 @@ fn presented_token(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
     query?.split('&').find_map(|kv| kv.strip_prefix("access_token=").map(str::to_string))
 }
 
+/// The token bucket as the gateway reads it: every token in memory, kept equal to the bucket
+/// by a watch (a revoked token is refused as soon as its purge arrives, within milliseconds),
+/// so a request costs no KV read. A token the memory does not hold (a new one, or any while
+/// the watch is restarting) is read from the bucket itself.
+pub struct Tokens {
+    kv: kv::Store,
+    /// Token id → token; `None` while the watch has not caught up with the bucket.
+    cache: RwLock<Option<HashMap<String, ApiToken>>>,
+}
+
+impl Tokens {
+    pub fn new(kv: kv::Store) -> Arc<Tokens> {
+        Arc::new(Tokens { kv, cache: RwLock::new(None) })
+    }
+
+    /// The stored token with `id`, if any (not revoked).
+    async fn get(&self, id: &str) -> Result<Option<ApiToken>, ApiError> {
+        if let Some(t) = self.cache.read().unwrap_or_else(|e| e.into_inner()).as_ref().and_then(|c| c.get(id)) {
+            return Ok(Some(t.clone()));
+        }
+        let key = gateway::token_key(id).map_err(|_| ApiError::Unauthorized(INVALID.to_string()))?;
+        let Some(entry) = self.kv.get(&key).await.map_err(|e| ApiError::Unavailable(format!("token store: {e}")))?
+        else {
+            return Ok(None);
+        };
+        ApiToken::decode(entry)
+            .map(Some)
+            .map_err(|e| ApiError::Internal(format!("stored token {id} is undecodable: {e}")))
+    }
+
+    fn set_live(&self, cache: Option<HashMap<String, ApiToken>>) {
+        *self.cache.write().unwrap_or_else(|e| e.into_inner()) = cache;
+    }
+
+    fn apply(&self, key: &str, token: Option<ApiToken>) {
+        let Some(id) = key.strip_prefix("t.") else { return };
+        if let Some(cache) = self.cache.write().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            match token {
+                Some(t) => cache.insert(id.to_string(), t),
+                None => cache.remove(id),
+            };
+        }
+    }
+
+    /// Keeps the memory equal to the bucket until the service stops; while the watch is
+    /// down, requests read the bucket.
+    pub async fn follow(self: Arc<Self>, ctx: cim_runtime::Ctx) {
+        while !ctx.is_stopping() {
+            if let Err(e) = self.follow_once(&ctx).await {
+                tracing::warn!(error = %e, "token watch failed; reading tokens from the bucket meanwhile");
+            }
+            self.set_live(None);
+            if !ctx.pause(std::time::Duration::from_millis(500)).await {
+                return;
+            }
+        }
+    }
+
+    async fn follow_once(&self, ctx: &cim_runtime::Ctx) -> anyhow::Result<()> {
+        use futures::StreamExt;
+        let empty = self.kv.status().await?.values() == 0;
+        let mut watch = self.kv.watch_with_history(">").await?;
+        let mut loading: Option<HashMap<String, ApiToken>> = Some(HashMap::new());
+        if empty {
+            self.set_live(loading.take());
+        }
+        loop {
+            let entry = tokio::select! {
+                e = watch.next() => e,
+                _ = ctx.stopping() => return Ok(()),
+            };
+            let entry = entry.ok_or_else(|| anyhow::anyhow!("the watch ended"))??;
+            let token = match entry.operation {
+                kv::Operation::Put => ApiToken::decode(entry.value.clone()).ok(),
+                kv::Operation::Delete | kv::Operation::Purge => None,
+            };
+            match loading.as_mut() {
+                Some(map) => {
+                    if let Some(id) = entry.key.strip_prefix("t.") {
+                        match token {
+                            Some(t) => map.insert(id.to_string(), t),
+                            None => map.remove(id),
+                        };
+                    }
+                    if entry.delta == 0 {
+                        self.set_live(loading.take());
+                    }
+                }
+                None => self.apply(&entry.key, token),
+            }
+        }
+    }
+}
+
+const INVALID: &str = "invalid or revoked api token";
+
 /// Looks a presented token up: it must have the right shape, exist (not revoked) and match
 /// the stored hash.
-pub async fn verify(tokens: &kv::Store, presented: &str) -> Result<Caller, ApiError> {
-    let invalid = || ApiError::Unauthorized("invalid or revoked api token".to_string());
+pub async fn verify(tokens: &Tokens, presented: &str) -> Result<Caller, ApiError> {
+    let invalid = || ApiError::Unauthorized(INVALID.to_string());
     let id = gateway::token_id(presented).ok_or_else(invalid)?;
-    let key = gateway::token_key(id).map_err(|_| invalid())?;
-    let entry =
-        tokens.get(&key).await.map_err(|e| ApiError::Unavailable(format!("token store: {e}")))?.ok_or_else(invalid)?;
-    let stored =
-        ApiToken::decode(entry).map_err(|e| ApiError::Internal(format!("stored token {id} is undecodable: {e}")))?;
+    let stored = tokens.get(id).await?.ok_or_else(invalid)?;
     if !gateway::hashes_equal(&stored.sha256, &gateway::hash_token(presented)) {
         return Err(invalid());
     }

@@ -75,7 +75,7 @@ pub struct AppState {
     pub iu: cim_iu_client::IuClient,
     pub nats: async_nats::Client,
     pub js: async_nats::jetstream::Context,
-    pub tokens: async_nats::jetstream::kv::Store,
+    pub tokens: Arc<auth::Tokens>,
     pub limiter: auth::RateLimiter,
     pub cors_origins: Vec<String>,
     pub limits: Limits,
@@ -157,8 +157,10 @@ async fn setup(
         .find(|b| b.bucket.ends_with(gateway::KV_TOKENS))
         .map(|b| b.bucket)
         .ok_or_else(|| anyhow::anyhow!("cim-events assigns the gateway no token bucket"))?;
-    let tokens =
-        ctx.jetstream().get_key_value(&bucket).await.map_err(|e| anyhow::anyhow!("token bucket {bucket}: {e}"))?;
+    let tokens = auth::Tokens::new(
+        ctx.jetstream().get_key_value(&bucket).await.map_err(|e| anyhow::anyhow!("token bucket {bucket}: {e}"))?,
+    );
+    ctx.spawn("gateway-tokens", tokens.clone().follow(ctx.clone()));
     let state = Arc::new(AppState {
         iu: ctx.iu_client(),
         nats: ctx.client().clone(),
