@@ -242,12 +242,16 @@ impl App {
                 }
             }
         }
-        let writes = units.into_iter().map(|(unit_id, events)| {
-            let cached = states.remove(&unit_id);
-            async move {
-                let written = self.fold_unit(&unit_id, &events, cached).await;
-                (unit_id, written)
-            }
+        let units: Vec<_> = units
+            .into_iter()
+            .map(|(unit_id, events)| {
+                let cached = states.remove(&unit_id);
+                (unit_id, events, cached)
+            })
+            .collect();
+        let writes = units.into_iter().map(|(unit_id, events, cached)| async move {
+            let written = self.fold_unit(&unit_id, &events, cached).await;
+            (unit_id, written)
         });
         let mut failed = None;
         let mut written = futures::stream::iter(writes).buffer_unordered(WRITES_IN_FLIGHT);

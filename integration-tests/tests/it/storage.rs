@@ -694,6 +694,8 @@ async fn storage_retention_guard_refuses_streams_that_drop_unarchived_data() -> 
     let js = jetstream::new(nats.connect().await);
     let mut cfg = resources::events_stream(Component::InformationUnit).config(Tier::Leaf);
     cfg.max_age = Duration::from_secs(3600);
+    // JetStream refuses a duplicate window (the retry horizon) longer than the age limit.
+    cfg.duplicate_window = Duration::from_secs(120);
     js.create_stream(cfg).await?;
     let spec = spec(&nas, "nas", "", "NAS");
     let env = [("NAS_ACCESS_KEY_ID", nas.access_key()), ("NAS_SECRET_ACCESS_KEY", nas.secret_key())];
