@@ -71,6 +71,7 @@ impl ToJson for ContentVersion {
             "cid": self.cid,
             "size": self.size,
             "version": self.version,
+            "sequence": self.sequence,
             "previous_cid": self.previous_cid,
             "time_ms": self.time_ms,
         })
@@ -90,6 +91,7 @@ impl ToJson for Unit {
             "attributes": string_map(&self.attributes),
             "links": self.links.to_json(),
             "version": self.version,
+            "sequence": self.sequence,
             "deleted": self.deleted,
             "created_ms": self.created_ms,
             "updated_ms": self.updated_ms,
@@ -110,6 +112,7 @@ impl ToJson for HistoryEntry {
     fn to_json(&self) -> Value {
         json!({
             "version": self.version,
+            "sequence": self.sequence,
             "event_type": self.event_type,
             "provenance": self.provenance.to_json(),
             "summary": self.summary,
@@ -146,7 +149,13 @@ impl ToJson for ProjectionStatus {
 
 impl ToJson for CommandResult {
     fn to_json(&self) -> Value {
-        json!({ "unit_id": self.unit_id, "version": self.version, "cid": self.cid, "replayed": self.replayed })
+        json!({
+            "unit_id": self.unit_id,
+            "version": self.version,
+            "cid": self.cid,
+            "replayed": self.replayed,
+            "sequence": self.sequence,
+        })
     }
 }
 
@@ -197,8 +206,8 @@ mod tests {
 
     #[test]
     fn other_messages_render() {
-        let r = CommandResult { unit_id: "u".into(), version: 9, cid: String::new(), replayed: true };
-        assert_eq!(r.to_json(), json!({"unit_id": "u", "version": 9, "cid": "", "replayed": true}));
+        let r = CommandResult { unit_id: "u".into(), version: 2, cid: String::new(), replayed: true, sequence: 9 };
+        assert_eq!(r.to_json(), json!({"unit_id": "u", "version": 2, "cid": "", "replayed": true, "sequence": 9}));
         let t = UnitType { name: "doc".into(), schema_json: r#"{"type":"object"}"#.into(), version: 2 };
         assert_eq!(t.to_json()["schema"], json!({"type": "object"}));
         let bad = UnitType { name: "doc".into(), schema_json: "not json".into(), version: 2 };
@@ -209,6 +218,7 @@ mod tests {
                 event_type: "created".into(),
                 provenance: None,
                 summary: "s".into(),
+                sequence: 4,
             }],
         };
         assert_eq!(h.to_json()["entries"][0]["event_type"], "created");

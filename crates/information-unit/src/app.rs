@@ -113,7 +113,7 @@ impl App {
                     UnitTypeRegistered::decode(e.payload).ok().map(|r| UnitType {
                         name: r.name,
                         schema_json: r.schema_json,
-                        version: e.meta.version,
+                        version: e.meta.sequence,
                     })
                 })
             }
@@ -128,14 +128,14 @@ impl App {
     }
 }
 
-/// A message with a `version` that only moves forward.
+/// A message with a position in the stream (`version()`) that only moves forward.
 pub trait Versioned: prost::Message + Default {
     fn version(&self) -> u64;
 }
 
 impl Versioned for Unit {
     fn version(&self) -> u64 {
-        self.version
+        self.sequence
     }
 }
 

@@ -108,6 +108,9 @@ impl App {
             Ok(Some(bytes)) => {
                 let mut r = CommandResult::decode(bytes).map_err(|e| ServiceError::internal(e.to_string()))?;
                 r.replayed = true;
+                if r.version == 0 {
+                    r.version = self.version_at(&r.unit_id, r.sequence).await?;
+                }
                 Ok(Some(r))
             }
             Ok(None) => Ok(None),
@@ -169,7 +172,14 @@ impl App {
         let env = Envelope::from_headers(&msg.headers).map_err(|e| ServiceError::internal(e.to_string()))?;
         let event = UnitEvent::decode(&env.schema.name, &msg.payload).map_err(ServiceError::internal)?;
         let unit_id = cim_events::subject::parse_event(&msg.subject).map(|s| s.id).unwrap_or_default();
-        Ok(CommandResult { unit_id, version: seq, cid: cid_of(&event), replayed: true })
+        let version = self.version_at(&unit_id, seq).await?;
+        Ok(CommandResult { unit_id, version, cid: cid_of(&event), replayed: true, sequence: seq })
+    }
+
+    /// The unit's own version at the event with stream sequence `seq`.
+    async fn version_at(&self, unit_id: &str, seq: u64) -> Result<u64, ServiceError> {
+        let filter = iu::unit_history(unit_id).map_err(|e| ServiceError::internal(e.to_string()))?;
+        Ok(self.read_events(&filter, Until::Sequence(seq)).await?.len() as u64)
     }
 
     // ---- the command pipeline ----
@@ -209,7 +219,7 @@ impl App {
             match self
                 .publish(
                     subject,
-                    Some((filter.clone(), state.version)),
+                    Some((filter.clone(), state.sequence)),
                     event.type_name(),
                     event.encode(),
                     parent.as_ref(),
@@ -225,13 +235,14 @@ impl App {
                     if ack.duplicate {
                         return Ok(Reply::proto(&self.result_of_duplicate(ack.sequence, cid_of).await?));
                     }
-                    let meta = EventMeta { version: ack.sequence, provenance: provenance(&env) };
+                    let meta = EventMeta { sequence: ack.sequence, provenance: provenance(&env) };
                     let new_state = domain::apply(Some(state), &event, &meta).unwrap_or_default();
                     let result = CommandResult {
                         unit_id: unit_id.to_string(),
-                        version: ack.sequence,
+                        version: new_state.version,
                         cid: new_state.cid.clone(),
                         replayed: false,
+                        sequence: ack.sequence,
                     };
                     self.write_through(self.store_unit(&new_state).await);
                     return Ok(Reply::proto(&result));
@@ -354,9 +365,15 @@ impl App {
             });
             return Ok(Reply::proto(&r.await?));
         }
-        let state = domain::apply(None, &event, &EventMeta { version: ack.sequence, provenance: provenance(&env) })
+        let state = domain::apply(None, &event, &EventMeta { sequence: ack.sequence, provenance: provenance(&env) })
             .unwrap_or_default();
-        let result = CommandResult { unit_id, version: ack.sequence, cid: cid.to_string(), replayed: false };
+        let result = CommandResult {
+            unit_id,
+            version: state.version,
+            cid: cid.to_string(),
+            replayed: false,
+            sequence: ack.sequence,
+        };
         self.write_through(self.store_new_unit(&state).await);
         Ok(Reply::proto(&result))
     }
@@ -496,7 +513,7 @@ impl App {
         cim_events::token::validate_name("unit type", &c.name).map_err(|e| ServiceError::bad_request(e.to_string()))?;
         TypeSchema::parse(&c.schema_json).map_err(ServiceError::bad_request)?;
         let filter = iu::type_history(&c.name).map_err(|e| ServiceError::bad_request(e.to_string()))?;
-        let current = self.read_events(&filter, Until::Now).await?.last().map(|e| e.meta.version).unwrap_or(0);
+        let current = self.read_events(&filter, Until::Now).await?.last().map(|e| e.meta.sequence).unwrap_or(0);
         if header.expected_version != 0 && header.expected_version != current {
             return Err(ServiceError::conflict(format!(
                 "type {} is at version {current}, not {}",
@@ -526,8 +543,13 @@ impl App {
         if let Ok(key) = iu::type_key(&c.name) {
             let _ = store_if_newer(&self.types, &key, &t).await;
         }
-        let result =
-            CommandResult { unit_id: c.name, version: ack.sequence, cid: String::new(), replayed: ack.duplicate };
+        let result = CommandResult {
+            unit_id: c.name,
+            version: ack.sequence,
+            cid: String::new(),
+            replayed: ack.duplicate,
+            sequence: ack.sequence,
+        };
         Ok(Reply::proto(&result))
     }
 }

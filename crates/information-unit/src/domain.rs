@@ -137,18 +137,21 @@ fn link_summary(verb: &str, l: Option<&Link>) -> String {
 /// Where an event sits in the log and who caused it.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct EventMeta {
-    pub version: u64,
+    /// The event's stream sequence.
+    pub sequence: u64,
     pub provenance: Provenance,
 }
 
-/// Folds one event into the state. Events at or below the state's version are ignored, so
-/// applying is idempotent (projections may see an event twice).
+/// Folds one event into the state. Events at or below the state's sequence are ignored, so
+/// applying is idempotent (projections may see an event twice). Each event applied makes the
+/// unit's own version one more (1 at creation).
 pub fn apply(state: Option<Unit>, event: &UnitEvent, meta: &EventMeta) -> Option<Unit> {
     if let Some(s) = &state
-        && s.version >= meta.version
+        && s.sequence >= meta.sequence
     {
         return state;
     }
+    let version = state.as_ref().map_or(1, |s| s.version + 1);
     let time = meta.provenance.time_ms;
     let mut u = match (state, event) {
         (None, UnitEvent::Created(c)) => Unit {
@@ -166,9 +169,10 @@ pub fn apply(state: Option<Unit>, event: &UnitEvent, meta: &EventMeta) -> Option
             versions: vec![ContentVersion {
                 cid: c.cid.clone(),
                 size: c.size,
-                version: meta.version,
+                version,
                 previous_cid: String::new(),
                 time_ms: time,
+                sequence: meta.sequence,
             }],
             ..Default::default()
         },
@@ -189,9 +193,10 @@ pub fn apply(state: Option<Unit>, event: &UnitEvent, meta: &EventMeta) -> Option
                     s.versions.push(ContentVersion {
                         cid: v.cid.clone(),
                         size: v.size,
-                        version: meta.version,
+                        version,
                         previous_cid: v.previous_cid.clone(),
                         time_ms: time,
+                        sequence: meta.sequence,
                     });
                 }
                 UnitEvent::Tagged(t) => s.tags = sorted(s.tags.iter().chain(&t.tags).cloned()),
@@ -219,7 +224,8 @@ pub fn apply(state: Option<Unit>, event: &UnitEvent, meta: &EventMeta) -> Option
             s
         }
     };
-    u.version = meta.version;
+    u.version = version;
+    u.sequence = meta.sequence;
     u.updated_ms = time;
     u.updated_by = Some(meta.provenance.clone());
     Some(u)
@@ -326,7 +332,7 @@ mod tests {
     use super::*;
 
     fn meta(v: u64) -> EventMeta {
-        EventMeta { version: v, provenance: Provenance { time_ms: v as i64 * 1000, ..Default::default() } }
+        EventMeta { sequence: v, provenance: Provenance { time_ms: v as i64 * 1000, ..Default::default() } }
     }
 
     fn created() -> UnitEvent {
@@ -345,7 +351,7 @@ mod tests {
     fn fold_builds_state_and_version_chain() {
         let s = apply(None, &created(), &meta(3)).unwrap();
         assert_eq!(s.tags, vec!["a", "b"]);
-        assert_eq!(s.version, 3);
+        assert_eq!((s.version, s.sequence), (1, 3), "the unit's own version, and the stream's sequence");
         let v2 = UnitEvent::Versioned(UnitVersioned {
             unit_id: "u1".into(),
             cid: Cid::of(b"b").to_string(),
@@ -355,6 +361,8 @@ mod tests {
         });
         let s = apply(Some(s), &v2, &meta(7)).unwrap();
         assert_eq!(s.versions.len(), 2);
+        assert_eq!((s.version, s.sequence), (2, 7), "versions count the unit's events, whatever the stream holds");
+        assert_eq!((s.versions[1].version, s.versions[1].sequence), (2, 7));
         assert_eq!(s.versions[1].previous_cid, s.versions[0].cid);
         assert_eq!(s.cid, Cid::of(b"b").to_string());
         assert_eq!(s.name, "a.txt", "empty name in a version keeps the old one");
@@ -380,6 +388,7 @@ mod tests {
             apply(Some(s), &UnitEvent::Deleted(UnitDeleted { unit_id: "u1".into(), reason: "x".into() }), &meta(11))
                 .unwrap();
         assert!(s.deleted);
+        assert_eq!(s.version, 6);
         assert!(require_live(&s).is_err());
     }
 

@@ -81,7 +81,8 @@ impl App {
             let time_ms = env.time_ms();
             let stop = match until {
                 Until::Now => false,
-                Until::Version(v) => msg.sequence > v,
+                Until::Version(v) => out.len() as u64 >= v,
+                Until::Sequence(s) => msg.sequence > s,
                 Until::Time(t) => time_ms > t,
             };
             if stop {
@@ -90,7 +91,7 @@ impl App {
             seq = msg.sequence + 1;
             out.push(StoredEvent {
                 meta: EventMeta {
-                    version: msg.sequence,
+                    sequence: msg.sequence,
                     provenance: Provenance {
                         correlation_id: env.correlation_id().to_string(),
                         causation_id: env.causation_id().to_string(),
@@ -121,7 +122,10 @@ impl App {
 #[derive(Clone, Copy, Debug)]
 pub enum Until {
     Now,
+    /// The first N events of the history: an aggregate's own version N.
     Version(u64),
+    /// Up to a stream sequence.
+    Sequence(u64),
     Time(i64),
 }
 

@@ -50,6 +50,8 @@ struct Position {
     checkpoint: u64,
     revision: Option<u64>,
     generation: String,
+    /// The states are of [`STATE_FORMAT`] (false: written by an older version).
+    current_format: bool,
 }
 
 /// One stored event, decoded for the projections.
@@ -80,7 +82,7 @@ fn decode(msg: &jetstream::Message) -> Result<Decoded, String> {
     match subject.aggregate.as_str() {
         iu::UNIT => {
             let event = UnitEvent::decode(&env.schema.name, &msg.payload)?;
-            let meta = EventMeta { version: seq, provenance: provenance(&env) };
+            let meta = EventMeta { sequence: seq, provenance: provenance(&env) };
             Ok(Decoded::Unit { unit_id: subject.id, event, meta, request })
         }
         iu::TYPE if env.schema.name == UnitTypeRegistered::TYPE => {
@@ -96,10 +98,17 @@ fn decode(msg: &jetstream::Message) -> Result<Decoded, String> {
     }
 }
 
-fn parse_checkpoint(v: &[u8]) -> Option<(String, u64)> {
-    let s = std::str::from_utf8(v).ok()?;
-    let (g, n) = s.split_once(':')?;
-    Some((g.to_string(), n.parse().ok()?))
+/// The format of the unit states this version writes, the checkpoint's third part (2: a
+/// unit's own version and its stream sequence). A projection of another format (or none, as
+/// before per-unit versions) is rebuilt from the stream at start.
+const STATE_FORMAT: &str = "2";
+
+/// `<generation>:<sequence>[:<format>]` → (generation, sequence, of the current format).
+fn parse_checkpoint(v: &[u8]) -> Option<(String, u64, bool)> {
+    let mut parts = std::str::from_utf8(v).ok()?.split(':');
+    let generation = parts.next()?.to_string();
+    let sequence = parts.next()?.parse().ok()?;
+    Some((generation, sequence, parts.next() == Some(STATE_FORMAT)))
 }
 
 impl App {
@@ -110,12 +119,22 @@ impl App {
     async fn position(&self) -> Position {
         match self.units.entry(iu::CHECKPOINT_KEY).await {
             Ok(Some(e)) if e.operation == kv::Operation::Put => match parse_checkpoint(&e.value) {
-                Some((generation, checkpoint)) => Position { checkpoint, revision: Some(e.revision), generation },
-                None => {
-                    Position { checkpoint: 0, revision: Some(e.revision), generation: uuid::Uuid::now_v7().to_string() }
+                Some((generation, checkpoint, current)) => {
+                    Position { checkpoint, revision: Some(e.revision), generation, current_format: current }
                 }
+                None => Position {
+                    checkpoint: 0,
+                    revision: Some(e.revision),
+                    generation: uuid::Uuid::now_v7().to_string(),
+                    current_format: false,
+                },
             },
-            _ => Position { checkpoint: 0, revision: None, generation: uuid::Uuid::now_v7().to_string() },
+            _ => Position {
+                checkpoint: 0,
+                revision: None,
+                generation: uuid::Uuid::now_v7().to_string(),
+                current_format: true,
+            },
         }
     }
 
@@ -123,13 +142,18 @@ impl App {
     /// the projector must reposition.
     async fn advance(&self, pos: &mut Position, seq: u64) -> bool {
         for _ in 0..5 {
-            let value = format!("{}:{seq}", pos.generation).into();
+            let value = format!("{}:{seq}:{STATE_FORMAT}", pos.generation).into();
             let written = match pos.revision {
                 Some(rev) => self.units.update(iu::CHECKPOINT_KEY, value, rev).await.ok(),
                 None => self.units.create(iu::CHECKPOINT_KEY, value).await.ok(),
             };
             if let Some(rev) = written {
-                *pos = Position { checkpoint: seq, revision: Some(rev), generation: pos.generation.clone() };
+                *pos = Position {
+                    checkpoint: seq,
+                    revision: Some(rev),
+                    generation: pos.generation.clone(),
+                    current_format: true,
+                };
                 self.ctx.metrics().projection_checkpoint.get_or_create(&labels()).set(seq as i64);
                 return true;
             }
@@ -218,8 +242,14 @@ impl App {
                             UnitEvent::Versioned(v) => v.cid.clone(),
                             _ => String::new(),
                         };
-                        let result =
-                            CommandResult { unit_id: unit_id.clone(), version: meta.version, cid, replayed: true };
+                        // The unit's version at that event is told when a retry is answered.
+                        let result = CommandResult {
+                            unit_id: unit_id.clone(),
+                            version: 0,
+                            cid,
+                            replayed: true,
+                            sequence: meta.sequence,
+                        };
                         requests.push((id, result));
                     }
                     units.entry(unit_id).or_default().push((event, meta));
@@ -231,6 +261,7 @@ impl App {
                             version: value.version,
                             cid: String::new(),
                             replayed: true,
+                            sequence: value.version,
                         };
                         requests.push((id, result));
                     }
@@ -340,6 +371,17 @@ impl App {
 
     /// The projector loop: runs until shutdown, repositioning after errors or a rebuild.
     pub async fn run_projector(self: Arc<Self>) {
+        let before = self.position().await;
+        if before.revision.is_some() && !before.current_format {
+            // States of an older format (before per-unit versions): derived again from the log.
+            tracing::warn!(
+                checkpoint = before.checkpoint,
+                "projection of an older format: rebuilding it from the stream"
+            );
+            if let Err(e) = self.rebuild().await {
+                tracing::warn!(error = %e.message, "rebuilding the projection failed; the projector replays into it");
+            }
+        }
         while !self.ctx.is_stopping() {
             let opened = self
                 .ctx

@@ -42,11 +42,13 @@ impl App {
         }
         let entries = events
             .into_iter()
-            .map(|e| {
+            .zip(1..)
+            .map(|(e, version)| {
                 let summary =
                     UnitEvent::decode(&e.type_name, &e.payload).map(|ev| ev.summary()).unwrap_or_else(|err| err);
                 HistoryEntry {
-                    version: e.meta.version,
+                    version,
+                    sequence: e.meta.sequence,
                     event_type: e.type_name,
                     provenance: Some(e.meta.provenance),
                     summary,

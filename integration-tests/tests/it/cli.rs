@@ -71,9 +71,12 @@ async fn cimctl_iu_puts_lists_shows_tags_and_gets_verified_content() -> Result<(
     assert_eq!(show["tags"], serde_json::json!(["draft"]));
     assert_eq!(show["attributes"]["lang"], "en");
 
+    assert_eq!(show["version"], 1, "a new unit is version 1");
     json(&url, &["tag", &id, "final"]).await?;
     let history = json(&url, &["history", &id]).await?;
     assert_eq!(history["entries"].as_array().unwrap().len(), 2);
+    assert_eq!(history["entries"][1]["version"], 2, "{history}");
+    assert_eq!(json(&url, &["show", &id]).await?["version"], 2);
 
     let out_file = dir.path().join("copy.txt");
     let got = cimctl(&url, &["get", &id, "-o", out_file.to_str().unwrap()]).await?;

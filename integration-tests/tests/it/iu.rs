@@ -53,6 +53,9 @@ async fn small_units_round_trip_with_metadata_links_history_and_ranges() -> Resu
     c.attributes.insert("lang".into(), "en".into());
     let a = iu.create(c).await?;
     let other = iu.create(create(&committed.cid, "other.txt")).await?;
+    // Versions a person can count: every unit starts at 1, whatever else the stream holds.
+    assert_eq!((a.version, other.version), (1, 1));
+    assert!(other.sequence > a.sequence);
     iu.link(LinkUnit {
         header: header(0),
         unit_id: other.unit_id.clone(),
@@ -219,6 +222,51 @@ async fn kv_states(js: &jetstream::Context) -> Result<BTreeMap<String, Unit>> {
         }
     }
     Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_projection_from_before_per_unit_versions_is_rebuilt_with_them() -> Result<()> {
+    let mut cim = start(&[]).await?;
+    let iu = cim.iu();
+    let js = cim.js();
+    let c = iu.put_bytes(b"older").await?;
+    let u = iu.create(create(&c.cid, "older")).await?;
+    let tagged = iu.tag(TagUnit { header: header(0), unit_id: u.unit_id.clone(), tags: vec!["t".into()] }).await?;
+    assert_eq!(tagged.version, 2);
+    eventually(READY, "projection caught up", || async {
+        let s = iu.status().await?;
+        anyhow::ensure!(s.lag == 0 && s.checkpoint == s.stream_last_sequence, "{s:?}");
+        Ok(())
+    })
+    .await?;
+    cim.service(C).signal(Signal::SIGKILL);
+    cim.service_mut(C).wait(Duration::from_secs(10)).await?;
+    // What the version before per-unit versions left: a unit's version was its stream
+    // sequence, and the checkpoint named no format.
+    let kv = js.get_key_value(resources::kv_bucket(C, iu::KV_UNITS)?).await?;
+    let key = iu::unit_key(&u.unit_id)?;
+    let mut old = Unit::decode(kv.get(&key).await?.expect("projected state"))?;
+    (old.version, old.sequence) = (old.sequence, 0);
+    kv.put(&key, old.encode_to_vec().into()).await?;
+    kv.put(iu::CHECKPOINT_KEY, format!("old-generation:{}", tagged.sequence).into()).await?;
+
+    cim.service_mut(C).restart().await?;
+    cim.wait_ready(0).await?;
+    let again = eventually(READY, "the projection rebuilt", || async {
+        let s = iu.status().await?;
+        anyhow::ensure!(s.lag == 0 && s.checkpoint == s.stream_last_sequence, "{s:?}");
+        let raw = kv.get(&key).await?.ok_or_else(|| anyhow::anyhow!("not projected yet"))?;
+        let state = Unit::decode(raw)?;
+        anyhow::ensure!(state.sequence == tagged.sequence, "{state:?}");
+        Ok(state)
+    })
+    .await?;
+    assert_eq!((again.version, again.tags.as_slice()), (2, &["t".to_string()][..]));
+    assert_eq!(iu.unit(&u.unit_id).await?.version, 2);
+    // Commands expect the unit's own version from now on.
+    let r = iu.tag(TagUnit { header: header(2), unit_id: u.unit_id.clone(), tags: vec!["u".into()] }).await?;
+    assert_eq!(r.version, 3);
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread")]

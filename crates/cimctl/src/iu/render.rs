@@ -188,7 +188,7 @@ mod tests {
 
     #[test]
     fn outputs_render() {
-        let r = CommandResult { unit_id: "u1".into(), version: 4, cid: "bafk".into(), replayed: true };
+        let r = CommandResult { unit_id: "u1".into(), version: 4, cid: "bafk".into(), replayed: true, sequence: 12 };
         assert_eq!(result_line("tagged", &r), "tagged u1 version 4 cid bafk (replayed: already done)");
         let c = ContentCommitted { cid: "bafk".into(), size: 3, deduplicated: false };
         let v = put_json(&c, &r);
