@@ -128,19 +128,20 @@ impl App {
     }
 }
 
-/// A message with a position in the stream (`version()`) that only moves forward.
+/// A message with a stream sequence that only moves forward.
 pub trait Versioned: prost::Message + Default {
-    fn version(&self) -> u64;
+    fn sequence(&self) -> u64;
 }
 
 impl Versioned for Unit {
-    fn version(&self) -> u64 {
+    fn sequence(&self) -> u64 {
         self.sequence
     }
 }
 
 impl Versioned for UnitType {
-    fn version(&self) -> u64 {
+    /// A type's version is the stream sequence of its registration.
+    fn sequence(&self) -> u64 {
         self.version
     }
 }
@@ -152,7 +153,7 @@ pub async fn store_if_newer<M: Versioned>(kv: &kv::Store, key: &str, value: &M) 
         let bytes: Bytes = value.encode_to_vec().into();
         let result = match entry {
             Some(e) if e.operation == kv::Operation::Put => {
-                if M::decode(e.value.clone()).map(|cur| cur.version() >= value.version()).unwrap_or(false) {
+                if M::decode(e.value.clone()).map(|cur| cur.sequence() >= value.sequence()).unwrap_or(false) {
                     return Ok(());
                 }
                 kv.update(key, bytes, e.revision).await.map(|_| ())

@@ -58,7 +58,7 @@ struct Position {
 enum Decoded {
     Unit {
         unit_id: String,
-        event: UnitEvent,
+        event: Box<UnitEvent>,
         meta: EventMeta,
         request: Option<String>,
     },
@@ -83,7 +83,7 @@ fn decode(msg: &jetstream::Message) -> Result<Decoded, String> {
         iu::UNIT => {
             let event = UnitEvent::decode(&env.schema.name, &msg.payload)?;
             let meta = EventMeta { sequence: seq, provenance: provenance(&env) };
-            Ok(Decoded::Unit { unit_id: subject.id, event, meta, request })
+            Ok(Decoded::Unit { unit_id: subject.id, event: Box::new(event), meta, request })
         }
         iu::TYPE if env.schema.name == UnitTypeRegistered::TYPE => {
             let r = UnitTypeRegistered::decode(msg.payload.clone()).map_err(|e| e.to_string())?;
@@ -237,7 +237,7 @@ impl App {
             match decode(m) {
                 Ok(Decoded::Unit { unit_id, event, meta, request }) => {
                     if let Some(id) = request {
-                        let cid = match &event {
+                        let cid = match &*event {
                             UnitEvent::Created(c) => c.cid.clone(),
                             UnitEvent::Versioned(v) => v.cid.clone(),
                             _ => String::new(),
@@ -252,7 +252,7 @@ impl App {
                         };
                         requests.push((id, result));
                     }
-                    units.entry(unit_id).or_default().push((event, meta));
+                    units.entry(unit_id).or_default().push((*event, meta));
                 }
                 Ok(Decoded::Type { key, value, request }) => {
                     if let Some(id) = request {

@@ -225,6 +225,61 @@ async fn kv_states(js: &jetstream::Context) -> Result<BTreeMap<String, Unit>> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_rebuild_racing_live_writes_ends_equal_to_the_stream() -> Result<()> {
+    let cim = start(&[]).await?;
+    let iu = cim.iu();
+    let js = cim.js();
+    let c = iu.put_bytes(b"racing").await?;
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        ids.push(iu.create(create(&c.cid, &format!("r{i}"))).await?.unit_id);
+    }
+    // Writers keep changing units (and creating more) while the projection is dropped and
+    // rebuilt under them, three times.
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let (iu, ids, cid) = (iu.clone(), ids.clone(), c.cid.clone());
+            tokio::spawn(async move {
+                for i in 0..40 {
+                    let unit_id = ids[(w * 7 + i) % ids.len()].clone();
+                    iu.tag(TagUnit { header: header(0), unit_id, tags: vec![format!("w{w}-{}", i % 5)] }).await?;
+                    if i % 10 == 0 {
+                        iu.create(create(&cid, &format!("w{w}-{i}"))).await?;
+                    }
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    for _ in 0..3 {
+        iu.rebuild().await?;
+        eventually(READY, "the rebuild under way", || async {
+            let s = iu.status().await?;
+            anyhow::ensure!(s.checkpoint > 0, "{s:?}");
+            Ok(())
+        })
+        .await?;
+    }
+    for w in writers {
+        w.await??;
+    }
+    // Every projected state is the state the stream folds to, event for event.
+    let projected = eventually(READY, "projection caught up", || async {
+        let s = iu.status().await?;
+        anyhow::ensure!(s.lag == 0 && s.checkpoint == s.stream_last_sequence, "{s:?}");
+        kv_states(&js).await
+    })
+    .await?;
+    assert_eq!(projected.len(), 20 + 4 * 4, "every unit projected");
+    for (key, state) in &projected {
+        let replayed =
+            iu.get_unit(GetUnit { unit_id: state.unit_id.clone(), at_time_ms: i64::MAX, ..Default::default() }).await?;
+        assert_eq!(&replayed, state, "{key}: the projection differs from the stream");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_projection_from_before_per_unit_versions_is_rebuilt_with_them() -> Result<()> {
     let mut cim = start(&[]).await?;
     let iu = cim.iu();
