@@ -82,7 +82,9 @@ impl IuClient {
         let body = command.encode_to_vec();
         let subject = iu::command(C::ENDPOINT).map_err(|e| IuError::Internal(e.to_string()))?;
         let msg = self.call_with(&subject, headers, body.into(), self.timeout, Retry::Idempotent).await?;
-        Ok(CommandResult::decode(msg.payload)?)
+        let result = CommandResult::decode(msg.payload)?;
+        self.saw(result.sequence);
+        Ok(result)
     }
 
     pub async fn create(&self, command: CreateUnit) -> Result<CommandResult, IuError> {

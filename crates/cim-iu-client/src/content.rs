@@ -244,11 +244,27 @@ impl IuClient {
         store: &ObjectStore,
         cid: &Cid,
     ) -> Result<jetstream::object_store::ObjectInfo, IuError> {
-        let info = store.info(cid.to_string()).await.map_err(|e| match e.kind() {
-            InfoErrorKind::NotFound => IuError::NotFound(format!("content {cid} is not stored")),
-            InfoErrorKind::TimedOut => IuError::Timeout(format!("looking up content {cid}: {e}")),
-            _ => IuError::Nats(format!("looking up content {cid}: {e}")),
-        })?;
+        let info = match store.info(cid.to_string()).await {
+            Ok(info) => info,
+            // A direct get may be answered by a replica that has not applied the object yet:
+            // "not found" is asked again of the stream's leader.
+            Err(e) if e.kind() == InfoErrorKind::NotFound => {
+                let subject = cim_events::subject::object_meta(iu::CONTENT_BUCKET, &cid.to_string())
+                    .map_err(|e| IuError::Internal(e.to_string()))?;
+                match self.content_stream().await?.get_last_raw_message_by_subject(&subject).await {
+                    Ok(m) => serde_json::from_slice(&m.payload)
+                        .map_err(|e| IuError::Nats(format!("looking up content {cid}: {e}")))?,
+                    Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+                        return Err(IuError::NotFound(format!("content {cid} is not stored")));
+                    }
+                    Err(e) => return Err(IuError::Nats(format!("looking up content {cid}: {e}"))),
+                }
+            }
+            Err(e) if e.kind() == InfoErrorKind::TimedOut => {
+                return Err(IuError::Timeout(format!("looking up content {cid}: {e}")));
+            }
+            Err(e) => return Err(IuError::Nats(format!("looking up content {cid}: {e}"))),
+        };
         if info.deleted {
             return Err(IuError::NotFound(format!("content {cid} is not stored (collected)")));
         }

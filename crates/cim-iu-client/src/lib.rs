@@ -79,6 +79,11 @@ pub struct IuClient {
     commit_timeout: Duration,
     retry_delays: Vec<Duration>,
     chunk_size: usize,
+    /// The highest stream sequence a command of this client (or a clone) wrote: its queries
+    /// ask for at least that much (read your writes while the projection catches up).
+    written: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Queries ask for the newest state the log holds (a separate process that wrote before).
+    latest: bool,
 }
 
 impl std::fmt::Debug for IuClient {
@@ -117,7 +122,28 @@ impl IuClient {
             commit_timeout: DEFAULT_COMMIT_TIMEOUT,
             retry_delays: default_retry_delays(),
             chunk_size: DEFAULT_CHUNK_SIZE,
+            written: Default::default(),
+            latest: false,
         }
+    }
+
+    /// Queries answer with the newest state the log holds when asked, not what the projection
+    /// has applied so far: for a process that cannot know what was written before it (a
+    /// command line run after another). Costs a read of the unit's history per get.
+    pub fn latest(mut self) -> IuClient {
+        self.latest = true;
+        self
+    }
+
+    /// The stream sequence queries ask the projection to have reached: the newest this client
+    /// wrote, or (with [`IuClient::latest`]) everything.
+    pub fn min_sequence(&self) -> u64 {
+        if self.latest { u64::MAX } else { self.written.load(std::sync::atomic::Ordering::Acquire) }
+    }
+
+    /// Makes queries reflect a write with stream sequence `sequence` (one made elsewhere).
+    pub fn saw(&self, sequence: u64) {
+        self.written.fetch_max(sequence, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// How long a request may take, all its attempts together (default 10s).

@@ -13,7 +13,12 @@ use prost::Message;
 use crate::{IuClient, IuError, Retry};
 
 impl IuClient {
-    pub async fn get_unit(&self, query: GetUnit) -> Result<Unit, IuError> {
+    /// A unit now (reflecting this client's writes: see [`IuClient::min_sequence`]), at a
+    /// version or at a time.
+    pub async fn get_unit(&self, mut query: GetUnit) -> Result<Unit, IuError> {
+        if query.min_sequence == 0 {
+            query.min_sequence = self.min_sequence();
+        }
         self.query(iu::qry::GET, &query).await
     }
 
@@ -27,7 +32,10 @@ impl IuClient {
     }
 
     /// One page of units.
-    pub async fn list(&self, query: ListUnits) -> Result<UnitList, IuError> {
+    pub async fn list(&self, mut query: ListUnits) -> Result<UnitList, IuError> {
+        if query.min_sequence == 0 {
+            query.min_sequence = self.min_sequence();
+        }
         self.query(iu::qry::LIST, &query).await
     }
 
@@ -47,7 +55,7 @@ impl IuClient {
     }
 
     pub async fn links(&self, unit_id: &str) -> Result<Links, IuError> {
-        self.query(iu::qry::LINKS, &GetLinks { unit_id: unit_id.to_string() }).await
+        self.query(iu::qry::LINKS, &GetLinks { unit_id: unit_id.to_string(), min_sequence: self.min_sequence() }).await
     }
 
     /// Would `attributes` be accepted for `unit_type`? Writes nothing.

@@ -1,6 +1,6 @@
 //! The information-unit service's state: what its handlers share, the error mapping of its
-//! requests, and the current state of units and types read from (and written through to) the
-//! KV projection, falling back to the stream.
+//! requests, and the current state of units and types read from the KV projection (which the
+//! projector keeps), falling back to the stream.
 //!
 //! The handlers are split by concern over sibling modules, each adding to `impl App`: `events`
 //! (writing events, reading the stream, replaying a unit), `commands` (create, version, tag,
@@ -23,6 +23,11 @@ use cim_runtime::{Ctx, ServiceError};
 use prost::Message as _;
 
 use crate::{domain::Rejection, events::Until, index::Index, schema::TypeSchema};
+
+/// How long a query waits for the projection to reach the sequence it asks for.
+const PROJECTION_WAIT: Duration = Duration::from_secs(5);
+/// How often it looks meanwhile.
+const PROJECTION_POLL: Duration = Duration::from_millis(10);
 
 /// Options of the information-unit service beyond the common ones.
 #[derive(Clone, Debug)]
@@ -81,25 +86,38 @@ impl App {
         }
     }
 
-    /// Writes a state into the KV projection unless a newer one is already there.
-    pub async fn store_unit(&self, unit: &Unit) -> Result<(), ServiceError> {
-        store_if_newer(
-            &self.units,
-            &iu::unit_key(&unit.unit_id).map_err(|e| ServiceError::internal(e.to_string()))?,
-            unit,
-        )
-        .await
-        .map_err(|e| ServiceError::unavailable(format!("writing the projection: {e}")))
+    /// The state of a unit reflecting at least every event up to stream sequence
+    /// `min_sequence` (read your writes): the projection's when it is that far (the unit's own
+    /// state, or the projection as a whole), else the log's.
+    pub async fn load_unit_since(&self, unit_id: &str, min_sequence: u64) -> Result<Option<Unit>, ServiceError> {
+        match self.load_unit(unit_id).await? {
+            Some(u) if min_sequence > u.sequence && min_sequence > self.index.applied() => {
+                self.replay_unit(unit_id, Until::Now).await
+            }
+            other => Ok(other),
+        }
     }
 
-    /// Writes the state of a unit just created: nobody can have written its key before, except
-    /// the projector racing us with the same state.
-    pub(crate) async fn store_new_unit(&self, unit: &Unit) -> Result<(), ServiceError> {
-        let key = iu::unit_key(&unit.unit_id).map_err(|e| ServiceError::internal(e.to_string()))?;
-        match self.units.create(&key, unit.encode_to_vec().into()).await {
-            Ok(_) => Ok(()),
-            Err(_) => self.store_unit(unit).await,
+    /// Waits until the projection and the index are complete up to `min_sequence` (capped at
+    /// the stream's last sequence); unavailable when they do not get there within seconds.
+    pub async fn projected_through(&self, min_sequence: u64) -> Result<(), ServiceError> {
+        if min_sequence <= self.index.applied() {
+            return Ok(());
         }
+        let stream =
+            self.js.get_stream(&self.events_stream).await.map_err(|e| internal("events stream")(Box::new(e)))?;
+        let target = min_sequence.min(stream.cached_info().state.last_sequence);
+        let deadline = tokio::time::Instant::now() + PROJECTION_WAIT;
+        while self.index.applied() < target {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ServiceError::unavailable(format!(
+                    "the projection has not reached sequence {target} yet (it is at {}); retry",
+                    self.index.applied()
+                )));
+            }
+            tokio::time::sleep(PROJECTION_POLL).await;
+        }
+        Ok(())
     }
 
     pub async fn load_type(&self, name: &str) -> Result<Option<(TypeSchema, UnitType)>, ServiceError> {

@@ -1,7 +1,8 @@
 //! Commands: create, new version, tag/untag, attributes, link/unlink, delete and type
 //! registration — decided against the unit's current state, written as events with
-//! per-aggregate optimistic concurrency, written through to the projection; a retry with the
-//! same request id is answered from the log, not carried out again.
+//! per-aggregate optimistic concurrency: one JetStream write each, applied to the projection
+//! by its projector; a retry with the same request id is answered from the log, not carried
+//! out again.
 
 use std::collections::BTreeMap;
 
@@ -150,15 +151,6 @@ impl App {
         }
     }
 
-    /// The outcome of writing a new state through to the projection after its event was
-    /// written: the command happened, so a store error is not its failure (the projector
-    /// applies the event from the log; queries fall back to the stream meanwhile).
-    fn write_through(&self, stored: Result<(), ServiceError>) {
-        if let Err(e) = stored {
-            tracing::warn!(error = %e.message, "projection not written through; the projector will apply the event");
-        }
-    }
-
     /// The result of a command whose event the server reported as a duplicate (a concurrent
     /// retry with the same request id): read the first event back.
     async fn result_of_duplicate(
@@ -184,8 +176,11 @@ impl App {
 
     // ---- the command pipeline ----
 
-    /// Runs a command against one unit: idempotency, expected version, decision, publish with
-    /// optimistic concurrency (retrying once on a stale projection), write-through, memory.
+    /// Runs a command against one unit: expected version, decision, publish with optimistic
+    /// concurrency. The projection may lag the log (the projector applies events after the
+    /// reply), so a state read from it only decides what it allows: a refusal, an expected
+    /// version that does not match or a concurrent write is decided again on the state the log
+    /// holds (`replay_unit`) before it is answered.
     async fn unit_command<F>(
         &self,
         msg: &Message,
@@ -199,20 +194,30 @@ impl App {
         let header = header.unwrap_or_default();
         let parent = Self::parent_envelope(msg)?;
         let filter = iu::unit_history(unit_id).map_err(|e| ServiceError::bad_request(e.to_string()))?;
-        let mut first = Some(self.load_unit(unit_id).await);
-        for attempt in 0..3 {
-            let state = match first.take() {
-                Some(loaded) => loaded?,
-                None => self.replay_unit(unit_id, Until::Now).await?,
+        for attempt in 0..4 {
+            // The first attempt decides on the projection; the others on the log.
+            let from_log = attempt > 0;
+            let state =
+                if from_log { self.replay_unit(unit_id, Until::Now).await? } else { self.load_unit(unit_id).await? };
+            let state = match state {
+                Some(s) => s,
+                None if !from_log => continue,
+                None => return Err(ServiceError::not_found(format!("unit {unit_id} does not exist"))),
             };
-            let state = state.ok_or_else(|| ServiceError::not_found(format!("unit {unit_id} does not exist")))?;
             if header.expected_version != 0 && header.expected_version != state.version {
+                if !from_log {
+                    continue;
+                }
                 return Err(ServiceError::conflict(format!(
                     "unit {unit_id} is at version {}, not the expected {}",
                     state.version, header.expected_version
                 )));
             }
-            let event = decide(&state).map_err(reject)?;
+            let event = match decide(&state) {
+                Ok(event) => event,
+                Err(_) if !from_log => continue,
+                Err(refusal) => return Err(reject(refusal)),
+            };
             domain::check_metadata_size(&event).map_err(reject)?;
             let subject = iu::unit_event(unit_id, event.action()).map_err(|e| ServiceError::internal(e.to_string()))?;
             let msg_id = (!header.request_id.is_empty()).then_some(header.request_id.as_str());
@@ -237,17 +242,17 @@ impl App {
                     }
                     let meta = EventMeta { sequence: ack.sequence, provenance: provenance(&env) };
                     let new_state = domain::apply(Some(state), &event, &meta).unwrap_or_default();
-                    let result = CommandResult {
+                    // The one write of the command: the projector applies it from the log.
+                    return Ok(Reply::proto(&CommandResult {
                         unit_id: unit_id.to_string(),
                         version: new_state.version,
-                        cid: new_state.cid.clone(),
+                        cid: new_state.cid,
                         replayed: false,
                         sequence: ack.sequence,
-                    };
-                    self.write_through(self.store_unit(&new_state).await);
-                    return Ok(Reply::proto(&result));
+                    }));
                 }
-                Err(PublishError::Conflict) if header.expected_version == 0 && attempt < 2 => continue,
+                // A stale projection, or a concurrent writer: decide again on the log.
+                Err(PublishError::Conflict) if !from_log || (header.expected_version == 0 && attempt < 3) => continue,
                 Err(PublishError::Conflict) => {
                     return Err(ServiceError::conflict(format!(
                         "unit {unit_id} changed concurrently; read it again and retry"
@@ -262,7 +267,7 @@ impl App {
     }
 
     async fn content_exists(&self, cid: &Cid) -> Result<u64, ServiceError> {
-        match self.content.info(cid.to_string()).await {
+        match self.object_info(&cid.to_string()).await {
             Ok(info) if info.deleted => {
                 Err(ServiceError::not_found(format!("content {cid} is not stored (removed); upload it again")))
             }
@@ -367,15 +372,14 @@ impl App {
         }
         let state = domain::apply(None, &event, &EventMeta { sequence: ack.sequence, provenance: provenance(&env) })
             .unwrap_or_default();
-        let result = CommandResult {
+        // The one write of the command: the projector applies it from the log.
+        Ok(Reply::proto(&CommandResult {
             unit_id,
             version: state.version,
             cid: cid.to_string(),
             replayed: false,
             sequence: ack.sequence,
-        };
-        self.write_through(self.store_new_unit(&state).await);
-        Ok(Reply::proto(&result))
+        }))
     }
 
     pub(crate) async fn new_version(&self, msg: Message) -> Result<Reply, ServiceError> {

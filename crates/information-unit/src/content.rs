@@ -318,7 +318,7 @@ impl App {
                 iu::UPLOAD_PREFIX
             )));
         }
-        let info = match self.content.info(&c.upload).await {
+        let info = match self.object_info(&c.upload).await {
             Ok(i) if !i.deleted => i,
             Ok(_) => return Err(ServiceError::not_found(format!("upload {} was removed", c.upload))),
             Err(e) if e.kind() == object_store::InfoErrorKind::NotFound => {
@@ -343,7 +343,7 @@ impl App {
         let size = info.size as u64;
         let name = cid.to_string();
         let deduplicated = loop {
-            match self.content.info(&name).await {
+            match self.object_info(&name).await {
                 Ok(existing) if existing.deleted => {
                     // Only a tombstone of earlier (quarantined or collected) bytes: clear it.
                     self.purge_object_meta(&name).await?;
@@ -469,6 +469,32 @@ impl App {
         let stream = self.content_stream().await?;
         stream.purge().filter(subject).await.map_err(|e| internal("purging object metadata")(Box::new(e)))?;
         Ok(())
+    }
+
+    /// An object's info, which a lagging replica cannot hide: the object store reads it with
+    /// a direct get, which any replica may answer, also one that has not applied a write just
+    /// acknowledged (an upload finished a moment ago). "Not found" is asked again of the
+    /// stream's leader.
+    pub(crate) async fn object_info(&self, name: &str) -> Result<ObjectInfo, object_store::InfoError> {
+        use object_store::{InfoError, InfoErrorKind};
+        match self.content.info(name).await {
+            Err(e) if e.kind() == InfoErrorKind::NotFound => {
+                let subject = cim_events::subject::object_meta(iu::CONTENT_BUCKET, name)
+                    .map_err(|e| InfoError::with_source(InfoErrorKind::InvalidName, e))?;
+                let stream =
+                    self.content_stream().await.map_err(|e| InfoError::with_source(InfoErrorKind::Other, e.message))?;
+                match stream.get_last_raw_message_by_subject(&subject).await {
+                    Ok(m) => {
+                        serde_json::from_slice(&m.payload).map_err(|e| InfoError::with_source(InfoErrorKind::Other, e))
+                    }
+                    Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+                        Err(InfoError::new(InfoErrorKind::NotFound))
+                    }
+                    Err(e) => Err(InfoError::with_source(InfoErrorKind::Other, e)),
+                }
+            }
+            other => other,
+        }
     }
 
     pub async fn content_stream(&self) -> Result<jetstream::stream::Stream, ServiceError> {

@@ -1,7 +1,14 @@
 //! The in-memory index of unit states for listing, filtering and incoming links: a projection
 //! of the KV projection, rebuilt from it at start and kept current by a KV watch.
 
-use std::{collections::BTreeMap, ops::Bound, sync::RwLock};
+use std::{
+    collections::BTreeMap,
+    ops::Bound,
+    sync::{
+        RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+};
 
 use cim_events::proto::iu::{ListUnits, Unit, UnitList};
 
@@ -11,9 +18,22 @@ pub const MAX_PAGE: usize = 1000;
 #[derive(Debug, Default)]
 pub struct Index {
     units: RwLock<BTreeMap<String, Unit>>,
+    /// The projector's checkpoint as this index last saw it: every event up to it is in the
+    /// KV projection and in this index (the checkpoint is written after its batch's states,
+    /// and the watch delivers in write order).
+    applied: AtomicU64,
 }
 
 impl Index {
+    /// The stream sequence up to which the projection (and this index) is complete.
+    pub fn applied(&self) -> u64 {
+        self.applied.load(Ordering::Acquire)
+    }
+
+    pub fn set_applied(&self, sequence: u64) {
+        self.applied.store(sequence, Ordering::Release);
+    }
+
     pub fn put(&self, unit: Unit) {
         let mut m = self.units.write().unwrap_or_else(|e| e.into_inner());
         match m.get(&unit.unit_id) {
@@ -29,6 +49,7 @@ impl Index {
     }
 
     pub fn clear(&self) {
+        self.set_applied(0);
         self.units.write().unwrap_or_else(|e| e.into_inner()).clear();
     }
 

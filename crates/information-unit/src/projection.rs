@@ -312,7 +312,7 @@ impl App {
 
     /// Folds `events` (in order) into one unit's state and writes it once if it changed. The
     /// state starts from `cached` (what this projector wrote last, with its revision) or the
-    /// bucket; a compare-and-set that fails (a command's write-through came between) reads the
+    /// bucket; a compare-and-set that fails (another instance's projector came between) reads the
     /// bucket again. The state written, with its revision, or the one found when nothing
     /// changed.
     async fn fold_unit(
@@ -456,7 +456,8 @@ impl App {
     /// Keeps the in-memory index equal to the KV projection.
     pub async fn run_index(self: Arc<Self>) {
         while !self.ctx.is_stopping() {
-            let watch = match self.units.watch_with_history(iu::UNIT_KEYS).await {
+            // Every key: the states and the checkpoint that says how far they are complete.
+            let watch = match self.units.watch_with_history(">").await {
                 Ok(w) => w,
                 Err(e) => {
                     tracing::debug!(error = %e, "index watch unavailable; retrying");
@@ -472,11 +473,18 @@ impl App {
                 let entry = tokio::select! { e = watch.next() => e, _ = self.ctx.stopping() => return };
                 match entry {
                     Some(Ok(e)) => match e.operation {
+                        kv::Operation::Put if e.key == iu::CHECKPOINT_KEY => {
+                            let applied = parse_checkpoint(&e.value).map(|(_, seq, _)| seq).unwrap_or(0);
+                            self.index.set_applied(applied);
+                        }
                         kv::Operation::Put => {
-                            if let Ok(u) = Unit::decode(e.value) {
+                            if e.key.starts_with("u.")
+                                && let Ok(u) = Unit::decode(e.value)
+                            {
                                 self.index.put(u);
                             }
                         }
+                        _ if e.key == iu::CHECKPOINT_KEY => self.index.set_applied(0),
                         _ => {
                             if let Some(id) = e.key.strip_prefix("u.") {
                                 self.index.remove(id);

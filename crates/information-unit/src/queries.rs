@@ -24,7 +24,7 @@ impl App {
         cim_events::token::validate_token("unit id", &q.unit_id)
             .map_err(|e| ServiceError::bad_request(e.to_string()))?;
         let state = match (q.at_version, q.at_time_ms) {
-            (0, 0) => self.load_unit(&q.unit_id).await?,
+            (0, 0) => self.load_unit_since(&q.unit_id, q.min_sequence).await?,
             (0, t) => self.replay_unit(&q.unit_id, Until::Time(t)).await?,
             (v, _) => self.replay_unit(&q.unit_id, Until::Version(v)).await?,
         };
@@ -60,6 +60,7 @@ impl App {
 
     pub async fn list(&self, msg: Message) -> Result<Reply, ServiceError> {
         let q: ListUnits = decode(&msg)?;
+        self.projected_through(q.min_sequence).await?;
         let page: UnitList = self.index.list(&q).map_err(ServiceError::bad_request)?;
         Ok(Reply::proto(&page))
     }
@@ -67,9 +68,10 @@ impl App {
     pub async fn links(&self, msg: Message) -> Result<Reply, ServiceError> {
         let q: GetLinks = decode(&msg)?;
         let unit = self
-            .load_unit(&q.unit_id)
+            .load_unit_since(&q.unit_id, q.min_sequence)
             .await?
             .ok_or_else(|| ServiceError::not_found(format!("unit {} does not exist", q.unit_id)))?;
+        self.projected_through(q.min_sequence).await?;
         let incoming =
             self.index.incoming(&q.unit_id).into_iter().map(|(kind, source)| IncomingLink { kind, source }).collect();
         Ok(Reply::proto(&Links { outgoing: unit.links, incoming }))

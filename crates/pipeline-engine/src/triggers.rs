@@ -162,6 +162,11 @@ impl Engine {
     /// What a trigger looks at; Err = the event is poison (with the reason).
     async fn facts(&self, m: &jetstream::Message) -> Result<Option<UnitEventFacts>, String> {
         let s = subject::parse_event(&m.subject).map_err(|e| e.to_string())?;
+        // The unit reads this event leads to (here and in the runs it starts) reflect it,
+        // however far the information-unit projection has got.
+        if let Ok(info) = m.info() {
+            self.iu.saw(info.stream_sequence);
+        }
         let headers = m.headers.as_ref().ok_or("the event has no headers (no envelope)")?;
         Envelope::from_headers(headers).map_err(|e| format!("the event's envelope is invalid: {e}"))?;
         let bad = |e: prost::DecodeError| format!("{} event does not decode: {e}", s.action);

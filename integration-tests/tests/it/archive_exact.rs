@@ -429,7 +429,7 @@ async fn archive_restore_then_collection_keeps_every_unit() -> Result<()> {
     let js = jetstream::new(client.clone());
     let iu = ServiceProc::start(Component::InformationUnit, &nats.url(), &[])?;
     wait_ready(&client, &iu).await?;
-    let iu_client = IuClient::new(client.clone());
+    let iu_client = IuClient::new(client.clone()).latest();
     let mut units = Vec::new();
     for i in 0..12u64 {
         let body = crate::storage::pseudo_random(20_000 + i as usize * 3000, i + 100);
@@ -484,7 +484,7 @@ async fn archive_restore_then_collection_keeps_every_unit() -> Result<()> {
         &["--iu-orphan-grace", "1s", "--iu-collect-interval", "300ms"],
     )?;
     wait_ready(&fclient, &fiu).await?;
-    let fiu_client = IuClient::new(fclient.clone());
+    let fiu_client = IuClient::new(fclient.clone()).latest();
     // Past the orphan grace, over many collection passes, every unit's content stays whole.
     cim_testkit::stays_true_for(Duration::from_secs(4), "every unit's content readable", || async {
         for (cid, body) in &units {

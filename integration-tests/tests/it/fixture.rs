@@ -228,8 +228,15 @@ impl CimFixture {
         }
     }
 
-    /// An information-unit client over [`client`](Self::client), in the fixture's domain.
+    /// An information-unit client over [`client`](Self::client), in the fixture's domain. A
+    /// test observes what services wrote, so its queries read what the log holds
+    /// ([`IuClient::latest`]); [`iu_own`](Self::iu_own) reads only its own writes fresh.
     pub fn iu(&self) -> IuClient {
+        self.iu_own().latest()
+    }
+
+    /// An information-unit client as services hold one: queries reflect its own writes.
+    pub fn iu_own(&self) -> IuClient {
         match self.domain() {
             Some(d) => IuClient::with_domain(self.client.clone(), d),
             None => IuClient::new(self.client.clone()),

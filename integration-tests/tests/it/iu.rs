@@ -777,6 +777,38 @@ async fn units_work_on_a_three_node_cluster_with_r3() -> Result<()> {
     let c = iu.put_bytes(b"replicated").await?;
     let u = iu.create(create(&c.cid, "r3")).await?;
     assert_eq!(iu.get_bytes(&iu.unit(&u.unit_id).await?.cid, None).await?, b"replicated");
+
+    // Every read that decides a command sees the writes it depends on: an upload finished a
+    // moment ago, content committed a moment ago (a direct get may be answered by a replica
+    // that has not applied them yet). Clients on every node, 4 at a time.
+    let clients: Vec<cim_iu_client::IuClient> = {
+        let mut v = Vec::new();
+        for url in cim.cluster().urls() {
+            v.push(cim_iu_client::IuClient::new(async_nats::connect(url).await?));
+        }
+        v
+    };
+    let failures: Vec<String> = futures::stream::iter(0..120usize)
+        .map(|i| {
+            let iu = clients[i % clients.len()].clone();
+            async move {
+                let bytes = format!("replicated {i}");
+                let put = iu.put_bytes(bytes.as_bytes()).await.map_err(|e| format!("{i}: put: {e}"))?;
+                let made =
+                    iu.create(create(&put.cid, &format!("r3-{i}"))).await.map_err(|e| format!("{i}: create: {e}"))?;
+                let unit = iu.unit(&made.unit_id).await.map_err(|e| format!("{i}: get: {e}"))?;
+                let back = iu.get_bytes(&unit.cid, None).await.map_err(|e| format!("{i}: read: {e}"))?;
+                if back != bytes.as_bytes() {
+                    return Err(format!("{i}: read back other bytes"));
+                }
+                Ok::<_, String>(())
+            }
+        })
+        .buffer_unordered(4)
+        .filter_map(|r| async move { r.err() })
+        .collect()
+        .await;
+    assert!(failures.is_empty(), "{} of 120 failed: {failures:?}", failures.len());
     Ok(())
 }
 
@@ -990,5 +1022,55 @@ async fn content_whose_chunks_are_gone_is_a_clear_error_within_the_timeout_and_a
     let again = iu.put_bytes(&b).await?;
     assert!(again.cid == cb && !again.deduplicated, "{again:?}");
     assert_eq!(iu.get_bytes(&cb, None).await?, b);
+    Ok(())
+}
+
+/// A command writes its event and nothing else: the projector applies it after the reply.
+/// The client that wrote still reads its own writes (queries ask for the sequence its
+/// command got), and a version it was just answered with is accepted as expected, however far
+/// the projection has got; a separate observer (`latest`) reads what the log holds.
+#[tokio::test(flavor = "multi_thread")]
+async fn commands_write_only_the_event_and_the_writer_reads_its_own_writes() -> Result<()> {
+    let cim = CimFixture::builder().service(C).start().await?;
+    let iu = cim.iu_own();
+    let kv = cim.js().get_key_value(resources::kv_bucket(C, "units")?).await?;
+    let c = iu.put_bytes(b"own writes").await?;
+    let made = iu.create(create(&c.cid, "own")).await?;
+    let key = iu::unit_key(&made.unit_id)?;
+    let mut version = made.version;
+    let mut projection_behind = 0;
+    for i in 0..100u64 {
+        let r = iu
+            .tag(TagUnit { header: header(version), unit_id: made.unit_id.clone(), tags: vec![format!("t{i}")] })
+            .await?;
+        assert_eq!(r.version, version + 1, "tag {i}");
+        version = r.version;
+        // What the projection holds right after the reply: never written by the command.
+        let projected = match kv.get(&key).await? {
+            Some(bytes) => Unit::decode(bytes)?.sequence,
+            None => 0,
+        };
+        if projected < r.sequence {
+            projection_behind += 1;
+        }
+        let unit = iu.unit(&made.unit_id).await?;
+        assert_eq!((unit.version, unit.sequence), (r.version, r.sequence), "get after tag {i}");
+        assert!(unit.tags.contains(&format!("t{i}")), "{:?}", unit.tags);
+        if i % 10 == 0 {
+            let listed = iu.list(ListUnits { tag: format!("t{i}"), ..Default::default() }).await?;
+            assert_eq!(listed.units.len(), 1, "list after tag {i}");
+            assert_eq!(listed.units[0].version, r.version);
+        }
+    }
+    assert!(projection_behind > 0, "the projection was never behind a reply: the command wrote it");
+    // An observer that did not write reads the newest too.
+    assert_eq!(cim.iu().unit(&made.unit_id).await?.version, version);
+    // And the projector gets there.
+    eventually(Duration::from_secs(10), "projection current", || async {
+        let bytes = kv.get(&key).await?.ok_or_else(|| anyhow::anyhow!("not projected"))?;
+        anyhow::ensure!(Unit::decode(bytes)?.version == version);
+        Ok(())
+    })
+    .await?;
     Ok(())
 }

@@ -876,7 +876,7 @@ async fn storage_content_leaves_jetstream_only_after_its_archive_is_verified_on_
         &["--iu-content-retention", "0s", "--iu-collect-interval", "300ms"],
     )?;
     wait_ready(&client, &iu_svc).await?;
-    let iu_client = IuClient::new(client.clone());
+    let iu_client = IuClient::new(client.clone()).latest();
     let body = pseudo_random(300_000, 11);
     let cid = iu_client.put_bytes(&body).await?.cid;
     let unit = iu_client

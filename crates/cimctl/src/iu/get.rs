@@ -37,7 +37,11 @@ pub async fn get(
         }
         GetTarget::Unit(unit_id) => {
             let unit = iu
-                .get_unit(GetUnit { unit_id: unit_id.clone(), at_version: at_version.unwrap_or(0), at_time_ms: 0 })
+                .get_unit(GetUnit {
+                    unit_id: unit_id.clone(),
+                    at_version: at_version.unwrap_or(0),
+                    ..Default::default()
+                })
                 .await?;
             if unit.cid.is_empty() {
                 bail!("unit {unit_id} has no content");

@@ -286,7 +286,9 @@ async fn connect(c: &ConnArgs) -> Result<IuClient> {
         _ => IuClient::new(client),
     };
     let timeout = Duration::from_secs_f64(c.timeout);
-    Ok(iu.timeout(timeout).commit_timeout(timeout.max(cim_iu_client::DEFAULT_COMMIT_TIMEOUT)))
+    // A command line run follows others (a tag, then a show): it reads what the log holds,
+    // not what the projection has applied so far.
+    Ok(iu.latest().timeout(timeout).commit_timeout(timeout.max(cim_iu_client::DEFAULT_COMMIT_TIMEOUT)))
 }
 
 /// Fails, naming the file once, unless `file` can be opened for reading.
@@ -377,6 +379,7 @@ pub async fn run(args: IuArgs) -> Result<ExitCode> {
                 page_size: limit.map_or(0, |l| l.clamp(1, 1000) as u32),
                 page_token: String::new(),
                 include_deleted: deleted,
+                min_sequence: 0,
             };
             let mut units = Vec::new();
             let mut pages = iu.pages(query);
@@ -393,8 +396,12 @@ pub async fn run(args: IuArgs) -> Result<ExitCode> {
         }
         IuCommand::Show { id, at_version, at_time } => {
             let past = at_version.is_some() || at_time.is_some();
-            let query =
-                GetUnit { unit_id: id.clone(), at_version: at_version.unwrap_or(0), at_time_ms: at_time.unwrap_or(0) };
+            let query = GetUnit {
+                unit_id: id.clone(),
+                at_version: at_version.unwrap_or(0),
+                at_time_ms: at_time.unwrap_or(0),
+                min_sequence: 0,
+            };
             // Incoming links are kept for the present only.
             let (unit, links) = if past {
                 (iu.get_unit(query).await?, None)

@@ -31,6 +31,7 @@ pub(super) async fn list_units(State(s): State<Arc<AppState>>, Query(q): Query<H
         page_size: num("page_size")?.clamp(0, 1000) as u32,
         page_token: q.get("page_token").cloned().unwrap_or_default(),
         include_deleted: q.get("include_deleted").is_some_and(|v| v == "true"),
+        min_sequence: num("min_sequence")?.max(0) as u64,
     };
     Ok(json_response(StatusCode::OK, s.iu.list(query).await?.to_json()))
 }
@@ -43,7 +44,14 @@ pub(super) async fn get_unit(
     let at_version = q
         .get("at_version")
         .map_or(Ok(0), |v| v.parse().map_err(|_| ApiError::BadRequest(format!("at_version {v:?} is not a number"))))?;
-    let unit = s.iu.get_unit(GetUnit { unit_id: unit_id(&id)?.to_string(), at_version, ..Default::default() }).await?;
+    // Read your writes: what this gateway wrote is asked for anyway; a caller that wrote
+    // elsewhere names the sequence its command was answered with.
+    let min_sequence = q.get("min_sequence").map_or(Ok(0), |v| {
+        v.parse().map_err(|_| ApiError::BadRequest(format!("min_sequence {v:?} is not a number")))
+    })?;
+    let unit =
+        s.iu.get_unit(GetUnit { unit_id: unit_id(&id)?.to_string(), at_version, min_sequence, ..Default::default() })
+            .await?;
     Ok(json_response(StatusCode::OK, unit.to_json()))
 }
 
