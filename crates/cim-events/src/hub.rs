@@ -88,6 +88,16 @@ pub fn outbound_consumer(subscription: &str) -> Result<String, ContractError> {
     crate::resources::consumer(C, &format!("out-{subscription}"))
 }
 
+/// Durable consumer `hub-webhook-ids` that keeps the delivery-id index from the log.
+pub fn webhook_ids_consumer() -> String {
+    crate::resources::consumer(C, "webhook-ids").expect("a valid consumer name")
+}
+
+/// `cim.evt.hub.webhook.*.received`: every accepted delivery of every source.
+pub fn webhooks_received() -> String {
+    subject::action_filter(C, WEBHOOK, action::RECEIVED).expect("a valid filter")
+}
+
 /// `cim.evt.hub.sql.<connector>.changed`: a row change of a connected database.
 pub fn table_changed(connector: &str) -> Result<String, ContractError> {
     subject::event(C, SQL, connector, action::CHANGED)
@@ -140,9 +150,10 @@ pub const H_CIM_SEQUENCE: &str = "cim-sequence";
 
 /// KV bucket purpose (`cim_hub_<purpose>`): accepted webhook delivery ids.
 pub const KV_WEBHOOK_IDS: &str = "webhook_ids";
-/// How long an accepted delivery id is remembered; longer than any timestamp tolerance, so a
-/// replay inside the tolerance is always recognised.
-pub const WEBHOOK_ID_MEMORY: Duration = Duration::from_secs(24 * 3600);
+/// How long an accepted delivery id is remembered: always. The index is derived from the log
+/// (the `WebhookReceived` events), so a retry after the events stream's duplicate window
+/// (the retry horizon) is still answered, never accepted twice.
+pub const WEBHOOK_ID_MEMORY: Duration = Duration::ZERO;
 
 /// Standard Webhooks headers.
 pub const H_WEBHOOK_ID: &str = "webhook-id";

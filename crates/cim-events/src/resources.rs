@@ -209,7 +209,7 @@ pub fn kv_buckets(component: Component) -> Vec<KvBucketSpec> {
         )],
         Component::IntegrationHub => vec![spec(
             crate::hub::KV_WEBHOOK_IDS,
-            "delivery ids of accepted webhooks (key <source>.<hex(id)>), for de-duplication (24h)",
+            "delivery ids of accepted webhooks (key <source>.<hex(id)>) → the event's sequence; an index of the log kept by the consumer hub-webhook-ids, for de-duplication after the retry horizon",
             crate::hub::WEBHOOK_ID_MEMORY,
         )],
         Component::PipelineEngine => vec![spec(

@@ -118,6 +118,8 @@ async fn setup(
     }
     let js = ctx.jetstream().clone();
     let ids = js.get_key_value(resources::kv_bucket(COMPONENT, hub::KV_WEBHOOK_IDS)?).await?;
+    let indexed = Arc::new(webhook::IndexPosition::default());
+    ctx.spawn("webhook-ids", webhook::index(ctx.clone(), js.clone(), ids.clone(), indexed.clone()));
     // No sources, no listener: a hub without webhooks opens no port.
     let listener = if sources.is_empty() {
         None
@@ -145,7 +147,15 @@ async fn setup(
         );
     }
     if let Some(listener) = listener {
-        let inbound = Arc::new(webhook::Inbound { sources, js, ids, iu, ce_source: ctx.source() });
+        let inbound = Arc::new(webhook::Inbound {
+            sources,
+            js,
+            ids,
+            indexed,
+            horizon: ctx.settings().retry_horizon,
+            iu,
+            ce_source: ctx.source(),
+        });
         let app = webhook::router(inbound).into_make_service_with_connect_info::<SocketAddr>();
         let stop = ctx.clone();
         ctx.spawn("webhooks", async move {

@@ -1,6 +1,12 @@
 //! Inbound webhooks: `POST /webhooks/<source>` verifies the Standard Webhooks signature and
 //! timestamp, refuses oversized and malformed payloads, drops repeated delivery ids, and turns
 //! the payload into a `WebhookReceived` event (or an information unit plus that event).
+//!
+//! A delivery is one JetStream write: its event, whose `Nats-Msg-Id` is derived from the
+//! delivery id, so JetStream drops a repeat within the retry horizon (the events stream's
+//! duplicate window) and names the first event. The delivery-id index (`ids`) that answers a
+//! repeat after the horizon is kept from the log by [`index`], not written on the request
+//! path: no crash between the event and the answer can make a retry a second delivery.
 
 use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -25,6 +31,10 @@ pub struct Inbound {
     pub sources: BTreeMap<String, Source>,
     pub js: jetstream::Context,
     pub ids: jetstream::kv::Store,
+    /// How far the delivery-id index has got (see [`IndexPosition`]).
+    pub indexed: Arc<IndexPosition>,
+    /// The retry horizon: JetStream's duplicate window of the events stream.
+    pub horizon: Duration,
     pub iu: IuClient,
     /// `ce-source` of the events this instance writes.
     pub ce_source: String,
@@ -118,6 +128,15 @@ impl Inbound {
         if let Some(seq) = self.ids.get(&key).await? {
             return Ok(duplicate(delivery_id, &seq));
         }
+        // Not in the index: a new delivery, or a repeat of one that JetStream's window no
+        // longer covers and the index has not applied yet. The index must have been complete
+        // recently enough to tell (it is, but for moments after a start).
+        if !self.indexed.recent(self.horizon / 2).await {
+            anyhow::bail!("the delivery-id index is catching up with the log; retry");
+        }
+        if let Some(seq) = self.ids.get(&key).await? {
+            return Ok(duplicate(delivery_id, &seq));
+        }
         let mut event = WebhookReceived {
             source: source.name.clone(),
             delivery_id: delivery_id.to_string(),
@@ -162,10 +181,9 @@ impl Inbound {
             .msg_id(&hub::webhook_msg_id(&source.name, delivery_id))
             .publish(&self.js)
             .await?;
-        let seq = ack.sequence.to_string();
-        self.ids.put(&key, seq.clone().into()).await?;
+        cim_runtime::crash::at("hub.webhook.published");
         if ack.duplicate {
-            return Ok(duplicate(delivery_id, &bytes::Bytes::from(seq)));
+            return Ok(duplicate(delivery_id, &bytes::Bytes::from(ack.sequence.to_string())));
         }
         tracing::info!(source = %source.name, delivery_id = %delivery_id, sequence = ack.sequence, unit = %event.unit_id, "webhook accepted");
         Ok(Outcome(
@@ -183,4 +201,139 @@ fn duplicate(delivery_id: &str, seq: &bytes::Bytes) -> Outcome {
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis() as i64
+}
+
+/// When the delivery-id index last had applied every received event (its consumer had none
+/// pending): every delivery written before then is in the index.
+#[derive(Debug, Default)]
+pub struct IndexPosition {
+    caught_up_at: std::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+impl IndexPosition {
+    fn caught_up(&self) {
+        *self.caught_up_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(tokio::time::Instant::now());
+    }
+
+    fn within(&self, age: Duration) -> bool {
+        self.caught_up_at.lock().unwrap_or_else(|e| e.into_inner()).is_some_and(|t| t.elapsed() <= age)
+    }
+
+    /// Whether the index was complete within `age`, waiting a few seconds for it (a start).
+    async fn recent(&self, age: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + INDEX_WAIT;
+        while !self.within(age) {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(INDEX_POLL).await;
+        }
+        true
+    }
+}
+
+/// How long a delivery waits for the index to catch up, and how often it looks.
+const INDEX_WAIT: Duration = Duration::from_secs(5);
+const INDEX_POLL: Duration = Duration::from_millis(20);
+
+/// How many received events the index applies per batch (written in flight together).
+const INDEX_BATCH: usize = 256;
+/// How many index writes are in flight at once.
+const INDEX_WRITES: usize = 64;
+
+/// Keeps the delivery-id index equal to the log: every `WebhookReceived` event's delivery id
+/// → its sequence, through the durable consumer `hub-webhook-ids` (shared by all instances,
+/// one batch outstanding, one ack per batch). A store error applies the batch again; nothing
+/// is skipped.
+pub async fn index(
+    ctx: cim_runtime::Ctx,
+    js: jetstream::Context,
+    ids: jetstream::kv::Store,
+    position: Arc<IndexPosition>,
+) {
+    use futures::StreamExt;
+    use jetstream::consumer::{AckPolicy, pull};
+    let stream_name = cim_events::resources::events_stream(cim_events::Component::IntegrationHub).name;
+    while !ctx.is_stopping() {
+        let opened = ctx
+            .retry_until_stopped("the webhook id index consumer", || async {
+                let stream = js.get_stream(&stream_name).await?;
+                let config = pull::Config {
+                    durable_name: Some(hub::webhook_ids_consumer()),
+                    filter_subject: hub::webhooks_received(),
+                    ack_policy: AckPolicy::All,
+                    max_ack_pending: INDEX_BATCH as i64,
+                    ack_wait: Duration::from_secs(5),
+                    ..Default::default()
+                };
+                stream
+                    .get_or_create_consumer::<pull::Config>(&hub::webhook_ids_consumer(), config)
+                    .await
+                    .map_err(|e| anyhow::anyhow!(e))
+            })
+            .await;
+        let Some(mut consumer) = opened else { return };
+        loop {
+            let fetched = consumer.fetch().max_messages(INDEX_BATCH).expires(Duration::from_millis(500)).messages();
+            let mut batch = tokio::select! {
+                b = fetched => match b { Ok(b) => b, Err(e) => { tracing::debug!(error = %e, "index fetch failed"); break } },
+                _ = ctx.stopping() => return,
+            };
+            let mut msgs = Vec::new();
+            while let Some(Ok(m)) = batch.next().await {
+                msgs.push(m);
+            }
+            let Some(last) = msgs.last() else {
+                // Nothing more delivered: complete unless another instance holds a batch (or
+                // held one when it died: redelivered after the ack wait).
+                if settled(&mut consumer).await {
+                    position.caught_up();
+                }
+                continue;
+            };
+            let pending = last.info().map(|i| i.pending).unwrap_or(u64::MAX);
+            let keys: Vec<(String, u64)> = msgs.iter().filter_map(index_key).collect();
+            let writes = futures::stream::iter(keys)
+                .map(|(key, seq)| {
+                    let ids = ids.clone();
+                    async move { ids.put(&key, seq.to_string().into()).await.map(drop) }
+                })
+                .buffer_unordered(INDEX_WRITES)
+                .collect::<Vec<_>>()
+                .await;
+            if let Some(Err(e)) = writes.into_iter().find(Result::is_err) {
+                tracing::warn!(error = %e, "webhook id index not written; applying the batch again");
+                for m in &msgs {
+                    let _ = m.ack_with(jetstream::AckKind::Nak(Some(Duration::from_millis(200)))).await;
+                }
+                if !ctx.pause(Duration::from_millis(200)).await {
+                    return;
+                }
+                break;
+            }
+            if last.ack().await.is_ok() && pending == 0 && settled(&mut consumer).await {
+                position.caught_up();
+            }
+        }
+    }
+}
+
+/// Whether the index consumer has nothing pending and nothing delivered unacknowledged.
+async fn settled(consumer: &mut jetstream::consumer::PullConsumer) -> bool {
+    consumer.info().await.is_ok_and(|i| i.num_pending == 0 && i.num_ack_pending == 0)
+}
+
+/// The index entry of one received event: its delivery key and sequence (none, and a warning,
+/// for an event that does not decode).
+fn index_key(m: &jetstream::Message) -> Option<(String, u64)> {
+    let seq = m.info().ok()?.stream_sequence;
+    let event = WebhookReceived::decode(m.payload.clone())
+        .map_err(|e| tracing::warn!(sequence = seq, error = %e, "webhook event does not decode; not indexed"))
+        .ok()?;
+    let key = hub::webhook_id_key(&event.source, &event.delivery_id)
+        .map_err(
+            |e| tracing::warn!(sequence = seq, error = %e, "webhook event names no valid delivery key; not indexed"),
+        )
+        .ok()?;
+    Some((key, seq))
 }

@@ -70,8 +70,20 @@ fn units_created() -> String {
 /// one), waits until it is ready and returns its webhook address ("" when no webhook source
 /// is configured, then no port is opened).
 async fn start_hub(cim: &mut CimFixture, config: &std::path::Path, env: &[(&str, &str)]) -> Result<String> {
+    start_hub_with(cim, config, env, &[]).await
+}
+
+/// [`start_hub`] with more arguments.
+async fn start_hub_with(
+    cim: &mut CimFixture,
+    config: &std::path::Path,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> Result<String> {
     let config = config.to_str().context("config path")?;
-    cim.start(Svc::new(C).args(&["--hub-config", config, "--hub-webhook-listen", "127.0.0.1:0"]).envs(env)).await?;
+    let mut all = vec!["--hub-config", config, "--hub-webhook-listen", "127.0.0.1:0"];
+    all.extend_from_slice(args);
+    cim.start(Svc::new(C).args(&all).envs(env)).await?;
     let reply = cim.client().request(hub::query(hub::qry::SOURCES)?, "".into()).await?;
     let listing: serde_json::Value = serde_json::from_slice(&reply.payload)?;
     Ok(listing["webhook_addr"].as_str().unwrap_or_default().to_string())
@@ -202,6 +214,53 @@ async fn hub_webhooks_verify_signatures_deduplicate_and_refuse_bad_input() -> Re
     // Secrets never reach the log.
     let log = hub_log(&cim);
     assert!(!log.contains("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw") && !log.contains("plain-text-secret"), "{log}");
+    Ok(())
+}
+
+/// A delivery whose event was written by a hub that died before answering, retried by the
+/// sender (re-signed, as Standard Webhooks senders do) at once and again after the retry
+/// horizon (the events stream's duplicate window) has closed: one event, both retries answered
+/// as duplicates of it. The delivery-id index is kept from the log, not written on the path.
+#[tokio::test(flavor = "multi_thread")]
+async fn hub_webhook_retried_after_a_crash_and_the_window_is_one_delivery() -> Result<()> {
+    const HORIZON: Duration = Duration::from_secs(3);
+    let horizon = ["--retry-horizon", "3s"];
+    let mut cim = CimFixture::builder().start().await?;
+    let dir = tempfile::tempdir()?;
+    let secret_file = dir.path().join("shop.secret");
+    std::fs::write(&secret_file, SECRET)?;
+    let config = dir.path().join("hub.json");
+    std::fs::write(
+        &config,
+        serde_json::json!({ "webhooks": [{ "name": "shop", "secret_file": secret_file }] }).to_string(),
+    )?;
+    let addr =
+        start_hub_with(&mut cim, &config, &[(cim_runtime::crash::ENV, "hub.webhook.published")], &horizon).await?;
+    let body = br#"{"order": 7}"#;
+
+    // The event is written, the hub dies before it answers.
+    let sent = std::time::Instant::now();
+    let lost = post(&addr, "/webhooks/shop", &signed(SECRET, "crash-1", now(), body), body).await;
+    assert!(lost.as_ref().map_or(true, |r| r.status >= 500), "the armed hub answered: {:?}", lost.map(|r| r.body));
+    hub_proc(&mut cim).wait(Duration::from_secs(30)).await?;
+    let addr = start_hub_with(&mut cim, &config, &[], &horizon).await?;
+
+    let retry = || async {
+        eventually!(Duration::from_secs(30), "the retry answered", {
+            let r = post(&addr, "/webhooks/shop", &signed(SECRET, "crash-1", now(), body), body).await?;
+            anyhow::ensure!(r.status < 500, "{} {}", r.status, r.body);
+            Ok(r)
+        })
+    };
+    let first = retry().await?;
+    assert_eq!((first.status, first.body.contains("duplicate")), (200, true), "{}", first.body);
+    tokio::time::sleep_until((sent + HORIZON + Duration::from_millis(1500)).into()).await;
+    let later = retry().await?;
+    assert_eq!((later.status, later.body.contains("duplicate")), (200, true), "{}", later.body);
+
+    let events = received(&cim.js(), "shop").await?;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].1.delivery_id, "crash-1");
     Ok(())
 }
 
