@@ -1,5 +1,7 @@
 //! The KV projection: the durable consumer `registry-projector` (shared by all instances, one
 //! event in flight) writes every event into `cim_registry_instances` / `cim_registry_nodes`.
+//! An event that cannot be read (poison) is logged and passed over; one that cannot be
+//! written (the store unavailable, replaced, contended) is applied again, never skipped.
 
 use std::{sync::Arc, time::Duration};
 
@@ -17,6 +19,15 @@ use crate::{
     app::App,
     state::{self, Event},
 };
+
+/// Why an event was not projected.
+#[derive(Debug)]
+enum NotProjected {
+    /// The event itself is unreadable: applying it again cannot help.
+    Poison(String),
+    /// The store failed: apply it again.
+    Store(String),
+}
 
 /// Applies one event to a KV value: the new bytes, or None to leave it.
 type Step = Box<dyn Fn(Option<bytes::Bytes>) -> Result<Option<Vec<u8>>, String> + Send + Sync>;
@@ -39,7 +50,7 @@ impl App {
                                 description: Some("applies registry events to the KV projections".into()),
                                 ack_policy: AckPolicy::Explicit,
                                 max_ack_pending: 1,
-                                ack_wait: Duration::from_secs(30),
+                                ack_wait: Duration::from_secs(5),
                                 ..Default::default()
                             },
                         )
@@ -62,29 +73,44 @@ impl App {
                     b = batch => match b { Ok(b) => b, Err(_) => break },
                     _ = self.ctx.stopping() => return,
                 };
+                let mut failed = false;
                 while let Some(Ok(m)) = batch.next().await {
                     let Ok(info) = m.info() else { continue };
                     let (seq, pending) = (info.stream_sequence, info.pending);
-                    if let Err(e) = self.project(&m, seq).await {
-                        tracing::error!(sequence = seq, error = %e, "event could not be projected; skipped");
+                    match self.project(&m, seq).await {
+                        Ok(()) => {}
+                        Err(NotProjected::Poison(e)) => {
+                            tracing::error!(sequence = seq, error = %e, "event cannot be read; not projected");
+                        }
+                        Err(NotProjected::Store(e)) => {
+                            // One event in flight: the redelivery keeps the order.
+                            tracing::warn!(sequence = seq, error = %e, "projection store unavailable; applying the event again");
+                            let _ = m.ack_with(jetstream::AckKind::Nak(Some(Duration::from_millis(200)))).await;
+                            failed = true;
+                            break;
+                        }
                     }
                     let _ = m.ack().await;
                     self.ctx.metrics().projection_lag.get_or_create(&labels).set(pending as i64);
                     self.ctx.metrics().projection_checkpoint.get_or_create(&labels).set(seq as i64);
                 }
+                if failed && !self.ctx.pause(Duration::from_millis(200)).await {
+                    return;
+                }
             }
         }
     }
 
-    async fn project(&self, m: &jetstream::Message, seq: u64) -> Result<(), String> {
-        let env =
-            Envelope::from_headers(m.headers.as_ref().ok_or("event without headers")?).map_err(|e| e.to_string())?;
-        let event = Event::decode(&env.schema.name, &m.payload)?;
+    async fn project(&self, m: &jetstream::Message, seq: u64) -> Result<(), NotProjected> {
+        let poison = NotProjected::Poison;
+        let headers = m.headers.as_ref().ok_or_else(|| poison("event without headers".into()))?;
+        let env = Envelope::from_headers(headers).map_err(|e| poison(e.to_string()))?;
+        let event = Event::decode(&env.schema.name, &m.payload).map_err(poison)?;
         let (bucket, key, apply): (&kv::Store, String, Step) = if let Some(id) = event.instance_id() {
             let e = event.clone();
             (
                 &self.instances_kv,
-                names::instance_key(id).map_err(|e| e.to_string())?,
+                names::instance_key(id).map_err(|e| poison(e.to_string()))?,
                 Box::new(move |cur| {
                     let cur = cur.map(Instance::decode).transpose().map_err(|e| e.to_string())?;
                     Ok(state::apply_instance(cur, seq, env.time_ms(), &e).map(|i| i.encode_to_vec()))
@@ -95,7 +121,7 @@ impl App {
             let t = env.time_ms();
             (
                 &self.nodes_kv,
-                names::node_key(n).map_err(|e| e.to_string())?,
+                names::node_key(n).map_err(|e| poison(e.to_string()))?,
                 Box::new(move |cur| {
                     let cur = cur.map(Node::decode).transpose().map_err(|e| e.to_string())?;
                     Ok(state::apply_node(cur, seq, t, &e).map(|n| n.encode_to_vec()))
@@ -108,13 +134,14 @@ impl App {
             return Ok(());
         };
         for _ in 0..5 {
-            let entry = bucket.entry(&key).await.map_err(|e| e.to_string())?;
+            let entry = bucket.entry(&key).await.map_err(|e| NotProjected::Store(e.to_string()))?;
             let (cur, rev) = match entry {
                 Some(e) if e.operation == kv::Operation::Put => (Some(e.value), Some(e.revision)),
                 Some(e) => (None, Some(e.revision)),
                 None => (None, None),
             };
-            let Some(next) = apply(cur.clone())? else { return Ok(()) };
+            // A stored value that does not decode is the store's fault, not the event's.
+            let Some(next) = apply(cur.clone()).map_err(NotProjected::Store)? else { return Ok(()) };
             if cur.as_deref() == Some(next.as_slice()) {
                 return Ok(());
             }
@@ -126,6 +153,6 @@ impl App {
                 return Ok(());
             }
         }
-        Err(format!("could not write {key}: too much contention"))
+        Err(NotProjected::Store(format!("could not write {key}: too much contention")))
     }
 }

@@ -238,6 +238,43 @@ async fn a_killed_instance_is_marked_lost_within_its_ttl_and_work_goes_elsewhere
     Ok(())
 }
 
+/// The projector tells a store failure from a poison event: an instance registered while its
+/// KV bucket is gone is projected once the bucket is back (the service re-provisions it), not
+/// passed over.
+#[tokio::test(flavor = "multi_thread")]
+async fn registry_projection_applies_events_again_after_a_store_failure() -> Result<()> {
+    let cim = CimFixture::builder()
+        .service(Svc::new(Component::Registry).args(&["--instance-id", "reg-1", "--heartbeat-interval", "1s"]))
+        .start()
+        .await?;
+    let client = cim.client().clone();
+    let js = cim.js();
+    let bucket = resources::kv_bucket(Component::Registry, names::KV_INSTANCES)?;
+    let c = Component::PipelineEngine;
+    let announce = |id: &str| subject::lifecycle(c, id, Lifecycle::Announce).unwrap();
+    js.delete_key_value(&bucket).await?;
+    // Registered (an event) while the projection has nowhere to go.
+    publish(&client, announce("gap-1"), &announcement("gap-1", c, "0.1.0", 1, "i1")).await?;
+    registered(&client, "gap-1").await?;
+    let projected = eventually(WAIT, "gap-1 in the re-provisioned KV projection", || async {
+        let kv = js.get_key_value(&bucket).await?;
+        let v = kv.get(names::instance_key("gap-1")?).await?.ok_or_else(|| anyhow::anyhow!("not yet"))?;
+        Ok(Instance::decode(v)?)
+    })
+    .await?;
+    assert_eq!(projected.incarnation, "i1");
+    // A poison event is passed over; what follows it is projected.
+    client.publish(names::instance_event("poison-1", names::action::REGISTERED)?, "garbage".into()).await?;
+    publish(&client, announce("after-1"), &announcement("after-1", c, "0.1.0", 1, "i2")).await?;
+    eventually(WAIT, "after-1 projected after the poison event", || async {
+        let kv = js.get_key_value(&bucket).await?;
+        kv.get(names::instance_key("after-1")?).await?.ok_or_else(|| anyhow::anyhow!("not yet"))?;
+        Ok(())
+    })
+    .await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_lifecycle_input_gets_a_clear_reason_and_duplicates_and_stale_versions_are_flagged() -> Result<()> {
     let mut cim =
