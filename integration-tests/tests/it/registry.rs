@@ -243,10 +243,8 @@ async fn a_killed_instance_is_marked_lost_within_its_ttl_and_work_goes_elsewhere
 /// passed over.
 #[tokio::test(flavor = "multi_thread")]
 async fn registry_projection_applies_events_again_after_a_store_failure() -> Result<()> {
-    let cim = CimFixture::builder()
-        .service(Svc::new(Component::Registry).args(&["--instance-id", "reg-1", "--heartbeat-interval", "1s"]))
-        .start()
-        .await?;
+    let cim =
+        CimFixture::builder().service(Svc::new(Component::Registry).args(&["--instance-id", "reg-1"])).start().await?;
     let client = cim.client().clone();
     let js = cim.js();
     let bucket = resources::kv_bucket(Component::Registry, names::KV_INSTANCES)?;
