@@ -125,12 +125,8 @@ impl Inbound {
         peer: SocketAddr,
     ) -> anyhow::Result<Outcome> {
         let key = hub::webhook_id_key(&source.name, delivery_id)?;
-        if let Some(seq) = self.ids.get(&key).await? {
-            return Ok(duplicate(delivery_id, &seq));
-        }
-        // Not in the index: a new delivery, or a repeat of one that JetStream's window no
-        // longer covers and the index has not applied yet. The index must have been complete
-        // recently enough to tell (it is, but for moments after a start).
+        // A repeat that JetStream's window no longer covers is told by the index, which must
+        // have been complete recently enough for that (it is, but for moments after a start).
         if !self.indexed.recent(self.horizon / 2).await {
             anyhow::bail!("the delivery-id index is catching up with the log; retry");
         }
