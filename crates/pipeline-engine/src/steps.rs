@@ -18,6 +18,10 @@ use cim_events::{
 use cim_iu_client::header_with_id;
 use prost::Message;
 
+/// How soon a plugin nobody serves is asked again, doubling up to the maximum.
+const PROVIDER_POLL: Duration = Duration::from_millis(100);
+const PROVIDER_POLL_MAX: Duration = Duration::from_secs(1);
+
 use crate::{
     definition::{self, Kind, PluginRef, Step},
     engine::{Engine, Publish},
@@ -286,16 +290,38 @@ impl Engine {
         request.input = input.to_vec();
         request.metadata = metadata.into_iter().collect();
         request.timeout_ms = timeout_ms;
-        let req = async_nats::Request::new()
-            .payload(request.encode_to_vec().into())
-            .timeout(Some(Duration::from_millis(u64::from(timeout_ms)) + Duration::from_secs(1)));
-        let msg = self.ctx.client().send_request(subject, req).await.map_err(|e| match e.kind() {
-            async_nats::RequestErrorKind::NoResponders => StepError::transient(format!(
-                "nothing serves {p} (plugin host or native plugin down, or the version was removed)"
-            )),
-            async_nats::RequestErrorKind::TimedOut => StepError::transient(format!("{p} did not answer in time")),
-            _ => StepError::transient(format!("invoking {p}: {e}")),
-        })?;
+        let payload: Bytes = request.encode_to_vec().into();
+        // Nobody serving the plugin (its host restarting) is not a failure of the step: the
+        // request reached no one, so it is sent again as providers come back, within most of
+        // the step's time, without spending the step's retries.
+        let started = tokio::time::Instant::now();
+        let patience = Duration::from_millis(u64::from(timeout_ms)).mul_f64(0.9);
+        let mut pause = PROVIDER_POLL;
+        let msg = loop {
+            let req = async_nats::Request::new()
+                .payload(payload.clone())
+                .timeout(Some(Duration::from_millis(u64::from(timeout_ms)) + Duration::from_secs(1)));
+            match self.ctx.client().send_request(subject.clone(), req).await {
+                Ok(msg) => break msg,
+                Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                    if started.elapsed() + pause >= patience {
+                        return Err(StepError::transient(format!(
+                            "nothing serves {p} (plugin host or native plugin down, or the version was removed; waited {} ms for a provider)",
+                            started.elapsed().as_millis()
+                        )));
+                    }
+                    if started.elapsed() < pause {
+                        tracing::info!(plugin = %p, "nothing serves the plugin yet; waiting for a provider");
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(PROVIDER_POLL_MAX);
+                }
+                Err(e) if e.kind() == async_nats::RequestErrorKind::TimedOut => {
+                    return Err(StepError::transient(format!("{p} did not answer in time")));
+                }
+                Err(e) => return Err(StepError::transient(format!("invoking {p}: {e}"))),
+            }
+        };
         let reply = InvokeReply::decode(msg.payload).map_err(|e| {
             StepError::transient(format!("{p} answered with something that is not an InvokeReply: {e}"))
         })?;

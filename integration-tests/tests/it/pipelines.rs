@@ -698,3 +698,38 @@ async fn the_engine_runs_with_its_generated_nats_permissions() -> Result<()> {
     assert!(!log.to_lowercase().contains("permissions violation"), "pipeline-engine hit its permissions:\n{log}");
     Ok(())
 }
+
+/// A plugin host restarting is not a failure of the runs that need it: a step whose plugin
+/// nobody serves waits for a provider (within its timeout) without spending its retries.
+#[tokio::test(flavor = "multi_thread")]
+async fn runs_wait_for_a_restarting_plugin_host_instead_of_failing() -> Result<()> {
+    let mut cim = Cim::leaf(1, &[]).await?;
+    cim.apply_ok(&example()?).await?;
+    let host = cim.fx.services_mut().iter_mut().find(|s| s.component == Component::PluginHost).context("host")?;
+    host.signal(nix::sys::signal::Signal::SIGKILL);
+    host.wait(Duration::from_secs(30)).await?;
+    let mut units = Vec::new();
+    for i in 0..8 {
+        units.push(cim.put(format!("line {i}\r\n\r\n  more  ").as_bytes(), &format!("n{i}.txt"), "text/plain").await?);
+    }
+    // Down for longer than the default retry budget (2 retries, 200/400 ms) lasts.
+    stays_true_for(Duration::from_secs(3), "no run fails while the host is down", || async {
+        let runs = cim.runs("text-ingest").await?;
+        ensure!(runs.iter().all(|r| r.state != "failed"), "{runs:?}");
+        Ok(())
+    })
+    .await?;
+    let host = cim.fx.services_mut().iter_mut().find(|s| s.component == Component::PluginHost).context("host")?;
+    host.restart().await?;
+    eventually!(LONG, "every run completes", {
+        let runs = cim.runs("text-ingest").await?;
+        let done = runs.iter().filter(|r| units.contains(&r.unit_id) && r.state == "completed").count();
+        ensure!(runs.iter().all(|r| r.state != "failed"), "{runs:?}");
+        ensure!(done == units.len(), "{done} of {} completed", units.len());
+        Ok(())
+    })?;
+    ensure!(cim.dead_letters(pl::DLQ_RUNS).await?.is_empty(), "runs were dead-lettered");
+    let failed = cim.run_events(pl::action::STEP_FAILED).await?;
+    ensure!(failed.is_empty(), "{} step failures recorded", failed.len());
+    Ok(())
+}
