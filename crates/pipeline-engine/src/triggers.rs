@@ -61,6 +61,7 @@ impl Engine {
                     continue;
                 }
                 first = false;
+                let _ = m.ack_with(AckKind::Progress).await;
                 match self.trigger(&m).await {
                     Ok(()) => {
                         let _ = m.double_ack().await;
@@ -86,11 +87,20 @@ impl Engine {
             description: Some("unit events that may start pipeline runs (every pipeline-engine instance)".into()),
             filter_subjects,
             ack_policy: AckPolicy::Explicit,
-            ack_wait: Duration::from_secs(30),
+            // A trigger is short work: an event held by an instance that died goes to another
+            // after the engine's ack wait (each event's wait restarts as its turn comes).
+            ack_wait: self.args.ack_wait,
             deliver_policy: DeliverPolicy::All,
             ..Default::default()
         };
-        Ok(stream.get_or_create_consumer(&name, config).await?)
+        // Created, or updated in place (an older engine made it with a 30 s ack wait).
+        match stream.create_consumer(config.clone()).await {
+            Ok(c) => Ok(c),
+            Err(e) => {
+                tracing::warn!(error = %e, "trigger consumer not updated; using it as it is");
+                Ok(stream.get_or_create_consumer(&name, config).await?)
+            }
+        }
     }
 
     /// One unit event: a run request for every pipeline whose trigger matches. Undecodable
@@ -112,6 +122,7 @@ impl Engine {
         if !wanted {
             return Ok(());
         }
+        cim_runtime::crash::at("pipeline.trigger.received");
         let facts = match self.facts(m).await {
             Ok(Some(f)) => f,
             Ok(None) => return Ok(()),

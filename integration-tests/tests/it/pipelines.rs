@@ -733,3 +733,30 @@ async fn runs_wait_for_a_restarting_plugin_host_instead_of_failing() -> Result<(
     ensure!(failed.is_empty(), "{} step failures recorded", failed.len());
     Ok(())
 }
+
+/// A trigger event held by an engine that died is taken over after the engine's short ack
+/// wait (10 s by default), not a fixed 30 s, and starts one run.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trigger_held_by_a_killed_engine_is_taken_over_within_the_ack_wait() -> Result<()> {
+    let mut cim = Cim::start(CimFixture::builder(), 0, &[]).await?;
+    cim.fx.start(Svc::new(Component::PipelineEngine).env(cim_runtime::crash::ENV, "pipeline.trigger.received")).await?;
+    let definition = serde_json::json!({
+        "name": "taken-over", "trigger": {"on": "unit.created"}, "steps": [{"id": "mark", "tag": ["taken-over"]}]
+    });
+    cim.apply_ok(&definition).await?;
+    let unit = cim.put(b"hold me", "held.txt", "text/plain").await?;
+    // The armed engine receives the trigger and dies holding it.
+    cim.engine(0).wait(LONG).await?;
+    let died = std::time::Instant::now();
+    cim.add_engine(&[]).await?;
+    let run = eventually!(LONG, "the run of the held trigger completes", {
+        let runs = cim.runs("taken-over").await?;
+        let r = runs.iter().find(|r| r.unit_id == unit).context("no run yet")?;
+        ensure!(r.state == "completed", "run is {} {}", r.state, r.error);
+        Ok(runs)
+    })?;
+    let took = died.elapsed();
+    ensure!(run.len() == 1, "{} runs: {run:?}", run.len());
+    ensure!(took < Duration::from_secs(20), "taken over {took:?} after the engine died");
+    Ok(())
+}
