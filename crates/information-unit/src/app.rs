@@ -87,9 +87,16 @@ impl App {
     }
 
     /// The state of a unit reflecting at least every event up to stream sequence
-    /// `min_sequence` (read your writes): the projection's when it is that far (the unit's own
-    /// state, or the projection as a whole), else the log's.
+    /// `min_sequence` (read your writes): this instance's index when it is complete that far
+    /// (it is fed by the projection's watch, so no lagging replica can answer for it), the
+    /// projection's state when that is the unit's own newer state, else the log's.
     pub async fn load_unit_since(&self, unit_id: &str, min_sequence: u64) -> Result<Option<Unit>, ServiceError> {
+        if min_sequence > 0
+            && min_sequence <= self.index.applied()
+            && let Some(unit) = self.index.get(unit_id)
+        {
+            return Ok(Some(unit));
+        }
         match self.load_unit(unit_id).await? {
             Some(u) if min_sequence > u.sequence && min_sequence > self.index.applied() => {
                 self.replay_unit(unit_id, Until::Now).await

@@ -44,6 +44,11 @@ impl Index {
         }
     }
 
+    /// One unit's state as the index holds it.
+    pub fn get(&self, unit_id: &str) -> Option<Unit> {
+        self.units.read().unwrap_or_else(|e| e.into_inner()).get(unit_id).cloned()
+    }
+
     pub fn remove(&self, unit_id: &str) {
         self.units.write().unwrap_or_else(|e| e.into_inner()).remove(unit_id);
     }
