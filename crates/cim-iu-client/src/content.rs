@@ -11,7 +11,7 @@ use std::{
 
 use async_nats::jetstream::{
     self,
-    object_store::{GetErrorKind, InfoErrorKind, ObjectMetadata, ObjectStore, PutErrorKind},
+    object_store::{GetErrorKind, InfoErrorKind, ObjectInfo, ObjectMetadata, ObjectStore, PutErrorKind},
 };
 use bytes::Bytes;
 use cim_events::{
@@ -24,6 +24,26 @@ use prost::Message;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::{IuClient, IuError, guess_media_type};
+
+/// The info of content-bucket object `name` as the content stream's leader has it. The object
+/// store reads info with a direct get, which any replica may answer, also one that has not
+/// applied a write just acknowledged (an upload finished a moment ago): a "not found" from it
+/// is asked again here, of the leader.
+pub async fn leader_object_info(
+    stream: &jetstream::stream::Stream,
+    name: &str,
+) -> Result<ObjectInfo, jetstream::object_store::InfoError> {
+    use jetstream::object_store::InfoError;
+    let subject = cim_events::subject::object_meta(iu::CONTENT_BUCKET, name)
+        .map_err(|e| InfoError::with_source(InfoErrorKind::InvalidName, e))?;
+    match stream.get_last_raw_message_by_subject(&subject).await {
+        Ok(m) => serde_json::from_slice(&m.payload).map_err(|e| InfoError::with_source(InfoErrorKind::Other, e)),
+        Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+            Err(InfoError::new(InfoErrorKind::NotFound))
+        }
+        Err(e) => Err(InfoError::with_source(InfoErrorKind::Other, e)),
+    }
+}
 
 /// Size of the buffer downloads are read through.
 const READ_BUFFER: usize = 128 * 1024;
@@ -239,32 +259,18 @@ impl IuClient {
         Ok(info.size as u64)
     }
 
-    async fn object_info(
-        &self,
-        store: &ObjectStore,
-        cid: &Cid,
-    ) -> Result<jetstream::object_store::ObjectInfo, IuError> {
+    async fn object_info(&self, store: &ObjectStore, cid: &Cid) -> Result<ObjectInfo, IuError> {
         let info = match store.info(cid.to_string()).await {
-            Ok(info) => info,
-            // A direct get may be answered by a replica that has not applied the object yet:
-            // "not found" is asked again of the stream's leader.
             Err(e) if e.kind() == InfoErrorKind::NotFound => {
-                let subject = cim_events::subject::object_meta(iu::CONTENT_BUCKET, &cid.to_string())
-                    .map_err(|e| IuError::Internal(e.to_string()))?;
-                match self.content_stream().await?.get_last_raw_message_by_subject(&subject).await {
-                    Ok(m) => serde_json::from_slice(&m.payload)
-                        .map_err(|e| IuError::Nats(format!("looking up content {cid}: {e}")))?,
-                    Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
-                        return Err(IuError::NotFound(format!("content {cid} is not stored")));
-                    }
-                    Err(e) => return Err(IuError::Nats(format!("looking up content {cid}: {e}"))),
-                }
+                leader_object_info(&self.content_stream().await?, &cid.to_string()).await
             }
-            Err(e) if e.kind() == InfoErrorKind::TimedOut => {
-                return Err(IuError::Timeout(format!("looking up content {cid}: {e}")));
-            }
-            Err(e) => return Err(IuError::Nats(format!("looking up content {cid}: {e}"))),
-        };
+            other => other,
+        }
+        .map_err(|e| match e.kind() {
+            InfoErrorKind::NotFound => IuError::NotFound(format!("content {cid} is not stored")),
+            InfoErrorKind::TimedOut => IuError::Timeout(format!("looking up content {cid}: {e}")),
+            _ => IuError::Nats(format!("looking up content {cid}: {e}")),
+        })?;
         if info.deleted {
             return Err(IuError::NotFound(format!("content {cid} is not stored (collected)")));
         }

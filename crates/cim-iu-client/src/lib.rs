@@ -31,7 +31,7 @@ pub use media::{OCTET_STREAM, guess_media_type};
 /// Protobuf types of the information-unit contract, re-exported for callers.
 pub use cim_events::proto::iu as proto;
 pub use commands::{IuCommand, header, header_with_id};
-pub use content::{ContentRead, NoProgress, Progress, Upload};
+pub use content::{ContentRead, NoProgress, Progress, Upload, leader_object_info};
 pub use queries::UnitPages;
 
 /// Default time a request may take, all its attempts together.

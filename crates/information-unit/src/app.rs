@@ -26,8 +26,6 @@ use crate::{domain::Rejection, events::Until, index::Index, schema::TypeSchema};
 
 /// How long a query waits for the projection to reach the sequence it asks for.
 const PROJECTION_WAIT: Duration = Duration::from_secs(5);
-/// How often it looks meanwhile.
-const PROJECTION_POLL: Duration = Duration::from_millis(10);
 
 /// Options of the information-unit service beyond the common ones.
 #[derive(Clone, Debug)]
@@ -114,17 +112,13 @@ impl App {
         let stream =
             self.js.get_stream(&self.events_stream).await.map_err(|e| internal("events stream")(Box::new(e)))?;
         let target = min_sequence.min(stream.cached_info().state.last_sequence);
-        let deadline = tokio::time::Instant::now() + PROJECTION_WAIT;
-        while self.index.applied() < target {
-            if tokio::time::Instant::now() >= deadline {
-                return Err(ServiceError::unavailable(format!(
-                    "the projection has not reached sequence {target} yet (it is at {}); retry",
-                    self.index.applied()
-                )));
-            }
-            tokio::time::sleep(PROJECTION_POLL).await;
+        if self.index.applied_through(target, PROJECTION_WAIT).await {
+            return Ok(());
         }
-        Ok(())
+        Err(ServiceError::unavailable(format!(
+            "the projection has not reached sequence {target} yet (it is at {}); retry",
+            self.index.applied()
+        )))
     }
 
     pub async fn load_type(&self, name: &str) -> Result<Option<(TypeSchema, UnitType)>, ServiceError> {

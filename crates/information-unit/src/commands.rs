@@ -199,11 +199,9 @@ impl App {
             let from_log = attempt > 0;
             let state =
                 if from_log { self.replay_unit(unit_id, Until::Now).await? } else { self.load_unit(unit_id).await? };
-            let state = match state {
-                Some(s) => s,
-                None if !from_log => continue,
-                None => return Err(ServiceError::not_found(format!("unit {unit_id} does not exist"))),
-            };
+            // (The projection has no state for a unit only if the log has none either:
+            // `load_unit` falls back to it.)
+            let state = state.ok_or_else(|| ServiceError::not_found(format!("unit {unit_id} does not exist")))?;
             if header.expected_version != 0 && header.expected_version != state.version {
                 if !from_log {
                     continue;

@@ -471,27 +471,16 @@ impl App {
         Ok(())
     }
 
-    /// An object's info, which a lagging replica cannot hide: the object store reads it with
-    /// a direct get, which any replica may answer, also one that has not applied a write just
-    /// acknowledged (an upload finished a moment ago). "Not found" is asked again of the
-    /// stream's leader.
+    /// An object's info, which a lagging replica cannot hide: a direct get first, and a "not
+    /// found" asked again of the stream's leader ([`cim_iu_client::leader_object_info`]).
     pub(crate) async fn object_info(&self, name: &str) -> Result<ObjectInfo, object_store::InfoError> {
-        use object_store::{InfoError, InfoErrorKind};
         match self.content.info(name).await {
-            Err(e) if e.kind() == InfoErrorKind::NotFound => {
-                let subject = cim_events::subject::object_meta(iu::CONTENT_BUCKET, name)
-                    .map_err(|e| InfoError::with_source(InfoErrorKind::InvalidName, e))?;
-                let stream =
-                    self.content_stream().await.map_err(|e| InfoError::with_source(InfoErrorKind::Other, e.message))?;
-                match stream.get_last_raw_message_by_subject(&subject).await {
-                    Ok(m) => {
-                        serde_json::from_slice(&m.payload).map_err(|e| InfoError::with_source(InfoErrorKind::Other, e))
-                    }
-                    Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
-                        Err(InfoError::new(InfoErrorKind::NotFound))
-                    }
-                    Err(e) => Err(InfoError::with_source(InfoErrorKind::Other, e)),
-                }
+            Err(e) if e.kind() == object_store::InfoErrorKind::NotFound => {
+                let stream = self
+                    .content_stream()
+                    .await
+                    .map_err(|e| object_store::InfoError::with_source(object_store::InfoErrorKind::Other, e.message))?;
+                cim_iu_client::leader_object_info(&stream, name).await
             }
             other => other,
         }

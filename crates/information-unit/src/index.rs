@@ -1,14 +1,7 @@
 //! The in-memory index of unit states for listing, filtering and incoming links: a projection
 //! of the KV projection, rebuilt from it at start and kept current by a KV watch.
 
-use std::{
-    collections::BTreeMap,
-    ops::Bound,
-    sync::{
-        RwLock,
-        atomic::{AtomicU64, Ordering},
-    },
-};
+use std::{collections::BTreeMap, ops::Bound, sync::RwLock};
 
 use cim_events::proto::iu::{ListUnits, Unit, UnitList};
 
@@ -21,17 +14,23 @@ pub struct Index {
     /// The projector's checkpoint as this index last saw it: every event up to it is in the
     /// KV projection and in this index (the checkpoint is written after its batch's states,
     /// and the watch delivers in write order).
-    applied: AtomicU64,
+    applied: tokio::sync::watch::Sender<u64>,
 }
 
 impl Index {
     /// The stream sequence up to which the projection (and this index) is complete.
     pub fn applied(&self) -> u64 {
-        self.applied.load(Ordering::Acquire)
+        *self.applied.borrow()
     }
 
     pub fn set_applied(&self, sequence: u64) {
-        self.applied.store(sequence, Ordering::Release);
+        self.applied.send_replace(sequence);
+    }
+
+    /// Waits until the index is complete up to `sequence`; false when it is not within `wait`.
+    pub async fn applied_through(&self, sequence: u64, wait: std::time::Duration) -> bool {
+        let mut rx = self.applied.subscribe();
+        matches!(tokio::time::timeout(wait, rx.wait_for(|a| *a >= sequence)).await, Ok(Ok(_)))
     }
 
     pub fn put(&self, unit: Unit) {

@@ -203,34 +203,31 @@ fn now_ms() -> i64 {
 /// pending): every delivery written before then is in the index.
 #[derive(Debug, Default)]
 pub struct IndexPosition {
-    caught_up_at: std::sync::Mutex<Option<tokio::time::Instant>>,
+    caught_up_at: tokio::sync::watch::Sender<Option<tokio::time::Instant>>,
 }
 
 impl IndexPosition {
     fn caught_up(&self) {
-        *self.caught_up_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(tokio::time::Instant::now());
+        self.caught_up_at.send_replace(Some(tokio::time::Instant::now()));
     }
 
     fn within(&self, age: Duration) -> bool {
-        self.caught_up_at.lock().unwrap_or_else(|e| e.into_inner()).is_some_and(|t| t.elapsed() <= age)
+        self.caught_up_at.borrow().is_some_and(|t| t.elapsed() <= age)
     }
 
     /// Whether the index was complete within `age`, waiting a few seconds for it (a start).
     async fn recent(&self, age: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + INDEX_WAIT;
-        while !self.within(age) {
-            if tokio::time::Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(INDEX_POLL).await;
-        }
-        true
+        let mut rx = self.caught_up_at.subscribe();
+        let fresh = rx.wait_for(|t| t.is_some_and(|t| t.elapsed() <= age));
+        matches!(tokio::time::timeout(INDEX_WAIT, fresh).await, Ok(Ok(_)))
     }
 }
 
-/// How long a delivery waits for the index to catch up, and how often it looks.
+/// How long a delivery waits for the index to catch up.
 const INDEX_WAIT: Duration = Duration::from_secs(5);
-const INDEX_POLL: Duration = Duration::from_millis(20);
+/// How often, at most, a busy index asks its consumer whether it is complete (an idle one
+/// asks at every empty fetch).
+const SETTLED_EVERY: Duration = Duration::from_secs(1);
 
 /// How many received events the index applies per batch (written in flight together).
 const INDEX_BATCH: usize = 256;
@@ -250,22 +247,18 @@ pub async fn index(
     use futures::StreamExt;
     use jetstream::consumer::{AckPolicy, pull};
     let stream_name = cim_events::resources::events_stream(cim_events::Component::IntegrationHub).name;
+    let config = pull::Config {
+        durable_name: Some(hub::webhook_ids_consumer()),
+        filter_subject: hub::webhooks_received(),
+        ack_policy: AckPolicy::All,
+        max_ack_pending: INDEX_BATCH as i64,
+        ack_wait: Duration::from_secs(5),
+        ..Default::default()
+    };
     while !ctx.is_stopping() {
         let opened = ctx
-            .retry_until_stopped("the webhook id index consumer", || async {
-                let stream = js.get_stream(&stream_name).await?;
-                let config = pull::Config {
-                    durable_name: Some(hub::webhook_ids_consumer()),
-                    filter_subject: hub::webhooks_received(),
-                    ack_policy: AckPolicy::All,
-                    max_ack_pending: INDEX_BATCH as i64,
-                    ack_wait: Duration::from_secs(5),
-                    ..Default::default()
-                };
-                stream
-                    .get_or_create_consumer::<pull::Config>(&hub::webhook_ids_consumer(), config)
-                    .await
-                    .map_err(|e| anyhow::anyhow!(e))
+            .retry_until_stopped("the webhook id index consumer", || {
+                cim_runtime::consumer::durable(&js, &stream_name, config.clone())
             })
             .await;
         let Some(mut consumer) = opened else { return };
@@ -307,7 +300,11 @@ pub async fn index(
                 }
                 break;
             }
-            if last.ack().await.is_ok() && pending == 0 && settled(&mut consumer).await {
+            if last.ack().await.is_ok()
+                && pending == 0
+                && !position.within(SETTLED_EVERY)
+                && settled(&mut consumer).await
+            {
                 position.caught_up();
             }
         }
