@@ -28,6 +28,18 @@ pub struct Caller {
     pub role: String,
 }
 
+impl Caller {
+    /// A request id the caller chose, namespaced by its token (`gw-<token id>-<id>`): request
+    /// ids are idempotency keys that every writer of a service shares, so a caller's ids are
+    /// its own and can never claim, or be answered with, another caller's or a service's
+    /// (`hub-webhook-…`).
+    pub fn own_request_id(&self, id: &str) -> String {
+        let token: String =
+            self.id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+        format!("gw-{token}-{id}")
+    }
+}
+
 /// The role a request needs, or `None` for public paths (the UI and the OpenAPI document).
 pub fn required_role(method: &Method, path: &str) -> Option<&'static str> {
     let rest = path.strip_prefix("/api/")?;

@@ -9,7 +9,8 @@ use cim_events::{
     Component,
     gateway::{self, role},
     proto::iu::{
-        CommandResult, GetHistory, GetLinks, GetUnit, History, LinkUnit, Links, ListUnits, TagUnit, Unit, UnitList,
+        CommandHeader, CommandResult, GetHistory, GetLinks, GetUnit, History, LinkUnit, Links, ListUnits, TagUnit,
+        Unit, UnitList,
     },
     resources, subject,
 };
@@ -91,6 +92,18 @@ impl GatewayService {
     }
 }
 
+/// Namespaces the request id a caller chose ([`auth::Caller::own_request_id`]).
+fn own_request_id(caller: &auth::Caller, header: &mut Option<CommandHeader>) -> Result<(), Status> {
+    let Some(h) = header.as_mut() else { return Ok(()) };
+    if h.request_id.is_empty() {
+        return Ok(());
+    }
+    let id = caller.own_request_id(&h.request_id);
+    cim_events::iu::request_key(&id).map_err(|e| Status::invalid_argument(format!("request_id: {e}")))?;
+    h.request_id = id;
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl Gateway for GatewayService {
     async fn who_am_i(&self, req: Request<WhoAmIRequest>) -> Result<Response<WhoAmIReply>, Status> {
@@ -119,12 +132,13 @@ impl Gateway for GatewayService {
     }
 
     async fn upload(&self, req: Request<Streaming<UploadRequest>>) -> Result<Response<CommandResult>, Status> {
-        self.caller(req.metadata(), role::WRITER).await?;
+        let caller = self.caller(req.metadata(), role::WRITER).await?;
         let mut parts = req.into_inner();
         let mut unit = match parts.message().await? {
             Some(UploadRequest { part: Some(Part::Unit(u)) }) => u,
             _ => return Err(Status::invalid_argument("the first message of an upload must carry the unit")),
         };
+        own_request_id(&caller, &mut unit.header)?;
         api::check_name(&unit.name)?;
         let limit = self.state.limits.max_upload;
         let mut read = 0u64;
@@ -185,13 +199,17 @@ impl Gateway for GatewayService {
     }
 
     async fn tag(&self, req: Request<TagUnit>) -> Result<Response<CommandResult>, Status> {
-        self.caller(req.metadata(), role::WRITER).await?;
-        Ok(Response::new(self.state.iu.tag(req.into_inner()).await.map_err(iu_status)?))
+        let caller = self.caller(req.metadata(), role::WRITER).await?;
+        let mut tag = req.into_inner();
+        own_request_id(&caller, &mut tag.header)?;
+        Ok(Response::new(self.state.iu.tag(tag).await.map_err(iu_status)?))
     }
 
     async fn link(&self, req: Request<LinkUnit>) -> Result<Response<CommandResult>, Status> {
-        self.caller(req.metadata(), role::WRITER).await?;
-        Ok(Response::new(self.state.iu.link(req.into_inner()).await.map_err(iu_status)?))
+        let caller = self.caller(req.metadata(), role::WRITER).await?;
+        let mut link = req.into_inner();
+        own_request_id(&caller, &mut link.header)?;
+        Ok(Response::new(self.state.iu.link(link).await.map_err(iu_status)?))
     }
 
     type EventsStream = BoxStream<Event>;
@@ -215,7 +233,11 @@ impl Gateway for GatewayService {
             .await
             .map_err(|e| Status::unavailable(format!("events stream {name}: {e}")))?;
         let deliver_policy = match r.after {
-            Some(seq) => DeliverPolicy::ByStartSequence { start_sequence: seq + 1 },
+            Some(seq) => DeliverPolicy::ByStartSequence {
+                start_sequence: seq
+                    .checked_add(1)
+                    .ok_or_else(|| Status::out_of_range(format!("after {seq} is beyond any event")))?,
+            },
             None => DeliverPolicy::New,
         };
         let consumer = stream

@@ -215,6 +215,16 @@ impl CimFixture {
         }
     }
 
+    /// A new connection as `component`'s own identity with its generated permissions, and that
+    /// identity's public key (what the server names in its permission violations). Only under
+    /// [`CimFixtureBuilder::generated_permissions`].
+    pub async fn connect_as(&self, component: Component) -> Result<(async_nats::Client, String)> {
+        let a = self.auth.as_ref().context("connect_as needs a fixture with generated_permissions()")?;
+        let user = a.account.user(component.service_name(), generated_permissions(component)?);
+        let client = user.connect(&self.url).await?;
+        Ok((client, user.public_key()))
+    }
+
     /// The JetStream domain services use, if not the default.
     pub fn domain(&self) -> Option<&str> {
         self.auth.as_ref().map(|_| LEAF_DOMAIN)
