@@ -170,7 +170,15 @@ const INVALID: &str = "invalid or revoked api token";
 pub async fn verify(tokens: &Tokens, presented: &str) -> Result<Caller, ApiError> {
     let invalid = || ApiError::Unauthorized(INVALID.to_string());
     let id = gateway::token_id(presented).ok_or_else(invalid)?;
-    let stored = tokens.get(id).await?.ok_or_else(invalid)?;
+    // What went wrong inside is for the log, not for a caller nobody has authenticated yet.
+    let stored = match tokens.get(id).await {
+        Ok(stored) => stored.ok_or_else(invalid)?,
+        Err(ApiError::Unauthorized(m)) => return Err(ApiError::Unauthorized(m)),
+        Err(e) => {
+            tracing::warn!(token = %id, error = %e, "could not check an api token");
+            return Err(ApiError::Unavailable("api tokens cannot be checked right now; retry shortly".into()));
+        }
+    };
     if !gateway::hashes_equal(&stored.sha256, &gateway::hash_token(presented)) {
         return Err(invalid());
     }

@@ -346,3 +346,31 @@ async fn a_changed_history_configuration_is_applied_by_the_operator_not_the_serv
     ensure!(window(js).await? == shorter, "the operator's provision did not apply the new window");
     Ok(())
 }
+
+/// A caller nobody has authenticated learns nothing of the gateway's insides: a token the store
+/// cannot read back is "retry shortly" (503), not the store's own error.
+#[tokio::test(flavor = "multi_thread")]
+async fn token_store_errors_are_not_shown_to_unauthenticated_callers() -> Result<()> {
+    let http = format!("127.0.0.1:{}", cim_testkit::free_port());
+    let fx = CimFixture::builder()
+        .service(Component::InformationUnit)
+        .service(Svc::new(Component::UiGateway).args(&["--gateway-listen", &http, "--gateway-grpc-listen", "off"]))
+        .start()
+        .await?;
+    let bucket = resources::kv_bucket(Component::UiGateway, cim_events::gateway::KV_TOKENS)?;
+    let kv = fx.js().get_key_value(&bucket).await?;
+    kv.put(cim_events::gateway::token_key("broken")?, "not a token record".into()).await?;
+    let client = reqwest::Client::builder().no_proxy().build()?;
+    let resp = client
+        .get(format!("http://{http}/api/v1/units"))
+        .bearer_auth(format!("{}broken_secret", cim_events::gateway::TOKEN_PREFIX))
+        .send()
+        .await?;
+    let status = resp.status();
+    let body = resp.text().await?;
+    ensure!(status == reqwest::StatusCode::SERVICE_UNAVAILABLE, "{status}: {body}");
+    for inside in ["undecodable", "token store", "stream", "decode"] {
+        ensure!(!body.contains(inside), "the reply tells about the store ({inside}): {body}");
+    }
+    Ok(())
+}
