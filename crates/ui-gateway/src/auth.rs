@@ -29,6 +29,16 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// Whether this caller may see the payloads of `component`'s events (gRPC `Events`; the
+    /// SSE stream carries metadata only, for everyone). Units and pipeline runs are what a
+    /// reader may read anyway; the other components' payloads (registry nodes, webhook bodies,
+    /// PostgreSQL rows, archive state) are the admin's, like `/nodes` and `/status`.
+    pub fn sees_payloads_of(&self, component: cim_events::Component) -> bool {
+        use cim_events::Component::{InformationUnit, PipelineEngine};
+        matches!(component, InformationUnit | PipelineEngine)
+            || gateway::role_rank(&self.role) >= gateway::role_rank(role::ADMIN)
+    }
+
     /// A request id the caller chose, namespaced by its token (`gw-<token id>-<id>`): request
     /// ids are idempotency keys that every writer of a service shares, so a caller's ids are
     /// its own and can never claim, or be answered with, another caller's or a service's

@@ -215,10 +215,11 @@ impl Gateway for GatewayService {
     type EventsStream = BoxStream<Event>;
 
     async fn events(&self, req: Request<EventsRequest>) -> Result<Response<Self::EventsStream>, Status> {
-        self.caller(req.metadata(), role::READER).await?;
+        let caller = self.caller(req.metadata(), role::READER).await?;
         let r = req.into_inner();
         let token = if r.component.is_empty() { "iu" } else { &r.component };
         let component = Component::parse(token).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let payloads = caller.sees_payloads_of(component);
         let all = subject::events_of(component);
         let filter = if r.filter.is_empty() { all.clone() } else { r.filter.clone() };
         let prefix = all.trim_end_matches('>');
@@ -249,7 +250,7 @@ impl Gateway for GatewayService {
         let stop = async move {
             let _ = stopping.wait_for(|s| *s).await;
         };
-        let events = messages.take_until(stop).map(|m| {
+        let events = messages.take_until(stop).map(move |m| {
             let m = m.map_err(|e| Status::unavailable(e.to_string()))?;
             let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
             let h =
@@ -260,7 +261,7 @@ impl Gateway for GatewayService {
                 r#type: h("ce-type"),
                 id: h("ce-id"),
                 time: h("ce-time"),
-                payload: m.payload.to_vec(),
+                payload: if payloads { m.payload.to_vec() } else { Vec::new() },
             })
         });
         Ok(Response::new(Box::pin(events)))

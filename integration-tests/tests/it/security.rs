@@ -374,3 +374,53 @@ async fn token_store_errors_are_not_shown_to_unauthenticated_callers() -> Result
     }
     Ok(())
 }
+
+/// One policy for event payloads: a reader following a component's events over gRPC sees the
+/// payloads of units and pipeline runs (what it may read anyway) but only the metadata of the
+/// others' (registry nodes, webhook bodies, database rows), which are the admin's.
+#[tokio::test(flavor = "multi_thread")]
+async fn readers_see_event_metadata_not_other_components_payloads() -> Result<()> {
+    use ui_gateway::grpc::proto::{EventsRequest, gateway_client::GatewayClient};
+
+    let grpc = format!("127.0.0.1:{}", cim_testkit::free_port());
+    let http = format!("127.0.0.1:{}", cim_testkit::free_port());
+    let fx = CimFixture::builder()
+        .service(Component::InformationUnit)
+        .service(Component::Registry)
+        .service(Svc::new(Component::UiGateway).args(&["--gateway-listen", &http, "--gateway-grpc-listen", &grpc]))
+        .start()
+        .await?;
+    let mut tokens = BTreeMap::new();
+    for role in ["reader", "admin"] {
+        let out = tokio::process::Command::new(crate::common::bin("cimctl"))
+            .args(["token", "--nats-url", fx.url(), "--json", "create", "--name", role, "--role", role])
+            .output()
+            .await?;
+        ensure!(out.status.success(), "cimctl token create: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        tokens.insert(role, v["token"].as_str().context("token")?.to_string());
+    }
+    let c = fx.iu().put_bytes(b"a unit").await?;
+    fx.iu()
+        .create(CreateUnit { cid: c.cid, name: "u.txt".into(), media_type: "text/plain".into(), ..Default::default() })
+        .await?;
+    let channel = eventually(LOG_DEADLINE, "grpc port open", || async {
+        Ok(tonic::transport::Channel::from_shared(format!("http://{grpc}"))?.connect().await?)
+    })
+    .await?;
+    let mut client = GatewayClient::new(channel);
+    // The first event of a component's history, as `role` sees it.
+    let mut first = async |component: &str, role: &str| -> Result<ui_gateway::grpc::proto::Event> {
+        let mut r =
+            tonic::Request::new(EventsRequest { component: component.into(), after: Some(0), ..Default::default() });
+        r.metadata_mut().insert("authorization", format!("Bearer {}", tokens[role]).parse()?);
+        let mut events = client.events(r).await?.into_inner();
+        Ok(tokio::time::timeout(LOG_DEADLINE, events.message()).await??.context("events ended")?)
+    };
+    let (reader_reg, admin_reg) = (first("registry", "reader").await?, first("registry", "admin").await?);
+    ensure!(reader_reg.seq == admin_reg.seq && !reader_reg.subject.is_empty() && !reader_reg.r#type.is_empty());
+    ensure!(reader_reg.payload.is_empty(), "a reader saw a registry payload: {} bytes", reader_reg.payload.len());
+    ensure!(!admin_reg.payload.is_empty(), "the admin saw no registry payload");
+    ensure!(!first("iu", "reader").await?.payload.is_empty(), "a reader saw no unit payload");
+    Ok(())
+}
