@@ -8,7 +8,11 @@
 //! - `bench [SCENARIO] [options]`: build every binary in release mode (the benchmarks run the
 //!   real services), then run `cim-bench` (every scenario, or the one named; `all` writes the
 //!   envelope and information-unit table to docs/bench-latest.md).
+//! - `codegen`: writes the generated parts of the Python package (python.rs).
+//! - `pytest [ARGS]`: sets up `.cim/venv` when missing or stale, then runs the Python tests
+//!   (`test` runs them after the Rust suite).
 
+mod python;
 mod tidy;
 
 use std::process::{Command, ExitCode};
@@ -24,8 +28,10 @@ fn main() -> ExitCode {
         "test" => test(&rest),
         "up" => up(&rest),
         "bench" => bench(&rest),
+        "codegen" => python::codegen(&root()),
+        "pytest" => pytest(&rest),
         _ => {
-            eprintln!("usage: cargo xtask <tidy [CHECK…]|test|up|bench [SCENARIO]> [args passed on]");
+            eprintln!("usage: cargo xtask <tidy [CHECK…]|test|up|bench [SCENARIO]|codegen|pytest> [args passed on]");
             return ExitCode::from(if task == "help" { 0 } else { 64 });
         }
     };
@@ -55,11 +61,54 @@ fn has_nextest() -> bool {
 fn test(rest: &[String]) -> Result<(), String> {
     tidy::tidy(&[])?;
     run(cargo().args(["build", "--workspace", "--bins"]))?;
-    if has_nextest() {
+    let rust = if has_nextest() {
         run(cargo().args(["nextest", "run", "--workspace", "--no-fail-fast"]).args(rest))
     } else {
         run(cargo().args(["test", "--workspace", "--no-fail-fast"]).args(rest))
+    };
+    // The Python tests run even when a Rust test failed: both verdicts are reported.
+    let python = pytest(&[]);
+    rust.and(python)
+}
+
+/// The Python tools' home: a virtual environment inside the ignored `.cim/`.
+fn venv() -> std::path::PathBuf {
+    root().join(".cim/venv")
+}
+
+/// Creates `.cim/venv` and installs the package (editable) with its test dependencies:
+/// nats-py, protobuf, pytest (and hatchling, to build it). Done again only when
+/// python/pyproject.toml changed (its copy in the venv is the stamp).
+fn python_setup() -> Result<std::path::PathBuf, String> {
+    let venv = venv();
+    let python = venv.join("bin/python");
+    let pyproject = root().join("python/pyproject.toml");
+    let stamp = venv.join("cim-pyproject.toml");
+    let wanted = std::fs::read(&pyproject).map_err(|e| format!("{}: {e}", pyproject.display()))?;
+    if python.exists() && std::fs::read(&stamp).is_ok_and(|s| s == wanted) {
+        return Ok(python);
     }
+    eprintln!("xtask: setting up {} (nats-py, protobuf, pytest; the cim package editable)", venv.display());
+    let python3 = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    if !python.exists() {
+        run(Command::new(&python3).args(["-m", "venv"]).arg(&venv))?;
+    }
+    run(Command::new(&python)
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-e"])
+        .arg(format!("{}[test]", root().join("python").display())))?;
+    std::fs::write(&stamp, wanted).map_err(|e| format!("{}: {e}", stamp.display()))?;
+    Ok(python)
+}
+
+/// `cargo xtask pytest [ARGS]`: the Python tests, against the binaries in target/debug (built
+/// by `test` before).
+fn pytest(rest: &[String]) -> Result<(), String> {
+    let python = python_setup()?;
+    run(Command::new(python)
+        .current_dir(root().join("python"))
+        .env("CIM_BIN_DIR", target_dir().join("debug"))
+        .args(["-m", "pytest", "-q"])
+        .args(rest))
 }
 
 fn up(rest: &[String]) -> Result<(), String> {
