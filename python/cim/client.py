@@ -19,7 +19,7 @@ client (``crates/cim-iu-client``).
 from __future__ import annotations
 
 import asyncio
-import base64
+import contextlib
 import datetime as _dt
 import importlib
 import json
@@ -380,10 +380,7 @@ class Client:
                         raise await self._corrupt(cid, f"its chunks hold more than the {size} bytes it records")
                     yield data
         finally:
-            try:
-                await psub.unsubscribe()
-            except Exception:
-                pass
+            await _close_pull(self.js, psub, delete=True)
         if pos != size:
             raise await self._corrupt(cid, f"read {pos} bytes, the object records {size}")
         if hasher.cid() != cid:
@@ -503,9 +500,15 @@ class Client:
         links: Iterable[tuple[str, str]] = (),
         request_id: str | None = None,
     ) -> pb.CommandResult:
-        """Creates a unit of stored content ``cid``; ``links`` are ``(kind, target unit id)``."""
+        """Creates a unit of stored content ``cid``; ``links`` are ``(kind, target unit id)``;
+        an empty media type is ``application/octet-stream``."""
         c = pb.CreateUnit(
-            header=self._header(request_id, 0), cid=cid, name=name, media_type=media_type, unit_type=unit_type, tags=list(tags)
+            header=self._header(request_id, 0),
+            cid=cid,
+            name=name,
+            media_type=media_type or "application/octet-stream",
+            unit_type=unit_type,
+            tags=list(tags),
         )
         c.attributes.update(attributes or {})
         c.links.extend(pb.Link(kind=k, target=t) for k, t in links)
@@ -617,6 +620,7 @@ class Client:
         if durable:
             S.token("durable consumer name", durable)
         psub = await self.js.pull_subscribe(subject, durable=durable, stream=stream, config=config)
+        unacked: list = []
         try:
             while True:
                 try:
@@ -629,25 +633,37 @@ class Client:
                     # e.g. the server restarting: ask again after a pause
                     await asyncio.sleep(idle)
                     continue
-                for m in msgs:
+                unacked = list(msgs)
+                while unacked:
+                    m = unacked[0]
                     seq = m.metadata.sequence.stream if m.metadata else 0
                     yield decode_event(m.subject, seq, m.headers, m.data)
+                    # asked for the next one: this one is done
+                    unacked.pop(0)
                     if durable:
                         await m.ack()
         finally:
-            try:
-                if durable:
-                    await psub._sub.unsubscribe()  # keep the durable consumer, drop the subscription
-                else:
-                    await psub.unsubscribe()
-            except Exception:
-                pass
+            # what was fetched but not finished is handed back at once, not after the ack wait
+            if durable:
+                for m in unacked:
+                    with contextlib.suppress(Exception):
+                        await m.nak()
+            # a durable consumer stays (that is the point); an ephemeral one goes now
+            await _close_pull(self.js, psub, delete=not durable)
 
     # ---- any request/reply endpoint with JSON bodies (pipelines, hub) ----
 
     async def request_json(self, subject: str, body: Any, *, timeout: float | None = None, idempotent: bool = True) -> Any:
         msg = await self._call(subject, json.dumps(body).encode(), idempotent=idempotent, timeout=timeout)
         return json.loads(msg.data) if msg.data else None
+
+
+async def _close_pull(js, psub, *, delete: bool) -> None:
+    with contextlib.suppress(Exception):
+        await psub.unsubscribe()
+    if delete:
+        with contextlib.suppress(Exception):
+            await js.delete_consumer(psub._stream, psub._consumer)
 
 
 async def _chunks(source, size: int) -> AsyncIterator[bytes]:

@@ -74,6 +74,11 @@ def unit_event(unit_id: str, action: str) -> str:
     return T.IU_UNIT_EVENT.format(unit_id=token("unit id", unit_id), action=token("action", action))
 
 
+def unit_action(action: str) -> str:
+    """One kind of event across all units (e.g. every ``created``)."""
+    return T.IU_UNIT_EVENT.format(unit_id="*", action=token("action", action))
+
+
 def unit_history(unit_id: str) -> str:
     return T.IU_UNIT_HISTORY.format(unit_id=token("unit id", unit_id))
 
