@@ -76,36 +76,59 @@ fn venv() -> std::path::PathBuf {
     root().join(".cim/venv")
 }
 
-/// Creates `.cim/venv` and installs the package (editable) with its test dependencies:
-/// nats-py, protobuf, pytest (and hatchling, to build it). Done again only when
-/// python/pyproject.toml changed (its copy in the venv is the stamp).
-fn python_setup() -> Result<std::path::PathBuf, String> {
+/// Where the tests' Python comes from: an interpreter and extra environment.
+struct PythonEnv {
+    python: std::path::PathBuf,
+    env: Vec<(String, std::ffi::OsString)>,
+}
+
+/// Sets up the Python tests' tools, once: `.cim/venv` with the package (editable) and its test
+/// dependencies (nats-py, protobuf, pytest; hatchling builds it). Where `python3 -m venv` is
+/// unavailable (Debian without python3-venv) the dependencies go to `.cim/python` with
+/// `pip install --target` and the package is imported from the source tree. Done again only
+/// when python/pyproject.toml changed (its copy next to the tools is the stamp).
+fn python_setup() -> Result<PythonEnv, String> {
+    let pyproject = root().join("python/pyproject.toml");
+    let wanted = std::fs::read(&pyproject).map_err(|e| format!("{}: {e}", pyproject.display()))?;
+    let python3 = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let package = format!("{}[test]", root().join("python").display());
     let venv = venv();
     let python = venv.join("bin/python");
-    let pyproject = root().join("python/pyproject.toml");
     let stamp = venv.join("cim-pyproject.toml");
-    let wanted = std::fs::read(&pyproject).map_err(|e| format!("{}: {e}", pyproject.display()))?;
     if python.exists() && std::fs::read(&stamp).is_ok_and(|s| s == wanted) {
-        return Ok(python);
+        return Ok(PythonEnv { python, env: Vec::new() });
     }
-    eprintln!("xtask: setting up {} (nats-py, protobuf, pytest; the cim package editable)", venv.display());
-    let python3 = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    if !python.exists() {
-        run(Command::new(&python3).args(["-m", "venv"]).arg(&venv))?;
+    let quiet = ["install", "--quiet", "--disable-pip-version-check"];
+    if python.exists() || Command::new(&python3).args(["-m", "venv"]).arg(&venv).status().is_ok_and(|s| s.success()) {
+        eprintln!(
+            "xtask: installing the cim package (editable) with nats-py, protobuf and pytest into {}",
+            venv.display()
+        );
+        run(Command::new(&python).arg("-m").arg("pip").args(quiet).arg("-e").arg(&package))?;
+        std::fs::write(&stamp, wanted).map_err(|e| format!("{}: {e}", stamp.display()))?;
+        return Ok(PythonEnv { python, env: Vec::new() });
     }
-    run(Command::new(&python)
-        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-e"])
-        .arg(format!("{}[test]", root().join("python").display())))?;
-    std::fs::write(&stamp, wanted).map_err(|e| format!("{}: {e}", stamp.display()))?;
-    Ok(python)
+    let _ = std::fs::remove_dir_all(&venv);
+    let target = root().join(".cim/python");
+    let path = std::env::join_paths([root().join("python"), target.clone()]).map_err(|e| e.to_string())?;
+    let env = vec![("PYTHONPATH".to_string(), path)];
+    let stamp = target.join("cim-pyproject.toml");
+    if !std::fs::read(&stamp).is_ok_and(|s| s == wanted) {
+        eprintln!("xtask: no python3 -m venv here: installing nats-py, protobuf and pytest into {}", target.display());
+        let _ = std::fs::remove_dir_all(&target);
+        run(Command::new(&python3).arg("-m").arg("pip").args(quiet).arg("--target").arg(&target).arg(&package))?;
+        std::fs::write(&stamp, wanted).map_err(|e| format!("{}: {e}", stamp.display()))?;
+    }
+    Ok(PythonEnv { python: python3.into(), env })
 }
 
 /// `cargo xtask pytest [ARGS]`: the Python tests, against the binaries in target/debug (built
 /// by `test` before).
 fn pytest(rest: &[String]) -> Result<(), String> {
-    let python = python_setup()?;
-    run(Command::new(python)
+    let py = python_setup()?;
+    run(Command::new(&py.python)
         .current_dir(root().join("python"))
+        .envs(py.env.iter().map(|(k, v)| (k, v)))
         .env("CIM_BIN_DIR", target_dir().join("debug"))
         .args(["-m", "pytest", "-q"])
         .args(rest))
