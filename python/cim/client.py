@@ -476,9 +476,9 @@ class Client:
         responders and 503."""
         if not command.header.request_id:
             command.header.request_id = str(uuid7())
-        headers = None
-        if caused_by is not None:
-            headers = Envelope.caused_by(caused_by, caused_by.type, 1, self.source).headers()
+        # on behalf of another message: the events written inherit its correlation id and
+        # take its id as causation (the service reads the parent's envelope from the headers)
+        headers = caused_by.headers() if caused_by is not None else None
         msg = await self._call(S.command("iu", endpoint), command.SerializeToString(), idempotent=True, headers=headers)
         result = self._decode(pb.CommandResult, msg.data)
         self.saw(result.sequence)

@@ -154,6 +154,36 @@ def test_bad_content_requests_are_typed_errors(cim_iu):
     run(main())
 
 
+def test_bytes_that_do_not_match_their_cid_are_refused_and_reported(cim_iu):
+    async def main():
+        c = await Client.connect(cim_iu.url, timeout=10)
+        try:
+            # an object named by the CID of other bytes, written behind the service's back
+            claimed = cid.of(b"what the name promises")
+            nuid = os.urandom(8).hex()
+            await c.js.publish(subjects.object_chunks(T.IU_CONTENT_BUCKET, nuid), b"something else entirely")
+            meta = {
+                "name": claimed, "bucket": T.IU_CONTENT_BUCKET, "nuid": nuid, "size": 23, "chunks": 1,
+                "digest": cid.to_object_digest(claimed), "metadata": {},
+            }
+            await c.js.publish(subjects.object_meta(T.IU_CONTENT_BUCKET, claimed), json.dumps(meta).encode(), headers={"Nats-Rollup": "sub"})
+            reported = []
+
+            async def on_event(msg):
+                reported.append(msg)
+
+            sub = await c.nc.subscribe(T.IU_CONTENT_EVENT.format(cid=claimed, action="corrupted"), cb=on_event)
+            with pytest.raises(errors.Corrupt) as e:
+                await c.get_bytes(claimed)
+            assert e.value.cid == claimed and "do not match" in e.value.detail
+            await eventually(lambda: reported, "the corruption is recorded as an event", 30)
+            await sub.unsubscribe()
+        finally:
+            await c.close()
+
+    run(main())
+
+
 def cimctl(cim, *args: str) -> str:
     out = subprocess.run(
         [str(binary("cimctl")), *args],
