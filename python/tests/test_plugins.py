@@ -216,6 +216,15 @@ def test_csv_stats_pipeline_runs_a_python_plugin_survives_its_crash_and_reports_
             assert summary.name == "sales.csv.stats.json" and summary.media_type == "application/json" and "csv-stats" in summary.tags
             assert json.loads(await c.get_bytes(summary.cid)) == summarize(text)
 
+            # routed by the plugin host by capability, like any plugin
+            routed = await c._request(
+                subjects.command("plugin", "invoke"), pb.InvokeRequest(capability="table.stats", input=b"a,b\n1,x\n").SerializeToString(), 30
+            )
+            r = pb.InvokeReply()
+            r.ParseFromString(routed.data)
+            assert (r.status, r.plugin, r.runtime) == (pb.STATUS_OK, "csv-stats", T.PLUGIN_RUNTIME_NATIVE), r
+            assert json.loads(r.output)["rows"] == 1
+
             # 2. the plugin dies holding an invocation: the step is retried and the restarted
             #    plugin finishes the run. Stopped first, it receives the request and cannot
             #    answer before it is killed, whatever the machine's load.
