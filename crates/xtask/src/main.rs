@@ -11,6 +11,8 @@
 //! - `codegen`: writes the generated parts of the Python package (python.rs).
 //! - `pytest [ARGS]`: sets up `.cim/venv` when missing or stale, then runs the Python tests
 //!   (`test` runs them after the Rust suite).
+//! - `pybench [ARGS]`: a Python plugin invocation vs the Rust native plugin's
+//!   (python/bench/plugin_invoke.py, against a release build of plugin-native-example).
 
 mod python;
 mod tidy;
@@ -30,8 +32,11 @@ fn main() -> ExitCode {
         "bench" => bench(&rest),
         "codegen" => python::codegen(&root()),
         "pytest" => pytest(&rest),
+        "pybench" => pybench(&rest),
         _ => {
-            eprintln!("usage: cargo xtask <tidy [CHECK…]|test|up|bench [SCENARIO]|codegen|pytest> [args passed on]");
+            eprintln!(
+                "usage: cargo xtask <tidy [CHECK…]|test|up|bench [SCENARIO]|codegen|pytest|pybench> [args passed on]"
+            );
             return ExitCode::from(if task == "help" { 0 } else { 64 });
         }
     };
@@ -131,6 +136,18 @@ fn pytest(rest: &[String]) -> Result<(), String> {
         .envs(py.env.iter().map(|(k, v)| (k, v)))
         .env("CIM_BIN_DIR", target_dir().join("debug"))
         .args(["-m", "pytest", "-q"])
+        .args(rest))
+}
+
+fn pybench(rest: &[String]) -> Result<(), String> {
+    run(cargo().args(["build", "--release", "-p", "plugin-native-example"]))?;
+    let py = python_setup()?;
+    run(Command::new(&py.python)
+        .current_dir(root().join("python"))
+        .envs(py.env.iter().map(|(k, v)| (k, v)))
+        .arg("bench/plugin_invoke.py")
+        .arg("--bin-dir")
+        .arg(target_dir().join("release"))
         .args(rest))
 }
 
