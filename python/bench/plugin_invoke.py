@@ -3,7 +3,7 @@
 Both plugins do the same work — the SHA-256 of the input, as hex, with ``sha256`` and ``size``
 metadata — behind the same contract: the Rust one is ``plugin-native-example`` (its own process),
 the Python one is served by :class:`cim.plugin.Plugin` (its own process, started by this
-script). A third responder, a bare nats-py request/reply echo without the SDK, separates the
+script), once with a plain handler (run in a worker thread) and once with an ``async def`` one. A third responder, a bare nats-py request/reply echo without the SDK, separates the
 cost of Python's NATS client from the SDK's. The client is the same for all (nats-py, one
 connection), on a nats-server of the benchmark's own. Reported: the median and p99 latency of
 sequential invocations and the throughput with 16 in flight, per input size, and the ratio
@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "python"))
 from cim import Output, Plugin, subjects  # noqa: E402
 from cim.proto import plugin_pb2 as pb  # noqa: E402
 
-PY_NAME, RUST_NAME, ECHO_NAME, VERSION = "sha256-py", "sha256", "echo-py", "1.0.0"
+PY_NAME, PY_ASYNC_NAME, RUST_NAME, ECHO_NAME, VERSION = "sha256-py", "sha256-py-async", "sha256", "echo-py", "1.0.0"
 
 plugin = Plugin(PY_NAME, VERSION, capabilities=["checksum.sha256"], description="sha-256 digest of the input, as hex")
 
@@ -43,6 +43,15 @@ plugin = Plugin(PY_NAME, VERSION, capabilities=["checksum.sha256"], description=
 def sha256(data: bytes, metadata: dict[str, str]) -> Output:
     hexdigest = hashlib.sha256(data).hexdigest()
     return Output(hexdigest.encode(), {"sha256": hexdigest, "size": str(len(data))})
+
+
+async_plugin = Plugin(PY_ASYNC_NAME, VERSION, capabilities=["checksum.sha256"], description="sha-256 digest of the input, as hex")
+
+
+@async_plugin.handler
+async def sha256_async(data: bytes, metadata: dict[str, str]) -> Output:
+    """The same work in an ``async def`` handler: it runs on the event loop, no thread hop."""
+    return sha256(data, metadata)
 
 
 async def echo_server(url: str) -> None:
@@ -138,17 +147,24 @@ async def main() -> None:
         rust = pathlib.Path(args.bin_dir) / "plugin-native-example"
         procs.append(subprocess.Popen([str(rust), "--nats-url", url, "--name", RUST_NAME, "--plugin-version", VERSION], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         procs.append(subprocess.Popen([sys.executable, str(HERE), "--serve", url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        procs.append(subprocess.Popen([sys.executable, str(HERE), "--serve-async", url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         procs.append(subprocess.Popen([sys.executable, str(HERE), "--echo", url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        for name in (RUST_NAME, PY_NAME, ECHO_NAME):
+        names = (RUST_NAME, PY_NAME, PY_ASYNC_NAME, ECHO_NAME)
+        for name in names:
             await wait_answers(nc, name)
         print(f"plugin invocation, {args.rounds} sequential + {args.rounds} with 16 in flight; client nats-py; {rust.parent.name} Rust build")
         print("| input | plugin | median µs | p99 µs | invocations/s (16 in flight) | median ratio to Rust | throughput ratio to Rust |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for size in (1024, 256 * 1024):
             data = os.urandom(size)
-            results = {n: await measure(nc, n, data, args.rounds) for n in (RUST_NAME, PY_NAME, ECHO_NAME)}
+            results = {n: await measure(nc, n, data, args.rounds) for n in names}
             base = results[RUST_NAME]
-            label = {RUST_NAME: "Rust native (plugin-native-example)", PY_NAME: "Python, cim.plugin SDK", ECHO_NAME: "Python, bare nats-py responder"}
+            label = {
+                RUST_NAME: "Rust native (plugin-native-example)",
+                PY_NAME: "Python, cim.plugin SDK, plain handler (worker thread)",
+                PY_ASYNC_NAME: "Python, cim.plugin SDK, async def handler",
+                ECHO_NAME: "Python, bare nats-py responder (no SDK)",
+            }
             for n, r in results.items():
                 print(
                     f"| {size // 1024} KiB | {label[n]} | {r['median_us']:.0f} | {r['p99_us']:.0f} | {r['per_s']:.0f} "
@@ -165,6 +181,8 @@ async def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--serve":
         plugin.main(["--nats-url", sys.argv[2]])
+    elif len(sys.argv) == 3 and sys.argv[1] == "--serve-async":
+        async_plugin.main(["--nats-url", sys.argv[2]])
     elif len(sys.argv) == 3 and sys.argv[1] == "--echo":
         asyncio.run(echo_server(sys.argv[2]))
     else:

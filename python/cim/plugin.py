@@ -175,7 +175,11 @@ class Plugin:
             else:
                 loop = asyncio.get_running_loop()
                 fut = loop.run_in_executor(self._executor, self._handler, req.input, metadata)
-                result = await asyncio.wait_for(asyncio.shield(fut), deadline)
+                # asyncio.wait leaves the thread's future alone when the deadline passes
+                done, _ = await asyncio.wait((fut,), timeout=deadline)
+                if not done:
+                    raise asyncio.TimeoutError
+                result = fut.result()
         except asyncio.TimeoutError:
             return self._fail(pb.STATUS_DEADLINE_EXCEEDED, f"did not finish within {deadline * 1000:.0f} ms", started)
         except InvalidInput as e:
