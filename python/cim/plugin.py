@@ -171,17 +171,16 @@ class Plugin:
         metadata = dict(req.metadata)
         try:
             if inspect.iscoroutinefunction(self._handler):
-                result = await asyncio.wait_for(self._handler(req.input, metadata), deadline)
+                running = asyncio.ensure_future(self._handler(req.input, metadata))
             else:
                 loop = asyncio.get_running_loop()
-                fut = loop.run_in_executor(self._executor, self._handler, req.input, metadata)
-                # asyncio.wait leaves the thread's future alone when the deadline passes
-                done, _ = await asyncio.wait((fut,), timeout=deadline)
-                if not done:
-                    raise asyncio.TimeoutError
-                result = fut.result()
-        except asyncio.TimeoutError:
-            return self._fail(pb.STATUS_DEADLINE_EXCEEDED, f"did not finish within {deadline * 1000:.0f} ms", started)
+                running = loop.run_in_executor(self._executor, self._handler, req.input, metadata)
+            # asyncio.wait leaves a worker thread's future alone when the deadline passes
+            done, _ = await asyncio.wait((running,), timeout=deadline)
+            if not done:
+                running.cancel()  # cancels a coroutine; a thread runs on, holding its worker
+                return self._fail(pb.STATUS_DEADLINE_EXCEEDED, f"did not finish within {deadline * 1000:.0f} ms", started)
+            result = running.result()
         except InvalidInput as e:
             return self._fail(pb.STATUS_INVALID_INPUT, _one_line(str(e)) or "invalid input", started)
         except PluginFailed as e:

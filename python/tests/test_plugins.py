@@ -65,6 +65,8 @@ def test_the_sdk_serves_the_contract_with_its_limits(nats_only):
             raise InvalidInput("Not what I expected:\n line 2")
         if what == "fail":
             raise PluginFailed("backend unreachable")
+        if what == "own-timeout":
+            raise TimeoutError("the database did not answer")
         raise ZeroDivisionError("division by zero")
 
     async def main():
@@ -101,6 +103,9 @@ def test_the_sdk_serves_the_contract_with_its_limits(nats_only):
             crashed, headers = await invoke(nc, "py-limits", "0.1.0", metadata={"do": "crash"})
             assert crashed.status == pb.STATUS_TRAPPED and "ZeroDivisionError" in crashed.error.message
             assert headers["Nats-Service-Error-Code"] == "500"
+            # the handler's own TimeoutError is its crash, not the deadline
+            own, _ = await invoke(nc, "py-limits", "0.1.0", metadata={"do": "own-timeout"})
+            assert own.status == pb.STATUS_TRAPPED and "TimeoutError: the database did not answer" in own.error.message
             garbage, headers = await invoke(nc, "py-limits", "0.1.0", raw=b"\xff\xff\xff")
             assert garbage.status == pb.STATUS_BAD_REQUEST and "undecodable" in garbage.error.message
 
@@ -132,6 +137,29 @@ def test_the_sdk_serves_the_contract_with_its_limits(nats_only):
         finally:
             await serving.stop(grace=5)
             await nc.close()
+
+    run(main())
+
+
+def test_an_async_handler_is_cancelled_at_its_deadline():
+    p = Plugin("py-async", "1.0.0", timeout=0.2)
+    state = {"cancelled": False}
+
+    @p.handler
+    async def slow(data: bytes, metadata: dict[str, str]):
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            state["cancelled"] = True
+            raise
+        return b"never"
+
+    async def main():
+        reply = await p.invoke(pb.InvokeRequest(input=b"x").SerializeToString())
+        assert reply.status == pb.STATUS_DEADLINE_EXCEEDED and "200 ms" in reply.error.message
+        await eventually(lambda: state["cancelled"], "the handler is cancelled", 10)
+        fast = await p.invoke(pb.InvokeRequest(input=b"x", timeout_ms=50).SerializeToString())
+        assert fast.status == pb.STATUS_DEADLINE_EXCEEDED and "50 ms" in fast.error.message
 
     run(main())
 
