@@ -543,6 +543,12 @@ class Client:
         c = pb.DeleteUnit(header=self._header(request_id, expected_version), unit_id=unit_id, reason=reason)
         return await self.execute("delete", c)
 
+    async def register_type(self, name: str, schema_json: str, *, request_id: str | None = None) -> pb.CommandResult:
+        """Registers unit type ``name`` with its attribute schema (a new registration is a new
+        schema version; the format is in docs/information-units.md)."""
+        c = pb.RegisterType(header=self._header(request_id, 0), name=name, schema_json=schema_json)
+        return await self.execute("register_type", c)
+
     # ---- queries ----
 
     async def _query(self, endpoint: str, request, reply_cls):
@@ -559,6 +565,20 @@ class Client:
 
     async def links(self, unit_id: str) -> pb.Links:
         return await self._query("links", pb.GetLinks(unit_id=unit_id, min_sequence=self.min_sequence), pb.Links)
+
+    async def get_type(self, name: str) -> pb.UnitType:
+        return await self._query("type", pb.GetType(name=name), pb.UnitType)
+
+    async def validate(self, unit_type: str, attributes: dict[str, str]) -> pb.Validation:
+        """Would ``attributes`` be accepted for ``unit_type``? Writes nothing."""
+        q = pb.ValidateAttributes(unit_type=unit_type)
+        q.attributes.update(attributes)
+        return await self._query("validate", q, pb.Validation)
+
+    async def status(self) -> pb.ProjectionStatus:
+        """The projection's progress."""
+        msg = await self._call(S.query("iu", "status"), b"", idempotent=True)
+        return self._decode(pb.ProjectionStatus, msg.data)
 
     async def list(self, *, tag: str = "", unit_type: str = "", name_prefix: str = "", since_ms: int = 0, until_ms: int = 0, page_size: int = 0, page_token: str = "", include_deleted: bool = False) -> pb.UnitList:
         """One page of units matching the filters (``next_page_token`` empty on the last)."""

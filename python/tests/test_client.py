@@ -271,6 +271,18 @@ def test_commands_with_conflicts_and_idempotent_retries(cim_iu):
             page = await c.list(name_prefix="doc", page_size=1)
             assert len(page.units) <= 1
 
+            # unit types: attributes checked against the type's schema (docs/information-units.md)
+            schema = json.dumps({"attributes": {"pages": {"type": "integer", "min": 1, "required": True}}})
+            await c.register_type("py-report", schema)
+            assert (await c.get_type("py-report")).name == "py-report"
+            assert (await c.validate("py-report", {"pages": "12"})).valid
+            bad = await c.validate("py-report", {})
+            assert not bad.valid and bad.problems
+            with pytest.raises(errors.BadRequest):
+                await c.create(content.cid, name="typed", unit_type="py-report", attributes={})
+            status = await c.status()
+            assert status.stream_last_sequence >= unit.sequence
+
             with pytest.raises(errors.BadRequest):
                 await c.tag(first.unit_id, ["not a tag"])
             with pytest.raises(errors.NotFound):
