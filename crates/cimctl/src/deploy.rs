@@ -175,7 +175,27 @@ pub fn all_permissions() -> Result<Value> {
             "placeholder": LEAF_PLACEHOLDER,
             "publish": leaf_mirror_permissions()?,
         },
+        "native_plugins": native_plugin_permissions(),
     }))
+}
+
+/// Stands for a plugin's name in `native_plugins`.
+pub const PLUGIN_PLACEHOLDER: &str = "PLUGIN_NAME";
+
+/// The identity of a process that serves one native plugin (any language: the Rust example,
+/// the Python SDK): it may announce that plugin's versions and receive their invocations, and
+/// answer them — nothing else, so only identities the operator lists serve a plugin name.
+/// `nats-auth.nix` makes one user `plugin-<name>` per entry of `nativePlugins`, replacing
+/// [`PLUGIN_PLACEHOLDER`].
+pub fn native_plugin_permissions() -> Value {
+    let of = |what: &str| format!("{}.{}.{PLUGIN_PLACEHOLDER}.*.{what}", subject::ROOT, cim_events::plugin::KIND);
+    json!({
+        "placeholder": PLUGIN_PLACEHOLDER,
+        "user_prefix": "plugin-",
+        "publish": { "allow": [of("announce")] },
+        "subscribe": { "allow": [of("invoke")] },
+        "allow_responses": true,
+    })
 }
 
 /// Stands for a leaf's JetStream domain, upper-cased as in mirror names, in `leaf_mirrors`.

@@ -225,6 +225,14 @@ impl CimFixture {
         Ok((client, user.public_key()))
     }
 
+    /// A new user of the fixture's account with `permissions`, its credentials file and its
+    /// public key. Only under [`CimFixtureBuilder::generated_permissions`].
+    pub fn user(&self, name: &str, permissions: Permissions) -> Result<(PathBuf, String)> {
+        let a = self.auth.as_ref().context("user needs a fixture with generated_permissions()")?;
+        let user = a.account.user(name, permissions);
+        Ok((user.write_creds(a.dir.path())?, user.public_key()))
+    }
+
     /// The JetStream domain services use, if not the default.
     pub fn domain(&self) -> Option<&str> {
         self.auth.as_ref().map(|_| LEAF_DOMAIN)
