@@ -332,3 +332,33 @@ fn regression_manifest_spanning_every_sequence() {
     m.first_seq = 2; // u64::MAX - 1 sequences
     assert!(Manifest::parse("k", &serde_json::to_vec(&m).unwrap()).is_err(), "more records than sequences");
 }
+
+/// Found by `signed_manifests_refuse_any_change` (with `PROPTEST_CASES=20000`): the MAC's hex
+/// was read case-insensitively (and `u8::from_str_radix` also takes a leading `+`), so a signed
+/// manifest whose MAC had a digit changed to upper case, or a `0` to a `+`, still verified.
+#[test]
+fn regression_respelled_mac_is_refused() {
+    let key = ArchiveKey::derive(b"secret");
+    let mut m = describe(b"", b"", "zstd", 1, 1, 1);
+    key.seal(&mut m);
+    assert_eq!(key.check(&m), Ok(()));
+    let mac = m.mac.clone().unwrap();
+    let mut upper = m.clone();
+    upper.mac = Some(mac.to_uppercase());
+    assert_ne!(upper.mac, m.mac, "a MAC of 64 hex digits with no letter");
+    assert_eq!(key.check(&upper), Err(crate::SealError::Mismatch));
+    // A MAC with a `0` at the start of a byte, spelled `+`.
+    let mut m = describe(b"", b"", "zstd", 1, 1, 1);
+    let plus = (0..1000)
+        .find_map(|epoch| {
+            m.epoch = epoch;
+            key.seal(&mut m);
+            let mac = m.mac.clone().unwrap();
+            let i = (0..mac.len()).step_by(2).find(|&i| &mac[i..i + 1] == "0")?;
+            Some(format!("{}+{}", &mac[..i], &mac[i + 1..]))
+        })
+        .unwrap();
+    let mut respelled = m.clone();
+    respelled.mac = Some(plus);
+    assert_eq!(key.check(&respelled), Err(crate::SealError::Mismatch));
+}
