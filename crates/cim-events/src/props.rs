@@ -18,6 +18,7 @@ use crate::{
     envelope::{self, HEADERS},
     gateway, hub,
     payload::{self, Payload},
+    plugin as plg,
     proto::{hub as phub, iu, pipeline as pl, plugin, registry as reg, runtime as rt},
     subject,
 };
@@ -366,5 +367,41 @@ proptest! {
         let _ = hub::secret_key(&s);
         let b64 = base64::engine::general_purpose::STANDARD.encode(&key);
         prop_assert_eq!(hub::secret_key(&format!("whsec_{b64}")), Ok(key));
+    }
+
+    /// Plugin requests as the plugin host reads them (push, remove, invoke): decoded or
+    /// refused, and their names, versions, capabilities and upload ids checked as the host
+    /// does, never a panic.
+    #[test]
+    fn plugin_requests_decode_and_validate(data in wire()) {
+        if let Ok(p) = plugin::PushPlugin::decode(data.as_slice()) {
+            if let Some(m) = &p.manifest {
+                let _ = (plg::validate_name(&m.name), plg::validate_version(&m.version));
+                for c in &m.capabilities {
+                    let _ = plg::validate_capability(c);
+                }
+            }
+            if let Some(id) = p.upload.strip_prefix(plg::UPLOAD_PREFIX) {
+                let _ = plg::upload_object(id);
+            }
+        }
+        if let Ok(r) = plugin::RemovePlugin::decode(data.as_slice()) {
+            let _ = (plg::validate_name(&r.name), plg::validate_version(&r.version), plg::invoke_subject(&r.name, &r.version));
+        }
+        if let Ok(r) = plugin::InvokeRequest::decode(data.as_slice()) {
+            let _ = (plg::parse_reference(&r.plugin), plg::validate_capability(&r.capability), plg::version_token(&r.version));
+        }
+    }
+
+    /// Plugin references and version tokens: any text is read or refused; valid ones round-trip
+    /// (`name@version`, and a version through its subject token).
+    #[test]
+    fn plugin_references_round_trip(
+        s in prop_oneof![".{0,40}", "[a-z0-9-]{0,10}@[0-9A-Za-z.+_-]{0,10}"],
+        name in "[a-z0-9][a-z0-9-]{0,63}", version in "[0-9A-Za-z+-]{1,10}(\\.[0-9A-Za-z+-]{1,10}){0,3}",
+    ) {
+        let _ = (plg::parse_reference(&s), plg::version_from_token(&s), plg::validate_capability(&s));
+        prop_assert_eq!(plg::parse_reference(&plg::reference(&name, &version)), Ok((name.clone(), Some(version.clone()))));
+        prop_assert_eq!(plg::version_from_token(&plg::version_token(&version).unwrap()), Ok(version));
     }
 }
