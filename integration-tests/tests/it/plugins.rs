@@ -449,10 +449,10 @@ async fn a_native_plugin_identity_serves_only_its_own_plugin_name() -> Result<()
     let placeholder = t["placeholder"].as_str().context("placeholder")?;
     let mut perms = cim_testkit::Permissions::all().allow_responses();
     for s in t["publish"]["allow"].as_array().context("publish")? {
-        perms = perms.allow_publish(&s.as_str().context("entry")?.replace(placeholder, "sha256"));
+        perms = perms.allow_publish(s.as_str().context("entry")?.replace(placeholder, "sha256"));
     }
     for s in t["subscribe"]["allow"].as_array().context("subscribe")? {
-        perms = perms.allow_subscribe(&s.as_str().context("entry")?.replace(placeholder, "sha256"));
+        perms = perms.allow_subscribe(s.as_str().context("entry")?.replace(placeholder, "sha256"));
     }
     let (creds, key) = cim.user("plugin-sha256", perms)?;
     let serve = |name: &str| {
