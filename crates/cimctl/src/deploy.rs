@@ -66,7 +66,7 @@ struct ProvisionArgs {
     #[arg(long)]
     service: Vec<String>,
     /// The tier the streams are for (`leaf` or `cluster`: replicas).
-    #[arg(long, default_value = "leaf", value_parser = parse_tier)]
+    #[arg(long, default_value = "leaf")]
     tier: cim_events::Tier,
     /// The duplicate window of the event streams (the services' `--retry-horizon`).
     #[arg(long, default_value = "24h", value_parser = cim_runtime::config::parse_duration)]
@@ -82,13 +82,6 @@ struct ProvisionArgs {
     js_domain: Option<String>,
 }
 
-fn parse_tier(s: &str) -> Result<cim_events::Tier, String> {
-    match s {
-        "leaf" => Ok(cim_events::Tier::Leaf),
-        "cluster" => Ok(cim_events::Tier::Cluster),
-        other => Err(format!("unknown tier {other:?}: leaf or cluster")),
-    }
-}
 
 async fn provision(args: ProvisionArgs) -> Result<ExitCode> {
     let components = if args.service.is_empty() {
