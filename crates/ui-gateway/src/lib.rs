@@ -10,6 +10,7 @@ pub mod api;
 pub mod auth;
 pub mod error;
 pub mod grpc;
+pub mod ui;
 
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
