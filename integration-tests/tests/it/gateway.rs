@@ -1233,6 +1233,8 @@ async fn web_ui_flow(g: &Gateway, browser: &Browser, [writer, reader, admin]: [&
     browser.wait_text("[data-testid=tags]", "normalized").await?;
     browser.accessible("unit").await?;
     browser.shot("unit").await?;
+    browser.js("document.querySelector('[data-testid=link-graph]').scrollIntoView({ block: 'center' })").await?;
+    browser.shot("unit-graph").await?;
     // Nodes are links: the summary opens.
     browser.js("document.querySelector('[data-testid=link-graph] .graph-node[data-hop=\"1\"]').dispatchEvent(new MouseEvent('click', { bubbles: true }))").await?;
     browser.wait_text("[data-testid=unit-name]", "browser-upload.txt.summary.txt").await?;

@@ -85,3 +85,22 @@ export const input =
 export const link = "text-blue-800 underline decoration-blue-300 underline-offset-2 hover:decoration-blue-800";
 export const th = "border-b border-slate-300 px-2 py-2 text-left text-xs font-semibold uppercase tracking-wide text-slate-700";
 export const td = "border-b border-slate-200 px-2 py-2 align-top";
+
+const DOT_COLOURS: Record<string, string> = {
+  completed: "bg-green-600",
+  skipped: "bg-slate-400",
+  running: "bg-blue-600",
+  retrying: "bg-amber-500",
+  failed: "bg-red-600",
+  cancelled: "bg-slate-500",
+};
+
+/** The marker of a timeline entry on the list's left border; `offset` places it (the entry is `relative`). */
+export function TimelineDot({ state = "", offset }: { state?: string; offset: string }) {
+  return (
+    <span
+      aria-hidden="true"
+      class={`absolute ${offset} h-3 w-3 rounded-full border-2 border-white ${DOT_COLOURS[state] ?? "bg-slate-500"}`}
+    />
+  );
+}

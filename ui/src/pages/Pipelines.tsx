@@ -1,9 +1,10 @@
 // Pipelines (definitions, versions, run counts, manual start) and runs (filtered list, each
 // run's steps as a timeline, cancel and retry), kept live by the pipeline engine's events.
 
+import { Fragment } from "preact";
 import { useEffect, useState } from "preact/hooks";
 import { canWrite, client, type RunInfo, type PipelineInfo, type WhoAmI } from "../api";
-import { ErrorBanner, LiveDot, Notice, PageTitle, StateBadge, When, button, buttonQuiet, input, link, td, th } from "../components/ui";
+import { ErrorBanner, LiveDot, Notice, PageTitle, StateBadge, TimelineDot, When, button, buttonQuiet, input, link, td, th } from "../components/ui";
 import { duration, shortId } from "../format";
 import { useDebounced, useLiveEvents } from "../live";
 import { runHref, unitHref } from "../route";
@@ -291,7 +292,8 @@ export function RunPage({ id, me }: { id: string; me: WhoAmI }) {
       <h2 class="mb-2 font-semibold">Steps</h2>
       <ol data-testid="run-steps" class="relative flex flex-col gap-4 border-l-2 border-slate-300 pl-6">
         {run.steps.map((s) => (
-          <li key={s.step} data-testid="step" data-state={s.state} class="rounded bg-white p-3 shadow-sm">
+          <li key={s.step} data-testid="step" data-state={s.state} class="relative rounded bg-white p-3 shadow-sm">
+            <TimelineDot state={s.state} offset="-left-[31px] top-4" />
             <p class="flex flex-wrap items-center gap-2">
               <b>{s.step}</b> <StateBadge state={s.state} testid="step-state" />
               <span class="text-sm text-slate-700">
@@ -303,10 +305,10 @@ export function RunPage({ id, me }: { id: string; me: WhoAmI }) {
             {s.metadata && Object.keys(s.metadata).length > 0 && (
               <dl class="mt-1 grid grid-cols-[max-content_1fr] gap-x-3 text-xs">
                 {Object.entries(s.metadata).map(([k, v]) => (
-                  <>
+                  <Fragment key={k}>
                     <dt class="font-medium">{k}</dt>
                     <dd class="break-all">{v}</dd>
-                  </>
+                  </Fragment>
                 ))}
               </dl>
             )}

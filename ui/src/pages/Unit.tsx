@@ -14,7 +14,7 @@ import {
   type WhoAmI,
 } from "../api";
 import { LinkGraph } from "../components/LinkGraph";
-import { ErrorBanner, Notice, PageTitle, StateBadge, When, button, buttonQuiet, input, link } from "../components/ui";
+import { ErrorBanner, Notice, PageTitle, StateBadge, TimelineDot, When, button, buttonQuiet, input, link } from "../components/ui";
 import { absoluteTime, eventAction, humanSize, shortId } from "../format";
 import { useDebounced, useLiveEvents } from "../live";
 import { runHref } from "../route";
@@ -123,7 +123,8 @@ export function UnitPage({ id, me }: { id: string; me: WhoAmI }) {
           </h2>
           <ol data-testid="provenance" class="flex flex-col gap-3 border-l-2 border-slate-300 pl-4 text-sm">
             {history.map((h) => (
-              <li key={h.sequence} data-testid="provenance-entry" data-action={eventAction(h.event_type)}>
+              <li key={h.sequence} data-testid="provenance-entry" data-action={eventAction(h.event_type)} class="relative">
+                <TimelineDot offset="-left-[23px] top-1.5" />
                 <p>
                   <b>v{h.version}</b> <span class="font-medium">{eventAction(h.event_type)}</span>
                   {h.summary && <span class="text-slate-700"> — {h.summary}</span>}
@@ -337,7 +338,8 @@ function Versions({ unit }: { unit: Unit }) {
       </h2>
       <ol data-testid="versions" class="flex flex-col gap-3 border-l-2 border-blue-300 pl-4 text-sm">
         {versions.map((v) => (
-          <li key={v.version} data-testid="version">
+          <li key={v.version} data-testid="version" class="relative">
+            <TimelineDot state="running" offset="-left-[23px] top-1.5" />
             <p>
               <b>v{v.version}</b> · {humanSize(v.size)} · <When ms={v.time_ms} /> ·{" "}
               <a class={link} href={client.contentUrl(unit.unit_id, v.version)} download>
