@@ -354,46 +354,6 @@ fn code_map(root: &Path) -> Result<(), String> {
     ))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sha256_known_answers() {
-        let hex = |d: &[u8]| sha256(d).iter().map(|b| format!("{b:02x}")).collect::<String>();
-        assert_eq!(hex(b""), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
-        assert_eq!(hex(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
-        let long = vec![b'a'; 1000];
-        assert_eq!(hex(&long), "41edece42d63e8d9bf515a9ba6932e1c20cbc9f5a5d134645adb5db1b9737ea3");
-    }
-
-    #[test]
-    fn literals_are_found_and_comments_skipped() {
-        let src = "// \"cim.evt.x\" in a comment\nlet a = \"CIM_IU_EVENTS\"; let c = '\"'; let r = r#\"cim.cmd.iu.create\"#;\n/* \"x\" */ let b = \"a\\\"b\";";
-        let lits: Vec<_> = string_literals(src).into_iter().map(|(_, l)| l).collect();
-        assert_eq!(lits, vec!["CIM_IU_EVENTS", "cim.cmd.iu.create", "a\\\"b"]);
-        assert_eq!(string_literals(src)[0].0, 2);
-    }
-
-    #[test]
-    fn names_are_told_from_other_words() {
-        let names: BTreeSet<String> = ["CIM_IU_EVENTS".to_string(), "cim_iu_content".to_string()].into();
-        assert!(spelled_name("stream CIM_IU_EVENTS is gone", &names).is_some());
-        assert!(spelled_name("$O.cim_iu_content.>", &names).is_some());
-        assert!(spelled_name("cim.evt.iu.unit.x.created", &names).is_some());
-        assert!(spelled_name("CIM_IU_EVENTS_X", &names).is_none());
-        assert!(spelled_name("CIM_NATS_URL", &names).is_none());
-        assert!(spelled_name("cim.example.com", &names).is_none());
-    }
-
-    #[test]
-    fn manifest_dependencies_are_read() {
-        let m = "[package]\nname = \"x\"\n[dependencies]\nregistry.workspace = true\ntokio = { workspace = true }\n# c = 1\n[dev-dependencies]\ncim-testkit.workspace = true\n[lints]\nworkspace = true\n";
-        let d = manifest_dependencies(m);
-        assert_eq!(d, ["cim-testkit", "registry", "tokio"].into_iter().map(String::from).collect());
-    }
-}
-
 /// The web UI's bundle (`crates/ui-gateway/src/ui/dist`, embedded in the gateway) is built from
 /// `ui/` by `npm --prefix ui run build`, which also writes `bundle.stamp`: the hash of the
 /// sources and of the bundle. Both must still match, so a fresh machine needs no npm and the
@@ -507,4 +467,44 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
         out[i * 4..i * 4 + 4].copy_from_slice(&v.to_be_bytes());
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sha256_known_answers() {
+        let hex = |d: &[u8]| sha256(d).iter().map(|b| format!("{b:02x}")).collect::<String>();
+        assert_eq!(hex(b""), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+        assert_eq!(hex(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        let long = vec![b'a'; 1000];
+        assert_eq!(hex(&long), "41edece42d63e8d9bf515a9ba6932e1c20cbc9f5a5d134645adb5db1b9737ea3");
+    }
+
+    #[test]
+    fn literals_are_found_and_comments_skipped() {
+        let src = "// \"cim.evt.x\" in a comment\nlet a = \"CIM_IU_EVENTS\"; let c = '\"'; let r = r#\"cim.cmd.iu.create\"#;\n/* \"x\" */ let b = \"a\\\"b\";";
+        let lits: Vec<_> = string_literals(src).into_iter().map(|(_, l)| l).collect();
+        assert_eq!(lits, vec!["CIM_IU_EVENTS", "cim.cmd.iu.create", "a\\\"b"]);
+        assert_eq!(string_literals(src)[0].0, 2);
+    }
+
+    #[test]
+    fn names_are_told_from_other_words() {
+        let names: BTreeSet<String> = ["CIM_IU_EVENTS".to_string(), "cim_iu_content".to_string()].into();
+        assert!(spelled_name("stream CIM_IU_EVENTS is gone", &names).is_some());
+        assert!(spelled_name("$O.cim_iu_content.>", &names).is_some());
+        assert!(spelled_name("cim.evt.iu.unit.x.created", &names).is_some());
+        assert!(spelled_name("CIM_IU_EVENTS_X", &names).is_none());
+        assert!(spelled_name("CIM_NATS_URL", &names).is_none());
+        assert!(spelled_name("cim.example.com", &names).is_none());
+    }
+
+    #[test]
+    fn manifest_dependencies_are_read() {
+        let m = "[package]\nname = \"x\"\n[dependencies]\nregistry.workspace = true\ntokio = { workspace = true }\n# c = 1\n[dev-dependencies]\ncim-testkit.workspace = true\n[lints]\nworkspace = true\n";
+        let d = manifest_dependencies(m);
+        assert_eq!(d, ["cim-testkit", "registry", "tokio"].into_iter().map(String::from).collect());
+    }
 }

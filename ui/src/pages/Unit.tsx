@@ -247,7 +247,7 @@ function Tags({ unit, me, onChanged }: { unit: Unit; me: WhoAmI; onChanged: (seq
         setConflict(true);
         setError(
           `Someone changed this unit since you opened it (you saw v${seen}; it is now v${unit.version > seen ? unit.version : "newer"}). ` +
-            `Your tags were not added. Review the unit, then add them again. (${e.message})`,
+            `Your tags were not added. Look at the change above, then choose “Continue with the new version” and add them again. (${e.message})`,
         );
       } else setError(e.message);
     } finally {
@@ -292,7 +292,7 @@ function Tags({ unit, me, onChanged }: { unit: Unit; me: WhoAmI; onChanged: (seq
                 setError("");
               }}
             >
-              Continue with v{unit.version}
+              Continue with the new version (v{unit.version})
             </button>
           )}
         </form>
