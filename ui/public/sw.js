@@ -4,13 +4,19 @@
 
 const CACHE = "cim-shell-v1";
 
+// The page, and every asset it references, so the first visit already works offline.
+async function precache() {
+  const cache = await caches.open(CACHE);
+  const page = await fetch("/", { cache: "no-cache" });
+  if (!page.ok) throw new Error(`the page answered ${page.status}`);
+  const html = await page.clone().text();
+  const assets = [...html.matchAll(/"(\/assets\/[^"]+)"/g)].map((m) => m[1]);
+  await cache.put("/", page);
+  await cache.addAll(["/manifest.webmanifest", "/icon.svg", ...assets]);
+}
+
 self.addEventListener("install", (event) => {
-  event.waitUntil(
-    caches
-      .open(CACHE)
-      .then((c) => c.addAll(["/", "/manifest.webmanifest", "/icon.svg"]))
-      .then(() => self.skipWaiting()),
-  );
+  event.waitUntil(precache().then(() => self.skipWaiting()));
 });
 
 self.addEventListener("activate", (event) => {

@@ -1124,7 +1124,7 @@ async fn sign_out(browser: &Browser) -> Result<()> {
 /// per page lands in target/ui-screenshots.
 #[tokio::test(flavor = "multi_thread")]
 async fn gateway_web_ui_end_to_end_in_headless_chromium() -> Result<()> {
-    let g = Gateway::start_with(&[], &[Component::PluginHost, Component::PipelineEngine]).await?;
+    let mut g = Gateway::start_with(&[], &[Component::PluginHost, Component::PipelineEngine]).await?;
     let (_, writer) = g.token("browser", "writer").await?;
     let (_, reader) = g.token("browser-reader", "reader").await?;
     let (_, admin) = g.token("browser-admin", "admin").await?;
@@ -1135,12 +1135,27 @@ async fn gateway_web_ui_end_to_end_in_headless_chromium() -> Result<()> {
     let (s, applied) = g.post(&admin, "/api/v1/pipelines", example).await?;
     assert_eq!(s, 201, "{applied}");
     let browser = Browser::start().await?;
-    let result = web_ui_flow(&g, &browser, [&writer, &reader, &admin]).await;
+    let mut result = web_ui_flow(&g, &browser, [&writer, &reader, &admin]).await;
+    if result.is_ok() {
+        result = offline(&mut g, &browser).await;
+    }
     if result.is_err() {
         browser.failed().await;
     }
     let _ = browser.cmd(reqwest::Method::DELETE, "", Value::Null).await;
     result
+}
+
+/// With the gateway stopped, the service worker still opens the app, which says why it cannot
+/// go on.
+async fn offline(g: &mut Gateway, browser: &Browser) -> Result<()> {
+    browser.at("offline");
+    g.fx.service_mut(Component::UiGateway).terminate(Duration::from_secs(20)).await?;
+    browser.goto(&g.url("/")).await?;
+    browser.wait_text("main", "cimctl token create").await?;
+    browser.wait_text("[data-testid=login-error]", "the gateway cannot be reached").await?;
+    browser.shot("offline").await?;
+    Ok(())
 }
 
 async fn web_ui_flow(g: &Gateway, browser: &Browser, [writer, reader, admin]: [&str; 3]) -> Result<()> {
@@ -1260,6 +1275,16 @@ async fn web_ui_flow(g: &Gateway, browser: &Browser, [writer, reader, admin]: [&
     let (_, unit) = g.get(writer, &format!("/api/v1/units/{id}")).await?;
     anyhow::ensure!(unit["tags"].as_array().unwrap().iter().any(|t| t == "reviewed"), "{unit}");
 
+    // A new version arrives live; the timeline shows both, the diff names what changed.
+    let (s, v) = g.post(writer, &format!("/api/v1/units/{id}/versions"), "the second version\n").await?;
+    ensure_eq!(s, 201, "{v}");
+    browser.wait_js("two versions", "return document.querySelectorAll('[data-testid=version]').length === 2").await?;
+    browser.click("[data-testid=compare]").await?;
+    let diff = browser.wait_text("[data-testid=diff]", "content id").await?;
+    anyhow::ensure!(diff.as_str().is_some_and(|d| d.contains("size") && d.contains("19 B")), "{diff}");
+    browser.js("document.querySelector('[data-testid=diff]').scrollIntoView({ block: 'center' })").await?;
+    browser.shot("unit-versions").await?;
+
     // Pipelines and the run as a timeline of its steps.
     browser.at("pipelines");
     browser.click("[data-testid=nav-pipelines]").await?;
@@ -1341,9 +1366,13 @@ async fn web_ui_flow(g: &Gateway, browser: &Browser, [writer, reader, admin]: [&
 
     // The shell is cached by the service worker, and the CSP blocked nothing.
     let cached = browser
-        .js_async("navigator.serviceWorker.ready.then(() => caches.open('cim-shell-v1')).then(c => c.match('/')).then(r => done(!!r)).catch(e => done(String(e)))")
+        .js_async("navigator.serviceWorker.ready.then(() => caches.open('cim-shell-v1')).then(c => c.keys()).then(k => done(k.map(r => new URL(r.url).pathname))).catch(e => done(String(e)))")
         .await?;
-    ensure_eq!(cached, true, "the service worker did not cache the page");
+    let cached: Vec<&str> = cached.as_array().context("cached paths")?.iter().filter_map(Value::as_str).collect();
+    anyhow::ensure!(
+        cached.contains(&"/") && cached.iter().any(|p| p.starts_with("/assets/") && p.ends_with(".js")),
+        "the service worker did not cache the shell: {cached:?}"
+    );
     let violations = browser.js("return window.cspViolations || []").await?;
     ensure_eq!(violations, serde_json::json!([]), "content security policy violations");
     eprintln!("screenshots in {}", browser.shots.display());

@@ -3,7 +3,6 @@
 
 import { drag } from "d3-drag";
 import {
-  forceCenter,
   forceCollide,
   forceLink,
   forceManyBody,
@@ -80,6 +79,8 @@ export async function neighbourhood(id: string, rootName: string): Promise<Neigh
   };
 }
 
+/** Simulation steps computed before the graph is first drawn. */
+const PRE_TICKS = 200;
 const WIDTH = 800;
 const HEIGHT = 420;
 const COLOURS = ["#1e3a8a", "#2563eb", "#93c5fd"];
@@ -139,6 +140,9 @@ export function LinkGraph({ id, name, epoch }: { id: string; name: string; epoch
       .attr("class", "edge-label")
       .attr("font-size", 11)
       .attr("fill", "#334155")
+      .attr("stroke", "#ffffff")
+      .attr("stroke-width", 3)
+      .attr("paint-order", "stroke")
       .attr("text-anchor", "middle")
       .text((e) => e.kind);
     const node = root
@@ -164,6 +168,9 @@ export function LinkGraph({ id, name, epoch }: { id: string; name: string; epoch
       .attr("y", 4)
       .attr("font-size", 12)
       .attr("fill", "#0f172a")
+      .attr("stroke", "#ffffff")
+      .attr("stroke-width", 3)
+      .attr("paint-order", "stroke")
       .text((n) => (n.name.length > 28 ? `${n.name.slice(0, 27)}…` : n.name));
     node.append("title").text((n) => `${n.name} (${n.id})`);
 
@@ -172,17 +179,20 @@ export function LinkGraph({ id, name, epoch }: { id: string; name: string; epoch
         "link",
         forceLink<GNode, GEdge>(edges)
           .id((n) => n.id)
-          .distance(110),
+          .distance(140),
       )
       .force("charge", forceManyBody().strength(-320))
-      .force("center", forceCenter(WIDTH / 2, HEIGHT / 2))
       .force("collide", forceCollide(30));
+    // The unit itself is pinned in the middle (a centring force would pull the rest onto it).
     const centre = nodes.find((n) => n.hop === 0);
     if (centre) {
       centre.fx = WIDTH / 2;
       centre.fy = HEIGHT / 2;
     }
-    sim.on("tick", () => {
+    // Laid out before the first paint (no swirl of nodes from the middle); it keeps running
+    // gently so that dragged units settle.
+    sim.stop().tick(PRE_TICKS);
+    const draw = () => {
       const p = (v: string | GNode, axis: "x" | "y") => (typeof v === "string" ? 0 : (v[axis] ?? 0));
       lines
         .attr("x1", (e) => p(e.source, "x"))
@@ -193,7 +203,9 @@ export function LinkGraph({ id, name, epoch }: { id: string; name: string; epoch
         .attr("x", (e) => (p(e.source, "x") + p(e.target, "x")) / 2)
         .attr("y", (e) => (p(e.source, "y") + p(e.target, "y")) / 2 - 4);
       node.attr("transform", (n) => `translate(${n.x ?? 0},${n.y ?? 0})`);
-    });
+    };
+    draw();
+    sim.on("tick", draw).alpha(0.05).restart();
     node.call(
       drag<SVGAElement, GNode>()
         .on("start", (e, n) => {

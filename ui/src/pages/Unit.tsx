@@ -306,8 +306,11 @@ function Tags({ unit, me, onChanged }: { unit: Unit; me: WhoAmI; onChanged: (seq
 
 function Versions({ unit }: { unit: Unit }) {
   const versions = [...unit.versions].sort((a, b) => b.version - a.version);
-  const [from, setFrom] = useState(versions[1]?.version ?? 0);
-  const [to, setTo] = useState(versions[0]?.version ?? 0);
+  // Until picked, the two newest versions (new versions arrive live).
+  const [pickedFrom, setFrom] = useState<number | null>(null);
+  const [pickedTo, setTo] = useState<number | null>(null);
+  const from = pickedFrom ?? versions[1]?.version ?? 0;
+  const to = pickedTo ?? versions[0]?.version ?? 0;
   const [diff, setDiff] = useState<[string, string, string][] | null>(null);
   const [error, setError] = useState("");
 
