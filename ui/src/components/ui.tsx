@@ -1,6 +1,7 @@
 // Small shared pieces: error and notice banners, state badges, a page heading, a relative time.
 
 import type { ComponentChildren } from "preact";
+import { useEffect, useState } from "preact/hooks";
 import { absoluteTime, relativeTime, stateLabel } from "../format";
 
 export function ErrorBanner({ error, testid = "error" }: { error: string; testid?: string }) {
@@ -49,7 +50,30 @@ export function StateBadge({ state, testid }: { state: string; testid?: string }
   );
 }
 
+// One clock for every relative time on the page: "just now" becomes "2 minutes ago" without
+// a reload.
+const TICK_MS = 30_000;
+const listeners = new Set<() => void>();
+let ticker: number | undefined;
+
+function useTick() {
+  const [, setN] = useState(0);
+  useEffect(() => {
+    const on = () => setN((n) => n + 1);
+    listeners.add(on);
+    ticker ??= window.setInterval(() => listeners.forEach((l) => l()), TICK_MS);
+    return () => {
+      listeners.delete(on);
+      if (listeners.size === 0) {
+        window.clearInterval(ticker);
+        ticker = undefined;
+      }
+    };
+  }, []);
+}
+
 export function When({ ms }: { ms: number }) {
+  useTick();
   return (
     <time dateTime={ms ? new Date(ms).toISOString() : undefined} title={absoluteTime(ms)}>
       {relativeTime(ms)}
