@@ -804,6 +804,24 @@ async fn gateway_grpc_with_generated_client_reflection_and_health() -> Result<()
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
     assert!(names.contains(&"cim.gateway.v1.Gateway".to_string()), "{names:?}");
     assert!(names.contains(&"grpc.health.v1.Health".to_string()), "{names:?}");
+    // The same in reflection v1alpha, all that older clients (Python's grpc_reflection) speak.
+    {
+        use tonic_reflection::pb::v1alpha::{
+            ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        };
+        let mut reflection = ServerReflectionClient::new(channel.clone());
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::FileContainingSymbol("cim.gateway.v1.Gateway".into())),
+        };
+        let mut replies = reflection.server_reflection_info(futures::stream::iter([req])).await?.into_inner();
+        let reply = replies.message().await?.context("a v1alpha reflection reply")?;
+        let Some(MessageResponse::FileDescriptorResponse(files)) = reply.message_response else {
+            anyhow::bail!("unexpected v1alpha reply {reply:?}")
+        };
+        assert!(!files.file_descriptor_proto.is_empty());
+    }
 
     // Auth.
     let e = client.who_am_i(WhoAmIRequest {}).await.unwrap_err();
