@@ -233,8 +233,13 @@ const enc = encodeURIComponent;
 export const client = {
   whoami: (token?: string) => api<WhoAmI>("/api/v1/whoami", {}, token),
   units: (q: URLSearchParams) => api<UnitList>(`/api/v1/units?${q}`),
-  unit: (id: string, atVersion?: number) =>
-    api<Unit>(`/api/v1/units/${enc(id)}${atVersion ? `?at_version=${atVersion}` : ""}`),
+  /** `atVersion`: the unit as it was then; `minSequence`: at least as new as that write. */
+  unit: (id: string, atVersion = 0, minSequence = 0) => {
+    const q = new URLSearchParams();
+    if (atVersion) q.set("at_version", String(atVersion));
+    if (minSequence) q.set("min_sequence", String(minSequence));
+    return api<Unit>(`/api/v1/units/${enc(id)}${q.size ? `?${q}` : ""}`);
+  },
   history: (id: string) => api<{ entries: HistoryEntry[] }>(`/api/v1/units/${enc(id)}/history`),
   links: (id: string) => api<Links>(`/api/v1/units/${enc(id)}/links`),
   tag: (id: string, tags: string[], expectedVersion: number) =>

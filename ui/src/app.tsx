@@ -96,12 +96,14 @@ export function App() {
       </header>
       <main id="main" class="mx-auto max-w-6xl px-4 py-6">
         <ErrorBanner error={error} />
-        <Page me={me} />
+        {page(me)}
       </main>
     </div>
   );
 
-  function Page({ me }: { me: WhoAmI }) {
+  // A function, not a component defined in here: a component type made anew on each render
+  // would remount the page (losing its state) whenever the shell renders.
+  function page(me: WhoAmI) {
     switch (route.page) {
       case "units":
         return <Units me={me} />;

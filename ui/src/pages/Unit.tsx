@@ -29,7 +29,7 @@ export function UnitPage({ id, me }: { id: string; me: WhoAmI }) {
   const load = async (minSequence = 0) => {
     try {
       const [u, h] = await Promise.all([
-        minSequence ? client.unit(id).then((u) => (u.sequence >= minSequence ? u : client.unit(id))) : client.unit(id),
+        client.unit(id, 0, minSequence),
         client.history(id),
       ]);
       setUnit(u);
