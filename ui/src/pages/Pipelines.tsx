@@ -155,6 +155,7 @@ export function Pipelines({ me }: { me: WhoAmI }) {
                 </td>
                 <td class={td}>
                   <StateBadge state={r.state} testid="run-state" />
+                  {r.error && <p class="mt-1 max-w-xs text-xs text-red-800">{r.error}</p>}
                 </td>
                 <td class={td}>{r.trigger}</td>
                 <td class={td}>
