@@ -168,6 +168,18 @@ export interface Status {
   registry_instance: string;
 }
 
+/** A message a component could not process, with the reason (not its payload). */
+export interface DeadLetter {
+  seq: number;
+  time_ms: number;
+  subject: string;
+  original_subject: string;
+  reason: string;
+  type: string;
+  correlation_id: string;
+  size: number;
+}
+
 /** One event as the SSE stream sends it. */
 export interface LiveEvent {
   seq: number;
@@ -255,6 +267,8 @@ export const client = {
   run: (id: string) => api<RunInfo>(`/api/v1/runs/${enc(id)}`),
   changeRun: (id: string, what: "cancel" | "retry", reason: string) =>
     post<RunInfo>(`/api/v1/runs/${enc(id)}/${what}`, reason ? { reason } : {}),
+  deadLetters: (component: string, limit = 50) =>
+    api<{ dead_letters: DeadLetter[] }>(`/api/v1/dead-letters?component=${enc(component)}&limit=${limit}`),
   components: () => api<{ instances: Instance[] }>("/api/v1/components"),
   status: () => api<Status>("/api/v1/status"),
   eventsUrl: (component: string, filter: string) => {

@@ -5,9 +5,11 @@
 //! The routes are split by resource over submodules: `units` (over `cim-iu-client`, streamed
 //! upload and ranged download), `cluster` (components, nodes and status over the registry's
 //! queries, plugins over the plugin host's), `pipelines` (pipelines and runs over the pipeline
-//! engine's JSON commands and queries), `events` (live events as SSE).
+//! engine's JSON commands and queries), `events` (live events as SSE), `dead_letters` (a
+//! component's dead-letter stream).
 
 mod cluster;
+mod dead_letters;
 mod events;
 mod pipelines;
 mod units;
@@ -31,6 +33,7 @@ use crate::{AppState, auth, error::ApiError};
 pub use self::units::parse_range;
 use self::{
     cluster::{components, nodes, plugins, status},
+    dead_letters::dead_letters,
     events::events,
     pipelines::{
         apply_pipeline, cancel_run, get_pipeline, get_run, list_pipelines, list_runs, remove_pipeline, retry_run,
@@ -67,6 +70,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/runs/{id}/cancel", post(cancel_run))
         .route("/api/v1/runs/{id}/retry", post(retry_run))
         .route("/api/v1/events", get(events))
+        .route("/api/v1/dead-letters", get(dead_letters))
         .fallback(ui_or_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::authorize))
@@ -283,6 +287,7 @@ mod tests {
             ("post", "/api/v1/runs/{id}/cancel", "/api/v1/runs/r/cancel"),
             ("post", "/api/v1/runs/{id}/retry", "/api/v1/runs/r/retry"),
             ("get", "/api/v1/events", "/api/v1/events"),
+            ("get", "/api/v1/dead-letters", "/api/v1/dead-letters"),
         ];
         for (method, template, concrete) in routes {
             let op = &doc["paths"][template][method];

@@ -731,6 +731,22 @@ async fn gateway_pipelines_and_runs_over_the_engine() -> Result<()> {
     let unitless = started["run_id"].as_str().context("run_id")?.to_string();
     let failed = g.wait_run(&reader, &unitless, "failed").await?;
     assert!(failed["error"].as_str().unwrap().contains("unit.content"), "{failed}");
+    // Its work item is a dead letter, with the reason, for readers too.
+    let letter = eventually(Duration::from_secs(30), "the run's dead letter", || async {
+        let (s, d) = g.get(&reader, "/api/v1/dead-letters?component=pipeline").await?;
+        anyhow::ensure!(s == 200, "{d}");
+        d["dead_letters"]
+            .as_array()
+            .and_then(|l| l.iter().find(|x| x["reason"].as_str().is_some_and(|r| r.contains(&unitless))).cloned())
+            .with_context(|| format!("no dead letter of {unitless}: {d}"))
+    })
+    .await?;
+    assert!(letter["reason"].as_str().unwrap().contains("unit.content"), "{letter}");
+    assert!(letter["original_subject"].as_str().is_some_and(|o| !o.is_empty()) && letter["seq"].as_u64() > Some(0));
+    for (query, status) in [("component=nope", 400), ("component=pipeline&limit=x", 400)] {
+        let (s, e) = g.get(&reader, &format!("/api/v1/dead-letters?{query}")).await?;
+        assert_eq!(s, status, "{query}: {e}");
+    }
     let (s, e) = g.post(&writer, &format!("/api/v1/runs/{unitless}/cancel"), r#"{"reason":"too late"}"#).await?;
     assert_eq!(s, 409, "{e}");
     let (s, retried) = g.post(&writer, &format!("/api/v1/runs/{unitless}/retry"), r#"{"reason":"once more"}"#).await?;
@@ -1303,12 +1319,21 @@ async fn web_ui_flow(g: &Gateway, browser: &Browser, [writer, reader, admin]: [&
     browser.js("document.querySelector('[data-testid=diff]').scrollIntoView({ block: 'center' })").await?;
     browser.shot("unit-versions").await?;
 
-    // Pipelines and the run as a timeline of its steps.
+    // Pipelines and the run as a timeline of its steps. A run without a unit fails (its first
+    // step reads the unit's content): its reason shows, and so does its dead letter.
+    let (s, started) = g.post(writer, "/api/v1/pipelines/text-ingest/runs", "").await?;
+    ensure_eq!(s, 201, "{started}");
+    let unitless = started["run_id"].as_str().context("run_id")?.to_string();
+    g.wait_run(writer, &unitless, "failed").await?;
     browser.at("pipelines");
     browser.click("[data-testid=nav-pipelines]").await?;
     browser.wait_js("pipeline listed", "return [...document.querySelectorAll('[data-testid=pipeline-row]')].some(r => r.dataset.name === 'text-ingest')").await?;
     browser
         .wait_js("runs listed", &format!("return !!document.querySelector('[data-testid=run-row][data-id=\"{run}\"]')"))
+        .await?;
+    browser.wait_text("[data-testid=dead-letter]", &format!("run {unitless} failed")).await?;
+    browser
+        .wait_js("the failed run's reason", &format!("return document.querySelector('[data-testid=run-row][data-id=\"{unitless}\"]')?.textContent.includes('unit.content')"))
         .await?;
     browser.accessible("pipelines").await?;
     browser.shot("pipelines").await?;
@@ -1425,6 +1450,8 @@ async fn gateway_runs_with_its_generated_nats_permissions() -> Result<()> {
 
     let http = reqwest::Client::builder().no_proxy().build()?;
     let base = format!("http://{listen}");
+    let r = http.get(format!("{base}/api/v1/dead-letters?component=iu")).bearer_auth(&token).send().await?;
+    assert_eq!(r.status().as_u16(), 200, "dead letters: {}\n{}", r.text().await?, gw.log());
     let mut live = http.get(format!("{base}/api/v1/events?component=iu")).bearer_auth(&token).send().await?;
     assert_eq!(live.status().as_u16(), 200);
     let r = http.post(format!("{base}/api/v1/units?name=p.txt")).bearer_auth(&token).body("permitted").send().await?;

@@ -1,9 +1,10 @@
-// Pipelines (definitions, versions, run counts, manual start) and runs (filtered list, each
-// run's steps as a timeline, cancel and retry), kept live by the pipeline engine's events.
+// Pipelines (definitions, versions, run counts, manual start), runs (filtered list, each run's
+// steps as a timeline, cancel and retry) and the engine's dead letters, kept live by the
+// pipeline engine's events.
 
 import { Fragment } from "preact";
 import { useEffect, useState } from "preact/hooks";
-import { canWrite, client, type RunInfo, type PipelineInfo, type WhoAmI } from "../api";
+import { canWrite, client, type DeadLetter, type RunInfo, type PipelineInfo, type WhoAmI } from "../api";
 import { ErrorBanner, LiveDot, Notice, PageTitle, StateBadge, TimelineDot, When, button, buttonQuiet, input, link, td, th } from "../components/ui";
 import { duration, shortId } from "../format";
 import { useDebounced, useLiveEvents } from "../live";
@@ -19,6 +20,8 @@ export function Pipelines({ me }: { me: WhoAmI }) {
   const [state, setState] = useState("");
   const [error, setError] = useState("");
   const [open, setOpen] = useState("");
+  const [deadLetters, setDeadLetters] = useState<DeadLetter[] | null>(null);
+  const [deadError, setDeadError] = useState("");
 
   const load = async () => {
     const q = new URLSearchParams({ limit: "100" });
@@ -32,6 +35,13 @@ export function Pipelines({ me }: { me: WhoAmI }) {
     } catch (e) {
       setError((e as Error).message);
     }
+    client
+      .deadLetters("pipeline")
+      .then((d) => {
+        setDeadLetters(d.dead_letters);
+        setDeadError("");
+      })
+      .catch((e: Error) => setDeadError(e.message));
   };
   useEffect(() => {
     void load();
@@ -176,6 +186,42 @@ export function Pipelines({ me }: { me: WhoAmI }) {
           </tbody>
         </table>
       </div>
+
+      <h2 class="mb-2 mt-8 text-lg font-semibold">Dead letters</h2>
+      <p class="mb-2 text-sm text-slate-700">
+        Work the engine gave up on (a run that failed for good, a trigger it could not read), newest first.
+      </p>
+      {deadError ? (
+        <Notice>Dead letters cannot be shown: {deadError}</Notice>
+      ) : deadLetters?.length === 0 ? (
+        <p class="text-sm text-slate-700">None.</p>
+      ) : (
+        <div class="overflow-x-auto rounded bg-white shadow-sm">
+          <table class="w-full text-sm" data-testid="dead-letters">
+            <thead>
+              <tr>
+                {["#", "Reason", "From", "When"].map((h) => (
+                  <th key={h} scope="col" class={th}>
+                    {h}
+                  </th>
+                ))}
+              </tr>
+            </thead>
+            <tbody>
+              {deadLetters?.map((d) => (
+                <tr key={d.seq} data-testid="dead-letter">
+                  <td class={td}>{d.seq}</td>
+                  <td class={`${td} text-red-800`}>{d.reason || "(no reason recorded)"}</td>
+                  <td class={`${td} break-all font-mono text-xs`}>{d.original_subject || d.subject}</td>
+                  <td class={`${td} whitespace-nowrap`}>
+                    <When ms={d.time_ms} />
+                  </td>
+                </tr>
+              ))}
+            </tbody>
+          </table>
+        </div>
+      )}
     </>
   );
 }
