@@ -73,7 +73,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/dead-letters", get(dead_letters))
         .fallback(ui_or_not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        // Outermost of the per-route layers, so it counts refusals by auth too.
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::authorize))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), measure))
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::cors))
         .layer(axum::middleware::from_fn(harden))
         .with_state(state)
@@ -90,6 +92,32 @@ async fn harden(req: Request, next: Next) -> Response {
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
     h.entry(header::CONTENT_SECURITY_POLICY).or_insert(HeaderValue::from_static(crate::ui::CSP_API));
+    resp
+}
+
+/// Middleware: HTTP requests on the runtime's metrics, by route (`GET /api/v1/units/{id}`; one
+/// label for everything outside the routes, so paths cannot grow the label set): `cim_requests`
+/// and `cim_request_duration_seconds` by route, `cim_request_errors` by route and status.
+/// `Router::layer` wraps each route, so the matched route is known here.
+async fn measure(
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let route = req.extensions().get::<axum::extract::MatchedPath>().map(|p| p.as_str().to_string());
+    let endpoint = format!("http {} {}", req.method(), route.as_deref().unwrap_or("(other)"));
+    let started = std::time::Instant::now();
+    let resp = next.run(req).await;
+    let m = &state.metrics;
+    let labels = cim_runtime::metrics::EndpointLabels { endpoint };
+    m.requests.get_or_create(&labels).inc();
+    m.latency.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+    let status = resp.status();
+    if status.is_client_error() || status.is_server_error() {
+        let labels =
+            cim_runtime::metrics::EndpointLabels { endpoint: format!("{} {}", labels.endpoint, status.as_u16()) };
+        m.errors.get_or_create(&labels).inc();
+    }
     resp
 }
 

@@ -296,6 +296,23 @@ async fn gateway_units_api_round_trip_with_ranges_links_and_system_views() -> Re
     let r = g.http.get(g.url("/api/v1/whoami")).bearer_auth(&writer).send().await?;
     assert_eq!(header(r.headers(), "x-content-type-options"), "nosniff");
     assert_eq!(header(r.headers(), "content-security-policy"), "default-src 'none'; frame-ancestors 'none'");
+
+    // HTTP requests on the runtime's /metrics: count and latency by route, errors by route and status.
+    let i = g.fx.services().iter().position(|p| p.component == Component::UiGateway).context("gateway")?;
+    let http_addr = g.fx.wait_ready(i).await?.service.context("service")?.http_addr;
+    let metrics = cim_testkit::http_get(&http_addr, "/metrics").await?.text();
+    for (metric, endpoint) in [
+        ("cim_requests_total{", "http GET /api/v1/units/{id}"),
+        ("cim_request_duration_seconds_count{", "http POST /api/v1/units"),
+        ("cim_request_errors_total{", "http GET /api/v1/units/{id} 400"),
+        ("cim_request_errors_total{", "http GET (other) 404"),
+    ] {
+        let label = format!("endpoint=\"{endpoint}\"");
+        assert!(
+            metrics.lines().any(|l| l.starts_with(metric) && l.contains(&label)),
+            "no {metric}{label} in\n{metrics}"
+        );
+    }
     Ok(())
 }
 
