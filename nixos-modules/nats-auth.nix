@@ -42,6 +42,25 @@ let
   # The storage manager on the cluster also keeps one mirror per leaf and stream: the
   # generated `leaf_mirrors` permissions, once per leaf domain.
   mirrors = generated.leaf_mirrors;
+  # A process serving one native plugin (Rust, Python, ...): the generated `native_plugins`
+  # template with the plugin's name, so only the identities listed here serve a plugin name.
+  natives = generated.native_plugins;
+  nativeUser =
+    name: hash:
+    let
+      fill = map (builtins.replaceStrings [ natives.placeholder ] [ name ]);
+    in
+    if builtins.match "[a-z0-9][a-z0-9-]{0,63}" name == null then
+      throw "services.cim.nats-auth.nativePlugins: `${name}' is not a plugin name (a-z, 0-9 and '-', 1-64 characters)"
+    else
+      user "${natives.user_prefix}${name}" hash
+    // {
+      permissions = {
+        publish.allow = fill natives.publish.allow;
+        subscribe.allow = fill natives.subscribe.allow;
+        inherit (natives) allow_responses;
+      };
+    };
   permissionsOf =
     name:
     let
@@ -78,6 +97,27 @@ in
         may create and read the mirror `<STREAM>_FROM_<DOMAIN>` of every archived stream of
         each (the `leaf_mirrors` section of nats-permissions.json). Set it on every cluster
         node, wherever the storage manager runs.
+      '';
+    };
+
+    nativePlugins = mkOption {
+      type = types.attrsOf (
+        types.submodule {
+          options.passwordHash = mkOption {
+            type = bcryptHash;
+            description = "bcrypt hash of the password of the plugin's user `plugin-<name>`.";
+          };
+        }
+      );
+      default = { };
+      example = {
+        sha256.passwordHash = "$2b$11$…";
+      };
+      description = ''
+        Native plugins (processes outside the plugin host, in any language) by plugin name
+        (`[a-z0-9-]`, as plugin names are): each gets a user `plugin-<name>` that may announce
+        that plugin's versions, receive their invocations and answer them, nothing else. No
+        other identity but the plugin host may serve a plugin.
       '';
     };
 
@@ -121,6 +161,7 @@ in
       map (name: user name cfg.services.${name}.passwordHash // { permissions = permissionsOf name; }) (
         builtins.filter (name: cfg.services.${name}.passwordHash != null) names
       )
+      ++ lib.mapAttrsToList (name: p: nativeUser name p.passwordHash) cfg.nativePlugins
       ++ map (
         u: user u.user u.passwordHash // lib.optionalAttrs (u.permissions != null) { inherit (u) permissions; }
       ) cfg.extraUsers;

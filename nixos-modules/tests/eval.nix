@@ -106,6 +106,8 @@ let
               passwordHash = fixture.admin.hash;
             }
           ];
+          # A native plugin's own identity (the test-only admin hash; its password is public).
+          nativePlugins.sha256.passwordHash = fixture.admin.hash;
         };
       }
     ]

@@ -358,7 +358,9 @@ impl Manifest {
                 message: format!("unknown format {:?}", m.format),
             });
         }
-        if m.first_seq > m.last_seq || m.count == 0 || m.count > m.last_seq - m.first_seq + 1 {
+        // `count - 1 > last - first`, not `count > last - first + 1`: a range of every sequence
+        // (0..=u64::MAX) must not overflow.
+        if m.first_seq > m.last_seq || m.count == 0 || m.count - 1 > m.last_seq - m.first_seq {
             return Err(FormatError::BadManifest {
                 key: key.to_string(),
                 message: format!("inconsistent range {}..{} with {} records", m.first_seq, m.last_seq, m.count),

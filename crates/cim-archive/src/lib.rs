@@ -9,6 +9,8 @@
 
 pub mod catalog;
 pub mod format;
+#[cfg(test)]
+mod props;
 pub mod restore;
 pub mod s3;
 pub mod seal;

@@ -96,8 +96,11 @@ pub trait Sealed: Serialize {
     fn set_seal(&mut self, key_id: Option<String>, mac: Option<String>);
 }
 
+/// The bytes of a MAC in the lowercase hex the archive writes, and only that: another spelling
+/// of the same bytes (upper case, or a `+` that `from_str_radix` would take) is refused, so no
+/// changed byte of a signed object verifies.
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
+    if !s.len().is_multiple_of(2) || !s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
         return None;
     }
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()

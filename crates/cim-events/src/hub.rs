@@ -124,6 +124,14 @@ pub fn mqtt_received(connector: &str) -> Result<String, ContractError> {
     subject::event(C, MQTT, connector, action::RECEIVED)
 }
 
+/// `cim.dlq.hub.mqtt-<connector>`: MQTT messages the connector could not keep as events (larger
+/// than the stream's message limit), with the reason; acknowledged to the broker so it does not
+/// send them again for ever.
+pub fn mqtt_dead_letter(connector: &str) -> Result<String, ContractError> {
+    token::validate_token("connector", connector)?;
+    subject::dead_letter(C, &format!("mqtt-{connector}"))
+}
+
 /// Durable consumer `hub-mqtt-<connector>` that publishes events to an MQTT topic.
 pub fn mqtt_consumer(connector: &str) -> Result<String, ContractError> {
     token::validate_token("connector", connector)?;
@@ -144,6 +152,8 @@ pub fn outbound_dead_letter(subscription: &str) -> Result<String, ContractError>
 
 /// Header of a dead letter carrying the last error.
 pub const H_DEAD_LETTER_REASON: &str = "cim-dead-letter-reason";
+/// Header of an MQTT dead letter: the topic the message came on.
+pub const H_MQTT_TOPIC: &str = "cim-mqtt-topic";
 /// Headers of an outbound delivery besides the CloudEvents ones: where the event came from.
 pub const H_CIM_SUBJECT: &str = "cim-subject";
 pub const H_CIM_SEQUENCE: &str = "cim-sequence";

@@ -16,6 +16,8 @@ pub mod iu;
 pub mod payload;
 pub mod pipeline;
 pub mod plugin;
+#[cfg(test)]
+mod props;
 pub mod reference;
 pub mod registry;
 pub mod resources;

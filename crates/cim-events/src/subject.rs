@@ -321,6 +321,18 @@ pub fn micro(verb: MicroVerb, component: Component) -> String {
     format!("$SRV.{verb}.{}", component.micro_name())
 }
 
+/// `_INBOX.cim-<component>`: the inbox prefix of a component's NATS connections. Replies to
+/// its requests (and its consumers' deliveries) arrive below it, and its NATS identity may
+/// subscribe only there, so no other identity can read the replies it gets.
+pub fn inbox_prefix(component: Component) -> String {
+    format!("_INBOX.{}", component.micro_name())
+}
+
+/// `_INBOX.>`: every reply subject of an account (an all-permitted identity's inboxes).
+pub fn all_inboxes() -> String {
+    "_INBOX.>".to_string()
+}
+
 /// `$O.<bucket>.C.<nuid>`: the chunks of one object in JetStream's object store layout.
 pub fn object_chunks(bucket: &str, nuid: &str) -> Result<String, ContractError> {
     crate::token::validate_name("object bucket", bucket)?;

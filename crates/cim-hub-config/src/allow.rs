@@ -15,6 +15,8 @@ pub enum AllowError {
     Scheme(String),
     #[error("address {0} is not allowed")]
     NotAllowed(IpAddr),
+    #[error("allow-list entry {0:?} lies in {1}, which is never allowed (cloud metadata, link-local, multicast)")]
+    NeverAllowed(String, String),
     #[error("host {host} resolves only to addresses that are not allowed ({addrs})")]
     Resolved { host: String, addrs: String },
 }
@@ -23,6 +25,61 @@ pub enum AllowError {
 #[derive(Clone, Debug, Default)]
 pub struct AllowList {
     nets: Vec<(IpAddr, u8)>,
+}
+
+/// Blocks no allow-list opens, however wide: unspecified and "this network", link-local
+/// (169.254.169.254 and fd00:ec2::254 are cloud metadata services), multicast and broadcast.
+/// Addresses are judged after [`canonical`], so IPv4 written in IPv6 forms is caught too.
+const NEVER: [(&str, u8); 8] = [
+    ("0.0.0.0", 8),
+    ("169.254.0.0", 16),
+    ("224.0.0.0", 4),
+    ("255.255.255.255", 32),
+    ("::", 128),
+    ("fe80::", 10),
+    ("ff00::", 8),
+    ("fd00:ec2::254", 128),
+];
+
+fn never() -> impl Iterator<Item = (IpAddr, u8)> {
+    NEVER.iter().filter_map(|(a, l)| a.parse::<IpAddr>().ok().map(|a| (a, *l)))
+}
+
+fn in_net(net: IpAddr, len: u8, ip: IpAddr) -> bool {
+    match (net, ip) {
+        (IpAddr::V4(n), IpAddr::V4(a)) => prefix_eq(&n.octets(), &a.octets(), len),
+        (IpAddr::V6(n), IpAddr::V6(a)) => prefix_eq(&n.octets(), &a.octets(), len),
+        _ => false,
+    }
+}
+
+/// The address a connection really reaches, as IPv4 where an IPv6 form carries one: mapped
+/// (`::ffff:a.b.c.d`), compatible (`::a.b.c.d`), NAT64 (`64:ff9b::/96`, `64:ff9b:1::/48`) and
+/// 6to4 (`2002:AABB:CCDD::/16`).
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    let IpAddr::V6(v6) = ip else { return ip };
+    if let Some(v4) = v6.to_ipv4_mapped() {
+        return IpAddr::V4(v4);
+    }
+    let seg = v6.segments();
+    let o = v6.octets();
+    let last4 = || IpAddr::V4(std::net::Ipv4Addr::new(o[12], o[13], o[14], o[15]));
+    if seg[..6] == [0; 6] && !v6.is_loopback() && !v6.is_unspecified() {
+        return last4();
+    }
+    if seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] || (seg[0] == 0x64 && seg[1] == 0xff9b && seg[2] == 1) {
+        return last4();
+    }
+    if seg[0] == 0x2002 {
+        return IpAddr::V4(std::net::Ipv4Addr::new(o[2], o[3], o[4], o[5]));
+    }
+    ip
+}
+
+/// Whether `ip` lies in a block no allow-list opens.
+pub fn never_allowed(ip: IpAddr) -> bool {
+    let ip = canonical(ip);
+    never().any(|(n, l)| in_net(n, l, ip))
 }
 
 impl AllowList {
@@ -40,22 +97,20 @@ impl AllowList {
             if len > if addr.is_ipv4() { 32 } else { 128 } {
                 return Err(bad());
             }
+            // An entry that opens nothing but a never-allowed block is a mistake worth naming.
+            if let Some((n, l)) = never().find(|(n, l)| len >= *l && in_net(*n, *l, addr)) {
+                return Err(AllowError::NeverAllowed(e.clone(), format!("{n}/{l}")));
+            }
             nets.push((addr, len));
         }
         Ok(AllowList { nets })
     }
 
+    /// Whether the hub may connect to `ip`: never to a [`never_allowed`] block, else when an
+    /// entry holds it. An IPv4 address in an IPv6 form is judged as the IPv4 address.
     pub fn allows(&self, ip: IpAddr) -> bool {
-        // An IPv4 address written as IPv6 (::ffff:a.b.c.d) is judged as the IPv4 address.
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-            v4 => v4,
-        };
-        self.nets.iter().any(|(net, len)| match (net, ip) {
-            (IpAddr::V4(n), IpAddr::V4(a)) => prefix_eq(&n.octets(), &a.octets(), *len),
-            (IpAddr::V6(n), IpAddr::V6(a)) => prefix_eq(&n.octets(), &a.octets(), *len),
-            _ => false,
-        })
+        let ip = canonical(ip);
+        !never_allowed(ip) && self.nets.iter().any(|(net, len)| in_net(*net, *len, ip))
     }
 }
 
@@ -110,6 +165,44 @@ mod tests {
         assert!(!odd.allows("172.32.0.0".parse().unwrap()));
         for bad in ["10.0.0.0/33", "example.com", "::1/129", ""] {
             assert!(AllowList::parse(&[bad.to_string()]).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cloud_metadata_link_local_and_multicast_stay_closed_whatever_the_allow_list_says() {
+        let wide = AllowList::parse(&["0.0.0.0/0".into(), "::/0".into()]).unwrap();
+        for never in [
+            "169.254.169.254",
+            "::ffff:169.254.169.254",
+            "::a9fe:a9fe",
+            "64:ff9b::a9fe:a9fe",
+            "64:ff9b:1::a9fe:a9fe",
+            "2002:a9fe:a9fe::1",
+            "fd00:ec2::254",
+            "fe80::1",
+            "224.0.0.1",
+            "ff02::1",
+            "0.0.0.0",
+            "::",
+            "255.255.255.255",
+        ] {
+            let ip: IpAddr = never.parse().unwrap();
+            assert!(!wide.allows(ip), "{never} was allowed");
+            assert!(matches!(
+                check_url(&format!("http://{}/", if ip.is_ipv6() { format!("[{ip}]") } else { ip.to_string() }), &wide),
+                Err(AllowError::NotAllowed(_))
+            ));
+        }
+        assert!(wide.allows("10.1.2.3".parse().unwrap()) && wide.allows("2001:db8::1".parse().unwrap()));
+        // IPv4 in IPv6 forms is judged as the IPv4 address it reaches, for allowing too.
+        let ten = AllowList::parse(&["10.0.0.0/8".into()]).unwrap();
+        for reaches_ten in ["64:ff9b::a00:1", "::ffff:10.0.0.1", "2002:a00:1::"] {
+            assert!(ten.allows(reaches_ten.parse().unwrap()), "{reaches_ten}");
+        }
+        assert!(!ten.allows("64:ff9b::b00:1".parse().unwrap()));
+        // Entries that open only a never-allowed block are refused with the reason.
+        for entry in ["169.254.169.254", "169.254.0.0/16", "fe80::/64", "fd00:ec2::254"] {
+            assert!(matches!(AllowList::parse(&[entry.to_string()]), Err(AllowError::NeverAllowed(..))), "{entry}");
         }
     }
 

@@ -353,6 +353,9 @@ pub struct WebhookFile {
     pub tags: Vec<String>,
 }
 
+/// The longest a signed delivery's timestamp may be away from now: the retry horizon's default.
+pub const MAX_TOLERANCE_SECS: u64 = 86_400;
+
 fn default_tolerance() -> u64 {
     300
 }
@@ -593,8 +596,11 @@ pub fn parse(
         if w.max_body_bytes == 0 {
             return Err(bad("max_body_bytes must be more than 0".into()));
         }
-        if w.tolerance_secs == 0 {
-            return Err(bad("tolerance_secs must be more than 0".into()));
+        if w.tolerance_secs == 0 || w.tolerance_secs > MAX_TOLERANCE_SECS {
+            return Err(bad(format!(
+                "tolerance_secs must be between 1 and {MAX_TOLERANCE_SECS} (a day): a signature is a replayable \
+                 credential for as long as its timestamp is accepted"
+            )));
         }
         let source = Source {
             name: w.name.clone(),

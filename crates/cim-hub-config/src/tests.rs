@@ -84,6 +84,9 @@ fn refuses_unclear_configuration() {
         (r#"{"postgres": [{"name": "db"}]}"#, "exactly one of url_file and url_env"),
         (r#"{"mqtt": [{"name": "m", "host": "h", "password_env": "GH"}]}"#, "needs a username"),
         (r#"{"outbound_allow": ["10.0.0.0/33"]}"#, "invalid"),
+        (r#"{"outbound_allow": ["169.254.169.254"]}"#, "never allowed"),
+        (r#"{"webhooks": [{"name": "a", "secret_env": "GH", "tolerance_secs": 86401}]}"#, "between 1 and 86400"),
+        (r#"{"webhooks": [{"name": "a", "secret_env": "GH", "tolerance_secs": 0}]}"#, "between 1 and 86400"),
         (
             r#"{"subscriptions": [{"name": "s", "filter": "orders", "url": "http://127.0.0.1/", "secret_env": "GH"}]}"#,
             "not an event subject filter",

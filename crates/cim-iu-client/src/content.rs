@@ -47,6 +47,8 @@ pub async fn leader_object_info(
 
 /// Size of the buffer downloads are read through.
 const READ_BUFFER: usize = 128 * 1024;
+/// How many verified CIDs a client remembers (a few hundred KiB at most).
+const VERIFIED_REMEMBERED: usize = 4096;
 
 /// Watches a transfer. `start` is called once with the number of bytes that will flow when it
 /// is known, `update` after every chunk with the bytes moved so far, `finish` once at the end
@@ -320,6 +322,38 @@ impl IuClient {
             }
         }
         progress.start(Some(size));
+        let ranged = start > 0 || end < size;
+        if ranged && !self.is_verified(&cid) {
+            // No byte of a part is sent before the whole is known to match its CID: the
+            // digest covers the whole object, so it is read once, hashing only.
+            self.copy_object(&store, &cid, size, (0, 0), &mut tokio::io::sink(), &mut NoProgress, false).await?;
+        }
+        // A range of verified content is read only as far as it goes.
+        let verified = ranged && self.is_verified(&cid);
+        self.copy_object(&store, &cid, size, (start, end), &mut writer, progress, verified).await?;
+        writer.flush().await?;
+        progress.finish();
+        Ok(ContentRead { cid: cid.to_string(), size, written: end - start })
+    }
+
+    fn is_verified(&self, cid: &Cid) -> bool {
+        self.verified.lock().is_ok_and(|v| v.contains(&cid.to_string()))
+    }
+
+    /// Streams the object `cid` of `size` bytes, writing the bytes in `start..end`. Unless
+    /// `stop_at_end` (content already verified), it reads to the end so the object store
+    /// reader checks the recorded digest, and then remembers the content as verified.
+    #[allow(clippy::too_many_arguments)]
+    async fn copy_object<W: AsyncWrite + Unpin + Send>(
+        &self,
+        store: &ObjectStore,
+        cid: &Cid,
+        size: u64,
+        (start, end): (u64, u64),
+        writer: &mut W,
+        progress: &mut dyn Progress,
+        stop_at_end: bool,
+    ) -> Result<(), IuError> {
         let mut object = store.get(cid.to_string()).await.map_err(|e| match e.kind() {
             GetErrorKind::NotFound => IuError::NotFound(format!("content {cid} is not stored")),
             GetErrorKind::TimedOut => IuError::Timeout(format!("reading content {cid}: {e}")),
@@ -327,11 +361,14 @@ impl IuClient {
         })?;
         // The bytes are verified once, by the object store reader: it hashes every chunk and
         // fails with InvalidData at the end unless they match the recorded digest, which was
-        // checked against the CID above. Hashing them a second time here cost a fifth of the
+        // checked against the CID before. Hashing them a second time here cost a fifth of the
         // download rate (docs/benchmarks.md).
         let mut buf = vec![0u8; READ_BUFFER];
         let mut pos = 0u64;
         loop {
+            if stop_at_end && pos >= end {
+                return Ok(());
+            }
             // A chunk that never comes (removed while this read was under way) is an error
             // within the timeout, not a wait for ever.
             let read = tokio::time::timeout(self.timeout, object.read(&mut buf)).await.map_err(|_| {
@@ -345,7 +382,7 @@ impl IuClient {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                     let detail = format!("its chunks do not match the recorded digest ({e}) after {pos} bytes");
-                    return Err(self.corrupt(&cid, detail).await);
+                    return Err(self.corrupt(cid, detail).await);
                 }
                 Err(e) if e.kind() == io::ErrorKind::TimedOut => {
                     return Err(IuError::Timeout(format!("reading content {cid}: {e}")));
@@ -362,11 +399,16 @@ impl IuClient {
         }
         if pos != size {
             let detail = format!("read {pos} bytes, the object records {size}");
-            return Err(self.corrupt(&cid, detail).await);
+            return Err(self.corrupt(cid, detail).await);
         }
-        writer.flush().await?;
-        progress.finish();
-        Ok(ContentRead { cid: cid.to_string(), size, written: end - start })
+        if let Ok(mut v) = self.verified.lock() {
+            // Bounded: forgetting means verifying again, never trusting more.
+            if v.len() >= VERIFIED_REMEMBERED {
+                v.clear();
+            }
+            v.insert(cid.to_string());
+        }
+        Ok(())
     }
 
     /// Reads the content `cid` (or a range of it) into memory, verified. For small content

@@ -84,6 +84,9 @@ pub struct IuClient {
     written: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// Queries ask for the newest state the log holds (a separate process that wrote before).
     latest: bool,
+    /// Content this client (or a clone) has read whole and found to match its CID: a range of
+    /// it is then read only as far as the range goes.
+    verified: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 impl std::fmt::Debug for IuClient {
@@ -124,6 +127,7 @@ impl IuClient {
             chunk_size: DEFAULT_CHUNK_SIZE,
             written: Default::default(),
             latest: false,
+            verified: Default::default(),
         }
     }
 

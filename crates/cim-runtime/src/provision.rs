@@ -244,14 +244,49 @@ pub fn owned_stream_names(component: Component) -> Vec<String> {
 }
 
 /// Provisions everything the service of `settings` owns on its tier, with its retry horizon as
-/// the duplicate window of its streams; logs each outcome.
+/// the duplicate window of its streams; logs each outcome. A change to its event stream that
+/// the service's identity may not make (history streams are not updatable by their service) is
+/// logged with what the operator runs, and the service goes on with the stream as it is.
 pub async fn provision(js: &jetstream::Context, settings: &CommonSettings) -> Result<(), ProvisionError> {
-    let (component, tier) = (settings.component, settings.tier);
+    provision_component(js, settings.component, settings.tier, settings.retry_horizon, Updates::OperatorOnHistory).await
+}
+
+/// Who applies a harmless change to a component's event stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Updates {
+    /// The service itself: a refused update of its history is logged, not fatal.
+    OperatorOnHistory,
+    /// The operator (`cimctl deploy provision`): every update is applied or is an error.
+    All,
+}
+
+/// Provisions everything `component` owns on `tier`, with `retry_horizon` as the duplicate
+/// window of its streams.
+pub async fn provision_component(
+    js: &jetstream::Context,
+    component: Component,
+    tier: Tier,
+    retry_horizon: std::time::Duration,
+    updates: Updates,
+) -> Result<(), ProvisionError> {
     for spec in resources::streams(component) {
-        let StreamSpec { name, .. } = &spec;
-        let config = stream::Config { duplicate_window: settings.retry_horizon, ..spec.config(tier) };
-        let outcome = ensure_stream(js, config).await?;
-        log_outcome("stream", name, &outcome);
+        let StreamSpec { name, role, .. } = &spec;
+        let config = stream::Config { duplicate_window: retry_horizon, ..spec.config(tier) };
+        match ensure_stream(js, config).await {
+            Ok(outcome) => log_outcome("stream", name, &outcome),
+            Err(ProvisionError::JetStream { action: "update", source, .. })
+                if updates == Updates::OperatorOnHistory && *role == resources::StreamRole::Events =>
+            {
+                tracing::warn!(
+                    stream = %name,
+                    error = %source,
+                    "the stream differs from the contract and this service may not change its history stream; \
+                     the operator applies it with `cimctl deploy provision --service {}`",
+                    component.service_name()
+                );
+            }
+            Err(e) => return Err(e),
+        }
     }
     for spec in resources::object_buckets(component) {
         let outcome = ensure_object_bucket(js, &spec, tier).await?;

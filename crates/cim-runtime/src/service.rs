@@ -258,6 +258,8 @@ async fn connect(
     let name = format!("{}/{}", settings.component.service_name(), settings.instance_id);
     let mut opts = async_nats::ConnectOptions::new()
         .name(name)
+        // Replies come to the component's own inbox prefix, the only one its identity may read.
+        .custom_inbox_prefix(subject::inbox_prefix(settings.component))
         .retry_on_initial_connect()
         .max_reconnects(None)
         .reconnect_delay_callback(|attempts| {

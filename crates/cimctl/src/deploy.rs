@@ -12,11 +12,16 @@
 //!   protocol's discovery requests (`$SRV.<verb>`, `$SRV.<verb>.cim-<token>[.<id>]`) and
 //!   control messages (`cim.ctl.all.*`, `cim.ctl.node.*.*`, `cim.ctl.instance.*.*`);
 //! - answer any request it received (`allow_responses`), and receive replies to its own
-//!   requests (`_INBOX.>`);
+//!   requests below its own inbox prefix only (`_INBOX.cim-<token>.>`, set by cim-runtime), so
+//!   no service reads the replies another one gets;
 //! - use the JetStream API on its own streams and buckets only, with or without a JetStream
-//!   domain (`$JS.API.…` and `$JS.<domain>.API.…`): its event and dead-letter streams can be
-//!   created, updated, read and consumed but not deleted or purged (history is immutable);
-//!   its KV and object buckets fully; and read its account's JetStream information;
+//!   domain (`$JS.API.…` and `$JS.<domain>.API.…`): its event stream can be created, read and
+//!   consumed but not updated, deleted or purged (history is immutable: no identity of a
+//!   service can shorten its limits; a changed configuration is applied by the operator with
+//!   `cimctl deploy provision`); its dead letters, KV and object buckets fully; and read its
+//!   account's JetStream information;
+//! - in another component's bucket it writes into (unit content, plugin references), publish
+//!   entries and read them, never purge, delete, reconfigure or delete single messages;
 //! - plus, for the registry, what it does with the others: listen to every lifecycle message
 //!   (`cim.svc.>`), ask any component's instances to describe themselves
 //!   (`cim.qry.<token>.describe`), and send control messages (`cim.ctl.>`);
@@ -50,6 +55,70 @@ enum DeployCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Create or update a service's streams and buckets as the operator: what a service's own
+    /// identity may not do, such as applying a changed configuration to its event stream.
+    Provision(ProvisionArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ProvisionArgs {
+    /// The service (e.g. `information-unit`); every service when absent.
+    #[arg(long)]
+    service: Vec<String>,
+    /// The tier the streams are for (`leaf` or `cluster`: replicas).
+    #[arg(long, default_value = "leaf", value_parser = parse_tier)]
+    tier: cim_events::Tier,
+    /// The duplicate window of the event streams (the services' `--retry-horizon`).
+    #[arg(long, default_value = "24h", value_parser = cim_runtime::config::parse_duration)]
+    retry_horizon: std::time::Duration,
+    /// NATS server URL(s), comma-separated.
+    #[arg(long, env = "CIM_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    /// NATS credentials file of an identity that may manage the streams (the operator's).
+    #[arg(long, env = "CIM_NATS_CREDS")]
+    nats_creds: Option<std::path::PathBuf>,
+    /// JetStream domain (a leaf node's own domain, or the hub's).
+    #[arg(long, env = "CIM_JS_DOMAIN")]
+    js_domain: Option<String>,
+}
+
+fn parse_tier(s: &str) -> Result<cim_events::Tier, String> {
+    match s {
+        "leaf" => Ok(cim_events::Tier::Leaf),
+        "cluster" => Ok(cim_events::Tier::Cluster),
+        other => Err(format!("unknown tier {other:?}: leaf or cluster")),
+    }
+}
+
+async fn provision(args: ProvisionArgs) -> Result<ExitCode> {
+    let components = if args.service.is_empty() {
+        Component::ALL.to_vec()
+    } else {
+        let mut list = Vec::new();
+        for name in &args.service {
+            let c = Component::parse(name).map_err(|e| crate::error::Usage(e.to_string()))?;
+            list.push(c);
+        }
+        list
+    };
+    let client = crate::conn::connect("cimctl", &args.nats_url, args.nats_creds.as_deref(), None).await?;
+    let js = match args.js_domain.as_deref() {
+        Some(d) if !d.is_empty() => async_nats::jetstream::with_domain(client, d),
+        _ => async_nats::jetstream::new(client),
+    };
+    for c in components {
+        cim_runtime::provision::provision_component(
+            &js,
+            c,
+            args.tier,
+            args.retry_horizon,
+            cim_runtime::provision::Updates::All,
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{}: {e}", c.service_name()))?;
+        println!("{}: provisioned", c.service_name());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 pub async fn run(args: DeployArgs) -> Result<ExitCode> {
@@ -71,6 +140,7 @@ pub async fn run(args: DeployArgs) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        DeployCommand::Provision(args) => provision(args).await,
     }
 }
 
@@ -105,7 +175,27 @@ pub fn all_permissions() -> Result<Value> {
             "placeholder": LEAF_PLACEHOLDER,
             "publish": leaf_mirror_permissions()?,
         },
+        "native_plugins": native_plugin_permissions(),
     }))
+}
+
+/// Stands for a plugin's name in `native_plugins`.
+pub const PLUGIN_PLACEHOLDER: &str = "PLUGIN_NAME";
+
+/// The identity of a process that serves one native plugin (any language: the Rust example,
+/// the Python SDK): it may announce that plugin's versions and receive their invocations, and
+/// answer them — nothing else, so only identities the operator lists serve a plugin name.
+/// `nats-auth.nix` makes one user `plugin-<name>` per entry of `nativePlugins`, replacing
+/// [`PLUGIN_PLACEHOLDER`].
+pub fn native_plugin_permissions() -> Value {
+    let of = |what: &str| format!("{}.{}.{PLUGIN_PLACEHOLDER}.*.{what}", subject::ROOT, cim_events::plugin::KIND);
+    json!({
+        "placeholder": PLUGIN_PLACEHOLDER,
+        "user_prefix": "plugin-",
+        "publish": { "allow": [of("announce")] },
+        "subscribe": { "allow": [of("invoke")] },
+        "allow_responses": true,
+    })
 }
 
 /// Stands for a leaf's JetStream domain, upper-cased as in mirror names, in `leaf_mirrors`.
@@ -173,6 +263,18 @@ fn read_with_consumers(publish: &mut Vec<String>, stream: &str, verbs: &[&str], 
     }
 }
 
+/// What an identity may do with a stream's configuration and messages through the JetStream
+/// API (reading it through consumers and direct gets is granted to all three).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Access {
+    /// Its owner's dead letters and buckets: everything, including purge and delete.
+    Owner,
+    /// Its owner's event stream: create and read, never update, purge or delete.
+    History,
+    /// Another component's bucket the identity writes entries into: read only.
+    Writer,
+}
+
 /// Permissions of `component`'s own identity.
 pub fn permissions(component: Component) -> Result<Permissions> {
     let mut publish = vec![
@@ -196,7 +298,7 @@ pub fn permissions(component: Component) -> Result<Permissions> {
         let tokens: Vec<&str> = filter.split('.').map(|t| if t == node || t == instance { "*" } else { t }).collect();
         subscribe.push(tokens.join("."));
     }
-    subscribe.push("_INBOX.>".to_string());
+    subscribe.push(format!("{}.>", subject::inbox_prefix(component)));
     // What the registry does with the others: it listens to every lifecycle message, asks any
     // instance to describe itself, and sends control messages (re-announce, drain).
     if component == Component::Registry {
@@ -207,22 +309,22 @@ pub fn permissions(component: Component) -> Result<Permissions> {
         }
     }
 
-    // Streams: the event history and dead letters may not be deleted or purged by the
-    // service; its buckets (projections, caches, content) it manages fully.
-    let mut streams: Vec<(String, bool)> = resources::streams(component)
+    // Streams: the event history may not be updated, deleted or purged by the service; its
+    // dead letters and buckets (projections, caches, content) it manages fully.
+    let mut streams: Vec<(String, Access)> = resources::streams(component)
         .into_iter()
-        .map(|s| (s.name, s.role == StreamRole::Events || s.role == StreamRole::DeadLetters))
+        .map(|s| (s.name, if s.role == StreamRole::Events { Access::History } else { Access::Owner }))
         .collect();
     for kv in resources::kv_buckets(component) {
         // JetStream's KV layout: puts go to `$KV.<bucket>.<key>`; async-nats sends them through
         // the API prefix when a domain is set (`$JS.<domain>.API.$KV.<bucket>.<key>`).
         publish.push(format!("$KV.{}.>", kv.bucket));
         publish.push(format!("{}.$KV.{}.>", JS_API[1], kv.bucket));
-        streams.push((kv.stream_name(), false));
+        streams.push((kv.stream_name(), Access::Owner));
     }
     for obj in resources::object_buckets(component) {
         publish.push(below(&subject::all_object_chunks(&obj.bucket)?, 2));
-        streams.push((obj.stream_name(), false));
+        streams.push((obj.stream_name(), Access::Owner));
     }
     // The gateway, the door for people and programs: it sends the information unit's and the
     // pipeline engine's commands and queries and the registry's and plugin host's queries, moves unit content in the
@@ -238,7 +340,7 @@ pub fn permissions(component: Component) -> Result<Permissions> {
         }
         for obj in resources::object_buckets(Component::InformationUnit) {
             publish.push(below(&subject::all_object_chunks(&obj.bucket)?, 2));
-            streams.push((obj.stream_name(), false));
+            streams.push((obj.stream_name(), Access::Writer));
         }
         for other in Component::ALL.into_iter().filter(|c| *c != component) {
             for stream in [resources::events_stream(other).name, resources::dead_letter_stream(other).name] {
@@ -273,12 +375,12 @@ pub fn permissions(component: Component) -> Result<Permissions> {
         subscribe.push(subject::events_of(Component::PipelineEngine));
         for obj in resources::object_buckets(Component::InformationUnit) {
             publish.push(below(&subject::all_object_chunks(&obj.bucket)?, 2));
-            streams.push((obj.stream_name(), false));
+            streams.push((obj.stream_name(), Access::Writer));
         }
         for kv in resources::kv_buckets(Component::PluginHost) {
             publish.push(format!("$KV.{}.>", kv.bucket));
             publish.push(format!("{}.$KV.{}.>", JS_API[1], kv.bucket));
-            streams.push((kv.stream_name(), false));
+            streams.push((kv.stream_name(), Access::Writer));
         }
         read_with_consumers(
             &mut publish,
@@ -286,6 +388,16 @@ pub fn permissions(component: Component) -> Result<Permissions> {
             DURABLE_READER,
             true,
         );
+    }
+    // The plugin host: it serves the WebAssembly plugins it holds on their invocation subjects
+    // and announces them, hears every plugin's announcements (native plugins served by other
+    // processes), and routes invocations by name or capability to whoever serves the version.
+    if component == Component::PluginHost {
+        let plugin_subjects = |what: &str| format!("{}.{}.*.*.{what}", subject::ROOT, cim_events::plugin::KIND);
+        for what in ["invoke", "announce"] {
+            publish.push(plugin_subjects(what));
+            subscribe.push(plugin_subjects(what));
+        }
     }
     // The integration hub: webhooks with `target: unit` and the S3 import create units — the
     // information unit's commands and queries, content in its content bucket (as cim-iu-client
@@ -299,7 +411,7 @@ pub fn permissions(component: Component) -> Result<Permissions> {
         subscribe.push(cim_events::hub::subscription_states());
         for obj in resources::object_buckets(Component::InformationUnit) {
             publish.push(below(&subject::all_object_chunks(&obj.bucket)?, 2));
-            streams.push((obj.stream_name(), false));
+            streams.push((obj.stream_name(), Access::Writer));
         }
         for other in Component::ALL.into_iter().filter(|c| *c != component) {
             read_with_consumers(&mut publish, &resources::events_stream(other).name, DURABLE_READER, true);
@@ -322,16 +434,20 @@ pub fn permissions(component: Component) -> Result<Permissions> {
     for api in JS_API {
         publish.push(format!("{api}.INFO"));
     }
-    for (stream, protected) in &streams {
+    for (stream, access) in &streams {
         for api in JS_API {
-            if *protected {
-                for verb in ["INFO", "CREATE", "UPDATE"] {
-                    publish.push(format!("{api}.STREAM.{verb}.{stream}"));
+            match access {
+                Access::Owner => {
+                    publish.push(format!("{api}.STREAM.*.{stream}"));
+                    publish.push(format!("{api}.STREAM.MSG.*.{stream}"));
                 }
-                publish.push(format!("{api}.STREAM.MSG.GET.{stream}"));
-            } else {
-                publish.push(format!("{api}.STREAM.*.{stream}"));
-                publish.push(format!("{api}.STREAM.MSG.*.{stream}"));
+                Access::History | Access::Writer => {
+                    let verbs: &[&str] = if *access == Access::History { &["INFO", "CREATE"] } else { &["INFO"] };
+                    for verb in verbs {
+                        publish.push(format!("{api}.STREAM.{verb}.{stream}"));
+                    }
+                    publish.push(format!("{api}.STREAM.MSG.GET.{stream}"));
+                }
             }
             publish.push(format!("{api}.DIRECT.GET.{stream}"));
             publish.push(format!("{api}.DIRECT.GET.{stream}.>"));
@@ -426,5 +542,43 @@ mod tests {
         let units = resources::kv_bucket(Component::InformationUnit, cim_events::iu::KV_UNITS).unwrap();
         assert!(iu.publish.iter().any(|s| *s == format!("$JS.*.API.STREAM.*.KV_{units}")));
         assert!(!iu.publish.iter().any(|s| *s == format!("$JS.API.STREAM.*.{iu_events}")), "history is not deletable");
+        assert!(
+            !iu.publish.iter().any(|s| s.contains(&format!("STREAM.UPDATE.{iu_events}"))),
+            "a service may not change its own history's limits"
+        );
+        assert!(iu.publish.contains(&format!("$JS.API.STREAM.CREATE.{iu_events}")));
+    }
+
+    #[test]
+    fn replies_are_read_only_by_who_asked() {
+        for c in Component::ALL {
+            let p = permissions(c).unwrap();
+            assert!(p.subscribe.contains(&format!("{}.>", subject::inbox_prefix(c))), "{c}: {:?}", p.subscribe);
+            assert!(!p.subscribe.iter().any(|s| s.starts_with("_INBOX.>") || s == "_INBOX.*"), "{c}");
+            for other in Component::ALL.into_iter().filter(|o| *o != c) {
+                let theirs = subject::inbox_prefix(other);
+                assert!(!p.subscribe.iter().any(|s| s.starts_with(&theirs)), "{c} may read {other}'s replies");
+            }
+        }
+    }
+
+    #[test]
+    fn uploaders_write_content_but_cannot_purge_delete_or_reconfigure_it() {
+        let content = resources::object_buckets(Component::InformationUnit)[0].stream_name();
+        for c in [Component::UiGateway, Component::PipelineEngine, Component::IntegrationHub] {
+            let p = permissions(c).unwrap();
+            assert!(p.publish.contains(&format!("$JS.API.STREAM.INFO.{content}")), "{c}");
+            assert!(p.publish.contains(&format!("$JS.API.DIRECT.GET.{content}.>")), "{c}");
+            for s in &p.publish {
+                for forbidden in ["PURGE", "DELETE", "UPDATE", "SNAPSHOT", "RESTORE", "*"] {
+                    assert!(
+                        !(s.ends_with(&format!(".{content}")) && s.contains(&format!(".STREAM.{forbidden}."))),
+                        "{c} may {forbidden} {content}: {s}"
+                    );
+                }
+                assert!(!s.contains(&format!("STREAM.MSG.DELETE.{content}")), "{c}: {s}");
+                assert!(!s.contains(&format!("STREAM.MSG.*.{content}")), "{c}: {s}");
+            }
+        }
     }
 }

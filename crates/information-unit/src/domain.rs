@@ -151,7 +151,8 @@ pub fn apply(state: Option<Unit>, event: &UnitEvent, meta: &EventMeta) -> Option
     {
         return state;
     }
-    let version = state.as_ref().map_or(1, |s| s.version + 1);
+    // Saturating: a stored state (from the projection's KV) may claim any version.
+    let version = state.as_ref().map_or(1, |s| s.version.saturating_add(1));
     let time = meta.provenance.time_ms;
     let mut u = match (state, event) {
         (None, UnitEvent::Created(c)) => Unit {

@@ -10,6 +10,8 @@ pub mod domain;
 mod events;
 mod index;
 mod projection;
+#[cfg(test)]
+mod props;
 mod queries;
 pub mod schema;
 

@@ -16,6 +16,8 @@ mod commands;
 pub mod definition;
 mod endpoints;
 pub mod engine;
+#[cfg(test)]
+mod props;
 mod queries;
 mod runs;
 mod slots;

@@ -10,6 +10,8 @@ mod lifecycle;
 mod nodes;
 pub use cim_placement as placement;
 mod projector;
+#[cfg(test)]
+mod props;
 mod queries;
 pub mod state;
 mod view;

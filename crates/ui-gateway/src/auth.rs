@@ -28,6 +28,28 @@ pub struct Caller {
     pub role: String,
 }
 
+impl Caller {
+    /// Whether this caller may see the payloads of `component`'s events (gRPC `Events`; the
+    /// SSE stream carries metadata only, for everyone). Units and pipeline runs are what a
+    /// reader may read anyway; the other components' payloads (registry nodes, webhook bodies,
+    /// PostgreSQL rows, archive state) are the admin's, like `/nodes` and `/status`.
+    pub fn sees_payloads_of(&self, component: cim_events::Component) -> bool {
+        use cim_events::Component::{InformationUnit, PipelineEngine};
+        matches!(component, InformationUnit | PipelineEngine)
+            || gateway::role_rank(&self.role) >= gateway::role_rank(role::ADMIN)
+    }
+
+    /// A request id the caller chose, namespaced by its token (`gw-<token id>-<id>`): request
+    /// ids are idempotency keys that every writer of a service shares, so a caller's ids are
+    /// its own and can never claim, or be answered with, another caller's or a service's
+    /// (`hub-webhook-…`).
+    pub fn own_request_id(&self, id: &str) -> String {
+        let token: String =
+            self.id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+        format!("gw-{token}-{id}")
+    }
+}
+
 /// The role a request needs, or `None` for public paths (the UI and the OpenAPI document).
 pub fn required_role(method: &Method, path: &str) -> Option<&'static str> {
     let rest = path.strip_prefix("/api/")?;
@@ -158,7 +180,15 @@ const INVALID: &str = "invalid or revoked api token";
 pub async fn verify(tokens: &Tokens, presented: &str) -> Result<Caller, ApiError> {
     let invalid = || ApiError::Unauthorized(INVALID.to_string());
     let id = gateway::token_id(presented).ok_or_else(invalid)?;
-    let stored = tokens.get(id).await?.ok_or_else(invalid)?;
+    // What went wrong inside is for the log, not for a caller nobody has authenticated yet.
+    let stored = match tokens.get(id).await {
+        Ok(stored) => stored.ok_or_else(invalid)?,
+        Err(ApiError::Unauthorized(m)) => return Err(ApiError::Unauthorized(m)),
+        Err(e) => {
+            tracing::warn!(token = %id, error = %e, "could not check an api token");
+            return Err(ApiError::Unavailable("api tokens cannot be checked right now; retry shortly".into()));
+        }
+    };
     if !gateway::hashes_equal(&stored.sha256, &gateway::hash_token(presented)) {
         return Err(invalid());
     }

@@ -9,7 +9,8 @@ use cim_events::{
     Component,
     gateway::{self, role},
     proto::iu::{
-        CommandResult, GetHistory, GetLinks, GetUnit, History, LinkUnit, Links, ListUnits, TagUnit, Unit, UnitList,
+        CommandHeader, CommandResult, GetHistory, GetLinks, GetUnit, History, LinkUnit, Links, ListUnits, TagUnit,
+        Unit, UnitList,
     },
     resources, subject,
 };
@@ -91,6 +92,18 @@ impl GatewayService {
     }
 }
 
+/// Namespaces the request id a caller chose ([`auth::Caller::own_request_id`]).
+fn own_request_id(caller: &auth::Caller, header: &mut Option<CommandHeader>) -> Result<(), Status> {
+    let Some(h) = header.as_mut() else { return Ok(()) };
+    if h.request_id.is_empty() {
+        return Ok(());
+    }
+    let id = caller.own_request_id(&h.request_id);
+    cim_events::iu::request_key(&id).map_err(|e| Status::invalid_argument(format!("request_id: {e}")))?;
+    h.request_id = id;
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl Gateway for GatewayService {
     async fn who_am_i(&self, req: Request<WhoAmIRequest>) -> Result<Response<WhoAmIReply>, Status> {
@@ -119,12 +132,13 @@ impl Gateway for GatewayService {
     }
 
     async fn upload(&self, req: Request<Streaming<UploadRequest>>) -> Result<Response<CommandResult>, Status> {
-        self.caller(req.metadata(), role::WRITER).await?;
+        let caller = self.caller(req.metadata(), role::WRITER).await?;
         let mut parts = req.into_inner();
         let mut unit = match parts.message().await? {
             Some(UploadRequest { part: Some(Part::Unit(u)) }) => u,
             _ => return Err(Status::invalid_argument("the first message of an upload must carry the unit")),
         };
+        own_request_id(&caller, &mut unit.header)?;
         api::check_name(&unit.name)?;
         let limit = self.state.limits.max_upload;
         let mut read = 0u64;
@@ -185,22 +199,27 @@ impl Gateway for GatewayService {
     }
 
     async fn tag(&self, req: Request<TagUnit>) -> Result<Response<CommandResult>, Status> {
-        self.caller(req.metadata(), role::WRITER).await?;
-        Ok(Response::new(self.state.iu.tag(req.into_inner()).await.map_err(iu_status)?))
+        let caller = self.caller(req.metadata(), role::WRITER).await?;
+        let mut tag = req.into_inner();
+        own_request_id(&caller, &mut tag.header)?;
+        Ok(Response::new(self.state.iu.tag(tag).await.map_err(iu_status)?))
     }
 
     async fn link(&self, req: Request<LinkUnit>) -> Result<Response<CommandResult>, Status> {
-        self.caller(req.metadata(), role::WRITER).await?;
-        Ok(Response::new(self.state.iu.link(req.into_inner()).await.map_err(iu_status)?))
+        let caller = self.caller(req.metadata(), role::WRITER).await?;
+        let mut link = req.into_inner();
+        own_request_id(&caller, &mut link.header)?;
+        Ok(Response::new(self.state.iu.link(link).await.map_err(iu_status)?))
     }
 
     type EventsStream = BoxStream<Event>;
 
     async fn events(&self, req: Request<EventsRequest>) -> Result<Response<Self::EventsStream>, Status> {
-        self.caller(req.metadata(), role::READER).await?;
+        let caller = self.caller(req.metadata(), role::READER).await?;
         let r = req.into_inner();
         let token = if r.component.is_empty() { "iu" } else { &r.component };
         let component = Component::parse(token).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let payloads = caller.sees_payloads_of(component);
         let all = subject::events_of(component);
         let filter = if r.filter.is_empty() { all.clone() } else { r.filter.clone() };
         let prefix = all.trim_end_matches('>');
@@ -215,7 +234,11 @@ impl Gateway for GatewayService {
             .await
             .map_err(|e| Status::unavailable(format!("events stream {name}: {e}")))?;
         let deliver_policy = match r.after {
-            Some(seq) => DeliverPolicy::ByStartSequence { start_sequence: seq + 1 },
+            Some(seq) => DeliverPolicy::ByStartSequence {
+                start_sequence: seq
+                    .checked_add(1)
+                    .ok_or_else(|| Status::out_of_range(format!("after {seq} is beyond any event")))?,
+            },
             None => DeliverPolicy::New,
         };
         let consumer = stream
@@ -227,7 +250,7 @@ impl Gateway for GatewayService {
         let stop = async move {
             let _ = stopping.wait_for(|s| *s).await;
         };
-        let events = messages.take_until(stop).map(|m| {
+        let events = messages.take_until(stop).map(move |m| {
             let m = m.map_err(|e| Status::unavailable(e.to_string()))?;
             let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
             let h =
@@ -238,7 +261,7 @@ impl Gateway for GatewayService {
                 r#type: h("ce-type"),
                 id: h("ce-id"),
                 time: h("ce-time"),
-                payload: m.payload.to_vec(),
+                payload: if payloads { m.payload.to_vec() } else { Vec::new() },
             })
         });
         Ok(Response::new(Box::pin(events)))

@@ -10,6 +10,8 @@ pub mod api;
 pub mod auth;
 pub mod error;
 pub mod grpc;
+#[cfg(test)]
+mod props;
 pub mod ui;
 
 use std::{future::Future, net::SocketAddr, sync::Arc};

@@ -8,7 +8,13 @@
 //! - `bench [SCENARIO] [options]`: build every binary in release mode (the benchmarks run the
 //!   real services), then run `cim-bench` (every scenario, or the one named; `all` writes the
 //!   envelope and information-unit table to docs/bench-latest.md).
+//! - `codegen`: writes the generated parts of the Python package (python.rs).
+//! - `pytest [ARGS]`: sets up `.cim/venv` when missing or stale, then runs the Python tests
+//!   (`test` runs them after the Rust suite).
+//! - `pybench [ARGS]`: a Python plugin invocation vs the Rust native plugin's
+//!   (python/bench/plugin_invoke.py, against a release build of plugin-native-example).
 
+mod python;
 mod tidy;
 
 use std::process::{Command, ExitCode};
@@ -24,8 +30,13 @@ fn main() -> ExitCode {
         "test" => test(&rest),
         "up" => up(&rest),
         "bench" => bench(&rest),
+        "codegen" => python::codegen(&root()),
+        "pytest" => pytest(&rest),
+        "pybench" => pybench(&rest),
         _ => {
-            eprintln!("usage: cargo xtask <tidy [CHECK…]|test|up|bench [SCENARIO]> [args passed on]");
+            eprintln!(
+                "usage: cargo xtask <tidy [CHECK…]|test|up|bench [SCENARIO]|codegen|pytest|pybench> [args passed on]"
+            );
             return ExitCode::from(if task == "help" { 0 } else { 64 });
         }
     };
@@ -55,11 +66,89 @@ fn has_nextest() -> bool {
 fn test(rest: &[String]) -> Result<(), String> {
     tidy::tidy(&[])?;
     run(cargo().args(["build", "--workspace", "--bins"]))?;
-    if has_nextest() {
+    let rust = if has_nextest() {
         run(cargo().args(["nextest", "run", "--workspace", "--no-fail-fast"]).args(rest))
     } else {
         run(cargo().args(["test", "--workspace", "--no-fail-fast"]).args(rest))
+    };
+    // The Python tests run even when a Rust test failed: both verdicts are reported.
+    let python = pytest(&[]);
+    rust.and(python)
+}
+
+/// The Python tools' home: a virtual environment inside the ignored `.cim/`.
+fn venv() -> std::path::PathBuf {
+    root().join(".cim/venv")
+}
+
+/// Where the tests' Python comes from: an interpreter and extra environment.
+struct PythonEnv {
+    python: std::path::PathBuf,
+    env: Vec<(String, std::ffi::OsString)>,
+}
+
+/// Sets up the Python tests' tools, once: `.cim/venv` with the package (editable) and its test
+/// dependencies (nats-py, protobuf, pytest; hatchling builds it). Where `python3 -m venv` is
+/// unavailable (Debian without python3-venv) the dependencies go to `.cim/python` with
+/// `pip install --target` and the package is imported from the source tree. Done again only
+/// when python/pyproject.toml changed (its copy next to the tools is the stamp).
+fn python_setup() -> Result<PythonEnv, String> {
+    let pyproject = root().join("python/pyproject.toml");
+    let wanted = std::fs::read(&pyproject).map_err(|e| format!("{}: {e}", pyproject.display()))?;
+    let python3 = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let package = format!("{}[test]", root().join("python").display());
+    let venv = venv();
+    let python = venv.join("bin/python");
+    let stamp = venv.join("cim-pyproject.toml");
+    if python.exists() && std::fs::read(&stamp).is_ok_and(|s| s == wanted) {
+        return Ok(PythonEnv { python, env: Vec::new() });
     }
+    let quiet = ["install", "--quiet", "--disable-pip-version-check"];
+    if python.exists() || Command::new(&python3).args(["-m", "venv"]).arg(&venv).status().is_ok_and(|s| s.success()) {
+        eprintln!(
+            "xtask: installing the cim package (editable) with nats-py, protobuf and pytest into {}",
+            venv.display()
+        );
+        run(Command::new(&python).arg("-m").arg("pip").args(quiet).arg("-e").arg(&package))?;
+        std::fs::write(&stamp, wanted).map_err(|e| format!("{}: {e}", stamp.display()))?;
+        return Ok(PythonEnv { python, env: Vec::new() });
+    }
+    let _ = std::fs::remove_dir_all(&venv);
+    let target = root().join(".cim/python");
+    let path = std::env::join_paths([root().join("python"), target.clone()]).map_err(|e| e.to_string())?;
+    let env = vec![("PYTHONPATH".to_string(), path)];
+    let stamp = target.join("cim-pyproject.toml");
+    if !std::fs::read(&stamp).is_ok_and(|s| s == wanted) {
+        eprintln!("xtask: no python3 -m venv here: installing nats-py, protobuf and pytest into {}", target.display());
+        let _ = std::fs::remove_dir_all(&target);
+        run(Command::new(&python3).arg("-m").arg("pip").args(quiet).arg("--target").arg(&target).arg(&package))?;
+        std::fs::write(&stamp, wanted).map_err(|e| format!("{}: {e}", stamp.display()))?;
+    }
+    Ok(PythonEnv { python: python3.into(), env })
+}
+
+/// `cargo xtask pytest [ARGS]`: the Python tests, against the binaries in target/debug (built
+/// by `test` before).
+fn pytest(rest: &[String]) -> Result<(), String> {
+    let py = python_setup()?;
+    run(Command::new(&py.python)
+        .current_dir(root().join("python"))
+        .envs(py.env.iter().map(|(k, v)| (k, v)))
+        .env("CIM_BIN_DIR", target_dir().join("debug"))
+        .args(["-m", "pytest", "-q"])
+        .args(rest))
+}
+
+fn pybench(rest: &[String]) -> Result<(), String> {
+    run(cargo().args(["build", "--release", "-p", "plugin-native-example"]))?;
+    let py = python_setup()?;
+    run(Command::new(&py.python)
+        .current_dir(root().join("python"))
+        .envs(py.env.iter().map(|(k, v)| (k, v)))
+        .arg("bench/plugin_invoke.py")
+        .arg("--bin-dir")
+        .arg(target_dir().join("release"))
+        .args(rest))
 }
 
 fn up(rest: &[String]) -> Result<(), String> {

@@ -2,7 +2,8 @@
 //! do. Formatting and clippy, no CIM name spelled outside `cim-events`, crate boundaries (no
 //! service crate depends on another, no test harness in a shipped binary), and the generated
 //! or hand-kept docs that must follow the code (docs/SUBJECTS.md, the ARCHITECTURE code map),
-//! and the committed web UI bundle that must follow `ui/`.
+//! the committed web UI bundle that must follow `ui/`, and the Python package's generated table
+//! and protobuf classes (python.rs), outside of which Python spells no CIM name either.
 
 use std::{
     collections::BTreeSet,
@@ -57,6 +58,8 @@ pub fn tidy(only: &[String]) -> Result<(), String> {
                 "  docs/SUBJECTS.md is stale: run `CIM_BLESS=1 cargo test -p cim-events` and commit it".to_string()
             })
     });
+    check("python generated", &|| crate::python::check(&root));
+    check("python names", &|| python_names(&root));
     check("clippy", &|| {
         run(cargo().current_dir(&root).args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))
             .map_err(|_| "  clippy found problems (above): fix them; `#[allow]` only with a reason".to_string())
@@ -222,6 +225,51 @@ fn names(root: &Path) -> Result<(), String> {
     Err(format!(
         "{}\n  subjects, streams and buckets are built only by crates/cim-events: call its builders \
          (cim_events::subject, resources, iu, pipeline, …) instead of spelling the name",
+        found.join("\n")
+    ))
+}
+
+/// Python files under `dir`, sorted, without the generated ones.
+fn python_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    let mut entries: Vec<_> = entries.flatten().map(|e| e.path()).collect();
+    entries.sort();
+    for p in entries {
+        let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if p.is_dir() {
+            if name != "proto" && name != "__pycache__" && !name.starts_with('.') {
+                python_files(&p, out);
+            }
+        } else if name.ends_with(".py") && name != "_subjects.py" {
+            out.push(p);
+        }
+    }
+}
+
+/// No CIM subject, stream or bucket name in the Python package outside its generated table
+/// (`python/cim/_subjects.py`): every line but comments is searched, docstrings included.
+fn python_names(root: &Path) -> Result<(), String> {
+    let names = contract_names(root)?;
+    let mut files = Vec::new();
+    python_files(&root.join("python"), &mut files);
+    let mut found = Vec::new();
+    for f in files {
+        let src = fs::read_to_string(&f).map_err(|e| format!("  {}: {e}", f.display()))?;
+        for (i, line) in src.lines().enumerate() {
+            if line.trim_start().starts_with('#') {
+                continue;
+            }
+            if let Some(what) = spelled_name(line, &names) {
+                let rel = f.strip_prefix(root).unwrap_or(&f);
+                found.push(format!("  {}:{}: {what}", rel.display(), i + 1));
+            }
+        }
+    }
+    if found.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "{}\n  Python takes every name from the generated table python/cim/_subjects.py (through cim.subjects)",
         found.join("\n")
     ))
 }

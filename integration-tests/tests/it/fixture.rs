@@ -215,6 +215,24 @@ impl CimFixture {
         }
     }
 
+    /// A new connection as `component`'s own identity with its generated permissions, and that
+    /// identity's public key (what the server names in its permission violations). Only under
+    /// [`CimFixtureBuilder::generated_permissions`].
+    pub async fn connect_as(&self, component: Component) -> Result<(async_nats::Client, String)> {
+        let a = self.auth.as_ref().context("connect_as needs a fixture with generated_permissions()")?;
+        let user = a.account.user(component.service_name(), generated_permissions(component)?);
+        let client = user.connect(&self.url).await?;
+        Ok((client, user.public_key()))
+    }
+
+    /// A new user of the fixture's account with `permissions`, its credentials file and its
+    /// public key. Only under [`CimFixtureBuilder::generated_permissions`].
+    pub fn user(&self, name: &str, permissions: Permissions) -> Result<(PathBuf, String)> {
+        let a = self.auth.as_ref().context("user needs a fixture with generated_permissions()")?;
+        let user = a.account.user(name, permissions);
+        Ok((user.write_creds(a.dir.path())?, user.public_key()))
+    }
+
     /// The JetStream domain services use, if not the default.
     pub fn domain(&self) -> Option<&str> {
         self.auth.as_ref().map(|_| LEAF_DOMAIN)

@@ -1269,6 +1269,84 @@ async fn hub_mqtt_connector_both_ways_across_a_broker_restart() -> Result<()> {
     Ok(())
 }
 
+/// `mosquitto_pub -f`: one QoS 1 message with the bytes of a file.
+async fn mqtt_pub_file(port: u16, topic: &str, bytes: &[u8]) -> Result<()> {
+    let file = tempfile::NamedTempFile::new()?;
+    std::fs::write(file.path(), bytes)?;
+    let out = tokio::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", topic, "-q", "1", "-f"])
+        .arg(file.path())
+        .output()
+        .await?;
+    anyhow::ensure!(out.status.success(), "mosquitto_pub: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
+/// Messages larger than the MQTT client's old 10 KiB packet limit go both ways (before, one made
+/// the connection drop and the broker sent it again for ever), and one too large to keep as an
+/// event is dead-lettered with its topic and acknowledged: the messages after it still flow.
+#[tokio::test(flavor = "multi_thread")]
+async fn hub_mqtt_carries_large_messages_and_dead_letters_what_no_event_can_hold() -> Result<()> {
+    let mut cim = CimFixture::builder().start().await?;
+    let js = cim.js();
+    iu_stream(&js).await?;
+    let dir = tempfile::tempdir()?;
+    let port = cim_testkit::free_port();
+    let _broker = Mosquitto::start(dir.path(), port).await?;
+    let sub = Sub::start(port, "cim/units").await?;
+    let config = dir.path().join("hub.json");
+    std::fs::write(
+        &config,
+        serde_json::json!({ "mqtt": [{
+            "name": "plant", "host": "127.0.0.1", "port": port, "subscribe": ["sensors/#"],
+            "publish": { "filter": &units_created(), "topic": "cim/units", "deliver": "all" },
+        }]})
+        .to_string(),
+    )?;
+    start_hub(&mut cim, &config, &[]).await?;
+
+    // Events → topic: a 100 KiB event arrives whole.
+    let big: Vec<u8> = (0..100 * 1024).map(|i| (i % 253) as u8).collect();
+    js.publish(cim_events::iu::unit_event("big", cim_events::iu::action::CREATED)?, big.clone().into()).await?.await?;
+    eventually(READY, "the 100 KiB event on the topic", || async {
+        anyhow::ensure!(sub.lines.lock().unwrap().contains(&hex(&big)), "not yet");
+        Ok(())
+    })
+    .await?;
+
+    // Topic → events: 50 KiB kept whole; 2 MiB (more than an event may hold) dead-lettered with
+    // its topic; a small message after it still arrives.
+    let fifty: Vec<u8> = (0..50 * 1024).map(|i| (i % 251) as u8).collect();
+    eventually(READY, "the 50 KiB message as an event", || async {
+        mqtt_pub_file(port, "sensors/big", &fifty).await?;
+        let got: Vec<(Envelope, cim_events::proto::hub::MqttReceived)> =
+            hub_events(&js, hub::mqtt_received("plant")?).await?;
+        anyhow::ensure!(got.iter().any(|(_, m)| m.topic == "sensors/big" && m.payload == fifty), "not yet");
+        Ok(())
+    })
+    .await?;
+    let huge = vec![7u8; 2 * 1024 * 1024];
+    mqtt_pub_file(port, "sensors/huge", &huge).await?;
+    eventually(READY, "a small message after the huge one", || async {
+        mqtt_pub(port, "sensors/after", "1").await?;
+        let got: Vec<(Envelope, cim_events::proto::hub::MqttReceived)> =
+            hub_events(&js, hub::mqtt_received("plant")?).await?;
+        anyhow::ensure!(got.iter().any(|(_, m)| m.topic == "sensors/after"), "not yet");
+        Ok(())
+    })
+    .await?;
+    let dlq = js.get_stream(resources::dead_letter_stream(C).name).await?;
+    let parked = dlq.get_last_raw_message_by_subject(&hub::mqtt_dead_letter("plant")?).await?;
+    let header = |k: &str| parked.headers.get(k).map(|v| v.as_str().to_string()).unwrap_or_default();
+    assert_eq!(header(hub::H_MQTT_TOPIC), "sensors/huge");
+    assert!(
+        header(hub::H_DEAD_LETTER_REASON).contains(&huge.len().to_string()),
+        "{}",
+        header(hub::H_DEAD_LETTER_REASON)
+    );
+    Ok(())
+}
+
 // ---- S3 import, against a real S3 server (s3s-fs) ----
 
 #[tokio::test(flavor = "multi_thread")]

@@ -15,6 +15,7 @@ mod otlp;
 mod pipelines;
 mod plugins;
 mod registry;
+mod security;
 mod services;
 mod storage;
 mod up;

@@ -666,18 +666,24 @@ async fn pipelines_run_on_a_three_node_cluster() -> Result<()> {
     Ok(())
 }
 
-/// The engine with its own NATS identity, whose permissions are the generated ones in
-/// `nixos-modules/nats-permissions.json`: the shipped example runs end to end and nothing hits
-/// a permissions violation.
+/// The engine, the plugin host (invocation by version, routing, announcements), the information
+/// unit, the registry and the storage manager each with its own NATS identity, whose
+/// permissions are the generated ones in `nixos-modules/nats-permissions.json`: the shipped
+/// example runs end to end and none of them hits a permissions violation.
 #[tokio::test(flavor = "multi_thread")]
-async fn the_engine_runs_with_its_generated_nats_permissions() -> Result<()> {
-    let fx = CimFixture::builder()
-        .generated_permissions()
-        .service(Component::InformationUnit)
-        .service(Component::PluginHost)
-        .service(Svc::new(Component::PipelineEngine).own_identity())
-        .start()
-        .await?;
+async fn the_core_services_run_with_their_generated_nats_permissions() -> Result<()> {
+    let own = [
+        Component::InformationUnit,
+        Component::Registry,
+        Component::StorageManager,
+        Component::PluginHost,
+        Component::PipelineEngine,
+    ];
+    let mut builder = CimFixture::builder().generated_permissions();
+    for c in own {
+        builder = builder.service(Svc::new(c).own_identity());
+    }
+    let fx = builder.start().await?;
     let mut cim = Cim { iu: fx.iu(), fx };
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/pipelines/text-ingest.json");
     let out = cim.cimctl(&["pipeline", "apply", &path.to_string_lossy()]).await?;
@@ -687,15 +693,18 @@ async fn the_engine_runs_with_its_generated_nats_permissions() -> Result<()> {
     let run = eventually!(LONG, "the run completes", {
         let runs = cim.runs("text-ingest").await?;
         let r = runs.iter().find(|r| r.unit_id == unit).context("no run yet")?;
-        ensure!(r.state == "completed", "run is {} {}\n{}", r.state, r.error, engine.log());
+        let logs = own.iter().map(|c| cim.fx.service(*c).log()).collect::<Vec<_>>().join("\n");
+        ensure!(r.state == "completed", "run is {} {}\n{logs}", r.state, r.error);
         Ok(r.clone())
     })?;
     assert_eq!(run.units.len(), 2, "{run:?}");
-    let engine = cim.fx.service_mut(Component::PipelineEngine);
-    let status = engine.terminate(Duration::from_secs(30)).await?;
-    let log = engine.log();
-    assert!(status.success(), "pipeline-engine exited {status}:\n{log}");
-    assert!(!log.to_lowercase().contains("permissions violation"), "pipeline-engine hit its permissions:\n{log}");
+    for c in own {
+        let svc = cim.fx.service_mut(c);
+        let status = svc.terminate(Duration::from_secs(30)).await?;
+        let log = svc.log();
+        assert!(status.success(), "{c} exited {status}:\n{log}");
+        assert!(!log.to_lowercase().contains("permissions violation"), "{c} hit its permissions:\n{log}");
+    }
     Ok(())
 }
 

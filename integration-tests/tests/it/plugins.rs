@@ -435,3 +435,72 @@ async fn native_and_webassembly_plugins_serve_the_same_request_shape() -> Result
     );
     Ok(())
 }
+
+/// Only identities the operator lists serve a plugin name: a native plugin's identity (the
+/// `native_plugins` template of `nixos-modules/nats-permissions.json`, for `sha256`) serves
+/// `sha256`, reached directly and routed by the plugin host under its own identity, but the same
+/// credentials cannot announce or serve another plugin's name (here `forged`).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_native_plugin_identity_serves_only_its_own_plugin_name() -> Result<()> {
+    let cim = CimFixture::builder().generated_permissions().service(Svc::new(C).own_identity()).start().await?;
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../nixos-modules/nats-permissions.json");
+    let generated: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+    let t = &generated["native_plugins"];
+    let placeholder = t["placeholder"].as_str().context("placeholder")?;
+    let mut perms = cim_testkit::Permissions::all().allow_responses();
+    for s in t["publish"]["allow"].as_array().context("publish")? {
+        perms = perms.allow_publish(s.as_str().context("entry")?.replace(placeholder, "sha256"));
+    }
+    for s in t["subscribe"]["allow"].as_array().context("subscribe")? {
+        perms = perms.allow_subscribe(s.as_str().context("entry")?.replace(placeholder, "sha256"));
+    }
+    let (creds, key) = cim.user("plugin-sha256", perms)?;
+    let serve = |name: &str| {
+        Command::new(bin("plugin-native-example"))
+            .args(["--nats-url", cim.url(), "--announce-ms", "200", "--name", name])
+            .arg("--nats-creds")
+            .arg(&creds)
+            .kill_on_drop(true)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+    };
+    let _own = serve("sha256")?;
+    let _foreign = serve("forged")?;
+    let client = cim.client().clone();
+    let input = InvokeRequest { input: b"abc".to_vec(), ..Default::default() };
+    eventually(Duration::from_secs(30), "the native sha256 answers", || async {
+        let r = call(&client, plugin::invoke_subject("sha256", "1.0.0")?, &input).await?;
+        anyhow::ensure!(status(&r) == Status::Ok, "{}", message(&r));
+        Ok(())
+    })
+    .await?;
+    let routed = eventually(Duration::from_secs(30), "the host routes to it by capability", || async {
+        let r = route(&client, InvokeRequest { capability: "checksum.sha256".into(), ..input.clone() }).await?;
+        anyhow::ensure!(status(&r) == Status::Ok, "{}", message(&r));
+        Ok(r)
+    })
+    .await?;
+    assert_eq!(routed.runtime, "native");
+    // The same credentials serving `forged`: the server refuses its announcements and its
+    // subscription, so nobody reaches it and the host never lists it.
+    let log_path = cim.server().log_path().to_path_buf();
+    eventually(Duration::from_secs(30), "the foreign announce and subscription refused", || async {
+        let log = std::fs::read_to_string(&log_path)?;
+        let refused = |what: &str, subject: &str| {
+            log.lines().any(|l| l.contains(&key) && l.contains(what) && l.contains(subject))
+        };
+        anyhow::ensure!(
+            refused("Publish Violation", &plugin::announce_subject("forged", "1.0.0")?)
+                && refused("Subscription Violation", &plugin::invoke_subject("forged", "1.0.0")?),
+            "not yet"
+        );
+        Ok(())
+    })
+    .await?;
+    let foreign = client.request(plugin::invoke_subject("forged", "1.0.0")?, input.encode_to_vec().into()).await;
+    assert!(foreign.is_err(), "someone answered as forged");
+    let l = list(&client).await?;
+    assert!(!l.plugins.iter().any(|p| p.name == "forged" && p.runtime == "native"), "{l:?}");
+    Ok(())
+}

@@ -49,7 +49,11 @@ pub(super) async fn events(
             .await
             .map_err(|e| ApiError::Unavailable(format!("events stream {stream_name}: {e}")))?;
     let deliver_policy = match after {
-        Some(seq) => DeliverPolicy::ByStartSequence { start_sequence: seq + 1 },
+        Some(seq) => DeliverPolicy::ByStartSequence {
+            start_sequence: seq
+                .checked_add(1)
+                .ok_or_else(|| ApiError::BadRequest(format!("event id {seq} is beyond any event")))?,
+        },
         None => DeliverPolicy::New,
     };
     let consumer = stream

@@ -4,6 +4,7 @@
 use std::{collections::HashMap, sync::Arc};
 
 use axum::{
+    Extension,
     body::{Body, to_bytes},
     extract::{Path, Query, State},
     http::StatusCode,
@@ -112,7 +113,12 @@ pub(super) async fn remove_pipeline(
 /// `POST /api/v1/pipelines/{name}/runs` (body optional: `{"unit_id", "params": {k: v},
 /// "request_id"}`): a manual run. A retry with the same `request_id` is answered with the run
 /// the first one started.
-pub(super) async fn start_run(State(s): State<Arc<AppState>>, Path(name): Path<String>, body: Body) -> ApiResult {
+pub(super) async fn start_run(
+    State(s): State<Arc<AppState>>,
+    Extension(caller): Extension<crate::auth::Caller>,
+    Path(name): Path<String>,
+    body: Body,
+) -> ApiResult {
     let pipeline = pipeline_name(&name)?.to_string();
     let m = optional_object(body, s.limits.max_json, &["unit_id", "params", "request_id"]).await?;
     let unit = optional_string(&m, "unit_id")?;
@@ -120,7 +126,7 @@ pub(super) async fn start_run(State(s): State<Arc<AppState>>, Path(name): Path<S
         id if id.is_empty() => uuid::Uuid::now_v7().to_string(),
         id => {
             pl::start_msg_id(&id).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-            id
+            caller.own_request_id(&id)
         }
     };
     if !unit.is_empty() {

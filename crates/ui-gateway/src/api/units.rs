@@ -232,7 +232,7 @@ pub fn parse_range(v: &str, size: u64) -> Result<(u64, u64), ApiError> {
             if b < a {
                 return Err(bad());
             }
-            (a, (b + 1).min(size))
+            (a, b.saturating_add(1).min(size))
         }
     };
     if start >= size || start >= end {
@@ -316,5 +316,11 @@ mod tests {
         assert!(parse_range("bytes=5-1", 100).is_err());
         assert!(parse_range("items=0-1", 100).is_err());
         assert!(parse_range("bytes=0-1,3-4", 100).is_err());
+        // The largest numbers a client can send are refused or clamped, never an overflow.
+        assert_eq!(parse_range(&format!("bytes=0-{}", u64::MAX), 100).unwrap(), (0, 100));
+        assert!(parse_range(&format!("bytes={}-", u64::MAX), 100).is_err());
+        assert!(parse_range(&format!("bytes={0}-{0}", u64::MAX), 100).is_err());
+        assert_eq!(parse_range(&format!("bytes=-{}", u64::MAX), 100).unwrap(), (0, 100));
+        assert!(parse_range("bytes=99999999999999999999999-", 100).is_err());
     }
 }

@@ -1,0 +1,1 @@
+"""Example plugins shipped with the package (``examples/pipelines`` uses them)."""
