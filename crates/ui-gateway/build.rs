@@ -1,5 +1,9 @@
 //! Generates the gRPC server and client of `proto/cim/gateway/v1/gateway.proto` (tonic), reusing
-//! the information-unit messages of `cim-events`, and the descriptor set for server reflection.
+//! the information-unit messages of `cim-events`, and the descriptor set for server reflection;
+//! and the list of the web UI's files (`src/ui/dist`, built from `ui/` and committed) that the
+//! binary embeds.
+
+use std::{fs, path::Path};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto = "proto/cim/gateway/v1/gateway.proto";
@@ -9,5 +13,39 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(out.join("gateway_descriptor.bin"))
         .extern_path(".cim.iu.v1", "::cim_events::proto::iu")
         .compile_protos(&[proto], &["proto", "../cim-events/proto"])?;
+    ui_bundle(&out)
+}
+
+/// Writes `ui_bundle.rs`: `FILES`, every file of the bundle as (URL path, contents), sorted.
+fn ui_bundle(out: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    let dist = Path::new(&std::env::var("CARGO_MANIFEST_DIR")?).join("src/ui/dist");
+    println!("cargo:rerun-if-changed=src/ui/dist");
+    if !dist.join("index.html").is_file() {
+        return Err(format!("{} has no index.html: run `npm --prefix ui run build`", dist.display()).into());
+    }
+    let mut files = Vec::new();
+    walk(&dist, &dist, &mut files)?;
+    files.sort();
+    let mut code = String::from("/// The web UI's files: (URL path, contents), sorted by path.\n");
+    code.push_str("pub static FILES: &[(&str, &[u8])] = &[\n");
+    for (url, path) in files {
+        code.push_str(&format!("    ({url:?}, include_bytes!({path:?})),\n"));
+    }
+    code.push_str("];\n");
+    fs::write(out.join("ui_bundle.rs"), code)?;
+    Ok(())
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, String)>) -> Result<(), Box<dyn std::error::Error>> {
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            walk(root, &path, out)?;
+        } else {
+            let rel =
+                path.strip_prefix(root)?.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>();
+            out.push((format!("/{}", rel.join("/")), path.to_string_lossy().into_owned()));
+        }
+    }
     Ok(())
 }

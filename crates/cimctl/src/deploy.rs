@@ -321,8 +321,8 @@ pub fn permissions(component: Component) -> Result<Permissions> {
     }
     // The gateway, the door for people and programs: it sends the information unit's and the
     // pipeline engine's commands and queries and the registry's and plugin host's queries, moves unit content in the
-    // content bucket (as cim-iu-client does), and reads every other component's event stream
-    // with ordered consumers (live events).
+    // content bucket (as cim-iu-client does), and reads every other component's event and
+    // dead-letter streams with ordered consumers (live events, dead letters).
     if component == Component::UiGateway {
         for commanded in [Component::InformationUnit, Component::PipelineEngine] {
             publish.push(below(&subject::command(commanded, "action")?, 3));
@@ -336,12 +336,9 @@ pub fn permissions(component: Component) -> Result<Permissions> {
             streams.push((obj.stream_name(), Access::Writer));
         }
         for other in Component::ALL.into_iter().filter(|c| *c != component) {
-            read_with_consumers(
-                &mut publish,
-                &resources::events_stream(other).name,
-                &["CREATE", "INFO", "DELETE", "MSG.NEXT"],
-                false,
-            );
+            for stream in [resources::events_stream(other).name, resources::dead_letter_stream(other).name] {
+                read_with_consumers(&mut publish, &stream, &["CREATE", "INFO", "DELETE", "MSG.NEXT"], false);
+            }
         }
     }
     // The storage manager archives every component's streams (events, dead letters, object

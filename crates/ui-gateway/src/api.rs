@@ -1,12 +1,15 @@
-//! The HTTP/JSON API: the router, the OpenAPI document, the web UI and `whoami`, the
-//! validation of what requests carry, and requests on the services' contracts.
+//! The HTTP/JSON API: the router, the OpenAPI document, the web UI (`crate::ui`) and `whoami`,
+//! the headers every response carries and the JSON body of every error, the validation of what
+//! requests carry, and requests on the services' contracts.
 //!
 //! The routes are split by resource over submodules: `units` (over `cim-iu-client`, streamed
 //! upload and ranged download), `cluster` (components, nodes and status over the registry's
 //! queries, plugins over the plugin host's), `pipelines` (pipelines and runs over the pipeline
-//! engine's JSON commands and queries), `events` (live events as SSE).
+//! engine's JSON commands and queries), `events` (live events as SSE), `dead_letters` (a
+//! component's dead-letter stream).
 
 mod cluster;
+mod dead_letters;
 mod events;
 mod pipelines;
 mod units;
@@ -17,7 +20,8 @@ use axum::{
     Router,
     body::{Body, to_bytes},
     extract::Request,
-    http::{StatusCode, header},
+    http::{HeaderValue, StatusCode, header},
+    middleware::Next,
     response::{IntoResponse, Response},
     routing::{get, post},
 };
@@ -29,6 +33,7 @@ use crate::{AppState, auth, error::ApiError};
 pub use self::units::parse_range;
 use self::{
     cluster::{components, nodes, plugins, status},
+    dead_letters::dead_letters,
     events::events,
     pipelines::{
         apply_pipeline, cancel_run, get_pipeline, get_run, list_pipelines, list_runs, remove_pipeline, retry_run,
@@ -38,14 +43,12 @@ use self::{
 };
 
 static OPENAPI: &str = include_str!("openapi.json");
-static INDEX_HTML: &str = include_str!("ui/index.html");
 
 type ApiResult = Result<Response, ApiError>;
 
 /// The whole router, with auth, CORS and limits applied.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
-        .route("/", get(index))
         .route("/api/openapi.json", get(openapi))
         .route("/api/v1/whoami", get(whoami))
         .route("/api/v1/units", get(list_units).post(create_unit))
@@ -67,11 +70,91 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/runs/{id}/cancel", post(cancel_run))
         .route("/api/v1/runs/{id}/retry", post(retry_run))
         .route("/api/v1/events", get(events))
-        .fallback(not_found)
+        .route("/api/v1/dead-letters", get(dead_letters))
+        .fallback(ui_or_not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        // Outermost of the per-route layers, so it counts refusals by auth too.
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::authorize))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), measure))
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::cors))
+        .layer(axum::middleware::from_fn(harden))
         .with_state(state)
+}
+
+/// Middleware, outermost: every response says `nosniff`, may not be framed, sends no referrer
+/// and has a Content-Security-Policy (the app's on the UI's files, nothing allowed on the rest);
+/// every error has a JSON body `{"error", "status"}`, also those that axum's extractors or
+/// layers produce as plain text or with no body at all.
+async fn harden(req: Request, next: Next) -> Response {
+    let mut resp = json_error(next.run(req).await).await;
+    let h = resp.headers_mut();
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.entry(header::CONTENT_SECURITY_POLICY).or_insert(HeaderValue::from_static(crate::ui::CSP_API));
+    resp
+}
+
+/// Middleware: HTTP requests on the runtime's metrics, by route (`GET /api/v1/units/{id}`; one
+/// label for everything outside the routes, so paths cannot grow the label set): `cim_requests`
+/// and `cim_request_duration_seconds` by route, `cim_request_errors` by route and status.
+/// `Router::layer` wraps each route, so the matched route is known here.
+async fn measure(
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let route = req.extensions().get::<axum::extract::MatchedPath>().map(|p| p.as_str().to_string());
+    let endpoint = format!("http {} {}", req.method(), route.as_deref().unwrap_or("(other)"));
+    let started = std::time::Instant::now();
+    let resp = next.run(req).await;
+    let m = &state.metrics;
+    let labels = cim_runtime::metrics::EndpointLabels { endpoint };
+    m.requests.get_or_create(&labels).inc();
+    m.latency.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+    let status = resp.status();
+    if status.is_client_error() || status.is_server_error() {
+        let labels =
+            cim_runtime::metrics::EndpointLabels { endpoint: format!("{} {}", labels.endpoint, status.as_u16()) };
+        m.errors.get_or_create(&labels).inc();
+    }
+    resp
+}
+
+/// The largest non-JSON error body that is carried over into the JSON one.
+const ERROR_TEXT_LIMIT: usize = 16 * 1024;
+
+async fn json_error(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let text = to_bytes(body, ERROR_TEXT_LIMIT).await.map(|b| String::from_utf8_lossy(&b).trim().to_string());
+    let message = match text {
+        Ok(t) if !t.is_empty() => t,
+        _ => status.canonical_reason().unwrap_or("error").to_lowercase(),
+    };
+    parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let body = json!({ "error": message, "status": status.as_u16() }).to_string();
+    Response::from_parts(parts, Body::from(body))
+}
+
+/// The UI's files for paths outside `/api/`, else 404.
+async fn ui_or_not_found(req: Request) -> Response {
+    let path = req.uri().path();
+    if !path.starts_with("/api/")
+        && let Some(r) = crate::ui::serve(req.method(), path)
+    {
+        return r;
+    }
+    not_found(req).await.into_response()
 }
 
 fn json_response(status: StatusCode, v: Value) -> Response {
@@ -86,10 +169,6 @@ async fn method_not_allowed(req: Request) -> Response {
     let body =
         json!({ "error": format!("method {} is not allowed on {}", req.method(), req.uri().path()), "status": 405 });
     json_response(StatusCode::METHOD_NOT_ALLOWED, body)
-}
-
-async fn index() -> Response {
-    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], INDEX_HTML).into_response()
 }
 
 async fn openapi() -> Response {
@@ -236,6 +315,7 @@ mod tests {
             ("post", "/api/v1/runs/{id}/cancel", "/api/v1/runs/r/cancel"),
             ("post", "/api/v1/runs/{id}/retry", "/api/v1/runs/r/retry"),
             ("get", "/api/v1/events", "/api/v1/events"),
+            ("get", "/api/v1/dead-letters", "/api/v1/dead-letters"),
         ];
         for (method, template, concrete) in routes {
             let op = &doc["paths"][template][method];

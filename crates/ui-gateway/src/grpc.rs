@@ -272,13 +272,16 @@ impl Gateway for GatewayService {
 pub async fn serve(state: Arc<AppState>, listener: tokio::net::TcpListener, ctx: cim_runtime::Ctx) {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<GatewayServer<GatewayService>>().await;
-    let reflection = match tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-    {
-        Ok(r) => r,
-        Err(e) => {
+    // Reflection in both versions: v1, and v1alpha for older clients (Python's
+    // grpc_reflection, older grpcurl) that speak only that.
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let (reflection, reflection_v1alpha) = match (builder().build_v1(), builder().build_v1alpha()) {
+        (Ok(v1), Ok(v1alpha)) => (v1, v1alpha),
+        (Err(e), _) | (_, Err(e)) => {
             tracing::error!(error = %e, "grpc reflection cannot start");
             return;
         }
@@ -290,6 +293,7 @@ pub async fn serve(state: Arc<AppState>, listener: tokio::net::TcpListener, ctx:
     let result = tonic::transport::Server::builder()
         .add_service(GatewayServer::new(GatewayService::new(state)))
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(health)
         .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), shutdown)
         .await;

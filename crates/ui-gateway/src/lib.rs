@@ -12,6 +12,7 @@ pub mod error;
 pub mod grpc;
 #[cfg(test)]
 mod props;
+pub mod ui;
 
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
@@ -83,6 +84,8 @@ pub struct AppState {
     pub limits: Limits,
     /// Turns true when the service stops: open event streams end.
     pub stopping: tokio::sync::watch::Receiver<bool>,
+    /// The runtime's metrics (`/metrics` on the health port): HTTP requests by route.
+    pub metrics: cim_runtime::metrics::Metrics,
 }
 
 /// The validated configuration of `ui-gateway`.
@@ -172,6 +175,7 @@ async fn setup(
         cors_origins: args.cors_origins.into_iter().map(|o| o.trim().to_string()).filter(|o| !o.is_empty()).collect(),
         limits: Limits { max_json: args.max_json, max_upload: args.max_upload },
         stopping: ctx.stop_receiver(),
+        metrics: ctx.metrics().clone(),
     });
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "gateway api listening");

@@ -2,8 +2,8 @@
 //! do. Formatting and clippy, no CIM name spelled outside `cim-events`, crate boundaries (no
 //! service crate depends on another, no test harness in a shipped binary), and the generated
 //! or hand-kept docs that must follow the code (docs/SUBJECTS.md, the ARCHITECTURE code map),
-//! and the Python package's generated table and protobuf classes (python.rs), outside of which
-//! Python spells no CIM name either.
+//! the committed web UI bundle that must follow `ui/`, and the Python package's generated table
+//! and protobuf classes (python.rs), outside of which Python spells no CIM name either.
 
 use std::{
     collections::BTreeSet,
@@ -51,6 +51,7 @@ pub fn tidy(only: &[String]) -> Result<(), String> {
     check("crate boundaries", &|| boundaries(&root));
     check("shipped binaries", &|| shipped(&root));
     check("code map", &|| code_map(&root));
+    check("ui bundle", &|| ui_bundle(&root));
     check("subject reference", &|| {
         run(cargo().current_dir(&root).args(["test", "-q", "-p", "cim-events", "--lib", "docs_reference_is_current"]))
             .map_err(|_| {
@@ -401,9 +402,133 @@ fn code_map(root: &Path) -> Result<(), String> {
     ))
 }
 
+/// The web UI's bundle (`crates/ui-gateway/src/ui/dist`, embedded in the gateway) is built from
+/// `ui/` by `npm --prefix ui run build`, which also writes `bundle.stamp`: the hash of the
+/// sources and of the bundle. Both must still match, so a fresh machine needs no npm and the
+/// committed bundle is never older than its sources nor edited by hand.
+fn ui_bundle(root: &Path) -> Result<(), String> {
+    let stamp_path = root.join("crates/ui-gateway/src/ui/bundle.stamp");
+    let rebuild = "run `npm --prefix ui ci && npm --prefix ui run build` and commit crates/ui-gateway/src/ui";
+    let stamp = fs::read_to_string(&stamp_path).map_err(|e| format!("  {}: {e}: {rebuild}", stamp_path.display()))?;
+    let field =
+        |name: &str| stamp.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' '))).map(str::trim);
+    let sources = tree_hash(&root.join("ui")).map_err(|e| format!("  reading ui/: {e}"))?;
+    if field("sources") != Some(sources.as_str()) {
+        return Err(format!("  the web UI bundle is stale: ui/ changed since it was built: {rebuild}"));
+    }
+    let bundle = tree_hash(&root.join("crates/ui-gateway/src/ui/dist"))
+        .map_err(|e| format!("  reading crates/ui-gateway/src/ui/dist: {e}"))?;
+    if field("bundle") != Some(bundle.as_str()) {
+        return Err(format!("  crates/ui-gateway/src/ui/dist is not what ui/ builds (edited by hand?): {rebuild}"));
+    }
+    Ok(())
+}
+
+/// The hex SHA-256 of a tree as `ui/scripts/stamp.mjs` computes it: every file but
+/// `node_modules` and dot files, in byte order of its `/`-separated path relative to `root`,
+/// as path, NUL, decimal length, NUL, contents.
+pub fn tree_hash(root: &Path) -> std::io::Result<String> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> std::io::Result<()> {
+        for entry in fs::read_dir(dir)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || name == "node_modules" {
+                continue;
+            }
+            let path = entry.path();
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                walk(root, &path, out)?;
+            } else if kind.is_file() {
+                let rel = path.strip_prefix(root).map_err(std::io::Error::other)?;
+                let rel: Vec<_> = rel.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
+                out.push((rel.join("/"), path));
+            }
+        }
+        Ok(())
+    }
+    let mut files = Vec::new();
+    walk(root, root, &mut files)?;
+    files.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    let mut data = Vec::new();
+    for (rel, path) in files {
+        let contents = fs::read(path)?;
+        data.extend_from_slice(format!("{rel}\0{}\0", contents.len()).as_bytes());
+        data.extend_from_slice(&contents);
+    }
+    Ok(sha256(&data).iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// SHA-256 (FIPS 180-4), here so that xtask keeps needing no dependencies.
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    const K: [u32; 64] = [
+        0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5, 0xd807aa98,
+        0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786,
+        0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8,
+        0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13,
+        0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819,
+        0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a,
+        0x5b9cca4f, 0x682e6ff3, 0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
+        0xc67178f2,
+    ];
+    let mut h: [u32; 8] =
+        [0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19];
+    let mut msg = data.to_vec();
+    msg.push(0x80);
+    while msg.len() % 64 != 56 {
+        msg.push(0);
+    }
+    msg.extend_from_slice(&((data.len() as u64) * 8).to_be_bytes());
+    for block in msg.chunks_exact(64) {
+        let mut w = [0u32; 64];
+        for (i, word) in block.chunks_exact(4).enumerate() {
+            w[i] = u32::from_be_bytes([word[0], word[1], word[2], word[3]]);
+        }
+        for i in 16..64 {
+            let s0 = w[i - 15].rotate_right(7) ^ w[i - 15].rotate_right(18) ^ (w[i - 15] >> 3);
+            let s1 = w[i - 2].rotate_right(17) ^ w[i - 2].rotate_right(19) ^ (w[i - 2] >> 10);
+            w[i] = w[i - 16].wrapping_add(s0).wrapping_add(w[i - 7]).wrapping_add(s1);
+        }
+        let [mut a, mut b, mut c, mut d, mut e, mut f, mut g, mut hh] = h;
+        for i in 0..64 {
+            let s1 = e.rotate_right(6) ^ e.rotate_right(11) ^ e.rotate_right(25);
+            let ch = (e & f) ^ (!e & g);
+            let t1 = hh.wrapping_add(s1).wrapping_add(ch).wrapping_add(K[i]).wrapping_add(w[i]);
+            let s0 = a.rotate_right(2) ^ a.rotate_right(13) ^ a.rotate_right(22);
+            let maj = (a & b) ^ (a & c) ^ (b & c);
+            let t2 = s0.wrapping_add(maj);
+            hh = g;
+            g = f;
+            f = e;
+            e = d.wrapping_add(t1);
+            d = c;
+            c = b;
+            b = a;
+            a = t1.wrapping_add(t2);
+        }
+        for (x, y) in h.iter_mut().zip([a, b, c, d, e, f, g, hh]) {
+            *x = x.wrapping_add(y);
+        }
+    }
+    let mut out = [0u8; 32];
+    for (i, v) in h.iter().enumerate() {
+        out[i * 4..i * 4 + 4].copy_from_slice(&v.to_be_bytes());
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sha256_known_answers() {
+        let hex = |d: &[u8]| sha256(d).iter().map(|b| format!("{b:02x}")).collect::<String>();
+        assert_eq!(hex(b""), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+        assert_eq!(hex(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        let long = vec![b'a'; 1000];
+        assert_eq!(hex(&long), "41edece42d63e8d9bf515a9ba6932e1c20cbc9f5a5d134645adb5db1b9737ea3");
+    }
 
     #[test]
     fn literals_are_found_and_comments_skipped() {

@@ -257,10 +257,62 @@ async fn gateway_units_api_round_trip_with_ranges_links_and_system_views() -> Re
     let (s, p) = g.get(&writer, "/api/v1/runs").await?;
     assert_eq!(s, 503, "{p}");
 
-    // The web UI is served.
+    // The web UI is served from the binary: the page revalidated on every load, hashed assets
+    // immutable, the CSP the app passes, no sniffing, no framing.
     let r = g.http.get(g.url("/")).send().await?;
     assert_eq!(r.status().as_u16(), 200);
-    assert!(r.text().await?.contains("<title>CIM</title>"));
+    let h = r.headers().clone();
+    let header =
+        |h: &reqwest::header::HeaderMap, k: &str| h.get(k).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    assert_eq!(header(&h, "cache-control"), "no-cache");
+    assert!(header(&h, "content-type").starts_with("text/html"));
+    assert_eq!(header(&h, "x-content-type-options"), "nosniff");
+    assert_eq!(header(&h, "x-frame-options"), "DENY");
+    let csp = header(&h, "content-security-policy");
+    assert!(
+        csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'") && !csp.contains("unsafe"),
+        "{csp}"
+    );
+    let page = r.text().await?;
+    assert!(page.contains("<title>CIM</title>") && page.contains("/manifest.webmanifest"), "{page}");
+    let script = page.split('"').find(|s| s.starts_with("/assets/") && s.ends_with(".js")).context("script")?;
+    let r = g.http.get(g.url(script)).send().await?;
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(header(r.headers(), "cache-control"), "public, max-age=31536000, immutable");
+    assert!(header(r.headers(), "content-type").starts_with("text/javascript"));
+    for (path, kind) in [("/sw.js", "text/javascript"), ("/manifest.webmanifest", "application/manifest+json")] {
+        let r = g.http.get(g.url(path)).send().await?;
+        assert_eq!(r.status().as_u16(), 200, "{path}");
+        assert!(header(r.headers(), "content-type").starts_with(kind), "{path}");
+        assert_eq!(header(r.headers(), "cache-control"), "no-cache", "{path}");
+    }
+    // Every error is JSON, also those axum's extractors answer (here: a path that is not UTF-8)
+    // and unknown files; API responses carry the hardening headers too.
+    for (path, status) in [("/api/v1/units/%FF", 400), ("/nope.js", 404), ("/api/v1/nope", 404)] {
+        let (s, e) = g.get(&writer, path).await?;
+        assert_eq!(s, status, "{path}: {e}");
+        assert!(e["error"].as_str().is_some_and(|m| !m.is_empty()) && e["status"] == status, "{path}: {e}");
+    }
+    let r = g.http.get(g.url("/api/v1/whoami")).bearer_auth(&writer).send().await?;
+    assert_eq!(header(r.headers(), "x-content-type-options"), "nosniff");
+    assert_eq!(header(r.headers(), "content-security-policy"), "default-src 'none'; frame-ancestors 'none'");
+
+    // HTTP requests on the runtime's /metrics: count and latency by route, errors by route and status.
+    let i = g.fx.services().iter().position(|p| p.component == Component::UiGateway).context("gateway")?;
+    let http_addr = g.fx.wait_ready(i).await?.service.context("service")?.http_addr;
+    let metrics = cim_testkit::http_get(&http_addr, "/metrics").await?.text();
+    for (metric, endpoint) in [
+        ("cim_requests_total{", "http GET /api/v1/units/{id}"),
+        ("cim_request_duration_seconds_count{", "http POST /api/v1/units"),
+        ("cim_request_errors_total{", "http GET /api/v1/units/{id} 400"),
+        ("cim_request_errors_total{", "http GET (other) 404"),
+    ] {
+        let label = format!("endpoint=\"{endpoint}\"");
+        assert!(
+            metrics.lines().any(|l| l.starts_with(metric) && l.contains(&label)),
+            "no {metric}{label} in\n{metrics}"
+        );
+    }
     Ok(())
 }
 
@@ -696,6 +748,22 @@ async fn gateway_pipelines_and_runs_over_the_engine() -> Result<()> {
     let unitless = started["run_id"].as_str().context("run_id")?.to_string();
     let failed = g.wait_run(&reader, &unitless, "failed").await?;
     assert!(failed["error"].as_str().unwrap().contains("unit.content"), "{failed}");
+    // Its work item is a dead letter, with the reason, for readers too.
+    let letter = eventually(Duration::from_secs(30), "the run's dead letter", || async {
+        let (s, d) = g.get(&reader, "/api/v1/dead-letters?component=pipeline").await?;
+        anyhow::ensure!(s == 200, "{d}");
+        d["dead_letters"]
+            .as_array()
+            .and_then(|l| l.iter().find(|x| x["reason"].as_str().is_some_and(|r| r.contains(&unitless))).cloned())
+            .with_context(|| format!("no dead letter of {unitless}: {d}"))
+    })
+    .await?;
+    assert!(letter["reason"].as_str().unwrap().contains("unit.content"), "{letter}");
+    assert!(letter["original_subject"].as_str().is_some_and(|o| !o.is_empty()) && letter["seq"].as_u64() > Some(0));
+    for (query, status) in [("component=nope", 400), ("component=pipeline&limit=x", 400)] {
+        let (s, e) = g.get(&reader, &format!("/api/v1/dead-letters?{query}")).await?;
+        assert_eq!(s, status, "{query}: {e}");
+    }
     let (s, e) = g.post(&writer, &format!("/api/v1/runs/{unitless}/cancel"), r#"{"reason":"too late"}"#).await?;
     assert_eq!(s, 409, "{e}");
     let (s, retried) = g.post(&writer, &format!("/api/v1/runs/{unitless}/retry"), r#"{"reason":"once more"}"#).await?;
@@ -769,6 +837,24 @@ async fn gateway_grpc_with_generated_client_reflection_and_health() -> Result<()
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
     assert!(names.contains(&"cim.gateway.v1.Gateway".to_string()), "{names:?}");
     assert!(names.contains(&"grpc.health.v1.Health".to_string()), "{names:?}");
+    // The same in reflection v1alpha, all that older clients (Python's grpc_reflection) speak.
+    {
+        use tonic_reflection::pb::v1alpha::{
+            ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        };
+        let mut reflection = ServerReflectionClient::new(channel.clone());
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::FileContainingSymbol("cim.gateway.v1.Gateway".into())),
+        };
+        let mut replies = reflection.server_reflection_info(futures::stream::iter([req])).await?.into_inner();
+        let reply = replies.message().await?.context("a v1alpha reflection reply")?;
+        let Some(MessageResponse::FileDescriptorResponse(files)) = reply.message_response else {
+            anyhow::bail!("unexpected v1alpha reply {reply:?}")
+        };
+        assert!(!files.file_descriptor_proto.is_empty());
+    }
 
     // Auth.
     let e = client.who_am_i(WhoAmIRequest {}).await.unwrap_err();
@@ -848,10 +934,30 @@ async fn gateway_grpc_with_generated_client_reflection_and_health() -> Result<()
     Ok(())
 }
 
+/// `assert_eq!` as an error, so that the browser test can save the screenshot of its failure.
+macro_rules! ensure_eq {
+    ($a:expr, $b:expr) => {{
+        let (a, b) = (&$a, &$b);
+        anyhow::ensure!(*a == *b, "{a:?} is not {b:?}");
+    }};
+    ($a:expr, $b:expr, $($m:tt)+) => {{
+        let (a, b) = (&$a, &$b);
+        anyhow::ensure!(*a == *b, "{a:?} is not {b:?}: {}", format!($($m)+));
+    }};
+}
+
+/// How long the browser tests wait for a page to show something: generous, the machine may be
+/// loaded (a pipeline run, the graph's walk over the links, a cold Chromium).
+const PAGE_WAIT: Duration = Duration::from_secs(60);
+
 /// A WebDriver session on headless Chromium (Debian's chromium + chromedriver), over plain HTTP.
+/// It saves a screenshot per page into `target/ui-screenshots` (`shot`), and one named after
+/// the last page when the test fails (`failed`).
 struct Browser {
     http: reqwest::Client,
     base: String,
+    shots: std::path::PathBuf,
+    page: std::sync::Mutex<String>,
     _driver: tokio::process::Child,
     _profile: tempfile::TempDir,
 }
@@ -891,7 +997,16 @@ impl Browser {
         }}}});
         let v: Value = http.post(format!("{driver_url}/session")).json(&caps).send().await?.json().await?;
         let session = v["value"]["sessionId"].as_str().with_context(|| format!("no session: {v}"))?;
-        Ok(Browser { http, base: format!("{driver_url}/session/{session}"), _driver: child, _profile: profile })
+        let shots = bin("cimctl").parent().and_then(|d| d.parent()).context("target dir")?.join("ui-screenshots");
+        std::fs::create_dir_all(&shots)?;
+        Ok(Browser {
+            http,
+            base: format!("{driver_url}/session/{session}"),
+            shots,
+            page: std::sync::Mutex::new("start".into()),
+            _driver: child,
+            _profile: profile,
+        })
     }
 
     async fn cmd(&self, method: reqwest::Method, path: &str, body: Value) -> Result<Value> {
@@ -906,6 +1021,11 @@ impl Browser {
         Ok(v["value"].clone())
     }
 
+    async fn goto(&self, url: &str) -> Result<()> {
+        self.cmd(reqwest::Method::POST, "/url", serde_json::json!({ "url": url })).await?;
+        Ok(())
+    }
+
     async fn element(&self, css: &str) -> Result<String> {
         let v = self
             .cmd(reqwest::Method::POST, "/element", serde_json::json!({ "using": "css selector", "value": css }))
@@ -915,6 +1035,15 @@ impl Browser {
 
     async fn type_into(&self, css: &str, text: &str) -> Result<()> {
         let id = self.element(css).await?;
+        self.cmd(reqwest::Method::POST, &format!("/element/{id}/clear"), serde_json::json!({})).await.ok();
+        self.cmd(reqwest::Method::POST, &format!("/element/{id}/value"), serde_json::json!({ "text": text })).await?;
+        Ok(())
+    }
+
+    /// Files for an `<input type=file multiple>` (WebDriver: one path a line).
+    async fn choose_files(&self, css: &str, files: &[&std::path::Path]) -> Result<()> {
+        let id = self.element(css).await?;
+        let text = files.iter().map(|f| f.to_string_lossy()).collect::<Vec<_>>().join("\n");
         self.cmd(reqwest::Method::POST, &format!("/element/{id}/value"), serde_json::json!({ "text": text })).await?;
         Ok(())
     }
@@ -929,138 +1058,384 @@ impl Browser {
         self.cmd(reqwest::Method::POST, "/execute/sync", serde_json::json!({ "script": script, "args": [] })).await
     }
 
+    /// Runs `script`, which ends by calling `done(value)` (the last argument), and returns value.
+    async fn js_async(&self, script: &str) -> Result<Value> {
+        let script = format!("const done = arguments[arguments.length - 1]; {script}");
+        self.cmd(reqwest::Method::POST, "/execute/async", serde_json::json!({ "script": script, "args": [] })).await
+    }
+
+    /// Polls `script` until it returns something truthy (within `PAGE_WAIT`); returns that.
     async fn wait_js(&self, what: &str, script: &str) -> Result<Value> {
-        eventually(Duration::from_secs(20), what, || async {
+        eventually(PAGE_WAIT, what, || async {
             let v = self.js(script).await?;
-            anyhow::ensure!(!v.is_null() && v != false && v != "", "{what}: {v}");
+            anyhow::ensure!(!v.is_null() && v != false && v != "" && v != 0, "{what}: {v}");
             Ok(v)
         })
         .await
     }
+
+    /// Waits for an element matching `css` whose text contains `text`.
+    async fn wait_text(&self, css: &str, text: &str) -> Result<Value> {
+        let script = format!(
+            "return [...document.querySelectorAll({css})].map(e => e.textContent).find(t => t.includes({text})) || ''",
+            css = serde_json::to_string(css)?,
+            text = serde_json::to_string(text)?
+        );
+        self.wait_js(&format!("{css} containing {text:?}"), &script).await
+    }
+
+    /// The page is `name` from now on (for the screenshot of a failure).
+    fn at(&self, name: &str) {
+        *self.page.lock().unwrap() = name.to_string();
+    }
+
+    async fn screenshot(&self, file: &str) -> Result<std::path::PathBuf> {
+        use base64::Engine as _;
+        let png = self.cmd(reqwest::Method::GET, "/screenshot", Value::Null).await?;
+        let bytes = base64::engine::general_purpose::STANDARD.decode(png.as_str().context("screenshot")?)?;
+        anyhow::ensure!(bytes.starts_with(b"\x89PNG"), "the screenshot is not a PNG");
+        let path = self.shots.join(format!("{file}.png"));
+        std::fs::write(&path, &bytes)?;
+        Ok(path)
+    }
+
+    /// A screenshot of the page as it is now: `target/ui-screenshots/<name>.png`.
+    async fn shot(&self, name: &str) -> Result<()> {
+        self.at(name);
+        self.screenshot(name).await?;
+        Ok(())
+    }
+
+    /// After a failure: the page as it was, `failed-<last page>.png`.
+    async fn failed(&self) {
+        let page = self.page.lock().unwrap().clone();
+        match self.screenshot(&format!("failed-{page}")).await {
+            Ok(p) => eprintln!("screenshot of the failure: {}", p.display()),
+            Err(e) => eprintln!("no screenshot of the failure: {e:#}"),
+        }
+    }
+
+    /// axe-core (from `ui/node_modules`, a dev dependency of the UI) on the current page: no
+    /// serious or critical WCAG 2 A/AA violation. Skipped, saying so, when `npm --prefix ui ci`
+    /// has not been run.
+    async fn accessible(&self, page: &str) -> Result<()> {
+        let axe = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../ui/node_modules/axe-core/axe.min.js");
+        let Ok(source) = std::fs::read_to_string(&axe) else {
+            eprintln!("accessibility check of {page} skipped: {} is missing (npm --prefix ui ci)", axe.display());
+            return Ok(());
+        };
+        if self.js("return typeof window.axe").await? != "object" {
+            self.js(&format!("{source}\n;return typeof window.axe")).await?;
+        }
+        let found = self
+            .js_async(
+                "axe.run(document, { runOnly: { type: 'tag', values: ['wcag2a', 'wcag2aa'] } })
+                   .then(r => done(r.violations.filter(v => v.impact === 'serious' || v.impact === 'critical')
+                     .map(v => `${v.id} (${v.impact}): ${v.help} at ${v.nodes.slice(0, 3).map(n => n.target.join(' ')).join(', ')}`)))
+                   .catch(e => done([`axe failed: ${e}`]))",
+            )
+            .await?;
+        let found = found.as_array().context("axe result")?;
+        anyhow::ensure!(
+            found.is_empty(),
+            "accessibility violations on {page}:\n{}",
+            serde_json::to_string_pretty(found)?
+        );
+        Ok(())
+    }
 }
 
+/// Signs in with `token` on the sign-in page and waits until the app shows who is signed in.
+async fn sign_in(browser: &Browser, token: &str, who: &str) -> Result<()> {
+    browser.wait_js("sign-in page", "return !!document.querySelector('[data-testid=token]')").await?;
+    browser.type_into("[data-testid=token]", token).await?;
+    browser.click("[data-testid=sign-in]").await?;
+    browser.wait_text("[data-testid=who]", who).await?;
+    Ok(())
+}
+
+async fn sign_out(browser: &Browser) -> Result<()> {
+    browser.click("[data-testid=sign-out]").await?;
+    browser
+        .wait_js(
+            "signed out",
+            "return !!document.querySelector('[data-testid=token]') && !sessionStorage.getItem('cim-token')",
+        )
+        .await?;
+    Ok(())
+}
+
+/// The web UI end to end in headless Chromium against real services: sign-in (a bad token is
+/// refused with the reason), upload of several files with per-file progress, the units table
+/// kept live by the event stream, one upload opening its unit, formatted metadata and
+/// provenance, the D3 link graph of the summary the example pipeline writes (clickable), a tag
+/// edit that meets a concurrent change (409, a clear message, then success), the run's steps
+/// as a timeline, live events, reader restrictions, the admin operations page, no CSP
+/// violation, the service worker holding the shell, and axe-core on every page. One screenshot
+/// per page lands in target/ui-screenshots.
 #[tokio::test(flavor = "multi_thread")]
 async fn gateway_web_ui_end_to_end_in_headless_chromium() -> Result<()> {
-    let g = Gateway::start_with(&[], &[Component::PluginHost, Component::PipelineEngine]).await?;
+    let mut g = Gateway::start_with(&[], &[Component::PluginHost, Component::PipelineEngine]).await?;
     let (_, writer) = g.token("browser", "writer").await?;
+    let (_, reader) = g.token("browser-reader", "reader").await?;
     let (_, admin) = g.token("browser-admin", "admin").await?;
-    let browser = Browser::start().await?;
-    // The shipped example pipeline: the upload below triggers it, and its summary is linked to the upload.
+    // The shipped example pipeline: a text upload triggers it, and its summary is linked to the upload.
     let example = std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/pipelines/text-ingest.json"),
     )?;
     let (s, applied) = g.post(&admin, "/api/v1/pipelines", example).await?;
     assert_eq!(s, 201, "{applied}");
+    let browser = Browser::start().await?;
+    let mut result = web_ui_flow(&g, &browser, [&writer, &reader, &admin]).await;
+    if result.is_ok() {
+        result = offline(&mut g, &browser).await;
+    }
+    if result.is_err() {
+        browser.failed().await;
+    }
+    let _ = browser.cmd(reqwest::Method::DELETE, "", Value::Null).await;
+    result
+}
 
-    // Log in.
-    browser.cmd(reqwest::Method::POST, "/url", serde_json::json!({ "url": g.url("/") })).await?;
-    browser.type_into("#token", &writer).await?;
-    browser.click("#login-btn").await?;
-    browser
-        .wait_js("logged in", "return document.getElementById('who').textContent.includes('browser (writer)')")
-        .await?;
-    browser
-        .wait_js("live events connected", "return document.getElementById('live-state').textContent === '(connected)'")
-        .await?;
+/// With the gateway stopped, the service worker still opens the app, which says why it cannot
+/// go on.
+async fn offline(g: &mut Gateway, browser: &Browser) -> Result<()> {
+    browser.at("offline");
+    g.fx.service_mut(Component::UiGateway).terminate(Duration::from_secs(20)).await?;
+    browser.goto(&g.url("/")).await?;
+    browser.wait_text("main", "cimctl token create").await?;
+    browser.wait_text("[data-testid=login-error]", "the gateway cannot be reached").await?;
+    browser.shot("offline").await?;
+    Ok(())
+}
 
-    // Upload a file through the file input, with progress, and see it listed.
+async fn web_ui_flow(g: &Gateway, browser: &Browser, [writer, reader, admin]: [&str; 3]) -> Result<()> {
+    // Sign in: the page explains tokens; a bad one is refused with the gateway's reason.
+    browser.at("sign-in");
+    browser.goto(&g.url("/")).await?;
+    browser
+        .js("window.cspViolations = []; document.addEventListener('securitypolicyviolation', e => window.cspViolations.push(e.violatedDirective + ' ' + e.blockedURI))")
+        .await?;
+    browser.wait_text("main", "cimctl token create").await?;
+    browser.accessible("sign-in").await?;
+    browser.shot("sign-in").await?;
+    browser.type_into("[data-testid=token]", "cimt_nope_nope").await?;
+    browser.click("[data-testid=sign-in]").await?;
+    browser.wait_text("[data-testid=login-error]", "invalid or revoked api token").await?;
+    sign_in(browser, writer, "browser").await?;
+    browser.at("units");
+    browser
+        .wait_js("units live", "return document.querySelector('[data-testid=live-state]')?.dataset.state === 'live'")
+        .await?;
+    // The stylesheet applies under the CSP (the header is dark).
+    let header = browser.js("return getComputedStyle(document.querySelector('header')).backgroundColor").await?;
+    anyhow::ensure!(header != "rgba(0, 0, 0, 0)", "the stylesheet did not apply");
+
+    // Upload two files at once: each has its own progress, both end done.
     let dir = tempfile::tempdir()?;
+    let (a, b) = (dir.path().join("alpha notes.txt"), dir.path().join("beta.txt"));
+    std::fs::write(&a, "alpha line\n".repeat(5000))?;
+    std::fs::write(&b, "beta line\n".repeat(300))?;
+    browser.choose_files("[data-testid=file-input]", &[&a, &b]).await?;
+    let done = browser
+        .wait_js(
+            "both uploads done with full progress",
+            "const i = [...document.querySelectorAll('[data-testid=upload-item]')]; \
+             return i.length === 2 && i.every(x => x.dataset.state === 'done' && \
+               x.querySelector('progress').value === x.querySelector('progress').max) && i.map(x => x.dataset.name).sort().join('|')",
+        )
+        .await?;
+    ensure_eq!(done, "alpha notes.txt|beta.txt");
+    // The table follows the event stream: both rows, with human sizes.
+    browser.wait_text("[data-testid=unit-link]", "alpha notes.txt").await?;
+    let row = browser
+        .wait_js("beta.txt listed", "return [...document.querySelectorAll('[data-testid=unit-row]')].find(r => r.querySelector('[data-testid=unit-link]').textContent === 'beta.txt')?.textContent")
+        .await?;
+    anyhow::ensure!(row.as_str().unwrap().contains("2.9 KiB"), "{row}");
+    // A unit created elsewhere (the API) appears without a reload.
+    let (s, created) = g.post(writer, "/api/v1/units?name=from-elsewhere.txt", "made through the api").await?;
+    ensure_eq!(s, 201, "{created}");
+    browser.wait_text("[data-testid=unit-row]", "from-elsewhere.txt").await?;
+    // Sorting by name, ascending.
+    browser.click("[data-testid=sort-name]").await?;
+    browser
+        .wait_js("sorted by name", "const n = [...document.querySelectorAll('[data-testid=unit-link]')].map(a => a.textContent); return n.length >= 3 && n.every((x, i) => i === 0 || n[i - 1].localeCompare(x) <= 0)")
+        .await?;
+    // Search by name prefix.
+    browser.type_into("[data-testid=search-name_prefix]", "beta").await?;
+    browser.click("[data-testid=search]").await?;
+    browser
+        .wait_js("searched", "const n = [...document.querySelectorAll('[data-testid=unit-link]')].map(a => a.textContent); return n.length >= 1 && n.every(x => x.startsWith('beta'))")
+        .await?;
+    browser.accessible("units").await?;
+    browser.shot("units").await?;
+
+    // One file: its unit opens when it is in.
     let file = dir.path().join("browser-upload.txt");
     std::fs::write(&file, "uploaded from headless chromium\n".repeat(1000))?;
-    browser.type_into("#file", &file.to_string_lossy()).await?;
-    browser.click("#upload-btn").await?;
-    browser
-        .wait_js(
-            "upload finished",
-            "return document.getElementById('upload-status').textContent.includes('uploaded browser-upload.txt')",
-        )
-        .await?;
-    browser
-        .wait_js(
-            "unit listed",
-            "return [...document.querySelectorAll('.unit-link')].some(a => a.textContent === 'browser-upload.txt')",
-        )
-        .await?;
-    let progress = browser.js("return document.getElementById('progress').value").await?;
-    assert_eq!(progress.as_f64(), Some(100.0));
+    browser.choose_files("[data-testid=file-input]", &[&file]).await?;
+    browser.at("unit");
+    browser.wait_text("[data-testid=unit-name]", "browser-upload.txt").await?;
+    let id =
+        browser.wait_js("unit id", "return document.querySelector('[data-testid=meta-unit-id]')?.textContent").await?;
+    let id = id.as_str().context("unit id")?.to_string();
+    anyhow::ensure!(browser.js("return location.hash").await?.as_str().unwrap().ends_with(&id));
+    let size = browser.js("return document.querySelector('[data-testid=meta-size]').textContent").await?;
+    anyhow::ensure!(size.as_str().is_some_and(|s| s.starts_with("31 KiB (")), "{size}");
+    browser.wait_text("[data-testid=provenance-entry]", "created").await?;
 
-    // Open its detail page: versions, history with provenance.
+    // The example pipeline runs on it; its summary links back: the graph shows both, typed.
+    let run = eventually(PAGE_WAIT, "a run of the upload", || async {
+        let (s, runs) = g.get(writer, &format!("/api/v1/runs?unit_id={id}")).await?;
+        anyhow::ensure!(s == 200, "{runs}");
+        Ok(runs["runs"][0]["run_id"].as_str().context("no run yet")?.to_string())
+    })
+    .await?;
+    g.wait_run(writer, &run, "completed").await?;
     browser
-        .js("[...document.querySelectorAll('.unit-link')].find(a => a.textContent === 'browser-upload.txt').click()")
+        .wait_js("graph with the summary", "const g = document.querySelector('[data-testid=link-graph]'); return g && g.querySelectorAll('.graph-node').length >= 2 && [...g.querySelectorAll('.edge-label')].some(e => e.textContent === 'summary-of')")
         .await?;
-    browser
-        .wait_js("detail shown", "return document.getElementById('detail-name').textContent === 'browser-upload.txt'")
-        .await?;
-    browser.wait_js("versions shown", "return document.querySelectorAll('#versions tr').length === 1").await?;
-    browser
-        .wait_js("history shown", "return document.getElementById('history').textContent.includes('correlation_id')")
-        .await?;
-    let id = browser.js("return JSON.parse(document.getElementById('detail-meta').textContent).unit_id").await?;
-    let id = id.as_str().context("unit id on the page")?.to_string();
+    browser.wait_text("[data-testid=unit-runs]", "text-ingest").await?;
+    browser.wait_text("[data-testid=tags]", "normalized").await?;
+    browser.accessible("unit").await?;
+    browser.shot("unit").await?;
+    browser.js("document.querySelector('[data-testid=link-graph]').scrollIntoView({ block: 'center' })").await?;
+    browser.shot("unit-graph").await?;
+    // Nodes are links: the summary opens.
+    browser.js("document.querySelector('[data-testid=link-graph] .graph-node[data-hop=\"1\"]').dispatchEvent(new MouseEvent('click', { bubbles: true }))").await?;
+    browser.wait_text("[data-testid=unit-name]", "browser-upload.txt.summary.txt").await?;
+    browser.js("history.back()").await?;
+    browser.wait_text("[data-testid=meta-unit-id]", &id).await?;
 
-    // A live event arrives while the detail page is open: tag the unit through the API.
-    let (s, _) = g.post(&writer, &format!("/api/v1/units/{id}/tags"), r#"{"tags":["from-the-test"]}"#).await?;
-    assert_eq!(s, 200);
-    let line = browser
-        .wait_js("tagged event in the live panel", &format!("return [...document.querySelectorAll('#events-log .event')].map(e => e.textContent).find(t => t.includes('{id}.tagged')) || ''"))
-        .await?;
-    let unit_events = subject::aggregate_filter(Component::InformationUnit, iu::UNIT, &id)?;
-    assert!(line.as_str().unwrap().contains(unit_events.trim_end_matches('*')), "{line}");
+    // A tag edit that meets a concurrent change: a clear 409 message, then it goes through.
+    browser.at("unit-tag-conflict");
+    let seen =
+        browser.wait_js("version", "return document.querySelector('[data-testid=meta-version]')?.textContent").await?;
+    browser.type_into("[data-testid=tag-input]", "reviewed").await?;
+    let (s, r) = g.post(writer, &format!("/api/v1/units/{id}/tags"), r#"{"tags":["from-the-test"]}"#).await?;
+    ensure_eq!(s, 200, "{r}");
+    browser.wait_text("[data-testid=tags]", "from-the-test").await?;
+    let now = browser.js("return document.querySelector('[data-testid=meta-version]').textContent").await?;
+    anyhow::ensure!(now != seen, "the page still shows {seen} after the concurrent tag");
+    browser.click("[data-testid=tag-add]").await?;
+    browser.wait_text("[data-testid=tag-error]", "Someone changed this unit since you opened it").await?;
+    browser.shot("unit-tag-conflict").await?;
+    browser.click("[data-testid=tag-reload]").await?;
+    browser.click("[data-testid=tag-add]").await?;
+    browser.wait_text("[data-testid=tags]", "reviewed").await?;
+    let (_, unit) = g.get(writer, &format!("/api/v1/units/{id}")).await?;
+    anyhow::ensure!(unit["tags"].as_array().unwrap().iter().any(|t| t == "reviewed"), "{unit}");
 
-    // The pipelines view: the run the upload triggered, updated live until completed, with its steps.
-    browser.click("#nav-pipelines").await?;
-    browser
-        .wait_js(
-            "pipeline listed",
-            "return [...document.querySelectorAll('.pipeline-row')].some(r => r.dataset.name === 'text-ingest')",
-        )
-        .await?;
-    browser.wait_js("runs live", "return document.getElementById('runs-live').textContent === '(live)'").await?;
-    browser
-        .wait_js("run completed", &format!("return [...document.querySelectorAll('.run-row')].some(r => r.textContent.includes('{}') && r.querySelector('.run-state').textContent === 'completed')", &id[..8]))
-        .await?;
-    browser.js("document.querySelector('.run-link').click()").await?;
-    let steps = browser.wait_js("steps shown", "const s = [...document.querySelectorAll('#run-steps .step-state')].map(e => e.textContent); return s.length === 5 && s.every(x => x === 'completed') && s.join(',')").await?;
-    assert_eq!(steps, "completed,completed,completed,completed,completed");
-    browser
-        .wait_js(
-            "completed count",
-            "return document.querySelector('.pipeline-row .count-completed').textContent === '1'",
-        )
-        .await?;
+    // A new version arrives live; the timeline shows both, the diff names what changed.
+    let (s, v) = g.post(writer, &format!("/api/v1/units/{id}/versions"), "the second version\n").await?;
+    ensure_eq!(s, 201, "{v}");
+    browser.wait_js("two versions", "return document.querySelectorAll('[data-testid=version]').length === 2").await?;
+    browser.click("[data-testid=compare]").await?;
+    let diff = browser.wait_text("[data-testid=diff]", "content id").await?;
+    anyhow::ensure!(diff.as_str().is_some_and(|d| d.contains("size") && d.contains("19 B")), "{diff}");
+    browser.js("document.querySelector('[data-testid=diff]').scrollIntoView({ block: 'center' })").await?;
+    browser.shot("unit-versions").await?;
 
-    // The unit's links as a graph: the summary the run wrote points at it (summary-of).
-    browser.js("[...document.querySelectorAll('#run-rows .unit-link')][0].click()").await?;
+    // Pipelines and the run as a timeline of its steps. A run without a unit fails (its first
+    // step reads the unit's content): its reason shows, and so does its dead letter.
+    let (s, started) = g.post(writer, "/api/v1/pipelines/text-ingest/runs", "").await?;
+    ensure_eq!(s, 201, "{started}");
+    let unitless = started["run_id"].as_str().context("run_id")?.to_string();
+    g.wait_run(writer, &unitless, "failed").await?;
+    browser.at("pipelines");
+    browser.click("[data-testid=nav-pipelines]").await?;
+    browser.wait_js("pipeline listed", "return [...document.querySelectorAll('[data-testid=pipeline-row]')].some(r => r.dataset.name === 'text-ingest')").await?;
     browser
-        .wait_js(
-            "detail shown again",
-            "return document.getElementById('detail-name').textContent === 'browser-upload.txt'",
-        )
+        .wait_js("runs listed", &format!("return !!document.querySelector('[data-testid=run-row][data-id=\"{run}\"]')"))
         .await?;
-    let graph = browser
-        .wait_js("link graph drawn", "const g = document.getElementById('graph-svg'); return g && g.querySelectorAll('.node').length === 2 && [...g.querySelectorAll('.edge-label')].map(e => e.textContent).join(',')")
+    browser.wait_text("[data-testid=dead-letter]", &format!("run {unitless} failed")).await?;
+    browser
+        .wait_js("the failed run's reason", &format!("return document.querySelector('[data-testid=run-row][data-id=\"{unitless}\"]')?.textContent.includes('unit.content')"))
         .await?;
-    assert_eq!(graph, "summary-of");
-    // Node titles carry the units' names (each looked up), summary first (it links to the unit).
-    let titles = browser
-        .wait_js("node titles", "const t = [...document.querySelectorAll('#graph-svg .node title')].map(t => t.textContent); return t.length === 2 && t.join('|')")
+    browser.accessible("pipelines").await?;
+    browser.shot("pipelines").await?;
+    browser
+        .js(&format!(
+            "document.querySelector('[data-testid=run-row][data-id=\"{run}\"] [data-testid=run-link]').click()"
+        ))
         .await?;
-    let titles = titles.as_str().context("node titles")?;
-    assert!(
-        titles.starts_with("browser-upload.txt.summary.txt (")
-            && titles.contains(&format!("|browser-upload.txt ({id})")),
-        "{titles}"
+    browser.at("run");
+    let steps = browser
+        .wait_js("steps as a timeline", "const s = [...document.querySelectorAll('[data-testid=step]')].map(e => e.dataset.state); return s.length === 5 && s.join(',')")
+        .await?;
+    ensure_eq!(steps, "completed,completed,completed,completed,completed");
+    ensure_eq!(
+        browser.js("return document.querySelector('[data-testid=run-detail-state]').dataset.state").await?,
+        "completed"
     );
+    browser.accessible("run").await?;
+    browser.shot("run").await?;
 
-    // The screenshot is a test artifact.
-    let png = browser.cmd(reqwest::Method::GET, "/screenshot", Value::Null).await?;
-    use base64::Engine as _;
-    let bytes = base64::engine::general_purpose::STANDARD.decode(png.as_str().context("screenshot")?)?;
-    assert!(bytes.starts_with(b"\x89PNG"));
-    let target = bin("cimctl").parent().and_then(|d| d.parent()).context("target dir")?.join("test-artifacts");
-    std::fs::create_dir_all(&target)?;
-    std::fs::write(target.join("gateway-web-ui.png"), &bytes)?;
-    let _ = browser.cmd(reqwest::Method::DELETE, "", Value::Null).await;
+    // Live events, the component picked from a list.
+    browser.at("events");
+    browser.click("[data-testid=nav-events]").await?;
+    browser
+        .wait_js("events live", "return document.querySelector('[data-testid=live-state]')?.dataset.state === 'live'")
+        .await?;
+    let options = browser.wait_js("component list", "const o = [...document.querySelectorAll('[data-testid=event-component] option')].map(o => o.value); return o.length > 1 && o").await?;
+    anyhow::ensure!(options.as_array().unwrap().iter().any(|o| o == "iu"), "{options}");
+    let (s, _) = g.post(writer, &format!("/api/v1/units/{id}/tags"), r#"{"tags":["live"]}"#).await?;
+    ensure_eq!(s, 200);
+    browser.wait_text("[data-testid=event-row]", &format!("{id}.tagged")).await?;
+    browser.accessible("events").await?;
+    browser.shot("events").await?;
+
+    // A reader: no upload (with the reason), no tag edit, no run actions, no operations.
+    sign_out(browser).await?;
+    browser.at("reader");
+    sign_in(browser, reader, "browser-reader").await?;
+    browser.wait_text("[data-testid=upload-disabled]", "needs a writer token").await?;
+    ensure_eq!(
+        browser
+            .js("return document.querySelectorAll('[data-testid=dropzone], [data-testid=file-input]').length")
+            .await?,
+        0
+    );
+    ensure_eq!(browser.js("return document.querySelectorAll('[data-testid=nav-operations]').length").await?, 0);
+    browser.shot("reader-units").await?;
+    browser.goto(&g.url(&format!("/#/units/{id}"))).await?;
+    browser.wait_text("[data-testid=unit-name]", "browser-upload.txt").await?;
+    browser.wait_text("main", "Adding tags needs a writer token").await?;
+    ensure_eq!(browser.js("return document.querySelectorAll('[data-testid=tag-input]').length").await?, 0);
+    browser.goto(&g.url(&format!("/#/runs/{run}"))).await?;
+    browser.wait_text("main", "Cancelling and retrying runs needs a writer token").await?;
+    browser.goto(&g.url("/#/operations")).await?;
+    browser.wait_text("[data-testid=error]", "needs an admin token").await?;
+
+    // An admin: the operations page, desired against running.
+    sign_out(browser).await?;
+    browser.at("operations");
+    sign_in(browser, admin, "browser-admin").await?;
+    browser.click("[data-testid=nav-operations]").await?;
+    browser.wait_js("information-unit running", "const r = document.querySelector('[data-testid=service-row][data-service=information-unit]'); return r && r.cells[2].textContent === '1'").await?;
+    browser
+        .wait_js("convergence shown", "return document.querySelector('[data-testid=converged]')?.dataset.converged")
+        .await?;
+    browser.accessible("operations").await?;
+    browser.shot("operations").await?;
+    // Readable at 360 px wide.
+    browser.cmd(reqwest::Method::POST, "/window/rect", serde_json::json!({ "width": 360, "height": 800 })).await?;
+    browser.click("[data-testid=nav-units]").await?;
+    browser.wait_text("[data-testid=unit-row]", "browser-upload.txt").await?;
+    browser.shot("units-360px").await?;
+
+    // The shell is cached by the service worker, and the CSP blocked nothing.
+    let cached = browser
+        .js_async("navigator.serviceWorker.ready.then(() => caches.open('cim-shell-v1')).then(c => c.keys()).then(k => done(k.map(r => new URL(r.url).pathname))).catch(e => done(String(e)))")
+        .await?;
+    let cached: Vec<&str> = cached.as_array().context("cached paths")?.iter().filter_map(Value::as_str).collect();
+    anyhow::ensure!(
+        cached.contains(&"/") && cached.iter().any(|p| p.starts_with("/assets/") && p.ends_with(".js")),
+        "the service worker did not cache the shell: {cached:?}"
+    );
+    let violations = browser.js("return window.cspViolations || []").await?;
+    ensure_eq!(violations, serde_json::json!([]), "content security policy violations");
+    eprintln!("screenshots in {}", browser.shots.display());
     Ok(())
 }
 
@@ -1092,6 +1467,8 @@ async fn gateway_runs_with_its_generated_nats_permissions() -> Result<()> {
 
     let http = reqwest::Client::builder().no_proxy().build()?;
     let base = format!("http://{listen}");
+    let r = http.get(format!("{base}/api/v1/dead-letters?component=iu")).bearer_auth(&token).send().await?;
+    assert_eq!(r.status().as_u16(), 200, "dead letters: {}\n{}", r.text().await?, gw.log());
     let mut live = http.get(format!("{base}/api/v1/events?component=iu")).bearer_auth(&token).send().await?;
     assert_eq!(live.status().as_u16(), 200);
     let r = http.post(format!("{base}/api/v1/units?name=p.txt")).bearer_auth(&token).body("permitted").send().await?;
