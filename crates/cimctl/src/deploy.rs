@@ -82,7 +82,6 @@ struct ProvisionArgs {
     js_domain: Option<String>,
 }
 
-
 async fn provision(args: ProvisionArgs) -> Result<ExitCode> {
     let components = if args.service.is_empty() {
         Component::ALL.to_vec()
