@@ -227,6 +227,50 @@ impl RateLimiter {
     }
 }
 
+/// Open event streams (SSE and gRPC `Events`) per token: at most `max` at once, so one token
+/// cannot hold the gateway's connections and consumers (0 = unlimited).
+#[derive(Debug)]
+pub struct StreamSlots {
+    max: usize,
+    open: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// One open stream of a token; dropping it (the stream ends or its client leaves) frees it.
+#[derive(Debug)]
+pub struct StreamSlot {
+    id: String,
+    open: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl StreamSlots {
+    pub fn new(max: usize) -> StreamSlots {
+        StreamSlots { max, open: Default::default() }
+    }
+
+    /// A slot for one more stream of token `id`, or `Err(max)` when it holds them all.
+    pub fn take(&self, id: &str) -> Result<StreamSlot, usize> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(id.to_string()).or_insert(0);
+        if self.max > 0 && *n >= self.max {
+            return Err(self.max);
+        }
+        *n += 1;
+        Ok(StreamSlot { id: id.to_string(), open: self.open.clone() })
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.id);
+            }
+        }
+    }
+}
+
 /// Middleware: authenticate, authorize by role, rate limit.
 pub async fn authorize(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
     let Some(needed) = required_role(req.method(), req.uri().path()) else {
@@ -301,6 +345,20 @@ pub async fn cors(State(state): State<Arc<AppState>>, req: Request, next: Next) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stream_slots_are_counted_per_token_and_freed_on_drop() {
+        let slots = StreamSlots::new(2);
+        let a1 = slots.take("a").unwrap();
+        let _a2 = slots.take("a").unwrap();
+        assert_eq!(slots.take("a").unwrap_err(), 2);
+        let _b = slots.take("b").unwrap();
+        drop(a1);
+        let _a3 = slots.take("a").unwrap();
+        let unlimited = StreamSlots::new(0);
+        let many: Vec<_> = (0..100).map(|_| unlimited.take("a").unwrap()).collect();
+        assert_eq!(many.len(), 100);
+    }
 
     #[test]
     fn roles_per_route() {

@@ -220,6 +220,13 @@ impl Gateway for GatewayService {
         let token = if r.component.is_empty() { "iu" } else { &r.component };
         let component = Component::parse(token).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let payloads = caller.sees_payloads_of(component);
+        // Held by the stream until it ends or its client leaves.
+        let slot = self.state.streams.take(&caller.id).map_err(|max| {
+            Status::resource_exhausted(format!(
+                "token {} already holds {max} open event streams; close one first",
+                caller.id
+            ))
+        })?;
         let all = subject::events_of(component);
         let filter = if r.filter.is_empty() { all.clone() } else { r.filter.clone() };
         let prefix = all.trim_end_matches('>');
@@ -251,6 +258,7 @@ impl Gateway for GatewayService {
             let _ = stopping.wait_for(|s| *s).await;
         };
         let events = messages.take_until(stop).map(move |m| {
+            let _held = &slot;
             let m = m.map_err(|e| Status::unavailable(e.to_string()))?;
             let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
             let h =

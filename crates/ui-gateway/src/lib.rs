@@ -52,6 +52,9 @@ pub struct GatewayArgs {
     /// Requests per second per token (bursts of twice that); 0 = unlimited.
     #[arg(long = "gateway-rate-limit", env = "CIM_GATEWAY_RATE_LIMIT", default_value_t = 100)]
     pub rate_limit: u32,
+    /// Event streams (SSE and gRPC `Events`) one token may hold open at once; 0 = unlimited.
+    #[arg(long = "gateway-max-streams", env = "CIM_GATEWAY_MAX_STREAMS", default_value_t = 16)]
+    pub max_streams: usize,
 }
 
 /// A listen address, or none (`off` or empty).
@@ -80,6 +83,8 @@ pub struct AppState {
     pub js: async_nats::jetstream::Context,
     pub tokens: Arc<auth::Tokens>,
     pub limiter: auth::RateLimiter,
+    /// Open event streams per token.
+    pub streams: auth::StreamSlots,
     pub cors_origins: Vec<String>,
     pub limits: Limits,
     /// Turns true when the service stops: open event streams end.
@@ -172,6 +177,7 @@ async fn setup(
         js: ctx.jetstream().clone(),
         tokens,
         limiter: auth::RateLimiter::new(args.rate_limit),
+        streams: auth::StreamSlots::new(args.max_streams),
         cors_origins: args.cors_origins.into_iter().map(|o| o.trim().to_string()).filter(|o| !o.is_empty()).collect(),
         limits: Limits { max_json: args.max_json, max_upload: args.max_upload },
         stopping: ctx.stop_receiver(),

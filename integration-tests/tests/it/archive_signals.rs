@@ -20,6 +20,8 @@ use crate::fixture::{CimFixture, Svc};
 
 const BUCKET: &str = "cim-archive";
 const WAIT: Duration = Duration::from_secs(90);
+/// How long the archive must write nothing before the idle watch begins.
+const SETTLE: Duration = Duration::from_secs(2);
 const PREFIX: &str = "site";
 
 /// The target as the storage manager sees it: through the proxy.
@@ -195,6 +197,16 @@ async fn archive_signals_idle_storage_manager_sends_no_put_and_almost_no_request
     eventually(WAIT, "the 5 contents copied by name", || async {
         let n = direct.list(&objects, None).await?.len();
         ensure!(n >= 5, "{n} copies");
+        Ok(())
+    })
+    .await?;
+    // The commits' aftermath is archived too before idle begins: each commit removed its
+    // upload's metadata, and those deletions are recorded on the target shortly after. A
+    // storage manager that never stops writing never settles, and fails here.
+    eventually(WAIT, "the archive to settle", || async {
+        let before = s.proxy.count("PUT");
+        tokio::time::sleep(SETTLE).await;
+        ensure!(s.proxy.count("PUT") == before, "still writing: {:?}", s.proxy.counts());
         Ok(())
     })
     .await?;

@@ -424,3 +424,60 @@ async fn readers_see_event_metadata_not_other_components_payloads() -> Result<()
     ensure!(!first("iu", "reader").await?.payload.is_empty(), "a reader saw no unit payload");
     Ok(())
 }
+
+/// One token holds at most its share of event streams (`--gateway-max-streams`): one more is
+/// refused with 429 and a reason, other tokens are not affected, and a stream its client leaves
+/// frees its slot.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_holds_at_most_its_share_of_event_streams() -> Result<()> {
+    let http = format!("127.0.0.1:{}", cim_testkit::free_port());
+    let fx = CimFixture::builder()
+        .service(Component::InformationUnit)
+        .service(Svc::new(Component::UiGateway).args(&[
+            "--gateway-listen",
+            &http,
+            "--gateway-grpc-listen",
+            "off",
+            "--gateway-max-streams",
+            "2",
+        ]))
+        .start()
+        .await?;
+    let mut tokens = Vec::new();
+    for name in ["busy", "other"] {
+        let out = tokio::process::Command::new(crate::common::bin("cimctl"))
+            .args(["token", "--nats-url", fx.url(), "--json", "create", "--name", name, "--role", "reader"])
+            .output()
+            .await?;
+        ensure!(out.status.success(), "cimctl token create: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        tokens.push(v["token"].as_str().context("token")?.to_string());
+    }
+    let client = reqwest::Client::builder().no_proxy().build()?;
+    let open = |token: &str| {
+        client.get(format!("http://{http}/api/v1/events?component=iu")).bearer_auth(token.to_string()).send()
+    };
+    let first = open(&tokens[0]).await?;
+    let second = open(&tokens[0]).await?;
+    ensure!(first.status() == 200 && second.status() == 200, "{} {}", first.status(), second.status());
+    let third = open(&tokens[0]).await?;
+    let status = third.status();
+    let body = third.text().await?;
+    ensure!(status == reqwest::StatusCode::TOO_MANY_REQUESTS, "{status}: {body}");
+    ensure!(body.contains("open event streams"), "{body}");
+    let other = open(&tokens[1]).await?;
+    ensure!(other.status() == 200, "another token was refused: {}", other.status());
+    // The client of one stream leaves: its slot comes free (the gateway notices at the latest
+    // when it next writes to it, a keep-alive within 15 s).
+    drop(first);
+    let mut again = Vec::new();
+    eventually(Duration::from_secs(60), "a slot freed by a client that left", || async {
+        let r = open(&tokens[0]).await?;
+        ensure!(r.status() == 200, "{}", r.status());
+        Ok(r)
+    })
+    .await
+    .map(|r| again.push(r))?;
+    drop(second);
+    Ok(())
+}

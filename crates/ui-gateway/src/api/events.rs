@@ -4,6 +4,7 @@ use std::{collections::HashMap, convert::Infallible, sync::Arc, time::Duration};
 
 use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
 use axum::{
+    Extension,
     extract::{Query, State},
     http::{HeaderMap, HeaderValue, header},
     response::{IntoResponse, sse},
@@ -20,9 +21,17 @@ use crate::{AppState, error::ApiError};
 /// without it the stream starts with the next new event (`?after=0` replays from the start).
 pub(super) async fn events(
     State(s): State<Arc<AppState>>,
+    Extension(caller): Extension<crate::auth::Caller>,
     Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> ApiResult {
+    // Held by the stream until it ends or its client leaves.
+    let slot = s.streams.take(&caller.id).map_err(|max| {
+        ApiError::TooManyRequests(
+            format!("token {} already holds {max} open event streams; close one first", caller.id),
+            1,
+        )
+    })?;
     let token = q.get("component").map(String::as_str).unwrap_or("iu");
     let component = Component::parse(token).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let all = subject::events_of(component);
@@ -66,7 +75,8 @@ pub(super) async fn events(
     let stop = async move {
         let _ = stopping.wait_for(|s| *s).await;
     };
-    let events = messages.take_until(stop).map(|m| -> Result<sse::Event, Infallible> {
+    let events = messages.take_until(stop).map(move |m| -> Result<sse::Event, Infallible> {
+        let _held = &slot;
         Ok(match m {
             Ok(m) => {
                 let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
