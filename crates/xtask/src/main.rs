@@ -66,6 +66,7 @@ fn has_nextest() -> bool {
 fn test(rest: &[String]) -> Result<(), String> {
     tidy::tidy(&[])?;
     run(cargo().args(["build", "--workspace", "--bins"]))?;
+    ui_test_tools();
     let rust = if has_nextest() {
         run(cargo().args(["nextest", "run", "--workspace", "--no-fail-fast"]).args(rest))
     } else {
@@ -74,6 +75,26 @@ fn test(rest: &[String]) -> Result<(), String> {
     // The Python tests run even when a Rust test failed: both verdicts are reported.
     let python = pytest(&[]);
     rust.and(python)
+}
+
+/// The web UI's accessibility check (axe-core, run by the browser test on every page) comes
+/// from the UI's locked dev dependencies. Where npm is present and they are not installed,
+/// `npm ci` installs them into the ignored `ui/node_modules`; without npm (or without the
+/// registry) the browser test runs without it and says so.
+fn ui_test_tools() {
+    let axe = root().join("ui/node_modules/axe-core/axe.min.js");
+    if axe.exists() {
+        return;
+    }
+    if !Command::new("npm").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        eprintln!("xtask: npm is missing; the browser test skips its accessibility check (axe-core)");
+        return;
+    }
+    eprintln!("xtask: installing the web UI's locked dev dependencies for its accessibility check (npm ci)");
+    let ui = root().join("ui");
+    if let Err(e) = run(Command::new("npm").args(["ci", "--no-audit", "--no-fund", "--prefix"]).arg(&ui)) {
+        eprintln!("xtask: {e}; the browser test skips its accessibility check");
+    }
 }
 
 /// The Python tools' home: a virtual environment inside the ignored `.cim/`.
