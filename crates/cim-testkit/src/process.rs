@@ -159,27 +159,10 @@ pub(crate) fn log_tail(path: &Path, n: usize) -> String {
     }
 }
 
-/// Makes the kernel SIGKILL the child when the spawning *thread* exits (that is how
-/// `PR_SET_PDEATHSIG` works), so a killed or panicking test leaves no servers behind.
-#[allow(unsafe_code)]
+/// The kernel SIGKILLs the child when the spawning thread exits, so a killed or panicking
+/// test leaves no servers behind.
 fn die_with_parent(cmd: &mut Command) {
-    use std::os::unix::process::CommandExt;
-    let parent = std::process::id() as libc::pid_t;
-    // SAFETY: the closure runs in the forked child before exec. It only calls prctl(2) and
-    // getppid(2), which are async-signal-safe, and builds io::Errors from raw codes, which
-    // does not allocate; it touches no locks or shared state of the parent.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // The parent may have died between fork and prctl; then nobody would kill us.
-            if libc::getppid() != parent {
-                return Err(io::Error::from_raw_os_error(libc::ESRCH));
-            }
-            Ok(())
-        });
-    }
+    cim_proc::die_with_parent(cmd, libc::SIGKILL);
 }
 
 #[allow(unsafe_code)]

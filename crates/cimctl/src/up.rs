@@ -39,6 +39,15 @@ pub struct UpArgs {
     ready_timeout: u64,
 }
 
+/// Prints a line to stdout, ignoring a closed stdout: `cimctl up | tee up.log` whose `tee` died
+/// with the Ctrl-C must still stop every service in order, not end the supervisor mid-way.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 struct Proc {
     name: String,
     child: Child,
@@ -111,16 +120,16 @@ pub async fn run(args: UpArgs) -> Result<ExitCode> {
         }
     }
 
-    println!("{}", summary(&data_dir, &nats_url, &monitor, &procs));
-    println!("  web UI and HTTP API  http://{gateway}/   (gRPC {gateway_grpc}; create a token: cimctl token create)");
-    println!("Press Ctrl-C to stop.");
+    say!("{}", summary(&data_dir, &nats_url, &monitor, &procs));
+    say!("  web UI and HTTP API  http://{gateway}/   (gRPC {gateway_grpc}; create a token: cimctl token create)");
+    say!("Press Ctrl-C to stop.");
 
     let outcome = supervise(&mut procs).await;
-    println!("stopping: services first, then NATS");
+    say!("stopping: services first, then NATS");
     stop_all(&mut procs).await;
     match outcome {
         None => {
-            println!("CIM leaf node stopped");
+            say!("CIM leaf node stopped");
             Ok(ExitCode::SUCCESS)
         }
         Some(msg) => {
@@ -182,7 +191,7 @@ fn pick_port(preferred: u16) -> u16 {
     }
     let port = cim_proc::free_port();
     if preferred != 0 {
-        println!("note: port {preferred} is in use; using {port}");
+        say!("note: port {preferred} is in use; using {port}");
     }
     port
 }
@@ -220,6 +229,10 @@ fn find_service_binaries(bin_dir: Option<&Path>) -> Result<Vec<(Component, PathB
 fn spawn(cmd: &mut Command, log: &Path) -> Result<Child> {
     let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
     let err = out.try_clone()?;
+    // No child outlives cimctl: if it dies without stopping them (SIGKILL, a panic), the
+    // kernel sends each SIGTERM, and they drain and exit as on Ctrl-C. (The signal follows the
+    // spawning thread: cimctl's main thread, which drives `up` through `block_on`.)
+    cim_proc::die_with_parent(cmd.as_std_mut(), libc::SIGTERM);
     // Own process group: Ctrl-C reaches cimctl only, which then stops everything in order.
     Ok(cmd.stdin(Stdio::null()).stdout(out).stderr(err).process_group(0).kill_on_drop(true).spawn()?)
 }
@@ -296,12 +309,12 @@ fn signal(child: &Child, sig: Signal) {
 
 async fn stop_one(p: &mut Proc, grace: Duration) {
     match tokio::time::timeout(grace, p.child.wait()).await {
-        Ok(Ok(status)) if status.success() => println!("  {:<18} stopped", p.name),
-        Ok(Ok(status)) => println!("  {:<18} stopped ({status})", p.name),
-        Ok(Err(e)) => println!("  {:<18} could not be awaited: {e}", p.name),
+        Ok(Ok(status)) if status.success() => say!("  {:<18} stopped", p.name),
+        Ok(Ok(status)) => say!("  {:<18} stopped ({status})", p.name),
+        Ok(Err(e)) => say!("  {:<18} could not be awaited: {e}", p.name),
         Err(_) => {
             let _ = p.child.kill().await;
-            println!("  {:<18} killed after {grace:?}", p.name);
+            say!("  {:<18} killed after {grace:?}", p.name);
         }
     }
 }

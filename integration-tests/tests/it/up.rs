@@ -74,6 +74,74 @@ async fn cimctl_up_starts_a_ready_leaf_and_stops_it_on_ctrl_c() -> Result<()> {
     Ok(())
 }
 
+/// A running `cimctl up`: the child, the rest of its stdout, and the pids it printed.
+async fn leaf_up(data: &std::path::Path) -> Result<(tokio::process::Child, Vec<String>, Vec<i32>)> {
+    let mut child = tokio::process::Command::new(bin("cimctl"))
+        .args(["up", "--nats-port", "0", "--data-dir"])
+        .arg(data)
+        .env_remove("CIM_BIN_DIR")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut printed = Vec::new();
+    tokio::time::timeout(Duration::from_secs(120), async {
+        while let Some(line) = lines.next_line().await? {
+            let done = line.contains("Press Ctrl-C to stop");
+            printed.push(line);
+            if done {
+                return Ok(());
+            }
+        }
+        anyhow::bail!("cimctl up ended early: {printed:#?}")
+    })
+    .await??;
+    let pids = printed
+        .iter()
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols.len() == 4 && cols[2].starts_with("http://")).then(|| cols[1].parse::<i32>().ok()).flatten()
+        })
+        .collect::<Vec<_>>();
+    anyhow::ensure!(pids.len() == 8, "nats-server and seven services: {printed:#?}");
+    // `lines` is dropped here: cimctl's stdout is a closed pipe from now on.
+    Ok((child, printed, pids))
+}
+
+async fn all_gone(pids: &[i32], what: &str) -> Result<()> {
+    cim_testkit::eventually(Duration::from_secs(60), what, || async {
+        let alive: Vec<i32> = pids.iter().copied().filter(|p| signal::kill(Pid::from_raw(*p), None).is_ok()).collect();
+        anyhow::ensure!(alive.is_empty(), "still running: {alive:?}");
+        Ok(())
+    })
+    .await
+}
+
+/// No service outlives `cimctl up`: killed outright (no chance to stop anything), its
+/// children still go, each told to stop by the kernel.
+#[tokio::test(flavor = "multi_thread")]
+async fn cimctl_up_killed_takes_every_service_and_nats_with_it() -> Result<()> {
+    let data = tempfile::tempdir()?;
+    let (mut child, _, pids) = leaf_up(data.path()).await?;
+    signal::kill(Pid::from_raw(child.id().unwrap() as i32), signal::Signal::SIGKILL)?;
+    child.wait().await?;
+    all_gone(&pids, "every child of the killed cimctl up to exit").await
+}
+
+/// `cimctl up | tee up.log` and Ctrl-C: the pipe closes with `tee`, and cimctl still stops
+/// every service in order and exits cleanly (before, the closed stdout ended it mid-way and
+/// the services kept running).
+#[tokio::test(flavor = "multi_thread")]
+async fn cimctl_up_with_a_closed_stdout_still_stops_everything_on_ctrl_c() -> Result<()> {
+    let data = tempfile::tempdir()?;
+    let (mut child, _, pids) = leaf_up(data.path()).await?;
+    signal::kill(Pid::from_raw(child.id().unwrap() as i32), signal::Signal::SIGINT)?;
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait()).await??;
+    assert!(status.success(), "cimctl up exited {status} with its stdout closed");
+    all_gone(&pids, "every child stopped").await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn cimctl_up_says_how_to_install_what_is_missing() -> Result<()> {
     let data = tempfile::tempdir()?;
