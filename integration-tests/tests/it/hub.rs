@@ -1174,26 +1174,44 @@ async fn mqtt_pub(port: u16, topic: &str, message: &str) -> Result<()> {
     Ok(())
 }
 
+/// A hub whose MQTT connector `plant` subscribes to `sensors/#` and publishes unit creations
+/// to `cim/units`, on a Mosquitto of its own, with a persistent subscriber to `cim/units`
+/// whose session exists before anything is published.
+struct MqttHub {
+    cim: CimFixture,
+    js: jetstream::Context,
+    dir: tempfile::TempDir,
+    port: u16,
+    broker: Mosquitto,
+    sub: Sub,
+}
+
+impl MqttHub {
+    async fn start() -> Result<MqttHub> {
+        let mut cim = CimFixture::builder().start().await?;
+        let js = cim.js();
+        iu_stream(&js).await?;
+        let dir = tempfile::tempdir()?;
+        let port = cim_testkit::free_port();
+        let broker = Mosquitto::start(dir.path(), port).await?;
+        let sub = Sub::start(port, "cim/units").await?;
+        let config = dir.path().join("hub.json");
+        std::fs::write(
+            &config,
+            serde_json::json!({ "mqtt": [{
+                "name": "plant", "host": "127.0.0.1", "port": port, "subscribe": ["sensors/#"],
+                "publish": { "filter": &units_created(), "topic": "cim/units", "deliver": "all" },
+            }]})
+            .to_string(),
+        )?;
+        start_hub(&mut cim, &config, &[]).await?;
+        Ok(MqttHub { cim, js, dir, port, broker, sub })
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn hub_mqtt_connector_both_ways_across_a_broker_restart() -> Result<()> {
-    let mut cim = CimFixture::builder().start().await?;
-    let js = cim.js();
-    iu_stream(&js).await?;
-    let dir = tempfile::tempdir()?;
-    let port = cim_testkit::free_port();
-    let broker = Mosquitto::start(dir.path(), port).await?;
-    // The receiving side's session exists before anything is published.
-    let sub = Sub::start(port, "cim/units").await?;
-    let config = dir.path().join("hub.json");
-    std::fs::write(
-        &config,
-        serde_json::json!({ "mqtt": [{
-            "name": "plant", "host": "127.0.0.1", "port": port, "subscribe": ["sensors/#"],
-            "publish": { "filter": &units_created(), "topic": "cim/units", "deliver": "all" },
-        }]})
-        .to_string(),
-    )?;
-    start_hub(&mut cim, &config, &[]).await?;
+    let MqttHub { cim: _cim, js, dir, port, broker, sub } = MqttHub::start().await?;
 
     // Events → topic, in order, payload as stored.
     let mut payloads = Vec::new();
@@ -1287,23 +1305,7 @@ async fn mqtt_pub_file(port: u16, topic: &str, bytes: &[u8]) -> Result<()> {
 /// event is dead-lettered with its topic and acknowledged: the messages after it still flow.
 #[tokio::test(flavor = "multi_thread")]
 async fn hub_mqtt_carries_large_messages_and_dead_letters_what_no_event_can_hold() -> Result<()> {
-    let mut cim = CimFixture::builder().start().await?;
-    let js = cim.js();
-    iu_stream(&js).await?;
-    let dir = tempfile::tempdir()?;
-    let port = cim_testkit::free_port();
-    let _broker = Mosquitto::start(dir.path(), port).await?;
-    let sub = Sub::start(port, "cim/units").await?;
-    let config = dir.path().join("hub.json");
-    std::fs::write(
-        &config,
-        serde_json::json!({ "mqtt": [{
-            "name": "plant", "host": "127.0.0.1", "port": port, "subscribe": ["sensors/#"],
-            "publish": { "filter": &units_created(), "topic": "cim/units", "deliver": "all" },
-        }]})
-        .to_string(),
-    )?;
-    start_hub(&mut cim, &config, &[]).await?;
+    let MqttHub { cim: _cim, js, dir: _dir, port, broker: _broker, sub } = MqttHub::start().await?;
 
     // Events → topic: a 100 KiB event arrives whole.
     let big: Vec<u8> = (0..100 * 1024).map(|i| (i % 253) as u8).collect();

@@ -60,6 +60,21 @@ async fn shapes(js: &async_nats::jetstream::Context) -> Result<BTreeMap<String, 
     Ok(out)
 }
 
+/// Creates a gateway API token per `(name, role)` with `cimctl token create`; their secrets.
+async fn tokens(fx: &CimFixture, wanted: &[(&str, &str)]) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for (name, role) in wanted {
+        let made = tokio::process::Command::new(crate::common::bin("cimctl"))
+            .args(["token", "--nats-url", fx.url(), "--json", "create", "--name", name, "--role", role])
+            .output()
+            .await?;
+        ensure!(made.status.success(), "cimctl token create: {}", String::from_utf8_lossy(&made.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&made.stdout)?;
+        out.push(v["token"].as_str().context("token")?.to_string());
+    }
+    Ok(out)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn no_service_identity_can_destroy_history_or_read_replies_meant_for_others() -> Result<()> {
     let gateway = format!("127.0.0.1:{}", cim_testkit::free_port());
@@ -216,16 +231,7 @@ async fn a_caller_cannot_claim_another_callers_request_ids() -> Result<()> {
         .service(Svc::new(Component::UiGateway).args(&["--gateway-listen", &http, "--gateway-grpc-listen", &grpc]))
         .start()
         .await?;
-    let mut tokens = Vec::new();
-    for name in ["alice", "mallory"] {
-        let out = tokio::process::Command::new(crate::common::bin("cimctl"))
-            .args(["token", "--nats-url", fx.url(), "--json", "create", "--name", name, "--role", "writer"])
-            .output()
-            .await?;
-        ensure!(out.status.success(), "cimctl token create: {}", String::from_utf8_lossy(&out.stderr));
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-        tokens.push(v["token"].as_str().context("token")?.to_string());
-    }
+    let tokens = tokens(&fx, &[("alice", "writer"), ("mallory", "writer")]).await?;
     let iu = fx.iu();
     let mut units = Vec::new();
     for name in ["alice.txt", "mallory.txt"] {
@@ -390,16 +396,8 @@ async fn readers_see_event_metadata_not_other_components_payloads() -> Result<()
         .service(Svc::new(Component::UiGateway).args(&["--gateway-listen", &http, "--gateway-grpc-listen", &grpc]))
         .start()
         .await?;
-    let mut tokens = BTreeMap::new();
-    for role in ["reader", "admin"] {
-        let out = tokio::process::Command::new(crate::common::bin("cimctl"))
-            .args(["token", "--nats-url", fx.url(), "--json", "create", "--name", role, "--role", role])
-            .output()
-            .await?;
-        ensure!(out.status.success(), "cimctl token create: {}", String::from_utf8_lossy(&out.stderr));
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-        tokens.insert(role, v["token"].as_str().context("token")?.to_string());
-    }
+    let made = tokens(&fx, &[("reader", "reader"), ("admin", "admin")]).await?;
+    let tokens: BTreeMap<&str, String> = ["reader", "admin"].into_iter().zip(made).collect();
     let c = fx.iu().put_bytes(b"a unit").await?;
     fx.iu()
         .create(CreateUnit { cid: c.cid, name: "u.txt".into(), media_type: "text/plain".into(), ..Default::default() })
@@ -443,16 +441,7 @@ async fn a_token_holds_at_most_its_share_of_event_streams() -> Result<()> {
         ]))
         .start()
         .await?;
-    let mut tokens = Vec::new();
-    for name in ["busy", "other"] {
-        let out = tokio::process::Command::new(crate::common::bin("cimctl"))
-            .args(["token", "--nats-url", fx.url(), "--json", "create", "--name", name, "--role", "reader"])
-            .output()
-            .await?;
-        ensure!(out.status.success(), "cimctl token create: {}", String::from_utf8_lossy(&out.stderr));
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-        tokens.push(v["token"].as_str().context("token")?.to_string());
-    }
+    let tokens = tokens(&fx, &[("busy", "reader"), ("other", "reader")]).await?;
     let client = reqwest::Client::builder().no_proxy().build()?;
     let open = |token: &str| {
         client.get(format!("http://{http}/api/v1/events?component=iu")).bearer_auth(token.to_string()).send()

@@ -13,27 +13,7 @@ use crate::common::bin;
 #[tokio::test(flavor = "multi_thread")]
 async fn cimctl_up_starts_a_ready_leaf_and_stops_it_on_ctrl_c() -> Result<()> {
     let data = tempfile::tempdir()?;
-    let mut child = tokio::process::Command::new(bin("cimctl"))
-        .args(["up", "--nats-port", "0", "--data-dir"])
-        .arg(data.path())
-        .env_remove("CIM_BIN_DIR")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut printed = Vec::new();
-    tokio::time::timeout(Duration::from_secs(120), async {
-        while let Some(line) = lines.next_line().await? {
-            let done = line.contains("Press Ctrl-C to stop");
-            printed.push(line);
-            if done {
-                return Ok(());
-            }
-        }
-        anyhow::bail!("cimctl up ended early: {printed:#?}")
-    })
-    .await??;
+    let (mut child, mut lines, printed, _) = leaf_up(data.path()).await?;
     let text = printed.join("\n");
 
     // one line per process: name, pid, health URL, log
@@ -74,8 +54,12 @@ async fn cimctl_up_starts_a_ready_leaf_and_stops_it_on_ctrl_c() -> Result<()> {
     Ok(())
 }
 
-/// A running `cimctl up`: the child, the rest of its stdout, and the pids it printed.
-async fn leaf_up(data: &std::path::Path) -> Result<(tokio::process::Child, Vec<String>, Vec<i32>)> {
+/// The rest of a `cimctl up`'s stdout, line by line.
+type Lines = tokio::io::Lines<BufReader<tokio::process::ChildStdout>>;
+
+/// A running `cimctl up`: the child, the rest of its stdout, what it printed until ready, and
+/// the pids it printed.
+async fn leaf_up(data: &std::path::Path) -> Result<(tokio::process::Child, Lines, Vec<String>, Vec<i32>)> {
     let mut child = tokio::process::Command::new(bin("cimctl"))
         .args(["up", "--nats-port", "0", "--data-dir"])
         .arg(data)
@@ -105,8 +89,7 @@ async fn leaf_up(data: &std::path::Path) -> Result<(tokio::process::Child, Vec<S
         })
         .collect::<Vec<_>>();
     anyhow::ensure!(pids.len() == 8, "nats-server and seven services: {printed:#?}");
-    // `lines` is dropped here: cimctl's stdout is a closed pipe from now on.
-    Ok((child, printed, pids))
+    Ok((child, lines, printed, pids))
 }
 
 async fn all_gone(pids: &[i32], what: &str) -> Result<()> {
@@ -123,7 +106,7 @@ async fn all_gone(pids: &[i32], what: &str) -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn cimctl_up_killed_takes_every_service_and_nats_with_it() -> Result<()> {
     let data = tempfile::tempdir()?;
-    let (mut child, _, pids) = leaf_up(data.path()).await?;
+    let (mut child, _lines, _, pids) = leaf_up(data.path()).await?;
     signal::kill(Pid::from_raw(child.id().unwrap() as i32), signal::Signal::SIGKILL)?;
     child.wait().await?;
     all_gone(&pids, "every child of the killed cimctl up to exit").await
@@ -135,7 +118,8 @@ async fn cimctl_up_killed_takes_every_service_and_nats_with_it() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn cimctl_up_with_a_closed_stdout_still_stops_everything_on_ctrl_c() -> Result<()> {
     let data = tempfile::tempdir()?;
-    let (mut child, _, pids) = leaf_up(data.path()).await?;
+    let (mut child, lines, _, pids) = leaf_up(data.path()).await?;
+    drop(lines); // cimctl's stdout is a closed pipe from now on
     signal::kill(Pid::from_raw(child.id().unwrap() as i32), signal::Signal::SIGINT)?;
     let status = tokio::time::timeout(Duration::from_secs(60), child.wait()).await??;
     assert!(status.success(), "cimctl up exited {status} with its stdout closed");
