@@ -152,6 +152,21 @@ pub fn all_announcements() -> String {
     format!("{}.{KIND}.*.*.announce", subject::ROOT)
 }
 
+/// `cim.plg.*.*.invoke`: every invocation of every plugin version (what the plugin host serves
+/// and routes to, and the pipeline engine sends).
+pub fn all_invocations() -> String {
+    format!("{}.{KIND}.*.*.invoke", subject::ROOT)
+}
+
+/// `cim.plg.<name>.*.invoke` and `cim.plg.<name>.*.announce`: the invocations and the
+/// announcements of every version of one plugin, what the identity serving it may receive and
+/// publish. `name` is a plugin name, or a placeholder token a deployment replaces by one.
+pub fn every_version_of(name: &str) -> Result<(String, String), ContractError> {
+    validate_token("plugin name", name)?;
+    let of = |what: &str| format!("{}.{KIND}.{name}.*.{what}", subject::ROOT);
+    Ok((of("invoke"), of("announce")))
+}
+
 /// Queue group of everything serving one plugin version.
 pub fn queue_group(name: &str, version: &str) -> Result<String, ContractError> {
     validate_name(name)?;

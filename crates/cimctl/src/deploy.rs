@@ -167,7 +167,7 @@ pub fn all_permissions() -> Result<Value> {
             "placeholder": LEAF_PLACEHOLDER,
             "publish": leaf_mirror_permissions()?,
         },
-        "native_plugins": native_plugin_permissions(),
+        "native_plugins": native_plugin_permissions()?,
     }))
 }
 
@@ -179,15 +179,15 @@ pub const PLUGIN_PLACEHOLDER: &str = "PLUGIN_NAME";
 /// answer them — nothing else, so only identities the operator lists serve a plugin name.
 /// `nats-auth.nix` makes one user `plugin-<name>` per entry of `nativePlugins`, replacing
 /// [`PLUGIN_PLACEHOLDER`].
-pub fn native_plugin_permissions() -> Value {
-    let of = |what: &str| format!("{}.{}.{PLUGIN_PLACEHOLDER}.*.{what}", subject::ROOT, cim_events::plugin::KIND);
-    json!({
+pub fn native_plugin_permissions() -> Result<Value> {
+    let (invocations, announcements) = cim_events::plugin::every_version_of(PLUGIN_PLACEHOLDER)?;
+    Ok(json!({
         "placeholder": PLUGIN_PLACEHOLDER,
         "user_prefix": "plugin-",
-        "publish": { "allow": [of("announce")] },
-        "subscribe": { "allow": [of("invoke")] },
+        "publish": { "allow": [announcements] },
+        "subscribe": { "allow": [invocations] },
         "allow_responses": true,
-    })
+    }))
 }
 
 /// Stands for a leaf's JetStream domain, upper-cased as in mirror names, in `leaf_mirrors`.
@@ -363,7 +363,7 @@ pub fn permissions(component: Component) -> Result<Permissions> {
         publish.push(below(&subject::query(Component::InformationUnit, "query")?, 3));
         publish.push(cim_events::plugin::command(cim_events::plugin::cmd::INVOKE)?);
         publish.push(cim_events::plugin::query(cim_events::plugin::qry::LIST)?);
-        publish.push(format!("{}.{}.*.*.invoke", subject::ROOT, cim_events::plugin::KIND));
+        publish.push(cim_events::plugin::all_invocations());
         subscribe.push(subject::events_of(Component::PipelineEngine));
         for obj in resources::object_buckets(Component::InformationUnit) {
             publish.push(below(&subject::all_object_chunks(&obj.bucket)?, 2));
@@ -385,10 +385,9 @@ pub fn permissions(component: Component) -> Result<Permissions> {
     // and announces them, hears every plugin's announcements (native plugins served by other
     // processes), and routes invocations by name or capability to whoever serves the version.
     if component == Component::PluginHost {
-        let plugin_subjects = |what: &str| format!("{}.{}.*.*.{what}", subject::ROOT, cim_events::plugin::KIND);
-        for what in ["invoke", "announce"] {
-            publish.push(plugin_subjects(what));
-            subscribe.push(plugin_subjects(what));
+        for every in [cim_events::plugin::all_invocations(), cim_events::plugin::all_announcements()] {
+            publish.push(every.clone());
+            subscribe.push(every);
         }
     }
     // The integration hub: webhooks with `target: unit` and the S3 import create units — the
@@ -546,7 +545,12 @@ mod tests {
         for c in Component::ALL {
             let p = permissions(c).unwrap();
             assert!(p.subscribe.contains(&format!("{}.>", subject::inbox_prefix(c))), "{c}: {:?}", p.subscribe);
-            assert!(!p.subscribe.iter().any(|s| s.starts_with("_INBOX.>") || s == "_INBOX.*"), "{c}");
+            // Every inbox it may read is below its own prefix (none is the account's `_INBOX.>`).
+            let inboxes = subject::all_inboxes();
+            let own = subject::inbox_prefix(c);
+            for s in p.subscribe.iter().filter(|s| s.starts_with(inboxes.trim_end_matches('>'))) {
+                assert!(s.starts_with(&format!("{own}.")), "{c} may read {s}");
+            }
             for other in Component::ALL.into_iter().filter(|o| *o != c) {
                 let theirs = subject::inbox_prefix(other);
                 assert!(!p.subscribe.iter().any(|s| s.starts_with(&theirs)), "{c} may read {other}'s replies");
