@@ -6,6 +6,7 @@
 //! Budget: [`config`] runs 256 cases per property unless `PROPTEST_CASES` says otherwise
 //! (docs/testing.md: `PROPTEST_CASES=100000 cargo nextest run -p cim-archive props`).
 
+use cim_testkit::props::config;
 use proptest::prelude::*;
 use sha2::{Digest, Sha256};
 
@@ -17,15 +18,6 @@ use crate::{
     },
     hex,
 };
-
-/// 256 cases, or `PROPTEST_CASES`; failures become named regression tests, not files.
-fn config() -> ProptestConfig {
-    let mut c = ProptestConfig { failure_persistence: None, ..ProptestConfig::default() };
-    if std::env::var_os("PROPTEST_CASES").is_none() {
-        c.cases = 256;
-    }
-    c
-}
 
 /// Numbers as a hostile manifest might spell them: small, at the edges, anything.
 fn seq() -> impl Strategy<Value = u64> {

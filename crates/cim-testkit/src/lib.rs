@@ -25,6 +25,7 @@ mod auth;
 mod cluster;
 mod nats;
 mod process;
+pub mod props;
 mod proxy;
 mod s3;
 mod wait;

@@ -16,6 +16,7 @@ use cim_events::{
         UnitVersioned, UntagUnit,
     },
 };
+use cim_testkit::props::{bytes, config, wire};
 use proptest::prelude::*;
 use prost::Message;
 use serde_json::json;
@@ -24,53 +25,6 @@ use crate::{
     domain::{self, EventMeta, UnitEvent},
     schema::TypeSchema,
 };
-
-/// 256 cases, or `PROPTEST_CASES`; failures become named regression tests, not files.
-fn config() -> ProptestConfig {
-    let mut c = ProptestConfig { failure_persistence: None, ..ProptestConfig::default() };
-    if std::env::var_os("PROPTEST_CASES").is_none() {
-        c.cases = 256;
-    }
-    c
-}
-
-fn bytes(max: usize) -> impl Strategy<Value = Vec<u8>> {
-    prop::collection::vec(any::<u8>(), 0..max)
-}
-
-/// Well-formed protobuf wire data (fields 1..20 of every wire type, nested), or any bytes.
-fn wire() -> impl Strategy<Value = Vec<u8>> {
-    let nested = bytes(24).prop_recursive(3, 256, 6, |inner| {
-        prop::collection::vec((1u32..20, 0usize..4, any::<u64>(), prop_oneof![inner, bytes(24)]), 0..6).prop_map(
-            |fields| {
-                let mut out = Vec::new();
-                for (field, w, n, data) in fields {
-                    let wire_type = [0u32, 1, 2, 5][w];
-                    put_varint(&mut out, u64::from(field << 3 | wire_type));
-                    match wire_type {
-                        0 => put_varint(&mut out, n),
-                        1 => out.extend_from_slice(&n.to_le_bytes()),
-                        5 => out.extend_from_slice(&(n as u32).to_le_bytes()),
-                        _ => {
-                            put_varint(&mut out, data.len() as u64);
-                            out.extend_from_slice(&data);
-                        }
-                    }
-                }
-                out
-            },
-        )
-    });
-    prop_oneof![bytes(64), nested]
-}
-
-fn put_varint(out: &mut Vec<u8>, mut n: u64) {
-    while n >= 0x80 {
-        out.push((n as u8) | 0x80);
-        n >>= 7;
-    }
-    out.push(n as u8);
-}
 
 /// Text a client may send: ordinary, with separators, wildcards or control characters, long.
 fn text() -> impl Strategy<Value = String> {

@@ -6,6 +6,7 @@
 //! (docs/testing.md: `PROPTEST_CASES=100000 cargo nextest run -p pipeline-engine props`).
 
 use cim_events::{pipeline::action, proto::pipeline::PipelineApplied};
+use cim_testkit::props::config;
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
@@ -13,15 +14,6 @@ use crate::{
     definition::{self, Definition, Step},
     state::{Run, RunEvent, View},
 };
-
-/// 256 cases, or `PROPTEST_CASES`; failures become named regression tests, not files.
-fn config() -> ProptestConfig {
-    let mut c = ProptestConfig { failure_persistence: None, ..ProptestConfig::default() };
-    if std::env::var_os("PROPTEST_CASES").is_none() {
-        c.cases = 256;
-    }
-    c
-}
 
 /// Numbers as JSON may carry them: small, at the edges of u32/u64, negative, fractional.
 fn number() -> impl Strategy<Value = Value> {

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 
 use axum::{extract::Query, http::Method};
 use cim_events::gateway::{self, role};
+use cim_testkit::props::config;
 use proptest::prelude::*;
 
 use crate::{
@@ -16,15 +17,6 @@ use crate::{
     auth::{Caller, RateLimiter, required_role},
     error::ApiError,
 };
-
-/// 256 cases, or `PROPTEST_CASES`; failures become named regression tests, not files.
-fn config() -> ProptestConfig {
-    let mut c = ProptestConfig { failure_persistence: None, ..ProptestConfig::default() };
-    if std::env::var_os("PROPTEST_CASES").is_none() {
-        c.cases = 256;
-    }
-    c
-}
 
 /// Sizes and positions at the edges: 0, small, 2^63, u64::MAX, anything.
 fn number() -> impl Strategy<Value = u64> {
