@@ -233,6 +233,19 @@ impl CimFixture {
         Ok((user.write_creds(a.dir.path())?, user.public_key()))
     }
 
+    /// Creates a gateway API token with `cimctl token create` (as the admin under generated
+    /// permissions): its id and its secret.
+    pub async fn token(&self, name: &str, role: &str) -> Result<(String, String)> {
+        let out = tokio::process::Command::new(crate::common::bin("cimctl"))
+            .args(["token", "--nats-url", self.url(), "--json", "create", "--name", name, "--role", role])
+            .envs(self.admin_env())
+            .output()
+            .await?;
+        anyhow::ensure!(out.status.success(), "cimctl token create: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        Ok((v["id"].as_str().context("id")?.to_string(), v["token"].as_str().context("token")?.to_string()))
+    }
+
     /// The JetStream domain services use, if not the default.
     pub fn domain(&self) -> Option<&str> {
         self.auth.as_ref().map(|_| LEAF_DOMAIN)

@@ -59,13 +59,7 @@ impl Gateway {
     }
 
     async fn token(&self, name: &str, role: &str) -> Result<(String, String)> {
-        let out = tokio::process::Command::new(bin("cimctl"))
-            .args(["token", "--nats-url", self.fx.url(), "--json", "create", "--name", name, "--role", role])
-            .output()
-            .await?;
-        anyhow::ensure!(out.status.success(), "cimctl token create: {}", String::from_utf8_lossy(&out.stderr));
-        let v: Value = serde_json::from_slice(&out.stdout)?;
-        Ok((v["id"].as_str().context("id")?.to_string(), v["token"].as_str().context("token")?.to_string()))
+        self.fx.token(name, role).await
     }
 
     fn url(&self, path: &str) -> String {
@@ -1457,13 +1451,7 @@ async fn gateway_runs_with_its_generated_nats_permissions() -> Result<()> {
         .start()
         .await?;
     let gw = fx.service(Component::UiGateway);
-    let out = tokio::process::Command::new(bin("cimctl"))
-        .args(["token", "--nats-url", fx.url(), "--json", "create", "--name", "perm", "--role", "writer"])
-        .envs(fx.admin_env())
-        .output()
-        .await?;
-    anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let token = serde_json::from_slice::<Value>(&out.stdout)?["token"].as_str().context("token")?.to_string();
+    let (_, token) = fx.token("perm", "writer").await?;
 
     let http = reqwest::Client::builder().no_proxy().build()?;
     let base = format!("http://{listen}");

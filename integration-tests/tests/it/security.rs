@@ -60,17 +60,11 @@ async fn shapes(js: &async_nats::jetstream::Context) -> Result<BTreeMap<String, 
     Ok(out)
 }
 
-/// Creates a gateway API token per `(name, role)` with `cimctl token create`; their secrets.
+/// Gateway API tokens, one per `(name, role)`: their secrets.
 async fn tokens(fx: &CimFixture, wanted: &[(&str, &str)]) -> Result<Vec<String>> {
     let mut out = Vec::new();
     for (name, role) in wanted {
-        let made = tokio::process::Command::new(crate::common::bin("cimctl"))
-            .args(["token", "--nats-url", fx.url(), "--json", "create", "--name", name, "--role", role])
-            .output()
-            .await?;
-        ensure!(made.status.success(), "cimctl token create: {}", String::from_utf8_lossy(&made.stderr));
-        let v: serde_json::Value = serde_json::from_slice(&made.stdout)?;
-        out.push(v["token"].as_str().context("token")?.to_string());
+        out.push(fx.token(name, role).await?.1);
     }
     Ok(out)
 }
