@@ -41,8 +41,12 @@ const NEVER: [(&str, u8); 8] = [
     ("fd00:ec2::254", 128),
 ];
 
+/// [`NEVER`] parsed once (every outbound connection is checked against it).
 fn never() -> impl Iterator<Item = (IpAddr, u8)> {
-    NEVER.iter().filter_map(|(a, l)| a.parse::<IpAddr>().ok().map(|a| (a, *l)))
+    static PARSED: std::sync::LazyLock<Vec<(IpAddr, u8)>> = std::sync::LazyLock::new(|| {
+        NEVER.iter().map(|(a, l)| (a.parse().expect("NEVER holds address literals"), *l)).collect()
+    });
+    PARSED.iter().copied()
 }
 
 fn in_net(net: IpAddr, len: u8, ip: IpAddr) -> bool {
