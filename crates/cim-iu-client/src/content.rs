@@ -200,16 +200,16 @@ impl IuClient {
     }
 
     /// Commits an upload this client made, surviving a service replaced mid-commit: the commit
-    /// is sent in attempts long enough to read the upload, and repeated on no answer. A repeat
-    /// that finds the upload gone (the first attempt did commit it) is answered by the content
-    /// itself, stored under the upload's CID.
+    /// is sent in attempts long enough to read the upload, and repeated on no answer. An
+    /// attempt that finds the upload gone is answered by the content itself, stored under the
+    /// upload's CID: an earlier attempt did commit it, although its answer was lost or was an
+    /// error (the service replaced, or a cluster node lost, after the commit was written).
     pub async fn commit_upload(&self, upload: &Upload) -> Result<ContentCommitted, IuError> {
         let body: Bytes = CommitContent { upload: upload.name.clone() }.encode_to_vec().into();
         let subject = iu::command(iu::cmd::COMMIT).map_err(|e| IuError::Internal(e.to_string()))?;
         // Reading the upload back at (at least) 32 MiB/s, plus the first attempt's wait.
         let attempt = self.attempt_timeout + Duration::from_secs(upload.size / (32 << 20));
         let deadline = tokio::time::Instant::now() + self.commit_timeout.max(attempt);
-        let mut tried = false;
         let mut pause = Duration::from_millis(100);
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -218,14 +218,13 @@ impl IuClient {
                 Err(e) => Err(e),
             };
             match result {
-                Err(IuError::NotFound(why)) if tried => {
+                Err(IuError::NotFound(why)) => {
                     let Some(cid) = upload.cid.as_deref() else { return Err(IuError::NotFound(why)) };
                     let size = self.content_size(cid).await.map_err(|_| IuError::NotFound(why))?;
                     return Ok(ContentCommitted { cid: cid.to_string(), size, deduplicated: false });
                 }
                 Err(e) if e.is_timeout() || e.is_unavailable() => {
-                    // A timeout may mean the commit happened and its answer was lost.
-                    tried |= e.is_timeout();
+                    // Committed, and the answer lost or an error: the next attempt tells.
                     if deadline.saturating_duration_since(tokio::time::Instant::now()) <= pause {
                         return Err(e);
                     }
@@ -248,9 +247,21 @@ impl IuClient {
         self.commit_upload(&upload).await
     }
 
-    /// Uploads a byte slice and commits it.
+    /// Uploads a byte slice and commits it. The bytes are at hand, so an upload that fails on
+    /// the way (a nats-server restarting, a cluster electing a leader) is sent again, with a
+    /// growing pause, until the client's timeout; the content's CID makes that harmless.
     pub async fn put_bytes(&self, bytes: &[u8]) -> Result<ContentCommitted, IuError> {
-        self.put_content(bytes, &mut NoProgress).await
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match self.put_content(bytes, &mut NoProgress).await {
+                Err(e) if e.is_transient() && tokio::time::Instant::now() + pause < deadline => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Size of the stored content `cid`.

@@ -65,6 +65,12 @@ impl IuError {
     pub fn is_timeout(&self) -> bool {
         matches!(self, IuError::Timeout(_))
     }
+    /// Worth trying again later: the service or NATS did not answer, said 503, or a JetStream
+    /// operation failed (a server restarting, a cluster electing a leader). Never an answer
+    /// about the request itself.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, IuError::Unavailable(_) | IuError::Timeout(_) | IuError::Nats(_))
+    }
     pub fn is_corrupt(&self) -> bool {
         matches!(self, IuError::Corrupt { .. })
     }

@@ -42,6 +42,8 @@ pub(crate) struct Shared {
     pub(crate) drained: AtomicBool,
     /// Why the service is degraded (ready, but something it looks after is not right).
     pub(crate) degraded: crate::health::Degraded,
+    /// Counts connections to NATS (the first and every reconnect).
+    pub(crate) connections: tokio::sync::watch::Receiver<u64>,
 }
 
 impl std::fmt::Debug for Ctx {
@@ -93,6 +95,13 @@ impl Ctx {
     /// not as it should be. Shown by heartbeats, `/readyz`, `cim_degraded`, `cimctl status`.
     pub fn degraded(&self) -> &crate::health::Degraded {
         &self.0.degraded
+    }
+
+    /// Changes on every connection to NATS (the first, then each reconnect). A follower of a
+    /// stream (an ordered consumer, a KV watch) waits on it to start over at once after a
+    /// server restart instead of waiting for its heartbeats to say the consumer is gone.
+    pub fn connections(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.0.connections.clone()
     }
 
     /// True once the instance was told to drain (its node is being drained).

@@ -60,25 +60,50 @@ pub(crate) async fn watch_health(ctx: Ctx, health: http::Health, reconnected: Ar
     }
 }
 
+/// How long one owned stream may take to answer a readiness check. All are asked at once, so
+/// after a leader election or a reconnect readiness follows within about this long.
+const STREAM_CHECK: Duration = Duration::from_secs(1);
+
+/// Ready when NATS is connected and every owned stream answers, all asked at once. A stream
+/// that does not exist (deleted) is provisioned again; one that does not answer yet (no
+/// leader after a node loss, a server restarting) only makes the service not ready, since
+/// provisioning could not reach it either.
 async fn check_ready(ctx: &Ctx, owned: &[String]) -> bool {
     if ctx.client().connection_state() != async_nats::connection::State::Connected {
         return false;
     }
-    for name in owned {
-        let ok = tokio::time::timeout(Duration::from_secs(2), ctx.jetstream().get_stream(name)).await;
-        match ok {
+    let checks = owned
+        .iter()
+        .map(|name| async move { (name, tokio::time::timeout(STREAM_CHECK, ctx.jetstream().get_stream(name)).await) });
+    let mut ready = true;
+    let mut missing = false;
+    for (name, answer) in futures::future::join_all(checks).await {
+        match answer {
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(stream = %name, error = %e, "owned stream not usable; re-provisioning");
-                if let Err(e) = provision::provision(ctx.jetstream(), ctx.settings()).await {
-                    tracing::warn!(error = %e, "re-provisioning failed");
-                }
-                return false;
+            Ok(Err(e)) if stream_not_found(&e) => {
+                tracing::warn!(stream = %name, error = %e, "owned stream missing; re-provisioning");
+                (ready, missing) = (false, true);
             }
-            Err(_) => return false,
+            Ok(Err(e)) => {
+                tracing::debug!(stream = %name, error = %e, "owned stream not answering");
+                ready = false;
+            }
+            Err(_) => ready = false,
         }
     }
-    true
+    if missing && let Err(e) = provision::provision(ctx.jetstream(), ctx.settings()).await {
+        tracing::warn!(error = %e, "re-provisioning failed");
+    }
+    ready
+}
+
+/// Whether JetStream said the stream does not exist (as opposed to not answering).
+fn stream_not_found(e: &async_nats::jetstream::context::GetStreamError) -> bool {
+    use async_nats::jetstream::{ErrorCode, context::GetStreamErrorKind};
+    match e.kind() {
+        GetStreamErrorKind::JetStream(js) => js.error_code() == ErrorCode::STREAM_NOT_FOUND,
+        _ => false,
+    }
 }
 
 /// Why a running service is degraded, by concern (a service sets and clears its own keys,

@@ -1,8 +1,12 @@
 //! The per-service HTTP endpoint: `/livez`, `/readyz` and `/metrics`.
 
-use std::sync::{
-    Arc, Mutex,
-    atomic::{AtomicBool, Ordering},
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
@@ -32,6 +36,39 @@ impl Health {
     pub fn set_degraded(&self, why: Option<String>) {
         self.metrics.degraded.set(i64::from(why.is_some()));
         *self.degraded.lock().unwrap_or_else(|e| e.into_inner()) = why;
+    }
+}
+
+/// How long a port still held by the instance this one replaces is waited for: an instance
+/// asked to stop keeps its ports for its shutdown grace (30 s by default) while in-flight work
+/// finishes, and a supervisor restarting it at once must not fail on "address in use".
+pub const PORT_WAIT: Duration = Duration::from_secs(60);
+/// How often a taken port is tried again.
+const PORT_RETRY: Duration = Duration::from_millis(100);
+
+/// Binds `addr`; while it is in use (the instance being replaced still holds it), tries again
+/// every 100 ms for up to `within`, saying once that it waits. Any other error, or a port
+/// still taken after `within`, is returned with the address in it.
+pub async fn bind_waiting(addr: SocketAddr, what: &str, within: Duration) -> anyhow::Result<TcpListener> {
+    let started = Instant::now();
+    let mut said = false;
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(l) => {
+                if said {
+                    tracing::info!(%addr, what, waited = ?started.elapsed(), "port free again; listening");
+                }
+                return Ok(l);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && started.elapsed() < within => {
+                if !said {
+                    tracing::warn!(%addr, what, within = ?within, "port in use (the instance this one replaces may still be stopping); waiting for it");
+                    said = true;
+                }
+                tokio::time::sleep(PORT_RETRY).await;
+            }
+            Err(e) => anyhow::bail!("cannot listen on {addr} for {what}: {e}"),
+        }
     }
 }
 

@@ -87,9 +87,7 @@ impl Service {
         let component = settings.component;
         let metrics = Metrics::new(component.service_name(), &settings.instance_id);
         let health = http::Health::new(metrics.clone());
-        let listener = tokio::net::TcpListener::bind(settings.http_listen)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {} for health and metrics: {e}", settings.http_listen))?;
+        let listener = http::bind_waiting(settings.http_listen, "health and metrics", http::PORT_WAIT).await?;
         let http_addr = listener.local_addr()?;
         let stop_http = Arc::new(Notify::new());
         let http_task = tokio::spawn(http::serve(listener, health.clone(), stop_http.clone()));
@@ -97,8 +95,9 @@ impl Service {
 
         tokio::pin!(shutdown);
         let reconnected = Arc::new(Notify::new());
+        let (connections, connections_rx) = tokio::sync::watch::channel(0u64);
         let client = tokio::select! {
-            c = connect(&settings, &metrics, reconnected.clone()) => c?,
+            c = connect(&settings, &metrics, reconnected.clone(), connections) => c?,
             _ = &mut shutdown => {
                 tracing::info!("shutdown requested before NATS was reachable");
                 stop_http.notify_one();
@@ -137,6 +136,7 @@ impl Service {
             draining: AtomicBool::new(false),
             drained: AtomicBool::new(false),
             degraded: Default::default(),
+            connections: connections_rx,
         }));
         let mut endpoints = self.endpoints;
         if let Some(setup) = self.setup {
@@ -254,6 +254,7 @@ async fn connect(
     settings: &CommonSettings,
     metrics: &Metrics,
     reconnected: Arc<Notify>,
+    connections: tokio::sync::watch::Sender<u64>,
 ) -> anyhow::Result<async_nats::Client> {
     let name = format!("{}/{}", settings.component.service_name(), settings.instance_id);
     let mut opts = async_nats::ConnectOptions::new()
@@ -280,6 +281,7 @@ async fn connect(
         let m = m.clone();
         let reconnected = reconnected.clone();
         let connected_before = connected_before.clone();
+        let connections = connections.clone();
         async move {
             match event {
                 async_nats::Event::Connected => {
@@ -288,6 +290,7 @@ async fn connect(
                         m.nats_reconnects.inc();
                     }
                     reconnected.notify_one();
+                    connections.send_modify(|n| *n += 1);
                     tracing::info!("connected to NATS");
                 }
                 async_nats::Event::Disconnected => {

@@ -2,7 +2,8 @@
 //! passed through unchanged (signatures, `Host`, bodies and keep-alive stay exactly as the
 //! client sent them), while the client's side is read as HTTP/1.1 to count requests by method.
 //! It can be switched off — "the server is down": new connections are closed at once and
-//! those open are cut — and on again.
+//! those open are cut — and on again. [`CountingProxy::plain`] forwards any TCP protocol
+//! without reading it (a NATS leaf node connection cut and healed: a partition).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -34,12 +35,23 @@ impl CountingProxy {
     /// Listens on a free port of 127.0.0.1 and forwards to `upstream` (`host:port`, or an
     /// `http://host:port` endpoint).
     pub async fn start(upstream: &str) -> Result<CountingProxy> {
+        Self::listen(upstream, true).await
+    }
+
+    /// A proxy that forwards bytes without reading them as HTTP (nothing is counted): any
+    /// TCP protocol, e.g. a leaf node connection (`nats-leaf://host:port` or `host:port`).
+    pub async fn plain(upstream: &str) -> Result<CountingProxy> {
+        let upstream = upstream.split("://").last().unwrap_or(upstream);
+        Self::listen(upstream, false).await
+    }
+
+    async fn listen(upstream: &str, http: bool) -> Result<CountingProxy> {
         let upstream = upstream.trim_start_matches("http://").trim_end_matches('/').to_string();
         let listener = TcpListener::bind("127.0.0.1:0").await.context("binding the proxy")?;
         let addr = listener.local_addr()?;
         let counts = Arc::new(Mutex::new(Counts::new()));
         let (up, up_rx) = watch::channel(true);
-        let task = tokio::spawn(accept(listener, upstream, counts.clone(), up_rx));
+        let task = tokio::spawn(accept(listener, upstream, http.then(|| counts.clone()), up_rx));
         Ok(CountingProxy { addr, counts, up, task })
     }
 
@@ -85,7 +97,13 @@ impl Drop for CountingProxy {
     }
 }
 
-async fn accept(listener: TcpListener, upstream: String, counts: Arc<Mutex<Counts>>, up: watch::Receiver<bool>) {
+/// `counts`: where HTTP requests are counted, or `None` to forward bytes unread.
+async fn accept(
+    listener: TcpListener,
+    upstream: String,
+    counts: Option<Arc<Mutex<Counts>>>,
+    up: watch::Receiver<bool>,
+) {
     loop {
         let Ok((client, _)) = listener.accept().await else { continue };
         if !*up.borrow() {
@@ -103,7 +121,12 @@ async fn accept(listener: TcpListener, upstream: String, counts: Arc<Mutex<Count
 }
 
 /// Copies both ways until either side closes or the proxy goes down; counts the requests.
-async fn connection(client: TcpStream, server: TcpStream, counts: Arc<Mutex<Counts>>, mut up: watch::Receiver<bool>) {
+async fn connection(
+    client: TcpStream,
+    server: TcpStream,
+    counts: Option<Arc<Mutex<Counts>>>,
+    mut up: watch::Receiver<bool>,
+) {
     let (mut cr, mut cw) = client.into_split();
     let (mut sr, mut sw) = server.into_split();
     let to_server = async {
@@ -114,8 +137,10 @@ async fn connection(client: TcpStream, server: TcpStream, counts: Arc<Mutex<Coun
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
-            for method in parser.feed(&buf[..n]) {
-                *counts.lock().unwrap_or_else(|e| e.into_inner()).entry(method).or_default() += 1;
+            if let Some(counts) = &counts {
+                for method in parser.feed(&buf[..n]) {
+                    *counts.lock().unwrap_or_else(|e| e.into_inner()).entry(method).or_default() += 1;
+                }
             }
             if sw.write_all(&buf[..n]).await.is_err() {
                 break;

@@ -125,11 +125,7 @@ async fn setup(
         None
     } else {
         let listen = webhook_listen;
-        Some(
-            tokio::net::TcpListener::bind(listen)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot listen on {listen} for webhooks: {e}"))?,
-        )
+        Some(cim_runtime::http::bind_waiting(listen, "webhooks", cim_runtime::http::PORT_WAIT).await?)
     };
     let addr = listener.as_ref().and_then(|l| l.local_addr().ok());
     let iu = ctx.iu_client();

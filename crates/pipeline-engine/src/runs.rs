@@ -31,6 +31,13 @@ use crate::{
     steps::{MAX_STEP_OUTPUT, StepError},
 };
 
+/// A step whose information-unit service or JetStream is away is run again after this pause,
+/// doubling up to the maximum, without spending a retry, for up to the patience (a restart or
+/// a leader election takes seconds); after that its failures count as usual.
+const UNAVAILABLE_POLL: Duration = Duration::from_millis(200);
+const UNAVAILABLE_POLL_MAX: Duration = Duration::from_secs(2);
+const UNAVAILABLE_PATIENCE: Duration = Duration::from_secs(120);
+
 /// Why a run could not be read from its events.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum LoadError {
@@ -287,12 +294,30 @@ impl Engine {
                 );
                 let started = Instant::now();
                 let timeout = Duration::from_millis(u64::from(step.timeout_ms()));
-                let result = tokio::select! {
-                    r = tokio::time::timeout(timeout, self.execute(step, &run, &mut unit, parent)) => match r {
-                        Ok(r) => r,
-                        Err(_) => Err(StepError::transient(format!("step timed out after {}ms", step.timeout_ms()))),
-                    },
-                    _ = cancelled.next() => return Ok(Outcome::Reload),
+                // What the step needs being away (a restart, a leader election) is waited for,
+                // up to UNAVAILABLE_PATIENCE, without spending a retry.
+                let (mut waited, mut pause) = (Duration::ZERO, UNAVAILABLE_POLL);
+                let result = loop {
+                    let result = tokio::select! {
+                        r = tokio::time::timeout(timeout, self.execute(step, &run, &mut unit, parent)) => match r {
+                            Ok(r) => r,
+                            Err(_) => Err(StepError::transient(format!("step timed out after {}ms", step.timeout_ms()))),
+                        },
+                        _ = cancelled.next() => return Ok(Outcome::Reload),
+                    };
+                    match result {
+                        Err(e) if e.unavailable && waited + pause <= UNAVAILABLE_PATIENCE => {
+                            tracing::info!(run = %run_id, step = %step.id, error = %e.message, "what the step needs is unavailable; waiting without spending a retry");
+                            tokio::select! {
+                                _ = tokio::time::sleep(pause) => {}
+                                _ = cancelled.next() => return Ok(Outcome::Reload),
+                                _ = self.ctx.stopping() => return Ok(Outcome::Later(Duration::from_millis(100))),
+                            }
+                            waited += pause;
+                            pause = (pause * 2).min(UNAVAILABLE_POLL_MAX);
+                        }
+                        other => break other,
+                    }
                 };
                 match result {
                     Ok(out) => {

@@ -36,14 +36,21 @@ pub(crate) struct StepError {
     pub(crate) message: String,
     /// A retry cannot help (bad input, unknown plugin, a bad template): fail at once.
     pub(crate) permanent: bool,
+    /// Not the step failing but what it needs being away (the information-unit service or
+    /// JetStream not answering: a restart, a leader election): waited for without spending
+    /// the step's retries (see `runs.rs`).
+    pub(crate) unavailable: bool,
 }
 
 impl StepError {
     pub(crate) fn permanent(m: impl Into<String>) -> StepError {
-        StepError { message: m.into(), permanent: true }
+        StepError { message: m.into(), permanent: true, unavailable: false }
     }
     pub(crate) fn transient(m: impl Into<String>) -> StepError {
-        StepError { message: m.into(), permanent: false }
+        StepError { message: m.into(), permanent: false, unavailable: false }
+    }
+    pub(crate) fn unavailable(m: impl Into<String>) -> StepError {
+        StepError { message: m.into(), permanent: false, unavailable: true }
     }
 }
 
@@ -74,6 +81,8 @@ impl Engine {
             *unit = Some(self.iu.unit(&run.info.unit_id).await.map_err(|e| {
                 if e.is_not_found() {
                     StepError::permanent(format!("unit {}: {e}", run.info.unit_id))
+                } else if e.is_transient() {
+                    StepError::unavailable(format!("unit {}: {e}", run.info.unit_id))
                 } else {
                     StepError::transient(format!("unit {}: {e}", run.info.unit_id))
                 }
@@ -390,7 +399,7 @@ pub(crate) fn required_unit(run: &Run, step: &Step) -> Result<String, StepError>
 
 fn iu_error(e: cim_iu_client::IuError) -> StepError {
     let text = format!("information-unit: {e}");
-    if e.is_unavailable() || e.is_timeout() { StepError::transient(text) } else { StepError::permanent(text) }
+    if e.is_transient() { StepError::unavailable(text) } else { StepError::permanent(text) }
 }
 
 fn split_items(bytes: &[u8], split: &str) -> Result<Vec<Bytes>, String> {

@@ -24,20 +24,30 @@ use crate::{
     state::{Run, RunEvent, View},
 };
 
+/// How soon the follower starts over after an error or a reconnect.
+const FOLLOW_RETRY: Duration = Duration::from_millis(200);
+
 impl Engine {
     /// Folds every event of the pipeline stream into the view, from the start, forever.
     pub(crate) async fn follow(self: Arc<Self>) {
+        let mut connections = self.ctx.connections();
         loop {
-            if let Err(e) = self.follow_once().await {
-                tracing::warn!(error = %e, "following the pipeline events failed; starting over");
+            connections.borrow_and_update();
+            match self.follow_once(&mut connections).await {
+                // Reconnected: the server may have restarted without the consumer; start over
+                // at once rather than after the consumer's missed heartbeats.
+                Ok(true) => tracing::info!("reconnected to NATS; following the pipeline events again"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "following the pipeline events failed; starting over"),
             }
-            if !self.ctx.pause(Duration::from_millis(500)).await {
+            if !self.ctx.pause(FOLLOW_RETRY).await {
                 return;
             }
         }
     }
 
-    async fn follow_once(&self) -> anyhow::Result<()> {
+    /// Follows until stopped (false) or reconnected (true).
+    async fn follow_once(&self, connections: &mut tokio::sync::watch::Receiver<u64>) -> anyhow::Result<bool> {
         let from = *self.seen.borrow() + 1;
         let stream = self.js.get_stream(&self.events_stream).await?;
         let consumer = stream
@@ -49,7 +59,8 @@ impl Engine {
         let mut messages = consumer.messages().await?;
         loop {
             let m = tokio::select! {
-                _ = self.ctx.stopping() => return Ok(()),
+                _ = self.ctx.stopping() => return Ok(false),
+                _ = connections.changed() => return Ok(true),
                 m = messages.next() => m,
             };
             let Some(m) = m else { anyhow::bail!("pipeline event stream ended") };

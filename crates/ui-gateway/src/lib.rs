@@ -17,6 +17,7 @@ pub mod ui;
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use cim_events::{Component, gateway, resources};
+use cim_runtime::http::{PORT_WAIT, bind_waiting};
 use cim_runtime::{CommonArgs, CommonSettings, ConfigError, Service, ServiceArgs, ServiceDef, Shutdown};
 
 pub const COMPONENT: Component = Component::UiGateway;
@@ -142,15 +143,10 @@ pub fn definition() -> ServiceDef {
 /// Runs the service until `shutdown` completes.
 pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let args = settings.gateway;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {} for the gateway api: {e}", args.listen))?;
+    // A restarted gateway waits for the ports the instance it replaces still holds.
+    let listener = bind_waiting(args.listen, "the gateway api", PORT_WAIT).await?;
     let grpc = match args.grpc_listen.0 {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for the gateway grpc api: {e}"))?,
-        ),
+        Some(addr) => Some(bind_waiting(addr, "the gateway grpc api", PORT_WAIT).await?),
         None => None,
     };
     Service::new(definition()).setup(move |ctx| setup(ctx, args, listener, grpc)).run(settings.common, shutdown).await

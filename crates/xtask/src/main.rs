@@ -2,8 +2,9 @@
 //!
 //! - `tidy [CHECK…]`: formatting, clippy, names only in cim-events, crate boundaries, no test
 //!   harness in a shipped binary, docs current (tidy.rs); each failure says what to do.
-//! - `test`: tidy, then build every binary (the integration tests run the real service
-//!   processes), then run the whole suite with cargo-nextest (or `cargo test` when absent).
+//! - `test [--stress] [ARGS]`: tidy, then build every binary (the integration tests run the
+//!   real service processes), then run the whole suite with cargo-nextest (or `cargo test`
+//!   when absent; ARGS go to it). `--stress` runs it while busy loops take every core (stress.rs).
 //! - `up`: build every binary, then `cimctl up` (a leaf node with all services).
 //! - `bench [SCENARIO] [options]`: build every binary in release mode (the benchmarks run the
 //!   real services), then run `cim-bench` (every scenario, or the one named; `all` writes the
@@ -15,6 +16,7 @@
 //!   (python/bench/plugin_invoke.py, against a release build of plugin-native-example).
 
 mod python;
+mod stress;
 mod tidy;
 
 use std::process::{Command, ExitCode};
@@ -64,14 +66,20 @@ fn has_nextest() -> bool {
 }
 
 fn test(rest: &[String]) -> Result<(), String> {
+    // `--stress`: the tests run while busy loops take every core (stress.rs).
+    let stress = rest.iter().any(|a| a == "--stress");
+    let rest: Vec<&String> = rest.iter().filter(|a| *a != "--stress").collect();
     tidy::tidy(&[])?;
-    run(cargo().args(["build", "--workspace", "--bins"]))?;
+    run(cargo().args(["build", "--workspace", "--bins", "--tests"]))?;
     ui_test_tools();
-    let rust = if has_nextest() {
-        run(cargo().args(["nextest", "run", "--workspace", "--no-fail-fast"]).args(rest))
+    let _hog = stress.then(stress::Hog::start);
+    let mut tests = cargo();
+    if has_nextest() {
+        tests.args(["nextest", "run", "--workspace", "--no-fail-fast"]).args(&rest);
     } else {
-        run(cargo().args(["test", "--workspace", "--no-fail-fast"]).args(rest))
-    };
+        tests.args(["test", "--workspace", "--no-fail-fast"]).args(&rest);
+    }
+    let rust = run(&mut if stress { stress::favoured(&tests) } else { tests });
     // The Python tests run even when a Rust test failed: both verdicts are reported.
     let python = pytest(&[]);
     rust.and(python)

@@ -3,6 +3,7 @@
 mod archive_exact;
 mod archive_signals;
 mod auth;
+mod chaos;
 mod cli;
 mod common;
 mod exactly_once;
