@@ -455,7 +455,9 @@ impl App {
 
     /// Keeps the in-memory index equal to the KV projection.
     pub async fn run_index(self: Arc<Self>) {
+        let mut connections = self.ctx.connections();
         while !self.ctx.is_stopping() {
+            connections.borrow_and_update();
             // Every key: the states and the checkpoint that says how far they are complete.
             let watch = match self.units.watch_with_history(">").await {
                 Ok(w) => w,
@@ -470,7 +472,13 @@ impl App {
             self.index.clear();
             let mut watch = watch;
             loop {
-                let entry = tokio::select! { e = watch.next() => e, _ = self.ctx.stopping() => return };
+                let entry = tokio::select! {
+                    e = watch.next() => e,
+                    // The server may have restarted without the watch's consumer: start over
+                    // at once rather than after its missed heartbeats.
+                    _ = connections.changed() => break,
+                    _ = self.ctx.stopping() => return,
+                };
                 match entry {
                     Some(Ok(e)) => match e.operation {
                         kv::Operation::Put if e.key == iu::CHECKPOINT_KEY => {

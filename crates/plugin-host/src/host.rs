@@ -30,6 +30,18 @@ use crate::{
     sandbox::{Compiled, Sandbox},
 };
 
+/// How soon the plugin-event follower tries again to start over.
+const FOLLOW_RETRY: Duration = Duration::from_millis(200);
+
+/// The ordered consumer over the plugin events from stream sequence `from`.
+fn plugin_events_from(from: u64) -> jetstream::consumer::pull::OrderedConfig {
+    jetstream::consumer::pull::OrderedConfig {
+        filter_subject: plugin::all_events(),
+        deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: from },
+        ..Default::default()
+    }
+}
+
 /// How long a push or remove waits for its own event to be applied.
 const APPLY_WAIT: Duration = Duration::from_secs(30);
 
@@ -107,13 +119,7 @@ impl Host {
 
         // Replay before serving: a restarted host answers for every plugin it had.
         let stream = js.get_stream(resources::events_stream(crate::COMPONENT).name).await?;
-        let consumer = stream
-            .create_consumer(jetstream::consumer::pull::OrderedConfig {
-                filter_subject: plugin::all_events(),
-                deliver_policy: DeliverPolicy::All,
-                ..Default::default()
-            })
-            .await?;
+        let consumer = stream.create_consumer(plugin_events_from(1)).await?;
         let mut pending = consumer.cached_info().num_pending;
         let mut messages = consumer.messages().await?;
         while pending > 0 {
@@ -126,17 +132,46 @@ impl Host {
         }
         let h = host.clone();
         ctx.spawn("plugin-events", async move {
+            let mut connections = h.ctx.connections();
+            connections.borrow_and_update();
             loop {
-                tokio::select! {
+                let start_over = tokio::select! {
                     m = messages.next() => match m {
                         Some(Ok(m)) => {
                             let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
                             h.apply(&m.message, seq).await;
+                            false
                         }
-                        Some(Err(e)) => tracing::warn!(error = %e, "reading plugin events"),
-                        None => break,
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "reading plugin events");
+                            false
+                        }
+                        None => true,
                     },
+                    // The server may have restarted without the consumer: start over at once
+                    // rather than after its missed heartbeats.
+                    _ = connections.changed() => true,
                     _ = h.ctx.stopping() => break,
+                };
+                if !start_over {
+                    continue;
+                }
+                loop {
+                    let from = *h.applied.borrow() + 1;
+                    let next = async { stream.create_consumer(plugin_events_from(from)).await?.messages().await };
+                    match next.await {
+                        Ok(m) => {
+                            tracing::info!(from, "following the plugin events again");
+                            messages = m;
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot follow the plugin events; retrying");
+                            if !h.ctx.pause(FOLLOW_RETRY).await {
+                                return;
+                            }
+                        }
+                    }
                 }
             }
         });

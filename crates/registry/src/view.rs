@@ -22,7 +22,9 @@ impl App {
         let app = self.clone();
         self.ctx.spawn("follower", async move {
             let mut backoff = Duration::from_millis(100);
+            let mut connections = app.ctx.connections();
             while !app.ctx.is_stopping() {
+                connections.borrow_and_update();
                 let from = app.view().applied + 1;
                 let consumer = stream
                     .create_consumer(jetstream::consumer::pull::OrderedConfig {
@@ -51,7 +53,16 @@ impl App {
                 };
                 backoff = Duration::from_millis(100);
                 loop {
-                    let next = tokio::select! { m = messages.next() => m, _ = app.ctx.stopping() => return };
+                    let next = tokio::select! {
+                        m = messages.next() => m,
+                        // The server may have restarted without the consumer: start over at
+                        // once rather than after its missed heartbeats.
+                        _ = connections.changed() => {
+                            tracing::info!("reconnected to NATS; following the registry events again");
+                            break;
+                        }
+                        _ = app.ctx.stopping() => return,
+                    };
                     let Some(Ok(m)) = next else { break };
                     let Ok(info) = m.info() else { continue };
                     let seq = info.stream_sequence;

@@ -145,9 +145,14 @@ impl Tokens {
         if empty {
             self.set_live(loading.take());
         }
+        let mut connections = ctx.connections();
+        connections.borrow_and_update();
         loop {
             let entry = tokio::select! {
                 e = watch.next() => e,
+                // The server may have restarted without the watch's consumer: start over at
+                // once (tokens read from the bucket meanwhile) rather than after its heartbeats.
+                _ = connections.changed() => anyhow::bail!("reconnected to NATS"),
                 _ = ctx.stopping() => return Ok(()),
             };
             let entry = entry.ok_or_else(|| anyhow::anyhow!("the watch ended"))??;
