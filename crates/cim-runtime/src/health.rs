@@ -80,7 +80,7 @@ async fn check_ready(ctx: &Ctx, owned: &[String]) -> bool {
     for (name, answer) in futures::future::join_all(checks).await {
         match answer {
             Ok(Ok(_)) => {}
-            Ok(Err(e)) if stream_not_found(&e) => {
+            Ok(Err(e)) if provision::stream_not_found(&e) => {
                 tracing::warn!(stream = %name, error = %e, "owned stream missing; re-provisioning");
                 (ready, missing) = (false, true);
             }
@@ -95,15 +95,6 @@ async fn check_ready(ctx: &Ctx, owned: &[String]) -> bool {
         tracing::warn!(error = %e, "re-provisioning failed");
     }
     ready
-}
-
-/// Whether JetStream said the stream does not exist (as opposed to not answering).
-fn stream_not_found(e: &async_nats::jetstream::context::GetStreamError) -> bool {
-    use async_nats::jetstream::{ErrorCode, context::GetStreamErrorKind};
-    match e.kind() {
-        GetStreamErrorKind::JetStream(js) => js.error_code() == ErrorCode::STREAM_NOT_FOUND,
-        _ => false,
-    }
 }
 
 /// Why a running service is degraded, by concern (a service sets and clears its own keys,

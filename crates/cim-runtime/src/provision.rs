@@ -307,6 +307,13 @@ fn log_outcome(kind: &str, name: &str, outcome: &Outcome) {
     }
 }
 
+/// Whether JetStream said the stream does not exist (as opposed to not answering: no leader
+/// yet, a server restarting).
+pub fn stream_not_found(e: &jetstream::context::GetStreamError) -> bool {
+    use jetstream::{ErrorCode, context::GetStreamErrorKind};
+    matches!(e.kind(), GetStreamErrorKind::JetStream(js) if js.error_code() == ErrorCode::STREAM_NOT_FOUND)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,6 +22,7 @@ pub struct NatsClusterBuilder {
     domain: String,
     extra_config: String,
     startup_timeout: Duration,
+    leaf_no_advertise: bool,
 }
 
 impl Default for NatsClusterBuilder {
@@ -32,6 +33,7 @@ impl Default for NatsClusterBuilder {
             domain: DEFAULT_HUB_DOMAIN.to_owned(),
             extra_config: String::new(),
             startup_timeout: DEFAULT_STARTUP_TIMEOUT,
+            leaf_no_advertise: false,
         }
     }
 }
@@ -59,6 +61,12 @@ impl NatsClusterBuilder {
     pub fn extra_config(mut self, text: &str) -> Self {
         self.extra_config.push_str(text);
         self.extra_config.push('\n');
+        self
+    }
+
+    /// Leaves are not told the other nodes' leaf ports ([`NatsServerBuilder::leaf_no_advertise`]).
+    pub fn leaf_no_advertise(mut self) -> Self {
+        self.leaf_no_advertise = true;
         self
     }
 
@@ -104,6 +112,9 @@ impl NatsClusterBuilder {
                 .startup_timeout(self.startup_timeout);
             if !self.extra_config.is_empty() {
                 b = b.extra_config(&self.extra_config);
+            }
+            if self.leaf_no_advertise {
+                b = b.leaf_no_advertise();
             }
             // Each node is ready (JetStream enabled) before the meta group has a leader.
             nodes.push(b.start().await.with_context(|| format!("starting node {} of cluster {}", i + 1, self.name))?);

@@ -48,6 +48,7 @@ pub struct NatsServerBuilder {
     store_dir: Option<PathBuf>,
     leaf_remotes: Vec<String>,
     leaf_listen: Option<Option<u16>>,
+    leaf_no_advertise: bool,
     cluster: Option<ClusterSpec>,
     startup_timeout: Duration,
 }
@@ -62,6 +63,7 @@ impl Default for NatsServerBuilder {
             store_dir: None,
             leaf_remotes: Vec::new(),
             leaf_listen: None,
+            leaf_no_advertise: false,
             cluster: None,
             startup_timeout: DEFAULT_STARTUP_TIMEOUT,
         }
@@ -129,6 +131,14 @@ impl NatsServerBuilder {
     /// Accept leaf node connections (`leafnodes { listen }`) on a free port.
     pub fn leaf_listen(mut self) -> Self {
         self.leaf_listen = Some(None);
+        self
+    }
+
+    /// Do not tell leaves the other cluster members' leaf ports (`leafnodes { no_advertise }`):
+    /// a leaf then reaches the cluster only through the URLs it was given (a partition test
+    /// cuts those).
+    pub fn leaf_no_advertise(mut self) -> Self {
+        self.leaf_no_advertise = true;
         self
     }
 
@@ -449,6 +459,9 @@ fn render_config(
         c += "leafnodes {\n";
         if let Some(p) = leaf_port {
             c += &format!("  listen: \"127.0.0.1:{p}\"\n");
+            if opts.leaf_no_advertise {
+                c += "  no_advertise: true\n";
+            }
         }
         if !opts.leaf_remotes.is_empty() {
             let urls: Vec<String> = opts.leaf_remotes.iter().map(|u| quote(u)).collect();

@@ -5,7 +5,7 @@
 //! the mirrors (configured by `cim_events::resources::leaf_mirror_config`) and watches their
 //! lag.
 
-use std::time::Duration;
+use std::{collections::HashMap, time::Duration};
 
 use async_nats::jetstream;
 use cim_events::{Tier, resources};
@@ -45,7 +45,25 @@ pub async fn ensure_mirrors(
     Ok(())
 }
 
-/// Logs each mirror's lag and whether its leaf is reachable, every `every`, until `stop`.
+/// What a mirror's watcher last said about it: said again only when it changes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum MirrorState {
+    InStep,
+    /// Messages the leaf has and the mirror not yet, or no contact although the leaf has the
+    /// stream.
+    Behind,
+    /// The leaf has no such stream (yet): nothing to mirror, nothing wrong.
+    NoSource,
+    /// The leaf does not answer (its uplink is down).
+    LeafAway,
+}
+
+/// How long a leaf may take to say whether it has a stream.
+const LEAF_ASK: Duration = Duration::from_secs(2);
+
+/// Watches each mirror's lag and whether its leaf is reachable, every `every`, until `stop`,
+/// and logs each mirror's state when it changes: behind (a warning), its leaf away (a
+/// warning), the leaf without that stream (once, informational), in step again.
 pub async fn watch_mirrors(
     js: jetstream::Context,
     leaves: Vec<String>,
@@ -53,18 +71,44 @@ pub async fn watch_mirrors(
     every: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut said: HashMap<String, MirrorState> = HashMap::new();
     loop {
         for leaf in &leaves {
+            let leaf_js = jetstream::with_prefix(js.client(), &resources::domain_api_prefix(leaf));
             for s in &streams {
                 let Ok(name) = resources::leaf_mirror(s, leaf) else { continue };
                 let Ok(mut st) = js.get_stream(&name).await else { continue };
                 let Ok(info) = st.info().await else { continue };
-                if let Some(m) = &info.mirror {
-                    if m.lag > 0 || m.active.is_none_or(|a| a > Duration::from_secs(30)) {
-                        tracing::warn!(mirror = %name, leaf = %leaf, lag = m.lag, last_contact_ago = ?m.active, "leaf mirror is behind");
-                    } else {
-                        tracing::debug!(mirror = %name, leaf = %leaf, "leaf mirror in step");
+                let Some(m) = &info.mirror else { continue };
+                let state = if m.lag > 0 {
+                    MirrorState::Behind
+                } else if m.active.is_none_or(|a| a > Duration::from_secs(30)) {
+                    match tokio::time::timeout(LEAF_ASK, leaf_js.get_stream(s)).await {
+                        Ok(Ok(_)) => MirrorState::Behind,
+                        Ok(Err(e)) if cim_runtime::provision::stream_not_found(&e) => MirrorState::NoSource,
+                        _ => MirrorState::LeafAway,
                     }
+                } else {
+                    MirrorState::InStep
+                };
+                let before = said.insert(name.clone(), state);
+                if before == Some(state) {
+                    continue;
+                }
+                match state {
+                    MirrorState::Behind => {
+                        tracing::warn!(mirror = %name, leaf = %leaf, lag = m.lag, last_contact_ago = ?m.active, "leaf mirror is behind")
+                    }
+                    MirrorState::LeafAway => {
+                        tracing::warn!(mirror = %name, leaf = %leaf, "leaf does not answer; its mirror waits for the uplink")
+                    }
+                    MirrorState::NoSource => {
+                        tracing::info!(mirror = %name, leaf = %leaf, stream = %s, "the leaf has no such stream (yet); its mirror waits for it")
+                    }
+                    MirrorState::InStep if before.is_some() => {
+                        tracing::info!(mirror = %name, leaf = %leaf, "leaf mirror in step again")
+                    }
+                    MirrorState::InStep => tracing::debug!(mirror = %name, leaf = %leaf, "leaf mirror in step"),
                 }
             }
         }
