@@ -250,6 +250,9 @@ pub(crate) fn lifecycle_subject(ctx: &Ctx, what: Lifecycle) -> Result<String, ci
     subject::lifecycle(ctx.0.settings.component, &ctx.0.settings.instance_id, what)
 }
 
+/// The longest pause between two attempts to reach NATS again.
+const RECONNECT_MAX_MS: u64 = 1000;
+
 async fn connect(
     settings: &CommonSettings,
     metrics: &Metrics,
@@ -264,9 +267,10 @@ async fn connect(
         .retry_on_initial_connect()
         .max_reconnects(None)
         .reconnect_delay_callback(|attempts| {
-            // 0, 100ms, 200ms, 400ms, ... capped at 5s
+            // 50ms, 100ms, 200ms, ... capped at 1s: a restarted server is found again within
+            // a second (one connection attempt a second per instance while it is down).
             let ms = 100u64.saturating_mul(1 << attempts.min(6) as u64) / 2;
-            Duration::from_millis(ms.min(5000))
+            Duration::from_millis(ms.min(RECONNECT_MAX_MS))
         });
     if let Some(creds) = &settings.nats_creds {
         opts = opts
