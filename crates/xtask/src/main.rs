@@ -2,9 +2,11 @@
 //!
 //! - `tidy [CHECK…]`: formatting, clippy, names only in cim-events, crate boundaries, no test
 //!   harness in a shipped binary, docs current (tidy.rs); each failure says what to do.
-//! - `test`: tidy, then build every binary (the integration tests run the real service
-//!   processes), then run the whole suite with cargo-nextest (or `cargo test` when absent).
-//! - `up`: build every binary, then `cimctl up` (a leaf node with all services).
+//! - `test`: tidy, then install the test tools that are missing (tools.rs), build every binary
+//!   (the integration tests run the real service processes), then run the whole suite with
+//!   cargo-nextest.
+//! - `up`: install nats-server if missing (tools.rs), build every binary, then `cimctl up` (a
+//!   leaf node with all services).
 //! - `bench [SCENARIO] [options]`: build every binary in release mode (the benchmarks run the
 //!   real services), then run `cim-bench` (every scenario, or the one named; `all` writes the
 //!   envelope and information-unit table to docs/bench-latest.md).
@@ -16,6 +18,7 @@
 
 mod python;
 mod tidy;
+mod tools;
 
 use std::process::{Command, ExitCode};
 
@@ -59,18 +62,16 @@ fn run(cmd: &mut Command) -> Result<(), String> {
     if status.success() { Ok(()) } else { Err(format!("{cmd:?} failed: {status}")) }
 }
 
-fn has_nextest() -> bool {
-    cargo().args(["nextest", "--version"]).output().is_ok_and(|o| o.status.success())
-}
-
 fn test(rest: &[String]) -> Result<(), String> {
     tidy::tidy(&[])?;
+    let tools = tools::Tools::new(&root());
+    tools.for_tests()?;
     run(cargo().args(["build", "--workspace", "--bins"]))?;
     ui_test_tools();
-    let rust = if has_nextest() {
-        run(cargo().args(["nextest", "run", "--workspace", "--no-fail-fast"]).args(rest))
+    let rust = if tools.has_nextest() {
+        run(cargo().env("PATH", tools.path()).args(["nextest", "run", "--workspace", "--no-fail-fast"]).args(rest))
     } else {
-        run(cargo().args(["test", "--workspace", "--no-fail-fast"]).args(rest))
+        run(cargo().env("PATH", tools.path()).args(["test", "--workspace", "--no-fail-fast"]).args(rest))
     };
     // The Python tests run even when a Rust test failed: both verdicts are reported.
     let python = pytest(&[]);
@@ -152,7 +153,10 @@ fn python_setup() -> Result<PythonEnv, String> {
 /// by `test` before).
 fn pytest(rest: &[String]) -> Result<(), String> {
     let py = python_setup()?;
-    run(Command::new(&py.python)
+    let tools = tools::Tools::new(&root());
+    tools.nats_server()?;
+    run(tools
+        .command(&py.python)
         .current_dir(root().join("python"))
         .envs(py.env.iter().map(|(k, v)| (k, v)))
         .env("CIM_BIN_DIR", target_dir().join("debug"))
@@ -173,9 +177,11 @@ fn pybench(rest: &[String]) -> Result<(), String> {
 }
 
 fn up(rest: &[String]) -> Result<(), String> {
+    let tools = tools::Tools::new(&root());
+    tools.nats_server()?;
     run(cargo().args(["build", "--workspace", "--bins"]))?;
     let exe = target_dir().join("debug").join("cimctl");
-    run(Command::new(exe).arg("up").args(rest))
+    run(tools.command(exe).arg("up").args(rest))
 }
 
 fn bench(rest: &[String]) -> Result<(), String> {
