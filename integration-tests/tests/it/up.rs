@@ -1,7 +1,8 @@
 //! `cimctl up` end to end: a leaf node whose seven services all become ready, stopped cleanly
-//! by Ctrl-C (SIGINT); and clear errors when something it needs is missing.
+//! by Ctrl-C (SIGINT); two started at once on distinct ports; and clear errors when something
+//! it needs is missing.
 
-use std::{process::Stdio, time::Duration};
+use std::{collections::BTreeSet, process::Stdio, time::Duration};
 
 use anyhow::Result;
 use cim_testkit::http_get;
@@ -59,18 +60,31 @@ type Lines = tokio::io::Lines<BufReader<tokio::process::ChildStdout>>;
 
 /// A running `cimctl up`: the child, the rest of its stdout, what it printed until ready, and
 /// the pids it printed.
-async fn leaf_up(data: &std::path::Path) -> Result<(tokio::process::Child, Lines, Vec<String>, Vec<i32>)> {
-    let mut child = tokio::process::Command::new(bin("cimctl"))
-        .args(["up", "--nats-port", "0", "--data-dir"])
-        .arg(data)
-        .env_remove("CIM_BIN_DIR")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
+type Leaf = (tokio::process::Child, Lines, Vec<String>, Vec<i32>);
+
+/// How long a built leaf may take to print that it is up.
+const LEAF_READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How long a leaf may take to stop after Ctrl-C.
+const LEAF_STOP_TIMEOUT: Duration = Duration::from_secs(60);
+
+async fn leaf_up(data: &std::path::Path) -> Result<Leaf> {
+    let mut cmd = tokio::process::Command::new(bin("cimctl"));
+    cmd.args(["up", "--nats-port", "0", "--data-dir"]).arg(data).env_remove("CIM_BIN_DIR").stderr(Stdio::null());
+    until_up(cmd, LEAF_READY_TIMEOUT).await
+}
+
+/// Spawns `cmd` (a `cimctl up`, directly or through `cargo xtask up`) with its stdout piped and
+/// reads until it says it is up, within `timeout`.
+async fn until_up(mut cmd: tokio::process::Command, timeout: Duration) -> Result<Leaf> {
+    read_until_up(cmd.stdout(Stdio::piped()).kill_on_drop(true).spawn()?, timeout).await
+}
+
+/// Reads the stdout of a spawned `cimctl up` until it says it is up, within `timeout`.
+async fn read_until_up(mut child: tokio::process::Child, timeout: Duration) -> Result<Leaf> {
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut printed = Vec::new();
-    tokio::time::timeout(Duration::from_secs(120), async {
+    tokio::time::timeout(timeout, async {
         while let Some(line) = lines.next_line().await? {
             let done = line.contains("Press Ctrl-C to stop");
             printed.push(line);
@@ -80,7 +94,8 @@ async fn leaf_up(data: &std::path::Path) -> Result<(tokio::process::Child, Lines
         }
         anyhow::bail!("cimctl up ended early: {printed:#?}")
     })
-    .await??;
+    .await
+    .map_err(|_| anyhow::anyhow!("not up within {timeout:?}; it printed: {printed:#?}"))??;
     let pids = printed
         .iter()
         .filter_map(|l| {
@@ -153,4 +168,64 @@ async fn cimctl_up_says_how_to_install_what_is_missing() -> Result<()> {
     let out = tokio::process::Command::new(bin("cimctl")).args(["up", "--sync", "never"]).output().await?;
     assert_eq!(out.status.code(), Some(64));
     Ok(())
+}
+
+/// Every loopback port a leaf printed (NATS client and monitoring, gateway HTTP and gRPC, each
+/// service's health).
+fn printed_ports(printed: &[String]) -> BTreeSet<u16> {
+    let text = printed.join("\n");
+    text.split("127.0.0.1:")
+        .skip(1)
+        .filter_map(|rest| {
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        })
+        .collect()
+}
+
+/// Ctrl-C (SIGINT) to `pid` (a process group when negative), then the rest of the leaf's
+/// stdout until it closes; fails unless it says it stopped, with nothing killed.
+async fn ctrl_c_until_stopped(pid: i32, lines: &mut Lines) -> Result<String> {
+    signal::kill(Pid::from_raw(pid), signal::Signal::SIGINT)?;
+    let mut rest = Vec::new();
+    tokio::time::timeout(LEAF_STOP_TIMEOUT, async {
+        while let Some(line) = lines.next_line().await? {
+            rest.push(line);
+        }
+        anyhow::Ok(())
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("not stopped within {LEAF_STOP_TIMEOUT:?}: {rest:#?}"))??;
+    let rest = rest.join("\n");
+    anyhow::ensure!(rest.contains("CIM leaf node stopped"), "{rest}");
+    anyhow::ensure!(!rest.contains("killed"), "everything stopped within its grace period:\n{rest}");
+    Ok(rest)
+}
+
+/// Two `cimctl up` in two directories started at the same instant both come up, and no port of
+/// one is a port of the other. Both want the usual monitoring and gateway ports (8222, 8480,
+/// 8481); each reserves what it picks (`cim_proc::reserve_port`), so one gets them and the
+/// other free ones, where before both could find a port free and both hand it out.
+#[tokio::test(flavor = "multi_thread")]
+async fn cimctl_up_twice_at_once_uses_distinct_ports() -> Result<()> {
+    let (a, b) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let (first, second) = tokio::join!(leaf_up(a.path()), leaf_up(b.path()));
+    let ((mut child_a, mut lines_a, printed_a, pids_a), (mut child_b, mut lines_b, printed_b, pids_b)) =
+        (first?, second?);
+    let (ports_a, ports_b) = (printed_ports(&printed_a), printed_ports(&printed_b));
+    // NATS client and monitoring, gateway HTTP and gRPC, seven health ports
+    for (ports, printed) in [(&ports_a, &printed_a), (&ports_b, &printed_b)] {
+        assert!(ports.len() >= 11, "{ports:?} in {printed:#?}");
+    }
+    let shared: Vec<&u16> = ports_a.intersection(&ports_b).collect();
+    assert!(shared.is_empty(), "both leaves use {shared:?}:\n{printed_a:#?}\n{printed_b:#?}");
+
+    let (stopped_a, stopped_b) = tokio::join!(
+        ctrl_c_until_stopped(child_a.id().unwrap() as i32, &mut lines_a),
+        ctrl_c_until_stopped(child_b.id().unwrap() as i32, &mut lines_b)
+    );
+    stopped_a?;
+    stopped_b?;
+    assert!(child_a.wait().await?.success() && child_b.wait().await?.success());
+    all_gone(&[pids_a, pids_b].concat(), "both leaves' processes to exit").await
 }
