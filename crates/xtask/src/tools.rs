@@ -168,21 +168,14 @@ impl Tools {
             .env("PIP_ROOT_USER_ACTION", "ignore"))?;
         for program in programs {
             let installed = target.join("bin").join(program);
-            let head = std::fs::read(&installed).map_err(|e| format!("{} after pip: {e}", installed.display()))?;
+            let mut head = [0u8; 2];
+            std::fs::File::open(&installed)
+                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+                .map_err(|e| format!("{} after pip: {e}", installed.display()))?;
             let link = bin.join(program);
             let _ = std::fs::remove_file(&link);
-            if head.starts_with(b"#!") {
-                let script = format!(
-                    "#!/bin/sh\n# {program} from {specs}, installed by `cargo xtask` with pip into {dir}\n\
-                     PYTHONPATH=\"{dir}${{PYTHONPATH:+:$PYTHONPATH}}\" exec \"{exe}\" \"$@\"\n",
-                    specs = specs.join(" "),
-                    dir = target.display(),
-                    exe = installed.display(),
-                );
-                std::fs::write(&link, script).map_err(|e| format!("{}: {e}", link.display()))?;
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(&link, std::fs::Permissions::from_mode(0o755))
-                    .map_err(|e| format!("{}: {e}", link.display()))?;
+            if head == *b"#!" {
+                write_wrapper(&link, &installed, &target, &format!("{program} from {}", specs.join(" ")))?;
             } else {
                 std::os::unix::fs::symlink(&installed, &link).map_err(|e| format!("{}: {e}", link.display()))?;
             }
@@ -240,6 +233,21 @@ impl Tools {
     }
 }
 
+/// Writes `link`: a shell script that runs `exe` with `dir` first on PYTHONPATH (a pip
+/// `--target` package's script, which imports from `dir`).
+fn write_wrapper(link: &Path, exe: &Path, dir: &Path, what: &str) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let script = format!(
+        "#!/bin/sh\n# {what}, installed by `cargo xtask` with pip into {dir}\n\
+         PYTHONPATH=\"{dir}${{PYTHONPATH:+:$PYTHONPATH}}\" exec \"{exe}\" \"$@\"\n",
+        dir = dir.display(),
+        exe = exe.display(),
+    );
+    std::fs::write(link, script).map_err(|e| format!("{}: {e}", link.display()))?;
+    std::fs::set_permissions(link, std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| format!("{}: {e}", link.display()))
+}
+
 /// The Python that runs pip: `$PYTHON`, else `python3`.
 fn python() -> OsString {
     std::env::var_os("PYTHON").unwrap_or_else(|| "python3".into())
@@ -267,6 +275,26 @@ mod tests {
         assert_eq!(parse_nats_server_version("nats-server: v2.9.20").as_deref(), Some("2.9.20"));
         assert_eq!(parse_nats_server_version("garbage").as_deref(), None);
         assert_eq!(parse_nats_server_version("").as_deref(), None);
+    }
+
+    #[test]
+    fn a_wrapper_runs_its_script_with_the_package_on_pythonpath() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("xtask-wrapper-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("pkg/bin")).unwrap();
+        // stands in for a pip-installed script: reports what it was given
+        let exe = dir.join("pkg/bin/tool");
+        std::fs::write(&exe, "#!/bin/sh\necho \"$PYTHONPATH|$*\"\n").unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let link = dir.join("tool");
+        write_wrapper(&link, &exe, &dir.join("pkg"), "tool from pkg==1").unwrap();
+        let out = Command::new(&link).args(["a b", "c"]).env("PYTHONPATH", "/elsewhere").output().unwrap();
+        let pkg = dir.join("pkg");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("{}:/elsewhere|a b c", pkg.display()));
+        let out = Command::new(&link).env_remove("PYTHONPATH").output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("{}|", pkg.display()));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
