@@ -7,8 +7,8 @@
 //!   cargo-nextest.
 //! - `up`: install nats-server if missing (tools.rs), build every binary, then `cimctl up` (a
 //!   leaf node with all services).
-//! - `bench [SCENARIO] [options]`: build every binary in release mode (the benchmarks run the
-//!   real services), then run `cim-bench` (every scenario, or the one named; `all` writes the
+//! - `bench [SCENARIO] [options]`: install nats-server if missing, build every binary in release
+//!   mode (the benchmarks run the real services), then run `cim-bench` (every scenario, or the one named; `all` writes the
 //!   envelope and information-unit table to docs/bench-latest.md).
 //! - `codegen`: writes the generated parts of the Python package (python.rs).
 //! - `pytest [ARGS]`: sets up `.cim/venv` when missing or stale, then runs the Python tests
@@ -185,10 +185,13 @@ fn up(rest: &[String]) -> Result<(), String> {
 }
 
 fn bench(rest: &[String]) -> Result<(), String> {
+    // the benchmarks start their own nats-servers
+    let tools = tools::Tools::new(&root());
+    tools.nats_server()?;
     run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
     let exe = target_dir().join("release").join("cim-bench");
     let args = bench_args(rest);
-    run(Command::new(exe).args(args))
+    run(tools.command(exe).args(args))
 }
 
 /// `cim-bench`'s arguments for `cargo xtask bench REST`: the scenario named first (`all` when
