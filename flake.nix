@@ -48,9 +48,7 @@
             p
           ]) cargoPackages;
 
-          # cim-events' build script compiles the protobuf schemas with protoc.
-          nativeBuildInputs = [ pkgs.protobuf ];
-          env.PROTOC = lib.getExe' pkgs.protobuf "protoc";
+          # The protobuf schemas are compiled by protox (Rust) in the build scripts: no protoc.
 
           # The tests need real servers (nats-server, an S3 server) and run in .ci/run, not
           # in the build sandbox.
@@ -165,10 +163,10 @@
             pkgs.clippy
             pkgs.rustfmt
             pkgs.cargo-nextest
+            # protoc: only `cargo xtask codegen` (the Python package's *_pb2.py) runs it
             pkgs.protobuf
             pkgs.nats-server
           ];
-          PROTOC = lib.getExe' pkgs.protobuf "protoc";
           # cim-testkit runs this nats-server (nixpkgs ships >= 2.10).
           CIM_NATS_SERVER = lib.getExe pkgs.nats-server;
         };

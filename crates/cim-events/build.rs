@@ -1,6 +1,7 @@
-//! Generates the protobuf payload types from `proto/` with prost-build (needs `protoc`).
+//! Generates the protobuf payload types from `proto/` with prost-build, the `.proto` files
+//! parsed by protox (a protobuf compiler in Rust): building needs no `protoc`.
 
-fn main() -> std::io::Result<()> {
+fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/cim/runtime/v1/runtime.proto",
         "proto/cim/runtime/v1/legacy.proto",
@@ -13,17 +14,9 @@ fn main() -> std::io::Result<()> {
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }
-    if std::env::var_os("PROTOC").is_none() && which("protoc").is_none() {
-        // A clear reason beats prost-build's generic "could not find protoc".
-        println!(
-            "cargo:warning=protoc not found: install it with `apt-get install protobuf-compiler` \
-             (Debian/Ubuntu) or enter `nix develop`"
-        );
-    }
-    prost_build::Config::new().compile_protos(&protos, &["proto"])
-}
-
-fn which(bin: &str) -> Option<std::path::PathBuf> {
-    std::env::var_os("PATH")
-        .and_then(|paths| std::env::split_paths(&paths).map(|dir| dir.join(bin)).find(|candidate| candidate.is_file()))
+    // What `protoc --include_imports --include_source_info` gives prost-build: every file with
+    // its imports, comments kept (they become the generated types' doc comments).
+    let descriptors = protox::compile(protos, ["proto"])?;
+    prost_build::Config::new().compile_fds(descriptors)?;
+    Ok(())
 }

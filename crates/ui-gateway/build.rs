@@ -1,7 +1,7 @@
-//! Generates the gRPC server and client of `proto/cim/gateway/v1/gateway.proto` (tonic), reusing
-//! the information-unit messages of `cim-events`, and the descriptor set for server reflection;
-//! and the list of the web UI's files (`src/ui/dist`, built from `ui/` and committed) that the
-//! binary embeds.
+//! Generates the gRPC server and client of `proto/cim/gateway/v1/gateway.proto` (tonic; the
+//! file is parsed by protox, so no `protoc` is needed), reusing the information-unit messages
+//! of `cim-events`, and the descriptor set for server reflection; and the list of the web UI's
+//! files (`src/ui/dist`, built from `ui/` and committed) that the binary embeds.
 
 use std::{fs, path::Path};
 
@@ -9,10 +9,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto = "proto/cim/gateway/v1/gateway.proto";
     println!("cargo:rerun-if-changed={proto}");
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    let includes = ["proto", "../cim-events/proto"];
+    // protox (a protobuf compiler in Rust) writes the descriptor set, so building needs no
+    // `protoc`: with imports and comments, as `protoc --include_imports --include_source_info`
+    // would. tonic then generates from that file (`skip_protoc_run`), by the same path as
+    // when it ran protoc itself.
+    let descriptors = out.join("gateway_descriptor.bin");
+    let mut compiler = protox::Compiler::new(includes)?;
+    compiler.include_imports(true).include_source_info(true).open_files([proto])?;
+    fs::write(&descriptors, compiler.encode_file_descriptor_set())?;
     tonic_prost_build::configure()
-        .file_descriptor_set_path(out.join("gateway_descriptor.bin"))
+        .file_descriptor_set_path(&descriptors)
+        .skip_protoc_run()
         .extern_path(".cim.iu.v1", "::cim_events::proto::iu")
-        .compile_protos(&[proto], &["proto", "../cim-events/proto"])?;
+        .compile_protos(&[proto], &includes)?;
     ui_bundle(&out)
 }
 

@@ -71,8 +71,11 @@ pub async fn run(args: UpArgs) -> Result<ExitCode> {
     std::fs::create_dir_all(&logs)?;
     std::fs::create_dir_all(&store)?;
 
-    let nats_port = pick_port(args.nats_port);
-    let monitor_port = pick_port(8222);
+    // Every port is reserved for cimctl's lifetime (cim_proc::reserve_port): two `cimctl up`
+    // started at the same instant never pick the same one. `ports` holds the reservations.
+    let mut ports = Vec::new();
+    let nats_port = pick_port(args.nats_port, &mut ports)?;
+    let monitor_port = pick_port(8222, &mut ports)?;
     let conf = data_dir.join("nats").join("nats.conf");
     std::fs::write(&conf, nats_config(nats_port, monitor_port, &store, &args.sync))?;
     check_config(&nats_bin, &conf).await?;
@@ -93,11 +96,11 @@ pub async fn run(args: UpArgs) -> Result<ExitCode> {
     }
 
     // The gateway's public ports: the usual ones when free, else any (printed below).
-    let gateway = format!("127.0.0.1:{}", pick_port(8480));
-    let gateway_grpc = format!("127.0.0.1:{}", pick_port(8481));
+    let gateway = format!("127.0.0.1:{}", pick_port(8480, &mut ports)?);
+    let gateway_grpc = format!("127.0.0.1:{}", pick_port(8481, &mut ports)?);
     for (component, bin) in &binaries {
         let name = component.service_name();
-        let port = cim_proc::free_port();
+        let port = pick_port(0, &mut ports)?;
         let log = logs.join(format!("{name}.log"));
         let mut cmd = Command::new(bin);
         cmd.env("CIM_NATS_URL", &nats_url)
@@ -121,7 +124,8 @@ pub async fn run(args: UpArgs) -> Result<ExitCode> {
     }
 
     say!("{}", summary(&data_dir, &nats_url, &monitor, &procs));
-    say!("  web UI and HTTP API  http://{gateway}/   (gRPC {gateway_grpc}; create a token: cimctl token create)");
+    say!("  web UI and HTTP API  http://{gateway}/   (gRPC {gateway_grpc})");
+    say!("{}", first_token(&nats_url, &gateway));
     say!("Press Ctrl-C to stop.");
 
     let outcome = supervise(&mut procs).await;
@@ -185,15 +189,24 @@ async fn check_config(nats_bin: &Path, conf: &Path) -> Result<()> {
     Ok(())
 }
 
-fn pick_port(preferred: u16) -> u16 {
-    if preferred != 0 && std::net::TcpListener::bind(("127.0.0.1", preferred)).is_ok() {
-        return preferred;
-    }
-    let port = cim_proc::free_port();
-    if preferred != 0 {
+/// `preferred` if it is free and no other `cimctl up` has reserved it (0: any port), else a
+/// free one; reserved until `reservations` is dropped, at exit.
+fn pick_port(preferred: u16, reservations: &mut Vec<cim_proc::ReservedPort>) -> Result<u16> {
+    let reserved = cim_proc::reserve_port(preferred).context("reserving a loopback port")?;
+    let port = reserved.port();
+    if preferred != 0 && port != preferred {
         say!("note: port {preferred} is in use; using {port}");
     }
-    port
+    reservations.push(reserved);
+    Ok(port)
+}
+
+/// How to make the first API token and sign in to the web UI with it.
+fn first_token(nats_url: &str, gateway: &str) -> String {
+    let cimctl = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "cimctl".into());
+    let create = format!("  first token  {cimctl} token create --name me --role admin --nats-url {nats_url}");
+    let use_it = format!("               (shown once: paste it into Sign in at http://{gateway}/)");
+    format!("{create}\n{use_it}")
 }
 
 fn find_service_binaries(bin_dir: Option<&Path>) -> Result<Vec<(Component, PathBuf)>> {

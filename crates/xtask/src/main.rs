@@ -2,12 +2,14 @@
 //!
 //! - `tidy [CHECK…]`: formatting, clippy, names only in cim-events, crate boundaries, no test
 //!   harness in a shipped binary, docs current (tidy.rs); each failure says what to do.
-//! - `test [--stress] [ARGS]`: tidy, then build every binary (the integration tests run the
-//!   real service processes), then run the whole suite with cargo-nextest (or `cargo test`
-//!   when absent; ARGS go to it). `--stress` runs it while busy loops take every core (stress.rs).
-//! - `up`: build every binary, then `cimctl up` (a leaf node with all services).
-//! - `bench [SCENARIO] [options]`: build every binary in release mode (the benchmarks run the
-//!   real services), then run `cim-bench` (every scenario, or the one named; `all` writes the
+//! - `test [--stress] [ARGS]`: tidy, then install the test tools that are missing (tools.rs),
+//!   build every binary (the integration tests run the real service processes), then run the
+//!   whole suite with cargo-nextest (ARGS go to it). `--stress` runs it while busy loops take
+//!   every core (stress.rs).
+//! - `up`: install nats-server if missing (tools.rs), build every binary, then `cimctl up` (a
+//!   leaf node with all services).
+//! - `bench [SCENARIO] [options]`: install nats-server if missing, build every binary in release
+//!   mode (the benchmarks run the real services), then run `cim-bench` (every scenario, or the one named; `all` writes the
 //!   envelope and information-unit table to docs/bench-latest.md).
 //! - `codegen`: writes the generated parts of the Python package (python.rs).
 //! - `pytest [ARGS]`: sets up `.cim/venv` when missing or stale, then runs the Python tests
@@ -18,6 +20,7 @@
 mod python;
 mod stress;
 mod tidy;
+mod tools;
 
 use std::process::{Command, ExitCode};
 
@@ -61,20 +64,19 @@ fn run(cmd: &mut Command) -> Result<(), String> {
     if status.success() { Ok(()) } else { Err(format!("{cmd:?} failed: {status}")) }
 }
 
-fn has_nextest() -> bool {
-    cargo().args(["nextest", "--version"]).output().is_ok_and(|o| o.status.success())
-}
-
 fn test(rest: &[String]) -> Result<(), String> {
     // `--stress`: the tests run while busy loops take every core (stress.rs).
     let stress = rest.iter().any(|a| a == "--stress");
     let rest: Vec<&String> = rest.iter().filter(|a| *a != "--stress").collect();
     tidy::tidy(&[])?;
+    let tools = tools::Tools::new(&root());
+    tools.for_tests()?;
     run(cargo().args(["build", "--workspace", "--bins", "--tests"]))?;
     ui_test_tools();
     let _hog = stress.then(stress::Hog::start);
     let mut tests = cargo();
-    if has_nextest() {
+    tests.env("PATH", tools.path());
+    if tools.has_nextest() {
         tests.args(["nextest", "run", "--workspace", "--no-fail-fast"]).args(&rest);
     } else {
         tests.args(["test", "--workspace", "--no-fail-fast"]).args(&rest);
@@ -160,7 +162,10 @@ fn python_setup() -> Result<PythonEnv, String> {
 /// by `test` before).
 fn pytest(rest: &[String]) -> Result<(), String> {
     let py = python_setup()?;
-    run(Command::new(&py.python)
+    let tools = tools::Tools::new(&root());
+    tools.nats_server()?;
+    run(tools
+        .command(&py.python)
         .current_dir(root().join("python"))
         .envs(py.env.iter().map(|(k, v)| (k, v)))
         .env("CIM_BIN_DIR", target_dir().join("debug"))
@@ -181,16 +186,21 @@ fn pybench(rest: &[String]) -> Result<(), String> {
 }
 
 fn up(rest: &[String]) -> Result<(), String> {
+    let tools = tools::Tools::new(&root());
+    tools.nats_server()?;
     run(cargo().args(["build", "--workspace", "--bins"]))?;
     let exe = target_dir().join("debug").join("cimctl");
-    run(Command::new(exe).arg("up").args(rest))
+    run(tools.command(exe).arg("up").args(rest))
 }
 
 fn bench(rest: &[String]) -> Result<(), String> {
+    // the benchmarks start their own nats-servers
+    let tools = tools::Tools::new(&root());
+    tools.nats_server()?;
     run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
     let exe = target_dir().join("release").join("cim-bench");
     let args = bench_args(rest);
-    run(Command::new(exe).args(args))
+    run(tools.command(exe).args(args))
 }
 
 /// `cim-bench`'s arguments for `cargo xtask bench REST`: the scenario named first (`all` when
