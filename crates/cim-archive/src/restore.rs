@@ -66,6 +66,9 @@ impl Trust {
     }
 }
 
+/// Manifests read at the same time.
+const MANIFEST_READS: usize = 16;
+
 /// The manifests of one epoch of a stream in sequence order, each read, parsed and its
 /// signature checked. A manifest that fails is named in the problems and left out; the others
 /// are still returned, so one broken manifest never hides the rest of the archive.
@@ -78,8 +81,26 @@ pub async fn manifests(
     let keys = s3.list(&format::manifests_prefix(&s3.target().prefix, stream, epoch), None).await?;
     let mut out = Vec::with_capacity(keys.len());
     let mut problems = Vec::new();
-    for key in keys {
-        let Some(body) = s3.get(&key).await? else {
+    // Read MANIFEST_READS at a time: one round trip each, not one after the other.
+    let mut bodies = Vec::with_capacity(keys.len());
+    for chunk in keys.chunks(MANIFEST_READS) {
+        let reads: Vec<_> = chunk
+            .iter()
+            .map(|k| {
+                let (s3, k) = (s3.clone(), k.clone());
+                tokio::spawn(async move { s3.get(&k).await })
+            })
+            .collect();
+        for (key, read) in chunk.iter().zip(reads) {
+            let body = read.await.map_err(|e| S3Error::Invalid {
+                target: s3.target().name.clone(),
+                message: format!("reading manifest {key}: {e}"),
+            })??;
+            bodies.push((key.clone(), body));
+        }
+    }
+    for (key, body) in bodies {
+        let Some(body) = body else {
             problems.push(format!("manifest {key} vanished while listing"));
             continue;
         };
@@ -519,6 +540,9 @@ pub async fn restore_stream(
             c.last_seq
         ));
     }
+    // The first segment is fetched and checked while the deletions are read and the stream
+    // is prepared.
+    let first_read = ms.first().filter(|(_, m)| !opts.until.past(m)).map(|(k, m)| Prefetch::start(s3, k, m));
     let deleted = match deletions(s3, opts.trust, stream, epoch).await {
         Ok((d, problems)) => {
             report.problems.extend(problems);
@@ -546,7 +570,7 @@ pub async fn restore_stream(
             }
         }
     }
-    let outcome = publish_all(s3, stream, &ms, opts, &mut deleted, target.as_mut(), &mut report).await;
+    let outcome = publish_all(s3, stream, &ms, opts, first_read, &mut deleted, target.as_mut(), &mut report).await;
     if let Err(p) = outcome {
         report.problems.push(p);
     }
@@ -571,8 +595,10 @@ struct Target {
     pending: std::collections::VecDeque<(u64, jetstream::context::PublishAckFuture)>,
     /// Sequences to delete once everything is stored: placeholders and deleted messages.
     delete: Vec<u64>,
-    /// `Nats-Msg-Id`s published within the last window, and when.
-    recent_ids: std::collections::HashMap<String, std::time::Instant>,
+    /// `Nats-Msg-Id`s published within the last window, by a hash of the id (no copy of each
+    /// id; two ids with the same hash only cost a wait), and when.
+    recent_ids: std::collections::HashMap<u64, std::time::Instant>,
+    id_hasher: std::collections::hash_map::RandomState,
 }
 
 impl Target {
@@ -598,6 +624,7 @@ impl Target {
             pending: Default::default(),
             delete: Vec::new(),
             recent_ids: Default::default(),
+            id_hasher: Default::default(),
         })
     }
 
@@ -615,14 +642,21 @@ impl Target {
         }
     }
 
+    /// Publishes one message (`id`: its `Nats-Msg-Id`, if it has one) and checks the acks
+    /// that fall out of the window.
     async fn publish(
         &mut self,
         seq: u64,
         subject: &str,
         headers: HeaderMap,
+        id: Option<&str>,
         payload: bytes::Bytes,
     ) -> Result<(), String> {
-        if let Some(id) = headers.get("Nats-Msg-Id").map(|v| v.as_str().to_string()) {
+        if let Some(id) = id {
+            let id = {
+                use std::hash::BuildHasher;
+                self.id_hasher.hash_one(id)
+            };
             // The same id within the window would be taken for a duplicate and dropped: let
             // everything before it be stored, then wait the window out.
             if let Some(at) = self.recent_ids.get(&id) {
@@ -647,7 +681,8 @@ impl Target {
         self.pending.push_back((seq, ack));
         self.next = seq + 1;
         if self.pending.len() >= ACK_WINDOW {
-            self.drain(ACK_WINDOW / 2).await?;
+            // The oldest ack, usually already in: the window stays full.
+            self.drain(ACK_WINDOW - 1).await?;
         }
         Ok(())
     }
@@ -713,17 +748,20 @@ impl Target {
 
 /// Reads the segments in order (the next one is read while this one is published) and
 /// publishes their records, placeholders for the gaps, and marks what is to be deleted.
+/// `first_read` is the first manifest's segment, already being read.
+#[allow(clippy::too_many_arguments)]
 async fn publish_all(
     s3: &S3Client,
     stream: &str,
     ms: &[(String, Manifest)],
     opts: &RestoreOptions<'_>,
+    first_read: Option<Prefetch>,
     deleted: &mut RangeSet,
     mut target: Option<&mut Target>,
     report: &mut StreamReport,
 ) -> Result<(), String> {
     let mut prev: Option<&Manifest> = None;
-    let mut next_read: Option<Prefetch> = None;
+    let mut next_read: Option<Prefetch> = first_read;
     for (i, (key, m)) in ms.iter().enumerate() {
         if opts.until.past(m) {
             break;
@@ -771,14 +809,18 @@ async fn publish_all(
                     let mut filler = HeaderMap::new();
                     filler.insert(FILLER_HEADER, "true");
                     let seq = t.next;
-                    t.publish(seq, &r.subject, filler, bytes::Bytes::new()).await?;
+                    t.publish(seq, &r.subject, filler, None, bytes::Bytes::new()).await?;
                     t.delete.push(seq);
                 }
                 let mut headers = HeaderMap::new();
+                let mut id = None;
                 for (k, v) in r.headers.iter().filter(|(k, _)| keeps_header(k)) {
+                    if id.is_none() && k == "Nats-Msg-Id" {
+                        id = Some(v.as_str());
+                    }
                     headers.append(k.as_str(), v.as_str());
                 }
-                t.publish(r.sequence, &r.subject, headers, r.payload.clone()).await?;
+                t.publish(r.sequence, &r.subject, headers, id, r.payload.clone()).await?;
                 if is_deleted {
                     t.delete.push(r.sequence);
                 }
@@ -801,4 +843,6 @@ async fn publish_all(
     Ok(())
 }
 
-const ACK_WINDOW: usize = 512;
+/// Publishes awaiting their acks. Deep enough that the server always has publishes queued
+/// while acks come back (the client allows 5,000); each ack is still checked, in order.
+const ACK_WINDOW: usize = 2048;

@@ -239,6 +239,8 @@ pub async fn run_stream(
         };
         backoff.reset();
         let mut segment_started = Instant::now();
+        // Whether the segment's first record was read while more were waiting in the stream.
+        let mut began_behind = false;
         loop {
             // An atomic load; the select's stop branch is not polled while messages are ready.
             if stop.has_changed().unwrap_or(true) {
@@ -268,6 +270,7 @@ pub async fn run_stream(
                                 tracing::debug!(stream = %stream, target = %target, from = handed + 1, to = seq - 1, "messages deleted before they were archived");
                             }
                             segment_started = Instant::now();
+                            began_behind = info.pending > 0;
                         }
                         let nanos = (info.published.unix_timestamp_nanos()) as i64;
                         // Borrowed from the message: no copy of each name and value. Sorted by
@@ -282,7 +285,9 @@ pub async fn run_stream(
                         last_record = Some((msg.subject.clone(), msg.payload.clone()));
                         // Checked here too: with messages always ready the timer branch
                         // below is never polled.
-                        writer.raw_len() >= settings.segment_bytes || segment_started.elapsed() >= settings.linger
+                        writer.raw_len() >= settings.segment_bytes
+                            || segment_started.elapsed() >= settings.linger
+                            || (info.pending == 0 && began_behind && waited_in_stream(writer.first_time_nanos, settings.linger))
                     }
                 },
                 _ = stop.changed() => break 'consumer,
@@ -329,6 +334,21 @@ pub async fn run_stream(
         let _ =
             commit(s3.clone(), stream.clone(), writer, seal, None, done, stop.clone(), settings.clone(), true).await;
     }
+}
+
+/// Whether a record stored at `stored_nanos` (JetStream's clock, nanoseconds since the Unix
+/// epoch) has been in the stream at least `linger` (by this host's clock).
+///
+/// The linger bounds how long a record waits before its segment is committed. A segment that
+/// began while the archiver was behind (catching up after a restart or an outage) holds
+/// records that have already waited in the stream; once the archiver has caught up (nothing
+/// more pending) and the first of them is older than the linger, waiting another linger on
+/// the archiver's clock only delays the commit. A segment of records that arrived in a burst
+/// (stored just now) still waits its linger, so bursts do not cut small segments. Clocks
+/// further apart than the linger can only cut such a segment early, never late.
+fn waited_in_stream(stored_nanos: i64, linger: Duration) -> bool {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
+    now - stored_nanos as i128 >= linger.as_nanos() as i128
 }
 
 /// What a commit signs and records besides the segment: the key, the epoch, the position the
@@ -449,5 +469,20 @@ impl Backoff {
             _ = tokio::time::sleep(d) => *stop.borrow(),
             _ = stop.changed() => true,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_has_waited_in_the_stream_only_after_the_linger() {
+        let linger = Duration::from_millis(200);
+        let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64;
+        assert!(waited_in_stream(now - 2 * linger.as_nanos() as i64, linger));
+        assert!(!waited_in_stream(now, linger));
+        // Stored "in the future" (the server's clock ahead of this one): not waited.
+        assert!(!waited_in_stream(now + linger.as_nanos() as i64, linger));
     }
 }

@@ -1,7 +1,7 @@
 //! Objects by name (the content bucket's names are CIDs): besides the bucket's stream, every
 //! live object is copied to `<prefix>objects/<bucket>/<name>` as a plain S3 object, so the
 //! content is readable with any S3 tool. Streamed from the object store in parts (multipart
-//! upload above one part; a part uploads while the next is read), so memory stays at two
+//! upload above one part; two parts upload while the next is read), so memory stays at three
 //! parts whatever the size.
 //!
 //! Idle means no S3 request: the task remembers (in memory) every object it copied or found
@@ -11,7 +11,7 @@
 //! target holds it with the same size; a new version of a name (another nuid or digest) is
 //! copied again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -19,6 +19,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use cim_archive::S3Client;
 use cim_archive::format::object_key;
@@ -186,7 +187,14 @@ enum UploadError {
     Read(#[from] std::io::Error),
     #[error(transparent)]
     S3(#[from] cim_archive::S3Error),
+    #[error("a part upload did not finish: {0}")]
+    Task(String),
 }
+
+/// Parts of one object uploaded at the same time while the next is read from the object
+/// store: with one, the upload waits on each part's round trip; two keep the target busy
+/// while a part is read (memory: this many parts plus the one being read).
+pub const PARTS_IN_FLIGHT: usize = 2;
 
 async fn upload_parts<R: tokio::io::AsyncRead + Unpin>(
     s3: &S3Client,
@@ -199,32 +207,57 @@ async fn upload_parts<R: tokio::io::AsyncRead + Unpin>(
         return Ok(s3.put(key, Bytes::from(first)).await?);
     }
     let id = s3.multipart_start(key).await?;
+    // Up to PARTS_IN_FLIGHT parts upload (each on its own task, so their hashing and sending
+    // run beside the read) while the next one is read from the object store.
+    let mut uploading: VecDeque<JoinHandle<Result<cim_archive::s3::Part, cim_archive::S3Error>>> = VecDeque::new();
     let result = async {
-        // Each part is uploaded while the next is read from the object store: two parts in
-        // memory at most.
         let mut etags = Vec::new();
         let mut current = first;
         loop {
-            let number = etags.len() as u32 + 1;
+            let number = (etags.len() + uploading.len()) as u32 + 1;
             let full = current.len() == part;
-            let (etag, next) = if full {
-                let (etag, next) =
-                    tokio::join!(s3.multipart_part(key, &id, number, Bytes::from(current)), read_part(r, part));
-                (etag, next?)
+            let (s3c, keyc, idc) = (s3.clone(), key.to_string(), id.clone());
+            uploading.push_back(tokio::spawn(async move {
+                s3c.multipart_part(&keyc, &idc, number, Bytes::from(current)).await
+            }));
+            if !full {
+                break;
+            }
+            let next = if uploading.len() >= PARTS_IN_FLIGHT {
+                // Read the next part while waiting for the oldest upload to finish.
+                let oldest = uploading.pop_front().expect("non-empty");
+                let (done, next) = tokio::join!(joined(oldest), read_part(r, part));
+                etags.push(done?);
+                next?
             } else {
-                (s3.multipart_part(key, &id, number, Bytes::from(current)).await, Vec::new())
+                read_part(r, part).await?
             };
-            etags.push(etag?);
             if next.is_empty() {
                 break;
             }
             current = next;
         }
+        while let Some(u) = uploading.pop_front() {
+            etags.push(joined(u).await?);
+        }
         Ok::<(), UploadError>(s3.multipart_complete(key, &id, &etags).await?)
     }
     .await;
     if result.is_err() {
+        for u in uploading.drain(..) {
+            u.abort();
+        }
         let _ = s3.multipart_abort(key, &id).await;
     }
     result
+}
+
+/// A part's upload task, its panic or cancellation as an upload error.
+async fn joined(
+    h: JoinHandle<Result<cim_archive::s3::Part, cim_archive::S3Error>>,
+) -> Result<cim_archive::s3::Part, UploadError> {
+    match h.await {
+        Ok(r) => Ok(r?),
+        Err(e) => Err(UploadError::Task(e.to_string())),
+    }
 }
