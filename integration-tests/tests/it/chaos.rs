@@ -301,12 +301,25 @@ async fn nothing_lost_nothing_repeated(cim: &CimFixture, acked: &[Acked]) -> Res
 
     let iu = cim.iu().latest();
     let summaries = iu.list_all(ListUnits { tag: SUMMARY_TAG.into(), ..Default::default() }).await?;
-    ensure!(
-        summaries.len() == acked.len(),
-        "{} summaries for {} units (a repeated effect?)",
-        summaries.len(),
-        acked.len()
-    );
+    if summaries.len() != acked.len() {
+        // Which units, and what their runs and the stream say about their summaries.
+        let all = runs(client).await?;
+        let mut why = Vec::new();
+        for a in acked {
+            let links = iu.links(&a.unit_id).await?;
+            if links.incoming.len() != 1 {
+                let run = all.iter().find(|r| r.unit_id == a.unit_id);
+                why.push(format!("{}: {} incoming links; run {run:?}", a.unit_id, links.incoming.len()));
+            }
+        }
+        let again = iu.list_all(ListUnits { tag: SUMMARY_TAG.into(), ..Default::default() }).await?.len();
+        bail!(
+            "{} summaries listed ({again} when asked again) for {} units, {} creates in the stream: {why:#?}",
+            summaries.len(),
+            acked.len(),
+            created_by_request(&js).await?.len()
+        );
+    }
     let dead = read_all(&js, &resources::dead_letter_stream(Component::PipelineEngine).name, "").await?;
     ensure!(dead.is_empty(), "{} dead letters", dead.len());
     Ok(done)
