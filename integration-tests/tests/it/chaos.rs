@@ -13,7 +13,7 @@
 //! with what it measured (run with `--no-capture` to see them).
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -26,18 +26,15 @@ use async_nats::jetstream;
 use cim_archive::S3Client;
 use cim_events::{
     Component,
-    envelope::H_MSG_ID,
-    iu,
     pipeline::{self as pl, RunInfo, RunList, RunsRequest},
     proto::iu::{CreateUnit, ListUnits},
     resources, subject,
 };
 use cim_iu_client::{IuClient, header_with_id};
 use cim_testkit::{CountingProxy, NatsServer, S3Server, eventually};
-use futures::StreamExt;
 use tokio::{sync::watch, task::JoinHandle};
 
-use crate::common::{ServiceProc, bin, describe, wait_ready};
+use crate::common::{ServiceProc, bin, created_by_request, describe, read_all, wait_ready};
 use crate::fixture::{CimFixture, CimFixtureBuilder, Svc};
 use crate::storage;
 
@@ -193,43 +190,6 @@ impl Figures {
             self.runs
         );
     }
-}
-
-/// Every message of `stream` (optionally only `filter`), in order.
-async fn read_all(js: &jetstream::Context, stream: &str, filter: &str) -> Result<Vec<jetstream::Message>> {
-    let stream = js.get_stream(stream).await?;
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            filter_subject: filter.to_string(),
-            ..Default::default()
-        })
-        .await?;
-    let pending = consumer.cached_info().num_pending as usize;
-    let mut out = Vec::with_capacity(pending);
-    if pending == 0 {
-        return Ok(out);
-    }
-    let mut messages = consumer.messages().await?;
-    while out.len() < pending {
-        let m = tokio::time::timeout(Duration::from_secs(10), messages.next()).await?.context("stream ended")??;
-        out.push(m);
-    }
-    Ok(out)
-}
-
-/// Request id → the units whose `created` event carries it.
-async fn created_by_request(js: &jetstream::Context) -> Result<BTreeMap<String, Vec<String>>> {
-    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let stream = resources::events_stream(Component::InformationUnit).name;
-    for m in read_all(js, &stream, "").await? {
-        let Ok(s) = subject::parse_event(&m.subject) else { continue };
-        if s.aggregate != iu::UNIT || s.action != iu::action::CREATED {
-            continue;
-        }
-        let id = m.headers.as_ref().and_then(|h| h.get(H_MSG_ID)).map(|v| v.to_string()).unwrap_or_default();
-        out.entry(id).or_default().push(s.id);
-    }
-    Ok(out)
 }
 
 async fn runs(client: &async_nats::Client) -> Result<Vec<RunInfo>> {

@@ -200,3 +200,48 @@ pub const SLEEPY_WAT: &str = r#"(module
     (local.set $until (i64.add (call $now) (i64.mul (local.get $ms) (i64.const 1000000))))
     (loop $wait (br_if $wait (i64.lt_u (call $now) (local.get $until))))
     (i32.const 0)))"#;
+
+/// Every message of `stream` (only those on `filter`, or all when it is empty), in order.
+pub async fn read_all(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    filter: &str,
+) -> Result<Vec<async_nats::jetstream::Message>> {
+    use futures::StreamExt;
+    let stream = js.get_stream(stream).await?;
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            filter_subject: filter.to_string(),
+            ..Default::default()
+        })
+        .await?;
+    let pending = consumer.cached_info().num_pending as usize;
+    let mut out = Vec::with_capacity(pending);
+    if pending == 0 {
+        return Ok(out);
+    }
+    let mut messages = consumer.messages().await?;
+    while out.len() < pending {
+        let m = tokio::time::timeout(Duration::from_secs(10), messages.next()).await?.context("stream ended")??;
+        out.push(m);
+    }
+    Ok(out)
+}
+
+/// Request id → the units whose `created` event carries it (its `Nats-Msg-Id`), from the
+/// information-unit stream.
+pub async fn created_by_request(
+    js: &async_nats::jetstream::Context,
+) -> Result<std::collections::BTreeMap<String, Vec<String>>> {
+    use cim_events::{envelope::H_MSG_ID, iu, resources};
+    let mut out: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for m in read_all(js, &resources::events_stream(Component::InformationUnit).name, "").await? {
+        let Ok(s) = subject::parse_event(&m.subject) else { continue };
+        if s.aggregate != iu::UNIT || s.action != iu::action::CREATED {
+            continue;
+        }
+        let id = m.headers.as_ref().and_then(|h| h.get(H_MSG_ID)).map(|v| v.to_string()).unwrap_or_default();
+        out.entry(id).or_default().push(s.id);
+    }
+    Ok(out)
+}

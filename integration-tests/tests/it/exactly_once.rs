@@ -10,38 +10,18 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
-use async_nats::jetstream;
-use cim_events::{
-    Component, envelope::H_MSG_ID, iu, pipeline as pl, proto::iu::*, proto::pipeline::RunRequested, resources, subject,
-};
+use cim_events::{Component, iu, pipeline as pl, proto::iu::*, proto::pipeline::RunRequested, resources, subject};
 use cim_iu_client::{IuClient, header_with_id};
 use cim_testkit::eventually;
-use futures::StreamExt;
 use prost::Message as _;
 
+use crate::common::{created_by_request, read_all};
 use crate::fixture::{CimFixture, Svc};
 
 const IU: Component = Component::InformationUnit;
 /// The retry horizon the services run with here, so a test can outwait it.
 const HORIZON: Duration = Duration::from_secs(3);
 const HORIZON_ARG: &str = "3s";
-
-/// Every message of `stream`, in order.
-async fn stream_messages(js: &jetstream::Context, stream: &str) -> Result<Vec<jetstream::Message>> {
-    let stream = js.get_stream(stream).await?;
-    let consumer = stream.create_consumer(jetstream::consumer::pull::OrderedConfig::default()).await?;
-    let pending = consumer.cached_info().num_pending as usize;
-    let mut out = Vec::with_capacity(pending);
-    if pending == 0 {
-        return Ok(out);
-    }
-    let mut messages = consumer.messages().await?;
-    while out.len() < pending {
-        let m = tokio::time::timeout(Duration::from_secs(10), messages.next()).await?.context("stream ended")??;
-        out.push(m);
-    }
-    Ok(out)
-}
 
 /// Waits until JetStream's duplicate window of a message sent at `sent` has certainly closed:
 /// what the test is about is a retry later than that.
@@ -75,20 +55,6 @@ fn create_with_id(request_id: &str, cid: &str) -> CreateUnit {
         media_type: "text/plain".into(),
         ..Default::default()
     }
-}
-
-/// Request id → the units whose `created` event carries it.
-async fn created_by_request(js: &jetstream::Context) -> Result<BTreeMap<String, Vec<String>>> {
-    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for m in stream_messages(js, &resources::events_stream(IU).name).await? {
-        let Ok(s) = subject::parse_event(&m.subject) else { continue };
-        if s.aggregate != iu::UNIT || s.action != iu::action::CREATED {
-            continue;
-        }
-        let id = m.headers.as_ref().and_then(|h| h.get(H_MSG_ID)).map(|v| v.to_string()).unwrap_or_default();
-        out.entry(id).or_default().push(s.id);
-    }
-    Ok(out)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -217,7 +183,7 @@ async fn a_pipeline_start_retried_after_an_engine_crash_and_the_window_starts_on
     ensure!(first == later && !first.is_empty(), "{first} then {later}");
 
     let requested: Vec<RunRequested> =
-        stream_messages(&cim.js(), &resources::events_stream(Component::PipelineEngine).name)
+        read_all(&cim.js(), &resources::events_stream(Component::PipelineEngine).name, "")
             .await?
             .into_iter()
             .filter(|m| subject::parse_event(&m.subject).is_ok_and(|s| s.action == pl::action::REQUESTED))

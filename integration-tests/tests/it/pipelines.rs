@@ -16,11 +16,10 @@ use cim_events::{
 };
 use cim_iu_client::IuClient;
 use cim_testkit::{eventually, stays_true_for};
-use futures::StreamExt;
 use prost::Message as _;
 use tokio::process::Command;
 
-use crate::common::{SLEEPY_WAT, ServiceProc, bin};
+use crate::common::{SLEEPY_WAT, ServiceProc, bin, read_all};
 use crate::fixture::{CimFixture, CimFixtureBuilder, Svc};
 
 const LONG: Duration = Duration::from_secs(60);
@@ -173,27 +172,6 @@ impl Cim {
     async fn run_events(&self, action: &str) -> Result<Vec<async_nats::jetstream::Message>> {
         read_all(&self.js(), &resources::events_stream(Component::PipelineEngine).name, &pl::run_action(action)?).await
     }
-}
-
-async fn read_all(js: &jetstream::Context, stream: &str, filter: &str) -> Result<Vec<async_nats::jetstream::Message>> {
-    let stream = js.get_stream(stream).await?;
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            filter_subject: filter.into(),
-            ..Default::default()
-        })
-        .await?;
-    let pending = consumer.cached_info().num_pending as usize;
-    let mut out = Vec::new();
-    if pending == 0 {
-        return Ok(out);
-    }
-    let mut messages = consumer.messages().await?;
-    while out.len() < pending {
-        let m = tokio::time::timeout(Duration::from_secs(10), messages.next()).await?.context("stream ended")??;
-        out.push(m);
-    }
-    Ok(out)
 }
 
 fn example() -> Result<serde_json::Value> {
