@@ -31,7 +31,7 @@ use cim_events::{
     resources, subject,
 };
 use cim_iu_client::{IuClient, header_with_id};
-use cim_testkit::{CountingProxy, NatsServer, S3Server, eventually};
+use cim_testkit::{CountingProxy, NatsServer, S3Server, eventually, free_port};
 use tokio::{sync::watch, task::JoinHandle};
 
 use crate::common::{ServiceProc, bin, created_by_request, describe, read_all, wait_ready};
@@ -312,31 +312,27 @@ async fn apply_pipeline(cim: &CimFixture) -> Result<()> {
 
 /// The services the load goes through, and the rest (each restarts on fixed ports here, as
 /// under a supervisor: `--http-listen` and the gateway's ports are given).
-fn every_service(builder: CimFixtureBuilder) -> Result<CimFixtureBuilder> {
+fn every_service(builder: CimFixtureBuilder) -> CimFixtureBuilder {
     let mut b = builder;
     for c in Component::ALL {
-        let mut svc = Svc::new(c).args(&["--http-listen", &format!("127.0.0.1:{}", free_port()?)]);
+        let mut svc = Svc::new(c).args(&["--http-listen", &format!("127.0.0.1:{}", free_port())]);
         if c == Component::UiGateway {
             svc = svc.args(&[
                 "--gateway-listen",
-                &format!("127.0.0.1:{}", free_port()?),
+                &format!("127.0.0.1:{}", free_port()),
                 "--gateway-grpc-listen",
-                &format!("127.0.0.1:{}", free_port()?),
+                &format!("127.0.0.1:{}", free_port()),
             ]);
         }
         b = b.service(svc);
     }
-    Ok(b)
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    b
 }
 
 /// Each service SIGKILLed in turn under load and started again at once, on the same ports.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn chaos_each_service_killed_under_load_loses_and_repeats_nothing() -> Result<()> {
-    let mut cim = every_service(CimFixture::builder())?.start().await?;
+    let mut cim = every_service(CimFixture::builder()).start().await?;
     apply_pipeline(&cim).await?;
     let load = Load::start(cim.iu().timeout(Duration::from_secs(30)), "svc");
     load.progress(PROGRESS, SERVICE_READY_BOUND).await?;
@@ -368,7 +364,7 @@ async fn chaos_each_service_killed_under_load_loses_and_repeats_nothing() -> Res
 /// hung) instead of failing with "address in use".
 #[tokio::test(flavor = "multi_thread")]
 async fn chaos_a_service_restarted_while_its_predecessor_holds_the_port_waits_for_it() -> Result<()> {
-    let port = format!("127.0.0.1:{}", free_port()?);
+    let port = format!("127.0.0.1:{}", free_port());
     let cim =
         CimFixture::builder().service(Svc::new(Component::PluginHost).args(&["--http-listen", &port])).start().await?;
     let old = cim.service(Component::PluginHost);
@@ -389,7 +385,7 @@ async fn chaos_a_service_restarted_while_its_predecessor_holds_the_port_waits_fo
 /// and are ready by themselves, the engine answers queries at once, nothing is lost or repeated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn chaos_nats_server_killed_under_load_loses_and_repeats_nothing() -> Result<()> {
-    let mut cim = every_service(CimFixture::builder())?.start().await?;
+    let mut cim = every_service(CimFixture::builder()).start().await?;
     apply_pipeline(&cim).await?;
     let load = Load::start(cim.iu().timeout(Duration::from_secs(30)), "nats");
     load.progress(PROGRESS, SERVICE_READY_BOUND).await?;
