@@ -1,7 +1,7 @@
 {
   description = "CIM (Composable Information Machine): services, NixOS modules, NATS host profiles";
 
-  # The workspace needs rustc >= 1.89 (Cargo.toml `rust-version`) and nats-server >= 2.10.
+  # The workspace needs rustc >= 1.89 (Cargo.toml `rust-version`) and nats-server >= 2.12.
   inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-26.05";
 
   outputs =
@@ -167,7 +167,7 @@
             pkgs.protobuf
             pkgs.nats-server
           ];
-          # cim-testkit runs this nats-server (nixpkgs ships >= 2.10).
+          # cim-testkit runs this nats-server (>= 2.12, cim-proc's MIN_NATS_SERVER).
           CIM_NATS_SERVER = lib.getExe pkgs.nats-server;
         };
       });
