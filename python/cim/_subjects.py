@@ -83,7 +83,7 @@ PLUGIN_RUNTIME_NATIVE = "native"
 PIPELINE_RUN_EVENT = "cim.evt.pipeline.run.{run_id}.{action}"
 
 #: Actions of run events.
-PIPELINE_RUN_ACTIONS = ("requested", "started", "step_started", "step_completed", "step_failed", "emitted", "completed", "failed", "cancelled", "retried",)
+PIPELINE_RUN_ACTIONS = ("requested", "started", "step_started", "step_waiting", "step_completed", "step_failed", "emitted", "completed", "failed", "cancelled", "retried",)
 
 #: The envelope's NATS headers (CloudEvents 1.0 binary mode).
 ENVELOPE_HEADERS = {
@@ -126,6 +126,7 @@ PAYLOADS = {
     "cim.pipeline.run.started": ("pipeline_pb2", "RunStarted", 1),
     "cim.pipeline.run.step_started": ("pipeline_pb2", "StepStarted", 1),
     "cim.pipeline.run.step_completed": ("pipeline_pb2", "StepCompleted", 1),
+    "cim.pipeline.run.step_waiting": ("pipeline_pb2", "StepWaiting", 1),
     "cim.pipeline.run.step_failed": ("pipeline_pb2", "StepFailed", 1),
     "cim.pipeline.run.completed": ("pipeline_pb2", "RunCompleted", 1),
     "cim.pipeline.run.failed": ("pipeline_pb2", "RunFailed", 1),

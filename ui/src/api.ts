@@ -107,6 +107,8 @@ export interface StepInfo {
   state: string;
   attempts: number;
   error?: string;
+  /** While `waiting`: what the attempt waits for (no retry is spent meanwhile). */
+  waiting_for?: string;
   metadata?: Record<string, string>;
   units?: string[];
   duration_us: number;

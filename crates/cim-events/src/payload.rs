@@ -84,6 +84,7 @@ payload!(pl::RunRequested, "cim.pipeline.run.requested", 1);
 payload!(pl::RunStarted, "cim.pipeline.run.started", 1);
 payload!(pl::StepStarted, "cim.pipeline.run.step_started", 1);
 payload!(pl::StepCompleted, "cim.pipeline.run.step_completed", 1);
+payload!(pl::StepWaiting, "cim.pipeline.run.step_waiting", 1);
 payload!(pl::StepFailed, "cim.pipeline.run.step_failed", 1);
 payload!(pl::RunEmitted, "cim.pipeline.run.emitted", 1);
 payload!(pl::RunCompleted, "cim.pipeline.run.completed", 1);

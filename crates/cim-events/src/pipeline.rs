@@ -32,13 +32,25 @@ pub mod action {
     pub const STEP_STARTED: &str = "step_started";
     pub const STEP_COMPLETED: &str = "step_completed";
     pub const STEP_FAILED: &str = "step_failed";
+    pub const STEP_WAITING: &str = "step_waiting";
     pub const EMITTED: &str = "emitted";
     pub const COMPLETED: &str = "completed";
     pub const FAILED: &str = "failed";
     pub const CANCELLED: &str = "cancelled";
     pub const RETRIED: &str = "retried";
-    pub const RUN_ALL: [&str; 10] =
-        [REQUESTED, STARTED, STEP_STARTED, STEP_COMPLETED, STEP_FAILED, EMITTED, COMPLETED, FAILED, CANCELLED, RETRIED];
+    pub const RUN_ALL: [&str; 11] = [
+        REQUESTED,
+        STARTED,
+        STEP_STARTED,
+        STEP_WAITING,
+        STEP_COMPLETED,
+        STEP_FAILED,
+        EMITTED,
+        COMPLETED,
+        FAILED,
+        CANCELLED,
+        RETRIED,
+    ];
 }
 
 /// Command endpoints (`cim.cmd.pipeline.<name>`).
@@ -239,11 +251,15 @@ pub struct RunCounts {
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct StepInfo {
     pub step: String,
-    /// pending, running, retrying, completed, skipped, failed
+    /// pending, running, waiting, retrying, completed, skipped, failed
     pub state: String,
     pub attempts: u32,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub error: String,
+    /// While `waiting`: what the attempt waits for (a plugin nobody serves yet, a service or
+    /// JetStream that is away); retries are not spent meanwhile.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub waiting_for: String,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

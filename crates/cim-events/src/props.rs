@@ -52,7 +52,7 @@ fn decode_every_message(data: &[u8]) -> Result<(), TestCaseError> {
         phub::WebhookReceived, phub::DeliveryRecorded, phub::SubscriptionStateChanged, phub::SubscriptionCommand,
         phub::TableChanged, phub::MqttReceived, phub::S3ObjectImported,
         pl::PipelineApplied, pl::PipelineRemoved, pl::RunRequested, pl::RunStarted, pl::StepStarted,
-        pl::StepCompleted, pl::StepFailed, pl::RunEmitted, pl::RunCompleted, pl::RunFailed, pl::RunCancelled,
+        pl::StepWaiting, pl::StepCompleted, pl::StepFailed, pl::RunEmitted, pl::RunCompleted, pl::RunFailed, pl::RunCancelled,
         pl::RunRetried,
         plugin::InvokeError, plugin::InvokeRequest, plugin::InvokeReply, plugin::Limits, plugin::Manifest,
         plugin::PluginAnnounced, plugin::PluginPushed, plugin::PluginRemoved, plugin::PushPlugin, plugin::PushReply,

@@ -464,6 +464,7 @@ fn camel(a: &str) -> String {
 fn run_payload(action: &str) -> String {
     match action {
         crate::pipeline::action::STEP_STARTED
+        | crate::pipeline::action::STEP_WAITING
         | crate::pipeline::action::STEP_COMPLETED
         | crate::pipeline::action::STEP_FAILED => camel(action),
         other => format!("Run{}", camel(other)),

@@ -237,6 +237,9 @@ fn print_run(r: &RunInfo) {
     for s in &r.steps {
         let err = if s.error.is_empty() { String::new() } else { format!("  {}", s.error) };
         println!("  {:<20} {:<10} attempts {:<2} {:>8}us{}", s.step, s.state, s.attempts, s.duration_us, err);
+        if !s.waiting_for.is_empty() {
+            println!("  {:<20} waiting for {} (no retry is spent meanwhile)", "", s.waiting_for);
+        }
     }
     if !r.units.is_empty() {
         println!("  units {}", r.units.join(", "));

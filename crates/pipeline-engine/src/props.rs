@@ -304,10 +304,10 @@ proptest! {
     /// Run events from the log: any body under any action decodes or is refused, and whatever
     /// decodes folds into a run (with or without a plan) without a panic.
     #[test]
-    fn run_events_decode_and_fold(events in prop::collection::vec((0usize..12, prop::collection::vec(any::<u8>(), 0..64)), 1..8), seq in any::<u64>(), time in any::<i64>()) {
+    fn run_events_decode_and_fold(events in prop::collection::vec((0usize..13, prop::collection::vec(any::<u8>(), 0..64)), 1..8), seq in any::<u64>(), time in any::<i64>()) {
         let actions = [
-            action::REQUESTED, action::STARTED, action::STEP_STARTED, action::STEP_COMPLETED, action::STEP_FAILED,
-            action::EMITTED, action::COMPLETED, action::FAILED, action::CANCELLED, action::RETRIED, "exploded", "",
+            action::REQUESTED, action::STARTED, action::STEP_STARTED, action::STEP_WAITING, action::STEP_COMPLETED,
+            action::STEP_FAILED, action::EMITTED, action::COMPLETED, action::FAILED, action::CANCELLED, action::RETRIED, "exploded", "",
         ];
         let def = Definition::parse(&json!({"name": "p", "trigger": {"on": "manual"}, "steps": [{"id": "a", "tag": ["t"]}]})).unwrap();
         let mut run = Run::default();

@@ -17,7 +17,7 @@ use cim_events::{
     pipeline::{self as pl, action},
     proto::{
         iu::Unit,
-        pipeline::{RunCompleted, RunFailed, RunStarted, StepCompleted, StepFailed, StepStarted},
+        pipeline::{RunCompleted, RunFailed, RunStarted, StepCompleted, StepFailed, StepStarted, StepWaiting},
     },
     subject,
 };
@@ -37,6 +37,25 @@ use crate::{
 const UNAVAILABLE_POLL: Duration = Duration::from_millis(200);
 const UNAVAILABLE_POLL_MAX: Duration = Duration::from_secs(2);
 const UNAVAILABLE_PATIENCE: Duration = Duration::from_secs(120);
+/// At most this many `step_waiting` events per attempt (one per distinct reason).
+const MAX_WAIT_NOTES: u32 = 8;
+
+/// What recording a wait did.
+enum Noted {
+    /// The run's new last sequence.
+    Written(u64),
+    /// Nothing written (already said, or JetStream is away).
+    Skipped,
+    /// Someone else wrote to the run (a cancel): read it again.
+    RunChanged,
+}
+
+/// The `step_waiting` events one attempt has written.
+#[derive(Default)]
+struct WaitNotes {
+    last: String,
+    count: u32,
+}
 
 /// Why a run could not be read from its events.
 #[derive(Debug, thiserror::Error)]
@@ -294,20 +313,45 @@ impl Engine {
                 );
                 let started = Instant::now();
                 let timeout = Duration::from_millis(u64::from(step.timeout_ms()));
-                // What the step needs being away (a restart, a leader election) is waited for,
-                // up to UNAVAILABLE_PATIENCE, without spending a retry.
+                // What the step needs being away (a restart, a leader election, a plugin nobody
+                // serves yet) is waited for, up to UNAVAILABLE_PATIENCE, without spending a retry.
+                // The wait is recorded (`step_waiting`, saying what is away) so that `cimctl run
+                // show` and the UI tell a waiting run from a stuck one.
+                let (waiting_tx, mut waiting_rx) = tokio::sync::watch::channel(String::new());
+                let mut noted = WaitNotes::default();
                 let (mut waited, mut pause) = (Duration::ZERO, UNAVAILABLE_POLL);
                 let result = loop {
-                    let result = tokio::select! {
-                        r = tokio::time::timeout(timeout, self.execute(step, &run, &mut unit, parent)) => match r {
-                            Ok(r) => r,
-                            Err(_) => Err(StepError::transient(format!("step timed out after {}ms", step.timeout_ms()))),
-                        },
-                        _ = cancelled.next() => return Ok(Outcome::Reload),
+                    let attempt_run =
+                        tokio::time::timeout(timeout, self.execute(step, &run, &mut unit, parent, &waiting_tx));
+                    tokio::pin!(attempt_run);
+                    let result = loop {
+                        tokio::select! {
+                            r = &mut attempt_run => break match r {
+                                Ok(r) => r,
+                                Err(_) => Err(StepError::transient(format!("step timed out after {}ms", step.timeout_ms()))),
+                            },
+                            _ = cancelled.next() => return Ok(Outcome::Reload),
+                            Ok(()) = waiting_rx.changed() => {
+                                let why = waiting_rx.borrow_and_update().clone();
+                                match self.note_waiting(&run_id, &step.id, attempt, &why, &mut noted, parent, seq).await {
+                                    Noted::Written(s) => seq = s,
+                                    Noted::Skipped => {}
+                                    Noted::RunChanged => return Ok(Outcome::Reload),
+                                }
+                            }
+                        }
                     };
                     match result {
                         Err(e) if e.unavailable && waited + pause <= UNAVAILABLE_PATIENCE => {
                             tracing::info!(run = %run_id, step = %step.id, error = %e.message, "what the step needs is unavailable; waiting without spending a retry");
+                            match self
+                                .note_waiting(&run_id, &step.id, attempt, &e.message, &mut noted, parent, seq)
+                                .await
+                            {
+                                Noted::Written(s) => seq = s,
+                                Noted::Skipped => {}
+                                Noted::RunChanged => return Ok(Outcome::Reload),
+                            }
                             tokio::select! {
                                 _ = tokio::time::sleep(pause) => {}
                                 _ = cancelled.next() => return Ok(Outcome::Reload),
@@ -410,6 +454,44 @@ impl Engine {
             RunCompleted { run_id: run_id.clone(), units: run.info.units.clone(), outcome: "completed".into() }
         );
         Ok(Outcome::Done)
+    }
+
+    /// Records that an attempt waits for `why` (once per distinct reason, at most
+    /// MAX_WAIT_NOTES per attempt). A note that cannot be written (JetStream is what is away)
+    /// is not an error: the wait goes on and the note is tried again with the next reason.
+    #[allow(clippy::too_many_arguments)]
+    async fn note_waiting(
+        &self,
+        run_id: &str,
+        step: &str,
+        attempt: u32,
+        why: &str,
+        noted: &mut WaitNotes,
+        parent: &Envelope,
+        seq: u64,
+    ) -> Noted {
+        if why.is_empty() || noted.last == why || noted.count >= MAX_WAIT_NOTES {
+            return Noted::Skipped;
+        }
+        let note = StepWaiting {
+            run_id: run_id.to_string(),
+            step: step.to_string(),
+            attempt,
+            waiting_for: one_line(why),
+            instance_id: self.ctx.settings().instance_id.clone(),
+        };
+        match self.publish_run(run_id, action::STEP_WAITING, &note, parent, seq).await {
+            Ok(s) => {
+                noted.last = why.to_string();
+                noted.count += 1;
+                Noted::Written(s)
+            }
+            Err(Publish::Conflict) => Noted::RunChanged,
+            Err(Publish::Failed(e)) => {
+                tracing::debug!(run = %run_id, step, error = %e, "could not record that the step waits");
+                Noted::Skipped
+            }
+        }
     }
 
     async fn fail(

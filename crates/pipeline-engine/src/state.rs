@@ -7,7 +7,7 @@ use cim_events::{
     pipeline::{RunCounts, RunInfo, StepInfo, action},
     proto::pipeline::{
         PipelineApplied, PipelineRemoved, RunCancelled, RunCompleted, RunFailed, RunRequested, RunRetried, RunStarted,
-        StepCompleted, StepFailed, StepStarted,
+        StepCompleted, StepFailed, StepStarted, StepWaiting,
     },
 };
 use prost::Message;
@@ -20,6 +20,7 @@ pub enum RunEvent {
     Requested(RunRequested),
     Started(RunStarted),
     StepStarted(StepStarted),
+    StepWaiting(StepWaiting),
     StepCompleted(StepCompleted),
     StepFailed(StepFailed),
     Emitted,
@@ -48,6 +49,7 @@ impl RunEvent {
             action::REQUESTED => RunEvent::Requested(RunRequested::decode(body).map_err(e)?),
             action::STARTED => RunEvent::Started(RunStarted::decode(body).map_err(e)?),
             action::STEP_STARTED => RunEvent::StepStarted(StepStarted::decode(body).map_err(e)?),
+            action::STEP_WAITING => RunEvent::StepWaiting(StepWaiting::decode(body).map_err(e)?),
             action::STEP_COMPLETED => RunEvent::StepCompleted(StepCompleted::decode(body).map_err(e)?),
             action::STEP_FAILED => RunEvent::StepFailed(StepFailed::decode(body).map_err(e)?),
             action::EMITTED => RunEvent::Emitted,
@@ -101,12 +103,20 @@ impl Run {
                 let step = step_mut(&mut info.steps, &s.step);
                 step.state = "running".into();
                 step.attempts = step.attempts.max(s.attempt);
+                step.waiting_for.clear();
+            }
+            RunEvent::StepWaiting(w) => {
+                let step = step_mut(&mut info.steps, &w.step);
+                step.state = "waiting".into();
+                step.attempts = step.attempts.max(w.attempt);
+                step.waiting_for = w.waiting_for;
             }
             RunEvent::StepCompleted(c) => {
                 let step = step_mut(&mut info.steps, &c.step);
                 step.state = if c.passed { "completed".into() } else { "stopped".into() };
                 step.attempts = step.attempts.max(c.attempt);
                 step.error.clear();
+                step.waiting_for.clear();
                 step.metadata = c.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
                 step.units = c.units.clone();
                 step.duration_us = c.duration_us;
@@ -122,6 +132,7 @@ impl Run {
                 step.state = if f.will_retry { "retrying".into() } else { "failed".into() };
                 step.attempts = step.attempts.max(f.attempt);
                 step.error = f.error.clone();
+                step.waiting_for.clear();
                 *self.failures.entry(f.step).or_default() += 1;
             }
             RunEvent::Emitted => {}
@@ -148,6 +159,7 @@ impl Run {
                         s.state = "pending".into();
                         s.attempts = 0;
                         s.error.clear();
+                        s.waiting_for.clear();
                     }
                 }
             }

@@ -65,6 +65,9 @@ pub(crate) struct StepOutput {
     pub(crate) seq: Option<u64>,
 }
 
+/// Where a step says what it waits for while it waits (the run worker records it).
+pub(crate) type Waiting = tokio::sync::watch::Sender<String>;
+
 impl Engine {
     pub(crate) async fn execute(
         &self,
@@ -72,6 +75,7 @@ impl Engine {
         run: &Run,
         unit: &mut Option<Unit>,
         parent: &Envelope,
+        waiting: &Waiting,
     ) -> Result<StepOutput, StepError> {
         let kind = step.kind().map_err(|e| StepError::permanent(e.0))?;
         let run_id = &run.info.run_id;
@@ -106,7 +110,7 @@ impl Engine {
                 for (k, v) in &step.options {
                     meta.insert(k.clone(), render(v)?);
                 }
-                let reply = self.invoke(&p, input, meta, step.timeout_ms()).await?;
+                let reply = self.invoke(&p, input, meta, step.timeout_ms(), waiting).await?;
                 let mut metadata: BTreeMap<String, String> = reply.metadata.into_iter().collect();
                 metadata.insert("plugin".into(), plugin::reference(&reply.plugin, &reply.version));
                 Ok(StepOutput { output: reply.output.to_vec(), metadata, passed: true, ..Default::default() })
@@ -120,7 +124,7 @@ impl Engine {
                 }
                 let mut outputs = Vec::with_capacity(items.len());
                 for item in items {
-                    let reply = self.invoke(&p, item, BTreeMap::new(), step.timeout_ms()).await?;
+                    let reply = self.invoke(&p, item, BTreeMap::new(), step.timeout_ms(), waiting).await?;
                     outputs.push(serde_json::Value::String(String::from_utf8_lossy(&reply.output).into_owned()));
                 }
                 let count = outputs.len();
@@ -288,6 +292,7 @@ impl Engine {
         input: Bytes,
         metadata: BTreeMap<String, String>,
         timeout_ms: u32,
+        waiting: &Waiting,
     ) -> Result<InvokeReply, StepError> {
         let (subject, mut request) = match p {
             PluginRef::Version { name, version } => (plugin::invoke_subject(name, version), InvokeRequest::default()),
@@ -321,6 +326,9 @@ impl Engine {
                     }
                     if started.elapsed() < pause {
                         tracing::info!(plugin = %p, "nothing serves the plugin yet; waiting for a provider");
+                        waiting.send_replace(format!(
+                            "a provider of {p} (nothing serves it: plugin host or native plugin restarting, or the version was removed)"
+                        ));
                     }
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(PROVIDER_POLL_MAX);

@@ -284,6 +284,7 @@ pub fn subjects_module() -> String {
         payload::<ppl::RunStarted>("pipeline_pb2", "RunStarted"),
         payload::<ppl::StepStarted>("pipeline_pb2", "StepStarted"),
         payload::<ppl::StepCompleted>("pipeline_pb2", "StepCompleted"),
+        payload::<ppl::StepWaiting>("pipeline_pb2", "StepWaiting"),
         payload::<ppl::StepFailed>("pipeline_pb2", "StepFailed"),
         payload::<ppl::RunCompleted>("pipeline_pb2", "RunCompleted"),
         payload::<ppl::RunFailed>("pipeline_pb2", "RunFailed"),

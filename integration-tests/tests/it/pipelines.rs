@@ -699,6 +699,17 @@ async fn runs_wait_for_a_restarting_plugin_host_instead_of_failing() -> Result<(
     for i in 0..8 {
         units.push(cim.put(format!("line {i}\r\n\r\n  more  ").as_bytes(), &format!("n{i}.txt"), "text/plain").await?);
     }
+    // The runs say what they wait for, in the view and in `cimctl run show`.
+    let waiting = eventually!(LONG, "a run says it waits for a provider", {
+        let runs = cim.runs("text-ingest").await?;
+        let r = runs
+            .iter()
+            .find(|r| r.steps.iter().any(|s| s.state == "waiting" && s.waiting_for.contains("a provider of")))
+            .with_context(|| format!("no run says it waits: {runs:?}"))?;
+        Ok(r.run_id.clone())
+    })?;
+    let shown = cim.cimctl_ok(&["run", "show", &waiting]).await?;
+    ensure!(shown.contains("waiting for a provider of text-normalize"), "{shown}");
     // Down for longer than the default retry budget (2 retries, 200/400 ms) lasts.
     stays_true_for(Duration::from_secs(3), "no run fails while the host is down", || async {
         let runs = cim.runs("text-ingest").await?;
@@ -718,6 +729,16 @@ async fn runs_wait_for_a_restarting_plugin_host_instead_of_failing() -> Result<(
     ensure!(cim.dead_letters(pl::DLQ_RUNS).await?.is_empty(), "runs were dead-lettered");
     let failed = cim.run_events(pl::action::STEP_FAILED).await?;
     ensure!(failed.is_empty(), "{} step failures recorded", failed.len());
+    // Each wait was recorded once, and is over: no step of a completed run still waits.
+    let notes = cim.run_events(pl::action::STEP_WAITING).await?;
+    ensure!(
+        !notes.is_empty() && notes.len() <= 2 * units.len(),
+        "{} step_waiting events for {} runs",
+        notes.len(),
+        units.len()
+    );
+    let runs = cim.runs("text-ingest").await?;
+    ensure!(runs.iter().all(|r| r.steps.iter().all(|s| s.waiting_for.is_empty())), "{runs:?}");
     Ok(())
 }
 

@@ -115,6 +115,7 @@ const DOT_COLOURS: Record<string, string> = {
   skipped: "bg-slate-400",
   running: "bg-blue-600",
   retrying: "bg-amber-500",
+  waiting: "bg-slate-500",
   failed: "bg-red-600",
   cancelled: "bg-slate-500",
 };

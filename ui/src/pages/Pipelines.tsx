@@ -349,6 +349,11 @@ export function RunPage({ id, me }: { id: string; me: WhoAmI }) {
               </span>
             </p>
             {s.error && <p class="mt-1 text-sm text-red-800">{s.error}</p>}
+            {s.waiting_for && (
+              <p data-testid="step-waiting" class="mt-1 text-sm text-slate-700">
+                Waiting for {s.waiting_for}; no retry is spent while it waits.
+              </p>
+            )}
             {s.metadata && Object.keys(s.metadata).length > 0 && (
               <dl class="mt-1 grid grid-cols-[max-content_1fr] gap-x-3 text-xs">
                 {Object.entries(s.metadata).map(([k, v]) => (
