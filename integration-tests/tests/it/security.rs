@@ -464,3 +464,58 @@ async fn a_token_holds_at_most_its_share_of_event_streams() -> Result<()> {
     drop(second);
     Ok(())
 }
+
+/// A header value with a line break, sent straight in the NATS protocol (no client library
+/// lets one through) to a subject a service serves, leaves the service's connection up: before
+/// async-nats 0.52 the receiving client's connection task panicked on it, so any identity
+/// allowed to publish a command could cut a service off from NATS for good.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_header_with_a_line_break_does_not_cut_a_service_off() -> Result<()> {
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+    let fx = CimFixture::builder().service(Component::InformationUnit).start().await?;
+    let iu = fx.iu();
+    let before = iu.put_bytes(b"before the bad header").await?;
+    let addr = fx.url().trim_start_matches("nats://").to_string();
+    let stream = tokio::net::TcpStream::connect(&addr).await?;
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    let info = lines.next_line().await?.context("no INFO from the server")?;
+    ensure!(info.starts_with("INFO "), "{info}");
+    let create = cim_events::iu::command(cim_events::iu::cmd::CREATE)?;
+    let headers = "NATS/1.0\r\nX-Broken: a\rb\r\n\r\n";
+    let frame = format!(
+        "CONNECT {{\"verbose\":false,\"pedantic\":false,\"headers\":true,\"protocol\":1}}\r\nSUB _INBOX.raw.1 1\r\nHPUB {create} _INBOX.raw.1 {} {}\r\n{headers}\r\nPING\r\n",
+        headers.len(),
+        headers.len()
+    );
+    write.write_all(frame.as_bytes()).await?;
+    // The service received it and answered (a refusal: the body is no create), which shows
+    // the line break reached its client.
+    let answered = tokio::time::timeout(LOG_DEADLINE, async {
+        let mut seen = Vec::new();
+        while let Some(line) = lines.next_line().await? {
+            if line.starts_with("HMSG _INBOX.raw.1") || line.starts_with("MSG _INBOX.raw.1") {
+                return anyhow::Ok(line);
+            }
+            seen.push(line);
+        }
+        anyhow::bail!("the server closed the connection after {seen:?}")
+    })
+    .await
+    .context("the service never answered the message with the broken header")??;
+    ensure!(answered.contains("_INBOX.raw.1"), "{answered}");
+    // The service still serves: a create is answered, a unit made.
+    let unit = iu
+        .create(CreateUnit {
+            cid: before.cid.clone(),
+            name: "after.txt".into(),
+            media_type: "text/plain".into(),
+            ..Default::default()
+        })
+        .await
+        .context("the information-unit service stopped answering after the bad header")?;
+    ensure!(iu.unit(&unit.unit_id).await?.cid == before.cid);
+    let log = fx.services().iter().find(|s| s.component == Component::InformationUnit).context("iu")?.log();
+    ensure!(!log.contains("panicked"), "the service panicked:\n{log}");
+    Ok(())
+}
