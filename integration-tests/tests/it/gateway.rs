@@ -1483,3 +1483,84 @@ async fn gateway_runs_with_its_generated_nats_permissions() -> Result<()> {
     assert!(!log.to_lowercase().contains("permissions violation"), "ui-gateway hit its permissions:\n{log}");
     Ok(())
 }
+
+/// Least privilege at the edge, for every operation there is: each HTTP operation the OpenAPI
+/// document lists is tried with every token below the role it names (`x-cim-role`), and each
+/// gRPC write method with a reader token. Every attempt is refused (403, `PermissionDenied`)
+/// and nothing is written: no event, no object, no pipeline change. The document itself must
+/// not let a reader write: every operation other than GET needs at least a writer.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_write_and_admin_operation_is_refused_below_its_role() -> Result<()> {
+    use anyhow::ensure;
+    use cim_events::proto::iu::{CreateUnit, Link, LinkUnit, TagUnit};
+    use ui_gateway::grpc::proto::{UploadRequest, gateway_client::GatewayClient, upload_request::Part};
+
+    let g = Gateway::start_with(&[], &[Component::PipelineEngine]).await?;
+    let (_, reader) = g.token("m-reader", "reader").await?;
+    let (_, writer) = g.token("m-writer", "writer").await?;
+    let (s, created) = g.post(&writer, "/api/v1/units?name=kept.txt", "kept").await?;
+    ensure!(s == 201, "{s} {created}");
+    let id = created["unit_id"].as_str().context("unit_id")?.to_string();
+    let doc: Value = g.http.get(g.url("/api/openapi.json")).send().await?.json().await?;
+    let paths = doc["paths"].as_object().context("paths")?;
+    let before = (g.written().await?, g.pipeline_events().await?);
+
+    let ranks = ["reader", "writer", "admin"];
+    let mut tried = 0;
+    for (path, ops) in paths {
+        for (method, op) in ops.as_object().context("operations")? {
+            if method == "parameters" {
+                continue;
+            }
+            let role = op["x-cim-role"].as_str().with_context(|| format!("{method} {path} names no role"))?;
+            let rank = ranks.iter().position(|r| *r == role).with_context(|| format!("{method} {path}: {role}"))?;
+            ensure!(method == "get" || rank >= 1, "{method} {path} lets a reader write");
+            let concrete = path.replace("{id}", &id).replace("{name}", "text-ingest");
+            for (token, below) in [(&reader, 0), (&writer, 1)] {
+                if below >= rank {
+                    continue;
+                }
+                let (status, body) =
+                    g.send(&method.to_uppercase(), token, &concrete, r#"{"name":"x","steps":[]}"#).await?;
+                ensure!(status == 403, "{} {concrete} as {}: {status} {body}", method.to_uppercase(), ranks[below]);
+                tried += 1;
+            }
+        }
+    }
+    ensure!(tried >= 15, "only {tried} refusals tried: is the document complete?");
+
+    let channel = eventually(Duration::from_secs(10), "grpc port open", || async {
+        Ok(tonic::transport::Channel::from_shared(g.grpc.clone())?.connect().await?)
+    })
+    .await?;
+    let mut client = GatewayClient::new(channel);
+    let parts = vec![
+        UploadRequest { part: Some(Part::Unit(CreateUnit { name: "no.txt".into(), ..Default::default() })) },
+        UploadRequest { part: Some(Part::Data(b"no".to_vec())) },
+    ];
+    let refusals = [
+        client.upload(grpc_req(futures::stream::iter(parts), &reader)).await.map(|_| ()),
+        client
+            .tag(grpc_req(TagUnit { unit_id: id.clone(), tags: vec!["no".into()], ..Default::default() }, &reader))
+            .await
+            .map(|_| ()),
+        client
+            .link(grpc_req(
+                LinkUnit {
+                    unit_id: id.clone(),
+                    link: Some(Link { target: id.clone(), kind: "no".into() }),
+                    ..Default::default()
+                },
+                &reader,
+            ))
+            .await
+            .map(|_| ()),
+    ];
+    for (method, r) in ["Upload", "Tag", "Link"].iter().zip(refusals) {
+        let e = r.err().with_context(|| format!("{method} with a reader token was carried out"))?;
+        ensure!(e.code() == tonic::Code::PermissionDenied, "{method}: {e}");
+    }
+    let after = (g.written().await?, g.pipeline_events().await?);
+    ensure!(before == after, "something was written by refused calls: {before:?} -> {after:?}");
+    Ok(())
+}
