@@ -13,8 +13,8 @@ use sha2::{Digest, Sha256};
 use crate::{
     ArchiveKey,
     format::{
-        self, Cursor, Deletions, FormatError, MANIFEST_FORMAT, MANIFEST_FORMAT_V1, Manifest, Record, SEGMENT_MAGIC, SegmentWriter,
-        decode_segment,
+        self, Cursor, Deletions, FormatError, MANIFEST_FORMAT, MANIFEST_FORMAT_V1, Manifest, Record, SEGMENT_MAGIC,
+        SegmentWriter, decode_segment,
     },
     hex,
 };
