@@ -4,10 +4,11 @@
 //! - Every call is retried with exponential backoff and jitter (the SDK's standard retry
 //!   mode: connection errors, timeouts, 5xx and throttling such as 503 SlowDown), up to
 //!   [`MAX_ATTEMPTS`] attempts; connecting times out after 5 s, one attempt after 2 minutes.
-//! - Uploads are signed over the body's SHA-256 (computed once) and carry it as `x-amz-checksum-sha256`, so a server that keeps checksums checks it too;
-//!   multipart uploads declare SHA-256 and carry it per part. Archive segments are the
-//!   exception ([`S3Client::put_segment`]): their SHA-256 is in the signed manifest, so on the
-//!   wire they carry a CRC32C the server checks instead, and an unsigned payload.
+//! - Uploads are signed over the body's SHA-256 (computed once) and carry it as
+//!   `x-amz-checksum-sha256`, so a server that keeps checksums checks it too; multipart
+//!   uploads declare SHA-256 and carry it per part. Archive segments are the exception
+//!   ([`S3Client::put_segment`]): their SHA-256 is in the signed manifest, so on the wire
+//!   they carry a CRC32C the server checks instead, and an unsigned payload.
 //! - HTTPS is hyper + rustls (ring) with the system's root certificates.
 //!
 //! This module is the crate's only HTTP code; callers see [`S3Client`] and [`S3Error`].
