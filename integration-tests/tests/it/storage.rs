@@ -698,7 +698,7 @@ async fn storage_restore_runs_as_an_identity_that_can_publish_only_the_restored_
     // permissions', not a connection that cannot hear replies.
     let thief = restorer.connect_options()?.custom_inbox_prefix(restore::inbox_prefix()).connect(fresh.url()).await?;
     let info = format!("$JS.API.STREAM.INFO.{}", events_stream());
-    tokio::time::timeout(REFUSAL_WAIT, thief.request(info, Bytes::new())).await??;
+    tokio::time::timeout(WAIT, thief.request(info, Bytes::new())).await??;
 
     // A command to the information unit: never delivered.
     let admin_client = app.user("listener", cim_testkit::Permissions::all()).connect(&fresh.url()).await?;
