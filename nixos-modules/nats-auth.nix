@@ -121,6 +121,18 @@ in
       '';
     };
 
+    restorePasswordHash = mkOption {
+      type = types.nullOr bcryptHash;
+      default = null;
+      description = ''
+        bcrypt hash of the password of user `restore`, the identity `cimctl restore` runs as
+        (`nats://restore:<password>@…`): it may write the archived streams into a fresh
+        JetStream (publish on their subjects; create, reconfigure, purge and delete messages of
+        those streams only) and nothing else (the `restore` section of nats-permissions.json).
+        Null: no such user.
+      '';
+    };
+
     leafnodePasswordHash = mkOption {
       type = types.nullOr bcryptHash;
       default = null;
@@ -162,6 +174,14 @@ in
         builtins.filter (name: cfg.services.${name}.passwordHash != null) names
       )
       ++ lib.mapAttrsToList (name: p: nativeUser name p.passwordHash) cfg.nativePlugins
+      ++ lib.optional (cfg.restorePasswordHash != null) (
+        user generated.restore.user cfg.restorePasswordHash
+        // {
+          permissions = {
+            inherit (generated.restore) publish subscribe allow_responses;
+          };
+        }
+      )
       ++ map (
         u: user u.user u.passwordHash // lib.optionalAttrs (u.permissions != null) { inherit (u) permissions; }
       ) cfg.extraUsers;

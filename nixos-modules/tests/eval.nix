@@ -108,6 +108,8 @@ let
           ];
           # A native plugin's own identity (the test-only admin hash; its password is public).
           nativePlugins.sha256.passwordHash = fixture.admin.hash;
+          # cimctl restore's identity (the same public test hash).
+          restorePasswordHash = fixture.admin.hash;
         };
       }
     ]

@@ -13,8 +13,11 @@ use crate::seal::Sealed;
 
 /// First bytes of every segment (after decompression).
 pub const SEGMENT_MAGIC: &[u8; 8] = b"CIMSEG1\n";
-/// Format tag of manifests and cursors.
-pub const MANIFEST_FORMAT: &str = "cim-archive-segment/1";
+/// Format tag of the manifests written now (version 2: no hash of the decompressed records).
+pub const MANIFEST_FORMAT: &str = "cim-archive-segment/2";
+/// Format tag of manifests written before version 2: they also carry `raw_sha256`, the SHA-256
+/// of the decompressed records, which readers still check.
+pub const MANIFEST_FORMAT_V1: &str = "cim-archive-segment/1";
 pub const CURSOR_FORMAT: &str = "cim-archive-cursor/1";
 pub const DELETIONS_FORMAT: &str = "cim-archive-deletions/1";
 /// The largest decompressed segment accepted: a manifest claiming more is refused before
@@ -146,8 +149,11 @@ impl SegmentWriter {
     /// Compresses the segment and describes it in its manifest (unsigned: the archiver seals
     /// it). `prev_last_seq` is the archive position this segment follows: sequences between
     /// it and `first` were not in the stream when it was read (deleted before archiving).
+    ///
+    /// One SHA-256 pass, over the compressed bytes: the signed manifest authenticates them,
+    /// and decompressing authenticated bytes is deterministic, so a hash of the decompressed
+    /// records (format 1's `raw_sha256`) would add CPU and no assurance.
     pub fn finish(self, stream: &str, prefix: &str, epoch: u64, prev_last_seq: u64) -> (Bytes, Manifest) {
-        let raw_sha256 = hex(&Sha256::digest(&self.raw));
         // Compressing from memory into memory fails only on allocation failure.
         let compressed = zstd::bulk::compress(&self.raw, zstd_level(&self.raw)).expect("zstd into memory");
         let manifest = Manifest {
@@ -162,7 +168,7 @@ impl SegmentWriter {
             segment_bytes: compressed.len() as u64,
             segment_sha256: hex(&Sha256::digest(&compressed)),
             raw_bytes: self.raw.len() as u64,
-            raw_sha256,
+            raw_sha256: None,
             compression: COMPRESSION.to_string(),
             epoch,
             prev_last_seq: Some(prev_last_seq),
@@ -239,8 +245,9 @@ pub fn check_stored(manifest: &Manifest, compressed: &[u8]) -> Result<(), Format
     Ok(())
 }
 
-/// Checks a segment against its manifest (size, SHA-256 of the compressed and the raw bytes,
-/// magic, record count, first/last sequence) and decodes its records.
+/// Checks a segment against its manifest (size, SHA-256 of the compressed bytes, and of the
+/// decompressed ones where a format 1 manifest records it; magic, record count, first/last
+/// sequence) and decodes its records.
 pub fn decode_segment(manifest: &Manifest, compressed: &[u8]) -> Result<Vec<Record>, FormatError> {
     let key = manifest.segment_key.clone();
     let corrupt = |message: String| FormatError::Corrupt { key: key.clone(), message };
@@ -272,7 +279,9 @@ pub fn decode_segment(manifest: &Manifest, compressed: &[u8]) -> Result<Vec<Reco
             manifest.raw_bytes
         )));
     }
-    if hex(&Sha256::digest(&raw)) != manifest.raw_sha256 {
+    if let Some(raw_sha256) = &manifest.raw_sha256
+        && hex(&Sha256::digest(&raw)) != *raw_sha256
+    {
         return Err(corrupt("sha256 of the decompressed records differs from the manifest".into()));
     }
     if raw.len() < 8 || &raw[..8] != SEGMENT_MAGIC {
@@ -341,7 +350,10 @@ pub struct Manifest {
     pub segment_bytes: u64,
     pub segment_sha256: String,
     pub raw_bytes: u64,
-    pub raw_sha256: String,
+    /// SHA-256 of the decompressed records: in format 1 manifests only (and checked there);
+    /// format 2 authenticates the compressed bytes alone (see [`SegmentWriter::finish`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw_sha256: Option<String>,
     pub compression: String,
     /// Which history of the stream this is: a stream recreated or renumbered under the same
     /// name is archived as a new epoch (`streams/<STREAM>/epochs/<N>/`), never mixed in.
@@ -373,10 +385,16 @@ impl Manifest {
     pub fn parse(key: &str, body: &[u8]) -> Result<Manifest, FormatError> {
         let m: Manifest = serde_json::from_slice(body)
             .map_err(|e| FormatError::BadManifest { key: key.to_string(), message: format!("{e}") })?;
-        if m.format != MANIFEST_FORMAT {
+        if m.format != MANIFEST_FORMAT && m.format != MANIFEST_FORMAT_V1 {
             return Err(FormatError::BadManifest {
                 key: key.to_string(),
                 message: format!("unknown format {:?}", m.format),
+            });
+        }
+        if m.format == MANIFEST_FORMAT_V1 && m.raw_sha256.is_none() {
+            return Err(FormatError::BadManifest {
+                key: key.to_string(),
+                message: format!("a {MANIFEST_FORMAT_V1} manifest without raw_sha256"),
             });
         }
         // `count - 1 > last - first`, not `count > last - first + 1`: a range of every sequence
@@ -572,6 +590,17 @@ pub fn parse_manifest_key(key: &str) -> Option<(u64, u64)> {
 mod tests {
     use super::*;
 
+    /// The secret the format 1 fixture's archive key is derived from.
+    pub(crate) const FORMAT1_SECRET: &[u8] = b"cim format 1 fixture signing key";
+
+    /// The manifest (JSON) and segment of the format 1 fixture.
+    pub(crate) fn format1_fixture() -> (&'static [u8], &'static [u8]) {
+        (
+            include_bytes!("../tests/fixtures/format1/manifest.json"),
+            include_bytes!("../tests/fixtures/format1/segment.cimseg.zst"),
+        )
+    }
+
     fn sample() -> (Bytes, Manifest) {
         let mut w = SegmentWriter::new();
         w.push(3, 10, "orders.a", &[("ce-id".into(), "1".into()), ("ce-id".into(), "2".into())], b"hello");
@@ -598,6 +627,44 @@ mod tests {
     }
 
     #[test]
+    fn format_2_manifests_authenticate_the_compressed_bytes_only() {
+        let (bytes, m) = sample();
+        assert_eq!(m.format, MANIFEST_FORMAT);
+        assert_eq!(m.raw_sha256, None);
+        let json = String::from_utf8(serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+        assert!(json.contains("\"format\": \"cim-archive-segment/2\"") && !json.contains("raw_sha256"), "{json}");
+        assert_eq!(m.segment_sha256, hex(&Sha256::digest(&bytes)));
+        // A format 1 manifest must carry the hash of the records it promised.
+        let mut v1 = m.clone();
+        v1.format = MANIFEST_FORMAT_V1.into();
+        let e = Manifest::parse("k", &serde_json::to_vec(&v1).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("without raw_sha256"), "{e}");
+    }
+
+    /// An archive written by the code before format 2 (`tests/fixtures/format1`, made with
+    /// `SegmentWriter::finish` and `ArchiveKey::seal` as they were): its manifest is still
+    /// accepted with its signature, its segment decodes, and the hash of its decompressed records
+    /// is still checked.
+    #[test]
+    fn format_1_segments_still_verify_and_decode() {
+        let (manifest_json, segment) = format1_fixture();
+        let m = Manifest::parse("fixture", manifest_json).unwrap();
+        assert_eq!(m.format, MANIFEST_FORMAT_V1);
+        let key = crate::ArchiveKey::derive(FORMAT1_SECRET);
+        assert_eq!(key.check(&m), Ok(()));
+        let records = decode_segment(&m, segment).unwrap();
+        assert_eq!(records.len() as u64, m.count);
+        assert_eq!((records[0].sequence, records.last().unwrap().sequence), (m.first_seq, m.last_seq));
+        // The same segment under a manifest whose record hash is wrong (and so signed by nobody):
+        // the decompressed records are still checked against it.
+        let mut wrong = m.clone();
+        wrong.raw_sha256 = Some(hex(&Sha256::digest(b"other records")));
+        assert_ne!(key.check(&wrong), Ok(()));
+        let e = decode_segment(&wrong, segment).unwrap_err();
+        assert!(e.to_string().contains("sha256 of the decompressed records differs"), "{e}");
+    }
+
+    #[test]
     fn corruption_is_named() {
         let (bytes, m) = sample();
         let mut bad = bytes.to_vec();
@@ -618,11 +685,15 @@ mod tests {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(&w.raw).unwrap();
         let compressed = gz.finish().unwrap();
+        let w_raw = w.raw.clone();
         let (_, mut m) = w.finish("S", "p/", 0, 6);
         m.segment_key = m.segment_key.replace(".zst", ".gz");
         m.segment_bytes = compressed.len() as u64;
         m.segment_sha256 = hex(&Sha256::digest(&compressed));
         m.compression = "gzip".into();
+        // Written in format 1, which also hashed the decompressed records.
+        m.format = MANIFEST_FORMAT_V1.into();
+        m.raw_sha256 = Some(hex(&Sha256::digest(&w_raw)));
         (Bytes::from(compressed), m)
     }
 

@@ -30,6 +30,13 @@ pub enum ArchiveError {
     Read { key: String, message: String },
 }
 
+/// `_INBOX.cim-restore`: the inbox prefix of `cimctl restore`'s NATS connection. Its restore
+/// identity may receive replies only below it (`cimctl deploy nats-permissions`: `restore`).
+pub fn inbox_prefix() -> String {
+    let all = cim_events::subject::all_inboxes();
+    format!("{}.cim-restore", all.trim_end_matches(".>"))
+}
+
 /// The streams a target holds, from its `streams/` prefix.
 pub async fn archived_stream_names(s3: &S3Client) -> Result<Vec<String>, S3Error> {
     let prefix = format!("{}streams/", s3.target().prefix);

@@ -4,9 +4,11 @@
 //! - Every call is retried with exponential backoff and jitter (the SDK's standard retry
 //!   mode: connection errors, timeouts, 5xx and throttling such as 503 SlowDown), up to
 //!   [`MAX_ATTEMPTS`] attempts; connecting times out after 5 s, one attempt after 2 minutes.
-//! - Uploads are signed over the body's SHA-256 (computed once, or handed in by the caller)
-//!   and carry it as `x-amz-checksum-sha256`, so a server that keeps checksums checks it too;
-//!   multipart uploads declare SHA-256 and carry it per part.
+//! - Uploads are signed over the body's SHA-256 (computed once) and carry it as
+//!   `x-amz-checksum-sha256`, so a server that keeps checksums checks it too; multipart
+//!   uploads declare SHA-256 and carry it per part. Archive segments are the exception
+//!   ([`S3Client::put_segment`]): their SHA-256 is in the signed manifest, so on the wire
+//!   they carry a CRC32C the server checks instead, and an unsigned payload.
 //! - HTTPS is hyper + rustls (ring) with the system's root certificates.
 //!
 //! This module is the crate's only HTTP code; callers see [`S3Client`] and [`S3Error`].
@@ -148,19 +150,40 @@ impl Intercept for PrecomputedPayload {
     }
 }
 
-fn b64(sha256: &[u8; 32]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(sha256)
+/// Leaves the payload out of the signature (`x-amz-content-sha256: UNSIGNED-PAYLOAD`): the
+/// body is checked by its transport checksum instead (see [`S3Client::put_segment`]).
+#[derive(Debug)]
+struct UnsignedPayload;
+
+impl Intercept for UnsignedPayload {
+    fn name(&self) -> &'static str {
+        "cim-archive unsigned payload"
+    }
+
+    fn modify_before_signing(
+        &self,
+        _context: &mut BeforeTransmitInterceptorContextMut<'_>,
+        _runtime_components: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        cfg.interceptor_state().store_put(aws_runtime::auth::PayloadSigningOverride::UnsignedPayload);
+        Ok(())
+    }
 }
 
-fn parse_hex32(s: &str) -> Option<[u8; 32]> {
-    if s.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
+/// CRC32C (Castagnoli) of `bytes`, as S3's `x-amz-checksum-crc32c` carries it (after base64
+/// of its 4 big-endian bytes): SSE 4.2 / ARMv8 instructions, many GB/s.
+pub fn crc32c(bytes: &[u8]) -> u32 {
+    crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, bytes) as u32
+}
+
+/// The `x-amz-checksum-crc32c` header value of a CRC32C.
+fn crc32c_header(crc: u32) -> String {
+    base64::engine::general_purpose::STANDARD.encode(crc.to_be_bytes())
+}
+
+fn b64(sha256: &[u8; 32]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(sha256)
 }
 
 impl S3Client {
@@ -258,17 +281,10 @@ impl S3Client {
         }
     }
 
+    /// Uploads `body`, signed over its SHA-256 (one pass), which it also carries as its
+    /// checksum.
     pub async fn put(&self, key: &str, body: Bytes) -> Result<(), S3Error> {
-        self.put_hashed(key, body, None).await
-    }
-
-    /// [`S3Client::put`] with the body's SHA-256 (lowercase hex) already known, so the body
-    /// is not hashed a second time. The hash signs the request and is sent as its checksum.
-    pub async fn put_hashed(&self, key: &str, body: Bytes, sha256_hex: Option<&str>) -> Result<(), S3Error> {
-        let sha = match sha256_hex.and_then(parse_hex32) {
-            Some(s) => s,
-            None => Sha256::digest(&body).into(),
-        };
+        let sha: [u8; 32] = Sha256::digest(&body).into();
         self.client
             .put_object()
             .bucket(&self.target.bucket)
@@ -278,6 +294,28 @@ impl S3Client {
             .body(ByteStream::from(body))
             .customize()
             .interceptor(PrecomputedPayload::new(&sha))
+            .send()
+            .await
+            .map_err(|e| self.error("put", key, e))?;
+        Ok(())
+    }
+
+    /// Uploads an archive segment: an unsigned payload (`UNSIGNED-PAYLOAD`) with its CRC32C as
+    /// `x-amz-checksum-crc32c`, which the server checks on receipt (s3s-fs, MinIO, AWS). A
+    /// segment's authenticity is the SHA-256 of its bytes in its signed manifest, checked
+    /// whenever it is read back; signing the payload (or sending its SHA-256) would only make
+    /// the server hash every segment once or twice more for the same assurance, on the cores
+    /// that also serve JetStream (docs/storage-manager.md, "The S3 client").
+    pub async fn put_segment(&self, key: &str, body: Bytes, crc32c: u32) -> Result<(), S3Error> {
+        self.client
+            .put_object()
+            .bucket(&self.target.bucket)
+            .key(key)
+            .content_length(body.len() as i64)
+            .checksum_crc32_c(crc32c_header(crc32c))
+            .body(ByteStream::from(body))
+            .customize()
+            .interceptor(UnsignedPayload)
             .send()
             .await
             .map_err(|e| self.error("put", key, e))?;
@@ -518,11 +556,12 @@ mod tests {
     }
 
     #[test]
-    fn hex_digests_are_parsed_strictly() {
-        let h = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
-        assert_eq!(parse_hex32(h), Some(Sha256::digest(b"").into()));
-        assert_eq!(parse_hex32("abc"), None);
-        assert_eq!(parse_hex32(&"zz".repeat(32)), None);
+    fn crc32c_is_the_castagnoli_checksum_s3_expects() {
+        // RFC 3720 (iSCSI), B.4: 32 bytes of zeros, and the check value of "123456789".
+        assert_eq!(crc32c(&[0u8; 32]), 0x8A91_36AA);
+        assert_eq!(crc32c(b"123456789"), 0xE306_9283);
+        // S3's documented header for an empty body.
+        assert_eq!(crc32c_header(crc32c(b"")), "AAAAAA==");
     }
 
     #[test]

@@ -19,7 +19,7 @@ pub struct ArchiveConn {
     /// NATS server URL(s), comma-separated.
     #[arg(long, global = true, env = "CIM_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     nats_url: String,
-    /// NATS credentials file.
+    /// NATS credentials file (for `restore`, the restore identity's: see docs/storage-manager.md).
     #[arg(long, global = true, env = "CIM_NATS_CREDS")]
     nats_creds: Option<PathBuf>,
     /// JetStream domain (e.g. `hub` for the cluster).
@@ -52,7 +52,20 @@ impl ArchiveConn {
     }
 
     async fn jetstream(&self) -> Result<jetstream::Context> {
-        let client = crate::conn::connect("cimctl-archive", &self.nats_url, self.nats_creds.as_deref(), None).await?;
+        self.jetstream_with_inbox(None).await
+    }
+
+    /// The connection of `cimctl restore`: replies below [`restore::inbox_prefix`], where the
+    /// restore identity (`cimctl deploy nats-permissions`: `restore`) may read them.
+    async fn jetstream_with_inbox(&self, inbox_prefix: Option<&str>) -> Result<jetstream::Context> {
+        let client = crate::conn::connect_with_inbox(
+            "cimctl-archive",
+            &self.nats_url,
+            self.nats_creds.as_deref(),
+            None,
+            inbox_prefix,
+        )
+        .await?;
         Ok(match &self.js_domain {
             Some(d) => jetstream::with_domain(client, d),
             None => jetstream::new(client),
@@ -151,7 +164,7 @@ pub async fn restore(args: RestoreArgs) -> Result<ExitCode> {
     {
         bail!("target {} holds no archive of the cluster's mirrors of leaf {leaf}", s3.target().name);
     }
-    let js = args.conn.jetstream().await?;
+    let js = args.conn.jetstream_with_inbox(Some(&restore::inbox_prefix())).await?;
     let mut failed = false;
     let mut total = (0u64, 0u64);
     let started = std::time::Instant::now();

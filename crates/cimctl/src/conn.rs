@@ -22,7 +22,22 @@ pub async fn connect(
     creds: Option<&Path>,
     request_timeout: Option<Duration>,
 ) -> Result<async_nats::Client> {
+    connect_with_inbox(name, urls, creds, request_timeout, None).await
+}
+
+/// [`connect`] with replies arriving below `inbox_prefix` (instead of `_INBOX`), where an
+/// identity limited to its own inboxes may read them.
+pub async fn connect_with_inbox(
+    name: &str,
+    urls: &str,
+    creds: Option<&Path>,
+    request_timeout: Option<Duration>,
+    inbox_prefix: Option<&str>,
+) -> Result<async_nats::Client> {
     let mut opts = async_nats::ConnectOptions::new().name(name).connection_timeout(CONNECT_TIMEOUT);
+    if let Some(prefix) = inbox_prefix {
+        opts = opts.custom_inbox_prefix(prefix);
+    }
     if let Some(t) = request_timeout {
         opts = opts.request_timeout(Some(t));
     }

@@ -168,6 +168,47 @@ pub fn all_permissions() -> Result<Value> {
             "publish": leaf_mirror_permissions()?,
         },
         "native_plugins": native_plugin_permissions()?,
+        "restore": restore_permissions()?,
+    }))
+}
+
+/// The NATS user `cimctl restore` runs as (`nats-auth.nix`: `restorePasswordHash`).
+pub const RESTORE_USER: &str = "restore";
+
+/// The identity of `cimctl restore`: it may write the archived streams (every component's
+/// events, dead letters and object buckets) into a fresh JetStream and nothing else — publish
+/// on those streams' subjects; create, read, reconfigure (the duplicate window, deletes while it
+/// restores), purge (to start at the first archived sequence) and delete single messages of
+/// those streams only; read its account's JetStream information; and receive the replies to its
+/// own requests below its inbox prefix. No command, query, control or lifecycle subject, no
+/// KV bucket and no other stream: a leaked restore credential cannot act as a service.
+pub fn restore_permissions() -> Result<Value> {
+    let mut publish = Vec::new();
+    let mut streams = Vec::new();
+    for c in Component::ALL {
+        for s in resources::streams(c) {
+            publish.extend(s.subjects.iter().cloned());
+            streams.push(s.name);
+        }
+        for b in resources::object_buckets(c) {
+            publish.push(below(&subject::all_object_chunks(&b.bucket)?, 2));
+            streams.push(b.stream_name());
+        }
+    }
+    debug_assert_eq!(streams, cim_archive::archived_streams(), "restore writes what is archived");
+    for api in JS_API {
+        publish.push(format!("{api}.INFO"));
+        for stream in &streams {
+            for verb in ["INFO", "CREATE", "UPDATE", "PURGE", "MSG.DELETE"] {
+                publish.push(format!("{api}.STREAM.{verb}.{stream}"));
+            }
+        }
+    }
+    Ok(json!({
+        "user": RESTORE_USER,
+        "publish": { "allow": publish },
+        "subscribe": { "allow": [format!("{}.>", cim_archive::restore::inbox_prefix())] },
+        "allow_responses": false,
     }))
 }
 
@@ -477,11 +518,61 @@ mod tests {
         assert!(granted.iter().all(|s| !s.contains('*') || s.starts_with("$JS.*.API.")), "{granted:?}");
     }
 
+    /// Whether the NATS subject `pattern` (with `*` and `>`) matches `subject`.
+    fn matches_subject(pattern: &str, subject: &str) -> bool {
+        let (mut p, mut s) = (pattern.split('.'), subject.split('.'));
+        loop {
+            match (p.next(), s.next()) {
+                (Some(">"), Some(_)) => return true,
+                (Some(a), Some(b)) if a == "*" || a == b => {}
+                (None, None) => return true,
+                _ => return false,
+            }
+        }
+    }
+
     /// `subject` with its last token, which must be `last`, replaced by `>`: the wildcard of
     /// everything beside it.
     fn wildcard_for(subject: &str, last: &str) -> String {
         let head = subject.strip_suffix(last).and_then(|h| h.strip_suffix('.')).expect("subject ends in `last`");
         format!("{head}.>")
+    }
+
+    #[test]
+    fn the_restore_identity_writes_the_archived_streams_and_nothing_else() {
+        let p = restore_permissions().unwrap();
+        let publish: Vec<&str> =
+            p["publish"]["allow"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        for c in Component::ALL {
+            for s in resources::streams(c) {
+                for subject in &s.subjects {
+                    assert!(publish.contains(&subject.as_str()), "{subject} missing");
+                }
+                for verb in ["CREATE", "UPDATE", "PURGE", "MSG.DELETE"] {
+                    assert!(
+                        publish.contains(&format!("$JS.API.STREAM.{verb}.{}", s.name).as_str()),
+                        "{verb} {}",
+                        s.name
+                    );
+                }
+            }
+            // Nothing a service listens to or announces, and no bucket that is not archived.
+            let never = [
+                subject::command(c, "a").unwrap(),
+                subject::query(c, "q").unwrap(),
+                subject::lifecycle(c, "i1", Lifecycle::Announce).unwrap(),
+                subject::control_all(ControlAction::Announce),
+            ];
+            for not in never {
+                assert!(!publish.iter().any(|p| matches_subject(p, &not)), "{not} allowed");
+            }
+            for kv in resources::kv_buckets(c) {
+                assert!(!publish.iter().any(|p| p.contains(&kv.bucket)), "{} allowed", kv.bucket);
+            }
+        }
+        assert!(!publish.iter().any(|p| p.contains(".STREAM.DELETE.") || p.contains(".STREAM.*.")), "{publish:?}");
+        let inbox = format!("{}.>", cim_archive::restore::inbox_prefix());
+        assert_eq!(p["subscribe"]["allow"], json!([inbox]));
     }
 
     #[test]

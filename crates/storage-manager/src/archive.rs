@@ -380,12 +380,18 @@ async fn commit(
 ) -> bool {
     let stream = stream.as_str();
     let prefix = s3.target().prefix.clone();
-    // zstd and two SHA-256 passes: CPU work, kept off the async worker threads.
+    // zstd, the SHA-256 of the compressed segment (for its manifest) and its CRC32C (for the
+    // upload): CPU work, kept off the async worker threads.
     let finished = {
         let (stream, prefix, epoch, prev) = (stream.to_string(), prefix.clone(), seal.epoch, seal.prev_last_seq);
-        tokio::task::spawn_blocking(move || writer.finish(&stream, &prefix, epoch, prev)).await
+        tokio::task::spawn_blocking(move || {
+            let (segment, manifest) = writer.finish(&stream, &prefix, epoch, prev);
+            let crc = cim_archive::s3::crc32c(&segment);
+            (segment, manifest, crc)
+        })
+        .await
     };
-    let (segment, mut manifest) = match finished {
+    let (segment, mut manifest, crc) = match finished {
         Ok(f) => f,
         Err(e) => {
             tracing::error!(stream, target = %s3.target().name, error = %e, "compressing a segment failed; it is read again on the next run");
@@ -409,8 +415,14 @@ async fn commit(
     };
     seal.key.seal(&mut cursor);
     let mut backoff = Backoff::new(&settings);
-    let mut put = async |key: &str, body: Bytes, sha256: Option<&str>| loop {
-        match s3.put_hashed(key, body.clone(), sha256).await {
+    // The segment goes with its CRC32C (`crc`); manifest and cursor, small, signed over their
+    // SHA-256 as any other object.
+    let mut put = async |key: &str, body: Bytes, crc: Option<u32>| loop {
+        let sent = match crc {
+            Some(crc) => s3.put_segment(key, body.clone(), crc).await,
+            None => s3.put(key, body.clone()).await,
+        };
+        match sent {
             Ok(()) => return true,
             Err(e) => {
                 tracing::warn!(stream, target = %s3.target().name, key = %key, error = %e, auth = e.is_auth(), "archive upload failed; retrying");
@@ -420,7 +432,7 @@ async fn commit(
             }
         }
     };
-    if !put(&manifest.segment_key, segment, Some(manifest.segment_sha256.as_str())).await {
+    if !put(&manifest.segment_key, segment, Some(crc)).await {
         return false;
     }
     // The earlier range must be committed first: this manifest may not appear before it.

@@ -529,6 +529,228 @@ async fn storage_cimctl_restore_verify_status() -> Result<()> {
     Ok(())
 }
 
+/// The archive written by the code before format 2 (`crates/cim-archive/tests/fixtures/format1`):
+/// one signed format 1 manifest and its zstd segment of the unit events, sequences 1-10 without
+/// 4, under the key prefix `format1/`, signed with a key derived from [`FORMAT1_SECRET`].
+fn format1_fixture() -> Result<(Vec<u8>, Vec<u8>)> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/cim-archive/tests/fixtures/format1");
+    Ok((std::fs::read(dir.join("manifest.json"))?, std::fs::read(dir.join("segment.cimseg.zst"))?))
+}
+const FORMAT1_SECRET: &[u8] = b"cim format 1 fixture signing key";
+const FORMAT1_PREFIX: &str = "format1";
+
+/// An archive written before format 2 still verifies and restores, continued by format 2
+/// segments as the archiver writes them now (no hash of the decompressed records in the
+/// manifest, uploaded with a CRC32C instead of a signed SHA-256): s3s-fs checks that CRC32C
+/// and refuses a segment whose CRC32C does not match its bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_a_format_1_archive_verifies_and_restores_beside_format_2_segments() -> Result<()> {
+    use cim_archive::format::{self, MANIFEST_FORMAT, MANIFEST_FORMAT_V1, Manifest, SegmentWriter};
+    let nas = S3Server::start().await?;
+    let dir = tempfile::tempdir()?;
+    let key_file = dir.path().join("signing-key");
+    std::fs::write(&key_file, FORMAT1_SECRET)?;
+    let mut t = target(&nas, "nas", FORMAT1_PREFIX);
+    t.signing_key_file = Some(key_file);
+    let s3 = S3Client::new(t)?;
+    s3.ensure_bucket().await?;
+    let stream = events_stream();
+    let prefix = s3.target().prefix.clone();
+
+    let (old_json, old_segment) = format1_fixture()?;
+    let old = Manifest::parse("fixture", &old_json)?;
+    ensure!(old.format == MANIFEST_FORMAT_V1 && old.raw_sha256.is_some() && old.stream == stream, "{old:?}");
+    let old_records = format::decode_segment(&old, &old_segment)?;
+    s3.put(&old.segment_key, Bytes::from(old_segment)).await?;
+    s3.put(&format::manifest_key(&prefix, &stream, 0, old.first_seq, old.last_seq), Bytes::from(old_json)).await?;
+
+    // Format 2 after it, through the archiver's own upload path.
+    let key = ArchiveKey::for_target(s3.target())?;
+    let subject = cim_events::subject::event(Component::InformationUnit, "unit", "u9", "tagged")?;
+    let mut w = SegmentWriter::new();
+    for seq in old.last_seq + 1..=old.last_seq + 20 {
+        let headers = [("ce-id".to_string(), format!("new-{seq}"))];
+        w.push(seq, seq as i64 * 1000, &subject, &headers, format!("format 2 record {seq}").as_bytes());
+    }
+    let (new_segment, mut new) = w.finish(&stream, &prefix, 0, old.last_seq);
+    ensure!(new.format == MANIFEST_FORMAT && new.raw_sha256.is_none(), "{new:?}");
+    key.seal(&mut new);
+    let crc = cim_archive::s3::crc32c(&new_segment);
+    let refused = s3.put_segment(&new.segment_key, new_segment.clone(), crc ^ 1).await;
+    match refused {
+        Err(cim_archive::S3Error::Status { status: 400, ref message, .. }) if message.contains("BadDigest") => {}
+        other => bail!("a segment with a wrong CRC32C was not refused as a bad digest: {other:?}"),
+    }
+    s3.put_segment(&new.segment_key, new_segment.clone(), crc).await?;
+    let new_records = format::decode_segment(&new, &new_segment)?;
+    let manifest_body = Bytes::from(serde_json::to_vec_pretty(&new)?);
+    s3.put(&format::manifest_key(&prefix, &stream, 0, new.first_seq, new.last_seq), manifest_body).await?;
+
+    let report = verify(&s3, &stream).await;
+    ensure!(report.problems.is_empty(), "verify: {:?}", report.problems);
+    ensure!((report.segments, report.messages) == (2, old.count + 20), "{report:?}");
+
+    // The fixture has a gap (sequence 4 deleted), which an event stream, denying deletes, never
+    // has: restore into a stream of the same name and subjects that allows them.
+    let fresh = NatsServer::start().await?;
+    let fjs = jetstream::new(fresh.connect().await);
+    let mut config = resources::events_stream(Component::InformationUnit).config(Tier::Leaf);
+    config.deny_delete = false;
+    fjs.create_stream(config).await?;
+    let (trust, progress) = (trust(&s3), restore_env());
+    let opts =
+        restore::RestoreOptions { trust: &trust, until: Until::All, dry_run: false, epoch: None, progress: &progress };
+    let r = restore::restore_stream(&s3, &fjs, &stream, &stream, &opts).await;
+    ensure!(r.problems.is_empty() && r.messages == old.count + 20, "{r:?}");
+    let restored = fjs.get_stream(&stream).await?;
+    ensure!(restored.clone().info().await?.state.messages == old.count + 20, "message count");
+    for rec in old_records.iter().chain(&new_records) {
+        let m = restored.get_raw_message(rec.sequence).await.with_context(|| format!("sequence {}", rec.sequence))?;
+        ensure!(m.subject.as_str() == rec.subject && m.payload == rec.payload, "sequence {} differs", rec.sequence);
+        let mut want = rec.headers.clone();
+        want.sort();
+        ensure!(
+            headers_of(&m.headers) == want,
+            "sequence {}: headers {:?} vs {want:?}",
+            rec.sequence,
+            headers_of(&m.headers)
+        );
+    }
+    // The gap inside the format 1 segment is a gap again.
+    for seq in 1..=old.last_seq {
+        if !old_records.iter().any(|r| r.sequence == seq) {
+            ensure!(restored.get_raw_message(seq).await.is_err(), "sequence {seq} was deleted in the original");
+        }
+    }
+    Ok(())
+}
+
+/// How long a refused request or publish is given to take effect anyway. A permitted request
+/// answers in milliseconds; the states checked afterwards catch a slow one.
+const REFUSAL_WAIT: Duration = Duration::from_secs(3);
+/// Deadline for the server's log to name a refusal.
+const LOG_DEADLINE: Duration = Duration::from_secs(20);
+
+/// The restore identity of the committed, generated `nixos-modules/nats-permissions.json`
+/// (`restore`): what a deployment gives `cimctl restore`.
+fn generated_restore_permissions() -> Result<cim_testkit::Permissions> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../nixos-modules/nats-permissions.json");
+    let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
+    let p = serde_json::from_str::<serde_json::Value>(&text)?["restore"].clone();
+    let mut perms = cim_testkit::Permissions::all();
+    for s in p["publish"]["allow"].as_array().context("restore publish")? {
+        perms = perms.allow_publish(s.as_str().context("publish entry")?);
+    }
+    for s in p["subscribe"]["allow"].as_array().context("restore subscribe")? {
+        perms = perms.allow_subscribe(s.as_str().context("subscribe entry")?);
+    }
+    ensure!(p["allow_responses"] == serde_json::json!(false), "the restore identity answers nothing");
+    Ok(perms)
+}
+
+/// `cimctl restore` as the generated restore identity, on a server that enforces it (operator
+/// mode): every stream comes back message by message and object by object; then the same
+/// identity, used as a thief of its credentials would, is refused a command, a KV write, a
+/// stream that is not archived and deleting a restored stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn storage_restore_runs_as_an_identity_that_can_publish_only_the_restored_streams() -> Result<()> {
+    let (nats, nas) = tokio::try_join!(NatsServer::start(), S3Server::start())?;
+    let client = nats.connect().await;
+    let js = jetstream::new(client.clone());
+    provision(&js).await?;
+    let nas_c = S3Client::new(target(&nas, "nas", "site"))?;
+    nas_c.ensure_bucket().await?;
+    publish_events(&js, 0, 300).await?;
+    let blob = pseudo_random(200_000, 7);
+    js.get_object_store(&content_bucket().bucket).await?.put("blob", &mut blob.as_slice()).await?;
+    let spec = spec(&nas, "nas", "site", "NAS");
+    let env = [("NAS_ACCESS_KEY_ID", nas.access_key()), ("NAS_SECRET_ACCESS_KEY", nas.secret_key())];
+    let args = ["--archive-target", spec.as_str(), "--archive-linger", "50ms", "--archive-segment-bytes", "20000"];
+    let mut svc = ServiceProc::start_with_env(Component::StorageManager, &nats.url(), &args, &env)?;
+    wait_ready(&client, &svc).await?;
+    let obj_stream = content_bucket().stream_name();
+    let obj_last = last_seq(&js, &obj_stream).await?;
+    wait_archived(&nas_c, &events_stream(), 300).await?;
+    wait_archived(&nas_c, &obj_stream, obj_last).await?;
+    svc.terminate(Duration::from_secs(20)).await?;
+
+    let mut op = cim_testkit::Operator::new();
+    let app = op.account_with_jetstream("APP");
+    // A user JWT that carries its permissions outgrows the default 4 KiB CONNECT line (as the
+    // services' do: see fixture.rs).
+    let fresh = NatsServer::builder().operator(&op).extra_config("max_control_line: 65536").start().await?;
+    let admin = jetstream::new(app.user("admin", cim_testkit::Permissions::all()).connect(&fresh.url()).await?);
+    let restorer = app.user("restore", generated_restore_permissions()?);
+    let dir = tempfile::tempdir()?;
+    let creds = restorer.write_creds(dir.path())?;
+    let creds = creds.to_str().context("creds path")?;
+
+    let (ok, out) = cimctl(&["restore", "--from", "nas", "--nats-creds", creds], &fresh.url(), &spec, &env).await?;
+    assert!(ok, "{out}\n{}", fresh.log_tail(40));
+    compare_streams(&js, &admin, &events_stream(), 300).await?;
+    compare_streams(&js, &admin, &obj_stream, obj_last).await?;
+    assert_eq!(object_sha(&admin, "blob").await?, format!("{:x}", Sha256::digest(&blob)));
+    let log = std::fs::read_to_string(fresh.log_path())?;
+    assert!(!log.contains("Violation"), "the restore hit its permissions:\n{log}");
+
+    // The same identity as a thief would use it (replies below its own inbox prefix, as
+    // `cimctl restore` gets them). A permitted request answers, so the refusals below are the
+    // permissions', not a connection that cannot hear replies.
+    let thief = restorer.connect_options()?.custom_inbox_prefix(restore::inbox_prefix()).connect(fresh.url()).await?;
+    let info = format!("$JS.API.STREAM.INFO.{}", events_stream());
+    tokio::time::timeout(WAIT, thief.request(info, Bytes::new())).await??;
+
+    // A command to the information unit: never delivered.
+    let admin_client = app.user("listener", cim_testkit::Permissions::all()).connect(&fresh.url()).await?;
+    let command = cim_events::subject::command(Component::InformationUnit, "create")?;
+    let mut commands = admin_client.subscribe(command.clone()).await?;
+    admin_client.flush().await?;
+    thief.publish(command.clone(), Bytes::from_static(b"{}")).await?;
+    thief.flush().await?;
+    let delivered = tokio::time::timeout(REFUSAL_WAIT, futures::StreamExt::next(&mut commands)).await;
+    ensure!(delivered.is_err(), "a command from the restore identity was delivered: {delivered:?}");
+
+    // A KV bucket (not archived): the admin makes one; the thief can neither write into it nor
+    // create another stream, nor delete a restored one.
+    let kv = resources::kv_buckets(Component::StorageManager).remove(0);
+    let bucket = admin.create_key_value(kv.config(Tier::Leaf)).await?;
+    let thief_js = jetstream::new(thief.clone());
+    let put = thief_js.publish(format!("$KV.{}.k", kv.bucket), Bytes::from_static(b"v")).await;
+    if let Ok(ack) = put {
+        ensure!(
+            tokio::time::timeout(REFUSAL_WAIT, ack).await.map(|a| a.is_err()).unwrap_or(true),
+            "a KV put was stored"
+        );
+    }
+    ensure!(bucket.get("k").await?.is_none(), "the KV put arrived");
+    let other = format!("{}_OTHER", events_stream());
+    let mut other_config = resources::events_stream(Component::InformationUnit).config(Tier::Leaf);
+    other_config.name = other.clone();
+    other_config.subjects = vec![format!("{}.other", kv.bucket)];
+    let create = format!("$JS.API.STREAM.CREATE.{other}");
+    let created =
+        tokio::time::timeout(REFUSAL_WAIT, thief.request(create, serde_json::to_vec(&other_config)?.into())).await;
+    ensure!(!matches!(created, Ok(Ok(_))), "a stream that is not archived was created: {created:?}");
+    let delete = format!("$JS.API.STREAM.DELETE.{}", events_stream());
+    let deleted = tokio::time::timeout(REFUSAL_WAIT, thief.request(delete, Bytes::new())).await;
+    ensure!(!matches!(deleted, Ok(Ok(_))), "the restored stream was deleted: {deleted:?}");
+    ensure!(admin.get_stream(&other).await.is_err(), "{other} exists");
+    compare_streams(&js, &admin, &events_stream(), 300).await?;
+    // Refused by the server (rather than unanswered): each refusal is in its log.
+    let key = restorer.public_key();
+    eventually(LOG_DEADLINE, "the restore identity's refusals in the server log", || async {
+        let log = std::fs::read_to_string(fresh.log_path())?;
+        let refused =
+            |what: &str| log.lines().any(|l| l.contains(&key) && l.contains("Publish Violation") && l.contains(what));
+        for what in [command.as_str(), &format!("$KV.{}.k", kv.bucket), "STREAM.CREATE", "STREAM.DELETE"] {
+            ensure!(refused(what), "{what} not refused yet");
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(())
+}
+
 /// The aws CLI (`pip install awscli`), or a clear error naming the install line.
 fn aws_cli() -> Result<std::path::PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
