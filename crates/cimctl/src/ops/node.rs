@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use cim_events::{
     proto::registry::{EnrollNode, ListNodes, Node, NodeCommand, NodeList, NodeReply, NodeState},
     registry as names,
@@ -15,6 +15,11 @@ use cim_placement::{self as placement, human, names::state_name};
 use serde_json::json;
 
 use super::{Conn, Table, node_json, print, request};
+
+/// How long `node drain --wait` waits for the node to be drained.
+const DRAIN_WAIT: Duration = Duration::from_secs(300);
+/// How often `node drain --wait` asks.
+const DRAIN_POLL: Duration = Duration::from_millis(200);
 
 #[derive(clap::Args, Debug)]
 pub struct NodeArgs {
@@ -130,7 +135,7 @@ pub async fn node(args: NodeArgs) -> Result<ExitCode> {
             .node
             .unwrap_or_default();
             if wait && n.state() != NodeState::NodeDrained {
-                let deadline = Instant::now() + Duration::from_secs(300);
+                let deadline = Instant::now() + DRAIN_WAIT;
                 loop {
                     let list: NodeList = request(
                         &client,
@@ -140,10 +145,17 @@ pub async fn node(args: NodeArgs) -> Result<ExitCode> {
                     )
                     .await?;
                     let now = list.nodes.into_iter().find(|x| x.name == name).unwrap_or_default();
-                    if now.state() == NodeState::NodeDrained || Instant::now() > deadline {
+                    if now.state() == NodeState::NodeDrained {
                         break now;
                     }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    if Instant::now() > deadline {
+                        bail!(
+                            "node {name} is still {} after {DRAIN_WAIT:?}: an instance on it holds work \
+                             (see `cimctl status`)",
+                            state_name(now.state())
+                        );
+                    }
+                    tokio::time::sleep(DRAIN_POLL).await;
                 }
             } else {
                 n
