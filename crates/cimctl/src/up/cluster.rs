@@ -4,8 +4,9 @@
 //! n1..n3 enrolled in the registry with their memory and CPUs, and the services spread over
 //! them with `--node` ([`LAYOUT`]); the layout is checked with `cim_placement` against the
 //! enrolled nodes and made the registry's desired state, so `cimctl status` compares it with
-//! what runs. A node's nats-server that dies is started again on its ports and store (the node
-//! rejoins); any other process that dies stops everything, as for a leaf.
+//! what runs. A process that exits is started again on its ports and store, as systemd does on
+//! the NixOS hosts: a node's nats-server rejoins the cluster, a drained instance stopped with
+//! `kill` comes back and takes work once its node is scheduled.
 
 use std::{
     fmt::Write as _,
@@ -42,9 +43,9 @@ const LEAF_SERVER: &str = "cim-leaf";
 const SERVICE_MEMORY_MAX: &str = "256MiB";
 /// The CPU share of one service instance in the placement.
 const SERVICE_CPU: f64 = 0.5;
-/// How long a node's nats-server that died stays down before it is started again: long enough
-/// to see the cluster carry on without it.
-const NATS_RESTART_PAUSE: Duration = Duration::from_secs(2);
+/// How long a process that died stays down before it is started again (the NixOS modules'
+/// `RestartSec`): long enough to see the cluster carry on without it.
+const RESTART_PAUSE: Duration = Duration::from_secs(2);
 /// How often the supervisor looks for processes that died.
 const SUPERVISE_POLL: Duration = Duration::from_millis(500);
 /// Between two attempts while the cluster forms or the registry is not answering yet.
@@ -80,6 +81,27 @@ struct Ports {
 impl Ports {
     fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.client)
+    }
+}
+
+/// How to start a process (again): a nats-server with its configuration file, or a service
+/// with its environment.
+struct Recipe {
+    program: PathBuf,
+    /// For a nats-server: its configuration file (`-c`).
+    args: Vec<PathBuf>,
+    env: Vec<(&'static str, String)>,
+}
+
+impl Recipe {
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.program);
+        for conf in &self.args {
+            cmd.arg("-c").arg(conf);
+        }
+        // Credentials of whoever runs cimctl are not the instances'.
+        cmd.envs(self.env.iter().map(|(k, v)| (*k, v))).env_remove("CIM_NATS_CREDS");
+        cmd
     }
 }
 
@@ -141,14 +163,18 @@ pub async fn run(args: UpArgs) -> Result<ExitCode> {
         check_config(&nats_bin, conf).await?;
     }
 
-    // procs[..4]: the nats-servers of n1..n3 and the leaf's; then the services.
+    // procs[..4]: the nats-servers of n1..n3 and the leaf's; then the services. recipes[i]
+    // starts procs[i] again.
     let mut procs = Vec::new();
+    let mut recipes = Vec::new();
     for (i, conf) in confs.iter().enumerate() {
         let name = NODES.get(i).map_or(LEAF_SERVER.to_string(), |n| format!("nats-server@{n}"));
         let log = logs.join(format!("{name}.log"));
-        let child = spawn(Command::new(&nats_bin).arg("-c").arg(conf), &log, false)
+        let recipe = Recipe { program: nats_bin.clone(), args: vec![conf.clone()], env: Vec::new() };
+        let child = spawn(&mut recipe.command(), &log, false)
             .with_context(|| format!("starting {}", nats_bin.display()))?;
         procs.push(Proc { name, child, log, health: None });
+        recipes.push(recipe);
     }
     let deadline = Instant::now() + Duration::from_secs(args.ready_timeout);
     if let Err(e) = start_nats(&mut procs, &servers, &cluster_urls, deadline).await {
@@ -168,33 +194,37 @@ pub async fn run(args: UpArgs) -> Result<ExitCode> {
             // The node's own nats-server first, the others to fail over to.
             let mut urls = vec![cluster_urls[i].clone()];
             urls.extend(cluster_urls.iter().filter(|u| **u != cluster_urls[i]).cloned());
-            let mut cmd = Command::new(&bin);
-            cmd.env("CIM_NATS_URL", urls.join(","))
-                .env("CIM_TIER", "cluster")
-                .env("CIM_NODE", node)
-                .env("CIM_INSTANCE_ID", format!("{name}-{node}"))
-                .env("CIM_HTTP_LISTEN", &health)
+            let mut env = vec![
+                ("CIM_NATS_URL", urls.join(",")),
+                ("CIM_TIER", "cluster".to_string()),
+                ("CIM_NODE", node.to_string()),
+                ("CIM_INSTANCE_ID", format!("{name}-{node}")),
+                ("CIM_HTTP_LISTEN", health.clone()),
                 // As `nixos-modules/hosts/cluster-node.nix` sets `jetstreamDomain`.
-                .env("CIM_JS_DOMAIN", HUB_DOMAIN)
-                .env_remove("CIM_NATS_CREDS");
+                ("CIM_JS_DOMAIN", HUB_DOMAIN.to_string()),
+            ];
             match component {
                 Component::UiGateway => {
                     // The first gateway on the usual ports when free, the second on any.
                     let (http, grpc) = if gateway.is_none() { (8480, 8481) } else { (0, 0) };
                     let http = format!("127.0.0.1:{}", pick_port(http, &mut reserved)?);
                     let grpc = format!("127.0.0.1:{}", pick_port(grpc, &mut reserved)?);
-                    cmd.env("CIM_GATEWAY_LISTEN", &http).env("CIM_GATEWAY_GRPC_LISTEN", &grpc);
+                    env.push(("CIM_GATEWAY_LISTEN", http.clone()));
+                    env.push(("CIM_GATEWAY_GRPC_LISTEN", grpc.clone()));
                     if gateway.is_none() {
                         gateway = Some((http, grpc));
                     }
                 }
                 Component::IntegrationHub => {
-                    cmd.env("CIM_HUB_WEBHOOK_LISTEN", format!("127.0.0.1:{}", pick_port(8470, &mut reserved)?));
+                    env.push(("CIM_HUB_WEBHOOK_LISTEN", format!("127.0.0.1:{}", pick_port(8470, &mut reserved)?)));
                 }
                 _ => {}
             }
-            let child = spawn(&mut cmd, &log, false).with_context(|| format!("starting {}", bin.display()))?;
+            let recipe = Recipe { program: bin.clone(), args: Vec::new(), env };
+            let child =
+                spawn(&mut recipe.command(), &log, false).with_context(|| format!("starting {}", bin.display()))?;
             procs.push(Proc { name: format!("{name}@{node}"), child, log, health: Some(health) });
+            recipes.push(recipe);
         }
     }
     for i in nats_count..procs.len() {
@@ -217,7 +247,7 @@ pub async fn run(args: UpArgs) -> Result<ExitCode> {
     say!("{}", first_token(&cluster_url, &gw_http));
     say!("Press Ctrl-C to stop.");
 
-    let outcome = supervise(&mut procs, nats_count, &nats_bin, &confs).await;
+    let outcome = supervise(&mut procs, &recipes).await;
     say!("stopping: services first, then NATS");
     let (nats, services) = procs.split_at_mut(nats_count);
     stop_in_order(services, nats).await;
@@ -453,42 +483,41 @@ where
     }
 }
 
-/// Waits for Ctrl-C / SIGTERM (None) or for a service to die (why). A nats-server that dies
-/// (one of `procs[..nats]`) is started again after [`NATS_RESTART_PAUSE`] on its ports and
-/// store, and rejoins the cluster.
-async fn supervise(procs: &mut [Proc], nats: usize, nats_bin: &Path, confs: &[PathBuf]) -> Option<String> {
+/// Waits for Ctrl-C / SIGTERM (None) or for a process with invalid configuration (why). Any
+/// other process that exits — a nats-server or an instance killed, crashed, or stopped with
+/// SIGTERM after a drain — is started again after [`RESTART_PAUSE`] with the same ports,
+/// store and instance id, as systemd does for the NixOS modules (`RestartSec=2s`; there only
+/// on failure, and `systemctl restart` is the way to restart a drained instance). Exit 64
+/// cannot be fixed by a restart and stops everything.
+async fn supervise(procs: &mut [Proc], recipes: &[Recipe]) -> Option<String> {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
         return Some("cannot install signal handlers".into());
     };
-    let mut down: Vec<Option<Instant>> = vec![None; nats];
+    let mut restart_at: Vec<Option<Instant>> = vec![None; procs.len()];
     loop {
         tokio::select! {
             _ = int.recv() => return None,
             _ = term.recv() => return None,
             _ = tokio::time::sleep(SUPERVISE_POLL) => {
-                let (servers, services) = procs.split_at_mut(nats);
-                if let Some(msg) = exited(services) {
-                    return Some(msg);
-                }
-                for (i, p) in servers.iter_mut().enumerate() {
-                    match down[i] {
+                for (i, p) in procs.iter_mut().enumerate() {
+                    match restart_at[i] {
                         None => {
-                            if let Ok(Some(status)) = p.child.try_wait() {
-                                say!("{} exited ({status}); starting it again in {NATS_RESTART_PAUSE:?}", p.name);
-                                down[i] = Some(Instant::now() + NATS_RESTART_PAUSE);
+                            let Ok(Some(status)) = p.child.try_wait() else { continue };
+                            if status.code() == Some(crate::error::EXIT_USAGE.into()) {
+                                return Some(format!("{} exited: invalid configuration; see {}", p.name, p.log.display()));
                             }
+                            say!("{} exited ({status}); starting it again in {RESTART_PAUSE:?}", p.name);
+                            restart_at[i] = Some(Instant::now() + RESTART_PAUSE);
                         }
-                        Some(at) if Instant::now() >= at => {
-                            match spawn(Command::new(nats_bin).arg("-c").arg(&confs[i]), &p.log, true) {
-                                Ok(child) => {
-                                    p.child = child;
-                                    down[i] = None;
-                                    say!("{} started again (pid {}) on its ports and store", p.name, p.child.id().unwrap_or(0));
-                                }
-                                Err(e) => return Some(format!("cannot start {} again: {e:#}", p.name)),
+                        Some(at) if Instant::now() >= at => match spawn(&mut recipes[i].command(), &p.log, true) {
+                            Ok(child) => {
+                                p.child = child;
+                                restart_at[i] = None;
+                                say!("{} started again (pid {})", p.name, p.child.id().unwrap_or(0));
                             }
-                        }
+                            Err(e) => return Some(format!("cannot start {} again: {e:#}", p.name)),
+                        },
                         Some(_) => {}
                     }
                 }
@@ -537,9 +566,11 @@ fn summary(
     }
     let _ = writeln!(s);
     let _ = writeln!(s, "  try         cimctl status");
-    let _ = writeln!(s, "              cimctl node drain n2 --wait     (then `cimctl node schedule n2`)");
+    let _ = writeln!(s, "              cimctl node drain n2 --wait");
+    let _ = writeln!(s, "              cimctl node schedule n2; kill <pids of n2's instances>   (they start again and take work)");
     let _ = writeln!(s, "              cimctl placement check {}", placement.display());
-    let _ = writeln!(s, "              kill -9 <pid of nats-server@n2>   (started again after {NATS_RESTART_PAUSE:?})");
+    let _ = writeln!(s, "              kill -9 <pid of nats-server@n2>   (started again after {RESTART_PAUSE:?}, rejoins)");
+    let _ = writeln!(s, "  every process that exits is started again after {RESTART_PAUSE:?}; Ctrl-C stops them all");
     s
 }
 
