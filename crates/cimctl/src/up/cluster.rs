@@ -18,7 +18,9 @@ use std::{
 use anyhow::{Context, Result, bail};
 use cim_events::{
     Component,
-    proto::registry::{Ack, DesiredService, EnrollNode, ListNodes, NodeCommand, NodeList, NodeReply, NodeState, SetDesired},
+    proto::registry::{
+        Ack, DesiredService, EnrollNode, ListNodes, NodeCommand, NodeList, NodeReply, NodeState, SetDesired,
+    },
     registry as names,
 };
 use cim_placement::{PlacementFile, human};
@@ -171,8 +173,8 @@ pub async fn run(args: UpArgs) -> Result<ExitCode> {
         let name = NODES.get(i).map_or(LEAF_SERVER.to_string(), |n| format!("nats-server@{n}"));
         let log = logs.join(format!("{name}.log"));
         let recipe = Recipe { program: nats_bin.clone(), args: vec![conf.clone()], env: Vec::new() };
-        let child = spawn(&mut recipe.command(), &log, false)
-            .with_context(|| format!("starting {}", nats_bin.display()))?;
+        let child =
+            spawn(&mut recipe.command(), &log, false).with_context(|| format!("starting {}", nats_bin.display()))?;
         procs.push(Proc { name, child, log, health: None });
         recipes.push(recipe);
     }
@@ -567,9 +569,13 @@ fn summary(
     let _ = writeln!(s);
     let _ = writeln!(s, "  try         cimctl status");
     let _ = writeln!(s, "              cimctl node drain n2 --wait");
-    let _ = writeln!(s, "              cimctl node schedule n2; kill <pids of n2's instances>   (they start again and take work)");
+    let _ = writeln!(
+        s,
+        "              cimctl node schedule n2; kill <pids of n2's instances>   (they start again and take work)"
+    );
     let _ = writeln!(s, "              cimctl placement check {}", placement.display());
-    let _ = writeln!(s, "              kill -9 <pid of nats-server@n2>   (started again after {RESTART_PAUSE:?}, rejoins)");
+    let _ =
+        writeln!(s, "              kill -9 <pid of nats-server@n2>   (started again after {RESTART_PAUSE:?}, rejoins)");
     let _ = writeln!(s, "  every process that exits is started again after {RESTART_PAUSE:?}; Ctrl-C stops them all");
     s
 }
@@ -579,7 +585,9 @@ mod tests {
     use super::*;
 
     fn ports(base: u16) -> Vec<Ports> {
-        (0..4).map(|i| Ports { client: base + i, monitor: base + 10 + i, route: base + 20 + i, leafnode: base + 30 + i }).collect()
+        (0..4)
+            .map(|i| Ports { client: base + i, monitor: base + 10 + i, route: base + 20 + i, leafnode: base + 30 + i })
+            .collect()
     }
 
     #[test]

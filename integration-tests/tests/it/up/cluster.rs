@@ -142,6 +142,18 @@ impl Cluster {
         .with_context(|| format!("cimctl up did not print {needle:?} within {within:?}"))?
     }
 
+    /// The health address printed for `process`, `127.0.0.1:PORT`.
+    fn health(&self, process: &str) -> Result<String> {
+        self.printed
+            .iter()
+            .find_map(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                let url = cols.get(3).filter(|_| cols.get(1) == Some(&process))?;
+                url.strip_prefix("http://").and_then(|u| u.split_once('/')).map(|(addr, _)| addr.to_string())
+            })
+            .with_context(|| format!("no health address printed for {process}"))
+    }
+
     fn url(&self) -> String {
         self.urls.join(",")
     }
@@ -153,7 +165,7 @@ impl Cluster {
 
     async fn status(&self) -> Result<Value> {
         let out = self.cimctl(&["status", "--json"]).await?;
-        Ok(serde_json::from_slice(&out.stdout).with_context(|| String::from_utf8_lossy(&out.stderr).into_owned())?)
+        serde_json::from_slice(&out.stdout).with_context(|| String::from_utf8_lossy(&out.stderr).into_owned())
     }
 }
 
@@ -319,6 +331,17 @@ async fn every_request_once_every_run_completed_once(
     Ok(done)
 }
 
+/// How many requests the instance with health address `addr` has answered (the sum of its
+/// `cim_requests_total`).
+async fn requests_served(addr: &str) -> Result<u64> {
+    let text = cim_testkit::http_get(addr, "/metrics").await?.text();
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("cim_requests_total{"))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<u64>().ok()))
+        .sum())
+}
+
 /// The last sequence of `stream` on the nats-server whose monitoring port is `monitor`.
 async fn last_seq_on(monitor: &str, stream: &str) -> Result<u64> {
     let r = cim_testkit::http_get(monitor, "/jsz?streams=true").await?;
@@ -381,7 +404,8 @@ async fn cimctl_up_nodes_3_drains_n2_under_load_and_n2s_nats_server_rejoins() ->
     let streams = status["streams"].as_array().context("streams")?;
     let placed: Vec<&Value> = streams.iter().filter(|s| s["replicas"].as_u64() > Some(0)).collect();
     assert!(!placed.is_empty() && placed.iter().all(|s| s["replicas"] == 3), "{streams:#?}");
-    let figures = status["nodes"].as_array().into_iter().flatten().map(|n| (n["memory_bytes"].clone(), n["cpus"].clone()));
+    let figures =
+        status["nodes"].as_array().into_iter().flatten().map(|n| (n["memory_bytes"].clone(), n["cpus"].clone()));
     assert!(figures.into_iter().all(|f| f == (Value::from(4u64 << 30), Value::from(2.0))), "{:#?}", status["nodes"]);
 
     // placement check against the enrolled nodes
@@ -412,15 +436,25 @@ async fn cimctl_up_nodes_3_drains_n2_under_load_and_n2s_nats_server_rejoins() ->
     let client = async_nats::ConnectOptions::new().retain_servers_order().connect(cluster.urls.clone()).await?;
     let load = Load::start(IuClient::new(client.clone()).timeout(Duration::from_secs(30)));
     load.progress(PROGRESS, NATS_RECOVERY_BOUND).await?;
+    // both information-unit instances take the load: n2's too
+    let (iu_n1, iu_n2) = (cluster.health("information-unit@n1")?, cluster.health("information-unit@n2")?);
+    eventually!(DRAIN_BOUND, "information-unit@n2 serves part of the load", {
+        ensure!(requests_served(&iu_n2).await? > 0, "none yet");
+        Ok(())
+    })?;
 
-    // drain n2 under load: its instances stop, the others carry on
+    // drain n2 under load: its instances stop taking work, the others carry on
     let drain_started = Instant::now();
     let out = tokio::time::timeout(DRAIN_BOUND, cluster.cimctl(&["node", "drain", "n2", "--wait", "--json"])).await??;
     let drained_after = drain_started.elapsed();
     ensure!(out.status.success(), "drain: {}", String::from_utf8_lossy(&out.stderr));
     let node: Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(node["state"], "drained", "{node}");
+    let (n1_before, n2_before) = (requests_served(&iu_n1).await?, requests_served(&iu_n2).await?);
     load.progress(PROGRESS, DRAIN_BOUND).await?;
+    let (n1_after, n2_after) = (requests_served(&iu_n1).await?, requests_served(&iu_n2).await?);
+    assert_eq!(n2_after, n2_before, "the drained information-unit@n2 took requests");
+    assert!(n1_after > n1_before, "information-unit@n1 carries the load: {n1_before} -> {n1_after}");
     eventually!(STATUS_BOUND, "status shows n2 drained and the rest running", {
         let s = cluster.status().await?;
         for (id, (node, state)) in instance_states(&s) {
@@ -465,7 +499,8 @@ async fn cimctl_up_nodes_3_drains_n2_under_load_and_n2s_nats_server_rejoins() ->
     let restarted = cluster.until_printed("nats-server@n2 started again", NATS_RECOVERY_BOUND).await?;
     let monitor = monitor_of(&data.path().join("nats/n2/nats.conf"))?;
     load.progress(PROGRESS, NATS_RECOVERY_BOUND).await?;
-    let expected = async_nats::jetstream::new(client.clone()).get_stream(&stream).await?.info().await?.state.last_sequence;
+    let expected =
+        async_nats::jetstream::new(client.clone()).get_stream(&stream).await?.info().await?.state.last_sequence;
     eventually!(NATS_RECOVERY_BOUND, "n2 holds the unit stream again", {
         let last = last_seq_on(&monitor, &stream).await?;
         ensure!(last >= expected, "n2 at {last} of {expected}");
