@@ -77,6 +77,8 @@ macro_rules! say {
 
 mod cluster;
 
+pub use cluster::node_stop_or_start;
+
 struct Proc {
     name: String,
     child: Child,

@@ -75,6 +75,23 @@ enum NodeCommandCli {
         /// The node's name.
         name: String,
     },
+    /// Local cluster (`cimctl up --nodes 3`) only: stop node N's instances, then its
+    /// nats-server, as a machine shut down; they stay down until `node start N`.
+    Stop {
+        /// The node's name (n1, n2 or n3).
+        name: String,
+        /// The data directory of the `cimctl up --nodes 3` running the cluster.
+        #[arg(long, env = "CIM_DATA_DIR", default_value = ".cim")]
+        data_dir: std::path::PathBuf,
+    },
+    /// Local cluster (`cimctl up --nodes 3`) only: start node N's nats-server and instances again.
+    Start {
+        /// The node's name (n1, n2 or n3).
+        name: String,
+        /// The data directory of the `cimctl up --nodes 3` running the cluster.
+        #[arg(long, env = "CIM_DATA_DIR", default_value = ".cim")]
+        data_dir: std::path::PathBuf,
+    },
     /// List the nodes.
     Ls {
         /// Include decommissioned nodes.
@@ -102,6 +119,14 @@ fn node_text(n: &Node) -> String {
 
 pub async fn node(args: NodeArgs) -> Result<ExitCode> {
     let conn = args.conn;
+    // Local: the registry is not asked (and the node's nats-server may be the one going down).
+    if let NodeCommandCli::Stop { name, data_dir } | NodeCommandCli::Start { name, data_dir } = &args.command {
+        let stop = matches!(args.command, NodeCommandCli::Stop { .. });
+        crate::up::node_stop_or_start(data_dir, name, stop).await?;
+        let what = if stop { "stopped (its instances, then its nats-server)" } else { "started again" };
+        print(conn.json, json!({"node": name, "stopped": stop}), format!("node {name}: {what}\n"));
+        return Ok(ExitCode::SUCCESS);
+    }
     let client = conn.connect().await?;
     let t = conn.timeout();
     let cmd = |name: &str| names::command(name);
@@ -170,6 +195,7 @@ pub async fn node(args: NodeArgs) -> Result<ExitCode> {
         .await?
         .node
         .unwrap_or_default(),
+        NodeCommandCli::Stop { .. } | NodeCommandCli::Start { .. } => unreachable!("answered above, before connecting"),
         NodeCommandCli::Ls { all } => {
             let list: NodeList =
                 request(&client, names::query(names::qry::NODES)?, &ListNodes { include_decommissioned: all }, t)

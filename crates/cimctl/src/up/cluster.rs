@@ -6,7 +6,9 @@
 //! enrolled nodes and made the registry's desired state, so `cimctl status` compares it with
 //! what runs. A process that exits is started again on its ports and store, as systemd does on
 //! the NixOS hosts: a node's nats-server rejoins the cluster, a drained instance stopped with
-//! `kill` comes back and takes work once its node is scheduled.
+//! `kill` comes back and takes work once its node is scheduled. `cimctl node stop|start N`
+//! takes a whole node down (its instances, then its nats-server) and up again, through marker
+//! files in `<data>/nodes` that the supervisor watches.
 
 use std::{
     fmt::Write as _,
@@ -24,6 +26,7 @@ use cim_events::{
     registry as names,
 };
 use cim_placement::{PlacementFile, human};
+use nix::sys::signal::Signal;
 use tokio::process::Command;
 
 use super::{
@@ -121,6 +124,9 @@ pub async fn run(args: UpArgs) -> Result<ExitCode> {
     let data_dir = args.data_dir.canonicalize()?;
     let logs = data_dir.join("logs");
     std::fs::create_dir_all(&logs)?;
+    // A fresh start brings every node up: no `cimctl node stop` from an earlier run holds.
+    let _ = std::fs::remove_dir_all(data_dir.join("nodes"));
+    std::fs::create_dir_all(data_dir.join("nodes"))?;
     let placement_path = data_dir.join("placement.json");
     std::fs::write(&placement_path, placement_text + "\n")?;
 
@@ -249,7 +255,7 @@ pub async fn run(args: UpArgs) -> Result<ExitCode> {
     say!("{}", first_token(&cluster_url, &gw_http));
     say!("Press Ctrl-C to stop.");
 
-    let outcome = supervise(&mut procs, &recipes).await;
+    let outcome = supervise(&mut procs, &recipes, &data_dir).await;
     say!("stopping: services first, then NATS");
     let (nats, services) = procs.split_at_mut(nats_count);
     stop_in_order(services, nats).await;
@@ -485,24 +491,105 @@ where
     }
 }
 
+/// The file that asks the supervisor to stop `node` (`cimctl node stop`) while it exists.
+fn down_marker(data_dir: &Path, node: &str) -> PathBuf {
+    data_dir.join("nodes").join(format!("{node}.down"))
+}
+
+/// The file the supervisor writes once everything of `node` has stopped.
+fn stopped_marker(data_dir: &Path, node: &str) -> PathBuf {
+    data_dir.join("nodes").join(format!("{node}.stopped"))
+}
+
+/// The node a process belongs to (`information-unit@n2`: n2); none for the leaf.
+fn node_of(p: &Proc) -> Option<&str> {
+    p.name.rsplit_once('@').map(|(_, n)| n)
+}
+
+/// A node `cimctl node stop` holds down: its instances are stopping, then its nats-server,
+/// then it is stopped.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Hold {
+    Instances,
+    Nats,
+    Stopped,
+}
+
 /// Waits for Ctrl-C / SIGTERM (None) or for a process with invalid configuration (why). Any
 /// other process that exits — a nats-server or an instance killed, crashed, or stopped with
 /// SIGTERM after a drain — is started again after [`RESTART_PAUSE`] with the same ports,
 /// store and instance id, as systemd does for the NixOS modules (`RestartSec=2s`; there only
 /// on failure, and `systemctl restart` is the way to restart a drained instance). Exit 64
-/// cannot be fixed by a restart and stops everything.
-async fn supervise(procs: &mut [Proc], recipes: &[Recipe]) -> Option<String> {
+/// cannot be fixed by a restart and stops everything. A node that `cimctl node stop` asks
+/// for ([`down_marker`]) goes down like a machine shut down — its instances (SIGTERM), then
+/// its nats-server — and stays down until `cimctl node start`.
+async fn supervise(procs: &mut [Proc], recipes: &[Recipe], data_dir: &Path) -> Option<String> {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
         return Some("cannot install signal handlers".into());
     };
     let mut restart_at: Vec<Option<Instant>> = vec![None; procs.len()];
+    let mut held: std::collections::BTreeMap<&str, Hold> = Default::default();
     loop {
         tokio::select! {
             _ = int.recv() => return None,
             _ = term.recv() => return None,
             _ = tokio::time::sleep(SUPERVISE_POLL) => {
+                for node in NODES {
+                    let down = down_marker(data_dir, node).exists();
+                    match (down, held.get(node).copied()) {
+                        (true, None) => {
+                            say!("node {node}: stopping, as a machine shut down: its instances, then its nats-server");
+                            held.insert(node, Hold::Instances);
+                            for p in procs.iter().filter(|p| node_of(p) == Some(node) && p.health.is_some()) {
+                                super::signal(&p.child, Signal::SIGTERM);
+                            }
+                        }
+                        (true, Some(Hold::Instances)) => {
+                            let mut instances = procs.iter_mut().filter(|p| node_of(p) == Some(node) && p.health.is_some());
+                            if instances.all(|p| !matches!(p.child.try_wait(), Ok(None))) {
+                                for p in procs.iter().filter(|p| node_of(p) == Some(node) && p.health.is_none()) {
+                                    super::signal(&p.child, Signal::SIGTERM);
+                                }
+                                held.insert(node, Hold::Nats);
+                            }
+                        }
+                        (true, Some(Hold::Nats)) => {
+                            let mut all = procs.iter_mut().filter(|p| node_of(p) == Some(node));
+                            if all.all(|p| !matches!(p.child.try_wait(), Ok(None))) {
+                                if let Err(e) = std::fs::write(stopped_marker(data_dir, node), "") {
+                                    return Some(format!("cannot write {}: {e}", stopped_marker(data_dir, node).display()));
+                                }
+                                say!("node {node} stopped; `cimctl node start {node}` starts it again");
+                                held.insert(node, Hold::Stopped);
+                            }
+                        }
+                        (false, Some(_)) => {
+                            say!("node {node}: starting again");
+                            held.remove(node);
+                            // Its nats-server first (procs[..4]), then its instances.
+                            for (i, p) in procs.iter_mut().enumerate().filter(|(_, p)| node_of(p) == Some(node)) {
+                                if matches!(p.child.try_wait(), Ok(None)) {
+                                    continue;
+                                }
+                                match spawn(&mut recipes[i].command(), &p.log, true) {
+                                    Ok(child) => {
+                                        p.child = child;
+                                        restart_at[i] = None;
+                                        say!("{} started again (pid {})", p.name, p.child.id().unwrap_or(0));
+                                    }
+                                    Err(e) => return Some(format!("cannot start {} again: {e:#}", p.name)),
+                                }
+                            }
+                            let _ = std::fs::remove_file(stopped_marker(data_dir, node));
+                        }
+                        (true, Some(Hold::Stopped)) | (false, None) => {}
+                    }
+                }
                 for (i, p) in procs.iter_mut().enumerate() {
+                    if node_of(p).is_some_and(|n| held.contains_key(n)) {
+                        continue;
+                    }
                     match restart_at[i] {
                         None => {
                             let Ok(Some(status)) = p.child.try_wait() else { continue };
@@ -526,6 +613,44 @@ async fn supervise(procs: &mut [Proc], recipes: &[Recipe]) -> Option<String> {
             }
         }
     }
+}
+
+/// How long `cimctl node stop|start` waits for `cimctl up --nodes 3` to have done it.
+const NODE_STOP_WAIT: Duration = Duration::from_secs(120);
+/// How often `cimctl node stop|start` looks.
+const NODE_STOP_POLL: Duration = Duration::from_millis(200);
+
+/// `cimctl node stop N` on a local cluster: asks the `cimctl up --nodes 3` running in
+/// `data_dir` to stop node N's instances and then its nats-server, as a machine shut down, and
+/// waits until it has. `start` undoes it and waits until they have been started again.
+pub async fn node_stop_or_start(data_dir: &Path, node: &str, stop: bool) -> Result<()> {
+    if !NODES.contains(&node) || !data_dir.join("nats").join(node).join("nats.conf").is_file() {
+        return Err(crate::error::Usage(format!(
+            "no local cluster node {node} in {}: `node stop|start` works on the cluster `cimctl up --nodes 3` runs \
+             there (nodes {}); on real machines, shut the machine down",
+            data_dir.display(),
+            NODES.join(", ")
+        ))
+        .into());
+    }
+    let (down, stopped) = (down_marker(data_dir, node), stopped_marker(data_dir, node));
+    if stop {
+        std::fs::write(&down, "").with_context(|| format!("writing {}", down.display()))?;
+    } else {
+        let _ = std::fs::remove_file(&down);
+    }
+    let deadline = Instant::now() + NODE_STOP_WAIT;
+    while stopped.exists() != stop {
+        if Instant::now() > deadline {
+            bail!(
+                "node {node} not {} within {NODE_STOP_WAIT:?}: is `cimctl up --nodes 3 --data-dir {}` running?",
+                if stop { "stopped" } else { "started again" },
+                data_dir.display()
+            );
+        }
+        tokio::time::sleep(NODE_STOP_POLL).await;
+    }
+    Ok(())
 }
 
 fn summary(
@@ -576,6 +701,10 @@ fn summary(
     let _ = writeln!(s, "              cimctl placement check {}", placement.display());
     let _ =
         writeln!(s, "              kill -9 <pid of nats-server@n2>   (started again after {RESTART_PAUSE:?}, rejoins)");
+    let _ = writeln!(
+        s,
+        "              cimctl node stop n2; cimctl node start n2   (n2 down like a machine shut down, and up)"
+    );
     let _ = writeln!(s, "  every process that exits is started again after {RESTART_PAUSE:?}; Ctrl-C stops them all");
     s
 }

@@ -4,7 +4,8 @@
 //! starting a pipeline run that calls a plugin), `cimctl node drain n2 --wait` stops the
 //! instances on n2 while the others carry on; n2 is scheduled again and its instances, stopped,
 //! are started again by the supervisor and take work; then n2's nats-server is SIGKILLed,
-//! writes go on (R3), and the supervisor starts it again and it catches up. Judged from the streams: every
+//! writes go on (R3), and the supervisor starts it again and it catches up; last `cimctl node
+//! stop n2` takes the whole node down while writes go on, and `node start n2` brings it back. Judged from the streams: every
 //! acknowledged create is there once, every unit has one run, completed once.
 
 use std::{
@@ -364,7 +365,7 @@ fn monitor_of(conf: &Path) -> Result<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn cimctl_up_nodes_3_drains_n2_under_load_and_n2s_nats_server_rejoins() -> Result<()> {
+async fn cimctl_up_nodes_3_drains_kills_and_stops_n2_under_load_losing_and_repeating_nothing() -> Result<()> {
     let data = tempfile::tempdir()?;
     let started = Instant::now();
     let mut cluster = Cluster::up(data.path()).await?;
@@ -508,14 +509,46 @@ async fn cimctl_up_nodes_3_drains_n2_under_load_and_n2s_nats_server_rejoins() ->
     })?;
     let rejoined_after = killed.elapsed();
 
+    // `cimctl node stop n2`: n2 goes down like a machine shut down (its instances, then its
+    // nats-server) and stays down while the load goes on; `node start n2` brings it back
+    let data_dir = data.path().to_string_lossy().into_owned();
+    let stop_started = Instant::now();
+    let out =
+        tokio::time::timeout(DRAIN_BOUND, cluster.cimctl(&["node", "stop", "n2", "--data-dir", &data_dir])).await??;
+    ensure!(out.status.success(), "node stop: {}", String::from_utf8_lossy(&out.stderr));
+    cluster.until_printed("node n2 stopped", DRAIN_BOUND).await?;
+    let stopped_after = stop_started.elapsed();
+    ensure!(cim_testkit::http_get(&monitor, "/healthz").await.is_err(), "n2's nats-server still answers");
+    load.progress(PROGRESS, NATS_RECOVERY_BOUND).await?;
+    eventually!(STATUS_BOUND, "status shows n2's instances gone", {
+        let s = cluster.status().await?;
+        for (id, (node, state)) in instance_states(&s) {
+            ensure!((node == "n2") != (state == "running"), "{id} on {node}: {state}");
+        }
+        Ok(())
+    })?;
+    let out =
+        tokio::time::timeout(DRAIN_BOUND, cluster.cimctl(&["node", "start", "n2", "--data-dir", &data_dir])).await??;
+    ensure!(out.status.success(), "node start: {}", String::from_utf8_lossy(&out.stderr));
+    let start_started = Instant::now();
+    eventually!(NATS_RECOVERY_BOUND, "n2's instances running again", {
+        let states = instance_states(&cluster.status().await?);
+        ensure!(states.len() == 12 && states.values().all(|(_, st)| st == "running"), "{states:?}");
+        Ok(())
+    })?;
+    let running_again_after = start_started.elapsed();
+    load.progress(PROGRESS, NATS_RECOVERY_BOUND).await?;
+
     let acked = load.finish().await?;
     let runs = every_request_once_every_run_completed_once(&client, &acked).await?;
     println!(
-        "cluster: up in {:.1} s | n2 drained in {:.1} s under load | writes answered {:.1} s after n2's nats-server was killed | n2 rejoined and current after {:.1} s ({restarted}) | {} creates, each once | {runs} runs, each completed once",
+        "cluster: up in {:.1} s | n2 drained in {:.1} s under load | writes answered {:.1} s after n2's nats-server was killed | n2 rejoined and current after {:.1} s ({restarted}) | node stop n2 in {:.1} s, its instances running again {:.1} s after node start | {} creates, each once | {runs} runs, each completed once",
         up_after.as_secs_f64(),
         drained_after.as_secs_f64(),
         writes_after.as_secs_f64(),
         rejoined_after.as_secs_f64(),
+        stopped_after.as_secs_f64(),
+        running_again_after.as_secs_f64(),
         acked.len()
     );
 
