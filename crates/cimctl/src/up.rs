@@ -157,12 +157,21 @@ pub async fn run(args: UpArgs) -> Result<ExitCode> {
         }
     }
 
+    // Ctrl-C is ours from here on: an operator (or a test) may press it the moment the line
+    // below appears.
+    let mut stop = match StopSignals::install() {
+        Ok(s) => s,
+        Err(e) => {
+            stop_all(&mut procs).await;
+            return Err(e);
+        }
+    };
     say!("{}", summary(&data_dir, &nats_url, &monitor, &procs));
     say!("  web UI and HTTP API  http://{gateway}/   (gRPC {gateway_grpc})");
     say!("{}", first_token(&nats_url, &gateway));
     say!("Press Ctrl-C to stop.");
 
-    let outcome = supervise(&mut procs).await;
+    let outcome = supervise(&mut procs, &mut stop).await;
     say!("stopping: services first, then NATS");
     stop_all(&mut procs).await;
     match outcome {
@@ -321,16 +330,36 @@ fn exited(procs: &mut [Proc]) -> Option<String> {
     None
 }
 
+/// SIGINT (Ctrl-C) and SIGTERM, caught from [`StopSignals::install`] on: installed before
+/// `up` says "Press Ctrl-C to stop", so a Ctrl-C right after that line stops everything in
+/// order instead of killing cimctl.
+struct StopSignals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> Result<StopSignals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let int = signal(SignalKind::interrupt()).context("catching SIGINT")?;
+        let term = signal(SignalKind::terminate()).context("catching SIGTERM")?;
+        Ok(StopSignals { int, term })
+    }
+
+    /// The next SIGINT or SIGTERM.
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+        }
+    }
+}
+
 /// Waits for Ctrl-C / SIGTERM (returns None) or for a process to die (returns why).
-async fn supervise(procs: &mut [Proc]) -> Option<String> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
-        return Some("cannot install signal handlers".into());
-    };
+async fn supervise(procs: &mut [Proc], stop: &mut StopSignals) -> Option<String> {
     loop {
         tokio::select! {
-            _ = int.recv() => return None,
-            _ = term.recv() => return None,
+            _ = stop.recv() => return None,
             _ = tokio::time::sleep(Duration::from_millis(500)) => {
                 if let Some(msg) = exited(procs) {
                     return Some(msg);

@@ -30,8 +30,8 @@ use nix::sys::signal::Signal;
 use tokio::process::Command;
 
 use super::{
-    Proc, UpArgs, check_config, exited, find_service_binaries, first_token, pick_port, spawn, stop_in_order,
-    wait_healthy,
+    Proc, StopSignals, UpArgs, check_config, exited, find_service_binaries, first_token, pick_port, spawn,
+    stop_in_order, wait_healthy,
 };
 
 /// The nodes, in order; node `nK`'s nats-server is `cim-nK`.
@@ -250,12 +250,20 @@ pub async fn run(args: UpArgs) -> Result<ExitCode> {
     }
 
     let (gw_http, gw_grpc) = gateway.unwrap_or_default();
+    let mut stop = match StopSignals::install() {
+        Ok(s) => s,
+        Err(e) => {
+            let (nats, services) = procs.split_at_mut(nats_count);
+            stop_in_order(services, nats).await;
+            return Err(e);
+        }
+    };
     say!("{}", summary(&data_dir, &cluster_url, &leaf.url(), &args, &placement_path, &procs));
     say!("  web UI and HTTP API  http://{gw_http}/   (gRPC {gw_grpc})");
     say!("{}", first_token(&cluster_url, &gw_http));
     say!("Press Ctrl-C to stop.");
 
-    let outcome = supervise(&mut procs, &recipes, &data_dir).await;
+    let outcome = supervise(&mut procs, &recipes, &data_dir, &mut stop).await;
     say!("stopping: services first, then NATS");
     let (nats, services) = procs.split_at_mut(nats_count);
     stop_in_order(services, nats).await;
@@ -523,17 +531,12 @@ enum Hold {
 /// cannot be fixed by a restart and stops everything. A node that `cimctl node stop` asks
 /// for ([`down_marker`]) goes down like a machine shut down — its instances (SIGTERM), then
 /// its nats-server — and stays down until `cimctl node start`.
-async fn supervise(procs: &mut [Proc], recipes: &[Recipe], data_dir: &Path) -> Option<String> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
-        return Some("cannot install signal handlers".into());
-    };
+async fn supervise(procs: &mut [Proc], recipes: &[Recipe], data_dir: &Path, stop: &mut StopSignals) -> Option<String> {
     let mut restart_at: Vec<Option<Instant>> = vec![None; procs.len()];
     let mut held: std::collections::BTreeMap<&str, Hold> = Default::default();
     loop {
         tokio::select! {
-            _ = int.recv() => return None,
-            _ = term.recv() => return None,
+            _ = stop.recv() => return None,
             _ = tokio::time::sleep(SUPERVISE_POLL) => {
                 for node in NODES {
                     let down = down_marker(data_dir, node).exists();

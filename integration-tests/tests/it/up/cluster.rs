@@ -400,6 +400,7 @@ async fn cimctl_up_nodes_3_drains_kills_and_stops_n2_under_load_losing_and_repea
             .collect();
         nodes.sort();
         ensure!(nodes == [("n1", "schedulable"), ("n2", "schedulable"), ("n3", "schedulable")], "{nodes:?}");
+        ensure!(s["converging"] == true, "not converging: {}", s["problems"]);
         Ok(s)
     })?;
     let streams = status["streams"].as_array().context("streams")?;
