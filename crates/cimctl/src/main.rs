@@ -47,7 +47,7 @@ enum Command {
     Status(ops::StatusArgs),
     /// Capacity: does a placement fit (`check FILE [--propose]`), make it the desired state (`apply FILE`).
     Placement(ops::PlacementArgs),
-    /// Nodes: enroll, schedule, drain, decommission, ls.
+    /// Nodes: enroll, schedule, drain, decommission, ls; stop, start (the local `up --nodes 3` cluster).
     Node(ops::NodeArgs),
     /// The component registry: ls, find --capability X.
     Registry(ops::RegistryArgs),

@@ -1,6 +1,7 @@
 //! `cimctl up`: a whole leaf node on this machine — nats-server with JetStream in a data
 //! directory and all seven services — supervised until Ctrl-C, then stopped in order
-//! (services drain first, NATS last).
+//! (services drain first, NATS last). `cimctl up --nodes 3` starts the 3-node cluster with a
+//! leaf attached instead (`up/cluster.rs`), with the same ports, processes and supervision.
 
 use std::{
     fmt::Write as _,
@@ -37,6 +38,32 @@ pub struct UpArgs {
     /// How long to wait for NATS and every service to become ready, in seconds.
     #[arg(long, default_value_t = 120)]
     ready_timeout: u64,
+
+    /// 1: a leaf node. 3: a local 3-node cluster (nats-servers n1..n3 clustered, JetStream domain
+    /// `hub`, streams R3), a leaf attached to it (domain `leaf`), the nodes enrolled, and two
+    /// instances of every service that scales out and one of the others spread over the nodes.
+    #[arg(long, default_value_t = 1, value_parser = parse_nodes)]
+    nodes: u8,
+
+    /// With --nodes 3: the memory each node is enrolled with.
+    #[arg(long, value_parser = cim_placement::parse_size, default_value = "4GiB")]
+    node_memory: u64,
+
+    /// With --nodes 3: the memory of each node reserved for the OS and nats-server.
+    #[arg(long, value_parser = cim_placement::parse_size, default_value = "1GiB")]
+    node_reserved: u64,
+
+    /// With --nodes 3: the CPUs each node is enrolled with.
+    #[arg(long, default_value_t = 2.0)]
+    node_cpus: f64,
+}
+
+fn parse_nodes(s: &str) -> std::result::Result<u8, String> {
+    match s {
+        "1" => Ok(1),
+        "3" => Ok(3),
+        _ => Err(format!("{s:?}: 1 (a leaf node) or 3 (a 3-node cluster with a leaf)")),
+    }
 }
 
 /// Prints a line to stdout, ignoring a closed stdout: `cimctl up | tee up.log` whose `tee` died
@@ -47,6 +74,10 @@ macro_rules! say {
         let _ = writeln!(std::io::stdout(), $($arg)*);
     }};
 }
+
+mod cluster;
+
+pub use cluster::node_stop_or_start;
 
 struct Proc {
     name: String,
@@ -59,6 +90,9 @@ pub async fn run(args: UpArgs) -> Result<ExitCode> {
     if !valid_sync(&args.sync) {
         let why = format!("invalid --sync {:?}: use `always` or an interval such as 1s, 500ms, 2m", args.sync);
         return Err(crate::error::Usage(why).into());
+    }
+    if args.nodes == 3 {
+        return cluster::run(args).await;
     }
     let nats_bin = cim_proc::nats_server_binary()?;
     let binaries = find_service_binaries(args.bin_dir.as_deref())?;
@@ -84,7 +118,7 @@ pub async fn run(args: UpArgs) -> Result<ExitCode> {
 
     let mut procs = Vec::new();
     let nats_log = logs.join("nats-server.log");
-    let child = spawn(Command::new(&nats_bin).arg("-c").arg(&conf), &nats_log)
+    let child = spawn(Command::new(&nats_bin).arg("-c").arg(&conf), &nats_log, false)
         .with_context(|| format!("starting {}", nats_bin.display()))?;
     procs.push(Proc { name: "nats-server".into(), child, log: nats_log, health: None });
 
@@ -112,7 +146,7 @@ pub async fn run(args: UpArgs) -> Result<ExitCode> {
         if *component == Component::UiGateway {
             cmd.env("CIM_GATEWAY_LISTEN", &gateway).env("CIM_GATEWAY_GRPC_LISTEN", &gateway_grpc);
         }
-        let child = spawn(&mut cmd, &log).with_context(|| format!("starting {}", bin.display()))?;
+        let child = spawn(&mut cmd, &log, false).with_context(|| format!("starting {}", bin.display()))?;
         procs.push(Proc { name: name.to_string(), child, log, health: Some(format!("127.0.0.1:{port}")) });
     }
     for i in 1..procs.len() {
@@ -123,12 +157,21 @@ pub async fn run(args: UpArgs) -> Result<ExitCode> {
         }
     }
 
+    // Ctrl-C is ours from here on: an operator (or a test) may press it the moment the line
+    // below appears.
+    let mut stop = match StopSignals::install() {
+        Ok(s) => s,
+        Err(e) => {
+            stop_all(&mut procs).await;
+            return Err(e);
+        }
+    };
     say!("{}", summary(&data_dir, &nats_url, &monitor, &procs));
     say!("  web UI and HTTP API  http://{gateway}/   (gRPC {gateway_grpc})");
     say!("{}", first_token(&nats_url, &gateway));
     say!("Press Ctrl-C to stop.");
 
-    let outcome = supervise(&mut procs).await;
+    let outcome = supervise(&mut procs, &mut stop).await;
     say!("stopping: services first, then NATS");
     stop_all(&mut procs).await;
     match outcome {
@@ -239,8 +282,16 @@ fn find_service_binaries(bin_dir: Option<&Path>) -> Result<Vec<(Component, PathB
     Ok(found)
 }
 
-fn spawn(cmd: &mut Command, log: &Path) -> Result<Child> {
-    let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+/// Spawns `cmd` with its output in `log` (appended to with `append`, e.g. for a nats-server
+/// started again, else started afresh).
+fn spawn(cmd: &mut Command, log: &Path, append: bool) -> Result<Child> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(append)
+        .truncate(!append)
+        .open(log)
+        .with_context(|| format!("creating {}", log.display()))?;
     let err = out.try_clone()?;
     // No child outlives cimctl: if it dies without stopping them (SIGKILL, a panic), the
     // kernel sends each SIGTERM, and they drain and exit as on Ctrl-C. (The signal follows the
@@ -279,16 +330,36 @@ fn exited(procs: &mut [Proc]) -> Option<String> {
     None
 }
 
+/// SIGINT (Ctrl-C) and SIGTERM, caught from [`StopSignals::install`] on: installed before
+/// `up` says "Press Ctrl-C to stop", so a Ctrl-C right after that line stops everything in
+/// order instead of killing cimctl.
+struct StopSignals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> Result<StopSignals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let int = signal(SignalKind::interrupt()).context("catching SIGINT")?;
+        let term = signal(SignalKind::terminate()).context("catching SIGTERM")?;
+        Ok(StopSignals { int, term })
+    }
+
+    /// The next SIGINT or SIGTERM.
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+        }
+    }
+}
+
 /// Waits for Ctrl-C / SIGTERM (returns None) or for a process to die (returns why).
-async fn supervise(procs: &mut [Proc]) -> Option<String> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
-        return Some("cannot install signal handlers".into());
-    };
+async fn supervise(procs: &mut [Proc], stop: &mut StopSignals) -> Option<String> {
     loop {
         tokio::select! {
-            _ = int.recv() => return None,
-            _ = term.recv() => return None,
+            _ = stop.recv() => return None,
             _ = tokio::time::sleep(Duration::from_millis(500)) => {
                 if let Some(msg) = exited(procs) {
                     return Some(msg);
@@ -298,19 +369,30 @@ async fn supervise(procs: &mut [Proc]) -> Option<String> {
     }
 }
 
+/// How long a service has to finish its in-flight work and exit after SIGTERM.
+const SERVICE_STOP_GRACE: Duration = Duration::from_secs(20);
+
+/// How long a nats-server has to exit after SIGTERM.
+const NATS_STOP_GRACE: Duration = Duration::from_secs(10);
+
 /// SIGTERM to every service (they drain), wait; then NATS. Anything still alive after its
 /// grace period is killed.
 async fn stop_all(procs: &mut [Proc]) {
     let (nats, services) = procs.split_at_mut(1);
+    stop_in_order(services, nats).await;
+}
+
+/// SIGTERM to every service at once and wait for them; then each nats-server in turn.
+async fn stop_in_order(services: &mut [Proc], nats: &mut [Proc]) {
     for p in services.iter_mut() {
         signal(&p.child, Signal::SIGTERM);
     }
     for p in services.iter_mut() {
-        stop_one(p, Duration::from_secs(20)).await;
+        stop_one(p, SERVICE_STOP_GRACE).await;
     }
     for p in nats.iter_mut() {
         signal(&p.child, Signal::SIGTERM);
-        stop_one(p, Duration::from_secs(10)).await;
+        stop_one(p, NATS_STOP_GRACE).await;
     }
 }
 

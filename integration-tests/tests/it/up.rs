@@ -1,6 +1,7 @@
 //! `cimctl up` end to end: a leaf node whose seven services all become ready, stopped cleanly
 //! by Ctrl-C (SIGINT); two started at once on distinct ports; the README's `cargo xtask up` on
 //! a fresh clone with no nats-server installed; and clear errors when something is missing.
+//! The 3-node cluster (`cimctl up --nodes 3`): `up/cluster.rs`.
 
 use std::{
     collections::BTreeSet,
@@ -15,6 +16,8 @@ use nix::{sys::signal, unistd::Pid};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::common::bin;
+
+mod cluster;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cimctl_up_starts_a_ready_leaf_and_stops_it_on_ctrl_c() -> Result<()> {

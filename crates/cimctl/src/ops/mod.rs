@@ -64,7 +64,7 @@ impl Conn {
 }
 
 /// One request to the registry; an error reply becomes an error naming its code.
-async fn request<R: prost::Message + Default>(
+pub(crate) async fn request<R: prost::Message + Default>(
     client: &async_nats::Client,
     subject: String,
     req: &impl prost::Message,

@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use cim_events::{
     proto::registry::{EnrollNode, ListNodes, Node, NodeCommand, NodeList, NodeReply, NodeState},
     registry as names,
@@ -15,6 +15,11 @@ use cim_placement::{self as placement, human, names::state_name};
 use serde_json::json;
 
 use super::{Conn, Table, node_json, print, request};
+
+/// How long `node drain --wait` waits for the node to be drained.
+const DRAIN_WAIT: Duration = Duration::from_secs(300);
+/// How often `node drain --wait` asks.
+const DRAIN_POLL: Duration = Duration::from_millis(200);
 
 #[derive(clap::Args, Debug)]
 pub struct NodeArgs {
@@ -70,6 +75,23 @@ enum NodeCommandCli {
         /// The node's name.
         name: String,
     },
+    /// Local cluster (`cimctl up --nodes 3`) only: stop node N's instances, then its
+    /// nats-server, as a machine shut down; they stay down until `node start N`.
+    Stop {
+        /// The node's name (n1, n2 or n3).
+        name: String,
+        /// The data directory of the `cimctl up --nodes 3` running the cluster.
+        #[arg(long, env = "CIM_DATA_DIR", default_value = ".cim")]
+        data_dir: std::path::PathBuf,
+    },
+    /// Local cluster (`cimctl up --nodes 3`) only: start node N's nats-server and instances again.
+    Start {
+        /// The node's name (n1, n2 or n3).
+        name: String,
+        /// The data directory of the `cimctl up --nodes 3` running the cluster.
+        #[arg(long, env = "CIM_DATA_DIR", default_value = ".cim")]
+        data_dir: std::path::PathBuf,
+    },
     /// List the nodes.
     Ls {
         /// Include decommissioned nodes.
@@ -97,6 +119,14 @@ fn node_text(n: &Node) -> String {
 
 pub async fn node(args: NodeArgs) -> Result<ExitCode> {
     let conn = args.conn;
+    // Local: the registry is not asked (and the node's nats-server may be the one going down).
+    if let NodeCommandCli::Stop { name, data_dir } | NodeCommandCli::Start { name, data_dir } = &args.command {
+        let stop = matches!(args.command, NodeCommandCli::Stop { .. });
+        crate::up::node_stop_or_start(data_dir, name, stop).await?;
+        let what = if stop { "stopped (its instances, then its nats-server)" } else { "started again" };
+        print(conn.json, json!({"node": name, "stopped": stop}), format!("node {name}: {what}\n"));
+        return Ok(ExitCode::SUCCESS);
+    }
     let client = conn.connect().await?;
     let t = conn.timeout();
     let cmd = |name: &str| names::command(name);
@@ -130,7 +160,7 @@ pub async fn node(args: NodeArgs) -> Result<ExitCode> {
             .node
             .unwrap_or_default();
             if wait && n.state() != NodeState::NodeDrained {
-                let deadline = Instant::now() + Duration::from_secs(300);
+                let deadline = Instant::now() + DRAIN_WAIT;
                 loop {
                     let list: NodeList = request(
                         &client,
@@ -140,10 +170,17 @@ pub async fn node(args: NodeArgs) -> Result<ExitCode> {
                     )
                     .await?;
                     let now = list.nodes.into_iter().find(|x| x.name == name).unwrap_or_default();
-                    if now.state() == NodeState::NodeDrained || Instant::now() > deadline {
+                    if now.state() == NodeState::NodeDrained {
                         break now;
                     }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    if Instant::now() > deadline {
+                        bail!(
+                            "node {name} is still {} after {DRAIN_WAIT:?}: an instance on it holds work \
+                             (see `cimctl status`)",
+                            state_name(now.state())
+                        );
+                    }
+                    tokio::time::sleep(DRAIN_POLL).await;
                 }
             } else {
                 n
@@ -158,6 +195,7 @@ pub async fn node(args: NodeArgs) -> Result<ExitCode> {
         .await?
         .node
         .unwrap_or_default(),
+        NodeCommandCli::Stop { .. } | NodeCommandCli::Start { .. } => unreachable!("answered above, before connecting"),
         NodeCommandCli::Ls { all } => {
             let list: NodeList =
                 request(&client, names::query(names::qry::NODES)?, &ListNodes { include_decommissioned: all }, t)
