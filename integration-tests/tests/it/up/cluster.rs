@@ -83,6 +83,8 @@ struct Cluster {
     lines: Lines,
     printed: Vec<String>,
     urls: Vec<String>,
+    /// The data directory (its `logs/` are shown when a wait fails).
+    data: std::path::PathBuf,
 }
 
 impl Cluster {
@@ -114,7 +116,7 @@ impl Cluster {
             Err(_) => bail!("not up within {CLUSTER_UP_TIMEOUT:?}: {printed:#?}\n{}", log_tails(data)),
         }
         let urls = std::fs::read_to_string(data.join("nats.url"))?.trim().split(',').map(str::to_string).collect();
-        Ok(Cluster { child, lines, printed, urls })
+        Ok(Cluster { child, lines, printed, urls, data: data.to_path_buf() })
     }
 
     /// The pid printed for `process` (e.g. `nats-server@n2`).
@@ -129,18 +131,27 @@ impl Cluster {
     }
 
     /// Reads the rest of `cimctl up`'s output until a line contains `needle`; that line.
+    /// On failure, says what was printed meanwhile and shows the end of every process's log.
     async fn until_printed(&mut self, needle: &str, within: Duration) -> Result<String> {
-        let lines = &mut self.lines;
-        tokio::time::timeout(within, async {
+        let (lines, mut seen) = (&mut self.lines, Vec::new());
+        let found = tokio::time::timeout(within, async {
             while let Some(line) = lines.next_line().await? {
                 if line.contains(needle) {
                     return Ok(line);
                 }
+                seen.push(line);
             }
             bail!("cimctl up ended")
         })
-        .await
-        .with_context(|| format!("cimctl up did not print {needle:?} within {within:?}"))?
+        .await;
+        match found {
+            Ok(Ok(line)) => Ok(line),
+            Ok(Err(e)) => bail!("{e} before printing {needle:?}: {seen:#?}\n{}", log_tails(&self.data)),
+            Err(_) => bail!(
+                "cimctl up did not print {needle:?} within {within:?}; it printed {seen:#?}\n{}",
+                log_tails(&self.data)
+            ),
+        }
     }
 
     /// The health address printed for `process`, `127.0.0.1:PORT`.
