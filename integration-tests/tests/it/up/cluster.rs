@@ -133,10 +133,15 @@ impl Cluster {
     /// Reads the rest of `cimctl up`'s output until a line contains `needle`; that line.
     /// On failure, says what was printed meanwhile and shows the end of every process's log.
     async fn until_printed(&mut self, needle: &str, within: Duration) -> Result<String> {
+        self.until_printed_any(&[needle.to_string()], within).await
+    }
+
+    /// Reads on until a line contains any of `needles`; that line.
+    async fn until_printed_any(&mut self, needles: &[String], within: Duration) -> Result<String> {
         let (lines, mut seen) = (&mut self.lines, Vec::new());
         let found = tokio::time::timeout(within, async {
             while let Some(line) = lines.next_line().await? {
-                if line.contains(needle) {
+                if needles.iter().any(|n| line.contains(n.as_str())) {
                     return Ok(line);
                 }
                 seen.push(line);
@@ -146,9 +151,9 @@ impl Cluster {
         .await;
         match found {
             Ok(Ok(line)) => Ok(line),
-            Ok(Err(e)) => bail!("{e} before printing {needle:?}: {seen:#?}\n{}", log_tails(&self.data)),
+            Ok(Err(e)) => bail!("{e} before printing any of {needles:?}: {seen:#?}\n{}", log_tails(&self.data)),
             Err(_) => bail!(
-                "cimctl up did not print {needle:?} within {within:?}; it printed {seen:#?}\n{}",
+                "cimctl up did not print any of {needles:?} within {within:?}; it printed {seen:#?}\n{}",
                 log_tails(&self.data)
             ),
         }
@@ -488,8 +493,11 @@ async fn cimctl_up_nodes_3_drains_kills_and_stops_n2_under_load_losing_and_repea
     for process in &on_n2 {
         signal::kill(Pid::from_raw(cluster.pid(process)?), signal::Signal::SIGTERM)?;
     }
-    for process in &on_n2 {
-        cluster.until_printed(&format!("{process} started again"), DRAIN_BOUND).await?;
+    // In whatever order they come back (one wait per line would skip a line printed early).
+    let mut waiting: Vec<String> = on_n2.iter().map(|p| format!("{p} started again")).collect();
+    while !waiting.is_empty() {
+        let line = cluster.until_printed_any(&waiting, DRAIN_BOUND).await?;
+        waiting.retain(|w| !line.contains(w.as_str()));
     }
     eventually!(STATUS_BOUND, "status shows n2's instances running again", {
         let s = cluster.status().await?;
